@@ -1,0 +1,244 @@
+"""Hugging Face checkpoint I/O for our Qwen3: safetensors only (nothing is ever unpickled), one file or shards.
+
+Loading builds the model on the meta device, checks every tensor name, shape and byte range from the safetensors
+headers *before* reading any weight (so one error lists every problem), then materialises the weights shard by
+shard, tensor by tensor: peak memory is the model plus one tensor in flight.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minitagpr.model.qwen3 import ConfigError, Qwen3Config, Qwen3ForCausalLM
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded or saved; the message names the folder, files and tensors involved."""
+
+
+# ----------------------------------------------------------------------------------------------- locating
+def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a hub id ("org/name") resolved through huggingface_hub's local cache."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_hub_id)
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a checkpoint folder (config.json + *.safetensors), found a file")
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"{name}: no such checkpoint folder (and not a hub id of the form 'org/name')")
+    from huggingface_hub import snapshot_download
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
+    except Exception as cached_miss:  # not in the cache: try the hub unless told to stay offline
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        if offline:
+            raise CheckpointError(f"{name}: not a local folder and not in the Hugging Face cache ({cache}); "
+                                  f"HF_HUB_OFFLINE is set, so it cannot be downloaded. Download it on a machine with "
+                                  f"access to the hub and copy the folder here.") from cached_miss
+        try:
+            return Path(snapshot_download(name, allow_patterns=patterns))
+        except Exception as e:
+            raise CheckpointError(f"{name}: not a local folder, not in the Hugging Face cache ({cache}), and the "
+                                  f"hub could not be reached ({type(e).__name__}). Download it where the hub is "
+                                  f"reachable and pass the folder.") from None
+
+
+def _read_header(file: Path) -> dict:
+    """The safetensors JSON header, validated against the file size (a truncated file fails here, by name)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{file}: truncated safetensors file (header says {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{file}: truncated safetensors file (tensors need {8 + n + end} bytes, file has {size})")
+    return header
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index}: shards listed in the index are missing: {', '.join(missing)}")
+        return files
+    if (folder / WEIGHTS_NAME).exists():
+        return [folder / WEIGHTS_NAME]
+    pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+    hint = f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_state_into(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype | None, device,
+                    skip: set[str] = frozenset(), rename=None) -> None:
+    """Check every tensor of a checkpoint folder against `module` (on the meta device) and materialise it in place.
+
+    `skip`: checkpoint names to ignore (e.g. a tied lm_head). `rename(name) -> name | None` maps checkpoint names to
+    module names (None = not ours). Raises one CheckpointError naming every missing/unexpected/mis-shaped tensor."""
+    expected = {n: tuple(p.shape) for n, p in module.named_parameters(remove_duplicate=True)}
+    files = _weight_files(folder)
+    where: dict[str, tuple[Path, dict]] = {}
+    unexpected, misshaped = [], []
+    for file in files:
+        for ckpt_name, info in _read_header(file).items():
+            name = rename(ckpt_name) if rename else ckpt_name
+            if ckpt_name in skip or name in skip:
+                continue
+            if name is None or name not in expected:
+                unexpected.append(f"{ckpt_name} ({file.name})")
+            elif tuple(info["shape"]) != expected[name]:
+                misshaped.append(f"{ckpt_name}: checkpoint {tuple(info['shape'])} vs model {expected[name]} ({file.name})")
+            else:
+                where[name] = (file, info)
+    missing = sorted(set(expected) - set(where) - {m.split(':')[0] for m in misshaped})
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
+        if misshaped:
+            parts.append(f"mis-shaped tensors: {'; '.join(sorted(misshaped))}")
+        raise CheckpointError(f"{folder}: checkpoint does not match the model: " + " | ".join(parts))
+    params = dict(module.named_parameters(remove_duplicate=True))
+    by_file: dict[Path, list[str]] = {}
+    for name, (file, _) in where.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():  # one shard open at a time; one tensor materialised at a time
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            ckpt_names = {(rename(k) if rename else k): k for k in f.keys()}
+            for name in names:
+                t = f.get_tensor(ckpt_names[name])
+                t = t.to(device=device, dtype=dtype or t.dtype)
+                owner, _, leaf = name.rpartition(".")
+                mod = module.get_submodule(owner) if owner else module
+                mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=params[name].requires_grad)
+
+
+def load_pretrained(path_or_hub_id, dtype: torch.dtype | None = None, device="cpu") -> Qwen3ForCausalLM:
+    """Load a HF Qwen3 causal-LM checkpoint (local folder or cached hub id). dtype=None keeps the stored dtype."""
+    folder = resolve_checkpoint(path_or_hub_id)
+    try:
+        cfg = Qwen3Config.from_json(folder / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # tied: the head is the embedding
+    load_state_into(model, folder, dtype=dtype, device=device, skip=skip)
+    model.tie_weights()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def export_state_dict(model: Qwen3ForCausalLM) -> dict[str, torch.Tensor]:
+    """HF names -> tensors, without the duplicate head of a tied model (safetensors refuses shared storage)."""
+    sd = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=True)}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def atomic_dir(out_dir: Path):
+    """A temporary sibling folder; `commit()` swaps it into place so readers never see a half-written folder."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+    def commit():
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    return tmp, commit
+
+
+def save_safetensors_shards(state_dict: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int,
+                            dtype: torch.dtype | None = None) -> None:
+    """Write `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards + index when over max_shard_bytes."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    total = 0
+    for name, t in state_dict.items():
+        t = t.detach().to("cpu", dtype=dtype or t.dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = t
+        sizes[-1] += nbytes
+        total += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def save_pretrained(model: Qwen3ForCausalLM, out_dir, *, state_dict: dict[str, torch.Tensor] | None = None,
+                    max_shard_bytes: int = 2 * 1024**3, dtype: torch.dtype | None = None,
+                    extra_files: dict[str, Path] | None = None) -> Path:
+    """config.json + safetensors (sharded above max_shard_bytes) that transformers' Qwen3ForCausalLM loads.
+
+    `state_dict` overrides the model's tensors (e.g. a full state dict gathered from FSDP shards on rank 0).
+    `extra_files` {name: source path} are copied in (tokenizer files). The folder appears atomically."""
+    out_dir = Path(out_dir)
+    sd = export_state_dict(model) if state_dict is None else dict(state_dict)
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    cfg = model.config.to_dict()
+    if dtype is not None or sd:
+        cfg["torch_dtype"] = str(dtype or next(iter(sd.values())).dtype).removeprefix("torch.")
+    tmp, commit = atomic_dir(out_dir)
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        save_safetensors_shards(sd, tmp, max_shard_bytes, dtype)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,372 @@
+"""Qwen3 decoder in plain PyTorch: config, RMSNorm, RoPE, grouped-query attention with q/k norms, SwiGLU MLP.
+
+Read top to bottom: config -> helpers -> attention -> MLP -> block -> model. Parameter names equal the Hugging Face
+checkpoint names, so checkpoint I/O is a name check and a copy. This file knows nothing of distribution (FSDP wraps
+a built model from the outside, in minitagpr/distributed.py).
+
+Shapes: B batch rows, T tokens per row, H hidden size, nh query heads, nkv key/value heads, D head_dim, V vocab rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConfigError(ValueError):
+    """A config.json that this implementation cannot run faithfully; the message names the file and the fields."""
+
+
+# Keys of a HF config.json that carry no information for this model (bookkeeping of transformers / generation).
+_IGNORED_KEYS = {
+    "architectures", "model_type", "transformers_version", "use_cache", "torch_dtype", "dtype", "max_window_layers",
+    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "num_labels",
+    "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "pruned_heads",
+    "tie_encoder_decoder", "torchscript", "use_bfloat16", "finetuning_task", "task_specific_params",
+    "output_router_logits", "mlp_only_layers", "layer_types", "sliding_window", "use_sliding_window", "rope_scaling",
+    "rope_parameters",
+}
+
+
+@dataclass
+class Qwen3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None  # Qwen3 sets it explicitly (128) even where hidden/heads differs (0.6B: 1024/16 = 64)
+    max_position_embeddings: int = 40960
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None  # the dtype the weights were saved in; a hint for load_pretrained(dtype=None)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "Qwen3Config":
+        """Parse a HF Qwen3 config dict; unsupported settings and unknown keys are rejected by name."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        own = {f.name for f in fields(cls)}
+        problems = []
+        if d.get("model_type", "qwen3") != "qwen3":
+            problems.append(f"model_type={d['model_type']!r} (only 'qwen3' is supported)")
+        if d.get("rope_scaling") not in (None, {}):
+            problems.append(f"rope_scaling={d['rope_scaling']!r} (RoPE scaling is not implemented)")
+        rope = d.get("rope_parameters")
+        if rope is not None:
+            if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+                problems.append(f"rope_parameters={rope!r} (only rope_type 'default' is implemented)")
+            elif "rope_theta" not in d and "rope_theta" in rope:
+                d = {**d, "rope_theta": rope["rope_theta"]}  # transformers >= 5 nests rope_theta here
+        if d.get("use_sliding_window"):
+            problems.append("use_sliding_window=true (sliding-window attention is not implemented)")
+        if any(t != "full_attention" for t in d.get("layer_types") or []):
+            problems.append(f"layer_types={d['layer_types']!r} (only full_attention layers are implemented)")
+        if d.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act={d['hidden_act']!r} (Qwen3 uses silu)")
+        if d.get("attention_bias", False):
+            problems.append("attention_bias=true (Qwen3 attention has no biases)")
+        unknown = sorted(k for k in d if k not in own and k not in _IGNORED_KEYS)
+        if unknown:
+            problems.append("unknown keys " + ", ".join(unknown))
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            problems.append("missing fields " + ", ".join(missing))
+        if problems:
+            raise ConfigError(f"{source}: unsupported Qwen3 config: " + "; ".join(problems))
+        kwargs = {k: d[k] for k in own if k in d}
+        if "dtype" in d and "torch_dtype" not in d:
+            kwargs["torch_dtype"] = d["dtype"]
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Qwen3Config":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config.json not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        """HF layout: transformers' Qwen3Config loads it unchanged."""
+        d = asdict(self)
+        d.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", rope_scaling=None, sliding_window=None,
+                 use_sliding_window=False, use_cache=True, max_window_layers=self.num_hidden_layers)
+        if d["torch_dtype"] is None:
+            d.pop("torch_dtype")
+        return d
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 and scale in the input dtype, as the reference implementation does (bit-level parity)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (B, T, D) for the half-split ("rotate_half") RoPE layout Qwen3 checkpoints use."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2) fp32
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, D); cos/sin (B, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, 1, T, T) bool mask for packed rows (a document starts where the position is 0), or None for one document
+    per row, where plain causal attention is already right (right padding sits after every real token)."""
+    starts = position_ids == 0
+    if not bool(starts[:, 1:].any()):
+        return None
+    doc = starts.cumsum(dim=1)  # (B, T) document index of every token
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
+
+
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func  # optional GPU extra
+        return flash_attn_varlen_func
+    except ImportError:
+        return None
+
+
+class KVCache:
+    """Preallocated keys/values for decoding. Every forward call appends t slots to every row; `valid` marks which
+    slots hold real tokens (False = left padding), and nobody attends to an invalid slot but itself."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, nkv, S, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.length = 0
+        self.max_len = max_len
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select/repeat rows, e.g. `index = arange(B).repeat_interleave(n)` shares one prefill across n samples."""
+        self.k, self.v, self.valid = self.k[:, index], self.v[:, index], self.valid[index]
+
+    def attention_mask(self, t: int) -> torch.Tensor:
+        """(B, 1, t, S') bool for the t new query slots against the first S' = length + t slots."""
+        s = self.length + t
+        q_slot = torch.arange(self.length, s, device=self.valid.device)[:, None]  # (t, 1)
+        k_slot = torch.arange(s, device=self.valid.device)[None, :]  # (1, S')
+        causal = k_slot <= q_slot
+        return ((self.valid[:, None, :s] & causal) | (k_slot == q_slot))[:, None]  # self-attend keeps pads finite
+
+
+# ----------------------------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.d, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)  # per-head norm of queries and keys, before RoPE
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, varlen=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.nh, self.d)).transpose(1, 2)  # (B, nh, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.nkv, self.d)).transpose(1, 2)  # (B, nkv, T, D)
+        v = self.v_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)  # (B, nkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if varlen is not None:  # flash-attn on packed rows: every document is its own causal sequence
+            fn, cu, max_len = varlen
+            out = fn(q.transpose(1, 2).reshape(B * T, self.nh, self.d), k.transpose(1, 2).reshape(B * T, self.nkv, self.d),
+                     v.transpose(1, 2).reshape(B * T, self.nkv, self.d), cu, cu, max_len, max_len, causal=True)
+            return self.o_proj(out.reshape(B, T, self.nh * self.d))
+        if kv_cache is not None:
+            start = kv_cache.length
+            kv_cache.k[self.layer_idx, :, :, start:start + T] = k
+            kv_cache.v[self.layer_idx, :, :, start:start + T] = v
+            k = kv_cache.k[self.layer_idx, :, :, :start + T]  # (B, nkv, S', D)
+            v = kv_cache.v[self.layer_idx, :, :, :start + T]
+        gqa = self.nh != self.nkv
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.d))  # (B, T, H)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, varlen=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, varlen)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------------------------- model
+class Qwen3Model(nn.Module):
+    """Embedding -> decoder layers -> final norm. Returns hidden states (B, T, H)."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids=None, position_ids=None, *, inputs_embeds=None, kv_cache: KVCache | None = None,
+                cache_mask=None):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
+        B, T, _ = x.shape
+        if kv_cache is not None:
+            if kv_cache.length + T > kv_cache.max_len:
+                raise ValueError(f"KV cache full: {kv_cache.length} + {T} tokens > max_len {kv_cache.max_len}")
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if cache_mask is None else cache_mask
+            kv_cache.valid[:, kv_cache.length:kv_cache.length + T] = valid
+            if position_ids is None:
+                raise ValueError("decoding with a KV cache needs explicit position_ids (B, T)")
+            mask = kv_cache.attention_mask(T)
+            varlen = None
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(T, device=x.device).expand(B, T)
+            mask, varlen = document_mask(position_ids), None
+            fn = _flash_attn_varlen() if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
+            if fn is not None:  # packed rows -> cumulative sequence lengths over the flattened batch
+                starts = (position_ids == 0).flatten()
+                starts[0::T] = True  # every row starts a document
+                idx = torch.nonzero(starts).flatten()
+                cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+                varlen, mask = (fn, cu, int((cu[1:] - cu[:-1]).max())), None
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, kv_cache, varlen)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.norm(x)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Decoder + LM head. `forward` returns hidden states, or per-token log-probs when given targets."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Qwen3-0.6B/1.7B share the head with the embedding; call again after `to_empty` (which unties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight  # (V, H); the embedding itself when tied
+
+    def forward(self, input_ids=None, position_ids=None, *, inputs_embeds=None, kv_cache=None, cache_mask=None,
+                targets=None, temperature: float = 1.0, with_entropy: bool = False):
+        hidden = self.model(input_ids, position_ids, inputs_embeds=inputs_embeds, kv_cache=kv_cache,
+                            cache_mask=cache_mask)  # (B, T, H)
+        if targets is None:
+            return hidden
+        # log-probs inside forward: under FSDP2 the head weight is unsharded only during the root module's forward
+        from minitagpr.kernels import token_logprobs
+        B, T, H = hidden.shape
+        logp, entropy = token_logprobs(hidden.reshape(B * T, H), self.lm_head_weight, targets.reshape(B * T),
+                                       temperature=temperature, with_entropy=with_entropy)
+        return logp.view(B, T), (entropy.view(B, T) if entropy is not None else None)  # (B, T) fp32 each
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight).float()  # (B, T, V) fp32 -- very big tensor for real vocabularies
+
+    def new_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        ref = self.model.embed_tokens.weight
+        cfg = self.config
+        return KVCache(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                       dtype or ref.dtype, device or ref.device)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Seeded normal(0, initializer_range) init of every matrix, ones for the norms (the HF scheme)."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(std).to(p.dtype))
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
+        if exclude_embedding and not self.config.tie_word_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight used in a matmul (the head always counts, the
+        embedding lookup never) plus causal attention's 6·L·nh·D·T (QK^T and AV at 2·nh·D·T each, half masked, x3)."""
+        c = self.config
+        n = sum(p.numel() for p in self.model.layers.parameters() if p.ndim == 2) + c.vocab_size * c.hidden_size
+        return 6.0 * n + 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len

@@ -1,0 +1,34 @@
+"""Shared fixtures: where ../shared is, tiny random checkpoints, and small torch thread counts for 2-core CI."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MINITAGPR_SHARED", REPO.parent / "shared"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path inside ../shared, or skip the calling test with the reason."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared assets beside the checkout); set MINITAGPR_SHARED to point elsewhere")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir() -> Path:
+    return shared_path("assets", "qwen3-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def qwen3_configs_dir() -> Path:
+    return shared_path("assets", "qwen3-configs")
+
+
+@pytest.fixture(scope="session")
+def pgraphrag_dir() -> Path:
+    return shared_path("data", "pgraphrag")

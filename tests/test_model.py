@@ -1,0 +1,139 @@
+"""Our Qwen3 against transformers' Qwen3ForCausalLM (reference oracle), packing, KV-cache decoding, presets."""
+import pytest
+import torch
+
+from minitagpr.model import Qwen3Config, Qwen3ForCausalLM
+from minitagpr.model.presets import build_model, tiny_config
+
+transformers = pytest.importorskip("transformers")
+
+# (tied, head_dim != hidden/heads, query heads per kv head 1, 2, 4)
+CONFIGS = [
+    dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+         num_key_value_heads=4, head_dim=12, tie_word_embeddings=True),
+    dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+         num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),
+    dict(vocab_size=333, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=8,
+         num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, rope_theta=1_000_000.0),
+]
+
+
+def hf_twin(model: Qwen3ForCausalLM):
+    """transformers' model with the same config and the very same weights."""
+    hf_cfg = transformers.Qwen3Config.from_dict(model.config.to_dict())
+    hf_cfg._attn_implementation = "eager"
+    hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not [m for m in missing if m != "lm_head.weight"] and not unexpected
+    if model.config.tie_word_embeddings:
+        hf.tie_weights()
+    return hf
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["tied-gqa1", "untied-gqa2", "untied-gqa4"])
+def test_logits_equal_transformers(cfg):
+    model = build_model(Qwen3Config(**cfg), seed=torch.seed() % 1000).eval()
+    hf = hf_twin(model)
+    ids = torch.randint(0, cfg["vocab_size"], (2, 37))
+    with torch.no_grad():
+        ours = model.logits(model(ids))
+        ref = hf(input_ids=ids).logits.float()
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_targets_path_gives_log_softmax_of_logits():
+    model = build_model(tiny_config("tiny"), seed=1).eval()
+    ids = torch.randint(0, 512, (2, 9))
+    targets = torch.randint(0, 512, (2, 9))
+    targets[0, :3] = -100
+    with torch.no_grad():
+        logp, ent = model(ids, targets=targets, with_entropy=True)
+        logits = model.logits(model(ids)).double()
+    ref = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    ref[targets == -100] = 0
+    assert logp.shape == (2, 9) and ent.shape == (2, 9)
+    assert torch.allclose(logp.double(), ref, atol=1e-5)
+
+
+def test_packed_rows_equal_unpacked_documents():
+    model = build_model(tiny_config("tiny"), seed=2).eval()
+    lengths = [5, 11, 3]
+    docs = [torch.randint(0, 512, (n,)) for n in lengths]
+    packed = torch.cat(docs)[None]  # (1, 19)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        out = model.logits(model(packed, positions))[0]
+        alone = [model.logits(model(d[None]))[0] for d in docs]
+    assert (out - torch.cat(alone)).abs().max().item() <= 1e-5
+
+
+def test_right_padding_does_not_change_real_tokens():
+    model = build_model(tiny_config("tiny"), seed=3).eval()
+    ids = torch.randint(0, 512, (1, 7))
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        a = model.logits(model(ids))
+        b = model.logits(model(padded))[:, :7]
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_kv_cache_decoding_equals_full_forward_with_left_padding():
+    model = build_model(tiny_config("tiny"), seed=4).eval()
+    prompts = [torch.randint(0, 512, (n,)) for n in (6, 3)]
+    steps = 5
+    full_seqs = [torch.cat([p, torch.randint(0, 512, (steps,))]) for p in prompts]
+    T0 = max(len(p) for p in prompts)
+    ids = torch.zeros(2, T0, dtype=torch.long)
+    mask = torch.zeros(2, T0, dtype=torch.bool)
+    pos = torch.zeros(2, T0, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, T0 - len(p):] = p
+        mask[i, T0 - len(p):] = True
+        pos[i, T0 - len(p):] = torch.arange(len(p))
+    cache = model.new_kv_cache(2, T0 + steps)
+    with torch.no_grad():
+        h = model(ids, pos, kv_cache=cache, cache_mask=mask)
+        got = [[model.logits(h)[i, -1]] for i in range(2)]
+        for s in range(steps):
+            step_ids = torch.stack([seq[len(p) + s] for seq, p in zip(full_seqs, prompts)])[:, None]
+            step_pos = torch.tensor([[len(p) + s] for p in prompts])
+            h = model(step_ids, step_pos, kv_cache=cache)
+            for i in range(2):
+                got[i].append(model.logits(h)[i, -1])
+        for i, (seq, p) in enumerate(zip(full_seqs, prompts)):
+            ref = model.logits(model(seq[None]))[0, len(p) - 1:]
+            assert (torch.stack(got[i]) - ref).abs().max().item() <= 1e-4
+
+
+def test_kv_cache_reorder_shares_one_prefill():
+    model = build_model(tiny_config("tiny"), seed=5).eval()
+    ids = torch.randint(0, 512, (2, 4))
+    pos = torch.arange(4).expand(2, 4)
+    cache = model.new_kv_cache(2, 8)
+    with torch.no_grad():
+        model(ids, pos, kv_cache=cache)
+        cache.reorder(torch.arange(2).repeat_interleave(3))  # 3 samples per prompt
+        nxt = torch.randint(0, 512, (6, 1))
+        h = model(nxt, torch.full((6, 1), 4), kv_cache=cache)
+        ref = model(torch.cat([ids.repeat_interleave(3, 0), nxt], 1))[:, -1:]
+    assert (h - ref).abs().max().item() <= 1e-5
+
+
+def test_meta_device_construction_then_tie():
+    cfg = tiny_config("tiny")
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_flops_per_token_counts_matmul_weights():
+    model = build_model(tiny_config("tiny"), seed=0)
+    c = model.config
+    per_layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim \
+        + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    n = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
+    attn = 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * 128
+    assert model.flops_per_token(128) == 6 * n + attn

@@ -1,0 +1,22 @@
+"""Rollout engines behind one interface: `generate(prompt_token_ids, n, temperature, top_p, max_new_tokens,
+stop_token_ids, seed) -> list[list[Completion]]`, `sync_weights(named_tensors)`, `sleep()`, `wake_up()`.
+
+`BuiltinEngine` (plain PyTorch, everywhere) and `VLLMEngine` (GPUs; vllm itself is imported only when one is built
+without an injected fake).
+"""
+import importlib.util
+
+from .base import Completion, RolloutEngine, RolloutError, sample_seed
+from .builtin import BuiltinEngine, sample_tokens, sampling_probs
+from .vllm_engine import VLLMEngine, checkpoint_tensor_names, hf_named_tensors
+
+
+def vllm_available() -> bool:
+    """Whether the vllm package is installed (it is an optional `gpu` extra)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+__all__ = [
+    "BuiltinEngine", "Completion", "RolloutEngine", "RolloutError", "VLLMEngine", "checkpoint_tensor_names",
+    "hf_named_tensors", "sample_seed", "sample_tokens", "sampling_probs", "vllm_available",
+]

@@ -1,0 +1,130 @@
+"""The rollout-engine contract shared by the built-in sampler and the vLLM adapter.
+
+An engine turns prompt token ids into groups of sampled completions:
+
+    groups = engine.generate(prompt_token_ids, n=5, temperature=1.0, top_p=1.0,
+                             max_new_tokens=512, stop_token_ids=[im_end, eos], seed=step)
+    groups[i][j]  # the j-th of n completions of prompt i
+
+and takes new policy weights between RL steps:
+
+    engine.wake_up(); engine.sync_weights(named_full_tensors); ... engine.generate(...); engine.sleep()
+
+Everything here is plain data; nothing owns an optimizer or a process group.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+FINISH_REASONS = ("stop", "length")
+
+
+class RolloutError(ValueError):
+    """A generate() request that cannot be served, with the argument (and prompt index) at fault."""
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of a prompt.
+
+    token_ids: the generated ids; when generation ended on a stop id, that id is the last element (the RL loss
+        must see `<|im_end|>` to learn to stop), but it is not part of `text`.
+    text: the decoded continuation without the stop id (special tokens such as `<think>` are kept).
+    logprobs: one fp32 float per token: log softmax(logits / T) of the model's full output row at the sampled id,
+        i.e. under the sampling temperature T, *before* top-p truncation and before the padded-vocabulary mask,
+        which is exactly what `minitagpr.kernels.token_logprobs(..., temperature=T)` computes. With T == 0
+        (greedy) they are taken at T = 1. The RL loop logs them; it recomputes old log-probs itself.
+    finish_reason: "stop" (a stop id was sampled) or "length" (max_new_tokens reached).
+    """
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"Completion.finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+        if len(self.logprobs) != len(self.token_ids):
+            raise ValueError(f"Completion has {len(self.token_ids)} token ids but {len(self.logprobs)} logprobs")
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed for one (request, sample) pair, so each completion's randomness depends only on these three
+    numbers and never on which other prompts share its batch."""
+    digest = hashlib.blake2b(f"minitagpr/{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """`None` asks for fresh randomness: draw a base seed from the OS."""
+    return secrets.randbits(62) if seed is None else int(seed)
+
+
+def check_request(
+    prompt_token_ids: Sequence[Sequence[int]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_token_ids: Iterable[int] | None,
+    vocab_size: int,
+) -> list[int]:
+    """Validate a generate() call up front and return the stop ids as a list; errors name the argument and,
+    for prompts, the prompt index."""
+    if not isinstance(prompt_token_ids, (list, tuple)):
+        raise RolloutError(f"prompt_token_ids must be a list of token-id lists, got {type(prompt_token_ids).__name__}")
+    for i, ids in enumerate(prompt_token_ids):
+        if not isinstance(ids, (list, tuple)) or len(ids) == 0:
+            raise RolloutError(f"prompt_token_ids[{i}] must be a non-empty list of ints")
+        for j, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise RolloutError(f"prompt_token_ids[{i}][{j}] = {t!r} is not a token id in [0, {vocab_size})")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RolloutError(f"n must be a positive int, got {n!r}")
+    if not temperature >= 0.0:  # also rejects NaN
+        raise RolloutError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise RolloutError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise RolloutError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    stops = [int(s) for s in (stop_token_ids or [])]
+    for s in stops:
+        if not 0 <= s < vocab_size:
+            raise RolloutError(f"stop token id {s} is not in [0, {vocab_size})")
+    return stops
+
+
+class RolloutEngine:
+    """The interface every engine implements. Subclasses override `generate` and `sync_weights`;
+    `sleep`/`wake_up` free and restore accelerator memory between rollouts (no-ops where there is none to free)."""
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        stop_token_ids: Iterable[int] | None = None,
+        seed: int | None = 0,
+    ) -> list[list[Completion]]:
+        """Sample `n` completions for every prompt; returns one list of n `Completion`s per prompt, in order.
+        temperature == 0 is greedy decoding. The same seed gives the same completions whatever the batching."""
+        raise NotImplementedError
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Iterator) -> int:
+        """Load new weights given as (HF parameter name, full tensor) pairs; returns how many were loaded."""
+        raise NotImplementedError
+
+    def sleep(self) -> None:
+        """Release accelerator memory held for generation until the next `wake_up` or `sync_weights`."""
+
+    def wake_up(self) -> None:
+        """Undo `sleep`."""

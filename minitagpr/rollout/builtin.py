@@ -1,0 +1,228 @@
+"""The built-in rollout engine: batched sampling with a KV cache on our Qwen3 model, in plain PyTorch.
+
+It is what runs wherever vLLM does not (CPU machines, CI, the demo). One generate() call:
+  1. sort prompts by length and cut them into chunks of at most `max_batch_rows // n` prompts;
+  2. per chunk, left-pad the prompts and prefill them once (`cache_mask` hides the pad slots);
+  3. copy each prompt's cache rows n times (`cache.reorder(repeat_interleave)`) so the n samples share the prefill;
+  4. decode one token per step for every live row, dropping finished rows from the cache as they stop.
+
+Randomness: every (prompt index, sample index) pair owns a torch.Generator seeded from (seed, prompt index, sample
+index), which draws that row's uniforms u_1..u_max up front; the token at step t is the inverse CDF of the
+processed distribution at u_t. So a completion depends on its own seed and logits only, never on which other
+prompts share its chunk.
+
+Sampling distribution at each step, for logits z over the model's V rows:
+  - the padded vocabulary tail (ids >= the tokenizer's vocab_size) is removed: those ids cannot be decoded;
+  - temperature T > 0: p = softmax(z / T); T == 0: greedy argmax;
+  - top-p: sort p descending and keep token i while the mass strictly before it is < top_p (the top token is
+    always kept), then renormalise.
+Reported log-probs are log softmax(z / T) over all V rows at the sampled id (see `Completion`).
+
+Weights: the engine samples from the module it is given. Given the policy itself (one process, colocated), it
+always sees the current weights and `sync_weights` is unnecessary; given a separate copy (e.g. a full replica next
+to an FSDP2-sharded policy), call `sync_weights` with (HF name, full tensor) pairs after each optimizer step.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .base import Completion, RolloutEngine, RolloutError, check_request, resolve_seed, sample_seed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling math on plain logits
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, vocab_size: int) -> torch.Tensor:
+    """The distribution the sampler draws from: `logits` (R, V) -> probs (R, vocab_size) float64.
+
+    Ids >= vocab_size (the padded tail) get no mass; temperature must be > 0 here (greedy is handled apart)."""
+    z = logits[:, :vocab_size].double() / temperature  # (R, Vs) float64: the CDF walk below needs the precision
+    probs = torch.softmax(z, dim=-1)  # (R, Vs)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # (R, Vs) each
+        mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # (R, Vs) mass of strictly more likely tokens
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)  # the top token has mass_before 0, always kept
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampling step: `logits` (R, V) fp32 and `uniforms` (R,) in [0, 1) -> (token ids (R,) long,
+    log-probs (R,) fp32 under temperature T over all V rows, T = 1 when greedy)."""
+    if temperature == 0.0:
+        tokens = torch.argmax(logits[:, :vocab_size], dim=-1)  # (R,) first maximum on ties, like a plain argmax
+        scale = 1.0
+    else:
+        probs = sampling_probs(logits, temperature, top_p, vocab_size)  # (R, Vs) float64
+        cdf = torch.cumsum(probs, dim=-1)  # (R, Vs)
+        target = uniforms.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]  # (R, 1) in [0, total)
+        # right=True picks the first id whose CDF exceeds the target, so a zero-probability id is never chosen.
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab_size - 1)  # (R,)
+        scale = temperature
+    logp_all = torch.log_softmax(logits.float() / scale, dim=-1)  # (R, V) fp32, includes the padded tail like the kernel
+    logp = logp_all.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (R,)
+    return tokens, logp
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+class BuiltinEngine(RolloutEngine):
+    """Sampler over a `minitagpr.model.Qwen3ForCausalLM`.
+
+    model: the Qwen3 module to sample from (see the module docstring on sharing it with the policy).
+    tokenizer: a `minitagpr.tokenizer.Tokenizer` for the completion text and the sampleable vocabulary size;
+        without one, `text` is empty and `vocab_size` must be given or the model's full vocabulary is sampleable.
+    vocab_size: ids >= this are never sampled (default: tokenizer.vocab_size, else the model's embedding rows).
+    max_batch_rows: at most this many sequences (prompts x n) decode together; bounds KV-cache memory.
+    """
+
+    def __init__(self, model, tokenizer=None, *, vocab_size: int | None = None, max_batch_rows: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_vocab_size = int(model.config.vocab_size)
+        if vocab_size is None:
+            vocab_size = tokenizer.vocab_size if tokenizer is not None else self.model_vocab_size
+        if not 0 < vocab_size <= self.model_vocab_size:
+            raise ValueError(f"vocab_size {vocab_size} must be in (0, {self.model_vocab_size}] (the model's rows)")
+        self.vocab_size = int(vocab_size)
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        self.max_batch_rows = int(max_batch_rows)
+        self.pad_id = int(getattr(tokenizer, "pad_id", 0) or 0) if tokenizer is not None else 0
+
+    # -- weights -------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy (HF name, full tensor) pairs into the engine's model. Unknown names and shape mismatches raise;
+        a tied head arriving as `lm_head.weight` is accepted and lands in the shared embedding."""
+        params = dict(self.model.named_parameters())
+        tied = getattr(self.model.config, "tie_word_embeddings", False)
+        loaded = 0
+        for name, tensor in named_tensors:
+            if name == "lm_head.weight" and name not in params and tied:
+                name = "model.embed_tokens.weight"
+            if name not in params:
+                raise KeyError(f"sync_weights: the engine's model has no parameter named {name!r}")
+            param = params[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(f"sync_weights: {name} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+            loaded += 1
+        return loaded
+
+    # -- generation ----------------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        stop_token_ids: Iterable[int] | None = None,
+        seed: int | None = 0,
+    ) -> list[list[Completion]]:
+        stops = check_request(prompt_token_ids, n, temperature, top_p, max_new_tokens, stop_token_ids,
+                              self.model_vocab_size)
+        max_position = getattr(self.model.config, "max_position_embeddings", None)
+        for i, ids in enumerate(prompt_token_ids):
+            if max_position is not None and len(ids) + max_new_tokens > max_position:
+                raise RolloutError(f"prompt_token_ids[{i}] has {len(ids)} tokens; with max_new_tokens="
+                                   f"{max_new_tokens} it exceeds the model's max_position_embeddings={max_position}")
+        base_seed = resolve_seed(seed)
+        # Longest first, so each chunk pads little; per-row seeds make the order irrelevant to the samples.
+        order = sorted(range(len(prompt_token_ids)), key=lambda i: -len(prompt_token_ids[i]))
+        per_chunk = max(1, self.max_batch_rows // n)
+        groups: list[list[Completion] | None] = [None] * len(prompt_token_ids)
+        for start in range(0, len(order), per_chunk):
+            chunk = order[start:start + per_chunk]
+            outs = self._generate_chunk([list(prompt_token_ids[i]) for i in chunk], chunk, n, float(temperature),
+                                        float(top_p), max_new_tokens, stops, base_seed)
+            for i, group in zip(chunk, outs):
+                groups[i] = group
+        return groups  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_chunk(self, prompts, prompt_indices, n, temperature, top_p, max_new_tokens, stops, base_seed):
+        model = self.model
+        device = next(model.parameters()).device
+        B, R = len(prompts), len(prompts) * n
+        L = max(len(p) for p in prompts)
+
+        # 1. Left-padded prefill of the B distinct prompts.
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # (B, L)
+        cache_mask = torch.zeros(B, L, dtype=torch.bool)  # (B, L) False = pad slot nobody attends to
+        for b, ids in enumerate(prompts):
+            input_ids[b, L - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            cache_mask[b, L - len(ids):] = True
+        pad = (~cache_mask).sum(dim=1, keepdim=True)  # (B, 1)
+        position_ids = (torch.arange(L).unsqueeze(0) - pad).clamp_(min=0)  # (B, L) real tokens count from 0
+        input_ids, cache_mask, position_ids = input_ids.to(device), cache_mask.to(device), position_ids.to(device)
+
+        cache = model.new_kv_cache(B, L + max_new_tokens, device=device)
+        hidden = model(input_ids, position_ids, kv_cache=cache, cache_mask=cache_mask)  # (B, L, H)
+        logits = model.logits(hidden[:, -1:])[:, 0]  # (B, V) fp32
+
+        # 2. Share each prefill across its n samples: rows are (prompt b, sample j) at b * n + j.
+        share = torch.arange(B, device=device).repeat_interleave(n)  # (R,)
+        cache.reorder(share)
+        logits = logits.index_select(0, share)  # (R, V)
+        next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(n)  # (R,)
+
+        # 3. Each row's uniforms come from its own generator, so they do not depend on the chunk.
+        uniforms = torch.empty(R, max_new_tokens, dtype=torch.float64)  # (R, max_new_tokens)
+        if temperature > 0.0:
+            for r in range(R):
+                gen = torch.Generator().manual_seed(sample_seed(base_seed, prompt_indices[r // n], r % n))
+                uniforms[r] = torch.rand(max_new_tokens, generator=gen, dtype=torch.float64)
+        uniforms = uniforms.to(device)
+
+        # 4. Decode; `alive` maps the cache's current rows back to the R output rows.
+        out_tokens: list[list[int]] = [[] for _ in range(R)]
+        out_logp: list[list[float]] = [[] for _ in range(R)]
+        finish = ["length"] * R
+        stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
+        alive = torch.arange(R, device=device)  # (R_alive,)
+        for step in range(max_new_tokens):
+            tokens, logp = sample_tokens(logits, uniforms[alive, step], temperature, top_p, self.vocab_size)
+            stopped = torch.isin(tokens, stop_ids)  # (R_alive,)
+            for r, t, lp, s in zip(alive.tolist(), tokens.tolist(), logp.tolist(), stopped.tolist()):
+                out_tokens[r].append(t)
+                out_logp[r].append(lp)
+                if s:
+                    finish[r] = "stop"
+            if step == max_new_tokens - 1 or bool(stopped.all()):
+                break
+            if bool(stopped.any()):
+                keep = (~stopped).nonzero().squeeze(1)  # (R_alive',) rows that go on
+                cache.reorder(keep)
+                alive, tokens, next_pos = alive[keep], tokens[keep], next_pos[keep]
+            hidden = model(tokens.unsqueeze(1), next_pos.unsqueeze(1), kv_cache=cache,
+                           cache_mask=torch.ones(len(alive), 1, dtype=torch.bool, device=device))  # (R_alive, 1, H)
+            logits = model.logits(hidden)[:, 0]  # (R_alive, V) fp32
+            next_pos = next_pos + 1
+
+        groups = []
+        for b in range(B):
+            group = []
+            for r in range(b * n, (b + 1) * n):
+                ids = out_tokens[r]
+                body = ids[:-1] if finish[r] == "stop" else ids
+                text = self.tokenizer.decode(body) if self.tokenizer is not None else ""
+                group.append(Completion(token_ids=ids, text=text, logprobs=out_logp[r], finish_reason=finish[r]))
+            groups.append(group)
+        return groups
+

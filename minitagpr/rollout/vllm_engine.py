@@ -1,0 +1,202 @@
+"""vLLM adapter: one colocated `vllm.LLM` per torchrun rank, fed new weights from the (FSDP2) policy in-process.
+
+Only imported when vllm is installed (GPU machines); `hf_named_tensors` and the adapter's state machine are plain
+Python and tested on CPU with a recording fake in place of `vllm.LLM`.
+
+Lifecycle of one RL step (the order matters):
+  generate()   -> vLLM samples; afterwards the engine sleeps (level 2 frees weights *and* KV cache, level 1
+                  offloads weights to CPU) so the trainer gets the GPU memory back
+  sync_weights(hf_named_tensors(policy))
+               -> wake_up(tags=["weights"])   re-allocate weight memory only (no KV cache yet: lower peak memory)
+               -> worker_model.load_weights(stream of (HF name, full tensor))   overwrite *every* parameter
+               -> wake_up(tags=["kv_cache"])
+               -> reset_prefix_cache()        cached prefixes were computed with the old weights
+  generate()   ...
+We never call vLLM's `reload_weights`: after level-2 sleep it re-reads the original checkpoint from disk and
+silently undoes training (TRL #5312); the full stream from the policy is the only source of weights. A generate()
+after level-2 sleep without a sync is refused for the same reason (the woken weight memory holds garbage).
+
+Log-probs: vLLM's default (`raw_logprobs`) reports log-probs at temperature 1, before any processing; they equal
+the built-in engine's only at T = 1 (the paper's setting). The RL loop uses them for logging only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .base import Completion, RolloutEngine, RolloutError, check_request, resolve_seed, sample_seed
+
+# Wrappers that prefix parameter names (activation checkpointing, torch.compile); vLLM expects the bare HF names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter of `model` once, under its HF checkpoint name, as a full tensor.
+
+    A tied head is the embedding parameter, so `named_parameters()` yields it once (as `model.embed_tokens.weight`)
+    and vLLM's Qwen3 loader ties it itself. FSDP2 parameters are DTensors: `full_tensor()` all-gathers, which is a
+    collective, so every rank must consume this iterator in the same order."""
+    for name, param in model.named_parameters():
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()  # (full shape) gathered from every rank's shard
+        yield name, tensor
+
+
+def checkpoint_tensor_names(checkpoint_dir: str | os.PathLike) -> set[str]:
+    """Tensor names of an HF safetensors checkpoint, read from its index or its single file's header."""
+    folder = Path(checkpoint_dir)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            return set(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError) as err:
+            raise RolloutError(f"{index}: cannot read 'weight_map' ({err})") from err
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise RolloutError(f"{folder}: no model.safetensors(.index.json) to read parameter names from")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return set(f.keys())
+
+
+def _worker_model(llm) -> torch.nn.Module:
+    """The torch module inside vLLM's in-process worker (external_launcher keeps the engine core in this process)."""
+    engine = llm.llm_engine
+    executor = getattr(engine, "model_executor", None)
+    if executor is None and hasattr(engine, "engine_core"):
+        executor = engine.engine_core.engine_core.model_executor
+    if executor is None:
+        raise RolloutError("cannot reach vLLM's worker model: is VLLM_ENABLE_V1_MULTIPROCESSING=0 set?")
+    return executor.driver_worker.worker.model_runner.model
+
+
+class VLLMEngine(RolloutEngine):
+    """A colocated vLLM engine behind the rollout interface.
+
+    checkpoint_dir: HF checkpoint folder (config.json, safetensors, tokenizer files) vLLM starts from.
+    tokenizer: our Tokenizer for completion text (None: vLLM's detokenised text) and the sampleable vocabulary.
+    sleep_level: 2 frees weights and KV cache after each generate (weights come back only by sync_weights),
+        1 offloads weights to CPU; 0 disables sleeping.
+    rank_seed: vLLM's engine seed (per rank); per-request seeds below make results independent of batching anyway.
+    llm / sampling_params_cls: inject a ready `vllm.LLM` and `vllm.SamplingParams` (tests pass recording fakes).
+    """
+
+    def __init__(self, checkpoint_dir, tokenizer=None, *, sleep_level: int = 2, gpu_memory_utilization: float = 0.3,
+                 max_model_len: int = 4096, dtype: str = "bfloat16", rank_seed: int = 0,
+                 expected_names: set[str] | None = None, llm=None, sampling_params_cls=None, **llm_kwargs):
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"sleep_level must be 0, 1 or 2, got {sleep_level}")
+        if llm is None:
+            # The engine core must live in this process so sync_weights can reach the worker's model.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            from vllm import LLM, SamplingParams
+
+            llm = LLM(model=str(checkpoint_dir), tokenizer=str(checkpoint_dir), dtype=dtype, seed=rank_seed,
+                      tensor_parallel_size=1, distributed_executor_backend="external_launcher",
+                      enable_sleep_mode=sleep_level > 0, gpu_memory_utilization=gpu_memory_utilization,
+                      max_model_len=max_model_len, enable_prefix_caching=True, **llm_kwargs)
+            sampling_params_cls = SamplingParams
+        if sampling_params_cls is None:
+            raise ValueError("an injected llm needs its sampling_params_cls")
+        self.llm = llm
+        self.SamplingParams = sampling_params_cls
+        self.tokenizer = tokenizer
+        self.sleep_level = sleep_level
+        self.expected_names = expected_names if expected_names is not None else checkpoint_tensor_names(checkpoint_dir)
+        self.asleep: set[str] = set()  # which of {"weights", "kv_cache"} vLLM has released
+        self.weights_valid = True  # False after level-2 sleep until a full sync
+
+    # -- memory --------------------------------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        if self.sleep_level == 0 or self.asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = {"weights", "kv_cache"}
+        self.weights_valid = self.sleep_level == 1  # level 1 keeps a CPU copy; level 2 discards the weights
+
+    def wake_up(self) -> None:
+        """Re-allocate weights, then KV cache. After level-2 sleep the weights stay invalid until sync_weights."""
+        for tag in ("weights", "kv_cache"):
+            if tag in self.asleep:
+                self.llm.wake_up(tags=[tag])
+                self.asleep.discard(tag)
+
+    # -- weights -------------------------------------------------------------------------------------------------------
+
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Stream (HF name, full tensor) pairs into vLLM's worker model, in the order that never reloads from disk."""
+        if "weights" in self.asleep:
+            self.llm.wake_up(tags=["weights"])  # memory for the weights must exist before we write into it
+            self.asleep.discard("weights")
+        streamed: list[str] = []
+
+        def stream():
+            for name, tensor in named_tensors:
+                streamed.append(name)
+                yield name, tensor
+
+        _worker_model(self.llm).load_weights(weights=stream())
+        missing = self.expected_names - set(streamed) - {"lm_head.weight"}  # a tied head arrives as the embedding
+        if missing:
+            raise RolloutError(f"sync_weights: {len(missing)} checkpoint tensors were not streamed "
+                               f"(e.g. {sorted(missing)[:3]}); vLLM would sample with stale or garbage weights")
+        self.weights_valid = True
+        if "kv_cache" in self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep.discard("kv_cache")
+        self.llm.reset_prefix_cache()  # cached prefix KV was computed by the previous weights
+        return len(streamed)
+
+    # -- generation ----------------------------------------------------------------------------------------------------
+
+    def generate(self, prompt_token_ids, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256, stop_token_ids=None,
+                 seed=0) -> list[list[Completion]]:
+        vocab_limit = 2**31 - 1  # vLLM checks prompt ids against its own vocabulary
+        stops = check_request(prompt_token_ids, n, temperature, top_p, max_new_tokens, stop_token_ids, vocab_limit)
+        if not self.weights_valid:
+            raise RolloutError("generate after level-2 sleep needs sync_weights first: the weights were discarded "
+                               "and reloading them from disk would undo training")
+        self.wake_up()
+        base_seed = resolve_seed(seed)
+        extra = {}
+        if self.tokenizer is not None:
+            # Never sample ids the tokenizer cannot decode (Qwen3's padded embedding tail, vLLM #13175).
+            extra["allowed_token_ids"] = list(range(self.tokenizer.vocab_size))
+            extra["detokenize"] = False
+        params = [
+            self.SamplingParams(n=n, temperature=float(temperature), top_p=float(top_p), max_tokens=max_new_tokens,
+                                stop_token_ids=stops, seed=sample_seed(base_seed, i, 0) % (2**31), logprobs=0,
+                                skip_special_tokens=False, **extra)
+            for i in range(len(prompt_token_ids))
+        ]
+        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+
+        groups = []
+        for i, request in enumerate(outputs):
+            group = []
+            for out in sorted(request.outputs, key=lambda o: o.index):
+                ids = list(out.token_ids)
+                logprobs = [float(step[t].logprob) for step, t in zip(out.logprobs, ids)]
+                reason = "stop" if out.finish_reason == "stop" else "length"
+                if self.tokenizer is not None:
+                    text = self.tokenizer.decode(ids[:-1] if reason == "stop" and ids and ids[-1] in stops else ids)
+                else:
+                    text = out.text
+                group.append(Completion(token_ids=ids, text=text, logprobs=logprobs, finish_reason=reason))
+            if len(group) != n:
+                raise RolloutError(f"vLLM returned {len(group)} completions for prompt {i}, expected n={n}")
+            groups.append(group)
+        if len(groups) != len(prompt_token_ids):
+            raise RolloutError(f"vLLM returned {len(groups)} groups for {len(prompt_token_ids)} prompts")
+        self.sleep()
+        return groups

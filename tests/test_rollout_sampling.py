@@ -1,0 +1,138 @@
+"""Sampling math of the built-in engine on plain logit vectors, against float64 references written out longhand."""
+import math
+
+import pytest
+import torch
+
+from minitagpr.rollout import Completion, RolloutError, sample_seed, sample_tokens, sampling_probs
+from minitagpr.rollout.base import check_request
+
+# Eight decodable ids plus a padded tail of two ids the tokenizer cannot decode; the tail holds the largest logit.
+LOGITS = [1.2, -0.3, 0.8, 2.1, -1.5, 0.0, 1.9, -0.7, 5.0, 4.0]
+VOCAB = 8
+DRAWS = 40_000
+
+
+def reference_probs(temperature: float, top_p: float) -> list[float]:
+    """The intended distribution over the decodable ids, in float64 with plain Python."""
+    z = [x / temperature for x in LOGITS[:VOCAB]]
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    p = [v / sum(e) for v in e]
+    order = sorted(range(VOCAB), key=lambda i: -p[i])
+    kept, mass = set(), 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += p[i]
+    total = sum(p[i] for i in kept)
+    return [p[i] / total if i in kept else 0.0 for i in range(VOCAB)]
+
+
+def draw(temperature: float, top_p: float, seed: int = 1234) -> torch.Tensor:
+    logits = torch.tensor(LOGITS, dtype=torch.float32).expand(DRAWS, -1)  # (DRAWS, V)
+    uniforms = torch.rand(DRAWS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # (DRAWS,)
+    tokens, _ = sample_tokens(logits, uniforms, temperature, top_p, VOCAB)
+    return tokens
+
+
+def chi_square_pvalue(tokens: torch.Tensor, probs: list[float]) -> float:
+    """Pearson's chi-square goodness of fit over the ids with positive probability."""
+    counts = torch.bincount(tokens, minlength=len(LOGITS)).double()
+    support = [i for i, p in enumerate(probs) if p > 0]
+    expected = torch.tensor([probs[i] * DRAWS for i in support], dtype=torch.float64)
+    stat = (((counts[support] - expected) ** 2) / expected).sum()
+    dof = torch.tensor((len(support) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof, stat / 2))  # survival function of chi2(dof)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
+def test_temperature_sampling_matches_float64_reference(temperature):
+    tokens = draw(temperature, 1.0)
+    assert chi_square_pvalue(tokens, reference_probs(temperature, 1.0)) > 1e-3
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.5), (0.8, 0.9), (1.5, 0.3)])
+def test_top_p_sampling_matches_float64_reference(temperature, top_p):
+    probs = reference_probs(temperature, top_p)
+    tokens = draw(temperature, top_p)
+    outside = [i for i in range(len(LOGITS)) if i >= VOCAB or probs[i] == 0.0]
+    assert not torch.isin(tokens, torch.tensor(outside)).any(), "sampled an id outside the nucleus"
+    assert chi_square_pvalue(tokens, probs) > 1e-3
+
+
+def test_chi_square_check_rejects_a_wrong_distribution():
+    # The test above must be able to fail: samples at T=1 do not fit the T=0.6 distribution.
+    assert chi_square_pvalue(draw(1.0, 1.0), reference_probs(0.6, 1.0)) < 1e-6
+
+
+def test_padded_vocabulary_tail_is_never_sampled():
+    tokens = draw(3.0, 1.0)  # a hot temperature would put ~30% of the mass on the tail if it were not masked
+    assert int(tokens.max()) < VOCAB
+
+
+def test_greedy_is_argmax_over_decodable_ids():
+    logits = torch.tensor([LOGITS, LOGITS[::-1]], dtype=torch.float32)  # (2, V)
+    tokens, _ = sample_tokens(logits, torch.zeros(2), 0.0, 1.0, VOCAB)
+    expected = [max(range(VOCAB), key=lambda i: row[i]) for row in logits.tolist()]
+    assert tokens.tolist() == expected
+
+
+def test_tiny_top_p_keeps_the_most_likely_token():
+    tokens = draw(1.0, 1e-9)
+    assert set(tokens.tolist()) == {3}  # logit 2.1 is the largest decodable one
+
+
+def test_uniform_zero_never_picks_a_zero_probability_id():
+    logits = torch.tensor([[-float("inf"), -float("inf"), 0.0, 1.0]])  # ids 0 and 1 impossible
+    tokens, _ = sample_tokens(logits, torch.zeros(1, dtype=torch.float64), 1.0, 1.0, 4)
+    assert tokens.item() == 2
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.3, 0.5), (0.0, 1.0)])
+def test_logprobs_are_full_softmax_at_temperature_before_top_p(temperature, top_p):
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(7))  # (64, 10)
+    uniforms = torch.rand(64, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    tokens, logp = sample_tokens(logits, uniforms, temperature, top_p, VOCAB)
+    scale = temperature if temperature > 0 else 1.0
+    ref = torch.log_softmax(logits.double() / scale, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_sampling_probs_sum_to_one_and_respect_the_nucleus():
+    probs = sampling_probs(torch.tensor([LOGITS], dtype=torch.float64), 1.0, 0.5, VOCAB)[0]
+    ref = torch.tensor(reference_probs(1.0, 0.5), dtype=torch.float64)
+    torch.testing.assert_close(probs, ref, atol=1e-12, rtol=0)
+
+
+def test_sample_seed_is_a_pure_function_of_seed_prompt_and_sample():
+    assert sample_seed(3, 1, 2) == sample_seed(3, 1, 2)
+    seeds = {sample_seed(s, p, j) for s in range(3) for p in range(4) for j in range(5)}
+    assert len(seeds) == 60
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(prompt_token_ids=[[1, 2], []]), "prompt_token_ids[1]"),
+    (dict(prompt_token_ids=[[1, 99]]), "prompt_token_ids[0][1]"),
+    (dict(n=0), "n must"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(stop_token_ids=[50]), "stop token id 50"),
+])
+def test_bad_requests_fail_naming_the_argument(kwargs, field):
+    request = dict(prompt_token_ids=[[1, 2]], n=1, temperature=1.0, top_p=1.0, max_new_tokens=4,
+                   stop_token_ids=[3], vocab_size=10)
+    request.update(kwargs)
+    with pytest.raises(RolloutError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        check_request(**request)
+
+
+def test_completion_rejects_an_unknown_finish_reason():
+    with pytest.raises(ValueError, match="finish_reason"):
+        Completion(token_ids=[1], text="a", logprobs=[-0.1], finish_reason="eos")

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minitagpr.model.qwen3 import ConfigError, Qwen3Config, Qwen3ForCausalLM
@@ -60,7 +59,7 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
                                   f"reachable and pass the folder.") from None
 
 
-def _read_header(file: Path) -> dict:
+def _read_header(file: Path, with_size: bool = False):
     """The safetensors JSON header, validated against the file size (a truncated file fails here, by name)."""
     size = file.stat().st_size
     with open(file, "rb") as f:
@@ -78,7 +77,7 @@ def _read_header(file: Path) -> dict:
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{file}: truncated safetensors file (tensors need {8 + n + end} bytes, file has {size})")
-    return header
+    return (n, header) if with_size else header
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -109,7 +108,7 @@ def load_state_into(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype
     module names (None = not ours). Raises one CheckpointError naming every missing/unexpected/mis-shaped tensor."""
     expected = {n: tuple(p.shape) for n, p in module.named_parameters(remove_duplicate=True)}
     files = _weight_files(folder)
-    where: dict[str, tuple[Path, dict]] = {}
+    where: dict[str, tuple[Path, dict, str]] = {}  # model name -> (file, header entry, checkpoint name)
     unexpected, misshaped = [], []
     for file in files:
         for ckpt_name, info in _read_header(file).items():
@@ -121,7 +120,7 @@ def load_state_into(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype
             elif tuple(info["shape"]) != expected[name]:
                 misshaped.append(f"{ckpt_name}: checkpoint {tuple(info['shape'])} vs model {expected[name]} ({file.name})")
             else:
-                where[name] = (file, info)
+                where[name] = (file, info, ckpt_name)
     missing = sorted(set(expected) - set(where) - {m.split(':')[0] for m in misshaped})
     if missing or unexpected or misshaped:
         parts = []
@@ -134,17 +133,40 @@ def load_state_into(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype
         raise CheckpointError(f"{folder}: checkpoint does not match the model: " + " | ".join(parts))
     params = dict(module.named_parameters(remove_duplicate=True))
     by_file: dict[Path, list[str]] = {}
-    for name, (file, _) in where.items():
+    for name, (file, _, _) in where.items():
         by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():  # one shard open at a time; one tensor materialised at a time
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            ckpt_names = {(rename(k) if rename else k): k for k in f.keys()}
+    for file, names in by_file.items():  # one shard at a time, one tensor at a time, read straight into its memory
+        header_bytes, infos = _read_header(file, with_size=True)
+        with open(file, "rb", buffering=0) as f:
             for name in names:
-                t = f.get_tensor(ckpt_names[name])
-                t = t.to(device=device, dtype=dtype or t.dtype)
+                info = infos[where[name][2]]
+                t = _read_tensor(f, 8 + header_bytes, info, file)
+                if dtype is not None and t.dtype != dtype:
+                    t = t.to(dtype)
+                t = t.to(device)
                 owner, _, leaf = name.rpartition(".")
                 mod = module.get_submodule(owner) if owner else module
                 mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=params[name].requires_grad)
+
+
+def _read_tensor(f, data_start: int, info: dict, file: Path) -> torch.Tensor:
+    """Plain reads into a fresh tensor: no memory map, so the page cache never counts against the process."""
+    if info["dtype"] not in _ST_DTYPES:
+        raise CheckpointError(f"{file}: unsupported tensor dtype {info['dtype']}")
+    begin, end = info["data_offsets"]
+    t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+    raw = t.view(-1).view(torch.uint8) if t.numel() else t.view(torch.uint8)
+    if raw.numel() != end - begin:
+        raise CheckpointError(f"{file}: tensor byte range {end - begin} does not match shape {info['shape']}")
+    f.seek(data_start + begin)
+    view = memoryview(raw.numpy()).cast("B")
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{file}: truncated safetensors file")
+        got += n
+    return t
 
 
 def load_pretrained(path_or_hub_id, dtype: torch.dtype | None = None, device="cpu") -> Qwen3ForCausalLM:

@@ -1,0 +1,198 @@
+"""HF checkpoint I/O: round trips through transformers (one file and shards), and every bad input named."""
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minitagpr.model import CheckpointError, Qwen3Config, load_pretrained, save_pretrained
+from minitagpr.model.presets import build_model, make_tiny_checkpoint, tiny_config
+
+transformers = pytest.importorskip("transformers")
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model.logits(model(ids))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_our_save_loads_in_transformers_with_same_logits(tmp_path, tied):
+    model = build_model(tiny_config("tiny", tie_word_embeddings=tied), seed=11).eval()
+    save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=40_000)  # forces several shards
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 13))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+    assert (logits_of(model, ids) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("shard", [None, "60KB"])
+def test_transformers_save_loads_in_ours_with_same_logits(tmp_path, shard):
+    cfg = transformers.Qwen3Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                   tie_word_embeddings=False)
+    hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    kwargs = {"max_shard_size": shard} if shard else {}
+    hf.save_pretrained(tmp_path / "hf", **kwargs)
+    if shard:
+        assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    ours = load_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 320, (3, 10))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+    assert (logits_of(ours, ids) - ref).abs().max().item() <= 1e-4
+
+
+def test_load_dtype_and_tied_head(tmp_path):
+    make_tiny_checkpoint(tmp_path / "c", seed=3)
+    model = load_pretrained(tmp_path / "c", dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_save_is_atomic_and_replaces(tmp_path):
+    model = build_model(tiny_config("tiny"), seed=1)
+    out = tmp_path / "c"
+    save_pretrained(model, out)
+    save_pretrained(build_model(tiny_config("tiny"), seed=2), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    again = load_pretrained(out)
+    assert torch.equal(again.model.norm.weight, model.model.norm.weight)
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+def _ckpt(tmp_path, **kw):
+    return make_tiny_checkpoint(tmp_path / "c", seed=0, **kw)
+
+
+def _rewrite(folder, fn):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(folder / "model.safetensors")
+    fn(sd)
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_unexpected_and_misshaped_tensors_named_together(tmp_path):
+    folder = _ckpt(tmp_path)
+
+    def damage(sd):
+        del sd["model.norm.weight"]
+        sd["model.extra.weight"] = torch.zeros(3)
+        sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(7, 7)
+    _rewrite(folder, damage)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(folder)
+    msg = str(e.value)
+    assert "missing tensors: model.norm.weight" in msg
+    assert "unexpected tensors: model.extra.weight" in msg
+    assert "model.layers.0.mlp.up_proj.weight: checkpoint (7, 7)" in msg
+
+
+def test_truncated_file_is_named(tmp_path):
+    folder = _ckpt(tmp_path)
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated safetensors file"):
+        load_pretrained(folder)
+
+
+def test_config_missing_field_and_unsupported_settings(tmp_path):
+    folder = _ckpt(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    broken = {k: v for k, v in cfg.items() if k != "hidden_size"}
+    broken.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}, use_sliding_window=True, fancy_key=1)
+    (folder / "config.json").write_text(json.dumps(broken))
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(folder)
+    msg = str(e.value)
+    for part in ("config.json", "missing fields hidden_size", "rope_scaling", "use_sliding_window", "fancy_key"):
+        assert part in msg
+
+
+def test_real_qwen3_configs_parse(qwen3_configs_dir):
+    for name, (layers, tied) in {"Qwen3-0.6B": (28, True), "Qwen3-1.7B": (28, True), "Qwen3-8B": (36, False)}.items():
+        cfg = Qwen3Config.from_json(qwen3_configs_dir / name / "config.json")
+        assert cfg.num_hidden_layers == layers and cfg.tie_word_embeddings == tied and cfg.head_dim == 128
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    folder = _ckpt(tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="pickled weights are never loaded"):
+        load_pretrained(folder)
+
+
+def test_missing_shard_named(tmp_path):
+    save_pretrained(build_model(tiny_config("tiny"), seed=0), tmp_path / "c", max_shard_bytes=40_000)
+    shard = sorted((tmp_path / "c").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"missing: {shard.name}"):
+        load_pretrained(tmp_path / "c")
+
+
+def test_hub_id_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        load_pretrained("Qwen/Qwen3-0.6B")
+
+
+def test_hub_id_resolves_from_cache(tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    repo = hub / "models--acme--tiny-qwen3"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    make_tiny_checkpoint(repo / "snapshots" / commit, seed=5)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    model = load_pretrained("acme/tiny-qwen3")
+    assert model.config.vocab_size == 512
+
+
+PEAK_SCRIPT = r"""
+import sys, torch
+from minitagpr.model import load_pretrained
+def kb(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1])
+warm = load_pretrained(sys.argv[2])  # page in the code paths (library pages count in RSS too), then measure
+float(sum(p.sum() for p in warm.parameters()))
+del warm
+before = kb('VmRSS:')
+model = load_pretrained(sys.argv[1])
+total = sum(float(p.sum()) for p in model.parameters())  # touch every weight so all of it is resident
+print(before, kb('VmHWM:'))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to read peak RSS")
+def test_sharded_load_peak_memory_is_model_plus_one_shard(tmp_path):
+    cfg = tiny_config("tiny", vocab_size=32768, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False)
+    model = build_model(cfg, seed=0)
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())  # ~160 MB
+    shard_bytes = 48 * 1024**2
+    save_pretrained(model, tmp_path / "big", max_shard_bytes=shard_bytes)
+    del model
+    largest = max(p.stat().st_size for p in (tmp_path / "big").glob("*.safetensors"))
+    make_tiny_checkpoint(tmp_path / "small", seed=0)
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "big"), str(tmp_path / "small")], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    before_kb, peak_kb = map(int, out.stdout.split())
+    grown = (peak_kb - before_kb) * 1024
+    print(f"model {model_bytes / 2**20:.0f} MiB, largest shard {largest / 2**20:.0f} MiB, "
+          f"peak growth {grown / 2**20:.0f} MiB")
+    assert grown <= 1.2 * (model_bytes + largest)

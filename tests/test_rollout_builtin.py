@@ -1,0 +1,159 @@
+"""The built-in engine on a tiny random Qwen3: greedy parity with full forwards, seeds, stops, log-probs, weight sync."""
+import pytest
+import torch
+
+from minitagpr.model import presets
+from minitagpr.rollout import BuiltinEngine, RolloutError
+
+VOCAB = 500  # decodable ids; the tiny model has 512 rows, so ids 500..511 are a padded tail
+
+
+class DigitTokenizer:
+    """Stands in for the real tokenizer: each id decodes to its number."""
+
+    vocab_size = VOCAB
+    pad_id = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # Untied and a wide init: peaked, non-degenerate logits, so greedy ties cannot hide a bug.
+    cfg = presets.tiny_config("tiny", tie_word_embeddings=False, initializer_range=0.3)
+    return presets.build_model(cfg, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+
+
+def engine(model, **kw):
+    return BuiltinEngine(model, DigitTokenizer(), **kw)
+
+
+@torch.no_grad()
+def full_forward_greedy(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        logits = model.logits(model(torch.tensor([ids])))[0, -1, :VOCAB]  # (VOCAB,) no cache, no padding
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forwards(model, prompts):
+    groups = engine(model).generate(prompts, n=2, temperature=0.0, max_new_tokens=10)
+    for prompt, group in zip(prompts, groups):
+        expected = full_forward_greedy(model, prompt, 10)
+        assert [c.token_ids for c in group] == [expected, expected]
+        assert all(c.finish_reason == "length" for c in group)
+
+
+def test_same_seed_reproduces_and_another_seed_differs(model, prompts):
+    eng = engine(model)
+    a = eng.generate(prompts, n=3, max_new_tokens=8, seed=11)
+    b = eng.generate(prompts, n=3, max_new_tokens=8, seed=11)
+    c = eng.generate(prompts, n=3, max_new_tokens=8, seed=12)
+    ids = lambda groups: [[x.token_ids for x in g] for g in groups]
+    assert ids(a) == ids(b)
+    assert ids(a) != ids(c)
+
+
+def test_samples_do_not_depend_on_batch_size(model, prompts):
+    wide = engine(model, max_batch_rows=64).generate(prompts, n=3, max_new_tokens=8, seed=5)
+    narrow = engine(model, max_batch_rows=2).generate(prompts, n=3, max_new_tokens=8, seed=5)  # one prompt per chunk
+    assert [[c.token_ids for c in g] for g in wide] == [[c.token_ids for c in g] for g in narrow]
+
+
+def test_samples_do_not_depend_on_other_prompts_in_the_call(model, prompts):
+    eng = engine(model)
+    alone = eng.generate(prompts[:2], n=2, max_new_tokens=8, seed=5)
+    with_more = eng.generate(prompts, n=2, max_new_tokens=8, seed=5)  # a longer prompt joins the first chunk
+    assert [[c.token_ids for c in g] for g in alone] == [[c.token_ids for c in g] for g in with_more[:2]]
+
+
+def test_n_samples_of_one_prompt_differ(model, prompts):
+    group = engine(model).generate(prompts[:1], n=4, temperature=1.0, max_new_tokens=8, seed=0)[0]
+    assert len({tuple(c.token_ids) for c in group}) == 4
+
+
+def test_padded_vocabulary_tail_is_never_sampled(model, prompts):
+    # At T=4 the distribution is nearly flat: unmasked, ~2% of 1,600 draws would land on the 12 tail ids.
+    groups = engine(model).generate(prompts, n=20, temperature=4.0, max_new_tokens=20, seed=3)
+    assert max(t for g in groups for c in g for t in c.token_ids) < VOCAB
+
+
+def test_stop_id_ends_the_completion_and_is_kept_in_ids_but_not_in_text(model, prompts):
+    greedy = full_forward_greedy(model, prompts[1], 6)
+    stop = greedy[3]
+    assert stop not in greedy[:3]
+    c = engine(model).generate([prompts[1]], temperature=0.0, max_new_tokens=20, stop_token_ids=[stop])[0][0]
+    assert c.token_ids == greedy[:4]
+    assert c.finish_reason == "stop"
+    assert c.text == " ".join(str(t) for t in greedy[:3])
+
+
+def test_length_finish_when_max_new_tokens_is_reached(model, prompts):
+    groups = engine(model).generate(prompts, n=2, max_new_tokens=5, stop_token_ids=[], seed=1)
+    assert all(len(c.token_ids) == 5 and c.finish_reason == "length" for g in groups for c in g)
+
+
+def test_finished_rows_leave_the_batch_without_disturbing_the_others(model, prompts):
+    # Stopping on a frequent id makes rows finish at different steps; the survivors must match runs without stops.
+    eng = engine(model)
+    free = eng.generate(prompts, n=4, max_new_tokens=12, seed=9)
+    stop = free[0][0].token_ids[2]
+    stopped = eng.generate(prompts, n=4, max_new_tokens=12, stop_token_ids=[stop], seed=9)
+    for g_free, g_stop in zip(free, stopped):
+        for a, b in zip(g_free, g_stop):
+            cut = a.token_ids.index(stop) + 1 if stop in a.token_ids else len(a.token_ids)
+            assert b.token_ids == a.token_ids[:cut]
+            assert b.finish_reason == ("stop" if stop in a.token_ids else "length")
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.6, 1.0)])
+def test_logprobs_equal_the_fused_kernel_under_the_sampling_temperature(model, prompts, temperature, top_p):
+    groups = engine(model).generate(prompts, n=2, temperature=temperature, top_p=top_p, max_new_tokens=8, seed=2)
+    for prompt, group in zip(prompts, groups):
+        for c in group:
+            ids = torch.tensor([prompt + c.token_ids])  # (1, T)
+            targets = torch.full_like(ids, -100)
+            targets[0, :-1] = ids[0, 1:]
+            with torch.no_grad():
+                logp, _ = model(ids, targets=targets, temperature=temperature)  # (1, T) via the kernel
+            kernel = logp[0, len(prompt) - 1:-1]
+            assert torch.allclose(torch.tensor(c.logprobs), kernel, atol=1e-5, rtol=0)
+
+
+def test_sync_weights_makes_a_copy_sample_like_the_source(prompts):
+    cfg = presets.tiny_config("tiny", initializer_range=0.3)  # tied head: the stream holds no lm_head.weight
+    source, copy = presets.build_model(cfg, seed=1), presets.build_model(cfg, seed=2)
+    eng = BuiltinEngine(copy, DigitTokenizer())
+    before = eng.generate(prompts, temperature=0.0, max_new_tokens=6)
+    loaded = eng.sync_weights(source.named_parameters())
+    after = eng.generate(prompts, temperature=0.0, max_new_tokens=6)
+    reference = BuiltinEngine(source, DigitTokenizer()).generate(prompts, temperature=0.0, max_new_tokens=6)
+    assert loaded == len(list(source.parameters()))
+    assert [g[0].token_ids for g in after] == [g[0].token_ids for g in reference] != [g[0].token_ids for g in before]
+
+
+def test_sync_weights_rejects_unknown_names_and_wrong_shapes(model):
+    eng = engine(model)
+    with pytest.raises(KeyError, match="model.layers.9.mlp.up_proj.weight"):
+        eng.sync_weights([("model.layers.9.mlp.up_proj.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match="model.norm.weight has shape"):
+        eng.sync_weights([("model.norm.weight", torch.zeros(3))])
+
+
+def test_prompt_longer_than_the_position_range_is_refused(model):
+    too_long = [[1] * (model.config.max_position_embeddings - 2)]
+    with pytest.raises(RolloutError, match=r"prompt_token_ids\[0\].*max_position_embeddings"):
+        engine(model).generate(too_long, max_new_tokens=4)
+
+
+def test_vocab_size_above_the_model_rows_is_refused(model):
+    with pytest.raises(ValueError, match="vocab_size 600"):
+        BuiltinEngine(model, vocab_size=600)

@@ -1,0 +1,349 @@
+"""Preference pairs for PRMU: the two sets of TagPR (tagpr-method.md, "PRMU").
+
+- **PRP** (profile preference): one query of user u, answered once *with* u's profile in the prompt (chosen) and
+  once *without* it (rejected). Both responses are scored against the same profile-bearing prompt, because that is
+  the only prompt the reward model sees in guided RL; the pair teaches it that a response which used the profile is
+  better than one that could not.
+- **PQP** (quality preference): two personalised responses to the same prompt; the chosen one has the higher
+  verifiable reward R_v (exact-match correctness for classification tasks, ROUGE for generation tasks). Ties are
+  dropped, never broken at random.
+
+Where pairs come from (the `source` field of every pair says which):
+- `"rollout"`: `build_pairs_from_rollouts` reads rollout JSONL files written by `recipes/prmu_rollouts.py`, which
+  samples the policy with the rollout engine twice per training query (mode "profile" and mode "no_profile").
+  This is the paper's construction.
+- `"synthetic"`: `synthesize_demo_pairs` builds pairs from the demo world alone, without any policy, so the demo
+  pipeline gets a useful PRMU before a policy exists. Chains come from `demo_world.make_chain`: PRP = chain over the
+  retrieved profile + gold answer vs chain over no profile + a profile-blind answer; PQP = chain + gold answer vs
+  chain + another label (or, for generation tasks, another user's text); plus "user-dependent" PQP pairs on the
+  demo world's examples where two users share the query but disagree on the answer (`user_dependent=True`).
+
+File format (one JSON object per line; what `write_pairs` writes and `read_pairs` validates):
+    {"id", "set": "PRP"|"PQP", "source": "rollout"|"synthetic", "user": str|null, "task", "example_id",
+     "prompt": [chat messages], "chosen": {"text", "chain", "answer"}, "rejected": {...}, "user_dependent": bool}
+`text` is exactly what the reward model reads after the prompt (the raw policy output for rollouts;
+`format_response(chain, answer)` for synthetic pairs). This module is plain Python: no tensors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+SETS = ("PRP", "PQP")
+SOURCES = ("rollout", "synthetic")
+MODES = ("profile", "no_profile")
+CLASSIFICATION_TASKS = ("LaMP-1", "LaMP-2", "LaMP-3", "PGraphRAG-rating")
+TASKS = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7", "PGraphRAG-title", "PGraphRAG-rating")
+ROLES = ("system", "user", "assistant")
+
+
+class PreferenceDataError(ValueError):
+    """A preference or rollout file that cannot be used; the message names the file, line, record and field."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Records
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Response:
+    text: str  # what the reward model reads after the prompt
+    chain: str  # the reasoning inside <think> ... </think>
+    answer: str  # what follows the last </think>, stripped
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    id: str
+    set: str  # "PRP" | "PQP"
+    source: str  # "rollout" | "synthetic"
+    user: str | None
+    task: str
+    example_id: str
+    prompt: list  # chat messages (with the profile); both sides are scored against this prompt
+    chosen: Response
+    rejected: Response
+    user_dependent: bool = False  # the preference flips between users who share this query
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """The sampled responses of one query in one mode (what `recipes/prmu_rollouts.py` writes, one per line)."""
+
+    id: str  # the LaMP example id
+    user: str | None
+    task: str
+    mode: str  # "profile": prompt carries the retrieved profile; "no_profile": the same query without it
+    prompt: list  # the chat messages the policy was sampled from
+    gold: str
+    responses: list  # list[str], raw policy outputs
+
+
+def format_response(chain: str, answer: str) -> str:
+    """The assistant text of the SFT target format (interfaces.md), without the closing <|im_end|>."""
+    return f"<think>\n{chain}\n</think>\n\n{answer}"
+
+
+def split_response(text: str) -> tuple[str, str]:
+    """(chain, answer) of a raw response: chain between the first <think> and the last </think>, answer after it.
+
+    A response without </think> has no chain; its whole text counts as the answer (the format reward, not this
+    module, judges it)."""
+    end = text.rfind("</think>")
+    if end < 0:
+        return "", text.strip()
+    start = text.find("<think>")
+    start = start + len("<think>") if 0 <= start < end else 0
+    return text[start:end].strip(), text[end + len("</think>"):].strip()
+
+
+def response_from_text(text: str) -> Response:
+    chain, answer = split_response(text)
+    return Response(text=text, chain=chain, answer=answer)
+
+
+def canonical_task(name: str) -> str | None:
+    """"LaMP_k" -> "LaMP-k"; None for an unknown name."""
+    name = name.replace("LaMP_", "LaMP-")
+    return name if name in TASKS else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Reading and writing JSONL with errors that name file, line, record and field
+# ---------------------------------------------------------------------------------------------------------------
+def _write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _iter_jsonl(path: Path):
+    """(line number, dict) for every non-blank line; bad JSON or a non-object fails naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreferenceDataError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PreferenceDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise PreferenceDataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+class _Fields:
+    """Typed field access for one record; every failure names file:line, the record id and the field."""
+
+    def __init__(self, path: Path, lineno: int, obj: dict):
+        self.obj, self.where = obj, f"{path}:{lineno}"
+        rid = obj.get("id")
+        self.where += f" (record id {rid!r})" if isinstance(rid, str) else ""
+
+    def fail(self, field: str, msg: str):
+        raise PreferenceDataError(f"{self.where}: field {field!r}: {msg}")
+
+    def get(self, field: str, kind, obj=None, prefix: str = "", optional: bool = False):
+        obj = self.obj if obj is None else obj
+        name = prefix + field
+        if field not in obj:
+            if optional:
+                return None
+            self.fail(name, "missing")
+        value = obj[field]
+        if optional and value is None:
+            return None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            kinds = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            self.fail(name, f"expected {kinds}, got {type(value).__name__}")
+        return value
+
+    def task(self) -> str:
+        raw = self.get("task", str)
+        task = canonical_task(raw)
+        if task is None:
+            self.fail("task", f"unknown task {raw!r} (known: {', '.join(TASKS)})")
+        return task
+
+    def messages(self, field: str = "prompt") -> list:
+        msgs = self.get(field, list)
+        if not msgs:
+            self.fail(field, "empty message list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                self.fail(f"{field}[{i}]", f"expected an object, got {type(m).__name__}")
+            role = self.get("role", str, m, f"{field}[{i}].")
+            if role not in ROLES:
+                self.fail(f"{field}[{i}].role", f"unknown role {role!r} (known: {', '.join(ROLES)})")
+            self.get("content", str, m, f"{field}[{i}].")
+        return msgs
+
+    def response(self, field: str) -> Response:
+        obj = self.get(field, dict)
+        return Response(*(self.get(k, str, obj, f"{field}.") for k in ("text", "chain", "answer")))
+
+
+def write_pairs(path: str | Path, pairs: Iterable[PreferencePair]) -> None:
+    _write_jsonl_atomic(Path(path), (asdict(p) for p in pairs))
+
+
+def read_pairs(path: str | Path) -> list[PreferencePair]:
+    """All pairs of one file, validated; an empty file or a duplicated pair id is an error."""
+    path = Path(path)
+    pairs, seen = [], {}
+    for lineno, obj in _iter_jsonl(path):
+        f = _Fields(path, lineno, obj)
+        pid = f.get("id", str)
+        if pid in seen:
+            f.fail("id", f"duplicate pair id (first on line {seen[pid]})")
+        seen[pid] = lineno
+        set_name = f.get("set", str)
+        if set_name not in SETS:
+            f.fail("set", f"unknown set {set_name!r} (known: {', '.join(SETS)})")
+        source = f.get("source", str)
+        if source not in SOURCES:
+            f.fail("source", f"unknown source {source!r} (known: {', '.join(SOURCES)})")
+        pairs.append(PreferencePair(
+            id=pid, set=set_name, source=source, user=f.get("user", str, optional=True), task=f.task(),
+            example_id=f.get("example_id", str), prompt=f.messages(),
+            chosen=f.response("chosen"), rejected=f.response("rejected"),
+            user_dependent=bool(f.get("user_dependent", bool, optional=True)),
+        ))
+    if not pairs:
+        raise PreferenceDataError(f"{path}: empty preference set (no pair records)")
+    return pairs
+
+
+def write_rollouts(path: str | Path, records: Iterable[RolloutRecord]) -> None:
+    _write_jsonl_atomic(Path(path), (asdict(r) for r in records))
+
+
+def read_rollouts(path: str | Path) -> list[RolloutRecord]:
+    path = Path(path)
+    records, seen = [], {}
+    for lineno, obj in _iter_jsonl(path):
+        f = _Fields(path, lineno, obj)
+        rid, mode = f.get("id", str), f.get("mode", str)
+        if mode not in MODES:
+            f.fail("mode", f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+        if (rid, mode) in seen:
+            f.fail("id", f"duplicate (id, mode) (first on line {seen[rid, mode]})")
+        seen[rid, mode] = lineno
+        responses = f.get("responses", list)
+        for i, r in enumerate(responses):
+            if not isinstance(r, str):
+                f.fail(f"responses[{i}]", f"expected str, got {type(r).__name__}")
+        records.append(RolloutRecord(
+            id=rid, user=f.get("user", str, optional=True), task=f.task(), mode=mode, prompt=f.messages(),
+            gold=f.get("gold", str), responses=responses,
+        ))
+    if not records:
+        raise PreferenceDataError(f"{path}: empty rollout file (no records)")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Pairs from policy rollouts (the paper's construction)
+# ---------------------------------------------------------------------------------------------------------------
+def build_prp(records: list[RolloutRecord], max_per_example: int = 2, seed: int = 0) -> list[PreferencePair]:
+    """PRP: response i sampled with the profile (chosen) vs response i sampled without it (rejected).
+
+    Both are scored against the profile prompt. Identical texts carry no preference and are skipped; queries
+    missing one of the two modes give no PRP pair."""
+    rng = random.Random(seed)
+    by_id = _group_by_id(records)
+    pairs = []
+    for rid, modes in by_id.items():
+        if "profile" not in modes or "no_profile" not in modes:
+            continue
+        with_p, without_p = modes["profile"], modes["no_profile"]
+        candidates = [(a, b) for a, b in zip(with_p.responses, without_p.responses) if a != b]
+        rng.shuffle(candidates)
+        for k, (a, b) in enumerate(candidates[:max_per_example]):
+            pairs.append(PreferencePair(
+                id=f"PRP/{rid}/{k}", set="PRP", source="rollout", user=with_p.user, task=with_p.task,
+                example_id=rid, prompt=with_p.prompt,
+                chosen=response_from_text(a), rejected=response_from_text(b),
+            ))
+    return pairs
+
+
+def build_pqp(
+    records: list[RolloutRecord],
+    reward_fn: Callable[[str, str, str], float] | None = None,
+    max_per_example: int = 2,
+    seed: int = 0,
+) -> list[PreferencePair]:
+    """PQP: two profile-mode responses of one query, chosen = higher R_v(task, answer, gold); ties dropped.
+
+    R_v defaults to `minitagpr.rewards.verifiable_reward` (exact match for classification, ROUGE for generation).
+    Among the strictly ordered pairs of a query, up to `max_per_example` are kept, drawn with a seeded rng."""
+    if reward_fn is None:
+        from minitagpr.rewards import verifiable_reward as reward_fn
+    rng = random.Random(seed)
+    pairs = []
+    for rid, modes in _group_by_id(records).items():
+        rec = modes.get("profile")
+        if rec is None:
+            continue
+        scored = [(response_from_text(t), t) for t in rec.responses]
+        rewards = [float(reward_fn(rec.task, resp.answer, rec.gold)) for resp, _ in scored]
+        ordered = [
+            (i, j) if rewards[i] > rewards[j] else (j, i)
+            for i in range(len(scored)) for j in range(i + 1, len(scored))
+            if rewards[i] != rewards[j]  # a tie says nothing about which is better: drop it
+        ]
+        rng.shuffle(ordered)
+        for k, (i, j) in enumerate(ordered[:max_per_example]):
+            pairs.append(PreferencePair(
+                id=f"PQP/{rid}/{k}", set="PQP", source="rollout", user=rec.user, task=rec.task,
+                example_id=rid, prompt=rec.prompt, chosen=scored[i][0], rejected=scored[j][0],
+            ))
+    return pairs
+
+
+def build_pairs_from_rollouts(paths: list[str | Path], max_per_example: int = 2, seed: int = 0,
+                              reward_fn=None) -> dict[str, list[PreferencePair]]:
+    records = [r for p in paths for r in read_rollouts(p)]
+    return {
+        "PRP": build_prp(records, max_per_example, seed),
+        "PQP": build_pqp(records, reward_fn, max_per_example, seed),
+    }
+
+
+def _group_by_id(records: list[RolloutRecord]) -> dict[str, dict[str, RolloutRecord]]:
+    out: dict[str, dict[str, RolloutRecord]] = defaultdict(dict)
+    for r in records:
+        if r.mode in out[r.id]:
+            raise PreferenceDataError(f"rollouts: query {r.id!r} has two {r.mode!r} records across the given files")
+        out[r.id][r.mode] = r
+    return dict(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Held-out split
+# ---------------------------------------------------------------------------------------------------------------
+def split_heldout(pairs: list[PreferencePair], heldout_frac: float, seed: int = 0):
+    """(train, heldout) split by example id, so no query of a held-out pair is seen in training."""
+    ids = sorted({p.example_id for p in pairs})
+    random.Random(seed).shuffle(ids)
+    n_held = max(1, round(heldout_frac * len(ids))) if heldout_frac > 0 else 0
+    held = set(ids[:n_held])
+    return [p for p in pairs if p.example_id not in held], [p for p in pairs if p.example_id in held]

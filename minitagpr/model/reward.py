@@ -1,0 +1,347 @@
+"""PRMU, the Personalization Reward Model with User embeddings (tagpr-method.md, "PRMU").
+
+    f(u, x, y) = w · h_last,   h = Qwen3Model([E[row(u)] ; embed(tokens(x, y))]),   R_PRMU = sigmoid(f)
+
+- The backbone is our Qwen3 decoder (`model.*`), the head a bias-free `score` Linear(H, 1) reading the hidden state
+  of the last real token: the layout of HF `Qwen3ForSequenceClassification` (num_labels = 1), so a
+  Skywork-Reward-V2-Qwen3 checkpoint loads unchanged and our checkpoints load in transformers.
+- E is the user table, (num_users + 1, H). Row 0 is the shared "unknown user": any user id not seen in the training
+  data (or None) reads row 0, never an error. The user's row enters the decoder as one soft token placed before the
+  text (position 0; the text starts at position 1). `use_user_table=False` removes the table and the soft token
+  (the paper's "PRMU w/o UE"); then the model is exactly the HF sequence classifier.
+- Checkpoint folder: `config.json` + `model.safetensors` (HF names, what transformers reads) and beside them
+  `user_vocab.json` (user id -> row) and `user_embeddings.safetensors` (E), which transformers ignores.
+- The text the model reads is the Qwen3 chat rendering of the prompt messages followed by the response and its
+  closing `<|im_end|>\\n` (`encode_reward_input`), exactly the template's rendering of a two-turn conversation.
+
+`bradley_terry_loss` is the training objective; `PRMUScorer.score` is the batched, no-grad reward used by guided RL.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minitagpr.model.checkpoint import (CheckpointError, atomic_dir, load_state_into, resolve_checkpoint,
+                                        save_safetensors_shards)
+from minitagpr.model.qwen3 import ConfigError, Qwen3Config, Qwen3Model
+
+ARCHITECTURE = "Qwen3ForSequenceClassification"
+USERS_FILE = "user_vocab.json"
+USER_TABLE_FILE = "user_embeddings.safetensors"
+USER_TABLE_KEY = "user_table.weight"
+_USERS_FORMAT = "minitagpr-prmu-users/1"
+
+
+# ----------------------------------------------------------------------------------------------- user ids
+class UserVocab:
+    """User id -> row of E. Known users get rows 1..N in sorted order (the same on every rank and run); row 0 is
+    the unknown user."""
+
+    UNKNOWN_ROW = 0
+
+    def __init__(self, users: Iterable[str] = ()):
+        self.users: list[str] = sorted({str(u) for u in users if u is not None})
+        self._rows = {u: i + 1 for i, u in enumerate(self.users)}
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, UserVocab) and self.users == other.users
+
+    def row(self, user_id: str | None) -> int:
+        return self._rows.get(user_id, self.UNKNOWN_ROW) if user_id is not None else self.UNKNOWN_ROW
+
+    def rows(self, user_ids: Sequence[str | None]) -> list[int]:
+        return [self.row(u) for u in user_ids]
+
+    def to_dict(self) -> dict:
+        return {"format": _USERS_FORMAT, "unknown_row": self.UNKNOWN_ROW, "users": self.users}
+
+    @classmethod
+    def from_file(cls, path: Path) -> "UserVocab":
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != _USERS_FORMAT:
+            raise CheckpointError(f"{path}: field 'format': expected {_USERS_FORMAT!r}")
+        users = d.get("users")
+        if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+            raise CheckpointError(f"{path}: field 'users': expected a list of strings")
+        vocab = cls(users)
+        if vocab.users != users:
+            raise CheckpointError(f"{path}: field 'users': must be sorted and free of duplicates (row i+1 = users[i])")
+        return vocab
+
+
+# ----------------------------------------------------------------------------------------------- model
+class PRMU(nn.Module):
+    """Qwen3 backbone + bias-free score head + (optional) user table. `forward` returns the logit f, (B,) fp32."""
+
+    def __init__(self, config: Qwen3Config, users: UserVocab | Iterable[str] = (), use_user_table: bool = True):
+        super().__init__()
+        self.config = config
+        self.users = users if isinstance(users, UserVocab) else UserVocab(users)
+        self.model = Qwen3Model(config)
+        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+        # E: row 0 = unknown user, rows 1..N = the training users
+        self.user_table = nn.Embedding(len(self.users) + 1, config.hidden_size) if use_user_table else None
+
+    @property
+    def use_user_table(self) -> bool:
+        return self.user_table is not None
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, user_rows: torch.Tensor | None = None):
+        """input_ids (B, T) right-padded, lengths (B,) real tokens per row (>= 1), user_rows (B,) rows of E."""
+        B = input_ids.shape[0]
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        last = lengths - 1  # (B,) index of each row's last real token
+        if self.user_table is not None:
+            if user_rows is None:
+                raise ValueError("this PRMU has a user table: forward needs user_rows (use row 0 for unknown users)")
+            u = self.user_table(user_rows).to(x.dtype)  # (B, H)
+            x = torch.cat([u[:, None, :], x], dim=1)  # (B, 1 + T, H): the user's soft token comes first
+            last = last + 1
+        # causal attention: right padding sits after every real token, so it never changes the rows' real states
+        hidden = self.model(inputs_embeds=x)  # (B, T', H)
+        h_last = hidden[torch.arange(B, device=hidden.device), last]  # (B, H)
+        return self.score(h_last).squeeze(-1).float()  # (B,) fp32, the logit f
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Seeded HF-style init of backbone and head (normal(0, initializer_range), norms = 1), then the table."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.startswith("user_table."):
+                continue
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(std).to(p.dtype))
+        self.init_user_table(seed)
+
+    @torch.no_grad()
+    def init_head(self, seed: int = 0) -> None:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        w = torch.randn(self.score.weight.shape, generator=g).mul_(self.config.initializer_range)
+        self.score.weight.copy_(w.to(self.score.weight.dtype))
+
+    @torch.no_grad()
+    def init_user_table(self, seed: int = 0) -> None:
+        """Every row := one random vector v ~ N(0, std(token embeddings)^2): all users (and the unknown row) start
+        equal, so an untrained table scores every user alike, and v has a token's scale for the first RMSNorm."""
+        if self.user_table is None:
+            return
+        g = torch.Generator(device="cpu").manual_seed(seed + 1)
+        std = float(self.model.embed_tokens.weight.float().std())
+        v = torch.randn(self.config.hidden_size, generator=g) * std  # (H,)
+        self.user_table.weight.copy_(v.expand_as(self.user_table.weight).to(self.user_table.weight.dtype))
+
+    def hf_config(self) -> dict:
+        """config.json of the HF sequence classifier (transformers reads num_labels from id2label)."""
+        cfg = self.config.to_dict()
+        cfg.update(architectures=[ARCHITECTURE], num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        return cfg
+
+
+# ----------------------------------------------------------------------------------------------- objective
+def bradley_terry_loss(f_chosen: torch.Tensor, f_rejected: torch.Tensor,
+                       num_pairs: int | torch.Tensor | None = None) -> torch.Tensor:
+    """J = -(1/N) * sum_pairs log sigmoid(f(x+) - f(x-)).
+
+    f_chosen, f_rejected (P,) are this process's pairs. N = `num_pairs` is the number of pairs in the whole
+    optimizer step across all ranks and micro-batches (default: P), so per-rank sums add up to the mean over the
+    global batch. `logsigmoid` is the stable form of log(sigmoid(.)) for large |f+ - f-|."""
+    n = f_chosen.numel() if num_pairs is None else num_pairs
+    return -F.logsigmoid(f_chosen.float() - f_rejected.float()).sum() / n
+
+
+def pairwise_accuracy(f_chosen: torch.Tensor, f_rejected: torch.Tensor) -> torch.Tensor:
+    """Share of pairs ranked right (f(x+) > f(x-) strictly; a tie counts as wrong)."""
+    return (f_chosen > f_rejected).float().mean()
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def encode_reward_input(tokenizer, prompt: list[dict], response: str, max_len: int | None = None) -> list[int]:
+    """Token ids of prompt + response as the Qwen3 template renders a finished two-turn chat:
+
+        <|im_start|>system ... <|im_start|>user ...<|im_end|>\\n<|im_start|>assistant\\n{response}<|im_end|>\\n
+
+    (the layout Skywork-Reward-V2 was trained on). A response that already ends with <|im_end|> is not closed twice.
+    Over `max_len`, the oldest tokens are dropped: the score reads the last token, so the end must stay."""
+    im_end = "<|im_end|>"
+    if response.endswith(im_end):
+        response = response[: -len(im_end)]
+    ids = (tokenizer.apply_chat(prompt, add_generation_prompt=True, enable_thinking=True)
+           + tokenizer.encode(response) + [tokenizer.im_end_id] + tokenizer.encode("\n"))
+    if max_len is not None and len(ids) > max_len:
+        ids = ids[-max_len:]
+    return ids
+
+
+def collate(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists: input_ids (B, T_max) long, lengths (B,) long."""
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("collate: an empty token sequence has no last token to score")
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)  # (B,)
+    return ids.to(device), lengths.to(device)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _has_tensor(folder: Path, name: str) -> bool:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return name in json.loads(index.read_text()).get("weight_map", {})
+    single = folder / "model.safetensors"
+    if not single.exists():
+        return False
+    with safe_open(str(single), framework="pt", device="cpu") as f:  # reads the header only
+        return name in f.keys()
+
+
+def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, device="cpu",
+                      use_user_table: bool | None = None, users: Iterable[str] | None = None,
+                      new_head: bool = False, seed: int = 0) -> PRMU:
+    """Load a PRMU, a HF `Qwen3ForSequenceClassification` (e.g. Skywork-Reward-V2-Qwen3), or — with
+    `new_head=True` — a Qwen3 causal LM whose lm_head is dropped and whose score head is freshly initialised.
+
+    The table: a saved one (user_vocab.json + user_embeddings.safetensors) is loaded as is; `users` builds a fresh
+    one for these ids (only for a checkpoint without a table); `use_user_table=False` drops any table."""
+    folder = resolve_checkpoint(path_or_hub_id)
+    try:
+        cfg = Qwen3Config.from_json(folder / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    saved_table = (folder / USERS_FILE).exists()
+    if saved_table and users is not None:
+        raise CheckpointError(f"{folder}: already holds a user table ({USERS_FILE}); pass users=None to use it")
+    if use_user_table is None:
+        use_user_table = saved_table or users is not None
+    vocab = UserVocab.from_file(folder / USERS_FILE) if saved_table else UserVocab(users or ())
+
+    with torch.device("meta"):
+        model = PRMU(cfg, vocab, use_user_table=use_user_table)
+    has_head = _has_tensor(folder, "score.weight")
+    if not has_head and not new_head:
+        raise CheckpointError(f"{folder}: no 'score.weight' tensor: not a sequence-classification checkpoint "
+                              f"(pass new_head=True to start a reward model from a causal LM)")
+    # lm_head belongs to a causal LM and has no place in the reward model
+    skip = {"lm_head.weight"} | (set() if has_head else {"score.weight"})
+    backbone = nn.Module()  # the tensors model.safetensors holds: model.* and score.weight; E has its own file
+    backbone.model = model.model
+    if has_head:
+        backbone.score = model.score
+    load_state_into(backbone, folder, dtype=dtype, device=device, skip=skip)
+    if not has_head:
+        model.score.to_empty(device=device)
+        model.score.to(dtype or model.model.embed_tokens.weight.dtype)
+        model.init_head(seed)
+    if model.user_table is not None:
+        model.user_table.to_empty(device=device)
+        model.user_table.to(dtype or model.model.embed_tokens.weight.dtype)
+        if saved_table:
+            _load_user_table(model, folder)
+        else:
+            model.init_user_table(seed)
+    return model
+
+
+def _load_user_table(model: PRMU, folder: Path) -> None:
+    file = folder / USER_TABLE_FILE
+    if not file.exists():
+        raise CheckpointError(f"{folder}: {USERS_FILE} is present but {USER_TABLE_FILE} is missing")
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        if USER_TABLE_KEY not in f.keys():
+            raise CheckpointError(f"{file}: no tensor {USER_TABLE_KEY!r} (found {', '.join(f.keys()) or 'none'})")
+        table = f.get_tensor(USER_TABLE_KEY)
+    want = tuple(model.user_table.weight.shape)
+    if tuple(table.shape) != want:
+        raise CheckpointError(f"{file}: {USER_TABLE_KEY} has shape {tuple(table.shape)}, but {USERS_FILE} lists "
+                              f"{len(model.users)} users, so ({want[0]}, {want[1]}) = (users + 1, hidden) is expected")
+    with torch.no_grad():
+        model.user_table.weight.copy_(table)
+
+
+def save_reward_model(model: PRMU, out_dir, *, state_dict: dict[str, torch.Tensor] | None = None,
+                      dtype: torch.dtype | None = None, extra_files: dict[str, Path] | None = None,
+                      max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write the HF sequence-classifier folder + user files, atomically. `state_dict` overrides the model's tensors
+    (a full state dict gathered from FSDP shards); `extra_files` {name: path} are copied in (tokenizer files)."""
+    sd = {n: p.detach() for n, p in model.named_parameters()} if state_dict is None else dict(state_dict)
+    table = sd.pop(USER_TABLE_KEY, None)
+    if model.use_user_table and table is None:
+        raise CheckpointError(f"save_reward_model: the model has a user table but the state dict lacks {USER_TABLE_KEY}")
+    cfg = model.hf_config()
+    cfg["torch_dtype"] = str(dtype or next(iter(sd.values())).dtype).removeprefix("torch.")
+    tmp, commit = atomic_dir(Path(out_dir))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        save_safetensors_shards(sd, tmp, max_shard_bytes, dtype)
+        if model.use_user_table:
+            (tmp / USERS_FILE).write_text(json.dumps(model.users.to_dict(), indent=1))
+            t = table.detach().to("cpu", dtype=dtype or table.dtype).contiguous()
+            save_file({USER_TABLE_KEY: t}, str(tmp / USER_TABLE_FILE), metadata={"format": "pt"})
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------- scoring API
+class PRMUScorer:
+    """R_PRMU for guided RL: a plain (un-sharded) module on each rank, scoring that rank's rollouts without grad.
+
+    `score(user_ids, prompts, responses)` -> list of sigmoid(f) in (0, 1), in input order. Inputs are sorted by
+    length and run in batches of `batch_size` to keep padding small."""
+
+    def __init__(self, model: PRMU, tokenizer, max_len: int = 4096, batch_size: int = 8):
+        self.model = model.eval()
+        self.tokenizer, self.max_len, self.batch_size = tokenizer, max_len, batch_size
+
+    @classmethod
+    def from_pretrained(cls, path, tokenizer=None, *, device="cpu", dtype=None, use_user_table=None, **kw):
+        from minitagpr.tokenizer import Tokenizer
+        model = load_reward_model(path, device=device, dtype=dtype, use_user_table=use_user_table)
+        return cls(model, tokenizer or Tokenizer.from_dir(resolve_checkpoint(path)), **kw)
+
+    @torch.no_grad()
+    def logits(self, user_ids: Sequence[str | None], prompts: Sequence[list[dict]],
+               responses: Sequence[str]) -> list[float]:
+        if not len(user_ids) == len(prompts) == len(responses):
+            raise ValueError(f"score: {len(user_ids)} user ids, {len(prompts)} prompts and {len(responses)} "
+                             f"responses; they must be equally many")
+        seqs = [encode_reward_input(self.tokenizer, p, r, self.max_len) for p, r in zip(prompts, responses)]
+        rows = self.model.users.rows(list(user_ids))
+        device = self.model.score.weight.device
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = [0.0] * len(seqs)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            ids, lengths = collate([seqs[i] for i in idx], self.tokenizer.pad_id, device)
+            user_rows = torch.tensor([rows[i] for i in idx], dtype=torch.long, device=device)  # (b,)
+            f = self.model(ids, lengths, user_rows)  # (b,) fp32
+            for i, v in zip(idx, f.tolist()):
+                out[i] = v
+        return out
+
+    def score(self, user_ids: Sequence[str | None], prompts: Sequence[list[dict]],
+              responses: Sequence[str]) -> list[float]:
+        """R_PRMU = sigmoid(f) for each (user, prompt, response)."""
+        return torch.sigmoid(torch.tensor(self.logits(user_ids, prompts, responses), dtype=torch.float64)).tolist()

@@ -1,0 +1,220 @@
+"""PRMU model: HF sequence-classifier layout, user table, Bradley-Terry objective, scoring API."""
+import json
+
+import pytest
+import torch
+
+from minitagpr.model.checkpoint import CheckpointError
+from minitagpr.model.presets import make_tiny_checkpoint, tiny_config
+from minitagpr.model.reward import (PRMU, USER_TABLE_FILE, USER_TABLE_KEY, USERS_FILE, PRMUScorer, UserVocab,
+                                    bradley_terry_loss, collate, encode_reward_input, load_reward_model,
+                                    save_reward_model)
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_config():
+    return transformers.Qwen3Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_labels=1, pad_token_id=0, tie_word_embeddings=True,
+        max_position_embeddings=256, rope_theta=10_000.0)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random Qwen3ForSequenceClassification saved by transformers."""
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForSequenceClassification(_hf_config()).eval()
+    with torch.no_grad():  # HF inits the score head tiny; make it matter for the comparison
+        model.score.weight.normal_(0, 1.0)
+    out = tmp_path_factory.mktemp("hf_rm")
+    model.save_pretrained(out)
+    return out
+
+
+def _batch(seed=1, vocab=96):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([12, 9, 4])
+    ids = torch.randint(1, vocab, (3, 12), generator=g)  # pad id 0 never occurs in the text
+    ids[torch.arange(12)[None, :] >= lengths[:, None]] = 0  # right padding
+    return ids, lengths
+
+
+def _tiny_prmu(users=("alice", "bob"), use_user_table=True, seed=0):
+    model = PRMU(tiny_config("tiny", vocab_size=96), users, use_user_table=use_user_table)
+    model.init_weights(seed)
+    return model.eval()
+
+
+def test_transformers_checkpoint_loads_and_scores_like_transformers(hf_dir):
+    ref = transformers.Qwen3ForSequenceClassification.from_pretrained(hf_dir).eval()
+    ours = load_reward_model(hf_dir).eval()
+    assert not ours.use_user_table
+    ids, lengths = _batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits.squeeze(-1)  # HF reads the last non-pad token
+        got = ours(ids, lengths)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got, want)
+
+
+def test_our_checkpoint_without_table_loads_in_transformers(tmp_path):
+    ours = _tiny_prmu(use_user_table=False)
+    save_reward_model(ours, tmp_path / "rm")
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForSequenceClassification"] and cfg["num_labels"] == 1
+    ref = transformers.Qwen3ForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    ids, lengths = _batch(seed=2)
+    ref.config.pad_token_id = 0
+    with torch.no_grad():
+        assert torch.allclose(ours(ids, lengths), ref(input_ids=ids).logits.squeeze(-1), atol=1e-4, rtol=0)
+
+
+def test_our_checkpoint_with_table_still_loads_in_transformers(tmp_path):
+    save_reward_model(_tiny_prmu(), tmp_path / "rm")
+    assert (tmp_path / "rm" / USERS_FILE).exists() and (tmp_path / "rm" / USER_TABLE_FILE).exists()
+    transformers.Qwen3ForSequenceClassification.from_pretrained(tmp_path / "rm")  # extra files are ignored
+
+
+def test_save_load_round_trip_keeps_table_users_and_scores(tmp_path):
+    model = _tiny_prmu(users=("u3", "u1", "u2"))
+    with torch.no_grad():
+        model.user_table.weight.normal_()  # distinct rows, so a row mix-up would show
+    save_reward_model(model, tmp_path / "rm")
+    back = load_reward_model(tmp_path / "rm").eval()
+    assert back.users == model.users and back.users.users == ["u1", "u2", "u3"]
+    for (n, p), (m, q) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert n == m and torch.equal(p, q), n
+    ids, lengths = _batch()
+    rows = torch.tensor([3, 0, 1])
+    with torch.no_grad():
+        assert torch.equal(model(ids, lengths, rows), back(ids, lengths, rows))
+
+
+def test_unknown_and_missing_user_ids_read_row_zero():
+    vocab = UserVocab(["b", "a"])
+    assert vocab.rows(["a", "b", "stranger", None]) == [1, 2, 0, 0]
+
+
+def test_user_row_enters_as_a_soft_token_before_the_text():
+    model = _tiny_prmu()
+    ids, lengths = _batch()
+    u = torch.randn(3, model.config.hidden_size)
+    with torch.no_grad():
+        model.user_table.weight[1:] = u[:2]
+        got = model(ids, lengths, torch.tensor([1, 2, 1]))
+        # by hand: prepend the row to the token embeddings and read the last real token (shifted by one)
+        x = torch.cat([model.user_table.weight[[1, 2, 1]][:, None], model.model.embed_tokens(ids)], dim=1)
+        h = model.model(inputs_embeds=x)[torch.arange(3), lengths]
+        assert torch.allclose(got, model.score(h).squeeze(-1), atol=1e-6)
+        assert not torch.allclose(got, model(ids, lengths, torch.tensor([2, 1, 2])))  # the row matters
+
+
+def test_fresh_table_scores_every_user_alike():
+    model = _tiny_prmu(users=("a", "b", "c"))
+    ids, lengths = _batch()
+    with torch.no_grad():
+        scores = [model(ids, lengths, torch.full((3,), r)) for r in range(4)]
+    for s in scores[1:]:
+        assert torch.equal(s, scores[0])
+
+
+def test_score_does_not_depend_on_padding_or_batch_mates():
+    model = _tiny_prmu()
+    ids, lengths = _batch()
+    rows = torch.tensor([1, 2, 0])
+    with torch.no_grad():
+        full = model(ids, lengths, rows)
+        alone = model(ids[2:, :4], lengths[2:], rows[2:])
+    assert torch.allclose(full[2], alone[0], atol=1e-5)
+
+
+def test_bradley_terry_loss_and_gradient_match_hand_computation():
+    g = torch.Generator().manual_seed(3)
+    fc = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    fr = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = bradley_terry_loss(fc, fr)
+    d = (fc - fr).detach()
+    want = sum(-torch.log(1 / (1 + torch.exp(-di))) for di in d) / 7
+    assert torch.allclose(loss.double(), want, atol=1e-12)
+    loss.backward()
+    # dJ/df+ = -(1 - sigmoid(d)) / N,  dJ/df- = +(1 - sigmoid(d)) / N
+    assert torch.allclose(fc.grad, -(1 - 1 / (1 + torch.exp(-d))) / 7, atol=1e-12)
+    assert torch.allclose(fr.grad, (1 - 1 / (1 + torch.exp(-d))) / 7, atol=1e-12)
+
+
+def test_bradley_terry_shards_with_global_count_add_up_to_the_full_batch_loss():
+    fc, fr = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    parts = bradley_terry_loss(fc[:3], fr[:3], num_pairs=10) + bradley_terry_loss(fc[3:], fr[3:], num_pairs=10)
+    assert torch.allclose(parts, bradley_terry_loss(fc, fr), atol=1e-12)
+
+
+def test_bradley_terry_is_finite_for_huge_margins():
+    loss = bradley_terry_loss(torch.tensor([-1e4, 1e4]), torch.tensor([1e4, -1e4]))
+    assert torch.isfinite(loss) and abs(loss.item() - 1e4) < 1e-2
+
+
+def test_causal_lm_checkpoint_needs_new_head_and_then_gets_one(tmp_path):
+    lm = make_tiny_checkpoint(tmp_path / "lm", vocab_size=96)
+    with pytest.raises(CheckpointError, match="score.weight.*new_head=True"):
+        load_reward_model(lm)
+    rm = load_reward_model(lm, new_head=True, users=["x"])
+    assert rm.score.weight.shape == (1, 64) and rm.user_table.weight.shape == (2, 64)
+    assert rm.score.weight.abs().sum() > 0
+
+
+def test_table_file_of_the_wrong_shape_is_named(tmp_path):
+    save_reward_model(_tiny_prmu(users=("a", "b")), tmp_path / "rm")
+    (tmp_path / "rm" / USERS_FILE).write_text(json.dumps({**UserVocab(["a"]).to_dict()}))
+    with pytest.raises(CheckpointError, match=f"{USER_TABLE_FILE}.*{USER_TABLE_KEY}.*shape"):
+        load_reward_model(tmp_path / "rm")
+
+
+def test_reward_input_is_the_template_rendering_of_the_finished_chat(qwen3_tokenizer_dir):
+    from minitagpr.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(qwen3_tokenizer_dir)
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tag this movie."}]
+    response = "<think>\n<analyze_input>a movie</analyze_input>\n</think>\n\ncomedy"
+    chat = prompt + [{"role": "assistant", "content": "comedy",
+                      "reasoning_content": "<analyze_input>a movie</analyze_input>"}]
+    assert encode_reward_input(tok, prompt, response) == tok.apply_chat(chat)
+    assert encode_reward_input(tok, prompt, response + "<|im_end|>") == tok.apply_chat(chat)
+    assert encode_reward_input(tok, prompt, response, max_len=5) == tok.apply_chat(chat)[-5:]
+
+
+class _CharTokenizer:
+    """Enough of the Tokenizer interface for the scorer, over a 96-id vocabulary."""
+    pad_id, im_end_id = 0, 1
+
+    def encode(self, text):
+        return [2 + ord(c) % 90 for c in text]
+
+    def apply_chat(self, messages, add_generation_prompt=False, enable_thinking=True):
+        return self.encode("".join(m["content"] for m in messages))
+
+
+def test_scorer_returns_sigmoid_of_logits_in_input_order_and_handles_unknown_users():
+    model = _tiny_prmu(users=("alice", "bob"))
+    with torch.no_grad():
+        model.user_table.weight.normal_()
+        model.score.weight.normal_()
+    tok = _CharTokenizer()
+    scorer = PRMUScorer(model, tok, batch_size=2)
+    users = ["bob", "nobody", None, "alice"]
+    prompts = [[{"role": "user", "content": "q" * n}] for n in (3, 9, 1, 6)]
+    responses = ["yes", "a longer answer", "no", "maybe"]
+    got = scorer.score(users, prompts, responses)
+    for i in range(4):  # one at a time, by hand
+        ids, lengths = collate([encode_reward_input(tok, prompts[i], responses[i])], tok.pad_id)
+        with torch.no_grad():
+            f = model(ids, lengths, torch.tensor([model.users.row(users[i])]))
+        assert abs(got[i] - torch.sigmoid(f).item()) < 1e-5
+    # an unknown id and None both read row 0
+    assert scorer.score(["nobody"], prompts[:1], responses[:1]) == pytest.approx(scorer.score([None], prompts[:1],
+                                                                                               responses[:1]))
+
+
+def test_scorer_runs_without_grad():
+    model = _tiny_prmu()
+    scorer = PRMUScorer(model, _CharTokenizer())
+    scorer.score(["alice"], [[{"role": "user", "content": "hi"}]], ["ok"])
+    assert all(p.grad is None for p in model.parameters())

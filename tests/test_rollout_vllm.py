@@ -1,0 +1,232 @@
+"""The vLLM adapter without vLLM: exported names/shapes against HF checkpoints, and the call order against a
+recording fake `LLM` (wake weights -> load every tensor -> wake KV cache -> reset prefix cache; never reload)."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from minitagpr.model import presets, save_pretrained
+from minitagpr.rollout import RolloutError, VLLMEngine, checkpoint_tensor_names, hf_named_tensors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------------- names
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_exported_names_and_shapes_equal_the_saved_checkpoint(tmp_path, tied):
+    model = presets.build_model(presets.tiny_config("tiny", tie_word_embeddings=tied))
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    exported = {name: tuple(t.shape) for name, t in hf_named_tensors(model)}
+    assert exported == saved
+    assert ("lm_head.weight" in exported) is not tied
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_exported_names_are_the_transformers_qwen3_names(tied):
+    transformers = pytest.importorskip("transformers")
+    cfg = presets.tiny_config("tiny", tie_word_embeddings=tied)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.to_dict()))
+    expected = {n: tuple(t.shape) for n, t in hf.state_dict().items()}
+    if tied:
+        expected.pop("lm_head.weight")  # HF checkpoints of tied models omit it; vLLM's loader ties it itself
+    ours = {n: tuple(t.shape) for n, t in hf_named_tensors(presets.build_model(cfg))}
+    assert ours == expected
+
+
+def test_wrapper_prefixes_are_stripped_from_exported_names():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = presets.build_model(presets.tiny_config("tiny"))
+    plain = [n for n, _ in hf_named_tensors(model)]
+    model.model.layers[0] = checkpoint_wrapper(model.model.layers[0])
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+    assert [n for n, _ in hf_named_tensors(model)] == plain
+
+
+def test_fsdp2_shards_are_streamed_as_full_tensors(tmp_path):
+    # Two gloo processes shard the model with FSDP2; rank 0 checks every streamed tensor against the unsharded model.
+    script = tmp_path / "fsdp_stream.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+        sys.path.insert(0, {str(REPO)!r})
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+        from minitagpr.model import presets
+        from minitagpr.rollout import hf_named_tensors
+
+        def run(rank):
+            torch.set_num_threads(1)
+            dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=rank, world_size=2)
+            cfg = presets.tiny_config("tiny")
+            reference = presets.build_model(cfg, seed=3)
+            model = presets.build_model(cfg, seed=3)
+            mesh = init_device_mesh("cpu", (2,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            assert any(type(p).__name__ == "DTensor" for p in model.parameters())
+            streamed = dict(hf_named_tensors(model))
+            expected = dict(hf_named_tensors(reference))
+            assert streamed.keys() == expected.keys(), (streamed.keys() ^ expected.keys())
+            for name, t in expected.items():
+                assert type(streamed[name]) is torch.Tensor and torch.equal(streamed[name], t), name
+            dist.destroy_process_group()
+
+        if __name__ == "__main__":
+            mp.start_processes(run, nprocs=2, start_method="fork")  # fork: no second torch import
+            print("FSDP-STREAM-OK")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "FSDP-STREAM-OK" in done.stdout, done.stderr[-3000:]
+
+
+def test_checkpoint_tensor_names_read_single_files_and_shard_indexes(tmp_path):
+    model = presets.build_model(presets.tiny_config("tiny", tie_word_embeddings=False))
+    names = {n for n, _ in hf_named_tensors(model)}
+    single = save_pretrained(model, tmp_path / "single")
+    sharded = save_pretrained(model, tmp_path / "sharded", max_shard_bytes=50_000)
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert checkpoint_tensor_names(single) == names == checkpoint_tensor_names(sharded)
+    with pytest.raises(RolloutError, match="no model.safetensors"):
+        checkpoint_tensor_names(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------- fake vLLM
+
+class FakeSamplingParams:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class FakeLLM:
+    """Records every call the adapter makes; answers generate() with deterministic completions."""
+
+    def __init__(self):
+        self.calls = []
+        worker_model = SimpleNamespace(load_weights=self._load_weights)
+        runner = SimpleNamespace(model=worker_model)
+        self.llm_engine = SimpleNamespace(
+            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))))
+
+    def _load_weights(self, weights):
+        names = [name for name, _ in weights]  # consume the stream like vLLM does
+        self.calls.append(("load_weights", len(names)))
+        return set(names)
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags) if tags else None))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+    def collective_rpc(self, method, *args, **kwargs):
+        self.calls.append(("collective_rpc", method))
+
+    def reload_weights(self, *args, **kwargs):
+        self.calls.append(("reload_weights",))
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.calls.append(("generate", len(prompts)))
+        self.params = sampling_params
+        outputs = []
+        for prompt, sp in zip(prompts, sampling_params):
+            completions = []
+            for j in range(sp.n):
+                ids = [prompt["prompt_token_ids"][-1] + j + k for k in range(1, 4)]
+                stopped = bool(sp.stop_token_ids) and ids[-1] in sp.stop_token_ids
+                completions.append(SimpleNamespace(
+                    index=j, token_ids=ids, text="vllm-text", finish_reason="stop" if stopped else "length",
+                    logprobs=[{t: SimpleNamespace(logprob=-0.5 * (k + 1))} for k, t in enumerate(ids)]))
+            outputs.append(SimpleNamespace(outputs=completions[::-1]))  # vLLM need not keep sample order
+        return outputs
+
+
+class DigitTokenizer:
+    vocab_size = 500
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids)
+
+
+@pytest.fixture
+def policy():
+    return presets.build_model(presets.tiny_config("tiny"))
+
+
+def make_engine(policy, level=2, tokenizer=None):
+    names = {n for n, _ in hf_named_tensors(policy)}
+    llm = FakeLLM()
+    eng = VLLMEngine("unused", tokenizer, llm=llm, sampling_params_cls=FakeSamplingParams, sleep_level=level,
+                     expected_names=names)
+    return eng, llm
+
+
+def test_rl_step_call_order_never_reloads_weights_from_disk(policy):
+    eng, llm = make_engine(policy, level=2)
+    eng.generate([[1, 2, 3]], n=2)
+    eng.sync_weights(hf_named_tensors(policy))
+    eng.generate([[4, 5]], n=2)
+    n_params = len(list(policy.parameters()))
+    assert llm.calls == [
+        ("generate", 1), ("sleep", 2),
+        ("wake_up", ("weights",)), ("load_weights", n_params), ("wake_up", ("kv_cache",)), ("reset_prefix_cache",),
+        ("generate", 1), ("sleep", 2),
+    ]
+
+
+def test_generate_after_level2_sleep_without_sync_is_refused(policy):
+    eng, llm = make_engine(policy, level=2)
+    eng.generate([[1, 2]])
+    with pytest.raises(RolloutError, match="sync_weights first"):
+        eng.generate([[1, 2]])
+    assert llm.calls == [("generate", 1), ("sleep", 2)]
+
+
+def test_level1_sleep_wakes_weights_then_cache_before_generating(policy):
+    eng, llm = make_engine(policy, level=1)
+    eng.generate([[1, 2]])
+    eng.generate([[1, 2]])
+    assert llm.calls == [("generate", 1), ("sleep", 1), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",)),
+                         ("generate", 1), ("sleep", 1)]
+
+
+def test_sync_that_misses_tensors_is_an_error(policy):
+    eng, _ = make_engine(policy)
+    partial = [(n, t) for n, t in hf_named_tensors(policy) if "layers.1." not in n]
+    with pytest.raises(RolloutError, match="checkpoint tensors were not streamed"):
+        eng.sync_weights(partial)
+
+
+def test_sampling_params_carry_the_request_with_per_prompt_seeds(policy):
+    eng, llm = make_engine(policy, tokenizer=DigitTokenizer())
+    eng.generate([[1, 2], [3, 4], [5]], n=3, temperature=0.7, top_p=0.9, max_new_tokens=17, stop_token_ids=[7],
+                 seed=4)
+    first = llm.params
+    eng.sync_weights(hf_named_tensors(policy))
+    eng.generate([[1, 2], [3, 4], [5]], n=3, temperature=0.7, top_p=0.9, max_new_tokens=17, stop_token_ids=[7],
+                 seed=4)
+    sp = llm.params[0]
+    assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens, sp.stop_token_ids) == (3, 0.7, 0.9, 17, [7])
+    assert sp.allowed_token_ids == list(range(500))  # the padded vocabulary tail is excluded
+    assert len({p.seed for p in llm.params}) == 3  # one seed per prompt ...
+    assert [p.seed for p in llm.params] == [p.seed for p in first]  # ... a function of (seed, prompt index)
+
+
+def test_vllm_outputs_become_completions_in_sample_order(policy):
+    eng, _ = make_engine(policy, tokenizer=DigitTokenizer())
+    group = eng.generate([[10]], n=2, stop_token_ids=[14])[0]
+    assert [c.token_ids for c in group] == [[11, 12, 13], [12, 13, 14]]
+    assert [c.finish_reason for c in group] == ["length", "stop"]
+    assert group[1].text == "12 13"  # the stop id is not part of the text
+    assert group[0].logprobs == [-0.5, -1.0, -1.5]

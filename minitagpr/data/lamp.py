@@ -1,0 +1,329 @@
+"""LaMP files: the example type, per-task metadata, validating readers and atomic writers.
+
+A LaMP download holds, per task and split, a questions file (a JSON array of `{"id", "input", "profile"}` records,
+time-split records may add `"user_id"`) and an outputs file (`{"task": "LaMP_k", "golds": [{"id", "output"}]}`);
+prediction files share the outputs shape. See ../shared/docs/lamp-format.md.
+
+Everything the rest of the project needs to know about a task lives in `TASKS` (one `TaskSpec` per task):
+the profile-item fields every item must carry, the fields that make an item's BM25 document, how the retrieval
+query is cut out of the `input`, and the kind of answer (label / rating / generated text). The two PGraphRAG tasks
+(built by `minitagpr.data.pgraphrag`) are described here too, so retrievers and prompts treat all eight alike.
+
+Validation is strict and early: a bad record raises `DataError` naming the file, the record (index and id) and the
+field, never a deep stack trace and never a silent skip. Readers keep the parsed profile lists as they are (no
+copies): train profiles run to hundreds of MB.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+
+class DataError(ValueError):
+    """Bad input data. The message says where: file, record index and id, field."""
+
+
+def where(source: Any, index: int | None = None, record_id: Any = None, field: str | None = None) -> str:
+    """'file.json: record 3 (id '600'): field 'profile[2].date'' -- the prefix of every DataError message."""
+    parts = [str(source)]
+    if index is not None:
+        parts.append(f"record {index}" + (f" (id {record_id!r})" if record_id is not None else ""))
+    if field is not None:
+        parts.append(f"field {field!r}")
+    return ": ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task metadata
+
+LAMP2_TAGS = (
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
+    "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story",
+)  # the fixed order in which LaMP-2 inputs list the 15 movie tags
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str                        # canonical name, e.g. "LaMP-3"
+    file_name: str                   # how outputs files spell it, e.g. "LaMP_3"
+    kind: str                        # "label" (fixed label set), "rating" (1-5, MAE/RMSE) or "generation" (ROUGE)
+    item_fields: tuple[str, ...]     # fields every profile item must carry besides "id"
+    doc_fields: tuple[str, ...]      # joined with a space into the item's BM25 document
+    query_marker: str | None         # the query is the input after the first occurrence of this marker
+    labels: tuple[str, ...] = ()     # the answer set of "label" and "rating" tasks, as strings
+
+    @property
+    def is_classification(self) -> bool:
+        """Classification in the sense of docs/interfaces.md (exact-match reward): label and rating tasks."""
+        return self.kind in ("label", "rating")
+
+
+_RATINGS = ("1", "2", "3", "4", "5")
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    # LaMP-1's query is the two reference titles, cut out by `_citation_query` (no single marker).
+    TaskSpec("LaMP-1", "LaMP_1", "label", ("title", "abstract"), ("title", "abstract"), None, ("[1]", "[2]")),
+    TaskSpec("LaMP-2", "LaMP_2", "label", ("description", "tag"), ("description",), "description:", LAMP2_TAGS),
+    TaskSpec("LaMP-3", "LaMP_3", "rating", ("text", "score"), ("text",), "review:", _RATINGS),
+    TaskSpec("LaMP-4", "LaMP_4", "generation", ("text", "title"), ("title", "text"), "article:"),
+    TaskSpec("LaMP-5", "LaMP_5", "generation", ("title", "abstract"), ("title", "abstract"), "paper:"),
+    TaskSpec("LaMP-7", "LaMP_7", "generation", ("text",), ("text",), ":"),
+    # PGraphRAG inputs are written by minitagpr.data.pgraphrag, which places these markers.
+    TaskSpec("PGraphRAG-title", "PGraphRAG-title", "generation", ("text", "title"), ("title", "text"), "review:"),
+    TaskSpec("PGraphRAG-rating", "PGraphRAG-rating", "rating", ("text", "title", "score"), ("title", "text"),
+             "title:", _RATINGS),
+)}
+
+_NUMERIC_FIELDS = {"score"}  # LaMP-3 scores may be written as numbers or strings; every other field is a string
+
+
+def canonical_task(name: Any) -> str:
+    """'LaMP_3', 'LaMP-3' and 'lamp-3' -> 'LaMP-3'; PGraphRAG names pass through. Unknown names raise DataError."""
+    if isinstance(name, str):
+        if name in TASKS:
+            return name
+        m = re.fullmatch(r"lamp[-_ ]?(\d)", name.strip(), flags=re.IGNORECASE)
+        if m and f"LaMP-{m.group(1)}" in TASKS:
+            return f"LaMP-{m.group(1)}"
+        for canon in TASKS:
+            if canon.lower() == name.strip().lower().replace("_", "-"):
+                return canon
+    raise DataError(f"unknown task {name!r}; expected one of {', '.join(TASKS)} (or 'LaMP_k')")
+
+
+def task_spec(name: str) -> TaskSpec:
+    return TASKS[canonical_task(name)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The example type and the per-task query
+
+@dataclass
+class LampExample:
+    """One question: the `input` text, the user's whole profile (items are the parsed dicts, not copies)."""
+    id: str
+    task: str                        # canonical task name
+    input: str
+    profile: list[dict]
+    user_id: str | None = None       # time split (and PGraphRAG) carry it; in the user split each question is a user
+
+    @property
+    def user(self) -> str:
+        """A stable user key: `user_id` when the file gives one, else the question id (user split: one per user)."""
+        return self.user_id if self.user_id is not None else self.id
+
+
+def _citation_query(text: str) -> str | None:
+    # LaMP-1 input ends with: [1]: "<title>" [2]: "<title>"; titles may themselves hold quotes, so anchor on markers.
+    m = re.search(r'\[1\]:\s*"(.*)"\s*\[2\]:\s*"(.*)"', text, flags=re.DOTALL)
+    return f"{m.group(1).strip()} {m.group(2).strip()}" if m else None
+
+
+def query_text(example: LampExample) -> str:
+    """The retrieval query inside `example.input` (lamp-format.md: the per-task query item)."""
+    spec = TASKS[example.task]
+    if spec.query_marker is None:
+        query = _citation_query(example.input)
+        if query is None:
+            raise DataError(f"example {example.id!r} ({example.task}): field 'input': expected "
+                            f"'[1]: \"<title>\" [2]: \"<title>\"' in {example.input[:80]!r}...")
+        return query
+    at = example.input.find(spec.query_marker)
+    if at < 0:
+        raise DataError(f"example {example.id!r} ({example.task}): field 'input': no {spec.query_marker!r} marker "
+                        f"before the query in {example.input[:80]!r}...")
+    return example.input[at + len(spec.query_marker):].strip()
+
+
+def item_document(task: str, item: Mapping[str, Any]) -> str:
+    """The text BM25 and dense retrievers index for one profile item."""
+    return " ".join(str(item[f]) for f in TASKS[task].doc_fields)
+
+
+def date_key(value: Any) -> tuple[int, ...] | None:
+    """A sortable key for a profile date, or None when it cannot be read.
+
+    LaMP dates are years (int or "2011") or "YYYY-MM-DD"; we compare the integer tuple of the '-'-separated parts,
+    like the benchmark's own recency ranking, and also accept an ISO time part ("2012-06-01T10:20:30" or with a space).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return (value,)
+    if not isinstance(value, str):
+        return None
+    day, _, clock = value.strip().replace("T", " ", 1).partition(" ")
+    try:
+        key = tuple(int(p) for p in day.split("-"))
+        if clock:
+            key += tuple(int(float(p)) for p in clock.split(":"))  # float(): seconds may carry a fraction
+    except ValueError:
+        return None
+    return key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readers
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: {e}") from None
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_item(path: Path, index: int, rec_id: str, j: int, item: Any, spec: TaskSpec) -> None:
+    at = lambda f: where(path, index, rec_id, f"profile[{j}]" + (f".{f}" if f else ""))  # noqa: E731
+    if not isinstance(item, dict):
+        raise DataError(f"{at(None)}: expected an object, got {_type_name(item)}")
+    for name in ("id",) + spec.item_fields:
+        if name not in item:
+            raise DataError(f"{at(name)}: missing (every {spec.name} profile item needs "
+                            f"{', '.join(('id',) + spec.item_fields)})")
+        value = item[name]
+        numeric_ok = name in _NUMERIC_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (isinstance(value, str) or numeric_ok):
+            raise DataError(f"{at(name)}: expected a string, got {_type_name(value)} {value!r}")
+    if "date" in item and date_key(item["date"]) is None:
+        raise DataError(f"{at('date')}: cannot read date {item['date']!r} (expected a year or 'YYYY-MM-DD')")
+
+
+def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
+    """Read and validate a `*_questions.json` file of `task` ('LaMP-k', 'LaMP_k' or a PGraphRAG task)."""
+    path = Path(path)
+    spec = task_spec(task)
+    records = _read_json(path)
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON array of question records, got {_type_name(records)}")
+    examples: list[LampExample] = []
+    seen: dict[str, int] = {}
+    for index, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"{where(path, index)}: expected an object, got {_type_name(rec)}")
+        rec_id = rec.get("id")
+        for name, kind in (("id", str), ("input", str), ("profile", list)):
+            if name not in rec:
+                raise DataError(f"{where(path, index, rec_id, name)}: missing")
+            if not isinstance(rec[name], kind):
+                raise DataError(f"{where(path, index, rec_id, name)}: expected {kind.__name__}, "
+                                f"got {_type_name(rec[name])} {str(rec[name])[:40]!r}")
+        if rec_id in seen:
+            raise DataError(f"{where(path, index, rec_id, 'id')}: duplicate id (first at record {seen[rec_id]})")
+        seen[rec_id] = index
+        profile = rec["profile"]
+        if not profile:
+            raise DataError(f"{where(path, index, rec_id, 'profile')}: empty profile (every question needs at "
+                            f"least one profile item)")
+        for j, item in enumerate(profile):
+            _check_item(path, index, rec_id, j, item, spec)
+        user_id = rec.get("user_id")
+        if user_id is not None:
+            if isinstance(user_id, bool) or not isinstance(user_id, (str, int)):
+                raise DataError(f"{where(path, index, rec_id, 'user_id')}: expected a string, "
+                                f"got {_type_name(user_id)}")
+            user_id = str(user_id)  # some dumps write numeric user ids; keys are strings everywhere else
+        examples.append(LampExample(rec_id, spec.name, rec["input"], profile, user_id))
+    return examples
+
+
+def load_outputs(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """Read and validate an outputs (or predictions) file -> (canonical task name, {id: output})."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected an object {{'task', 'golds'}}, got {_type_name(data)}")
+    for name, kind in (("task", str), ("golds", list)):
+        if name not in data:
+            raise DataError(f"{where(path, field=name)}: missing")
+        if not isinstance(data[name], kind):
+            raise DataError(f"{where(path, field=name)}: expected {kind.__name__}, got {_type_name(data[name])}")
+    try:
+        task = canonical_task(data["task"])
+    except DataError as e:
+        raise DataError(f"{where(path, field='task')}: {e}") from None
+    outputs: dict[str, str] = {}
+    for index, rec in enumerate(data["golds"]):
+        if not isinstance(rec, dict):
+            raise DataError(f"{where(path, index, field='golds')}: expected an object, got {_type_name(rec)}")
+        rec_id = rec.get("id")
+        for name in ("id", "output"):
+            if name not in rec:
+                raise DataError(f"{where(path, index, rec_id, 'golds.' + name)}: missing")
+            if not isinstance(rec[name], str):
+                raise DataError(f"{where(path, index, rec_id, 'golds.' + name)}: expected str, "
+                                f"got {_type_name(rec[name])} {rec[name]!r}")
+        if rec_id in outputs:
+            raise DataError(f"{where(path, index, rec_id, 'golds.id')}: duplicate id")
+        outputs[rec_id] = rec["output"]
+    return task, outputs
+
+
+def split_files(root: str | os.PathLike, task: str, split: str = "user", part: str = "dev") -> tuple[Path, Path]:
+    """(questions, outputs) paths of one part ('train', 'dev', 'test') of a LaMP download under `root`.
+
+    User split: `LaMP_k/{part}/{part}_questions.json`; time split: `time/LaMP_k/...`. LaMP-2 is the movie-tagging
+    version under `LaMP_2/new/`; for the time split a plain `LaMP_2/` folder is used when no `new/` exists.
+    """
+    spec = task_spec(task)
+    if not spec.name.startswith("LaMP-"):
+        raise DataError(f"split_files: {spec.name} is not a LaMP task")
+    if split not in ("user", "time"):
+        raise DataError(f"split_files: split must be 'user' or 'time', got {split!r}")
+    folder = Path(root) / ("time" if split == "time" else "") / spec.file_name
+    if spec.name == "LaMP-2" and (split == "user" or (folder / "new").exists() or not folder.exists()):
+        folder = folder / "new"
+    folder = folder / part
+    return folder / f"{part}_questions.json", folder / f"{part}_outputs.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writers (fixtures, the demo world, prediction files)
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON to a temporary file beside `path`, then rename it over `path` (readers never see half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_questions(path: str | os.PathLike, examples: Iterable[LampExample]) -> Path:
+    """Write examples as a LaMP questions file (`user_id` only where set)."""
+    records = []
+    for ex in examples:
+        rec: dict[str, Any] = {"id": ex.id, "input": ex.input, "profile": ex.profile}
+        if ex.user_id is not None:
+            rec["user_id"] = ex.user_id
+        records.append(rec)
+    return atomic_write_json(path, records)
+
+
+def write_outputs(path: str | os.PathLike, task: str, outputs: Mapping[str, str]) -> Path:
+    """Write {id: output} as a LaMP outputs/predictions file, task spelled the benchmark's way ('LaMP_k')."""
+    spec = task_spec(task)
+    golds = [{"id": str(i), "output": str(o)} for i, o in outputs.items()]
+    return atomic_write_json(path, {"task": spec.file_name, "golds": golds})

@@ -1,0 +1,143 @@
+"""LaMP metrics: hand-computed values for every official rule, and errors for mismatched ids."""
+import math
+import subprocess
+import sys
+
+import pytest
+
+from minitagpr.data.lamp import LAMP2_TAGS, DataError, write_outputs
+from minitagpr.metrics import evaluate, main, table_row
+
+
+# --- LaMP-1 / LaMP-2 ----------------------------------------------------------------------------------------------
+
+LAMP1_GOLDS = {"a": "[1]", "b": "[1]", "c": "[2]", "d": "[2]", "e": "[1]"}
+LAMP1_PREDS = {"a": "[1]", "b": " [2] ", "c": "[2]", "d": "2", "e": "[1]"}  # d is no label -> invalid class -1
+
+
+def test_lamp1_accuracy_counts_invalid_labels_as_wrong():
+    assert evaluate("LaMP-1", LAMP1_PREDS, LAMP1_GOLDS)["accuracy"] == pytest.approx(3 / 5)
+
+
+def test_lamp1_macro_f1_treats_invalid_as_an_unaveraged_class():
+    # [1]: TP=2 (a, e) FP=0 FN=1 (b) -> 4/5;  [2]: TP=1 (c) FP=1 (b) FN=1 (d, invalid) -> 2/4;  mean = 0.65
+    assert evaluate("LaMP-1", LAMP1_PREDS, LAMP1_GOLDS)["f1_macro"] == pytest.approx(0.65)
+
+
+def test_lamp1_positive_f1_is_the_f1_of_label_1():
+    assert evaluate("LaMP-1", LAMP1_PREDS, LAMP1_GOLDS)["f1_positive"] == pytest.approx(0.8)
+
+
+def test_lamp1_macro_f1_matches_sklearn_with_the_official_label_mapping():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    index = {"[1]": 0, "[2]": 1}
+    g = [index[LAMP1_GOLDS[i]] for i in LAMP1_GOLDS]
+    p = [index.get(LAMP1_PREDS[i].strip(), -1) for i in LAMP1_GOLDS]
+    expected = sklearn_metrics.f1_score(g, p, labels=[0, 1], average="macro")
+    assert evaluate("LaMP-1", LAMP1_PREDS, LAMP1_GOLDS)["f1_macro"] == pytest.approx(expected)
+
+
+def test_lamp2_macro_f1_averages_over_all_fifteen_tags():
+    golds = {"1": "comedy", "2": "comedy", "3": "action"}
+    preds = {"1": "comedy", "2": "drama", "3": "comedy"}
+    # comedy: TP=1 FP=1 FN=1 -> 1/2; action: FN=1 -> 0; the 13 unseen tags -> 0
+    out = evaluate("LaMP_2", preds, golds)
+    assert out == pytest.approx({"accuracy": 1 / 3, "f1_macro": 0.5 / 15})
+    assert len(LAMP2_TAGS) == 15
+
+
+def test_label_match_is_exact_after_stripping():
+    out = evaluate("LaMP-2", {"1": "Comedy", "2": "  comedy\n"}, {"1": "comedy", "2": "comedy"})
+    assert out["accuracy"] == 0.5
+
+
+def test_a_gold_that_is_no_label_is_an_error():
+    with pytest.raises(DataError, match=r"gold for id 'x': 'maybe' is not a LaMP-1 label"):
+        evaluate("LaMP-1", {"x": "[1]"}, {"x": "maybe"})
+
+
+# --- LaMP-3 -------------------------------------------------------------------------------------------------------
+
+def test_lamp3_unparsable_ratings_become_the_farther_extreme():
+    golds = {"a": "1", "b": "3", "c": "5", "d": "2"}
+    preds = {"a": "2", "b": "three", "c": "4.5", "d": "nan"}
+    # errors: 1; gold 3 is a tie -> 5 -> 2; 0.5; gold 2 -> 5 is farther -> 3
+    out = evaluate("LaMP-3", preds, golds)
+    assert out["mae"] == pytest.approx((1 + 2 + 0.5 + 3) / 4)
+    assert out["rmse"] == pytest.approx(math.sqrt((1 + 4 + 0.25 + 9) / 4))
+
+
+def test_lamp3_extremes_map_to_the_opposite_end():
+    out = evaluate("LaMP-3", {"a": "", "b": "five stars"}, {"a": "1", "b": "5"})
+    assert out["mae"] == pytest.approx(4.0)
+
+
+def test_lamp3_out_of_range_numbers_are_not_clamped():
+    assert evaluate("LaMP-3", {"a": " 7 "}, {"a": "5"})["mae"] == pytest.approx(2.0)
+
+
+def test_pgraphrag_rating_is_scored_like_lamp3():
+    preds, golds = {"a": "4", "b": "?"}, {"a": "5", "b": "4"}
+    assert evaluate("PGraphRAG-rating", preds, golds) == evaluate("LaMP-3", preds, golds)
+
+
+# --- generation ---------------------------------------------------------------------------------------------------
+
+def test_rouge_is_the_mean_f_measure_without_stemming():
+    golds = {"1": "The cat sat", "2": "running fast", "3": "alpha beta gamma delta"}
+    preds = {"1": "the cat", "2": "run fast", "3": "delta gamma beta alpha"}
+    # 1: P=1 R=2/3 -> 0.8 (LCS also 2);  2: no stemming, one of two -> 0.5;  3: all unigrams, LCS 1 -> 1.0 / 0.25
+    out = evaluate("LaMP-5", preds, golds)
+    assert out["rouge1"] == pytest.approx((0.8 + 0.5 + 1.0) / 3)
+    assert out["rougeL"] == pytest.approx((0.8 + 0.5 + 0.25) / 3)
+
+
+def test_pgraphrag_title_is_scored_like_lamp5():
+    preds, golds = {"1": "great soft towels"}, {"1": "Soft towels, great price"}
+    assert evaluate("PGraphRAG-title", preds, golds) == evaluate("LaMP-5", preds, golds)
+
+
+# --- ids ----------------------------------------------------------------------------------------------------------
+
+def test_missing_and_extra_prediction_ids_are_named():
+    with pytest.raises(DataError, match=r"1 gold id\(s\) missing from the predictions: 'b'; "
+                                        r"1 prediction id\(s\) not among the golds: 'z'"):
+        evaluate("LaMP-7", {"a": "x", "z": "y"}, {"a": "x", "b": "y"})
+
+
+def test_empty_gold_set_is_an_error():
+    with pytest.raises(DataError, match="no gold examples"):
+        evaluate("LaMP-7", {}, {})
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------------
+
+def test_table_row_uses_the_paper_layout():
+    row = table_row("Base", {"LaMP-3": {"mae": 0.291, "rmse": 1.645}})
+    assert row.splitlines() == ["| method | L3 MAE | L3 RMSE |", "|---|---|---|", "| Base | .291 | 1.645 |"]
+
+
+def test_cli_scores_prediction_files_against_outputs(tmp_path, capsys):
+    write_outputs(tmp_path / "p1.json", "LaMP-1", LAMP1_PREDS)
+    write_outputs(tmp_path / "g1.json", "LaMP_1", LAMP1_GOLDS)
+    write_outputs(tmp_path / "p3.json", "LaMP-3", {"a": "2"})
+    write_outputs(tmp_path / "g3.json", "LaMP-3", {"a": "4"})
+    args = [str(tmp_path / n) for n in ("p1.json", "g1.json", "p3.json", "g3.json")]
+    assert main(args + ["--name", "mine"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "| mine | .600 | .800 | .650 | 2.000 | 2.000 |"
+
+
+def test_cli_reports_mismatched_ids_without_a_traceback(tmp_path):
+    write_outputs(tmp_path / "p.json", "LaMP-7", {"1": "x"})
+    write_outputs(tmp_path / "g.json", "LaMP-7", {"2": "x"})
+    proc = subprocess.run([sys.executable, "-m", "minitagpr.metrics", str(tmp_path / "p.json"),
+                           str(tmp_path / "g.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: evaluate: prediction ids must match") and "Traceback" not in proc.stderr
+
+
+def test_cli_rejects_a_prediction_file_of_another_task(tmp_path, capsys):
+    write_outputs(tmp_path / "p.json", "LaMP-4", {"1": "x"})
+    write_outputs(tmp_path / "g.json", "LaMP-5", {"1": "x"})
+    assert main([str(tmp_path / "p.json"), str(tmp_path / "g.json")]) == 2
+    assert "task LaMP-4 but" in capsys.readouterr().err

@@ -36,11 +36,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from minitagpr.data.lamp import DataError, canonical_task
+from minitagpr.tokenizer import assistant_target
+
 SETS = ("PRP", "PQP")
 SOURCES = ("rollout", "synthetic")
 MODES = ("profile", "no_profile")
-CLASSIFICATION_TASKS = ("LaMP-1", "LaMP-2", "LaMP-3", "PGraphRAG-rating")
-TASKS = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7", "PGraphRAG-title", "PGraphRAG-rating")
 ROLES = ("system", "user", "assistant")
 
 
@@ -86,8 +87,8 @@ class RolloutRecord:
 
 
 def format_response(chain: str, answer: str) -> str:
-    """The assistant text of the SFT target format (interfaces.md), without the closing <|im_end|>."""
-    return f"<think>\n{chain}\n</think>\n\n{answer}"
+    """The assistant text of the SFT target format, `<think>\\n{chain}\\n</think>\\n\\n{answer}` (no <|im_end|>)."""
+    return assistant_target(chain, answer)
 
 
 def split_response(text: str) -> tuple[str, str]:
@@ -106,12 +107,6 @@ def split_response(text: str) -> tuple[str, str]:
 def response_from_text(text: str) -> Response:
     chain, answer = split_response(text)
     return Response(text=text, chain=chain, answer=answer)
-
-
-def canonical_task(name: str) -> str | None:
-    """"LaMP_k" -> "LaMP-k"; None for an unknown name."""
-    name = name.replace("LaMP_", "LaMP-")
-    return name if name in TASKS else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,10 +172,10 @@ class _Fields:
 
     def task(self) -> str:
         raw = self.get("task", str)
-        task = canonical_task(raw)
-        if task is None:
-            self.fail("task", f"unknown task {raw!r} (known: {', '.join(TASKS)})")
-        return task
+        try:
+            return canonical_task(raw)
+        except DataError as e:
+            self.fail("task", str(e))
 
     def messages(self, field: str = "prompt") -> list:
         msgs = self.get(field, list)

@@ -1,0 +1,150 @@
+"""Preference pairs for PRMU: PRP / PQP from rollouts, the JSONL format, held-out splits, and bad input."""
+import json
+
+import pytest
+
+from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, Response, RolloutRecord, build_pqp,
+                                        build_prp, format_response, read_pairs, read_rollouts, split_heldout,
+                                        split_response, write_pairs, write_rollouts)
+
+PROMPT = [{"role": "system", "content": "Reason, then answer."}, {"role": "user", "content": "Which tag? profile..."}]
+BARE = [{"role": "system", "content": "Reason, then answer."}, {"role": "user", "content": "Which tag?"}]
+
+
+def _resp(chain, answer):
+    return format_response(chain, answer)
+
+
+def _rollouts():
+    return [
+        RolloutRecord("q1", "u1", "LaMP-2", "profile", PROMPT, "comedy",
+                      [_resp("<analyze_input>p</analyze_input>", "comedy"), _resp("x", "action"), _resp("y", "comedy")]),
+        RolloutRecord("q1", "u1", "LaMP-2", "no_profile", BARE, "comedy",
+                      [_resp("z", "action"), _resp("x", "action"), _resp("w", "fantasy")]),
+        RolloutRecord("q2", "u2", "LaMP_3", "profile", PROMPT, "4", [_resp("a", "4"), _resp("b", "4")]),
+    ]
+
+
+def _exact(task, answer, gold):
+    return float(answer.strip() == gold)
+
+
+def _pair(i=0, **kw):
+    base = dict(id=f"p{i}", set="PRP", source="synthetic", user="u1", task="LaMP-2", example_id=f"q{i}",
+                prompt=PROMPT, chosen=Response(_resp("c", "comedy"), "c", "comedy"),
+                rejected=Response(_resp("d", "action"), "d", "action"))
+    base.update(kw)
+    return PreferencePair(**base)
+
+
+def test_split_response_takes_chain_inside_think_and_answer_after_it():
+    assert split_response(_resp("<make_decision>x</make_decision>", "[1]")) == ("<make_decision>x</make_decision>",
+                                                                                 "[1]")
+    assert split_response("no think block here") == ("", "no think block here")
+
+
+def test_prp_pairs_profile_answer_over_bare_answer_scored_on_the_profile_prompt():
+    pairs = build_prp(_rollouts(), max_per_example=5)
+    assert pairs and {p.example_id for p in pairs} == {"q1"}  # q2 has no no_profile record
+    for p in pairs:
+        assert p.set == "PRP" and p.source == "rollout" and p.user == "u1" and p.task == "LaMP-2"
+        assert p.prompt == PROMPT  # both sides are judged in the context the reward model sees in RL
+    texts = {(p.chosen.text, p.rejected.text) for p in pairs}
+    assert (_resp("x", "action"), _resp("x", "action")) not in texts  # identical responses carry no preference
+    assert len(pairs) == 2
+
+
+def test_pqp_prefers_the_higher_verifiable_reward_and_drops_ties():
+    pairs = build_pqp(_rollouts(), reward_fn=_exact, max_per_example=10)
+    assert {p.example_id for p in pairs} == {"q1"}  # q2: both answers right -> every pair is a tie
+    for p in pairs:
+        assert p.chosen.answer == "comedy" and p.rejected.answer == "action"
+    assert len(pairs) == 2  # (0, 1) and (2, 1); (0, 2) is a tie
+
+
+def test_pqp_caps_pairs_per_example():
+    assert len(build_pqp(_rollouts(), reward_fn=_exact, max_per_example=1)) == 1
+
+
+def test_pqp_uses_rouge_for_generation_tasks_by_default():
+    rec = RolloutRecord("g1", "u9", "LaMP-4", "profile", PROMPT, "local team wins the final",
+                        [_resp("a", "local team wins final"), _resp("b", "weather is cold today")])
+    (pair,) = build_pqp([rec])
+    assert pair.chosen.answer == "local team wins final"
+
+
+def test_pairs_round_trip_through_jsonl(tmp_path):
+    pairs = [_pair(0), _pair(1, set="PQP", user=None, user_dependent=True)]
+    write_pairs(tmp_path / "pairs.jsonl", pairs)
+    assert read_pairs(tmp_path / "pairs.jsonl") == pairs
+
+
+def test_rollouts_round_trip_and_accept_lamp_underscore_task_names(tmp_path):
+    write_rollouts(tmp_path / "r.jsonl", _rollouts())
+    back = read_rollouts(tmp_path / "r.jsonl")
+    assert [r.task for r in back] == ["LaMP-2", "LaMP-2", "LaMP-3"]
+
+
+def test_empty_preference_set_names_the_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(PreferenceDataError, match=r"empty\.jsonl: empty preference set"):
+        read_pairs(tmp_path / "empty.jsonl")
+
+
+def _write_lines(path, objs):
+    path.write_text("".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objs))
+    return path
+
+
+def _good_record(i=0):
+    d = json.loads(json.dumps(_pair(i).__dict__, default=lambda o: o.__dict__))
+    return d
+
+
+@pytest.mark.parametrize("mutate, pattern", [
+    (lambda d: d.pop("chosen"), r"bad\.jsonl:2 \(record id 'p1'\): field 'chosen': missing"),
+    (lambda d: d["rejected"].update(answer=3), r"bad\.jsonl:2 \(record id 'p1'\): field 'rejected\.answer': expected str"),
+    (lambda d: d.update(set="XYZ"), r"bad\.jsonl:2 \(record id 'p1'\): field 'set': unknown set 'XYZ'"),
+    (lambda d: d.update(task="LaMP-9"), r"bad\.jsonl:2 \(record id 'p1'\): field 'task': unknown task"),
+    (lambda d: d.update(prompt=[]), r"bad\.jsonl:2 \(record id 'p1'\): field 'prompt': empty"),
+    (lambda d: d["prompt"][0].update(role="robot"), r"field 'prompt\[0\]\.role': unknown role 'robot'"),
+    (lambda d: d.update(id="p0"), r"bad\.jsonl:2 \(record id 'p0'\): field 'id': duplicate pair id \(first on line 1\)"),
+    (lambda d: d.update(user_dependent="yes"), r"field 'user_dependent': expected bool"),
+])
+def test_malformed_pair_records_name_file_line_record_and_field(tmp_path, mutate, pattern):
+    bad = _good_record(1)
+    mutate(bad)
+    path = _write_lines(tmp_path / "bad.jsonl", [_good_record(0), bad])
+    with pytest.raises(PreferenceDataError, match=pattern):
+        read_pairs(path)
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    path = _write_lines(tmp_path / "bad.jsonl", [_good_record(0), "{not json"])
+    with pytest.raises(PreferenceDataError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_pairs(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(PreferenceDataError, match=r"nope\.jsonl: file not found"):
+        read_pairs(tmp_path / "nope.jsonl")
+
+
+def test_malformed_rollout_record_names_file_line_and_field(tmp_path):
+    rec = json.loads(json.dumps(_rollouts()[0].__dict__))
+    rec["mode"] = "sometimes"
+    path = _write_lines(tmp_path / "r.jsonl", [rec])
+    with pytest.raises(PreferenceDataError, match=r"r\.jsonl:1 \(record id 'q1'\): field 'mode': unknown mode"):
+        read_rollouts(path)
+    rec["mode"], rec["responses"] = "profile", ["ok", 7]
+    _write_lines(path, [rec])
+    with pytest.raises(PreferenceDataError, match=r"field 'responses\[1\]': expected str"):
+        read_rollouts(path)
+
+
+def test_heldout_split_is_by_query_and_deterministic():
+    pairs = [_pair(i, id=f"p{i}-{k}", example_id=f"q{i}") for i in range(20) for k in range(2)]
+    train, held = split_heldout(pairs, 0.25, seed=3)
+    assert len(held) == 10 and len(train) == 30
+    assert not {p.example_id for p in train} & {p.example_id for p in held}
+    assert split_heldout(pairs, 0.25, seed=3) == (train, held)

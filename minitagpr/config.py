@@ -1,0 +1,236 @@
+"""Recipe configuration: one dataclass per recipe, YAML files as saved sets of overrides, `key=value` on the CLI.
+
+Precedence, lowest first: the dataclass defaults, then the YAML file (`--config path.yaml` or `config=path.yaml`),
+then `key=value` arguments in the order given. Nested dataclass fields are addressed with dotted keys
+(`optim.lr=1e-5`) on the command line and either dotted keys or nested mappings in YAML. Values are coerced to the
+field's annotated type (bool, int, float, str, Optional[...], list/tuple of those); an unknown key fails with the
+closest valid key suggested. The dataclass's own `__post_init__` runs once on the final values, so cross-field checks
+live there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_NONE = {"none", "null", "~"}
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the source (file or command line) and key."""
+
+
+def parse_cli(cls: type, argv: list[str]) -> Any:
+    """Build a `cls` instance from command-line arguments: `--config FILE`, `config=FILE`, `key=value`, `--key=value`."""
+    config_file: str | None = None
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            raise SystemExit(describe(cls))
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a path to a YAML file")
+            config_file, i = argv[i + 1], i + 2
+            continue
+        key, sep, value = arg.lstrip("-").partition("=")
+        if not sep:
+            raise ConfigError(f"command-line argument {arg!r} is not of the form key=value (or --config FILE)")
+        if key == "config":
+            config_file = value
+        else:
+            overrides.append((key, value))
+        i += 1
+    return load_config(cls, config_file, overrides)
+
+
+def load_config(cls: type, path: str | os.PathLike | None = None,
+                overrides: list[tuple[str, Any]] | dict[str, Any] | None = None) -> Any:
+    """Defaults, then the YAML file at `path` (if any), then `overrides` (dotted keys; strings are coerced)."""
+    values: dict[str, tuple[Any, str]] = {}  # dotted key -> (value, where it came from)
+    if path is not None:
+        for key, value in _read_yaml(Path(path)).items():
+            values[key] = (value, f"config file {path}")
+    items = overrides.items() if isinstance(overrides, dict) else (overrides or [])
+    for key, value in items:
+        values[key] = (value, "command line")
+    return _build(cls, values, prefix="")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a nested plain dict (what `save_config` writes and `load_config` reads back)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the full config as YAML, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def describe(cls: type, prefix: str = "") -> str:
+    """One line per key with its type and default (the `--help` text)."""
+    lines = [] if prefix else [f"{cls.__name__} keys (key=value overrides; --config FILE.yaml):"]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(describe(hints[f.name], prefix + f.name + "."))
+        else:
+            lines.append(f"  {prefix}{f.name}: {_type_name(hints[f.name])} = {_default(f)!r}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+
+    def flatten(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            # A nested mapping addresses a nested dataclass; a mapping-typed leaf would be ambiguous, so none exist.
+            if isinstance(value, dict):
+                flatten(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    flatten(data, "")
+    return flat
+
+
+def _build(cls: type, values: dict[str, tuple[Any, str]], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    nested = {name for name in fields if dataclasses.is_dataclass(hints[name])}
+    kwargs: dict[str, Any] = {}
+    mine = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)} if prefix else values
+    for key, (value, source) in mine.items():
+        head = key.split(".", 1)[0]
+        if head not in fields or ("." in key and head not in nested) or (key == head and head in nested):
+            raise ConfigError(_unknown_key_message(cls, prefix, key, source))
+        if head not in nested:
+            kwargs[head] = _coerce(value, hints[head], prefix + key, source)
+    for name in nested:
+        kwargs[name] = _build(hints[name], values, prefix + name + ".")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"invalid {cls.__name__} config: {err}") from None
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _all_keys(hints[f.name], prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key_message(cls: type, prefix: str, key: str, source: str) -> str:
+    valid = _all_keys(cls, prefix)
+    close = difflib.get_close_matches(prefix + key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return f"unknown config key '{prefix + key}' (from {source}){hint}"
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """`value` (a YAML scalar or a command-line string) as an instance of the annotated type `tp`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config key '{key}' (from {source}): cannot be None")
+    if origin in (list, tuple):
+        items = value
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",")] if value.strip() else []
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"config key '{key}' (from {source}): expected a list, got {value!r}")
+        item_type = args[0] if args else str
+        coerced = [_coerce(v, item_type, key, source) for v in items]
+        return tuple(coerced) if origin is tuple else coerced
+    if tp is Any:
+        return value
+
+    def bad() -> ConfigError:
+        return ConfigError(f"config key '{key}' (from {source}): expected {_type_name(tp)}, got {value!r}")
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    raise ConfigError(f"config key '{key}': unsupported field type {tp!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None

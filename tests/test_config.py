@@ -1,0 +1,93 @@
+"""Recipe config machinery: defaults < YAML file < key=value, typed coercion, unknown keys named with a suggestion."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from minitagpr.config import ConfigError, load_config, parse_cli, save_config
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-5
+    betas: tuple[float, ...] = (0.9, 0.95)
+
+
+@dataclass
+class Recipe:
+    model: str = "tiny"
+    steps: int = 10
+    bf16: bool = False
+    data: Optional[str] = None
+    optim: Optim = field(default_factory=Optim)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+def test_defaults_when_no_overrides():
+    cfg = parse_cli(Recipe, [])
+    assert cfg == Recipe()
+
+
+def test_cli_values_are_coerced_to_field_types():
+    cfg = parse_cli(Recipe, ["steps=7", "bf16=true", "optim.lr=3e-4", "optim.betas=0.8,0.9", "data=none"])
+    assert cfg.steps == 7 and cfg.bf16 is True and cfg.optim.lr == 3e-4
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.data is None
+
+
+def test_yaml_file_then_cli_override_wins(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("steps: 5\nmodel: big\noptim:\n  lr: 0.001\n")
+    cfg = parse_cli(Recipe, ["--config", str(path), "steps=6"])
+    assert (cfg.steps, cfg.model, cfg.optim.lr) == (6, "big", 0.001)
+    assert parse_cli(Recipe, [f"config={path}"]).steps == 5
+
+
+def test_yaml_accepts_dotted_keys(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optim.lr: 0.5\n")
+    assert load_config(Recipe, path).optim.lr == 0.5
+
+
+def test_unknown_cli_key_suggests_the_closest_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.llr' \(from command line\); did you mean 'optim.lr'"):
+        parse_cli(Recipe, ["optim.llr=1"])
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("stesp: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'stesp' \(from config file .*r.yaml\); did you mean 'steps'"):
+        parse_cli(Recipe, ["--config", str(path)])
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"config key 'steps' \(from command line\): expected int, got 'many'"):
+        parse_cli(Recipe, ["steps=many"])
+    with pytest.raises(ConfigError, match="expected bool"):
+        parse_cli(Recipe, ["bf16=maybe"])
+
+
+def test_post_init_validation_becomes_config_error():
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
+        parse_cli(Recipe, ["steps=0"])
+
+
+def test_missing_config_file_fails_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_cli(Recipe, ["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_argument_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_cli(Recipe, ["steps"])
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = parse_cli(Recipe, ["steps=3", "optim.lr=0.25", "data=x.jsonl"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(Recipe, tmp_path / "saved.yaml") == cfg

@@ -1,0 +1,134 @@
+"""Training-step throughput of our Qwen3 vs transformers' Qwen3ForCausalLM: same config, weights, batch, in one run.
+
+Each (implementation, shape) runs in its own subprocess so peak memory is its own: the peak resident-set growth over
+the step (Linux VmHWM, reset through /proc/self/clear_refs after warm-up) on CPU, torch.cuda.max_memory_allocated on
+GPU. Times are medians of timed steps after warm-up. A step = forward + next-token loss + backward.
+
+    python bench/model_throughput.py                    # CPU fp32: demo shape and a 2-layer slice of Qwen3-0.6B
+    python bench/model_throughput.py --device cuda --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {  # name -> (preset, batch, seq_len)
+    "demo": ("demo", 8, 256),
+    "qwen3-0.6b-2layer": ("qwen3-0.6b-2layer", 2, 512),
+}
+IMPLS = ["ours-fused", "ours-logits", "transformers"]
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def child(impl: str, ckpt: str, batch: int, seq: int, device: str, dtype: str, steps: int, warmup: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    if impl.startswith("ours"):
+        from minitagpr.model import load_pretrained
+        model = load_pretrained(ckpt, dtype=dt, device=device)
+    else:
+        import transformers
+        model = transformers.Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dt, attn_implementation="sdpa").to(device)
+    model.train()
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (batch, seq), device=device)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+
+    def step():
+        if impl == "ours-fused":  # per-token log-probs inside forward (fused, logits never materialised)
+            logp, _ = model(ids, targets=targets)
+            loss = -logp.sum() / (targets != -100).sum()
+        elif impl == "ours-logits":  # the plain twin: full logits then cross-entropy
+            logits = model.logits(model(ids))
+            loss = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-100)
+        else:
+            loss = model(input_ids=ids, labels=ids).loss  # shifts labels internally: same tokens as `targets`
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
+        base = _rss_kb("VmRSS:") * 1024
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kb("VmHWM:") * 1024) - base
+    med = statistics.median(times)
+    return {"impl": impl, "step_s": med, "tokens_per_s": batch * seq / med, "peak_bytes": peak}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(**json.loads(args.child))))
+        return
+    from minitagpr.model.presets import make_tiny_checkpoint
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes.split(","):
+            preset, batch, seq = SHAPES[shape]
+            ckpt = make_tiny_checkpoint(f"{tmp}/{shape}", preset=preset, seed=0)
+            results = {}
+            for impl in IMPLS:
+                spec = dict(impl=impl, ckpt=str(ckpt), batch=batch, seq=seq, device=args.device, dtype=args.dtype,
+                            steps=args.steps, warmup=args.warmup)
+                out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{impl} on {shape} failed:\n{out.stderr[-3000:]}")
+                results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+            ref = results["transformers"]
+            for impl in IMPLS:
+                r = results[impl]
+                rows.append((shape, f"{batch}x{seq}", impl, r["tokens_per_s"], r["tokens_per_s"] / ref["tokens_per_s"],
+                             r["peak_bytes"] / 2**20, r["peak_bytes"] / max(ref["peak_bytes"], 1)))
+    print(f"device={args.device} dtype={args.dtype} threads={args.threads} steps={args.steps} (median) "
+          f"warmup={args.warmup}")
+    print("| shape | batch | impl | tokens/s | vs transformers | peak MiB | peak vs transformers |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, bt, impl, tps, ratio, mib, mratio in rows:
+        print(f"| {shape} | {bt} | {impl} | {tps:,.0f} | {ratio:.2f}x | {mib:,.0f} | {mratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,12 +4,14 @@ benchmark's files (input structure of lamp-format.md, profile fields per task, s
 from __future__ import annotations
 
 import random
+from datetime import date, timedelta
 
 from minitagpr.data.lamp import LAMP2_TAGS, LampExample
 
 WORDS = ("graph neural model user review rating movie dark future robot love city music paper learning data "
          "network style news election market storm travel hotel food coffee game space war family story").split()
 
+START = date(2015, 3, 1)
 LAMP_TASKS = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7")
 
 
@@ -60,8 +62,8 @@ def make_examples(task: str, n: int = 4, n_items: int = 6, seed: int = 0, split:
     examples, golds = [], {}
     for q in range(n):
         qid = str(100 + q)
-        days = rng.sample(range(1, 29), n_items)
-        profile = [make_item(task, f"{qid}{j}", rng, f"2015-03-{d:02d}" if dated else None)
+        days = rng.sample(range(3 * n_items), n_items)
+        profile = [make_item(task, f"{qid}{j}", rng, str(START + timedelta(days=d)) if dated else None)
                    for j, d in enumerate(days)]
         text, gold = make_input(task, rng)
         user_id = f"u{q}" if split == "time" else None

@@ -1,0 +1,178 @@
+"""Profile retrievers: choose the k profile items a prompt shows (k = 8 by default in TagPR).
+
+Every retriever ranks the whole profile of one example and returns its first k items, most relevant first (the
+same dict objects as in the profile, not copies); k larger than the profile returns the whole ranked profile and
+k = 0 returns nothing (a profile-free prompt). Because the ranking does not depend on k, the items chosen for k = 2
+are the first two of those chosen for k = 4, 8, 16, 32 -- the profile-length robustness runs are nested.
+
+- `recency`: most recent first. Dates compare as integer tuples (`lamp.date_key`), like the benchmark's own
+  recency ranking; equal dates put the later file position first. Undated items count as older than every dated
+  one and keep file order among themselves, with later in the file meaning more recent -- so a profile without
+  dates gives its last k items, newest (last) first.
+- `bm25`: our Okapi BM25 over the user's own profile (the corpus is that profile, as in LaMP). Document = the
+  task's `doc_fields` (lamp.TASKS), query = the task's query item (`lamp.query_text`); whitespace tokens,
+  case-sensitive by default like the benchmark's reference retrieval (`lowercase=True` folds case). With N items,
+  df(t) of them containing term t, tf(t, d) its count in item d, |d| the item's length and avgdl the mean length:
+      idf(t)      = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))          (always > 0; no negative-idf floor needed)
+      score(q, d) = sum over query tokens t (repeats count again) of
+                    idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
+  k1 = 1.5 and b = 0.75 (the defaults of the widely used rank_bm25 package). Equal scores keep file order.
+- `random`: a seeded shuffle, deterministic per (seed, task, example id) and independent of everything else.
+- `DenseRetriever(encode_fn)`: cosine similarity between the query and item embeddings from any encoder
+  (e.g. Contriever): `encode_fn(list[str]) -> (n, d)` array-like (numpy or lists; convert tensors with
+  `.cpu().numpy()`). This module itself never touches tensors.
+
+Anything with `select(example, k) -> list[dict]` is a `Retriever`; `get_retriever(name)` builds the built-in ones.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from minitagpr.data.lamp import DataError, LampExample, date_key, item_document, query_text
+
+DEFAULT_K = 8
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    def select(self, example: LampExample, k: int) -> list[dict]:
+        """The k items of `example.profile` to show, most relevant first."""
+        ...
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be a non-negative int, got {k!r}")
+
+
+class RankingRetriever:
+    """A retriever defined by a full ranking of the profile; `select` takes the first k."""
+
+    name = "ranking"
+
+    def rank(self, example: LampExample) -> list[int]:
+        """Indices into `example.profile`, most relevant first (a permutation of the whole profile)."""
+        raise NotImplementedError
+
+    def select(self, example: LampExample, k: int = DEFAULT_K) -> list[dict]:
+        _check_k(k)
+        if k == 0:
+            return []
+        return [example.profile[i] for i in self.rank(example)[:k]]
+
+
+class RecencyRetriever(RankingRetriever):
+    name = "recency"
+
+    def rank(self, example: LampExample) -> list[int]:
+        undated, dated = [], []
+        for j, item in enumerate(example.profile):
+            if item.get("date") is None:
+                undated.append(j)
+                continue
+            key = date_key(item["date"])
+            if key is None:
+                raise DataError(f"example {example.id!r} ({example.task}): field 'profile[{j}].date' "
+                                f"(item id {item.get('id')!r}): cannot read date {item['date']!r}")
+            dated.append((key, j))
+        dated.sort(key=lambda kj: kj[0])  # stable: equal dates keep file order
+        oldest_first = undated + [j for _, j in dated]
+        return oldest_first[::-1]
+
+
+def tokenize(text: str, lowercase: bool = False) -> list[str]:
+    return (text.lower() if lowercase else text).split()
+
+
+def bm25_scores(query: Sequence[str], docs: Sequence[Sequence[str]], k1: float = 1.5, b: float = 0.75) -> list[float]:
+    """Okapi BM25 score of every tokenised document for the tokenised query (formula in the module docstring)."""
+    n_docs = len(docs)
+    if n_docs == 0:
+        return []
+    terms = set(query)
+    # Only query terms matter: count just those per document.
+    tfs = [Counter(t for t in doc if t in terms) for doc in docs]
+    df = Counter(t for tf in tfs for t in tf)
+    idf = {t: math.log(1.0 + (n_docs - df[t] + 0.5) / (df[t] + 0.5)) for t in terms}
+    avgdl = sum(len(doc) for doc in docs) / n_docs
+    scores = []
+    for doc, tf in zip(docs, tfs):
+        # length normalisation; an all-empty corpus (avgdl 0) has no term matches, so any finite norm will do
+        norm = k1 * (1.0 - b + b * len(doc) / avgdl) if avgdl > 0 else k1
+        scores.append(sum(idf[t] * tf[t] * (k1 + 1.0) / (tf[t] + norm) for t in query if tf[t]))
+    return scores
+
+
+class BM25Retriever(RankingRetriever):
+    name = "bm25"
+
+    def __init__(self, k1: float = 1.5, b: float = 0.75, lowercase: bool = False):
+        self.k1, self.b, self.lowercase = k1, b, lowercase
+
+    def scores(self, example: LampExample) -> list[float]:
+        query = tokenize(query_text(example), self.lowercase)
+        docs = [tokenize(item_document(example.task, item), self.lowercase) for item in example.profile]
+        return bm25_scores(query, docs, self.k1, self.b)
+
+    def rank(self, example: LampExample) -> list[int]:
+        scores = self.scores(example)
+        return sorted(range(len(scores)), key=lambda j: -scores[j])  # stable sort: ties keep file order
+
+
+class RandomRetriever(RankingRetriever):
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def rank(self, example: LampExample) -> list[int]:
+        # A string seed is hashed with SHA-512 by `random`, so the order is the same in every process and run.
+        rng = random.Random(f"{self.seed}|{example.task}|{example.id}")
+        order = list(range(len(example.profile)))
+        rng.shuffle(order)
+        return order
+
+
+class DenseRetriever(RankingRetriever):
+    """Cosine top-k with any text encoder: `encode_fn(texts) -> (n, d)` array-like."""
+
+    name = "dense"
+
+    def __init__(self, encode_fn: Callable[[list[str]], Sequence[Sequence[float]]]):
+        self.encode_fn = encode_fn
+
+    def scores(self, example: LampExample) -> list[float]:
+        texts = [query_text(example)] + [item_document(example.task, item) for item in example.profile]
+        emb = np.asarray(self.encode_fn(texts), dtype=np.float64)  # (1 + n, d)
+        if emb.ndim != 2 or emb.shape[0] != len(texts):
+            raise ValueError(f"encode_fn returned shape {emb.shape} for {len(texts)} texts; expected (n, d)")
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # zero vectors score 0
+        return (emb[1:] @ emb[0]).tolist()  # (n,) cosine similarities
+
+    def rank(self, example: LampExample) -> list[int]:
+        scores = self.scores(example)
+        return sorted(range(len(scores)), key=lambda j: -scores[j])
+
+
+RETRIEVERS = ("recency", "bm25", "random", "dense")
+
+
+def get_retriever(name: str, seed: int = 0, **kwargs) -> RankingRetriever:
+    """'recency' | 'bm25' (k1=, b=, lowercase=) | 'random' (seed) | 'dense' (encode_fn=)."""
+    if name == "recency":
+        return RecencyRetriever(**kwargs)
+    if name == "bm25":
+        return BM25Retriever(**kwargs)
+    if name == "random":
+        return RandomRetriever(seed=seed, **kwargs)
+    if name == "dense":
+        if "encode_fn" not in kwargs:
+            raise ValueError("the dense retriever needs encode_fn=<callable mapping texts to an (n, d) array>")
+        return DenseRetriever(**kwargs)
+    raise ValueError(f"unknown retriever {name!r}; expected one of {', '.join(RETRIEVERS)}")
+

@@ -1,0 +1,331 @@
+"""A minimal OpenAI-compatible chat server over the built-in rollout engine, on the standard library's HTTP server.
+
+    python -m minitagpr.serve CHECKPOINT --port 8000 [--host 127.0.0.1] [--request-log requests.jsonl]
+
+then any OpenAI client with base_url="http://127.0.0.1:8000/v1" can call:
+  GET  /v1/models             the one served model (its id is --model-name, default the checkpoint folder's name)
+  POST /v1/chat/completions   messages (rendered with the checkpoint's tokenizer and the Qwen3 chat template),
+                              n, max_tokens | max_completion_tokens, temperature, top_p, stop (string or list),
+                              seed, chat_template_kwargs.enable_thinking; usage counts in the answer.
+It exists for evaluation and for testing the chain pipeline against a real `openai` client on loopback. One
+model, one generation at a time (a lock serialises requests; HTTP handling itself is threaded), no streaming.
+The `model` field of a request is echoed back, not checked, so a pipeline may give its roles different names.
+
+Stop strings are applied after generation: the text is cut before the earliest stop string and the token count
+is that of the shortest prefix of generated ids whose text reaches it. `<|im_end|>` and eos always stop.
+Malformed requests get a 400 JSON error naming the field; the server keeps serving. With --request-log every
+request appends one JSON line {time, path, status, body_sha256, n, prompt_tokens, completion_tokens, seconds}.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import ipaddress
+import json
+import secrets
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from minitagpr.rollout import BuiltinEngine, RolloutError
+
+MAX_N = 64
+MAX_STOP_STRINGS = 4
+MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_TOKENS = 1024
+
+
+class RequestError(ValueError):
+    """A malformed request: answered with HTTP `status` and an OpenAI-style error naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Request parsing
+
+
+def _int_field(body: dict, name: str, default, lo: int, hi: int | None = None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"'{name}' must be an integer, got {json.dumps(value)}", name)
+    if value < lo or (hi is not None and value > hi):
+        raise RequestError(f"'{name}' must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}", name)
+    return value
+
+
+def _float_field(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"'{name}' must be a number, got {json.dumps(value)}", name)
+    if not (lo < value if lo_open else lo <= value) or not value <= hi:
+        raise RequestError(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", name)
+    return float(value)
+
+
+def parse_chat_request(body, max_position: int | None) -> dict:
+    """Validate a /v1/chat/completions body; returns the generation settings or raises RequestError."""
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    if body.get("stream"):
+        raise RequestError("'stream': true is not supported by minitagpr.serve", "stream")
+    if body.get("tools") or body.get("tool_choice") not in (None, "none"):
+        raise RequestError("tool calling is not supported by minitagpr.serve", "tools")
+    if body.get("logprobs"):
+        raise RequestError("'logprobs' is not supported by minitagpr.serve", "logprobs")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {role, content} objects", "messages")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("'model' must be a string", "model")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
+                           "stop")
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict) or not set(kwargs) <= {"enable_thinking"}:
+        raise RequestError("'chat_template_kwargs' may only hold 'enable_thinking'", "chat_template_kwargs")
+    enable_thinking = kwargs.get("enable_thinking", True)
+    if not isinstance(enable_thinking, bool):
+        raise RequestError("'chat_template_kwargs.enable_thinking' must be true or false", "chat_template_kwargs")
+    max_tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(f"'seed' must be an integer, got {json.dumps(seed)}", "seed")
+    return {
+        "messages": messages,
+        "model": model,
+        "n": _int_field(body, "n", 1, 1, MAX_N),
+        "max_tokens": _int_field(body, max_tokens_name, None, 1, max_position),
+        "temperature": _float_field(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _float_field(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        "stop": stop,
+        "seed": seed,
+        "enable_thinking": enable_thinking,
+    }
+
+
+def apply_stop_strings(tokenizer, token_ids: list[int], text: str, stops: list[str]) -> tuple[str, int | None]:
+    """Cut `text` before its earliest stop string; returns (text, generated ids that reached it), or (text, None)
+    when no stop string occurs."""
+    cuts = [text.find(s) for s in stops if s in text]
+    if not cuts:
+        return text, None
+    cut = min(cuts)
+    # the completion "used" the shortest prefix of ids whose text reaches past the cut
+    used = next((k for k in range(1, len(token_ids) + 1) if len(tokenizer.decode(token_ids[:k])) > cut),
+                len(token_ids))
+    return text[:cut], used
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The server
+
+
+class ChatServer(ThreadingHTTPServer):
+    """Holds the engine, the tokenizer, the generation lock and the request log for the handler threads."""
+
+    daemon_threads = True
+
+    def __init__(self, address, engine: BuiltinEngine, tokenizer, model_name: str, request_log: Path | None = None):
+        super().__init__(address, ChatHandler)
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.request_log = Path(request_log) if request_log else None
+        self.generate_lock = threading.Lock()  # one generation at a time: the engine is not thread-safe
+        self.log_lock = threading.Lock()
+        self.created = int(time.time())
+        self.max_position = getattr(engine.model.config, "max_position_embeddings", None)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def log_request_line(self, record: dict) -> None:
+        if self.request_log is None:
+            return
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with self.log_lock:  # one write per line under a lock: concurrent handlers never interleave lines
+            with open(self.request_log, "a", encoding="utf-8") as f:
+                f.write(line)
+
+    def chat_completion(self, request: dict) -> dict:
+        tok = self.tokenizer
+        try:
+            prompt = tok.apply_chat(request["messages"], add_generation_prompt=True,
+                                    enable_thinking=request["enable_thinking"])
+        except ValueError as err:  # the tokenizer names the message index and field
+            raise RequestError(str(err), "messages") from None
+        max_tokens = request["max_tokens"]
+        room = (self.max_position - len(prompt)) if self.max_position else None
+        if room is not None and room < 1:
+            raise RequestError(f"the prompt has {len(prompt)} tokens, the model's limit is {self.max_position}",
+                               "messages")
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_TOKENS if room is None else min(DEFAULT_MAX_TOKENS, room)
+        elif room is not None and max_tokens > room:
+            raise RequestError(f"max_tokens={max_tokens} plus the prompt's {len(prompt)} tokens exceeds the model's "
+                               f"limit of {self.max_position}", "max_tokens")
+        seed = request["seed"] if request["seed"] is not None else secrets.randbits(62)
+        with self.generate_lock:
+            group = self.engine.generate([prompt], n=request["n"], temperature=request["temperature"],
+                                         top_p=request["top_p"], max_new_tokens=max_tokens,
+                                         stop_token_ids=sorted({tok.im_end_id, tok.eos_id}), seed=seed)[0]
+        choices, completion_tokens = [], 0
+        for j, c in enumerate(group):
+            body_ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids  # without the stop id
+            text, used = apply_stop_strings(tok, body_ids, c.text, request["stop"])
+            finish = "stop" if used is not None else c.finish_reason
+            completion_tokens += used if used is not None else len(c.token_ids)
+            choices.append({"index": j, "message": {"role": "assistant", "content": text},
+                            "finish_reason": finish, "logprobs": None})
+        return {
+            "id": "chatcmpl-" + secrets.token_hex(12),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request["model"] or self.model_name,
+            "choices": choices,
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
+                      "total_tokens": len(prompt) + completion_tokens},
+        }
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    server: ChatServer
+    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client (httpx) expects
+
+    def log_message(self, format, *args):  # the JSONL request log replaces the default stderr lines
+        pass
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        started = time.time()
+        if self.path.rstrip("/") == "/v1/models":
+            status, payload = 200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                                "created": self.server.created,
+                                                                "owned_by": "minitagpr"}]}
+        elif self.path.rstrip("/") == "/health":
+            status, payload = 200, {"status": "ok"}
+        else:
+            status, payload = 404, _error_body(404, f"no route GET {self.path}; this server has GET /v1/models and "
+                                                    f"POST /v1/chat/completions")
+        self.server.log_request_line({"time": started, "path": self.path, "method": "GET", "status": status,
+                                      "seconds": round(time.time() - started, 4)})
+        self._send(status, payload)
+
+    def do_POST(self):
+        started = time.time()
+        record = {"time": started, "path": self.path, "method": "POST"}
+        raw = b""
+        try:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 < length <= MAX_BODY_BYTES:
+                self.close_connection = True  # the unread body would otherwise be parsed as the next request
+                raise RequestError(f"the request needs a JSON body of 1 to {MAX_BODY_BYTES} bytes with a "
+                                   f"Content-Length header (got {self.headers.get('Content-Length')!r})")
+            raw = self.rfile.read(length)
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                raise RequestError(f"no route POST {self.path}; this server has POST /v1/chat/completions", status=404)
+            try:
+                body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RequestError(f"the request body is not valid JSON: {err}") from None
+            request = parse_chat_request(body, self.server.max_position)
+            status, payload = 200, self.server.chat_completion(request)
+            record.update(n=request["n"], prompt_tokens=payload["usage"]["prompt_tokens"],
+                          completion_tokens=payload["usage"]["completion_tokens"])
+        except RequestError as err:
+            status, payload = err.status, _error_body(err.status, str(err), err.param)
+        except RolloutError as err:
+            status, payload = 400, _error_body(400, str(err))
+        except Exception as err:  # a bug must not take the server down: answer 500 and keep serving
+            status, payload = 500, _error_body(500, f"internal error: {type(err).__name__}: {err}")
+        record.update(status=status, body_sha256=hashlib.sha256(raw).hexdigest(),
+                      seconds=round(time.time() - started, 4))
+        self.server.log_request_line(record)  # logged before answering: a client that got its answer sees the line
+        self._send(status, payload)
+
+
+def _error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def make_server(checkpoint, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None,
+                request_log=None, max_batch_rows: int = 64) -> ChatServer:
+    """Load CHECKPOINT (weights + tokenizer files) and bind a ChatServer; port 0 picks a free port."""
+    import torch
+
+    from minitagpr.model import load_pretrained
+    from minitagpr.tokenizer import Tokenizer
+
+    checkpoint = Path(checkpoint)
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    model = load_pretrained(checkpoint, dtype=torch.float32).eval()
+    engine = BuiltinEngine(model, tokenizer, max_batch_rows=max_batch_rows)
+    return ChatServer((host, port), engine, tokenizer, model_name or checkpoint.name, request_log)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minitagpr.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="HF-format checkpoint folder with tokenizer.json + tokenizer_config.json")
+    parser.add_argument("--port", type=int, required=True, help="TCP port (0: pick a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    parser.add_argument("--model-name", default=None, help="the id /v1/models reports (default: folder name)")
+    parser.add_argument("--request-log", default=None, help="append one JSON line per request to this file")
+    parser.add_argument("--max-batch-rows", type=int, default=64, help="most sequences decoded together")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if not ipaddress.ip_address(args.host).is_loopback:
+            print(f"warning: serving on {args.host}, reachable beyond this machine; there is no authentication",
+                  file=sys.stderr)
+    except ValueError:
+        pass  # a host name: leave it to the socket layer
+    try:
+        server = make_server(args.checkpoint, args.host, args.port, args.model_name, args.request_log,
+                             args.max_batch_rows)
+    except (OSError, ValueError) as err:
+        sys.exit(f"minitagpr.serve: cannot start: {err}")
+    print(f"serving {server.model_name} at {server.base_url}", flush=True)  # parents read the port from this line
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

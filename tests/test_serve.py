@@ -1,0 +1,156 @@
+"""minitagpr.serve spoken to by the real `openai` client on 127.0.0.1, over a tiny random Qwen3 with the real
+Qwen3 tokenizer (the checkpoint folder carries the tokenizer files)."""
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from minitagpr.model import presets  # noqa: E402
+from minitagpr.serve import make_server  # noqa: E402
+from minitagpr.tokenizer import Tokenizer  # noqa: E402
+
+MESSAGES = [{"role": "system", "content": "You tag movies."}, {"role": "user", "content": "Which tag fits Alien?"}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, qwen3_tokenizer_dir):
+    # Untied with a wide init, so the random model's continuations vary instead of repeating one token.
+    return presets.make_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-chat", preset="tiny",
+                                        tokenizer_dir=qwen3_tokenizer_dir, tie_word_embeddings=False,
+                                        initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-log") / "requests.jsonl"
+    srv = make_server(checkpoint, port=0, request_log=log)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(client, **kwargs):
+    request = dict(model="tiny-chat", messages=MESSAGES, max_tokens=8, seed=0)
+    request.update(kwargs)
+    return client.chat.completions.create(**request)
+
+
+def post_raw(server, body: bytes):
+    req = urllib.request.Request(server.base_url + "/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_models_lists_the_served_checkpoint(client):
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+
+
+def test_chat_completion_with_usage_counts(client, checkpoint):
+    answer = chat(client)
+    prompt_ids = Tokenizer.from_dir(checkpoint).apply_chat(MESSAGES, add_generation_prompt=True)
+    choice = answer.choices[0]
+    assert answer.object == "chat.completion" and choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert answer.usage.prompt_tokens == len(prompt_ids)
+    assert 1 <= answer.usage.completion_tokens <= 8
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_n_returns_n_distinct_choices(client):
+    answer = chat(client, n=3, temperature=1.0)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert len({c.message.content for c in answer.choices}) == 3
+
+
+def test_max_tokens_bounds_the_completion(client, checkpoint):
+    answer = chat(client, max_tokens=5, temperature=0.0)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 5
+    tok = Tokenizer.from_dir(checkpoint)
+    assert len(tok.encode(answer.choices[0].message.content)) <= 6  # re-encoding may merge differently, never longer
+
+
+def test_same_seed_same_answer(client):
+    assert chat(client, seed=42, n=2).choices[1].message.content == chat(client, seed=42, n=2).choices[1].message.content
+
+
+def test_stop_string_cuts_the_content(client):
+    full = chat(client, temperature=0.0, max_tokens=16).choices[0].message.content
+    start = next(i for i in range(2, len(full) - 3) if full.find(full[i:i + 3]) == i)
+    stop = full[start:start + 3]
+    answer = chat(client, temperature=0.0, max_tokens=16, stop=[stop, "never-in-the-text"])
+    assert answer.choices[0].message.content == full[:start]
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage.completion_tokens < 16
+
+
+def test_malformed_requests_get_a_400_naming_the_field_and_the_server_keeps_serving(client, server):
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\].*role"):
+        chat(client, messages=[MESSAGES[0], {"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="'n' must be in"):
+        chat(client, n=0)
+    with pytest.raises(openai.BadRequestError, match="'temperature'"):
+        chat(client, temperature="hot")
+    status, body = post_raw(server, b'{"messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = post_raw(server, json.dumps({"messages": MESSAGES, "stream": True}).encode())
+    assert status == 400 and body["error"]["param"] == "stream"
+    assert chat(client).choices[0].message.content  # still serving
+
+
+def test_concurrent_requests_equal_sequential_ones(client):
+    seeds = [1, 2, 3, 4]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda s: chat(client, seed=s).choices[0].message.content, seeds))
+    sequential = [chat(client, seed=s).choices[0].message.content for s in seeds]
+    assert parallel == sequential
+
+
+def test_request_log_has_one_line_per_request_with_the_body_hash(server):
+    before = server.request_log.read_text().splitlines() if server.request_log.exists() else []
+    body = json.dumps({"model": "x", "messages": MESSAGES, "max_tokens": 2, "seed": 0}).encode()
+    post_raw(server, body)
+    post_raw(server, b"not json")
+    lines = [json.loads(x) for x in server.request_log.read_text().splitlines()]
+    assert len(lines) == len(before) + 2
+    ok, bad = lines[-2], lines[-1]
+    assert ok["status"] == 200 and ok["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert ok["prompt_tokens"] > 0 and ok["completion_tokens"] >= 1
+    assert bad["status"] == 400 and bad["body_sha256"] == hashlib.sha256(b"not json").hexdigest()
+
+
+def test_command_line_server_answers_the_openai_client(checkpoint, tmp_path):
+    log = tmp_path / "cli.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "minitagpr.serve", str(checkpoint), "--port", "0",
+                             "--request-log", str(log), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
+        assert match, line + proc.stderr.read() if proc.poll() is not None else line
+        cli = openai.OpenAI(base_url=match.group(1), api_key="unused", max_retries=0, timeout=60)
+        assert chat(cli, max_tokens=3).usage.completion_tokens <= 3
+        assert len(log.read_text().splitlines()) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

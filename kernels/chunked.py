@@ -1,0 +1,170 @@
+"""Chunked torch log-probs: per-token log p(y_t) and entropy without materialising the (N, V) logits.
+
+Notation (per token row t, vocabulary index j, temperature tau):
+    z_tj = (h_t . w_j) / tau                      logits, fp32
+    lse_t = log sum_j exp(z_tj)                   log-partition
+    logp_t = z_t,y_t - lse_t                      log-probability of the target y_t
+    p_tj = exp(z_tj - lse_t)                      softmax
+    H_t = -sum_j p_tj log p_tj = lse_t - sum_j p_tj z_tj     entropy
+Gradient with upstream g_t = dL/dlogp_t and gH_t = dL/dH_t:
+    dL/dz_tj = g_t (1[j = y_t] - p_tj) - gH_t p_tj (log p_tj + H_t)
+    dL/dh_t = sum_j dL/dz_tj w_j / tau,   dL/dw_j = sum_t dL/dz_tj h_t / tau.
+
+Tokens are processed `chunk_size` rows at a time, so the largest temporary is (chunk_size, V) fp32. The forward
+saves only the inputs and lse (N,); the backward recomputes each chunk's logits (one extra matmul, the price of
+never keeping N x V). Every target here is a valid id: ignore_index rows are removed by the dispatcher.
+"""
+from __future__ import annotations
+
+import torch
+
+# Size of one (chunk, V) fp32 logits block when the caller does not pick a chunk: big enough that each chunk's
+# matmul streams the (V, H) weight once for many rows, small enough that the block stays a small fraction of memory.
+CHUNK_BYTES = 64 * 2**20
+MIN_CHUNK_ROWS = 32
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Token rows per chunk so that one (rows, V) fp32 block is about CHUNK_BYTES."""
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab_size))
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result; low-precision inputs accumulate and return in fp32 (no bf16 rounding of logits)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)  # tensor-core matmul with fp32 output
+    return a.float() @ b.float()  # CPU has no mixed-dtype mm: upcast (callers pass an upcast weight once)
+
+
+# The hidden gradient sums over the whole vocabulary (K = V = 151,936 in one matmul). A GEMM accumulates that
+# K sequentially in fp32 (error ~ sqrt(V) eps ~ 3e-5); summing 2048-wide blocks separately and then adding the
+# block results keeps it near 1e-6 at no extra matmul work.
+VOCAB_BLOCK = 2048
+
+
+def _mm_over_vocab(dz: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(C, V) @ (V, H) -> (C, H) fp32, with the V-long reduction done in VOCAB_BLOCK pieces."""
+    c, v = dz.shape
+    n_blocks = v // VOCAB_BLOCK
+    if n_blocks <= 1:
+        return _mm_fp32(dz, w)
+    main = n_blocks * VOCAB_BLOCK
+    dz_blocks = dz[:, :main].view(c, n_blocks, VOCAB_BLOCK).transpose(0, 1)  # (nb, C, B) strided view, no copy
+    w_blocks = w[:main].view(n_blocks, VOCAB_BLOCK, w.shape[1])  # (nb, B, H)
+    if dz.dtype == torch.float32 and w.dtype == torch.float32:
+        partial = torch.bmm(dz_blocks, w_blocks)  # (nb, C, H) fp32
+    else:
+        partial = torch.bmm(dz_blocks, w_blocks, out_dtype=torch.float32)  # CUDA low precision only
+    out = partial.sum(dim=0)  # (C, H)
+    if main < v:
+        out += _mm_fp32(dz[:, main:], w[main:])  # the tail block of the vocabulary
+    return out
+
+
+def _compute_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight operand used for the chunk matmuls: as is where fp32 output is native, else upcast once."""
+    if weight.dtype == torch.float32 or weight.is_cuda:
+        return weight
+    return weight.float()  # (V, H) fp32 copy: CPU low-precision path only
+
+
+@torch.no_grad()
+def chunked_forward(hidden, weight, targets, temperature: float, with_entropy: bool, chunk_size: int):
+    """Forward pass over token chunks. Returns (logp (N,), entropy (N,) | None, lse (N,)), all fp32."""
+    n = hidden.shape[0]
+    w = _compute_weight(weight)
+    inv_tau = 1.0 / temperature
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,) fp32
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,) fp32
+    entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None  # (N,) fp32
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        z = _mm_fp32(hidden[start:end], w.T)  # (C, V) fp32, the big temporary
+        if temperature != 1.0:
+            z.mul_(inv_tau)
+        m = z.amax(dim=1, keepdim=True)  # (C, 1) row max: exp never overflows and every row keeps exp(0) = 1
+        z.sub_(m)  # z - m <= 0 exactly, so logp below is <= 0 exactly
+        z_target = z.gather(1, targets[start:end, None]).squeeze(1)  # (C,) z_y - m
+        e = torch.exp(z) if with_entropy else z.exp_()  # (C, V) exp(z - m); entropy still needs z - m
+        s = e.sum(dim=1)  # (C,) >= 1 because the max element contributes exp(0)
+        log_s = torch.log(s)  # (C,) >= 0
+        lse[start:end] = m.squeeze(1) + log_s
+        logp[start:end] = z_target - log_s
+        if with_entropy:
+            # H = log s - sum_j e_j (z_j - m) / s: every term is >= 0, no cancellation against the size of m
+            ez = torch.linalg.vecdot(e, z, dim=1)  # (C,) <= 0
+            entropy[start:end] = log_s - ez / s
+    return logp, entropy, lse
+
+
+@torch.no_grad()
+def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, temperature: float,
+                     chunk_size: int, need_hidden: bool, need_weight: bool):
+    """Gradients w.r.t. hidden (N, H) and weight (V, H) by recomputing each chunk's logits."""
+    n = hidden.shape[0]
+    w = _compute_weight(weight)
+    inv_tau = 1.0 / temperature
+    # dL/dz carries a 1/tau from z = h.w / tau: fold it into the per-row coefficients for free
+    g = (grad_logp.float() * inv_tau) if grad_logp is not None else torch.zeros_like(lse)  # (N,)
+    g_h = grad_entropy.float() * inv_tau if grad_entropy is not None else None  # (N,) or None
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
+    # fp32 accumulator for the weight gradient: summing N chunks in bf16 would lose the small contributions
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None  # (V, H)
+    low_precision_cuda = hidden.is_cuda and hidden.dtype != torch.float32
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        h_c = hidden[start:end]  # (C, H)
+        z = _mm_fp32(h_c, w.T)  # (C, V) fp32, recomputed logits
+        if temperature != 1.0:
+            z.mul_(inv_tau)
+        z.sub_(lse[start:end, None])  # log p
+        g_c = g[start:end, None]  # (C, 1)
+        if g_h is None:
+            dz = z.exp_().mul_(-g_c)  # -g p
+        else:
+            p = torch.exp(z)  # (C, V)
+            # dz = -p * (g + gH (log p + H)); the one-hot term g 1[j = y] is added below
+            coef = z.add_(entropy[start:end, None]).mul_(g_h[start:end, None]).add_(g_c)
+            dz = p.mul_(coef).neg_()
+        dz.scatter_add_(1, targets[start:end, None], g_c)  # + g at the target column
+        if low_precision_cuda:
+            dz = dz.to(hidden.dtype)  # tensor-core operands; the products still accumulate in fp32
+        if need_hidden:
+            grad_hidden[start:end] = _mm_over_vocab(dz, w).to(hidden.dtype)
+        if need_weight:
+            if low_precision_cuda:
+                grad_w += torch.mm(dz.T, h_c, out_dtype=torch.float32)
+            else:
+                grad_w.addmm_(dz.T, h_c.float())  # (V, H) += (V, C) @ (C, H)
+    if grad_w is not None and grad_w.dtype != weight.dtype:
+        grad_w = grad_w.to(weight.dtype)
+    return grad_hidden, grad_w
+
+
+class ChunkedLogprob(torch.autograd.Function):
+    """Autograd wrapper: saves hidden, weight, targets, lse (and entropy); recomputes logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_size):
+        logp, entropy, lse = chunked_forward(hidden, weight, targets, temperature, with_entropy, chunk_size)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: skip its term entirely
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if entropy is None:
+            grad_entropy = None
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None
+        grad_hidden, grad_weight = chunked_backward(
+            hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, ctx.temperature, ctx.chunk_size,
+            need_hidden, need_weight,
+        )
+        return grad_hidden, grad_weight, None, None, None, None

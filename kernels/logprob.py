@@ -1,0 +1,114 @@
+"""The one entry point for per-token log-probs (and entropy) of a linear head: `token_logprobs`.
+
+SFT uses NLL = -logp, RL uses logp (and optionally the entropy) of the sampled tokens. Three implementations
+compute the same numbers:
+    "naive"  full (N, V) logits -> log_softmax -> gather: the baseline, memory O(N V)
+    "torch"  chunked over tokens, logits recomputed in backward (kernels/chunked.py): memory O(chunk V)
+    "triton" tiled over tokens x vocab with an online log-sum-exp (kernels/triton_logprob.py), for GPUs
+"auto" picks Triton for CUDA tensors when Triton imports, else the chunked torch path.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .chunked import ChunkedLogprob, chunked_forward, default_chunk_size
+
+IMPLS = ("auto", "torch", "triton", "naive")
+
+
+def triton_available() -> bool:
+    """True when the triton package can be imported (the kernels are compiled lazily on first use)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _check_inputs(hidden, weight, targets, temperature, impl, chunk_size) -> None:
+    """Raise ValueError naming the argument for every malformed input."""
+    where = "token_logprobs"
+    if impl not in IMPLS:
+        raise ValueError(f"{where}: impl must be one of {IMPLS}, got {impl!r}")
+    if hidden.dim() != 2:
+        raise ValueError(f"{where}: hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
+    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{where}: targets must be 1-D (N,) with N = {hidden.shape[0]} (hidden rows), "
+                         f"got shape {tuple(targets.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{where}: hidden (N, H={hidden.shape[1]}) and weight (V, H={weight.shape[1]}) "
+                         "disagree on H")
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise ValueError(f"{where}: hidden and weight must share one floating dtype, got {hidden.dtype} "
+                         f"and {weight.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{where}: targets must be int64 or int32 token ids, got {targets.dtype}")
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError(f"{where}: hidden, weight and targets must be on one device, got {hidden.device}, "
+                         f"{weight.device}, {targets.device}")
+    if not (isinstance(temperature, (int, float)) and 0 < float(temperature) < float("inf")):
+        raise ValueError(f"{where}: temperature must be a finite number > 0, got {temperature!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{where}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _naive(hidden, weight, targets, temperature, with_entropy):
+    """Baseline: materialise all logits. Plain autograd; memory O(N V)."""
+    logits = (hidden @ weight.T).float() / temperature  # (N, V) fp32, very big
+    logprobs = torch.log_softmax(logits, dim=-1)  # (N, V) fp32, very big
+    logp = logprobs.gather(1, targets[:, None]).squeeze(1)  # (N,)
+    entropy = -(logprobs.exp() * logprobs).sum(dim=-1) if with_entropy else None  # (N,)
+    return logp, entropy
+
+
+def _dispatch(hidden, weight, targets, temperature, with_entropy, impl, chunk_size):
+    """Run one implementation on rows whose targets are all valid ids."""
+    if impl == "auto":
+        impl = "triton" if hidden.is_cuda and triton_available() else "torch"
+    if impl == "naive":
+        return _naive(hidden, weight, targets, temperature, with_entropy)
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError("token_logprobs: impl='triton' needs the triton package (pip install triton, or the "
+                               "'triton' extra); use impl='torch' otherwise")
+        from .triton_logprob import triton_token_logprobs  # imported lazily: TRITON_INTERPRET is read at import
+
+        return triton_token_logprobs(hidden, weight, targets, temperature, with_entropy, chunk_size)
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not needs_grad:  # old / reference log-probs: nothing saved for a backward
+        logp, entropy, _ = chunked_forward(hidden, weight, targets, float(temperature), with_entropy, chunk)
+        return logp, entropy
+    return ChunkedLogprob.apply(hidden, weight, targets, float(temperature), with_entropy, chunk)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                   with_entropy: bool = False, ignore_index: int = -100, impl: str = "auto",
+                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log p(target) and (optionally) the entropy of softmax(hidden @ weight.T / temperature).
+
+    hidden (N, H) and weight (V, H) share a float dtype; targets (N,) are ids in [0, V) or `ignore_index`.
+    Returns logp (N,) fp32 (<= 0) and entropy (N,) fp32 (>= 0) or None. Rows whose target is `ignore_index`
+    give logp = 0 and entropy = 0 and pass no gradient. Differentiable w.r.t. hidden and weight.
+    `chunk_size` sets the token rows per chunk (torch) or per backward block (triton); None picks by V.
+    """
+    _check_inputs(hidden, weight, targets, temperature, impl, chunk_size)
+    vocab = weight.shape[0]
+    valid = targets != ignore_index  # (N,) bool
+    out_of_range = valid & ((targets < 0) | (targets >= vocab))
+    if bool(out_of_range.any()):
+        row = int(out_of_range.nonzero()[0, 0])
+        raise ValueError(f"token_logprobs: targets[{row}] = {int(targets[row])} is outside [0, {vocab}) and is not "
+                         f"ignore_index ({ignore_index})")
+    targets = targets.long()
+    n = hidden.shape[0]
+    if bool(valid.all()):
+        return _dispatch(hidden, weight, targets, temperature, with_entropy, impl, chunk_size)
+    # compute only the rows that have a target (SFT masks every prompt token), then scatter back with zeros
+    rows = valid.nonzero().squeeze(1)  # (N_valid,)
+    logp_v, entropy_v = _dispatch(hidden.index_select(0, rows), weight, targets.index_select(0, rows),
+                                  temperature, with_entropy, impl, chunk_size)
+    zeros = torch.zeros(n, dtype=torch.float32, device=hidden.device)  # (N,) fp32
+    logp = zeros.index_copy(0, rows, logp_v)
+    entropy = zeros.index_copy(0, rows, entropy_v) if entropy_v is not None else None
+    return logp, entropy

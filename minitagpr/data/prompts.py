@@ -1,0 +1,165 @@
+"""Personalised prompts: an instruction to reason with the nine tags, the user's k profile items, the query.
+
+`build_messages(example, profile_items)` returns chat messages for the tokenizer's Qwen3 template:
+- system: the instruction (our own wording) -- think inside `<think>` ... `</think>` as a sequence of tagged
+  segments using only the nine tags of docs/tagpr-method.md (each listed with a one-line meaning), then write
+  only the answer after `</think>`, in the task's exact output form;
+- user: the profile items, numbered in the order given (retrievers return most relevant first), rendered per
+  task, followed by the example's `input` verbatim (it holds the query and the benchmark's own question).
+
+Rendering choices: LaMP-1 items show the paper title only (abstracts would cost ~200 tokens each and the
+benchmark's own prompts use titles); long free-text fields (article, abstract, description, review text) are cut
+to `max_item_words` words (marked with "...") so that k = 32 items stay affordable; titles, tags and scores are
+never cut. Pass `max_item_words=None` to keep every field whole.
+
+Token budget: with `tokenizer` (anything with `apply_chat(messages, add_generation_prompt, enable_thinking)`) and
+`max_prompt_tokens`, the prompt as the model sees it (generation prompt included, thinking on) must fit; profile
+items are dropped from the end of the list (the least relevant, selected last) until it does. The query is never
+cut: if the prompt without any profile item is still too long, `PromptTooLongError` says so.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from minitagpr.data.lamp import LAMP2_TAGS, DataError, LampExample, canonical_task
+
+# The nine reasoning tags of TagPR (docs/tagpr-method.md), each with a one-line meaning in our words.
+TAG_MEANINGS: dict[str, str] = {
+    "analyze_input": "work out what the request asks for and what a good answer must look like",
+    "examine_examples": "read the user's history items one at a time and note what each shows",
+    "identify_patterns": "turn those observations into a rule about this user's tastes, habits or style",
+    "evaluate_reference": "test the current input against one particular history item",
+    "compare_entities": "put two or more items or candidate answers side by side",
+    "synthesize_findings": "pull the evidence together before choosing",
+    "make_decision": "commit to one answer",
+    "verify_conclusion": "check that the chosen answer agrees with the evidence and the required format",
+    "formulate_conclusion": "state the final answer in its required form",
+}
+TAGS = tuple(TAG_MEANINGS)
+
+# What must follow </think>, per task.
+ANSWER_FORMS: dict[str, str] = {
+    "LaMP-1": 'exactly "[1]" or "[2]", brackets included',
+    "LaMP-2": "exactly one of these tags, spelled as listed: " + ", ".join(LAMP2_TAGS),
+    "LaMP-3": "a single integer from 1 to 5",
+    "LaMP-4": "the headline alone, on one line",
+    "LaMP-5": "the title alone, on one line",
+    "LaMP-7": "the rewritten tweet alone",
+    "PGraphRAG-title": "the review title alone, on one line",
+    "PGraphRAG-rating": "a single integer from 1 to 5",
+}
+
+# How one profile item is shown: (label, field, cut to max_item_words?) in display order.
+ITEM_LAYOUT: dict[str, tuple[tuple[str, str, bool], ...]] = {
+    "LaMP-1": (("paper title", "title", False),),
+    "LaMP-2": (("movie", "description", True), ("tag", "tag", False)),
+    "LaMP-3": (("review", "text", True), ("score", "score", False)),
+    "LaMP-4": (("article", "text", True), ("headline", "title", False)),
+    "LaMP-5": (("abstract", "abstract", True), ("title", "title", False)),
+    "LaMP-7": (("tweet", "text", True),),
+    "PGraphRAG-title": (("review", "text", True), ("title", "title", False)),
+    "PGraphRAG-rating": (("title", "title", False), ("review", "text", True), ("score", "score", False)),
+}
+
+HISTORY_NAMES = {
+    "LaMP-1": "papers this user has written", "LaMP-2": "movies this user has tagged",
+    "LaMP-3": "reviews this user has scored", "LaMP-4": "articles this user has headlined",
+    "LaMP-5": "papers this user has titled", "LaMP-7": "tweets this user has written",
+    "PGraphRAG-title": "reviews this user has titled", "PGraphRAG-rating": "reviews this user has scored",
+}
+
+DEFAULT_MAX_ITEM_WORDS = 150
+
+
+class PromptTooLongError(DataError):
+    """Even the prompt without profile items exceeds the token budget."""
+
+
+def instruction(task: str) -> str:
+    """The system message: how to reason (the nine tags) and how to answer (`ANSWER_FORMS`)."""
+    task = canonical_task(task)
+    tag_lines = "\n".join(f"- {tag}: {meaning}" for tag, meaning in TAG_MEANINGS.items())
+    return (
+        "You answer requests for one specific user, and the answer should be the one this user would give. "
+        "Items from the user's own history come with the request; use them to infer the user's preferences "
+        "and style.\n\n"
+        "Reason first, inside <think> ... </think>. Write the reasoning as a sequence of segments, each wrapped "
+        "in an opening and a closing tag such as <analyze_input> ... </analyze_input>. Use at least three "
+        "segments and no tags other than these nine (any of them may be used more than once):\n"
+        f"{tag_lines}\n\n"
+        f"After </think>, write only the answer: {ANSWER_FORMS[task]}. "
+        "Add no explanation, no reasoning tags and nothing else."
+    )
+
+
+def _cut(text: str, max_words: int | None) -> str:
+    if max_words is None:
+        return text
+    words = text.split()
+    return text if len(words) <= max_words else " ".join(words[:max_words]) + " ..."
+
+
+def render_item(task: str, item: Mapping[str, Any], max_item_words: int | None = DEFAULT_MAX_ITEM_WORDS) -> str:
+    """One profile item as 'label: value' lines (the first line carries no number; see `render_profile`)."""
+    lines = []
+    for label, field, cut in ITEM_LAYOUT[task]:
+        if field not in item:
+            raise DataError(f"profile item {item.get('id')!r} ({task}): field {field!r}: missing")
+        value = str(item[field]).strip()
+        lines.append(f"{label}: {_cut(value, max_item_words) if cut else value}")
+    return "\n    ".join(lines)
+
+
+def render_profile(task: str, items: Sequence[Mapping[str, Any]],
+                   max_item_words: int | None = DEFAULT_MAX_ITEM_WORDS) -> str:
+    if not items:
+        return "No history is available for this user."
+    body = "\n".join(f"[{i}] {render_item(task, item, max_item_words)}" for i, item in enumerate(items, start=1))
+    return f"Some {HISTORY_NAMES[task]} ({len(items)}, most relevant first):\n{body}"
+
+
+def _messages(task: str, example: LampExample, items: Sequence[Mapping[str, Any]],
+              max_item_words: int | None) -> list[dict]:
+    user = f"{render_profile(task, items, max_item_words)}\n\nRequest:\n{example.input}"
+    return [{"role": "system", "content": instruction(task)}, {"role": "user", "content": user}]
+
+
+def _prompt_tokens(tokenizer, messages: list[dict]) -> int:
+    return len(tokenizer.apply_chat(messages, add_generation_prompt=True, enable_thinking=True))
+
+
+def fit_messages(example: LampExample, profile_items: Sequence[Mapping[str, Any]], tokenizer=None,
+                 max_prompt_tokens: int | None = None, *,
+                 max_item_words: int | None = DEFAULT_MAX_ITEM_WORDS) -> tuple[list[dict], int]:
+    """`build_messages`, also returning how many of `profile_items` (a prefix) the prompt kept."""
+    task = canonical_task(example.task)  # 'LaMP_k' works too
+    if max_prompt_tokens is None:
+        return _messages(task, example, profile_items, max_item_words), len(profile_items)
+    if tokenizer is None:
+        raise ValueError("max_prompt_tokens needs a tokenizer to count tokens with")
+    full = _messages(task, example, profile_items, max_item_words)
+    if _prompt_tokens(tokenizer, full) <= max_prompt_tokens:
+        return full, len(profile_items)
+    bare = _messages(task, example, [], max_item_words)
+    n_bare = _prompt_tokens(tokenizer, bare)
+    if n_bare > max_prompt_tokens:
+        raise PromptTooLongError(
+            f"example {example.id!r} ({task}): the prompt is {n_bare} tokens without any profile item, over "
+            f"max_prompt_tokens={max_prompt_tokens}; the query is never cut, so raise the budget")
+    # Largest n whose prompt fits: the length grows with n, so binary search over [0, len - 1] (n = len failed).
+    lo, hi = 0, len(profile_items) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        trial = _messages(task, example, profile_items[:mid], max_item_words)
+        if _prompt_tokens(tokenizer, trial) <= max_prompt_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return (_messages(task, example, profile_items[:lo], max_item_words) if lo else bare), lo
+
+
+def build_messages(example: LampExample, profile_items: Sequence[Mapping[str, Any]], tokenizer=None,
+                   max_prompt_tokens: int | None = None, *,
+                   max_item_words: int | None = DEFAULT_MAX_ITEM_WORDS) -> list[dict]:
+    """Chat messages (system instruction + user turn) for `example` showing `profile_items`, within the budget."""
+    return fit_messages(example, profile_items, tokenizer, max_prompt_tokens, max_item_words=max_item_words)[0]

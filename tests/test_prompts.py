@@ -1,0 +1,154 @@
+"""Personalised prompts: instruction with the nine tags and the answer form, items per task, the token budget."""
+import re
+
+import pytest
+
+from lamp_fixtures import LAMP_TASKS, make_examples
+from minitagpr.data.lamp import TASKS, LampExample
+from minitagpr.data.prompts import (
+    ANSWER_FORMS, TAGS, PromptTooLongError, build_messages, fit_messages, instruction, render_item,
+)
+from minitagpr.data.retrieval import get_retriever
+
+
+class WordCounter:
+    """A stand-in tokenizer: one token per whitespace word plus 3 per message (role and markers)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def apply_chat(self, messages, add_generation_prompt=False, enable_thinking=True):
+        self.calls += 1
+        n = sum(3 + len(m["content"].split()) for m in messages) + (2 if add_generation_prompt else 0)
+        return list(range(n))
+
+
+def _pgraphrag_example(task):
+    profile = [{"id": "u_0", "title": "Soft and warm", "text": "Lovely towel, very soft.", "score": "5"},
+               {"id": "u_1", "title": "Broke fast", "text": "The handle snapped in a week.", "score": "1"}]
+    text = ("Write a title for this review. review: Works well." if task == "PGraphRAG-title"
+            else "Rate this review from 1 to 5. title: Fine review: Works well.")
+    return LampExample("u", task, text, profile, "u")
+
+
+def _example(task):
+    return _pgraphrag_example(task) if task.startswith("PGraphRAG") else make_examples(task, n=1, n_items=6)[0][0]
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_gets_system_instruction_then_profile_and_verbatim_query(task):
+    ex = _example(task)
+    msgs = build_messages(ex, ex.profile[:2])
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[0]["content"] == instruction(task)
+    assert msgs[1]["content"].endswith("Request:\n" + ex.input)
+    assert "[1] " in msgs[1]["content"] and "[2] " in msgs[1]["content"] and "[3] " not in msgs[1]["content"]
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_instruction_lists_the_nine_tags_and_the_answer_form(task):
+    text = instruction(task)
+    listed = re.findall(r"^- (\w+): ", text, flags=re.MULTILINE)
+    assert listed == list(TAGS) and len(TAGS) == 9
+    assert "<think>" in text and "</think>" in text and ANSWER_FORMS[task] in text
+
+
+def test_tags_agree_with_the_reward_module_when_present():
+    rewards = pytest.importorskip("minitagpr.rewards")
+    assert set(TAGS) == set(rewards.TAGS)
+
+
+def test_lamp2_instruction_spells_every_tag():
+    assert "exactly one of these tags" in instruction("LaMP-2") and "social commentary, violence, true story" \
+        in instruction("LaMP-2")
+
+
+@pytest.mark.parametrize("task,item,expected", [
+    ("LaMP-1", {"id": "1", "title": "Graphs", "abstract": "long"}, "paper title: Graphs"),
+    ("LaMP-2", {"id": "1", "description": "A robot.", "tag": "sci-fi"}, "movie: A robot.\n    tag: sci-fi"),
+    ("LaMP-3", {"id": "1", "text": "Good.", "score": 4}, "review: Good.\n    score: 4"),
+    ("LaMP-4", {"id": "1", "text": "Rain.", "title": "Storm"}, "article: Rain.\n    headline: Storm"),
+    ("LaMP-5", {"id": "1", "abstract": "We study.", "title": "T"}, "abstract: We study.\n    title: T"),
+    ("LaMP-7", {"id": "1", "text": "coffee!"}, "tweet: coffee!"),
+    ("PGraphRAG-rating", {"id": "1", "title": "Ok", "text": "Fine.", "score": "3"},
+     "title: Ok\n    review: Fine.\n    score: 3"),
+])
+def test_items_render_per_task(task, item, expected):
+    assert render_item(task, item) == expected
+
+
+def test_long_free_text_is_cut_but_titles_are_not():
+    item = {"id": "1", "text": " ".join(["w"] * 300), "title": " ".join(["t"] * 300)}
+    out = render_item("LaMP-4", item, max_item_words=10)
+    assert out.startswith("article: " + " ".join(["w"] * 10) + " ...\n") and out.endswith(" ".join(["t"] * 300))
+    assert render_item("LaMP-4", item, max_item_words=None).count("w") == 300
+
+
+def test_no_profile_items_gives_a_profile_free_prompt():
+    ex = _example("LaMP-3")
+    assert "No history is available" in build_messages(ex, [])[1]["content"]
+
+
+def test_items_keep_the_retrievers_order():
+    ex = _example("LaMP-7")
+    items = get_retriever("recency").select(ex, 3)
+    user = build_messages(ex, items)[1]["content"]
+    positions = [user.index(it["text"]) for it in items]
+    assert positions == sorted(positions)
+
+
+# --- the token budget ---------------------------------------------------------------------------------------------
+
+def test_budget_drops_the_last_selected_items_first():
+    ex = _example("LaMP-4")
+    items = ex.profile
+    tok = WordCounter()
+    n_full = len(tok.apply_chat(build_messages(ex, items), add_generation_prompt=True))
+    n_two = len(tok.apply_chat(build_messages(ex, items[:2]), add_generation_prompt=True))
+    msgs, kept = fit_messages(ex, items, tok, max_prompt_tokens=n_two)
+    assert kept == 2 and msgs == build_messages(ex, items[:2])
+    assert fit_messages(ex, items, tok, max_prompt_tokens=n_two + 1)[1] == 2
+    assert fit_messages(ex, items, tok, max_prompt_tokens=n_full)[1] == len(items)
+
+
+def test_budget_counts_few_times():
+    ex = make_examples("LaMP-7", n=1, n_items=32)[0][0]
+    tok = WordCounter()
+    n_bare = len(tok.apply_chat(build_messages(ex, []), add_generation_prompt=True))
+    tok.calls = 0
+    _, kept = fit_messages(ex, ex.profile, tok, max_prompt_tokens=n_bare + 100)
+    assert 0 < kept < 32 and tok.calls <= 2 + 5  # full, bare, then a binary search over 0..31
+
+
+def test_budget_never_cuts_the_query():
+    ex = _example("LaMP-5")
+    tok = WordCounter()
+    n_bare = len(tok.apply_chat(build_messages(ex, []), add_generation_prompt=True))
+    msgs, kept = fit_messages(ex, ex.profile, tok, max_prompt_tokens=n_bare)
+    assert kept == 0 and msgs[1]["content"].endswith(ex.input)
+    with pytest.raises(PromptTooLongError, match=rf"example '100' \(LaMP-5\): the prompt is {n_bare} tokens "
+                                                  rf"without any profile item, over max_prompt_tokens={n_bare - 1}"):
+        build_messages(ex, ex.profile, tok, max_prompt_tokens=n_bare - 1)
+
+
+def test_budget_without_tokenizer_is_an_error():
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        build_messages(_example("LaMP-1"), [], max_prompt_tokens=100)
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer(qwen3_tokenizer_dir):
+    tokenizer_mod = pytest.importorskip("minitagpr.tokenizer")
+    return tokenizer_mod.Tokenizer.from_dir(qwen3_tokenizer_dir)
+
+
+@pytest.mark.parametrize("task", LAMP_TASKS)
+def test_budget_holds_with_the_real_qwen3_tokenizer(task, qwen3_tokenizer):
+    tok = qwen3_tokenizer
+    ex = make_examples(task, n=1, n_items=12)[0][0]
+    count = lambda items: len(tok.apply_chat(build_messages(ex, items), add_generation_prompt=True))  # noqa: E731
+    budget = (count([]) + count(ex.profile)) // 2
+    msgs, kept = fit_messages(ex, ex.profile, tok, max_prompt_tokens=budget)
+    assert 0 < kept < 12
+    assert len(tok.apply_chat(msgs, add_generation_prompt=True, enable_thinking=True)) <= budget < count(
+        ex.profile[:kept + 1])

@@ -1,0 +1,312 @@
+"""Train PRMU (tagpr-method.md, "PRMU") with the Bradley-Terry loss on the PRP and PQP preference sets.
+
+    torchrun --nproc_per_node=8 recipes/train_prmu.py --config recipes/configs/prmu_qwen3_0.6b.yaml
+    torchrun --nproc_per_node=2 recipes/train_prmu.py --config recipes/configs/prmu_demo.yaml [key=value ...]
+    from recipes.train_prmu import PrmuConfig, run; run(cfg) -> Path of the exported reward model
+
+Objective (theta_r = backbone + head, E = user table, optimised jointly; E may have its own learning rate):
+    J = -(1/N) * sum_{(x+, x-) in step} log sigmoid(f(x+) - f(x-))
+with N the number of pairs in the whole optimizer step over every rank and micro-batch (the global batch; the tail
+of an epoch is dropped, so N = global_batch always). FSDP sums gradients over ranks (divide factor 1), so any
+world size and accumulation gives the gradient of one big batch.
+
+1. config   2. preference pairs   3. model (FSDP2)   4. optimizer   5. held-out evaluation   6. train loop
+7. checkpoints and export
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minitagpr import distributed as D
+from minitagpr.config import parse_cli, save_config
+from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, read_pairs, split_heldout,
+                                        write_pairs)
+from minitagpr.model.checkpoint import resolve_checkpoint
+from minitagpr.model.qwen3 import Qwen3Config
+from minitagpr.model.reward import (PRMU, UserVocab, bradley_terry_loss, collate, encode_reward_input,
+                                    load_reward_model, save_reward_model)
+from minitagpr.tokenizer import Tokenizer
+from minitagpr.train.loss import NonFiniteLossError
+from minitagpr.train.metrics import JsonlLog, Progress
+from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from minitagpr.train.sft_data import micro_batches, rank_slice, rows_for_step, steps_per_epoch
+
+
+# ----------------------------------------------------------------------------------------------- 1. config
+@dataclass
+class PrmuConfig:
+    # data: pair files (PRP and PQP may share a file; each pair names its set), or a demo world to synthesise from
+    pairs: list[str] = field(default_factory=list)
+    heldout_pairs: list[str] = field(default_factory=list)  # empty: hold out `heldout_frac` of the queries
+    heldout_frac: float = 0.1
+    demo_world: str = ""  # a demo_world.build folder: synthesise pairs from it (see data/preferences.py)
+    demo_pairs_per_set: int = 0  # cap on synthetic pairs per set (0 = all)
+    tokenizer: str = ""  # default: the `init` folder
+    max_len: int = 2048  # tokens per scored sequence (longer ones lose their oldest tokens)
+    # model
+    init: str = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"  # a sequence classifier, or a causal LM with new_head
+    new_head: bool = False  # start from a causal LM: drop lm_head, fresh score head
+    use_user_table: bool = True  # False = the paper's "PRMU w/o UE"
+    user_dropout: float = 0.1  # share of training pairs read with row 0, so the unknown-user row is trained too
+    # optimisation
+    epochs: float = 1.0
+    global_batch: int = 64  # pairs per optimizer step, over all ranks
+    micro_batch: int = 2  # pairs per forward (2x sequences) on one rank
+    lr: float = 2e-6
+    table_lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"
+    activation_checkpointing: bool = False
+    seed: int = 0
+    # run
+    out_dir: str = "runs/prmu"
+    eval_every: int = 50  # steps; 0 = only at the end
+    eval_batch: int = 8  # pairs per forward in evaluation
+    save_every: int = 100  # steps; 0 = only at the end
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest checkpoint in out_dir/checkpoints
+    log_every: int = 1
+
+    def __post_init__(self):
+        if not self.pairs and not self.demo_world:
+            raise ValueError("give preference files (pairs=a.jsonl,b.jsonl) or a demo world (demo_world=DIR)")
+        if self.pairs and self.demo_world:
+            raise ValueError("pairs= and demo_world= are alternatives; give one")
+        if not 0.0 <= self.user_dropout < 1.0:
+            raise ValueError(f"user_dropout must be in [0, 1), got {self.user_dropout}")
+        if not self.heldout_pairs and not 0.0 < self.heldout_frac < 1.0:
+            raise ValueError(f"heldout_frac must be in (0, 1) when no heldout_pairs are given, got {self.heldout_frac}")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
+
+
+@dataclass
+class EncodedPair:
+    chosen: list[int]
+    rejected: list[int]
+    user_row: int
+    set: str
+    user_dependent: bool
+
+
+def run(cfg: PrmuConfig) -> Path:
+    """Train (or resume) and export; returns the HF folder of the trained reward model (out_dir/hf)."""
+    info = D.init_distributed()
+    out = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    if cfg.global_batch % (cfg.micro_batch * info.world_size):
+        raise SystemExit(f"global_batch={cfg.global_batch} must split into micro-batches of {cfg.micro_batch} "
+                         f"pairs on each of {info.world_size} ranks")
+
+    # ------------------------------------------------------------------------------------------- 2. pairs
+    train_pairs, heldout = load_pair_sets(cfg)
+    users = UserVocab(p.user for p in train_pairs)  # the table's rows: users seen in training
+    tokenizer = Tokenizer.from_dir(cfg.tokenizer or resolve_checkpoint(cfg.init))
+    train = [encode_pair(p, tokenizer, users, cfg.max_len) for p in train_pairs]
+    held = [encode_pair(p, tokenizer, users, cfg.max_len) for p in heldout]
+    if info.is_main:
+        write_pairs(out / "pairs" / "train.jsonl", train_pairs)  # what this run trained on, for audit
+        write_pairs(out / "pairs" / "heldout.jsonl", heldout)
+        save_config(cfg, out / "config.yaml")
+        counts = {s: sum(p.set == s for p in train_pairs) for s in ("PRP", "PQP")}
+        D.log(f"prmu: {len(train)} training pairs {counts}, {len(held)} held out, {len(users)} users, "
+              f"user table {'on' if cfg.use_user_table else 'off'}")
+    spe = steps_per_epoch(len(train), cfg.global_batch)
+    total_steps = max(1, math.ceil(cfg.epochs * spe))
+
+    # ------------------------------------------------------------------------------------------- 3. model
+    config = Qwen3Config.from_json(resolve_checkpoint(cfg.init) / "config.json")
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_id  # transformers needs it to find the last real token of a batch
+    with torch.device("meta"):
+        model = PRMU(config, users, use_user_table=cfg.use_user_table)
+    D.shard_model(model, D.device_mesh(info), D.mixed_precision(info.device, cfg.mixed_precision),
+                  cfg.activation_checkpointing)
+    full = {}
+    if info.is_main:  # rank 0 reads the file; the other ranks receive their shards by broadcast
+        full = load_reward_model(cfg.init, dtype=torch.float32, use_user_table=cfg.use_user_table,
+                                 users=users.users if cfg.use_user_table else None, new_head=cfg.new_head,
+                                 seed=cfg.seed).state_dict()
+    D.materialize_and_load(model, full, info.device)
+    del full
+
+    # ------------------------------------------------------------------------------------------- 4. optimizer
+    table_group = [{"params": [model.user_table.weight], "lr": cfg.table_lr, "weight_decay": 0.0}] \
+        if cfg.use_user_table else None
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, extra_groups=table_group)
+
+    start_step = 0
+    ckpt_dir = out / "checkpoints"
+    latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if latest is not None:
+        state = D.load_checkpoint(latest, model, optimizer)
+        if state.get("num_train_pairs") != len(train) or state.get("num_users") != len(users):
+            raise SystemExit(f"{latest}: saved for {state.get('num_train_pairs')} pairs / {state.get('num_users')} "
+                             f"users, but this run has {len(train)} / {len(users)}; use a new out_dir or resume=false")
+        start_step = state["step"]
+        D.log(f"prmu: resumed from {latest} at step {start_step}")
+
+    log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)
+    progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="prmu ")
+    state_extra = {"num_train_pairs": len(train), "num_users": len(users), "total_steps": total_steps}
+
+    # ------------------------------------------------------------------------------------------- 6. train loop
+    model.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        lr = set_lr(optimizer, lr_at(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+        rows = rows_for_step(step, len(train), cfg.global_batch, cfg.seed)  # the global batch, same on all ranks
+        keep = user_keep_mask(step, cfg)  # (global_batch,) bool, world-size independent
+        mine = rank_slice(list(range(cfg.global_batch)), info.rank, info.world_size)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.float64)
+        tokens = 0
+        for mb in micro_batches(mine, cfg.micro_batch):
+            pairs = [train[rows[i]] for i in mb]
+            user_rows = [p.user_row if keep[i] else UserVocab.UNKNOWN_ROW for p, i in zip(pairs, mb)]
+            f_pos, f_neg, n_tok = score_pairs(model, pairs, user_rows, tokenizer.pad_id, info.device)
+            loss = bradley_terry_loss(f_pos, f_neg, num_pairs=cfg.global_batch)  # / N: the global pair count
+            loss.backward()
+            loss_sum += loss.detach().double().cpu()
+            correct += (f_pos > f_neg).sum().double().cpu()
+            tokens += n_tok
+        stats = torch.stack([loss_sum, correct, torch.tensor(float(tokens), dtype=torch.float64)])
+        stats = D.all_reduce_sum(stats.to(info.device)).cpu()  # (3,) step totals over all ranks
+        step_loss = stats[0].item()
+        if not math.isfinite(step_loss):
+            raise NonFiniteLossError(f"non-finite Bradley-Terry loss ({step_loss}) at step {step}; stopping before "
+                                     f"the optimizer step (lower lr/table_lr or check the pairs)")
+        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        done = step + 1
+        if info.is_main and (done % cfg.log_every == 0 or done == total_steps):
+            row = {"step": done, "epoch": done / spe, "loss": step_loss, "train_acc": stats[1].item() / cfg.global_batch,
+                   "lr": lr, "grad_norm": grad_norm, "pairs_per_s": cfg.global_batch / dt,
+                   "tokens_per_s": stats[2].item() / dt, "step_time_s": dt}
+            log.write(row)
+        progress.update(step, loss=step_loss, acc=stats[1].item() / cfg.global_batch, gnorm=grad_norm)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+            log_eval(model, held, done, cfg, tokenizer.pad_id, info, log)
+        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+            D.save_checkpoint(ckpt_dir, done, model, optimizer, state_extra, keep_last=cfg.keep_last)
+
+    # ------------------------------------------------------------------------------------------- 7. export
+    final = log_eval(model, held, total_steps, cfg, tokenizer.pad_id, info, log)
+    D.save_checkpoint(ckpt_dir, total_steps, model, optimizer, state_extra, keep_last=cfg.keep_last)
+    hf_dir = D.export_hf(model, out / "hf", tokenizer_dir=tokenizer.source, save_fn=save_reward_model)
+    if info.is_main:
+        (out / "final_eval.json").write_text(json.dumps(final, indent=2))
+    log.close()
+    D.barrier()
+    return hf_dir
+
+
+# ----------------------------------------------------------------------------------------------- 2. pairs (helpers)
+def load_pair_sets(cfg: PrmuConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, held-out) pairs: read from files, or synthesised from a demo world; every rank builds the same."""
+    if cfg.demo_world:
+        from minitagpr.data.preferences import synthesize_demo_pairs
+        sets = synthesize_demo_pairs(cfg.demo_world, max_per_set=cfg.demo_pairs_per_set, seed=cfg.seed)
+        pairs = sets["PRP"] + sets["PQP"]
+    else:
+        pairs = [p for path in cfg.pairs for p in read_pairs(path)]
+    if cfg.heldout_pairs:
+        train, held = pairs, [p for path in cfg.heldout_pairs for p in read_pairs(path)]
+    else:
+        train, held = split_heldout(pairs, cfg.heldout_frac, seed=cfg.seed)
+    if not train or not held:
+        where = ", ".join(cfg.pairs) or cfg.demo_world
+        raise PreferenceDataError(f"{where}: {len(train)} training and {len(held)} held-out pairs; both must be "
+                                  f"non-empty (add pairs or change heldout_frac)")
+    return train, held
+
+
+def encode_pair(p: PreferencePair, tokenizer, users: UserVocab, max_len: int) -> EncodedPair:
+    return EncodedPair(
+        chosen=encode_reward_input(tokenizer, p.prompt, p.chosen.text, max_len),
+        rejected=encode_reward_input(tokenizer, p.prompt, p.rejected.text, max_len),
+        user_row=users.row(p.user), set=p.set, user_dependent=p.user_dependent,
+    )
+
+
+def user_keep_mask(step: int, cfg: PrmuConfig) -> list[bool]:
+    """Which pairs of the step's global batch keep their user row (the rest read row 0, the unknown user).
+    A function of (seed, step) only, so resume and world size do not change it."""
+    if not cfg.use_user_table or cfg.user_dropout == 0:
+        return [True] * cfg.global_batch
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
+    return (torch.rand(cfg.global_batch, generator=g) >= cfg.user_dropout).tolist()
+
+
+def score_pairs(model, pairs: list[EncodedPair], user_rows: list[int], pad_id: int, device):
+    """f(x+), f(x-) of a micro-batch in one forward: rows = chosen sequences then rejected ones."""
+    ids, lengths = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)  # (2b, T)
+    rows = torch.tensor(user_rows + user_rows, dtype=torch.long, device=device)  # (2b,)
+    f = model(ids, lengths, rows if model.use_user_table else None)  # (2b,) fp32
+    b = len(pairs)
+    return f[:b], f[b:], int(lengths.sum())
+
+
+# ----------------------------------------------------------------------------------------------- 5. evaluation
+BUCKETS = ("PRP", "PQP", "user_dependent", "all")
+
+
+@torch.no_grad()
+def evaluate(model, held: list[EncodedPair], cfg: PrmuConfig, pad_id: int, info) -> dict[str, float]:
+    """Held-out pairwise accuracy (f(x+) > f(x-)) and mean BT loss per set, on the user-dependent pairs, and overall.
+
+    Each rank scores every world_size-th pair. All ranks run the same number of forwards (FSDP's collectives need
+    it): a rank that runs out repeats pair 0 with weight 0."""
+    was_training = model.training
+    model.eval()
+    shard = held[info.rank::info.world_size]
+    n_batches = math.ceil(math.ceil(len(held) / info.world_size) / cfg.eval_batch)
+    sums = torch.zeros(len(BUCKETS), 3, dtype=torch.float64)  # per bucket: correct, count, loss sum
+    for b in range(n_batches):
+        pairs = shard[b * cfg.eval_batch:(b + 1) * cfg.eval_batch]
+        weight = 1.0 if pairs else 0.0
+        pairs = pairs or held[:1]
+        f_pos, f_neg, _ = score_pairs(model, pairs, [p.user_row for p in pairs], pad_id, info.device)
+        losses = -torch.nn.functional.logsigmoid(f_pos - f_neg).double().cpu()  # (b,)
+        right = (f_pos > f_neg).double().cpu()  # (b,)
+        for k, p in enumerate(pairs):
+            for j, bucket in enumerate(BUCKETS):
+                if bucket == p.set or bucket == "all" or (bucket == "user_dependent" and p.user_dependent):
+                    sums[j] += weight * torch.stack([right[k], torch.tensor(1.0, dtype=torch.float64), losses[k]])
+    sums = D.all_reduce_sum(sums.to(info.device)).cpu()
+    model.train(was_training)
+    out = {}
+    for j, bucket in enumerate(BUCKETS):
+        correct, count, loss = sums[j].tolist()
+        if count:
+            out[f"{bucket}_acc"], out[f"{bucket}_loss"], out[f"{bucket}_pairs"] = correct / count, loss / count, count
+    return out
+
+
+def log_eval(model, held, step, cfg, pad_id, info, log) -> dict[str, float]:
+    result = evaluate(model, held, cfg, pad_id, info)
+    if info.is_main:
+        log.write({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+        shown = " ".join(f"{b} {result[b + '_acc']:.3f} (n={int(result[b + '_pairs'])})"
+                         for b in BUCKETS if b + "_acc" in result)
+        D.log(f"prmu eval @ step {step}: held-out pairwise accuracy {shown}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        run(parse_cli(PrmuConfig, sys.argv[1:]))
+    finally:
+        D.destroy_distributed()

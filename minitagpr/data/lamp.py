@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -170,7 +170,7 @@ def date_key(value: Any) -> tuple[int, ...] | None:
 # ----------------------------------------------------------------------------------------------------------------
 # Readers
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -182,14 +182,14 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"{path}: not UTF-8 text: {e}") from None
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return type(value).__name__
 
 
 def _check_item(path: Path, index: int, rec_id: str, j: int, item: Any, spec: TaskSpec) -> None:
     at = lambda f: where(path, index, rec_id, f"profile[{j}]" + (f".{f}" if f else ""))  # noqa: E731
     if not isinstance(item, dict):
-        raise DataError(f"{at(None)}: expected an object, got {_type_name(item)}")
+        raise DataError(f"{at(None)}: expected an object, got {type_name(item)}")
     for name in ("id",) + spec.item_fields:
         if name not in item:
             raise DataError(f"{at(name)}: missing (every {spec.name} profile item needs "
@@ -197,7 +197,7 @@ def _check_item(path: Path, index: int, rec_id: str, j: int, item: Any, spec: Ta
         value = item[name]
         numeric_ok = name in _NUMERIC_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (isinstance(value, str) or numeric_ok):
-            raise DataError(f"{at(name)}: expected a string, got {_type_name(value)} {value!r}")
+            raise DataError(f"{at(name)}: expected a string, got {type_name(value)} {value!r}")
     if "date" in item and date_key(item["date"]) is None:
         raise DataError(f"{at('date')}: cannot read date {item['date']!r} (expected a year or 'YYYY-MM-DD')")
 
@@ -206,21 +206,21 @@ def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
     """Read and validate a `*_questions.json` file of `task` ('LaMP-k', 'LaMP_k' or a PGraphRAG task)."""
     path = Path(path)
     spec = task_spec(task)
-    records = _read_json(path)
+    records = read_json(path)
     if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON array of question records, got {_type_name(records)}")
+        raise DataError(f"{path}: expected a JSON array of question records, got {type_name(records)}")
     examples: list[LampExample] = []
     seen: dict[str, int] = {}
     for index, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise DataError(f"{where(path, index)}: expected an object, got {_type_name(rec)}")
+            raise DataError(f"{where(path, index)}: expected an object, got {type_name(rec)}")
         rec_id = rec.get("id")
         for name, kind in (("id", str), ("input", str), ("profile", list)):
             if name not in rec:
                 raise DataError(f"{where(path, index, rec_id, name)}: missing")
             if not isinstance(rec[name], kind):
                 raise DataError(f"{where(path, index, rec_id, name)}: expected {kind.__name__}, "
-                                f"got {_type_name(rec[name])} {str(rec[name])[:40]!r}")
+                                f"got {type_name(rec[name])} {str(rec[name])[:40]!r}")
         if rec_id in seen:
             raise DataError(f"{where(path, index, rec_id, 'id')}: duplicate id (first at record {seen[rec_id]})")
         seen[rec_id] = index
@@ -234,7 +234,7 @@ def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
         if user_id is not None:
             if isinstance(user_id, bool) or not isinstance(user_id, (str, int)):
                 raise DataError(f"{where(path, index, rec_id, 'user_id')}: expected a string, "
-                                f"got {_type_name(user_id)}")
+                                f"got {type_name(user_id)}")
             user_id = str(user_id)  # some dumps write numeric user ids; keys are strings everywhere else
         examples.append(LampExample(rec_id, spec.name, rec["input"], profile, user_id))
     return examples
@@ -243,14 +243,14 @@ def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
 def load_outputs(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
     """Read and validate an outputs (or predictions) file -> (canonical task name, {id: output})."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
-        raise DataError(f"{path}: expected an object {{'task', 'golds'}}, got {_type_name(data)}")
+        raise DataError(f"{path}: expected an object {{'task', 'golds'}}, got {type_name(data)}")
     for name, kind in (("task", str), ("golds", list)):
         if name not in data:
             raise DataError(f"{where(path, field=name)}: missing")
         if not isinstance(data[name], kind):
-            raise DataError(f"{where(path, field=name)}: expected {kind.__name__}, got {_type_name(data[name])}")
+            raise DataError(f"{where(path, field=name)}: expected {kind.__name__}, got {type_name(data[name])}")
     try:
         task = canonical_task(data["task"])
     except DataError as e:
@@ -258,14 +258,14 @@ def load_outputs(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
     outputs: dict[str, str] = {}
     for index, rec in enumerate(data["golds"]):
         if not isinstance(rec, dict):
-            raise DataError(f"{where(path, index, field='golds')}: expected an object, got {_type_name(rec)}")
+            raise DataError(f"{where(path, index, field='golds')}: expected an object, got {type_name(rec)}")
         rec_id = rec.get("id")
         for name in ("id", "output"):
             if name not in rec:
                 raise DataError(f"{where(path, index, rec_id, 'golds.' + name)}: missing")
             if not isinstance(rec[name], str):
                 raise DataError(f"{where(path, index, rec_id, 'golds.' + name)}: expected str, "
-                                f"got {_type_name(rec[name])} {rec[name]!r}")
+                                f"got {type_name(rec[name])} {rec[name]!r}")
         if rec_id in outputs:
             raise DataError(f"{where(path, index, rec_id, 'golds.id')}: duplicate id")
         outputs[rec_id] = rec["output"]
@@ -297,16 +297,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write JSON to a temporary file beside `path`, then rename it over `path` (readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: rename is atomic
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             json.dump(obj, f, ensure_ascii=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

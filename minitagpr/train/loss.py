@@ -1,0 +1,50 @@
+"""The token-level NLL step used by SFT: forward + backward over the micro-batches of one optimizer step.
+
+Normalisation (torchtitan's, see docs/design.md "Loss normalisation"): with N the number of valid target tokens
+(targets != -100) in the *whole* optimizer step -- summed over every micro-batch on every rank, all-reduced before
+any backward pass -- each micro-batch contributes
+    L_mb = -sum_{valid t in mb} log p(y_t) / N
+and the gradients of all micro-batches and ranks are *summed* (FSDP's divide factor is set to 1 in
+`distributed.shard_model`). The step's gradient is then exactly that of the mean NLL over one big batch, whatever
+the number of ranks or accumulation steps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minitagpr.distributed import all_reduce_sum
+from minitagpr.train.sft_data import IGNORE_INDEX
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm of a step is NaN or infinite; training stops before the optimizer step."""
+
+
+def count_valid_tokens(micro_batches: list[dict[str, torch.Tensor]], device) -> torch.Tensor:
+    """N: valid target tokens of this step over all micro-batches and ranks (a 0-d float64 tensor)."""
+    local = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    return all_reduce_sum(torch.tensor(float(local), dtype=torch.float64, device=device))
+
+
+def nll_forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], device,
+                         step: int) -> dict[str, float]:
+    """Accumulate the gradient of mean NLL (see module docstring) and return the step's loss and token counts.
+
+    Raises NonFiniteLossError naming the step when the global loss is not finite (the same on every rank)."""
+    n_valid = count_valid_tokens(micro_batches, device)  # (,) the same on every rank
+    if n_valid.item() == 0:
+        raise ValueError(f"step {step}: the global batch holds no target tokens")
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for mb in micro_batches:
+        logp, _ = model(mb["input_ids"], mb["position_ids"], targets=mb["targets"])  # (b, T) fp32; -100 -> 0
+        nll = -logp.sum()  # masked targets contribute exactly 0
+        (nll / n_valid.to(nll.dtype)).backward()
+        nll_sum += nll.detach().double()
+    loss = (all_reduce_sum(nll_sum) / n_valid).item()
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}; stopping before the optimizer step "
+                                 "(lower the learning rate, check the data, or resume from the last checkpoint)")
+    tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
+    return {"loss": loss, "valid_tokens": int(n_valid.item()), "local_tokens": tokens}

@@ -1,0 +1,188 @@
+"""SFT data: record validation, prompt masking, packing with per-document positions, and the step order."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from minitagpr.tokenizer import Tokenizer
+from minitagpr.train import sft_data as S
+from train_fixtures import sft_record, write_sft_data, write_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return Tokenizer.from_dir(write_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def random_docs(n, rng, max_len=30):
+    docs = []
+    for i in range(n):
+        length = rng.randint(3, max_len)
+        prompt = rng.randint(1, length - 1)
+        docs.append(S.Document(ids=[rng.randint(5, 99) for _ in range(length)],
+                               mask=[False] * prompt + [True] * (length - prompt), id=f"d{i}", where=f"f:{i + 1}"))
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------- records
+def test_records_round_trip_the_interface_format(tmp_path):
+    path = write_sft_data(tmp_path / "d.jsonl", n=5)
+    recs = S.read_sft_records(path)
+    assert [r.id for r in recs] == [f"r{i}" for i in range(5)]
+    assert recs[2].line == 3 and recs[2].messages == sft_record(2)["messages"]
+
+
+def test_missing_data_file_is_named(tmp_path):
+    with pytest.raises(S.DataError, match=r"SFT data file .*nope.jsonl does not exist"):
+        S.read_sft_records(tmp_path / "nope.jsonl")
+
+
+def test_bad_json_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(sft_record(0)) + "\n{not json\n")
+    with pytest.raises(S.DataError, match=r"d.jsonl:2: not valid JSON"):
+        S.read_sft_records(path)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("chain", None, "field 'chain' must be str"),
+    ("messages", [], "field 'messages' is empty"),
+    ("messages", [{"role": "user"}], r"field 'messages\[0\]' must be an object"),
+])
+def test_bad_field_names_file_line_id_and_field(tmp_path, field, value, message):
+    rec = dict(sft_record(1), **{field: value})
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(sft_record(0)) + "\n" + json.dumps(rec) + "\n")
+    with pytest.raises(S.DataError, match=rf"d.jsonl:2 \(record id 'r1'\): {message}"):
+        S.read_sft_records(path)
+
+
+def test_missing_field_is_named(tmp_path):
+    rec = sft_record(0)
+    del rec["answer"]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(S.DataError, match=r"d.jsonl:1 \(record id 'r0'\): missing field 'answer'"):
+        S.read_sft_records(path)
+
+
+def test_untokenizable_chain_names_the_record(tmp_path, tok):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(dict(sft_record(0), chain="a </think> b")) + "\n")
+    with pytest.raises(S.DataError, match=r"d.jsonl:1 \(record id 'r0'\): cannot tokenize: chain contains </think>"):
+        S.tokenize_records(S.read_sft_records(path), tok, path)
+
+
+def test_prompt_is_masked_and_target_ends_with_im_end(tmp_path, tok):
+    path = write_sft_data(tmp_path / "d.jsonl", n=1)
+    rec = S.read_sft_records(path)[0]
+    doc = S.tokenize_records([rec], tok, path)[0]
+    prompt = tok.apply_chat(rec.messages, add_generation_prompt=True)
+    assert doc.ids[:len(prompt)] == prompt and not any(doc.mask[:len(prompt)])
+    assert all(doc.mask[len(prompt):]) and doc.ids[-1] == tok.im_end_id
+    assert tok.decode(doc.ids[len(prompt):]).startswith("<think>\n<")
+
+
+# ----------------------------------------------------------------------------------------------- packing
+def test_targets_are_next_tokens_of_the_target_part_only():
+    ids, mask = [10, 11, 12, 13, 14], [False, False, True, True, True]
+    assert S.document_targets(ids, mask) == [-100, 12, 13, 14, -100]
+
+
+def test_packed_rows_have_fixed_length_and_positions_restart_per_document():
+    rng = random.Random(1)
+    docs = random_docs(40, rng)
+    rows = S.pack_documents(docs, seq_len=64, pad_id=0, shuffle_seed=3)
+    assert rows.input_ids.shape == rows.targets.shape == rows.position_ids.shape == (rows.num_rows, 64)
+    # every document appears once, whole, starting at position 0, with its own next-token targets
+    found = []
+    for r in range(rows.num_rows):
+        pos = rows.position_ids[r].tolist()
+        starts = [i for i, p in enumerate(pos) if p == 0] + [64]
+        for a, b in zip(starts, starts[1:]):
+            found.append((rows.input_ids[r, a:b].tolist(), rows.targets[r, a:b].tolist()))
+    by_ids = {tuple(d.ids): d for d in docs}
+    real = [f for f in found if tuple(f[0]) in by_ids]
+    assert sorted(tuple(f[0]) for f in real) == sorted(tuple(d.ids) for d in docs)
+    for ids, tgt in real:
+        assert tgt == S.document_targets(ids, by_ids[tuple(ids)].mask)
+    # whatever is not a document is padding that predicts nothing
+    for ids, tgt in found:
+        if tuple(ids) not in by_ids:
+            assert set(ids) == {0} and set(tgt) == {-100}
+
+
+def test_no_target_crosses_a_document_boundary():
+    docs = [S.Document([1, 2, 3], [False, True, True], "a"), S.Document([4, 5, 6], [False, True, True], "b")]
+    rows = S.pack_documents(docs, seq_len=8, pad_id=0, shuffle_seed=None)
+    assert rows.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 0, 0]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1]]
+    assert rows.targets.tolist() == [[2, 3, -100, 5, 6, -100, -100, -100]]
+
+
+def test_pack_false_puts_one_document_per_row():
+    docs = random_docs(10, random.Random(2), max_len=8)
+    rows = S.pack_documents(docs, seq_len=16, pad_id=0, pack=False)
+    assert rows.num_rows == 10
+    assert all(int((rows.position_ids[r] == 0).sum()) <= 2 for r in range(10))  # the document + its padding
+
+
+def test_long_documents_are_truncated_and_counted():
+    docs = [S.Document(list(range(1, 21)), [False] * 5 + [True] * 15, "long")]
+    rows = S.pack_documents(docs, seq_len=8, pad_id=0)
+    assert rows.num_truncated == 1 and rows.input_ids.tolist() == [list(range(1, 9))]
+
+
+def test_document_without_targets_within_seq_len_is_an_error():
+    docs = [S.Document(list(range(1, 21)), [False] * 15 + [True] * 5, "p", where="x.jsonl:7")]
+    with pytest.raises(S.DataError, match=r"x.jsonl:7 \(record id 'p'\): no target tokens within seq_len=8"):
+        S.pack_documents(docs, seq_len=8, pad_id=0)
+
+
+def test_batch_returns_int64_rows():
+    rows = S.pack_documents(random_docs(6, random.Random(0)), seq_len=32, pad_id=0)
+    b = rows.batch([0, 1])
+    assert all(t.dtype == torch.long and t.shape == (2, 32) for t in b.values())
+
+
+# ----------------------------------------------------------------------------------------------- order
+def test_each_epoch_visits_distinct_rows_and_epochs_differ():
+    num_rows, gb, seed = 37, 8, 5
+    spe = S.steps_per_epoch(num_rows, gb)
+    assert spe == 4
+    epochs = [[r for s in range(e * spe, (e + 1) * spe) for r in S.rows_for_step(s, num_rows, gb, seed)]
+              for e in range(3)]
+    for rows in epochs:
+        assert len(rows) == len(set(rows)) == spe * gb and all(0 <= r < num_rows for r in rows)
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_resuming_at_any_step_continues_the_same_sequence():
+    num_rows, gb, seed, total = 20, 4, 1, 17  # 5 steps per epoch: boundaries at 5, 10, 15
+    straight = [S.rows_for_step(s, num_rows, gb, seed) for s in range(total)]
+    for resume_at in range(total + 1):
+        # a "run" that stops after resume_at steps, then a fresh process continuing from the saved step
+        first = [S.rows_for_step(s, num_rows, gb, seed) for s in range(resume_at)]
+        second = [S.rows_for_step(s, num_rows, gb, seed) for s in range(resume_at, total)]
+        assert first + second == straight
+
+
+def test_order_depends_on_the_seed():
+    assert S.rows_for_step(0, 50, 10, 0) != S.rows_for_step(0, 50, 10, 1)
+
+
+def test_too_few_rows_for_one_batch_is_an_error():
+    with pytest.raises(S.DataError, match="only 3 packed rows but global_batch=4"):
+        S.steps_per_epoch(3, 4)
+
+
+def test_rank_slices_and_micro_batches_partition_the_global_batch():
+    rows = list(range(12))
+    shares = [S.rank_slice(rows, r, 3) for r in range(3)]
+    assert sum(shares, []) == rows
+    assert S.micro_batches(shares[1], 2) == [[4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="does not split over 5 ranks"):
+        S.rank_slice(rows, 0, 5)

@@ -1,0 +1,128 @@
+"""One optimizer step's pieces: the token-normalised NLL, AdamW groups, warmup + cosine, gradient clipping."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minitagpr.model import presets
+from minitagpr.train import optim as O
+from minitagpr.train.loss import NonFiniteLossError, nll_forward_backward
+
+
+def tiny_model(seed=0):
+    return presets.build_model(presets.tiny_config("tiny", vocab_size=64), seed=seed)
+
+
+def random_batch(g, rows, T=12, V=64):
+    ids = torch.randint(0, V, (rows, T), generator=g)
+    targets = torch.randint(0, V, (rows, T), generator=g)
+    targets[torch.rand(rows, T, generator=g) < 0.4] = -100  # ragged masks: rows with few or many targets
+    pos = torch.arange(T).expand(rows, T).clone()
+    return {"input_ids": ids, "position_ids": pos, "targets": targets}
+
+
+def reference_mean_nll(model, batch):
+    """float64 mean of -log softmax(logits)[target] over valid targets."""
+    hidden = model(batch["input_ids"], batch["position_ids"])
+    logits = model.logits(hidden).double()  # (B, T, V)
+    logp = torch.log_softmax(logits, -1)
+    valid = batch["targets"] != -100
+    picked = logp.gather(-1, batch["targets"].clamp(min=0)[..., None])[..., 0]
+    return -(picked[valid]).sum() / valid.sum()
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_loss_is_the_mean_nll_over_valid_tokens_of_the_step():
+    g = torch.Generator().manual_seed(0)
+    model, batch = tiny_model(), random_batch(g, 4)
+    out = nll_forward_backward(model, [batch], "cpu", step=0)
+    ref = reference_mean_nll(model, batch)
+    assert out["loss"] == pytest.approx(ref.item(), rel=1e-5)
+    assert out["valid_tokens"] == int((batch["targets"] != -100).sum())
+
+
+def test_micro_batches_give_the_gradient_of_one_big_batch():
+    g = torch.Generator().manual_seed(1)
+    batch = random_batch(g, 4)
+    big = tiny_model()
+    out_big = nll_forward_backward(big, [batch], "cpu", step=0)
+    split = tiny_model()
+    micro = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(4)]  # unequal valid counts per micro-batch
+    out_split = nll_forward_backward(split, micro, "cpu", step=0)
+    assert out_split["loss"] == pytest.approx(out_big["loss"], rel=1e-6)
+    gb, gs = grads(big), grads(split)
+    for name in gb:
+        torch.testing.assert_close(gs[name], gb[name], rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_loss_stops_with_the_step_number():
+    g = torch.Generator().manual_seed(2)
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 7"):
+        nll_forward_backward(model, [random_batch(g, 2)], "cpu", step=7)
+
+
+def test_batch_without_targets_is_an_error():
+    batch = random_batch(torch.Generator().manual_seed(3), 2)
+    batch["targets"][:] = -100
+    with pytest.raises(ValueError, match="step 4: the global batch holds no target tokens"):
+        nll_forward_backward(tiny_model(), [batch], "cpu", step=4)
+
+
+def test_weight_decay_skips_vectors_and_tied_weights_appear_once():
+    model = tiny_model()
+    opt = O.build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decayed, plain = opt.param_groups
+    assert all(p.ndim == 2 for p in decayed["params"]) and decayed["weight_decay"] == 0.1
+    assert all(p.ndim == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_extra_groups_keep_their_own_lr_through_the_schedule():
+    model = tiny_model()
+    table = torch.nn.Parameter(torch.zeros(3, 4))
+    opt = O.build_optimizer(model, lr=1e-3, extra_groups=[{"params": [table], "lr": 1e-1, "weight_decay": 0.0}])
+    O.set_lr(opt, 0.5)
+    assert opt.param_groups[-1]["lr"] == pytest.approx(5e-2) and opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    total, warmup, floor = 20, 4, 0.1
+    m = [O.lr_at(s, total, warmup, floor) for s in range(total)]
+    assert m[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert m[4] == pytest.approx(1.0) and m[-1] == pytest.approx(floor)
+    assert all(a >= b for a, b in zip(m[4:], m[5:]))
+    # halfway through the decay (progress 0.5) the cosine sits halfway between peak and floor
+    assert O.lr_at(7, total_steps=13, warmup_steps=2, min_lr_ratio=floor) == pytest.approx(floor + (1 - floor) / 2)
+
+
+def test_no_warmup_starts_at_the_peak():
+    assert O.lr_at(0, 10, 0) == 1.0
+
+
+def test_clip_reports_the_total_norm_and_scales_to_max_norm():
+    model = tiny_model()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    n = sum(p.numel() for p in model.parameters())
+    norm = O.clip_grad_norm(model, max_norm=1.0)
+    assert norm == pytest.approx(0.5 * math.sqrt(n), rel=1e-5)
+    after = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
+    assert after.item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_clip_zero_only_measures():
+    model = tiny_model()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    norm = O.clip_grad_norm(model, max_norm=0.0)
+    assert norm == pytest.approx(math.sqrt(sum(p.numel() for p in model.parameters())), rel=1e-5)
+    assert all(torch.all(p.grad == 1) for p in model.parameters())

@@ -1,0 +1,90 @@
+"""Small inputs for the training-core tests: a byte-level BPE tokenizer with the chat markers, synthetic SFT
+records in the docs/interfaces.md format, a tiny random Qwen3 checkpoint, and a torchrun launcher."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+REPO = Path(__file__).resolve().parents[1]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+WORDS = ["user", "likes", "short", "titles", "graphs", "rating", "stars", "review", "movie", "comedy", "the",
+         "a", "of", "paper", "about", "answer", "profile", "item", "pattern", "decide"]
+TAGS = ["analyze_input", "examine_examples", "identify_patterns", "make_decision"]
+
+
+def write_tokenizer(folder: Path) -> Path:
+    """A ~400-id byte-level BPE with the Qwen3 chat markers as special tokens."""
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] + [f"<{t}> </{t}>" for t in TAGS] * 3
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                              "pad_token": "<|endoftext|>"}))
+    return folder
+
+
+def sft_record(i: int) -> dict:
+    """One record whose chain and answer follow from the prompt (so a model can learn them)."""
+    words = [WORDS[(i * 7 + k) % len(WORDS)] for k in range(3 + i % 4)]
+    tag = TAGS[i % len(TAGS)]
+    chain = f"<{tag}>the user likes {words[0]}</{tag}>\n<make_decision>{words[-1]}</make_decision>"
+    return {"id": f"r{i}", "user": f"u{i % 5}", "task": "LaMP-2",
+            "messages": [{"role": "user", "content": "profile: " + " ".join(words)}],
+            "chain": chain, "answer": words[-1]}
+
+
+def write_sft_data(path: Path, n: int = 48) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(sft_record(i)) + "\n" for i in range(n)))
+    return path
+
+
+def make_inputs(root: Path) -> dict[str, Path]:
+    """tokenizer/, base/ (tiny Qwen3 checkpoint sized to the tokenizer), sft.jsonl under root (built once)."""
+    from minitagpr.model import presets
+    tok = root / "tokenizer"
+    if not (tok / "tokenizer.json").exists():
+        write_tokenizer(tok)
+    base = root / "base"
+    if not (base / "config.json").exists():
+        presets.make_tiny_checkpoint(base, preset="tiny", seed=0, tokenizer_dir=tok)
+    data = root / "sft.jsonl"
+    if not data.exists():
+        write_sft_data(data)
+    return {"tokenizer": tok, "model": base, "data": data}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], nproc: int, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run recipes/sft.py with `args` under torchrun (nproc > 1) or as a plain process (nproc == 1)."""
+    script = str(REPO / "recipes" / "sft.py")
+    if nproc == 1:
+        cmd = [sys.executable, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", script, *args]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(out_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every line of a run's metrics.jsonl, in file order."""
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]

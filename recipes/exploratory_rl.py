@@ -1,0 +1,41 @@
+"""Stage 3 -- exploratory RL: GSPO from the guided-RL checkpoint with the foundation reward only,
+R_foundation = (R_v + R_rep) * R_f (no tag reward, no PRMU); 2 epochs, otherwise as Stage 2 (tagpr-method.md).
+
+    torchrun --nproc_per_node=8 recipes/exploratory_rl.py --config recipes/configs/exploratory_rl_qwen3_8b.yaml
+    torchrun --nproc_per_node=2 recipes/exploratory_rl.py --config recipes/configs/exploratory_rl_demo.yaml policy=...
+
+The loop itself (rollout -> rewards -> advantages -> old log-probs -> GSPO mini-batches -> weight sync) is
+minitagpr/rl/loop.py, shared with recipes/guided_rl.py.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from minitagpr import distributed as D
+from minitagpr.config import parse_cli
+from minitagpr.rl.loop import RLConfig, train
+
+
+@dataclass
+class ExploratoryConfig(RLConfig):
+    stage: str = "exploratory"
+    out_dir: str = "runs/exploratory_rl"
+    epochs: float = 2.0
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_cli(ExploratoryConfig, argv)
+    if cfg.stage != "exploratory":
+        raise SystemExit("recipes/exploratory_rl.py runs stage=exploratory; use recipes/guided_rl.py for Stage 2")
+    if not cfg.policy:
+        raise SystemExit("policy=<guided-RL export folder> is required (Stage 3 starts from the Stage 2 checkpoint)")
+    D.init_distributed()
+    try:
+        train(cfg)
+    finally:
+        D.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

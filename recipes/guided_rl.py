@@ -1,0 +1,176 @@
+"""Stage 2 -- guided RL (GSPO) with the composite reward R = alpha(R_v + R_rep)R_f + beta R_tag + gamma R_PRMU.
+
+    torchrun --nproc_per_node=2 recipes/guided_rl.py            # the embedded demo, end to end (see below)
+    torchrun --nproc_per_node=8 recipes/guided_rl.py --config recipes/configs/guided_rl_qwen3_8b.yaml
+
+With no arguments (demo=true) this runs the whole pipeline on the built-in demo world and a tiny Qwen3, building each
+missing earlier stage once and reusing it afterwards (everything lives under `workdir`):
+    1. demo world (LaMP-format tasks, tokenizer, tagged chains)   2. SFT (recipes/sft.py)
+    3. PRMU (recipes/train_prmu.py)   4. guided RL (this stage)   5. exploratory RL (recipes/exploratory_rl.py)
+    6. evaluation table: base vs SFT vs guided vs exploratory (recipes/evaluate.py)
+With demo=false it runs only Stage 2 from `policy`, `prmu` and `data_root`. The RL loop itself is
+minitagpr/rl/loop.py (shared with Stage 3).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from minitagpr import distributed as D
+import torch
+
+from minitagpr.config import load_config, parse_cli, save_config
+from minitagpr.rl.loop import RLConfig, parse_task_mix, train
+
+RECIPES = Path(__file__).resolve().parent
+
+
+def recipe(name: str):
+    """A sibling recipe script as a module (recipes/ is a folder of scripts, not a package)."""
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))
+    return importlib.import_module(name)
+
+
+# ----------------------------------------------------------------------------------------------- 0. config
+@dataclass
+class GuidedConfig(RLConfig):
+    """Defaults are the embedded demo (2 CPU processes, minutes); the paper's run is configs/guided_rl_qwen3_8b.yaml."""
+    demo: bool = True  # build missing stages on the demo world, then run Stage 3 and the evaluation table
+    workdir: str = "runs/demo"
+    rerun: bool = False  # demo: redo the RL stages and the evaluation even when their exports exist
+    # demo-world RL settings (the paper's values are in the 8B YAML)
+    out_dir: str = ""  # default: <workdir>/guided_rl
+    tasks: str = "LaMP-1:0,LaMP-2:0,LaMP-3:0,LaMP-4:0,LaMP-5:0,LaMP-7:0"
+    k: int = 4
+    max_prompt_tokens: int = 512
+    max_new_tokens: int = 160
+    prompts_per_step: int = 16
+    num_minibatches: int = 2
+    micro_batch_size: int = 16
+    epochs: float = 1.0
+    max_steps: int = 24
+    lr: float = 2e-5
+    warmup_steps: int = 2
+    save_every: int = 8
+    exploratory_steps: int = 8  # demo Stage 3 length (the paper: 2 epochs)
+    eval_examples: int = 48  # dev examples per task in the demo's evaluation table
+
+
+def demo_stages(cfg: GuidedConfig) -> dict:
+    """Steps 1-3 of the demo: world, SFT export and PRMU export, each built once and reused when present."""
+    from minitagpr.data import demo_world
+    work = Path(cfg.workdir)
+    if D.world().is_main:
+        demo_world.build(work / "world")  # idempotent: its manifest records what was built
+    D.barrier()
+    world = demo_world.build(work / "world")  # every rank: the same paths, nothing rebuilt
+
+    sft = recipe("sft")
+    sft_export = work / "sft" / "hf"
+    if not (sft_export / "config.json").exists():
+        D.log("[demo] 2. SFT on the demo world's tagged chains")
+        sft_export = Path(sft.run(sft.SftConfig(demo_dir=str(work), out_dir=str(work / "sft"), seed=cfg.seed)))
+    else:
+        D.log(f"[demo] 2. SFT: reusing {sft_export}")
+
+    prmu = recipe("train_prmu")
+    prmu_export = work / "prmu" / "hf"
+    if not (prmu_export / "config.json").exists():
+        D.log("[demo] 3. PRMU on the demo world's preference pairs (initialised from the SFT model, new head)")
+        prmu_cfg = load_config(prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml",
+                               {"demo_world": str(work / "world"), "init": str(sft_export), "new_head": True,
+                                "out_dir": str(work / "prmu"), "seed": cfg.seed})
+        prmu_export = Path(prmu.run(prmu_cfg))
+    else:
+        D.log(f"[demo] 3. PRMU: reusing {prmu_export}")
+    return {"world": world, "base": work / "base_demo", "sft": sft_export, "prmu": prmu_export}
+
+
+def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Path):
+    """The demo's Table 1: checkpoints are split over the ranks (each decodes greedily on its own), then merged."""
+    evaluate = recipe("evaluate")
+    info = D.world()
+    mine = {name: path for i, (name, path) in enumerate(named.items()) if i % info.world_size == info.rank}
+    tasks = [t for t, _ in parse_task_mix(cfg.tasks)]
+    table = evaluate.evaluate_checkpoints(mine, tasks, data=world, limit=cfg.eval_examples,
+                                          settings=((cfg.retriever, cfg.k),), max_prompt_tokens=cfg.max_prompt_tokens,
+                                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, out_dir=out_dir,
+                                          log=lambda *a: None)
+    tables = [table]
+    if info.world_size > 1:
+        tables = [None] * info.world_size
+        torch.distributed.all_gather_object(tables, table)
+    merged = evaluate.EvalTable()
+    for name in named:  # the rows in pipeline order
+        for t in tables:
+            if name in t.rows:
+                for task, metrics in t.rows[name].items():
+                    merged.add(name, task, metrics, t.settings[name], t.examples[task])
+    if info.is_main:
+        merged.write(out_dir, title="Demo world, dev split (greedy decoding)")
+    return merged
+
+
+def first_last_share(log_path: Path, keys: list[str], share: float = 0.2) -> dict[str, tuple[float, float]]:
+    """Mean of each key over the first and the last `share` of logged steps (did the stage learn?)."""
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    n = max(1, int(round(len(rows) * share)))
+    return {k: (sum(r[k] for r in rows[:n]) / n, sum(r[k] for r in rows[-n:]) / n) for k in keys}
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_cli(GuidedConfig, argv)
+    if cfg.stage != "guided":
+        raise SystemExit("recipes/guided_rl.py runs stage=guided; use recipes/exploratory_rl.py for Stage 3")
+    info = D.init_distributed()
+    try:
+        if not cfg.demo:
+            if not (cfg.policy and cfg.data_root and (cfg.prmu or not cfg.use_prmu)):
+                raise SystemExit("demo=false needs policy=, data_root= and prmu= (or use_prmu=false)")
+            train(replace(cfg, out_dir=cfg.out_dir or "runs/guided_rl"))
+            return
+        # 1-3. earlier stages, built once
+        paths = demo_stages(cfg)
+        work = Path(cfg.workdir)
+        guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"]), data_root=str(work / "world"),
+                             out_dir=cfg.out_dir or str(work / "guided_rl"))
+        if info.is_main:
+            save_config(guided_cfg, Path(guided_cfg.out_dir) / "config.yaml")
+        # 4. guided RL (Stage 2)
+        guided_export = Path(guided_cfg.out_dir) / "export"
+        if cfg.rerun or not (guided_export / "config.json").exists():
+            D.log("[demo] 4. guided RL (GSPO, composite reward)")
+            guided_export = train(guided_cfg)
+        else:
+            D.log(f"[demo] 4. guided RL: reusing {guided_export}")
+        # 5. exploratory RL (Stage 3): foundation reward from the guided checkpoint
+        explore_cfg = replace(guided_cfg, stage="exploratory", policy=str(guided_export), prmu="", use_prmu=False,
+                              use_tag_reward=False, out_dir=str(work / "exploratory_rl"), max_steps=cfg.exploratory_steps,
+                              save_every=0)
+        explore_export = Path(explore_cfg.out_dir) / "export"
+        if cfg.rerun or not (explore_export / "config.json").exists():
+            D.log("[demo] 5. exploratory RL (GSPO, foundation reward)")
+            explore_export = train(explore_cfg)
+        else:
+            D.log(f"[demo] 5. exploratory RL: reusing {explore_export}")
+        # 6. evaluation table on the demo world's dev split
+        D.log("[demo] 6. evaluation: base vs SFT vs guided vs exploratory on the demo dev sets")
+        table = evaluate_table({"Base": paths["base"], "SFT": paths["sft"], "Guided RL": guided_export,
+                                "Exploratory RL": explore_export}, paths["world"], cfg, work / "eval")
+        if info.is_main:
+            trend = first_last_share(Path(guided_cfg.out_dir) / "metrics.jsonl", ["reward_mean", "tag_pass_rate",
+                                                                                  "format_pass_rate"])
+            print("\n[demo] guided RL, first vs last 20% of steps:")
+            for key, (first, last) in trend.items():
+                print(f"  {key:18s} {first:.3f} -> {last:.3f}")
+            print(f"\n[demo] evaluation ({work / 'eval' / 'table.md'}):\n{table.markdown()}")
+    finally:
+        D.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

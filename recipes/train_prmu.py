@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.config import parse_cli, save_config
+from minitagpr.config import ConfigError, parse_cli, save_config
 from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, read_pairs, split_heldout,
                                         write_pairs)
-from minitagpr.model.checkpoint import resolve_checkpoint
+from minitagpr.model.checkpoint import CheckpointError, resolve_checkpoint
 from minitagpr.model.qwen3 import Qwen3Config
 from minitagpr.model.reward import (PRMU, UserVocab, bradley_terry_loss, collate, encode_reward_input,
                                     load_reward_model, save_reward_model)
-from minitagpr.tokenizer import Tokenizer
+from minitagpr.tokenizer import Tokenizer, TokenizerError
 from minitagpr.train.loss import NonFiniteLossError
 from minitagpr.train.metrics import JsonlLog, Progress
 from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -156,13 +156,15 @@ def run(cfg: PrmuConfig) -> Path:
         start_step = state["step"]
         D.log(f"prmu: resumed from {latest} at step {start_step}")
 
-    log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)
+    # rows carry the number of completed steps; a resumed run re-runs (and re-logs) steps after `start_step`
+    log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step + 1 if latest else None)
     progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="prmu ")
     state_extra = {"num_train_pairs": len(train), "num_users": len(users), "total_steps": total_steps}
 
     # ------------------------------------------------------------------------------------------- 6. train loop
     model.train()
     for step in range(start_step, total_steps):
+        D.fault_point("step", step)  # crash-recovery tests only (MINITAGPR_FAULT)
         t0 = time.perf_counter()
         lr = set_lr(optimizer, lr_at(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
         rows = rows_for_step(step, len(train), cfg.global_batch, cfg.seed)  # the global batch, same on all ranks
@@ -308,5 +310,8 @@ def log_eval(model, held, step, cfg, pad_id, info, log) -> dict[str, float]:
 if __name__ == "__main__":
     try:
         run(parse_cli(PrmuConfig, sys.argv[1:]))
+    except (ConfigError, PreferenceDataError, CheckpointError, TokenizerError, NonFiniteLossError) as e:
+        print(f"train_prmu: error: {e}", file=sys.stderr)  # a message, not a stack trace
+        sys.exit(1)
     finally:
         D.destroy_distributed()

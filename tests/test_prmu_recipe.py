@@ -1,0 +1,176 @@
+"""recipes/train_prmu.py under torchrun: 1 vs 2 processes, resume after a kill, the export, and clear errors.
+
+Tiny sizes throughout (a 320-token BPE, the "tiny" Qwen3 preset, 4-6 steps), so the whole file runs in well under
+a minute on 2 CPU cores.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from minitagpr.data.preferences import PreferenceDataError, PreferencePair, Response, format_response, read_pairs, write_pairs
+from minitagpr.model.presets import make_tiny_checkpoint
+from minitagpr.model.reward import PRMUScorer, load_reward_model
+from minitagpr.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "train_prmu.py"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+TAGS = ["<analyze_input>", "</analyze_input>", "<examine_examples>", "</examine_examples>", "<make_decision>",
+        "</make_decision>"]
+WORDS = ["comedy", "action", "drama", "horror", "profile", "says", "user", "likes", "no", "information", "pick",
+         "a", "tag", "for", "this", "movie", "question"]
+
+
+def _write_tokenizer(folder: Path) -> Path:
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS + TAGS)] * 8, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                              "pad_token": "<|endoftext|>"}))
+    return folder
+
+
+def _pairs(n_queries=24):
+    """PRP: a chain that reads the profile beats one that cannot; PQP: the user's genre beats another genre."""
+    pairs = []
+    genres = ["comedy", "action", "drama", "horror"]
+    for i in range(n_queries):
+        user = f"u{i % 4}"
+        liked, other = genres[i % 4], genres[(i + 1) % 4]
+        prompt = [{"role": "user", "content": f"profile says user likes {liked} . pick a tag for this movie"}]
+        prp = ("<examine_examples>profile says " + liked + "</examine_examples>", "<analyze_input>no information"
+               "</analyze_input>")
+        pqp = ("<make_decision>" + liked + "</make_decision>", "<make_decision>" + other + "</make_decision>")
+        for set_name, (c, r), (a, b) in (("PRP", prp, (liked, other)), ("PQP", pqp, (liked, other))):
+            pairs.append(PreferencePair(
+                id=f"{set_name}/{i}", set=set_name, source="synthetic", user=user, task="LaMP-2",
+                example_id=f"q{i}", prompt=prompt, chosen=Response(format_response(c, a), c, a),
+                rejected=Response(format_response(r, b), r, b), user_dependent=i % 3 == 0))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prmu_recipe")
+    tok_dir = _write_tokenizer(root / "tok")
+    lm = make_tiny_checkpoint(root / "lm", tokenizer_dir=tok_dir, seed=1)
+    write_pairs(root / "pairs.jsonl", _pairs())
+    return root
+
+
+def _args(root: Path, out: str, **over):
+    args = {"pairs": root / "pairs.jsonl", "init": root / "lm", "new_head": "true", "out_dir": root / out,
+            "global_batch": 8, "micro_batch": 2, "epochs": 1, "lr": 1e-3, "table_lr": 1e-2, "warmup_steps": 1,
+            "eval_every": 2, "save_every": 2, "heldout_frac": 0.25, "max_len": 96}
+    args.update(over)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def _run(nproc: int, args: list[str], env_extra=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    if nproc == 1:
+        cmd = [sys.executable, str(RECIPE)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(RECIPE)]
+    proc = subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def two_proc_run(setup):
+    _run(2, _args(setup, "two"))
+    return setup / "two"
+
+
+@pytest.fixture(scope="module")
+def one_proc_run(setup):
+    _run(1, _args(setup, "one"))
+    return setup / "one"
+
+
+def test_one_and_two_processes_give_the_same_losses_and_weights(setup, one_proc_run, two_proc_run):
+    one, two = _losses(one_proc_run), _losses(two_proc_run)
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]  # 36 training pairs // global batch 8
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-4 * abs(one[step]), (step, one[step], two[step])
+    a, b = load_reward_model(one_proc_run / "hf"), load_reward_model(two_proc_run / "hf")
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(p, q, atol=1e-5, rtol=1e-4), n
+
+
+def test_training_lowers_the_loss_and_exports_a_scorable_model(setup, two_proc_run):
+    losses = _losses(two_proc_run)
+    assert losses[max(losses)] < losses[1]
+    final = json.loads((two_proc_run / "final_eval.json").read_text())
+    held = read_pairs(two_proc_run / "pairs" / "heldout.jsonl")
+    scorer = PRMUScorer.from_pretrained(two_proc_run / "hf")
+    assert scorer.model.users.users == ["u0", "u1", "u2", "u3"]
+    r_pos = scorer.score([p.user for p in held], [p.prompt for p in held], [p.chosen.text for p in held])
+    r_neg = scorer.score([p.user for p in held], [p.prompt for p in held], [p.rejected.text for p in held])
+    acc = sum(a > b for a, b in zip(r_pos, r_neg)) / len(held)
+    assert acc == pytest.approx(final["all_acc"])  # the exported model ranks the held-out pairs as the run did
+
+
+def test_resume_after_a_kill_repeats_the_uninterrupted_losses(setup, one_proc_run):
+    # the process is SIGKILLed in the middle of the step-4 save: step_000002 is the newest complete checkpoint
+    died = _run(1, _args(setup, "killed"), env_extra={"MINITAGPR_FAULT": "save:4"}, check=False)
+    assert died.returncode != 0
+    assert (setup / "killed" / "checkpoints" / "step_000002").is_dir()
+    _run(1, _args(setup, "killed"))
+    resumed, ref = _losses(setup / "killed"), _losses(one_proc_run)
+    assert sorted(resumed) == sorted(ref)  # each step logged exactly once
+    for step in ref:
+        assert abs(resumed[step] - ref[step]) <= 1e-6 * abs(ref[step]), (step, resumed[step], ref[step])
+
+
+def test_an_empty_preference_file_stops_with_its_name(setup, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = _run(1, _args(setup, "bad", pairs=tmp_path / "empty.jsonl"), check=False)
+    assert proc.returncode == 1
+    assert "empty.jsonl: empty preference set" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_malformed_pair_stops_with_file_and_line(setup, tmp_path):
+    lines = (setup / "pairs.jsonl").read_text().splitlines()
+    bad = json.loads(lines[2])
+    del bad["rejected"]["text"]
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines[:2] + [json.dumps(bad)]) + "\n")
+    recipe = _import_recipe()
+    cfg = recipe.PrmuConfig(pairs=[str(tmp_path / "bad.jsonl")])
+    with pytest.raises(PreferenceDataError, match=r"bad\.jsonl:3 \(record id 'PRP/1'\): field 'rejected\.text': missing"):
+        recipe.load_pair_sets(cfg)
+
+
+def test_too_few_pairs_for_a_held_out_set_is_an_error(setup, tmp_path):
+    write_pairs(tmp_path / "one.jsonl", _pairs(1)[:1])
+    recipe = _import_recipe()
+    with pytest.raises(PreferenceDataError, match=r"one\.jsonl: 0 training and 1 held-out pairs"):
+        recipe.load_pair_sets(recipe.PrmuConfig(pairs=[str(tmp_path / "one.jsonl")]))
+
+
+def _import_recipe():
+    spec = importlib.util.spec_from_file_location("train_prmu", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_prmu", module)  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module

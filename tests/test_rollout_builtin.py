@@ -1,4 +1,4 @@
-"""The built-in engine on a tiny random Qwen3: greedy parity with full forwards, seeds, stops, log-probs, weight sync."""
+"""The built-in engine on a tiny random Qwen3: greedy parity with full forwards, seeds, stops, log-probs, sync."""
 import pytest
 import torch
 

@@ -69,7 +69,7 @@ def sample_tokens(
         # right=True picks the first id whose CDF exceeds the target, so a zero-probability id is never chosen.
         tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab_size - 1)  # (R,)
         scale = temperature
-    logp_all = torch.log_softmax(logits.float() / scale, dim=-1)  # (R, V) fp32, includes the padded tail like the kernel
+    logp_all = torch.log_softmax(logits.float() / scale, dim=-1)  # (R, V) fp32, over the padded tail too, as the kernel
     logp = logp_all.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (R,)
     return tokens, logp
 
@@ -118,7 +118,8 @@ class BuiltinEngine(RolloutEngine):
                 raise KeyError(f"sync_weights: the engine's model has no parameter named {name!r}")
             param = params[name]
             if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(f"sync_weights: {name} has shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+                raise ValueError(f"sync_weights: {name} has shape {tuple(tensor.shape)}, "
+                                 f"model expects {tuple(param.shape)}")
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
             loaded += 1
         return loaded

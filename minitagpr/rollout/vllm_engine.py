@@ -83,13 +83,14 @@ class VLLMEngine(RolloutEngine):
 
     checkpoint_dir: HF checkpoint folder (config.json, safetensors, tokenizer files) vLLM starts from.
     tokenizer: our Tokenizer for completion text (None: vLLM's detokenised text) and the sampleable vocabulary.
-    sleep_level: 2 frees weights and KV cache after each generate (weights come back only by sync_weights),
-        1 offloads weights to CPU; 0 disables sleeping.
+    sleep_level: what happens after each generate. 1 (default) offloads weights to CPU and frees the KV cache:
+        safe for inference-only use. 2 frees weights and KV cache, and the next generate needs a sync_weights
+        first: the RL loop's setting (it syncs every step anyway, and saves the CPU copy). 0 never sleeps.
     rank_seed: vLLM's engine seed (per rank); per-request seeds below make results independent of batching anyway.
     llm / sampling_params_cls: inject a ready `vllm.LLM` and `vllm.SamplingParams` (tests pass recording fakes).
     """
 
-    def __init__(self, checkpoint_dir, tokenizer=None, *, sleep_level: int = 2, gpu_memory_utilization: float = 0.3,
+    def __init__(self, checkpoint_dir, tokenizer=None, *, sleep_level: int = 1, gpu_memory_utilization: float = 0.3,
                  max_model_len: int = 4096, dtype: str = "bfloat16", rank_seed: int = 0,
                  expected_names: set[str] | None = None, llm=None, sampling_params_cls=None, **llm_kwargs):
         if sleep_level not in (0, 1, 2):

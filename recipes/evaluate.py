@@ -1,0 +1,369 @@
+"""Evaluate checkpoints (or prediction files) on LaMP / PGraphRAG / demo tasks and put them side by side.
+
+    python recipes/evaluate.py --config recipes/configs/eval_demo.yaml \\
+        checkpoints=base=runs/demo/base,sft=runs/demo/sft/hf,guided=runs/demo/guided/hf
+    python recipes/evaluate.py data=/data/LaMP part=dev checkpoints=tagpr=runs/exploratory/hf   # paper Table 1
+    python recipes/evaluate.py --config recipes/configs/eval_robustness.yaml checkpoints=...    # k and retriever
+    python recipes/evaluate.py predictions=gemini=preds/LaMP_1.json,gemini=preds/LaMP_2.json tasks=LaMP-1,LaMP-2
+
+For every checkpoint, task and (retriever, k) setting: retrieve k profile items, build the personalised prompt,
+decode (greedy by default) with a rollout engine, keep the answer after the last `</think>`, and score it with
+the official LaMP rules (`minitagpr.metrics.evaluate`; the project's answer normalisation only with
+normalize=true). Written under out_dir:
+  predictions/<row>/<LaMP_k>_predictions.json   official-format predictions (the extracted answers)
+  generations/<row>/<task>.jsonl                 the raw generations (id, text, finish reason, token counts)
+  table.md, table.json                           Table 1 style: one row per checkpoint, one column per metric
+  robustness.md, robustness.json                 the k and retriever sweeps, when sweep_k / sweep_retrievers
+Library use (the demo pipeline): `evaluate_checkpoints({"base": dir0, "sft": dir1}, tasks, data=...) -> EvalTable`.
+
+1. config   2. task data   3. generation   4. scoring and tables   5. the command line
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from minitagpr.config import ConfigError, parse_cli
+from minitagpr.data import lamp, prompts, retrieval
+from minitagpr.data.lamp import DataError, LampExample
+from minitagpr.metrics import COLUMNS, evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MINITAGPR_SHARED", REPO.parent / "shared"))  # the shared assets beside the checkout
+LAMP_TASKS = ["LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7"]
+
+
+# ----------------------------------------------------------------------------------------------- 1. config
+@dataclass
+class EvalConfig:
+    checkpoints: list[str] = field(default_factory=list)  # "name=folder" (HF weights + tokenizer files), in order
+    predictions: list[str] = field(default_factory=list)  # "name=file.json": official-format prediction files
+    data: str = "demo"  # LaMP tasks: "demo" (the seeded demo world) or the root folder of a LaMP download
+    data_dir: str = ""  # demo: where the world is built (default out_dir/demo-world)
+    pgraphrag_dir: str = ""  # PGraphRAG tasks: folder of amazon_dev.json, ... (default ../shared/data/pgraphrag)
+    pgraphrag_domain: str = "amazon"  # amazon (the paper's AmazonReviewTitle) or hotel
+    tasks: list[str] = field(default_factory=lambda: list(LAMP_TASKS))
+    split: str = "user"  # LaMP user or time split
+    part: str = "dev"
+    limit: int = 0  # first `limit` questions per task (0 = all)
+    retriever: str = "recency"
+    k: int = 8
+    sweep_k: list[int] = field(default_factory=list)  # robustness: these k with `retriever`
+    sweep_retrievers: list[str] = field(default_factory=list)  # robustness: these retrievers with `k`
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 1024
+    temperature: float = 0.0  # greedy decoding: evaluation numbers do not depend on a seed
+    top_p: float = 1.0
+    seed: int = 0
+    batch_prompts: int = 16  # prompts per generate() call
+    engine: str = "auto"  # auto (vllm when installed and a GPU is present, else builtin) | builtin | vllm
+    normalize: bool = False  # the project's per-task answer normalisation (off = official rules)
+    out_dir: str = "runs/eval"
+
+    def __post_init__(self):
+        if not self.checkpoints and not self.predictions:
+            raise ValueError("nothing to evaluate: give checkpoints=name=folder,... or predictions=name=file,...")
+        for key in ("checkpoints", "predictions"):
+            for entry in getattr(self, key):
+                if "=" not in entry:
+                    raise ValueError(f"{key}: entry {entry!r} is not of the form name=path")
+        self.tasks = [lamp.canonical_task(t) for t in self.tasks]
+        if self.engine not in ("auto", "builtin", "vllm"):
+            raise ValueError(f"engine must be auto, builtin or vllm, got {self.engine!r}")
+        for k in [self.k, *self.sweep_k]:
+            if k < 0:
+                raise ValueError(f"k must be >= 0, got {k}")
+
+
+def named_entries(entries: Sequence[str]) -> dict[str, list[str]]:
+    """["a=x", "b=y", "a=z"] -> {"a": ["x", "z"], "b": ["y"]}, keeping first-seen order of names."""
+    out: dict[str, list[str]] = {}
+    for entry in entries:
+        name, _, path = entry.partition("=")
+        out.setdefault(name.strip(), []).append(path.strip())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- 2. task data
+@dataclass
+class TaskData:
+    task: str
+    examples: list[LampExample]
+    golds: dict[str, str]
+    source: str  # the questions file, for the report
+
+
+def load_task_data(data: Any, task: str, *, split: str = "user", part: str = "dev", limit: int = 0,
+                   data_dir: str | os.PathLike | None = None, pgraphrag_dir: str | os.PathLike | None = None,
+                   pgraphrag_domain: str = "amazon") -> TaskData:
+    """Questions and golds of one task.
+
+    LaMP tasks come from `data`: the root folder of a LaMP download, "demo" (the demo world, built under data_dir),
+    a DemoWorld, or a mapping {task: (questions_path, outputs_path)}. PGraphRAG tasks are built from
+    `<pgraphrag_dir>/<domain>_<part>.json` (default ../shared/data/pgraphrag, domain amazon: the paper's
+    AmazonReviewTitle) unless the mapping names files for them."""
+    task = lamp.canonical_task(task)
+    if task.startswith("PGraphRAG") and not (isinstance(data, Mapping) and task in data):
+        from minitagpr.data import pgraphrag
+
+        folder = Path(pgraphrag_dir) if pgraphrag_dir else SHARED / "data" / "pgraphrag"
+        source = folder / f"{pgraphrag_domain}_{part}.json"
+        examples, golds = pgraphrag.make_task(source, task)
+    else:
+        questions, outputs = _task_files(data, task, split, part, data_dir)
+        file_task, golds = lamp.load_outputs(outputs)
+        if lamp.canonical_task(file_task) != task:
+            raise DataError(f"{outputs}: holds task {file_task!r}, expected {task}")
+        examples = lamp.load_questions(questions, task)
+        source = questions
+    if limit:
+        examples = examples[:limit]
+    missing = [ex.id for ex in examples if ex.id not in golds]
+    if missing:
+        raise DataError(f"{source}: no gold output for question id(s) {', '.join(map(repr, missing[:10]))}")
+    return TaskData(task, examples, {ex.id: golds[ex.id] for ex in examples}, str(source))
+
+
+def _task_files(data, task, split, part, data_dir) -> tuple[Path, Path]:
+    if isinstance(data, Mapping):
+        if task not in data:
+            raise DataError(f"no files given for task {task}; the data mapping has {', '.join(data)}")
+        q, o = data[task]
+        return Path(q), Path(o)
+    if hasattr(data, "task_files"):  # a DemoWorld
+        return tuple(Path(p) for p in data.task_files(task, part))  # type: ignore[return-value]
+    if data == "demo":
+        from minitagpr.data import demo_world
+
+        return _task_files(demo_world.build(data_dir or "runs/eval/demo-world"), task, split, part, data_dir)
+    return lamp.split_files(data, task, split, part)
+
+
+# ----------------------------------------------------------------------------------------------- 3. generation
+def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_rows: int = 64):
+    """(engine, tokenizer) for a checkpoint folder: vLLM on GPUs when installed, else the built-in engine."""
+    from minitagpr.model import load_pretrained
+    from minitagpr.model.checkpoint import resolve_checkpoint
+    from minitagpr.rollout import BuiltinEngine, VLLMEngine, vllm_available
+    from minitagpr.tokenizer import Tokenizer
+
+    folder = resolve_checkpoint(checkpoint)
+    tokenizer = Tokenizer.from_dir(folder)
+    if kind == "auto":
+        kind = "vllm" if vllm_available() and torch.cuda.is_available() else "builtin"
+    if kind == "vllm":
+        return VLLMEngine(folder, tokenizer, sleep_level=0), tokenizer
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_pretrained(folder, dtype=dtype, device=device).eval()
+    return BuiltinEngine(model, tokenizer, max_batch_rows=max_batch_rows), tokenizer
+
+
+def generate_answers(engine, tokenizer, data: TaskData, *, retriever: str = "recency", k: int = 8,
+                     max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16) -> list[dict]:
+    """One generation record per example: {id, text, finish_reason, profile_items, prompt_tokens,
+    completion_tokens}; `text` is the raw continuation (thinking included)."""
+    chooser = retrieval.get_retriever(retriever, seed=seed)
+    stops = [tokenizer.im_end_id, tokenizer.eos_id]
+    records = []
+    for start in range(0, len(data.examples), batch_prompts):
+        batch = data.examples[start:start + batch_prompts]
+        ids, kept = [], []
+        for ex in batch:
+            messages, n_items = prompts.fit_messages(ex, chooser.select(ex, k), tokenizer, max_prompt_tokens)
+            ids.append(tokenizer.apply_chat(messages, add_generation_prompt=True))
+            kept.append(n_items)
+        groups = engine.generate(ids, n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                 stop_token_ids=stops, seed=seed + start)
+        for ex, prompt, n_items, group in zip(batch, ids, kept, groups):
+            c = group[0]
+            records.append({"id": ex.id, "text": c.text, "finish_reason": c.finish_reason, "profile_items": n_items,
+                            "prompt_tokens": len(prompt), "completion_tokens": len(c.token_ids)})
+    return records
+
+
+# ----------------------------------------------------------------------------------------------- 4. scoring, tables
+def score(data: TaskData, texts: Mapping[str, str], *, extract: bool = True, normalize: bool = False) -> dict:
+    """Official-rule metrics of raw texts (answer after the last `</think>` when `extract`)."""
+    return evaluate(data.task, dict(texts), data.golds, extract=extract, normalize=normalize)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    text = f"{value:.3f}"
+    return text[1:] if text.startswith("0.") else text  # the paper's style: .717
+
+
+@dataclass
+class EvalTable:
+    """Rows of {task: metrics}, one per evaluated model and setting, with how each was produced."""
+
+    rows: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    examples: dict[str, int] = field(default_factory=dict)  # task -> number of scored examples
+
+    def add(self, row: str, task: str, metrics: Mapping[str, float], settings: Mapping[str, Any], n: int) -> None:
+        self.rows.setdefault(row, {})[task] = dict(metrics)
+        self.settings.setdefault(row, dict(settings))
+        self.examples[task] = n
+
+    def tasks(self) -> list[str]:
+        seen = {t for r in self.rows.values() for t in r}
+        ordered = [t for t in dict.fromkeys(t for t, _, _ in COLUMNS) if t in seen]
+        return ordered + sorted(seen - set(ordered))
+
+    def markdown(self, title: str = "") -> str:
+        """Table 1 layout: metric columns in the paper's order; '—' where a row lacks a task."""
+        tasks = self.tasks()
+        cols = [(t, key, head) for t, key, head in COLUMNS if t in tasks]
+        lines = [f"### {title}", ""] if title else []
+        lines += ["| method | " + " | ".join(h for _, _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+        for name, results in self.rows.items():
+            cells = [_fmt(results.get(t, {}).get(key)) for t, key, _ in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        counts = ", ".join(f"{t}: {n}" for t, n in self.examples.items())
+        lines += ["", f"Examples per task: {counts}. Lower is better for MAE/RMSE, higher for the rest."]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "settings": self.settings, "examples": self.examples}
+
+    def write(self, out_dir: str | os.PathLike, stem: str = "table", title: str = "") -> tuple[Path, Path]:
+        out_dir = Path(out_dir)
+        md = _atomic_write_text(out_dir / f"{stem}.md", self.markdown(title))
+        js = _atomic_write_text(out_dir / f"{stem}.json", json.dumps(self.to_json(), indent=2) + "\n")
+        return md, js
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "row"
+
+
+def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list[dict]) -> None:
+    """Official-format predictions (extracted answers) and the raw generations of one row and task."""
+    if out_dir is None:
+        return
+    from minitagpr.data import answers
+
+    preds = {r["id"]: answers.extract_answer(r["text"]) for r in records}
+    lamp.write_outputs(out_dir / "predictions" / _slug(row) / f"{lamp.task_spec(data.task).file_name}_predictions.json",
+                       data.task, preds)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    _atomic_write_text(out_dir / "generations" / _slug(row) / f"{data.task}.jsonl", lines)
+
+
+def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tasks: Sequence[str] | Sequence[TaskData],
+                         *, data: Any = "demo", data_dir=None, pgraphrag_dir=None, split: str = "user",
+                         part: str = "dev",
+                         limit: int = 0, settings: Sequence[tuple[str, int]] = (("recency", 8),),
+                         max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
+                         top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16, engine: str = "auto",
+                         normalize: bool = False, out_dir: str | os.PathLike | None = None,
+                         log=print) -> EvalTable:
+    """Run every checkpoint on every task under every (retriever, k) in `settings`; returns the table (and writes
+    predictions + generations under out_dir when given). Rows are named after the checkpoints, with
+    " [retriever k=K]" appended when there is more than one setting. `tasks` are task names (loaded from `data`)
+    or ready TaskData."""
+    task_data = [t if isinstance(t, TaskData) else load_task_data(data, t, split=split, part=part, limit=limit,
+                                                                   data_dir=data_dir, pgraphrag_dir=pgraphrag_dir)
+                 for t in tasks]
+    out = Path(out_dir) if out_dir is not None else None
+    table = EvalTable()
+    for name, checkpoint in named_checkpoints.items():
+        eng, tokenizer = make_engine(checkpoint, engine)
+        for retriever, k in settings:
+            row = name if len(settings) == 1 else f"{name} [{retriever} k={k}]"
+            for td in task_data:
+                records = generate_answers(eng, tokenizer, td, retriever=retriever, k=k,
+                                           max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                                           temperature=temperature, top_p=top_p, seed=seed,
+                                           batch_prompts=batch_prompts)
+                metrics = score(td, {r["id"]: r["text"] for r in records}, normalize=normalize)
+                table.add(row, td.task, metrics, {"checkpoint": str(checkpoint), "retriever": retriever, "k": k,
+                                                  "temperature": temperature, "normalize": normalize},
+                          len(td.examples))
+                _write_outputs(out, row, td, records)
+                log(f"eval {row} {td.task}: " + ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
+        del eng
+    return table
+
+
+def evaluate_prediction_files(named_files: Mapping[str, Sequence[str | os.PathLike]], tasks: Sequence[TaskData], *,
+                              normalize: bool = False, extract: bool = True) -> EvalTable:
+    """Score official-format prediction files; each file names its task (`"task": "LaMP_k"`)."""
+    by_task = {td.task: td for td in tasks}
+    table = EvalTable()
+    for name, files in named_files.items():
+        for path in files:
+            file_task, preds = lamp.load_outputs(path)
+            task = lamp.canonical_task(file_task)
+            if task not in by_task:
+                raise DataError(f"{path}: predictions for {task}, which is not among the evaluated tasks "
+                                f"({', '.join(by_task)})")
+            td = by_task[task]
+            table.add(name, task, score(td, preds, extract=extract, normalize=normalize),
+                      {"predictions": str(path), "normalize": normalize}, len(td.examples))
+    return table
+
+
+# ----------------------------------------------------------------------------------------------- 5. command line
+def run(cfg: EvalConfig) -> dict[str, EvalTable]:
+    out = Path(cfg.out_dir)
+    data_dir = cfg.data_dir or (out / "demo-world" if cfg.data == "demo" else None)
+    tasks = [load_task_data(cfg.data, t, split=cfg.split, part=cfg.part, limit=cfg.limit, data_dir=data_dir,
+                            pgraphrag_dir=cfg.pgraphrag_dir or None, pgraphrag_domain=cfg.pgraphrag_domain)
+             for t in cfg.tasks]
+    common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_prompts=cfg.batch_prompts,
+                  engine=cfg.engine, normalize=cfg.normalize, out_dir=out)
+    checkpoints = {name: paths[-1] for name, paths in named_entries(cfg.checkpoints).items()}
+    title = f"{cfg.data} {cfg.part}, {cfg.retriever} k={cfg.k}"
+    main = EvalTable()
+    if cfg.predictions:
+        main = evaluate_prediction_files(named_entries(cfg.predictions), tasks, normalize=cfg.normalize)
+    if checkpoints:
+        ours = evaluate_checkpoints(checkpoints, tasks, settings=[(cfg.retriever, cfg.k)], **common)
+        for row, results in ours.rows.items():
+            for task, metrics in results.items():
+                main.add(row, task, metrics, ours.settings[row], ours.examples[task])
+    tables = {"table": main}
+    main.write(out, "table", title)
+    print(main.markdown(title))
+    sweep = [(cfg.retriever, k) for k in cfg.sweep_k] + [(r, cfg.k) for r in cfg.sweep_retrievers]
+    if sweep and checkpoints:
+        robust = evaluate_checkpoints(checkpoints, tasks, settings=list(dict.fromkeys(sweep)), **common)
+        robust.write(out, "robustness", f"robustness: {cfg.data} {cfg.part}")
+        print(robust.markdown("robustness"))
+        tables["robustness"] = robust
+    print(f"wrote {out / 'table.md'} and {out / 'table.json'}")
+    return tables
+
+
+if __name__ == "__main__":
+    try:
+        run(parse_cli(EvalConfig, sys.argv[1:]))
+    except (DataError, ConfigError, OSError) as err:
+        sys.exit(f"evaluate: {err}")

@@ -336,7 +336,9 @@ class Qwen3ForCausalLM(nn.Module):
         B, T, H = hidden.shape
         logp, entropy = token_logprobs(hidden.reshape(B * T, H), self.lm_head_weight, targets.reshape(B * T),
                                        temperature=temperature, with_entropy=with_entropy)
-        return logp.view(B, T), (entropy.view(B, T) if entropy is not None else None)  # (B, T) fp32 each
+        # clone: FSDP2 hooks the root's outputs for backward, and a view output is fragile there (in-place ops on it
+        # would skip the hook); (B, T) is tiny next to the hidden states
+        return logp.view(B, T).clone(), (entropy.view(B, T).clone() if entropy is not None else None)  # (B, T) fp32
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight).float()  # (B, T, V) fp32 -- very big tensor for real vocabularies

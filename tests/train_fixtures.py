@@ -72,15 +72,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], nproc: int, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def launch(args: list[str], nproc: int, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run recipes/sft.py with `args` under torchrun (nproc > 1) or as a plain process (nproc == 1)."""
-    script = str(REPO / "recipes" / "sft.py")
+    script = [str(REPO / "recipes" / "sft.py")]
+    return _run(script, args, nproc, env, timeout)
+
+
+def launch_sequence(runs: list[list[str]], nproc: int, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Several SFT runs one after another inside one torchrun job (one process group, as recipes/guided_rl.py
+    calls `run` for its stages); saves the start-up of a launch per run."""
+    args = [a for run in runs for a in [*run, "--"]][:-1]
+    return _run(["-m", "train_fixtures"], args, nproc, None, timeout)
+
+
+def _run(target: list[str], args: list[str], nproc: int, env: dict | None, timeout: float):
     if nproc == 1:
-        cmd = [sys.executable, script, *args]
+        cmd = [sys.executable, *target, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", script, *args]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
+               f"--master_port={free_port()}", *target, *args]
+    path = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **(env or {}))
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -88,3 +100,29 @@ def losses(out_dir: Path) -> list[tuple[int, float]]:
     """(step, loss) of every line of a run's metrics.jsonl, in file order."""
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+def _run_sequence(argv: list[str]) -> None:
+    """Entry point of `launch_sequence`: runs separated by "--", all in this process group."""
+    import importlib.util
+
+    from minitagpr import distributed as D
+    spec = importlib.util.spec_from_file_location("sft_recipe", REPO / "recipes" / "sft.py")
+    sft = importlib.util.module_from_spec(spec)
+    sys.modules["sft_recipe"] = sft
+    spec.loader.exec_module(sft)
+    D.init_distributed()
+    groups, current = [], []
+    for arg in argv:
+        if arg == "--":
+            groups.append(current)
+            current = []
+        else:
+            current.append(arg)
+    for group in groups + [current]:
+        sft.run(sft.parse_cli(sft.SftConfig, group))
+    D.destroy_distributed()
+
+
+if __name__ == "__main__":
+    _run_sequence(sys.argv[1:])

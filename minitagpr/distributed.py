@@ -1,0 +1,325 @@
+"""Everything that knows about more than one process: process group, FSDP2 sharding, DCP checkpoints, HF export.
+
+The model, losses and rewards never import torch.distributed; a recipe builds a model, hands it to `shard_model`
+(or uses `build_sharded_causal_lm`), and calls `save_checkpoint` / `load_checkpoint` / `export_hf` from here.
+
+Conventions every recipe relies on:
+- Gradients are *summed* across ranks (FSDP's divide factor is 1): each loss must already be divided by its global
+  normaliser (e.g. the all-reduced count of valid tokens of the step), see minitagpr/train/loss.py.
+- Parameters are fp32 master weights on every device; on GPU, FSDP computes in bf16 and reduces in fp32.
+- A checkpoint is a folder `step_XXXXXX` written as `step_XXXXXX.tmp` and renamed when complete, so a folder with
+  the final name is always whole; a crash during a save leaves the previous checkpoint as the latest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+CKPT_PATTERN = re.compile(r"^step_(\d{6,})$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+FAULT_ENV = "MINITAGPR_FAULT"  # test hook, see fault_point
+
+_we_initialised = False
+
+
+# ----------------------------------------------------------------------------------------------- process group
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*), or
+    form a one-process group when there is no such environment. NCCL with one GPU per process when CUDA is
+    available, gloo on CPU. Idempotent: an already initialised group (e.g. by a calling recipe) is reused."""
+    global _we_initialised
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        kwargs = {"timeout": timedelta(seconds=timeout_s)}
+        if use_cuda:
+            kwargs["device_id"] = torch.device("cuda", local_rank)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, **kwargs)
+        else:  # plain `python recipe.py`: a group of one, no ports needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+        _we_initialised = True
+    return world()
+
+
+def world() -> DistInfo:
+    """Rank, world size and device of this process (the group must be initialised)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+
+
+def destroy_distributed() -> None:
+    """Tear down the process group, but only if `init_distributed` created it."""
+    global _we_initialised
+    if _we_initialised and dist.is_initialized():
+        dist.destroy_process_group()
+    _we_initialised = False
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(*parts, file=None) -> None:
+    """print on rank 0 only, flushed (torchrun interleaves the ranks' streams)."""
+    if is_main():
+        print(*parts, file=file or sys.stdout, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over all ranks (in place, also returned); the identity without a process group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (small picklable objects only)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2
+def device_mesh(info: DistInfo) -> DeviceMesh:
+    """A 1-D data-parallel mesh over all ranks (FSDP shards every parameter over it)."""
+    return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+
+
+def mixed_precision(device: torch.device, mode: str = "auto") -> MixedPrecisionPolicy | None:
+    """bf16 compute with fp32 gradient reduction on GPU ("auto" or "bf16"); plain fp32 on CPU or with "fp32"."""
+    if mode not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {mode!r}")
+    if mode == "fp32" or (mode == "auto" and device.type != "cuda"):
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated transformer blocks (HF layout `model.layers`) of a causal LM or a reward model."""
+    inner = getattr(model, "model", None)
+    blocks = getattr(inner, "layers", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no `model.layers` ModuleList to shard block by block")
+    return blocks
+
+
+def enable_activation_checkpointing(blocks: nn.ModuleList) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them (non-reentrant).
+
+    The block's forward is wrapped in place, so parameter names (and thus checkpoints) are unchanged."""
+    for block in blocks:
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():  # decoding and no-grad scoring: nothing to save, run plainly
+                return _forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, mp: MixedPrecisionPolicy | None = None,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """FSDP2: `fully_shard` each decoder block, then the root (embedding, final norm, head -- a tied head is the
+    embedding parameter, so it lives once in the root group). Works on a model built on the meta device."""
+    blocks = decoder_blocks(model)
+    if activation_checkpointing:
+        enable_activation_checkpointing(blocks)
+    kwargs = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)  # sum over ranks: losses carry their global normaliser themselves
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+    return model
+
+
+def materialize_and_load(model: nn.Module, full_state_dict: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Allocate a sharded meta-device model on `device` and fill it from a full state dict held by rank 0 only
+    (other ranks pass {}); each tensor is broadcast and every rank keeps its shard."""
+    model.to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # to_empty re-creates parameters; re-tie the head to the embedding
+    set_model_state_dict(model, full_state_dict,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+
+
+def build_sharded_causal_lm(path: str | os.PathLike, info: DistInfo, mesh: DeviceMesh, *, mp_mode: str = "auto",
+                            activation_checkpointing: bool = False) -> nn.Module:
+    """Meta-device Qwen3ForCausalLM -> FSDP2 shards -> weights of the HF checkpoint at `path` (read on rank 0)."""
+    from minitagpr.model import Qwen3Config, Qwen3ForCausalLM, load_pretrained
+    from minitagpr.model.checkpoint import resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
+    config = Qwen3Config.from_json(folder / "config.json")
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    shard_model(model, mesh, mixed_precision(info.device, mp_mode), activation_checkpointing)
+    # fp32 master weights whatever the file stores; only rank 0 reads the file (others receive broadcasts)
+    full = load_pretrained(folder, dtype=torch.float32).state_dict() if info.is_main else {}
+    materialize_and_load(model, full, info.device)
+    del full
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:06d}"
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (folders named step_XXXXXX, never *.tmp), oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := CKPT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def fault_point(where: str, step: int) -> None:
+    """Test hook for crash-recovery tests: with MINITAGPR_FAULT=f"{where}:{step}" in the environment, every rank
+    SIGKILLs itself here (no cleanup, as a node failure would). Points: "save" (a checkpoint's files are written but
+    not yet renamed into place) and "step" (the start of a training step)."""
+    if os.environ.get(FAULT_ENV) == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict, keep_last: int = 2) -> Path:
+    """Collective. Sharded DCP save of model + optimizer, per-rank RNG states, and `state` (a JSON-able dict: step,
+    data position, config echo...) into step_XXXXXX.tmp, renamed to step_XXXXXX when every rank has written;
+    then all but the newest `keep_last` checkpoints are deleted (keep_last <= 0 keeps all)."""
+    info = world()
+    final = checkpoint_path(ckpt_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash at this step
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{info.rank:05d}.pt")
+    if info.is_main:
+        payload = dict(state, step=step, world_size=info.world_size)
+        (tmp / "state.json").write_text(json.dumps(payload, indent=2))
+    fault_point("save", step)
+    barrier()
+    if info.is_main:
+        if final.exists():  # re-saving a step (e.g. the final save after a resume at that step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a folder with the final name is always complete
+        if keep_last > 0:
+            for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Collective. Restore model (+ optimizer) shards and this rank's RNG state from a checkpoint folder; returns
+    the saved `state` dict (with `step`). The world size may differ from the saving run's (DCP reshards); RNG
+    states are then left as they are."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
+    state = json.loads((path / "state.json").read_text())
+    if optimizer is None:
+        model_sd = get_model_state_dict(model)
+        dcp.load({"model": model_sd}, checkpoint_id=str(path))
+        set_model_state_dict(model, model_sd)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        sd = {"model": model_sd, "optim": optim_sd}
+        dcp.load(sd, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    rng_file = path / f"rng_rank{world().rank:05d}.pt"
+    if state.get("world_size") == world().world_size and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- HF export
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective. The unsharded fp32 state dict on CPU on rank 0 ({} on the other ranks)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+              dtype: torch.dtype | None = None, save_fn=None) -> Path:
+    """Collective. Gather the full weights on rank 0 and write an HF folder (config.json, safetensors, tokenizer
+    files) with `save_fn(model, out_dir, state_dict=..., dtype=..., extra_files=...)` -- `save_pretrained` of
+    minitagpr.model by default; the reward model passes its own. The folder appears atomically."""
+    if save_fn is None:
+        from minitagpr.model import save_pretrained as save_fn
+    sd = full_state_dict(model)
+    out_dir = Path(out_dir)
+    if is_main():
+        extra = {}
+        if tokenizer_dir is not None:
+            extra = {n: Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (Path(tokenizer_dir) / n).is_file()}
+        save_fn(model, out_dir, state_dict=sd, dtype=dtype, extra_files=extra)
+    barrier()
+    return out_dir

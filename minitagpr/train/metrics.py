@@ -1,0 +1,129 @@
+"""Per-step metrics: a JSONL log (one object per optimizer step), a rank-0 progress line with ETA, and MFU.
+
+MFU = achieved model FLOP/s / peak FLOP/s, with achieved = tokens/s * `model.flops_per_token(seq_len)` (6N plus the
+attention term, forward + backward) and the peak from the table below (dense bf16 tensor-core numbers for GPUs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# Dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name() (first match wins).
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),
+    ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12),
+    ("V100", 125e12),
+]
+# CPU assumption (order of magnitude only): one core with AVX2/AVX-512 FMA at ~2.5 GHz sustains ~50 GFLOP/s fp32.
+CPU_PEAK_FLOPS_PER_THREAD = 50e9
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    import torch  # here, so the plot command starts without importing torch
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS:
+            if key in name:
+                return flops, f"{name}: {flops / 1e12:.0f} TFLOP/s dense bf16"
+        return 312e12, f"{name}: unknown GPU, assuming A100's 312 TFLOP/s"
+    threads = torch.get_num_threads()
+    return threads * CPU_PEAK_FLOPS_PER_THREAD, (f"CPU: assumed {CPU_PEAK_FLOPS_PER_THREAD / 1e9:.0f} GFLOP/s per "
+                                                 f"thread x {threads} thread(s)")
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak_per_device: float) -> float:
+    """Model FLOPs utilisation of the whole job (tokens_per_s summed over all ranks)."""
+    return tokens_per_s * flops_per_token / (world_size * peak_per_device)
+
+
+class JsonlLog:
+    """Append one JSON object per step to `path` (rank 0 only; a no-op elsewhere).
+
+    `resume_step=s` first drops lines with step >= s, written by a run that died after its last checkpoint, so a
+    resumed run's log holds every step exactly once."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, resume_step: int | None = None):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", -1) < resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self._file = self.path.open("a")
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file {path} does not exist")
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+    return out
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """A one-line progress report with ETA on rank 0: redrawn in place on a terminal, a plain line every
+    `every_s` seconds (and at the last step) when the output is a file or pipe."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True, stream=None, every_s: float = 10.0,
+                 prefix: str = ""):
+        self.total, self.start, self.enabled = total_steps, start_step, enabled
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every_s, self.prefix = every_s, prefix
+        self.t0 = time.perf_counter()
+        self._last_print = -float("inf")
+
+    def update(self, step: int, **values: float) -> None:
+        """Report that optimizer step `step` (0-based) has finished."""
+        if not self.enabled:
+            return
+        done = step + 1 - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step - 1)
+        fields = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
+        line = (f"{self.prefix}step {step + 1}/{self.total} | {fields} | {elapsed / max(done, 1):.2f} s/step | "
+                f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}")
+        now = time.perf_counter()
+        last = step + 1 >= self.total
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if last else ""))
+            self.stream.flush()
+        elif last or now - self._last_print >= self.every_s:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self._last_print = now

@@ -1,0 +1,291 @@
+"""Stage 1 -- supervised fine-tuning on tagged reasoning chains (docs/tagpr-method.md "Stage 1 -- SFT").
+
+    torchrun --nproc_per_node=2 recipes/sft.py                                  # the demo (tiny Qwen3, demo chains)
+    torchrun --nproc_per_node=8 recipes/sft.py --config recipes/configs/sft_qwen3_8b.yaml data=chains.jsonl
+    python recipes/sft.py max_steps=20 lr=3e-4                                  # one process, no torchrun
+
+Loss: cross-entropy of the assistant turn (`<think>` chain `</think>` answer `<|im_end|>`) given the prompt, prompt
+tokens masked; the token sum is divided by the global count of target tokens of the optimizer step
+(minitagpr/train/loss.py). Outputs in out_dir: config.yaml, metrics.jsonl, metrics.png, checkpoints/step_XXXXXX
+(resumed automatically), hf/ (the exported model + tokenizer), eval.json (demo check of the exported model).
+
+`run(cfg)` is importable: recipes/guided_rl.py calls it inside its own torchrun process group.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minitagpr import distributed as D
+from minitagpr.config import ConfigError, parse_cli, save_config
+from minitagpr.model import CheckpointError
+from minitagpr.train import optim as O
+from minitagpr.train import sft_data as S
+from minitagpr.train.loss import NonFiniteLossError, nll_forward_backward
+from minitagpr.train.metrics import JsonlLog, Progress, mfu, peak_flops
+
+
+@dataclass
+class SftConfig:
+    # inputs ("" = the demo: a tiny random Qwen3 sized to the demo tokenizer, trained on the demo world's chains)
+    model: str = ""  # HF Qwen3 folder or hub id of the base model
+    tokenizer: str = ""  # folder with tokenizer.json + tokenizer_config.json; "" = the model folder
+    data: str = ""  # SFT JSONL: {"id", "user", "task", "messages", "chain", "answer"} per line
+    demo_dir: str = "runs/demo"  # where the demo world and the demo base model are built once and reused
+    demo_preset: str = "demo"  # model preset (minitagpr.model.presets) of the demo base model
+    out_dir: str = "runs/demo/sft"
+    # batches: a row is seq_len tokens holding one or more packed documents
+    seq_len: int = 1024
+    pack: bool = True  # False = one document per row, so global_batch counts examples (the paper's convention)
+    global_batch: int = 8  # rows per optimizer step, over all ranks
+    micro_batch: int = 1  # rows per forward pass per rank; accumulation = global_batch / (micro_batch * world)
+    epochs: int = 2
+    max_steps: int = 0  # > 0: train exactly this many steps (continuing into further epochs if needed)
+    # optimizer: AdamW, linear warmup then cosine decay to min_lr_ratio * lr
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global grad norm (0 = no clipping, the norm is still logged)
+    # system
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto: bf16 compute + fp32 reduce on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    save_every: int = 0  # checkpoint every N steps (the last step is always saved); 0 = only the last
+    keep_last: int = 2
+    resume: bool = True  # continue from the latest checkpoint in out_dir/checkpoints
+    export_dtype: str = "float32"  # dtype of the exported HF weights: float32 or bfloat16
+    plot: bool = True  # write metrics.png next to metrics.jsonl
+    # demo check of the exported model: greedy chains on held-out prompts
+    eval_holdout: int = 32  # records held out of training (seeded choice) whose prompts are decoded after export
+    eval_max_new_tokens: int = 320
+
+    def __post_init__(self):
+        for name in ("seq_len", "global_batch", "micro_batch", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if self.export_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"export_dtype must be float32 or bfloat16, got {self.export_dtype!r}")
+        if self.mixed_precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers, got {self.betas}")
+
+
+def run(cfg: SftConfig) -> Path:
+    """Train, checkpoint, export; returns the HF export folder. Works inside an existing process group."""
+    # ---- 1. processes -------------------------------------------------------------------------------------------
+    info = D.init_distributed()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    accum, rem = divmod(cfg.global_batch, cfg.micro_batch * info.world_size)
+    if accum < 1 or rem:
+        raise ConfigError(f"global_batch={cfg.global_batch} must be a multiple of micro_batch * world size = "
+                          f"{cfg.micro_batch} * {info.world_size}")
+    if info.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    D.log(f"[sft] {info.world_size} process(es) on {info.device.type} ({info.backend}); global batch "
+          f"{cfg.global_batch} rows = {info.world_size} ranks x {accum} micro-batches x {cfg.micro_batch} rows "
+          f"of {cfg.seq_len} tokens")
+
+    # ---- 2. inputs: the given paths, or the demo world + a tiny base model built once ---------------------------
+    model_path, tokenizer_dir, data_path = resolve_inputs(cfg, info)
+    from minitagpr.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+
+    # ---- 3. data: records -> ids with the prompt masked -> packed rows ------------------------------------------
+    records = S.read_sft_records(data_path)
+    train_records, heldout = split_heldout(records, cfg.eval_holdout, cfg.seed, data_path)
+    docs = S.tokenize_records(train_records, tokenizer, data_path)
+    rows = S.pack_documents(docs, cfg.seq_len, tokenizer.pad_id, pack=cfg.pack, shuffle_seed=cfg.seed)
+    spe = S.steps_per_epoch(rows.num_rows, cfg.global_batch)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
+    fill = float((rows.targets != S.IGNORE_INDEX).float().mean())
+    D.log(f"[sft] {len(docs)} documents ({len(heldout)} held out) -> {rows.num_rows} rows "
+          f"({rows.num_truncated} truncated to seq_len, {fill:.0%} of tokens are targets); "
+          f"{spe} steps/epoch, {total_steps} steps")
+
+    # ---- 4. model: meta-device init -> FSDP2 shards -> weights broadcast from rank 0 ----------------------------
+    mesh = D.device_mesh(info)
+    model = D.build_sharded_causal_lm(model_path, info, mesh, mp_mode=cfg.mixed_precision,
+                                      activation_checkpointing=cfg.activation_checkpointing)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer_dir} has {tokenizer.vocab_size} ids but the model {model_path} only "
+                          f"{model.config.vocab_size} embedding rows")
+    model.train()
+
+    # ---- 5. optimizer and schedule (lr is a function of the step: nothing extra to checkpoint) -----------------
+    optimizer = O.build_optimizer(model, cfg.lr, cfg.weight_decay, tuple(cfg.betas))
+    warmup = round(cfg.warmup_ratio * total_steps)
+
+    # ---- 6. resume: model, optimizer, RNG and the step (= the data position) --------------------------------------
+    ckpt_dir = out_dir / "checkpoints"
+    data_sig = {"num_rows": rows.num_rows, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch,
+                "seed": cfg.seed, "pack": cfg.pack}
+    start_step = 0
+    latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if latest is not None:
+        state = D.load_checkpoint(latest, model, optimizer)
+        if state.get("data") != data_sig:
+            raise ConfigError(f"checkpoint {latest} was written for data {state.get('data')} but this run has "
+                              f"{data_sig}; use a fresh out_dir or resume=false")
+        start_step = int(state["step"])
+        D.log(f"[sft] resumed from {latest} at step {start_step}")
+
+    # ---- 7. train -------------------------------------------------------------------------------------------------
+    log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)
+    progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="[sft] ")
+    peak, peak_note = peak_flops(info.device)
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    D.log(f"[sft] MFU peak: {peak_note}")
+    t_start = time.perf_counter()
+    for step in range(start_step, total_steps):
+        D.fault_point("step", step)
+        t0 = time.perf_counter()
+        lr = O.set_lr(optimizer, O.lr_at(step, total_steps, warmup, cfg.min_lr_ratio))
+        global_rows = S.rows_for_step(step, rows.num_rows, cfg.global_batch, cfg.seed)
+        mbs = [rows.batch(mb, info.device) for mb in
+               S.micro_batches(S.rank_slice(global_rows, info.rank, info.world_size), cfg.micro_batch)]
+        optimizer.zero_grad(set_to_none=True)
+        out = nll_forward_backward(model, mbs, info.device, step)
+        grad_norm = O.clip_grad_norm(model, cfg.grad_clip)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step}; stopping before the "
+                                     "optimizer step")
+        optimizer.step()
+        dt = time.perf_counter() - t0
+        tokens = out["local_tokens"] * info.world_size  # every rank processes the same number of rows
+        record = {"step": step, "epoch": step // spe, "loss": out["loss"], "lr": lr, "grad_norm": grad_norm,
+                  "target_tokens": out["valid_tokens"], "tokens": tokens, "tokens_per_s": tokens / dt,
+                  "mfu": mfu(tokens / dt, flops_per_token, info.world_size, peak), "step_time_s": dt,
+                  "elapsed_s": time.perf_counter() - t_start}
+        log.write(record)
+        progress.update(step, loss=out["loss"], lr=lr, gnorm=grad_norm)
+        done = step + 1
+        if done == total_steps or (cfg.save_every > 0 and done % cfg.save_every == 0):
+            D.save_checkpoint(ckpt_dir, done, model, optimizer, {"data": data_sig}, cfg.keep_last)
+    log.close()
+
+    # ---- 8. export: full weights gathered on rank 0 -> HF folder (config, safetensors, tokenizer) -----------------
+    export_dir = D.export_hf(model, out_dir / "hf", tokenizer_dir, dtype=getattr(torch, cfg.export_dtype))
+    if cfg.plot and info.is_main and (out_dir / "metrics.jsonl").exists():
+        from minitagpr.train.plots import plot_metrics
+        plot_metrics(out_dir / "metrics.jsonl", out_dir / "metrics.png",
+                     keys=["loss", "lr", "grad_norm", "tokens_per_s", "mfu"])
+    D.log(f"[sft] exported {export_dir}")
+    del model, optimizer
+
+    # ---- 9. demo check: greedy chains of the exported model on held-out prompts ----------------------------------
+    if heldout:
+        result = evaluate_chains(export_dir, heldout, cfg.eval_max_new_tokens, info)
+        if info.is_main:
+            tmp = out_dir / "eval.json.tmp"
+            tmp.write_text(json.dumps(result, indent=2))
+            tmp.replace(out_dir / "eval.json")
+        D.log(f"[sft] held-out prompts: {result['well_formed']}/{result['n']} well-formed tagged chains "
+              f"({result['well_formed_share']:.0%}); answer matches gold {result['answer_match_share']:.0%}")
+    D.barrier()
+    return export_dir
+
+
+def resolve_inputs(cfg: SftConfig, info: D.DistInfo) -> tuple[str, Path, Path]:
+    """(model path, tokenizer folder, data file). Empty settings fall back to the demo, built on rank 0 once."""
+    model_path, tokenizer, data = cfg.model, cfg.tokenizer, cfg.data
+    if not data or not model_path:
+        demo_dir = Path(cfg.demo_dir)
+        if info.is_main:
+            world = ensure_demo_world(demo_dir)
+            base = demo_dir / f"base_{cfg.demo_preset}"
+            if not model_path and not (base / "config.json").exists():
+                from minitagpr.model import presets
+                presets.make_tiny_checkpoint(base, preset=cfg.demo_preset, seed=cfg.seed,
+                                             tokenizer_dir=world.tokenizer_dir)
+            paths = (str(base), str(world.tokenizer_dir), str(world.sft_chains))
+        else:
+            paths = None
+        demo_model, demo_tok, demo_data = D.broadcast_object(paths)
+        model_path = model_path or demo_model
+        data = data or demo_data
+        tokenizer = tokenizer or (demo_tok if not cfg.model else "")
+    tokenizer = Path(tokenizer or model_path)
+    if not Path(data).is_file():
+        raise S.DataError(f"SFT data file {data} does not exist")
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise ConfigError(f"no tokenizer.json in {tokenizer}; set tokenizer=FOLDER")
+    return model_path, tokenizer, Path(data)
+
+
+def ensure_demo_world(demo_dir: Path):
+    """The demo world under demo_dir/world (built on first use; building is deterministic)."""
+    from minitagpr.data import demo_world
+    return demo_world.build(demo_dir / "world")
+
+
+def split_heldout(records: list[S.SftRecord], n: int, seed: int, path) -> tuple[list, list]:
+    """Hold out `n` records (a seeded choice) for the post-training check; the rest train."""
+    if n <= 0:
+        return records, []
+    if n >= len(records):
+        raise ConfigError(f"eval_holdout={n} leaves no training records of the {len(records)} in {path}")
+    order = list(range(len(records)))
+    random.Random(seed + 17).shuffle(order)
+    held = set(order[:n])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+@torch.no_grad()
+def evaluate_chains(export_dir: Path, heldout: list[S.SftRecord], max_new_tokens: int, info: D.DistInfo) -> dict:
+    """Greedy-decode each held-out prompt with the exported model (prompts split over ranks) and count responses
+    that pass the format and tag checks of minitagpr.rewards (R_f = 1 and R_tag = 0), plus exact answer matches."""
+    from minitagpr.model import load_pretrained
+    from minitagpr.rewards import format_reward, tag_reward
+    from minitagpr.rollout.builtin import BuiltinEngine
+    from minitagpr.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(export_dir)
+    model = load_pretrained(export_dir, dtype=torch.float32, device=info.device).eval()
+    engine = BuiltinEngine(model, tokenizer)
+    mine = heldout[info.rank::info.world_size]
+    prompts = [tokenizer.apply_chat(r.messages, add_generation_prompt=True) for r in mine]
+    groups = engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                             stop_token_ids=[tokenizer.im_end_id, tokenizer.eos_id]) if prompts else []
+    well, match, samples = 0, 0, []
+    for r, group in zip(mine, groups):
+        text = group[0].text
+        chain = text.split("<think>", 1)[-1].split("</think>", 1)[0]
+        ok = format_reward(text) == 1 and tag_reward(chain) == 0
+        answer = text.rsplit("</think>", 1)[-1].strip()
+        well += int(ok)
+        match += int(answer == r.answer.strip())
+        if len(samples) < 3:
+            samples.append({"id": r.id, "task": r.task, "well_formed": ok, "response": text})
+    counts = D.all_reduce_sum(torch.tensor([well, match, len(mine)], dtype=torch.float64, device=info.device))
+    well_all, match_all, n = (int(x) for x in counts.tolist())
+    return {"n": n, "well_formed": well_all, "well_formed_share": well_all / max(n, 1),
+            "answer_match_share": match_all / max(n, 1), "samples_rank0": samples}
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_cli(SftConfig, sys.argv[1:] if argv is None else argv)
+        run(cfg)
+    except (ConfigError, S.DataError, NonFiniteLossError, CheckpointError, FileNotFoundError) as err:
+        print(f"[sft] error: {err}", file=sys.stderr, flush=True)
+        D.destroy_distributed()
+        sys.exit(1)
+    D.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""recipes/sft.py end to end on tiny inputs: 1 vs 2 processes, gradient accumulation, crash + resume, bad inputs.
+
+All runs share one tiny setup: 48 synthetic chains packed into 24 rows of 128 tokens, global batch 8 rows
+(3 steps per epoch), 2 epochs = 6 steps, a 2-layer random Qwen3 with a tied head. The reference runs are made once
+per module and compared by several tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minitagpr.distributed import latest_checkpoint
+from train_fixtures import REPO, launch, launch_sequence, losses, make_inputs
+
+
+def recipe():
+    """recipes/sft.py as a module (recipes/ is a folder of scripts, not a package)."""
+    if "sft_recipe" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("sft_recipe", REPO / "recipes" / "sft.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sft_recipe"] = module  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules["sft_recipe"]
+
+
+def run_in_process(args):
+    """A one-process run inside pytest (a process group of one; saves a launch)."""
+    sft = recipe()
+    try:
+        sft.run(sft.parse_cli(sft.SftConfig, args))
+    finally:
+        sft.D.destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("sft_inputs"))
+
+
+def common(inputs, out_dir, **overrides):
+    args = {"model": inputs["model"], "tokenizer": inputs["tokenizer"], "data": inputs["data"], "out_dir": out_dir,
+            "seq_len": 128, "global_batch": 8, "epochs": 2, "lr": 1e-3, "warmup_ratio": 0.2, "eval_holdout": 0}
+    args.update(overrides)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def weights(out_dir):
+    return load_file(str(out_dir / "hf" / "model.safetensors"))
+
+
+def assert_losses_close(a, b, rel):
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(6))
+    for (s, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=rel), f"step {s}: {x} vs {y}"
+
+
+def assert_weights_close(a, b, rel):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rel, atol=rel * a[name].abs().max().item(), msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(inputs, tmp_path_factory):
+    """one: 1 process (in this pytest process) x 1 micro-batch of 8 rows; two: 2 processes x 1 micro-batch of 4
+    rows; accum: 2 processes x 4 micro-batches of 1 row."""
+    root = tmp_path_factory.mktemp("sft_runs")
+    out = {"one": root / "one", "two": root / "two", "accum": root / "accum"}
+    run_in_process(common(inputs, out["one"], micro_batch=8, plot=False))
+    ok(launch_sequence([common(inputs, out["two"], micro_batch=4, save_every=3, keep_last=1),
+                        common(inputs, out["accum"], micro_batch=1, plot=False)], nproc=2))
+    return out
+
+
+def test_the_tiny_run_learns(runs):
+    ls = [x for _, x in losses(runs["two"])]
+    assert ls[-1] < 0.9 * ls[0]
+
+
+def test_one_and_two_processes_give_the_same_losses_and_weights(runs):
+    assert_losses_close(losses(runs["two"]), losses(runs["one"]), rel=1e-4)
+    assert_weights_close(weights(runs["two"]), weights(runs["one"]), rel=1e-4)
+
+
+def test_gradient_accumulation_1_and_4_give_the_same_losses_and_weights(runs):
+    assert_losses_close(losses(runs["accum"]), losses(runs["two"]), rel=1e-4)
+    assert_weights_close(weights(runs["accum"]), weights(runs["two"]), rel=1e-4)
+
+
+def test_only_the_last_k_checkpoints_are_kept(runs):
+    ckpts = sorted(p.name for p in (runs["two"] / "checkpoints").iterdir())
+    assert ckpts == ["step_000006"]
+    state = json.loads((runs["two"] / "checkpoints" / "step_000006" / "state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2
+
+
+def test_sigkill_during_a_save_then_resume_continues_exactly(runs, inputs, tmp_path):
+    out = tmp_path / "killed"
+    args = common(inputs, out, micro_batch=4, save_every=3, plot=False)
+    # Both ranks die (SIGKILL) while writing the checkpoint of step 6, after the one of step 3 (an epoch boundary):
+    # steps 3-5 ran after that checkpoint, so they are lost and must be redone exactly once.
+    killed = launch(args, nproc=2, env={"MINITAGPR_FAULT": "save:6"})
+    assert killed.returncode != 0
+    assert [s for s, _ in losses(out)] == list(range(6))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step_000003", "step_000006.tmp"]  # the half-written save never got its final name
+    assert latest_checkpoint(out / "checkpoints").name == "step_000003"
+    resumed = ok(launch(args, nproc=2))
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
+    # the log holds every step exactly once, and the sequence equals the uninterrupted run's
+    assert_losses_close(losses(out), losses(runs["two"]), rel=1e-6)
+    assert_weights_close(weights(out), weights(runs["two"]), rel=1e-6)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+
+
+def test_export_loads_in_transformers_with_the_same_log_probs(runs):
+    transformers = pytest.importorskip("transformers")
+    from minitagpr.model import load_pretrained
+    hf_dir = runs["one"] / "hf"
+    ours = load_pretrained(hf_dir)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.log_softmax(theirs(ids).logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        logp, _ = ours(ids, targets=torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1))
+    torch.testing.assert_close(logp[:, :-1], ref, rtol=1e-4, atol=1e-4)
+    assert (hf_dir / "tokenizer.json").is_file() and (hf_dir / "tokenizer_config.json").is_file()
+
+
+def test_metrics_lines_carry_the_documented_fields(runs):
+    rec = json.loads((runs["two"] / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "target_tokens"):
+        assert key in rec
+    assert (runs["two"] / "metrics.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+def test_unknown_config_key_fails_with_a_suggestion(inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        recipe().main(common(inputs, tmp_path / "x") + ["global_bacth=4"])
+    assert exit_.value.code == 1
+    assert "unknown config key 'global_bacth' (from command line); did you mean 'global_batch'?" in capsys.readouterr().err
+
+
+def test_missing_data_file_fails_clearly(inputs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        recipe().main(common(inputs, tmp_path / "x", data=tmp_path / "missing.jsonl"))
+    assert exit_.value.code == 1
+    assert f"SFT data file {tmp_path / 'missing.jsonl'} does not exist" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_the_step(inputs, tmp_path, capsys):
+    # an absurd learning rate blows the weights up in one step; step 1 must stop before the optimizer step
+    with pytest.raises(SystemExit) as exit_:
+        recipe().main(common(inputs, tmp_path / "x", lr=1e30, grad_clip=0, max_steps=3, warmup_ratio=0,
+                             micro_batch=8, plot=False))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "[sft] error: non-finite" in err and "at step 1; stopping before the optimizer step" in err
+    assert [s for s, _ in losses(tmp_path / "x")] == [0]

@@ -1,0 +1,96 @@
+"""Per-step metrics: the JSONL log across resumes, the progress line, MFU, and the plot command."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minitagpr.train.metrics import JsonlLog, Progress, format_duration, mfu, peak_flops, read_jsonl
+from minitagpr.train.plots import main as plots_main
+from minitagpr.train.plots import plot_metrics
+from train_fixtures import REPO
+
+
+def write_run(path, steps):
+    log = JsonlLog(path)
+    for s in steps:
+        log.write({"step": s, "loss": 5.0 / (s + 1), "lr": 1e-3, "note": "x"})
+    log.close()
+
+
+def test_a_fresh_log_replaces_an_old_one(tmp_path):
+    write_run(tmp_path / "m.jsonl", range(5))
+    write_run(tmp_path / "m.jsonl", range(2))
+    assert [r["step"] for r in read_jsonl(tmp_path / "m.jsonl")] == [0, 1]
+
+
+def test_resuming_drops_steps_logged_after_the_checkpoint(tmp_path):
+    path = tmp_path / "m.jsonl"
+    write_run(path, range(7))  # the run died after logging step 6; its last checkpoint holds 4 steps
+    log = JsonlLog(path, resume_step=4)
+    for s in range(4, 8):
+        log.write({"step": s, "loss": 1.0})
+    log.close()
+    assert [r["step"] for r in read_jsonl(path)] == list(range(8))
+
+
+def test_log_is_silent_off_rank_zero(tmp_path):
+    log = JsonlLog(tmp_path / "m.jsonl", enabled=False)
+    log.write({"step": 0})
+    log.close()
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_bad_metrics_line_is_named(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"step": 0}\n{oops\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2: not valid JSON"):
+        read_jsonl(tmp_path / "m.jsonl")
+
+
+def test_progress_shows_step_values_and_eta():
+    out = io.StringIO()
+    bar = Progress(total_steps=10, start_step=4, stream=out, every_s=0.0)
+    bar.update(4, loss=2.5)
+    bar.update(9, loss=1.25)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("step 5/10 | loss 2.5 |") and "ETA" in lines[0]
+    assert lines[-1].startswith("step 10/10 | loss 1.25 |") and lines[-1].endswith("ETA 0m00s")
+
+
+def test_durations_read_as_hours_minutes_seconds():
+    assert format_duration(59) == "0m59s" and format_duration(3725) == "1h02m05s"
+
+
+def test_mfu_is_achieved_over_peak_flops():
+    assert mfu(tokens_per_s=1000, flops_per_token=6e6, world_size=2, peak_per_device=3e9) == pytest.approx(1.0)
+    peak, note = peak_flops(torch.device("cpu"))
+    assert peak > 0 and "CPU: assumed" in note
+
+
+def test_plot_writes_a_png_with_one_panel_per_key(tmp_path):
+    write_run(tmp_path / "m.jsonl", range(6))
+    out = plot_metrics(tmp_path / "m.jsonl", tmp_path / "plots" / "m.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_names_unknown_keys(tmp_path):
+    write_run(tmp_path / "m.jsonl", range(3))
+    with pytest.raises(KeyError, match="no record has the key.s. reward"):
+        plot_metrics(tmp_path / "m.jsonl", tmp_path / "m.png", keys=["loss", "reward"])
+
+
+def test_plot_command_line(tmp_path):
+    write_run(tmp_path / "m.jsonl", range(4))
+    proc = subprocess.run([sys.executable, "-m", "minitagpr.train.plots", str(tmp_path / "m.jsonl"),
+                           str(tmp_path / "c.png"), "--keys", "loss"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_plot_command_names_a_missing_file(tmp_path):
+    with pytest.raises(SystemExit, match="none.jsonl does not exist"):
+        plots_main([str(tmp_path / "none.jsonl"), str(tmp_path / "d.png")])

@@ -1,0 +1,277 @@
+"""The demo world: seeded LaMP-schema files that the real readers load, planted profile regularities with a clear
+margin, user-dependent recurring queries, a tokenizer with the Qwen3 markers, and tagged SFT chains."""
+import dataclasses
+import json
+import random
+import re
+
+import pytest
+
+from minitagpr.data import demo_world as dw
+from minitagpr.data.lamp import LAMP2_TAGS, LampExample, load_outputs, load_questions, query_text, split_files
+from minitagpr.data.prompts import build_messages
+from minitagpr.data.retrieval import get_retriever
+from minitagpr.tokenizer import Tokenizer, assistant_target
+
+SMALL = dict(num_users=8, dev_users=3, per_user=3, vocab_size=1000)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The default-size world, as the demo pipeline builds it."""
+    return dw.build(tmp_path_factory.mktemp("demo"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return dw.build(tmp_path_factory.mktemp("small"), seed=3, **SMALL)
+
+
+def _sft(world):
+    return [json.loads(line) for line in world.sft_chains.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------ files and layout
+def test_same_seed_writes_identical_files(small, tmp_path):
+    again = dw.build(tmp_path / "again", seed=3, **SMALL)
+    for a, b in zip(small.paths(), again.paths(), strict=True):
+        assert a.relative_to(small.root) == b.relative_to(again.root)
+        assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two builds with seed 3"
+    assert small.user_dependent_groups == again.user_dependent_groups
+
+
+def test_another_seed_gives_other_data(small, tmp_path):
+    other = dw.build(tmp_path / "other", seed=4, **SMALL)
+    assert small.questions["LaMP-2"]["train"].read_bytes() != other.questions["LaMP-2"]["train"].read_bytes()
+
+
+def test_files_sit_in_the_lamp_layout_and_load_with_the_real_readers(world):
+    for task in dw.TASK_NAMES:
+        for split in ("train", "dev"):
+            q_path, o_path = split_files(world.root, task, "user", split)
+            assert world.task_files(task, split) == (q_path, o_path)
+            examples = load_questions(q_path, task.replace("-", "_"))
+            name, golds = load_outputs(o_path)
+            assert name == task and {e.id for e in examples} == set(golds)
+            assert json.loads(o_path.read_text())["task"] == task.replace("-", "_")  # the benchmark's spelling
+            for e in examples:
+                assert all(item["id"].startswith(e.id) for item in e.profile)
+                assert e.user_id is not None and query_text(e)
+    assert "LaMP_2/new/train" in str(world.questions["LaMP-2"]["train"])
+
+
+def test_default_sizes_fit_the_cpu_demo(world):
+    for task in dw.TASK_NAMES:
+        assert 100 <= len(world.examples(task, "train")) <= 400
+        assert 50 <= len(world.examples(task, "dev")) <= 100
+    train_users = {e.user_id for e in world.examples("LaMP-1", "train")}
+    dev_users = {e.user_id for e in world.examples("LaMP-1", "dev")}
+    assert not train_users & dev_users  # user split: dev users are unseen in training
+    assert world.stats["prompt_tokens_max"] <= world.params["max_prompt_tokens"]
+
+
+def test_inputs_follow_the_benchmark_structure(world):
+    for task, pattern in [
+        ("LaMP-1", r'^For an author who has written the paper with the title ".+", which reference is related\? '
+                   r'Just answer with \[1\] or \[2\] without explanation\. \[1\]: ".+" \[2\]: ".+"$'),
+        ("LaMP-2", r"^Which tag does this movie relate to among the following tags\? .* tags: \[" +
+                   re.escape(", ".join(LAMP2_TAGS)) + r"\] description: .+$"),
+        ("LaMP-3", r"^What is the score of the following review on a scale of 1 to 5\? .* review: .+$"),
+        ("LaMP-4", r"^Generate a headline for the following article: .+$"),
+        ("LaMP-5", r"^Generate a title for the following abstract of a paper: .+$"),
+        ("LaMP-7", r"^Paraphrase the following tweet without any explanation before or after it: [^:]+$"),
+    ]:
+        for e in world.examples(task, "dev"):
+            assert re.match(pattern, e.input), (task, e.input)
+
+
+def test_golds_are_valid_answers(world):
+    for split in ("train", "dev"):
+        assert set(world.golds("LaMP-1", split).values()) == {"[1]", "[2]"}
+        assert set(world.golds("LaMP-2", split).values()) <= set(LAMP2_TAGS)
+        assert set(world.golds("LaMP-3", split).values()) <= {"1", "2", "3", "4", "5"}
+
+
+def test_test_split_has_questions_only(tmp_path):
+    w = dw.build(tmp_path, seed=1, **{**SMALL, "num_users": 10, "test_users": 2})
+    for task in dw.TASK_NAMES:
+        assert "test" in w.questions[task] and "test" not in w.outputs[task]
+        with pytest.raises(dw.DataError, match=rf"no {task} 'test' split with golds"):
+            w.task_files(task, "test")
+        assert len(load_questions(w.questions[task]["test"], task)) == 2 * SMALL["per_user"]
+
+
+# ------------------------------------------------------------------------------------------------------- idempotency
+def test_build_reuses_a_matching_world_and_rebuilds_a_different_one(small):
+    stamp = {p: p.stat().st_mtime_ns for p in small.paths()}
+    same = dw.build(small.root, seed=3, **SMALL)
+    assert {p: p.stat().st_mtime_ns for p in same.paths()} == stamp  # nothing rewritten
+    changed = dw.build(small.root, seed=3, **{**SMALL, "per_user": 2})
+    assert changed.params["per_user"] == 2
+    assert len(changed.examples("LaMP-3", "train")) == 2 * (SMALL["num_users"] - SMALL["dev_users"])
+    dw.build(small.root, seed=3, **SMALL)  # restore for the other tests of this module
+
+
+def test_missing_manifest_or_file_means_rebuild(tmp_path):
+    w = dw.build(tmp_path, seed=5, **SMALL)
+    w.sft_chains.unlink()
+    assert dw.build(tmp_path, seed=5, **SMALL).sft_chains.exists()
+    (tmp_path / dw.MANIFEST).write_text("{not json")
+    assert dw.build(tmp_path, seed=5, **SMALL).params["seed"] == 5
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_users=4, dev_users=3), r"at least 2 train and 2 dev users"),
+    (dict(per_user=0), r"1 <= per_user <= 99"),
+    (dict(shared_per_user=5, per_user=3), r"shared_per_user <= per_user"),
+    (dict(profile_size=(8, 4)), r"profile_size\[0\] <= profile_size\[1\]"),
+])
+def test_bad_sizes_fail_with_a_message_naming_them(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        dw.build(tmp_path, **{**SMALL, **bad})
+    assert not (tmp_path / dw.MANIFEST).exists()
+
+
+def test_fingerprint_follows_the_parameters(small):
+    assert small.fingerprint == dw.DemoWorld.load(small.root).fingerprint
+    assert dataclasses.replace(small, params={**small.params, "seed": 9}).fingerprint != small.fingerprint
+
+
+def test_load_without_a_world_names_the_folder(tmp_path):
+    with pytest.raises(dw.DataError, match=r"world\.json: no demo world here"):
+        dw.DemoWorld.load(tmp_path)
+
+
+# -------------------------------------------------------------------------------------------- planted regularities
+@pytest.mark.parametrize("split", ["train", "dev"])
+def test_profile_aware_heuristic_beats_every_profile_blind_answer(world, split):
+    rows = {r.task: r for r in dw.margins(world, split)}
+    assert rows["LaMP-1"].margin >= 0.15 and rows["LaMP-2"].margin >= 0.15  # accuracy points
+    assert rows["LaMP-3"].metric == "mae" and rows["LaMP-3"].margin >= 0.3  # MAE lower by 0.3
+    for task in ("LaMP-4", "LaMP-5", "LaMP-7"):
+        assert rows[task].margin > 0.05, rows[task]  # ROUGE-1: style words come from the profile only
+
+
+def test_cli_prints_the_margin_table(world, capsys):
+    assert dw.main([str(world.root)]) == 0
+    out = capsys.readouterr().out
+    for task in dw.TASK_NAMES:
+        assert re.search(rf"\| {task} \| dev \| \w+ \| [0-9.]+ \| [0-9.]+ \|", out)
+
+
+def test_user_dependent_groups_share_the_input_but_not_the_answer(world):
+    examples = {e.id: e for t in dw.TASK_NAMES for s in ("train", "dev") for e in world.examples(t, s)}
+    golds = {i: (s, g) for t in dw.TASK_NAMES for s in ("train", "dev") for i, g in world.golds(t, s).items()}
+    by_task = {}
+    for group in world.user_dependent_groups:
+        task, split = examples[group[0]].task, golds[group[0]][0]
+        assert len({examples[i].input for i in group}) == 1
+        assert len({examples[i].user_id for i in group}) == len(group)
+        assert len({golds[i][1] for i in group}) == len(group)
+        by_task.setdefault(task, set()).add(split)
+    assert all(by_task.get(t) == {"train", "dev"} for t in dw.TASK_NAMES), by_task
+    assert len(world.user_dependent_ids) >= 2 * len(world.user_dependent_groups)
+
+
+# ---------------------------------------------------------------------------------------------------------- chains
+def test_sft_records_follow_the_contract(world):
+    records = _sft(world)
+    tok = Tokenizer.from_dir(world.tokenizer_dir)
+    assert len(records) == sum(len(world.examples(t, "train")) for t in dw.TASK_NAMES)
+    examples = {e.id: e for t in dw.TASK_NAMES for e in world.examples(t, "train")}
+    recency = get_retriever("recency")
+    for r in records[::37]:
+        assert set(r) == {"id", "user", "task", "messages", "chain", "answer"}
+        ex = examples[r["id"]]
+        assert r["user"] == ex.user_id and r["task"] == ex.task
+        assert r["answer"] == world.golds(r["task"], "train")[r["id"]]
+        assert r["messages"] == build_messages(ex, recency.select(ex, world.params["k"]))  # nothing trimmed
+        ids, mask = tok.encode_prompt_and_target(r["messages"], r["chain"], r["answer"])
+        assert tok.decode([i for i, m in zip(ids, mask) if m]).endswith(r["answer"] + "<|im_end|>")
+
+
+def test_every_chain_passes_the_tag_and_format_rewards(world):
+    from minitagpr.rewards import check_tags, format_reward, tag_reward
+    for r in _sft(world):
+        assert tag_reward(r["chain"]) == 0.0, (r["id"], check_tags(r["chain"]), r["chain"])
+        assert format_reward(assistant_target(r["chain"], r["answer"])) == 1.0, r["id"]
+        segments = re.findall(r"<(\w+)>(.*?)</\1>", r["chain"])
+        assert 3 <= len(segments) <= 6 and len(r["chain"].splitlines()) == len(segments)
+        assert all(len(text.split()) <= 30 for _, text in segments)
+
+
+@pytest.mark.parametrize("task", dw.TASK_NAMES)
+def test_make_chain_argues_for_any_answer_with_or_without_a_profile(world, task):
+    from minitagpr.rewards import tag_reward
+    ex = world.examples(task, "dev")[0]
+    items = get_retriever("recency").select(ex, 4)
+    other = {"LaMP-1": "[2]", "LaMP-2": "dystopia", "LaMP-3": "1"}.get(task, "some other text entirely")
+    for profile in (items, []):
+        chain = dw.make_chain(task, ex, profile, other, random.Random(0))
+        assert tag_reward(chain) == 0.0, chain
+        if task in ("LaMP-1", "LaMP-2", "LaMP-3"):
+            assert other in chain  # the decision names the answer it was given
+    assert dw.make_chain(task, ex, items, other, random.Random(7)) == dw.make_chain(task, ex, items, other,
+                                                                                     random.Random(7))
+
+
+def test_chain_wording_and_tag_sequences_vary(world):
+    chains = [r["chain"] for r in _sft(world) if r["task"] == "LaMP-2"]
+    shapes = {tuple(re.findall(r"<(\w+)>", c)) for c in chains}
+    assert len(shapes) >= 6 and len(set(chains)) >= 0.9 * len(chains)
+    used = {t for s in shapes for t in s}
+    assert used <= set(dw.REASONING_TAGS) and len(used) >= 6
+
+
+def test_chain_states_the_evidence_the_prompt_shows():
+    profile = [{"id": f"q{j}", "description": "x", "tag": t, "date": f"2020-01-0{j + 1}"}
+               for j, t in enumerate(["comedy", "romance", "comedy"])]
+    ex = LampExample("q", "LaMP-2", "Which tag? description: Full of dragon and wizard.", profile)
+    chain = dw.make_chain("LaMP-2", ex, profile, "comedy", random.Random(1))
+    assert re.search(r"<identify_patterns>[^<]*comedy[^<]*\(2 of 3\)", chain), chain
+
+
+# ------------------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_loads_with_qwen3_markers(world):
+    tok = Tokenizer.from_dir(world.tokenizer_dir)
+    assert 1000 <= tok.vocab_size <= 4096
+    assert tok.eos_id == tok.im_end_id and tok.pad_id == tok.token_to_id("<|endoftext|>")
+    config = json.loads((world.tokenizer_dir / "tokenizer_config.json").read_text())
+    flags = {v["content"]: v["special"] for v in config["added_tokens_decoder"].values()}
+    assert flags["<|im_start|>"] and flags["<|im_end|>"] and flags["<|endoftext|>"]
+    assert not flags["<think>"] and not flags["</think>"]  # as in Qwen3: added, not special
+    for marker in dw.TAG_MARKERS:
+        assert len(tok.encode(marker)) == 1 and not flags[marker]
+
+
+def test_tokenizer_round_trips_any_text(world):
+    tok = Tokenizer.from_dir(world.tokenizer_dir)
+    for text in ["", "plain words", "Ünïcödé e\u0301 \u00e9 中文 🙂\t\n\r\x00\x7f", "  lead and trail  ",
+                 "<|im_start|>user\nhi<|im_end|>", "<think>\n<analyze_input>a</analyze_input>\n</think>\n\n[1]",
+                 "".join(chr(c) for c in range(0, 0x3000, 7))]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_compresses_the_demo_text(world):
+    tok = Tokenizer.from_dir(world.tokenizer_dir)
+    r = _sft(world)[0]
+    text = r["messages"][1]["content"]
+    assert len(tok.encode(text)) < 0.4 * len(text.encode())  # well under one token per byte
+
+
+def test_tokenizer_config_carries_the_qwen3_chat_template(world, qwen3_tokenizer_dir):
+    ours = json.loads((world.tokenizer_dir / "tokenizer_config.json").read_text())
+    official = json.loads((qwen3_tokenizer_dir / "tokenizer_config.json").read_text())
+    assert ours["chat_template"] == official["chat_template"]
+    assert ours["eos_token"] == official["eos_token"] and ours["pad_token"] == official["pad_token"]
+
+
+def test_transformers_reads_the_tokenizer_the_same_way(world, qwen3_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(world.tokenizer_dir))
+    tok = Tokenizer.from_dir(world.tokenizer_dir)
+    r = _sft(world)[5]
+    assert hf.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) == \
+        tok.render_chat(r["messages"], add_generation_prompt=True)
+    text = tok.render_chat(r["messages"] + [{"role": "assistant", "content": assistant_target(r["chain"], r["answer"])}])
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text)

@@ -79,3 +79,67 @@ def test_two_process_gspo_step_equals_one_process(tmp_path):
     from minitagpr.model import load_pretrained
     w0 = load_pretrained(start).state_dict()
     assert any((one["weights"][n] - w0[n]).abs().max() > 0 for n in one["weights"])  # the step moved the weights
+
+
+# ----------------------------------------------------------------------------------------------- whole-run behaviour
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    from minitagpr.data import demo_world
+    from minitagpr.model.presets import make_tiny_checkpoint
+    root = tmp_path_factory.mktemp("rl")
+    world = demo_world.build(root / "world", num_users=6, dev_users=2, per_user=2, shared_per_user=1)
+    policy = make_tiny_checkpoint(root / "policy", preset="tiny", seed=0, tokenizer_dir=world.tokenizer_dir)
+    return root / "world", policy
+
+
+def _rl_args(world, policy, out, **extra):
+    args = dict(policy=policy, data_root=world, out_dir=out, tasks="LaMP-2:0,LaMP-3:0", k=2, max_prompt_tokens=700,
+                group_size=2, prompts_per_step=4, num_minibatches=2, micro_batch_size=4, max_new_tokens=12,
+                max_steps=4, save_every=2, lr=1e-3, use_prmu=False, use_tag_reward=False)
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def _torchrun_recipe(args, env_extra=None, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(HERE.parent / "recipes" / "exploratory_rl.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def _log(out):
+    import json
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_then_resume_continues_the_exact_step_sequence(small_world, tmp_path):
+    world, policy = small_world
+    _torchrun_recipe(_rl_args(world, policy, tmp_path / "whole"))
+    crashed = _torchrun_recipe(_rl_args(world, policy, tmp_path / "cut"), {"MINITAGPR_FAULT": "step:3"}, check=False)
+    assert crashed.returncode != 0
+    assert [r["step"] for r in _log(tmp_path / "cut")] == [1, 2, 3]  # step 3 ran after the checkpoint at 2
+    _torchrun_recipe(_rl_args(world, policy, tmp_path / "cut"))
+    whole, cut = _log(tmp_path / "whole"), _log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4]  # none skipped, none repeated
+    for a, b in zip(whole, cut):
+        for key in ("reward_mean", "loss", "response_len_mean", "ratio_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+
+
+def test_non_finite_reward_stops_with_the_step(small_world, tmp_path, monkeypatch):
+    from minitagpr.rl import loop
+    world, policy = small_world
+    real = loop.score_batch
+
+    def poisoned(*a, **kw):
+        parts = real(*a, **kw)
+        parts[1].total = float("nan")
+        return parts
+    monkeypatch.setattr(loop, "score_batch", poisoned)
+    from minitagpr.config import parse_cli
+    cfg = parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "nan", stage="exploratory"))
+    with pytest.raises(loop.NonFiniteError, match=r"step 0: non-finite reward for responses \[1\]"):
+        loop.train(cfg)

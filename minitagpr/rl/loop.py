@@ -360,16 +360,18 @@ def train(cfg: RLConfig) -> Path:
         D.log(f"[{cfg.stage}] note: one mini-batch and one epoch per rollout batch -> the GSPO ratio is exactly 1 "
               "and clipping never acts (the update is the plain policy gradient); raise num_minibatches or "
               "ppo_epochs for the clip range to matter")
-    if info.is_main:
+    if info.is_main:  # the log holds exactly the steps the checkpoint has seen (a crash may have logged more)
         out.mkdir(parents=True, exist_ok=True)
-        if start == 0 and log_path.exists():
-            log_path.unlink()
+        kept = [l for l in (log_path.read_text().splitlines() if log_path.exists() else [])
+                if l.strip() and json.loads(l)["step"] <= start]
+        log_path.write_text("".join(l + "\n" for l in kept))
     D.log(f"[{cfg.stage}] {len(prompts)} prompts, {steps_per_epoch} steps/epoch, {total_steps} steps, "
           f"G={cfg.group_size}, {cfg.prompts_per_step} prompts/step on {info.world_size} rank(s)")
 
     per_rank = cfg.prompts_per_step // info.world_size
     t_run = time.perf_counter()
     for step in range(start, total_steps):
+        D.fault_point("step", step)  # crash-recovery tests kill the run here
         t0 = time.perf_counter()
         idx = prompts_for_step(step, len(prompts), cfg.prompts_per_step, cfg.seed)
         mine = [prompts[i] for i in idx[info.rank * per_rank:(info.rank + 1) * per_rank]]

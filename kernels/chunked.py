@@ -99,16 +99,20 @@ def chunked_forward(hidden, weight, targets, temperature: float, with_entropy: b
     return logp, entropy, lse
 
 
+def scaled_row_grads(grad_logp, grad_entropy, n: int, temperature: float, device):
+    """Upstream gradients as fp32 rows with the 1/tau of z = h.w / tau folded in: (g (N,), gH (N,) | None)."""
+    inv_tau = 1.0 / temperature
+    g = grad_logp.float() * inv_tau if grad_logp is not None else torch.zeros(n, device=device)  # (N,)
+    g_h = grad_entropy.float() * inv_tau if grad_entropy is not None else None  # (N,) or None
+    return g, g_h
+
+
 @torch.no_grad()
-def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, temperature: float,
-                     chunk_size: int, need_hidden: bool, need_weight: bool):
-    """Gradients w.r.t. hidden (N, H) and weight (V, H) by recomputing each chunk's logits."""
+def backward_over_chunks(hidden, weight, chunk_size: int, need_hidden: bool, need_weight: bool, dlogits):
+    """The shared backward loop: per token chunk, dz = dlogits(start, end, w) (C, V) is dL/d(h.w) for that
+    chunk; then dL/dh_c = dz @ w and dL/dw += dz^T @ h_c. Returns (grad_hidden | None, grad_weight | None)."""
     n = hidden.shape[0]
     w = _compute_weight(weight)
-    inv_tau = 1.0 / temperature
-    # dL/dz carries a 1/tau from z = h.w / tau: fold it into the per-row coefficients for free
-    g = (grad_logp.float() * inv_tau) if grad_logp is not None else torch.zeros_like(lse)  # (N,)
-    g_h = grad_entropy.float() * inv_tau if grad_entropy is not None else None  # (N,) or None
     grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
     # fp32 accumulator for the weight gradient: summing N chunks in bf16 would lose the small contributions
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None  # (V, H)
@@ -116,19 +120,7 @@ def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entr
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         h_c = hidden[start:end]  # (C, H)
-        z = _mm_fp32(h_c, w.T)  # (C, V) fp32, recomputed logits
-        if temperature != 1.0:
-            z.mul_(inv_tau)
-        z.sub_(lse[start:end, None])  # log p
-        g_c = g[start:end, None]  # (C, 1)
-        if g_h is None:
-            dz = z.exp_().mul_(-g_c)  # -g p
-        else:
-            p = torch.exp(z)  # (C, V)
-            # dz = -p * (g + gH (log p + H)); the one-hot term g 1[j = y] is added below
-            coef = z.add_(entropy[start:end, None]).mul_(g_h[start:end, None]).add_(g_c)
-            dz = p.mul_(coef).neg_()
-        dz.scatter_add_(1, targets[start:end, None], g_c)  # + g at the target column
+        dz = dlogits(start, end, w)  # (C, V)
         if low_precision_cuda:
             dz = dz.to(hidden.dtype)  # tensor-core operands; the products still accumulate in fp32
         if need_hidden:
@@ -141,6 +133,30 @@ def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entr
     if grad_w is not None and grad_w.dtype != weight.dtype:
         grad_w = grad_w.to(weight.dtype)
     return grad_hidden, grad_w
+
+
+@torch.no_grad()
+def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, temperature: float,
+                     chunk_size: int, need_hidden: bool, need_weight: bool):
+    """Gradients w.r.t. hidden (N, H) and weight (V, H), recomputing each chunk's logits with torch ops."""
+    g, g_h = scaled_row_grads(grad_logp, grad_entropy, hidden.shape[0], temperature, hidden.device)
+
+    def dlogits(start, end, w):
+        z = _mm_fp32(hidden[start:end], w.T)  # (C, V) fp32, recomputed logits
+        if temperature != 1.0:
+            z.mul_(1.0 / temperature)
+        z.sub_(lse[start:end, None])  # log p
+        g_c = g[start:end, None]  # (C, 1)
+        if g_h is None:
+            dz = z.exp_().mul_(-g_c)  # -g p
+        else:
+            p = torch.exp(z)  # (C, V)
+            # dz = -p * (g + gH (log p + H)); the one-hot term g 1[j = y] is added below
+            coef = z.add_(entropy[start:end, None]).mul_(g_h[start:end, None]).add_(g_c)
+            dz = p.mul_(coef).neg_()
+        return dz.scatter_add_(1, targets[start:end, None], g_c)  # + g at the target column
+
+    return backward_over_chunks(hidden, weight, chunk_size, need_hidden, need_weight, dlogits)
 
 
 class ChunkedLogprob(torch.autograd.Function):

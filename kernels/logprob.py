@@ -54,7 +54,9 @@ def _check_inputs(hidden, weight, targets, temperature, impl, chunk_size) -> Non
 
 def _naive(hidden, weight, targets, temperature, with_entropy):
     """Baseline: materialise all logits. Plain autograd; memory O(N V)."""
-    logits = (hidden @ weight.T).float() / temperature  # (N, V) fp32, very big
+    logits = (hidden @ weight.T).float()  # (N, V) fp32, very big
+    if temperature != 1.0:
+        logits = logits / temperature
     logprobs = torch.log_softmax(logits, dim=-1)  # (N, V) fp32, very big
     logp = logprobs.gather(1, targets[:, None]).squeeze(1)  # (N,)
     entropy = -(logprobs.exp() * logprobs).sum(dim=-1) if with_entropy else None  # (N,)

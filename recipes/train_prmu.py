@@ -26,9 +26,11 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.config import ConfigError, parse_cli, save_config
+from minitagpr.data import demo_world
 from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, read_pairs, split_heldout,
                                         write_pairs)
 from minitagpr.model.checkpoint import CheckpointError, resolve_checkpoint
+from minitagpr.model.presets import make_tiny_checkpoint
 from minitagpr.model.qwen3 import Qwen3Config
 from minitagpr.model.reward import (PRMU, UserVocab, bradley_terry_loss, collate, encode_reward_input,
                                     load_reward_model, save_reward_model)
@@ -46,13 +48,14 @@ class PrmuConfig:
     pairs: list[str] = field(default_factory=list)
     heldout_pairs: list[str] = field(default_factory=list)  # empty: hold out `heldout_frac` of the queries
     heldout_frac: float = 0.1
-    demo_world: str = ""  # a demo_world.build folder: synthesise pairs from it (see data/preferences.py)
+    demo_world: str = ""  # a demo world folder (built there if missing): synthesise pairs from it
     demo_pairs_per_set: int = 0  # cap on synthetic pairs per set (0 = all)
-    tokenizer: str = ""  # default: the `init` folder
+    tokenizer: str = ""  # default: the demo world's tokenizer, else the `init` folder
     max_len: int = 2048  # tokens per scored sequence (longer ones lose their oldest tokens)
     # model
     init: str = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"  # a sequence classifier, or a causal LM with new_head
     new_head: bool = False  # start from a causal LM: drop lm_head, fresh score head
+    init_preset: str = ""  # instead of `init`: a seeded random model of this preset (e.g. "demo"), for the demo
     use_user_table: bool = True  # False = the paper's "PRMU w/o UE"
     user_dropout: float = 0.1  # share of training pairs read with row 0, so the unknown-user row is trained too
     # optimisation
@@ -109,9 +112,17 @@ def run(cfg: PrmuConfig) -> Path:
                          f"pairs on each of {info.world_size} ranks")
 
     # ------------------------------------------------------------------------------------------- 2. pairs
+    if cfg.demo_world:
+        if info.is_main:
+            demo_world.build(cfg.demo_world)  # reuses a complete world; builds one otherwise
+        D.barrier()
+    if cfg.init_preset and info.is_main:  # a seeded random causal LM saved where `init` would be read from
+        make_tiny_checkpoint(out / "init", preset=cfg.init_preset, seed=cfg.seed, tokenizer_dir=tokenizer_dir(cfg))
+    D.barrier()
+    init = str(out / "init") if cfg.init_preset else cfg.init
     train_pairs, heldout = load_pair_sets(cfg)
     users = UserVocab(p.user for p in train_pairs)  # the table's rows: users seen in training
-    tokenizer = Tokenizer.from_dir(cfg.tokenizer or resolve_checkpoint(cfg.init))
+    tokenizer = Tokenizer.from_dir(tokenizer_dir(cfg))
     train = [encode_pair(p, tokenizer, users, cfg.max_len) for p in train_pairs]
     held = [encode_pair(p, tokenizer, users, cfg.max_len) for p in heldout]
     if info.is_main:
@@ -125,7 +136,7 @@ def run(cfg: PrmuConfig) -> Path:
     total_steps = max(1, math.ceil(cfg.epochs * spe))
 
     # ------------------------------------------------------------------------------------------- 3. model
-    config = Qwen3Config.from_json(resolve_checkpoint(cfg.init) / "config.json")
+    config = Qwen3Config.from_json(resolve_checkpoint(init) / "config.json")
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_id  # transformers needs it to find the last real token of a batch
     with torch.device("meta"):
@@ -134,9 +145,9 @@ def run(cfg: PrmuConfig) -> Path:
                   cfg.activation_checkpointing)
     full = {}
     if info.is_main:  # rank 0 reads the file; the other ranks receive their shards by broadcast
-        full = load_reward_model(cfg.init, dtype=torch.float32, use_user_table=cfg.use_user_table,
-                                 users=users.users if cfg.use_user_table else None, new_head=cfg.new_head,
-                                 seed=cfg.seed).state_dict()
+        full = load_reward_model(init, dtype=torch.float32, use_user_table=cfg.use_user_table,
+                                 users=users.users if cfg.use_user_table else None,
+                                 new_head=cfg.new_head or bool(cfg.init_preset), seed=cfg.seed).state_dict()
     D.materialize_and_load(model, full, info.device)
     del full
 
@@ -216,6 +227,14 @@ def run(cfg: PrmuConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- 2. pairs (helpers)
+def tokenizer_dir(cfg: PrmuConfig) -> Path:
+    if cfg.tokenizer:
+        return Path(cfg.tokenizer)
+    if cfg.demo_world:
+        return demo_world.DemoWorld.load(cfg.demo_world).tokenizer_dir
+    return resolve_checkpoint(cfg.init)
+
+
 def load_pair_sets(cfg: PrmuConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, held-out) pairs: read from files, or synthesised from a demo world; every rank builds the same."""
     if cfg.demo_world:

@@ -169,13 +169,14 @@ def test_table_file_of_the_wrong_shape_is_named(tmp_path):
         load_reward_model(tmp_path / "rm")
 
 
-def test_reward_input_is_the_template_rendering_of_the_finished_chat(qwen3_tokenizer_dir):
+def test_reward_input_is_the_template_rendering_of_the_finished_chat_without_system(qwen3_tokenizer_dir):
     from minitagpr.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(qwen3_tokenizer_dir)
-    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tag this movie."}]
+    user = {"role": "user", "content": "Tag this movie."}
+    prompt = [{"role": "system", "content": "Be brief."}, user]
     response = "<think>\n<analyze_input>a movie</analyze_input>\n</think>\n\ncomedy"
-    chat = prompt + [{"role": "assistant", "content": "comedy",
-                      "reasoning_content": "<analyze_input>a movie</analyze_input>"}]
+    chat = [user, {"role": "assistant", "content": "comedy",
+                   "reasoning_content": "<analyze_input>a movie</analyze_input>"}]
     assert encode_reward_input(tok, prompt, response) == tok.apply_chat(chat)
     assert encode_reward_input(tok, prompt, response + "<|im_end|>") == tok.apply_chat(chat)
     assert encode_reward_input(tok, prompt, response, max_len=5) == tok.apply_chat(chat)[-5:]

@@ -333,7 +333,80 @@ def _group_by_id(records: list[RolloutRecord]) -> dict[str, dict[str, RolloutRec
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Held-out split
+# 4. Synthetic pairs from the demo world (no policy needed; demo only)
+# ---------------------------------------------------------------------------------------------------------------
+def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_per_set: int = 0,
+                          seed: int = 0, reward_fn=None) -> dict[str, list[PreferencePair]]:
+    """PRP and PQP pairs built from a demo world's questions, golds and chain program, all `source="synthetic"`.
+
+    For every question of `split` (prompt = the k most recent profile items, as in the world's SFT records):
+    - PRP: chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(no items, blind)` + blind, where blind
+      is the world's profile-blind answer (what a response that never saw the profile would say).
+    - PQP: chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(items, wrong)` + wrong, both over the
+      same items. `wrong` is another user's gold when the question belongs to one of the world's user-dependent
+      groups (same input, different gold per user; the pair is marked `user_dependent`), else the blind answer,
+      else (when the blind answer is right) another label. A pair is kept only if R_v(wrong) < R_v(gold) (ties
+      dropped, as for rollout pairs).
+    `max_per_set` > 0 keeps a seeded random subset of each set."""
+    from minitagpr.data import demo_world as dw  # the demo world is only needed here
+    from minitagpr.data.answers import LABELS
+    from minitagpr.data.prompts import build_messages
+    from minitagpr.data.retrieval import get_retriever
+    if reward_fn is None:
+        from minitagpr.rewards import verifiable_reward as reward_fn
+
+    world = dw.DemoWorld.load(world_dir)
+    k = world.params["k"]
+    retriever = get_retriever("recency")
+    other_golds: dict[str, list[str]] = {}  # question id -> golds of the other users who got the same input
+    for task in world.tasks:
+        golds = world.golds(task, split)
+        for group in world.user_dependent_groups:
+            if all(i in golds for i in group):
+                for i in group:
+                    other_golds[i] = [golds[j] for j in group if j != i]
+
+    sets: dict[str, list[PreferencePair]] = {"PRP": [], "PQP": []}
+    for task in world.tasks:
+        golds = world.golds(task, split)
+        for ex in world.examples(task, split):
+            gold, rng = golds[ex.id], random.Random(f"{seed}|prmu|{ex.id}")
+            items = retriever.select(ex, k)
+            prompt = build_messages(ex, items)
+            chosen = _synthetic_response(dw.make_chain(task, ex, items, gold, rng), gold)
+            blind = next(iter(dw.blind_answers(ex).values()))
+            common = dict(source="synthetic", user=ex.user, task=task, example_id=ex.id, prompt=prompt)
+            sets["PRP"].append(PreferencePair(
+                id=f"PRP/{ex.id}", set="PRP", chosen=chosen,
+                rejected=_synthetic_response(dw.make_chain(task, ex, [], blind, rng), blind), **common))
+            user_dependent = ex.id in other_golds
+            if user_dependent:
+                wrong = rng.choice(other_golds[ex.id])
+            elif reward_fn(task, blind, gold) < reward_fn(task, gold, gold):
+                wrong = blind
+            elif task in LABELS:
+                wrong = rng.choice([label for label in LABELS[task] if label != gold])
+            else:
+                continue  # a generation task whose blind answer is as good as the gold: no quality gap to learn
+            if not reward_fn(task, wrong, gold) < reward_fn(task, gold, gold):
+                continue  # a tie carries no preference
+            sets["PQP"].append(PreferencePair(
+                id=f"PQP/{ex.id}", set="PQP", chosen=chosen, user_dependent=user_dependent,
+                rejected=_synthetic_response(dw.make_chain(task, ex, items, wrong, rng), wrong), **common))
+    if max_per_set > 0:
+        for name, pairs in sets.items():
+            if len(pairs) > max_per_set:
+                keep = set(random.Random(f"{seed}|{name}").sample(range(len(pairs)), max_per_set))
+                sets[name] = [p for i, p in enumerate(pairs) if i in keep]
+    return sets
+
+
+def _synthetic_response(chain: str, answer: str) -> Response:
+    return Response(text=format_response(chain, answer), chain=chain, answer=answer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Held-out split
 # ---------------------------------------------------------------------------------------------------------------
 def split_heldout(pairs: list[PreferencePair], heldout_frac: float, seed: int = 0):
     """(train, heldout) split by example id, so no query of a held-out pair is seen in training."""

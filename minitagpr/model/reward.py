@@ -11,8 +11,9 @@
   (the paper's "PRMU w/o UE"); then the model is exactly the HF sequence classifier.
 - Checkpoint folder: `config.json` + `model.safetensors` (HF names, what transformers reads) and beside them
   `user_vocab.json` (user id -> row) and `user_embeddings.safetensors` (E), which transformers ignores.
-- The text the model reads is the Qwen3 chat rendering of the prompt messages followed by the response and its
-  closing `<|im_end|>\\n` (`encode_reward_input`), exactly the template's rendering of a two-turn conversation.
+- The text the model reads is the Qwen3 chat rendering of the prompt's user turn(s) followed by the response and
+  its closing `<|im_end|>\\n` (`encode_reward_input`; system messages are left out), exactly the template's
+  rendering of that finished conversation.
 
 `bradley_terry_loss` is the training objective; `PRMUScorer.score` is the batched, no-grad reward used by guided RL.
 """
@@ -174,16 +175,20 @@ def pairwise_accuracy(f_chosen: torch.Tensor, f_rejected: torch.Tensor) -> torch
 
 # ----------------------------------------------------------------------------------------------- inputs
 def encode_reward_input(tokenizer, prompt: list[dict], response: str, max_len: int | None = None) -> list[int]:
-    """Token ids of prompt + response as the Qwen3 template renders a finished two-turn chat:
+    """Token ids of the conversation the reward model judges, as the Qwen3 template renders a finished chat:
 
-        <|im_start|>system ... <|im_start|>user ...<|im_end|>\\n<|im_start|>assistant\\n{response}<|im_end|>\\n
+        <|im_start|>user\n{profile + query}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>\n
 
-    (the layout Skywork-Reward-V2 was trained on). A response that already ends with <|im_end|> is not closed twice.
-    Over `max_len`, the oldest tokens are dropped: the score reads the last token, so the end must stay."""
+    (the layout Skywork-Reward-V2 was trained on). System messages are left out: PRMU reads the user id, query,
+    profile, chain and answer (tagpr-method.md); the system instruction is the same for every query of a task, so
+    it carries no preference and would only double the demo's sequence length. A response that already ends with
+    <|im_end|> is not closed twice. Over `max_len`, the oldest tokens are dropped: the score reads the last token,
+    so the end must stay."""
     im_end = "<|im_end|>"
     if response.endswith(im_end):
         response = response[: -len(im_end)]
-    ids = (tokenizer.apply_chat(prompt, add_generation_prompt=True, enable_thinking=True)
+    turns = [m for m in prompt if m["role"] != "system"]
+    ids = (tokenizer.apply_chat(turns, add_generation_prompt=True, enable_thinking=True)
            + tokenizer.encode(response) + [tokenizer.im_end_id] + tokenizer.encode("\n"))
     if max_len is not None and len(ids) > max_len:
         ids = ids[-max_len:]

@@ -8,6 +8,15 @@ from minitagpr.rollout import BuiltinEngine, RolloutError
 VOCAB = 500  # decodable ids; the tiny model has 512 rows, so ids 500..511 are a padded tail
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core box: one intra-op thread avoids spin-waiting on a busy sibling core (10x)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 class DigitTokenizer:
     """Stands in for the real tokenizer: each id decodes to its number."""
 
@@ -157,3 +166,15 @@ def test_prompt_longer_than_the_position_range_is_refused(model):
 def test_vocab_size_above_the_model_rows_is_refused(model):
     with pytest.raises(ValueError, match="vocab_size 600"):
         BuiltinEngine(model, vocab_size=600)
+
+
+def test_sync_weights_accepts_names_of_a_checkpoint_wrapped_policy(prompts):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    cfg = presets.tiny_config("tiny", initializer_range=0.3)
+    policy, copy = presets.build_model(cfg, seed=1), presets.build_model(cfg, seed=2)
+    policy.model.layers[1] = checkpoint_wrapper(policy.model.layers[1])  # names gain `_checkpoint_wrapped_module.`
+    eng = BuiltinEngine(copy, DigitTokenizer())
+    eng.sync_weights(policy.named_parameters())
+    for (name, a), b in zip(copy.named_parameters(), (p for _, p in policy.named_parameters())):
+        assert torch.equal(a, b), name

@@ -55,6 +55,17 @@ class Completion:
             raise ValueError(f"Completion has {len(self.token_ids)} token ids but {len(self.logprobs)} logprobs")
 
 
+# Wrappers that prefix parameter names (activation checkpointing, torch.compile); checkpoints use the bare HF names.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def hf_name(name: str) -> str:
+    """A parameter name with wrapper prefixes removed, e.g. `model.layers.0._checkpoint_wrapped_module.mlp...`."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """A 63-bit seed for one (request, sample) pair, so each completion's randomness depends only on these three
     numbers and never on which other prompts share its batch."""

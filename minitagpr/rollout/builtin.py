@@ -28,7 +28,7 @@ from typing import Iterable
 
 import torch
 
-from .base import Completion, RolloutEngine, RolloutError, check_request, resolve_seed, sample_seed
+from .base import Completion, RolloutEngine, RolloutError, check_request, hf_name, resolve_seed, sample_seed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -112,6 +112,7 @@ class BuiltinEngine(RolloutEngine):
         tied = getattr(self.model.config, "tie_word_embeddings", False)
         loaded = 0
         for name, tensor in named_tensors:
+            name = hf_name(name)  # the engine's copy is unwrapped; the policy may carry checkpoint wrappers
             if name == "lm_head.weight" and name not in params and tied:
                 name = "model.embed_tokens.weight"
             if name not in params:

@@ -28,10 +28,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .base import Completion, RolloutEngine, RolloutError, check_request, resolve_seed, sample_seed
-
-# Wrappers that prefix parameter names (activation checkpointing, torch.compile); vLLM expects the bare HF names.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+from .base import Completion, RolloutEngine, RolloutError, check_request, hf_name, resolve_seed, sample_seed
 
 
 def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -41,12 +38,10 @@ def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
     and vLLM's Qwen3 loader ties it itself. FSDP2 parameters are DTensors: `full_tensor()` all-gathers, which is a
     collective, so every rank must consume this iterator in the same order."""
     for name, param in model.named_parameters():
-        for prefix in _WRAPPER_PREFIXES:
-            name = name.replace(prefix, "")
         tensor = param.detach()
         if hasattr(tensor, "full_tensor"):
             tensor = tensor.full_tensor()  # (full shape) gathered from every rank's shard
-        yield name, tensor
+        yield hf_name(name), tensor
 
 
 def checkpoint_tensor_names(checkpoint_dir: str | os.PathLike) -> set[str]:
@@ -86,12 +81,12 @@ class VLLMEngine(RolloutEngine):
     sleep_level: what happens after each generate. 1 (default) offloads weights to CPU and frees the KV cache:
         safe for inference-only use. 2 frees weights and KV cache, and the next generate needs a sync_weights
         first: the RL loop's setting (it syncs every step anyway, and saves the CPU copy). 0 never sleeps.
-    rank_seed: vLLM's engine seed (per rank); per-request seeds below make results independent of batching anyway.
+    seed: vLLM's engine seed (per rank); per-request seeds below make results independent of batching anyway.
     llm / sampling_params_cls: inject a ready `vllm.LLM` and `vllm.SamplingParams` (tests pass recording fakes).
     """
 
     def __init__(self, checkpoint_dir, tokenizer=None, *, sleep_level: int = 1, gpu_memory_utilization: float = 0.3,
-                 max_model_len: int = 4096, dtype: str = "bfloat16", rank_seed: int = 0,
+                 max_model_len: int = 4096, dtype: str = "bfloat16", seed: int = 0,
                  expected_names: set[str] | None = None, llm=None, sampling_params_cls=None, **llm_kwargs):
         if sleep_level not in (0, 1, 2):
             raise ValueError(f"sleep_level must be 0, 1 or 2, got {sleep_level}")
@@ -100,7 +95,7 @@ class VLLMEngine(RolloutEngine):
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             from vllm import LLM, SamplingParams
 
-            llm = LLM(model=str(checkpoint_dir), tokenizer=str(checkpoint_dir), dtype=dtype, seed=rank_seed,
+            llm = LLM(model=str(checkpoint_dir), tokenizer=str(checkpoint_dir), dtype=dtype, seed=seed,
                       tensor_parallel_size=1, distributed_executor_backend="external_launcher",
                       enable_sleep_mode=sleep_level > 0, gpu_memory_utilization=gpu_memory_utilization,
                       max_model_len=max_model_len, enable_prefix_caching=True, **llm_kwargs)
@@ -142,6 +137,7 @@ class VLLMEngine(RolloutEngine):
 
         def stream():
             for name, tensor in named_tensors:
+                name = hf_name(name)  # callers may stream wrapped names straight from named_parameters()
                 streamed.append(name)
                 yield name, tensor
 

@@ -1,0 +1,178 @@
+"""recipes/evaluate.py: checkpoints and prediction files side by side on LaMP-format fixtures, official-format
+outputs, robustness sweeps, and the command line."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lamp_fixtures import make_examples
+from minitagpr.config import ConfigError, parse_cli
+from minitagpr.data import lamp
+from minitagpr.metrics import evaluate
+from minitagpr.model import presets
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["LaMP-2", "LaMP-3", "LaMP-5"]  # one label, one rating and one generation task
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core box: one intra-op thread avoids spin-waiting on a busy sibling core (10x)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("recipe_evaluate", REPO / "recipes" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["recipe_evaluate"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+ev = _load_recipe()
+
+
+@pytest.fixture(scope="module")
+def lamp_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lamp")
+    for task in TASKS:
+        examples, golds = make_examples(task, n=3, n_items=6, seed=1)
+        questions, outputs = lamp.split_files(root, task, "user", "dev")
+        lamp.write_questions(questions, examples)
+        lamp.write_outputs(outputs, task, golds)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, qwen3_tokenizer_dir):
+    base = tmp_path_factory.mktemp("ckpt")
+    return {name: presets.make_tiny_checkpoint(base / name, seed=seed, tokenizer_dir=qwen3_tokenizer_dir,
+                                               tie_word_embeddings=False, initializer_range=0.3)
+            for name, seed in (("base", 0), ("sft", 1))}
+
+
+@pytest.fixture(scope="module")
+def two_rows(lamp_root, checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    table = ev.evaluate_checkpoints(checkpoints, TASKS, data=lamp_root, max_new_tokens=4, out_dir=out,
+                                    engine="builtin", log=lambda *_: None)
+    return table, out
+
+
+def test_checkpoints_become_rows_with_every_task_metric(two_rows):
+    table, _ = two_rows
+    assert list(table.rows) == ["base", "sft"]
+    for results in table.rows.values():
+        assert set(results["LaMP-2"]) == {"accuracy", "f1_macro"}
+        assert set(results["LaMP-3"]) == {"mae", "rmse"}
+        assert set(results["LaMP-5"]) == {"rouge1", "rougeL"}
+    assert table.examples == {"LaMP-2": 3, "LaMP-3": 3, "LaMP-5": 3}
+
+
+def test_markdown_table_has_the_paper_columns_and_one_line_per_checkpoint(two_rows):
+    table, _ = two_rows
+    md = table.markdown("dev")
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert header == "| method | L2 acc | L2 F1 | L3 MAE | L3 RMSE | L5 R-1 | L5 R-L |"
+    assert sum(line.startswith("| base |") or line.startswith("| sft |") for line in md.splitlines()) == 2
+
+
+def test_written_predictions_are_official_format_and_rescore_to_the_table(two_rows, lamp_root):
+    table, out = two_rows
+    for task in TASKS:
+        path = out / "predictions" / "sft" / f"{lamp.task_spec(task).file_name}_predictions.json"
+        file_task, preds = lamp.load_outputs(path)
+        assert lamp.canonical_task(file_task) == task
+        _, golds = lamp.load_outputs(lamp.split_files(lamp_root, task, "user", "dev")[1])
+        assert evaluate(task, preds, golds) == pytest.approx(table.rows["sft"][task])
+
+
+def test_raw_generations_are_kept_per_row_and_task(two_rows):
+    _, out = two_rows
+    lines = (out / "generations" / "base" / "LaMP-3.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert [r["id"] for r in records] == ["100", "101", "102"]
+    assert all(1 <= r["completion_tokens"] <= 4 and r["profile_items"] == 6 for r in records)
+
+
+def test_greedy_evaluation_is_deterministic(two_rows, lamp_root, checkpoints):
+    table, _ = two_rows
+    again = ev.evaluate_checkpoints({"sft": checkpoints["sft"]}, ["LaMP-2"], data=lamp_root, max_new_tokens=4,
+                                    engine="builtin", log=lambda *_: None)
+    assert again.rows["sft"]["LaMP-2"] == table.rows["sft"]["LaMP-2"]
+
+
+def test_sweep_settings_make_one_row_per_retriever_and_k(lamp_root, checkpoints, tmp_path):
+    table = ev.evaluate_checkpoints({"sft": checkpoints["sft"]}, ["LaMP-3"], data=lamp_root, max_new_tokens=2,
+                                    settings=[("recency", 2), ("bm25", 4)], out_dir=tmp_path, engine="builtin",
+                                    log=lambda *_: None)
+    assert list(table.rows) == ["sft [recency k=2]", "sft [bm25 k=4]"]
+    assert table.settings["sft [bm25 k=4]"]["retriever"] == "bm25"
+    kept = [json.loads(x)["profile_items"] for x in (tmp_path / "generations" / "sft_bm25_k_4" / "LaMP-3.jsonl")
+            .read_text().splitlines()]
+    assert kept == [4, 4, 4]
+
+
+def test_gold_prediction_files_score_perfectly(lamp_root, tmp_path):
+    tasks = [ev.load_task_data(lamp_root, t) for t in ("LaMP-2", "LaMP-3")]
+    files = []
+    for td in tasks:
+        files.append(lamp.write_outputs(tmp_path / f"{td.task}.json", td.task, td.golds))
+    table = ev.evaluate_prediction_files({"oracle": files}, tasks)
+    assert table.rows["oracle"]["LaMP-2"]["accuracy"] == 1.0
+    assert table.rows["oracle"]["LaMP-3"]["mae"] == 0.0
+
+
+def test_prediction_file_for_a_task_not_evaluated_is_an_error(lamp_root, tmp_path):
+    td = ev.load_task_data(lamp_root, "LaMP-2")
+    stray = lamp.write_outputs(tmp_path / "l5.json", "LaMP-5", {"1": "x"})
+    with pytest.raises(lamp.DataError, match=r"l5.json: predictions for LaMP-5"):
+        ev.evaluate_prediction_files({"x": [stray]}, [td])
+
+
+def test_missing_task_files_name_the_path(tmp_path):
+    with pytest.raises((lamp.DataError, FileNotFoundError), match="LaMP_3"):
+        ev.load_task_data(tmp_path, "LaMP-3")
+
+
+def test_pgraphrag_task_loads_from_the_shared_data(pgraphrag_dir):
+    td = ev.load_task_data("unused", "PGraphRAG-title", pgraphrag_dir=pgraphrag_dir, limit=5)
+    assert td.task == "PGraphRAG-title" and len(td.examples) == 5
+    assert set(td.golds) == {ex.id for ex in td.examples}
+
+
+def test_config_needs_something_to_evaluate():
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        parse_cli(ev.EvalConfig, ["tasks=LaMP-3"])
+
+
+def test_command_line_writes_table_and_robustness(lamp_root, checkpoints, tmp_path):
+    td = ev.load_task_data(lamp_root, "LaMP-3")
+    gold_file = lamp.write_outputs(tmp_path / "gold.json", "LaMP-3", td.golds)
+    cfg = parse_cli(ev.EvalConfig, [f"data={lamp_root}", "tasks=LaMP-3", f"checkpoints=sft={checkpoints['sft']}",
+                                    f"predictions=oracle={gold_file}", "max_new_tokens=2", "sweep_k=1,2",
+                                    f"out_dir={tmp_path / 'out'}", "engine=builtin"])
+    tables = ev.run(cfg)
+    saved = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert list(saved["rows"]) == ["oracle", "sft"]
+    assert saved["rows"]["oracle"]["LaMP-3"]["mae"] == 0.0
+    assert list(tables["robustness"].rows) == ["sft [recency k=1]", "sft [recency k=2]"]
+    assert (tmp_path / "out" / "robustness.md").read_text().count("| sft [recency") == 2
+
+
+def test_demo_world_tasks_evaluate_end_to_end(tmp_path):
+    from minitagpr.data import demo_world
+
+    world = demo_world.build(tmp_path / "world", num_users=8, dev_users=2, test_users=0, per_user=2,
+                             shared_per_user=1)
+    ckpt = presets.make_tiny_checkpoint(tmp_path / "demo-base", preset="demo", tokenizer_dir=world.tokenizer_dir)
+    table = ev.evaluate_checkpoints({"base": ckpt}, list(world.tasks), data=world, limit=2, max_new_tokens=4,
+                                    max_prompt_tokens=768, engine="builtin", log=lambda *_: None)
+    assert set(table.rows["base"]) == {"LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7"}
+    assert table.examples == dict.fromkeys(table.rows["base"], 2)

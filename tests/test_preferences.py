@@ -148,3 +148,20 @@ def test_heldout_split_is_by_query_and_deterministic():
     assert len(held) == 10 and len(train) == 30
     assert not {p.example_id for p in train} & {p.example_id for p in held}
     assert split_heldout(pairs, 0.25, seed=3) == (train, held)
+
+
+def test_cli_builds_both_sets_from_rollout_files(tmp_path, capsys):
+    from minitagpr.data.preferences import main
+    write_rollouts(tmp_path / "r.jsonl", _rollouts())
+    assert main(["from-rollouts", str(tmp_path / "r.jsonl"), "--out-dir", str(tmp_path / "pairs")]) == 0
+    prp, pqp = read_pairs(tmp_path / "pairs" / "prp.jsonl"), read_pairs(tmp_path / "pairs" / "pqp.jsonl")
+    assert {p.set for p in prp} == {"PRP"} and {p.set for p in pqp} == {"PQP"}
+    assert all(p.source == "rollout" for p in prp + pqp)
+
+
+def test_cli_refuses_to_write_an_empty_set_and_names_the_input(tmp_path, capsys):
+    from minitagpr.data.preferences import main
+    write_rollouts(tmp_path / "only_profile.jsonl", [r for r in _rollouts() if r.mode == "profile"])
+    assert main(["from-rollouts", str(tmp_path / "only_profile.jsonl"), "--out-dir", str(tmp_path / "p")]) == 1
+    assert "only_profile.jsonl: no PRP pairs could be built" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

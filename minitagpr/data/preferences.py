@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -415,3 +416,45 @@ def split_heldout(pairs: list[PreferencePair], heldout_frac: float, seed: int = 
     n_held = max(1, round(heldout_frac * len(ids))) if heldout_frac > 0 else 0
     held = set(ids[:n_held])
     return [p for p in pairs if p.example_id not in held], [p for p in pairs if p.example_id in held]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Command line
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Write prp.jsonl and pqp.jsonl into --out-dir, from rollout files or from a demo world."""
+    parser = argparse.ArgumentParser(prog="python -m minitagpr.data.preferences", description=main.__doc__)
+    sub = parser.add_subparsers(dest="source", required=True)
+    roll = sub.add_parser("from-rollouts", help="PRP/PQP pairs from rollout JSONL (recipes/prmu_rollouts.py)")
+    roll.add_argument("rollouts", nargs="+")
+    roll.add_argument("--max-per-example", type=int, default=2)
+    demo = sub.add_parser("demo", help="synthetic PRP/PQP pairs from a demo world folder (no policy)")
+    demo.add_argument("world")
+    demo.add_argument("--max-per-set", type=int, default=0)
+    for p in (roll, demo):
+        p.add_argument("--out-dir", required=True)
+        p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        if args.source == "from-rollouts":
+            sets = build_pairs_from_rollouts(args.rollouts, args.max_per_example, args.seed)
+            where = ", ".join(args.rollouts)
+        else:
+            sets = synthesize_demo_pairs(args.world, max_per_set=args.max_per_set, seed=args.seed)
+            where = args.world
+        for name, pairs in sets.items():
+            if not pairs:
+                raise PreferenceDataError(f"{where}: no {name} pairs could be built (PRP needs both 'profile' and "
+                                          f"'no_profile' records of a query; PQP needs responses of unequal R_v)")
+        out = Path(args.out_dir)
+        for name, pairs in sets.items():
+            write_pairs(out / f"{name.lower()}.jsonl", pairs)
+            print(f"{name}: {len(pairs)} pairs -> {out / (name.lower() + '.jsonl')}")
+    except (PreferenceDataError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Synthetic PRMU pairs from the demo world: PRP, PQP and the user-dependent pairs, built without a policy."""
+import pytest
+
+from minitagpr.data import demo_world as dw
+from minitagpr.data.preferences import synthesize_demo_pairs
+from minitagpr.data.prompts import build_messages
+from minitagpr.data.retrieval import get_retriever
+from minitagpr.rewards import verifiable_reward
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return dw.build(tmp_path_factory.mktemp("world"), num_users=8, dev_users=2, per_user=3, shared_per_user=1,
+                    history=8, vocab_size=600)
+
+
+@pytest.fixture(scope="module")
+def sets(world):
+    return synthesize_demo_pairs(world.root)
+
+
+def test_every_training_question_gives_one_prp_pair_and_all_pairs_are_marked_synthetic(world, sets):
+    n_train = sum(len(world.examples(t, "train")) for t in world.tasks)
+    assert len(sets["PRP"]) == n_train
+    assert all(p.source == "synthetic" for s in sets.values() for p in s)
+    assert {p.example_id for p in sets["PQP"]} <= {p.example_id for p in sets["PRP"]}
+
+
+def test_prp_rejects_the_chain_written_without_the_profile_on_the_same_profile_prompt(world, sets):
+    retriever = get_retriever("recency")
+    examples = {ex.id: ex for t in world.tasks for ex in world.examples(t, "train")}
+    for p in sets["PRP"]:
+        ex = examples[p.example_id]
+        assert p.chosen.answer == world.golds(p.task, "train")[ex.id] and p.user == ex.user
+        assert p.prompt == build_messages(ex, retriever.select(ex, world.params["k"]))  # the profile prompt
+        assert p.rejected.answer == next(iter(dw.blind_answers(ex).values()))
+        assert p.chosen.chain != p.rejected.chain
+
+
+def test_pqp_prefers_the_gold_answer_by_verifiable_reward_with_no_ties(world, sets):
+    assert sets["PQP"]
+    for p in sets["PQP"]:
+        gold = world.golds(p.task, "train")[p.example_id]
+        assert p.chosen.answer == gold
+        assert verifiable_reward(p.task, p.rejected.answer, gold) < verifiable_reward(p.task, gold, gold)
+
+
+def test_user_dependent_pairs_flip_between_the_users_who_share_a_query(world, sets):
+    dependent = {p.example_id: p for p in sets["PQP"] if p.user_dependent}
+    assert dependent, "the demo world must contain pairs whose winner depends on the user"
+    checked = 0
+    for group in world.user_dependent_groups:
+        if len(group) == 2 and all(i in dependent for i in group):
+            a, b = dependent[group[0]], dependent[group[1]]
+            assert a.user != b.user and a.prompt[-1]["content"] != b.prompt[-1]["content"]  # own profiles
+            assert (a.chosen.answer, a.rejected.answer) == (b.rejected.answer, b.chosen.answer)
+            checked += 1
+    assert checked > 0
+
+
+def test_synthesis_is_deterministic_and_capped(world, sets):
+    assert synthesize_demo_pairs(world.root) == sets
+    capped = synthesize_demo_pairs(world.root, max_per_set=5)
+    assert len(capped["PRP"]) == len(capped["PQP"]) == 5
+    assert {p.id for p in capped["PRP"]} <= {p.id for p in sets["PRP"]}

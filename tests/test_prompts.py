@@ -117,7 +117,7 @@ def test_budget_counts_few_times():
     n_bare = len(tok.apply_chat(build_messages(ex, []), add_generation_prompt=True))
     tok.calls = 0
     _, kept = fit_messages(ex, ex.profile, tok, max_prompt_tokens=n_bare + 100)
-    assert 0 < kept < 32 and tok.calls <= 2 + 5  # full, bare, then a binary search over 0..31
+    assert 0 < kept < 32 and tok.calls <= 1 + 5  # the full prompt, then a binary search over 1..31
 
 
 def test_budget_never_cuts_the_query():

@@ -139,14 +139,9 @@ def fit_messages(example: LampExample, profile_items: Sequence[Mapping[str, Any]
         raise ValueError("max_prompt_tokens needs a tokenizer to count tokens with")
     full = _messages(task, example, profile_items, max_item_words)
     if _prompt_tokens(tokenizer, full) <= max_prompt_tokens:
-        return full, len(profile_items)
-    bare = _messages(task, example, [], max_item_words)
-    n_bare = _prompt_tokens(tokenizer, bare)
-    if n_bare > max_prompt_tokens:
-        raise PromptTooLongError(
-            f"example {example.id!r} ({task}): the prompt is {n_bare} tokens without any profile item, over "
-            f"max_prompt_tokens={max_prompt_tokens}; the query is never cut, so raise the budget")
-    # Largest n whose prompt fits: the length grows with n, so binary search over [0, len - 1] (n = len failed).
+        return full, len(profile_items)  # the common case: one tokenizer call
+    # Largest n in [1, len - 1] whose prompt fits (n = len failed; lo = 0: none does). The prompt grows with n, so
+    # binary search: about log2(k) tokenizer calls, each costing a full prompt's tokenisation.
     lo, hi = 0, len(profile_items) - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -155,7 +150,15 @@ def fit_messages(example: LampExample, profile_items: Sequence[Mapping[str, Any]
             lo = mid
         else:
             hi = mid - 1
-    return (_messages(task, example, profile_items[:lo], max_item_words) if lo else bare), lo
+    if lo:
+        return _messages(task, example, profile_items[:lo], max_item_words), lo
+    bare = _messages(task, example, [], max_item_words)
+    n_bare = _prompt_tokens(tokenizer, bare)
+    if n_bare > max_prompt_tokens:
+        raise PromptTooLongError(
+            f"example {example.id!r} ({task}): the prompt is {n_bare} tokens without any profile item, over "
+            f"max_prompt_tokens={max_prompt_tokens}; the query is never cut, so raise the budget")
+    return bare, 0
 
 
 def build_messages(example: LampExample, profile_items: Sequence[Mapping[str, Any]], tokenizer=None,

@@ -141,3 +141,21 @@ def test_cli_rejects_a_prediction_file_of_another_task(tmp_path, capsys):
     write_outputs(tmp_path / "g.json", "LaMP-5", {"1": "x"})
     assert main([str(tmp_path / "p.json"), str(tmp_path / "g.json")]) == 2
     assert "task LaMP-4 but" in capsys.readouterr().err
+
+
+# --- answer extraction and normalisation (off by default) ---------------------------------------------------------
+
+def test_extract_and_normalize_are_off_by_default_and_switchable():
+    preds = {"a": "<think>\n<make_decision>two</make_decision>\n</think>\n\n2", "b": "[1]"}
+    golds = {"a": "[2]", "b": "[1]"}
+    assert evaluate("LaMP-1", preds, golds)["accuracy"] == 0.5  # official: the raw text is no label
+    assert evaluate("LaMP-1", preds, golds, extract=True)["accuracy"] == 0.5  # "2" is still no label
+    assert evaluate("LaMP-1", preds, golds, extract=True, normalize=True)["accuracy"] == 1.0
+
+
+def test_metric_label_sets_agree_with_the_answers_module():
+    from minitagpr.data import answers
+    from minitagpr.data.lamp import TASKS
+    for task, labels in answers.LABELS.items():
+        assert list(TASKS[task].labels) == list(labels)
+    assert {t for t, s in TASKS.items() if s.is_classification} == set(answers.CLASSIFICATION_TASKS)

@@ -1,0 +1,1032 @@
+"""Stage 0 of TagPR: build the tagged reasoning-chain dataset (tagpr-method.md, "Stage 0") as rerunnable stages.
+
+Every stage reads JSONL from the output folder and writes JSONL there (atomically: temp file + rename), plus its
+counts to `stats/<stage>.json`, so any stage can be rerun alone:
+
+    stage     reads                         writes             what it does
+    sample    a LaMP download (lamp_root)   instances.jsonl    per task, `per_task` training questions (seeded),
+                                                               their gold and the k retrieved profile items
+    teacher   instances.jsonl               teacher.jsonl      N (`samples`) teacher chains per instance
+    accuracy  teacher.jsonl                 accurate.jsonl     keep correct answers: exact after normalisation
+                                                               (classification), ROUGE > threshold (generation)
+    judge     accurate.jsonl                judged.jsonl       LLM judge, four dimensions 1-5 in JSON; keep
+                                                               total > `min_judge_total` (15 of 20)
+    explore   judged.jsonl                  explored.jsonl     free-form tagging of a seeded subset
+    cluster   explored.jsonl                clusters.json/.md  tag names embedded (TF-IDF character n-grams, or
+                                                               the policy's embeddings) + K-means; the report
+                                                               from which to choose the primary tag set
+    tag       judged.jsonl                  tagged.jsonl       restricted tagging with the chosen tags
+    format    tagged.jsonl                  formatted.jsonl    keep chains that pass the rewards module's tag and
+                                                               format checks and still hold the teacher's words
+    sft       formatted.jsonl               sft.jsonl          SFT records (docs/interfaces.md)
+    report    stats/*.json, formatted.jsonl report.md/.png     counts per stage and task, judge histogram,
+                                                               tag frequencies
+
+Stages that call an endpoint (teacher, judge, explore, tag) go through `chain_client.ChatClient` with one cache
+file per stage under `cache/`: a killed or failed run, rerun with the same settings, repeats no answered request,
+and the outputs do not depend on how often the run was interrupted (records keep input order; the teacher's
+per-sample seed is a hash of (data.seed, instance id, sample index)).
+
+Counting: for every filter stage and task, `in == out + sum(dropped)`; the teacher's `out` is `in * samples`.
+Unparsable judge replies and malformed tags are counted under their drop reason, never a crash.
+
+This module touches no tensors; the policy-embedding option of the cluster stage takes an `embed_fn` from the
+recipe (recipes/build_chains.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+import uuid
+from collections import Counter
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from minitagpr.data import chain_prompts
+from minitagpr.data.answers import extract_answer, normalize
+from minitagpr.data.chain_client import (
+    ChatClient, ChatRequest, EndpointConfig, ResponseCache, Transport, resolve_endpoint,
+)
+from minitagpr.data.lamp import (
+    TASKS as TASK_SPECS, DataError, LampExample, canonical_task, load_outputs, load_questions, split_files,
+)
+from minitagpr.data.prompts import TAG_MEANINGS, build_messages
+from minitagpr.data.retrieval import get_retriever
+from minitagpr.rewards import TAGS, check_tags, format_reward, verifiable_reward
+
+LAMP_TASKS = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7")
+STAGES = ("sample", "teacher", "accuracy", "judge", "explore", "cluster", "tag", "format", "sft", "report")
+FILES = {"sample": "instances.jsonl", "teacher": "teacher.jsonl", "accuracy": "accurate.jsonl",
+         "judge": "judged.jsonl", "explore": "explored.jsonl", "cluster": "clusters.json", "tag": "tagged.jsonl",
+         "format": "formatted.jsonl", "sft": "sft.jsonl", "report": "report.md"}
+ROLE_OF_STAGE = {"teacher": "teacher", "judge": "judge", "explore": "tagger", "tag": "tagger"}
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ChainDataError(DataError):
+    """A stage input that cannot be used; names the file, line, record id and field."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Configuration
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    lamp_root: str = ""           # a LaMP download (or a demo world): the layout of lamp.split_files
+    tasks: list[str] = field(default_factory=lambda: list(LAMP_TASKS))
+    split: str = "user"           # user | time
+    part: str = "train"
+    per_task: int = 1000          # questions sampled per task
+    retriever: str = "recency"
+    k: int = 8                    # profile items shown
+    seed: int = 0                 # sampling, subset and per-request seeds
+
+    def __post_init__(self):
+        self.tasks = [canonical_task(t) for t in self.tasks]
+        if self.per_task < 1 or self.k < 0:
+            raise ValueError(f"data.per_task must be >= 1 and data.k >= 0, got {self.per_task} and {self.k}")
+
+
+@dataclass
+class TeacherEndpoint(EndpointConfig):
+    temperature: float = 0.6      # Qwen3's recommended sampling for thinking mode
+    top_p: float = 0.95
+    max_tokens: int = 8192
+
+
+@dataclass
+class JudgeEndpoint(EndpointConfig):
+    temperature: float = 0.0
+    max_tokens: int = 1024
+
+
+@dataclass
+class TaggerEndpoint(EndpointConfig):
+    temperature: float = 0.0
+    max_tokens: int = 8192        # the reply repeats the whole chain
+
+
+@dataclass
+class FilterConfig:
+    normalize_answers: bool = True  # answers.normalize before exact match (off: the official strict rule)
+    rouge_variant: str = "rougeL"
+    rouge_threshold: float = 0.3    # generation chains are kept when ROUGE > this
+    min_judge_total: int = 15       # kept when the judge's total > this (of 20)
+    min_tags: int = 3               # the tag reward's minimum number of segments
+    min_overlap: float = 0.9        # tagged chain vs teacher chain word overlap (min of recall, precision)
+    max_per_instance: int = 0       # SFT chains kept per instance, best judged first (0: all)
+
+    def __post_init__(self):
+        if self.rouge_variant not in ("rouge1", "rouge2", "rougeL"):
+            raise ValueError(f"filters.rouge_variant must be rouge1, rouge2 or rougeL, got {self.rouge_variant!r}")
+        if not 0.0 <= self.min_overlap <= 1.0:
+            raise ValueError(f"filters.min_overlap must be in [0, 1], got {self.min_overlap}")
+
+
+@dataclass
+class TaggingConfig:
+    explore_subset: int = 500     # chains given to exploratory tagging
+    embedder: str = "tfidf"       # tfidf (character n-grams) | policy (the checkpoint's token embeddings)
+    policy_checkpoint: str = ""   # for embedder=policy
+    n_clusters: int = 9
+    names_per_cluster: int = 8    # names listed per cluster in the report
+    # The restricted set: a name of the nine (its definition comes from prompts.TAG_MEANINGS) or "name=definition".
+    tags: list[str] = field(default_factory=lambda: list(TAGS))
+
+    def __post_init__(self):
+        if self.embedder not in ("tfidf", "policy"):
+            raise ValueError(f"tagging.embedder must be tfidf or policy, got {self.embedder!r}")
+        if self.embedder == "policy" and not self.policy_checkpoint:
+            raise ValueError("tagging.embedder=policy needs tagging.policy_checkpoint=PATH")
+        if self.n_clusters < 1 or self.explore_subset < 0:
+            raise ValueError("tagging.n_clusters must be >= 1 and tagging.explore_subset >= 0")
+        self.tag_definitions()  # validate early
+
+    def tag_definitions(self) -> dict[str, str]:
+        """{tag name: definition} of the restricted set."""
+        out: dict[str, str] = {}
+        for entry in self.tags:
+            name, sep, meaning = entry.partition("=")
+            name = name.strip()
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
+                raise ValueError(f"tagging.tags: {name!r} is not a tag name (letters, digits, _ and -)")
+            out[name] = meaning.strip() if sep else TAG_MEANINGS.get(name, "")
+        if not out:
+            raise ValueError("tagging.tags is empty")
+        return out
+
+
+@dataclass
+class ChainsConfig:
+    """recipes/build_chains.py: every key can be set in YAML or as key=value."""
+
+    out_dir: str = "runs/chains"
+    stages: list[str] = field(default_factory=lambda: ["all"])  # "all" or a subset of STAGES, run in STAGES order
+    samples: int = 16             # teacher chains per instance (N)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherEndpoint = field(default_factory=TeacherEndpoint)
+    judge: JudgeEndpoint = field(default_factory=JudgeEndpoint)
+    tagger: TaggerEndpoint = field(default_factory=TaggerEndpoint)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    tagging: TaggingConfig = field(default_factory=TaggingConfig)
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s != "all" and s not in STAGES]
+        if unknown:
+            raise ValueError(f"stages: unknown {', '.join(unknown)}; choose from all, {', '.join(STAGES)}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+
+    def stage_list(self) -> list[str]:
+        return list(STAGES) if "all" in self.stages else [s for s in STAGES if s in self.stages]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Files: validated JSONL reading, atomic JSONL writing, per-stage counts
+# ---------------------------------------------------------------------------------------------------------------
+INSTANCE_FIELDS = {"id": str, "task": str, "example_id": str, "input": str, "profile": list, "gold": str}
+CHAIN_FIELDS = {"id": str, "instance": str, "task": str, "sample": int, "chain": (str, type(None)),
+                "answer": (str, type(None))}
+
+
+def read_jsonl(path: Path, fields: Mapping[str, type | tuple], producer: str) -> Iterator[dict]:
+    """Records of a stage file, each checked for `fields`; errors name the file, line, record id and field."""
+    if not path.is_file():
+        raise ChainDataError(f"{path}: not found; it is written by stage {producer!r} (run that stage first)")
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ChainDataError(f"{path}: line {line_no}: not valid JSON ({err.msg} at column {err.colno})") \
+                    from None
+            if not isinstance(record, dict):
+                raise ChainDataError(f"{path}: line {line_no}: expected a JSON object, got {type(record).__name__}")
+            for name, kind in fields.items():
+                at = f"{path}: line {line_no} (id {record.get('id')!r}): field {name!r}"
+                if name not in record:
+                    raise ChainDataError(f"{at}: missing")
+                if not isinstance(record[name], kind) or isinstance(record[name], bool) and kind is int:
+                    raise ChainDataError(f"{at}: expected {_kind_name(kind)}, got {type(record[name]).__name__}")
+            if "task" in fields and record["task"] not in TASK_SPECS:
+                raise ChainDataError(f"{path}: line {line_no} (id {record.get('id')!r}): field 'task': unknown task "
+                                     f"{record['task']!r}")
+            yield record
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+class AtomicWriter:
+    """Write a file through a temporary sibling, renamed over the target only when the block ends cleanly."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+    def __enter__(self) -> "AtomicWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_orphans()
+        self._file = open(self.tmp, "x", encoding="utf-8")
+        return self
+
+    def _remove_orphans(self) -> None:
+        """Delete temp siblings left by a writer that was killed (its process no longer exists)."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            match = re.fullmatch(rf"\.{re.escape(self.path.name)}\.(\d+)\.[0-9a-f]+\.tmp", tmp.name)
+            if match is None:
+                continue
+            try:
+                os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except PermissionError:
+                pass  # alive, owned by someone else
+
+    def write(self, text: str) -> None:
+        self._file.write(text)
+
+    def record(self, record: Mapping) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    with AtomicWriter(path) as f:
+        f.write(text)
+
+
+class StageCounts:
+    """Per task: records in, records out, and drops by reason (`in == out + sum(dropped)` for filters)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.extra: dict[str, Any] = {}
+
+    def _row(self, task: str) -> dict[str, Any]:
+        return self.tasks.setdefault(task, {"in": 0, "out": 0, "dropped": Counter()})
+
+    def seen(self, task: str, n: int = 1) -> None:
+        self._row(task)["in"] += n
+
+    def kept(self, task: str, n: int = 1) -> None:
+        self._row(task)["out"] += n
+
+    def drop(self, task: str, reason: str, n: int = 1) -> None:
+        self._row(task)["dropped"][reason] += n
+
+    def total(self, key: str) -> int:
+        return sum(row[key] for row in self.tasks.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        tasks = {t: {"in": r["in"], "out": r["out"], "dropped": dict(sorted(r["dropped"].items()))}
+                 for t, r in self.tasks.items()}
+        return {"stage": self.stage, "tasks": tasks, "extra": self.extra}
+
+    def save(self, out_dir: Path) -> None:
+        write_text(out_dir / "stats" / f"{self.stage}.json", json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def load_instances(out_dir: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in read_jsonl(out_dir / FILES["sample"], INSTANCE_FIELDS, "sample")}
+
+
+def _instance_of(instances: Mapping[str, dict], record: dict, path: Path) -> dict:
+    inst = instances.get(record["instance"])
+    if inst is None:
+        raise ChainDataError(f"{path}: record id {record['id']!r}: field 'instance': {record['instance']!r} is not in "
+                             f"{FILES['sample']} (was stage 'sample' rerun with other settings? rerun the later "
+                             f"stages too)")
+    return inst
+
+
+def _prompt(build: Callable[[], list[dict]], source: Path, record_id: str) -> list[dict]:
+    """Messages from `build()`, with a bad stored profile item reported against the stage file and record."""
+    try:
+        return build()
+    except DataError as err:
+        raise ChainDataError(f"{source}: record id {record_id!r}: {err}") from None
+
+
+def sample_seed(seed: int, instance_id: str, sample: int) -> int:
+    """The per-request seed of sample j of an instance: a hash, so it never depends on order or interruptions."""
+    digest = hashlib.sha256(f"{seed}/{instance_id}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Reading replies: reasoning + answer, judge JSON, tags
+# ---------------------------------------------------------------------------------------------------------------
+_MARKERS = (THINK_OPEN, THINK_CLOSE, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def split_reasoning(response: Mapping[str, Any]) -> tuple[str | None, str]:
+    """(chain, answer) of a teacher response. The chain is the endpoint's separate reasoning field when it has one
+    (vLLM's reasoning parser), else the text before the last `</think>` of the content (a leading `<think>`
+    removed); the answer is `answers.extract_answer(content)`. chain=None when there is no reasoning, or when it
+    holds chat or think markers of its own (two think blocks, a leaked turn)."""
+    content = response.get("content") or ""
+    reasoning = response.get("reasoning")
+    answer = extract_answer(content)
+    if isinstance(reasoning, str) and reasoning.strip():
+        chain = reasoning.strip()
+    elif THINK_CLOSE in content:
+        chain = content[: content.rfind(THINK_CLOSE)].strip()
+        if chain.startswith(THINK_OPEN):
+            chain = chain[len(THINK_OPEN):].strip()
+    else:
+        return None, answer
+    if not chain or any(marker in chain for marker in _MARKERS):
+        return None, answer
+    return chain, answer
+
+
+class ReplyError(ValueError):
+    """A judge or tagger reply we cannot use; `reason` is its drop reason in the stage counts."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+# Other spellings of the judge's keys that models produce (after `_key` folding).
+_DIMENSION_ALIASES = {
+    "logical_coherence": ("coherence", "logic", "logical_consistency"),
+    "step_accuracy": ("accuracy", "step_by_step_accuracy", "accuracy_of_steps"),
+    "reasoning_completeness": ("completeness", "complete_reasoning", "completeness_of_reasoning"),
+    "relevance": ("relevance_to_the_question", "relevance_to_question", "question_relevance"),
+}
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
+
+
+def _json_objects(text: str) -> Iterator[dict]:
+    """Every JSON object embedded in `text` (prose, code fences and think blocks around it are fine), outermost
+    first; a trailing comma before `}` or `]` is forgiven."""
+    decoder = json.JSONDecoder()
+    for source in (text, re.sub(r",(\s*[}\]])", r"\1", text)):
+        pos = source.find("{")
+        while pos >= 0:
+            try:
+                obj, end = decoder.raw_decode(source, pos)
+            except json.JSONDecodeError:
+                pos = source.find("{", pos + 1)
+                continue
+            if isinstance(obj, dict):
+                yield obj
+            pos = source.find("{", end)
+
+
+def _find_dimensions(obj: dict) -> dict[str, Any] | None:
+    """{dimension: raw value} when `obj` (or one object nested in it, e.g. {"scores": {...}}) names any dimension."""
+    for candidate in [obj] + [v for v in obj.values() if isinstance(v, dict)]:
+        folded = {_key(k): v for k, v in candidate.items()}
+        found = {}
+        for dim, aliases in _DIMENSION_ALIASES.items():
+            for name in (dim,) + aliases:
+                if name in folded:
+                    found[dim] = folded[name]
+                    break
+        if found:
+            return found
+    return None
+
+
+def _score(value: Any) -> int | None:
+    """A 1-5 whole number from 4, 4.0, "4", "4/5" or {"score": 4}; None when it is none of these."""
+    if isinstance(value, dict):
+        folded = {_key(k): v for k, v in value.items()}
+        value = folded.get("score", folded.get("rating"))
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.0+)?)\s*(?:/\s*5)?\s*", value)
+        value = float(match.group(1)) if match else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        return None
+    value = int(value)
+    return value if chain_prompts.SCORE_MIN <= value <= chain_prompts.SCORE_MAX else None
+
+
+def parse_judge_reply(text: str | None) -> dict[str, int]:
+    """The four 1-5 scores of a judge reply, {dimension: score}; raises ReplyError(reason) when unusable.
+
+    Tolerant: prose, code fences or a think block around the JSON; key spellings (case, spaces, known aliases);
+    scores as numbers, numeric strings ("4", "4/5") or {"score": n} objects. Strict: all four dimensions present
+    and each a whole number 1-5 (reasons "judge_no_json", "judge_missing_field", "judge_bad_score"). A "total" in
+    the reply is not trusted: the total is the sum of the four scores.
+    """
+    text = text or ""
+    if THINK_CLOSE in text:  # a reasoning judge's drafts are not its answer
+        text = text[text.rfind(THINK_CLOSE) + len(THINK_CLOSE):]
+    found = None
+    for obj in _json_objects(text):
+        found = _find_dimensions(obj)
+        if found is not None:
+            break
+    if found is None:
+        raise ReplyError("judge_no_json", "no JSON object with the judge's dimensions in the reply")
+    missing = [d for d in chain_prompts.JUDGE_DIMENSIONS if d not in found]
+    if missing:
+        raise ReplyError("judge_missing_field", f"the reply's JSON lacks {', '.join(missing)}")
+    scores = {}
+    for dim in chain_prompts.JUDGE_DIMENSIONS:
+        score = _score(found[dim])
+        if score is None:
+            raise ReplyError("judge_bad_score", f"{dim}: {found[dim]!r} is not a whole number from "
+                                                f"{chain_prompts.SCORE_MIN} to {chain_prompts.SCORE_MAX}")
+        scores[dim] = score
+    return scores
+
+
+_OPEN_TAG_RE = re.compile(r"<([A-Za-z_][A-Za-z0-9_\- ]{0,60})>")
+_TAG_TOKEN_RE = re.compile(r"</?[A-Za-z_][A-Za-z0-9_\-]*>")
+
+
+def _reply_body(text: str | None) -> str:
+    """A tagger reply without a think block or code fences around it."""
+    text = text or ""
+    if THINK_CLOSE in text:
+        text = text[text.rfind(THINK_CLOSE) + len(THINK_CLOSE):]
+    return re.sub(r"```[A-Za-z]*", "", text)
+
+
+def parse_free_tags(text: str | None) -> list[str]:
+    """The segment names of an exploratory tagging reply, in order, folded to snake_case (`<Look at History>` ->
+    `look_at_history`); only names that are also closed somewhere count, so stray `<...>` text is ignored."""
+    body = _reply_body(text)
+    closed = {_key(m) for m in re.findall(r"</([A-Za-z_][A-Za-z0-9_\- ]{0,60})>", body)}
+    return [_key(m) for m in _OPEN_TAG_RE.findall(body) if _key(m) in closed and _key(m) != "think"]
+
+
+def extract_tagged_chain(text: str | None) -> str | None:
+    """The tagged chain inside a restricted-tagging reply: from its first tag to the end of its last closing tag
+    (prose before or after, code fences and think blocks dropped); None when the reply holds no tag at all."""
+    body = _reply_body(text)
+    tokens = list(_TAG_TOKEN_RE.finditer(body))
+    closers = [t for t in tokens if t.group(0).startswith("</")]
+    if not tokens or not closers:
+        return None
+    start, end = tokens[0].start(), closers[-1].end()
+    return body[start:end].strip() if end > start else None
+
+
+def untagged(chain: str) -> str:
+    """The chain's text with every tag token removed."""
+    return _TAG_TOKEN_RE.sub(" ", chain)
+
+
+def word_overlap(original: str, tagged: str) -> float:
+    """min(recall, precision) of the tagged chain's words (tags removed) against the original chain's words, as
+    multisets: 1.0 when the tagger only inserted tags, lower when it dropped, added or reworded text."""
+    a = Counter(re.findall(r"\w+", original.lower()))
+    b = Counter(re.findall(r"\w+", untagged(tagged).lower()))
+    if not a or not b:
+        return 0.0
+    common = sum((a & b).values())
+    return common / max(sum(a.values()), sum(b.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Stages
+# ---------------------------------------------------------------------------------------------------------------
+class Context:
+    """What every stage needs: the config, the output folder, a log, and how to reach endpoints."""
+
+    def __init__(self, cfg: ChainsConfig, *, transports: Mapping[str, Transport] | None = None,
+                 embed_fn: Callable[[list[str]], np.ndarray] | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.transports = dict(transports or {})  # role -> transport (tests); default: the openai client
+        self.embed_fn = embed_fn
+        self.log = log or (lambda msg: print(msg, flush=True))
+
+    def path(self, stage: str) -> Path:
+        return self.out / FILES[stage]
+
+    def client(self, stage: str) -> ChatClient:
+        role = ROLE_OF_STAGE[stage]
+        cfg: EndpointConfig = getattr(self.cfg, role)
+        endpoint = resolve_endpoint(cfg, role)
+        cache = ResponseCache(self.out / "cache" / f"{stage}.jsonl")
+        if cache.torn_lines:
+            self.log(f"{stage}: cut off a torn last line in {cache.path} (a run was killed while writing it)")
+        return ChatClient(endpoint, cfg, cache, stage, transport=self.transports.get(role), log=self.log)
+
+
+class Progress:
+    """A progress line at most every `every_s` seconds."""
+
+    def __init__(self, ctx: Context, stage: str, client: ChatClient | None = None, every_s: float = 30.0):
+        self.ctx, self.stage, self.client, self.every_s = ctx, stage, client, every_s
+        self.done, self.last = 0, time.monotonic()
+
+    def tick(self) -> None:
+        self.done += 1
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            self.ctx.log(f"{self.stage}: {self.done} records" + self._calls())
+
+    def _calls(self) -> str:
+        c = self.client
+        return "" if c is None else f" ({c.calls} calls, {c.cached} from the cache, {c.retries} retries)"
+
+    def finish(self, counts: StageCounts) -> None:
+        self.ctx.log(f"{self.stage}: {counts.total('in')} in, {counts.total('out')} out" + self._calls())
+
+
+def stage_sample(ctx: Context) -> StageCounts:
+    """Per task: `per_task` training questions drawn with a seeded RNG (kept in file order), their gold answers
+    and the `k` profile items the retriever selects (only those are stored)."""
+    data = ctx.cfg.data
+    if not data.lamp_root:
+        raise ChainDataError("stage 'sample' needs data.lamp_root=PATH (a LaMP download or a demo world)")
+    retriever = get_retriever(data.retriever, seed=data.seed)
+    counts = StageCounts("sample")
+    with AtomicWriter(ctx.path("sample")) as out:
+        for task in data.tasks:
+            q_path, o_path = split_files(data.lamp_root, task, data.split, data.part)
+            examples = load_questions(q_path, task)
+            gold_task, golds = load_outputs(o_path)
+            if gold_task != task:
+                raise ChainDataError(f"{o_path}: field 'task': {gold_task}, but {q_path} is read as {task}")
+            rng = random.Random(f"{data.seed}/{task}")
+            picked = sorted(rng.sample(range(len(examples)), min(data.per_task, len(examples))))
+            counts.seen(task, len(examples))
+            counts.drop(task, "not_sampled", len(examples) - len(picked))
+            for index in picked:
+                ex = examples[index]
+                if ex.id not in golds:
+                    raise ChainDataError(f"{o_path}: no gold output for question id {ex.id!r} (record {index} of "
+                                         f"{q_path})")
+                out.record({"id": f"{task}/{ex.id}", "task": task, "example_id": ex.id, "user": ex.user,
+                            "input": ex.input, "profile": retriever.select(ex, data.k), "gold": golds[ex.id]})
+                counts.kept(task)
+    return counts
+
+
+def stage_teacher(ctx: Context) -> StageCounts:
+    """N = `samples` teacher responses per instance, each split into (chain, answer); nothing is dropped here
+    (the accuracy stage counts what is unusable)."""
+    cfg = ctx.cfg
+    counts = StageCounts("teacher")
+    client = ctx.client("teacher")
+    source = ctx.path("sample")
+
+    def requests() -> Iterator[ChatRequest]:
+        for inst in read_jsonl(source, INSTANCE_FIELDS, "sample"):
+            counts.seen(inst["task"])
+            messages = _prompt(lambda: chain_prompts.teacher_messages(inst["task"], inst["input"], inst["profile"]),
+                               source, inst["id"])
+            for j in range(cfg.samples):
+                yield ChatRequest(inst["id"], messages, sample=j, seed=sample_seed(cfg.data.seed, inst["id"], j),
+                                  context=inst)
+
+    progress = Progress(ctx, "teacher", client)
+    # closing(): on any exception the answers in flight are cached before the cache file closes
+    with client.cache, AtomicWriter(ctx.path("teacher")) as out, closing(client.run(requests())) as answers:
+        for request, response in answers:
+            inst = request.context
+            chain, answer = split_reasoning(response)
+            out.record({"id": f"{inst['id']}/{request.sample}", "instance": inst["id"], "task": inst["task"],
+                        "sample": request.sample, "chain": chain, "answer": answer,
+                        "finish_reason": response.get("finish_reason")})
+            counts.kept(inst["task"])
+            progress.tick()
+    progress.finish(counts)
+    return counts
+
+
+def stage_accuracy(ctx: Context) -> StageCounts:
+    """Keep chains whose answer is right: R_v = 1 for classification tasks (exact match after normalisation),
+    R_v = ROUGE > `rouge_threshold` for generation tasks (rewards.verifiable_reward)."""
+    f = ctx.cfg.filters
+    instances = load_instances(ctx.out)
+    counts = StageCounts("accuracy")
+    source = ctx.path("teacher")
+    with AtomicWriter(ctx.path("accuracy")) as out:
+        for rec in read_jsonl(source, CHAIN_FIELDS, "teacher"):
+            task = rec["task"]
+            counts.seen(task)
+            if rec["chain"] is None:
+                counts.drop(task, "no_reasoning")
+                continue
+            if rec.get("finish_reason") == "length":
+                counts.drop(task, "truncated")  # the answer after a cut-off chain is not the teacher's answer
+                continue
+            if not rec["answer"]:
+                counts.drop(task, "no_answer")
+                continue
+            gold = _instance_of(instances, rec, source)["gold"]
+            r_v = verifiable_reward(task, rec["answer"], gold, normalize_answers=f.normalize_answers,
+                                    rouge_variant=f.rouge_variant)
+            classification = TASK_SPECS[task].is_classification
+            if (r_v < 1.0) if classification else (r_v <= f.rouge_threshold):
+                counts.drop(task, "wrong_answer" if classification else "low_rouge")
+                continue
+            out.record({**rec, "accuracy": r_v})
+            counts.kept(task)
+    return counts
+
+
+ACCURATE_FIELDS = {**CHAIN_FIELDS, "chain": str, "answer": str}
+
+
+def stage_judge(ctx: Context) -> StageCounts:
+    """The LLM filter: four dimensions scored 1-5; keep total > `min_judge_total`. Unusable replies are counted
+    by reason and dropped. The histogram of totals (every parsed reply, kept or not) goes to the stats."""
+    cfg = ctx.cfg
+    instances = load_instances(ctx.out)
+    counts = StageCounts("judge")
+    histogram: dict[str, Counter] = {}
+    client = ctx.client("judge")
+    source = ctx.path("accuracy")
+
+    def requests() -> Iterator[ChatRequest]:
+        for rec in read_jsonl(source, ACCURATE_FIELDS, "accuracy"):
+            inst = _instance_of(instances, rec, source)
+            messages = _prompt(lambda: chain_prompts.judge_messages(rec["task"], inst["input"], inst["profile"],
+                                                                    rec["chain"], rec["answer"]),
+                               ctx.path("sample"), inst["id"])
+            yield ChatRequest(rec["id"], messages, seed=sample_seed(cfg.data.seed, rec["id"], 0), context=rec)
+
+    progress = Progress(ctx, "judge", client)
+    # closing(): on any exception the answers in flight are cached before the cache file closes
+    with client.cache, AtomicWriter(ctx.path("judge")) as out, closing(client.run(requests())) as answers:
+        for request, response in answers:
+            rec, task = request.context, request.context["task"]
+            counts.seen(task)
+            progress.tick()
+            try:
+                scores = parse_judge_reply(response.get("content"))
+            except ReplyError as err:
+                counts.drop(task, err.reason)
+                continue
+            total = sum(scores.values())
+            histogram.setdefault(task, Counter())[total] += 1
+            if total <= cfg.filters.min_judge_total:
+                counts.drop(task, "low_score")
+                continue
+            out.record({**rec, "judge": {"scores": scores, "total": total}})
+            counts.kept(task)
+    counts.extra["histogram"] = {t: {str(s): n for s, n in sorted(h.items())} for t, h in histogram.items()}
+    progress.finish(counts)
+    return counts
+
+
+JUDGED_FIELDS = {**ACCURATE_FIELDS, "judge": dict}
+
+
+def stage_explore(ctx: Context) -> StageCounts:
+    """Exploratory tagging of a seeded subset of the judged chains: free-form segment names."""
+    cfg = ctx.cfg
+    source = ctx.path("judge")
+    ids = [rec["id"] for rec in read_jsonl(source, JUDGED_FIELDS, "judge")]
+    rng = random.Random(f"{cfg.data.seed}/explore")
+    chosen = set(rng.sample(ids, min(cfg.tagging.explore_subset, len(ids))))
+    counts = StageCounts("explore")
+    client = ctx.client("explore")
+
+    def requests() -> Iterator[ChatRequest]:
+        for rec in read_jsonl(source, JUDGED_FIELDS, "judge"):
+            counts.seen(rec["task"])
+            if rec["id"] not in chosen:
+                counts.drop(rec["task"], "outside_subset")
+                continue
+            yield ChatRequest(rec["id"], chain_prompts.explore_messages(rec["chain"]),
+                              seed=sample_seed(cfg.data.seed, rec["id"], 0), context=rec)
+
+    progress = Progress(ctx, "explore", client)
+    # closing(): on any exception the answers in flight are cached before the cache file closes
+    with client.cache, AtomicWriter(ctx.path("explore")) as out, closing(client.run(requests())) as answers:
+        for request, response in answers:
+            rec = request.context
+            progress.tick()
+            names = parse_free_tags(response.get("content"))
+            if not names:
+                counts.drop(rec["task"], "no_tags")
+                continue
+            out.record({"id": rec["id"], "task": rec["task"], "tags": names})
+            counts.kept(rec["task"])
+    progress.finish(counts)
+    return counts
+
+
+def tfidf_embed(names: list[str]) -> np.ndarray:
+    """Tag names as L2-normalised TF-IDF vectors of character 2-4-grams (within words; `_` read as a space), so
+    `examine_examples`, `examining_example` and `review_examples` land close together."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4))
+    return vectorizer.fit_transform([n.replace("_", " ") for n in names]).toarray()  # (n_names, n_ngrams)
+
+
+def cluster_tag_names(counts: Mapping[str, int], embeddings: np.ndarray, n_clusters: int, seed: int = 0,
+                      names_per_cluster: int = 8) -> list[dict]:
+    """K-means over the distinct tag names (each weighted by how often it occurs), clusters by total occurrences.
+
+    Each cluster: `occurrences` (segments named with any of its names), `share` of all segments, `representative`
+    (its most frequent name), `central` (the name nearest the centroid) and its `names` with counts, most
+    frequent first (at most `names_per_cluster`), plus `distinct` (how many names it holds).
+    """
+    from sklearn.cluster import KMeans
+
+    names = list(counts)
+    if not names:
+        return []
+    weights = np.array([counts[n] for n in names], dtype=np.float64)  # (n_names,)
+    k = min(n_clusters, len(names))
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(embeddings, sample_weight=weights)
+    total = weights.sum()
+    clusters = []
+    for c in range(k):
+        members = [i for i in range(len(names)) if km.labels_[i] == c]
+        if not members:
+            continue
+        dist = np.linalg.norm(embeddings[members] - km.cluster_centers_[c], axis=1)  # (n_members,)
+        ranked = sorted(members, key=lambda i: (-counts[names[i]], names[i]))
+        occurrences = int(sum(counts[names[i]] for i in members))
+        clusters.append({
+            "representative": names[ranked[0]],
+            "central": names[members[int(np.argmin(dist))]],
+            "occurrences": occurrences,
+            "share": round(occurrences / total, 4),
+            "distinct": len(members),
+            "names": [[names[i], counts[names[i]]] for i in ranked[:names_per_cluster]],
+        })
+    clusters.sort(key=lambda c: (-c["occurrences"], c["representative"]))
+    return clusters
+
+
+def stage_cluster(ctx: Context) -> StageCounts:
+    """Embed the free-form tag names and cluster them; write clusters.json and clusters.md (the report from which
+    a person chooses the primary tag set, `tagging.tags`)."""
+    t = ctx.cfg.tagging
+    counts = StageCounts("cluster")
+    names: Counter = Counter()
+    for rec in read_jsonl(ctx.path("explore"), {"id": str, "task": str, "tags": list}, "explore"):
+        counts.seen(rec["task"])
+        counts.kept(rec["task"])
+        names.update(str(n) for n in rec["tags"])
+    ordered = dict(sorted(names.items(), key=lambda kv: (-kv[1], kv[0])))
+    clusters: list[dict] = []
+    if ordered:
+        if t.embedder == "policy":
+            if ctx.embed_fn is None:
+                raise ChainDataError("tagging.embedder=policy needs an embed_fn (recipes/build_chains.py makes one "
+                                     "from tagging.policy_checkpoint)")
+            embeddings = np.asarray(ctx.embed_fn(list(ordered)), dtype=np.float64)
+        else:
+            embeddings = tfidf_embed(list(ordered))
+        if embeddings.shape[0] != len(ordered):
+            raise ValueError(f"embed_fn returned {embeddings.shape[0]} rows for {len(ordered)} names")
+        clusters = cluster_tag_names(ordered, embeddings, t.n_clusters, ctx.cfg.data.seed, t.names_per_cluster)
+    result = {"embedder": t.embedder, "segments": sum(ordered.values()), "distinct_names": len(ordered),
+              "clusters": clusters, "suggested_tags": [c["representative"] for c in clusters]}
+    write_text(ctx.path("cluster"), json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    write_text(ctx.out / "clusters.md", clusters_markdown(result))
+    counts.extra.update(distinct_names=len(ordered), clusters=len(clusters))
+    return counts
+
+
+def clusters_markdown(result: Mapping[str, Any]) -> str:
+    lines = ["# Exploratory tag clusters", "",
+             f"{result['segments']} segments named with {result['distinct_names']} distinct free-form tags, "
+             f"embedded with `{result['embedder']}` and grouped by K-means (weighted by frequency). Choose the "
+             f"primary set from the largest clusters and pass it as `tagging.tags`.", ""]
+    if not result["clusters"]:
+        return "\n".join(lines + ["No tags were found.", ""])
+    lines += ["| rank | representative | nearest centroid | segments | share | distinct names | names (count) |",
+              "|---|---|---|---|---|---|---|"]
+    for rank, c in enumerate(result["clusters"], 1):
+        names = ", ".join(f"{n} ({k})" for n, k in c["names"])
+        lines.append(f"| {rank} | {c['representative']} | {c['central']} | {c['occurrences']} | "
+                     f"{100 * c['share']:.1f}% | {c['distinct']} | {names} |")
+    return "\n".join(lines) + "\n"
+
+
+def stage_tag(ctx: Context) -> StageCounts:
+    """Restricted tagging: every judged chain re-segmented with the chosen tags (and their definitions). The reply
+    is stored as found (its tagged span, or null); the format stage decides whether it is usable."""
+    cfg = ctx.cfg
+    tags = cfg.tagging.tag_definitions()
+    counts = StageCounts("tag")
+    client = ctx.client("tag")
+
+    def requests() -> Iterator[ChatRequest]:
+        for rec in read_jsonl(ctx.path("judge"), JUDGED_FIELDS, "judge"):
+            messages = chain_prompts.restricted_messages(rec["chain"], tags, cfg.filters.min_tags)
+            yield ChatRequest(rec["id"], messages, seed=sample_seed(cfg.data.seed, rec["id"], 0), context=rec)
+
+    progress = Progress(ctx, "tag", client)
+    # closing(): on any exception the answers in flight are cached before the cache file closes
+    with client.cache, AtomicWriter(ctx.path("tag")) as out, closing(client.run(requests())) as answers:
+        for request, response in answers:
+            rec = request.context
+            counts.seen(rec["task"])
+            progress.tick()
+            out.record({**rec, "tagged": extract_tagged_chain(response.get("content"))})
+            counts.kept(rec["task"])
+    progress.finish(counts)
+    return counts
+
+
+def stage_format(ctx: Context) -> StageCounts:
+    """Keep tagged chains that pass the tag reward's checks (syntax, only the chosen tags, >= `min_tags`
+    segments), the format reward (no chat or think markers) and still hold the teacher's words."""
+    cfg = ctx.cfg
+    allowed = tuple(cfg.tagging.tag_definitions())
+    counts = StageCounts("format")
+    tag_errors: Counter = Counter()
+    with AtomicWriter(ctx.path("format")) as out:
+        for rec in read_jsonl(ctx.path("tag"), {**JUDGED_FIELDS, "tagged": (str, type(None))}, "tag"):
+            task, tagged = rec["task"], rec.pop("tagged")
+            counts.seen(task)
+            if tagged is None:
+                counts.drop(task, "no_tags")
+                continue
+            check = check_tags(tagged, allowed, cfg.filters.min_tags)
+            if not check.ok:
+                counts.drop(task, "tag_check")
+                tag_errors[re.sub(r"\d+", "N", re.sub(r"<[^>]*>", "<tag>", check.error))] += 1
+                continue
+            if format_reward(f"{THINK_OPEN}\n{tagged}\n{THINK_CLOSE}\n\n{rec['answer']}") != 1.0:
+                counts.drop(task, "markers")
+                continue
+            if word_overlap(rec["chain"], tagged) < cfg.filters.min_overlap:
+                counts.drop(task, "rewritten")
+                continue
+            out.record({**rec, "untagged_chain": rec["chain"], "chain": tagged})
+            counts.kept(task)
+    counts.extra["tag_errors"] = dict(sorted(tag_errors.items()))
+    return counts
+
+
+def stage_sft(ctx: Context) -> StageCounts:
+    """SFT records `{"id", "user", "task", "messages", "chain", "answer"}` (docs/interfaces.md): the policy's own
+    personalised prompt (prompts.build_messages over the stored profile items), the tagged chain, and the answer
+    (classification answers in their canonical label form). With `max_per_instance`, the best judged chains of
+    each instance are kept (ties: lower sample index)."""
+    cfg = ctx.cfg
+    instances = load_instances(ctx.out)
+    counts = StageCounts("sft")
+    source = ctx.path("format")
+    by_instance: dict[str, list[dict]] = {}
+    for rec in read_jsonl(source, JUDGED_FIELDS, "format"):
+        by_instance.setdefault(rec["instance"], []).append(rec)
+    with AtomicWriter(ctx.path("sft")) as out:
+        for inst_id, records in by_instance.items():
+            inst = _instance_of(instances, records[0], source)
+            task = inst["task"]
+            counts.seen(task, len(records))
+            keep = records
+            if cfg.filters.max_per_instance:
+                best = sorted(records, key=lambda r: (-r["judge"]["total"], r["sample"]))
+                keep = sorted(best[: cfg.filters.max_per_instance], key=lambda r: r["sample"])
+                counts.drop(task, "over_instance_cap", len(records) - len(keep))
+            example = LampExample(inst["example_id"], task, inst["input"], inst["profile"], inst.get("user"))
+            messages = _prompt(lambda: build_messages(example, inst["profile"]), ctx.path("sample"), inst["id"])
+            for rec in keep:
+                answer = rec["answer"].strip()
+                if TASK_SPECS[task].is_classification:
+                    answer = normalize(task, answer, cfg.filters.normalize_answers)
+                out.record({"id": rec["id"], "user": inst.get("user"), "task": task, "messages": messages,
+                            "chain": rec["chain"], "answer": answer})
+                counts.kept(task)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Report
+# ---------------------------------------------------------------------------------------------------------------
+def tag_frequencies(path: Path, allowed: Sequence[str], min_tags: int) -> tuple[Counter, Counter, int]:
+    """(segments per tag, chains containing each tag, chains) over a file of tagged chains."""
+    segments, chains, n = Counter(), Counter(), 0
+    if path.is_file():
+        for rec in read_jsonl(path, {"id": str, "chain": str}, "format"):
+            names = check_tags(rec["chain"], allowed, min_tags).segments
+            segments.update(names)
+            chains.update(set(names))
+            n += 1
+    return segments, chains, n
+
+
+def stage_report(ctx: Context) -> StageCounts:
+    """report.md (counts per stage and task, judge histogram, tag frequencies) and report.png (bar charts)."""
+    stats = {}
+    for stage in STAGES:
+        path = ctx.out / "stats" / f"{stage}.json"
+        if path.is_file():
+            stats[stage] = json.loads(path.read_text(encoding="utf-8"))
+    allowed = tuple(ctx.cfg.tagging.tag_definitions())
+    segments, chains, n_chains = tag_frequencies(ctx.path("format"), allowed, ctx.cfg.filters.min_tags)
+    histogram: Counter = Counter()
+    for per_task in stats.get("judge", {}).get("extra", {}).get("histogram", {}).values():
+        histogram.update({int(k): v for k, v in per_task.items()})
+    write_text(ctx.path("report"), report_markdown(stats, histogram, segments, chains, n_chains))
+    plot_report(ctx.out / "report.png", histogram, segments)
+    counts = StageCounts("report")
+    counts.extra.update(chains=n_chains, segments=sum(segments.values()))
+    return counts
+
+
+def report_markdown(stats: Mapping[str, dict], histogram: Mapping[int, int], segments: Counter,
+                    chains: Counter, n_chains: int) -> str:
+    lines = ["# Tagged chain build", "", "## Records in and out of every stage", "",
+             "| stage | task | in | out | dropped |", "|---|---|---|---|---|"]
+    for stage, s in stats.items():
+        for task, row in s["tasks"].items():
+            dropped = ", ".join(f"{r}: {n}" for r, n in row["dropped"].items()) or "-"
+            lines.append(f"| {stage} | {task} | {row['in']} | {row['out']} | {dropped} |")
+        if len(s["tasks"]) > 1:
+            tin = sum(r["in"] for r in s["tasks"].values())
+            tout = sum(r["out"] for r in s["tasks"].values())
+            lines.append(f"| {stage} | **all** | {tin} | {tout} | |")
+    lines += ["", "## Judge totals (four dimensions, 1-5 each)", ""]
+    if histogram:
+        lines += ["| total | chains |", "|---|---|"]
+        lines += [f"| {t} | {histogram.get(t, 0)} |" for t in range(4, 21)]
+    else:
+        lines.append("No judged chains.")
+    lines += ["", f"## Tag frequencies ({n_chains} chains after the format filter)", ""]
+    total = sum(segments.values())
+    if total:
+        lines += ["| tag | segments | share of segments | chains with it |", "|---|---|---|---|"]
+        for tag, n in sorted(segments.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"| {tag} | {n} | {100 * n / total:.1f}% | {chains[tag]} ({100 * chains[tag] / n_chains:.0f}%) |")
+    else:
+        lines.append("No tagged chains.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(path: Path, histogram: Mapping[int, int], segments: Counter) -> None:
+    """Two bar charts: tag frequencies and the judge total histogram (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tags, ax_judge) = plt.subplots(1, 2, figsize=(12, 4.5))
+    tags = sorted(segments.items(), key=lambda kv: (-kv[1], kv[0]))
+    if tags:
+        ax_tags.barh([t for t, _ in tags][::-1], [n for _, n in tags][::-1], color="tab:blue")
+    else:
+        ax_tags.text(0.5, 0.5, "no tagged chains", ha="center", va="center", transform=ax_tags.transAxes)
+    ax_tags.set_title("tag frequency (segments)")
+    totals = list(range(4, 21))
+    ax_judge.bar(totals, [histogram.get(t, 0) for t in totals], color="tab:orange")
+    ax_judge.set_title("judge total (kept when > threshold)")
+    ax_judge.set_xlabel("total of four 1-5 scores")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Running stages
+# ---------------------------------------------------------------------------------------------------------------
+STAGE_FUNCTIONS: dict[str, Callable[[Context], StageCounts]] = {
+    "sample": stage_sample, "teacher": stage_teacher, "accuracy": stage_accuracy, "judge": stage_judge,
+    "explore": stage_explore, "cluster": stage_cluster, "tag": stage_tag, "format": stage_format,
+    "sft": stage_sft, "report": stage_report,
+}
+
+
+def run_stages(cfg: ChainsConfig, stages: Iterable[str] | None = None, **context_kwargs) -> dict[str, StageCounts]:
+    """Run `stages` (default: the config's) in pipeline order; each writes its outputs and stats/<stage>.json."""
+    ctx = Context(cfg, **context_kwargs)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    wanted = cfg.stage_list() if stages is None else [s for s in STAGES if s in set(stages)]
+    results = {}
+    for stage in wanted:
+        counts = STAGE_FUNCTIONS[stage](ctx)
+        if stage != "report":
+            counts.save(ctx.out)
+        results[stage] = counts
+    return results

@@ -1,0 +1,90 @@
+"""Stage 0: build the tagged reasoning-chain SFT data from a LaMP download with a teacher, a judge and a tagger.
+
+    python recipes/build_chains.py --config recipes/configs/build_chains_lamp.yaml \\
+        data.lamp_root=/data/LaMP teacher.base_url=http://localhost:8000/v1 teacher.model=Qwen/Qwen3-235B-A22B-Thinking-2507
+    python recipes/build_chains.py --config ... stages=judge          # rerun one stage (answers come from its cache)
+
+Endpoints are any OpenAI-compatible server (a hosted API, vLLM, `python -m minitagpr.serve`). URL, model and key
+come from `teacher.*`, `judge.*`, `tagger.*` or the environment (MINITAGPR_TEACHER_BASE_URL, ..._MODEL, ..._API_KEY,
+then OPENAI_BASE_URL / OPENAI_API_KEY); keys are never written anywhere. A killed or failed run resumes from the
+per-stage caches under out_dir/cache: rerun the same command. Ctrl-C stops scheduling, lets the calls in flight
+finish into the cache and exits with status 130.
+
+Outputs under out_dir: one JSONL per stage, stats/<stage>.json, clusters.md (choose tagging.tags from it),
+sft.jsonl (the SFT data), report.md + report.png, config.yaml (the run's settings, keys redacted).
+
+1. config   2. policy embeddings (tagging.embedder=policy only)   3. stages
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from minitagpr.config import ConfigError, parse_cli
+from minitagpr.data.chain_client import CacheError, EndpointError, redacted_config
+from minitagpr.data.chains import ChainsConfig, run_stages, write_text
+from minitagpr.data.lamp import DataError
+
+
+# ----------------------------------------------------------------------------------------------- 2. policy embeddings
+def policy_embed_fn(checkpoint: str):
+    """Tag name -> mean of the checkpoint's input embeddings over the name's tokens (`_` read as a space)."""
+    import torch
+    from safetensors import safe_open
+
+    from minitagpr.tokenizer import Tokenizer
+
+    folder = Path(checkpoint)
+    tokenizer = Tokenizer.from_dir(folder)
+    table = None
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            if "model.embed_tokens.weight" in f.keys():
+                table = f.get_tensor("model.embed_tokens.weight").float()  # (V, H) fp32
+                break
+    if table is None:
+        raise DataError(f"{folder}: no model.embed_tokens.weight in any *.safetensors file")
+
+    def embed(names: list[str]) -> np.ndarray:
+        rows = []
+        for name in names:
+            ids = tokenizer.encode(name.replace("_", " "))
+            rows.append(table[torch.tensor(ids)].mean(dim=0) if ids else torch.zeros(table.shape[1]))  # (H,)
+        return torch.stack(rows).numpy()  # (n_names, H)
+
+    return embed
+
+
+def main(argv: list[str]) -> int:
+    # ------------------------------------------------------------------------------------------- 1. config
+    try:
+        cfg = parse_cli(ChainsConfig, argv)
+    except ConfigError as err:
+        print(f"build_chains: {err}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", yaml.safe_dump(redacted_config(cfg), sort_keys=False))
+
+    # ------------------------------------------------------------------------------------------- 3. stages
+    try:
+        embed_fn = policy_embed_fn(cfg.tagging.policy_checkpoint) if cfg.tagging.embedder == "policy" else None
+        results = run_stages(cfg, embed_fn=embed_fn)
+    except KeyboardInterrupt:
+        print("build_chains: interrupted; every answer received is in the caches under "
+              f"{out / 'cache'}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (EndpointError, CacheError, DataError) as err:
+        print(f"build_chains: error: {err}", file=sys.stderr)
+        return 1
+    for stage, counts in results.items():
+        print(f"{stage:>9}: {counts.total('in'):>7} in  {counts.total('out'):>7} out")
+    print(f"outputs in {out} (sft.jsonl, report.md, report.png, clusters.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

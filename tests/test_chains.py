@@ -1,0 +1,536 @@
+"""The chain pipeline, stage by stage, on crafted inputs with fake transports (no network): reply parsing, the
+response cache, ordering and retries of the client, each filter's drop reasons and counts, SFT records."""
+import json
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from minitagpr.config import load_config
+from minitagpr.data import chain_prompts
+from minitagpr.data.chain_client import (
+    CacheError, ChatClient, ChatRequest, EndpointConfig, EndpointError, ResponseCache, redacted_config,
+    request_key, resolve_endpoint,
+)
+from minitagpr.data.chains import (
+    ChainDataError, ChainsConfig, ReplyError, cluster_tag_names, extract_tagged_chain, parse_free_tags,
+    parse_judge_reply, run_stages, split_reasoning, tfidf_embed, word_overlap,
+)
+from minitagpr.train.sft_data import read_sft_records
+
+SCORES = {"logical_coherence": 5, "step_accuracy": 4, "reasoning_completeness": 4, "relevance": 5}
+CHAIN = "The user asks for a rating. Their past reviews of kettles score 4. This one is praised. So 4 it is."
+
+
+def connection_error():
+    """openai's connection error, built on whichever HTTP library this openai version uses."""
+    import openai
+    try:
+        import httpx2 as http
+    except ImportError:
+        import httpx as http
+    return openai.APIConnectionError(request=http.Request("POST", "http://unused.invalid/v1"))
+
+
+def reply(text, finish="stop", reasoning=None):
+    return {"content": text, "reasoning": reasoning, "finish_reason": finish, "usage": None}
+
+
+def make_cfg(tmp_path, **overrides):
+    values = {"out_dir": str(tmp_path / "out"), "data.seed": 0}
+    for role in ("teacher", "judge", "tagger"):
+        values.update({f"{role}.base_url": "http://unused.invalid/v1", f"{role}.model": "fake",
+                       f"{role}.backoff_s": 0.0, f"{role}.concurrency": 2})
+    values.update(overrides)
+    return load_config(ChainsConfig, overrides=values)
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def stats(cfg, stage):
+    return json.loads((cfg_out(cfg) / "stats" / f"{stage}.json").read_text())
+
+
+def cfg_out(cfg):
+    from pathlib import Path
+    return Path(cfg.out_dir)
+
+
+PROFILE_ITEM = {"LaMP-1": {"title": "Kettle physics"}, "LaMP-3": {"text": "fine kettle", "score": "4"},
+                "LaMP-4": {"text": "The council met.", "title": "Council meets"}}
+
+
+def instance(task="LaMP-3", example_id="7", gold="4"):
+    return {"id": f"{task}/{example_id}", "task": task, "example_id": example_id, "user": "u1",
+            "input": "What is the score of this review? review: lovely kettle",
+            "profile": [{"id": "70", **PROFILE_ITEM[task]}], "gold": gold}
+
+
+def chain_record(inst, sample, chain=CHAIN, answer="4", **extra):
+    return {"id": f"{inst['id']}/{sample}", "instance": inst["id"], "task": inst["task"], "sample": sample,
+            "chain": chain, "answer": answer, "finish_reason": "stop", **extra}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading replies
+# ---------------------------------------------------------------------------------------------------------------
+def test_reasoning_comes_from_the_reasoning_field_when_the_endpoint_separates_it():
+    assert split_reasoning(reply("  [2] ", reasoning="Look at both titles.")) == ("Look at both titles.", "[2]")
+
+
+def test_reasoning_inline_in_think_tags_is_split_at_the_last_close():
+    assert split_reasoning(reply("<think>\nStep one.\n</think>\n\n[1]<|im_end|>")) == ("Step one.", "[1]")
+    assert split_reasoning(reply("Step one.\n</think>\n\n[1]")) == ("Step one.", "[1]")  # template opened <think>
+
+
+@pytest.mark.parametrize("content", ["[1]", "<think>a</think> b <think>c</think> [1]", "<think>\n</think>\n\n[1]"])
+def test_a_response_without_one_usable_reasoning_block_has_no_chain(content):
+    assert split_reasoning(reply(content))[0] is None
+
+
+def judge_json(scores=SCORES, **extra):
+    return json.dumps({**{k: {"reason": "ok", "score": v} for k, v in scores.items()}, **extra})
+
+
+@pytest.mark.parametrize("text", [
+    judge_json(total=18),
+    "Sure! Here is my assessment:\n```json\n" + judge_json(total=99) + "\n```\nHope this helps.",
+    "<think>draft {\"logical_coherence\": 1}</think>" + judge_json(),
+    json.dumps({"scores": {"Logical Coherence": 5, "step-accuracy": "4", "completeness": "4/5", "relevance": 5.0}}),
+    '{"logical_coherence": 5, "step_accuracy": 4, "reasoning_completeness": 4, "relevance": 5,}',
+])
+def test_judge_replies_are_read_through_prose_fences_aliases_and_trailing_commas(text):
+    assert parse_judge_reply(text) == SCORES  # a stated total is ignored: the total is the sum
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("The reasoning is good, 18/20.", "judge_no_json"),
+    ("", "judge_no_json"),
+    (None, "judge_no_json"),
+    ('{"verdict": "fine"}', "judge_no_json"),
+    (judge_json({k: v for k, v in SCORES.items() if k != "relevance"}), "judge_missing_field"),
+    (judge_json({**SCORES, "relevance": 6}), "judge_bad_score"),
+    (judge_json({**SCORES, "relevance": 0}), "judge_bad_score"),
+    (judge_json({**SCORES, "step_accuracy": 3.5}), "judge_bad_score"),
+    (judge_json({**SCORES, "step_accuracy": True}), "judge_bad_score"),
+    (judge_json({**SCORES, "step_accuracy": "high"}), "judge_bad_score"),
+    (json.dumps({**SCORES, "relevance": {"reason": "no score given"}}), "judge_bad_score"),
+])
+def test_unusable_judge_replies_raise_with_their_drop_reason(text, reason):
+    with pytest.raises(ReplyError) as err:
+        parse_judge_reply(text)
+    assert err.value.reason == reason
+
+
+def test_free_tags_are_folded_to_snake_case_and_need_a_closing_tag():
+    text = "Here:\n<Restate Task>a</Restate Task><look-at-history>b</look-at-history> 3 < 4 <stray> and x"
+    assert parse_free_tags(text) == ["restate_task", "look_at_history"]
+
+
+def test_the_tagged_span_is_cut_out_of_prose_and_fences():
+    text = "Sure:\n```xml\n<analyze_input>a</analyze_input>\n<make_decision>b</make_decision>\n```\nDone."
+    assert extract_tagged_chain(text) == "<analyze_input>a</analyze_input>\n<make_decision>b</make_decision>"
+    assert extract_tagged_chain("no tags at all") is None
+
+
+def test_word_overlap_is_one_when_only_tags_were_inserted_and_drops_when_text_changes():
+    assert word_overlap("a b c d", "<x>a b</x><y>c d</y>") == 1.0
+    assert word_overlap("a b c d", "<x>a b</x>") == 0.5
+    assert word_overlap("a b c d", "<x>a b c d e f g h</x>") == 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The response cache
+# ---------------------------------------------------------------------------------------------------------------
+def test_request_key_changes_with_model_messages_params_and_sample_only():
+    m = [{"role": "user", "content": "hi"}]
+    base = request_key("m", m, {"temperature": 1.0}, 0)
+    assert base == request_key("m", [dict(m[0])], {"temperature": 1.0}, 0)
+    others = [request_key("m2", m, {"temperature": 1.0}, 0), request_key("m", m, {"temperature": 0.5}, 0),
+              request_key("m", m, {"temperature": 1.0}, 1),
+              request_key("m", [{"role": "user", "content": "hi!"}], {"temperature": 1.0}, 0)]
+    assert len({base, *others}) == 5
+
+
+def test_a_torn_last_line_from_a_kill_is_cut_off_and_appends_continue_cleanly(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    with ResponseCache(path) as cache:
+        cache.put("a", "s", "m", reply("A"))
+        cache.put("b", "s", "m", reply("B"))
+    with open(path, "ab") as f:
+        f.write(b'{"key": "c", "stage": "s", "resp')  # killed mid-write
+    with ResponseCache(path) as cache:
+        assert cache.torn_lines == 1 and len(cache) == 2 and cache.get("b")["content"] == "B"
+        cache.put("c", "s", "m", reply("C"))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["key"] for r in lines] == ["a", "b", "c"]
+
+
+def test_a_damaged_line_before_the_end_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"key": "a", "stage": "s", "response": {}}\nnot json\n{"key": "b", "response": {}}\n')
+    with pytest.raises(CacheError, match=r"cache\.jsonl: line 2"):
+        ResponseCache(path)
+
+
+def test_two_users_of_one_cache_file_are_refused(tmp_path):
+    with ResponseCache(tmp_path / "cache.jsonl"):
+        with pytest.raises(CacheError, match="another process"):
+            ResponseCache(tmp_path / "cache.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------------------------------------------
+def make_client(tmp_path, transport, stage="teacher", **cfg_kwargs):
+    cfg = EndpointConfig(**{"backoff_s": 0.0, "concurrency": 4, **cfg_kwargs})
+    endpoint = resolve_endpoint(cfg, "teacher", env={"MINITAGPR_TEACHER_BASE_URL": "http://x/v1",
+                                                     "MINITAGPR_TEACHER_MODEL": "m",
+                                                     "OPENAI_API_KEY": "sk-secret-123"})
+    logs = []
+    client = ChatClient(endpoint, cfg, ResponseCache(tmp_path / "cache.jsonl"), stage, transport=transport,
+                        log=logs.append, rng=random.Random(0))
+    return client, logs
+
+
+def requests(n):
+    return [ChatRequest(f"r{i}", [{"role": "user", "content": f"q{i}"}], sample=i % 2, seed=i) for i in range(n)]
+
+
+def test_answers_come_back_in_request_order_and_a_second_run_calls_nothing(tmp_path):
+    calls = []
+
+    def transport(kwargs):
+        time.sleep(random.random() * 0.01)  # finish out of order
+        calls.append(kwargs["messages"][0]["content"])
+        return reply("answer to " + kwargs["messages"][0]["content"])
+
+    client, _ = make_client(tmp_path, transport)
+    got = [(r.label, resp["content"]) for r, resp in client.run(requests(20))]
+    assert got == [(f"r{i}", f"answer to q{i}") for i in range(20)]
+    assert sorted(calls) == sorted(f"q{i}" for i in range(20))
+    client.cache.close()
+    again, _ = make_client(tmp_path, lambda kwargs: pytest.fail("called the endpoint for a cached answer"))
+    assert [resp["content"] for _, resp in again.run(requests(20))] == [c for _, c in got]
+
+
+def test_no_more_than_concurrency_calls_are_in_flight(tmp_path):
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def transport(kwargs):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.01)
+        with lock:
+            in_flight[0] -= 1
+        return reply("x")
+
+    client, _ = make_client(tmp_path, transport, concurrency=3)
+    assert len(list(client.run(requests(15)))) == 15
+    assert peak[0] <= 3
+
+
+def test_seed_and_sampling_parameters_are_sent_and_thinking_goes_in_chat_template_kwargs(tmp_path):
+    seen = []
+    client, _ = make_client(tmp_path, lambda kw: seen.append(kw) or reply("x"), temperature=0.6,
+                            max_tokens=99, enable_thinking=True, token_limit_param="max_completion_tokens")
+    list(client.run(requests(1)))
+    assert seen[0]["seed"] == 0 and seen[0]["temperature"] == 0.6 and seen[0]["max_completion_tokens"] == 99
+    assert seen[0]["extra_body"] == {"chat_template_kwargs": {"enable_thinking": True}}
+    assert seen[0]["model"] == "m"
+
+
+def test_the_api_key_reaches_no_cache_log_error_or_saved_config(tmp_path):
+    def transport(kwargs):
+        if kwargs["messages"][0]["content"] == "q1":
+            raise connection_error()
+        return reply("x")
+
+    client, logs = make_client(tmp_path, transport, max_retries=1)
+    with pytest.raises(EndpointError) as err:
+        list(client.run(requests(3)))
+    client.cache.close()
+    cfg = make_cfg(tmp_path, **{"teacher.api_key": "sk-secret-123"})
+    texts = [(tmp_path / "cache.jsonl").read_text(), "\n".join(logs), str(err.value), repr(client.endpoint),
+             str(client.endpoint), json.dumps(redacted_config(cfg)), repr(cfg)]
+    assert client.endpoint.api_key == "sk-secret-123"
+    assert not any("sk-secret" in t for t in texts)
+
+
+def test_endpoint_settings_fall_back_to_the_environment_and_missing_ones_are_named():
+    env = {"MINITAGPR_JUDGE_BASE_URL": "http://judge/v1/", "MINITAGPR_JUDGE_MODEL": "gpt-x",
+           "MINITAGPR_JUDGE_API_KEY": "k1", "OPENAI_API_KEY": "k2"}
+    ep = resolve_endpoint(EndpointConfig(), "judge", env=env)
+    assert (ep.base_url, ep.model, ep.api_key) == ("http://judge/v1", "gpt-x", "k1")
+    assert resolve_endpoint(EndpointConfig(model="m2"), "judge", env=env).model == "m2"
+    assert resolve_endpoint(EndpointConfig(base_url="http://local/v1", model="m"), "teacher", env={}).api_key == "EMPTY"
+    with pytest.raises(EndpointError, match="teacher.base_url"):
+        resolve_endpoint(EndpointConfig(model="m"), "teacher", env={})
+    with pytest.raises(EndpointError, match=r"\$MY_KEY"):
+        resolve_endpoint(EndpointConfig(base_url="http://x", model="m", api_key_env="MY_KEY"), "teacher", env={})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages on crafted inputs
+# ---------------------------------------------------------------------------------------------------------------
+def test_teacher_samples_n_chains_per_instance_with_a_fixed_seed_each(tmp_path):
+    cfg = make_cfg(tmp_path, samples=3)
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    seen = []
+
+    def teacher(kwargs):
+        seen.append(kwargs)
+        return reply(f"<think>Think {kwargs['seed']}.</think>\n\n4")
+
+    run_stages(cfg, ["teacher"], transports={"teacher": teacher}, log=lambda m: None)
+    out = read_jsonl(cfg_out(cfg) / "teacher.jsonl")
+    assert [r["id"] for r in out] == ["LaMP-3/7/0", "LaMP-3/7/1", "LaMP-3/7/2"]
+    assert len({kw["seed"] for kw in seen}) == 3 and all(r["answer"] == "4" for r in out)
+    assert "review: lovely kettle" in seen[0]["messages"][1]["content"]
+    assert stats(cfg, "teacher")["tasks"]["LaMP-3"] == {"in": 1, "out": 3, "dropped": {}}
+
+
+def test_accuracy_keeps_normalised_exact_matches_and_rouge_above_the_threshold(tmp_path):
+    cfg = make_cfg(tmp_path, **{"filters.rouge_threshold": 0.5})
+    l1, l4 = instance("LaMP-1", "1", gold="[2]"), instance("LaMP-4", "2", gold="city council delays the vote")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [l1, l4])
+    write_jsonl(cfg_out(cfg) / "teacher.jsonl", [
+        chain_record(l1, 0, answer="2"),                    # normalised to [2]: kept
+        chain_record(l1, 1, answer="[1]"),                  # wrong
+        chain_record(l1, 2, chain=None, answer="[2]"),      # no reasoning
+        chain_record(l1, 3, answer="", ),                   # no answer
+        chain_record(l1, 4, answer="[2]", finish_reason="length"),
+        chain_record(l4, 0, answer="City council delays vote"),  # ROUGE-L 0.8: kept
+        chain_record(l4, 1, answer="weather is nice"),           # low ROUGE
+    ])
+    run_stages(cfg, ["accuracy"], log=lambda m: None)
+    kept = read_jsonl(cfg_out(cfg) / "accurate.jsonl")
+    assert [r["id"] for r in kept] == ["LaMP-1/1/0", "LaMP-4/2/0"]
+    assert kept[0]["accuracy"] == 1.0 and kept[1]["accuracy"] > 0.5
+    s = stats(cfg, "accuracy")["tasks"]
+    assert s["LaMP-1"] == {"in": 5, "out": 1, "dropped": {"no_answer": 1, "no_reasoning": 1, "truncated": 1,
+                                                          "wrong_answer": 1}}
+    assert s["LaMP-4"] == {"in": 2, "out": 1, "dropped": {"low_rouge": 1}}
+
+
+def test_judge_keeps_totals_above_15_and_counts_every_unusable_reply(tmp_path):
+    cfg = make_cfg(tmp_path)
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    replies = ["Verdict:\n" + judge_json() + "\nThanks",           # 18: kept
+               judge_json({**SCORES, "step_accuracy": 1}),          # 15: not > 15
+               "I refuse.",                                          # no JSON
+               judge_json({k: v for k, v in SCORES.items() if k != "step_accuracy"}),  # missing field
+               judge_json({**SCORES, "relevance": 9})]               # out of range
+    write_jsonl(cfg_out(cfg) / "accurate.jsonl", [chain_record(inst, j, accuracy=1.0) for j in range(5)])
+    by_chain = {}
+
+    def judge(kwargs):
+        user = kwargs["messages"][1]["content"]
+        assert CHAIN in user and "Final answer given: 4" in user and kwargs["temperature"] == 0.0
+        by_chain.setdefault("n", 0)
+        by_chain["n"] += 1
+        return reply(replies[by_chain["n"] - 1])
+
+    cfg.judge.concurrency = 1  # replies are handed out in call order
+    run_stages(cfg, ["judge"], transports={"judge": judge}, log=lambda m: None)
+    kept = read_jsonl(cfg_out(cfg) / "judged.jsonl")
+    assert [r["id"] for r in kept] == ["LaMP-3/7/0"] and kept[0]["judge"] == {"scores": SCORES, "total": 18}
+    s = stats(cfg, "judge")
+    assert s["tasks"]["LaMP-3"] == {"in": 5, "out": 1, "dropped": {
+        "judge_bad_score": 1, "judge_missing_field": 1, "judge_no_json": 1, "low_score": 1}}
+    assert s["extra"]["histogram"] == {"LaMP-3": {"15": 1, "18": 1}}
+
+
+def judged(inst, sample, chain=CHAIN, total=18):
+    return chain_record(inst, sample, chain=chain, accuracy=1.0, judge={"scores": SCORES, "total": total})
+
+
+def test_exploration_tags_a_seeded_subset_and_drops_untagged_replies(tmp_path):
+    cfg = make_cfg(tmp_path, **{"tagging.explore_subset": 3})
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "judged.jsonl", [judged(inst, j) for j in range(5)])
+    calls = []
+
+    def tagger(kwargs):
+        calls.append(kwargs)
+        return reply("<Restate Task>x</Restate Task><decide>y</decide>" if len(calls) > 1 else "no tags here")
+
+    cfg.tagger.concurrency = 1
+    run_stages(cfg, ["explore"], transports={"tagger": tagger}, log=lambda m: None)
+    out = read_jsonl(cfg_out(cfg) / "explored.jsonl")
+    assert len(calls) == 3 and len(out) == 2 and out[0]["tags"] == ["restate_task", "decide"]
+    assert stats(cfg, "explore")["tasks"]["LaMP-3"] == {"in": 5, "out": 2, "dropped": {"no_tags": 1,
+                                                                                      "outside_subset": 2}}
+
+
+def test_kmeans_groups_spelling_variants_and_ranks_clusters_by_occurrences():
+    counts = {"examine_examples": 6, "examining_examples": 2, "make_decision": 4, "making_decisions": 1}
+    clusters = cluster_tag_names(counts, tfidf_embed(list(counts)), n_clusters=2)
+    assert [c["representative"] for c in clusters] == ["examine_examples", "make_decision"]
+    assert [c["occurrences"] for c in clusters] == [8, 5]
+    assert clusters[0]["names"] == [["examine_examples", 6], ["examining_examples", 2]]
+    assert sum(c["share"] for c in clusters) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_cluster_stage_writes_the_report_and_accepts_a_policy_embedding(tmp_path):
+    cfg = make_cfg(tmp_path, **{"tagging.n_clusters": 2, "tagging.embedder": "policy",
+                                "tagging.policy_checkpoint": "unused"})
+    write_jsonl(cfg_out(cfg) / "explored.jsonl", [
+        {"id": "a", "task": "LaMP-3", "tags": ["look_at_items", "decide", "decide"]},
+        {"id": "b", "task": "LaMP-3", "tags": ["look_at_items", "decide_now"]}])
+    seen = []
+
+    def embed(names):  # a fake "policy": decide* at one point, the rest at another
+        seen.extend(names)
+        return np.array([[1.0, 0.0] if n.startswith("decide") else [0.0, 1.0] for n in names])
+
+    run_stages(cfg, ["cluster"], embed_fn=embed, log=lambda m: None)
+    result = json.loads((cfg_out(cfg) / "clusters.json").read_text())
+    assert seen == ["decide", "look_at_items", "decide_now"]  # most frequent first
+    assert [c["representative"] for c in result["clusters"]] == ["decide", "look_at_items"]
+    assert result["clusters"][0]["occurrences"] == 3 and result["suggested_tags"] == ["decide", "look_at_items"]
+    assert "| 1 | decide |" in (cfg_out(cfg) / "clusters.md").read_text()
+
+
+def test_restricted_tagging_sends_the_chosen_tags_with_definitions(tmp_path):
+    cfg = make_cfg(tmp_path, **{"tagging.tags": "analyze_input,weigh=compare the options"})
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "judged.jsonl", [judged(inst, 0)])
+    seen = []
+    tagged = "<analyze_input>a</analyze_input><weigh>b</weigh>"
+    run_stages(cfg, ["tag"], transports={"tagger": lambda kw: seen.append(kw) or reply("Here:\n" + tagged)},
+               log=lambda m: None)
+    system = seen[0]["messages"][0]["content"]
+    assert "- analyze_input: work out what the request asks" in system and "- weigh: compare the options" in system
+    assert "make_decision" not in system
+    assert read_jsonl(cfg_out(cfg) / "tagged.jsonl")[0]["tagged"] == tagged
+
+
+def test_format_filter_drops_malformed_tags_rewritten_text_and_markers(tmp_path):
+    cfg = make_cfg(tmp_path)
+    inst = instance()
+    s = ["The user asks for a rating.", "Their past reviews of kettles score 4.", "This one is praised.",
+         "So 4 it is."]
+    good = (f"<analyze_input>{s[0]}</analyze_input>\n<examine_examples>{s[1]}</examine_examples>\n"
+            f"<synthesize_findings>{s[2]}</synthesize_findings>\n<make_decision>{s[3]}</make_decision>")
+    cases = {
+        "good": good,
+        "unclosed": good.replace("</make_decision>", ""),
+        "unknown": good.replace("synthesize_findings", "ponder"),
+        "nested": f"<analyze_input>{s[0]} <make_decision>{s[1]}</make_decision></analyze_input>"
+                  f"<examine_examples>{s[2]}</examine_examples><make_decision>{s[3]}</make_decision>",
+        "outside": f"{s[0]} <examine_examples>{s[1]}</examine_examples><synthesize_findings>{s[2]}"
+                   f"</synthesize_findings><make_decision>{s[3]}</make_decision>",
+        "too_few": f"<analyze_input>{' '.join(s[:2])}</analyze_input><make_decision>{' '.join(s[2:])}</make_decision>",
+        "rewritten": "<analyze_input>Rating wanted.</analyze_input><examine_examples>Kettles got 4."
+                     "</examine_examples><make_decision>Four.</make_decision>",
+        "markers": good.replace(s[3], s[3] + " <|im_end|>"),
+        "none": None,
+    }
+    records = [{**judged(inst, j), "tagged": t} for j, t in enumerate(cases.values())]
+    write_jsonl(cfg_out(cfg) / "tagged.jsonl", records)
+    run_stages(cfg, ["format"], log=lambda m: None)
+    kept = read_jsonl(cfg_out(cfg) / "formatted.jsonl")
+    assert [r["id"] for r in kept] == ["LaMP-3/7/0"]
+    assert kept[0]["chain"] == good and kept[0]["untagged_chain"] == CHAIN
+    st = stats(cfg, "format")
+    assert st["tasks"]["LaMP-3"] == {"in": 9, "out": 1, "dropped": {"markers": 1, "no_tags": 1, "rewritten": 1,
+                                                                    "tag_check": 5}}
+    assert set(st["extra"]["tag_errors"]) == {"unclosed tag <tag>", "unknown tag <tag>",
+                                               "nested tag <tag> inside <tag>", "text outside segments before <tag>",
+                                               "N segments, fewer than N"}
+
+
+def test_sft_records_follow_the_sft_format_with_canonical_labels(tmp_path):
+    cfg = make_cfg(tmp_path, **{"filters.max_per_instance": 1})
+    inst = instance("LaMP-1", "9", gold="[2]")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    tagged = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
+    write_jsonl(cfg_out(cfg) / "formatted.jsonl", [
+        {**judged(inst, 0, chain=tagged, total=17), "answer": " 2"},
+        {**judged(inst, 1, chain=tagged, total=19), "answer": "Reference [2]."}])
+    run_stages(cfg, ["sft"], log=lambda m: None)
+    records = read_sft_records(cfg_out(cfg) / "sft.jsonl")
+    assert [(r.id, r.answer, r.user) for r in records] == [("LaMP-1/9/1", "[2]", "u1")]  # the better judged one
+    assert records[0].chain == tagged and records[0].messages[0]["role"] == "system"
+    assert records[0].messages[1]["content"].endswith(inst["input"])
+    assert stats(cfg, "sft")["tasks"]["LaMP-1"] == {"in": 2, "out": 1, "dropped": {"over_instance_cap": 1}}
+
+
+def test_a_bad_stage_input_names_file_line_record_and_field(tmp_path):
+    cfg = make_cfg(tmp_path)
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    bad = chain_record(inst, 1)
+    del bad["answer"]
+    write_jsonl(cfg_out(cfg) / "teacher.jsonl", [chain_record(inst, 0), bad])
+    with pytest.raises(ChainDataError, match=r"teacher\.jsonl: line 2 \(id 'LaMP-3/7/1'\): field 'answer': missing"):
+        run_stages(cfg, ["accuracy"], log=lambda m: None)
+    (cfg_out(cfg) / "teacher.jsonl").write_text(json.dumps({**chain_record(inst, 0), "sample": "0"}) + "\n")
+    with pytest.raises(ChainDataError, match=r"line 1 \(id 'LaMP-3/7/0'\): field 'sample': expected int, got str"):
+        run_stages(cfg, ["accuracy"], log=lambda m: None)
+
+
+def test_a_bad_stored_profile_item_names_the_instances_file_and_record(tmp_path):
+    cfg = make_cfg(tmp_path)
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [{**instance(), "profile": [{"id": "70", "text": "no score"}]}])
+    with pytest.raises(ChainDataError, match=r"instances\.jsonl: record id 'LaMP-3/7': .*field 'score': missing"):
+        run_stages(cfg, ["teacher"], transports={"teacher": lambda kw: pytest.fail("called")}, log=lambda m: None)
+
+
+def test_a_stage_whose_input_is_missing_names_the_stage_to_run_first(tmp_path):
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(ChainDataError, match=r"judged\.jsonl: not found; it is written by stage 'judge'"):
+        run_stages(cfg, ["tag"], log=lambda m: None)
+
+
+def test_a_failed_stage_leaves_its_previous_output_untouched(tmp_path):
+    cfg = make_cfg(tmp_path, **{"teacher.max_retries": 0})
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [instance()])
+    (cfg_out(cfg) / "teacher.jsonl").write_text("previous\n")
+
+    def failing(kwargs):
+        raise connection_error()
+
+    with pytest.raises(EndpointError, match="stage 'teacher'"):
+        run_stages(cfg, ["teacher"], transports={"teacher": failing}, log=lambda m: None)
+    assert (cfg_out(cfg) / "teacher.jsonl").read_text() == "previous\n"
+    assert not list(cfg_out(cfg).glob(".*.tmp"))
+
+
+def test_config_rejects_unknown_stages_and_bad_tag_names(tmp_path):
+    with pytest.raises(ValueError, match="unknown bake"):
+        make_cfg(tmp_path, stages="teacher,bake")
+    with pytest.raises(ValueError, match="not a tag name"):
+        make_cfg(tmp_path, **{"tagging.tags": "analyze input"})
+
+
+def test_prompts_are_ours_and_name_the_four_dimensions():
+    messages = chain_prompts.judge_messages("LaMP-3", "review: x", [], "chain", "4")
+    for dim in chain_prompts.JUDGE_DIMENSIONS:
+        assert f'"{dim}"' in messages[0]["content"]
+    teacher = chain_prompts.teacher_messages("LaMP-3", "review: x", [])
+    assert "analyze_input" not in teacher[0]["content"]  # the teacher reasons freely; tags come later
+
+
+def test_a_temp_file_orphaned_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    cfg = make_cfg(tmp_path)
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    write_jsonl(cfg_out(cfg) / "teacher.jsonl", [chain_record(inst, 0)])
+    orphan = cfg_out(cfg) / ".accurate.jsonl.999999999.0badc0de.tmp"  # no such process
+    orphan.write_text("half a file")
+    run_stages(cfg, ["accuracy"], log=lambda m: None)
+    assert not orphan.exists() and len(read_jsonl(cfg_out(cfg) / "accurate.jsonl")) == 1

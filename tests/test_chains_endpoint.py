@@ -1,0 +1,122 @@
+"""Endpoint failures through the real `openai` client against a stdlib fake server on 127.0.0.1: what is retried,
+how long it waits, what the final error says, and that every answer obtained before a failure is kept."""
+import json
+import socket
+import time
+
+import pytest
+
+pytest.importorskip("openai")
+
+from chains_fakes import FakeServer, completion, slow  # noqa: E402
+from minitagpr.config import load_config  # noqa: E402
+from minitagpr.data.chain_client import EndpointError  # noqa: E402
+from minitagpr.data.chains import ChainsConfig, run_stages  # noqa: E402
+
+OK = (200, completion("<think>Reason.</think>\n\n4"), {})
+
+
+def cfg_for(tmp_path, base_url, **overrides):
+    values = {"out_dir": str(tmp_path / "out"), "samples": 2, "teacher.base_url": base_url,
+              "teacher.model": "teacher-x", "teacher.concurrency": 1, "teacher.max_retries": 2,
+              "teacher.backoff_s": 0.01, "teacher.timeout_s": 10}
+    values.update(overrides)
+    cfg = load_config(ChainsConfig, overrides=values)
+    instances = [{"id": f"LaMP-3/{i}", "task": "LaMP-3", "example_id": str(i), "user": "u", "input": f"review: r{i}",
+                  "profile": [{"id": f"{i}0", "text": "ok", "score": "3"}], "gold": "4"} for i in range(3)]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "instances.jsonl").write_text("".join(json.dumps(r) + "\n" for r in instances))
+    return cfg
+
+
+def teacher(cfg, logs=None):
+    return run_stages(cfg, ["teacher"], log=(logs.append if logs is not None else lambda m: None))
+
+
+def cache_lines(tmp_path):
+    path = tmp_path / "out" / "cache" / "teacher.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_connection_refused_is_retried_then_reported_with_endpoint_and_stage(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    logs = []
+    with pytest.raises(EndpointError) as err:
+        teacher(cfg_for(tmp_path, url), logs)
+    message = str(err.value)
+    assert "stage 'teacher'" in message and url in message and "teacher-x" in message
+    assert "after 3 attempt(s)" in message and "connection error" in message
+    assert sum("retry" in line for line in logs) == 2
+
+
+def test_429_waits_for_retry_after_then_succeeds(tmp_path):
+    stamps = []
+
+    def reply(body, number):
+        stamps.append(time.monotonic())
+        if number == 1:
+            return 429, {"error": {"message": "slow down"}}, {"retry-after": "0.4"}
+        return OK
+
+    with FakeServer(reply) as server:
+        counts = teacher(cfg_for(tmp_path, server.base_url, **{"teacher.backoff_s": 0.0}))
+    assert counts["teacher"].total("out") == 6 and len(stamps) == 7
+    assert stamps[1] - stamps[0] >= 0.4  # the server's wait, not the (zero) backoff
+
+
+def test_retry_after_ms_takes_precedence_and_is_capped(tmp_path):
+    stamps = []
+
+    def reply(body, number):
+        stamps.append(time.monotonic())
+        if number == 1:
+            return 429, {"error": {"message": "busy"}}, {"retry-after-ms": "150", "retry-after": "30"}
+        if number == 2:
+            return 503, {"error": {"message": "busy"}}, {"retry-after": "3600"}
+        return OK
+
+    with FakeServer(reply) as server:
+        teacher(cfg_for(tmp_path, server.base_url, **{"teacher.max_retry_after_s": 0.2}))
+    assert 0.15 <= stamps[1] - stamps[0] < 5 and 0.2 <= stamps[2] - stamps[1] < 5
+
+
+def test_server_errors_exhaust_retries_and_keep_every_answer_obtained_before(tmp_path):
+    healthy = [True]
+
+    def reply(body, number):
+        if number > 3 and not healthy[0]:
+            return 500, {"error": {"message": "the GPU fell over"}}, {}
+        return OK
+
+    healthy[0] = False
+    with FakeServer(reply) as server:
+        cfg = cfg_for(tmp_path, server.base_url)
+        with pytest.raises(EndpointError) as err:
+            teacher(cfg)
+        assert "HTTP 500" in str(err.value) and "stage 'teacher'" in str(err.value) and server.base_url in str(err.value)
+        assert "3 answered requests are kept" in str(err.value)
+        assert len(cache_lines(tmp_path)) == 3 and len(server.bodies) == 3 + 3  # 3 answers, then 1 + 2 retries
+        assert not (tmp_path / "out" / "teacher.jsonl").exists()
+        healthy[0] = True
+        teacher(cfg)  # resume: only the three missing answers are asked for
+        assert len(server.bodies) == 6 + 3
+    assert len(cache_lines(tmp_path)) == 6
+    assert len((tmp_path / "out" / "teacher.jsonl").read_text().splitlines()) == 6
+
+
+def test_timeouts_are_retried_then_reported(tmp_path):
+    with FakeServer(slow(1.5, lambda body, number: OK)) as server:
+        cfg = cfg_for(tmp_path, server.base_url, **{"teacher.timeout_s": 0.3, "teacher.max_retries": 1})
+        with pytest.raises(EndpointError, match=r"after 2 attempt\(s\): timed out after 0.3 s"):
+            teacher(cfg)
+        assert len(server.bodies) == 2
+
+
+def test_a_refused_request_is_not_retried(tmp_path):
+    with FakeServer(lambda body, number: (400, {"error": {"message": "bad 'messages'"}}, {})) as server:
+        with pytest.raises(EndpointError, match=r"was refused: HTTP 400"):
+            teacher(cfg_for(tmp_path, server.base_url))
+        assert len(server.bodies) == 1

@@ -1,0 +1,211 @@
+"""The whole chain pipeline on demo-world instances through the real `openai` client on 127.0.0.1:
+
+- against a scripted fake model (stdlib server): every stage produces records, counts add up, the SFT file loads
+  and tokenizes, and a rerun asks for nothing and rewrites identical files;
+- against `python -m minitagpr.serve` over a tiny random checkpoint (its answers are junk, so most chains stop at
+  the accuracy filter): a run killed with SIGKILL, rerun, interrupted with SIGINT, and rerun to the end repeats no
+  answered request (counted from the server's request log) and ends with the same files as an uninterrupted run.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("openai")
+
+from chains_fakes import FakeServer, ScriptedModel  # noqa: E402
+from minitagpr.config import load_config  # noqa: E402
+from minitagpr.data import demo_world  # noqa: E402
+from minitagpr.data.chains import FILES, STAGES, ChainsConfig, run_stages  # noqa: E402
+from minitagpr.tokenizer import Tokenizer  # noqa: E402
+from minitagpr.train.sft_data import read_sft_records, tokenize_records  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ("LaMP-1", "LaMP-3", "LaMP-5")
+# stage -> the stage whose output it reads (for "counts add up" across stages)
+UPSTREAM = {"teacher": "sample", "accuracy": "teacher", "judge": "accuracy", "explore": "judge",
+            "cluster": "explore", "tag": "judge", "format": "tag", "sft": "format"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return demo_world.build(tmp_path_factory.mktemp("chains-world"), num_users=6, dev_users=2, per_user=2,
+                            shared_per_user=1)
+
+
+def config(out_dir, world, base_url, **overrides):
+    values = {"out_dir": str(out_dir), "data.lamp_root": str(world.root), "data.tasks": ",".join(TASKS),
+              "data.per_task": 2, "data.k": 3, "samples": 2, "tagging.n_clusters": 4}
+    for role in ("teacher", "judge", "tagger"):
+        values.update({f"{role}.base_url": base_url, f"{role}.model": f"{role}-model", f"{role}.concurrency": 2,
+                       f"{role}.backoff_s": 0.05, f"{role}.timeout_s": 120})
+    values.update(overrides)
+    return values
+
+
+def output_files(out_dir: Path) -> dict[str, bytes]:
+    """Every output of the run (stage files, stats, reports), not the caches or the saved config."""
+    names = [p for p in out_dir.rglob("*") if p.is_file() and "cache" not in p.parts and p.name != "config.yaml"]
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(names)}
+
+
+def assert_counts_add_up(out_dir: Path, samples: int) -> dict:
+    stats = {s: json.loads((out_dir / "stats" / f"{s}.json").read_text()) for s in STAGES if s != "report"}
+    empty = {"in": 0, "out": 0, "dropped": {}}
+    for stage, st in stats.items():
+        for task in TASKS:
+            row = st["tasks"].get(task, empty)
+            if stage == "teacher":
+                assert row["out"] == row["in"] * samples, (stage, task, row)
+            else:
+                assert row["in"] == row["out"] + sum(row["dropped"].values()), (stage, task, row)
+            if stage in UPSTREAM:
+                assert row["in"] == stats[UPSTREAM[stage]]["tasks"].get(task, empty)["out"], (stage, task)
+    return stats
+
+
+def test_scripted_model_runs_every_stage_into_valid_sft_records_and_reruns_for_free(tmp_path, world):
+    golds = {}
+    for task in TASKS:
+        gold = world.golds(task, "train")
+        golds.update({ex.input: gold[ex.id] for ex in world.examples(task, "train")})
+    out = tmp_path / "out"
+    with FakeServer(ScriptedModel(golds)) as server:
+        cfg = load_config(ChainsConfig, overrides=config(out, world, server.base_url))
+        run_stages(cfg, log=lambda m: None)
+        calls = len(server.bodies)
+        first = output_files(out)
+        run_stages(cfg, log=lambda m: None)  # everything answered is in the caches
+        assert len(server.bodies) == calls
+    assert output_files(out) == first
+
+    stats = assert_counts_add_up(out, samples=2)
+    assert sum(r["out"] for r in stats["sample"]["tasks"].values()) == 2 * len(TASKS)
+    assert calls == sum(stats[s]["tasks"][t]["in"] - stats[s]["tasks"][t]["dropped"].get("outside_subset", 0)
+                        for s in ("judge", "explore", "tag") for t in stats[s]["tasks"]) + 2 * 2 * len(TASKS)
+    records = read_sft_records(out / "sft.jsonl")
+    assert len(records) == sum(r["out"] for r in stats["sft"]["tasks"].values()) > 0
+    docs = tokenize_records(records, Tokenizer.from_dir(world.tokenizer_dir), out / "sft.jsonl")
+    assert all(any(d.mask) for d in docs)
+    for r in records:
+        assert re.fullmatch(r"(<(\w+)>[^<]+</\2>\n?){3,}", r.chain), r.chain
+    report = (out / "report.md").read_text()
+    assert "| judge | LaMP-1 |" in report and "| 18 |" in report and "| make_decision |" in report
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    clusters = json.loads((out / "clusters.json").read_text())
+    assert 1 <= len(clusters["clusters"]) <= 4 and clusters["segments"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Against minitagpr.serve, with kills
+# ---------------------------------------------------------------------------------------------------------------
+def env():
+    e = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    e.pop("OPENAI_API_KEY", None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def serve(world, tmp_path_factory):
+    from minitagpr.model import presets
+
+    root = tmp_path_factory.mktemp("chains-serve")
+    checkpoint = presets.make_tiny_checkpoint(root / "tiny-demo", preset="tiny", tokenizer_dir=world.tokenizer_dir)
+    log = root / "requests.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "minitagpr.serve", str(checkpoint), "--port", "0",
+                             "--request-log", str(log), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO)
+    first_line: list[str] = []
+    reader = threading.Thread(target=lambda: first_line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(120)
+    match = re.search(r"at (http://\S+)", first_line[0] if first_line else "")
+    if match is None:
+        proc.kill()
+        pytest.fail(f"minitagpr.serve did not start: {first_line}")
+    yield match.group(1), log
+    proc.terminate()
+    proc.wait(30)
+
+
+def logged(log: Path, since: float = 0.0) -> list[dict]:
+    """The server's log lines of answered chat requests received at or after `since` (its clock is ours)."""
+    lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return [r for r in lines if r["path"].endswith("/chat/completions") and r["status"] == 200 and r["time"] >= since]
+
+
+def cached_answers(out_dir: Path) -> int:
+    """Complete lines (a torn tail from a kill does not count) over every stage cache."""
+    return sum(p.read_bytes().count(b"\n") for p in (out_dir / "cache").glob("*.jsonl"))
+
+
+def build_command(overrides: dict) -> list[str]:
+    return [sys.executable, str(REPO / "recipes" / "build_chains.py")] + [f"{k}={v}" for k, v in overrides.items()]
+
+
+def start_and_stop_when(overrides: dict, out_dir: Path, at_least: int, sig: int) -> subprocess.Popen:
+    """Run the recipe in a child process and send `sig` once the caches hold `at_least` answers."""
+    proc = subprocess.Popen(build_command(overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env(),
+                            cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not ((out_dir / "cache").exists() and cached_answers(out_dir) >= at_least):
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be stopped: {proc.stdout.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run did not reach {at_least} cached answers in 120 s")
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    proc.wait(60)
+    return proc
+
+
+def test_killed_and_interrupted_runs_resume_without_repeating_answered_requests(tmp_path, world, serve):
+    base_url, log = serve
+    settings = {"teacher.max_tokens": 48, "judge.max_tokens": 48, "tagger.max_tokens": 48}
+
+    # An uninterrupted reference run (in this process): one request per answer.
+    ref_dir = tmp_path / "reference"
+    t_ref = time.time()
+    run_stages(load_config(ChainsConfig, overrides=config(ref_dir, world, base_url, **settings)), log=lambda m: None)
+    reference = output_files(ref_dir)
+    assert len(logged(log, t_ref)) == cached_answers(ref_dir) >= 2 * 2 * len(TASKS)
+    assert_counts_add_up(ref_dir, samples=2)
+
+    out = tmp_path / "resumed"
+    overrides = config(out, world, base_url, **settings)
+    t_start = time.time()
+    killed = start_and_stop_when(overrides, out, at_least=3, sig=signal.SIGKILL)  # 1. SIGKILL mid-run
+    assert killed.returncode == -signal.SIGKILL and not (out / "sft.jsonl").exists()
+    t_kill, cached_at_kill = time.time(), cached_answers(out)  # the next run needs > 1 s to send anything
+    interrupted = start_and_stop_when(overrides, out, at_least=cached_at_kill + 2, sig=signal.SIGINT)  # 2. Ctrl-C
+    assert interrupted.returncode == 130, interrupted.stdout.read().decode()[-2000:]
+    t_int, cached_at_int = time.time(), cached_answers(out)
+    finished = subprocess.run(build_command(overrides), capture_output=True, text=True, env=env(), cwd=REPO,
+                              timeout=300)  # 3. rerun to the end
+    assert finished.returncode == 0, finished.stderr[-2000:]
+
+    records = logged(log, t_start)  # now complete: the server logs what the killed run left in flight, too
+    run_of = lambda r: "killed" if r["time"] < t_kill else "interrupted" if r["time"] < t_int else "final"  # noqa
+    sent = Counter(run_of(r) for r in records)
+    # Ctrl-C lets the calls in flight finish into the cache: every answer that run was sent is kept.
+    assert sent["interrupted"] == cached_at_int - cached_at_kill
+    # SIGKILL loses at most the answers in flight (teacher.concurrency = 2); only those are ever asked again.
+    lost = sent["killed"] - cached_at_kill
+    first_run: dict[str, str] = {}
+    repeated = []
+    for r in records:
+        if r["body_sha256"] in first_run:
+            repeated.append(first_run[r["body_sha256"]])
+        first_run.setdefault(r["body_sha256"], run_of(r))
+    assert 0 <= lost <= 2 and repeated == ["killed"] * lost
+    assert len(first_run) == cached_answers(out) == cached_answers(ref_dir)
+    assert output_files(out) == reference  # the same files as the uninterrupted run

@@ -126,7 +126,7 @@ def _citation_query(text: str) -> str | None:
 
 def query_text(example: LampExample) -> str:
     """The retrieval query inside `example.input` (lamp-format.md: the per-task query item)."""
-    spec = TASKS[example.task]
+    spec = task_spec(example.task)
     if spec.query_marker is None:
         query = _citation_query(example.input)
         if query is None:
@@ -142,7 +142,7 @@ def query_text(example: LampExample) -> str:
 
 def item_document(task: str, item: Mapping[str, Any]) -> str:
     """The text BM25 and dense retrievers index for one profile item."""
-    return " ".join(str(item[f]) for f in TASKS[task].doc_fields)
+    return " ".join(str(item[f]) for f in task_spec(task).doc_fields)
 
 
 def date_key(value: Any) -> tuple[int, ...] | None:

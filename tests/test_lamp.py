@@ -101,6 +101,11 @@ def test_bm25_documents_use_the_per_task_fields():
     assert TASKS["LaMP-7"].doc_fields == ("text",)
 
 
+def test_bm25_document_of_an_item_missing_a_field_names_item_and_field():
+    with pytest.raises(DataError, match=r"profile item '7' \(LaMP-4\): field 'text': missing"):
+        item_document("LaMP_4", {"id": "7", "title": "T"})
+
+
 def test_dates_compare_as_integer_tuples():
     assert date_key("2012-06-01") == (2012, 6, 1) and date_key(2011) == (2011,)
     assert date_key("2012-06-01T10:20:30") == (2012, 6, 1, 10, 20, 30)

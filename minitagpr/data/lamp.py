@@ -142,7 +142,11 @@ def query_text(example: LampExample) -> str:
 
 def item_document(task: str, item: Mapping[str, Any]) -> str:
     """The text BM25 and dense retrievers index for one profile item."""
-    return " ".join(str(item[f]) for f in task_spec(task).doc_fields)
+    spec = task_spec(task)
+    missing = [f for f in spec.doc_fields if f not in item]
+    if missing:
+        raise DataError(f"profile item {item.get('id')!r} ({spec.name}): field {missing[0]!r}: missing")
+    return " ".join(str(item[f]) for f in spec.doc_fields)
 
 
 def date_key(value: Any) -> tuple[int, ...] | None:

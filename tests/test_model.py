@@ -55,16 +55,17 @@ def test_targets_path_gives_log_softmax_of_logits():
     assert torch.allclose(logp.double(), ref, atol=1e-5)
 
 
-def test_packed_rows_equal_unpacked_documents():
+@pytest.mark.parametrize("rows", [[[5, 11, 3]], [[5, 11, 3], [7, 2, 10]], [[19], [4, 15], [1, 1, 17]]])
+def test_packed_rows_equal_unpacked_documents(rows):
     model = build_model(tiny_config("tiny"), seed=2).eval()
-    lengths = [5, 11, 3]
-    docs = [torch.randint(0, 512, (n,)) for n in lengths]
-    packed = torch.cat(docs)[None]  # (1, 19)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    docs = [[torch.randint(0, 512, (n,)) for n in lengths] for lengths in rows]
+    packed = torch.stack([torch.cat(row) for row in docs])  # (B, 19)
+    positions = torch.stack([torch.cat([torch.arange(len(d)) for d in row]) for row in docs])
     with torch.no_grad():
-        out = model.logits(model(packed, positions))[0]
-        alone = [model.logits(model(d[None]))[0] for d in docs]
-    assert (out - torch.cat(alone)).abs().max().item() <= 1e-5
+        out = model.logits(model(packed, positions))
+        for b, row in enumerate(docs):
+            alone = torch.cat([model.logits(model(d[None]))[0] for d in row])
+            assert (out[b] - alone).abs().max().item() <= 1e-5
 
 
 def test_right_padding_does_not_change_real_tokens():

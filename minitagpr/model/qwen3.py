@@ -164,7 +164,7 @@ def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     doc = starts.cumsum(dim=1)  # (B, T) document index of every token
     T = position_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    return (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T): the same for every head
 
 
 def _flash_attn_varlen():

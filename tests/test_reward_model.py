@@ -219,3 +219,10 @@ def test_scorer_runs_without_grad():
     scorer = PRMUScorer(model, _CharTokenizer())
     scorer.score(["alice"], [[{"role": "user", "content": "hi"}]], ["ok"])
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_dropping_a_trained_table_at_load_time_warns(tmp_path):
+    save_reward_model(_tiny_prmu(), tmp_path / "rm")
+    with pytest.warns(UserWarning, match="use_user_table=false"):
+        model = load_reward_model(tmp_path / "rm", use_user_table=False)
+    assert not model.use_user_table

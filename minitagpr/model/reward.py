@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -237,6 +238,10 @@ def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, devic
         raise CheckpointError(f"{folder}: already holds a user table ({USERS_FILE}); pass users=None to use it")
     if use_user_table is None:
         use_user_table = saved_table or users is not None
+    elif saved_table and not use_user_table:
+        warnings.warn(f"{folder}: this PRMU was trained with a user table; scoring without it feeds the model inputs "
+                      f"it never saw. The paper's 'PRMU w/o UE' is a PRMU trained with use_user_table=false.",
+                      stacklevel=2)
     vocab = UserVocab.from_file(folder / USERS_FILE) if saved_table else UserVocab(users or ())
 
     with torch.device("meta"):

@@ -1,0 +1,148 @@
+"""PRMU scoring throughput (the R_PRMU call of guided RL): our batched scorer vs transformers' sequence classifier.
+
+Same weights (the "demo" preset with the demo world's tokenizer), same (user, prompt, response) triples taken from
+the demo world's synthetic preference pairs, no grad. Paths:
+  transformers       Qwen3ForSequenceClassification, right-padded batches of `--batch` in input order (no table)
+  ours-no-table      PRMUScorer, table off (the same computation as transformers)
+  ours-table         PRMUScorer with the user table (one extra soft token per sequence)
+  ours-one-by-one    PRMU with the table, one sequence per forward (what an unbatched reward loop costs)
+Each path runs in its own subprocess; peak memory is the growth of the resident set (VmHWM, reset after warm-up).
+Times are medians over repeats after one warm-up call.
+
+    python bench/prmu_score.py [--n 64] [--batch 16] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PATHS = ["transformers", "ours-no-table", "ours-table", "ours-one-by-one"]
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def child(path: str, work: str, n: int, batch: int, repeats: int) -> dict:
+    import torch
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    from minitagpr.data.preferences import read_pairs
+    from minitagpr.model.reward import PRMUScorer, collate, encode_reward_input, load_reward_model
+    from minitagpr.tokenizer import Tokenizer
+
+    work = Path(work)
+    pairs = read_pairs(work / "pairs.jsonl")[:n]
+    tok = Tokenizer.from_dir(work / "rm")
+    users = [p.user for p in pairs]
+    prompts = [p.prompt for p in pairs]
+    responses = [p.chosen.text for p in pairs]
+    if path == "transformers":
+        import transformers
+        model = transformers.Qwen3ForSequenceClassification.from_pretrained(work / "rm").eval()
+        seqs = [encode_reward_input(tok, p, r) for p, r in zip(prompts, responses)]
+
+        @torch.no_grad()
+        def call():
+            out = []
+            for s in range(0, len(seqs), batch):
+                ids, _ = collate(seqs[s:s + batch], tok.pad_id)
+                out += torch.sigmoid(model(input_ids=ids).logits[:, 0]).tolist()
+            return out
+    elif path == "ours-one-by-one":
+        model = load_reward_model(work / "rm").eval()
+        rows = model.users.rows(users)
+
+        @torch.no_grad()
+        def call():
+            out = []
+            for p, r, u in zip(prompts, responses, rows):
+                ids, lengths = collate([encode_reward_input(tok, p, r)], tok.pad_id)
+                out.append(torch.sigmoid(model(ids, lengths, torch.tensor([u]))).item())
+            return out
+    else:
+        scorer = PRMUScorer(load_reward_model(work / "rm", use_user_table=path == "ours-table"), tok,
+                            batch_size=batch)
+
+        def call():
+            return scorer.score(users, prompts, responses)
+
+    call()  # warm-up
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set to the current one
+    base_kb = _status_kb("VmRSS")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        scores = call()
+        times.append(time.perf_counter() - t0)
+    tokens = sum(len(encode_reward_input(tok, p, r)) for p, r in zip(prompts, responses))
+    return {"path": path, "s": statistics.median(times), "n": len(scores), "tokens": tokens,
+            "peak_mb": (_status_kb("VmHWM") - base_kb) / 1024, "first": scores[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--child", default="")
+    ap.add_argument("--work", default="")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.work, args.n, args.batch, args.repeats)))
+        return
+
+    from minitagpr.data import demo_world
+    from minitagpr.data.preferences import synthesize_demo_pairs, write_pairs
+    from minitagpr.model.presets import tiny_config
+    from minitagpr.model.reward import PRMU, save_reward_model
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        world = demo_world.build(work / "world")
+        pairs = synthesize_demo_pairs(world.root)["PQP"]
+        write_pairs(work / "pairs.jsonl", pairs)
+        n_rows = -(-world.stats["vocab_size"] // 64) * 64
+        cfg = tiny_config("demo", vocab_size=n_rows)
+        from minitagpr.tokenizer import Tokenizer
+        cfg.pad_token_id = Tokenizer.from_dir(world.tokenizer_dir).pad_id
+        model = PRMU(cfg, {p.user for p in pairs})
+        model.init_weights(0)
+        with torch.no_grad():
+            model.user_table.weight.normal_(0, 0.02)  # distinct users, as after training
+        files = {n: world.tokenizer_dir / n for n in ("tokenizer.json", "tokenizer_config.json")}
+        save_reward_model(model, work / "rm", extra_files=files)
+
+        results = []
+        for path in PATHS:
+            cmd = [sys.executable, __file__, "--child", path, "--work", str(work), "--n", str(args.n),
+                   "--batch", str(args.batch), "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = results[0]["s"]
+    print(f"PRMU scoring, demo preset ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+          f"{results[0]['n']} sequences ({results[0]['tokens']} tokens), batch {args.batch}, "
+          f"{os.environ.get('BENCH_THREADS', '2')} threads, median of {args.repeats}")
+    print("| path | ms per call | sequences/s | tokens/s | vs transformers | peak RSS growth MB |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['path']} | {r['s'] * 1e3:.0f} | {r['n'] / r['s']:.1f} | {r['tokens'] / r['s']:,.0f} | "
+              f"{base / r['s']:.2f}x | {r['peak_mb']:.0f} |")
+    same = abs(results[0]["first"] - results[1]["first"])
+    print(f"transformers vs ours-no-table, first score: |diff| = {same:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """Stage 0: build the tagged reasoning-chain SFT data from a LaMP download with a teacher, a judge and a tagger.
 
-    python recipes/build_chains.py --config recipes/configs/build_chains_lamp.yaml \\
-        data.lamp_root=/data/LaMP teacher.base_url=http://localhost:8000/v1 teacher.model=Qwen/Qwen3-235B-A22B-Thinking-2507
+    python recipes/build_chains.py --config recipes/configs/build_chains_lamp.yaml data.lamp_root=/data/LaMP \\
+        teacher.base_url=http://localhost:8000/v1 teacher.model=Qwen/Qwen3-235B-A22B-Thinking-2507
     python recipes/build_chains.py --config ... stages=judge          # rerun one stage (answers come from its cache)
 
 Endpoints are any OpenAI-compatible server (a hosted API, vLLM, `python -m minitagpr.serve`). URL, model and key
@@ -27,6 +27,7 @@ from minitagpr.config import ConfigError, parse_cli
 from minitagpr.data.chain_client import CacheError, EndpointError, redacted_config
 from minitagpr.data.chains import ChainsConfig, run_stages, write_text
 from minitagpr.data.lamp import DataError
+from minitagpr.tokenizer import TokenizerError
 
 
 # ----------------------------------------------------------------------------------------------- 2. policy embeddings
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> int:
         print("build_chains: interrupted; every answer received is in the caches under "
               f"{out / 'cache'}; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (EndpointError, CacheError, DataError) as err:
+    except (EndpointError, CacheError, DataError, TokenizerError) as err:
         print(f"build_chains: error: {err}", file=sys.stderr)
         return 1
     for stage, counts in results.items():

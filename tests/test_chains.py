@@ -534,3 +534,10 @@ def test_a_temp_file_orphaned_by_a_killed_writer_is_removed_by_the_next_write(tm
     orphan.write_text("half a file")
     run_stages(cfg, ["accuracy"], log=lambda m: None)
     assert not orphan.exists() and len(read_jsonl(cfg_out(cfg) / "accurate.jsonl")) == 1
+
+
+@pytest.mark.parametrize("name", ["build_chains_lamp.yaml", "build_chains_demo.yaml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+    cfg = load_config(ChainsConfig, Path(__file__).resolve().parents[1] / "recipes" / "configs" / name)
+    assert cfg.stage_list()[0] == "sample" and cfg.teacher.temperature == 0.6 and cfg.judge.temperature == 0.0

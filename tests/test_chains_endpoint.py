@@ -96,8 +96,9 @@ def test_server_errors_exhaust_retries_and_keep_every_answer_obtained_before(tmp
         cfg = cfg_for(tmp_path, server.base_url)
         with pytest.raises(EndpointError) as err:
             teacher(cfg)
-        assert "HTTP 500" in str(err.value) and "stage 'teacher'" in str(err.value) and server.base_url in str(err.value)
-        assert "3 answered requests are kept" in str(err.value)
+        message = str(err.value)
+        assert "HTTP 500" in message and "stage 'teacher'" in message and server.base_url in message
+        assert "3 answered requests are kept" in message
         assert len(cache_lines(tmp_path)) == 3 and len(server.bodies) == 3 + 3  # 3 answers, then 1 + 2 retries
         assert not (tmp_path / "out" / "teacher.jsonl").exists()
         healthy[0] = True

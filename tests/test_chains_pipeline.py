@@ -24,7 +24,7 @@ pytest.importorskip("openai")
 from chains_fakes import FakeServer, ScriptedModel  # noqa: E402
 from minitagpr.config import load_config  # noqa: E402
 from minitagpr.data import demo_world  # noqa: E402
-from minitagpr.data.chains import FILES, STAGES, ChainsConfig, run_stages  # noqa: E402
+from minitagpr.data.chains import STAGES, ChainsConfig, run_stages  # noqa: E402
 from minitagpr.tokenizer import Tokenizer  # noqa: E402
 from minitagpr.train.sft_data import read_sft_records, tokenize_records  # noqa: E402
 

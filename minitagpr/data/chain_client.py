@@ -61,7 +61,7 @@ class EndpointConfig:
     base_url: str = ""            # empty: $MINITAGPR_<ROLE>_BASE_URL, then $OPENAI_BASE_URL
     model: str = ""               # empty: $MINITAGPR_<ROLE>_MODEL
     api_key: str = field(default="", repr=False)  # prefer the environment; never saved (redacted_config)
-    api_key_env: str = ""         # name of the variable holding the key; empty: MINITAGPR_<ROLE>_API_KEY, OPENAI_API_KEY
+    api_key_env: str = ""         # variable holding the key; empty: MINITAGPR_<ROLE>_API_KEY, then OPENAI_API_KEY
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 4096
@@ -358,7 +358,7 @@ class ChatClient:
         """
         stop = threading.Event()
         window = 2 * self.cfg.concurrency  # requests scheduled ahead of the one being yielded (bounded memory)
-        pending: deque[tuple[ChatRequest, Future]] = deque()
+        pending: deque[tuple[ChatRequest, Future | dict]] = deque()  # a dict: answered from the cache
         source = iter(requests)
         failure: EndpointError | None = None
         pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix=f"chains-{self.stage}")
@@ -371,10 +371,8 @@ class ChatClient:
                 key = self.key(request)
                 cached = self.cache.get(key)
                 if cached is not None:  # answered before (this run or a killed one): no call
-                    done: Future = Future()
-                    done.set_result(cached)
                     self.cached += 1
-                    pending.append((request, done))
+                    pending.append((request, cached))
                 else:
                     pending.append((request, pool.submit(self._call, request, key, stop)))
 
@@ -383,7 +381,7 @@ class ChatClient:
             while pending:
                 request, future = pending.popleft()
                 try:
-                    response = future.result()
+                    response = future if isinstance(future, dict) else future.result()
                 except _Stopped:
                     continue
                 except EndpointError as err:

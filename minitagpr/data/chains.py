@@ -85,12 +85,14 @@ class DataConfig:
     split: str = "user"           # user | time
     part: str = "train"
     per_task: int = 1000          # questions sampled per task
-    retriever: str = "recency"
+    retriever: str = "recency"    # recency | bm25 | random
     k: int = 8                    # profile items shown
     seed: int = 0                 # sampling, subset and per-request seeds
 
     def __post_init__(self):
         self.tasks = [canonical_task(t) for t in self.tasks]
+        if self.retriever not in ("recency", "bm25", "random"):
+            raise ValueError(f"data.retriever must be recency, bm25 or random, got {self.retriever!r}")
         if self.per_task < 1 or self.k < 0:
             raise ValueError(f"data.per_task must be >= 1 and data.k >= 0, got {self.per_task} and {self.k}")
 
@@ -977,7 +979,8 @@ def report_markdown(stats: Mapping[str, dict], histogram: Mapping[int, int], seg
     if total:
         lines += ["| tag | segments | share of segments | chains with it |", "|---|---|---|---|"]
         for tag, n in sorted(segments.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"| {tag} | {n} | {100 * n / total:.1f}% | {chains[tag]} ({100 * chains[tag] / n_chains:.0f}%) |")
+            share = 100 * chains[tag] / n_chains
+            lines.append(f"| {tag} | {n} | {100 * n / total:.1f}% | {chains[tag]} ({share:.0f}%) |")
     else:
         lines.append("No tagged chains.")
     return "\n".join(lines) + "\n"

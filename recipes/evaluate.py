@@ -59,6 +59,7 @@ class EvalConfig:
     sweep_k: list[int] = field(default_factory=list)  # robustness: these k with `retriever`
     sweep_retrievers: list[str] = field(default_factory=list)  # robustness: these retrievers with `k`
     max_prompt_tokens: int = 2048
+    prompt_style: str = ""  # instruction style, "full" | "brief"; "" = the demo world's own style, else "full"
     max_new_tokens: int = 1024
     temperature: float = 0.0  # greedy decoding: evaluation numbers do not depend on a seed
     top_p: float = 1.0
@@ -81,6 +82,14 @@ class EvalConfig:
         for k in [self.k, *self.sweep_k]:
             if k < 0:
                 raise ValueError(f"k must be >= 0, got {k}")
+
+
+def _world_style(data: Any, data_dir) -> str:
+    """The instruction style the demo world's SFT chains use ("full" for anything that is not the demo world)."""
+    if data != "demo":
+        return "full"
+    from minitagpr.data import demo_world
+    return demo_world.DemoWorld.load(Path(data_dir)).params.get("prompt_style", "full")
 
 
 def named_entries(entries: Sequence[str]) -> dict[str, list[str]]:
@@ -169,9 +178,11 @@ def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_row
 
 def generate_answers(engine, tokenizer, data: TaskData, *, retriever: str = "recency", k: int = 8,
                      max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16) -> list[dict]:
+                     top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16,
+                     prompt_style: str = "full") -> list[dict]:
     """One generation record per example: {id, text, finish_reason, profile_items, prompt_tokens,
-    completion_tokens}; `text` is the raw continuation (thinking included)."""
+    completion_tokens}; `text` is the raw continuation (thinking included). `prompt_style`: the instruction the
+    model was trained with (minitagpr.data.prompts; the demo world uses "brief")."""
     chooser = retrieval.get_retriever(retriever, seed=seed)
     stops = [tokenizer.im_end_id, tokenizer.eos_id]
     records = []
@@ -179,7 +190,8 @@ def generate_answers(engine, tokenizer, data: TaskData, *, retriever: str = "rec
         batch = data.examples[start:start + batch_prompts]
         ids, kept = [], []
         for ex in batch:
-            messages, n_items = prompts.fit_messages(ex, chooser.select(ex, k), tokenizer, max_prompt_tokens)
+            messages, n_items = prompts.fit_messages(ex, chooser.select(ex, k), tokenizer, max_prompt_tokens,
+                                                     style=prompt_style)
             ids.append(tokenizer.apply_chat(messages, add_generation_prompt=True))
             kept.append(n_items)
         groups = engine.generate(ids, n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
@@ -282,7 +294,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                          max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16, engine: str = "auto",
                          normalize: bool = False, out_dir: str | os.PathLike | None = None,
-                         log=print) -> EvalTable:
+                         log=print, prompt_style: str = "full") -> EvalTable:
     """Run every checkpoint on every task under every (retriever, k) in `settings`; returns the table (and writes
     predictions + generations under out_dir when given). Rows are named after the checkpoints, with
     " [retriever k=K]" appended when there is more than one setting. `tasks` are task names (loaded from `data`)
@@ -300,7 +312,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                 records = generate_answers(eng, tokenizer, td, retriever=retriever, k=k,
                                            max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                                            temperature=temperature, top_p=top_p, seed=seed,
-                                           batch_prompts=batch_prompts)
+                                           batch_prompts=batch_prompts, prompt_style=prompt_style)
                 metrics = score(td, {r["id"]: r["text"] for r in records}, normalize=normalize)
                 table.add(row, td.task, metrics, {"checkpoint": str(checkpoint), "retriever": retriever, "k": k,
                                                   "temperature": temperature, "normalize": normalize},
@@ -338,7 +350,8 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
              for t in cfg.tasks]
     common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_prompts=cfg.batch_prompts,
-                  engine=cfg.engine, normalize=cfg.normalize, out_dir=out)
+                  engine=cfg.engine, normalize=cfg.normalize, out_dir=out,
+                  prompt_style=cfg.prompt_style or _world_style(cfg.data, data_dir))
     checkpoints = {name: paths[-1] for name, paths in named_entries(cfg.checkpoints).items()}
     title = f"{cfg.data} {cfg.part}, {cfg.retriever} k={cfg.k}"
     main = EvalTable()

@@ -99,7 +99,7 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
     table = evaluate.evaluate_checkpoints(mine, tasks, data=world, limit=cfg.eval_examples,
                                           settings=((cfg.retriever, cfg.k),), max_prompt_tokens=cfg.max_prompt_tokens,
                                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, out_dir=out_dir,
-                                          log=lambda *a: None)
+                                          prompt_style=cfg.prompt_style, log=lambda *a: None)
     tables = [table]
     if info.world_size > 1:
         tables = [None] * info.world_size
@@ -137,6 +137,7 @@ def main(argv: list[str]) -> None:
         paths = demo_stages(cfg)
         work = Path(cfg.workdir)
         guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"]), data_root=str(work / "world"),
+                             prompt_style=paths["world"].params["prompt_style"],  # the style SFT trained on
                              out_dir=cfg.out_dir or str(work / "guided_rl"))
         if info.is_main:
             save_config(guided_cfg, Path(guided_cfg.out_dir) / "config.yaml")
@@ -160,7 +161,7 @@ def main(argv: list[str]) -> None:
         # 6. evaluation table on the demo world's dev split
         D.log("[demo] 6. evaluation: base vs SFT vs guided vs exploratory on the demo dev sets")
         table = evaluate_table({"Base": paths["base"], "SFT": paths["sft"], "Guided RL": guided_export,
-                                "Exploratory RL": explore_export}, paths["world"], cfg, work / "eval")
+                                "Exploratory RL": explore_export}, paths["world"], guided_cfg, work / "eval")
         if info.is_main:
             trend = first_last_share(Path(guided_cfg.out_dir) / "metrics.jsonl", ["reward_mean", "tag_pass_rate",
                                                                                   "format_pass_rate"])

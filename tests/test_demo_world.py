@@ -185,7 +185,8 @@ def test_sft_records_follow_the_contract(world):
         ex = examples[r["id"]]
         assert r["user"] == ex.user_id and r["task"] == ex.task
         assert r["answer"] == world.golds(r["task"], "train")[r["id"]]
-        assert r["messages"] == build_messages(ex, recency.select(ex, world.params["k"]))  # nothing trimmed
+        assert r["messages"] == build_messages(ex, recency.select(ex, world.params["k"]),
+                                                 style=world.params["prompt_style"])  # nothing trimmed
         ids, mask = tok.encode_prompt_and_target(r["messages"], r["chain"], r["answer"])
         assert tok.decode([i for i, m in zip(ids, mask) if m]).endswith(r["answer"] + "<|im_end|>")
 

@@ -152,3 +152,12 @@ def test_budget_holds_with_the_real_qwen3_tokenizer(task, qwen3_tokenizer):
     assert 0 < kept < 12
     assert len(tok.apply_chat(msgs, add_generation_prompt=True, enable_thinking=True)) <= budget < count(
         ex.profile[:kept + 1])
+
+
+def test_brief_style_names_every_tag_in_fewer_words_and_unknown_styles_fail():
+    from minitagpr.data.prompts import TAGS, instruction
+    full, brief = instruction("LaMP-3", "full"), instruction("LaMP-3", "brief")
+    assert all(tag in brief for tag in TAGS) and "a single integer from 1 to 5" in brief
+    assert len(brief.split()) * 3 < len(full.split())
+    with pytest.raises(ValueError, match="prompt style must be one of full, brief"):
+        instruction("LaMP-3", "terse")

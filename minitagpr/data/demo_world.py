@@ -763,12 +763,12 @@ class DemoWorld:
                         self.sft_chains]
 
 
-def _prompt_fingerprint() -> str:
+def _prompt_fingerprint(style: str) -> str:
     """A hash of the prompt text the SFT records embed: a changed prompt module means a stale world."""
     from minitagpr.data import prompts
     probe = LampExample("0", "LaMP-3", "review: x", [{"id": "00", "text": "x", "score": "3"}])
-    text = "".join(prompts.instruction(t) for t in TASK_NAMES)
-    text += json.dumps(prompts.build_messages(probe, probe.profile))
+    text = "".join(prompts.instruction(t, style) for t in TASK_NAMES)
+    text += json.dumps(prompts.build_messages(probe, probe.profile, style=style))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -864,7 +864,7 @@ def _draft_records(questions: dict, golds: dict, params: dict) -> tuple[list[dic
         for split, examples in questions[task].items():
             for ex in examples:
                 items = retriever.select(ex, params["k"])
-                messages = build_messages(ex, items)
+                messages = build_messages(ex, items, style=params["prompt_style"])
                 texts += [m["content"] for m in messages]  # repeats kept: BPE should learn the instruction's words
                 if split == "train":
                     gold = golds[task][split][ex.id]
@@ -889,7 +889,7 @@ def _fit_records(records: list[dict], tokenizer, params: dict) -> list[int]:
     for i, r in enumerate(records):
         ex, items = r.pop("_example"), r.pop("_items")
         if lengths[i] > budget:
-            r["messages"], kept = fit_messages(ex, items, tokenizer, budget)
+            r["messages"], kept = fit_messages(ex, items, tokenizer, budget, style=params["prompt_style"])
             r["chain"] = make_chain(r["task"], ex, items[:kept], r["answer"], _chain_rng(params, ex))
             lengths[i] = len(tokenizer.apply_chat(r["messages"], add_generation_prompt=True))
     return lengths
@@ -936,7 +936,9 @@ def train_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike, vocab_size
 
 
 DEFAULTS = dict(num_users=34, dev_users=10, test_users=0, per_user=6, shared_per_user=2, history=14,
-                profile_size=(6, 12), k=4, vocab_size=2048, max_prompt_tokens=768)
+                profile_size=(6, 12), k=4, vocab_size=2048, max_prompt_tokens=768, prompt_style="brief")
+# prompt_style "brief": the instruction names the nine tags without their meanings (minitagpr.data.prompts), which
+# cuts the demo's prompts roughly in half -- and with them SFT, RL and evaluation time on 2 CPU cores.
 
 
 def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULTS["num_users"],
@@ -944,7 +946,8 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULT
           per_user: int = DEFAULTS["per_user"], shared_per_user: int = DEFAULTS["shared_per_user"],
           history: int = DEFAULTS["history"], profile_size: tuple[int, int] = DEFAULTS["profile_size"],
           k: int = DEFAULTS["k"], vocab_size: int = DEFAULTS["vocab_size"],
-          max_prompt_tokens: int = DEFAULTS["max_prompt_tokens"], force: bool = False) -> DemoWorld:
+          max_prompt_tokens: int = DEFAULTS["max_prompt_tokens"], prompt_style: str = DEFAULTS["prompt_style"],
+          force: bool = False) -> DemoWorld:
     """Build the demo world in `out_dir`, or reuse it when its world.json has the same parameters.
 
     Users: `num_users` in all, the last `dev_users` (then `test_users`) held out (user split). Every user answers
@@ -964,7 +967,7 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULT
     params = dict(format=FORMAT_VERSION, seed=seed, num_users=num_users, dev_users=dev_users, test_users=test_users,
                   per_user=per_user, shared_per_user=shared_per_user, history=history,
                   profile_size=list(profile_size), k=k, vocab_size=vocab_size, max_prompt_tokens=max_prompt_tokens,
-                  prompts=_prompt_fingerprint())
+                  prompt_style=prompt_style, prompts=_prompt_fingerprint(prompt_style))
     if not force and (root / MANIFEST).exists():
         try:
             world = DemoWorld.load(root)
@@ -1080,12 +1083,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-user", type=int, default=DEFAULTS["per_user"])
     ap.add_argument("--k", type=int, default=DEFAULTS["k"])
     ap.add_argument("--vocab-size", type=int, default=DEFAULTS["vocab_size"])
+    ap.add_argument("--prompt-style", choices=("full", "brief"), default=DEFAULTS["prompt_style"])
     ap.add_argument("--force", action="store_true", help="rebuild even if world.json matches")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     world = build(args.out_dir, args.seed, num_users=args.num_users, dev_users=args.dev_users,
                   test_users=args.test_users, per_user=args.per_user, k=args.k, vocab_size=args.vocab_size,
-                  force=args.force)
+                  prompt_style=args.prompt_style, force=args.force)
     s = world.stats
     print(f"demo world in {world.root} ({time.perf_counter() - t0:.1f} s; built in {s['build_seconds']} s)")
     print(f"questions per task: {json.dumps(s['questions']['LaMP-1'])}; SFT records {s['sft_records']}; "

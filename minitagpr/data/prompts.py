@@ -75,9 +75,22 @@ class PromptTooLongError(DataError):
     """Even the prompt without profile items exceeds the token budget."""
 
 
-def instruction(task: str) -> str:
-    """The system message: how to reason (the nine tags) and how to answer (`ANSWER_FORMS`)."""
+STYLES = ("full", "brief")
+
+
+def instruction(task: str, style: str = "full") -> str:
+    """The system message: how to reason (the nine tags) and how to answer (`ANSWER_FORMS`).
+
+    style "full" lists every tag with its meaning (what a general model needs to follow the format); "brief" names
+    the tags only, in about a quarter of the tokens -- for models that learn the format in SFT, like the tiny demo
+    model, whose every training and rollout token the instruction costs. Train and evaluate with the same style."""
     task = canonical_task(task)
+    if style == "brief":
+        return ("Answer as this user would; their history comes with the request. Reason inside <think> ... "
+                "</think> in at least three tagged segments, using only these tags: " + ", ".join(TAG_MEANINGS)
+                + f". After </think>, write only the answer: {ANSWER_FORMS[task]}.")
+    if style != "full":
+        raise ValueError(f"prompt style must be one of {', '.join(STYLES)}, got {style!r}")
     tag_lines = "\n".join(f"- {tag}: {meaning}" for tag, meaning in TAG_MEANINGS.items())
     return (
         "You answer requests for one specific user, and the answer should be the one this user would give. "
@@ -119,9 +132,9 @@ def render_profile(task: str, items: Sequence[Mapping[str, Any]],
 
 
 def _messages(task: str, example: LampExample, items: Sequence[Mapping[str, Any]],
-              max_item_words: int | None) -> list[dict]:
+              max_item_words: int | None, style: str = "full") -> list[dict]:
     user = f"{render_profile(task, items, max_item_words)}\n\nRequest:\n{example.input}"
-    return [{"role": "system", "content": instruction(task)}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": instruction(task, style)}, {"role": "user", "content": user}]
 
 
 def _prompt_tokens(tokenizer, messages: list[dict]) -> int:
@@ -130,14 +143,15 @@ def _prompt_tokens(tokenizer, messages: list[dict]) -> int:
 
 def fit_messages(example: LampExample, profile_items: Sequence[Mapping[str, Any]], tokenizer=None,
                  max_prompt_tokens: int | None = None, *,
-                 max_item_words: int | None = DEFAULT_MAX_ITEM_WORDS) -> tuple[list[dict], int]:
+                 max_item_words: int | None = DEFAULT_MAX_ITEM_WORDS, style: str = "full") -> tuple[list[dict], int]:
     """`build_messages`, also returning how many of `profile_items` (a prefix) the prompt kept."""
     task = canonical_task(example.task)  # 'LaMP_k' works too
+    instruction(task, style)  # rejects an unknown style before any tokenizer call
     if max_prompt_tokens is None:
-        return _messages(task, example, profile_items, max_item_words), len(profile_items)
+        return _messages(task, example, profile_items, max_item_words, style), len(profile_items)
     if tokenizer is None:
         raise ValueError("max_prompt_tokens needs a tokenizer to count tokens with")
-    full = _messages(task, example, profile_items, max_item_words)
+    full = _messages(task, example, profile_items, max_item_words, style)
     if _prompt_tokens(tokenizer, full) <= max_prompt_tokens:
         return full, len(profile_items)  # the common case: one tokenizer call
     # Largest n in [1, len - 1] whose prompt fits (n = len failed; lo = 0: none does). The prompt grows with n, so
@@ -145,14 +159,14 @@ def fit_messages(example: LampExample, profile_items: Sequence[Mapping[str, Any]
     lo, hi = 0, len(profile_items) - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        trial = _messages(task, example, profile_items[:mid], max_item_words)
+        trial = _messages(task, example, profile_items[:mid], max_item_words, style)
         if _prompt_tokens(tokenizer, trial) <= max_prompt_tokens:
             lo = mid
         else:
             hi = mid - 1
     if lo:
-        return _messages(task, example, profile_items[:lo], max_item_words), lo
-    bare = _messages(task, example, [], max_item_words)
+        return _messages(task, example, profile_items[:lo], max_item_words, style), lo
+    bare = _messages(task, example, [], max_item_words, style)
     n_bare = _prompt_tokens(tokenizer, bare)
     if n_bare > max_prompt_tokens:
         raise PromptTooLongError(
@@ -163,6 +177,7 @@ def fit_messages(example: LampExample, profile_items: Sequence[Mapping[str, Any]
 
 def build_messages(example: LampExample, profile_items: Sequence[Mapping[str, Any]], tokenizer=None,
                    max_prompt_tokens: int | None = None, *,
-                   max_item_words: int | None = DEFAULT_MAX_ITEM_WORDS) -> list[dict]:
+                   max_item_words: int | None = DEFAULT_MAX_ITEM_WORDS, style: str = "full") -> list[dict]:
     """Chat messages (system instruction + user turn) for `example` showing `profile_items`, within the budget."""
-    return fit_messages(example, profile_items, tokenizer, max_prompt_tokens, max_item_words=max_item_words)[0]
+    return fit_messages(example, profile_items, tokenizer, max_prompt_tokens, max_item_words=max_item_words,
+                        style=style)[0]

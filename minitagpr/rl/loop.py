@@ -47,6 +47,7 @@ class RLConfig:
     retriever: str = "recency"
     k: int = 8
     max_prompt_tokens: int = 2048
+    prompt_style: str = "full"  # "full" | "brief" instruction (minitagpr.data.prompts); the one the policy was SFT'd on
     # rollout
     engine: str = "builtin"  # "builtin" (torch sampler) | "vllm" (GPU)
     group_size: int = 5  # G
@@ -133,7 +134,8 @@ def load_prompts(cfg: RLConfig, tokenizer: Tokenizer, *, part: str | None = None
         for ex in examples:
             if ex.id not in golds:
                 raise lamp.DataError(f"{opath}: no gold output for question id {ex.id!r} of {qpath}")
-            messages = build_messages(ex, retriever.select(ex, cfg.k), tokenizer, cfg.max_prompt_tokens)
+            messages = build_messages(ex, retriever.select(ex, cfg.k), tokenizer, cfg.max_prompt_tokens,
+                                      style=cfg.prompt_style)
             ids = tokenizer.apply_chat(messages, add_generation_prompt=True, enable_thinking=True)
             prompts.append(Prompt(ex.id, task, ex.user, messages, ids, golds[ex.id]))
     return prompts

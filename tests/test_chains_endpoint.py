@@ -121,3 +121,10 @@ def test_a_refused_request_is_not_retried(tmp_path):
         with pytest.raises(EndpointError, match=r"was refused: HTTP 400"):
             teacher(cfg_for(tmp_path, server.base_url))
         assert len(server.bodies) == 1
+
+
+def test_a_reply_that_is_no_chat_completion_is_reported_not_a_traceback(tmp_path):
+    with FakeServer(lambda body, number: (200, ["not", "a", "completion"], {})) as server:
+        with pytest.raises(EndpointError, match=r"stage 'teacher'.*after 3 attempt\(s\): the reply is not a chat"):
+            teacher(cfg_for(tmp_path, server.base_url))
+    assert cache_lines(tmp_path) == []  # never cached: a rerun asks again

@@ -99,6 +99,7 @@ def test_scripted_model_runs_every_stage_into_valid_sft_records_and_reruns_for_f
         assert re.fullmatch(r"(<(\w+)>[^<]+</\2>\n?){3,}", r.chain), r.chain
     report = (out / "report.md").read_text()
     assert "| judge | LaMP-1 |" in report and "| 18 |" in report and "| make_decision |" in report
+    assert "## Spot check (5 of" in report
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     clusters = json.loads((out / "clusters.json").read_text())
     assert 1 <= len(clusters["clusters"]) <= 4 and clusters["segments"] > 0

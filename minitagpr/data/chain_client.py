@@ -12,10 +12,11 @@ module makes such a run survive crashes, rate limits and flaky servers without p
   key, concurrency and timeouts are not part of it: they do not change what was asked.
 - `ChatClient.run(requests)`: answers an iterable of `ChatRequest`s in their order, from the cache when it can,
   otherwise with at most `concurrency` calls in flight (threads). Rate limits (429, honouring `retry-after-ms` /
-  `retry-after`), server errors (5xx, 408, 409), connection errors and timeouts are retried with exponential
-  backoff and jitter; when a request still fails, no new call is started, the calls in flight finish and are
-  cached, and `EndpointError` names the stage, the endpoint, the model and the request. A KeyboardInterrupt
-  behaves the same way. Either way, rerunning the same command resumes where the run stopped.
+  `retry-after`), server errors (5xx, 408, 409), connection errors, timeouts and 200 replies that hold no chat
+  completion are retried with exponential backoff and jitter (other 4xx fail at once). When a request still
+  fails, no new call is started, the calls in flight finish and are cached, and `EndpointError` names the stage,
+  the endpoint, the model and the request. A KeyboardInterrupt behaves the same way. Either way, rerunning the
+  same command resumes where the run stopped. (A SIGKILL loses the answers in flight, at most `concurrency`.)
 
 Endpoint settings come from `EndpointConfig` fields, else from the environment: `MINITAGPR_<ROLE>_BASE_URL`,
 `MINITAGPR_<ROLE>_MODEL`, `MINITAGPR_<ROLE>_API_KEY` (ROLE = TEACHER, JUDGE or TAGGER), then `OPENAI_BASE_URL` and
@@ -49,6 +50,10 @@ class EndpointError(RuntimeError):
 
 class CacheError(ValueError):
     """A cache file that cannot be used; names the file and line."""
+
+
+class MalformedReply(ValueError):
+    """A successful HTTP reply that is no chat completion (e.g. a proxy's page); retried, never cached."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,11 +272,11 @@ def openai_transport(endpoint: Endpoint, timeout_s: float) -> Transport:
 def _response_dict(completion: Any) -> dict:
     """What we keep of a completion: the first choice's text, its reasoning (vLLM's `reasoning_content`, or
     `reasoning`), the finish reason and token usage."""
-    choices = getattr(completion, "choices", None) or []
-    if not choices:
-        return {"content": None, "reasoning": None, "finish_reason": None, "usage": None}
+    choices = getattr(completion, "choices", None)
+    if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
+        raise MalformedReply(f"the reply is not a chat completion with a message: {str(completion)[:200]}")
     choice = choices[0]
-    message = getattr(choice, "message", None)
+    message = choice.message
     reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None)
     usage = getattr(completion, "usage", None)
     return {
@@ -304,6 +309,10 @@ def classify_error(err: BaseException, timeout_s: float) -> _Failure | None:
         message = str(getattr(err, "message", "") or err)[:300]
         return _Failure(status in RETRY_STATUS or status >= 500, _retry_after(err.response),
                         f"HTTP {status}: {message}")
+    if isinstance(err, MalformedReply):
+        return _Failure(True, None, str(err))
+    if isinstance(err, openai.APIError):  # e.g. a body the client cannot read at all
+        return _Failure(False, None, f"{type(err).__name__}: {str(err)[:300]}")
     return None
 
 

@@ -20,7 +20,7 @@ counts to `stats/<stage>.json`, so any stage can be rerun alone:
                                                                format checks and still hold the teacher's words
     sft       formatted.jsonl               sft.jsonl          SFT records (docs/interfaces.md)
     report    stats/*.json, formatted.jsonl report.md/.png     counts per stage and task, judge histogram,
-                                                               tag frequencies
+                                                               tag frequencies, a seeded spot-check sample
 
 Stages that call an endpoint (teacher, judge, explore, tag) go through `chain_client.ChatClient` with one cache
 file per stage under `cache/`: a killed or failed run, rerun with the same settings, repeats no answered request,
@@ -949,7 +949,8 @@ def stage_report(ctx: Context) -> StageCounts:
     histogram: Counter = Counter()
     for per_task in stats.get("judge", {}).get("extra", {}).get("histogram", {}).values():
         histogram.update({int(k): v for k, v in per_task.items()})
-    write_text(ctx.path("report"), report_markdown(stats, histogram, segments, chains, n_chains))
+    text = report_markdown(stats, histogram, segments, chains, n_chains)
+    write_text(ctx.path("report"), text + spot_check_markdown(ctx.path("format"), ctx.cfg.data.seed))
     plot_report(ctx.out / "report.png", histogram, segments)
     counts = StageCounts("report")
     counts.extra.update(chains=n_chains, segments=sum(segments.values()))
@@ -984,6 +985,19 @@ def report_markdown(stats: Mapping[str, dict], histogram: Mapping[int, int], seg
     else:
         lines.append("No tagged chains.")
     return "\n".join(lines) + "\n"
+
+
+def spot_check_markdown(path: Path, seed: int, n: int = 5) -> str:
+    """A seeded handful of kept chains with their answers, for the manual spot check of Stage 0 step 6."""
+    records = list(read_jsonl(path, {"id": str, "chain": str, "answer": str}, "format")) if path.is_file() else []
+    if not records:
+        return ""
+    picked = sorted(random.Random(f"{seed}/spot-check").sample(range(len(records)), min(n, len(records))))
+    lines = ["", f"## Spot check ({len(picked)} of {len(records)} kept chains, seeded)", ""]
+    for i in picked:
+        rec = records[i]
+        lines += [f"**{rec['id']}** -> answer `{rec['answer']}`", "", "```", rec["chain"], "```", ""]
+    return "\n".join(lines)
 
 
 def plot_report(path: Path, histogram: Mapping[int, int], segments: Counter) -> None:

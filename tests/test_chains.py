@@ -466,7 +466,18 @@ def test_sft_records_follow_the_sft_format_with_canonical_labels(tmp_path):
     assert [(r.id, r.answer, r.user) for r in records] == [("LaMP-1/9/1", "[2]", "u1")]  # the better judged one
     assert records[0].chain == tagged and records[0].messages[0]["role"] == "system"
     assert records[0].messages[1]["content"].endswith(inst["input"])
+    assert "- analyze_input: " in records[0].messages[0]["content"]  # the full style lists tag meanings
     assert stats(cfg, "sft")["tasks"]["LaMP-1"] == {"in": 2, "out": 1, "dropped": {"over_instance_cap": 1}}
+
+
+def test_sft_prompt_style_brief_gives_the_short_instruction(tmp_path):
+    from minitagpr.data.prompts import instruction
+    cfg = make_cfg(tmp_path, prompt_style="brief")
+    inst = instance("LaMP-3")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    write_jsonl(cfg_out(cfg) / "formatted.jsonl", [judged(inst, 0)])
+    run_stages(cfg, ["sft"], log=lambda m: None)
+    assert read_sft_records(cfg_out(cfg) / "sft.jsonl")[0].messages[0]["content"] == instruction("LaMP-3", "brief")
 
 
 def test_a_bad_stage_input_names_file_line_record_and_field(tmp_path):

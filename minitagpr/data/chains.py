@@ -58,7 +58,7 @@ from minitagpr.data.chain_client import (
 from minitagpr.data.lamp import (
     TASKS as TASK_SPECS, DataError, LampExample, canonical_task, load_outputs, load_questions, split_files,
 )
-from minitagpr.data.prompts import TAG_MEANINGS, build_messages
+from minitagpr.data.prompts import STYLES, TAG_MEANINGS, build_messages
 from minitagpr.data.retrieval import get_retriever
 from minitagpr.rewards import TAGS, check_tags, format_reward, verifiable_reward
 
@@ -173,6 +173,7 @@ class ChainsConfig:
     out_dir: str = "runs/chains"
     stages: list[str] = field(default_factory=lambda: ["all"])  # "all" or a subset of STAGES, run in STAGES order
     samples: int = 16             # teacher chains per instance (N)
+    prompt_style: str = "full"    # the policy prompt of the SFT records (prompts.STYLES); train and evaluate alike
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherEndpoint = field(default_factory=TeacherEndpoint)
     judge: JudgeEndpoint = field(default_factory=JudgeEndpoint)
@@ -186,6 +187,8 @@ class ChainsConfig:
             raise ValueError(f"stages: unknown {', '.join(unknown)}; choose from all, {', '.join(STAGES)}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.prompt_style not in STYLES:
+            raise ValueError(f"prompt_style must be one of {', '.join(STYLES)}, got {self.prompt_style!r}")
 
     def stage_list(self) -> list[str]:
         return list(STAGES) if "all" in self.stages else [s for s in STAGES if s in self.stages]
@@ -892,7 +895,7 @@ def stage_sft(ctx: Context) -> StageCounts:
     """SFT records `{"id", "user", "task", "messages", "chain", "answer"}` (docs/interfaces.md): the policy's own
     personalised prompt (prompts.build_messages over the stored profile items), the tagged chain, and the answer
     (classification answers in their canonical label form). With `max_per_instance`, the best judged chains of
-    each instance are kept (ties: lower sample index)."""
+    each instance are kept (ties: lower sample index). `prompt_style` picks the instruction's wording."""
     cfg = ctx.cfg
     instances = load_instances(ctx.out)
     counts = StageCounts("sft")
@@ -911,7 +914,8 @@ def stage_sft(ctx: Context) -> StageCounts:
                 keep = sorted(best[: cfg.filters.max_per_instance], key=lambda r: r["sample"])
                 counts.drop(task, "over_instance_cap", len(records) - len(keep))
             example = LampExample(inst["example_id"], task, inst["input"], inst["profile"], inst.get("user"))
-            messages = _prompt(lambda: build_messages(example, inst["profile"]), ctx.path("sample"), inst["id"])
+            messages = _prompt(lambda: build_messages(example, inst["profile"], style=cfg.prompt_style),
+                               ctx.path("sample"), inst["id"])
             for rec in keep:
                 answer = rec["answer"].strip()
                 if TASK_SPECS[task].is_classification:

@@ -16,27 +16,9 @@ never keeping N x V). Every target here is a valid id: ignore_index rows are rem
 """
 from __future__ import annotations
 
+import math
+
 import torch
-
-# Size of one (chunk, V) fp32 logits block when the caller does not pick a chunk: big enough that each chunk's
-# matmul streams the (V, H) weight once for many rows, small enough that the block stays a small fraction of memory.
-CHUNK_BYTES = 64 * 2**20
-MIN_CHUNK_ROWS = 32
-
-
-def default_chunk_size(vocab_size: int) -> int:
-    """Token rows per chunk so that one (rows, V) fp32 block is about CHUNK_BYTES."""
-    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * vocab_size))
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result; low-precision inputs accumulate and return in fp32 (no bf16 rounding of logits)."""
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)  # tensor-core matmul with fp32 output
-    return a.float() @ b.float()  # CPU has no mixed-dtype mm: upcast (callers pass an upcast weight once)
-
 
 # The hidden gradient sums over the whole vocabulary (K = V = 151,936 in one matmul). A GEMM accumulates that
 # K sequentially in fp32 (error ~ sqrt(V) eps ~ 3e-5); summing 2048-wide blocks separately and then adding the
@@ -44,7 +26,50 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 VOCAB_BLOCK = 2048
 
 
-def _mm_over_vocab(dz: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+# Scratch memory per chunk when the caller does not pick a chunk size: big enough that each chunk's matmuls
+# stream the (V, H) weight and the (V, H) weight gradient once for hundreds of rows, small next to the (V, H)
+# gradient itself.
+CHUNK_BYTES = 256 * 2**20
+MIN_CHUNK_ROWS = 32
+
+
+def default_chunk_size(vocab_size: int, hidden_size: int) -> int:
+    """Token rows per chunk so that a chunk's scratch, (rows, V) logits plus the (V / VOCAB_BLOCK, rows, H)
+    blocked partial sums of the backward, is about CHUNK_BYTES."""
+    row_bytes = 4 * vocab_size + 4 * (vocab_size // VOCAB_BLOCK) * hidden_size
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // row_bytes)
+
+
+class Scratch:
+    """Named buffers reused by every chunk of one call. On a CPU a fresh 100 MB tensor per chunk costs page
+    faults (the OS zero-fills each new page) of the same order as the arithmetic on it; CUDA's caching allocator
+    already reuses memory, so there the buffers are simply allocated."""
+
+    def __init__(self, device: torch.device):
+        self.reuse = device.type == "cpu"
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(name)
+        if not self.reuse or buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(numel, dtype=dtype, device=self.device)
+            if self.reuse:
+                self.buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with an fp32 result; low-precision inputs accumulate and return in fp32 (no bf16 rounding of logits)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)  # tensor-core matmul with fp32 output
+    return torch.mm(a.float(), b.float(), out=out)  # CPU has no mixed-dtype mm: upcast (callers upcast the weight)
+
+
+def _mm_over_vocab(dz: torch.Tensor, w: torch.Tensor, scratch: Scratch) -> torch.Tensor:
     """(C, V) @ (V, H) -> (C, H) fp32, with the V-long reduction done in VOCAB_BLOCK pieces."""
     c, v = dz.shape
     n_blocks = v // VOCAB_BLOCK
@@ -54,7 +79,7 @@ def _mm_over_vocab(dz: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     dz_blocks = dz[:, :main].view(c, n_blocks, VOCAB_BLOCK).transpose(0, 1)  # (nb, C, B) strided view, no copy
     w_blocks = w[:main].view(n_blocks, VOCAB_BLOCK, w.shape[1])  # (nb, B, H)
     if dz.dtype == torch.float32 and w.dtype == torch.float32:
-        partial = torch.bmm(dz_blocks, w_blocks)  # (nb, C, H) fp32
+        partial = torch.bmm(dz_blocks, w_blocks, out=scratch("partial", n_blocks, c, w.shape[1]))  # (nb, C, H)
     else:
         partial = torch.bmm(dz_blocks, w_blocks, out_dtype=torch.float32)  # CUDA low precision only
     out = partial.sum(dim=0)  # (C, H)
@@ -79,15 +104,18 @@ def chunked_forward(hidden, weight, targets, temperature: float, with_entropy: b
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,) fp32
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,) fp32
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None  # (N,) fp32
+    scratch = Scratch(hidden.device)
+    vocab = weight.shape[0]
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        z = _mm_fp32(hidden[start:end], w.T)  # (C, V) fp32, the big temporary
+        z = _mm_fp32(hidden[start:end], w.T, out=scratch("z", end - start, vocab))  # (C, V) fp32, the big one
         if temperature != 1.0:
             z.mul_(inv_tau)
         m = z.amax(dim=1, keepdim=True)  # (C, 1) row max: exp never overflows and every row keeps exp(0) = 1
         z.sub_(m)  # z - m <= 0 exactly, so logp below is <= 0 exactly
         z_target = z.gather(1, targets[start:end, None]).squeeze(1)  # (C,) z_y - m
-        e = torch.exp(z) if with_entropy else z.exp_()  # (C, V) exp(z - m); entropy still needs z - m
+        # (C, V) exp(z - m); the entropy still needs z - m, so it gets its own buffer
+        e = torch.exp(z, out=scratch("e", end - start, vocab)) if with_entropy else z.exp_()
         s = e.sum(dim=1)  # (C,) >= 1 because the max element contributes exp(0)
         log_s = torch.log(s)  # (C,) >= 0
         lse[start:end] = m.squeeze(1) + log_s
@@ -108,7 +136,8 @@ def scaled_row_grads(grad_logp, grad_entropy, n: int, temperature: float, device
 
 
 @torch.no_grad()
-def backward_over_chunks(hidden, weight, chunk_size: int, need_hidden: bool, need_weight: bool, dlogits):
+def backward_over_chunks(hidden, weight, chunk_size: int, need_hidden: bool, need_weight: bool, dlogits,
+                         scratch: Scratch):
     """The shared backward loop: per token chunk, dz = dlogits(start, end, w) (C, V) is dL/d(h.w) for that
     chunk; then dL/dh_c = dz @ w and dL/dw += dz^T @ h_c. Returns (grad_hidden | None, grad_weight | None)."""
     n = hidden.shape[0]
@@ -124,7 +153,7 @@ def backward_over_chunks(hidden, weight, chunk_size: int, need_hidden: bool, nee
         if low_precision_cuda:
             dz = dz.to(hidden.dtype)  # tensor-core operands; the products still accumulate in fp32
         if need_hidden:
-            grad_hidden[start:end] = _mm_over_vocab(dz, w).to(hidden.dtype)
+            grad_hidden[start:end] = _mm_over_vocab(dz, w, scratch).to(hidden.dtype)
         if need_weight:
             if low_precision_cuda:
                 grad_w += torch.mm(dz.T, h_c, out_dtype=torch.float32)
@@ -140,9 +169,11 @@ def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entr
                      chunk_size: int, need_hidden: bool, need_weight: bool):
     """Gradients w.r.t. hidden (N, H) and weight (V, H), recomputing each chunk's logits with torch ops."""
     g, g_h = scaled_row_grads(grad_logp, grad_entropy, hidden.shape[0], temperature, hidden.device)
+    scratch = Scratch(hidden.device)
+    vocab = weight.shape[0]
 
     def dlogits(start, end, w):
-        z = _mm_fp32(hidden[start:end], w.T)  # (C, V) fp32, recomputed logits
+        z = _mm_fp32(hidden[start:end], w.T, out=scratch("z", end - start, vocab))  # (C, V) fp32, recomputed
         if temperature != 1.0:
             z.mul_(1.0 / temperature)
         z.sub_(lse[start:end, None])  # log p
@@ -150,13 +181,13 @@ def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entr
         if g_h is None:
             dz = z.exp_().mul_(-g_c)  # -g p
         else:
-            p = torch.exp(z)  # (C, V)
+            p = torch.exp(z, out=scratch("p", end - start, vocab))  # (C, V)
             # dz = -p * (g + gH (log p + H)); the one-hot term g 1[j = y] is added below
             coef = z.add_(entropy[start:end, None]).mul_(g_h[start:end, None]).add_(g_c)
             dz = p.mul_(coef).neg_()
         return dz.scatter_add_(1, targets[start:end, None], g_c)  # + g at the target column
 
-    return backward_over_chunks(hidden, weight, chunk_size, need_hidden, need_weight, dlogits)
+    return backward_over_chunks(hidden, weight, chunk_size, need_hidden, need_weight, dlogits, scratch)
 
 
 class ChunkedLogprob(torch.autograd.Function):

@@ -76,7 +76,7 @@ def _dispatch(hidden, weight, targets, temperature, with_entropy, impl, chunk_si
         from .triton_logprob import triton_token_logprobs  # imported lazily: TRITON_INTERPRET is read at import
 
         return triton_token_logprobs(hidden, weight, targets, temperature, with_entropy, chunk_size)
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    chunk = chunk_size or default_chunk_size(weight.shape[0], weight.shape[1])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if not needs_grad:  # old / reference log-probs: nothing saved for a backward
         logp, entropy, _ = chunked_forward(hidden, weight, targets, float(temperature), with_entropy, chunk)

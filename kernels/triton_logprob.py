@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import backward_over_chunks, scaled_row_grads
+from .chunked import Scratch, backward_over_chunks, scaled_row_grads
 
 INTERPRET = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1: kernels run on CPU tensors (tests)
 
@@ -188,10 +188,11 @@ def triton_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entro
     cfg = _blocks(hidden.dtype)
     # tensor-core operand dtype on GPUs; fp32 on CPU, where the shared loop multiplies in fp32 anyway
     dz_dtype = hidden.dtype if hidden.is_cuda else torch.float32
+    scratch = Scratch(hidden.device)
 
     def dlogits(start, end, w):
         rows = end - start
-        dz = torch.empty(rows, vocab, dtype=dz_dtype, device=hidden.device)  # (C, V), the big temporary
+        dz = scratch("dz", rows, vocab, dtype=dz_dtype)  # (C, V), the big temporary
         h_c = hidden[start:end]
         grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
         _dlogits_kernel[grid](
@@ -203,7 +204,7 @@ def triton_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entro
         )
         return dz
 
-    return backward_over_chunks(hidden, weight, chunk_size, need_hidden, need_weight, dlogits)
+    return backward_over_chunks(hidden, weight, chunk_size, need_hidden, need_weight, dlogits, scratch)
 
 
 def default_backward_chunk(n: int, vocab: int, element_size: int) -> int:

@@ -41,17 +41,18 @@ class SftConfig:
     demo_dir: str = "runs/demo"  # where the demo world and the demo base model are built once and reused
     demo_preset: str = "demo"  # model preset (minitagpr.model.presets) of the demo base model
     out_dir: str = "runs/demo/sft"
-    # batches: a row is seq_len tokens holding one or more packed documents
-    seq_len: int = 1024
-    pack: bool = True  # False = one document per row, so global_batch counts examples (the paper's convention)
-    global_batch: int = 8  # rows per optimizer step, over all ranks
+    # batches: a row is seq_len tokens holding one document (pack=False) or several packed ones
+    seq_len: int = 704  # the demo's longest chain is 671 tokens
+    pack: bool = False  # False = one document per row, so global_batch counts examples (the paper's convention)
+    global_batch: int = 4  # rows per optimizer step, over all ranks
     micro_batch: int = 1  # rows per forward pass per rank; accumulation = global_batch / (micro_batch * world)
     epochs: int = 2
     max_steps: int = 0  # > 0: train exactly this many steps (continuing into further epochs if needed)
-    # optimizer: AdamW, linear warmup then cosine decay to min_lr_ratio * lr
-    lr: float = 1e-5
+    # optimizer: AdamW, linear warmup then cosine decay to min_lr_ratio * lr (defaults: the demo's tiny model;
+    # the paper's 1e-5 is in configs/sft_qwen3_8b.yaml)
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     betas: tuple[float, ...] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping, the norm is still logged)
@@ -59,7 +60,7 @@ class SftConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # auto: bf16 compute + fp32 reduce on GPU, fp32 on CPU
     activation_checkpointing: bool = False
-    save_every: int = 0  # checkpoint every N steps (the last step is always saved); 0 = only the last
+    save_every: int = 100  # checkpoint every N steps (the last step is always saved); 0 = only the last
     keep_last: int = 2
     resume: bool = True  # continue from the latest checkpoint in out_dir/checkpoints
     export_dtype: str = "float32"  # dtype of the exported HF weights: float32 or bfloat16
@@ -111,9 +112,9 @@ def run(cfg: SftConfig) -> Path:
     rows = S.pack_documents(docs, cfg.seq_len, tokenizer.pad_id, pack=cfg.pack, shuffle_seed=cfg.seed)
     spe = S.steps_per_epoch(rows.num_rows, cfg.global_batch)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
-    fill = float((rows.targets != S.IGNORE_INDEX).float().mean())
+    fill = float((rows.targets != S.IGNORE_INDEX).sum() / rows.lengths.sum())
     D.log(f"[sft] {len(docs)} documents ({len(heldout)} held out) -> {rows.num_rows} rows "
-          f"({rows.num_truncated} truncated to seq_len, {fill:.0%} of tokens are targets); "
+          f"({rows.num_truncated} truncated to seq_len, {fill:.0%} of real tokens are targets); "
           f"{spe} steps/epoch, {total_steps} steps")
 
     # ---- 4. model: meta-device init -> FSDP2 shards -> weights broadcast from rank 0 ----------------------------
@@ -147,7 +148,7 @@ def run(cfg: SftConfig) -> Path:
     log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)
     progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="[sft] ")
     peak, peak_note = peak_flops(info.device)
-    flops_per_token = model.flops_per_token(cfg.seq_len)
+    flops_per_token = model.flops_per_token(int(rows.lengths.float().mean()))  # attention term at the mean length
     D.log(f"[sft] MFU peak: {peak_note}")
     t_start = time.perf_counter()
     for step in range(start_step, total_steps):
@@ -165,7 +166,7 @@ def run(cfg: SftConfig) -> Path:
                                      "optimizer step")
         optimizer.step()
         dt = time.perf_counter() - t0
-        tokens = out["local_tokens"] * info.world_size  # every rank processes the same number of rows
+        tokens = out["tokens"]  # input tokens of the step over all ranks (after trimming trailing padding)
         record = {"step": step, "epoch": step // spe, "loss": out["loss"], "lr": lr, "grad_norm": grad_norm,
                   "target_tokens": out["valid_tokens"], "tokens": tokens, "tokens_per_s": tokens / dt,
                   "mfu": mfu(tokens / dt, flops_per_token, info.world_size, peak), "step_time_s": dt,
@@ -200,30 +201,33 @@ def run(cfg: SftConfig) -> Path:
 
 
 def resolve_inputs(cfg: SftConfig, info: D.DistInfo) -> tuple[str, Path, Path]:
-    """(model path, tokenizer folder, data file). Empty settings fall back to the demo, built on rank 0 once."""
-    model_path, tokenizer, data = cfg.model, cfg.tokenizer, cfg.data
-    if not data or not model_path:
+    """(model path, tokenizer folder, data file): the given ones, or -- with neither model nor data set -- the demo
+    world and a tiny base model sized to its tokenizer, built on rank 0 once and reused afterwards."""
+    if bool(cfg.model) != bool(cfg.data):
+        raise ConfigError("set both model= and data= (or neither, for the demo); got "
+                          f"model={cfg.model!r}, data={cfg.data!r}")
+    if cfg.model:
+        from minitagpr.model.checkpoint import resolve_checkpoint
+        model_path, data = cfg.model, Path(cfg.data)
+        tokenizer = Path(cfg.tokenizer) if cfg.tokenizer else resolve_checkpoint(cfg.model)
+    else:
         demo_dir = Path(cfg.demo_dir)
+        paths = None
         if info.is_main:
             world = ensure_demo_world(demo_dir)
             base = demo_dir / f"base_{cfg.demo_preset}"
-            if not model_path and not (base / "config.json").exists():
+            if not (base / "config.json").exists():
                 from minitagpr.model import presets
                 presets.make_tiny_checkpoint(base, preset=cfg.demo_preset, seed=cfg.seed,
                                              tokenizer_dir=world.tokenizer_dir)
             paths = (str(base), str(world.tokenizer_dir), str(world.sft_chains))
-        else:
-            paths = None
-        demo_model, demo_tok, demo_data = D.broadcast_object(paths)
-        model_path = model_path or demo_model
-        data = data or demo_data
-        tokenizer = tokenizer or (demo_tok if not cfg.model else "")
-    tokenizer = Path(tokenizer or model_path)
-    if not Path(data).is_file():
+        model_path, tokenizer, data = D.broadcast_object(paths)
+        tokenizer, data = Path(cfg.tokenizer or tokenizer), Path(data)
+    if not data.is_file():
         raise S.DataError(f"SFT data file {data} does not exist")
     if not (tokenizer / "tokenizer.json").is_file():
         raise ConfigError(f"no tokenizer.json in {tokenizer}; set tokenizer=FOLDER")
-    return model_path, tokenizer, Path(data)
+    return model_path, tokenizer, data
 
 
 def ensure_demo_world(demo_dir: Path):

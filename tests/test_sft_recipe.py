@@ -44,7 +44,7 @@ def inputs(tmp_path_factory):
 
 def common(inputs, out_dir, **overrides):
     args = {"model": inputs["model"], "tokenizer": inputs["tokenizer"], "data": inputs["data"], "out_dir": out_dir,
-            "seq_len": 128, "global_batch": 8, "epochs": 2, "lr": 1e-3, "warmup_ratio": 0.2, "eval_holdout": 0}
+            "seq_len": 128, "pack": True, "global_batch": 8, "epochs": 2, "lr": 1e-3, "warmup_ratio": 0.2, "eval_holdout": 0}
     args.update(overrides)
     return [f"{k}={v}" for k, v in args.items()]
 

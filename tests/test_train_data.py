@@ -100,26 +100,25 @@ def test_packed_rows_have_fixed_length_and_positions_restart_per_document():
     # every document appears once, whole, starting at position 0, with its own next-token targets
     found = []
     for r in range(rows.num_rows):
-        pos = rows.position_ids[r].tolist()
-        starts = [i for i, p in enumerate(pos) if p == 0] + [64]
+        n = int(rows.lengths[r])
+        pos = rows.position_ids[r, :n].tolist()
+        starts = [i for i, p in enumerate(pos) if p == 0] + [n]
         for a, b in zip(starts, starts[1:]):
             found.append((rows.input_ids[r, a:b].tolist(), rows.targets[r, a:b].tolist()))
+        # the padding after the last document predicts nothing and continues its positions
+        assert set(rows.input_ids[r, n:].tolist()) <= {0} and set(rows.targets[r, n:].tolist()) <= {-100}
+        assert rows.position_ids[r, n:].tolist() == list(range(pos[-1] + 1, pos[-1] + 1 + 64 - n))
     by_ids = {tuple(d.ids): d for d in docs}
-    real = [f for f in found if tuple(f[0]) in by_ids]
-    assert sorted(tuple(f[0]) for f in real) == sorted(tuple(d.ids) for d in docs)
-    for ids, tgt in real:
-        assert tgt == S.document_targets(ids, by_ids[tuple(ids)].mask)
-    # whatever is not a document is padding that predicts nothing
+    assert sorted(tuple(f[0]) for f in found) == sorted(tuple(d.ids) for d in docs)
     for ids, tgt in found:
-        if tuple(ids) not in by_ids:
-            assert set(ids) == {0} and set(tgt) == {-100}
+        assert tgt == S.document_targets(ids, by_ids[tuple(ids)].mask)
 
 
 def test_no_target_crosses_a_document_boundary():
     docs = [S.Document([1, 2, 3], [False, True, True], "a"), S.Document([4, 5, 6], [False, True, True], "b")]
     rows = S.pack_documents(docs, seq_len=8, pad_id=0, shuffle_seed=None)
     assert rows.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 0, 0]]
-    assert rows.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
     assert rows.targets.tolist() == [[2, 3, -100, 5, 6, -100, -100, -100]]
 
 
@@ -127,7 +126,8 @@ def test_pack_false_puts_one_document_per_row():
     docs = random_docs(10, random.Random(2), max_len=8)
     rows = S.pack_documents(docs, seq_len=16, pad_id=0, pack=False)
     assert rows.num_rows == 10
-    assert all(int((rows.position_ids[r] == 0).sum()) <= 2 for r in range(10))  # the document + its padding
+    assert all(int((rows.position_ids[r] == 0).sum()) == 1 for r in range(10))
+    assert sorted(rows.lengths.tolist()) == sorted(len(d.ids) for d in docs)
 
 
 def test_long_documents_are_truncated_and_counted():
@@ -142,10 +142,13 @@ def test_document_without_targets_within_seq_len_is_an_error():
         S.pack_documents(docs, seq_len=8, pad_id=0)
 
 
-def test_batch_returns_int64_rows():
-    rows = S.pack_documents(random_docs(6, random.Random(0)), seq_len=32, pad_id=0)
+def test_batch_returns_int64_rows_without_their_common_trailing_padding():
+    docs = [S.Document([1, 2, 3], [False, True, True], "a"), S.Document([4, 5, 6, 7, 8], [False] + [True] * 4, "b")]
+    rows = S.pack_documents(docs, seq_len=16, pad_id=0, pack=False, shuffle_seed=None)
     b = rows.batch([0, 1])
-    assert all(t.dtype == torch.long and t.shape == (2, 32) for t in b.values())
+    assert all(t.dtype == torch.long and t.shape == (2, 5) for t in b.values())
+    assert b["input_ids"].tolist() == [[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]]
+    assert rows.batch([0])["targets"].tolist() == [[2, 3, -100]]
 
 
 # ----------------------------------------------------------------------------------------------- order

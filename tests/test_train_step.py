@@ -126,3 +126,22 @@ def test_clip_zero_only_measures():
     norm = O.clip_grad_norm(model, max_norm=0.0)
     assert norm == pytest.approx(math.sqrt(sum(p.numel() for p in model.parameters())), rel=1e-5)
     assert all(torch.all(p.grad == 1) for p in model.parameters())
+
+
+def test_packed_rows_give_the_log_probs_of_their_documents_alone():
+    """The contract SFT packing relies on (docs/interfaces.md): positions restarting at 0 start a new document that
+    attends to nothing before it. Two rows of two documents each, against each document run by itself."""
+    g = torch.Generator().manual_seed(4)
+    model = tiny_model()
+    docs = [torch.randint(0, 64, (n,), generator=g) for n in (5, 7, 4, 8)]
+    rows = torch.stack([torch.cat(docs[:2]), torch.cat(docs[2:])])  # (2, 12)
+    pos = torch.stack([torch.cat([torch.arange(5), torch.arange(7)]), torch.cat([torch.arange(4), torch.arange(8)])])
+    targets = torch.roll(rows, -1, dims=1)
+    with torch.no_grad():
+        packed, _ = model(rows, pos, targets=targets)  # (2, 12)
+        alone = [model(d[None], targets=torch.roll(d, -1)[None])[0][0] for d in docs]
+    # compare every position except each document's last, whose packed target is the next document's first token
+    torch.testing.assert_close(packed[0, :4], alone[0][:4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[0, 5:11], alone[1][:6], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[1, :3], alone[2][:3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[1, 4:11], alone[3][:7], rtol=1e-5, atol=1e-6)

@@ -22,18 +22,22 @@ class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm of a step is NaN or infinite; training stops before the optimizer step."""
 
 
-def count_valid_tokens(micro_batches: list[dict[str, torch.Tensor]], device) -> torch.Tensor:
-    """N: valid target tokens of this step over all micro-batches and ranks (a 0-d float64 tensor)."""
-    local = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-    return all_reduce_sum(torch.tensor(float(local), dtype=torch.float64, device=device))
+def count_tokens(micro_batches: list[dict[str, torch.Tensor]], device) -> tuple[torch.Tensor, int]:
+    """(N, tokens): valid target tokens (a 0-d float64 tensor) and input tokens of this step, summed over all
+    micro-batches and ranks (one all-reduce)."""
+    valid = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
+    counts = all_reduce_sum(torch.tensor([valid, tokens], dtype=torch.float64, device=device))  # (2,)
+    return counts[0], int(counts[1].item())
 
 
 def nll_forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], device,
                          step: int) -> dict[str, float]:
-    """Accumulate the gradient of mean NLL (see module docstring) and return the step's loss and token counts.
+    """Accumulate the gradient of mean NLL (see module docstring); returns the step's loss and its global token
+    counts (valid_tokens = N, tokens = input tokens processed).
 
     Raises NonFiniteLossError naming the step when the global loss is not finite (the same on every rank)."""
-    n_valid = count_valid_tokens(micro_batches, device)  # (,) the same on every rank
+    n_valid, tokens = count_tokens(micro_batches, device)  # the same on every rank
     if n_valid.item() == 0:
         raise ValueError(f"step {step}: the global batch holds no target tokens")
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -46,5 +50,4 @@ def nll_forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, t
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}; stopping before the optimizer step "
                                  "(lower the learning rate, check the data, or resume from the last checkpoint)")
-    tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
-    return {"loss": loss, "valid_tokens": int(n_valid.item()), "local_tokens": tokens}
+    return {"loss": loss, "valid_tokens": int(n_valid.item()), "tokens": tokens}

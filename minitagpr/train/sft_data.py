@@ -4,7 +4,7 @@ The pipeline, each step a plain function:
     read_sft_records(path)                    JSONL records, validated (errors name file, line, id and field)
     tokenize_records(records, tok, path)      ids = prompt + `<think>\\n{chain}\\n</think>\\n\\n{answer}<|im_end|>`,
                                               mask True on the assistant target only
-    pack_documents(docs, seq_len, ...)        rows of exactly seq_len tokens; positions restart at 0 per document
+    pack_documents(docs, seq_len, ...)        rows of seq_len tokens; positions restart at 0 per document
                                               (the model keeps documents from attending to each other);
                                               targets = next token, -100 where the next token is prompt, padding,
                                               or in another document
@@ -57,8 +57,9 @@ class PackedRows:
     """Fixed-length training rows. Stored as int32 to halve memory; `batch()` returns int64 tensors."""
 
     input_ids: torch.Tensor  # (R, T) int32
-    position_ids: torch.Tensor  # (R, T) int32, 0 at every document start (padding is its own trailing document)
+    position_ids: torch.Tensor  # (R, T) int32, 0 at every document start; padding continues the last document
     targets: torch.Tensor  # (R, T) int32, next token or -100
+    lengths: torch.Tensor  # (R,) int32, tokens before the row's trailing padding
     num_documents: int
     num_truncated: int  # documents cut to seq_len (their tail is lost; reported, never silent)
 
@@ -71,8 +72,11 @@ class PackedRows:
         return self.input_ids.shape[1]
 
     def batch(self, rows: list[int], device=None) -> dict[str, torch.Tensor]:
+        """The rows as int64 tensors (b, t), cut after the longest row's last real token: trailing padding only
+        predicts -100 and, attention being causal, no real token sees it, so dropping it changes nothing but cost."""
         idx = torch.as_tensor(rows, dtype=torch.long)
-        return {k: getattr(self, k)[idx].to(device=device, dtype=torch.long)  # (b, T) int64 each
+        t = int(self.lengths[idx].max())
+        return {k: getattr(self, k)[idx, :t].to(device=device, dtype=torch.long)  # (b, t) int64 each
                 for k in ("input_ids", "position_ids", "targets")}
 
 
@@ -155,7 +159,7 @@ def pack_documents(docs: list[Document], seq_len: int, pad_id: int, *, pack: boo
     order = list(range(len(docs)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
-    rows_ids, rows_pos, rows_tgt = [], [], []
+    rows_ids, rows_pos, rows_tgt, lengths = [], [], [], []
     cur_ids: list[int] = []
     cur_pos: list[int] = []
     cur_tgt: list[int] = []
@@ -163,8 +167,11 @@ def pack_documents(docs: list[Document], seq_len: int, pad_id: int, *, pack: boo
 
     def close_row() -> None:
         pad = seq_len - len(cur_ids)
+        lengths.append(len(cur_ids))
         rows_ids.append(cur_ids + [pad_id] * pad)
-        rows_pos.append(cur_pos + list(range(pad)))  # padding restarts at 0: its own document, attended by no one
+        # padding continues the last document's positions: a row holding one document stays one document (the
+        # model's plain causal path); causal attention keeps every real token from seeing the padding after it
+        rows_pos.append(cur_pos + list(range(cur_pos[-1] + 1, cur_pos[-1] + 1 + pad)))
         rows_tgt.append(cur_tgt + [IGNORE_INDEX] * pad)
         cur_ids.clear(), cur_pos.clear(), cur_tgt.clear()
 
@@ -187,6 +194,7 @@ def pack_documents(docs: list[Document], seq_len: int, pad_id: int, *, pack: boo
         close_row()
     as_tensor = lambda rows: torch.tensor(rows, dtype=torch.int32)  # noqa: E731
     return PackedRows(as_tensor(rows_ids), as_tensor(rows_pos), as_tensor(rows_tgt),  # (R, T) each
+                      lengths=torch.tensor(lengths, dtype=torch.int32),  # (R,)
                       num_documents=len(docs), num_truncated=truncated)
 
 

@@ -1,0 +1,140 @@
+"""minitagpr.distributed in one process (a process group of one, no torchrun): meta-device init + load, activation
+checkpointing, DCP checkpoints, HF export. The two-process behaviour is covered by tests/test_sft_recipe.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minitagpr import distributed as D
+from minitagpr.model import load_pretrained, presets
+from minitagpr.train import optim as O
+
+
+@pytest.fixture(scope="module")
+def group():
+    info = D.init_distributed()
+    yield info
+    D.destroy_distributed()
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    return presets.make_tiny_checkpoint(folder / "m", preset="tiny", seed=1, vocab_size=96,
+                                        tie_word_embeddings=request.param)
+
+
+@pytest.fixture(scope="module")
+def tied_checkpoint(tmp_path_factory):
+    return presets.make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "m", preset="tiny", seed=1, vocab_size=96)
+
+
+def batch(seed=0, V=96):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (2, 10), generator=g)
+    targets = torch.roll(ids, -1, 1)
+    targets[:, :3] = -100
+    return ids, targets
+
+
+def sharded(path, group, ac=False):
+    return D.build_sharded_causal_lm(path, group, D.device_mesh(group), activation_checkpointing=ac)
+
+
+def test_single_process_group_needs_no_torchrun(group):
+    assert (group.rank, group.world_size, group.backend) == (0, 1, "gloo")
+    assert D.init_distributed() == group  # idempotent: a caller's group is reused
+
+
+def test_meta_init_then_load_matches_the_plain_model(group, checkpoint):
+    model = sharded(checkpoint, group)
+    ref = load_pretrained(checkpoint)
+    ids, targets = batch()
+    logp, _ = model(ids, targets=targets)
+    ref_logp, _ = ref(ids, targets=targets)
+    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=0)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == ref.config.tie_word_embeddings
+
+
+def test_activation_checkpointing_keeps_loss_gradients_and_names(group, checkpoint):
+    ids, targets = batch(1)
+    grads = []
+    for ac in (False, True):
+        model = sharded(checkpoint, group, ac=ac)
+        logp, _ = model(ids, targets=targets)
+        (-logp.sum()).backward()
+        grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_and_state(group, checkpoint, tmp_path):
+    ids, targets = batch(2)
+    model = sharded(checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        (-model(ids, targets=targets)[0].sum()).backward()
+        opt.step()
+    saved = D.save_checkpoint(tmp_path, 2, model, opt, {"data": {"rows": 5}})
+    after_save = model(ids, targets=targets)[0].detach()
+    # a fresh model and optimizer take one step from the checkpoint exactly as the original does
+    opt.zero_grad()
+    (-model(ids, targets=targets)[0].sum()).backward()
+    opt.step()
+    expected = model(ids, targets=targets)[0].detach()
+
+    fresh = sharded(checkpoint, group)
+    fresh_opt = O.build_optimizer(fresh, lr=1e-2)
+    state = D.load_checkpoint(saved, fresh, fresh_opt)
+    assert state == {"data": {"rows": 5}, "step": 2, "world_size": 1}
+    torch.testing.assert_close(fresh(ids, targets=targets)[0].detach(), after_save, rtol=0, atol=0)
+    fresh_opt.zero_grad()
+    (-fresh(ids, targets=targets)[0].sum()).backward()
+    fresh_opt.step()
+    torch.testing.assert_close(fresh(ids, targets=targets)[0].detach(), expected, rtol=0, atol=0)
+
+
+def test_keep_last_prunes_old_checkpoints_and_latest_ignores_tmp(group, tied_checkpoint, tmp_path):
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    for step in (1, 2, 3):
+        D.save_checkpoint(tmp_path, step, model, opt, {}, keep_last=2)
+    (tmp_path / "step_000009.tmp").mkdir()  # a save that died before its rename
+    assert [p.name for p in D.list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    assert D.latest_checkpoint(tmp_path).name == "step_000003"
+    assert D.latest_checkpoint(tmp_path / "none") is None
+
+
+def test_loading_an_incomplete_checkpoint_is_refused(group, tied_checkpoint, tmp_path):
+    (tmp_path / "step_000001").mkdir()
+    model = sharded(tied_checkpoint, group)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        D.load_checkpoint(tmp_path / "step_000001", model, None)
+
+
+def test_export_writes_an_hf_folder_that_loads_back(group, checkpoint, tmp_path):
+    model = sharded(checkpoint, group)
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_text("{}")
+    (tok_dir / "tokenizer_config.json").write_text("{}")
+    out = D.export_hf(model, tmp_path / "hf", tok_dir)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()}
+    back = load_pretrained(out)
+    ids, targets = batch(3)
+    torch.testing.assert_close(back(ids, targets=targets)[0], model(ids, targets=targets)[0].detach(), rtol=0, atol=0)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == model.config.tie_word_embeddings
+
+
+def test_fault_point_is_inert_without_the_environment_variable(monkeypatch):
+    monkeypatch.delenv(D.FAULT_ENV, raising=False)
+    D.fault_point("save", 3)  # would SIGKILL this process if armed
+    monkeypatch.setenv(D.FAULT_ENV, "save:4")
+    D.fault_point("save", 3)
+    D.fault_point("step", 4)

@@ -70,21 +70,19 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) 
 
 
 def _mm_over_vocab(dz: torch.Tensor, w: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-    """(C, V) @ (V, H) -> (C, H) fp32, with the V-long reduction done in VOCAB_BLOCK pieces."""
+    """(C, V) @ (V, H) -> (C, H) fp32, with the V-long reduction done in VOCAB_BLOCK pieces for fp32 operands
+    (low-precision operands already carry far more rounding than the long sum adds)."""
     c, v = dz.shape
     n_blocks = v // VOCAB_BLOCK
-    if n_blocks <= 1:
+    if n_blocks <= 1 or dz.dtype != torch.float32 or w.dtype != torch.float32:
         return _mm_fp32(dz, w)
     main = n_blocks * VOCAB_BLOCK
     dz_blocks = dz[:, :main].view(c, n_blocks, VOCAB_BLOCK).transpose(0, 1)  # (nb, C, B) strided view, no copy
     w_blocks = w[:main].view(n_blocks, VOCAB_BLOCK, w.shape[1])  # (nb, B, H)
-    if dz.dtype == torch.float32 and w.dtype == torch.float32:
-        partial = torch.bmm(dz_blocks, w_blocks, out=scratch("partial", n_blocks, c, w.shape[1]))  # (nb, C, H)
-    else:
-        partial = torch.bmm(dz_blocks, w_blocks, out_dtype=torch.float32)  # CUDA low precision only
+    partial = torch.bmm(dz_blocks, w_blocks, out=scratch("partial", n_blocks, c, w.shape[1]))  # (nb, C, H) fp32
     out = partial.sum(dim=0)  # (C, H)
     if main < v:
-        out += _mm_fp32(dz[:, main:], w[main:])  # the tail block of the vocabulary
+        out += dz[:, main:] @ w[main:]  # the tail block of the vocabulary
     return out
 
 
@@ -155,8 +153,8 @@ def backward_over_chunks(hidden, weight, chunk_size: int, need_hidden: bool, nee
         if need_hidden:
             grad_hidden[start:end] = _mm_over_vocab(dz, w, scratch).to(hidden.dtype)
         if need_weight:
-            if low_precision_cuda:
-                grad_w += torch.mm(dz.T, h_c, out_dtype=torch.float32)
+            if low_precision_cuda:  # bf16 operands, fp32 accumulate straight into grad_w (no (V, H) temporary)
+                torch.addmm(grad_w, dz.T, h_c, out_dtype=torch.float32, out=grad_w)
             else:
                 grad_w.addmm_(dz.T, h_c.float())  # (V, H) += (V, C) @ (C, H)
     if grad_w is not None and grad_w.dtype != weight.dtype:

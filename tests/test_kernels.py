@@ -17,7 +17,7 @@ from minitagpr.kernels import token_logprobs, triton_available  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable (pip install triton)")
-# every fast path and the naive baseline; Triton only at interpreter-sized shapes (see small_impls)
+# every path incl. the naive baseline; tests using these stay at interpreter sizes (N <= 64, V <= 1000)
 SMALL_IMPLS = ["torch", "naive", pytest.param("triton", marks=needs_triton)]
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -30,6 +30,7 @@ def fresh_generator() -> tuple[torch.Generator, int]:
 
 def make_inputs(n, h, v, *, dtype=torch.float32, logit_scale=5.0, all_negative=False, ignore_rows=(), gen=None):
     """hidden (N, H), weight (V, H) with logits of std ~logit_scale; targets (N,) with some rows = -100."""
+    gen = gen if gen is not None else fresh_generator()[0]  # the global RNG would repeat the same draws each run
     hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
     weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * (logit_scale / h**0.5)
     if all_negative:  # h >= 0 and w <= 0 make every logit negative
@@ -106,7 +107,8 @@ def test_all_negative_logits_are_exact_and_finite(impl):
     check_against_reference(impl, hidden, weight, targets, FP32_TOL, seed, chunk_size=8)
 
 
-@pytest.mark.parametrize("impl", SMALL_IMPLS)
+# not "naive": it rounds the logits and their gradient to bf16 (as most stacks do) and sits right at 2e-2
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_bf16_inputs_match_float64_of_the_upcast_inputs(impl):
     gen, seed = fresh_generator()
     hidden, weight, targets = make_inputs(33, 32, 1000, dtype=torch.bfloat16, gen=gen)

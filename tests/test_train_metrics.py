@@ -37,6 +37,15 @@ def test_resuming_drops_steps_logged_after_the_checkpoint(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == list(range(8))
 
 
+def test_resuming_drops_a_line_torn_by_a_kill(tmp_path):
+    path = tmp_path / "m.jsonl"
+    write_run(path, range(3))
+    with path.open("a") as f:
+        f.write('{"step": 3, "lo')  # the process died in the middle of this write
+    JsonlLog(path, resume_step=3).close()
+    assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2]
+
+
 def test_log_is_silent_off_rank_zero(tmp_path):
     log = JsonlLog(tmp_path / "m.jsonl", enabled=False)
     log.write({"step": 0})

@@ -40,6 +40,14 @@ def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak_per_d
     return tokens_per_s * flops_per_token / (world_size * peak_per_device)
 
 
+def _step_of(line: str) -> float:
+    """The step of a log line; a blank or torn line (a kill mid-write) sorts after every step, so it is dropped."""
+    try:
+        return json.loads(line).get("step", -1) if line.strip() else float("inf")
+    except json.JSONDecodeError:
+        return float("inf")
+
+
 class JsonlLog:
     """Append one JSON object per step to `path` (rank 0 only; a no-op elsewhere).
 
@@ -56,8 +64,7 @@ class JsonlLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) < resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) < resume_step]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)

@@ -1,15 +1,19 @@
 """Rollout throughput: generated tokens/s of our built-in engine vs transformers `generate()` (and vLLM when installed
 and a GPU is present) on the same checkpoint, prompts, batch and sampling settings, in one run.
 
-Each engine runs in its own subprocess so its peak memory is its own: the peak resident-set growth over the timed runs
-(Linux VmHWM, reset through /proc/self/clear_refs after warm-up) on CPU, torch.cuda.max_memory_allocated on GPU.
-Every run generates exactly max_new_tokens per sequence (no stop ids for us, min_new_tokens for transformers), so the
-token counts are equal; times are medians over the timed runs after one warm-up.
+Timing runs all engines in one process, interleaved: each round runs every engine once (alternating the order), so
+a busy neighbour on a shared machine slows the engines of a round alike; the ratio is the median over rounds of the
+per-round speed ratio to transformers, the seconds the median per engine, after one warm-up run each. Peak memory
+comes from a separate process per engine: the peak resident-set growth over one run (Linux VmHWM, reset through
+/proc/self/clear_refs after warm-up) on CPU, torch.cuda.max_memory_allocated on GPU. Every run generates exactly
+max_new_tokens per sequence (no stop ids for us, min_new_tokens for transformers), so token counts are equal.
 
-Workloads: "batch16" = 16 ragged prompts x 1 sample (the acceptance target: ours >= 2x transformers on the demo model);
-"4x4" = 4 prompts x n=4 samples (we prefill each prompt once and share it; transformers expands before prefill).
+Workloads (16 or 40 sequences): "batch16" = 16 distinct ragged prompts x 1 sample; "group16" = 4 prompts x 4 samples
+and "rl-demo" = 8 prompts x 5 samples, the shape of an RL rollout (we prefill each prompt once and share its cache
+across the samples; transformers expands the prompts before its prefill). Defaults mirror the demo's RL rollouts:
+prompts of 400-640 tokens (the demo world's rendered prompts are ~500-700), 160 new tokens, T = 1, top-p = 1.
 
-    python bench/rollout.py                                    # CPU fp32, demo model
+    python bench/rollout.py                                    # CPU fp32, demo model, 1 thread
     python bench/rollout.py --device cuda --dtype bfloat16 --preset qwen3-0.6b-2layer --max-new-tokens 256
 """
 from __future__ import annotations
@@ -23,7 +27,8 @@ import sys
 import tempfile
 import time
 
-WORKLOADS = {"batch16": (16, 1), "4x4": (4, 4)}  # name -> (prompts, samples per prompt)
+# name -> (prompts, samples per prompt); "rl-demo" is one rank's rollout in the demo's guided RL (8 prompts, G = 5)
+WORKLOADS = {"batch16": (16, 1), "group16": (4, 4), "rl-demo": (8, 5)}
 
 
 def _rss_kb(field: str) -> int:
@@ -42,31 +47,28 @@ def make_prompts(n_prompts: int, vocab: int, lo: int, hi: int, seed: int = 0) ->
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def child(args) -> dict:
+def make_runner(engine: str, args, ckpt: str, prompts: list[list[int]], n: int):
+    """A function seed -> number of generated tokens, for one engine on this process's device."""
     import torch
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    n_prompts, n = WORKLOADS[args.workload]
-    vocab = json.load(open(os.path.join(args.ckpt, "config.json")))["vocab_size"]
-    prompts = make_prompts(n_prompts, vocab, args.prompt_min, args.prompt_max)
     T = args.max_new_tokens
-
-    if args.engine == "ours":
+    if engine == "ours":
         from minitagpr.model import load_pretrained
         from minitagpr.rollout import BuiltinEngine
 
-        engine = BuiltinEngine(load_pretrained(args.ckpt, dtype=dtype, device=args.device).eval(), vocab_size=vocab)
+        model = load_pretrained(ckpt, dtype=dtype, device=args.device).eval()
+        ours = BuiltinEngine(model, vocab_size=model.config.vocab_size)
 
         def run(seed):
-            groups = engine.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
-                                     max_new_tokens=T, stop_token_ids=[], seed=seed)
+            groups = ours.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=T,
+                                   stop_token_ids=[], seed=seed)
             return sum(len(c.token_ids) for g in groups for c in g)
-    elif args.engine == "transformers":
+        return run
+    if engine == "transformers":
         import transformers
 
-        model = transformers.Qwen3ForCausalLM.from_pretrained(args.ckpt, dtype=dtype, attn_implementation="sdpa")
+        model = transformers.Qwen3ForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa")
         model = model.to(args.device).eval()
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)  # (B, L) left padded, as generate() expects
@@ -84,39 +86,76 @@ def child(args) -> dict:
                                      top_p=args.top_p, top_k=0, num_return_sequences=n, max_new_tokens=T,
                                      min_new_tokens=T, pad_token_id=0, eos_token_id=None)
             return (out.shape[1] - width) * out.shape[0]
-    else:  # vllm
-        from minitagpr.rollout import VLLMEngine
+        return run
+    from minitagpr.rollout import VLLMEngine
 
-        engine = VLLMEngine(args.ckpt, None, sleep_level=0, dtype=args.dtype, gpu_memory_utilization=0.5,
-                            max_model_len=args.prompt_max + T + 8, expected_names=set())
+    vllm = VLLMEngine(ckpt, None, sleep_level=0, dtype=args.dtype, gpu_memory_utilization=0.5,
+                      max_model_len=args.prompt_max + T + 8, expected_names=set())
 
-        def run(seed):
-            groups = engine.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p,
-                                     max_new_tokens=T, stop_token_ids=[], seed=seed)
-            return sum(len(c.token_ids) for g in groups for c in g)
+    def run(seed):
+        groups = vllm.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=T,
+                               stop_token_ids=[], seed=seed)
+        return sum(len(c.token_ids) for g in groups for c in g)
+    return run
 
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    run(1000)  # warm-up: allocator, kernels, caches
-    sync()
+
+def _setup(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    n_prompts, n = WORKLOADS[args.workload]
+    vocab = json.load(open(os.path.join(args.ckpt, "config.json")))["vocab_size"]
+    return make_prompts(n_prompts, vocab, args.prompt_min, args.prompt_max), n_prompts, n
+
+
+def child_memory(args) -> dict:
+    """Peak memory of one engine over one run after a warm-up, measured in a process of its own."""
+    import torch
+
+    prompts, _, n = _setup(args)
+    run = make_runner(args.engine, args, args.ckpt, prompts, n)
+    run(1000)
     if args.device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
     base_kb = _rss_kb("VmRSS")
-    times, tokens = [], 0
+    run(0)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+    return {"peak_mib": (_rss_kb("VmHWM") - base_kb) / 1024}
+
+
+def time_engines(args, engines: list[str]) -> dict:
+    """Interleaved timing in this process: every round runs each engine once (order alternating), so a busy
+    neighbour slows all engines of a round alike; returns per engine the median seconds and the median of the
+    per-round speed ratios against transformers."""
+    import torch
+
+    prompts, n_prompts, n = _setup(args)
+    runners = {e: make_runner(e, args, args.ckpt, prompts, n) for e in engines}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    for e, run in runners.items():  # warm-up: allocator, kernels, caches
+        run(1000)
+    times = {e: [] for e in engines}
+    expected = n_prompts * n * args.max_new_tokens
     for r in range(args.runs):
-        sync()
-        t0 = time.perf_counter()
-        tokens = run(r)
-        sync()
-        times.append(time.perf_counter() - t0)
-    expected = n_prompts * n * T
-    if tokens != expected:
-        raise SystemExit(f"{args.engine}: generated {tokens} tokens, expected {expected}")
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
-            else (_rss_kb("VmHWM") - base_kb) / 1024)
-    return {"seconds": statistics.median(times), "tokens": tokens, "peak_mib": peak}
+        for e in (engines if r % 2 == 0 else engines[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            tokens = runners[e](r)
+            sync()
+            times[e].append(time.perf_counter() - t0)
+            if tokens != expected:
+                raise SystemExit(f"{e}: generated {tokens} tokens, expected {expected}")
+    out = {}
+    for e in engines:
+        ratios = [b / t for t, b in zip(times[e], times.get("transformers", times[e]))]
+        out[e] = {"seconds": statistics.median(times[e]), "tokens": expected, "ratio": statistics.median(ratios)}
+    return out
 
 
 def main() -> None:
@@ -124,15 +163,15 @@ def main() -> None:
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)  # 1: a shared 2-core box makes 2 threads spin-wait
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-min", type=int, default=48)
-    ap.add_argument("--prompt-max", type=int, default=160)
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--prompt-min", type=int, default=400)
+    ap.add_argument("--prompt-max", type=int, default=640)
     ap.add_argument("--temperature", type=float, default=1.0)  # the paper's rollout settings: T = 1, top-p = 1
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--engines", default="auto", help="comma list of ours,transformers,vllm (auto: vllm if usable)")
-    ap.add_argument("--workloads", default="batch16,4x4")
+    ap.add_argument("--workloads", default="batch16,group16,rl-demo")
     # internal: run one engine in this process and print its JSON
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -140,7 +179,7 @@ def main() -> None:
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args)))
+        print("RESULT " + json.dumps(child_memory(args)))
         return
 
     import importlib.util
@@ -155,32 +194,28 @@ def main() -> None:
     from minitagpr.model import presets
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = str(presets.make_tiny_checkpoint(os.path.join(tmp, args.preset), preset=args.preset, seed=0))
+        args.ckpt = str(presets.make_tiny_checkpoint(os.path.join(tmp, args.preset), preset=args.preset, seed=0))
         print(f"rollout throughput: preset {args.preset}, {args.device} {args.dtype}, {args.threads} threads, prompts "
               f"{args.prompt_min}-{args.prompt_max} tokens, {args.max_new_tokens} new tokens, T={args.temperature}, "
-              f"top-p={args.top_p}, median of {args.runs}")
+              f"top-p={args.top_p}; median of {args.runs} interleaved rounds")
         print("| workload | engine | seconds | generated tok/s | vs transformers | peak MiB |")
         print("|---|---|---|---|---|---|")
         for workload in args.workloads.split(","):
-            results = {}
-            for engine in engines:
+            args.workload = workload
+            timed = time_engines(args, engines)
+            for engine, r in timed.items():
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", "--engine", engine, "--workload",
-                       workload, "--ckpt", ckpt]
-                for key in ("device", "dtype", "threads", "runs", "max_new_tokens", "prompt_min", "prompt_max",
+                       workload, "--ckpt", args.ckpt]
+                for key in ("preset", "device", "dtype", "threads", "max_new_tokens", "prompt_min", "prompt_max",
                             "temperature", "top_p"):
                     cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=repo,
                                       env={**os.environ, "PYTHONPATH": repo})
                 line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    print(f"| {workload} | {engine} | failed: {done.stderr.strip().splitlines()[-1:]} | | | |")
-                    continue
-                results[engine] = json.loads(line[len("RESULT "):])
-            base = results.get("transformers")
-            for engine, r in results.items():
-                rate = r["tokens"] / r["seconds"]
-                ratio = f"{rate / (base['tokens'] / base['seconds']):.2f}x" if base else "n/a"
-                print(f"| {workload} | {engine} | {r['seconds']:.3f} | {rate:,.0f} | {ratio} | {r['peak_mib']:.1f} |")
+                peak = f"{json.loads(line[7:])['peak_mib']:.1f}" if line else "failed"
+                ratio = f"{r['ratio']:.2f}x" if "transformers" in timed else "n/a"
+                print(f"| {workload} | {engine} | {r['seconds']:.3f} | {r['tokens'] / r['seconds']:,.0f} | {ratio} "
+                      f"| {peak} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,19 +35,24 @@ from .base import Completion, RolloutEngine, RolloutError, check_request, hf_nam
 # Sampling math on plain logits
 
 
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p truncation of probs (R, Vs) that sum to 1: keep each token while the mass strictly before it (in
+    descending order) is < top_p, then renormalise. The most likely token is always kept."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # (R, Vs) each
+    mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # (R, Vs) mass of strictly more likely tokens
+    sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, vocab_size: int) -> torch.Tensor:
     """The distribution the sampler draws from: `logits` (R, V) -> probs (R, vocab_size) float64.
 
     Ids >= vocab_size (the padded tail) get no mass; temperature must be > 0 here (greedy is handled apart)."""
-    z = logits[:, :vocab_size].double() / temperature  # (R, Vs) float64: the CDF walk below needs the precision
-    probs = torch.softmax(z, dim=-1)  # (R, Vs)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # (R, Vs) each
-        mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # (R, Vs) mass of strictly more likely tokens
-        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)  # the top token has mass_before 0, always kept
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    probs = torch.softmax(logits[:, :vocab_size].double() / temperature, dim=-1)  # (R, Vs) float64 for the CDF walk
+    return _nucleus(probs, top_p)
 
 
 def sample_tokens(
@@ -61,16 +66,20 @@ def sample_tokens(
     log-probs (R,) fp32 under temperature T over all V rows, T = 1 when greedy)."""
     if temperature == 0.0:
         tokens = torch.argmax(logits[:, :vocab_size], dim=-1)  # (R,) first maximum on ties, like a plain argmax
-        scale = 1.0
-    else:
-        probs = sampling_probs(logits, temperature, top_p, vocab_size)  # (R, Vs) float64
-        cdf = torch.cumsum(probs, dim=-1)  # (R, Vs)
-        target = uniforms.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]  # (R, 1) in [0, total)
-        # right=True picks the first id whose CDF exceeds the target, so a zero-probability id is never chosen.
-        tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab_size - 1)  # (R,)
-        scale = temperature
-    logp_all = torch.log_softmax(logits.float() / scale, dim=-1)  # (R, V) fp32, over the padded tail too, as the kernel
-    logp = logp_all.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (R,)
+        z = logits.float()  # (R, V)
+        logp = z.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=-1)  # (R,) at T = 1
+        return tokens, logp
+    # One float64 softmax over all V rows serves both outputs: its value at the sampled id is the reported
+    # probability (normalised over the padded tail too, as the kernel does); its decodable part, renormalised
+    # and top-p truncated, is what we sample from.
+    full = torch.softmax(logits.double() / temperature, dim=-1)  # (R, V) float64
+    probs = full[:, :vocab_size]
+    probs = _nucleus(probs / probs.sum(dim=-1, keepdim=True), top_p)  # (R, Vs)
+    cdf = torch.cumsum(probs, dim=-1)  # (R, Vs)
+    target = uniforms.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]  # (R, 1) in [0, total)
+    # right=True picks the first id whose CDF exceeds the target, so a zero-probability id is never chosen.
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab_size - 1)  # (R,)
+    logp = full.gather(1, tokens.unsqueeze(1)).squeeze(1).log().float()  # (R,)
     return tokens, logp
 
 
@@ -85,7 +94,8 @@ class BuiltinEngine(RolloutEngine):
     tokenizer: a `minitagpr.tokenizer.Tokenizer` for the completion text and the sampleable vocabulary size;
         without one, `text` is empty and `vocab_size` must be given or the model's full vocabulary is sampleable.
     vocab_size: ids >= this are never sampled (default: tokenizer.vocab_size, else the model's embedding rows).
-    max_batch_rows: at most this many sequences (prompts x n) decode together; bounds KV-cache memory.
+    max_batch_rows: prompts are cut into chunks of max(1, max_batch_rows // n), so at most this many sequences
+        (prompts x n) share a KV cache (unless n alone exceeds it); bounds the cache's memory.
     """
 
     def __init__(self, model, tokenizer=None, *, vocab_size: int | None = None, max_batch_rows: int = 64):
@@ -179,9 +189,10 @@ class BuiltinEngine(RolloutEngine):
         logits = model.logits(hidden[:, -1:])[:, 0]  # (B, V) fp32
 
         # 2. Share each prefill across its n samples: rows are (prompt b, sample j) at b * n + j.
-        share = torch.arange(B, device=device).repeat_interleave(n)  # (R,)
-        cache.reorder(share)
-        logits = logits.index_select(0, share)  # (R, V)
+        if n > 1:  # (with n == 1 the rows already are the samples: no copy of the cache)
+            share = torch.arange(B, device=device).repeat_interleave(n)  # (R,)
+            cache.reorder(share)
+            logits = logits.index_select(0, share)  # (R, V)
         next_pos = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(n)  # (R,)
 
         # 3. Each row's uniforms come from its own generator, so they do not depend on the chunk.

@@ -239,3 +239,16 @@ def test_vllm_outputs_become_completions_in_sample_order(policy):
     assert [c.finish_reason for c in group] == ["length", "stop"]
     assert group[1].text == "12 13"  # the stop id is not part of the text
     assert group[0].logprobs == [-0.5, -1.0, -1.5]
+
+
+def test_vocabulary_mask_only_when_the_checkpoint_has_a_padded_tail(policy, tmp_path):
+    (tmp_path / "config.json").write_text('{"vocab_size": 500}')  # rows == the tokenizer's 500 ids: nothing to mask
+    eng = VLLMEngine(tmp_path, DigitTokenizer(), llm=FakeLLM(), sampling_params_cls=FakeSamplingParams,
+                     expected_names={n for n, _ in hf_named_tensors(policy)})
+    eng.generate([[1, 2]])
+    assert not hasattr(eng.llm.params[0], "allowed_token_ids")
+    (tmp_path / "config.json").write_text('{"vocab_size": 512}')
+    eng = VLLMEngine(tmp_path, DigitTokenizer(), llm=FakeLLM(), sampling_params_cls=FakeSamplingParams,
+                     expected_names=set())
+    eng.generate([[1, 2], [3]])
+    assert eng.llm.params[0].allowed_token_ids is eng.llm.params[1].allowed_token_ids  # one shared list

@@ -62,6 +62,14 @@ def checkpoint_tensor_names(checkpoint_dir: str | os.PathLike) -> set[str]:
         return set(f.keys())
 
 
+def _config_vocab_size(checkpoint_dir) -> int | None:
+    """The embedding rows of the checkpoint (config.json vocab_size), or None when there is no readable config."""
+    try:
+        return int(json.loads((Path(checkpoint_dir) / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _worker_model(llm) -> torch.nn.Module:
     """The torch module inside vLLM's in-process worker (external_launcher keeps the engine core in this process)."""
     engine = llm.llm_engine
@@ -107,6 +115,11 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.sleep_level = sleep_level
         self.expected_names = expected_names if expected_names is not None else checkpoint_tensor_names(checkpoint_dir)
+        # Never sample ids the tokenizer cannot decode (Qwen3's padded embedding tail, vLLM #13175). One list,
+        # built once and shared by every request's SamplingParams (151,669 ids for Qwen3).
+        rows = _config_vocab_size(checkpoint_dir)
+        self.allowed_token_ids = (list(range(tokenizer.vocab_size))
+                                  if tokenizer is not None and (rows is None or tokenizer.vocab_size < rows) else None)
         self.asleep: set[str] = set()  # which of {"weights", "kv_cache"} vLLM has released
         self.weights_valid = True  # False after level-2 sleep until a full sync
 
@@ -165,10 +178,10 @@ class VLLMEngine(RolloutEngine):
         self.wake_up()
         base_seed = resolve_seed(seed)
         extra = {}
+        if self.allowed_token_ids is not None:
+            extra["allowed_token_ids"] = self.allowed_token_ids
         if self.tokenizer is not None:
-            # Never sample ids the tokenizer cannot decode (Qwen3's padded embedding tail, vLLM #13175).
-            extra["allowed_token_ids"] = list(range(self.tokenizer.vocab_size))
-            extra["detokenize"] = False
+            extra["detokenize"] = False  # we decode with our tokenizer below
         params = [
             self.SamplingParams(n=n, temperature=float(temperature), top_p=float(top_p), max_tokens=max_new_tokens,
                                 stop_token_ids=stops, seed=sample_seed(base_seed, i, 0) % (2**31), logprobs=0,

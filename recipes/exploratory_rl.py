@@ -2,7 +2,8 @@
 R_foundation = (R_v + R_rep) * R_f (no tag reward, no PRMU); 2 epochs, otherwise as Stage 2 (tagpr-method.md).
 
     torchrun --nproc_per_node=8 recipes/exploratory_rl.py --config recipes/configs/exploratory_rl_qwen3_8b.yaml
-    torchrun --nproc_per_node=2 recipes/exploratory_rl.py --config recipes/configs/exploratory_rl_demo.yaml policy=...
+    torchrun --nproc_per_node=2 recipes/exploratory_rl.py policy=runs/demo/guided_rl/export data_root=runs/demo/world \
+        prompt_style=brief ...        (the demo runs this stage from recipes/guided_rl.py)
 
 The loop itself (rollout -> rewards -> advantages -> old log-probs -> GSPO mini-batches -> weight sync) is
 minitagpr/rl/loop.py, shared with recipes/guided_rl.py.

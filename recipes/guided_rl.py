@@ -124,12 +124,15 @@ def first_last_share(log_path: Path, keys: list[str], share: float = 0.2) -> dic
 
 def main(argv: list[str]) -> None:
     cfg = parse_cli(GuidedConfig, argv)
+    if not cfg.demo and not any(a == "--config" or a.startswith(("config=", "--config=")) for a in argv):
+        raise SystemExit("demo=false runs need --config FILE.yaml (e.g. recipes/configs/guided_rl_qwen3_8b.yaml): "
+                         "the built-in defaults are the demo's")
     if cfg.stage != "guided":
         raise SystemExit("recipes/guided_rl.py runs stage=guided; use recipes/exploratory_rl.py for Stage 3")
     info = D.init_distributed()
     try:
         if not cfg.demo:
-            if not (cfg.policy and cfg.data_root and (cfg.prmu or not cfg.use_prmu)):
+            if not (cfg.policy and cfg.data_root and (cfg.prmu or not cfg.use_prmu or cfg.gamma == 0)):
                 raise SystemExit("demo=false needs policy=, data_root= and prmu= (or use_prmu=false)")
             train(replace(cfg, out_dir=cfg.out_dir or "runs/guided_rl"))
             return
@@ -142,6 +145,8 @@ def main(argv: list[str]) -> None:
         if info.is_main:
             save_config(guided_cfg, Path(guided_cfg.out_dir) / "config.yaml")
         # 4. guided RL (Stage 2)
+        if cfg.rerun:  # start the RL stages over, not from their last checkpoints
+            guided_cfg = replace(guided_cfg, resume=False)
         guided_export = Path(guided_cfg.out_dir) / "export"
         if cfg.rerun or not (guided_export / "config.json").exists():
             D.log("[demo] 4. guided RL (GSPO, composite reward)")

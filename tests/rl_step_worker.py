@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.rl.loop import RLConfig, gspo_update, sequence_logprobs
+from minitagpr.rl.loop import (RLConfig, gspo_update, micro_batches, minibatch_index, reduce_train_metrics,
+                               sequence_logprobs)
 from minitagpr.train.optim import build_optimizer
 
 
@@ -29,18 +30,20 @@ def synthetic_batch(num_prompts: int, G: int, vocab: int, seed: int = 0):
 def main(ckpt: str, out: str):
     info = D.init_distributed()
     cfg = RLConfig(group_size=4, num_minibatches=2, ppo_epochs=2, micro_batch_size=3, lr=1e-3, grad_clip=1.0,
-                   eps_low=0.2, eps_high=0.2)
+                   eps_low=0.2, eps_high=0.2, prompts_per_step=4)
     model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
     optimizer = build_optimizer(model, cfg.lr)
     input_ids, targets, mask, adv = synthetic_batch(num_prompts=4, G=cfg.group_size, vocab=512)
     per = len(input_ids) // info.world_size  # whole groups per rank (prompt-major rows)
     sl = slice(info.rank * per, (info.rank + 1) * per)
-    old = sequence_logprobs(model, input_ids[sl], targets[sl], micro=3)
+    rows = [r for mb in minibatch_index(per // cfg.group_size, cfg.group_size, cfg.num_minibatches)
+            for r in micro_batches(mb, cfg.micro_batch_size)]
+    old = sequence_logprobs(model, input_ids[sl], targets[sl], rows)
     noise = 0.01 * torch.randn(input_ids.shape, generator=torch.Generator().manual_seed(1))  # (N, T), global
     old = old + noise[sl] * mask[sl]  # pi_old != pi_theta, so ratios move and clipping can act
     batch = {"input_ids": input_ids[sl], "targets": targets[sl], "mask": mask[sl], "old_logp": old,
              "advantages": adv[sl]}
-    metrics = gspo_update(model, optimizer, batch, cfg, info.device)
+    metrics = reduce_train_metrics(gspo_update(model, optimizer, batch, cfg, info.device), info.device)
     full = D.full_state_dict(model)
     if info.is_main:
         torch.save({"metrics": metrics, "weights": full}, out)

@@ -41,14 +41,16 @@ def test_prompt_order_covers_each_epoch_once_and_resumes_at_boundaries():
     assert prompts_for_step(3, n, per, 5) != prompts_for_step(0, n, per, 5)
 
 
-def test_minibatches_take_response_j_mod_m_of_every_prompt():
-    idx = minibatch_index(num_sequences=10, G=5, num_minibatches=2)
-    assert idx[0].tolist() == [0, 2, 4, 5, 7, 9] and idx[1].tolist() == [1, 3, 6, 8]
+def test_minibatches_hold_whole_groups_of_prompt_i_mod_m():
+    idx = minibatch_index(num_prompts=4, G=3, num_minibatches=2)
+    assert idx[0].tolist() == [0, 1, 2, 6, 7, 8] and idx[1].tolist() == [3, 4, 5, 9, 10, 11]
 
 
-def test_config_rejects_more_minibatches_than_group_size():
-    with pytest.raises(ValueError, match="may not exceed G"):
-        RLConfig(group_size=2, num_minibatches=3)
+def test_config_rejects_uneven_minibatches_and_truncated_sampling():
+    with pytest.raises(ValueError, match="not a multiple of num_minibatches"):
+        RLConfig(prompts_per_step=6, num_minibatches=4)
+    with pytest.raises(ValueError, match="use top_p=1"):
+        RLConfig(top_p=0.9)
 
 
 def _free_port():
@@ -71,7 +73,8 @@ def test_two_process_gspo_step_equals_one_process(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "c", seed=3)
     one = _run_worker(1, ckpt, tmp_path / "one.pt")
     two = _run_worker(2, ckpt, tmp_path / "two.pt")
-    assert one["metrics"]["loss"] == pytest.approx(two["metrics"]["loss"], rel=1e-4, abs=1e-7)
+    assert one["metrics"]["gspo/loss"] == pytest.approx(two["metrics"]["gspo/loss"], rel=1e-4, abs=1e-7)
+    assert one["metrics"]["gspo/num_sequences"] == two["metrics"]["gspo/num_sequences"]
     for name, w in one["weights"].items():
         diff = (w - two["weights"][name]).abs().max().item()
         assert diff <= 1e-4 * max(1.0, w.abs().max().item()), name
@@ -125,7 +128,7 @@ def test_sigkill_then_resume_continues_the_exact_step_sequence(small_world, tmp_
     whole, cut = _log(tmp_path / "whole"), _log(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4]  # none skipped, none repeated
     for a, b in zip(whole, cut):
-        for key in ("reward_mean", "loss", "response_len_mean", "ratio_mean"):
+        for key in ("reward_mean", "gspo/loss", "response_len_mean", "gspo/ratio_mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
 
 
@@ -141,5 +144,18 @@ def test_non_finite_reward_stops_with_the_step(small_world, tmp_path, monkeypatc
     monkeypatch.setattr(loop, "score_batch", poisoned)
     from minitagpr.config import parse_cli
     cfg = parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "nan", stage="exploratory"))
-    with pytest.raises(loop.NonFiniteError, match=r"step 0: non-finite reward for responses \[1\]"):
+    with pytest.raises(loop.NonFiniteError, match=r"step 0: 1 non-finite reward\(s\), responses \[1\]"):
         loop.train(cfg)
+
+
+def test_one_and_two_processes_sample_and_score_the_same_first_step(small_world, tmp_path):
+    world, policy = small_world
+    _torchrun_recipe(_rl_args(world, policy, tmp_path / "two", max_steps=1))
+    cmd_args = _rl_args(world, policy, tmp_path / "one", max_steps=1)
+    res = subprocess.run([sys.executable, str(HERE.parent / "recipes" / "exploratory_rl.py"), *cmd_args],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    one, two = _log(tmp_path / "one")[0], _log(tmp_path / "two")[0]
+    for key in ("reward_mean", "response_len_mean", "format_pass_rate", "group/adv_std", "gspo/num_tokens"):
+        assert one[key] == pytest.approx(two[key], rel=1e-9), key
+    assert one["gspo/loss"] == pytest.approx(two["gspo/loss"], rel=1e-4, abs=1e-7)

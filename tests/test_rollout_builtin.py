@@ -178,3 +178,19 @@ def test_sync_weights_accepts_names_of_a_checkpoint_wrapped_policy(prompts):
     eng.sync_weights(policy.named_parameters())
     for (name, a), b in zip(copy.named_parameters(), (p for _, p in policy.named_parameters())):
         assert torch.equal(a, b), name
+
+
+def test_per_prompt_seeds_make_samples_independent_of_how_prompts_are_split(tmp_path):
+    """The RL loop's ranks each generate a slice of the step's prompts with seeds from global positions."""
+    from minitagpr.model import load_pretrained
+    from minitagpr.model.presets import make_tiny_checkpoint
+    from minitagpr.rollout.builtin import BuiltinEngine
+    engine = BuiltinEngine(load_pretrained(make_tiny_checkpoint(tmp_path / "c", seed=4)).eval())
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    seeds = [101, 202, 303, 404]
+    whole = engine.generate(prompts, n=2, max_new_tokens=6, seed=seeds)
+    halves = engine.generate(prompts[:2], n=2, max_new_tokens=6, seed=seeds[:2]) + \
+        engine.generate(prompts[2:], n=2, max_new_tokens=6, seed=seeds[2:])
+    assert [[c.token_ids for c in g] for g in whole] == [[c.token_ids for c in g] for g in halves]
+    with pytest.raises(Exception, match="3 per-prompt seeds for 4 prompts"):
+        engine.generate(prompts, n=1, max_new_tokens=2, seed=seeds[:3])

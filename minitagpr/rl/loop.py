@@ -10,11 +10,12 @@ the policy is FSDP2-sharded, and losses carry their global normaliser (gradients
 """
 from __future__ import annotations
 
-import json
 import math
 import random
+import shutil
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from minitagpr.data.retrieval import get_retriever
 from minitagpr.rewards import score_batch
 from minitagpr.rl.gspo import group_advantage_metrics, group_advantages, gspo_loss
 from minitagpr.tokenizer import Tokenizer
+from minitagpr.train.metrics import JsonlLog, Progress, peak_flops
 from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 
 
@@ -51,8 +53,8 @@ class RLConfig:
     # rollout
     engine: str = "builtin"  # "builtin" (torch sampler) | "vllm" (GPU)
     group_size: int = 5  # G
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # the log-probs of the ratio use the same temperature
+    top_p: float = 1.0  # must stay 1: the ratio's pi_old is the untruncated distribution
     max_new_tokens: int = 1024
     # optimisation
     prompts_per_step: int = 128  # global batch of prompts; each yields G responses
@@ -74,7 +76,10 @@ class RLConfig:
     gamma: float = 0.2
     use_tag_reward: bool = True
     use_prmu: bool = True
-    prmu_user_table: bool = True  # False = the paper's "PRMU w/o UE" row
+    # None: score with the table the PRMU checkpoint has (none for a Skywork RM or a PRMU trained without one -- the
+    # paper's "w/o UE" row is such a checkpoint); True demands a saved table; False scores a table-trained PRMU
+    # without it (inputs it never saw: a diagnostic, not a paper row)
+    prmu_user_table: bool | None = None
     rouge_variant: str = "rougeL"
     # plumbing
     seed: int = 0
@@ -92,9 +97,12 @@ class RLConfig:
             raise ValueError("group_size (G) must be >= 2: group advantages need at least two responses")
         if self.num_minibatches < 1 or self.ppo_epochs < 1:
             raise ValueError("num_minibatches and ppo_epochs must be >= 1")
-        if self.num_minibatches > self.group_size:
-            raise ValueError(f"num_minibatches={self.num_minibatches} > group_size={self.group_size}: mini-batch m "
-                             "takes response m mod M of every prompt, so M may not exceed G")
+        if self.prompts_per_step % self.num_minibatches:
+            raise ValueError(f"prompts_per_step={self.prompts_per_step} is not a multiple of num_minibatches="
+                             f"{self.num_minibatches}: every mini-batch holds the same number of whole groups")
+        if self.top_p != 1.0 or not self.temperature > 0:
+            raise ValueError(f"top_p={self.top_p}, temperature={self.temperature}: GSPO's ratio needs the log-probs "
+                             "of the distribution that sampled; use top_p=1 and temperature > 0")
 
 
 # ----------------------------------------------------------------------------------------------- 1. prompts
@@ -152,12 +160,19 @@ def prompts_for_step(step: int, num_prompts: int, per_step: int, seed: int) -> l
 
 
 # ----------------------------------------------------------------------------------------------- 2. rollout
-def rollout(engine, prompts: list[Prompt], cfg: RLConfig, tokenizer: Tokenizer, seed: int):
-    """G completions per prompt, flattened prompt-major: response j of prompt i sits at i*G + j."""
+def rollout(engine, prompts: list[Prompt], cfg: RLConfig, tokenizer: Tokenizer, seed: int, prompt_offset: int = 0):
+    """G completions per prompt, flattened prompt-major: response j of prompt i sits at i*G + j. Sample j of
+    local prompt i is seeded from (seed, prompt_offset + i, j): its global position in the step, so the samples do
+    not depend on the number of ranks."""
     groups = engine.generate([p.ids for p in prompts], n=cfg.group_size, temperature=cfg.temperature,
                              top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                             stop_token_ids=sorted({tokenizer.im_end_id, tokenizer.eos_id}), seed=seed)
+                             stop_token_ids=sorted({tokenizer.im_end_id, tokenizer.eos_id}),
+                             seed=[sample_base(seed, prompt_offset + i) for i in range(len(prompts))])
     return [c for g in groups for c in g]
+
+
+def sample_base(seed: int, global_index: int) -> int:
+    return (seed * 65_537 + global_index) & (2**62 - 1)
 
 
 # ----------------------------------------------------------------------------------------------- 3. rewards
@@ -174,9 +189,13 @@ def compute_rewards(prompts: list[Prompt], completions, cfg: RLConfig, prmu=None
     mix = "composite" if cfg.stage == "guided" else "foundation"
     beta = cfg.beta if cfg.use_tag_reward else 0.0
     gamma = cfg.gamma if cfg.use_prmu else 0.0
+    bad = [i for i, x in enumerate(prmu_scores or []) if not math.isfinite(x)]
+    for i in bad:  # scored as 0 here; the reward itself is set non-finite below so that every rank stops
+        prmu_scores[i] = 0.0
     parts = score_batch(tasks, texts, golds, prmu=prmu_scores, mix=mix, alpha=cfg.alpha, beta=beta, gamma=gamma,
                         rouge_variant=cfg.rouge_variant)
     rewards = torch.tensor([p.total for p in parts], dtype=torch.float64)  # (B*G,)
+    rewards[bad] = math.nan  # a non-finite PRMU score
     return parts, rewards
 
 
@@ -198,68 +217,99 @@ def make_sequences(prompts: list[Prompt], completions, G: int, pad_id: int):
 
 
 @torch.no_grad()
-def sequence_logprobs(model, input_ids, targets, micro: int) -> torch.Tensor:
-    """log pi(y_t | ...) of every target token, no grad: the old (behaviour) log-probs. (N, T) fp32, 0 off-mask."""
-    out = [model(input_ids[s:s + micro], targets=targets[s:s + micro])[0] for s in range(0, len(input_ids), micro)]
-    return torch.cat(out)
+def sequence_logprobs(model, input_ids, targets, batches: list[torch.Tensor], temperature: float = 1.0):
+    """log pi_old(y_t | ...) of every target token, no grad: the behaviour log-probs, computed over the very same
+    micro-batches the update will use (so with bf16 the first on-policy ratio is exactly 1, not batch-shape noise).
+    (N, T) fp32, 0 off-mask."""
+    out = torch.zeros(targets.shape, dtype=torch.float32)
+    for rows in batches:
+        logp, _ = model(input_ids[rows], targets=targets[rows], temperature=temperature)
+        out[rows] = logp.float().cpu()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- 5. GSPO update
-def minibatch_index(num_sequences: int, G: int, num_minibatches: int) -> list[torch.Tensor]:
-    """Row indices of each mini-batch: response j of every prompt goes to mini-batch j mod M. Every mini-batch
-    holds responses of every prompt, and the split depends on nothing but (G, M) -- the same sequences form
-    mini-batch m whatever the number of ranks, so 1 and N processes take identical optimizer steps."""
-    j = torch.arange(num_sequences) % G  # response index within its group (rows are prompt-major)
-    return [torch.nonzero(j % num_minibatches == m).flatten() for m in range(num_minibatches)]
+def minibatch_index(num_prompts: int, G: int, num_minibatches: int) -> list[torch.Tensor]:
+    """Row indices of each mini-batch: the G responses of local prompt i go to mini-batch i mod M (whole groups).
+    Each rank holds a multiple of M prompts starting at a global index that is a multiple of M, so global prompt p
+    lands in mini-batch p mod M whatever the number of ranks: 1 and N processes take identical optimizer steps, and
+    every rank runs the same number of forwards (FSDP's collectives need that)."""
+    prompt = torch.arange(num_prompts * G) // G  # (N,) local prompt of each prompt-major row
+    return [torch.nonzero(prompt % num_minibatches == m).flatten() for m in range(num_minibatches)]
+
+
+def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [rows[s:s + size] for s in range(0, len(rows), size)]
 
 
 def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
     """ppo_epochs x num_minibatches optimizer steps over this rank's share of the rollout batch. Each mini-batch's
     loss is -sum_i objective_i / (global count of non-empty sequences in the mini-batch): gradients are summed over
-    ranks and micro-batches, so every sequence weighs the same whatever its length and wherever it runs."""
-    N = batch["input_ids"].shape[0]
-    stats: list[dict] = []
+    ranks and micro-batches, so every sequence weighs the same whatever its length and wherever it runs.
+    Returns the loss metrics as global sums (key -> (weighted sum, weight)) for `reduce_train_metrics`."""
+    num_prompts = batch["input_ids"].shape[0] // cfg.group_size
+    sums: dict[str, list[float]] = {}
     for _ in range(cfg.ppo_epochs):
-        for rows in minibatch_index(N, cfg.group_size, cfg.num_minibatches):
+        for rows in minibatch_index(num_prompts, cfg.group_size, cfg.num_minibatches):
             nonempty = batch["mask"][rows].any(dim=1).sum().to(torch.float64)
             n_global = int(D.all_reduce_sum(nonempty.to(device)).item())
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            metrics = []
-            for s in range(0, len(rows), cfg.micro_batch_size):
-                mb = {k: v[rows[s:s + cfg.micro_batch_size]].to(device) for k, v in batch.items()}
-                logp, _ = model(mb["input_ids"], targets=mb["targets"])  # (b, T) fp32, 0 off-mask
+            for mrows in micro_batches(rows, cfg.micro_batch_size):
+                mb = {k: v[mrows].to(device) for k, v in batch.items()}
+                logp, _ = model(mb["input_ids"], targets=mb["targets"], temperature=cfg.temperature)  # (b, T)
                 loss, m = gspo_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], eps_low=cfg.eps_low,
                                     eps_high=cfg.eps_high, token_level=cfg.token_level,
                                     num_sequences=max(n_global, 1))
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"non-finite GSPO loss ({loss.item()}) in a mini-batch")
-                loss.backward()
+                loss.backward()  # a NaN here is caught below, on every rank at once (no rank left in a collective)
                 loss_sum += loss.detach().double()
-                metrics.append((len(mb["input_ids"]), m))
+                _accumulate(sums, m)
             loss_global = D.all_reduce_sum(loss_sum).item()  # the mini-batch's loss over all ranks
-            grad_norm = clip_grad_norm(model, cfg.grad_clip)
-            if not math.isfinite(grad_norm):
-                raise NonFiniteError(f"non-finite gradient norm ({grad_norm})")
+            grad_norm = clip_grad_norm(model, cfg.grad_clip)  # global norm: the same on every rank
+            if not (math.isfinite(loss_global) and math.isfinite(grad_norm)):
+                raise NonFiniteError(f"non-finite GSPO loss ({loss_global}) or gradient norm ({grad_norm})")
             optimizer.step()
-            stats.append({"loss": loss_global, "grad_norm": grad_norm, **_weighted_mean(metrics)})
-    return _weighted_mean([(1, s) for s in stats])
+            _accumulate(sums, {"loss": loss_global, "grad_norm": grad_norm}, weight=1.0 / D.world().world_size)
+    return sums
 
 
-def _weighted_mean(items: list[tuple[float, dict]]) -> dict:
-    """Mean of numeric dict entries, weighted; `*_min` / `*_max` keys take min / max instead."""
-    out: dict = {}
-    total = sum(w for w, _ in items) or 1
-    for key in {k for _, d in items for k in d}:
-        vals = [(w, d[key]) for w, d in items if key in d and isinstance(d[key], (int, float))]
-        if not vals:
-            continue
-        if key.endswith("_min"):
-            out[key] = min(v for _, v in vals)
-        elif key.endswith("_max"):
-            out[key] = max(v for _, v in vals)
+# Loss metrics of gspo_loss: counts are summed, min/max reduced, the rest averaged over non-empty sequences.
+_COUNT_KEYS = ("num_sequences", "num_tokens", "empty_sequences")
+
+
+def _accumulate(sums: dict, metrics: dict, weight: float | None = None) -> None:
+    w = float(metrics.get("num_sequences", 0.0)) if weight is None else weight
+    for k, v in metrics.items():
+        if k.endswith(("_min", "_max")):
+            if metrics.get("num_sequences", 1.0) == 0:
+                continue  # an all-empty micro-batch has no ratio to report
+            cur = sums.get(k)
+            sums[k] = [v if cur is None else (min if k.endswith("_min") else max)(cur[0], v), 1.0]
+        elif k in _COUNT_KEYS:
+            sums.setdefault(k, [0.0, 1.0])[0] += v
         else:
-            out[key] = sum(w * v for w, v in vals) / total
+            acc = sums.setdefault(k, [0.0, 0.0])
+            acc[0] += w * v
+            acc[1] += w
+
+
+def reduce_train_metrics(sums: dict, device) -> dict:
+    """Global values of `gspo_update`'s sums, prefixed `gspo/` (weighted means, summed counts, min/max)."""
+    keys = sorted(sums)
+    packed = torch.tensor([[sums[k][0], sums[k][1]] for k in keys], dtype=torch.float64, device=device)  # (K, 2)
+    summed = D.all_reduce_sum(packed.clone())
+    out = {}
+    for i, k in enumerate(keys):
+        if k.endswith(("_min", "_max")):
+            t = packed[i, :1].clone()
+            if D.world().world_size > 1:
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN if k.endswith("_min")
+                                             else torch.distributed.ReduceOp.MAX)
+            out[f"gspo/{k}"] = t.item()
+        elif k in _COUNT_KEYS:
+            out[f"gspo/{k}"] = summed[i, 0].item()
+        else:
+            out[f"gspo/{k}"] = (summed[i, 0] / summed[i, 1]).item() if summed[i, 1] > 0 else 0.0
     return out
 
 
@@ -277,36 +327,41 @@ def sync_to_engine(model, engine) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- 7. the loop
-def reward_metrics(parts, rewards: torch.Tensor, completions) -> dict:
-    """Per-step means of every reward component, pass rates and response lengths (local sums; see `train`)."""
-    n = len(parts)
-    m = {"reward_mean": rewards.mean().item(), "response_len_mean": sum(len(c.token_ids) for c in completions) / n,
-         "truncated_share": sum(c.finish_reason == "length" for c in completions) / n}
-    for key in ("r_v", "r_f", "r_rep", "r_tag", "r_prmu"):
-        vals = [getattr(p, key) for p in parts if getattr(p, key, None) is not None]
-        if vals:
-            m[f"{key}_mean"] = sum(vals) / len(vals)
-    m["format_pass_rate"] = sum(p.r_f == 1.0 for p in parts) / n
-    m["tag_pass_rate"] = sum(p.r_tag == 0.0 for p in parts) / n
+def gather_rows(values: torch.Tensor, device) -> torch.Tensor:
+    """All ranks' (n, C) rows, rank-major (every rank holds the same n): global statistics, not means of means."""
+    values = values.to(device)
+    if D.world().world_size == 1:
+        return values.cpu()
+    out = [torch.empty_like(values) for _ in range(D.world().world_size)]
+    torch.distributed.all_gather(out, values)
+    return torch.cat(out).cpu()
+
+
+def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, device) -> dict:
+    """Global per-step means of every reward component, pass rates, lengths and the group-advantage statistics,
+    computed on all ranks' responses gathered (groups never straddle ranks, so gathering keeps them whole)."""
+    cols = [rewards.tolist(), [p.r_v for p in parts], [p.r_f for p in parts], [p.r_rep for p in parts],
+            [p.r_tag for p in parts], [p.r_prmu if p.r_prmu is not None else math.nan for p in parts],
+            [float(len(c.token_ids)) for c in completions], [float(c.finish_reason == "length") for c in completions]]
+    g = gather_rows(torch.tensor(cols, dtype=torch.float64).T, device)  # (N_global, 8)
+    m = {"reward_mean": g[:, 0].mean().item(), "r_v_mean": g[:, 1].mean().item(),
+         "format_pass_rate": (g[:, 2] == 1.0).double().mean().item(), "r_rep_mean": g[:, 3].mean().item(),
+         "tag_pass_rate": (g[:, 4] == 0.0).double().mean().item(),
+         "response_len_mean": g[:, 6].mean().item(), "truncated_share": g[:, 7].mean().item()}
+    if not torch.isnan(g[:, 5]).all():
+        m["r_prmu_mean"] = g[:, 5].mean().item()
+    m.update({f"group/{k}": v for k, v in group_advantage_metrics(g[:, 0], cfg.group_size).items()})
     return m
 
 
-def _global_mean(metrics: dict, weight: int, device) -> dict:
-    """Average metric dicts over ranks, weighted by each rank's count (min/max keys reduced accordingly)."""
-    keys = sorted(metrics)
-    if D.world().world_size == 1:
-        return metrics
-    vals = torch.tensor([metrics[k] * weight if not k.endswith(("_min", "_max")) else 0.0 for k in keys] + [weight],
-                        dtype=torch.float64, device=device)
-    D.all_reduce_sum(vals)
-    out = {k: (vals[i] / vals[-1]).item() for i, k in enumerate(keys)}
-    for i, k in enumerate(keys):
-        if k.endswith(("_min", "_max")):
-            t = torch.tensor([metrics[k]], dtype=torch.float64, device=device)
-            op = torch.distributed.ReduceOp.MIN if k.endswith("_min") else torch.distributed.ReduceOp.MAX
-            torch.distributed.all_reduce(t, op=op)
-            out[k] = t.item()
-    return out
+def check_finite(rewards: torch.Tensor, prompts: list[Prompt], G: int, step: int, stage: str, device) -> None:
+    """Stop every rank together (a rank raising alone would leave the others waiting in a collective)."""
+    bad = [i for i, r in enumerate(rewards.tolist()) if not math.isfinite(r)]
+    n_bad = D.all_reduce_sum(torch.tensor(float(len(bad)), dtype=torch.float64, device=device)).item()
+    if n_bad:
+        where = f"responses {bad[:5]} (prompt ids {[prompts[i // G].id for i in bad[:5]]}) on this rank" if bad \
+            else "another rank"
+        raise NonFiniteError(f"[{stage}] step {step}: {int(n_bad)} non-finite reward(s), {where}; stopping")
 
 
 def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
@@ -320,19 +375,40 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
     return BuiltinEngine(model, tokenizer)
 
 
+# Settings a resumed run may change (plumbing); any other difference from the checkpoint's config is an error.
+_RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", "engine", "micro_batch_size",
+                   "activation_checkpointing", "policy", "prmu", "data_root"}
+
+
+def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
+    now = asdict(cfg)
+    changed = sorted(k for k in saved if k in now and k not in _RESUMABLE_KEYS and saved[k] != now[k])
+    if changed:
+        raise ValueError(f"{path}: resuming with settings that differ from the checkpoint's: "
+                         + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+                         + " (use a new out_dir, or resume=false to start over)")
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """The engine's base seed of RL step `step`: a function of the run seed and the step only, so a resumed step
+    samples exactly what it sampled before."""
+    return (seed * 1_000_003 + step) & (2**62 - 1)
+
+
 def train(cfg: RLConfig) -> Path:
     """Run (or resume) one RL stage; returns the HF export folder `<out_dir>/export`."""
     info = D.init_distributed()
     out = Path(cfg.out_dir)
-    export_dir, ckpt_dir, log_path = out / "export", out / "checkpoints", out / "metrics.jsonl"
+    export_dir, ckpt_dir = out / "export", out / "checkpoints"
     torch.manual_seed(cfg.seed)
     tokenizer = Tokenizer.from_dir(cfg.policy)
 
     # 1. data: the same prompt list on every rank; each step takes a global batch and splits it by rank
     prompts = load_prompts(cfg, tokenizer)
-    if cfg.prompts_per_step % info.world_size:
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size "
-                         f"({info.world_size})")
+    per_rank, rem = divmod(cfg.prompts_per_step, info.world_size)
+    if rem or per_rank % cfg.num_minibatches:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must split into {info.world_size} rank(s) x a "
+                         f"multiple of num_minibatches={cfg.num_minibatches} prompts")
     if len(prompts) < cfg.prompts_per_step:
         raise ValueError(f"the task mix has {len(prompts)} prompts, fewer than prompts_per_step="
                          f"{cfg.prompts_per_step}")
@@ -349,79 +425,87 @@ def train(cfg: RLConfig) -> Path:
     prmu = None
     if cfg.stage == "guided" and cfg.use_prmu and cfg.gamma != 0.0:
         from minitagpr.model.reward import PRMUScorer
-        prmu = PRMUScorer.from_pretrained(cfg.prmu, tokenizer, device=info.device,
-                                          use_user_table=cfg.prmu_user_table)
+        prmu = PRMUScorer.from_pretrained(cfg.prmu, device=info.device, use_user_table=cfg.prmu_user_table)
+        if cfg.prmu_user_table and not prmu.model.use_user_table:
+            raise ValueError(f"prmu_user_table=true but {cfg.prmu} holds no user table")
+
+    # 3. resume: weights, optimizer, step; the engine then starts from the checkpoint's weights
     start = 0
+    if not cfg.resume and info.is_main and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # starting over: old checkpoints must not be resumed from after a later crash
+    D.barrier()
     latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
     if latest is not None:
-        start = D.load_checkpoint(latest, model, optimizer)["step"]
+        state = D.load_checkpoint(latest, model, optimizer)
+        _check_resumed_config(state.get("config", {}), cfg, latest)
+        start = state["step"]
+        sync_to_engine(model, engine)
         D.log(f"[{cfg.stage}] resumed from {latest} at step {start}")
-    if start > 0:
-        sync_to_engine(model, engine)  # the engine starts from the checkpoint's weights, not the initial policy
+    log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start + 1 if start else None)
+    progress = Progress(total_steps, start, enabled=info.is_main, stream=sys.stdout, every_s=0.0,
+                        prefix=f"[{cfg.stage}] ")
     if cfg.num_minibatches == 1 and cfg.ppo_epochs == 1:
         D.log(f"[{cfg.stage}] note: one mini-batch and one epoch per rollout batch -> the GSPO ratio is exactly 1 "
               "and clipping never acts (the update is the plain policy gradient); raise num_minibatches or "
               "ppo_epochs for the clip range to matter")
-    if info.is_main:  # the log holds exactly the steps the checkpoint has seen (a crash may have logged more)
-        out.mkdir(parents=True, exist_ok=True)
-        kept = [l for l in (log_path.read_text().splitlines() if log_path.exists() else [])
-                if l.strip() and json.loads(l)["step"] <= start]
-        log_path.write_text("".join(l + "\n" for l in kept))
+    peak, peak_note = peak_flops(info.device)
     D.log(f"[{cfg.stage}] {len(prompts)} prompts, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-          f"G={cfg.group_size}, {cfg.prompts_per_step} prompts/step on {info.world_size} rank(s)")
+          f"G={cfg.group_size}, {cfg.prompts_per_step} prompts/step on {info.world_size} rank(s); MFU peak: "
+          f"{peak_note}")
 
-    per_rank = cfg.prompts_per_step // info.world_size
-    t_run = time.perf_counter()
+    # 4. the loop
     for step in range(start, total_steps):
         D.fault_point("step", step)  # crash-recovery tests kill the run here
         t0 = time.perf_counter()
         idx = prompts_for_step(step, len(prompts), cfg.prompts_per_step, cfg.seed)
-        mine = [prompts[i] for i in idx[info.rank * per_rank:(info.rank + 1) * per_rank]]
+        offset = info.rank * per_rank
+        mine = [prompts[i] for i in idx[offset:offset + per_rank]]
 
-        # rollout: seeds depend on (run seed, step, rank) only, so a resumed step samples what it sampled before
-        completions = rollout(engine, mine, cfg, tokenizer, seed=(cfg.seed * 1_000_003 + step) * 4099 + info.rank)
+        completions = rollout(engine, mine, cfg, tokenizer, seed=rollout_seed(cfg.seed, step), prompt_offset=offset)
         t_rollout = time.perf_counter() - t0
 
-        parts, rewards = compute_rewards(mine, completions, cfg, prmu)
-        if not torch.isfinite(rewards).all():
-            bad = [i for i, r in enumerate(rewards.tolist()) if not math.isfinite(r)]
-            raise NonFiniteError(f"[{cfg.stage}] step {step}: non-finite reward for responses {bad[:5]} (prompt ids "
-                                 f"{[mine[i // cfg.group_size].id for i in bad[:5]]}); stopping")
-        advantages = group_advantages(rewards, cfg.group_size)  # (B*G,) A_i = (r_i - mean_g) / (std_g + eps)
-        adv_metrics = group_advantage_metrics(rewards, cfg.group_size)
+        parts, rewards = compute_rewards(mine, completions, cfg, prmu)  # (B*G,) r_i
+        check_finite(rewards, mine, cfg.group_size, step, cfg.stage, info.device)
+        advantages = group_advantages(rewards, cfg.group_size)  # (B*G,)
 
         input_ids, targets, mask = make_sequences(mine, completions, cfg.group_size, tokenizer.pad_id)
         t1 = time.perf_counter()
         model.train()
-        old_logp = sequence_logprobs(model, input_ids.to(info.device), targets.to(info.device),
-                                     cfg.micro_batch_size).cpu()
+        rows = [r for mb in minibatch_index(len(mine), cfg.group_size, cfg.num_minibatches)
+                for r in micro_batches(mb, cfg.micro_batch_size)]
+        old_logp = sequence_logprobs(model, input_ids.to(info.device), targets.to(info.device), rows,
+                                     cfg.temperature)  # (N, T) log pi_old
         batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old_logp,
                  "advantages": advantages.float()}
         set_lr(optimizer, lr_at(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
         try:
-            train_metrics = gspo_update(model, optimizer, batch, cfg, info.device)
+            sums = gspo_update(model, optimizer, batch, cfg, info.device)
         except NonFiniteError as e:
             raise NonFiniteError(f"[{cfg.stage}] step {step}: {e}; stopping (last checkpoint kept)") from None
         t_train = time.perf_counter() - t1
-        t_sync = sync_to_engine(model, engine)
+        t_sync = sync_to_engine(model, engine) if step + 1 < total_steps else 0.0
 
-        local = {**reward_metrics(parts, rewards, completions), **adv_metrics, **train_metrics}
-        row = _global_mean(local, len(completions), info.device)
-        tokens = D.all_reduce_sum(torch.tensor(float(mask.sum() + (input_ids != tokenizer.pad_id).sum()),
-                                               dtype=torch.float64, device=info.device)).item()
+        row = {"step": step + 1, **reward_metrics(parts, rewards, completions, cfg, info.device),
+               **reduce_train_metrics(sums, info.device)}
+        # tokens the update processed: every non-pad token of every sequence (prompt + response)
+        tokens = D.all_reduce_sum(torch.tensor(float((input_ids != tokenizer.pad_id).sum()), dtype=torch.float64,
+                                               device=info.device)).item()
+        # FLOPs of the old-log-prob forward (1/3 of a training pass) and ppo_epochs training passes
+        flops = tokens * model.flops_per_token(input_ids.shape[1]) * (1 / 3 + cfg.ppo_epochs)
         elapsed = time.perf_counter() - t0
-        row.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], rollout_s=t_rollout, train_s=t_train,
-                   sync_s=t_sync, step_s=elapsed, tokens_per_s=tokens / elapsed)
-        if info.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            eta = (time.perf_counter() - t_run) / (step + 1 - start) * (total_steps - step - 1)
-            print(f"[{cfg.stage}] step {step + 1}/{total_steps} reward {row['reward_mean']:.3f} "
-                  f"fmt {row['format_pass_rate']:.2f} tag {row['tag_pass_rate']:.2f} len "
-                  f"{row['response_len_mean']:.0f} {elapsed:.1f}s eta {eta:.0f}s", flush=True)
+        row.update(lr=optimizer.param_groups[0]["lr"], rollout_s=t_rollout, train_s=t_train, sync_s=t_sync,
+                   step_s=elapsed, train_tokens_per_s=tokens / t_train,
+                   mfu=flops / t_train / (info.world_size * peak))
+        log.write(row)
+        progress.update(step, reward=row["reward_mean"], fmt=row["format_pass_rate"], tag=row["tag_pass_rate"],
+                        len=row["response_len_mean"], clip=row.get("gspo/clip_frac_low", 0.0)
+                        + row.get("gspo/clip_frac_high", 0.0))
         if cfg.save_every > 0 and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, {"stage": cfg.stage}, keep_last=cfg.keep_last)
+            D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, {"stage": cfg.stage, "config": asdict(cfg)},
+                              keep_last=cfg.keep_last)
+    log.close()
 
+    # 5. export (config, safetensors, tokenizer files) that load_pretrained, transformers and vLLM load
     D.export_hf(model, export_dir, tokenizer_dir=cfg.policy)
     D.log(f"[{cfg.stage}] exported {export_dir}")
     return export_dir

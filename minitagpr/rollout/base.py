@@ -78,6 +78,23 @@ def resolve_seed(seed: int | None) -> int:
     return secrets.randbits(62) if seed is None else int(seed)
 
 
+def prompt_seed_keys(seed, num_prompts: int) -> list[tuple[int, int]]:
+    """(base, index) per prompt; sample j of prompt i is seeded from `sample_seed(base, index, j)`.
+
+    An int (or None) seed gives (seed, i): prompt i of this call. A sequence gives (seed[i], 0): the caller names
+    each prompt's seed, e.g. from its global position, so samples do not depend on how prompts are split into calls
+    (the RL loop's ranks)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != num_prompts:
+            raise RolloutError(f"seed: {len(seed)} per-prompt seeds for {num_prompts} prompts")
+        for i, s in enumerate(seed):
+            if isinstance(s, bool) or not isinstance(s, int):
+                raise RolloutError(f"seed[{i}] = {s!r} is not an int")
+        return [(int(s), 0) for s in seed]
+    base = resolve_seed(seed)
+    return [(base, i) for i in range(num_prompts)]
+
+
 def check_request(
     prompt_token_ids: Sequence[Sequence[int]],
     n: int,

@@ -28,7 +28,7 @@ from typing import Iterable
 
 import torch
 
-from .base import Completion, RolloutEngine, RolloutError, check_request, hf_name, resolve_seed, sample_seed
+from .base import Completion, RolloutEngine, RolloutError, check_request, hf_name, prompt_seed_keys, sample_seed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -154,21 +154,21 @@ class BuiltinEngine(RolloutEngine):
             if max_position is not None and len(ids) + max_new_tokens > max_position:
                 raise RolloutError(f"prompt_token_ids[{i}] has {len(ids)} tokens; with max_new_tokens="
                                    f"{max_new_tokens} it exceeds the model's max_position_embeddings={max_position}")
-        base_seed = resolve_seed(seed)
+        keys = prompt_seed_keys(seed, len(prompt_token_ids))  # (base, index) per prompt
         # Longest first, so each chunk pads little; per-row seeds make the order irrelevant to the samples.
         order = sorted(range(len(prompt_token_ids)), key=lambda i: -len(prompt_token_ids[i]))
         per_chunk = max(1, self.max_batch_rows // n)
         groups: list[list[Completion] | None] = [None] * len(prompt_token_ids)
         for start in range(0, len(order), per_chunk):
             chunk = order[start:start + per_chunk]
-            outs = self._generate_chunk([list(prompt_token_ids[i]) for i in chunk], chunk, n, float(temperature),
-                                        float(top_p), max_new_tokens, stops, base_seed)
+            outs = self._generate_chunk([list(prompt_token_ids[i]) for i in chunk], n, float(temperature),
+                                        float(top_p), max_new_tokens, stops, [keys[i] for i in chunk])
             for i, group in zip(chunk, outs):
                 groups[i] = group
         return groups  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_chunk(self, prompts, prompt_indices, n, temperature, top_p, max_new_tokens, stops, base_seed):
+    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, stops, seed_keys):
         model = self.model
         device = next(model.parameters()).device
         B, R = len(prompts), len(prompts) * n
@@ -199,7 +199,7 @@ class BuiltinEngine(RolloutEngine):
         uniforms = torch.empty(R, max_new_tokens, dtype=torch.float64)  # (R, max_new_tokens)
         if temperature > 0.0:
             for r in range(R):
-                gen = torch.Generator().manual_seed(sample_seed(base_seed, prompt_indices[r // n], r % n))
+                gen = torch.Generator().manual_seed(sample_seed(*seed_keys[r // n], r % n))
                 uniforms[r] = torch.rand(max_new_tokens, generator=gen, dtype=torch.float64)
         uniforms = uniforms.to(device)
 

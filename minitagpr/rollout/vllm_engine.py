@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .base import Completion, RolloutEngine, RolloutError, check_request, hf_name, resolve_seed, sample_seed
+from .base import Completion, RolloutEngine, RolloutError, check_request, hf_name, prompt_seed_keys, sample_seed
 
 
 def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -176,7 +176,7 @@ class VLLMEngine(RolloutEngine):
             raise RolloutError("generate after level-2 sleep needs sync_weights first: the weights were discarded "
                                "and reloading them from disk would undo training")
         self.wake_up()
-        base_seed = resolve_seed(seed)
+        keys = prompt_seed_keys(seed, len(prompt_token_ids))  # (base, index) per prompt
         extra = {}
         if self.allowed_token_ids is not None:
             extra["allowed_token_ids"] = self.allowed_token_ids
@@ -184,7 +184,7 @@ class VLLMEngine(RolloutEngine):
             extra["detokenize"] = False  # we decode with our tokenizer below
         params = [
             self.SamplingParams(n=n, temperature=float(temperature), top_p=float(top_p), max_tokens=max_new_tokens,
-                                stop_token_ids=stops, seed=sample_seed(base_seed, i, 0) % (2**31), logprobs=0,
+                                stop_token_ids=stops, seed=sample_seed(*keys[i], 0) % (2**31), logprobs=0,
                                 skip_special_tokens=False, **extra)
             for i in range(len(prompt_token_ids))
         ]

@@ -315,7 +315,8 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                                            batch_prompts=batch_prompts, prompt_style=prompt_style)
                 metrics = score(td, {r["id"]: r["text"] for r in records}, normalize=normalize)
                 table.add(row, td.task, metrics, {"checkpoint": str(checkpoint), "retriever": retriever, "k": k,
-                                                  "temperature": temperature, "normalize": normalize},
+                                                  "prompt_style": prompt_style, "temperature": temperature,
+                                                  "normalize": normalize},
                           len(td.examples))
                 _write_outputs(out, row, td, records)
                 log(f"eval {row} {td.task}: " + ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()))

@@ -60,6 +60,7 @@ class PrmuConfig:
     user_dropout: float = 0.1  # share of training pairs read with row 0, so the unknown-user row is trained too
     # optimisation
     epochs: float = 1.0
+    max_steps: int = 0  # > 0: exactly this many optimizer steps (into further epochs if needed), instead of epochs
     global_batch: int = 64  # pairs per optimizer step, over all ranks
     micro_batch: int = 2  # pairs per forward (2x sequences) on one rank
     lr: float = 2e-6
@@ -133,7 +134,7 @@ def run(cfg: PrmuConfig) -> Path:
         D.log(f"prmu: {len(train)} training pairs {counts}, {len(held)} held out, {len(users)} users, "
               f"user table {'on' if cfg.use_user_table else 'off'}")
     spe = steps_per_epoch(len(train), cfg.global_batch)
-    total_steps = max(1, math.ceil(cfg.epochs * spe))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * spe))
 
     # ------------------------------------------------------------------------------------------- 3. model
     config = Qwen3Config.from_json(resolve_checkpoint(init) / "config.json")

@@ -58,6 +58,14 @@ def test_user_dependent_pairs_flip_between_the_users_who_share_a_query(world, se
     assert checked > 0
 
 
+def test_user_dependent_responses_differ_only_in_the_answer(sets):
+    import re
+    tags = lambda chain: re.findall(r"<([a-z_]+)>", chain)  # noqa: E731
+    for p in (p for p in sets["PQP"] if p.user_dependent):
+        assert tags(p.chosen.chain) == tags(p.rejected.chain)  # one wording, two answers
+        assert p.chosen.answer != p.rejected.answer
+
+
 def test_synthesis_is_deterministic_and_capped(world, sets):
     assert synthesize_demo_pairs(world.root) == sets
     capped = synthesize_demo_pairs(world.root, max_per_set=5)

@@ -15,8 +15,8 @@ Where pairs come from (the `source` field of every pair says which):
 - `"synthetic"`: `synthesize_demo_pairs` builds pairs from the demo world alone, without any policy, so the demo
   pipeline gets a useful PRMU before a policy exists. Chains come from `demo_world.make_chain`: PRP = chain over the
   retrieved profile + gold answer vs chain over no profile + a profile-blind answer; PQP = chain + gold answer vs
-  chain + another label (or, for generation tasks, another user's text); plus "user-dependent" PQP pairs on the
-  demo world's examples where two users share the query but disagree on the answer (`user_dependent=True`).
+  the same kind of chain + a worse answer (the blind answer or another label); plus "user-dependent" PQP pairs on
+  the demo world's questions that two users share but answer differently (`user_dependent=True`; see there).
 
 File format (one JSON object per line; what `write_pairs` writes and `read_pairs` validates):
     {"id", "set": "PRP"|"PQP", "source": "rollout"|"synthetic", "user": str|null, "task", "example_id",
@@ -344,10 +344,13 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
     - PRP: chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(no items, blind)` + blind, where blind
       is the world's profile-blind answer (what a response that never saw the profile would say).
     - PQP: chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(items, wrong)` + wrong, both over the
-      same items. `wrong` is another user's gold when the question belongs to one of the world's user-dependent
-      groups (same input, different gold per user; the pair is marked `user_dependent`), else the blind answer,
-      else (when the blind answer is right) another label. A pair is kept only if R_v(wrong) < R_v(gold) (ties
-      dropped, as for rollout pairs).
+      same items; `wrong` is the blind answer, or another label when the blind answer is right. A pair is kept only
+      if R_v(wrong) < R_v(gold) (ties dropped, as for rollout pairs).
+    - User-dependent PQP (`user_dependent=True`): a question of one of the world's user-dependent groups (one input,
+      a different gold per user) pits the user's gold against another group member's gold. Both responses are the
+      same chain that does not restate the profile (`make_chain` over no items, one wording) and differ only in
+      the answer, so which one wins depends on who asks: the evidence is the profile in the prompt (hard for a
+      small model to read) or the user's row of E. These pairs measure what the user table adds.
     `max_per_set` > 0 keeps a seeded random subset of each set."""
     from minitagpr.data import demo_world as dw  # the demo world is only needed here
     from minitagpr.data.answers import LABELS
@@ -391,9 +394,16 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
                 continue  # a generation task whose blind answer is as good as the gold: no quality gap to learn
             if not reward_fn(task, wrong, gold) < reward_fn(task, gold, gold):
                 continue  # a tie carries no preference
-            sets["PQP"].append(PreferencePair(
-                id=f"PQP/{ex.id}", set="PQP", chosen=chosen, user_dependent=user_dependent,
-                rejected=_synthetic_response(dw.make_chain(task, ex, items, wrong, rng), wrong), **common))
+            if user_dependent:
+                # both sides: one chain that does not restate the profile, worded alike (same rng seed), so the two
+                # responses differ only in the answer, and which answer wins depends on who is asking
+                wording = f"{seed}|prmu-user|{ex.id}"
+                good = _synthetic_response(dw.make_chain(task, ex, [], gold, random.Random(wording)), gold)
+                bad = _synthetic_response(dw.make_chain(task, ex, [], wrong, random.Random(wording)), wrong)
+            else:
+                good, bad = chosen, _synthetic_response(dw.make_chain(task, ex, items, wrong, rng), wrong)
+            sets["PQP"].append(PreferencePair(id=f"PQP/{ex.id}", set="PQP", chosen=good, rejected=bad,
+                                              user_dependent=user_dependent, **common))
     if max_per_set > 0:
         for name, pairs in sets.items():
             if len(pairs) > max_per_set:

@@ -252,3 +252,12 @@ def test_vocabulary_mask_only_when_the_checkpoint_has_a_padded_tail(policy, tmp_
                      expected_names=set())
     eng.generate([[1, 2], [3]])
     assert eng.llm.params[0].allowed_token_ids is eng.llm.params[1].allowed_token_ids  # one shared list
+
+
+def test_per_prompt_seeds_reach_vllm_independent_of_the_split(policy):
+    eng, llm = make_engine(policy, level=0)
+    eng.generate([[1], [2], [3]], seed=[7, 8, 9])
+    whole = [p.seed for p in llm.params]
+    eng.generate([[3]], seed=[9])
+    assert llm.params[0].seed == whole[2]
+    assert len(set(whole)) == 3

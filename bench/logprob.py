@@ -63,18 +63,20 @@ class PeakMemory:
         return _status_kib("VmHWM") * 1024 - self.base
 
 
-def _timed(fn, device: str, warmup: int, repeats: int) -> list[float]:
+def _timed(fn, device: str, warmup: int, repeats: int) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of each repeat. On a shared CPU the CPU time is the steadier measure of
+    the work done: wall time also counts the minutes other processes hold the cores."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - wall0, time.process_time() - cpu0))
     return times
 
 
@@ -93,8 +95,9 @@ def run_worker(args) -> list[dict]:
     targets = torch.randint(0, v, (n,), generator=gen, device=device)  # (N,)
     impls = args.impl.split(",")
     memory = PeakMemory(device)
-    records = {impl: dict(n=n, h=h, v=v, impl=impl, device=device, dtype=args.dtype, fwd_s=[], fwdbwd_s=[],
-                          fwd_peak=0, fwdbwd_peak=0) for impl in impls}
+    records = {impl: dict(n=n, h=h, v=v, impl=impl, device=device, dtype=args.dtype, threads=args.threads,
+                          fwd_s=[], fwdbwd_s=[], fwd_cpu=[], fwdbwd_cpu=[], fwd_peak=0, fwdbwd_peak=0)
+               for impl in impls}
 
     def forward(impl):
         with torch.no_grad():
@@ -112,17 +115,19 @@ def run_worker(args) -> list[dict]:
         for phase, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
             for impl in impls:
                 memory.start()
-                seconds = _timed(lambda: fn(impl), device, 0, 1)[0]
+                seconds, cpu = _timed(lambda: fn(impl), device, 0, 1)[0]
                 rec = records[impl]
                 rec[phase + "_peak"] = max(rec[phase + "_peak"], memory.peak())
                 if round_ >= args.warmup:
                     rec[phase + "_s"].append(seconds)
-                print(f"#   round {round_} {phase} {impl}: {seconds:.3f} s", file=sys.stderr, flush=True)
+                    rec[phase + "_cpu"].append(cpu)
+                print(f"#   round {round_} {phase} {impl}: {seconds:.3f} s wall, {cpu:.3f} s CPU", file=sys.stderr,
+                      flush=True)
 
     if device == "cuda" and "triton" in impls:
         a = hidden.to(torch.bfloat16)
         b = weight.to(torch.bfloat16).T
-        mm = _timed(lambda: a @ b, device, 2, max(3, args.repeats))
+        mm = [wall for wall, _ in _timed(lambda: a @ b, device, 2, max(3, args.repeats))]
         records["triton"]["matmul_tflops"] = 2 * n * h * v / statistics.median(mm) / 1e12
     return list(records.values())
 
@@ -143,21 +148,30 @@ def spawn(args, n: int, h: int, impls: list[str]) -> list[dict]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def print_table(rows: list[dict], args) -> None:
+def print_table(rows: list[dict]) -> None:
+    """Medians with their ratio to naive at the same (N, H); CPU-time columns only for CPU runs."""
     mib = 2**20
-    print(f"{'N':>5} {'H':>5} {'impl':>6} | {'fwd s':>8} {'x naive':>7} | {'fwd peak MiB':>12} {'x naive':>7} | "
-          f"{'fwd+bwd s':>9} {'x naive':>7} | {'f+b peak MiB':>12} {'x naive':>7} | {'f+b TFLOP/s':>11}")
+    cpu_run = rows[0]["device"] == "cpu"
+    head = f"| N | H | impl | fwd s | x naive |" + (" fwd CPU s | x naive |" if cpu_run else "")
+    head += " fwd+bwd s | x naive |" + (" f+b CPU s | x naive |" if cpu_run else "")
+    head += " fwd peak MiB | x naive | f+b peak MiB | x naive | f+b TFLOP/s |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
     for row in rows:
         base = next(r for r in rows if r["n"] == row["n"] and r["h"] == row["h"] and r["impl"] == "naive")
-        fwd, fwd0 = statistics.median(row["fwd_s"]), statistics.median(base["fwd_s"])
-        fb, fb0 = statistics.median(row["fwdbwd_s"]), statistics.median(base["fwdbwd_s"])
-        rate = 8 * row["n"] * row["h"] * row["v"] / fb / 1e12  # the 4 matmuls of a recompute backward
-        line = (f"{row['n']:>5} {row['h']:>5} {row['impl']:>6} | {fwd:>8.3f} {fwd / fwd0:>7.2f} | "
-                f"{row['fwd_peak'] / mib:>12.0f} {row['fwd_peak'] / base['fwd_peak']:>7.3f} | "
-                f"{fb:>9.3f} {fb / fb0:>7.2f} | {row['fwdbwd_peak'] / mib:>12.0f} "
-                f"{row['fwdbwd_peak'] / base['fwdbwd_peak']:>7.3f} | {rate:>11.3f}")
+        cells = [str(row["n"]), str(row["h"]), row["impl"]]
+        for phase in ("fwd", "fwdbwd"):
+            for unit in ("s", "cpu") if cpu_run else ("s",):
+                value, value0 = statistics.median(row[f"{phase}_{unit}"]), statistics.median(base[f"{phase}_{unit}"])
+                cells += [f"{value:.3f}", f"{value / value0:.2f}"]
+        for phase in ("fwd", "fwdbwd"):
+            cells += [f"{row[phase + '_peak'] / mib:.0f}", f"{row[phase + '_peak'] / base[phase + '_peak']:.3f}"]
+        # 8 N H V: the four matmuls of a recompute backward (forward, recompute, dL/dh, dL/dW)
+        rate = 8 * row["n"] * row["h"] * row["v"] / statistics.median(row["fwdbwd_s"]) / 1e12
+        cells.append(f"{rate:.3f}")
+        line = "| " + " | ".join(cells) + " |"
         if "matmul_tflops" in row:
-            line += f"  ({100 * rate / row['matmul_tflops']:.0f}% of bf16 matmul {row['matmul_tflops']:.0f} TFLOP/s)"
+            line += f" {100 * rate / row['matmul_tflops']:.0f}% of the bf16 matmul rate ({row['matmul_tflops']:.0f} TFLOP/s)"
         print(line, flush=True)
 
 
@@ -192,10 +206,10 @@ def main(argv=None) -> None:
         for n in args.n:
             batch = spawn(args, n, h, impls)
             rows += batch
-            print_table(batch, args)
+            print_table(batch)
     if len(args.n) * len(args.h) > 1:
         print("\n# all sizes")
-        print_table(rows, args)
+        print_table(rows)
 
 
 if __name__ == "__main__":

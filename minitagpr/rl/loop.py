@@ -368,7 +368,8 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
     from minitagpr.model import load_pretrained
     if cfg.engine == "vllm":
         from minitagpr.rollout.vllm_engine import VLLMEngine
-        return VLLMEngine(cfg.policy, seed=cfg.seed)
+        # sleep level 2 between rollouts frees the weights too (the policy's are synced in before each generate)
+        return VLLMEngine(cfg.policy, tokenizer, sleep_level=2, seed=cfg.seed)
     from minitagpr.rollout.builtin import BuiltinEngine
     # the engine keeps its own full (unsharded) copy: FSDP2 shards never leave the policy; weights sync after steps
     model = load_pretrained(cfg.policy, dtype=torch.float32, device=info.device).eval()
@@ -462,6 +463,7 @@ def train(cfg: RLConfig) -> Path:
         mine = [prompts[i] for i in idx[offset:offset + per_rank]]
 
         completions = rollout(engine, mine, cfg, tokenizer, seed=rollout_seed(cfg.seed, step), prompt_offset=offset)
+        engine.sleep()  # vLLM frees its GPU memory for training; sync_to_engine wakes the weights (no-op: built-in)
         t_rollout = time.perf_counter() - t0
 
         parts, rewards = compute_rewards(mine, completions, cfg, prmu)  # (B*G,) r_i

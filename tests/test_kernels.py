@@ -209,7 +209,8 @@ def test_no_grad_path_matches_and_builds_no_graph():
     assert torch.equal(entropy_ng, entropy)
 
 
-def test_backward_saves_only_inputs_and_lse():
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_backward_saves_only_inputs_and_lse(impl):
     hidden, weight, targets = make_inputs(40, 16, 2000)
     saved = []
 
@@ -218,7 +219,7 @@ def test_backward_saves_only_inputs_and_lse():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logp, _ = token_logprobs(hidden, weight, targets, impl="torch", chunk_size=8)
+        logp, _ = token_logprobs(hidden, weight, targets, impl=impl, chunk_size=8)
     n, v = 40, 2000
     assert sum(saved) <= hidden.numel() + weight.numel() + targets.numel() + n  # no (N, V) tensor kept
     assert max(saved) < n * v

@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every implementation")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -108,22 +109,26 @@ def main():
         for shape in args.shapes.split(","):
             preset, batch, seq = SHAPES[shape]
             ckpt = make_tiny_checkpoint(f"{tmp}/{shape}", preset=preset, seed=0)
-            results = {}
-            for impl in IMPLS:
-                spec = dict(impl=impl, ckpt=str(ckpt), batch=batch, seq=seq, device=args.device, dtype=args.dtype,
-                            steps=args.steps, warmup=args.warmup)
-                out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                                     capture_output=True, text=True)
-                if out.returncode:
-                    raise SystemExit(f"{impl} on {shape} failed:\n{out.stderr[-3000:]}")
-                results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+            runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+            for _ in range(args.rounds):  # interleaved rounds: a busy machine slows every implementation alike
+                for impl in IMPLS:
+                    spec = dict(impl=impl, ckpt=str(ckpt), batch=batch, seq=seq, device=args.device,
+                                dtype=args.dtype, steps=args.steps, warmup=args.warmup)
+                    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                                         capture_output=True, text=True)
+                    if out.returncode:
+                        raise SystemExit(f"{impl} on {shape} failed:\n{out.stderr[-3000:]}")
+                    runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results = {impl: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                              "peak_bytes": statistics.median(r["peak_bytes"] for r in rs)}
+                       for impl, rs in runs.items()}
             ref = results["transformers"]
             for impl in IMPLS:
                 r = results[impl]
                 rows.append((shape, f"{batch}x{seq}", impl, r["tokens_per_s"], r["tokens_per_s"] / ref["tokens_per_s"],
                              r["peak_bytes"] / 2**20, r["peak_bytes"] / max(ref["peak_bytes"], 1)))
     print(f"device={args.device} dtype={args.dtype} threads={args.threads} steps={args.steps} (median) "
-          f"warmup={args.warmup}")
+          f"warmup={args.warmup} rounds={args.rounds} (interleaved, median of rounds)")
     print("| shape | batch | impl | tokens/s | vs transformers | peak MiB | peak vs transformers |")
     print("|---|---|---|---|---|---|---|")
     for shape, bt, impl, tps, ratio, mib, mratio in rows:

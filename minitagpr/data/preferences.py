@@ -343,14 +343,15 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
     For every question of `split` (prompt = the k most recent profile items, as in the world's SFT records):
     - PRP: chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(no items, blind)` + blind, where blind
       is the world's profile-blind answer (what a response that never saw the profile would say).
-    - PQP: chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(items, wrong)` + wrong, both over the
-      same items; `wrong` is the blind answer, or another label when the blind answer is right. A pair is kept only
-      if R_v(wrong) < R_v(gold) (ties dropped, as for rollout pairs).
-    - User-dependent PQP (`user_dependent=True`): a question of one of the world's user-dependent groups (one input,
-      a different gold per user) pits the user's gold against another group member's gold. Both responses are the
-      same chain that does not restate the profile (`make_chain` over no items, one wording) and differ only in
-      the answer, so which one wins depends on who asks: the evidence is the profile in the prompt (hard for a
-      small model to read) or the user's row of E. These pairs measure what the user table adds.
+    - PQP, quality (`PQP/<id>`): chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(items, wrong)`
+      + wrong over the same items, wrong = the blind answer, or another label when the blind answer is right.
+    - PQP, whose answer (`PQP/<id>/user`): the user's gold vs the answer another user would give to the same query:
+      in the world's user-dependent groups (one input, a different gold per user) the other member's actual gold
+      (these pairs are marked `user_dependent`), elsewhere `aware_answer` over another user's history. Both
+      responses are one chain that does not restate the profile (`make_chain` over no items, the same wording) and
+      differ only in the answer, so the winner depends on who asks: the evidence is the profile in the prompt or
+      the user's row of E. The held-out `user_dependent` pairs measure what the user table adds.
+    Every PQP pair satisfies R_v(rejected) < R_v(chosen) (ties are dropped, as for rollout pairs).
     `max_per_set` > 0 keeps a seeded random subset of each set."""
     from minitagpr.data import demo_world as dw  # the demo world is only needed here
     from minitagpr.data.answers import LABELS
@@ -373,7 +374,11 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
     sets: dict[str, list[PreferencePair]] = {"PRP": [], "PQP": []}
     for task in world.tasks:
         golds = world.golds(task, split)
-        for ex in world.examples(task, split):
+        examples = world.examples(task, split)
+        history: dict[str, list] = {}  # user -> the recent items of the user's first question (their visible taste)
+        for ex in examples:
+            history.setdefault(ex.user, retriever.select(ex, k))
+        for ex in examples:
             gold, rng = golds[ex.id], random.Random(f"{seed}|prmu|{ex.id}")
             items = retriever.select(ex, k)
             prompt = build_messages(ex, items)
@@ -383,27 +388,33 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
             sets["PRP"].append(PreferencePair(
                 id=f"PRP/{ex.id}", set="PRP", chosen=chosen,
                 rejected=_synthetic_response(dw.make_chain(task, ex, [], blind, rng), blind), **common))
+            better = lambda a: reward_fn(task, a, gold) < reward_fn(task, gold, gold)  # noqa: E731  (strictly)
+            # (a) quality: the same profile-reading chain program arguing for a worse answer
+            wrong = blind if better(blind) else (
+                rng.choice([x for x in LABELS[task] if x != gold]) if task in LABELS else None)
+            if wrong is not None and better(wrong):  # a generation task whose blind answer ties the gold has none
+                sets["PQP"].append(PreferencePair(
+                    id=f"PQP/{ex.id}", set="PQP", chosen=chosen,
+                    rejected=_synthetic_response(dw.make_chain(task, ex, items, wrong, rng), wrong), **common))
+            # (b) whose answer: the user's gold vs the answer another user would give to this very query -- that
+            # user's actual gold in the world's user-dependent groups, else the profile-aware heuristic over
+            # another user's history. One chain that does not restate the profile, worded alike for both, so the
+            # responses differ only in the answer and which wins depends on who is asking.
             user_dependent = ex.id in other_golds
             if user_dependent:
-                wrong = rng.choice(other_golds[ex.id])
-            elif reward_fn(task, blind, gold) < reward_fn(task, gold, gold):
-                wrong = blind
-            elif task in LABELS:
-                wrong = rng.choice([label for label in LABELS[task] if label != gold])
+                candidates = other_golds[ex.id]
             else:
-                continue  # a generation task whose blind answer is as good as the gold: no quality gap to learn
-            if not reward_fn(task, wrong, gold) < reward_fn(task, gold, gold):
-                continue  # a tie carries no preference
-            if user_dependent:
-                # both sides: one chain that does not restate the profile, worded alike (same rng seed), so the two
-                # responses differ only in the answer, and which answer wins depends on who is asking
-                wording = f"{seed}|prmu-user|{ex.id}"
-                good = _synthetic_response(dw.make_chain(task, ex, [], gold, random.Random(wording)), gold)
-                bad = _synthetic_response(dw.make_chain(task, ex, [], wrong, random.Random(wording)), wrong)
-            else:
-                good, bad = chosen, _synthetic_response(dw.make_chain(task, ex, items, wrong, rng), wrong)
-            sets["PQP"].append(PreferencePair(id=f"PQP/{ex.id}", set="PQP", chosen=good, rejected=bad,
-                                              user_dependent=user_dependent, **common))
+                others = [u for u in history if u != ex.user]
+                candidates = [dw.aware_answer(ex, history[u]) for u in rng.sample(others, len(others))]
+            theirs = next((a for a in candidates if better(a)), None)
+            if theirs is None:
+                continue
+            wording = f"{seed}|prmu-user|{ex.id}"
+            sets["PQP"].append(PreferencePair(
+                id=f"PQP/{ex.id}/user", set="PQP", user_dependent=user_dependent,
+                chosen=_synthetic_response(dw.make_chain(task, ex, [], gold, random.Random(wording)), gold),
+                rejected=_synthetic_response(dw.make_chain(task, ex, [], theirs, random.Random(wording)), theirs),
+                **common))
     if max_per_set > 0:
         for name, pairs in sets.items():
             if len(pairs) > max_per_set:

@@ -2,7 +2,8 @@
 
 Same weights (the "demo" preset with the demo world's tokenizer), same (user, prompt, response) triples taken from
 the demo world's synthetic preference pairs, no grad. Paths:
-  transformers       Qwen3ForSequenceClassification, right-padded batches of `--batch` in input order (no table)
+  transformers       Qwen3ForSequenceClassification, right-padded batches of `--batch` in input order (no table;
+                     its inputs are tokenized before the clock starts, ours inside the timed call)
   ours-no-table      PRMUScorer, table off (the same computation as transformers)
   ours-table         PRMUScorer with the user table (one extra soft token per sequence)
   ours-one-by-one    PRMU with the table, one sequence per forward (what an unbatched reward loop costs)
@@ -88,7 +89,7 @@ def child(path: str, work: str, n: int, batch: int, repeats: int) -> dict:
         times.append(time.perf_counter() - t0)
     tokens = sum(len(encode_reward_input(tok, p, r)) for p, r in zip(prompts, responses))
     return {"path": path, "s": statistics.median(times), "n": len(scores), "tokens": tokens,
-            "peak_mb": (_status_kb("VmHWM") - base_kb) / 1024, "first": scores[0]}
+            "peak_mb": max(0, _status_kb("VmHWM") - base_kb) / 1024, "first": scores[0]}
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -221,7 +222,9 @@ def run(cfg: PrmuConfig) -> Path:
     D.save_checkpoint(ckpt_dir, total_steps, model, optimizer, state_extra, keep_last=cfg.keep_last)
     hf_dir = D.export_hf(model, out / "hf", tokenizer_dir=tokenizer.source, save_fn=save_reward_model)
     if info.is_main:
-        (out / "final_eval.json").write_text(json.dumps(final, indent=2))
+        tmp = out / "final_eval.json.tmp"
+        tmp.write_text(json.dumps(final, indent=2))
+        os.replace(tmp, out / "final_eval.json")  # atomic: a reader sees the whole file or none
     log.close()
     D.barrier()
     return hf_dir

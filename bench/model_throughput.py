@@ -22,7 +22,7 @@ SHAPES = {  # name -> (preset, batch, seq_len)
     "demo": ("demo", 8, 256),
     "qwen3-0.6b-2layer": ("qwen3-0.6b-2layer", 2, 512),
 }
-IMPLS = ["ours-fused", "ours-logits", "transformers"]
+IMPLS = ["ours-fused", "ours-recompute", "ours-logits", "transformers"]
 
 
 def _rss_kb(field: str) -> int:
@@ -49,9 +49,12 @@ def child(impl: str, ckpt: str, batch: int, seq: int, device: str, dtype: str, s
     ids = torch.randint(0, V, (batch, seq), device=device)
     targets = torch.roll(ids, -1, dims=1)
     targets[:, -1] = -100
+    weights = (targets != -100).float() / -(targets != -100).sum()  # mean NLL as sum_t w_t logp_t
 
     def step():
-        if impl == "ours-fused":  # per-token log-probs inside forward (fused, logits never materialised)
+        if impl == "ours-fused":  # SFT's path: loss linear in logp, head gradient formed in the forward, no logits
+            loss, _ = model(ids, targets=targets, token_weights=weights)
+        elif impl == "ours-recompute":  # RL's path: per-token log-probs (fused, logits recomputed in the backward)
             logp, _ = model(ids, targets=targets)
             loss = -logp.sum() / (targets != -100).sum()
         elif impl == "ours-logits":  # the plain twin: full logits then cross-entropy
@@ -97,6 +100,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every implementation")
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma list (transformers is the ratio's baseline)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -109,9 +113,10 @@ def main():
         for shape in args.shapes.split(","):
             preset, batch, seq = SHAPES[shape]
             ckpt = make_tiny_checkpoint(f"{tmp}/{shape}", preset=preset, seed=0)
-            runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+            impls = [i for i in IMPLS if i in args.impls.split(",") or i == "transformers"]
+            runs: dict[str, list[dict]] = {impl: [] for impl in impls}
             for _ in range(args.rounds):  # interleaved rounds: a busy machine slows every implementation alike
-                for impl in IMPLS:
+                for impl in impls:
                     spec = dict(impl=impl, ckpt=str(ckpt), batch=batch, seq=seq, device=args.device,
                                 dtype=args.dtype, steps=args.steps, warmup=args.warmup)
                     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
@@ -123,7 +128,7 @@ def main():
                               "peak_bytes": statistics.median(r["peak_bytes"] for r in rs)}
                        for impl, rs in runs.items()}
             ref = results["transformers"]
-            for impl in IMPLS:
+            for impl in impls:
                 r = results[impl]
                 rows.append((shape, f"{batch}x{seq}", impl, r["tokens_per_s"], r["tokens_per_s"] / ref["tokens_per_s"],
                              r["peak_bytes"] / 2**20, r["peak_bytes"] / max(ref["peak_bytes"], 1)))

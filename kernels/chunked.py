@@ -221,3 +221,77 @@ class ChunkedLogprob(torch.autograd.Function):
             need_hidden, need_weight,
         )
         return grad_hidden, grad_weight, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weighted sum with the gradient computed in the forward pass (no recompute)
+#
+# When the loss is linear in the log-probs, L = sum_t w_t logp_t with weights w_t known before the forward (SFT:
+# w_t = -1 / N_valid), the upstream gradient of every logp_t is w_t already during the forward. So each chunk's
+# dz = (w_t / tau)(1[j = y_t] - p_tj) can be formed right after its softmax, and dL/dh, dL/dw accumulated then:
+# 3 matmuls over the vocabulary per chunk (logits, dL/dh, dL/dw) instead of 4 (logits again in the backward). The
+# backward only scales the stored gradients by dL_outer/dL. Memory: the (V, H) weight gradient is held from the
+# forward on instead of being made in the backward; scratch stays one chunk.
+
+
+@torch.no_grad()
+def chunked_weighted_sum(hidden, weight, targets, token_weights, temperature: float, chunk_size: int,
+                         need_hidden: bool, need_weight: bool):
+    """sum_t w_t logp_t, logp (N,), dL/dh (N, H) | None and dL/dw (V, H) | None in one pass over token chunks."""
+    n = hidden.shape[0]
+    inv_tau = 1.0 / temperature
+    g_all = token_weights.float() * inv_tau  # (N,) upstream gradient of each logp_t, 1/tau of z = h.w/tau folded in
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,) fp32
+    scratch = Scratch(hidden.device)
+    vocab = weight.shape[0]
+
+    def dlogits(start, end, w):
+        z = _mm_fp32(hidden[start:end], w.T, out=scratch("z", end - start, vocab))  # (C, V) fp32
+        if temperature != 1.0:
+            z.mul_(inv_tau)
+        m = z.amax(dim=1, keepdim=True)  # (C, 1)
+        z.sub_(m)
+        z_target = z.gather(1, targets[start:end, None]).squeeze(1)  # (C,) z_y - m
+        e = z.exp_()  # (C, V) exp(z - m), in place
+        s = e.sum(dim=1)  # (C,) >= 1
+        logp[start:end] = z_target - torch.log(s)
+        g_c = g_all[start:end, None]  # (C, 1)
+        dz = e.mul_(-(g_c / s[:, None]))  # -g p
+        return dz.scatter_add_(1, targets[start:end, None], g_c)  # + g at the target column
+
+    if need_hidden or need_weight:
+        grad_hidden, grad_weight = backward_over_chunks(hidden, weight, chunk_size, need_hidden, need_weight,
+                                                        dlogits, scratch)
+    else:  # nothing needs a gradient: the loop still yields logp
+        w = _compute_weight(weight)
+        for start in range(0, n, chunk_size):
+            dlogits(start, min(start + chunk_size, n), w)
+        grad_hidden = grad_weight = None
+    total = (token_weights.float() * logp).sum()  # () fp32
+    return total, logp, grad_hidden, grad_weight
+
+
+class ChunkedWeightedLogprobSum(torch.autograd.Function):
+    """Autograd wrapper of `chunked_weighted_sum`: the forward stores dL/dh and dL/dw; the backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights, temperature, chunk_size):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total, logp, grad_hidden, grad_weight = chunked_weighted_sum(
+            hidden, weight, targets, token_weights, temperature, chunk_size, need_hidden, need_weight)
+        ctx.grads = (grad_hidden, grad_weight)  # intermediates owned by this node, freed after its backward
+        ctx.mark_non_differentiable(logp)
+        return total, logp
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_logp):
+        if ctx.grads is None:
+            raise RuntimeError("weighted_logprob_sum: a second backward through the same forward is not supported "
+                               "(its gradients were computed in the forward and handed out by the first backward)")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None  # handed to autograd below; scaled in place, so a second use would be wrong
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_total.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None

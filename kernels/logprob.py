@@ -6,6 +6,9 @@ compute the same numbers:
     "torch"  chunked over tokens, logits recomputed in backward (kernels/chunked.py): memory O(chunk V)
     "triton" tiled over tokens x vocab with an online log-sum-exp (kernels/triton_logprob.py), for GPUs
 "auto" picks Triton for CUDA tensors when Triton imports, else the chunked torch path.
+
+`weighted_logprob_sum` is the loss-shaped twin for losses linear in logp (SFT's NLL): sum_t w_t logp_t with the
+weights known up front, so the chunked path computes the gradients in the forward and never recomputes logits.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import importlib.util
 
 import torch
 
-from .chunked import ChunkedLogprob, chunked_forward, default_chunk_size
+from .chunked import ChunkedLogprob, ChunkedWeightedLogprobSum, chunked_forward, default_chunk_size
 
 IMPLS = ("auto", "torch", "triton", "naive")
 
@@ -114,3 +117,53 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     logp = zeros.index_copy(0, rows, logp_v)
     entropy = zeros.index_copy(0, rows, entropy_v) if entropy_v is not None else None
     return logp, entropy
+
+
+def weighted_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         token_weights: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+                         impl: str = "auto", chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L = sum_t token_weights_t * log p(target_t), and logp (N,) fp32 (detached), for a loss linear in logp.
+
+    Same inputs as `token_logprobs` plus token_weights (N,) float (e.g. -1/N_valid for mean NLL). Rows whose target
+    is `ignore_index` contribute nothing whatever their weight. "torch"/"auto" compute dL/dhidden and dL/dweight in
+    the forward pass (3 vocabulary matmuls per chunk instead of 4; the (V, H) weight gradient is held from the
+    forward to the backward); only one backward per forward. "naive" is the plain autograd reference; "triton" is
+    not offered here (use token_logprobs)."""
+    if impl == "triton":
+        raise ValueError("weighted_logprob_sum: impl must be 'auto', 'torch' or 'naive' (the Triton kernels serve "
+                         "token_logprobs)")
+    _check_inputs(hidden, weight, targets, temperature, impl, chunk_size)
+    if token_weights.shape != targets.shape or not token_weights.is_floating_point():
+        raise ValueError(f"weighted_logprob_sum: token_weights must be a float tensor of shape {tuple(targets.shape)}"
+                         f" (one per target), got {token_weights.dtype} {tuple(token_weights.shape)}")
+    if token_weights.device != targets.device:
+        raise ValueError(f"weighted_logprob_sum: token_weights is on {token_weights.device}, targets on "
+                         f"{targets.device}")
+    vocab = weight.shape[0]
+    valid = targets != ignore_index  # (N,) bool
+    out_of_range = valid & ((targets < 0) | (targets >= vocab))
+    if bool(out_of_range.any()):
+        row = int(out_of_range.nonzero()[0, 0])
+        raise ValueError(f"weighted_logprob_sum: targets[{row}] = {int(targets[row])} is outside [0, {vocab}) and "
+                         f"is not ignore_index ({ignore_index})")
+    n = hidden.shape[0]
+    rows = None
+    if not bool(valid.all()):  # only rows with a target take part (SFT masks every prompt token)
+        rows = valid.nonzero().squeeze(1)  # (N_valid,)
+        hidden, targets, token_weights = (hidden.index_select(0, rows), targets.index_select(0, rows),
+                                          token_weights.index_select(0, rows))
+    targets = targets.long()
+    if impl == "naive":
+        logp_v, _ = _naive(hidden, weight, targets, temperature, False)
+        total, logp_v = (token_weights.float() * logp_v).sum(), logp_v.detach()
+    else:
+        chunk = chunk_size or default_chunk_size(weight.shape[0], weight.shape[1])
+        if torch.is_grad_enabled():
+            total, logp_v = ChunkedWeightedLogprobSum.apply(hidden, weight, targets, token_weights,
+                                                            float(temperature), chunk)
+        else:
+            logp_v, _, _ = chunked_forward(hidden, weight, targets, float(temperature), False, chunk)
+            total = (token_weights.float() * logp_v).sum()
+    if rows is None:
+        return total, logp_v
+    return total, torch.zeros(n, dtype=torch.float32, device=logp_v.device).index_copy(0, rows, logp_v)

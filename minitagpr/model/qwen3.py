@@ -136,7 +136,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32 and scale in the input dtype, as the reference implementation does (bit-level parity)
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = x32 * torch.rsqrt((x32 * x32).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
@@ -188,6 +188,15 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
+    def row_view(self, row: int, start: int) -> "KVCache":
+        """An empty one-row cache whose slots are slots start.. of `row` here (shared storage): prefilling one prompt
+        through it writes that prompt's keys/values straight into its left-padded place in this cache."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, row:row + 1, :, start:], self.v[:, row:row + 1, :, start:]
+        view.valid = self.valid[row:row + 1, start:]
+        view.length, view.max_len = 0, self.max_len - start
+        return view
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select/repeat rows, e.g. `index = arange(B).repeat_interleave(n)` shares one prefill across n samples."""
         self.k, self.v, self.valid = self.k[:, index], self.v[:, index], self.valid[index]
@@ -232,6 +241,12 @@ class Attention(nn.Module):
             k = kv_cache.k[self.layer_idx, :, :, :start + T]  # (B, nkv, S', D)
             v = kv_cache.v[self.layer_idx, :, :, :start + T]
         gqa = self.nh != self.nkv
+        if kv_cache is not None and T == 1 and gqa and mask is not None:
+            # one-token decode: the g = nh/nkv query heads sharing a kv head become g query rows of that head (head
+            # h uses kv head h // g), so the cache is read once per kv head instead of being expanded g times
+            g = self.nh // self.nkv
+            out = F.scaled_dot_product_attention(q.reshape(B, self.nkv, g, self.d), k, v, attn_mask=mask)
+            return self.o_proj(out.reshape(B, self.nh * self.d))[:, None]  # (B, 1, H)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -285,7 +300,10 @@ class Qwen3Model(nn.Module):
             kv_cache.valid[:, kv_cache.length:kv_cache.length + T] = valid
             if position_ids is None:
                 raise ValueError("decoding with a KV cache needs explicit position_ids (B, T)")
-            mask = kv_cache.attention_mask(T)
+            # an empty cache filled with real tokens only is plain causal attention (SDPA's causal kernel)
+            mask = None if kv_cache.length == 0 and cache_mask is None else kv_cache.attention_mask(T)
+            if mask is not None:  # additive form, made once for all layers (SDPA would convert a bool mask per call)
+                mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
             varlen = None
         else:
             if position_ids is None:
@@ -326,14 +344,21 @@ class Qwen3ForCausalLM(nn.Module):
         return self.lm_head.weight  # (V, H); the embedding itself when tied
 
     def forward(self, input_ids=None, position_ids=None, *, inputs_embeds=None, kv_cache=None, cache_mask=None,
-                targets=None, temperature: float = 1.0, with_entropy: bool = False):
+                targets=None, temperature: float = 1.0, with_entropy: bool = False, token_weights=None):
+        """Hidden states (B, T, H); with `targets` (B, T): (logp (B, T), entropy (B, T) | None) fp32; with targets
+        and `token_weights` (B, T): (sum of token_weights * logp (), logp (B, T) detached) -- the loss-shaped path
+        for losses linear in logp (SFT), whose gradient is formed during the forward (kernels.weighted_logprob_sum)."""
         hidden = self.model(input_ids, position_ids, inputs_embeds=inputs_embeds, kv_cache=kv_cache,
                             cache_mask=cache_mask)  # (B, T, H)
         if targets is None:
             return hidden
         # log-probs inside forward: under FSDP2 the head weight is unsharded only during the root module's forward
-        from minitagpr.kernels import token_logprobs
+        from minitagpr.kernels import token_logprobs, weighted_logprob_sum
         B, T, H = hidden.shape
+        if token_weights is not None:
+            total, logp = weighted_logprob_sum(hidden.reshape(B * T, H), self.lm_head_weight, targets.reshape(B * T),
+                                               token_weights.reshape(B * T), temperature=temperature)
+            return total, logp.view(B, T)
         logp, entropy = token_logprobs(hidden.reshape(B * T, H), self.lm_head_weight, targets.reshape(B * T),
                                        temperature=temperature, with_entropy=with_entropy)
         # clone: FSDP2 hooks the root's outputs for backward, and a view output is fragile there (in-place ops on it

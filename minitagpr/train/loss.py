@@ -42,10 +42,12 @@ def nll_forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, t
         raise ValueError(f"step {step}: the global batch holds no target tokens")
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in micro_batches:
-        logp, _ = model(mb["input_ids"], mb["position_ids"], targets=mb["targets"])  # (b, T) fp32; -100 -> 0
-        nll = -logp.sum()  # masked targets contribute exactly 0
-        (nll / n_valid.to(nll.dtype)).backward()
-        nll_sum += nll.detach().double()
+        # L_mb = sum_t w_t logp_t with w_t = -1/N on valid targets: linear in logp, so the fused head forms its
+        # gradient in the forward (no logits recompute); masked targets contribute exactly 0
+        weights = (mb["targets"] != IGNORE_INDEX).float() / -n_valid.float()  # (b, T)
+        loss_mb, logp = model(mb["input_ids"], mb["position_ids"], targets=mb["targets"], token_weights=weights)
+        loss_mb.backward()
+        nll_sum += -logp.sum().double()  # logp (b, T) fp32, detached; -100 -> 0
     loss = (all_reduce_sum(nll_sum) / n_valid).item()
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step}; stopping before the optimizer step "

@@ -1,0 +1,124 @@
+"""weighted_logprob_sum (the SFT loss path: gradients formed in the forward) against a float64 reference, and
+the model / SFT step built on it against the plain token_logprobs path."""
+import pytest
+import torch
+
+from minitagpr.kernels import token_logprobs, weighted_logprob_sum
+from test_kernels import FP32_TOL, fresh_generator, make_inputs, reference, rel_err
+
+
+def check_weighted(hidden, weight, targets, seed, temperature=1.0, chunk_size=None, impl="torch"):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(targets.shape[0], generator=gen, dtype=torch.float64)  # any sign, any size
+    total, logp = weighted_logprob_sum(hidden, weight, targets, w.float(), temperature=temperature,
+                                       chunk_size=chunk_size, impl=impl)
+    h64, w64, logp64, _ = reference(hidden, weight, targets, temperature)
+    total64 = (w * logp64).sum()
+    assert logp.dtype == total.dtype == torch.float32 and logp.grad_fn is None
+    assert rel_err(logp, logp64) <= FP32_TOL, f"logp (seed {seed})"
+    assert abs(total.item() - total64.item()) <= FP32_TOL * max(1.0, abs(total64.item())), f"total (seed {seed})"
+    scale = 0.37  # an outer factor: the backward must scale the stored gradients by it
+    (scale * total).backward()
+    (scale * total64).backward()
+    assert rel_err(hidden.grad, h64.grad) <= FP32_TOL, f"d hidden {rel_err(hidden.grad, h64.grad):.2e} (seed {seed})"
+    assert rel_err(weight.grad, w64.grad) <= FP32_TOL, f"d weight {rel_err(weight.grad, w64.grad):.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_matches_float64_with_ignored_rows_and_a_tail_chunk(impl):
+    gen, seed = fresh_generator()
+    hidden, weight, targets = make_inputs(37, 24, 1000, ignore_rows=(0, 5, 36), gen=gen)
+    check_weighted(hidden, weight, targets, seed, chunk_size=16, impl=impl)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.7])
+def test_temperature(temperature):
+    gen, seed = fresh_generator()
+    hidden, weight, targets = make_inputs(21, 16, 999, gen=gen)
+    check_weighted(hidden, weight, targets, seed, temperature=temperature, chunk_size=8)
+
+
+def test_qwen3_vocab():
+    gen, seed = fresh_generator()
+    hidden, weight, targets = make_inputs(7, 8, 151936, gen=gen)
+    check_weighted(hidden, weight, targets, seed, chunk_size=3)
+
+
+def test_same_numbers_as_token_logprobs():
+    hidden, weight, targets = make_inputs(30, 16, 500, ignore_rows=(3, 4))
+    w = -torch.rand(30)
+    total, logp = weighted_logprob_sum(hidden, weight, targets, w, chunk_size=7)
+    logp_ref, _ = token_logprobs(hidden, weight, targets, chunk_size=7, impl="torch")
+    assert torch.equal(logp, logp_ref.detach())
+    total.backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logp_ref, _ = token_logprobs(hidden, weight, targets, chunk_size=7, impl="torch")
+    (w * logp_ref).sum().backward()
+    assert rel_err(g_h, hidden.grad.double()) <= 1e-6 and rel_err(g_w, weight.grad.double()) <= 1e-6
+
+
+def test_no_grad_and_frozen_head_and_all_ignored():
+    hidden, weight, targets = make_inputs(9, 8, 100)
+    w = torch.ones(9)
+    with torch.no_grad():
+        total_ng, logp_ng = weighted_logprob_sum(hidden, weight, targets, w)
+    total, logp = weighted_logprob_sum(hidden, weight, targets, w)
+    assert total_ng.grad_fn is None and total.grad_fn is not None and torch.equal(logp_ng, logp)
+    weight.requires_grad_(False)
+    weighted_logprob_sum(hidden, weight, targets, w)[0].backward()
+    assert weight.grad is None and hidden.grad is not None
+    hidden.grad = None
+    targets[:] = -100
+    total, logp = weighted_logprob_sum(hidden, weight, targets, w)
+    total.backward()
+    assert total.item() == 0.0 and torch.equal(logp, torch.zeros(9)) and torch.equal(hidden.grad, torch.zeros(9, 8))
+
+
+def test_second_backward_is_refused():
+    hidden, weight, targets = make_inputs(5, 8, 50)
+    total, _ = weighted_logprob_sum(hidden, weight, targets, torch.ones(5))
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        total.backward()
+
+
+def test_bad_weights_and_impl_are_named():
+    hidden, weight, targets = make_inputs(4, 8, 30)
+    with pytest.raises(ValueError, match=r"token_weights must be a float tensor of shape \(4,\)"):
+        weighted_logprob_sum(hidden, weight, targets, torch.ones(3))
+    with pytest.raises(ValueError, match="token_weights must be a float tensor"):
+        weighted_logprob_sum(hidden, weight, targets, torch.ones(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="impl must be 'auto', 'torch' or 'naive'"):
+        weighted_logprob_sum(hidden, weight, targets, torch.ones(4), impl="triton")
+    targets[1] = 99
+    with pytest.raises(ValueError, match=r"targets\[1\] = 99 is outside"):
+        weighted_logprob_sum(hidden, weight, targets, torch.ones(4))
+
+
+def test_sft_step_gradients_equal_the_plain_logprob_path():
+    """nll_forward_backward (weighted path, tied head) == -mean logp through token_logprobs, parameter by parameter."""
+    from minitagpr.model.presets import build_model, tiny_config
+    from minitagpr.train.loss import nll_forward_backward
+
+    model = build_model(tiny_config("tiny"), seed=3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (2, 3, 17), generator=g)
+    mbs = []
+    for i in range(2):
+        targets = torch.roll(ids[i], -1, dims=1)
+        targets[:, :5] = -100  # a masked prompt
+        targets[:, -1] = -100
+        mbs.append({"input_ids": ids[i], "position_ids": torch.arange(17).expand(3, 17), "targets": targets})
+    out = nll_forward_backward(model, mbs, "cpu", step=0)
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    n = sum(int((mb["targets"] != -100).sum()) for mb in mbs)
+    total = 0.0
+    for mb in mbs:
+        logp, _ = model(mb["input_ids"], mb["position_ids"], targets=mb["targets"])
+        (-logp.sum() / n).backward()
+        total += -float(logp.sum())
+    assert abs(out["loss"] - total / n) <= 1e-5 * abs(total / n)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)

@@ -2,7 +2,8 @@
 
 It is what runs wherever vLLM does not (CPU machines, CI, the demo). One generate() call:
   1. sort prompts by length and cut them into chunks of at most `max_batch_rows // n` prompts;
-  2. per chunk, left-pad the prompts and prefill them once (`cache_mask` hides the pad slots);
+  2. per chunk, prefill each prompt once, on its own, into its left-padded rows of one KV cache (pad slots are
+     marked invalid, so nobody attends to them);
   3. copy each prompt's cache rows n times (`cache.reorder(repeat_interleave)`) so the n samples share the prefill;
   4. decode one token per step for every live row, dropping finished rows from the cache as they stop.
 
@@ -174,19 +175,18 @@ class BuiltinEngine(RolloutEngine):
         B, R = len(prompts), len(prompts) * n
         L = max(len(p) for p in prompts)
 
-        # 1. Left-padded prefill of the B distinct prompts.
-        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)  # (B, L)
-        cache_mask = torch.zeros(B, L, dtype=torch.bool)  # (B, L) False = pad slot nobody attends to
-        for b, ids in enumerate(prompts):
-            input_ids[b, L - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            cache_mask[b, L - len(ids):] = True
-        pad = (~cache_mask).sum(dim=1, keepdim=True)  # (B, 1)
-        position_ids = (torch.arange(L).unsqueeze(0) - pad).clamp_(min=0)  # (B, L) real tokens count from 0
-        input_ids, cache_mask, position_ids = input_ids.to(device), cache_mask.to(device), position_ids.to(device)
-
+        # 1. Prefill each prompt on its own into its left-padded rows of one cache: no pad tokens are computed and
+        #    attention is plain causal (SDPA's causal kernel skips the masked half); pad slots stay invalid.
         cache = model.new_kv_cache(B, L + max_new_tokens, device=device)
-        hidden = model(input_ids, position_ids, kv_cache=cache, cache_mask=cache_mask)  # (B, L, H)
-        logits = model.logits(hidden[:, -1:])[:, 0]  # (B, V) fp32
+        last_hidden = []
+        for b, ids in enumerate(prompts):
+            t = len(ids)
+            input_ids = torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(0)  # (1, t)
+            position_ids = torch.arange(t, device=device).unsqueeze(0)  # (1, t)
+            hidden = model(input_ids, position_ids, kv_cache=cache.row_view(b, L - t))  # (1, t, H)
+            last_hidden.append(hidden[:, -1])
+        cache.length = L  # every row now spans L slots: left pads (invalid) then its prompt
+        logits = model.logits(torch.cat(last_hidden))  # (B, V) fp32
 
         # 2. Share each prefill across its n samples: rows are (prompt b, sample j) at b * n + j.
         if n > 1:  # (with n == 1 the rows already are the samples: no copy of the cache)

@@ -57,7 +57,7 @@ class GuidedConfig(RLConfig):
     warmup_steps: int = 2
     save_every: int = 8
     exploratory_steps: int = 8  # demo Stage 3 length (the paper: 2 epochs)
-    eval_examples: int = 48  # dev examples per task in the demo's evaluation table
+    eval_examples: int = 0  # dev examples per task in the demo's evaluation table (0 = all 60 of the demo world)
 
 
 def demo_stages(cfg: GuidedConfig) -> dict:
@@ -116,10 +116,15 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
 
 
 def first_last_share(log_path: Path, keys: list[str], share: float = 0.2) -> dict[str, tuple[float, float]]:
-    """Mean of each key over the first and the last `share` of logged steps (did the stage learn?)."""
+    """Mean of each key over the first and the last `share` of logged steps (did the stage learn?). A key a step
+    did not log (a task that step did not sample) is averaged over the steps that have it; NaN if none."""
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     n = max(1, int(round(len(rows) * share)))
-    return {k: (sum(r[k] for r in rows[:n]) / n, sum(r[k] for r in rows[-n:]) / n) for k in keys}
+
+    def mean(part, k):
+        vals = [r[k] for r in part if k in r]
+        return sum(vals) / len(vals) if vals else float("nan")
+    return {k: (mean(rows[:n], k), mean(rows[-n:], k)) for k in keys}
 
 
 def main(argv: list[str]) -> None:
@@ -168,11 +173,15 @@ def main(argv: list[str]) -> None:
         table = evaluate_table({"Base": paths["base"], "SFT": paths["sft"], "Guided RL": guided_export,
                                 "Exploratory RL": explore_export}, paths["world"], guided_cfg, work / "eval")
         if info.is_main:
-            trend = first_last_share(Path(guided_cfg.out_dir) / "metrics.jsonl", ["reward_mean", "tag_pass_rate",
-                                                                                  "format_pass_rate"])
+            tasks = [t for t, _ in parse_task_mix(cfg.tasks)]
+            trend = first_last_share(Path(guided_cfg.out_dir) / "metrics.jsonl",
+                                     ["reward_mean", "tag_pass_rate", "format_pass_rate", "r_prmu_mean"]
+                                     + [f"r_v_mean/{t}" for t in tasks])
             print("\n[demo] guided RL, first vs last 20% of steps:")
             for key, (first, last) in trend.items():
                 print(f"  {key:18s} {first:.3f} -> {last:.3f}")
+            print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
+                  "decodes greedily)")
             print(f"\n[demo] evaluation ({work / 'eval' / 'table.md'}):\n{table.markdown()}")
     finally:
         D.destroy_distributed()

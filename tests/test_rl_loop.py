@@ -159,3 +159,25 @@ def test_one_and_two_processes_sample_and_score_the_same_first_step(small_world,
     for key in ("reward_mean", "response_len_mean", "format_pass_rate", "group/adv_std", "gspo/num_tokens"):
         assert one[key] == pytest.approx(two[key], rel=1e-9), key
     assert one["gspo/loss"] == pytest.approx(two["gspo/loss"], rel=1e-4, abs=1e-7)
+
+
+def test_reward_metrics_break_the_rewards_down_per_task():
+    from minitagpr import distributed as D
+    from minitagpr.rewards import RewardParts
+    from minitagpr.rl.loop import reward_metrics
+
+    D.init_distributed()  # a group of one (no torchrun environment); torn down below
+    try:
+        cfg = RLConfig(tasks="LaMP-1:0,LaMP-4:0,LaMP-7:0", group_size=2)
+        tasks = ["LaMP-4", "LaMP-4", "LaMP-1", "LaMP-1"]
+        r_v = [0.2, 0.4, 1.0, 0.0]
+        parts = [RewardParts(r_v=v, r_f=1.0, r_rep=0.0, r_tag=0.0) for v in r_v]
+        rewards = torch.tensor([0.1, 0.3, 0.9, -0.5], dtype=torch.float64)
+        comps = [Completion([1], "", [0.0], "stop")] * 4
+        m = reward_metrics(parts, rewards, comps, cfg, "cpu", tasks=tasks)
+        assert m["r_v_mean/LaMP-4"] == pytest.approx(0.3) and m["r_v_mean/LaMP-1"] == pytest.approx(0.5)
+        assert m["reward_mean/LaMP-4"] == pytest.approx(0.2) and m["reward_mean/LaMP-1"] == pytest.approx(0.2)
+        assert "r_v_mean/LaMP-7" not in m  # not sampled this step: absent, not a fake 0
+        assert m["r_v_mean"] == pytest.approx(0.4)
+    finally:
+        D.destroy_distributed()

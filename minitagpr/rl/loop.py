@@ -337,13 +337,25 @@ def gather_rows(values: torch.Tensor, device) -> torch.Tensor:
     return torch.cat(out).cpu()
 
 
-def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, device) -> dict:
+def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, device, tasks=None) -> dict:
     """Global per-step means of every reward component, pass rates, lengths and the group-advantage statistics,
-    computed on all ranks' responses gathered (groups never straddle ranks, so gathering keeps them whole)."""
+    computed on all ranks' responses gathered (groups never straddle ranks, so gathering keeps them whole).
+    With `tasks` (one task name per response) also the reward and R_v means per task of the mix that this step
+    sampled ("reward_mean/LaMP-4", "r_v_mean/LaMP-4"): the curves that show which tasks RL moves."""
+    names = [t for t, _ in parse_task_mix(cfg.tasks)]
+    task_col = [float(names.index(t)) if t in names else -1.0 for t in tasks] if tasks is not None \
+        else [-1.0] * len(parts)
     cols = [rewards.tolist(), [p.r_v for p in parts], [p.r_f for p in parts], [p.r_rep for p in parts],
             [p.r_tag for p in parts], [p.r_prmu if p.r_prmu is not None else math.nan for p in parts],
-            [float(len(c.token_ids)) for c in completions], [float(c.finish_reason == "length") for c in completions]]
-    g = gather_rows(torch.tensor(cols, dtype=torch.float64).T, device)  # (N_global, 8)
+            [float(len(c.token_ids)) for c in completions], [float(c.finish_reason == "length") for c in completions],
+            task_col]
+    g = gather_rows(torch.tensor(cols, dtype=torch.float64).T, device)  # (N_global, 9)
+    per_task = {}
+    for i, name in enumerate(names):
+        rows = g[:, 8] == i
+        if bool(rows.any()):
+            per_task[f"reward_mean/{name}"] = g[rows, 0].mean().item()
+            per_task[f"r_v_mean/{name}"] = g[rows, 1].mean().item()
     m = {"reward_mean": g[:, 0].mean().item(), "r_v_mean": g[:, 1].mean().item(),
          "format_pass_rate": (g[:, 2] == 1.0).double().mean().item(), "r_rep_mean": g[:, 3].mean().item(),
          "tag_pass_rate": (g[:, 4] == 0.0).double().mean().item(),
@@ -351,6 +363,7 @@ def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, dev
     if not torch.isnan(g[:, 5]).all():
         m["r_prmu_mean"] = g[:, 5].mean().item()
     m.update({f"group/{k}": v for k, v in group_advantage_metrics(g[:, 0], cfg.group_size).items()})
+    m.update(per_task)
     return m
 
 
@@ -487,7 +500,8 @@ def train(cfg: RLConfig) -> Path:
         t_train = time.perf_counter() - t1
         t_sync = sync_to_engine(model, engine) if step + 1 < total_steps else 0.0
 
-        row = {"step": step + 1, **reward_metrics(parts, rewards, completions, cfg, info.device),
+        row = {"step": step + 1, **reward_metrics(parts, rewards, completions, cfg, info.device,
+                                                  tasks=[p.task for p in mine for _ in range(cfg.group_size)]),
                **reduce_train_metrics(sums, info.device)}
         # tokens the update processed: every non-pad token of every sequence (prompt + response)
         tokens = D.all_reduce_sum(torch.tensor(float((input_ids != tokenizer.pad_id).sum()), dtype=torch.float64,

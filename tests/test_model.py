@@ -138,3 +138,21 @@ def test_flops_per_token_counts_matmul_weights():
     n = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
     attn = 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * 128
     assert model.flops_per_token(128) == 6 * n + attn
+
+
+def test_fused_projections_give_the_same_decode_and_are_dropped_on_exit():
+    model = build_model(tiny_config("tiny"), seed=4).eval()
+    ids = torch.randint(0, 512, (3, 9), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(9).expand(3, 9)
+    with torch.no_grad():
+        plain = model(ids, pos)
+        cache = model.new_kv_cache(3, 10)
+        with model.fused_projections():
+            assert model.model.layers[0].self_attn.qkv_weight is not None
+            fused = model(ids, pos)
+            model(ids[:, :8], pos[:, :8], kv_cache=cache)  # prefill, then one decode step
+            step = model(ids[:, 8:], pos[:, 8:], kv_cache=cache)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step[:, 0], plain[:, 8], rtol=1e-4, atol=1e-5)
+    assert all(l.self_attn.qkv_weight is None and l.mlp.gate_up_weight is None for l in model.model.layers)
+    assert "model.layers.0.self_attn.qkv_weight" not in model.state_dict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -222,12 +223,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.nh * self.d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)  # per-head norm of queries and keys, before RoPE
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.qkv_weight = None  # (q+k+v rows, H) copy, only inside Qwen3ForCausalLM.fused_projections()
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, varlen=None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.nh, self.d)).transpose(1, 2)  # (B, nh, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.nkv, self.d)).transpose(1, 2)  # (B, nkv, T, D)
-        v = self.v_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)  # (B, nkv, T, D)
+        if self.qkv_weight is not None:  # one matmul for q, k and v (inference, see fused_projections)
+            q, k, v = F.linear(x, self.qkv_weight).split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(B, T, self.nh, self.d)).transpose(1, 2)  # (B, nh, T, D)
+        k = self.k_norm(k.view(B, T, self.nkv, self.d)).transpose(1, 2)  # (B, nkv, T, D)
+        v = v.view(B, T, self.nkv, self.d).transpose(1, 2)  # (B, nkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if varlen is not None:  # flash-attn on packed rows: every document is its own causal sequence
             fn, cu, max_len = varlen
@@ -260,8 +266,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_weight = None  # (2 I, H) copy, only inside Qwen3ForCausalLM.fused_projections()
 
     def forward(self, x):
+        if self.gate_up_weight is not None:  # one matmul for gate and up (inference, see fused_projections)
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
@@ -364,6 +374,22 @@ class Qwen3ForCausalLM(nn.Module):
         # clone: FSDP2 hooks the root's outputs for backward, and a view output is fragile there (in-place ops on it
         # would skip the hook); (B, T) is tiny next to the hidden states
         return logp.view(B, T).clone(), (entropy.view(B, T).clone() if entropy is not None else None)  # (B, T) fp32
+
+    @contextmanager
+    def fused_projections(self):
+        """Inference only: concatenate every layer's q/k/v and gate/up weights once, so a decode step runs 3 matmuls
+        fewer per layer (small matmuls are overhead-bound on CPUs). The copies are made on entry and dropped on
+        exit: they do not follow weight updates made inside the block. Costs one extra copy of those weights."""
+        with torch.no_grad():
+            for layer in self.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                a.qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+                m.gate_up_weight = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+        try:
+            yield self
+        finally:
+            for layer in self.model.layers:
+                layer.self_attn.qkv_weight = layer.mlp.gate_up_weight = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight).float()  # (B, T, V) fp32 -- very big tensor for real vocabularies

@@ -240,17 +240,21 @@ def tokenizer_dir(cfg: PrmuConfig) -> Path:
 
 
 def load_pair_sets(cfg: PrmuConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(train, held-out) pairs: read from files, or synthesised from a demo world; every rank builds the same."""
+    """(train, held-out) pairs: read from files, or synthesised from a demo world; every rank builds the same.
+    The held-out split is by query; a demo world's user-dependent groups (one input, several users, different
+    golds) stay on one side, so no held-out pair has its mirror image (same input, opposite winner) in training."""
+    linked: list[list[str]] = []  # queries that share one input across users: held out together
     if cfg.demo_world:
         from minitagpr.data.preferences import synthesize_demo_pairs
         sets = synthesize_demo_pairs(cfg.demo_world, max_per_set=cfg.demo_pairs_per_set, seed=cfg.seed)
         pairs = sets["PRP"] + sets["PQP"]
+        linked = demo_world.DemoWorld.load(cfg.demo_world).user_dependent_groups
     else:
         pairs = [p for path in cfg.pairs for p in read_pairs(path)]
     if cfg.heldout_pairs:
         train, held = pairs, [p for path in cfg.heldout_pairs for p in read_pairs(path)]
     else:
-        train, held = split_heldout(pairs, cfg.heldout_frac, seed=cfg.seed)
+        train, held = split_heldout(pairs, cfg.heldout_frac, seed=cfg.seed, linked=linked)
     if not train or not held:
         where = ", ".join(cfg.pairs) or cfg.demo_world
         raise PreferenceDataError(f"{where}: {len(train)} training and {len(held)} held-out pairs; both must be "

@@ -150,6 +150,24 @@ def test_heldout_split_is_by_query_and_deterministic():
     assert split_heldout(pairs, 0.25, seed=3) == (train, held)
 
 
+def test_heldout_split_keeps_linked_queries_on_one_side():
+    # q{2i} and q{2i+1} share one input (two users, opposite golds): they must never be split apart
+    pairs = [_pair(i, id=f"p{i}", example_id=f"q{i}") for i in range(40)]
+    linked = [[f"q{2 * i}", f"q{2 * i + 1}"] for i in range(20)]
+    for seed in range(5):
+        train, held = split_heldout(pairs, 0.3, seed=seed, linked=linked)
+        assert len(train) + len(held) == 40 and len(held) == 12  # 6 of 20 linked queries, 2 ids each
+        held_ids = {p.example_id for p in held}
+        for a, b in linked:
+            assert (a in held_ids) == (b in held_ids)
+    # without links the same pairs split per id, and the two members of a group do get separated
+    separated = 0
+    for seed in range(5):
+        held_ids = {p.example_id for p in split_heldout(pairs, 0.3, seed=seed)[1]}
+        separated += sum((a in held_ids) != (b in held_ids) for a, b in linked)
+    assert separated > 0
+
+
 def test_cli_builds_both_sets_from_rollout_files(tmp_path, capsys):
     from minitagpr.data.preferences import main
     write_rollouts(tmp_path / "r.jsonl", _rollouts())

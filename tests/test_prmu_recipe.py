@@ -167,6 +167,31 @@ def test_too_few_pairs_for_a_held_out_set_is_an_error(setup, tmp_path):
         recipe.load_pair_sets(recipe.PrmuConfig(pairs=[str(tmp_path / "one.jsonl")]))
 
 
+def test_demo_held_out_pairs_never_have_their_mirror_image_in_training(tmp_path):
+    # a query two users share (opposite golds) must be held out for both users or for neither
+    from minitagpr.data import demo_world
+    from minitagpr.data.preferences import split_heldout, synthesize_demo_pairs
+    world = demo_world.build(tmp_path / "world", num_users=8, dev_users=2, per_user=3, shared_per_user=1,
+                             history=8, vocab_size=600)
+    recipe = _import_recipe()
+    cfg = recipe.PrmuConfig(demo_world=str(world.root), heldout_frac=0.3)
+    partner = {i: set(g) - {i} for g in world.user_dependent_groups for i in g}
+    assert partner
+    train, held = recipe.load_pair_sets(cfg)
+    train_ids, held_ids = {p.example_id for p in train}, {p.example_id for p in held}
+    assert any(p.user_dependent for p in held)
+    for i in held_ids:
+        assert not partner.get(i, set()) & train_ids
+    # the plain per-id split of the same pairs does separate some partners (what the link prevents)
+    pairs = [p for s in synthesize_demo_pairs(world.root, seed=cfg.seed).values() for p in s]
+    leaks = 0
+    for seed in range(5):
+        tr, he = split_heldout(pairs, 0.3, seed=seed)
+        tr_ids = {p.example_id for p in tr}
+        leaks += sum(bool(partner.get(p.example_id, set()) & tr_ids) for p in he)
+    assert leaks > 0
+
+
 def _import_recipe():
     spec = importlib.util.spec_from_file_location("train_prmu", RECIPE)
     module = importlib.util.module_from_spec(spec)

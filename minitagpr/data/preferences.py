@@ -430,13 +430,25 @@ def _synthetic_response(chain: str, answer: str) -> Response:
 # ---------------------------------------------------------------------------------------------------------------
 # 5. Held-out split
 # ---------------------------------------------------------------------------------------------------------------
-def split_heldout(pairs: list[PreferencePair], heldout_frac: float, seed: int = 0):
-    """(train, heldout) split by example id, so no query of a held-out pair is seen in training."""
-    ids = sorted({p.example_id for p in pairs})
+def split_heldout(pairs: list[PreferencePair], heldout_frac: float, seed: int = 0,
+                  linked: Iterable[Iterable[str]] = ()):
+    """(train, heldout) split by query, so no query of a held-out pair is seen in training.
+
+    A query is an example id, except that the ids of one `linked` group (questions that share one input across
+    users, e.g. the demo world's `user_dependent_groups`) count as one query and go to the same side: otherwise a
+    held-out pair would have its mirror image in training (the same input, the opposite preference, another user)
+    and the held-out score would measure memorised inputs rather than what the model knows about the user."""
+    root = {}
+    for group in linked:
+        group = list(group)
+        for i in group:
+            root[i] = min(group)
+    key = lambda example_id: root.get(example_id, example_id)  # noqa: E731
+    ids = sorted({key(p.example_id) for p in pairs})
     random.Random(seed).shuffle(ids)
     n_held = max(1, round(heldout_frac * len(ids))) if heldout_frac > 0 else 0
     held = set(ids[:n_held])
-    return [p for p in pairs if p.example_id not in held], [p for p in pairs if p.example_id in held]
+    return ([p for p in pairs if key(p.example_id) not in held], [p for p in pairs if key(p.example_id) in held])
 
 
 # ---------------------------------------------------------------------------------------------------------------

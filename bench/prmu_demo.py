@@ -58,6 +58,14 @@ def main() -> None:
         counts = "/".join(str(int(res[f"{b}_pairs"])) for b in BUCKETS)
         print(f"| {name} | {res['PRP_acc']:.3f} | {res['PQP_acc']:.3f} | {res['user_dependent_acc']:.3f} | "
               f"{res['user_dependent_acc'] - base:+.3f} | {counts} | {wall:.0f} |")
+    if len(rows) > 2:  # the mean over seeds of each variant
+        mean = {t: {k: sum(r[k] for n, (r, _) in rows.items() if n.startswith(f"{t} table")) / (len(rows) // 2)
+                    for k in ("PRP_acc", "PQP_acc", "user_dependent_acc")} for t in ("without", "with")}
+        gain = mean["with"]["user_dependent_acc"] - mean["without"]["user_dependent_acc"]
+        print(f"| mean of {len(rows) // 2} seeds, without / with | "
+              + " | ".join(f"{mean['without'][k]:.3f} / {mean['with'][k]:.3f}"
+                           for k in ("PRP_acc", "PQP_acc", "user_dependent_acc"))
+              + f" | {gain:+.3f} | | |")
 
 
 if __name__ == "__main__":

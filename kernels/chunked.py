@@ -262,10 +262,8 @@ def chunked_weighted_sum(hidden, weight, targets, token_weights, temperature: fl
     if need_hidden or need_weight:
         grad_hidden, grad_weight = backward_over_chunks(hidden, weight, chunk_size, need_hidden, need_weight,
                                                         dlogits, scratch)
-    else:  # nothing needs a gradient: the loop still yields logp
-        w = _compute_weight(weight)
-        for start in range(0, n, chunk_size):
-            dlogits(start, min(start + chunk_size, n), w)
+    else:  # nothing needs a gradient: the plain forward gives logp without forming dz
+        logp = chunked_forward(hidden, weight, targets, temperature, False, chunk_size)[0]
         grad_hidden = grad_weight = None
     total = (token_weights.float() * logp).sum()  # () fp32
     return total, logp, grad_hidden, grad_weight

@@ -55,6 +55,17 @@ def _check_inputs(hidden, weight, targets, temperature, impl, chunk_size) -> Non
         raise ValueError(f"{where}: chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+def _valid_rows(targets, vocab: int, ignore_index: int, where: str) -> torch.Tensor:
+    """(N,) bool: rows with a target. Raises ValueError naming the first id outside [0, vocab) that is not ignored."""
+    valid = targets != ignore_index
+    out_of_range = valid & ((targets < 0) | (targets >= vocab))
+    if bool(out_of_range.any()):
+        row = int(out_of_range.nonzero()[0, 0])
+        raise ValueError(f"{where}: targets[{row}] = {int(targets[row])} is outside [0, {vocab}) and is not "
+                         f"ignore_index ({ignore_index})")
+    return valid
+
+
 def _naive(hidden, weight, targets, temperature, with_entropy):
     """Baseline: materialise all logits. Plain autograd; memory O(N V)."""
     logits = (hidden @ weight.T).float()  # (N, V) fp32, very big
@@ -98,13 +109,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     `chunk_size` sets the token rows per chunk (torch) or per backward block (triton); None picks by V.
     """
     _check_inputs(hidden, weight, targets, temperature, impl, chunk_size)
-    vocab = weight.shape[0]
-    valid = targets != ignore_index  # (N,) bool
-    out_of_range = valid & ((targets < 0) | (targets >= vocab))
-    if bool(out_of_range.any()):
-        row = int(out_of_range.nonzero()[0, 0])
-        raise ValueError(f"token_logprobs: targets[{row}] = {int(targets[row])} is outside [0, {vocab}) and is not "
-                         f"ignore_index ({ignore_index})")
+    valid = _valid_rows(targets, weight.shape[0], ignore_index, "token_logprobs")  # (N,) bool
     targets = targets.long()
     n = hidden.shape[0]
     if bool(valid.all()):
@@ -139,13 +144,7 @@ def weighted_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if token_weights.device != targets.device:
         raise ValueError(f"weighted_logprob_sum: token_weights is on {token_weights.device}, targets on "
                          f"{targets.device}")
-    vocab = weight.shape[0]
-    valid = targets != ignore_index  # (N,) bool
-    out_of_range = valid & ((targets < 0) | (targets >= vocab))
-    if bool(out_of_range.any()):
-        row = int(out_of_range.nonzero()[0, 0])
-        raise ValueError(f"weighted_logprob_sum: targets[{row}] = {int(targets[row])} is outside [0, {vocab}) and "
-                         f"is not ignore_index ({ignore_index})")
+    valid = _valid_rows(targets, weight.shape[0], ignore_index, "weighted_logprob_sum")  # (N,) bool
     n = hidden.shape[0]
     rows = None
     if not bool(valid.all()):  # only rows with a target take part (SFT masks every prompt token)

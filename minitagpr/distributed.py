@@ -12,6 +12,7 @@ Conventions every recipe relies on:
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -83,9 +84,17 @@ def world() -> DistInfo:
 
 
 def destroy_distributed() -> None:
-    """Tear down the process group, but only if `init_distributed` created it."""
+    """Tear down the process group, but only if `init_distributed` created it.
+
+    On a normal exit every rank first meets at a barrier, so no rank tears its connections down while another is
+    still using the group (a gloo rank that exited early once took its peer down with SIGABRT at the very end of
+    the demo, after every result was written). While an exception is propagating (this is called from `finally`
+    blocks) there is no barrier: the other ranks may never arrive, and torchrun stops them anyway."""
     global _we_initialised
     if _we_initialised and dist.is_initialized():
+        if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+            dist.barrier()
+        gc.collect()  # drop finished collective work objects while the interpreter is fully alive
         dist.destroy_process_group()
     _we_initialised = False
 

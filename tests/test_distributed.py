@@ -138,3 +138,55 @@ def test_fault_point_is_inert_without_the_environment_variable(monkeypatch):
     monkeypatch.setenv(D.FAULT_ENV, "save:4")
     D.fault_point("save", 3)
     D.fault_point("step", 4)
+
+
+_TEARDOWN_SCRIPT = """
+import sys, time, torch, torch.distributed as dist
+from minitagpr import distributed as D
+info = D.init_distributed()
+x = torch.ones(2); dist.all_reduce(x)
+if info.rank == 0:
+    time.sleep(1.5)  # rank 0 still works while rank 1 has finished
+    print("rank0-leaves", time.time(), flush=True)
+D.destroy_distributed()
+print(f"rank{info.rank}-destroyed", time.time(), flush=True)
+"""
+
+
+def test_two_ranks_meet_before_the_group_is_torn_down(tmp_path):
+    """On a normal exit no rank tears the group down while another still works in it (the barrier in
+    destroy_distributed): rank 1 leaves only after rank 0 has finished, and both exit 0."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "teardown.py"
+    script.write_text(_TEARDOWN_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stamps = dict(line.split() for line in res.stdout.splitlines() if line.startswith("rank"))
+    assert float(stamps["rank1-destroyed"]) >= float(stamps["rank0-leaves"])
+
+
+def test_teardown_while_an_exception_propagates_does_not_wait(monkeypatch):
+    """From a `finally` block during an exception the other ranks may never arrive: no barrier there."""
+    import torch.distributed as dist
+
+    D.init_distributed()
+    calls = []
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)  # pretend there are peers
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    with pytest.raises(RuntimeError, match="boom"):
+        try:
+            raise RuntimeError("boom")
+        finally:
+            D.destroy_distributed()
+    assert calls == [] and not dist.is_initialized()

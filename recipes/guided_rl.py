@@ -127,6 +127,17 @@ def first_last_share(log_path: Path, keys: list[str], share: float = 0.2) -> dic
     return {k: (mean(rows[:n], k), mean(rows[-n:], k)) for k in keys}
 
 
+def balanced_reward_trend(trend: dict[str, tuple[float, float]], tasks: list[str]) -> tuple[float, float]:
+    """The composite reward averaged over tasks with equal weight, first vs last window: the mean of the per-task
+    `reward_mean/<task>` windows. The plain `reward_mean` of a window also moves with *which* tasks its steps
+    happened to sample (in the demo LaMP-1's reward is ~0.5, LaMP-2's ~0), which this removes."""
+    pairs = [trend[f"reward_mean/{t}"] for t in tasks if f"reward_mean/{t}" in trend]
+    pairs = [p for p in pairs if p[0] == p[0] and p[1] == p[1]]  # drop tasks a window never sampled (NaN)
+    if not pairs:
+        return float("nan"), float("nan")
+    return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
+
+
 def main(argv: list[str]) -> None:
     cfg = parse_cli(GuidedConfig, argv)
     if not cfg.demo and not any(a == "--config" or a.startswith(("config=", "--config=")) for a in argv):
@@ -176,10 +187,14 @@ def main(argv: list[str]) -> None:
             tasks = [t for t, _ in parse_task_mix(cfg.tasks)]
             trend = first_last_share(Path(guided_cfg.out_dir) / "metrics.jsonl",
                                      ["reward_mean", "tag_pass_rate", "format_pass_rate", "r_prmu_mean"]
-                                     + [f"r_v_mean/{t}" for t in tasks])
+                                     + [f"r_v_mean/{t}" for t in tasks] + [f"reward_mean/{t}" for t in tasks])
+            balanced = balanced_reward_trend(trend, tasks)
             print("\n[demo] guided RL, first vs last 20% of steps:")
             for key, (first, last) in trend.items():
-                print(f"  {key:18s} {first:.3f} -> {last:.3f}")
+                if not key.startswith("reward_mean/"):
+                    print(f"  {key:18s} {first:.3f} -> {last:.3f}")
+            print(f"  {'reward, balanced':18s} {balanced[0]:.3f} -> {balanced[1]:.3f}  (each task weighs the same; "
+                  "reward_mean above also moves with the tasks a step sampled)")
             print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
                   "decodes greedily)")
             print(f"\n[demo] evaluation ({work / 'eval' / 'table.md'}):\n{table.markdown()}")

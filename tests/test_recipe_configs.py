@@ -35,3 +35,27 @@ def test_paper_settings_in_the_8b_configs():
     explore = importlib.import_module("exploratory_rl")
     e = load_config(explore.ExploratoryConfig, RECIPES / "configs" / "exploratory_rl_qwen3_8b.yaml")
     assert e.stage == "exploratory" and e.epochs == 2 and not e.use_prmu and not e.use_tag_reward
+
+
+def test_demo_trend_windows_and_the_task_balanced_reward(tmp_path):
+    """The demo's "did it learn" printout: window means skip steps that did not log a key, and the balanced reward
+    weighs tasks equally, so a late window that merely sampled an easier task does not look like learning."""
+    import json
+    guided_rl = importlib.import_module("guided_rl")
+    rows = [  # task A is easy (reward ~0.6), task B hard (~0.0); neither improves, but the last step samples only A
+        {"reward_mean": 0.3, "reward_mean/A": 0.6, "reward_mean/B": 0.0},
+        {"reward_mean": 0.3, "reward_mean/A": 0.6, "reward_mean/B": 0.0},
+        {"reward_mean": 0.3, "reward_mean/A": 0.6, "reward_mean/B": 0.0},
+        {"reward_mean": 0.3, "reward_mean/A": 0.6, "reward_mean/B": 0.0},
+        {"reward_mean": 0.6, "reward_mean/A": 0.6},
+    ]
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trend = guided_rl.first_last_share(log, ["reward_mean", "reward_mean/A", "reward_mean/B"], share=0.2)
+    assert trend["reward_mean"] == (0.3, 0.6)  # the plain mean "rises" ...
+    assert trend["reward_mean/A"] == (0.6, 0.6)
+    b_first, b_last = trend["reward_mean/B"]
+    assert b_first == 0.0 and b_last != b_last  # B not sampled in the last window: NaN, not 0
+    assert guided_rl.balanced_reward_trend(trend, ["A", "B"]) == (0.6, 0.6)  # ... the balanced one does not
+    import math
+    assert all(math.isnan(x) for x in guided_rl.balanced_reward_trend({}, ["A"]))  # nothing logged: NaN, not 0

@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
 
 def parse_cli(cls: type, argv: list[str]) -> Any:
-    """Build a `cls` instance from command-line arguments: `--config FILE`, `config=FILE`, `key=value`, `--key=value`."""
+    """Build a `cls` instance from command-line arguments: `--config FILE`, `config=FILE`, `key=value`, `--key=value`
+    and `--key value` (the next argument is the value unless it starts with `--`)."""
     config_file: str | None = None
     overrides: list[tuple[str, str]] = []
     i = 0
@@ -44,7 +45,10 @@ def parse_cli(cls: type, argv: list[str]) -> Any:
             continue
         key, sep, value = arg.lstrip("-").partition("=")
         if not sep:
-            raise ConfigError(f"command-line argument {arg!r} is not of the form key=value (or --config FILE)")
+            if not (arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--")):
+                raise ConfigError(f"command-line argument {arg!r} is not of the form key=value, --key=value or "
+                                  "--key value (or --config FILE)")
+            value, i = argv[i + 1], i + 1  # `--key value`
         if key == "config":
             config_file = value
         else:

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from minitagpr import distributed as D
+from minitagpr.cli import exit_on_user_error
 from minitagpr.config import parse_cli
 from minitagpr.rl.loop import RLConfig, train
 
@@ -39,4 +40,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_user_error("exploratory_rl"):
+        main(sys.argv[1:])

@@ -22,6 +22,7 @@ from pathlib import Path
 from minitagpr import distributed as D
 import torch
 
+from minitagpr.cli import exit_on_user_error
 from minitagpr.config import load_config, parse_cli, save_config
 from minitagpr.rl.loop import RLConfig, parse_task_mix, train
 
@@ -203,4 +204,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with exit_on_user_error("guided_rl"):
+        main(sys.argv[1:])

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
+from minitagpr.cli import exit_on_user_error
 from minitagpr.config import parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.preferences import RolloutRecord, read_rollouts, write_rollouts
@@ -124,7 +125,8 @@ def run(cfg: RolloutConfig) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        run(parse_cli(RolloutConfig, sys.argv[1:]))
-    finally:
-        D.destroy_distributed()
+    with exit_on_user_error("prmu_rollouts"):
+        try:
+            run(parse_cli(RolloutConfig, sys.argv[1:]))
+        finally:
+            D.destroy_distributed()

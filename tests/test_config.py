@@ -85,6 +85,17 @@ def test_missing_config_file_fails_clearly(tmp_path):
 def test_argument_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="not of the form key=value"):
         parse_cli(Recipe, ["steps"])
+    with pytest.raises(ConfigError, match="'--bf16' is not of the form"):  # a bare flag at the end has no value
+        parse_cli(Recipe, ["steps=3", "--bf16"])
+    with pytest.raises(ConfigError, match="'--bf16' is not of the form"):  # nor one followed by another option
+        parse_cli(Recipe, ["--bf16", "--steps=3"])
+
+
+def test_double_dash_key_space_value_is_accepted():
+    cfg = parse_cli(Recipe, ["--steps", "4", "--optim.lr", "2e-4", "--bf16=true", "data=x"])
+    assert (cfg.steps, cfg.optim.lr, cfg.bf16, cfg.data) == (4, 2e-4, True, "x")
+    with pytest.raises(ConfigError, match="stepz"):  # unknown keys are still named
+        parse_cli(Recipe, ["--stepz", "4"])
 
 
 def test_saved_config_loads_back_identically(tmp_path):

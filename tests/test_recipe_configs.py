@@ -59,3 +59,30 @@ def test_demo_trend_windows_and_the_task_balanced_reward(tmp_path):
     assert guided_rl.balanced_reward_trend(trend, ["A", "B"]) == (0.6, 0.6)  # ... the balanced one does not
     import math
     assert all(math.isnan(x) for x in guided_rl.balanced_reward_trend({}, ["A"]))  # nothing logged: NaN, not 0
+
+
+@pytest.mark.parametrize("recipe, name", [("guided_rl.py", "guided_rl"), ("exploratory_rl.py", "exploratory_rl")])
+def test_rl_recipes_report_bad_arguments_in_one_line(recipe, name):
+    """A typo on the command line ends with one line naming the key (and the closest valid one), exit status 1."""
+    import subprocess
+    res = subprocess.run([sys.executable, str(RECIPES / recipe), "max_stepz=3"], capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "WORLD_SIZE": "1"})
+    assert res.returncode == 1
+    assert res.stderr.startswith(f"[{name}] error: ") and "max_stepz" in res.stderr and "max_steps" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_user_errors_name_the_rank_under_torchrun(monkeypatch, capsys):
+    from minitagpr.cli import exit_on_user_error
+    from minitagpr.config import ConfigError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        with exit_on_user_error("demo"):
+            raise ConfigError("config key 'lr' (from command line): expected a float, got 'fast'")
+    assert exit_info.value.code == 1
+    expected = "[demo] error (rank 1): config key 'lr' (from command line): expected a float, got 'fast'\n"
+    assert capsys.readouterr().err == expected
+    with pytest.raises(KeyError):  # a bug is not a user error: it keeps its traceback
+        with exit_on_user_error("demo"):
+            raise KeyError("x")

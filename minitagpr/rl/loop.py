@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
+from minitagpr.config import ConfigError
 from minitagpr.data import lamp
 from minitagpr.data.prompts import build_messages
 from minitagpr.data.retrieval import get_retriever
@@ -398,9 +399,9 @@ def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
     now = asdict(cfg)
     changed = sorted(k for k in saved if k in now and k not in _RESUMABLE_KEYS and saved[k] != now[k])
     if changed:
-        raise ValueError(f"{path}: resuming with settings that differ from the checkpoint's: "
-                         + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
-                         + " (use a new out_dir, or resume=false to start over)")
+        raise ConfigError(f"{path}: resuming with settings that differ from the checkpoint's: "
+                          + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+                          + " (use a new out_dir, or resume=false to start over)")
 
 
 def rollout_seed(seed: int, step: int) -> int:
@@ -421,11 +422,11 @@ def train(cfg: RLConfig) -> Path:
     prompts = load_prompts(cfg, tokenizer)
     per_rank, rem = divmod(cfg.prompts_per_step, info.world_size)
     if rem or per_rank % cfg.num_minibatches:
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must split into {info.world_size} rank(s) x a "
-                         f"multiple of num_minibatches={cfg.num_minibatches} prompts")
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must split into {info.world_size} rank(s) x a "
+                          f"multiple of num_minibatches={cfg.num_minibatches} prompts")
     if len(prompts) < cfg.prompts_per_step:
-        raise ValueError(f"the task mix has {len(prompts)} prompts, fewer than prompts_per_step="
-                         f"{cfg.prompts_per_step}")
+        raise ConfigError(f"the task mix has {len(prompts)} prompts, fewer than prompts_per_step="
+                          f"{cfg.prompts_per_step}")
     steps_per_epoch = len(prompts) // cfg.prompts_per_step
     total_steps = max(1, int(cfg.epochs * steps_per_epoch))
     if cfg.max_steps > 0:
@@ -441,7 +442,7 @@ def train(cfg: RLConfig) -> Path:
         from minitagpr.model.reward import PRMUScorer
         prmu = PRMUScorer.from_pretrained(cfg.prmu, device=info.device, use_user_table=cfg.prmu_user_table)
         if cfg.prmu_user_table and not prmu.model.use_user_table:
-            raise ValueError(f"prmu_user_table=true but {cfg.prmu} holds no user table")
+            raise ConfigError(f"prmu_user_table=true but {cfg.prmu} holds no user table")
 
     # 3. resume: weights, optimizer, step; the engine then starts from the checkpoint's weights
     start = 0

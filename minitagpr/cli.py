@@ -1,0 +1,43 @@
+"""How a recipe ends on bad input: one line on stderr that names the problem (file, record, field, key), exit
+status 1 -- never a stack trace from deep inside. Bugs (anything else) still raise with their traceback.
+
+    if __name__ == "__main__":
+        with exit_on_user_error("guided_rl"):
+            main(sys.argv[1:])
+
+Under torchrun every rank that hits the error prints it, tagged with its rank (a config error prints once per rank).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+
+from minitagpr.config import ConfigError
+from minitagpr.data.chain_client import CacheError, EndpointError
+from minitagpr.data.lamp import DataError
+from minitagpr.data.preferences import PreferenceDataError
+from minitagpr.model.checkpoint import CheckpointError
+from minitagpr.model.qwen3 import ConfigError as ModelConfigError
+from minitagpr.rl.loop import NonFiniteError
+from minitagpr.rollout.base import RolloutError
+from minitagpr.tokenizer import TokenizerError
+from minitagpr.train.loss import NonFiniteLossError
+from minitagpr.train.sft_data import DataError as SftDataError
+
+# Errors whose message already says what is wrong and where; FileNotFoundError/IsADirectoryError name the path.
+USER_ERRORS = (ConfigError, ModelConfigError, DataError, SftDataError, PreferenceDataError, CheckpointError,
+               TokenizerError, RolloutError, NonFiniteError, NonFiniteLossError, CacheError, EndpointError,
+               FileNotFoundError, IsADirectoryError)
+
+
+@contextmanager
+def exit_on_user_error(name: str):
+    """Turn a `USER_ERRORS` exception into `[name] error: <message>` on stderr and exit status 1."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" (rank {os.environ.get('RANK', '0')})" if world > 1 else ""
+        print(f"[{name}] error{where}: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)

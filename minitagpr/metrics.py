@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import sys
 from typing import Mapping
 
@@ -71,9 +72,9 @@ def f1_per_label(golds: list[int], preds: list[int], labels: range) -> list[floa
     return scores
 
 
-def _label_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, float]:
-    labels = TASKS[task].labels
-    index = {label: i for i, label in enumerate(labels)}
+def _label_indices(task: str, ids: list[str], predictions, golds) -> tuple[list[int], list[int]]:
+    """Gold and predicted label indices per example (INVALID for a prediction that is no label)."""
+    index = {label: i for i, label in enumerate(TASKS[task].labels)}
     gold_idx, pred_idx = [], []
     for i in ids:
         g = golds[i].strip()
@@ -81,6 +82,13 @@ def _label_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, f
             raise DataError(f"evaluate: gold for id {i!r}: {golds[i]!r} is not a {task} label")
         gold_idx.append(index[g])
         pred_idx.append(index.get(predictions[i].strip(), INVALID))
+    return gold_idx, pred_idx
+
+
+def _label_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, float]:
+    labels = TASKS[task].labels
+    index = {label: i for i, label in enumerate(labels)}
+    gold_idx, pred_idx = _label_indices(task, ids, predictions, golds)
     per_label = f1_per_label(gold_idx, pred_idx, range(len(labels)))
     out = {
         "accuracy": sum(g == p for g, p in zip(gold_idx, pred_idx)) / len(ids),
@@ -102,7 +110,8 @@ def parse_rating(prediction: str, gold: float) -> float:
     return 1.0 if abs(1.0 - gold) > abs(5.0 - gold) else 5.0  # official tie rule: gold 3 -> 5
 
 
-def _rating_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, float]:
+def _rating_errors(task: str, ids: list[str], predictions, golds) -> list[float]:
+    """prediction - gold per example (unparsable predictions read as `parse_rating` says)."""
     errors = []
     for i in ids:
         try:
@@ -110,6 +119,11 @@ def _rating_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, 
         except ValueError:
             raise DataError(f"evaluate: gold for id {i!r}: {golds[i]!r} is not a number ({task})") from None
         errors.append(parse_rating(predictions[i].strip(), y) - y)
+    return errors
+
+
+def _rating_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, float]:
+    errors = _rating_errors(task, ids, predictions, golds)
     return {
         "mae": sum(abs(e) for e in errors) / len(errors),
         "rmse": math.sqrt(sum(e * e for e in errors) / len(errors)),
@@ -127,14 +141,19 @@ def _rouge_scorer():
     return _SCORER
 
 
-def _generation_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, float]:
+def _rouge_per_example(ids: list[str], predictions, golds) -> list[tuple[float, float]]:
+    """(ROUGE-1 F, ROUGE-L F) per example."""
     scorer = _rouge_scorer()
-    r1 = rl = 0.0
+    out = []
     for i in ids:
         s = scorer.score(golds[i].strip(), predictions[i].strip())  # score(target, prediction)
-        r1 += s["rouge1"].fmeasure
-        rl += s["rougeL"].fmeasure
-    return {"rouge1": r1 / len(ids), "rougeL": rl / len(ids)}
+        out.append((s["rouge1"].fmeasure, s["rougeL"].fmeasure))
+    return out
+
+
+def _generation_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, float]:
+    pairs = _rouge_per_example(ids, predictions, golds)
+    return {"rouge1": sum(p[0] for p in pairs) / len(ids), "rougeL": sum(p[1] for p in pairs) / len(ids)}
 
 
 def evaluate(task: str, predictions: Mapping[str, str], golds: Mapping[str, str], *,
@@ -157,6 +176,64 @@ def evaluate(task: str, predictions: Mapping[str, str], golds: Mapping[str, str]
     if kind == "rating":
         return _rating_metrics(task, ids, predictions, golds)
     return _generation_metrics(task, ids, predictions, golds)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-example scores and paired comparisons (is method B better than A beyond noise?)
+
+# The main metric of each kind of task, and whether higher is better.
+MAIN_METRIC = {"label": ("accuracy", True), "rating": ("mae", False), "generation": ("rouge1", True)}
+
+
+def main_metric(task: str) -> tuple[str, bool]:
+    """(metric key, higher is better) of the task's main metric: accuracy, MAE or ROUGE-1."""
+    return MAIN_METRIC[TASKS[canonical_task(task)].kind]
+
+
+def per_example_scores(task: str, predictions: Mapping[str, str], golds: Mapping[str, str]) -> dict[str, float]:
+    """{id: the example's share of the task's main metric}: 1/0 correct (label tasks), |prediction - gold| (rating
+    tasks) or ROUGE-1 F (generation tasks). Their mean over the ids is exactly `evaluate`'s accuracy / mae / rouge1
+    on the same predictions (scored as given: no extraction, no normalisation)."""
+    task = canonical_task(task)
+    _check_ids(predictions, golds)
+    ids = list(golds)
+    kind = TASKS[task].kind
+    if kind == "label":
+        gold_idx, pred_idx = _label_indices(task, ids, predictions, golds)
+        values = [float(g == p) for g, p in zip(gold_idx, pred_idx)]
+    elif kind == "rating":
+        values = [abs(e) for e in _rating_errors(task, ids, predictions, golds)]
+    else:
+        values = [r1 for r1, _ in _rouge_per_example(ids, predictions, golds)]
+    return dict(zip(ids, values))
+
+
+def paired_bootstrap(a: Mapping[str, float], b: Mapping[str, float], clusters: Mapping[str, str], *,
+                     samples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of b - a over the examples, with a percentile interval from a paired cluster bootstrap.
+
+    a, b: per-example scores of two methods on the same ids (`per_example_scores`); clusters: {id: cluster}, e.g.
+    the user, since one user's examples are not independent. Each draw resamples whole clusters with replacement
+    and takes the mean difference over the examples drawn. Returns (difference, low, high); seeded, so the same
+    inputs give the same interval. With one cluster the interval is the point itself (nothing to resample)."""
+    if set(a) != set(b) or not set(a) <= set(clusters):
+        raise ValueError("paired_bootstrap: a and b must score the same ids, and every id needs a cluster")
+    if not a:
+        raise ValueError("paired_bootstrap: no examples")
+    groups: dict[str, list[float]] = {}
+    for i in a:
+        groups.setdefault(clusters[i], []).append(b[i] - a[i])
+    sums = [(sum(d), len(d)) for d in groups.values()]  # per cluster: (sum of differences, examples)
+    point = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(samples):
+        picked = [sums[rng.randrange(len(sums))] for _ in range(len(sums))]
+        draws.append(sum(s for s, _ in picked) / sum(n for _, n in picked))
+    draws.sort()
+    tail = (1.0 - level) / 2
+    lo, hi = draws[int(tail * (samples - 1))], draws[int(round((1 - tail) * (samples - 1)))]
+    return point, lo, hi
 
 
 # ----------------------------------------------------------------------------------------------------------------

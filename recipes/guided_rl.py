@@ -116,6 +116,33 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
     return merged
 
 
+def rl_vs_sft(world, tasks: list[str], eval_dir: Path, limit: int, rows=("Guided RL", "Exploratory RL"),
+              base: str = "SFT", samples: int = 2000) -> dict:
+    """Each RL row minus SFT on each task's main metric, from the official-format predictions the table wrote,
+    with a 95% interval from resampling the dev *users* (a paired cluster bootstrap: one user's questions share a
+    profile and move together). {task: {"metric", "higher_is_better", "users", row: (diff, low, high)}}; also
+    written to <eval_dir>/rl_vs_sft.json."""
+    from minitagpr.data import lamp
+    from minitagpr.metrics import main_metric, paired_bootstrap, per_example_scores
+    evaluate = recipe("evaluate")
+    out: dict = {}
+    for task in tasks:
+        data = evaluate.load_task_data(world, task, part="dev", limit=limit)
+        users = {ex.id: ex.user for ex in data.examples}
+        file = f"{lamp.task_spec(task).file_name}_predictions.json"
+
+        def scores(row):
+            _, preds = lamp.load_outputs(eval_dir / "predictions" / evaluate._slug(row) / file)
+            return per_example_scores(task, preds, data.golds)
+        ref = scores(base)
+        key, higher = main_metric(task)
+        out[task] = {"metric": key, "higher_is_better": higher, "users": len(set(users.values()))}
+        for row in rows:
+            out[task][row] = paired_bootstrap(ref, scores(row), users, samples=samples)
+    lamp.atomic_write_json(eval_dir / "rl_vs_sft.json", out)
+    return out
+
+
 def first_last_share(log_path: Path, keys: list[str], share: float = 0.2) -> dict[str, tuple[float, float]]:
     """Mean of each key over the first and the last `share` of logged steps (did the stage learn?). A key a step
     did not log (a task that step did not sample) is averaged over the steps that have it; NaN if none."""
@@ -199,6 +226,15 @@ def main(argv: list[str]) -> None:
             print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
                   "decodes greedily)")
             print(f"\n[demo] evaluation ({work / 'eval' / 'table.md'}):\n{table.markdown()}")
+            diffs = rl_vs_sft(paths["world"], tasks, work / "eval", cfg.eval_examples)
+            users = max(d["users"] for d in diffs.values())
+            print(f"\n[demo] RL minus SFT on each task's main metric, 95% interval from resampling the {users} dev "
+                  "users (2,000 draws):")
+            for task, d in diffs.items():
+                sense = "higher is better" if d["higher_is_better"] else "lower is better"
+                cells = "   ".join(f"{row} {v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for row, v in d.items()
+                                   if isinstance(v, tuple))
+                print(f"  {task:7s} {d['metric']:8s} {cells}   ({sense})")
     finally:
         D.destroy_distributed()
 

@@ -159,3 +159,47 @@ def test_metric_label_sets_agree_with_the_answers_module():
     for task, labels in answers.LABELS.items():
         assert list(TASKS[task].labels) == list(labels)
     assert {t for t, s in TASKS.items() if s.is_classification} == set(answers.CLASSIFICATION_TASKS)
+
+
+# --- per-example scores and the paired cluster bootstrap -----------------------------------------------------------
+
+@pytest.mark.parametrize("task, preds, golds", [
+    ("LaMP-1", LAMP1_PREDS, LAMP1_GOLDS),
+    ("LaMP-3", {"a": "4", "b": "x", "c": "2.5", "d": "nan"}, {"a": "5", "b": "3", "c": "1", "d": "2"}),
+    ("LaMP-5", {"a": "deep nets for graphs", "b": "", "c": "a b c"}, {"a": "deep graph nets", "b": "x y", "c": "a b"}),
+])
+def test_per_example_scores_average_to_the_official_main_metric(task, preds, golds):
+    from minitagpr.metrics import main_metric, per_example_scores
+    key, _ = main_metric(task)
+    per = per_example_scores(task, preds, golds)
+    assert set(per) == set(golds)
+    assert sum(per.values()) / len(per) == pytest.approx(evaluate(task, preds, golds)[key], abs=1e-12)
+
+
+def test_per_example_scores_values_by_hand():
+    from minitagpr.metrics import main_metric, per_example_scores
+    assert per_example_scores("LaMP-1", LAMP1_PREDS, LAMP1_GOLDS) == {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0, "e": 1.0}
+    # "x" is unparsable: gold 3 reads it as 5 (official tie rule) -> |5 - 3| = 2
+    assert per_example_scores("LaMP-3", {"a": "4", "b": "x"}, {"a": "5", "b": "3"}) == {"a": 1.0, "b": 2.0}
+    assert main_metric("LaMP-3") == ("mae", False) and main_metric("LaMP_4") == ("rouge1", True)
+    with pytest.raises(DataError, match="missing"):
+        per_example_scores("LaMP-1", {"a": "[1]"}, {"a": "[1]", "b": "[2]"})
+
+
+def test_paired_bootstrap_point_interval_and_determinism():
+    from minitagpr.metrics import paired_bootstrap
+    ids = [f"q{i}" for i in range(40)]
+    clusters = {i: f"u{n % 8}" for n, i in enumerate(ids)}  # 8 users, 5 examples each
+    a = {i: 0.0 for i in ids}
+    assert paired_bootstrap(a, dict(a), clusters) == (0.0, 0.0, 0.0)  # identical methods: no difference at all
+    b = {i: (1.0 if clusters[i] in ("u0", "u1") else 0.0) for i in ids}  # B wins only for 2 of 8 users
+    point, lo, hi = paired_bootstrap(a, b, clusters, samples=4000, seed=1)
+    assert point == pytest.approx(0.25) and lo <= point <= hi
+    assert lo < 0.1 and hi > 0.4  # resampling users: whether those 2 users are drawn dominates -> wide interval
+    assert paired_bootstrap(a, b, clusters, samples=4000, seed=1) == (point, lo, hi)  # seeded
+    per_example = {i: i for i in ids}  # every example its own cluster: the same gain looks far more certain
+    _, lo_ex, hi_ex = paired_bootstrap(a, b, per_example, samples=4000, seed=1)
+    assert hi_ex - lo_ex < hi - lo
+    assert paired_bootstrap(a, b, {i: "u" for i in ids}) == (0.25, 0.25, 0.25)  # one cluster: nothing to resample
+    with pytest.raises(ValueError, match="same ids"):
+        paired_bootstrap(a, {"q0": 1.0}, clusters)

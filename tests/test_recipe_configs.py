@@ -86,3 +86,35 @@ def test_user_errors_name_the_rank_under_torchrun(monkeypatch, capsys):
     with pytest.raises(KeyError):  # a bug is not a user error: it keeps its traceback
         with exit_on_user_error("demo"):
             raise KeyError("x")
+
+
+def test_rl_vs_sft_reads_the_written_predictions_and_resamples_users(tmp_path):
+    """The demo's RL-minus-SFT lines: per task, from the official-format prediction files the table wrote, one
+    (difference, low, high) per RL row, the users counted from the questions, and rl_vs_sft.json written."""
+    import json
+    from dataclasses import replace
+
+    from minitagpr.data import lamp
+    sys.path.insert(0, str(RECIPES.parent / "tests"))
+    from lamp_fixtures import make_examples
+
+    guided_rl = importlib.import_module("guided_rl")
+    examples, golds = make_examples("LaMP-3", n=6, split="time")
+    examples = [replace(ex, user_id=f"u{k % 3}") for k, ex in enumerate(examples)]  # 3 users x 2 questions
+    q, o = tmp_path / "q.json", tmp_path / "o.json"
+    lamp.write_questions(q, examples)
+    lamp.write_outputs(o, "LaMP-3", golds)
+    ids = [ex.id for ex in examples]
+    guided_preds = {i: str(int(golds[i]) % 5 + 1) if k < 2 else golds[i] for k, i in enumerate(ids)}  # 2 misses
+    rows = {"SFT": dict(golds), "Guided RL": guided_preds, "Exploratory RL": dict(golds)}
+    for row, preds in rows.items():
+        lamp.write_outputs(tmp_path / "eval" / "predictions" / row.replace(" ", "_") / "LaMP_3_predictions.json",
+                           "LaMP-3", preds)
+    out = guided_rl.rl_vs_sft({"LaMP-3": (q, o)}, ["LaMP-3"], tmp_path / "eval", 0, samples=500)
+    d = out["LaMP-3"]
+    assert (d["metric"], d["higher_is_better"], d["users"]) == ("mae", False, 3)
+    errors = sum(abs(int(guided_preds[i]) - int(golds[i])) for i in ids)
+    assert d["Guided RL"][0] == pytest.approx(errors / 6) and d["Guided RL"][1] <= d["Guided RL"][0] <= d["Guided RL"][2]
+    assert d["Exploratory RL"] == (0.0, 0.0, 0.0)
+    saved = json.loads((tmp_path / "eval" / "rl_vs_sft.json").read_text())
+    assert saved["LaMP-3"]["Guided RL"] == list(d["Guided RL"])

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,25 +25,7 @@ sys.path.insert(0, str(REPO))
 from minitagpr.data.chain_client import (  # noqa: E402
     ChatClient, ChatRequest, EndpointConfig, Endpoint, ResponseCache, request_key,
 )
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def peak_mb(fn) -> float:
-    tracemalloc.start()
-    result = fn()
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    del result
-    return peak / 2**20
+from timing import median_seconds, python_peak_mb  # noqa: E402
 
 
 def main() -> None:
@@ -80,9 +60,9 @@ def main() -> None:
             with open(path, encoding="utf-8") as f:
                 return {r["key"]: r["response"] for r in map(json.loads, f)}
 
-        t_reopen, t_load = timed(reopen, args.repeats), timed(load_all, args.repeats)
-        mem_reopen = peak_mb(lambda: ResponseCache(path))
-        mem_load = peak_mb(load_all)
+        t_reopen, t_load = median_seconds(reopen, args.repeats), median_seconds(load_all, args.repeats)
+        mem_reopen = python_peak_mb(lambda: ResponseCache(path))
+        mem_load = python_peak_mb(load_all)
 
         table = load_all()
 
@@ -96,7 +76,7 @@ def main() -> None:
             for r in requests:
                 table[request_key(endpoint.model, r.messages, params(r), r.sample)]
 
-        t_resume, t_lookup = timed(resume, args.repeats), timed(lookup, args.repeats)
+        t_resume, t_lookup = median_seconds(resume, args.repeats), median_seconds(lookup, args.repeats)
 
         line = {"content": "4", "reasoning": filler, "finish_reason": "stop", "usage": None}
 
@@ -111,7 +91,7 @@ def main() -> None:
                     f.write(json.dumps({"key": f"k{i}", "response": line}) + "\n")
                     f.flush()
 
-        t_put, t_plain = timed(durable_puts, args.repeats), timed(plain_appends, args.repeats)
+        t_put, t_plain = median_seconds(durable_puts, args.repeats), median_seconds(plain_appends, args.repeats)
 
     n = args.lines
     print(f"{n} cached answers of ~{args.chars} chars ({size_mb:.0f} MB cache file), median of {args.repeats}")

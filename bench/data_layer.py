@@ -16,8 +16,6 @@ import random
 import statistics
 import sys
 import tempfile
-import time
-import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -28,27 +26,9 @@ from minitagpr.data.lamp import LampExample, item_document, load_questions, quer
 from minitagpr.data.prompts import build_messages, fit_messages  # noqa: E402
 from minitagpr.data.retrieval import get_retriever, tokenize  # noqa: E402
 from minitagpr.metrics import evaluate  # noqa: E402
+from timing import median_seconds, python_peak_mb  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(3000)]
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def peak_mb(fn) -> float:
-    tracemalloc.start()
-    fn()
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak / 2**20
 
 
 def make_lamp4(n_questions: int, n_items: int, rng: random.Random) -> list[LampExample]:
@@ -112,30 +92,30 @@ def main() -> None:
         print(f"\nreader: {n} LaMP-4 questions x {args.items} items, file {size_mb:.1f} MB, median of {r}")
         print("| path | ms | us/question | speed vs baseline | peak Python MB |")
         print("|---|---|---|---|---|")
-        t_json = timed(lambda: json.load(open(path, encoding="utf-8")), r)
-        t_ours = timed(lambda: load_questions(path, "LaMP-4"), r)
-        print(row("json.load only", t_json, n, extra=f"{peak_mb(lambda: json.load(open(path))):.0f}"))
+        t_json = median_seconds(lambda: json.load(open(path, encoding="utf-8")), r)
+        t_ours = median_seconds(lambda: load_questions(path, "LaMP-4"), r)
+        print(row("json.load only", t_json, n, extra=f"{python_peak_mb(lambda: json.load(open(path))):.0f}"))
         print(row("load_questions (validated)", t_ours, n, t_json,
-                  f"{peak_mb(lambda: load_questions(path, 'LaMP-4')):.0f}"))
+                  f"{python_peak_mb(lambda: load_questions(path, 'LaMP-4')):.0f}"))
 
     k = 8
     print(f"\nretrieval: k={k}, {args.items}-item profiles, {n} examples, median of {r}")
     print("| retriever | ms | us/example | speed vs baseline | |")
     print("|---|---|---|---|---|")
-    t_base = timed(lambda: [bm25_whole_counter(ex, k) for ex in examples], r)
+    t_base = median_seconds(lambda: [bm25_whole_counter(ex, k) for ex in examples], r)
     bm25 = get_retriever("bm25")
     assert all([it["id"] for it in bm25.select(ex, k)] == [it["id"] for it in bm25_whole_counter(ex, k)]
                for ex in examples[:20])
     print(row("bm25, whole-document Counter", t_base, n))
     for name in ("bm25", "recency", "random"):
         ret = get_retriever(name)
-        print(row(f"{name} (ours)", timed(lambda: [ret.select(ex, k) for ex in examples], r), n, t_base))
+        print(row(f"{name} (ours)", median_seconds(lambda: [ret.select(ex, k) for ex in examples], r), n, t_base))
 
     # Budgeted prompts: each tokenizer call tokenises a whole prompt, so use fewer examples and a larger k.
     kp, pex = 16, examples[: max(1, n // 5)]
     items = [get_retriever("recency").select(ex, kp) for ex in pex]
     print(f"\nprompts: k={kp}, {len(pex)} examples, median of {r}")
-    t_plain = timed(lambda: [build_messages(ex, it) for ex, it in zip(pex, items)], r)
+    t_plain = median_seconds(lambda: [build_messages(ex, it) for ex, it in zip(pex, items)], r)
     print(f"build_messages without a budget: {t_plain * 1e3:.1f} ms ({t_plain / len(pex) * 1e6:.0f} us/example)")
     tok_dir = REPO.parent / "shared" / "assets" / "qwen3-tokenizer"
     if tok_dir.exists():
@@ -150,7 +130,7 @@ def main() -> None:
                 tok.calls = 0
                 kept = [fn(ex, it, tok, budget)[1] for ex, it in zip(pex, items)]
                 calls = tok.calls / len(pex)
-                t = timed(lambda: [fn(ex, it, tok, budget) for ex, it in zip(pex, items)], r)
+                t = median_seconds(lambda: [fn(ex, it, tok, budget) for ex, it in zip(pex, items)], r)
                 if fn is trim_linearly:
                     t_lin = t
                 print(f"| {budget} " + row(name, t, len(pex), None if fn is trim_linearly else t_lin,
@@ -161,10 +141,11 @@ def main() -> None:
     print(f"\nmetrics: {n} examples, median of {r}")
     print("| task | ms | us/example | | |")
     print("|---|---|---|---|---|")
-    print(row("LaMP-4 rouge1 + rougeL", timed(lambda: evaluate("LaMP-4", preds, golds), r), n).replace(
+    print(row("LaMP-4 rouge1 + rougeL", median_seconds(lambda: evaluate("LaMP-4", preds, golds), r), n).replace(
         "1.00x (baseline)", ""))
     lab = {i: rng.choice(["[1]", "[2]"]) for i in golds}
-    print(row("LaMP-1 acc + F1", timed(lambda: evaluate("LaMP-1", lab, lab), r), n).replace("1.00x (baseline)", ""))
+    print(row("LaMP-1 acc + F1", median_seconds(lambda: evaluate("LaMP-1", lab, lab), r), n).replace(
+        "1.00x (baseline)", ""))
 
 
 if __name__ == "__main__":

@@ -21,64 +21,17 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from timing import PeakMemory, median_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ---- worker: one (N, H, impl) in its own process -------------------------------------------------------------------
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-class PeakMemory:
-    """Peak bytes allocated during a phase, above what was allocated when the phase began."""
-
-    def __init__(self, device: str):
-        self.device = device
-
-    def start(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM (the peak resident set) to the current resident set
-            self.base = _status_kib("VmRSS") * 1024
-
-    def peak(self) -> int:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        return _status_kib("VmHWM") * 1024 - self.base
-
-
-def _timed(fn, device: str, warmup: int, repeats: int) -> list[tuple[float, float]]:
-    """(wall seconds, process CPU seconds) of each repeat. On a shared CPU the CPU time is the steadier measure of
-    the work done: wall time also counts the minutes other processes hold the cores."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - wall0, time.process_time() - cpu0))
-    return times
-
 
 def run_worker(args) -> list[dict]:
     """All implementations on one (N, H), interleaved round by round so that a drifting machine load falls on
@@ -95,6 +48,7 @@ def run_worker(args) -> list[dict]:
     targets = torch.randint(0, v, (n,), generator=gen, device=device)  # (N,)
     impls = args.impl.split(",")
     memory = PeakMemory(device)
+    sync = torch.cuda.synchronize if device == "cuda" else None
     records = {impl: dict(n=n, h=h, v=v, impl=impl, device=device, dtype=args.dtype, threads=args.threads,
                           fwd_s=[], fwdbwd_s=[], fwd_cpu=[], fwdbwd_cpu=[], fwd_peak=0, fwdbwd_peak=0)
                for impl in impls}
@@ -115,7 +69,8 @@ def run_worker(args) -> list[dict]:
         for phase, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
             for impl in impls:
                 memory.start()
-                seconds, cpu = _timed(lambda: fn(impl), device, 0, 1)[0]
+                # one timed call per round (wall, process CPU); print_table takes the medians over rounds
+                seconds, cpu = median_seconds(lambda: fn(impl), 1, warmup=0, cpu=True, sync=sync)
                 rec = records[impl]
                 rec[phase + "_peak"] = max(rec[phase + "_peak"], memory.peak())
                 if round_ >= args.warmup:
@@ -127,8 +82,8 @@ def run_worker(args) -> list[dict]:
     if device == "cuda" and "triton" in impls:
         a = hidden.to(torch.bfloat16)
         b = weight.to(torch.bfloat16).T
-        mm = [wall for wall, _ in _timed(lambda: a @ b, device, 2, max(3, args.repeats))]
-        records["triton"]["matmul_tflops"] = 2 * n * h * v / statistics.median(mm) / 1e12
+        mm = median_seconds(lambda: a @ b, max(3, args.repeats), warmup=2, sync=sync)
+        records["triton"]["matmul_tflops"] = 2 * n * h * v / mm / 1e12
     return list(records.values())
 
 

@@ -16,21 +16,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from timing import PeakMemory, median_seconds
 
 SHAPES = {  # name -> (preset, batch, seq_len)
     "demo": ("demo", 8, 256),
     "qwen3-0.6b-2layer": ("qwen3-0.6b-2layer", 2, 512),
 }
 IMPLS = ["ours-fused", "ours-recompute", "ours-logits", "transformers"]
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def child(impl: str, ckpt: str, batch: int, seq: int, device: str, dtype: str, steps: int, warmup: int) -> dict:
@@ -71,24 +64,10 @@ def child(impl: str, ckpt: str, batch: int, seq: int, device: str, dtype: str, s
 
     for _ in range(warmup):
         step()
-    sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
-        base = _rss_kb("VmRSS:") * 1024
-    times = []
-    for _ in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kb("VmHWM:") * 1024) - base
-    med = statistics.median(times)
-    return {"impl": impl, "step_s": med, "tokens_per_s": batch * seq / med, "peak_bytes": peak}
+    memory = PeakMemory(device)
+    memory.start()  # after the warm-up: the peak is the steps' own, above what the warm-up left allocated
+    med = median_seconds(step, steps, warmup=0, sync=sync)
+    return {"impl": impl, "step_s": med, "tokens_per_s": batch * seq / med, "peak_bytes": memory.peak()}
 
 
 def main():

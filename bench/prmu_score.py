@@ -24,15 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import reset_rss_peak, status_kib
+
 PATHS = ["transformers", "ours-no-table", "ours-table", "ours-one-by-one"]
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def child(path: str, work: str, n: int, batch: int, repeats: int) -> dict:
@@ -79,9 +73,7 @@ def child(path: str, work: str, n: int, batch: int, repeats: int) -> dict:
             return scorer.score(users, prompts, responses)
 
     call()  # warm-up
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set to the current one
-    base_kb = _status_kb("VmRSS")
+    base_kb = reset_rss_peak()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -89,7 +81,7 @@ def child(path: str, work: str, n: int, batch: int, repeats: int) -> dict:
         times.append(time.perf_counter() - t0)
     tokens = sum(len(encode_reward_input(tok, p, r)) for p, r in zip(prompts, responses))
     return {"path": path, "s": statistics.median(times), "n": len(scores), "tokens": tokens,
-            "peak_mb": max(0, _status_kb("VmHWM") - base_kb) / 1024, "first": scores[0]}
+            "peak_mb": max(0, status_kib("VmHWM") - base_kb) / 1024, "first": scores[0]}
 
 
 def main() -> None:

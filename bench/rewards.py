@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
-import time
-import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +26,7 @@ from rouge_score import rouge_scorer  # noqa: E402
 
 from minitagpr import rewards  # noqa: E402
 from minitagpr.data.answers import LABELS, is_classification  # noqa: E402
+from timing import median_seconds, python_peak_mb  # noqa: E402
 
 # Guided-RL task mix of the paper: 1,024 examples each of LaMP-1, 3, 4, 5, 7 and 3,200 of LaMP-2.
 TASK_MIX = {"LaMP-1": 1024, "LaMP-2": 3200, "LaMP-3": 1024, "LaMP-4": 1024, "LaMP-5": 1024, "LaMP-7": 1024}
@@ -68,27 +66,6 @@ def library_rouge_batch(tasks, responses, golds):
         out.append((r_v, rewards.format_reward(response), rewards.repetition_reward(response),
                     rewards.tag_reward(chain)))
     return out
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """Median wall and median CPU seconds after one warm-up (single-threaded, so CPU time is what an idle core
-    would take; on a shared box it is the steadier number)."""
-    fn()  # warm-up
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
-
-
-def peak_mb(fn) -> float:
-    tracemalloc.start()
-    fn()
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak / 2**20
 
 
 def main() -> None:
@@ -140,12 +117,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     seconds_of = {}
     for name, fn, baseline in rows:
-        wall, seconds = timed(fn, args.repeats)
+        wall, seconds = median_seconds(fn, args.repeats, cpu=True)  # one core: CPU time is the steadier number
         seconds_of[name] = seconds
         ratio = "1.00x" if name.startswith("baseline") else (
             f"{seconds_of[baseline] / seconds:.2f}x" if baseline else "-")
         rate = "-" if "1 MB" in name else f"{n / seconds:,.0f}"
-        print(f"| {name} | {wall:.3f} | {seconds:.3f} | {rate} | {ratio} | {peak_mb(fn):.1f} |")
+        print(f"| {name} | {wall:.3f} | {seconds:.3f} | {rate} | {ratio} | {python_peak_mb(fn):.1f} |")
 
 
 if __name__ == "__main__":

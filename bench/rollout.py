@@ -27,16 +27,10 @@ import sys
 import tempfile
 import time
 
+from timing import reset_rss_peak, status_kib
+
 # name -> (prompts, samples per prompt); "rl-demo" is one rank's rollout in the demo's guided RL (8 prompts, G = 5)
 WORKLOADS = {"batch16": (16, 1), "group16": (4, 4), "rl-demo": (8, 5)}
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def make_prompts(n_prompts: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
@@ -119,14 +113,12 @@ def child_memory(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    base_kb = _rss_kb("VmRSS")
+        base_kb = reset_rss_peak()
     run(0)
     if args.device == "cuda":
         torch.cuda.synchronize()
         return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
-    return {"peak_mib": (_rss_kb("VmHWM") - base_kb) / 1024}
+    return {"peak_mib": (status_kib("VmHWM") - base_kb) / 1024}
 
 
 def time_engines(args, engines: list[str]) -> dict:

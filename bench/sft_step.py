@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import random
 import resource
-import statistics
-import time
 
 import torch
 
 from minitagpr.model import presets
 from minitagpr.train import sft_data as S
 from minitagpr.train.loss import nll_forward_backward
+from timing import median_seconds
 
 
 def make_docs(n: int, seed: int = 0) -> list[S.Document]:
@@ -64,14 +63,8 @@ def main() -> None:
     }
     results = []
     for name, (rows, trim) in layouts.items():
-        one_pass(model, rows, args.micro_batch, trim)  # warm-up
-        walls, cpus = [], []
-        for _ in range(args.repeats):
-            w0, c0 = time.perf_counter(), time.process_time()
-            one_pass(model, rows, args.micro_batch, trim)
-            walls.append(time.perf_counter() - w0)
-            cpus.append(time.process_time() - c0)
-        results.append((name, rows.num_rows, statistics.median(walls), statistics.median(cpus)))
+        wall, cpu = median_seconds(lambda: one_pass(model, rows, args.micro_batch, trim), args.repeats, cpu=True)
+        results.append((name, rows.num_rows, wall, cpu))
     base_cpu = results[0][3]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{args.docs} documents, {real} real tokens, demo preset (~1M params), micro-batch {args.micro_batch}, "

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 from pathlib import Path
 
 from minitagpr.tokenizer import Tokenizer
+from timing import median_seconds, status_kib
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_kib("VmRSS") / 1024
 
 
 def conversations(n: int, seed: int = 0) -> list[list[dict]]:
@@ -36,16 +31,6 @@ def conversations(n: int, seed: int = 0) -> list[list[dict]]:
         out.append([{"role": "system", "content": "You personalise answers using the user's history."},
                     {"role": "user", "content": f"History:\n{profile}\nQuestion {i}: which title fits this user?"}])
     return out
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -1,0 +1,102 @@
+"""Timing and peak-memory helpers shared by the benchmark scripts of this folder.
+
+The scripts run as `python bench/X.py`, so this folder is on sys.path and they import it as `from timing import ...`.
+
+Time
+  median_seconds(fn, repeats)  calls fn `warmup` times untimed (default 1), then `repeats` timed calls; returns the
+                               median wall seconds (time.perf_counter). With cpu=True it returns (median wall,
+                               median process CPU seconds from time.process_time, all threads of this process): on
+                               a shared machine CPU time is the steadier measure of the work, wall time also counts
+                               the time other processes hold the cores. With sync (e.g. torch.cuda.synchronize) the
+                               clock starts and stops on a synchronised device, so queued GPU work is counted.
+
+Memory: different numbers, not interchangeable
+  python_peak_mb(fn)           tracemalloc's peak of Python-allocated bytes during one call of fn, in MiB (2**20
+                               bytes; the tables say MB). Counts what goes through Python's allocators (dicts,
+                               strings, lists); native buffers an extension allocates itself, such as torch tensor
+                               storage, are not counted.
+  status_kib("VmRSS")          the resident set now, in KiB, from /proc/self/status (Linux).
+  status_kib("VmHWM")          the resident set's high-water mark since process start or the last reset_rss_peak().
+  reset_rss_peak()             resets VmHWM to the current VmRSS (writes 5 to /proc/self/clear_refs) and returns that
+                               VmRSS in KiB: the base a later VmHWM is measured above.
+  PeakMemory(device)           peak bytes above the start of a phase: on CUDA torch.cuda.max_memory_allocated
+                               (tensors of the caching allocator, not the reserved pool) minus memory_allocated at
+                               start; on CPU VmHWM minus VmRSS at start (the whole process: Python, torch, libraries).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import tracemalloc
+
+
+def median_seconds(fn, repeats: int, *, warmup: int = 1, cpu: bool = False, sync=None):
+    """Median wall seconds of `repeats` calls of fn after `warmup` untimed calls; (wall, CPU) medians if cpu."""
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        if sync is not None:
+            sync()
+        wall0 = time.perf_counter()
+        cpu0 = time.process_time() if cpu else 0.0
+        fn()
+        if sync is not None:
+            sync()
+        walls.append(time.perf_counter() - wall0)
+        if cpu:
+            cpus.append(time.process_time() - cpu0)
+    if cpu:
+        return statistics.median(walls), statistics.median(cpus)
+    return statistics.median(walls)
+
+
+def python_peak_mb(fn) -> float:
+    """tracemalloc peak (MiB) of Python allocations during one call of fn."""
+    tracemalloc.start()
+    result = fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del result  # dropped after tracing stops, so nothing its teardown allocates is counted
+    return peak / 2**20
+
+
+def status_kib(field: str) -> int:
+    """One KiB field of /proc/self/status, e.g. "VmRSS" (resident set now) or "VmHWM" (its high-water mark)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_rss_peak() -> int:
+    """Reset VmHWM to the current resident set; return that resident set (KiB), the base of a later peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_kib("VmRSS")
+
+
+class PeakMemory:
+    """Peak bytes allocated during a phase, above what was allocated when the phase began (CUDA or CPU)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = reset_rss_peak() * 1024
+
+    def peak(self) -> int:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return status_kib("VmHWM") * 1024 - self.base

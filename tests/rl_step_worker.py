@@ -37,7 +37,7 @@ def main(ckpt: str, out: str):
     per = len(input_ids) // info.world_size  # whole groups per rank (prompt-major rows)
     sl = slice(info.rank * per, (info.rank + 1) * per)
     rows = [r for mb in minibatch_index(per // cfg.group_size, cfg.group_size, cfg.num_minibatches)
-            for r in micro_batches(mb, cfg.micro_batch_size)]
+            for r in micro_batches(mb, cfg.micro_batch_size, mask[sl])]
     old = sequence_logprobs(model, input_ids[sl], targets[sl], rows)
     noise = 0.01 * torch.randn(input_ids.shape, generator=torch.Generator().manual_seed(1))  # (N, T), global
     old = old + noise[sl] * mask[sl]  # pi_old != pi_theta, so ratios move and clipping can act

@@ -46,6 +46,53 @@ def test_minibatches_hold_whole_groups_of_prompt_i_mod_m():
     assert idx[0].tolist() == [0, 1, 2, 6, 7, 8] and idx[1].tolist() == [3, 4, 5, 9, 10, 11]
 
 
+def test_micro_batches_order_rows_by_where_their_response_ends():
+    from minitagpr.rl.loop import micro_batches, used_columns
+    mask = torch.zeros(6, 10, dtype=torch.bool)  # response ends (last target + 1): 4, 9, 0 (empty), 6, 9, 2
+    for row, (a, b) in enumerate([(2, 4), (5, 9), (0, 0), (3, 6), (1, 9), (1, 2)]):
+        mask[row, a:b] = True
+    rows = torch.tensor([0, 1, 2, 3, 4, 5])
+    chunks = micro_batches(rows, 2, mask)
+    assert [c.tolist() for c in chunks] == [[1, 4], [3, 0], [5, 2]]  # longest first, ties in row order
+    assert [used_columns(mask[c]) for c in chunks] == [9, 6, 2]  # each chunk is cut at its own last target
+    assert [c.tolist() for c in micro_batches(rows, 4)] == [[0, 1, 2, 3], [4, 5]]  # without a mask: row order
+    assert used_columns(torch.zeros(2, 5, dtype=torch.bool)) == 1  # only empty responses: one column to run
+
+
+def test_cut_micro_batches_give_the_update_of_one_full_width_batch(tmp_path):
+    """Reordering rows into micro-batches and cutting each at its last target changes neither the old log-probs
+    nor the optimizer step (1e-6): trailing right padding is invisible to causal attention."""
+    from minitagpr import distributed as D
+    from minitagpr.model.presets import make_tiny_checkpoint
+    from minitagpr.rl.loop import gspo_update, micro_batches, sequence_logprobs
+    from minitagpr.train.optim import build_optimizer
+    sys.path.insert(0, str(HERE))
+    from rl_step_worker import synthetic_batch
+
+    ckpt = make_tiny_checkpoint(tmp_path / "c", seed=4)
+    info = D.init_distributed()
+    try:
+        input_ids, targets, mask, adv = synthetic_batch(num_prompts=4, G=4, vocab=512, seed=2)
+        results = []
+        for size in (3, 64):  # 64: one micro-batch per mini-batch, cut at the longest response of all
+            torch.manual_seed(0)
+            model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
+            cfg = RLConfig(group_size=4, num_minibatches=2, micro_batch_size=size, lr=1e-3, eps_low=0.2,
+                           eps_high=0.2, prompts_per_step=4)
+            rows = [r for mb in minibatch_index(4, 4, 2) for r in micro_batches(mb, size, mask)]
+            old = sequence_logprobs(model, input_ids, targets, rows)
+            full, _ = model(input_ids, targets=targets)  # (N, T) one forward over every column
+            assert torch.allclose(old, full.detach() * mask, atol=1e-6)
+            old = old + 0.01 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1)) * mask
+            batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
+            gspo_update(model, build_optimizer(model, cfg.lr), batch, cfg, info.device)
+            results.append({k: v.detach().clone() for k, v in D.full_state_dict(model).items()})
+        for name, weight in results[0].items():
+            assert torch.allclose(weight, results[1][name], atol=1e-6), name
+    finally:
+        D.destroy_distributed()
+
+
 def test_config_rejects_uneven_minibatches_and_truncated_sampling():
     with pytest.raises(ValueError, match="not a multiple of num_minibatches"):
         RLConfig(prompts_per_step=6, num_minibatches=4)

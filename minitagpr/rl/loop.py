@@ -217,15 +217,24 @@ def make_sequences(prompts: list[Prompt], completions, G: int, pad_id: int):
     return input_ids, targets, targets != -100
 
 
+def used_columns(mask: torch.Tensor) -> int:
+    """How many leading columns of these rows anything depends on: up to the last response target. Rows are right
+    padded and attention is causal, so the columns after it change no log-prob and no gradient; each micro-batch
+    is cut there instead of at the global batch's longest row."""
+    cols = torch.nonzero(mask.any(dim=0)).flatten()  # (T',) columns holding some target
+    return int(cols[-1]) + 1 if len(cols) else 1
+
+
 @torch.no_grad()
 def sequence_logprobs(model, input_ids, targets, batches: list[torch.Tensor], temperature: float = 1.0):
     """log pi_old(y_t | ...) of every target token, no grad: the behaviour log-probs, computed over the very same
-    micro-batches the update will use (so with bf16 the first on-policy ratio is exactly 1, not batch-shape noise).
-    (N, T) fp32, 0 off-mask."""
+    micro-batches, cut to the very same columns, as the update will use (so with bf16 the first on-policy ratio is
+    exactly 1, not batch-shape noise). (N, T) fp32, 0 off-mask."""
     out = torch.zeros(targets.shape, dtype=torch.float32)
     for rows in batches:
-        logp, _ = model(input_ids[rows], targets=targets[rows], temperature=temperature)
-        out[rows] = logp.float().cpu()
+        t = used_columns(targets[rows] != -100)
+        logp, _ = model(input_ids[rows, :t], targets=targets[rows, :t], temperature=temperature)  # (b, t)
+        out[rows, :t] = logp.float().cpu()
     return out
 
 
@@ -239,7 +248,13 @@ def minibatch_index(num_prompts: int, G: int, num_minibatches: int) -> list[torc
     return [torch.nonzero(prompt % num_minibatches == m).flatten() for m in range(num_minibatches)]
 
 
-def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+def micro_batches(rows: torch.Tensor, size: int, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Consecutive chunks of `size` rows. Given the (N, T) response mask, the rows are first ordered by where their
+    response ends (longest first, ties in row order), so each chunk, cut at its own last used column, carries
+    little padding. Micro-batching never changes the gradient (summed), only the work and the memory."""
+    if mask is not None:
+        ends = (mask[rows] * torch.arange(1, mask.shape[1] + 1)).amax(dim=1)  # (len(rows),) last target + 1, or 0
+        rows = rows[torch.sort(-ends, stable=True).indices]
     return [rows[s:s + size] for s in range(0, len(rows), size)]
 
 
@@ -256,8 +271,9 @@ def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
             n_global = int(D.all_reduce_sum(nonempty.to(device)).item())
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for mrows in micro_batches(rows, cfg.micro_batch_size):
-                mb = {k: v[mrows].to(device) for k, v in batch.items()}
+            for mrows in micro_batches(rows, cfg.micro_batch_size, batch["mask"]):
+                t = used_columns(batch["mask"][mrows])  # the columns this micro-batch needs
+                mb = {k: (v[mrows, :t] if v.dim() == 2 else v[mrows]).to(device) for k, v in batch.items()}
                 logp, _ = model(mb["input_ids"], targets=mb["targets"], temperature=cfg.temperature)  # (b, T)
                 loss, m = gspo_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], eps_low=cfg.eps_low,
                                     eps_high=cfg.eps_high, token_level=cfg.token_level,
@@ -488,7 +504,7 @@ def train(cfg: RLConfig) -> Path:
         t1 = time.perf_counter()
         model.train()
         rows = [r for mb in minibatch_index(len(mine), cfg.group_size, cfg.num_minibatches)
-                for r in micro_batches(mb, cfg.micro_batch_size)]
+                for r in micro_batches(mb, cfg.micro_batch_size, mask)]  # the update's micro-batches
         old_logp = sequence_logprobs(model, input_ids.to(info.device), targets.to(info.device), rows,
                                      cfg.temperature)  # (N, T) log pi_old
         batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old_logp,

@@ -220,6 +220,8 @@ def paired_bootstrap(a: Mapping[str, float], b: Mapping[str, float], clusters: M
         raise ValueError("paired_bootstrap: a and b must score the same ids, and every id needs a cluster")
     if not a:
         raise ValueError("paired_bootstrap: no examples")
+    if samples < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"paired_bootstrap: need samples >= 1 and 0 < level < 1, got {samples} and {level}")
     groups: dict[str, list[float]] = {}
     for i in a:
         groups.setdefault(clusters[i], []).append(b[i] - a[i])
@@ -231,9 +233,8 @@ def paired_bootstrap(a: Mapping[str, float], b: Mapping[str, float], clusters: M
         picked = [sums[rng.randrange(len(sums))] for _ in range(len(sums))]
         draws.append(sum(s for s, _ in picked) / sum(n for _, n in picked))
     draws.sort()
-    tail = (1.0 - level) / 2
-    lo, hi = draws[int(tail * (samples - 1))], draws[int(round((1 - tail) * (samples - 1)))]
-    return point, lo, hi
+    k = round((1.0 - level) / 2 * (samples - 1))  # draws left out below the interval, and as many above it
+    return point, draws[k], draws[samples - 1 - k]
 
 
 # ----------------------------------------------------------------------------------------------------------------

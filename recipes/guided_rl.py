@@ -166,6 +166,33 @@ def balanced_reward_trend(trend: dict[str, tuple[float, float]], tasks: list[str
     return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
 
 
+def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, work: Path, table) -> None:
+    """Rank 0, after the process group is gone: the guided stage's trends, the table, and RL minus SFT."""
+    tasks = [t for t, _ in parse_task_mix(cfg.tasks)]
+    trend = first_last_share(Path(guided_cfg.out_dir) / "metrics.jsonl",
+                             ["reward_mean", "tag_pass_rate", "format_pass_rate", "r_prmu_mean"]
+                             + [f"r_v_mean/{t}" for t in tasks] + [f"reward_mean/{t}" for t in tasks])
+    balanced = balanced_reward_trend(trend, tasks)
+    print("\n[demo] guided RL, first vs last 20% of steps:")
+    for key, (first, last) in trend.items():
+        if not key.startswith("reward_mean/"):
+            print(f"  {key:18s} {first:.3f} -> {last:.3f}")
+    print(f"  {'reward, balanced':18s} {balanced[0]:.3f} -> {balanced[1]:.3f}  (each task weighs the same; "
+          "reward_mean above also moves with the tasks a step sampled)")
+    print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
+          "decodes greedily)")
+    print(f"\n[demo] evaluation ({work / 'eval' / 'table.md'}):\n{table.markdown()}")
+    diffs = rl_vs_sft(paths["world"], tasks, work / "eval", cfg.eval_examples)
+    users = max(d["users"] for d in diffs.values())
+    print(f"\n[demo] RL minus SFT on each task's main metric, 95% interval from resampling the {users} dev "
+          "users (2,000 draws):")
+    for task, d in diffs.items():
+        sense = "higher is better" if d["higher_is_better"] else "lower is better"
+        cells = "   ".join(f"{row} {v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for row, v in d.items()
+                           if isinstance(v, tuple))
+        print(f"  {task:7s} {d['metric']:8s} {cells}   ({sense})")
+
+
 def main(argv: list[str]) -> None:
     cfg = parse_cli(GuidedConfig, argv)
     if not cfg.demo and not any(a == "--config" or a.startswith(("config=", "--config=")) for a in argv):
@@ -174,6 +201,7 @@ def main(argv: list[str]) -> None:
     if cfg.stage != "guided":
         raise SystemExit("recipes/guided_rl.py runs stage=guided; use recipes/exploratory_rl.py for Stage 3")
     info = D.init_distributed()
+    report = None
     try:
         if not cfg.demo:
             if not (cfg.policy and cfg.data_root and (cfg.prmu or not cfg.use_prmu or cfg.gamma == 0)):
@@ -211,32 +239,11 @@ def main(argv: list[str]) -> None:
         D.log("[demo] 6. evaluation: base vs SFT vs guided vs exploratory on the demo dev sets")
         table = evaluate_table({"Base": paths["base"], "SFT": paths["sft"], "Guided RL": guided_export,
                                 "Exploratory RL": explore_export}, paths["world"], guided_cfg, work / "eval")
-        if info.is_main:
-            tasks = [t for t, _ in parse_task_mix(cfg.tasks)]
-            trend = first_last_share(Path(guided_cfg.out_dir) / "metrics.jsonl",
-                                     ["reward_mean", "tag_pass_rate", "format_pass_rate", "r_prmu_mean"]
-                                     + [f"r_v_mean/{t}" for t in tasks] + [f"reward_mean/{t}" for t in tasks])
-            balanced = balanced_reward_trend(trend, tasks)
-            print("\n[demo] guided RL, first vs last 20% of steps:")
-            for key, (first, last) in trend.items():
-                if not key.startswith("reward_mean/"):
-                    print(f"  {key:18s} {first:.3f} -> {last:.3f}")
-            print(f"  {'reward, balanced':18s} {balanced[0]:.3f} -> {balanced[1]:.3f}  (each task weighs the same; "
-                  "reward_mean above also moves with the tasks a step sampled)")
-            print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
-                  "decodes greedily)")
-            print(f"\n[demo] evaluation ({work / 'eval' / 'table.md'}):\n{table.markdown()}")
-            diffs = rl_vs_sft(paths["world"], tasks, work / "eval", cfg.eval_examples)
-            users = max(d["users"] for d in diffs.values())
-            print(f"\n[demo] RL minus SFT on each task's main metric, 95% interval from resampling the {users} dev "
-                  "users (2,000 draws):")
-            for task, d in diffs.items():
-                sense = "higher is better" if d["higher_is_better"] else "lower is better"
-                cells = "   ".join(f"{row} {v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for row, v in d.items()
-                                   if isinstance(v, tuple))
-                print(f"  {task:7s} {d['metric']:8s} {cells}   ({sense})")
+        report = (guided_cfg, paths, work, table)
     finally:
         D.destroy_distributed()
+    if report is not None and info.is_main:  # no collectives in it: a failure there leaves no rank waiting
+        print_demo_report(cfg, *report)
 
 
 if __name__ == "__main__":

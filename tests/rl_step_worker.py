@@ -21,7 +21,7 @@ def synthetic_batch(num_prompts: int, G: int, vocab: int, seed: int = 0):
     targets = torch.full((N, T), -100, dtype=torch.long)
     for n in range(N):
         p = int(torch.randint(3, 9, (1,), generator=g))
-        r = int(torch.randint(0 if n % 7 == 3 else 1, T - p, (1,), generator=g))  # one empty response in seven
+        r = 0 if n % 7 == 3 else int(torch.randint(1, T - p, (1,), generator=g))  # one empty response in seven
         targets[n, p:p + r] = torch.randint(0, vocab, (r,), generator=g)
     adv = torch.randn(N, generator=g)
     return input_ids, targets, targets != -100, adv

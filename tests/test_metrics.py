@@ -203,3 +203,21 @@ def test_paired_bootstrap_point_interval_and_determinism():
     assert paired_bootstrap(a, b, {i: "u" for i in ids}) == (0.25, 0.25, 0.25)  # one cluster: nothing to resample
     with pytest.raises(ValueError, match="same ids"):
         paired_bootstrap(a, {"q0": 1.0}, clusters)
+
+
+def test_paired_bootstrap_interval_is_the_symmetric_percentile_range():
+    from minitagpr.metrics import paired_bootstrap
+    ids = [f"q{i}" for i in range(30)]
+    a = {i: 0.0 for i in ids}
+    b = {i: float(n) for n, i in enumerate(ids)}  # every example its own cluster, all differences distinct
+    clusters = {i: i for i in ids}
+    _, lo, hi = paired_bootstrap(a, b, clusters, samples=101, level=0.9, seed=3)
+    import random
+    rng, draws = random.Random(3), []
+    for _ in range(101):  # the same draws by hand: 5 of the 101 sorted means lie below, 5 above
+        picked = [rng.randrange(30) for _ in range(30)]
+        draws.append(sum(picked) / 30)
+    draws.sort()
+    assert (lo, hi) == (draws[5], draws[95])
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap(a, b, clusters, level=1.0)

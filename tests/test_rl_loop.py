@@ -59,36 +59,55 @@ def test_micro_batches_order_rows_by_where_their_response_ends():
     assert used_columns(torch.zeros(2, 5, dtype=torch.bool)) == 1  # only empty responses: one column to run
 
 
-def test_cut_micro_batches_give_the_update_of_one_full_width_batch(tmp_path):
-    """Reordering rows into micro-batches and cutting each at its last target changes neither the old log-probs
-    nor the optimizer step (1e-6): trailing right padding is invisible to causal attention."""
+def test_cut_micro_batches_give_the_update_and_metrics_of_one_full_width_batch(tmp_path, monkeypatch):
+    """Reordering rows into micro-batches and cutting each at its last target changes neither the old log-probs,
+    nor the gradients, nor the logged GSPO metrics (1e-6): the reference is the loop as it was, one micro-batch per
+    mini-batch at the batch's full width. Empty responses included, one micro-batch entirely empty. (lr = 0: Adam's
+    first step is about lr * sign(g) for every weight, so comparing weights would amplify rounding noise in tiny
+    gradients; the last mini-batch's gradients stay in .grad, the loss and grad norm of both are in the metrics.)"""
+    import minitagpr.rl.loop as L
     from minitagpr import distributed as D
     from minitagpr.model.presets import make_tiny_checkpoint
-    from minitagpr.rl.loop import gspo_update, micro_batches, sequence_logprobs
     from minitagpr.train.optim import build_optimizer
     sys.path.insert(0, str(HERE))
     from rl_step_worker import synthetic_batch
 
     ckpt = make_tiny_checkpoint(tmp_path / "c", seed=4)
+    input_ids, targets, _, adv = synthetic_batch(num_prompts=4, G=4, vocab=512, seed=2)
+    targets[[3, 10, 11]] = -100  # mini-batch 0 (prompts 0 and 2) gets 3 empty responses: with size 3, the last
+    mask = targets != -100       # micro-batch of its sorted rows is all empty
+    cut, whole = L.used_columns, L.micro_batches
     info = D.init_distributed()
     try:
-        input_ids, targets, mask, adv = synthetic_batch(num_prompts=4, G=4, vocab=512, seed=2)
         results = []
-        for size in (3, 64):  # 64: one micro-batch per mini-batch, cut at the longest response of all
+        for size, full_width in ((3, False), (64, True)):
+            if full_width:
+                monkeypatch.setattr(L, "used_columns", lambda m: m.shape[1])
+                monkeypatch.setattr(L, "micro_batches", lambda rows, n, m=None: whole(rows, n))
             torch.manual_seed(0)
             model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
-            cfg = RLConfig(group_size=4, num_minibatches=2, micro_batch_size=size, lr=1e-3, eps_low=0.2,
+            cfg = RLConfig(group_size=4, num_minibatches=2, micro_batch_size=size, lr=0.0, eps_low=0.2,
                            eps_high=0.2, prompts_per_step=4)
-            rows = [r for mb in minibatch_index(4, 4, 2) for r in micro_batches(mb, size, mask)]
-            old = sequence_logprobs(model, input_ids, targets, rows)
+            rows = [r for mb in minibatch_index(4, 4, 2) for r in L.micro_batches(mb, size, mask)]
+            if not full_width:
+                assert any(not mask[r].any() for r in rows)  # the all-empty micro-batch exists
+            old = L.sequence_logprobs(model, input_ids, targets, rows)
             full, _ = model(input_ids, targets=targets)  # (N, T) one forward over every column
             assert torch.allclose(old, full.detach() * mask, atol=1e-6)
             old = old + 0.01 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1)) * mask
             batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
-            gspo_update(model, build_optimizer(model, cfg.lr), batch, cfg, info.device)
-            results.append({k: v.detach().clone() for k, v in D.full_state_dict(model).items()})
-        for name, weight in results[0].items():
-            assert torch.allclose(weight, results[1][name], atol=1e-6), name
+            metrics = L.reduce_train_metrics(L.gspo_update(model, build_optimizer(model, cfg.lr), batch, cfg,
+                                                           info.device), info.device)
+            grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}  # last mini-batch
+            results.append((metrics, grads))
+        assert L.used_columns is not cut  # the reference really ran the old way
+        (m_cut, g_cut), (m_ref, g_ref) = results
+        for name, grad in g_ref.items():
+            assert torch.allclose(grad, g_cut[name], atol=1e-7, rtol=1e-4), name
+        assert m_ref["gspo/grad_norm"] > 0 and m_ref["gspo/ratio_max"] > 1.0  # something was learned from
+        assert m_cut.keys() == m_ref.keys() and m_cut["gspo/empty_sequences"] == 3
+        for key in m_ref:
+            assert m_cut[key] == pytest.approx(m_ref[key], rel=1e-6, abs=1e-12), key
     finally:
         D.destroy_distributed()
 

@@ -126,7 +126,7 @@ def _loss_metrics(s: torch.Tensor, delta: torch.Tensor, adv: torch.Tensor, mask:
     if int(n_seq) == 0:
         return {"clip_frac_low": 0.0, "clip_frac_high": 0.0, "ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0,
                 "approx_kl": 0.0, "adv_mean": 0.0, "adv_std": 0.0, "adv_min": 0.0, "adv_max": 0.0,
-                "num_sequences": 0.0, "num_tokens": 0.0, "empty_sequences": float(nonempty.numel())}
+                "adv_sq_mean": 0.0, "num_sequences": 0.0, "num_tokens": 0.0, "empty_sequences": float(nonempty.numel())}
     s_ne, adv_ne = s[nonempty].double(), adv[nonempty].double()  # (S,) the non-empty sequences
     d = delta.double()[mask]  # (num_tokens,) per-token log-ratio
     stats = torch.stack([
@@ -134,9 +134,10 @@ def _loss_metrics(s: torch.Tensor, delta: torch.Tensor, adv: torch.Tensor, mask:
         ((s_ne > high) & (adv_ne > 0)).double().mean(),
         s_ne.mean(), s_ne.min(), s_ne.max(),
         (d.exp() - 1 - d).mean(),  # k3: an unbiased, non-negative estimate of KL(pi_old || pi_theta)
-        adv_ne.mean(), adv_ne.std(correction=0), adv_ne.min(), adv_ne.max(),
+        adv_ne.mean(), adv_ne.std(correction=0), adv_ne.min(), adv_ne.max(), (adv_ne * adv_ne).mean(),
         n_seq.double(), mask.sum().double(), (~nonempty).sum().double(),
     ]).tolist()  # one device sync
     keys = ("clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_min", "ratio_max", "approx_kl",
-            "adv_mean", "adv_std", "adv_min", "adv_max", "num_sequences", "num_tokens", "empty_sequences")
+            "adv_mean", "adv_std", "adv_min", "adv_max", "adv_sq_mean", "num_sequences", "num_tokens",
+            "empty_sequences")
     return dict(zip(keys, stats))

@@ -253,8 +253,8 @@ def micro_batches(rows: torch.Tensor, size: int, mask: torch.Tensor | None = Non
     response ends (longest first, ties in row order), so each chunk, cut at its own last used column, carries
     little padding. Micro-batching never changes the gradient (summed), only the work and the memory."""
     if mask is not None:
-        ends = (mask[rows] * torch.arange(1, mask.shape[1] + 1)).amax(dim=1)  # (len(rows),) last target + 1, or 0
-        rows = rows[torch.sort(-ends, stable=True).indices]
+        ends = (mask[rows] * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)  # (len,) last + 1 or 0
+        rows = rows[torch.sort(-ends, stable=True).indices.cpu()]
     return [rows[s:s + size] for s in range(0, len(rows), size)]
 
 
@@ -274,7 +274,7 @@ def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
             for mrows in micro_batches(rows, cfg.micro_batch_size, batch["mask"]):
                 t = used_columns(batch["mask"][mrows])  # the columns this micro-batch needs
                 mb = {k: (v[mrows, :t] if v.dim() == 2 else v[mrows]).to(device) for k, v in batch.items()}
-                logp, _ = model(mb["input_ids"], targets=mb["targets"], temperature=cfg.temperature)  # (b, T)
+                logp, _ = model(mb["input_ids"], targets=mb["targets"], temperature=cfg.temperature)  # (b, t)
                 loss, m = gspo_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], eps_low=cfg.eps_low,
                                     eps_high=cfg.eps_high, token_level=cfg.token_level,
                                     num_sequences=max(n_global, 1))
@@ -290,12 +290,16 @@ def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
     return sums
 
 
-# Loss metrics of gspo_loss: counts are summed, min/max reduced, the rest averaged over non-empty sequences.
+# Loss metrics of gspo_loss: counts are summed, min/max reduced, approx_kl averaged over tokens, the rest over
+# non-empty sequences -- so the step's values do not depend on how its rows were cut into micro-batches or ranks
+# (adv_std is pooled from the first two moments in reduce_train_metrics).
 _COUNT_KEYS = ("num_sequences", "num_tokens", "empty_sequences")
+_PER_TOKEN_KEYS = ("approx_kl",)
 
 
 def _accumulate(sums: dict, metrics: dict, weight: float | None = None) -> None:
     w = float(metrics.get("num_sequences", 0.0)) if weight is None else weight
+    w_tok = float(metrics.get("num_tokens", 0.0)) if weight is None else weight
     for k, v in metrics.items():
         if k.endswith(("_min", "_max")):
             if metrics.get("num_sequences", 1.0) == 0:
@@ -306,8 +310,9 @@ def _accumulate(sums: dict, metrics: dict, weight: float | None = None) -> None:
             sums.setdefault(k, [0.0, 1.0])[0] += v
         else:
             acc = sums.setdefault(k, [0.0, 0.0])
-            acc[0] += w * v
-            acc[1] += w
+            weight_k = w_tok if k in _PER_TOKEN_KEYS else w
+            acc[0] += weight_k * v
+            acc[1] += weight_k
 
 
 def reduce_train_metrics(sums: dict, device) -> dict:
@@ -327,6 +332,9 @@ def reduce_train_metrics(sums: dict, device) -> dict:
             out[f"gspo/{k}"] = summed[i, 0].item()
         else:
             out[f"gspo/{k}"] = (summed[i, 0] / summed[i, 1]).item() if summed[i, 1] > 0 else 0.0
+    if "gspo/adv_sq_mean" in out:  # the std over all non-empty sequences of the step, not a mean of per-batch stds
+        mean_sq = out.pop("gspo/adv_sq_mean")
+        out["gspo/adv_std"] = math.sqrt(max(mean_sq - out["gspo/adv_mean"] ** 2, 0.0))
     return out
 
 

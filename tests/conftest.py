@@ -32,3 +32,13 @@ def qwen3_configs_dir() -> Path:
 @pytest.fixture(scope="session")
 def pgraphrag_dir() -> Path:
     return shared_path("data", "pgraphrag")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core box: one intra-op thread avoids spin-waiting on a busy sibling core (10x).
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lamp_fixtures import make_examples
 from minitagpr.config import ConfigError, parse_cli
@@ -18,13 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = ["LaMP-2", "LaMP-3", "LaMP-5"]  # one label, one rating and one generation task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matmuls on a shared 2-core box: one intra-op thread avoids spin-waiting on a busy sibling core (10x)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny matmuls, one thread
 
 
 def _load_recipe():

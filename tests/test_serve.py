@@ -11,7 +11,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 
@@ -22,13 +21,7 @@ from minitagpr.tokenizer import Tokenizer  # noqa: E402
 MESSAGES = [{"role": "system", "content": "You tag movies."}, {"role": "user", "content": "Which tag fits Alien?"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matmuls on a shared 2-core box: one intra-op thread avoids spin-waiting on a busy sibling core (10x)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny matmuls, one thread
 
 
 @pytest.fixture(scope="module")

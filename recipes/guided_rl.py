@@ -166,6 +166,16 @@ def balanced_reward_trend(trend: dict[str, tuple[float, float]], tasks: list[str
     return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
 
 
+def train_or_reuse(stage: str, what: str, cfg: RLConfig, rerun: bool) -> Path:
+    """Run one RL stage of the demo unless its HF export already exists (or rerun=true); its export folder."""
+    export = Path(cfg.out_dir) / "export"
+    if rerun or not (export / "config.json").exists():
+        D.log(f"[demo] {stage} {what}")
+        return train(cfg)
+    D.log(f"[demo] {stage}: reusing {export}")
+    return export
+
+
 def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, work: Path, table) -> None:
     """Rank 0, after the process group is gone: the guided stage's trends, the table, and RL minus SFT."""
     tasks = [t for t, _ in parse_task_mix(cfg.tasks)]
@@ -219,22 +229,12 @@ def main(argv: list[str]) -> None:
         # 4. guided RL (Stage 2)
         if cfg.rerun:  # start the RL stages over, not from their last checkpoints
             guided_cfg = replace(guided_cfg, resume=False)
-        guided_export = Path(guided_cfg.out_dir) / "export"
-        if cfg.rerun or not (guided_export / "config.json").exists():
-            D.log("[demo] 4. guided RL (GSPO, composite reward)")
-            guided_export = train(guided_cfg)
-        else:
-            D.log(f"[demo] 4. guided RL: reusing {guided_export}")
+        guided_export = train_or_reuse("4. guided RL", "(GSPO, composite reward)", guided_cfg, cfg.rerun)
         # 5. exploratory RL (Stage 3): foundation reward from the guided checkpoint
         explore_cfg = replace(guided_cfg, stage="exploratory", policy=str(guided_export), prmu="", use_prmu=False,
                               use_tag_reward=False, out_dir=str(work / "exploratory_rl"), max_steps=cfg.exploratory_steps,
                               save_every=0)
-        explore_export = Path(explore_cfg.out_dir) / "export"
-        if cfg.rerun or not (explore_export / "config.json").exists():
-            D.log("[demo] 5. exploratory RL (GSPO, foundation reward)")
-            explore_export = train(explore_cfg)
-        else:
-            D.log(f"[demo] 5. exploratory RL: reusing {explore_export}")
+        explore_export = train_or_reuse("5. exploratory RL", "(GSPO, foundation reward)", explore_cfg, cfg.rerun)
         # 6. evaluation table on the demo world's dev split
         D.log("[demo] 6. evaluation: base vs SFT vs guided vs exploratory on the demo dev sets")
         table = evaluate_table({"Base": paths["base"], "SFT": paths["sft"], "Guided RL": guided_export,

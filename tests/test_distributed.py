@@ -142,14 +142,16 @@ def test_fault_point_is_inert_without_the_environment_variable(monkeypatch):
 
 _TEARDOWN_SCRIPT = """
 import sys, time, torch, torch.distributed as dist
+from pathlib import Path
 from minitagpr import distributed as D
+out = Path(sys.argv[1])
 info = D.init_distributed()
 x = torch.ones(2); dist.all_reduce(x)
 if info.rank == 0:
     time.sleep(1.5)  # rank 0 still works while rank 1 has finished
-    print("rank0-leaves", time.time(), flush=True)
+    (out / "rank0-leaves").write_text(repr(time.time()))
 D.destroy_distributed()
-print(f"rank{info.rank}-destroyed", time.time(), flush=True)
+(out / f"rank{info.rank}-destroyed").write_text(repr(time.time()))  # files: the ranks' stdout lines interleave
 """
 
 
@@ -170,10 +172,10 @@ def test_two_ranks_meet_before_the_group_is_torn_down(tmp_path):
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                          str(script)], capture_output=True, text=True, env=env, timeout=120)
+                          str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    stamps = dict(line.split() for line in res.stdout.splitlines() if line.startswith("rank"))
-    assert float(stamps["rank1-destroyed"]) >= float(stamps["rank0-leaves"])
+    stamp = {name: float((tmp_path / name).read_text()) for name in ("rank0-leaves", "rank1-destroyed")}
+    assert stamp["rank1-destroyed"] >= stamp["rank0-leaves"]
 
 
 def test_teardown_while_an_exception_propagates_does_not_wait(monkeypatch):

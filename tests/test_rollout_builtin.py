@@ -8,13 +8,7 @@ from minitagpr.rollout import BuiltinEngine, RolloutError
 VOCAB = 500  # decodable ids; the tiny model has 512 rows, so ids 500..511 are a padded tail
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matmuls on a shared 2-core box: one intra-op thread avoids spin-waiting on a busy sibling core (10x)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny matmuls, one thread
 
 
 class DigitTokenizer:

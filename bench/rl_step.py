@@ -58,9 +58,8 @@ def full_width():
 
 
 def train_phase(model, optimizer, batch: dict, cfg) -> None:
-    rows = [r for mb in L.minibatch_index(len(batch["advantages"]) // cfg.group_size, cfg.group_size,
-                                          cfg.num_minibatches)
-            for r in L.micro_batches(mb, cfg.micro_batch_size, batch["mask"])]
+    rows = [r for chunks in L.micro_batch_plan(batch["mask"], len(batch["advantages"]) // cfg.group_size, cfg)
+            for r in chunks]
     old = L.sequence_logprobs(model, batch["input_ids"], batch["targets"], rows)  # (N, T)
     L.gspo_update(model, optimizer, {k: batch[k] for k in ("input_ids", "targets", "mask", "advantages")}
                   | {"old_logp": old}, cfg, torch.device("cpu"))

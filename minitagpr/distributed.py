@@ -12,7 +12,6 @@ Conventions every recipe relies on:
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import random
@@ -94,7 +93,6 @@ def destroy_distributed() -> None:
     if _we_initialised and dist.is_initialized():
         if sys.exc_info()[0] is None and dist.get_world_size() > 1:
             dist.barrier()
-        gc.collect()  # drop finished collective work objects while the interpreter is fully alive
         dist.destroy_process_group()
     _we_initialised = False
 

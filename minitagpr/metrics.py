@@ -87,7 +87,6 @@ def _label_indices(task: str, ids: list[str], predictions, golds) -> tuple[list[
 
 def _label_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, float]:
     labels = TASKS[task].labels
-    index = {label: i for i, label in enumerate(labels)}
     gold_idx, pred_idx = _label_indices(task, ids, predictions, golds)
     per_label = f1_per_label(gold_idx, pred_idx, range(len(labels)))
     out = {
@@ -95,7 +94,7 @@ def _label_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, f
         "f1_macro": sum(per_label) / len(labels),
     }
     if task == "LaMP-1":
-        out["f1_positive"] = per_label[index[POSITIVE_LABEL]]
+        out["f1_positive"] = per_label[labels.index(POSITIVE_LABEL)]
     return out
 
 

@@ -274,6 +274,11 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "row"
 
 
+def predictions_file(out_dir: str | os.PathLike, row: str, task: str) -> Path:
+    """Where one row's official-format predictions for a task go: predictions/<row>/<LaMP_k>_predictions.json."""
+    return Path(out_dir) / "predictions" / _slug(row) / f"{lamp.task_spec(task).file_name}_predictions.json"
+
+
 def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list[dict]) -> None:
     """Official-format predictions (extracted answers) and the raw generations of one row and task."""
     if out_dir is None:
@@ -281,8 +286,7 @@ def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list
     from minitagpr.data import answers
 
     preds = {r["id"]: answers.extract_answer(r["text"]) for r in records}
-    lamp.write_outputs(out_dir / "predictions" / _slug(row) / f"{lamp.task_spec(data.task).file_name}_predictions.json",
-                       data.task, preds)
+    lamp.write_outputs(predictions_file(out_dir, row, data.task), data.task, preds)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     _atomic_write_text(out_dir / "generations" / _slug(row) / f"{data.task}.jsonl", lines)
 

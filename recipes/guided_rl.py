@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -116,8 +117,11 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
     return merged
 
 
-def rl_vs_sft(world, tasks: list[str], eval_dir: Path, limit: int, rows=("Guided RL", "Exploratory RL"),
-              base: str = "SFT", samples: int = 2000) -> dict:
+RL_ROWS = ("Guided RL", "Exploratory RL")  # the demo table's RL rows, compared with its "SFT" row
+
+
+def rl_vs_sft(world, tasks: list[str], eval_dir: Path, limit: int, rows=RL_ROWS, base: str = "SFT",
+              samples: int = 2000) -> dict:
     """Each RL row minus SFT on each task's main metric, from the official-format predictions the table wrote,
     with a 95% interval from resampling the dev *users* (a paired cluster bootstrap: one user's questions share a
     profile and move together). {task: {"metric", "higher_is_better", "users", row: (diff, low, high)}}; also
@@ -129,10 +133,9 @@ def rl_vs_sft(world, tasks: list[str], eval_dir: Path, limit: int, rows=("Guided
     for task in tasks:
         data = evaluate.load_task_data(world, task, part="dev", limit=limit)
         users = {ex.id: ex.user for ex in data.examples}
-        file = f"{lamp.task_spec(task).file_name}_predictions.json"
 
         def scores(row):
-            _, preds = lamp.load_outputs(eval_dir / "predictions" / evaluate._slug(row) / file)
+            _, preds = lamp.load_outputs(evaluate.predictions_file(eval_dir, row, task))
             return per_example_scores(task, preds, data.golds)
         ref = scores(base)
         key, higher = main_metric(task)
@@ -160,7 +163,7 @@ def balanced_reward_trend(trend: dict[str, tuple[float, float]], tasks: list[str
     `reward_mean/<task>` windows. The plain `reward_mean` of a window also moves with *which* tasks its steps
     happened to sample (in the demo LaMP-1's reward is ~0.5, LaMP-2's ~0), which this removes."""
     pairs = [trend[f"reward_mean/{t}"] for t in tasks if f"reward_mean/{t}" in trend]
-    pairs = [p for p in pairs if p[0] == p[0] and p[1] == p[1]]  # drop tasks a window never sampled (NaN)
+    pairs = [p for p in pairs if not (math.isnan(p[0]) or math.isnan(p[1]))]  # drop tasks a window never sampled
     if not pairs:
         return float("nan"), float("nan")
     return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
@@ -198,8 +201,7 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
           "users (2,000 draws):")
     for task, d in diffs.items():
         sense = "higher is better" if d["higher_is_better"] else "lower is better"
-        cells = "   ".join(f"{row} {v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for row, v in d.items()
-                           if isinstance(v, tuple))
+        cells = "   ".join(f"{row} {d[row][0]:+.3f} [{d[row][1]:+.3f}, {d[row][2]:+.3f}]" for row in RL_ROWS)
         print(f"  {task:7s} {d['metric']:8s} {cells}   ({sense})")
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.rl.loop import (RLConfig, gspo_update, micro_batches, minibatch_index, reduce_train_metrics,
-                               sequence_logprobs)
+from minitagpr.rl.loop import RLConfig, gspo_update, micro_batch_plan, reduce_train_metrics, sequence_logprobs
 from minitagpr.train.optim import build_optimizer
 
 
@@ -36,8 +35,7 @@ def main(ckpt: str, out: str):
     input_ids, targets, mask, adv = synthetic_batch(num_prompts=4, G=cfg.group_size, vocab=512)
     per = len(input_ids) // info.world_size  # whole groups per rank (prompt-major rows)
     sl = slice(info.rank * per, (info.rank + 1) * per)
-    rows = [r for mb in minibatch_index(per // cfg.group_size, cfg.group_size, cfg.num_minibatches)
-            for r in micro_batches(mb, cfg.micro_batch_size, mask[sl])]
+    rows = [r for chunks in micro_batch_plan(mask[sl], per // cfg.group_size, cfg) for r in chunks]
     old = sequence_logprobs(model, input_ids[sl], targets[sl], rows)
     noise = 0.01 * torch.randn(input_ids.shape, generator=torch.Generator().manual_seed(1))  # (N, T), global
     old = old + noise[sl] * mask[sl]  # pi_old != pi_theta, so ratios move and clipping can act

@@ -88,7 +88,7 @@ def test_cut_micro_batches_give_the_update_and_metrics_of_one_full_width_batch(t
             model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
             cfg = RLConfig(group_size=4, num_minibatches=2, micro_batch_size=size, lr=0.0, eps_low=0.2,
                            eps_high=0.2, prompts_per_step=4)
-            rows = [r for mb in minibatch_index(4, 4, 2) for r in L.micro_batches(mb, size, mask)]
+            rows = [r for chunks in L.micro_batch_plan(mask, 4, cfg) for r in chunks]
             if not full_width:
                 assert any(not mask[r].any() for r in rows)  # the all-empty micro-batch exists
             old = L.sequence_logprobs(model, input_ids, targets, rows)

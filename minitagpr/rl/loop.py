@@ -217,12 +217,16 @@ def make_sequences(prompts: list[Prompt], completions, G: int, pad_id: int):
     return input_ids, targets, targets != -100
 
 
+def response_ends(mask: torch.Tensor) -> torch.Tensor:
+    """(N,) one past each row's last response target in the (N, T) mask; 0 for an empty response."""
+    return (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)
+
+
 def used_columns(mask: torch.Tensor) -> int:
     """How many leading columns of these rows anything depends on: up to the last response target. Rows are right
     padded and attention is causal, so the columns after it change no log-prob and no gradient; each micro-batch
-    is cut there instead of at the global batch's longest row."""
-    cols = torch.nonzero(mask.any(dim=0)).flatten()  # (T',) columns holding some target
-    return int(cols[-1]) + 1 if len(cols) else 1
+    is cut there instead of at the global batch's longest row. At least 1 (a micro-batch of empty responses)."""
+    return max(1, int(response_ends(mask).max()))
 
 
 @torch.no_grad()
@@ -253,9 +257,14 @@ def micro_batches(rows: torch.Tensor, size: int, mask: torch.Tensor | None = Non
     response ends (longest first, ties in row order), so each chunk, cut at its own last used column, carries
     little padding. Micro-batching never changes the gradient (summed), only the work and the memory."""
     if mask is not None:
-        ends = (mask[rows] * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)  # (len,) last + 1 or 0
-        rows = rows[torch.sort(-ends, stable=True).indices.cpu()]
+        rows = rows[torch.sort(-response_ends(mask[rows]), stable=True).indices.cpu()]
     return [rows[s:s + size] for s in range(0, len(rows), size)]
+
+
+def micro_batch_plan(mask: torch.Tensor, num_prompts: int, cfg: RLConfig) -> list[list[torch.Tensor]]:
+    """Per mini-batch, its micro-batches' rows: the one plan both the old-log-prob pass and the update follow."""
+    return [micro_batches(rows, cfg.micro_batch_size, mask)
+            for rows in minibatch_index(num_prompts, cfg.group_size, cfg.num_minibatches)]
 
 
 def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
@@ -263,15 +272,15 @@ def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
     loss is -sum_i objective_i / (global count of non-empty sequences in the mini-batch): gradients are summed over
     ranks and micro-batches, so every sequence weighs the same whatever its length and wherever it runs.
     Returns the loss metrics as global sums (key -> (weighted sum, weight)) for `reduce_train_metrics`."""
-    num_prompts = batch["input_ids"].shape[0] // cfg.group_size
+    plan = micro_batch_plan(batch["mask"], batch["input_ids"].shape[0] // cfg.group_size, cfg)
     sums: dict[str, list[float]] = {}
     for _ in range(cfg.ppo_epochs):
-        for rows in minibatch_index(num_prompts, cfg.group_size, cfg.num_minibatches):
-            nonempty = batch["mask"][rows].any(dim=1).sum().to(torch.float64)
+        for chunks in plan:
+            nonempty = batch["mask"][torch.cat(chunks)].any(dim=1).sum().to(torch.float64)
             n_global = int(D.all_reduce_sum(nonempty.to(device)).item())
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for mrows in micro_batches(rows, cfg.micro_batch_size, batch["mask"]):
+            for mrows in chunks:
                 t = used_columns(batch["mask"][mrows])  # the columns this micro-batch needs
                 mb = {k: (v[mrows, :t] if v.dim() == 2 else v[mrows]).to(device) for k, v in batch.items()}
                 logp, _ = model(mb["input_ids"], targets=mb["targets"], temperature=cfg.temperature)  # (b, t)
@@ -295,12 +304,15 @@ def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
 # (adv_std is pooled from the first two moments in reduce_train_metrics).
 _COUNT_KEYS = ("num_sequences", "num_tokens", "empty_sequences")
 _PER_TOKEN_KEYS = ("approx_kl",)
+_POOLED_KEYS = ("adv_std",)
 
 
 def _accumulate(sums: dict, metrics: dict, weight: float | None = None) -> None:
     w = float(metrics.get("num_sequences", 0.0)) if weight is None else weight
     w_tok = float(metrics.get("num_tokens", 0.0)) if weight is None else weight
     for k, v in metrics.items():
+        if k in _POOLED_KEYS:
+            continue  # recomputed from the step's moments in reduce_train_metrics
         if k.endswith(("_min", "_max")):
             if metrics.get("num_sequences", 1.0) == 0:
                 continue  # an all-empty micro-batch has no ratio to report
@@ -511,8 +523,7 @@ def train(cfg: RLConfig) -> Path:
         input_ids, targets, mask = make_sequences(mine, completions, cfg.group_size, tokenizer.pad_id)
         t1 = time.perf_counter()
         model.train()
-        rows = [r for mb in minibatch_index(len(mine), cfg.group_size, cfg.num_minibatches)
-                for r in micro_batches(mb, cfg.micro_batch_size, mask)]  # the update's micro-batches
+        rows = [r for chunks in micro_batch_plan(mask, len(mine), cfg) for r in chunks]  # the update's micro-batches
         old_logp = sequence_logprobs(model, input_ids.to(info.device), targets.to(info.device), rows,
                                      cfg.temperature)  # (N, T) log pi_old
         batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old_logp,

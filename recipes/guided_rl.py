@@ -251,3 +251,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     with exit_on_user_error("guided_rl"):
         main(sys.argv[1:])
+    D.end_process()  # skip interpreter finalization (see there)

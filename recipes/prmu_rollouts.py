@@ -130,3 +130,4 @@ if __name__ == "__main__":
             run(parse_cli(RolloutConfig, sys.argv[1:]))
         finally:
             D.destroy_distributed()
+    D.end_process()  # skip interpreter finalization (see there)

@@ -293,3 +293,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    D.end_process()  # skip interpreter finalization (see there)

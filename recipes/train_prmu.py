@@ -342,3 +342,4 @@ if __name__ == "__main__":
         sys.exit(1)
     finally:
         D.destroy_distributed()
+    D.end_process()  # skip interpreter finalization (see there)

@@ -155,24 +155,31 @@ D.destroy_distributed()
 """
 
 
-def test_two_ranks_meet_before_the_group_is_torn_down(tmp_path):
-    """On a normal exit no rank tears the group down while another still works in it (the barrier in
-    destroy_distributed): rank 1 leaves only after rank 0 has finished, and both exit 0."""
+def _run_script(text, tmp_path, nproc=2):
+    """Run `text` as a script under torchrun with `nproc` ranks, or as a plain `python` process when nproc is 0."""
     import os
     import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    script = tmp_path / "teardown.py"
-    script.write_text(_TEARDOWN_SCRIPT)
+    script = tmp_path / "script.py"
+    script.write_text(text)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                          str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    env.pop("PYTHONUNBUFFERED", None)  # plain python: block-buffered output into the pipes, as in CI
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"] if nproc else []
+    return subprocess.run([sys.executable, *launcher, str(script), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_two_ranks_meet_before_the_group_is_torn_down(tmp_path):
+    """On a normal exit no rank tears the group down while another still works in it (the barrier in
+    destroy_distributed): rank 1 leaves only after rank 0 has finished, and both exit 0."""
+    res = _run_script(_TEARDOWN_SCRIPT, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     stamp = {name: float((tmp_path / name).read_text()) for name in ("rank0-leaves", "rank1-destroyed")}
     assert stamp["rank1-destroyed"] >= stamp["rank0-leaves"]
@@ -192,3 +199,39 @@ def test_teardown_while_an_exception_propagates_does_not_wait(monkeypatch):
         finally:
             D.destroy_distributed()
     assert calls == [] and not dist.is_initialized()
+
+
+_END_PROCESS_SCRIPT = """
+import glob, sys, torch
+from pathlib import Path
+from minitagpr import distributed as D
+out = Path(sys.argv[1])
+info = D.init_distributed()
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+from torch.distributed.fsdp import fully_shard
+fully_shard(model, mesh=D.device_mesh(info))
+model(torch.randn(2, 8)).sum().backward()
+del model
+D.destroy_distributed()
+threads = sorted(Path(f).read_text().strip() for f in glob.glob("/proc/self/task/*/comm"))
+(out / f"threads{info.rank}").write_text(" ".join(threads))
+print(f"rank {info.rank} done", end="")  # no newline: block-buffered into the pipe, end_process must flush it
+print(f"rank {info.rank} stderr", end="", file=sys.stderr)
+D.end_process()
+"""
+
+
+@pytest.mark.parametrize("nproc", [2, 0], ids=["torchrun-2-ranks", "plain-python"])
+def test_end_process_flushes_and_exits_zero_after_fsdp_teardown(tmp_path, nproc):
+    """A recipe ends with destroy_distributed then end_process: exit status 0 and nothing printed is lost (plain
+    python block-buffers a pipe; torchrun starts its workers unbuffered). The thread listing records why
+    end_process exists: after destroy_process_group, the gloo group FSDP2 used is still alive with its threads
+    (torch 2.13); they would be torn down in interpreter finalization, where a rank twice died with SIGABRT. If a
+    torch upgrade makes that check fail, end_process may no longer be needed."""
+    import sys
+    res = _run_script(_END_PROCESS_SCRIPT, tmp_path, nproc)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in ((0, 1) if nproc else (0,)):
+        assert f"rank {rank} done" in res.stdout and f"rank {rank} stderr" in res.stderr
+    if sys.platform == "linux":
+        assert "pt_gloo_runloop" in (tmp_path / "threads0").read_text()

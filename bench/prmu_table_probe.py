@@ -41,12 +41,19 @@ def main() -> None:
     ap.add_argument("--table-lr", type=float, default=1e-1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table-init", choices=("equal", "distinct"), default="equal",
+                    help="equal: every row the same vector (PRMU.init_user_table); distinct: one draw per row")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     cfg = tiny_config("demo", vocab_size=2048)
     model = PRMU(cfg, [f"u{i:03d}" for i in range(a.users)])
     model.init_weights(a.seed)
+    if a.table_init == "distinct":
+        with torch.no_grad():
+            std = float(model.model.embed_tokens.weight.std())
+            model.user_table.weight.copy_(torch.randn(model.user_table.weight.shape,
+                                                      generator=torch.Generator().manual_seed(a.seed + 1)) * std)
     table = [{"params": [model.user_table.weight], "lr": a.table_lr, "weight_decay": 0.0}]
     opt = build_optimizer(model, a.lr, extra_groups=table)
     rng = random.Random(a.seed)
@@ -91,7 +98,7 @@ def main() -> None:
             acc[mirrored] = right / n
     visits = a.steps * a.batch / (a.users * a.tasks)
     print(f"users={a.users} tasks={a.tasks} length={a.length} steps={a.steps} batch={a.batch} lr={a.lr:g} "
-          f"table_lr={a.table_lr:g}: {visits:.1f} visits per (user, task); held-out acc vs any answer "
+          f"table_lr={a.table_lr:g} table_init={a.table_init}: {visits:.1f} visits per (user, task); held-out acc vs any answer "
           f"{acc[False]:.3f}, mirrored {acc[True]:.3f} ({train_s:.0f} s training)")
 
 

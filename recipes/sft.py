@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
+from minitagpr.cli import exit_on_user_error
 from minitagpr.config import ConfigError, parse_cli, save_config
-from minitagpr.model import CheckpointError
 from minitagpr.train import optim as O
 from minitagpr.train import sft_data as S
 from minitagpr.train.loss import NonFiniteLossError, nll_forward_backward
@@ -281,14 +281,11 @@ def evaluate_chains(export_dir: Path, heldout: list[S.SftRecord], max_new_tokens
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = parse_cli(SftConfig, sys.argv[1:] if argv is None else argv)
-        run(cfg)
-    except (ConfigError, S.DataError, NonFiniteLossError, CheckpointError, FileNotFoundError) as err:
-        print(f"[sft] error: {err}", file=sys.stderr, flush=True)
-        D.destroy_distributed()
-        sys.exit(1)
-    D.destroy_distributed()
+    with exit_on_user_error("sft"):
+        try:
+            run(parse_cli(SftConfig, sys.argv[1:] if argv is None else argv))
+        finally:
+            D.destroy_distributed()
 
 
 if __name__ == "__main__":

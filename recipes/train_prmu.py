@@ -26,16 +26,17 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
+from minitagpr.cli import exit_on_user_error
 from minitagpr.config import ConfigError, parse_cli, save_config
 from minitagpr.data import demo_world
 from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, read_pairs, split_heldout,
                                         write_pairs)
-from minitagpr.model.checkpoint import CheckpointError, resolve_checkpoint
+from minitagpr.model.checkpoint import resolve_checkpoint
 from minitagpr.model.presets import make_tiny_checkpoint
 from minitagpr.model.qwen3 import Qwen3Config
 from minitagpr.model.reward import (PRMU, UserVocab, bradley_terry_loss, collate, encode_reward_input,
                                     load_reward_model, save_reward_model)
-from minitagpr.tokenizer import Tokenizer, TokenizerError
+from minitagpr.tokenizer import Tokenizer
 from minitagpr.train.loss import NonFiniteLossError
 from minitagpr.train.metrics import JsonlLog, Progress
 from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -335,11 +336,9 @@ def log_eval(model, held, step, cfg, pad_id, info, log) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        run(parse_cli(PrmuConfig, sys.argv[1:]))
-    except (ConfigError, PreferenceDataError, CheckpointError, TokenizerError, NonFiniteLossError) as e:
-        print(f"train_prmu: error: {e}", file=sys.stderr)  # a message, not a stack trace
-        sys.exit(1)
-    finally:
-        D.destroy_distributed()
+    with exit_on_user_error("train_prmu"):
+        try:
+            run(parse_cli(PrmuConfig, sys.argv[1:]))
+        finally:
+            D.destroy_distributed()
     D.end_process()  # skip interpreter finalization (see there)

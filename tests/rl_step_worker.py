@@ -51,3 +51,4 @@ def main(ckpt: str, out: str):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    D.end_process()  # as the recipes do: skip interpreter finalization (minitagpr.distributed.end_process)

@@ -125,4 +125,6 @@ def _run_sequence(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from minitagpr import distributed as D
     _run_sequence(sys.argv[1:])
+    D.end_process()  # as the recipes do: skip interpreter finalization (minitagpr.distributed.end_process)

@@ -112,6 +112,30 @@ def test_cut_micro_batches_give_the_update_and_metrics_of_one_full_width_batch(t
         D.destroy_distributed()
 
 
+def test_a_rank_of_only_empty_responses_packs_the_same_metric_keys():
+    """reduce_train_metrics runs collectives over the packed keys: a rank whose responses are all empty must pack the
+    same keys as the others (else the all-reduce sizes differ and the ranks hang); min/max then carry the neutral
+    element and, when no rank has a sequence, are left out of the log."""
+    from minitagpr import distributed as D
+    from minitagpr.rl.gspo import gspo_loss
+    from minitagpr.rl.loop import _accumulate, reduce_train_metrics
+
+    logp = torch.randn(3, 5)
+    full = torch.ones(3, 5, dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    some, empty = {}, {}
+    _accumulate(some, gspo_loss(logp, logp - 0.01, adv, full)[1])
+    _accumulate(empty, gspo_loss(logp, logp - 0.01, adv, torch.zeros_like(full))[1])
+    assert sorted(empty) == sorted(some)
+    D.init_distributed()
+    try:
+        out = reduce_train_metrics(empty, torch.device("cpu"))
+        assert out["gspo/num_sequences"] == 0 and not any(k.endswith(("_min", "_max")) for k in out)
+        assert "gspo/ratio_max" in reduce_train_metrics(some, torch.device("cpu"))
+    finally:
+        D.destroy_distributed()
+
+
 def test_config_rejects_uneven_minibatches_and_truncated_sampling():
     with pytest.raises(ValueError, match="not a multiple of num_minibatches"):
         RLConfig(prompts_per_step=6, num_minibatches=4)
@@ -247,3 +271,16 @@ def test_reward_metrics_break_the_rewards_down_per_task():
         assert m["r_v_mean"] == pytest.approx(0.4)
     finally:
         D.destroy_distributed()
+
+
+def test_classification_r_v_is_exact_match_like_the_evaluation_unless_asked():
+    """tagpr-method.md: R_v of LaMP-1/2/3 is exact match, which is also how the official evaluation scores; the
+    project's lenient normalisation ("4 stars" -> "4") is opt-in (normalize_answers=true)."""
+    from minitagpr.rl.loop import compute_rewards
+
+    prompt = Prompt(id="q", task="LaMP-3", user="u", messages=[], ids=[1], gold="4")
+    comps = [Completion([1], "<think>x</think>" + text, [0.0], "stop") for text in ("4", " 4 ", "4 stars")]
+    for normalize, expected in ((False, [1.0, 1.0, 0.0]), (True, [1.0, 1.0, 1.0])):
+        cfg = RLConfig(tasks="LaMP-3:0", group_size=3, stage="exploratory", normalize_answers=normalize)
+        parts, _ = compute_rewards([prompt], comps, cfg)
+        assert [p.r_v for p in parts] == expected, normalize

@@ -82,6 +82,10 @@ class RLConfig:
     # without it (inputs it never saw: a diagnostic, not a paper row)
     prmu_user_table: bool | None = None
     rouge_variant: str = "rougeL"
+    # R_v of LaMP-1/2/3: exact match of the stripped answer, as tagpr-method.md defines it and the official evaluation
+    # scores it; true = the project's per-task normalisation (answers.normalize: "4 stars" -> "4"), more lenient than
+    # the evaluation, so RL would be rewarded for answers the table scores 0
+    normalize_answers: bool = False
     # plumbing
     seed: int = 0
     save_every: int = 50
@@ -194,7 +198,7 @@ def compute_rewards(prompts: list[Prompt], completions, cfg: RLConfig, prmu=None
     for i in bad:  # scored as 0 here; the reward itself is set non-finite below so that every rank stops
         prmu_scores[i] = 0.0
     parts = score_batch(tasks, texts, golds, prmu=prmu_scores, mix=mix, alpha=cfg.alpha, beta=beta, gamma=gamma,
-                        rouge_variant=cfg.rouge_variant)
+                        rouge_variant=cfg.rouge_variant, normalize_answers=cfg.normalize_answers)
     rewards = torch.tensor([p.total for p in parts], dtype=torch.float64)  # (B*G,)
     rewards[bad] = math.nan  # a non-finite PRMU score
     return parts, rewards
@@ -314,10 +318,13 @@ def _accumulate(sums: dict, metrics: dict, weight: float | None = None) -> None:
         if k in _POOLED_KEYS:
             continue  # recomputed from the step's moments in reduce_train_metrics
         if k.endswith(("_min", "_max")):
-            if metrics.get("num_sequences", 1.0) == 0:
-                continue  # an all-empty micro-batch has no ratio to report
-            cur = sums.get(k)
-            sums[k] = [v if cur is None else (min if k.endswith("_min") else max)(cur[0], v), 1.0]
+            # An all-empty micro-batch has no ratio to report, but it still enters the key with the neutral element
+            # (+inf for a min, -inf for a max): every rank then packs the same keys for reduce_train_metrics's
+            # collectives, even a rank whose responses are all empty.
+            lo = k.endswith("_min")
+            cur = sums.setdefault(k, [math.inf if lo else -math.inf, 1.0])
+            if metrics.get("num_sequences", 1.0) > 0:
+                cur[0] = (min if lo else max)(cur[0], v)
         elif k in _COUNT_KEYS:
             sums.setdefault(k, [0.0, 1.0])[0] += v
         else:
@@ -339,7 +346,8 @@ def reduce_train_metrics(sums: dict, device) -> dict:
             if D.world().world_size > 1:
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN if k.endswith("_min")
                                              else torch.distributed.ReduceOp.MAX)
-            out[f"gspo/{k}"] = t.item()
+            if math.isfinite(t.item()):  # +-inf: no non-empty sequence on any rank
+                out[f"gspo/{k}"] = t.item()
         elif k in _COUNT_KEYS:
             out[f"gspo/{k}"] = summed[i, 0].item()
         else:

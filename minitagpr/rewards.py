@@ -26,7 +26,8 @@ from typing import Iterable, Sequence
 
 from rouge_score.tokenize import tokenize as _rouge_tokenize
 
-from minitagpr.data.answers import canonical_task, extract_answer, is_classification, normalize, strip_end_markers
+from minitagpr.data.answers import (THINK_CLOSE, THINK_OPEN, canonical_task, extract_answer, is_classification,
+                                    normalize, strip_end_markers)
 
 # The nine reasoning tags, in tagpr-method.md's order.
 TAGS = (
@@ -41,7 +42,6 @@ TAGS = (
     "formulate_conclusion",
 )
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Markers that may never appear inside a chain or an answer (they end or restart a turn / think block).
 _MARKERS = (THINK_OPEN, THINK_CLOSE, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 ROUGE_VARIANTS = ("rouge1", "rouge2", "rougeL")

@@ -76,6 +76,10 @@ class EvalConfig:
             for entry in getattr(self, key):
                 if "=" not in entry:
                     raise ValueError(f"{key}: entry {entry!r} is not of the form name=path")
+        clash = [n for n in named_entries(self.predictions) if n in named_entries(self.checkpoints)]
+        if clash:  # one row would silently take the other's metrics
+            raise ValueError(f"row name(s) {', '.join(map(repr, clash))} given to both checkpoints= and predictions=; "
+                             f"give each row its own name")
         self.tasks = [lamp.canonical_task(t) for t in self.tasks]
         if self.engine not in ("auto", "builtin", "vllm"):
             raise ValueError(f"engine must be auto, builtin or vllm, got {self.engine!r}")
@@ -126,13 +130,19 @@ def load_task_data(data: Any, task: str, *, split: str = "user", part: str = "de
         folder = Path(pgraphrag_dir) if pgraphrag_dir else SHARED / "data" / "pgraphrag"
         source = folder / f"{pgraphrag_domain}_{part}.json"
         examples, golds = pgraphrag.make_task(source, task)
+        gold_file = source
     else:
         questions, outputs = _task_files(data, task, split, part, data_dir)
         file_task, golds = lamp.load_outputs(outputs)
         if lamp.canonical_task(file_task) != task:
             raise DataError(f"{outputs}: holds task {file_task!r}, expected {task}")
         examples = lamp.load_questions(questions, task)
-        source = questions
+        source, gold_file = questions, outputs
+    asked = {ex.id for ex in examples}
+    extra = [i for i in golds if i not in asked]  # checked on the whole file, before `limit` picks a subset
+    if extra:
+        raise DataError(f"{gold_file}: gold output(s) for id(s) with no question: {', '.join(map(repr, extra[:10]))}"
+                        f"{' ...' if len(extra) > 10 else ''} (ids must match one to one)")
     if limit:
         examples = examples[:limit]
     missing = [ex.id for ex in examples if ex.id not in golds]

@@ -19,8 +19,14 @@ def test_end_marker_inside_the_answer_is_kept():
     assert extract_answer("<think>x</think>a<|im_end|>b") == "a<|im_end|>b"
 
 
-def test_response_without_think_close_is_all_answer():
+def test_response_without_think_markers_is_all_answer():
     assert extract_answer("  just 4 <|im_end|>") == "just 4"
+
+
+def test_thinking_cut_off_by_the_length_limit_has_no_answer():
+    # nothing follows a `</think>`: the unfinished chain is not scored as the answer (its words would earn ROUGE)
+    assert extract_answer("<think>\nthe headline should mention the senate vote on the budget") == ""
+    assert extract_answer("<think>reference [2] looks closer") == ""
 
 
 # --- task names and label sets ----------------------------------------------------------------------------------

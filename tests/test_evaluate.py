@@ -129,6 +129,20 @@ def test_prediction_file_for_a_task_not_evaluated_is_an_error(lamp_root, tmp_pat
         ev.evaluate_prediction_files({"x": [stray]}, [td])
 
 
+def test_gold_ids_without_a_question_are_an_error_not_a_silent_skip(tmp_path):
+    # lamp-format.md: prediction and gold ids match one to one; an outputs file with an id no question has is broken
+    examples, golds = make_examples("LaMP-3", n=2, n_items=4, seed=2)
+    questions, outputs = lamp.split_files(tmp_path, "LaMP-3", "user", "dev")
+    lamp.write_questions(questions, examples)
+    lamp.write_outputs(outputs, "LaMP-3", {**golds, "no-such-question": "3"})
+    for limit in (0, 1):
+        with pytest.raises(lamp.DataError, match=r"dev_outputs\.json: gold output\(s\) for id\(s\) with no question: "
+                                                 r"'no-such-question'"):
+            ev.load_task_data(tmp_path, "LaMP-3", limit=limit)
+    lamp.write_outputs(outputs, "LaMP-3", golds)
+    assert len(ev.load_task_data(tmp_path, "LaMP-3", limit=1).golds) == 1  # a limit still scores a subset
+
+
 def test_missing_task_files_name_the_path(tmp_path):
     with pytest.raises((lamp.DataError, FileNotFoundError), match="LaMP_3"):
         ev.load_task_data(tmp_path, "LaMP-3")
@@ -143,6 +157,11 @@ def test_pgraphrag_task_loads_from_the_shared_data(pgraphrag_dir):
 def test_config_needs_something_to_evaluate():
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         parse_cli(ev.EvalConfig, ["tasks=LaMP-3"])
+
+
+def test_a_row_name_given_to_both_checkpoints_and_predictions_is_an_error():
+    with pytest.raises(ConfigError, match="row name\\(s\\) 'sft' given to both checkpoints= and predictions="):
+        parse_cli(ev.EvalConfig, ["tasks=LaMP-3", "checkpoints=sft=a,base=b", "predictions=sft=p.json,gold=g.json"])
 
 
 def test_command_line_writes_table_and_robustness(lamp_root, checkpoints, tmp_path):

@@ -41,6 +41,7 @@ LABELS: dict[str, list[str]] = {
 }
 
 END_MARKERS = ("<|im_end|>", "<|endoftext|>")
+THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
 # Every pattern here is linear: no nested quantifiers, and a failed match backtracks only over one run of digits
@@ -82,11 +83,15 @@ def strip_end_markers(text: str) -> str:
 def extract_answer(text: str) -> str:
     """The answer of a response: what follows the last `</think>`, stripped (and end-of-turn markers removed).
 
-    A response without `</think>` (no thinking, or thinking cut off by the length limit) is all answer, as in
-    Qwen3's own parser; the format reward, not this function, decides whether the layout was right.
+    A response with no think markers at all (a model that does not reason) is all answer. A response that opens
+    `<think>` and never closes it (thinking cut off by the length limit) has no answer: "" -- scoring the unfinished
+    chain as if it were the answer would credit its words (ROUGE) or a label it mentions. Whether the layout was
+    right is the format reward's business, not this function's.
     """
     cut = text.rfind(THINK_CLOSE)
-    return strip_end_markers(text if cut < 0 else text[cut + len(THINK_CLOSE):])
+    if cut < 0:
+        return "" if THINK_OPEN in text else strip_end_markers(text)
+    return strip_end_markers(text[cut + len(THINK_CLOSE):])
 
 
 def normalize(task: str, answer: str, enabled: bool = True) -> str:

@@ -284,3 +284,18 @@ def test_classification_r_v_is_exact_match_like_the_evaluation_unless_asked():
         cfg = RLConfig(tasks="LaMP-3:0", group_size=3, stage="exploratory", normalize_answers=normalize)
         parts, _ = compute_rewards([prompt], comps, cfg)
         assert [p.r_v for p in parts] == expected, normalize
+
+
+def test_resume_may_change_plumbing_but_not_the_lr_decay_length():
+    from dataclasses import asdict
+
+    from minitagpr.config import ConfigError
+    from minitagpr.rl.loop import _check_resumed_config
+
+    saved = asdict(RLConfig(max_steps=10, min_lr_ratio=1.0))
+    _check_resumed_config(saved, RLConfig(max_steps=20, min_lr_ratio=1.0, save_every=5), Path("ck"))  # constant lr
+    with pytest.raises(ConfigError, match=r"ck: resuming with settings .*lr 1e-06 -> 0.001"):
+        _check_resumed_config(saved, RLConfig(max_steps=10, lr=1e-3), Path("ck"))
+    decaying = asdict(RLConfig(max_steps=10, min_lr_ratio=0.1))
+    with pytest.raises(ConfigError, match=r"max_steps 10 -> 20"):  # where the cosine ends moves every later lr
+        _check_resumed_config(decaying, RLConfig(max_steps=20, min_lr_ratio=0.1), Path("ck"))

@@ -442,6 +442,8 @@ _RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", 
 def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
     now = asdict(cfg)
     changed = sorted(k for k in saved if k in now and k not in _RESUMABLE_KEYS and saved[k] != now[k])
+    if now["min_lr_ratio"] != 1.0 and saved.get("max_steps", now["max_steps"]) != now["max_steps"]:
+        changed.append("max_steps")  # it sets where the lr decay ends: the resumed steps would get other lrs
     if changed:
         raise ConfigError(f"{path}: resuming with settings that differ from the checkpoint's: "
                           + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)

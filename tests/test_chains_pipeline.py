@@ -186,7 +186,11 @@ def test_killed_and_interrupted_runs_resume_without_repeating_answered_requests(
     t_start = time.time()
     killed = start_and_stop_when(overrides, out, at_least=3, sig=signal.SIGKILL)  # 1. SIGKILL mid-run
     assert killed.returncode == -signal.SIGKILL and not (out / "sft.jsonl").exists()
-    t_kill, cached_at_kill = time.time(), cached_answers(out)  # the next run needs > 1 s to send anything
+    # The server stamps a request when its handler thread starts. On a quiet machine the killed run's last request
+    # is stamped 20-160 ms before the kill and the next run's first one 0.9-1.1 s after it (measured); on a loaded
+    # machine the former can slip past the kill (a CI failure). So the boundary between the two runs is 0.5 s
+    # after the kill.
+    t_kill, cached_at_kill = time.time() + 0.5, cached_answers(out)
     interrupted = start_and_stop_when(overrides, out, at_least=cached_at_kill + 2, sig=signal.SIGINT)  # 2. Ctrl-C
     assert interrupted.returncode == 130, interrupted.stdout.read().decode()[-2000:]
     t_int, cached_at_int = time.time(), cached_answers(out)

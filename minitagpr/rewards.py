@@ -116,10 +116,11 @@ def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return len(a) - bin(v).count("1")
 
 
-def verifiable_reward(task: str, answer: str, gold: str, *, normalize_answers: bool = True,
+def verifiable_reward(task: str, answer: str, gold: str, *, normalize_answers: bool = False,
                       rouge_variant: str = "rougeL") -> float:
-    """R_v. Classification tasks (LaMP-1, 2, 3, PGraphRAG-rating): 1.0 when the normalised answer equals the
-    normalised gold label (`answers.normalize`; `normalize_answers=False` compares stripped strings), else 0.0.
+    """R_v. Classification tasks (LaMP-1, 2, 3, PGraphRAG-rating): 1.0 when the stripped answer equals the gold label
+    exactly (the method's "exact match", also the official evaluation's rule), else 0.0; `normalize_answers=True`
+    compares `answers.normalize`d strings instead (lenient: "4 stars" matches "4").
     Generation tasks: the ROUGE F-measure of answer vs gold (`rouge_variant`, default ROUGE-L). Range [0, 1].
     """
     if is_classification(task):
@@ -275,7 +276,7 @@ MIXES = ("composite", "foundation")
 
 def score_batch(tasks: Sequence[str], responses: Sequence[str], golds: Sequence[str],
                 prmu: Sequence[float] | None = None, *, mix: str = "composite", alpha: float = 0.8,
-                beta: float = 0.8, gamma: float = 0.2, rouge_variant: str = "rougeL", normalize_answers: bool = True,
+                beta: float = 0.8, gamma: float = 0.2, rouge_variant: str = "rougeL", normalize_answers: bool = False,
                 n: int = 4, delta: float = 1e-6, allowed: Iterable[str] = TAGS, min_tags: int = 3,
                 ) -> list[RewardParts]:
     """Score a rollout batch: one RewardParts per response, every component filled and `total` mixed by `mix`.

@@ -47,10 +47,10 @@ def test_unclosed_think_has_no_chain():
 
 
 # --- R_v -----------------------------------------------------------------------------------------------------------
-def test_classification_match_after_normalisation_scores_one():
-    assert verifiable_reward("LaMP-1", "reference 2", "[2]") == 1.0
-    assert verifiable_reward("LaMP_3", "4 stars", "4") == 1.0
-    assert verifiable_reward("LaMP-2", "Dark Comedy", "dark comedy") == 1.0
+def test_classification_match_after_opt_in_normalisation_scores_one():
+    assert verifiable_reward("LaMP-1", "reference 2", "[2]", normalize_answers=True) == 1.0
+    assert verifiable_reward("LaMP_3", "4 stars", "4", normalize_answers=True) == 1.0
+    assert verifiable_reward("LaMP-2", "Dark Comedy", "dark comedy", normalize_answers=True) == 1.0
 
 
 def test_classification_mismatch_scores_zero():
@@ -58,9 +58,11 @@ def test_classification_mismatch_scores_zero():
     assert verifiable_reward("PGraphRAG-rating", "3", "4") == 0.0
 
 
-def test_classification_without_normalisation_needs_the_exact_label():
-    assert verifiable_reward("LaMP-1", "2", "[2]", normalize_answers=False) == 0.0
-    assert verifiable_reward("LaMP-1", " [2] ", "[2]", normalize_answers=False) == 1.0
+def test_classification_needs_the_exact_label_by_default():
+    # tagpr-method.md: R_v is exact match for LaMP-1/2/3, as the official evaluation scores them
+    assert verifiable_reward("LaMP-1", "2", "[2]") == 0.0
+    assert verifiable_reward("LaMP_3", "4 stars", "4") == 0.0
+    assert verifiable_reward("LaMP-1", " [2] ", "[2]") == 1.0
 
 
 def test_generation_rouge_l_by_hand():
@@ -251,7 +253,7 @@ def test_composite_without_prmu_needs_gamma_zero():
 
 
 def test_score_batch_fills_every_component_and_total_by_hand():
-    good = respond(PAPER_SHAPED_CHAIN, "reference [2]")
+    good = respond(PAPER_SHAPED_CHAIN, "[2]")
     two_blocks = "<think>a</think><think>b</think>dark comedy"
     headline = respond("<analyze_input>a</analyze_input><examine_examples>b</examine_examples>"
                        "<make_decision>c</make_decision>", "The cat sat on the mat")

@@ -77,13 +77,14 @@ def test_lamp2_unknown_tag_stays_unchanged():
 
 
 # --- ratings ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("answer", ["4", "4.", "4.0", "4/5", "**4** stars", '"4"', "04"])
+@pytest.mark.parametrize("answer", ["4", "4.", "4.0", "4/5", "**4** stars", '"4"', "04", "4 out of 5 stars"])
 @pytest.mark.parametrize("task", ["LaMP-3", "PGraphRAG-rating"])
 def test_rating_leading_integer_becomes_the_label(task, answer):
     assert normalize(task, answer) == "4"
 
 
-@pytest.mark.parametrize("answer", ["4.5", "45", "0", "6", "rating: 4", "four"])
+@pytest.mark.parametrize("answer", ["4.5", "45", "0", "6", "rating: 4", "four", "1e1", "4-5", "5/10", "3 or 4",
+                                    "4/5.5"])
 def test_rating_without_a_leading_integer_1_to_5_stays_unchanged(answer):
     assert normalize("LaMP-3", answer) == answer
 

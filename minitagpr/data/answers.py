@@ -14,7 +14,9 @@ which the official metrics then count as an invalid label / unparsable rating):
 - LaMP-2: compared ignoring case and every character that is not a letter or digit (quotes, spaces, hyphens,
   final punctuation), so `"Sci Fi"`, `sci-fi.`, `Thought Provoking` map to the tag; anything else stays.
 - LaMP-3 and PGraphRAG-rating: after leading quotes/brackets/asterisks, a leading whole number 1-5 (`4`, `4.`,
-  `4.0`, `4/5`, `**4** stars`) -> `"4"`; `4.5`, `45`, `rating: 4` stay (the official rule parses them as floats).
+  `4.0`, `4/5`, `**4** stars`, `4 out of 5`) -> `"4"`, provided no other number follows it except a `/5` or
+  `out of 5` scale; `4.5`, `45`, `rating: 4`, `1e1`, `4-5`, `5/10`, `3 or 4` stay (the official rule parses them as
+  floats or counts them unparsable).
 - Generation tasks (LaMP-4, 5, 7, PGraphRAG-title): runs of whitespace become one space; nothing else (ROUGE's
   tokenizer ignores punctuation and case anyway).
 """
@@ -49,6 +51,8 @@ THINK_CLOSE = "</think>"
 _BRACKET_LABEL_RE = re.compile(r"\[\s*([0-9]+)\s*\]")
 _NUMBER_RE = re.compile(r"[0-9]+")
 _LEADING_NUMBER_RE = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
+_SCALE_RE = re.compile(r"(?:/|\bout of)\s*5(?![0-9.])", re.IGNORECASE)  # "4/5", "4 out of 5": the scale, not a rating
+_OTHER_DIGIT_RE = re.compile(r"[0-9]")
 _NON_ALNUM_RE = re.compile(r"[^0-9a-z]+")
 _RATING_PREFIX_CHARS = "\"'`*[(<{ \t\n\r"
 # LaMP-2 tags keyed by their letters and digits only: "thought-provoking" -> "thoughtprovoking".
@@ -133,5 +137,7 @@ def _normalize_rating(answer: str) -> str:
     whole, fraction = match.group(1), match.group(2)
     if fraction is not None and fraction.strip("0"):
         return answer  # 4.5 is a real-valued rating, not an integer: leave it to the official float parse
+    if _OTHER_DIGIT_RE.search(_SCALE_RE.sub(" ", body[match.end():])):
+        return answer  # another number after it (1e1, 4-5, 5/10, 3 or 4): not one rating
     value = whole.lstrip("0")  # compared as text: int() refuses numbers of thousands of digits
     return value if value in RATINGS else answer

@@ -289,13 +289,16 @@ def predictions_file(out_dir: str | os.PathLike, row: str, task: str) -> Path:
     return Path(out_dir) / "predictions" / _slug(row) / f"{lamp.task_spec(task).file_name}_predictions.json"
 
 
-def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list[dict]) -> None:
-    """Official-format predictions (extracted answers) and the raw generations of one row and task."""
+def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list[dict],
+                   normalize: bool = False) -> None:
+    """Official-format predictions and the raw generations of one row and task. The predictions are the answers as
+    scored (extracted, and normalised when the table was), so re-scoring the file under the official rules gives
+    the table's numbers."""
     if out_dir is None:
         return
     from minitagpr.data import answers
 
-    preds = {r["id"]: answers.extract_answer(r["text"]) for r in records}
+    preds = {r["id"]: answers.normalize(data.task, answers.extract_answer(r["text"]), normalize) for r in records}
     lamp.write_outputs(predictions_file(out_dir, row, data.task), data.task, preds)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     _atomic_write_text(out_dir / "generations" / _slug(row) / f"{data.task}.jsonl", lines)
@@ -332,7 +335,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                                                   "prompt_style": prompt_style, "temperature": temperature,
                                                   "normalize": normalize},
                           len(td.examples))
-                _write_outputs(out, row, td, records)
+                _write_outputs(out, row, td, records, normalize)
                 log(f"eval {row} {td.task}: " + ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
         del eng
     return table

@@ -86,6 +86,17 @@ def test_written_predictions_are_official_format_and_rescore_to_the_table(two_ro
         assert evaluate(task, preds, golds) == pytest.approx(table.rows["sft"][task])
 
 
+def test_predictions_written_with_normalize_are_the_answers_as_scored(tmp_path):
+    # normalize=true scores normalised answers; the file holds those, so the official rules re-score it to the table
+    examples, golds = make_examples("LaMP-3", n=2, n_items=4, seed=3)
+    td = ev.TaskData("LaMP-3", examples, golds, "x")
+    records = [{"id": ex.id, "text": "<think>c</think> **4** stars"} for ex in examples]
+    ev._write_outputs(tmp_path, "row", td, records, normalize=True)
+    _, preds = lamp.load_outputs(ev.predictions_file(tmp_path, "row", "LaMP-3"))
+    assert set(preds.values()) == {"4"}
+    assert evaluate("LaMP-3", preds, golds) == ev.score(td, {r["id"]: r["text"] for r in records}, normalize=True)
+
+
 def test_raw_generations_are_kept_per_row_and_task(two_rows):
     _, out = two_rows
     lines = (out / "generations" / "base" / "LaMP-3.jsonl").read_text().splitlines()

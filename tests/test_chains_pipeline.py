@@ -164,6 +164,8 @@ def start_and_stop_when(overrides: dict, out_dir: Path, at_least: int, sig: int)
             proc.kill()
             pytest.fail(f"the run did not reach {at_least} cached answers in 120 s")
         time.sleep(0.02)
+    if proc.poll() is not None:  # it cached its last answers between two looks: nothing left to interrupt
+        pytest.fail(f"the run finished before it could be stopped at {at_least} cached answers; the job is too small")
     proc.send_signal(sig)
     proc.wait(60)
     return proc
@@ -171,7 +173,10 @@ def start_and_stop_when(overrides: dict, out_dir: Path, at_least: int, sig: int)
 
 def test_killed_and_interrupted_runs_resume_without_repeating_answered_requests(tmp_path, world, serve):
     base_url, log = serve
-    settings = {"teacher.max_tokens": 48, "judge.max_tokens": 48, "tagger.max_tokens": 48}
+    # 4 questions per task: 24 teacher answers, so the runs stopped below at 3 and then 2 more cached answers still
+    # have many requests to go (with 2 per task, a loaded fresh-clone check once saw the second run finish the
+    # remaining 9 before the test looked again)
+    settings = {"teacher.max_tokens": 48, "judge.max_tokens": 48, "tagger.max_tokens": 48, "data.per_task": 4}
 
     # An uninterrupted reference run (in this process): one request per answer.
     ref_dir = tmp_path / "reference"

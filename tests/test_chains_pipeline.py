@@ -154,8 +154,11 @@ def build_command(overrides: dict) -> list[str]:
 
 def start_and_stop_when(overrides: dict, out_dir: Path, at_least: int, sig: int) -> subprocess.Popen:
     """Run the recipe in a child process and send `sig` once the caches hold `at_least` answers."""
+    # SIGINT at its default disposition in the child, so that Python turns it into KeyboardInterrupt as a Ctrl-C would:
+    # a test session started in the background of a non-interactive shell inherits SIGINT *ignored*, and the run
+    # would then finish instead of stopping (exit 0, not 130; seen in fresh-clone checks started with `&`)
     proc = subprocess.Popen(build_command(overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env(),
-                            cwd=REPO)
+                            cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not ((out_dir / "cache").exists() and cached_answers(out_dir) >= at_least):
         if proc.poll() is not None:
@@ -173,10 +176,7 @@ def start_and_stop_when(overrides: dict, out_dir: Path, at_least: int, sig: int)
 
 def test_killed_and_interrupted_runs_resume_without_repeating_answered_requests(tmp_path, world, serve):
     base_url, log = serve
-    # 4 questions per task: 24 teacher answers, so the runs stopped below at 3 and then 2 more cached answers still
-    # have many requests to go (with 2 per task, a loaded fresh-clone check once saw the second run finish the
-    # remaining 9 before the test looked again)
-    settings = {"teacher.max_tokens": 48, "judge.max_tokens": 48, "tagger.max_tokens": 48, "data.per_task": 4}
+    settings = {"teacher.max_tokens": 48, "judge.max_tokens": 48, "tagger.max_tokens": 48}
 
     # An uninterrupted reference run (in this process): one request per answer.
     ref_dir = tmp_path / "reference"

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from typing import Callable
 
+from minitagpr import distributed as D
 from minitagpr.config import ConfigError
 from minitagpr.data.chain_client import CacheError, EndpointError
 from minitagpr.data.lamp import DataError
@@ -41,3 +43,15 @@ def exit_on_user_error(name: str):
         where = f" (rank {os.environ.get('RANK', '0')})" if world > 1 else ""
         print(f"[{name}] error{where}: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def run_recipe(name: str, body: Callable[[], object]) -> None:
+    """A recipe's run: `body()`, the process group torn down whatever happens (`distributed.destroy_distributed`),
+    and a `USER_ERRORS` exception ended as in `exit_on_user_error`. The recipe's `__main__` then calls
+    `distributed.end_process()`."""
+    with exit_on_user_error(name):
+        try:
+            body()
+        finally:
+            D.destroy_distributed()
+

@@ -87,8 +87,9 @@ def destroy_distributed() -> None:
     """Tear down the process group, but only if `init_distributed` created it.
 
     On a normal exit every rank first meets at a barrier, so no rank tears its connections down while another is
-    still using the group (see `end_process` for how a recipe then leaves). While an exception is propagating (this is called from `finally`
-    blocks) there is no barrier: the other ranks may never arrive, and torchrun stops them anyway."""
+    still using the group (see `end_process` for how a recipe then leaves). While an exception is propagating
+    (this is called from `finally` blocks) there is no barrier: the other ranks may never arrive, and torchrun
+    stops them anyway."""
     global _we_initialised
     if _we_initialised and dist.is_initialized():
         if sys.exc_info()[0] is None and dist.get_world_size() > 1:
@@ -107,7 +108,8 @@ def end_process(code: int = 0) -> NoReturn:
     interpreter finalization. Twice a rank died after all of its results had been written, with SIGABRT and
     "terminate called without an active exception" (a C++ thread object destroyed while its thread still ran):
     at the end of a demo run, and in a CI run of the resume test; torchrun then reported the job as failed. It did
-    not reproduce in 50 local reruns, so this removes the place where it happened rather than a proven cause.
+    not reproduce in 26 local kill-and-resume cycles of that test's run (52 torchrun runs, 20 cycles on a loaded
+    CPU) nor in 30 synthetic FSDP2 teardowns, so this removes the place where it happened, not a proven cause.
     Call it only from a recipe's `__main__` block, after `main` returned: every file the recipes write is closed
     and renamed into place by then (checkpoints, exports, metrics.jsonl, evaluation files)."""
     sys.stdout.flush()

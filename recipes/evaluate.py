@@ -76,7 +76,7 @@ class EvalConfig:
             for entry in getattr(self, key):
                 if "=" not in entry:
                     raise ValueError(f"{key}: entry {entry!r} is not of the form name=path")
-        clash = [n for n in named_entries(self.predictions) if n in named_entries(self.checkpoints)]
+        clash = sorted(set(named_entries(self.predictions)) & set(named_entries(self.checkpoints)))
         if clash:  # one row would silently take the other's metrics
             raise ValueError(f"row name(s) {', '.join(map(repr, clash))} given to both checkpoints= and predictions=; "
                              f"give each row its own name")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.cli import exit_on_user_error
+from minitagpr.cli import run_recipe
 from minitagpr.config import parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.preferences import RolloutRecord, read_rollouts, write_rollouts
@@ -125,9 +125,5 @@ def run(cfg: RolloutConfig) -> Path:
 
 
 if __name__ == "__main__":
-    with exit_on_user_error("prmu_rollouts"):
-        try:
-            run(parse_cli(RolloutConfig, sys.argv[1:]))
-        finally:
-            D.destroy_distributed()
+    run_recipe("prmu_rollouts", lambda: run(parse_cli(RolloutConfig, sys.argv[1:])))
     D.end_process()  # skip interpreter finalization (see there)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.cli import exit_on_user_error
+from minitagpr.cli import run_recipe
 from minitagpr.config import ConfigError, parse_cli, save_config
 from minitagpr.train import optim as O
 from minitagpr.train import sft_data as S
@@ -281,11 +281,7 @@ def evaluate_chains(export_dir: Path, heldout: list[S.SftRecord], max_new_tokens
 
 
 def main(argv: list[str] | None = None) -> None:
-    with exit_on_user_error("sft"):
-        try:
-            run(parse_cli(SftConfig, sys.argv[1:] if argv is None else argv))
-        finally:
-            D.destroy_distributed()
+    run_recipe("sft", lambda: run(parse_cli(SftConfig, sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

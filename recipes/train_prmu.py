@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.cli import exit_on_user_error
+from minitagpr.cli import run_recipe
 from minitagpr.config import ConfigError, parse_cli, save_config
 from minitagpr.data import demo_world
 from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, read_pairs, split_heldout,
@@ -336,9 +336,5 @@ def log_eval(model, held, step, cfg, pad_id, info, log) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    with exit_on_user_error("train_prmu"):
-        try:
-            run(parse_cli(PrmuConfig, sys.argv[1:]))
-        finally:
-            D.destroy_distributed()
+    run_recipe("train_prmu", lambda: run(parse_cli(PrmuConfig, sys.argv[1:])))
     D.end_process()  # skip interpreter finalization (see there)

@@ -52,7 +52,6 @@ _BRACKET_LABEL_RE = re.compile(r"\[\s*([0-9]+)\s*\]")
 _NUMBER_RE = re.compile(r"[0-9]+")
 _LEADING_NUMBER_RE = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
 _SCALE_RE = re.compile(r"(?:/|\bout of)\s*5(?![0-9.])", re.IGNORECASE)  # "4/5", "4 out of 5": the scale, not a rating
-_OTHER_DIGIT_RE = re.compile(r"[0-9]")
 _NON_ALNUM_RE = re.compile(r"[^0-9a-z]+")
 _RATING_PREFIX_CHARS = "\"'`*[(<{ \t\n\r"
 # LaMP-2 tags keyed by their letters and digits only: "thought-provoking" -> "thoughtprovoking".
@@ -137,7 +136,7 @@ def _normalize_rating(answer: str) -> str:
     whole, fraction = match.group(1), match.group(2)
     if fraction is not None and fraction.strip("0"):
         return answer  # 4.5 is a real-valued rating, not an integer: leave it to the official float parse
-    if _OTHER_DIGIT_RE.search(_SCALE_RE.sub(" ", body[match.end():])):
+    if _NUMBER_RE.search(_SCALE_RE.sub(" ", body[match.end():])):
         return answer  # another number after it (1e1, 4-5, 5/10, 3 or 4): not one rating
     value = whole.lstrip("0")  # compared as text: int() refuses numbers of thousands of digits
     return value if value in RATINGS else answer

@@ -3,6 +3,8 @@
 Each (implementation, shape) runs in its own subprocess so peak memory is its own: the peak resident-set growth over
 the step (Linux VmHWM, reset through /proc/self/clear_refs after warm-up) on CPU, torch.cuda.max_memory_allocated on
 GPU. Times are medians of timed steps after warm-up. A step = forward + next-token loss + backward.
+On CUDA the table adds MFU: tokens/s x `flops_per_token` (6 per matmul weight + causal attention) over two peaks,
+the card's datasheet dense bf16 rate and a bf16 8192^3 matmul measured on the same card in the same run.
 
     python bench/model_throughput.py                    # CPU fp32: demo shape and a 2-layer slice of Qwen3-0.6B
     python bench/model_throughput.py --device cuda --dtype bfloat16
@@ -22,6 +24,7 @@ from timing import PeakMemory, median_seconds
 SHAPES = {  # name -> (preset, batch, seq_len)
     "demo": ("demo", 8, 256),
     "qwen3-0.6b-2layer": ("qwen3-0.6b-2layer", 2, 512),
+    "qwen3-0.6b": ("qwen3-0.6b", 4, 2048),  # the whole model: for GPUs (--shapes qwen3-0.6b)
 }
 IMPLS = ["ours-fused", "ours-recompute", "ours-logits", "transformers"]
 
@@ -70,6 +73,14 @@ def child(impl: str, ckpt: str, batch: int, seq: int, device: str, dtype: str, s
     return {"impl": impl, "step_s": med, "tokens_per_s": batch * seq / med, "peak_bytes": memory.peak()}
 
 
+def matmul_tflops(device: str, size: int = 8192, repeats: int = 10) -> float:
+    """Measured bf16 matmul rate on this card (random operands: zeros run faster), the achievable roofline."""
+    import torch
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    seconds = median_seconds(lambda: a @ b, repeats, warmup=3, sync=torch.cuda.synchronize)
+    return 2 * size**3 / seconds / 1e12
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -85,7 +96,7 @@ def main():
     if args.child:
         print(json.dumps(child(**json.loads(args.child))))
         return
-    from minitagpr.model.presets import make_tiny_checkpoint
+    from minitagpr.model.presets import make_tiny_checkpoint, tiny_config
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,13 +121,34 @@ def main():
             for impl in impls:
                 r = results[impl]
                 rows.append((shape, f"{batch}x{seq}", impl, r["tokens_per_s"], r["tokens_per_s"] / ref["tokens_per_s"],
-                             r["peak_bytes"] / 2**20, r["peak_bytes"] / max(ref["peak_bytes"], 1)))
+                             r["peak_bytes"] / 2**20, r["peak_bytes"] / max(ref["peak_bytes"], 1),
+                             r["tokens_per_s"] * flops_per_token(tiny_config(preset), seq)))
     print(f"device={args.device} dtype={args.dtype} threads={args.threads} steps={args.steps} (median) "
           f"warmup={args.warmup} rounds={args.rounds} (interleaved, median of rounds)")
-    print("| shape | batch | impl | tokens/s | vs transformers | peak MiB | peak vs transformers |")
-    print("|---|---|---|---|---|---|---|")
-    for shape, bt, impl, tps, ratio, mib, mratio in rows:
-        print(f"| {shape} | {bt} | {impl} | {tps:,.0f} | {ratio:.2f}x | {mib:,.0f} | {mratio:.2f}x |")
+    cuda = args.device == "cuda"
+    if cuda:
+        import torch
+        from minitagpr.train.metrics import peak_flops
+        sheet, where = peak_flops(torch.device("cuda"))
+        measured = matmul_tflops("cuda")
+        print(f"MFU peaks: datasheet {where}; measured bf16 8192^3 matmul {measured:.0f} TFLOP/s")
+    head = "| shape | batch | impl | tokens/s | vs transformers | peak MiB | peak vs transformers |"
+    head += " model TFLOP/s | MFU (datasheet) | MFU (measured matmul) |" if cuda else ""
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for shape, bt, impl, tps, ratio, mib, mratio, flops in rows:
+        line = f"| {shape} | {bt} | {impl} | {tps:,.0f} | {ratio:.2f}x | {mib:,.0f} | {mratio:.2f}x |"
+        if cuda:
+            line += f" {flops / 1e12:.1f} | {100 * flops / sheet:.1f}% | {100 * flops / 1e12 / measured:.1f}% |"
+        print(line)
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    """Our model's FLOPs count for `cfg`, from a meta-device model (no memory, no init)."""
+    import torch
+    from minitagpr.model.qwen3 import Qwen3ForCausalLM
+    with torch.device("meta"):
+        return Qwen3ForCausalLM(cfg).flops_per_token(seq)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """HF checkpoint I/O: round trips through transformers (one file and shards), and every bad input named."""
+import dataclasses
 import json
 import os
 import struct
@@ -120,6 +121,13 @@ def test_real_qwen3_configs_parse(qwen3_configs_dir):
     for name, (layers, tied) in {"Qwen3-0.6B": (28, True), "Qwen3-1.7B": (28, True), "Qwen3-8B": (36, False)}.items():
         cfg = Qwen3Config.from_json(qwen3_configs_dir / name / "config.json")
         assert cfg.num_hidden_layers == layers and cfg.tie_word_embeddings == tied and cfg.head_dim == 128
+
+
+def test_the_qwen3_0_6b_preset_is_the_real_config(qwen3_configs_dir):
+    real = Qwen3Config.from_json(qwen3_configs_dir / "Qwen3-0.6B" / "config.json")
+    ours = dataclasses.replace(tiny_config("qwen3-0.6b"), bos_token_id=real.bos_token_id,
+                               eos_token_id=real.eos_token_id, torch_dtype=real.torch_dtype)  # the shape, not the ids
+    assert ours == real
 
 
 def test_pickled_weights_are_refused(tmp_path):

@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from minitagpr.kernels import token_logprobs, weighted_logprob_sum
-from test_kernels import FP32_TOL, fresh_generator, make_inputs, reference, rel_err
+from test_kernels import DEVICE, FP32_TOL, fresh_generator, make_inputs, reference, rel_err
 
 
 def check_weighted(hidden, weight, targets, seed, temperature=1.0, chunk_size=None, impl="torch"):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(targets.shape[0], generator=gen, dtype=torch.float64)  # any sign, any size
-    total, logp = weighted_logprob_sum(hidden, weight, targets, w.float(), temperature=temperature,
+    total, logp = weighted_logprob_sum(hidden, weight, targets, w.float().to(DEVICE), temperature=temperature,
                                        chunk_size=chunk_size, impl=impl)
     h64, w64, logp64, _ = reference(hidden, weight, targets, temperature)
-    total64 = (w * logp64).sum()
+    total64 = (w.to(DEVICE) * logp64).sum()
     assert logp.dtype == total.dtype == torch.float32 and logp.grad_fn is None
     assert rel_err(logp, logp64) <= FP32_TOL, f"logp (seed {seed})"
     assert abs(total.item() - total64.item()) <= FP32_TOL * max(1.0, abs(total64.item())), f"total (seed {seed})"
@@ -46,7 +46,7 @@ def test_qwen3_vocab():
 
 def test_same_numbers_as_token_logprobs():
     hidden, weight, targets = make_inputs(30, 16, 500, ignore_rows=(3, 4))
-    w = -torch.rand(30)
+    w = -torch.rand(30, device=DEVICE)
     total, logp = weighted_logprob_sum(hidden, weight, targets, w, chunk_size=7)
     logp_ref, _ = token_logprobs(hidden, weight, targets, chunk_size=7, impl="torch")
     assert torch.equal(logp, logp_ref.detach())
@@ -60,7 +60,7 @@ def test_same_numbers_as_token_logprobs():
 
 def test_no_grad_and_frozen_head_and_all_ignored():
     hidden, weight, targets = make_inputs(9, 8, 100)
-    w = torch.ones(9)
+    w = torch.ones(9, device=DEVICE)
     with torch.no_grad():
         total_ng, logp_ng = weighted_logprob_sum(hidden, weight, targets, w)
     total, logp = weighted_logprob_sum(hidden, weight, targets, w)
@@ -72,12 +72,13 @@ def test_no_grad_and_frozen_head_and_all_ignored():
     targets[:] = -100
     total, logp = weighted_logprob_sum(hidden, weight, targets, w)
     total.backward()
-    assert total.item() == 0.0 and torch.equal(logp, torch.zeros(9)) and torch.equal(hidden.grad, torch.zeros(9, 8))
+    assert total.item() == 0.0 and torch.equal(logp, torch.zeros(9, device=DEVICE))
+    assert torch.equal(hidden.grad, torch.zeros(9, 8, device=DEVICE))
 
 
 def test_second_backward_is_refused():
     hidden, weight, targets = make_inputs(5, 8, 50)
-    total, _ = weighted_logprob_sum(hidden, weight, targets, torch.ones(5))
+    total, _ = weighted_logprob_sum(hidden, weight, targets, torch.ones(5, device=DEVICE))
     total.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         total.backward()
@@ -86,14 +87,14 @@ def test_second_backward_is_refused():
 def test_bad_weights_and_impl_are_named():
     hidden, weight, targets = make_inputs(4, 8, 30)
     with pytest.raises(ValueError, match=r"token_weights must be a float tensor of shape \(4,\)"):
-        weighted_logprob_sum(hidden, weight, targets, torch.ones(3))
+        weighted_logprob_sum(hidden, weight, targets, torch.ones(3, device=DEVICE))
     with pytest.raises(ValueError, match="token_weights must be a float tensor"):
-        weighted_logprob_sum(hidden, weight, targets, torch.ones(4, dtype=torch.long))
+        weighted_logprob_sum(hidden, weight, targets, torch.ones(4, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="impl must be 'auto', 'torch' or 'naive'"):
-        weighted_logprob_sum(hidden, weight, targets, torch.ones(4), impl="triton")
+        weighted_logprob_sum(hidden, weight, targets, torch.ones(4, device=DEVICE), impl="triton")
     targets[1] = 99
     with pytest.raises(ValueError, match=r"targets\[1\] = 99 is outside"):
-        weighted_logprob_sum(hidden, weight, targets, torch.ones(4))
+        weighted_logprob_sum(hidden, weight, targets, torch.ones(4, device=DEVICE))
 
 
 def test_sft_step_gradients_equal_the_plain_logprob_path():

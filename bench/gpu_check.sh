@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Everything this repo checks on a lent GPU, in one call (a lease is short: one start, one script, capped sections).
+#
+#   bash bench/gpu_check.sh OUT_DIR [SECTION ...]     sections: tests demo rollout logprob mfu
+#                                                     (default: tests rollout logprob mfu, ~7.5 min)
+# setup   card, versions; installs the package (editable, no deps) and any wheels carried in .whl/ (rouge-score and
+#         nltk for the demo's evaluation), ~15 s
+# tests   tests/test_gpu.py and the Triton kernel tests, compiled for the card, ~30 s
+# demo    the demo's RL stages + evaluation on 1 GPU rank, in parallel with the tests; carry runs/demo/{world,sft/hf,
+#         prmu/hf,base_demo} from a CPU run so SFT and PRMU are reused (guided 51 s, exploratory 12 s on an H100; the
+#         evaluation did not finish inside 180 s)
+# rollout bench/rollout.py: demo model batch16 + rl-demo (~100 s), then Qwen3-0.6B batch16 (~140 s, mostly making and
+#         loading the 2.4 GB random checkpoint)
+# logprob bench/logprob.py at N in {4096, 8192} x H in {1024, 2048}, ~25 s
+# mfu     bench/model_throughput.py on the whole Qwen3-0.6B shape, ~70 s
+# Each section has its own time cap, so one hang cannot starve the rest; logs land in OUT_DIR (at most 6 files).
+# Measured 2026-11-26 on an NVIDIA H100 80GB HBM3; the numbers are in bench/RESULTS.md.
+set -u
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [tests demo rollout logprob mfu]}
+shift
+sections=" ${*:-tests rollout logprob mfu} "
+want() { [[ $sections == *" $1 "* ]]; }
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+repo=$(pwd)
+t0=$(date +%s)
+section() { echo "=== [$(($(date +%s) - t0)) s] $*"; }
+
+section setup
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && echo "wheels: $(ls .whl)"
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && echo "minitagpr installed (editable)"
+} >"$out/setup.log" 2>&1
+export PYTHONPATH=/tmp/site
+if ! python3 -c "import minitagpr.kernels" 2>/dev/null; then  # no editable install: a copy laid out as installed
+  mkdir -p /tmp/src && cp -r minitagpr /tmp/src/ && cp -r kernels /tmp/src/minitagpr/kernels
+  export PYTHONPATH=/tmp/src:/tmp/site && echo "editable install failed: using the copy in /tmp/src" >>"$out/setup.log"
+fi
+python3 - >>"$out/setup.log" 2>&1 <<'EOF'
+import torch, triton, transformers, minitagpr.kernels
+print("torch", torch.__version__, "| triton", triton.__version__, "| transformers", transformers.__version__,
+      "|", torch.cuda.get_device_name(), "| SMs", torch.cuda.get_device_properties(0).multi_processor_count)
+EOF
+cat "$out/setup.log"
+
+demo=
+if want demo; then
+  section "demo RL stages on 1 GPU rank (background)"
+  (
+    cd "$repo" && timeout 240 torchrun --nproc_per_node=1 recipes/guided_rl.py workdir=runs/demo >"$out/demo.log" 2>&1
+    echo "demo exit $? after $(($(date +%s) - t0)) s since start" >>"$out/demo.log"
+  ) &
+  demo=$!
+fi
+if want tests; then
+  section "GPU tests"
+  timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
+    tests/test_kernels_weighted.py tests/test_kernels_compile.py >"$out/pytest.log" 2>&1
+  echo "pytest exit $?" >>"$out/pytest.log"
+  grep -E "vs float64|passed|failed|error|pytest exit" "$out/pytest.log" | tail -12
+fi
+if [ -n "$demo" ]; then
+  section "waiting for the demo"
+  wait $demo
+  grep -vE "^\[(sft|prmu|guided|exploratory)[^]]*\] step|^(guided|exploratory|prmu) step" "$out/demo.log" | tail -40
+fi
+
+cd bench
+if want rollout; then
+  section "rollout: demo model"
+  timeout 120 python3 rollout.py --device cuda --dtype bfloat16 --workloads batch16,rl-demo --runs 5 \
+    >"$out/rollout.log" 2>&1
+  section "rollout: Qwen3-0.6B"
+  timeout 170 python3 rollout.py --device cuda --dtype bfloat16 --preset qwen3-0.6b --workloads batch16 --runs 3 \
+    >>"$out/rollout.log" 2>&1
+  grep -v "Loading weights" "$out/rollout.log"
+fi
+if want logprob; then
+  section "logprob"
+  timeout 90 python3 logprob.py --n 4096 8192 --repeats 5 --warmup 2 >"$out/logprob.log" 2>&1
+  grep -v "^#" "$out/logprob.log" | tail -14
+fi
+if want mfu; then
+  section "model throughput + MFU"
+  timeout 120 python3 model_throughput.py --device cuda --dtype bfloat16 --shapes qwen3-0.6b \
+    --rounds 1 --steps 10 --warmup 3 --threads 8 >"$out/mfu.log" 2>&1
+  cat "$out/mfu.log"
+fi
+section done

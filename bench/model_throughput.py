@@ -48,7 +48,7 @@ def child(impl: str, ckpt: str, batch: int, seq: int, device: str, dtype: str, s
     weights = (targets != -100).float() / -(targets != -100).sum()  # mean NLL as sum_t w_t logp_t
 
     def step():
-        if impl == "ours-fused":  # SFT's path: loss linear in logp, head gradient formed in the forward, no logits
+        if impl == "ours-fused":  # SFT's path: loss linear in logp (CPU: head gradient in the forward; CUDA: Triton)
             loss, _ = model(ids, targets=targets, token_weights=weights)
         elif impl == "ours-recompute":  # RL's path: per-token log-probs (fused, logits recomputed in the backward)
             logp, _ = model(ids, targets=targets)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minitagpr.kernels import token_logprobs, weighted_logprob_sum
-from test_kernels import DEVICE, FP32_TOL, fresh_generator, make_inputs, reference, rel_err
+from test_kernels import DEVICE, FP32_TOL, SMALL_IMPLS, fresh_generator, make_inputs, reference, rel_err
 
 
 def check_weighted(hidden, weight, targets, seed, temperature=1.0, chunk_size=None, impl="torch"):
@@ -24,18 +24,31 @@ def check_weighted(hidden, weight, targets, seed, temperature=1.0, chunk_size=No
     assert rel_err(weight.grad, w64.grad) <= FP32_TOL, f"d weight {rel_err(weight.grad, w64.grad):.2e} (seed {seed})"
 
 
-@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.parametrize("impl", SMALL_IMPLS)
 def test_matches_float64_with_ignored_rows_and_a_tail_chunk(impl):
     gen, seed = fresh_generator()
     hidden, weight, targets = make_inputs(37, 24, 1000, ignore_rows=(0, 5, 36), gen=gen)
     check_weighted(hidden, weight, targets, seed, chunk_size=16, impl=impl)
 
 
+@pytest.mark.parametrize("impl", SMALL_IMPLS)
 @pytest.mark.parametrize("temperature", [0.6, 1.7])
-def test_temperature(temperature):
+def test_temperature(temperature, impl):
     gen, seed = fresh_generator()
     hidden, weight, targets = make_inputs(21, 16, 999, gen=gen)
-    check_weighted(hidden, weight, targets, seed, temperature=temperature, chunk_size=8)
+    check_weighted(hidden, weight, targets, seed, temperature=temperature, chunk_size=8, impl=impl)
+
+
+def test_auto_is_triton_on_cuda_and_torch_elsewhere(monkeypatch):
+    import minitagpr.kernels.logprob as K
+
+    picked = []
+    real = K._dispatch
+    monkeypatch.setattr(K, "_dispatch", lambda *a: picked.append(a[5]) or real(*a))
+    hidden, weight, targets = make_inputs(6, 8, 40)
+    weighted_logprob_sum(hidden, weight, targets, torch.ones(6, device=DEVICE))
+    expected = "triton" if torch.cuda.is_available() and K.triton_available() else None  # torch: no _dispatch
+    assert picked == ([expected] if expected else [])
 
 
 def test_qwen3_vocab():
@@ -90,8 +103,8 @@ def test_bad_weights_and_impl_are_named():
         weighted_logprob_sum(hidden, weight, targets, torch.ones(3, device=DEVICE))
     with pytest.raises(ValueError, match="token_weights must be a float tensor"):
         weighted_logprob_sum(hidden, weight, targets, torch.ones(4, dtype=torch.long, device=DEVICE))
-    with pytest.raises(ValueError, match="impl must be 'auto', 'torch' or 'naive'"):
-        weighted_logprob_sum(hidden, weight, targets, torch.ones(4, device=DEVICE), impl="triton")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        weighted_logprob_sum(hidden, weight, targets, torch.ones(4, device=DEVICE), impl="cuda")
     targets[1] = 99
     with pytest.raises(ValueError, match=r"targets\[1\] = 99 is outside"):
         weighted_logprob_sum(hidden, weight, targets, torch.ones(4, device=DEVICE))

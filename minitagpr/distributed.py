@@ -62,6 +62,7 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        check_gpu_per_rank(local_rank, torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
@@ -74,6 +75,16 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
         _we_initialised = True
     return world()
+
+
+def check_gpu_per_rank(local_rank: int, gpus: int, local_world_size: int) -> None:
+    """One GPU per process: more processes on a node than visible GPUs is a launch mistake (e.g. the README's
+    `--nproc_per_node=2` on a one-GPU machine), named here rather than as CUDA's 'invalid device ordinal'."""
+    from minitagpr.config import ConfigError
+    if local_rank >= gpus:
+        raise ConfigError(f"torchrun started {local_world_size} processes on this node but {gpus} CUDA device(s) are "
+                          f"visible, and each process needs its own GPU: use --nproc_per_node={gpus} (or "
+                          f"CUDA_VISIBLE_DEVICES= to run on the CPU)")
 
 
 def world() -> DistInfo:

@@ -235,3 +235,16 @@ def test_end_process_flushes_and_exits_zero_after_fsdp_teardown(tmp_path, nproc)
         assert f"rank {rank} done" in res.stdout and f"rank {rank} stderr" in res.stderr
     if sys.platform == "linux":
         assert "pt_gloo_runloop" in (tmp_path / "threads0").read_text()
+
+
+def test_more_ranks_than_gpus_is_named_before_cuda_fails(monkeypatch):
+    from minitagpr.config import ConfigError
+
+    D.check_gpu_per_rank(0, 1, 1)  # one process, one GPU: fine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: pytest.fail("set_device reached"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"2 processes on this node but 1 CUDA device.*--nproc_per_node=1"):
+        D.init_distributed()

@@ -39,6 +39,9 @@ if ! python3 -c "import minitagpr.kernels" 2>/dev/null; then  # no editable inst
   mkdir -p /tmp/src && cp -r minitagpr /tmp/src/ && cp -r kernels /tmp/src/minitagpr/kernels
   export PYTHONPATH=/tmp/src:/tmp/site && echo "editable install failed: using the copy in /tmp/src" >>"$out/setup.log"
 fi
+if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  cat "$out/setup.log"; echo "no CUDA device visible to torch here: this script is for a GPU machine"; exit 1
+fi
 python3 - >>"$out/setup.log" 2>&1 <<'EOF'
 import torch, triton, transformers, minitagpr.kernels
 print("torch", torch.__version__, "| triton", triton.__version__, "| transformers", transformers.__version__,

@@ -217,14 +217,18 @@ class BuiltinEngine(RolloutEngine):
         for step in range(max_new_tokens):
             tokens, logp = sample_tokens(logits, uniforms[alive, step], temperature, top_p, self.vocab_size)
             stopped = torch.isin(tokens, stop_ids)  # (R_alive,)
-            for r, t, lp, s in zip(alive.tolist(), tokens.tolist(), logp.tolist(), stopped.tolist()):
-                out_tokens[r].append(t)
-                out_logp[r].append(lp)
+            # one device -> host copy per step (on a GPU each copy waits for the queue to drain): ids < 2^53 and
+            # fp32 log-probs are exact in float64
+            host = torch.stack([alive.double(), tokens.double(), logp.double(), stopped.double()]).tolist()
+            for r, t, lp, s in zip(*host):
+                out_tokens[int(r)].append(int(t))
+                out_logp[int(r)].append(lp)
                 if s:
-                    finish[r] = "stop"
-            if step == max_new_tokens - 1 or bool(stopped.all()):
+                    finish[int(r)] = "stop"
+            n_stopped = int(sum(host[3]))
+            if step == max_new_tokens - 1 or n_stopped == len(host[3]):
                 break
-            if bool(stopped.any()):
+            if n_stopped:
                 keep = (~stopped).nonzero().squeeze(1)  # (R_alive',) rows that go on
                 cache.reorder(keep)
                 alive, tokens, next_pos = alive[keep], tokens[keep], next_pos[keep]

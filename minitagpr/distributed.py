@@ -171,7 +171,10 @@ def mixed_precision(device: torch.device, mode: str = "auto") -> MixedPrecisionP
         raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {mode!r}")
     if mode == "fp32" or (mode == "auto" and device.type != "cuda"):
         return None
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: FSDP would otherwise round every float argument of the forward to bf16, e.g. SFT's
+    # token weights -1/N (a different bf16 rounding error in the gradient's scale each step). Nothing needs the
+    # cast: the blocks get bf16 activations from the bf16 embedding, and cos/sin and masks follow their dtype.
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

@@ -288,7 +288,8 @@ def make_server(checkpoint, host: str = "127.0.0.1", port: int = 0, model_name: 
 
     checkpoint = Path(checkpoint)
     tokenizer = Tokenizer.from_dir(checkpoint)
-    model = load_pretrained(checkpoint, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_pretrained(checkpoint, dtype=torch.float32, device=device).eval()
     engine = BuiltinEngine(model, tokenizer, max_batch_rows=max_batch_rows)
     return ChatServer((host, port), engine, tokenizer, model_name or checkpoint.name, request_log)
 

@@ -180,9 +180,10 @@ def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_row
         kind = "vllm" if vllm_available() and torch.cuda.is_available() else "builtin"
     if kind == "vllm":
         return VLLMEngine(folder, tokenizer, sleep_level=0), tokenizer
+    # fp32 on every device, like the RL rollouts and SFT's held-out check: bf16 logits make greedy ties (lowest id
+    # wins), so a GPU table would not reproduce the CPU one
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = load_pretrained(folder, dtype=dtype, device=device).eval()
+    model = load_pretrained(folder, dtype=torch.float32, device=device).eval()
     return BuiltinEngine(model, tokenizer, max_batch_rows=max_batch_rows), tokenizer
 
 

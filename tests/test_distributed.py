@@ -248,3 +248,28 @@ def test_more_ranks_than_gpus_is_named_before_cuda_fails(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"2 processes on this node but 1 CUDA device.*--nproc_per_node=1"):
         D.init_distributed()
+
+
+def test_bf16_fsdp_leaves_sft_token_weights_and_prmu_scores_in_fp32(tied_checkpoint, monkeypatch):
+    """FSDP's bf16 policy must not round float forward inputs (SFT's -1/N token weights) nor PRMU's logit f."""
+    import minitagpr.kernels as K
+    from minitagpr.model.presets import tiny_config
+    from minitagpr.model.reward import PRMU
+
+    group = D.init_distributed()  # (again: an earlier test tears the module's group down)
+    seen = []
+    real = K.weighted_logprob_sum
+    monkeypatch.setattr(K, "weighted_logprob_sum", lambda *a, **kw: seen.append((a[0].dtype, a[3].dtype))
+                        or real(*a, **kw))
+    model = D.build_sharded_causal_lm(tied_checkpoint, group, D.device_mesh(group), mp_mode="bf16")
+    ids, targets = batch()
+    weights = (targets != -100).float() / -7.0  # -1/7 is not a bf16 number
+    model(ids, targets=targets, token_weights=weights)[0].backward()
+    assert seen == [(torch.bfloat16, torch.float32)]  # bf16 compute, fp32 weights
+
+    prmu = PRMU(tiny_config("tiny", vocab_size=96), ["alice", "bob"])
+    prmu.init_weights(0)
+    D.shard_model(prmu, D.device_mesh(group), D.mixed_precision(group.device, "bf16"))
+    f = prmu(ids, torch.tensor([10, 7]), torch.tensor([1, 2]))
+    assert f.dtype == torch.float32
+    assert not torch.equal(f, f.bfloat16().float())  # a bf16 score head would give exact bf16 values

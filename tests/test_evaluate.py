@@ -199,3 +199,17 @@ def test_demo_world_tasks_evaluate_end_to_end(tmp_path):
                                     max_prompt_tokens=768, engine="builtin", log=lambda *_: None)
     assert set(table.rows["base"]) == {"LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7"}
     assert table.examples == dict.fromkeys(table.rows["base"], 2)
+
+
+def test_builtin_engine_decodes_in_fp32_on_a_gpu_too(checkpoints, monkeypatch):
+    """bf16 logits make greedy ties (lowest id wins): a GPU table would not reproduce the CPU one."""
+    import torch
+
+    import minitagpr.model as M
+    seen = []
+    real = M.load_pretrained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(M, "load_pretrained", lambda path, dtype=None, device="cpu": seen.append((dtype, device))
+                        or real(path, dtype=dtype))  # the model itself stays on the CPU here
+    ev.make_engine(checkpoints["base"], kind="builtin")
+    assert seen == [(torch.float32, "cuda")]

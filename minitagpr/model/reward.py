@@ -116,8 +116,9 @@ class PRMU(nn.Module):
         # causal attention: right padding sits after every real token, so it never changes the rows' real states
         hidden = self.model(inputs_embeds=x)  # (B, T', H)
         h_last = hidden[torch.arange(B, device=hidden.device), last]  # (B, H)
-        # clone: return a fresh tensor, not a view (FSDP2 hooks the root's output for its backward pass)
-        return self.score(h_last).squeeze(-1).float().clone()  # (B,) fp32, the logit f
+        # the score in fp32 also under bf16 FSDP (a bf16 f would quantise the Bradley-Terry differences and make
+        # ties); a fresh tensor, not a view (FSDP2 hooks the root's output for its backward pass)
+        return h_last.float() @ self.score.weight.float()[0]  # (B,) fp32, the logit f
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

@@ -12,6 +12,7 @@ Conventions every recipe relies on:
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -160,6 +161,15 @@ def broadcast_object(obj, src: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------- FSDP2
+def release_memory() -> None:
+    """Free what a finished stage left behind before the next one loads. An FSDP2 module and its hooks' state
+    reference each other, so `del model` alone frees nothing (its sharded weights and optimizer state stay on the
+    device) until the cycle collector runs; collect now, then return the cached CUDA blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def device_mesh(info: DistInfo) -> DeviceMesh:
     """A 1-D data-parallel mesh over all ranks (FSDP shards every parameter over it)."""
     return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this repo checks on a lent GPU, in one call (a lease is short: one start, one script, capped sections).
 #
-#   bash bench/gpu_check.sh OUT_DIR [SECTION ...]     sections: tests demo rollout logprob mfu
+#   bash bench/gpu_check.sh OUT_DIR [SECTION ...]     sections: tests train demo rollout logprob mfu
 #                                                     (default: tests rollout logprob mfu, ~7.5 min)
 # setup   card, versions; installs the package (editable, no deps) and any wheels carried in .whl/ (rouge-score and
 #         nltk for the demo's evaluation), ~15 s
@@ -9,6 +9,8 @@
 # demo    the demo's RL stages + evaluation on 1 GPU rank, in parallel with the tests; carry runs/demo/{world,sft/hf,
 #         prmu/hf,base_demo} from a CPU run so SFT and PRMU are reused (guided 51 s, exploratory 12 s on an H100; the
 #         evaluation did not finish inside 180 s)
+# train   SFT (40 steps) and PRMU (20 steps) on 1 GPU rank with bf16 FSDP, from the carried demo world (as for demo):
+#         the training recipes' CUDA path, never run on a card yet (on 1 CPU process here: 73 s)
 # rollout bench/rollout.py: demo model batch16 + rl-demo (~100 s), then Qwen3-0.6B batch16 (~140 s, mostly making and
 #         loading the 2.4 GB random checkpoint)
 # logprob bench/logprob.py at N in {4096, 8192} x H in {1024, 2048}, ~25 s
@@ -16,7 +18,7 @@
 # Each section has its own time cap, so one hang cannot starve the rest; logs land in OUT_DIR (at most 6 files).
 # Measured 2026-11-26 on an NVIDIA H100 80GB HBM3; the numbers are in bench/RESULTS.md.
 set -u
-out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [tests demo rollout logprob mfu]}
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [tests train demo rollout logprob mfu]}
 shift
 sections=" ${*:-tests rollout logprob mfu} "
 want() { [[ $sections == *" $1 "* ]]; }
@@ -64,6 +66,17 @@ if want tests; then
     tests/test_kernels_weighted.py tests/test_kernels_compile.py >"$out/pytest.log" 2>&1
   echo "pytest exit $?" >>"$out/pytest.log"
   grep -E "vs float64|passed|failed|error|pytest exit" "$out/pytest.log" | tail -12
+fi
+if want train; then
+  section "SFT and PRMU on 1 GPU rank"
+  timeout 120 torchrun --nproc_per_node=1 recipes/sft.py demo_dir=runs/demo out_dir=/tmp/gpu_sft max_steps=40 \
+    >"$out/train.log" 2>&1
+  echo "sft exit $?" >>"$out/train.log"
+  timeout 120 torchrun --nproc_per_node=1 recipes/train_prmu.py --config recipes/configs/prmu_demo.yaml \
+    demo_world=runs/demo/world init=runs/demo/sft/hf new_head=true max_steps=20 out_dir=/tmp/gpu_prmu \
+    >>"$out/train.log" 2>&1
+  echo "train_prmu exit $?" >>"$out/train.log"
+  grep -E "exit|error|Error|exported|step (1|20|40)/" "$out/train.log" | tail -12
 fi
 if [ -n "$demo" ]; then
   section "waiting for the demo"

@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh OUT_DIR [SECTION ...]     sections: tests train demo rollout logprob mfu
 #                                                     (default: tests rollout logprob mfu, ~7.5 min)
 # setup   card, versions; installs the package (editable, no deps) and any wheels carried in .whl/ (rouge-score and
-#         nltk for the demo's evaluation), ~15 s
+#         nltk for the demo's evaluation, absent from the device image; made here with `pip download --no-deps -d .whl
+#         nltk rouge-score==0.1.2` then `pip wheel --no-deps -w .whl .whl/rouge_score-0.1.2.tar.gz`), ~15 s
 # tests   tests/test_gpu.py and the Triton kernel tests, compiled for the card, ~30 s
 # demo    the demo's RL stages + evaluation on 1 GPU rank, in parallel with the tests; carry runs/demo/{world,sft/hf,
 #         prmu/hf,base_demo} from a CPU run so SFT and PRMU are reused (guided 51 s, exploratory 12 s on an H100; the

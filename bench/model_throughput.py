@@ -118,11 +118,12 @@ def main():
                               "peak_bytes": statistics.median(r["peak_bytes"] for r in rs)}
                        for impl, rs in runs.items()}
             ref = results["transformers"]
+            model_flops = flops_per_token(tiny_config(preset), seq)
             for impl in impls:
                 r = results[impl]
                 rows.append((shape, f"{batch}x{seq}", impl, r["tokens_per_s"], r["tokens_per_s"] / ref["tokens_per_s"],
                              r["peak_bytes"] / 2**20, r["peak_bytes"] / max(ref["peak_bytes"], 1),
-                             r["tokens_per_s"] * flops_per_token(tiny_config(preset), seq)))
+                             r["tokens_per_s"] * model_flops))
     print(f"device={args.device} dtype={args.dtype} threads={args.threads} steps={args.steps} (median) "
           f"warmup={args.warmup} rounds={args.rounds} (interleaved, median of rounds)")
     cuda = args.device == "cuda"

@@ -78,10 +78,16 @@ def _naive(hidden, weight, targets, temperature, with_entropy):
     return logp, entropy
 
 
+def _resolve(impl: str, hidden: torch.Tensor) -> str:
+    """"auto" -> Triton for CUDA tensors when Triton imports, else the chunked torch path."""
+    if impl != "auto":
+        return impl
+    return "triton" if hidden.is_cuda and triton_available() else "torch"
+
+
 def _dispatch(hidden, weight, targets, temperature, with_entropy, impl, chunk_size):
     """Run one implementation on rows whose targets are all valid ids."""
-    if impl == "auto":
-        impl = "triton" if hidden.is_cuda and triton_available() else "torch"
+    impl = _resolve(impl, hidden)
     if impl == "naive":
         return _naive(hidden, weight, targets, temperature, with_entropy)
     if impl == "triton":
@@ -152,8 +158,7 @@ def weighted_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         hidden, targets, token_weights = (hidden.index_select(0, rows), targets.index_select(0, rows),
                                           token_weights.index_select(0, rows))
     targets = targets.long()
-    if impl == "auto":
-        impl = "triton" if hidden.is_cuda and triton_available() else "torch"
+    impl = _resolve(impl, hidden)
     if impl in ("naive", "triton"):  # plain autograd through the log-probs, weighted afterwards
         logp_v, _ = _dispatch(hidden, weight, targets, temperature, False, impl, chunk_size)
         total, logp_v = (token_weights.float() * logp_v).sum(), logp_v.detach()

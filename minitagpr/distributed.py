@@ -34,6 +34,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from minitagpr.config import ConfigError
+
 CKPT_PATTERN = re.compile(r"^step_(\d{6,})$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 FAULT_ENV = "MINITAGPR_FAULT"  # test hook, see fault_point
@@ -81,7 +83,6 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
 def check_gpu_per_rank(local_rank: int, gpus: int, local_world_size: int) -> None:
     """One GPU per process: more processes on a node than visible GPUs is a launch mistake (e.g. the README's
     `--nproc_per_node=2` on a one-GPU machine), named here rather than as CUDA's 'invalid device ordinal'."""
-    from minitagpr.config import ConfigError
     if local_rank >= gpus:
         raise ConfigError(f"torchrun started {local_world_size} processes on this node but {gpus} CUDA device(s) are "
                           f"visible, and each process needs its own GPU: use --nproc_per_node={gpus} (or "

@@ -76,7 +76,6 @@ def demo_stages(cfg: GuidedConfig) -> dict:
     if not (sft_export / "config.json").exists():
         D.log("[demo] 2. SFT on the demo world's tagged chains")
         sft_export = Path(sft.run(sft.SftConfig(demo_dir=str(work), out_dir=str(work / "sft"), seed=cfg.seed)))
-        D.release_memory()  # the stages share this process: free each one's model before the next loads
     else:
         D.log(f"[demo] 2. SFT: reusing {sft_export}")
 
@@ -88,7 +87,6 @@ def demo_stages(cfg: GuidedConfig) -> dict:
                                {"demo_world": str(work / "world"), "init": str(sft_export), "new_head": True,
                                 "out_dir": str(work / "prmu"), "seed": cfg.seed})
         prmu_export = Path(prmu.run(prmu_cfg))
-        D.release_memory()
     else:
         D.log(f"[demo] 3. PRMU: reusing {prmu_export}")
     return {"world": world, "base": work / "base_demo", "sft": sft_export, "prmu": prmu_export}
@@ -176,9 +174,7 @@ def train_or_reuse(stage: str, what: str, cfg: RLConfig, rerun: bool) -> Path:
     export = Path(cfg.out_dir) / "export"
     if rerun or not (export / "config.json").exists():
         D.log(f"[demo] {stage} {what}")
-        export = train(cfg)
-        D.release_memory()
-        return export
+        return train(cfg)
     D.log(f"[demo] {stage}: reusing {export}")
     return export
 

@@ -186,7 +186,7 @@ def run(cfg: SftConfig) -> Path:
                      keys=["loss", "lr", "grad_norm", "tokens_per_s", "mfu"])
     D.log(f"[sft] exported {export_dir}")
     del model, optimizer
-    D.release_memory()  # before the held-out check loads the export
+    D.release_memory()  # before the held-out check loads the export (and a caller's next stage)
 
     # ---- 9. demo check: greedy chains of the exported model on held-out prompts ----------------------------------
     if heldout:

@@ -228,6 +228,8 @@ def run(cfg: PrmuConfig) -> Path:
         os.replace(tmp, out / "final_eval.json")  # atomic: a reader sees the whole file or none
     log.close()
     D.barrier()
+    del model, optimizer
+    D.release_memory()  # a caller's next stage loads in this process (the demo runs them all in one)
     return hf_dir
 
 

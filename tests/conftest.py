@@ -34,6 +34,20 @@ def pgraphrag_dir() -> Path:
     return shared_path("data", "pgraphrag")
 
 
+@pytest.fixture
+def pretend_cuda(monkeypatch) -> list:
+    """torch.cuda.is_available() says True, and every `minitagpr.model.load_pretrained` call is recorded as
+    (dtype, device) in the returned list while the model itself loads on the CPU: what a GPU machine would load."""
+    import minitagpr.model as M
+
+    seen = []
+    real = M.load_pretrained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(M, "load_pretrained", lambda path, dtype=None, device="cpu": seen.append((dtype, device))
+                        or real(path, dtype=dtype))
+    return seen
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny matmuls on a shared 2-core box: one intra-op thread avoids spin-waiting on a busy sibling core (10x).

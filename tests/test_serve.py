@@ -160,14 +160,8 @@ def test_command_line_server_answers_the_openai_client(checkpoint, tmp_path):
         proc.wait(timeout=30)
 
 
-def test_the_server_decodes_on_the_gpu_when_there_is_one(checkpoint, monkeypatch):
+def test_the_server_decodes_on_the_gpu_when_there_is_one(checkpoint, pretend_cuda):
     import torch
 
-    import minitagpr.model as M
-    seen = []
-    real = M.load_pretrained
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(M, "load_pretrained", lambda path, dtype=None, device="cpu": seen.append((dtype, device))
-                        or real(path, dtype=dtype))  # the model itself stays on the CPU here
     make_server(checkpoint, port=0).server_close()
-    assert seen == [(torch.float32, "cuda")]
+    assert pretend_cuda == [(torch.float32, "cuda")]

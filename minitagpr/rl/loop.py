@@ -570,4 +570,6 @@ def train(cfg: RLConfig) -> Path:
     # 5. export (config, safetensors, tokenizer files) that load_pretrained, transformers and vLLM load
     D.export_hf(model, export_dir, tokenizer_dir=cfg.policy)
     D.log(f"[{cfg.stage}] exported {export_dir}")
+    del model, optimizer
+    D.release_memory()  # a caller's next stage loads in this process (the demo runs both RL stages in one)
     return export_dir

@@ -12,8 +12,9 @@
 #         evaluation did not finish inside 180 s)
 # train   SFT (40 steps) and PRMU (20 steps) on 1 GPU rank with bf16 FSDP, from the carried demo world (as for demo):
 #         the training recipes' CUDA path, never run on a card yet (on 1 CPU process here: 73 s)
-# rollout bench/rollout.py: demo model batch16 + rl-demo (~100 s), then Qwen3-0.6B batch16 (~140 s, mostly making and
-#         loading the 2.4 GB random checkpoint)
+# rollout bench/rollout.py, engines transformers, ours (dynamic decode) and ours-graph (CUDA-graph decode, never run
+#         on a card yet; the GPU tests check it first): demo model batch16 + rl-demo (~100 s), then Qwen3-0.6B
+#         batch16 (~150 s, mostly making and loading the 2.4 GB random checkpoint)
 # logprob bench/logprob.py at N in {4096, 8192} x H in {1024, 2048}, ~25 s
 # mfu     bench/model_throughput.py on the whole Qwen3-0.6B shape, ~70 s
 # Each section has its own time cap, so one hang cannot starve the rest; logs land in OUT_DIR (at most 6 files).
@@ -88,7 +89,7 @@ fi
 cd bench
 if want rollout; then
   section "rollout: demo model"
-  timeout 120 python3 rollout.py --device cuda --dtype bfloat16 --workloads batch16,rl-demo --runs 5 \
+  timeout 120 python3 rollout.py --device cuda --dtype bfloat16 --workloads batch16,rl-demo --runs 3 \
     >"$out/rollout.log" 2>&1
   section "rollout: Qwen3-0.6B"
   timeout 170 python3 rollout.py --device cuda --dtype bfloat16 --preset qwen3-0.6b --workloads batch16 --runs 3 \

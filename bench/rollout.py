@@ -8,6 +8,9 @@ comes from a separate process per engine: the peak resident-set growth over one 
 /proc/self/clear_refs after warm-up) on CPU, torch.cuda.max_memory_allocated on GPU. Every run generates exactly
 max_new_tokens per sequence (no stop ids for us, min_new_tokens for transformers), so token counts are equal.
 
+Our engine's rows: "ours" = the default dynamic decode loop; "ours-static" = fixed shapes, run eagerly;
+"ours-graph" = the fixed-shape step as a CUDA graph (GPU only; rollout/static_decode.py).
+
 Workloads (16 or 40 sequences): "batch16" = 16 distinct ragged prompts x 1 sample; "group16" = 4 prompts x 4 samples
 and "rl-demo" = 8 prompts x 5 samples, the shape of an RL rollout (we prefill each prompt once and share its cache
 across the samples; transformers expands the prompts before its prefill). Defaults mirror the demo's RL rollouts:
@@ -29,6 +32,8 @@ import time
 
 from timing import reset_rss_peak, status_kib
 
+# our engine's rows -> its decode mode (BuiltinEngine(decode=...)); "ours-graph" needs CUDA
+OURS = {"ours": "dynamic", "ours-static": "static", "ours-graph": "graph"}
 # name -> (prompts, samples per prompt); "rl-demo" is one rank's rollout in the demo's guided RL (8 prompts, G = 5)
 WORKLOADS = {"batch16": (16, 1), "group16": (4, 4), "rl-demo": (8, 5)}
 
@@ -47,12 +52,12 @@ def make_runner(engine: str, args, ckpt: str, prompts: list[list[int]], n: int):
 
     dtype = getattr(torch, args.dtype)
     T = args.max_new_tokens
-    if engine == "ours":
+    if engine in OURS:
         from minitagpr.model import load_pretrained
         from minitagpr.rollout import BuiltinEngine
 
         model = load_pretrained(ckpt, dtype=dtype, device=args.device).eval()
-        ours = BuiltinEngine(model, vocab_size=model.config.vocab_size)
+        ours = BuiltinEngine(model, vocab_size=model.config.vocab_size, decode=OURS[engine])
 
         def run(seed):
             groups = ours.generate(prompts, n=n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=T,
@@ -128,10 +133,17 @@ def time_engines(args, engines: list[str]) -> dict:
     import torch
 
     prompts, n_prompts, n = _setup(args)
-    runners = {e: make_runner(e, args, args.ckpt, prompts, n) for e in engines}
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    for e, run in runners.items():  # warm-up: allocator, kernels, caches
-        run(1000)
+    runners = {}
+    for e in engines:  # build + warm up (allocator, kernels, caches); an engine that fails is reported and left out
+        try:
+            runners[e] = make_runner(e, args, args.ckpt, prompts, n)
+            runners[e](1000)
+            sync()
+        except Exception as exc:  # noqa: BLE001 -- one broken engine must not cost a GPU lease the whole table
+            runners.pop(e, None)
+            print(f"{e}: failed, left out of the table: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    engines = list(runners)
     times = {e: [] for e in engines}
     expected = n_prompts * n * args.max_new_tokens
     for r in range(args.runs):
@@ -162,7 +174,8 @@ def main() -> None:
     ap.add_argument("--prompt-max", type=int, default=640)
     ap.add_argument("--temperature", type=float, default=1.0)  # the paper's rollout settings: T = 1, top-p = 1
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--engines", default="auto", help="comma list of ours,transformers,vllm (auto: vllm if usable)")
+    ap.add_argument("--engines", default="auto", help="comma list of transformers,ours,ours-static,ours-graph,vllm "
+                    "(auto: transformers,ours, + ours-graph on CUDA, + vllm if usable)")
     ap.add_argument("--workloads", default="batch16,group16,rl-demo")
     # internal: run one engine in this process and print its JSON
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -179,6 +192,8 @@ def main() -> None:
     engines = args.engines.split(",")
     if args.engines == "auto":
         engines = ["transformers", "ours"]
+        if args.device == "cuda":
+            engines.append("ours-graph")
         if args.device == "cuda" and importlib.util.find_spec("vllm") is not None:
             engines.append("vllm")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -110,3 +110,43 @@ def test_sampling_logprobs_equal_the_kernel_on_device(fp32_model, prompts):
                 hidden = fp32_model(seq)[0, len(prompt) - 1:-1]  # (T, H): the positions that predicted each token
                 logp, _ = token_logprobs(hidden, fp32_model.lm_head_weight, seq[0, len(prompt):], temperature=0.7)
             assert torch.allclose(torch.tensor(c.logprobs), logp.cpu(), atol=1e-4), (c.logprobs, logp)
+
+
+def _ids_and_finish(groups):
+    return [[(c.token_ids, c.finish_reason) for c in g] for g in groups]
+
+
+def _max_logp_diff(a, b) -> float:
+    return max(float((torch.tensor(x.logprobs) - torch.tensor(y.logprobs)).abs().max())
+               for ga, gb in zip(a, b) for x, y in zip(ga, gb))
+
+
+needs_cuda = pytest.mark.skipif(not str(DEVICE).startswith("cuda"), reason="CUDA graphs need a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
+def test_graph_decode_gives_the_eager_loops_ids_and_logprobs(fp32_model, prompts, temperature, top_p):
+    run = lambda mode, stops: BuiltinEngine(fp32_model, vocab_size=VOCAB, decode=mode).generate(  # noqa: E731
+        prompts, n=3, temperature=temperature, top_p=top_p, max_new_tokens=24, stop_token_ids=stops, seed=7)
+    stop = run("dynamic", [])[1][0].token_ids[5]  # rows stop at different steps, some never
+    dynamic, static, graph = run("dynamic", [stop]), run("static", [stop]), run("graph", [stop])
+    assert _ids_and_finish(graph) == _ids_and_finish(static) == _ids_and_finish(dynamic)
+    assert _max_logp_diff(graph, static) <= 1e-6  # the same kernels, replayed
+    assert _max_logp_diff(graph, dynamic) <= 1e-4
+
+
+@needs_cuda
+def test_graph_decode_recaptures_per_call_and_follows_weight_syncs(checkpoint, fp32_model, prompts):
+    other = load_pretrained(checkpoint, dtype=torch.float32, device=DEVICE).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.05)
+    copy = load_pretrained(checkpoint, dtype=torch.float32, device=DEVICE).eval()
+    eng = BuiltinEngine(copy, vocab_size=VOCAB, decode="graph")
+    kw = dict(n=2, temperature=1.0, max_new_tokens=16, seed=3)
+    ref = lambda m, ps: BuiltinEngine(m, vocab_size=VOCAB).generate(ps, **kw)  # noqa: E731
+    assert _ids_and_finish(eng.generate(prompts, **kw)) == _ids_and_finish(ref(fp32_model, prompts))
+    assert _ids_and_finish(eng.generate(prompts[:2], **kw)) == _ids_and_finish(ref(fp32_model, prompts[:2]))
+    eng.sync_weights((name, t) for name, t in other.state_dict().items())
+    assert _ids_and_finish(eng.generate(prompts, **kw)) == _ids_and_finish(ref(other, prompts))

@@ -143,6 +143,14 @@ def test_config_rejects_uneven_minibatches_and_truncated_sampling():
         RLConfig(top_p=0.9)
 
 
+def test_config_rejects_unknown_engines_and_decode_loops():
+    with pytest.raises(ValueError, match="engine must be"):
+        RLConfig(engine="hf")
+    with pytest.raises(ValueError, match="builtin_decode must be"):
+        RLConfig(builtin_decode="cuda")
+    assert RLConfig(builtin_decode="graph").builtin_decode == "graph"
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

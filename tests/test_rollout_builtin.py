@@ -188,3 +188,61 @@ def test_per_prompt_seeds_make_samples_independent_of_how_prompts_are_split(tmp_
     assert [[c.token_ids for c in g] for g in whole] == [[c.token_ids for c in g] for g in halves]
     with pytest.raises(Exception, match="3 per-prompt seeds for 4 prompts"):
         engine.generate(prompts, n=1, max_new_tokens=2, seed=seeds[:3])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fixed-shape decoding (rollout/static_decode.py): the step a CUDA graph captures, run eagerly here
+
+
+def _as_lists(groups):
+    return [[(c.token_ids, c.finish_reason) for c in g] for g in groups]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.9)])
+def test_static_decode_gives_the_dynamic_loops_ids_logprobs_and_finish_reasons(model, prompts, temperature, top_p):
+    free = engine(model).generate(prompts, n=3, temperature=temperature, top_p=top_p, max_new_tokens=12, seed=4)
+    stop = free[1][0].token_ids[3]  # rows stop at different steps, some never
+    kw = dict(n=3, temperature=temperature, top_p=top_p, max_new_tokens=12, stop_token_ids=[stop], seed=4)
+    dynamic = engine(model).generate(prompts, **kw)
+    static = engine(model, decode="static").generate(prompts, **kw)
+    assert _as_lists(static) == _as_lists(dynamic)
+    finishes = {c.finish_reason for g in static for c in g}
+    assert finishes == {"stop", "length"}, finishes  # the case mixes both
+    for g_s, g_d in zip(static, dynamic):
+        for a, b in zip(g_s, g_d):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_static_decode_stops_early_once_every_row_has_stopped(model, prompts):
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    try:
+        groups = engine(model, decode="static").generate(prompts, n=2, max_new_tokens=40,
+                                                          stop_token_ids=list(range(VOCAB)), seed=1)
+    finally:
+        hook.remove()
+    assert all(len(c.token_ids) == 1 and c.finish_reason == "stop" for g in groups for c in g)
+    assert [s for s in calls if s[1] == 1 and s[0] == 2 * len(prompts)] == []  # no decode step ran
+
+
+def test_static_decode_leaves_the_cache_in_normal_mode(model, prompts):
+    # the fixed-shape mode is per call: a later dynamic call on the same model gives the same result as before
+    before = engine(model).generate(prompts, n=2, max_new_tokens=6, seed=8)
+    engine(model, decode="static").generate(prompts, n=2, max_new_tokens=6, seed=8)
+    assert _as_lists(engine(model).generate(prompts, n=2, max_new_tokens=6, seed=8)) == _as_lists(before)
+
+
+def test_graph_decode_is_refused_off_cuda_and_for_sharded_models(model, prompts):
+    with pytest.raises(RolloutError, match="CUDA device"):
+        engine(model, decode="graph").generate(prompts, max_new_tokens=3)
+
+    class Sharded(torch.nn.Module):  # stands in for an FSDP2 module: it has unshard()
+        config = model.config
+
+        def unshard(self):
+            pass
+
+    with pytest.raises(ValueError, match="unsharded"):
+        BuiltinEngine(Sharded(), DigitTokenizer(), decode="graph")
+    with pytest.raises(ValueError, match="decode must be one of"):
+        engine(model, decode="fast")

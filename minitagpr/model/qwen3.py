@@ -178,7 +178,12 @@ def _flash_attn_varlen():
 
 class KVCache:
     """Preallocated keys/values for decoding. Every forward call appends t slots to every row; `valid` marks which
-    slots hold real tokens (False = left padding), and nobody attends to an invalid slot but itself."""
+    slots hold real tokens (False = left padding), and nobody attends to an invalid slot but itself.
+
+    Fixed-shape mode (`slot` set to a (1,) long tensor on the cache's device; rollout/static_decode.py): a forward of
+    one token per row writes at slot `slot` and attends to the whole buffer, the not-yet-written slots masked off;
+    `length` is not used. Every shape then stays the same from step to step, so the step can be a CUDA graph; the
+    caller advances `slot`."""
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -188,6 +193,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
         self.length = 0
         self.max_len = max_len
+        self.slot: torch.Tensor | None = None  # (1,) long: fixed-shape mode's write slot (see the class docstring)
 
     def row_view(self, row: int, start: int) -> "KVCache":
         """An empty one-row cache whose slots are slots start.. of `row` here (shared storage): prefilling one prompt
@@ -195,7 +201,7 @@ class KVCache:
         view = KVCache.__new__(KVCache)
         view.k, view.v = self.k[:, row:row + 1, :, start:], self.v[:, row:row + 1, :, start:]
         view.valid = self.valid[row:row + 1, start:]
-        view.length, view.max_len = 0, self.max_len - start
+        view.length, view.max_len, view.slot = 0, self.max_len - start, None
         return view
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -240,7 +246,11 @@ class Attention(nn.Module):
             out = fn(q.transpose(1, 2).reshape(B * T, self.nh, self.d), k.transpose(1, 2).reshape(B * T, self.nkv, self.d),
                      v.transpose(1, 2).reshape(B * T, self.nkv, self.d), cu, cu, max_len, max_len, causal=True)
             return self.o_proj(out.reshape(B, T, self.nh * self.d))
-        if kv_cache is not None:
+        if kv_cache is not None and kv_cache.slot is not None:  # fixed shapes: write at a device-side slot, read all
+            kv_cache.k[self.layer_idx].index_copy_(2, kv_cache.slot, k)
+            kv_cache.v[self.layer_idx].index_copy_(2, kv_cache.slot, v)
+            k, v = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]  # (B, nkv, max_len, D), the mask cuts
+        elif kv_cache is not None:
             start = kv_cache.length
             kv_cache.k[self.layer_idx, :, :, start:start + T] = k
             kv_cache.v[self.layer_idx, :, :, start:start + T] = v
@@ -303,7 +313,15 @@ class Qwen3Model(nn.Module):
                 cache_mask=None):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         B, T, _ = x.shape
-        if kv_cache is not None:
+        if kv_cache is not None and kv_cache.slot is not None:
+            if T != 1 or position_ids is None:
+                raise ValueError("a fixed-shape KV cache (slot set) decodes one token per row with explicit position_ids")
+            kv_cache.valid.index_fill_(1, kv_cache.slot, True)
+            # (B, 1, 1, max_len) additive: every written slot of the row (left pads stay invalid), nothing after
+            mask = torch.zeros(B, 1, 1, kv_cache.max_len, dtype=x.dtype, device=x.device).masked_fill_(
+                ~kv_cache.valid[:, None, None, :], float("-inf"))
+            varlen = None
+        elif kv_cache is not None:
             if kv_cache.length + T > kv_cache.max_len:
                 raise ValueError(f"KV cache full: {kv_cache.length} + {T} tokens > max_len {kv_cache.max_len}")
             valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if cache_mask is None else cache_mask
@@ -329,7 +347,7 @@ class Qwen3Model(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, kv_cache, varlen)
-        if kv_cache is not None:
+        if kv_cache is not None and kv_cache.slot is None:
             kv_cache.length += T
         return self.norm(x)
 

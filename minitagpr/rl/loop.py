@@ -53,6 +53,7 @@ class RLConfig:
     prompt_style: str = "full"  # "full" | "brief" instruction (minitagpr.data.prompts); the one the policy was SFT'd on
     # rollout
     engine: str = "builtin"  # "builtin" (torch sampler) | "vllm" (GPU)
+    builtin_decode: str = "dynamic"  # the built-in engine's loop: "dynamic" | "static" | "graph" (CUDA graphs)
     group_size: int = 5  # G
     temperature: float = 1.0  # the log-probs of the ratio use the same temperature
     top_p: float = 1.0  # must stay 1: the ratio's pi_old is the untruncated distribution
@@ -98,6 +99,10 @@ class RLConfig:
     def __post_init__(self):
         if self.stage not in ("guided", "exploratory"):
             raise ValueError(f"stage must be 'guided' or 'exploratory', got {self.stage!r}")
+        if self.engine not in ("builtin", "vllm"):
+            raise ValueError(f"engine must be 'builtin' or 'vllm', got {self.engine!r}")
+        if self.builtin_decode not in ("dynamic", "static", "graph"):
+            raise ValueError(f"builtin_decode must be 'dynamic', 'static' or 'graph', got {self.builtin_decode!r}")
         if self.group_size < 2:
             raise ValueError("group_size (G) must be >= 2: group advantages need at least two responses")
         if self.num_minibatches < 1 or self.ppo_epochs < 1:
@@ -431,12 +436,12 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
     from minitagpr.rollout.builtin import BuiltinEngine
     # the engine keeps its own full (unsharded) copy: FSDP2 shards never leave the policy; weights sync after steps
     model = load_pretrained(cfg.policy, dtype=torch.float32, device=info.device).eval()
-    return BuiltinEngine(model, tokenizer)
+    return BuiltinEngine(model, tokenizer, decode=cfg.builtin_decode)
 
 
 # Settings a resumed run may change (plumbing); any other difference from the checkpoint's config is an error.
-_RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", "engine", "micro_batch_size",
-                   "activation_checkpointing", "policy", "prmu", "data_root"}
+_RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", "engine", "builtin_decode",
+                   "micro_batch_size", "activation_checkpointing", "policy", "prmu", "data_root"}
 
 
 def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:

@@ -5,7 +5,8 @@ It is what runs wherever vLLM does not (CPU machines, CI, the demo). One generat
   2. per chunk, prefill each prompt once, on its own, into its left-padded rows of one KV cache (pad slots are
      marked invalid, so nobody attends to them);
   3. copy each prompt's cache rows n times (`cache.reorder(repeat_interleave)`) so the n samples share the prefill;
-  4. decode one token per step for every live row, dropping finished rows from the cache as they stop.
+  4. decode one token per step for every live row, dropping finished rows from the cache as they stop (or, with
+     `decode="static"`/`"graph"`, with fixed shapes: static_decode.py, for CUDA graphs).
 
 Randomness: every (prompt index, sample index) pair owns a torch.Generator seeded from (seed, prompt index, sample
 index), which draws that row's uniforms u_1..u_max up front; the token at step t is the inverse CDF of the
@@ -26,11 +27,13 @@ to an FSDP2-sharded policy), call `sync_weights` with (HF name, full tensor) pai
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from typing import Iterable
 
 import torch
 
 from .base import Completion, RolloutEngine, RolloutError, check_request, hf_name, prompt_seed_keys, sample_seed
+from .static_decode import decode_static
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -98,9 +101,16 @@ class BuiltinEngine(RolloutEngine):
     vocab_size: ids >= this are never sampled (default: tokenizer.vocab_size, else the model's embedding rows).
     max_batch_rows: prompts are cut into chunks of max(1, max_batch_rows // n), so at most this many sequences
         (prompts x n) share a KV cache (unless n alone exceeds it); bounds the cache's memory.
+    decode: "dynamic" (default): finished rows leave the batch, attention reads only the filled prefix of the
+        cache (fastest on CPUs); "static": fixed shapes, every row decodes to the end (rollout/static_decode.py),
+        run eagerly; "graph": the static step captured as a CUDA graph and replayed per token (CUDA only, for a
+        model that is not FSDP-sharded). All three give the same ids and log-probs up to float rounding.
     """
 
-    def __init__(self, model, tokenizer=None, *, vocab_size: int | None = None, max_batch_rows: int = 64):
+    DECODE_MODES = ("dynamic", "static", "graph")
+
+    def __init__(self, model, tokenizer=None, *, vocab_size: int | None = None, max_batch_rows: int = 64,
+                 decode: str = "dynamic"):
         self.model = model
         self.tokenizer = tokenizer
         self.model_vocab_size = int(model.config.vocab_size)
@@ -112,6 +122,11 @@ class BuiltinEngine(RolloutEngine):
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         self.max_batch_rows = int(max_batch_rows)
+        if decode not in self.DECODE_MODES:
+            raise ValueError(f"decode must be one of {self.DECODE_MODES}, got {decode!r}")
+        if decode == "graph" and hasattr(model, "unshard"):  # an FSDP2 module gathers its weights in hooks
+            raise ValueError("decode='graph' needs an unsharded model (the engine's own copy), not an FSDP2 module")
+        self.decode = decode
         self.pad_id = int(getattr(tokenizer, "pad_id", 0) or 0) if tokenizer is not None else 0
 
     # -- weights -------------------------------------------------------------------------------------------------------
@@ -208,7 +223,31 @@ class BuiltinEngine(RolloutEngine):
                 uniforms[r] = torch.rand(max_new_tokens, generator=gen, dtype=torch.float64)
         uniforms = uniforms.to(device)
 
-        # 4. Decode; `alive` maps the cache's current rows back to the R output rows.
+        # 4. Decode.
+        if self.decode == "dynamic":
+            out_tokens, out_logp, finish = self._decode_dynamic(cache, logits, uniforms, next_pos, max_new_tokens,
+                                                                stops, temperature, top_p)
+        else:
+            sample = partial(sample_tokens, temperature=temperature, top_p=top_p, vocab_size=self.vocab_size)
+            out_tokens, out_logp, finish = decode_static(model, cache, logits, uniforms, next_pos, max_new_tokens,
+                                                         stops, sample, graph=self.decode == "graph")
+
+        groups = []
+        for b in range(B):
+            group = []
+            for r in range(b * n, (b + 1) * n):
+                ids = out_tokens[r]
+                body = ids[:-1] if finish[r] == "stop" else ids
+                text = self.tokenizer.decode(body) if self.tokenizer is not None else ""
+                group.append(Completion(token_ids=ids, text=text, logprobs=out_logp[r], finish_reason=finish[r]))
+            groups.append(group)
+        return groups
+
+    def _decode_dynamic(self, cache, logits, uniforms, next_pos, max_new_tokens, stops, temperature, top_p):
+        """The loop for CPUs: rows that stop leave the batch (and the cache); `alive` maps the cache's current
+        rows back to the R output rows. Returns per row (ids, log-probs, finish reason)."""
+        model, device = self.model, logits.device
+        R = logits.shape[0]
         out_tokens: list[list[int]] = [[] for _ in range(R)]
         out_logp: list[list[float]] = [[] for _ in range(R)]
         finish = ["length"] * R
@@ -236,15 +275,5 @@ class BuiltinEngine(RolloutEngine):
                            cache_mask=torch.ones(len(alive), 1, dtype=torch.bool, device=device))  # (R_alive, 1, H)
             logits = model.logits(hidden)[:, 0]  # (R_alive, V) fp32
             next_pos = next_pos + 1
-
-        groups = []
-        for b in range(B):
-            group = []
-            for r in range(b * n, (b + 1) * n):
-                ids = out_tokens[r]
-                body = ids[:-1] if finish[r] == "stop" else ids
-                text = self.tokenizer.decode(body) if self.tokenizer is not None else ""
-                group.append(Completion(token_ids=ids, text=text, logprobs=out_logp[r], finish_reason=finish[r]))
-            groups.append(group)
-        return groups
+        return out_tokens, out_logp, finish
 

@@ -52,12 +52,12 @@ class JsonlLog:
     """Append one JSON object per step to `path` (rank 0 only; a no-op elsewhere).
 
     `resume_step=s` first drops lines with step >= s, written by a run that died after its last checkpoint, so a
-    resumed run's log holds every step exactly once."""
+    resumed run's log holds every step exactly once. Each write opens, appends one line and closes: steps are
+    seconds apart, and a run that stops on an exception leaves no open file behind."""
 
     def __init__(self, path: str | Path, enabled: bool = True, resume_step: int | None = None):
         self.path = Path(path)
         self.enabled = enabled
-        self._file = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,17 +68,15 @@ class JsonlLog:
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
-        self._file = self.path.open("a")
+        self.path.touch()
 
     def write(self, record: dict) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Nothing stays open between writes; kept so callers can mark where logging ends."""
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -125,15 +125,31 @@ needs_cuda = pytest.mark.skipif(not str(DEVICE).startswith("cuda"), reason="CUDA
 
 
 @needs_cuda
+@pytest.mark.parametrize("max_new_tokens", [24, 23])  # cache of 64 slots, and 63 rounded up to 64 (see builtin.py)
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
-def test_graph_decode_gives_the_eager_loops_ids_and_logprobs(fp32_model, prompts, temperature, top_p):
-    run = lambda mode, stops: BuiltinEngine(fp32_model, vocab_size=VOCAB, decode=mode).generate(  # noqa: E731
-        prompts, n=3, temperature=temperature, top_p=top_p, max_new_tokens=24, stop_token_ids=stops, seed=7)
+def test_graph_decode_gives_the_eager_loops_ids_and_logprobs(fp32_model, prompts, temperature, top_p, max_new_tokens):
+    engines = {m: BuiltinEngine(fp32_model, vocab_size=VOCAB, decode=m) for m in ("dynamic", "static", "graph")}
+    run = lambda mode, stops: engines[mode].generate(  # noqa: E731
+        prompts, n=3, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop_token_ids=stops, seed=7)
     stop = run("dynamic", [])[1][0].token_ids[5]  # rows stop at different steps, some never
     dynamic, static, graph = run("dynamic", [stop]), run("static", [stop]), run("graph", [stop])
+    assert engines["graph"].graph_stats.get("captures") == 1 and not engines["graph"].graph_stats.get("fallbacks")
+    assert engines["graph"].graph_stats["replays"] > 0
     assert _ids_and_finish(graph) == _ids_and_finish(static) == _ids_and_finish(dynamic)
-    assert _max_logp_diff(graph, static) <= 1e-6  # the same kernels, replayed
+    assert _max_logp_diff(graph, static) <= 1e-5  # the same kernels, replayed
     assert _max_logp_diff(graph, dynamic) <= 1e-4
+
+
+@needs_cuda
+def test_graph_decode_in_bf16_gives_the_eager_static_loops_ids(checkpoint, prompts):
+    # bf16 attention may take another SDPA backend than fp32; compared with the same fixed-shape loop run eagerly
+    # (not the dynamic loop: bf16 rounding over a different cache length can flip near-ties)
+    model = load_pretrained(checkpoint, dtype=torch.bfloat16, device=DEVICE).eval()
+    run = lambda mode: BuiltinEngine(model, vocab_size=VOCAB, decode=mode).generate(  # noqa: E731
+        prompts, n=2, temperature=1.0, max_new_tokens=21, seed=5)
+    static, graph = run("static"), run("graph")
+    assert _ids_and_finish(graph) == _ids_and_finish(static)
+    assert _max_logp_diff(graph, static) <= 1e-5
 
 
 @needs_cuda

@@ -1,9 +1,13 @@
 """The built-in engine on a tiny random Qwen3: greedy parity with full forwards, seeds, stops, log-probs, sync."""
+from functools import partial
+
 import pytest
 import torch
 
 from minitagpr.model import presets
 from minitagpr.rollout import BuiltinEngine, RolloutError
+from minitagpr.rollout.builtin import sample_tokens
+from minitagpr.rollout.static_decode import decode_static
 
 VOCAB = 500  # decodable ids; the tiny model has 512 rows, so ids 500..511 are a padded tail
 
@@ -225,11 +229,40 @@ def test_static_decode_stops_early_once_every_row_has_stopped(model, prompts):
     assert [s for s in calls if s[1] == 1 and s[0] == 2 * len(prompts)] == []  # no decode step ran
 
 
-def test_static_decode_leaves_the_cache_in_normal_mode(model, prompts):
-    # the fixed-shape mode is per call: a later dynamic call on the same model gives the same result as before
-    before = engine(model).generate(prompts, n=2, max_new_tokens=6, seed=8)
-    engine(model, decode="static").generate(prompts, n=2, max_new_tokens=6, seed=8)
-    assert _as_lists(engine(model).generate(prompts, n=2, max_new_tokens=6, seed=8)) == _as_lists(before)
+def _prefilled(model, prompt, free_slots):
+    cache = model.new_kv_cache(1, len(prompt) + free_slots)
+    with torch.no_grad():
+        logits = model.logits(model(torch.tensor([prompt]), torch.arange(len(prompt))[None], kv_cache=cache))[:, -1]
+    return cache, logits  # (1, V)
+
+
+def test_static_decode_hands_back_a_normal_cache_that_covers_its_tokens(model, prompts):
+    prompt, T = prompts[1], 5
+    cache, logits = _prefilled(model, prompt, T)
+    greedy = partial(sample_tokens, temperature=0.0, top_p=1.0, vocab_size=VOCAB)
+    ids, _, _ = decode_static(model, cache, logits, torch.zeros(1, T, dtype=torch.float64),
+                              torch.tensor([len(prompt)]), T, [], greedy)
+    assert cache.slot is None and cache.length == len(prompt) + T - 1
+    with torch.no_grad():  # normal mode goes on from there: the last token's logits equal a full forward's
+        nxt = model.logits(model(torch.tensor([[ids[0][-1]]]), torch.tensor([[len(prompt) + T - 1]]), kv_cache=cache))
+        full = model.logits(model(torch.tensor([prompt + ids[0]])))[:, -1]
+    assert torch.allclose(nxt[:, -1], full, atol=1e-5)
+
+
+def test_static_decode_leaves_normal_mode_when_sampling_fails(model, prompts):
+    cache, logits = _prefilled(model, prompts[0], 6)
+    calls = []
+
+    def failing(z, u):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("sampler failed")
+        return sample_tokens(z, u, 1.0, 1.0, VOCAB)
+
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        decode_static(model, cache, logits, torch.rand(1, 6, dtype=torch.float64), torch.tensor([len(prompts[0])]),
+                      6, [], failing)
+    assert cache.slot is None and cache.length == len(prompts[0]) + 1  # token 0 from the prefill, token 1's forward
 
 
 def test_graph_decode_is_refused_off_cuda_and_for_sharded_models(model, prompts):

@@ -127,6 +127,7 @@ class BuiltinEngine(RolloutEngine):
         if decode == "graph" and hasattr(model, "unshard"):  # an FSDP2 module gathers its weights in hooks
             raise ValueError("decode='graph' needs an unsharded model (the engine's own copy), not an FSDP2 module")
         self.decode = decode
+        self.graph_stats: dict[str, int] = {}  # decode="graph": "captures", "replays", "fallbacks" (failed captures)
         self.pad_id = int(getattr(tokenizer, "pad_id", 0) or 0) if tokenizer is not None else 0
 
     # -- weights -------------------------------------------------------------------------------------------------------
@@ -197,7 +198,10 @@ class BuiltinEngine(RolloutEngine):
 
         # 1. Prefill each prompt on its own into its left-padded rows of one cache: no pad tokens are computed and
         #    attention is plain causal (SDPA's causal kernel skips the masked half); pad slots stay invalid.
-        cache = model.new_kv_cache(B, L + max_new_tokens, device=device)
+        slots = L + max_new_tokens
+        if self.decode != "dynamic":  # the fixed-shape loop masks the whole buffer: a length SDPA need not pad for
+            slots = -(-slots // 16) * 16
+        cache = model.new_kv_cache(B, slots, device=device)
         last_hidden = []
         for b, ids in enumerate(prompts):
             t = len(ids)
@@ -230,7 +234,8 @@ class BuiltinEngine(RolloutEngine):
         else:
             sample = partial(sample_tokens, temperature=temperature, top_p=top_p, vocab_size=self.vocab_size)
             out_tokens, out_logp, finish = decode_static(model, cache, logits, uniforms, next_pos, max_new_tokens,
-                                                         stops, sample, graph=self.decode == "graph")
+                                                         stops, sample, graph=self.decode == "graph",
+                                                         stats=self.graph_stats)
 
         groups = []
         for b in range(B):

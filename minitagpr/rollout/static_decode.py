@@ -24,6 +24,8 @@ engine's `sync_weights`) copies into the same parameter storage, so nothing capt
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -31,31 +33,42 @@ import torch
 from .base import RolloutError
 
 
-def _captured(step: Callable[[], None]) -> Callable[[], None]:
-    """Run `step` once (warm-up, on a side stream as torch.cuda.graph requires), capture it, return the replay."""
+def _captured(step: Callable[[], None], stats: dict) -> Callable[[], None] | None:
+    """Run `step` once on a side stream (the warm-up capture needs; a real step, its effects count), capture it on
+    that same stream, and return the replay. If the capture fails, warn and return None: the caller goes on eagerly,
+    and the state is consistent, since a capture runs nothing."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()  # a real step: its effects count
+        step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()  # recorded, not run
+    try:
+        with torch.cuda.graph(graph, stream=side):  # the warm-up's stream: lazily made per-stream handles exist
+            step()  # recorded, not run
+    except RuntimeError as err:
+        stats["fallbacks"] = stats.get("fallbacks", 0) + 1
+        warnings.warn(f"CUDA-graph capture of the decode step failed, decoding eagerly instead: {err}")
+        return None
+    stats["captures"] = stats.get("captures", 0) + 1
     return graph.replay
 
 
 @torch.inference_mode()
 def decode_static(model, cache, logits: torch.Tensor, uniforms: torch.Tensor, next_pos: torch.Tensor,
                   max_new_tokens: int, stops: list[int], sample: Callable, *, graph: bool = False,
-                  check_every: int = 8) -> tuple[list[list[int]], list[list[float]], list[str]]:
+                  check_every: int = 8, stats: dict | None = None
+                  ) -> tuple[list[list[int]], list[list[float]], list[str]]:
     """Decode up to max_new_tokens per row with fixed shapes.
 
     model: the Qwen3ForCausalLM that prefilled `cache` (`cache.length` = the prompt slots; rows are the samples).
     logits: (R, V) fp32, the prefill's last-position logits (they give token 0).
     uniforms: (R, max_new_tokens) float64, row r's uniform for each step. next_pos: (R,) the position of token 0.
     sample: `sample(logits (R, V), uniforms (R,)) -> (ids (R,) long, log-probs (R,) fp32)`; the engine's sampler.
+    stats: with graph=True, counts "captures", "replays" and "fallbacks" (failed captures) into this dict.
     Returns per row: the ids up to and including the first stop id (or all max_new_tokens), their log-probs, and the
-    finish reason ("stop" | "length"), as the dynamic loop does.
+    finish reason ("stop" | "length"), as the dynamic loop does. On return `cache` is back in normal mode, its
+    `length` covering the slots written here.
     """
     if graph and logits.device.type != "cuda":
         raise RolloutError(f"CUDA-graph decoding needs the model on a CUDA device, not {logits.device}")
@@ -85,19 +98,26 @@ def decode_static(model, cache, logits: torch.Tensor, uniforms: torch.Tensor, ne
         cache.slot.add_(1)
         take(model.logits(hidden)[:, 0])  # (R, V) fp32
 
+    stats = {} if stats is None else stats
+    replay, may_capture = None, graph  # one capture per call; after a failed one the call goes on eagerly
+    produced = 1  # tokens per row so far
     try:
-        take(logits)
-        run, produced = decode_step, 1
-        while produced < T:
-            if (produced - 1) % check_every == 0 and bool(stopped.all()):  # one host read per check_every steps
-                break
-            if graph and run is decode_step:
-                run = _captured(decode_step)  # runs this step (the warm-up), then records it for the later ones
-            else:
-                run()
-            produced += 1
+        with torch.cuda.device(device) if graph else nullcontext():  # streams and graph on the model's card
+            take(logits)
+            while produced < T:
+                if (produced - 1) % check_every == 0 and bool(stopped.all()):  # one host read per check_every steps
+                    break
+                if replay is not None:
+                    replay()
+                    stats["replays"] = stats.get("replays", 0) + 1
+                elif may_capture and T - produced >= 2:  # worth it only if a replay will follow
+                    replay, may_capture = _captured(decode_step, stats), False  # runs this step (the warm-up)
+                else:
+                    decode_step()
+                produced += 1
     finally:
         cache.slot = None
+        cache.length += produced - 1  # the slots the forwards wrote (normal mode appends after them)
     host_ids, host_logp = out_ids[:, :produced].tolist(), out_logp[:, :produced].tolist()
     stop_set = set(stops)
     ids_out, logp_out, finish = [], [], []

@@ -46,6 +46,8 @@ LAMP_TASKS = ["LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7"]
 class EvalConfig:
     checkpoints: list[str] = field(default_factory=list)  # "name=folder" (HF weights + tokenizer files), in order
     predictions: list[str] = field(default_factory=list)  # "name=file.json": official-format prediction files
+    extract_answers: bool = False  # predictions hold raw responses: score what follows the last </think> (off:
+    #                                as given, the official rules)
     data: str = "demo"  # LaMP tasks: "demo" (the seeded demo world) or the root folder of a LaMP download
     data_dir: str = ""  # demo: where the world is built (default out_dir/demo-world)
     pgraphrag_dir: str = ""  # PGraphRAG tasks: folder of amazon_dev.json, ... (default ../shared/data/pgraphrag)
@@ -343,8 +345,10 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
 
 
 def evaluate_prediction_files(named_files: Mapping[str, Sequence[str | os.PathLike]], tasks: Sequence[TaskData], *,
-                              normalize: bool = False, extract: bool = True) -> EvalTable:
-    """Score official-format prediction files; each file names its task (`"task": "LaMP_k"`)."""
+                              normalize: bool = False, extract: bool = False) -> EvalTable:
+    """Score official-format prediction files; each file names its task (`"task": "LaMP_k"`). Their outputs are
+    scored as given, as the official evaluation does; `extract=True` first takes the answer after the last
+    `</think>` of each (for files of raw model responses)."""
     by_task = {td.task: td for td in tasks}
     table = EvalTable()
     for name, files in named_files.items():
@@ -356,7 +360,8 @@ def evaluate_prediction_files(named_files: Mapping[str, Sequence[str | os.PathLi
                                 f"({', '.join(by_task)})")
             td = by_task[task]
             table.add(name, task, score(td, preds, extract=extract, normalize=normalize),
-                      {"predictions": str(path), "normalize": normalize}, len(td.examples))
+                      {"predictions": str(path), "normalize": normalize, "extract_answers": extract},
+                      len(td.examples))
     return table
 
 
@@ -375,7 +380,8 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
     title = f"{cfg.data} {cfg.part}, {cfg.retriever} k={cfg.k}"
     main = EvalTable()
     if cfg.predictions:
-        main = evaluate_prediction_files(named_entries(cfg.predictions), tasks, normalize=cfg.normalize)
+        main = evaluate_prediction_files(named_entries(cfg.predictions), tasks, normalize=cfg.normalize,
+                                         extract=cfg.extract_answers)
     if checkpoints:
         ours = evaluate_checkpoints(checkpoints, tasks, settings=[(cfg.retriever, cfg.k)], **common)
         for row, results in ours.rows.items():

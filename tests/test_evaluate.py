@@ -133,6 +133,17 @@ def test_gold_prediction_files_score_perfectly(lamp_root, tmp_path):
     assert table.rows["oracle"]["LaMP-3"]["mae"] == 0.0
 
 
+def test_prediction_files_are_scored_as_given_unless_answers_are_extracted(lamp_root, tmp_path):
+    # official rules: the file's outputs are the answers; raw responses are opted into with extract_answers
+    td = ev.load_task_data(lamp_root, "LaMP-2")
+    first = next(iter(td.golds))
+    preds = {**td.golds, first: f"<think>chain</think> {td.golds[first]}"}
+    path = lamp.write_outputs(tmp_path / "raw.json", td.task, preds)
+    as_given = ev.evaluate_prediction_files({"raw": [path]}, [td]).rows["raw"]["LaMP-2"]["accuracy"]
+    extracted = ev.evaluate_prediction_files({"raw": [path]}, [td], extract=True).rows["raw"]["LaMP-2"]["accuracy"]
+    assert as_given == pytest.approx(1.0 - 1 / len(td.golds)) and extracted == 1.0
+
+
 def test_prediction_file_for_a_task_not_evaluated_is_an_error(lamp_root, tmp_path):
     td = ev.load_task_data(lamp_root, "LaMP-2")
     stray = lamp.write_outputs(tmp_path / "l5.json", "LaMP-5", {"1": "x"})

@@ -501,6 +501,31 @@ def test_a_bad_stored_profile_item_names_the_instances_file_and_record(tmp_path)
         run_stages(cfg, ["teacher"], transports={"teacher": lambda kw: pytest.fail("called")}, log=lambda m: None)
 
 
+def test_a_stage_input_line_that_is_not_utf8_names_file_and_line(tmp_path):
+    cfg = make_cfg(tmp_path)
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [instance()])
+    with open(cfg_out(cfg) / "instances.jsonl", "ab") as f:
+        f.write(b'{"id": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ChainDataError, match=r"instances\.jsonl: line 2: not valid UTF-8 \(byte 0xe9 at byte 12"):
+        run_stages(cfg, ["teacher"], transports={"teacher": lambda kw: pytest.fail("called")}, log=lambda m: None)
+
+
+@pytest.mark.parametrize("stage", ["teacher", "accuracy"])
+def test_an_instance_id_on_two_lines_is_an_error_naming_both(tmp_path, stage):
+    cfg = make_cfg(tmp_path)
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst, instance("LaMP-1", "8", gold="[1]"), {**inst, "gold": "5"}])
+    write_jsonl(cfg_out(cfg) / "teacher.jsonl", [chain_record(inst, 0)])
+    with pytest.raises(ChainDataError, match=r"instances\.jsonl: line 3 \(id 'LaMP-3/7'\): field 'id': duplicate "
+                                             r"instance id \(first on line 1\)"):
+        run_stages(cfg, [stage], transports={"teacher": lambda kw: pytest.fail("called")}, log=lambda m: None)
+
+
+def test_config_rejects_a_task_named_twice(tmp_path):
+    with pytest.raises(ValueError, match="data.tasks names LaMP-1 more than once"):
+        make_cfg(tmp_path, **{"data.tasks": "LaMP-1,LaMP-3,LaMP_1"})
+
+
 def test_a_stage_whose_input_is_missing_names_the_stage_to_run_first(tmp_path):
     cfg = make_cfg(tmp_path)
     with pytest.raises(ChainDataError, match=r"judged\.jsonl: not found; it is written by stage 'judge'"):

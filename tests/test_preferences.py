@@ -1,11 +1,13 @@
 """Preference pairs for PRMU: PRP / PQP from rollouts, the JSONL format, held-out splits, and bad input."""
 import json
+from dataclasses import replace
 
 import pytest
 
-from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, Response, RolloutRecord, build_pqp,
-                                        build_prp, format_response, read_pairs, read_rollouts, split_heldout,
-                                        split_response, write_pairs, write_rollouts)
+from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, Response, RolloutRecord,
+                                        build_pairs_from_rollouts, build_pqp, build_prp, format_response,
+                                        read_pairs, read_rollouts, split_heldout, split_response, write_pairs,
+                                        write_rollouts)
 
 PROMPT = [{"role": "system", "content": "Reason, then answer."}, {"role": "user", "content": "Which tag? profile..."}]
 BARE = [{"role": "system", "content": "Reason, then answer."}, {"role": "user", "content": "Which tag?"}]
@@ -183,3 +185,71 @@ def test_cli_refuses_to_write_an_empty_set_and_names_the_input(tmp_path, capsys)
     assert main(["from-rollouts", str(tmp_path / "only_profile.jsonl"), "--out-dir", str(tmp_path / "p")]) == 1
     assert "only_profile.jsonl: no PRP pairs could be built" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad rollout and pair files: every one is refused with the file, line or query, and field named
+# ---------------------------------------------------------------------------------------------------------------
+def _rollout_row(rec):
+    return {k: v for k, v in rec.__dict__.items() if k != "origin"}
+
+
+@pytest.mark.parametrize("reader, good", [(read_rollouts, lambda: _rollout_row(_rollouts()[0])),
+                                          (read_pairs, lambda: _good_record(0))])
+def test_a_line_that_is_not_utf8_names_file_and_line(tmp_path, reader, good):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(json.dumps(good()).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(PreferenceDataError, match=r"latin\.jsonl:2: not valid UTF-8 \(byte 0xff at byte 1"):
+        reader(path)
+
+
+def test_an_empty_response_list_names_file_line_and_field(tmp_path):
+    path = _write_lines(tmp_path / "r.jsonl", [{**_rollout_row(_rollouts()[0]), "responses": []}])
+    with pytest.raises(PreferenceDataError, match=r"r\.jsonl:1 \(record id 'q1'\): field 'responses': empty"):
+        read_rollouts(path)
+
+
+def _query(task="LaMP-2", rid="q1", user="u1", gold="comedy", n_profile=3, n_bare=3):
+    return [RolloutRecord(rid, user, task, "profile", PROMPT, gold, [_resp(f"p{i}", gold) for i in range(n_profile)]),
+            RolloutRecord(rid, user, task, "no_profile", BARE, gold, [_resp(f"b{i}", "x") for i in range(n_bare)])]
+
+
+def test_prp_refuses_a_query_whose_modes_hold_different_numbers_of_responses(tmp_path):
+    write_rollouts(tmp_path / "r.jsonl", _query(n_profile=3, n_bare=1))
+    with pytest.raises(PreferenceDataError, match=r"r\.jsonl:1 and .*r\.jsonl:2 \(query 'q1' of LaMP-2\): "
+                                                  r"field 'responses': 3 in the 'profile' record, 1 in"):
+        build_pairs_from_rollouts([tmp_path / "r.jsonl"])
+
+
+@pytest.mark.parametrize("name, value", [("user", "u2"), ("gold", "action")])
+def test_prp_refuses_a_query_whose_two_records_disagree(tmp_path, name, value):
+    with_p, without_p = _query()
+    write_rollouts(tmp_path / "a.jsonl", [with_p])
+    write_rollouts(tmp_path / "b.jsonl", [replace(without_p, **{name: value})])
+    with pytest.raises(PreferenceDataError, match=rf"a\.jsonl:1 and .*b\.jsonl:1 \(query 'q1' of LaMP-2\): "
+                                                  rf"field '{name}': "):
+        build_pairs_from_rollouts([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
+
+
+def test_a_no_profile_record_is_never_paired_with_another_tasks_profile_record(tmp_path):
+    write_rollouts(tmp_path / "r.jsonl", [_query(task="LaMP-1")[0], _query(task="LaMP-2")[1]])
+    with pytest.raises(PreferenceDataError, match=r"r\.jsonl:2 \(query 'q1' of LaMP-2\): field 'mode': a 'no_profile' "
+                                                  r"record without its 'profile' record \(id 'q1' has one for LaMP-1"):
+        build_pairs_from_rollouts([tmp_path / "r.jsonl"])
+
+
+def test_one_query_in_two_files_names_both(tmp_path):
+    write_rollouts(tmp_path / "a.jsonl", _query())
+    write_rollouts(tmp_path / "b.jsonl", _query()[:1])
+    with pytest.raises(PreferenceDataError, match=r"a\.jsonl:1 and .*b\.jsonl:1 \(query 'q1' of LaMP-2\): "
+                                                  r"field 'mode': two 'profile' records"):
+        build_pairs_from_rollouts([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
+
+
+def test_two_tasks_may_reuse_a_question_id_and_their_pairs_stay_apart(tmp_path):
+    write_rollouts(tmp_path / "r.jsonl", _query(task="LaMP-2") + _query(task="LaMP-3"))
+    assert "origin" not in (tmp_path / "r.jsonl").read_text()  # where a record was read is no part of the file
+    prp = build_pairs_from_rollouts([tmp_path / "r.jsonl"], max_per_example=1)["PRP"]
+    assert sorted(p.id for p in prp) == ["PRP/LaMP-2/q1/0", "PRP/LaMP-3/q1/0"]
+    write_pairs(tmp_path / "prp.jsonl", prp)
+    assert read_pairs(tmp_path / "prp.jsonl") == prp  # read_pairs refuses a repeated pair id

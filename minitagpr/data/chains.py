@@ -91,6 +91,9 @@ class DataConfig:
 
     def __post_init__(self):
         self.tasks = [canonical_task(t) for t in self.tasks]
+        repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if repeated:  # the sample stage would write every instance of such a task twice
+            raise ValueError(f"data.tasks names {', '.join(repeated)} more than once")
         if self.retriever not in ("recency", "bm25", "random"):
             raise ValueError(f"data.retriever must be recency, bm25 or random, got {self.retriever!r}")
         if self.per_task < 1 or self.k < 0:
@@ -204,10 +207,21 @@ CHAIN_FIELDS = {"id": str, "instance": str, "task": str, "sample": int, "chain":
 
 def read_jsonl(path: Path, fields: Mapping[str, type | tuple], producer: str) -> Iterator[dict]:
     """Records of a stage file, each checked for `fields`; errors name the file, line, record id and field."""
+    for _, record in _numbered_records(path, fields, producer):
+        yield record
+
+
+def _numbered_records(path: Path, fields: Mapping[str, type | tuple], producer: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for the records of `read_jsonl`."""
     if not path.is_file():
         raise ChainDataError(f"{path}: not found; it is written by stage {producer!r} (run that stage first)")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported on its own line
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ChainDataError(f"{path}: line {line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte "
+                                     f"{err.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -226,7 +240,7 @@ def read_jsonl(path: Path, fields: Mapping[str, type | tuple], producer: str) ->
             if "task" in fields and record["task"] not in TASK_SPECS:
                 raise ChainDataError(f"{path}: line {line_no} (id {record.get('id')!r}): field 'task': unknown task "
                                      f"{record['task']!r}")
-            yield record
+            yield line_no, record
 
 
 def _kind_name(kind) -> str:
@@ -316,7 +330,15 @@ class StageCounts:
 
 
 def load_instances(out_dir: Path) -> dict[str, dict]:
-    return {r["id"]: r for r in read_jsonl(out_dir / FILES["sample"], INSTANCE_FIELDS, "sample")}
+    """{instance id: instance} of instances.jsonl, in file order; an id on two lines is an error naming both."""
+    path = out_dir / FILES["sample"]
+    instances, lines = {}, {}
+    for line_no, inst in _numbered_records(path, INSTANCE_FIELDS, "sample"):
+        if inst["id"] in lines:
+            raise ChainDataError(f"{path}: line {line_no} (id {inst['id']!r}): field 'id': duplicate instance id "
+                                 f"(first on line {lines[inst['id']]})")
+        instances[inst["id"]], lines[inst["id"]] = inst, line_no
+    return instances
 
 
 def _instance_of(instances: Mapping[str, dict], record: dict, path: Path) -> dict:
@@ -603,7 +625,7 @@ def stage_teacher(ctx: Context) -> StageCounts:
     source = ctx.path("sample")
 
     def requests() -> Iterator[ChatRequest]:
-        for inst in read_jsonl(source, INSTANCE_FIELDS, "sample"):
+        for inst in load_instances(ctx.out).values():
             counts.seen(inst["task"])
             messages = _prompt(lambda: chain_prompts.teacher_messages(inst["task"], inst["input"], inst["profile"]),
                                source, inst["id"])

@@ -11,7 +11,8 @@
 Where pairs come from (the `source` field of every pair says which):
 - `"rollout"`: `build_pairs_from_rollouts` reads rollout JSONL files written by `recipes/prmu_rollouts.py`, which
   samples the policy with the rollout engine twice per training query (mode "profile" and mode "no_profile").
-  This is the paper's construction.
+  This is the paper's construction. A query is (task, example id); its two records must agree on user, gold and
+  the number of responses, else the files are refused (`_group_by_query`). Pair ids: `{PRP,PQP}/<task>/<id>/<k>`.
 - `"synthetic"`: `synthesize_demo_pairs` builds pairs from the demo world alone, without any policy, so the demo
   pipeline gets a useful PRMU before a policy exists. Chains come from `demo_world.make_chain`: PRP = chain over the
   retrieved profile + gold answer vs chain over no profile + a profile-blind answer; PQP = chain + gold answer vs
@@ -33,7 +34,7 @@ import random
 import sys
 import tempfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -85,6 +86,7 @@ class RolloutRecord:
     prompt: list  # the chat messages the policy was sampled from
     gold: str
     responses: list  # list[str], raw policy outputs
+    origin: str = field(default="", compare=False, repr=False)  # "file:line" it was read from (errors); not written
 
 
 def format_response(chain: str, answer: str) -> str:
@@ -128,12 +130,17 @@ def _write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
 
 
 def _iter_jsonl(path: Path):
-    """(line number, dict) for every non-blank line; bad JSON or a non-object fails naming file and line."""
+    """(line number, dict) for every non-blank line; bad UTF-8, bad JSON or a non-object fails naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise PreferenceDataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported on its own line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PreferenceDataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                                          f"{e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -228,27 +235,31 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
 
 
 def write_rollouts(path: str | Path, records: Iterable[RolloutRecord]) -> None:
-    _write_jsonl_atomic(Path(path), (asdict(r) for r in records))
+    _write_jsonl_atomic(Path(path), ({k: v for k, v in asdict(r).items() if k != "origin"} for r in records))
 
 
 def read_rollouts(path: str | Path) -> list[RolloutRecord]:
+    """All rollout records of one file, validated; an empty file, an empty response list or a repeated
+    (task, id, mode) is an error."""
     path = Path(path)
     records, seen = [], {}
     for lineno, obj in _iter_jsonl(path):
         f = _Fields(path, lineno, obj)
-        rid, mode = f.get("id", str), f.get("mode", str)
+        rid, task, mode = f.get("id", str), f.task(), f.get("mode", str)
         if mode not in MODES:
             f.fail("mode", f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-        if (rid, mode) in seen:
-            f.fail("id", f"duplicate (id, mode) (first on line {seen[rid, mode]})")
-        seen[rid, mode] = lineno
+        if (task, rid, mode) in seen:
+            f.fail("id", f"duplicate (task, id, mode) (first on line {seen[task, rid, mode]})")
+        seen[task, rid, mode] = lineno
         responses = f.get("responses", list)
+        if not responses:
+            f.fail("responses", "empty response list (a query is sampled n >= 1 times in each mode)")
         for i, r in enumerate(responses):
             if not isinstance(r, str):
                 f.fail(f"responses[{i}]", f"expected str, got {type(r).__name__}")
         records.append(RolloutRecord(
-            id=rid, user=f.get("user", str, optional=True), task=f.task(), mode=mode, prompt=f.messages(),
-            gold=f.get("gold", str), responses=responses,
+            id=rid, user=f.get("user", str, optional=True), task=task, mode=mode, prompt=f.messages(),
+            gold=f.get("gold", str), responses=responses, origin=f"{path}:{lineno}",
         ))
     if not records:
         raise PreferenceDataError(f"{path}: empty rollout file (no records)")
@@ -261,20 +272,20 @@ def read_rollouts(path: str | Path) -> list[RolloutRecord]:
 def build_prp(records: list[RolloutRecord], max_per_example: int = 2, seed: int = 0) -> list[PreferencePair]:
     """PRP: response i sampled with the profile (chosen) vs response i sampled without it (rejected).
 
-    Both are scored against the profile prompt. Identical texts carry no preference and are skipped; queries
-    missing one of the two modes give no PRP pair."""
+    Both are scored against the profile prompt. Identical texts carry no preference and are skipped; a query
+    sampled only with the profile gives no PRP pair (its responses still make PQP pairs). The records of a query
+    are checked as `_group_by_query` says."""
     rng = random.Random(seed)
-    by_id = _group_by_id(records)
     pairs = []
-    for rid, modes in by_id.items():
-        if "profile" not in modes or "no_profile" not in modes:
+    for (task, rid), modes in _group_by_query(records).items():
+        if "no_profile" not in modes:
             continue
         with_p, without_p = modes["profile"], modes["no_profile"]
-        candidates = [(a, b) for a, b in zip(with_p.responses, without_p.responses) if a != b]
+        candidates = [(a, b) for a, b in zip(with_p.responses, without_p.responses) if a != b]  # equal lengths
         rng.shuffle(candidates)
         for k, (a, b) in enumerate(candidates[:max_per_example]):
             pairs.append(PreferencePair(
-                id=f"PRP/{rid}/{k}", set="PRP", source="rollout", user=with_p.user, task=with_p.task,
+                id=f"PRP/{task}/{rid}/{k}", set="PRP", source="rollout", user=with_p.user, task=task,
                 example_id=rid, prompt=with_p.prompt,
                 chosen=response_from_text(a), rejected=response_from_text(b),
             ))
@@ -295,12 +306,10 @@ def build_pqp(
         from minitagpr.rewards import verifiable_reward as reward_fn
     rng = random.Random(seed)
     pairs = []
-    for rid, modes in _group_by_id(records).items():
-        rec = modes.get("profile")
-        if rec is None:
-            continue
+    for (task, rid), modes in _group_by_query(records).items():
+        rec = modes["profile"]
         scored = [(response_from_text(t), t) for t in rec.responses]
-        rewards = [float(reward_fn(rec.task, resp.answer, rec.gold)) for resp, _ in scored]
+        rewards = [float(reward_fn(task, resp.answer, rec.gold)) for resp, _ in scored]
         ordered = [
             (i, j) if rewards[i] > rewards[j] else (j, i)
             for i in range(len(scored)) for j in range(i + 1, len(scored))
@@ -309,7 +318,7 @@ def build_pqp(
         rng.shuffle(ordered)
         for k, (i, j) in enumerate(ordered[:max_per_example]):
             pairs.append(PreferencePair(
-                id=f"PQP/{rid}/{k}", set="PQP", source="rollout", user=rec.user, task=rec.task,
+                id=f"PQP/{task}/{rid}/{k}", set="PQP", source="rollout", user=rec.user, task=task,
                 example_id=rid, prompt=rec.prompt, chosen=scored[i][0], rejected=scored[j][0],
             ))
     return pairs
@@ -324,13 +333,42 @@ def build_pairs_from_rollouts(paths: list[str | Path], max_per_example: int = 2,
     }
 
 
-def _group_by_id(records: list[RolloutRecord]) -> dict[str, dict[str, RolloutRecord]]:
-    out: dict[str, dict[str, RolloutRecord]] = defaultdict(dict)
+def _group_by_query(records: list[RolloutRecord]) -> dict[tuple[str, str], dict[str, RolloutRecord]]:
+    """{(task, id): {mode: record}}: a query is one task's question id, since two tasks may reuse an id.
+
+    What `recipes/prmu_rollouts.py` writes for every query, and so what is checked: one record per mode; a
+    'profile' record, and beside it at most one 'no_profile' record with the same user, the same gold and the same
+    number of responses (response i of one mode is paired with response i of the other)."""
+    out: dict[tuple[str, str], dict[str, RolloutRecord]] = defaultdict(dict)
     for r in records:
-        if r.mode in out[r.id]:
-            raise PreferenceDataError(f"rollouts: query {r.id!r} has two {r.mode!r} records across the given files")
-        out[r.id][r.mode] = r
+        modes = out[r.task, r.id]
+        if r.mode in modes:
+            raise _query_error([modes[r.mode], r], "mode", f"two {r.mode!r} records")
+        modes[r.mode] = r
+    for (task, rid), modes in out.items():
+        if "profile" not in modes:
+            others = sorted(t for (t, i), m in out.items() if i == rid and t != task and "profile" in m)
+            hint = f" (id {rid!r} has one for {', '.join(others)}: rollouts of two tasks mixed up?)" if others else ""
+            raise _query_error(modes.values(), "mode", f"a 'no_profile' record without its 'profile' record{hint}")
+        if "no_profile" not in modes:
+            continue
+        with_p, without_p = modes["profile"], modes["no_profile"]
+        for name in ("user", "gold"):
+            if getattr(with_p, name) != getattr(without_p, name):
+                raise _query_error([with_p, without_p], name, f"{getattr(with_p, name)!r} in the 'profile' record, "
+                                                              f"{getattr(without_p, name)!r} in the 'no_profile' one")
+        if len(with_p.responses) != len(without_p.responses):
+            raise _query_error([with_p, without_p], "responses", f"{len(with_p.responses)} in the 'profile' record, "
+                                                                 f"{len(without_p.responses)} in the 'no_profile' one "
+                                                                 f"(PRP pairs response i with response i)")
     return dict(out)
+
+
+def _query_error(records: Iterable[RolloutRecord], field_name: str, msg: str) -> PreferenceDataError:
+    """An error about the records of one query, naming where each was read (file:line) when it came from a file."""
+    records = list(records)
+    where = " and ".join(r.origin for r in records if r.origin) or "rollouts"
+    return PreferenceDataError(f"{where} (query {records[0].id!r} of {records[0].task}): field {field_name!r}: {msg}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

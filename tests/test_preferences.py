@@ -253,3 +253,13 @@ def test_two_tasks_may_reuse_a_question_id_and_their_pairs_stay_apart(tmp_path):
     assert sorted(p.id for p in prp) == ["PRP/LaMP-2/q1/0", "PRP/LaMP-3/q1/0"]
     write_pairs(tmp_path / "prp.jsonl", prp)
     assert read_pairs(tmp_path / "prp.jsonl") == prp  # read_pairs refuses a repeated pair id
+
+
+def test_heldout_split_merges_linked_groups_that_share_an_id():
+    # [q0, q1] and [q1, q2] share q1, so q0, q1 and q2 are one query; chains of overlaps merge too
+    pairs = [_pair(i, id=f"p{i}", example_id=f"q{i}") for i in range(12)]
+    linked = [["q0", "q1"], ["q1", "q2"], ["q5", "q6"], ["q7", "q6"], ["q4", "q5"]]
+    for seed in range(10):
+        held_ids = {p.example_id for p in split_heldout(pairs, 0.5, seed=seed, linked=linked)[1]}
+        assert len({i in held_ids for i in ("q0", "q1", "q2")}) == 1
+        assert len({i in held_ids for i in ("q4", "q5", "q6", "q7")}) == 1

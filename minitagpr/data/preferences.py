@@ -476,12 +476,17 @@ def split_heldout(pairs: list[PreferencePair], heldout_frac: float, seed: int = 
     users, e.g. the demo world's `user_dependent_groups`) count as one query and go to the same side: otherwise a
     held-out pair would have its mirror image in training (the same input, the opposite preference, another user)
     and the held-out score would measure memorised inputs rather than what the model knows about the user."""
-    root = {}
+    root: dict[str, str] = {}  # union-find: groups sharing an id are one query; a component's root is its min id
+
+    def key(example_id: str) -> str:
+        while root.get(example_id, example_id) != example_id:
+            example_id = root[example_id]
+        return example_id
+
     for group in linked:
-        group = list(group)
-        for i in group:
-            root[i] = min(group)
-    key = lambda example_id: root.get(example_id, example_id)  # noqa: E731
+        tops = {key(i) for i in group}
+        for t in tops:
+            root[t] = min(tops)
     ids = sorted({key(p.example_id) for p in pairs})
     random.Random(seed).shuffle(ids)
     n_held = max(1, round(heldout_frac * len(ids))) if heldout_frac > 0 else 0

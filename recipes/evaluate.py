@@ -135,9 +135,7 @@ def load_task_data(data: Any, task: str, *, split: str = "user", part: str = "de
         gold_file = source
     else:
         questions, outputs = _task_files(data, task, split, part, data_dir)
-        file_task, golds = lamp.load_outputs(outputs)
-        if lamp.canonical_task(file_task) != task:
-            raise DataError(f"{outputs}: holds task {file_task!r}, expected {task}")
+        _, golds = lamp.load_outputs(outputs, task)  # checks the file's task and that every gold is an answer
         examples = lamp.load_questions(questions, task)
         source, gold_file = questions, outputs
     asked = {ex.id for ex in examples}

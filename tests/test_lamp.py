@@ -1,5 +1,10 @@
 """LaMP readers and writers: round trips for every task and split, and a clear error for each kind of bad input."""
+import importlib.util
 import json
+import math
+import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +13,7 @@ from minitagpr.data.lamp import (
     TASKS, DataError, LampExample, canonical_task, date_key, item_document, load_outputs, load_questions, query_text,
     split_files, write_outputs, write_questions,
 )
+from minitagpr.data.retrieval import get_retriever
 
 
 def _write_raw(path, obj):
@@ -35,7 +41,7 @@ def test_questions_and_outputs_round_trip_for_every_task_and_split(tmp_path, tas
     assert loaded == examples
     assert all(ex.task == task for ex in loaded)
     assert all((ex.user_id is not None) == (split == "time") for ex in loaded)
-    assert load_outputs(o_path) == (task, golds)
+    assert load_outputs(o_path) == load_outputs(o_path, task.replace("-", "_")) == (task, golds)
     assert json.loads(o_path.read_text())["task"] == task.replace("-", "_")  # the benchmark spells it LaMP_k
 
 
@@ -61,9 +67,20 @@ def test_reader_keeps_profile_lists_without_copying(tmp_path):
 
 
 def test_numeric_lamp3_scores_and_integer_years_are_accepted(tmp_path):
-    rec = _valid_record(input="review: good", profile=[{"id": "1", "text": "ok", "score": 4, "date": 2011}])
+    rec = _valid_record(input="review: good", profile=[{"id": "1", "text": "ok", "score": 4, "date": 2011},
+                                                       {"id": "2", "text": "ok", "score": "1"},
+                                                       {"id": "3", "text": "ok", "score": 4.5}])
     ex = load_questions(_write_raw(tmp_path / "q.json", [rec]), "LaMP-3")[0]
-    assert ex.profile[0]["score"] == 4
+    assert [item["score"] for item in ex.profile] == [4, "1", 4.5]
+
+
+def test_a_null_date_loads_as_an_undated_item(tmp_path):
+    # the recency retriever ranks a None date as undated, so the reader must let it through
+    rec = _valid_record(profile=[{"id": "6000", "text": "hi", "date": None}, {"id": "6001", "text": "yo",
+                                                                              "date": "2014-01-02"}])
+    ex = load_questions(_write_raw(tmp_path / "q.json", [rec]), "LaMP-7")[0]
+    assert ex.profile[0]["date"] is None
+    assert get_retriever("recency").rank(ex) == [1, 0]
 
 
 # --- task names and queries ---------------------------------------------------------------------------------------
@@ -131,8 +148,15 @@ def test_dates_compare_as_integer_tuples():
      r"field 'profile\[0\].date': cannot read date 'someday'"),
     ([_valid_record(profile=["text"])], "LaMP-7", r"field 'profile\[0\]': expected an object, got str"),
     ([_valid_record(user_id=[1])], "LaMP-7", r"field 'user_id': expected a string, got list"),
-    ([_valid_record()], "LaMP-4", r"field 'profile\[0\].title': missing \(every LaMP-4 profile item needs id, "
-                                  r"text, title\)"),
+    ([_valid_record(input="article: x")], "LaMP-4",
+     r"field 'profile\[0\].title': missing \(every LaMP-4 profile item needs id, text, title\)"),
+    ([_valid_record(input="rate this please")], "LaMP-3",
+     r"q.json: record 0 \(id '600'\): field 'input': no 'review:' marker before the query"),
+    ([_valid_record(input="")], "LaMP-1",
+     r"q.json: record 0 \(id '600'\): field 'input': expected '\[1\]: \"<title>\" \[2\]: \"<title>\"'"),
+    ([_valid_record(profile=[{"id": "1", "text": "x", "date": "2014-01"}, {"id": "2", "text": "x", "date": None},
+                             {"id": "3", "text": "x", "date": "someday"}])], "LaMP-7",
+     r"field 'profile\[2\].date': cannot read date 'someday'"),
     ({"id": "1"}, "LaMP-7", r"q.json: expected a JSON array of question records, got dict"),
     ([7], "LaMP-7", r"q.json: record 0: expected an object, got int"),
 ])
@@ -140,6 +164,15 @@ def test_malformed_questions_raise_a_message_naming_file_record_and_field(tmp_pa
     path = _write_raw(tmp_path / "q.json", records)
     with pytest.raises(DataError, match=message):
         load_questions(path, task)
+
+
+@pytest.mark.parametrize("score", ["seven", "", math.nan, math.inf, 0, 6, "5.5"])
+def test_a_lamp3_score_that_is_no_rating_from_1_to_5_names_the_item(tmp_path, score):
+    rec = _valid_record(input="review: good", profile=[{"id": "1", "text": "ok", "score": "4"},
+                                                       {"id": "2", "text": "ok", "score": score}])
+    with pytest.raises(DataError, match=r"q.json: record 0 \(id '600'\): field 'profile\[1\].score': "
+                                        r"expected a rating from 1 to 5, got " + re.escape(repr(score))):
+        load_questions(_write_raw(tmp_path / "q.json", [rec]), "LaMP-3")
 
 
 def test_bad_json_names_the_file_and_position(tmp_path):
@@ -152,6 +185,15 @@ def test_bad_json_names_the_file_and_position(tmp_path):
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"nope.json: file not found"):
         load_questions(tmp_path / "nope.json", "LaMP-1")
+
+
+def test_a_folder_given_as_a_file_is_a_data_error_naming_it(tmp_path):
+    folder = tmp_path / "LaMP_3"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"LaMP_3: cannot read the file: Is a directory"):
+        load_questions(folder, "LaMP-3")
+    with pytest.raises(DataError, match=r"LaMP_3: cannot read the file: Is a directory"):
+        load_outputs(folder)
 
 
 # --- malformed outputs files --------------------------------------------------------------------------------------
@@ -170,3 +212,69 @@ def test_missing_file_is_a_data_error(tmp_path):
 def test_malformed_outputs_raise_a_message_naming_file_record_and_field(tmp_path, obj, message):
     with pytest.raises(DataError, match=message):
         load_outputs(_write_raw(tmp_path / "o.json", obj))
+
+
+# --- gold files: the task they hold and the answers they give ------------------------------------------------------
+
+def test_a_gold_file_of_another_task_is_refused_naming_both_tasks(tmp_path):
+    path = _write_raw(tmp_path / "o.json", {"task": "LaMP_2", "golds": [{"id": "1", "output": "comedy"}]})
+    assert load_outputs(path) == ("LaMP-2", {"1": "comedy"})  # without an expected task any task is read
+    with pytest.raises(DataError, match=r"o.json: field 'task': the file holds 'LaMP_2' \(LaMP-2\), expected LaMP-1"):
+        load_outputs(path, "LaMP-1")
+
+
+@pytest.mark.parametrize("task,gold,message", [
+    ("LaMP-1", "1", r"'1' is not a LaMP-1 label \(expected one of '\[1\]', '\[2\]'\)"),
+    ("LaMP-1", " [1]", r"' \[1\]' is not a LaMP-1 label"),
+    ("LaMP-2", "horror", r"'horror' is not a LaMP-2 label \(expected one of 'sci-fi', 'based on a book'"),
+    ("LaMP-3", "three", r"expected a rating from 1 to 5, got 'three'"),
+    ("LaMP-3", "nan", r"expected a rating from 1 to 5, got 'nan'"),
+    ("LaMP-3", "", r"expected a rating from 1 to 5, got ''"),
+])
+def test_a_gold_that_is_no_answer_of_its_task_names_file_record_and_field(tmp_path, task, gold, message):
+    _, golds = make_examples(task, n=2)
+    golds["101"] = gold
+    path = write_outputs(tmp_path / "o.json", task, golds)
+    assert load_outputs(path)[1]["101"] == gold  # predictions are read as they are: an invalid one is scored wrong
+    with pytest.raises(DataError, match=r"o.json: record 1 \(id '101'\): field 'golds.output': " + message):
+        load_outputs(path, task)
+
+
+def test_generation_golds_and_numeric_rating_golds_are_accepted(tmp_path):
+    golds = {"1": "4", "2": "4.0", "3": " 1"}  # the official scoring reads rating golds with float()
+    assert load_outputs(write_outputs(tmp_path / "o3.json", "LaMP-3", golds), "LaMP-3")[1] == golds
+    golds = {"1": "", "2": "a headline"}
+    assert load_outputs(write_outputs(tmp_path / "o4.json", "LaMP-4", golds), "LaMP-4")[1] == golds
+
+
+@pytest.fixture
+def evaluate_recipe(monkeypatch):
+    """recipes/evaluate.py as a module (recipes/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("recipe_evaluate_in_test_lamp",
+                                                  Path(__file__).parents[1] / "recipes" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("golds_task,bad_gold,message", [
+    ("LaMP-2", None, r"field 'task': the file holds 'LaMP_2' \(LaMP-2\), expected LaMP-1"),
+    ("LaMP-1", "1", r"record 0 \(id '100'\): field 'golds.output': '1' is not a LaMP-1 label"),
+])
+def test_rl_prompts_and_the_evaluation_refuse_golds_that_are_no_answer(tmp_path, evaluate_recipe, golds_task,
+                                                                       bad_gold, message):
+    # the two places that read golds as targets: RL prompts (rewards) and the evaluation table (scores)
+    from minitagpr.rl.loop import RLConfig, load_prompts
+
+    examples, _ = make_examples("LaMP-1", n=2)
+    q_path, o_path = split_files(tmp_path, "LaMP-1", "user", "train")
+    write_questions(q_path, examples)
+    _, golds = make_examples(golds_task, n=2)
+    if bad_gold is not None:
+        golds["100"] = bad_gold
+    write_outputs(o_path, golds_task, golds)
+    with pytest.raises(DataError, match=r"train_outputs.json: " + message):
+        load_prompts(RLConfig(data_root=str(tmp_path), tasks="LaMP-1:0", part="train"), tokenizer=None)
+    with pytest.raises(DataError, match=r"train_outputs.json: " + message):
+        evaluate_recipe.load_task_data(tmp_path, "LaMP-1", part="train")

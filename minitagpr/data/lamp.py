@@ -124,20 +124,26 @@ def _citation_query(text: str) -> str | None:
     return f"{m.group(1).strip()} {m.group(2).strip()}" if m else None
 
 
+def _cut_query(spec: TaskSpec, text: str) -> str:
+    """The query item inside an `input` text; if it has none, a DataError saying what is wrong (callers add where)."""
+    if spec.query_marker is None:
+        query = _citation_query(text)
+        if query is None:
+            raise DataError(f"expected '[1]: \"<title>\" [2]: \"<title>\"' in {text[:80]!r}...")
+        return query
+    at = text.find(spec.query_marker)
+    if at < 0:
+        raise DataError(f"no {spec.query_marker!r} marker before the query in {text[:80]!r}...")
+    return text[at + len(spec.query_marker):].strip()
+
+
 def query_text(example: LampExample) -> str:
     """The retrieval query inside `example.input` (lamp-format.md: the per-task query item)."""
     spec = task_spec(example.task)
-    if spec.query_marker is None:
-        query = _citation_query(example.input)
-        if query is None:
-            raise DataError(f"example {example.id!r} ({example.task}): field 'input': expected "
-                            f"'[1]: \"<title>\" [2]: \"<title>\"' in {example.input[:80]!r}...")
-        return query
-    at = example.input.find(spec.query_marker)
-    if at < 0:
-        raise DataError(f"example {example.id!r} ({example.task}): field 'input': no {spec.query_marker!r} marker "
-                        f"before the query in {example.input[:80]!r}...")
-    return example.input[at + len(spec.query_marker):].strip()
+    try:
+        return _cut_query(spec, example.input)
+    except DataError as e:
+        raise DataError(f"example {example.id!r} ({example.task}): field 'input': {e}") from None
 
 
 def item_document(task: str, item: Mapping[str, Any]) -> str:
@@ -180,6 +186,8 @@ def read_json(path: Path) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise DataError(f"{path}: cannot read the file: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except UnicodeDecodeError as e:
@@ -188,6 +196,17 @@ def read_json(path: Path) -> Any:
 
 def type_name(value: Any) -> str:
     return type(value).__name__
+
+
+def _rating(value: Any) -> float | None:
+    """A 1-5 rating written as a number or a numeric string (4, 4.0, "4"), or None when `value` is not one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 1 <= number <= 5 else None  # NaN fails both comparisons, so it is refused too
 
 
 def _check_item(path: Path, index: int, rec_id: str, j: int, item: Any, spec: TaskSpec) -> None:
@@ -202,7 +221,10 @@ def _check_item(path: Path, index: int, rec_id: str, j: int, item: Any, spec: Ta
         numeric_ok = name in _NUMERIC_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (isinstance(value, str) or numeric_ok):
             raise DataError(f"{at(name)}: expected a string, got {type_name(value)} {value!r}")
-    if "date" in item and date_key(item["date"]) is None:
+    if "score" in spec.item_fields and _rating(item["score"]) is None:
+        raise DataError(f"{at('score')}: expected a rating from 1 to 5, got {item['score']!r}")
+    # null is an undated item, as RecencyRetriever treats it; a date that is there must be readable
+    if item.get("date") is not None and date_key(item["date"]) is None:
         raise DataError(f"{at('date')}: cannot read date {item['date']!r} (expected a year or 'YYYY-MM-DD')")
 
 
@@ -228,6 +250,10 @@ def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
         if rec_id in seen:
             raise DataError(f"{where(path, index, rec_id, 'id')}: duplicate id (first at record {seen[rec_id]})")
         seen[rec_id] = index
+        try:
+            _cut_query(spec, rec["input"])  # checked here, where the error can name the file and the record
+        except DataError as e:
+            raise DataError(f"{where(path, index, rec_id, 'input')}: {e}") from None
         profile = rec["profile"]
         if not profile:
             raise DataError(f"{where(path, index, rec_id, 'profile')}: empty profile (every question needs at "
@@ -244,9 +270,15 @@ def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
     return examples
 
 
-def load_outputs(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
-    """Read and validate an outputs (or predictions) file -> (canonical task name, {id: output})."""
+def load_outputs(path: str | os.PathLike, task: str | None = None) -> tuple[str, dict[str, str]]:
+    """Read and validate an outputs (or predictions) file -> (canonical task name, {id: output}).
+
+    Pass `task` when the file holds golds: its `task` field must then name that task, and each gold of a label task
+    must be one of the task's labels, each gold of a rating task a number from 1 to 5 (the official scoring reads it
+    with float()). Predictions are read without `task`: an unreadable prediction is scored as wrong, not refused.
+    """
     path = Path(path)
+    spec = task_spec(task) if task is not None else None
     data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected an object {{'task', 'golds'}}, got {type_name(data)}")
@@ -256,9 +288,12 @@ def load_outputs(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
         if not isinstance(data[name], kind):
             raise DataError(f"{where(path, field=name)}: expected {kind.__name__}, got {type_name(data[name])}")
     try:
-        task = canonical_task(data["task"])
+        file_task = canonical_task(data["task"])
     except DataError as e:
         raise DataError(f"{where(path, field='task')}: {e}") from None
+    if spec is not None and file_task != spec.name:
+        raise DataError(f"{where(path, field='task')}: the file holds {data['task']!r} ({file_task}), "
+                        f"expected {spec.name}")
     outputs: dict[str, str] = {}
     for index, rec in enumerate(data["golds"]):
         if not isinstance(rec, dict):
@@ -272,8 +307,15 @@ def load_outputs(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
                                 f"got {type_name(rec[name])} {rec[name]!r}")
         if rec_id in outputs:
             raise DataError(f"{where(path, index, rec_id, 'golds.id')}: duplicate id")
-        outputs[rec_id] = rec["output"]
-    return task, outputs
+        output = rec["output"]
+        if spec is not None and spec.kind == "label" and output not in spec.labels:
+            raise DataError(f"{where(path, index, rec_id, 'golds.output')}: {output!r} is not a {spec.name} label "
+                            f"(expected one of {', '.join(map(repr, spec.labels))})")
+        if spec is not None and spec.kind == "rating" and _rating(output) is None:
+            raise DataError(f"{where(path, index, rec_id, 'golds.output')}: expected a rating from 1 to 5, "
+                            f"got {output!r}")
+        outputs[rec_id] = output
+    return file_task, outputs
 
 
 def split_files(root: str | os.PathLike, task: str, split: str = "user", part: str = "dev") -> tuple[Path, Path]:

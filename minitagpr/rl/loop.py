@@ -146,7 +146,7 @@ def load_prompts(cfg: RLConfig, tokenizer: Tokenizer, *, part: str | None = None
     for task, count in parse_task_mix(cfg.tasks):
         qpath, opath = lamp.split_files(cfg.data_root, task, cfg.split, part or cfg.part)
         examples = lamp.load_questions(qpath, task)
-        _, golds = lamp.load_outputs(opath)
+        _, golds = lamp.load_outputs(opath, task)  # checks the file's task and that every gold is an answer
         if count and count < len(examples):
             examples = random.Random(f"{cfg.seed}/{task}").sample(examples, count)
         for ex in examples:

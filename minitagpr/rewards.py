@@ -278,18 +278,24 @@ def score_batch(tasks: Sequence[str], responses: Sequence[str], golds: Sequence[
                 prmu: Sequence[float] | None = None, *, mix: str = "composite", alpha: float = 0.8,
                 beta: float = 0.8, gamma: float = 0.2, rouge_variant: str = "rougeL", normalize_answers: bool = False,
                 n: int = 4, delta: float = 1e-6, allowed: Iterable[str] = TAGS, min_tags: int = 3,
-                ) -> list[RewardParts]:
+                finished: Sequence[bool] | None = None) -> list[RewardParts]:
     """Score a rollout batch: one RewardParts per response, every component filled and `total` mixed by `mix`.
 
     `tasks[i]`, `responses[i]` (the decoded completion), `golds[i]` describe response i; `prmu[i]` is its R_PRMU
     (already a sigmoid, from the reward model) or `prmu=None`. mix="composite" needs PRMU scores unless gamma=0;
     mix="foundation" ignores them (they are still recorded when given).
+    `finished[i]` = False marks a response the length limit cut off before it ended its turn (the engine's finish
+    reason "length"): its R_f is 0 whatever the text, since a cut answer is not the expected format even when
+    the text so far parses as one (the decoded text does not show the missing end-of-turn token). None: all
+    finished.
     """
     if mix not in MIXES:
         raise ValueError(f"score_batch: unknown mix {mix!r}; expected one of {', '.join(MIXES)}")
-    if not len(tasks) == len(responses) == len(golds) or (prmu is not None and len(prmu) != len(responses)):
+    if not len(tasks) == len(responses) == len(golds) or (prmu is not None and len(prmu) != len(responses)) or (
+            finished is not None and len(finished) != len(responses)):
         raise ValueError(f"score_batch: lengths differ: {len(tasks)} tasks, {len(responses)} responses, "
-                         f"{len(golds)} golds" + ("" if prmu is None else f", {len(prmu)} PRMU scores"))
+                         f"{len(golds)} golds" + ("" if prmu is None else f", {len(prmu)} PRMU scores")
+                         + ("" if finished is None else f", {len(finished)} finished flags"))
     if mix == "composite" and prmu is None and gamma != 0:
         raise ValueError("score_batch: mix='composite' with gamma != 0 needs PRMU scores (or set gamma=0)")
     allowed = frozenset(allowed)
@@ -303,7 +309,7 @@ def score_batch(tasks: Sequence[str], responses: Sequence[str], golds: Sequence[
         parts = RewardParts(
             r_v=verifiable_reward(canonical_task(task), answer, gold, normalize_answers=normalize_answers,
                                   rouge_variant=rouge_variant),
-            r_f=format_reward(response),
+            r_f=format_reward(response) if finished is None or finished[i] else 0.0,
             r_rep=repetition_reward(response, n, delta),
             r_tag=0.0 if tags.ok else -1.0,
             r_prmu=r_prmu,

@@ -275,9 +275,20 @@ def test_score_batch_foundation_ignores_prmu_and_tags():
     assert parts.r_tag == -1.0 and parts.r_prmu is None and parts.total == pytest.approx(1.0 + parts.r_rep)
 
 
+def test_a_response_cut_by_the_length_limit_fails_the_format():
+    # the text of a cut response can parse as chain + answer ("The cat" of "The cat sat ..."): R_f must still be 0
+    cut = respond(PAPER_SHAPED_CHAIN, "The cat")
+    finished, truncated = score_batch(["LaMP-4"] * 2, [cut, cut], ["The cat sat"] * 2, mix="foundation",
+                                      finished=[True, False])
+    assert finished.r_f == 1.0 and finished.total > 0
+    assert truncated.r_f == 0.0 and truncated.total == 0.0 and truncated.r_v == finished.r_v
+
+
 def test_score_batch_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="2 responses"):
         score_batch(["LaMP-1"], ["a", "b"], ["[1]"], mix="foundation")
+    with pytest.raises(ValueError, match="1 finished flags"):
+        score_batch(["LaMP-1"] * 2, ["a", "b"], ["[1]"] * 2, mix="foundation", finished=[True])
 
 
 def test_score_batch_rejects_unknown_mix_and_missing_prmu():

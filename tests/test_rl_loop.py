@@ -307,3 +307,82 @@ def test_resume_may_change_plumbing_but_not_the_lr_decay_length():
     decaying = asdict(RLConfig(max_steps=10, min_lr_ratio=0.1))
     with pytest.raises(ConfigError, match=r"max_steps 10 -> 20"):  # where the cosine ends moves every later lr
         _check_resumed_config(decaying, RLConfig(max_steps=20, min_lr_ratio=0.1), Path("ck"))
+
+
+def test_a_response_cut_by_the_length_limit_gets_no_format_reward():
+    from minitagpr.rl.loop import compute_rewards
+
+    prompt = Prompt(id="q", task="LaMP-4", user="u", messages=[], ids=[1], gold="The cat sat on the mat")
+    text = "<think><analyze_input>a</analyze_input></think>The cat sat"  # parses as chain + answer either way
+    comps = [Completion([1, 2], text, [0.0, 0.0], reason) for reason in ("stop", "length")]
+    cfg = RLConfig(tasks="LaMP-4:0", group_size=2, stage="exploratory")
+    done, cut = compute_rewards([prompt], comps, cfg)[0]
+    assert done.r_f == 1.0 and done.total > 0.0
+    assert cut.r_f == 0.0 and cut.total == 0.0
+
+
+def test_resume_ignores_a_recipes_own_keys():
+    # the demo driver's keys (e.g. exploratory_steps) live in the saved config but do not change this stage's steps
+    from dataclasses import asdict, dataclass
+
+    from minitagpr.rl.loop import _check_resumed_config
+
+    @dataclass
+    class Driver(RLConfig):
+        exploratory_steps: int = 8
+
+    _check_resumed_config(asdict(Driver()), Driver(exploratory_steps=32), Path("ck"))
+
+
+def test_the_two_stages_draw_different_prompt_orders_and_samples_with_one_seed():
+    from minitagpr.rl.loop import rollout_seed, stage_seed
+
+    guided, exploratory = RLConfig(stage="guided", seed=0), RLConfig(stage="exploratory", seed=0)
+    assert stage_seed(guided) == 0  # the guided stage's draws are those of its run seed
+    assert prompts_for_step(0, 64, 8, stage_seed(guided)) != prompts_for_step(0, 64, 8, stage_seed(exploratory))
+    assert rollout_seed(stage_seed(guided), 0) != rollout_seed(stage_seed(exploratory), 0)
+    seeds = {stage_seed(RLConfig(stage=s, seed=k)) for s in ("guided", "exploratory") for k in range(50)}
+    assert len(seeds) == 100
+
+
+def test_the_vllm_engine_gets_room_for_a_whole_prompt_and_response(monkeypatch):
+    import minitagpr.rollout.vllm_engine as V
+    from minitagpr.rl.loop import build_engine
+
+    seen = {}
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(V, "VLLMEngine", Recording)
+    build_engine(RLConfig(engine="vllm", max_prompt_tokens=4096, max_new_tokens=2048), None, None)
+    assert seen["max_model_len"] == 6144
+
+
+def test_counts_are_the_batchs_own_whatever_the_number_of_ppo_epochs(tmp_path):
+    import minitagpr.rl.loop as L
+    from minitagpr import distributed as D
+    from minitagpr.model.presets import make_tiny_checkpoint
+    from minitagpr.train.optim import build_optimizer
+    sys.path.insert(0, str(HERE))
+    from rl_step_worker import synthetic_batch
+
+    ckpt = make_tiny_checkpoint(tmp_path / "c", seed=4)
+    input_ids, targets, _, adv = synthetic_batch(num_prompts=4, G=4, vocab=512, seed=2)
+    targets[[3, 10]] = -100
+    mask = targets != -100
+    info = D.init_distributed()
+    try:
+        model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
+        cfg = RLConfig(group_size=4, num_minibatches=2, ppo_epochs=3, micro_batch_size=8, lr=1e-4,
+                       prompts_per_step=4)
+        rows = [r for chunks in L.micro_batch_plan(mask, 4, cfg) for r in chunks]
+        old = L.sequence_logprobs(model, input_ids, targets, rows)
+        batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
+        m = L.reduce_train_metrics(L.gspo_update(model, build_optimizer(model, cfg.lr), batch, cfg, info.device),
+                                   info.device)
+    finally:
+        D.destroy_distributed()
+    assert m["gspo/num_sequences"] == 14 and m["gspo/empty_sequences"] == 2
+    assert m["gspo/num_tokens"] == int(mask.sum())

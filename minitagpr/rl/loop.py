@@ -15,7 +15,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -65,7 +65,7 @@ class RLConfig:
     micro_batch_size: int = 8  # sequences per forward/backward (memory only; never changes the gradient)
     epochs: float = 13.0
     lr: float = 1e-6
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # in RL steps (each is ppo_epochs x num_minibatches optimizer steps at one lr)
     min_lr_ratio: float = 1.0  # constant lr after warmup by default
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -203,7 +203,8 @@ def compute_rewards(prompts: list[Prompt], completions, cfg: RLConfig, prmu=None
     for i in bad:  # scored as 0 here; the reward itself is set non-finite below so that every rank stops
         prmu_scores[i] = 0.0
     parts = score_batch(tasks, texts, golds, prmu=prmu_scores, mix=mix, alpha=cfg.alpha, beta=beta, gamma=gamma,
-                        rouge_variant=cfg.rouge_variant, normalize_answers=cfg.normalize_answers)
+                        rouge_variant=cfg.rouge_variant, normalize_answers=cfg.normalize_answers,
+                        finished=[c.finish_reason == "stop" for c in completions])  # cut by the limit: R_f = 0
     rewards = torch.tensor([p.total for p in parts], dtype=torch.float64)  # (B*G,)
     rewards[bad] = math.nan  # a non-finite PRMU score
     return parts, rewards
@@ -305,6 +306,9 @@ def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
                 raise NonFiniteError(f"non-finite GSPO loss ({loss_global}) or gradient norm ({grad_norm})")
             optimizer.step()
             _accumulate(sums, {"loss": loss_global, "grad_norm": grad_norm}, weight=1.0 / D.world().world_size)
+    for k in _COUNT_KEYS:  # every epoch visits the same sequences: report the batch's counts once
+        if k in sums:
+            sums[k][0] /= cfg.ppo_epochs
     return sums
 
 
@@ -432,7 +436,8 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
     if cfg.engine == "vllm":
         from minitagpr.rollout.vllm_engine import VLLMEngine
         # sleep level 2 between rollouts frees the weights too (the policy's are synced in before each generate)
-        return VLLMEngine(cfg.policy, tokenizer, sleep_level=2, seed=cfg.seed)
+        return VLLMEngine(cfg.policy, tokenizer, sleep_level=2, seed=cfg.seed,
+                          max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)  # a full prompt + response
     from minitagpr.rollout.builtin import BuiltinEngine
     # the engine keeps its own full (unsharded) copy: FSDP2 shards never leave the policy; weights sync after steps
     model = load_pretrained(cfg.policy, dtype=torch.float32, device=info.device).eval()
@@ -445,7 +450,9 @@ _RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", 
 
 
 def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
-    now = asdict(cfg)
+    """Compare the RL settings only: a recipe's own keys (e.g. the demo driver's exploratory_steps) do not change
+    this stage's steps."""
+    now = {f.name: getattr(cfg, f.name) for f in fields(RLConfig)}
     changed = sorted(k for k in saved if k in now and k not in _RESUMABLE_KEYS and saved[k] != now[k])
     if now["min_lr_ratio"] != 1.0 and saved.get("max_steps", now["max_steps"]) != now["max_steps"]:
         changed.append("max_steps")  # it sets where the lr decay ends: the resumed steps would get other lrs
@@ -453,6 +460,13 @@ def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
         raise ConfigError(f"{path}: resuming with settings that differ from the checkpoint's: "
                           + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
                           + " (use a new out_dir, or resume=false to start over)")
+
+
+def stage_seed(cfg: RLConfig) -> int:
+    """The seed of a stage's prompt order and sampling: the run seed and the stage, so that Stage 3 run with Stage
+    2's seed does not replay Stage 2's prompt order and random draws step for step (2 * seed for guided, + 1 for
+    exploratory: distinct for every (seed, stage))."""
+    return 2 * cfg.seed + (cfg.stage == "exploratory")
 
 
 def rollout_seed(seed: int, step: int) -> int:
@@ -523,11 +537,12 @@ def train(cfg: RLConfig) -> Path:
     for step in range(start, total_steps):
         D.fault_point("step", step)  # crash-recovery tests kill the run here
         t0 = time.perf_counter()
-        idx = prompts_for_step(step, len(prompts), cfg.prompts_per_step, cfg.seed)
+        idx = prompts_for_step(step, len(prompts), cfg.prompts_per_step, stage_seed(cfg))
         offset = info.rank * per_rank
         mine = [prompts[i] for i in idx[offset:offset + per_rank]]
 
-        completions = rollout(engine, mine, cfg, tokenizer, seed=rollout_seed(cfg.seed, step), prompt_offset=offset)
+        completions = rollout(engine, mine, cfg, tokenizer, seed=rollout_seed(stage_seed(cfg), step),
+                              prompt_offset=offset)
         engine.sleep()  # vLLM frees its GPU memory for training; sync_to_engine wakes the weights (no-op: built-in)
         t_rollout = time.perf_counter() - t0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -135,6 +136,10 @@ def run(cfg: SftConfig) -> Path:
     data_sig = {"num_rows": rows.num_rows, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch,
                 "seed": cfg.seed, "pack": cfg.pack}
     start_step = 0
+    if not cfg.resume and info.is_main and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # starting over: a later crash-and-restart must not resume the old run
+        D.log(f"[sft] resume=false: removed the earlier run's checkpoints in {ckpt_dir}")
+    D.barrier()
     latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -158,9 +159,14 @@ def run(cfg: PrmuConfig) -> Path:
     table_group = [{"params": [model.user_table.weight], "lr": cfg.table_lr, "weight_decay": 0.0}] \
         if cfg.use_user_table else None
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, extra_groups=table_group)
+    del table_group  # holds the table's sharded weight, which must not outlive the model (release_memory below)
 
     start_step = 0
     ckpt_dir = out / "checkpoints"
+    if not cfg.resume and info.is_main and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # starting over: a later crash-and-restart must not resume the old run
+        D.log(f"prmu: resume=false: removed the earlier run's checkpoints in {ckpt_dir}")
+    D.barrier()
     latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)
@@ -184,25 +190,20 @@ def run(cfg: PrmuConfig) -> Path:
         rows = rows_for_step(step, len(train), cfg.global_batch, cfg.seed)  # the global batch, same on all ranks
         keep = user_keep_mask(step, cfg)  # (global_batch,) bool, world-size independent
         mine = rank_slice(list(range(cfg.global_batch)), info.rank, info.world_size)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.float64)
-        tokens = 0
+        stats = torch.zeros(3, dtype=torch.float64)  # (3,) this rank's loss sum, correct pairs, tokens
         for mb in micro_batches(mine, cfg.micro_batch):
             pairs = [train[rows[i]] for i in mb]
             user_rows = [p.user_row if keep[i] else UserVocab.UNKNOWN_ROW for p, i in zip(pairs, mb)]
-            f_pos, f_neg, n_tok = score_pairs(model, pairs, user_rows, tokenizer.pad_id, info.device)
-            loss = bradley_terry_loss(f_pos, f_neg, num_pairs=cfg.global_batch)  # / N: the global pair count
-            loss.backward()
-            loss_sum += loss.detach().double().cpu()
-            correct += (f_pos > f_neg).sum().double().cpu()
-            tokens += n_tok
-        stats = torch.stack([loss_sum, correct, torch.tensor(float(tokens), dtype=torch.float64)])
+            stats += micro_batch_backward(model, pairs, user_rows, cfg.global_batch, tokenizer.pad_id, info.device)
         stats = D.all_reduce_sum(stats.to(info.device)).cpu()  # (3,) step totals over all ranks
         step_loss = stats[0].item()
         if not math.isfinite(step_loss):
             raise NonFiniteLossError(f"non-finite Bradley-Terry loss ({step_loss}) at step {step}; stopping before "
                                      f"the optimizer step (lower lr/table_lr or check the pairs)")
         grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step}; stopping before the "
+                                     f"optimizer step (lower lr/table_lr or check the pairs)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
@@ -280,6 +281,17 @@ def user_keep_mask(step: int, cfg: PrmuConfig) -> list[bool]:
         return [True] * cfg.global_batch
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
     return (torch.rand(cfg.global_batch, generator=g) >= cfg.user_dropout).tolist()
+
+
+def micro_batch_backward(model, pairs: list[EncodedPair], user_rows: list[int], num_pairs: int, pad_id: int,
+                         device) -> torch.Tensor:
+    """Accumulate the gradient of one micro-batch's share of J; returns (loss, correct pairs, tokens), float64 on
+    the CPU. No tensor of the graph outlives the call: the graph reaches every sharded parameter, so a kept output
+    would keep the whole model alive past `del model` and release_memory()."""
+    f_pos, f_neg, n_tok = score_pairs(model, pairs, user_rows, pad_id, device)  # (b,), (b,) fp32
+    loss = bradley_terry_loss(f_pos, f_neg, num_pairs=num_pairs)  # / N: the global pair count
+    loss.backward()
+    return torch.tensor([loss.item(), (f_pos > f_neg).sum().item(), n_tok], dtype=torch.float64)  # (3,)
 
 
 def score_pairs(model, pairs: list[EncodedPair], user_rows: list[int], pad_id: int, device):

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from minitagpr.data.preferences import PreferenceDataError, PreferencePair, Response, format_response, read_pairs, write_pairs
 from minitagpr.model.presets import make_tiny_checkpoint
 from minitagpr.model.reward import PRMUScorer, load_reward_model
+from minitagpr.train.loss import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "train_prmu.py"
@@ -142,6 +144,63 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_losses(setup, one_proc_ru
         assert abs(resumed[step] - ref[step]) <= 1e-6 * abs(ref[step]), (step, resumed[step], ref[step])
 
 
+def test_resume_false_starts_over_without_the_earlier_runs_checkpoints(setup, capsys):
+    # the earlier run's step_000003 outnumbers the new run's steps: were it kept, keep_last pruning would drop the
+    # new checkpoints in its favour and the next default (resume=true) restart would continue the earlier run
+    out = setup / "restarted"
+    _run_in_process(_import_recipe(), _args(setup, "restarted", max_steps=3, save_every=1, keep_last=1))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003"]
+    capsys.readouterr()
+    _run_in_process(_import_recipe(), _args(setup, "restarted", max_steps=2, save_every=1, keep_last=2,
+                                            resume="false"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    assert "prmu: resume=false: removed the earlier run's checkpoints" in capsys.readouterr().out
+    assert sorted(_losses(out)) == [1, 2]
+
+
+def test_release_memory_frees_the_trained_model(setup, monkeypatch):
+    """run() ends with `del model, optimizer; release_memory()` (a caller's next stage loads in the same process):
+    no local left behind -- a micro-batch's scores or loss, whose graph reaches every parameter -- may keep the
+    sharded weights alive."""
+    recipe = _import_recipe()
+    build_optimizer, release_memory = recipe.build_optimizer, recipe.D.release_memory
+    params, alive = [], []
+
+    def recording_build_optimizer(model, *args, **kwargs):
+        params.extend(weakref.ref(p) for p in model.parameters())
+        return build_optimizer(model, *args, **kwargs)
+
+    def counting_release_memory():
+        release_memory()
+        alive.append(sum(ref() is not None for ref in params))
+
+    monkeypatch.setattr(recipe, "build_optimizer", recording_build_optimizer)
+    monkeypatch.setattr(recipe.D, "release_memory", counting_release_memory)
+    _run_in_process(recipe, _args(setup, "released", max_steps=1, global_batch=2, save_every=0))
+    assert params and alive == [0], f"{alive} of {len(params)} parameters alive after release_memory()"
+
+
+def test_a_non_finite_gradient_stops_before_the_optimizer_step(setup, monkeypatch):
+    # from step 1 on the loss keeps its value but its gradient is NaN: d sqrt(u)/du is infinite at u = 0, and 0 * inf
+    # is NaN; only the gradient norm can catch it
+    recipe = _import_recipe()
+    bradley_terry_loss, calls = recipe.bradley_terry_loss, 0
+
+    def loss_with_a_nan_gradient_after_step_0(f_pos, f_neg, num_pairs):  # one micro-batch per step here
+        nonlocal calls
+        calls += 1
+        loss = bradley_terry_loss(f_pos, f_neg, num_pairs)
+        return loss if calls == 1 else loss + 0.0 * (f_pos - f_pos).sum().sqrt()
+
+    monkeypatch.setattr(recipe, "bradley_terry_loss", loss_with_a_nan_gradient_after_step_0)
+    out = setup / "nan_grad"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm \(nan\) at step 1; stopping before the "
+                                                 r"optimizer step"):
+        _run_in_process(recipe, _args(setup, "nan_grad", max_steps=3, global_batch=2, save_every=1))
+    assert sorted(_losses(out)) == [1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]  # the last good step's
+
+
 def test_an_empty_preference_file_stops_with_its_name(setup, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     proc = _run(1, _args(setup, "bad", pairs=tmp_path / "empty.jsonl"), check=False)
@@ -198,6 +257,14 @@ def _import_recipe():
     sys.modules.setdefault("train_prmu", module)  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
+
+
+def _run_in_process(recipe, args: list[str]) -> Path:
+    """A one-process run inside pytest (a process group of one), so a test can patch the recipe's functions."""
+    try:
+        return recipe.run(recipe.parse_cli(recipe.PrmuConfig, args))
+    finally:
+        recipe.D.destroy_distributed()
 
 
 def test_rollout_command_samples_each_query_with_and_without_the_profile(tmp_path):

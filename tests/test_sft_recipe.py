@@ -123,6 +123,20 @@ def test_sigkill_during_a_save_then_resume_continues_exactly(runs, inputs, tmp_p
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
 
 
+def test_resume_false_starts_over_without_the_earlier_runs_checkpoints(inputs, tmp_path, capsys):
+    # the earlier run's step_000004 outnumbers the new run's steps: were it kept, keep_last pruning would drop the
+    # new checkpoints in its favour and the next default (resume=true) restart would continue the earlier run
+    out = tmp_path / "restarted"
+    run_in_process(common(inputs, out, micro_batch=8, max_steps=4, save_every=2, keep_last=1, plot=False))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000004"]
+    capsys.readouterr()
+    run_in_process(common(inputs, out, micro_batch=8, max_steps=2, save_every=1, keep_last=2, plot=False,
+                          resume=False))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    assert "[sft] resume=false: removed the earlier run's checkpoints" in capsys.readouterr().out
+    assert [s for s, _ in losses(out)] == [0, 1]
+
+
 def test_export_loads_in_transformers_with_the_same_log_probs(runs):
     transformers = pytest.importorskip("transformers")
     from minitagpr.model import load_pretrained

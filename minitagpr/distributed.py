@@ -7,12 +7,14 @@ Conventions every recipe relies on:
 - Gradients are *summed* across ranks (FSDP's divide factor is 1): each loss must already be divided by its global
   normaliser (e.g. the all-reduced count of valid tokens of the step), see minitagpr/train/loss.py.
 - Parameters are fp32 master weights on every device; on GPU, FSDP computes in bf16 and reduces in fp32.
-- A checkpoint is a folder `step_XXXXXX` written as `step_XXXXXX.tmp` and renamed when complete, so a folder with
-  the final name is always whole; a crash during a save leaves the previous checkpoint as the latest.
+- A checkpoint is a folder `step_XXXXXX` written as `step_XXXXXX.tmp` and renamed when complete; no folder is ever
+  deleted under its final name, so a crash at any point of a save leaves a complete checkpoint as the latest (the
+  protocol is spelled out above `save_checkpoint`).
 """
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import random
@@ -37,6 +39,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from minitagpr.config import ConfigError
 
 CKPT_PATTERN = re.compile(r"^step_(\d{6,})$")
+TMP_PATTERN = re.compile(r"^step_(\d{6,})\.tmp$")  # being written, or a save that died
+ASIDE_PATTERN = re.compile(r"^\.step_(\d{6,})\.(old|del)$")  # moved aside by a save, see save_checkpoint
+CKPT_LAST_FILES = (".metadata", "state.json")  # DCP writes .metadata when its save is done; state.json is last
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 FAULT_ENV = "MINITAGPR_FAULT"  # test hook, see fault_point
 
@@ -263,18 +268,52 @@ def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:06d}"
 
 
-def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (folders named step_XXXXXX, never *.tmp), oldest first."""
-    ckpt_dir = Path(ckpt_dir)
+def missing_last_files(path: str | os.PathLike) -> list[str]:
+    """The files written last by `save_checkpoint` that `path` lacks: [] for a complete checkpoint."""
+    return [name for name in CKPT_LAST_FILES if not (Path(path) / name).is_file()]
+
+
+def _scan_checkpoints(ckpt_dir: Path) -> tuple[dict[int, Path], list[str]]:
+    """{step: complete checkpoint folder} and a note for every checkpoint-like folder that is not complete.
+
+    A step is its `step_XXXXXX` folder or, when that name is missing because a re-save of the step was killed between
+    its two renames, `.step_XXXXXX.old` (complete: it was renamed away whole)."""
+    steps, olds, notes = {}, {}, []
     if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := CKPT_PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
+        return steps, notes
+    for p in sorted(ckpt_dir.iterdir()):
+        if not p.is_dir():
+            continue
+        if m := CKPT_PATTERN.match(p.name):
+            if missing := missing_last_files(p):
+                notes.append(f"{p} (incomplete: no {', '.join(missing)})")
+            else:
+                steps[int(m.group(1))] = p
+        elif (m := ASIDE_PATTERN.match(p.name)) and m.group(2) == "old":
+            olds[int(m.group(1))] = p
+        elif TMP_PATTERN.match(p.name):
+            notes.append(f"{p} (a save that did not finish)")
+    for step, p in olds.items():
+        if not checkpoint_path(ckpt_dir, step).exists() and not missing_last_files(p):
+            steps[step] = p
+    return dict(sorted(steps.items())), notes
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (with every file of CKPT_LAST_FILES, never *.tmp), oldest first."""
+    steps, _ = _scan_checkpoints(Path(ckpt_dir))
+    return list(steps.values())
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(ckpt_dir)
-    return found[-1] if found else None
+    """The newest complete checkpoint, or None. A folder that is not complete is never chosen, but it is named in
+    the log (rank 0), so a run that resumes from an older step, or starts from step 0, says why."""
+    steps, notes = _scan_checkpoints(Path(ckpt_dir))
+    for note in notes:
+        log(f"checkpoints: skipped {note}", file=sys.stderr)
+    if notes and not steps:
+        log(f"checkpoints: no complete checkpoint in {ckpt_dir}, nothing to resume from", file=sys.stderr)
+    return list(steps.values())[-1] if steps else None
 
 
 def _rng_state() -> dict:
@@ -299,33 +338,86 @@ def fault_point(where: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# On disk (one run per ckpt_dir; rank 0 makes every rename and deletion):
+# 1. every rank writes its DCP shards (DCP adds .metadata) and RNG state into step_XXXXXX.tmp; after a barrier
+#    rank 0 writes state.json, the last file: a folder is complete when it holds both files of CKPT_LAST_FILES;
+# 2. rank 0 renames step_XXXXXX.tmp -> step_XXXXXX. A step saved again is first renamed to .step_XXXXXX.old and
+#    deleted once the new folder holds the name; a pruned checkpoint is renamed to .step_XXXXXX.del, then deleted.
+# So no folder under a final name is ever half-written or half-deleted. list_checkpoints takes a complete .old
+# folder whose step_XXXXXX is missing (killed between the two renames) for that step, and the next save tidies up.
+def _aside(ckpt_dir: Path, step: int, kind: str) -> Path:
+    return ckpt_dir / f".step_{step:06d}.{kind}"
+
+
+def _tidy_checkpoints(ckpt_dir: Path) -> None:
+    """Rank 0, before a save: finish what a killed save left. An .old folder whose step_XXXXXX is missing is renamed
+    back (it is the complete checkpoint of that step); every other .old, .del and step_XXXXXX.tmp is deleted."""
+    if not ckpt_dir.is_dir():
+        return
+    for p in ckpt_dir.iterdir():
+        if m := ASIDE_PATTERN.match(p.name):
+            final = checkpoint_path(ckpt_dir, int(m.group(1)))
+            if m.group(2) == "old" and not final.exists() and not missing_last_files(p):
+                os.replace(p, final)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        elif TMP_PATTERN.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync: a file that a later rename makes part of a complete checkpoint is on disk, not just cached."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames inside `path` survive a power loss, not just a killed process."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, keep_last: int = 2) -> Path:
     """Collective. Sharded DCP save of model + optimizer, per-rank RNG states, and `state` (a JSON-able dict: step,
     data position, config echo...) into step_XXXXXX.tmp, renamed to step_XXXXXX when every rank has written;
-    then all but the newest `keep_last` checkpoints are deleted (keep_last <= 0 keeps all)."""
+    then all but the newest `keep_last` checkpoints are deleted (keep_last <= 0 keeps all). See the protocol above."""
     info = world()
+    ckpt_dir = Path(ckpt_dir)
     final = checkpoint_path(ckpt_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash at this step
+        _tidy_checkpoints(ckpt_dir)  # debris of an earlier crash, this step's .tmp included
         tmp.mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{info.rank:05d}.pt")
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # fsyncs its files
+    rng = io.BytesIO()
+    torch.save(_rng_state(), rng)
+    _write_synced(tmp / f"rng_rank{info.rank:05d}.pt", rng.getvalue())
+    fault_point("save", step)
+    barrier()  # every rank's files are written
     if info.is_main:
         payload = dict(state, step=step, world_size=info.world_size)
-        (tmp / "state.json").write_text(json.dumps(payload, indent=2))
-    fault_point("save", step)
-    barrier()
-    if info.is_main:
+        _write_synced(tmp / "state.json", json.dumps(payload, indent=2).encode())  # last: the folder is complete
+        old = None
         if final.exists():  # re-saving a step (e.g. the final save after a resume at that step)
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic: a folder with the final name is always complete
+            old = _aside(ckpt_dir, step, "old")
+            os.replace(final, old)  # moved aside, not deleted, until the new folder holds the name
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         if keep_last > 0:
-            for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            steps, _ = _scan_checkpoints(ckpt_dir)
+            for s in list(steps)[:-keep_last]:
+                os.replace(steps[s], _aside(ckpt_dir, s, "del"))  # a half-deleted folder never keeps a final name
+                shutil.rmtree(_aside(ckpt_dir, s, "del"), ignore_errors=True)
+        _fsync_dir(ckpt_dir)
     barrier()
     return final
 
@@ -335,8 +427,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     the saved `state` dict (with `step`). The world size may differ from the saving run's (DCP reshards); RNG
     states are then left as they are."""
     path = Path(path)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
+    if missing := missing_last_files(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {', '.join(missing)})")
     state = json.loads((path / "state.json").read_text())
     if optimizer is None:
         model_sd = get_model_state_dict(model)

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -65,6 +66,66 @@ def test_save_is_atomic_and_replaces(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     again = load_pretrained(out)
     assert torch.equal(again.model.norm.weight, model.model.norm.weight)
+
+
+def _text_file(path):
+    path.write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_gets_the_modes_of_the_umask_not_private_ones(tmp_path, umask):
+    # another user (an inference server under its own uid) must be able to read the export
+    before = os.umask(umask)
+    try:
+        out = save_pretrained(build_model(tiny_config("tiny"), seed=1), tmp_path / "c", max_shard_bytes=40_000,
+                              extra_files={"tokenizer.json": _text_file(tmp_path / "tok.json")})
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert len(modes) > 3 and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def _kill_at_second_rename(monkeypatch):
+    """The export dies after moving the previous folder aside, before its own folder takes the name."""
+    from minitagpr.model import checkpoint as C
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the two renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(C.os, "replace", replace)
+
+
+def test_export_killed_between_its_renames_is_named_on_load_and_recovered_by_the_next(tmp_path, monkeypatch):
+    first = build_model(tiny_config("tiny"), seed=1)
+    out = save_pretrained(first, tmp_path / "c")
+    with monkeypatch.context() as m:
+        _kill_at_second_rename(m)
+        with pytest.raises(KeyboardInterrupt):
+            save_pretrained(build_model(tiny_config("tiny"), seed=2), out)
+    assert not out.exists()
+    with pytest.raises(CheckpointError, match=r"\.c\.old-\d+ beside it holds the export it was replacing"):
+        load_pretrained(out)
+    # the next export restores the previous folder first: dying before its own commit loses nothing either
+    with pytest.raises(FileNotFoundError):
+        save_pretrained(build_model(tiny_config("tiny"), seed=3), out, extra_files={"x": tmp_path / "missing"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert torch.equal(load_pretrained(out).model.embed_tokens.weight, first.model.embed_tokens.weight)
+
+
+def test_export_clears_debris_of_killed_exports(tmp_path):
+    out = save_pretrained(build_model(tiny_config("tiny"), seed=1), tmp_path / "c")
+    for debris in (".c.tmp-abc123", ".c.old-999999"):  # killed while writing; killed while deleting the old folder
+        (tmp_path / debris).mkdir()
+        (tmp_path / debris / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / ".cc.tmp-abc123").mkdir()  # another export's folder
+    save_pretrained(build_model(tiny_config("tiny"), seed=2), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cc.tmp-abc123", "c"]
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs

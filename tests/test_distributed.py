@@ -3,6 +3,8 @@ checkpointing, DCP checkpoints, HF export. The two-process behaviour is covered 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +117,98 @@ def test_loading_an_incomplete_checkpoint_is_refused(group, tied_checkpoint, tmp
     model = sharded(tied_checkpoint, group)
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         D.load_checkpoint(tmp_path / "step_000001", model, None)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL at a chosen moment of a save: nothing after it runs."""
+
+
+def kill_at_rename(monkeypatch, src_name):
+    """The process dies when it is about to rename the folder called `src_name`."""
+    real = D.os.replace
+
+    def replace(src, dst):
+        if Path(src).name == src_name:
+            raise Killed(f"killed before renaming {src} -> {dst}")
+        return real(src, dst)
+
+    monkeypatch.setattr(D.os, "replace", replace)
+
+
+def kill_in_rmtree(monkeypatch):
+    """The process dies in its first shutil.rmtree of an existing checkpoint folder, after state.json and the first
+    shard went: what is left looks like a checkpoint to a check of names only."""
+    def rmtree(path, ignore_errors=False):
+        path = Path(path)
+        if not path.exists():
+            return
+        for name in ("state.json", "__0_0.distcp"):
+            (path / name).unlink()
+        raise Killed(f"killed while deleting {path}")
+
+    monkeypatch.setattr(D.shutil, "rmtree", rmtree)
+
+
+def test_a_resave_killed_between_its_renames_keeps_the_step(group, tied_checkpoint, tmp_path, monkeypatch):
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    D.save_checkpoint(tmp_path, 5, model, opt, {"run": "first"}, keep_last=1)
+    with monkeypatch.context() as m:
+        kill_at_rename(m, "step_000005.tmp")  # the new folder never gets its name
+        with pytest.raises(Killed):
+            D.save_checkpoint(tmp_path, 5, model, opt, {"run": "second"}, keep_last=1)
+    latest = D.latest_checkpoint(tmp_path)
+    assert latest is not None and D.load_checkpoint(latest, model, opt)["run"] == "first"
+    D.save_checkpoint(tmp_path, 6, model, opt, {}, keep_last=2)  # a later save puts the step back under its name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000005", "step_000006"]
+    assert D.load_checkpoint(tmp_path / "step_000005", model, opt)["run"] == "first"
+
+
+def test_a_resave_killed_while_deleting_the_folder_it_replaces_resumes(group, tied_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    D.save_checkpoint(tmp_path, 4, model, opt, {}, keep_last=2)
+    D.save_checkpoint(tmp_path, 5, model, opt, {"run": "first"}, keep_last=2)
+    with monkeypatch.context() as m:
+        kill_in_rmtree(m)
+        with pytest.raises(Killed):
+            D.save_checkpoint(tmp_path, 5, model, opt, {"run": "second"}, keep_last=2)
+    state = D.load_checkpoint(D.latest_checkpoint(tmp_path), model, opt)  # the new folder already held the name
+    assert (state["step"], state["run"]) == (5, "second")
+    D.save_checkpoint(tmp_path, 6, model, opt, {}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000005", "step_000006"]
+
+
+def test_a_prune_killed_midway_leaves_no_half_checkpoint_under_a_step_name(group, tied_checkpoint, tmp_path,
+                                                                           monkeypatch):
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    D.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=1)
+    with monkeypatch.context() as m:
+        kill_in_rmtree(m)  # while step_000001 is being pruned
+        with pytest.raises(Killed):
+            D.save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=1)
+    assert [p.name for p in D.list_checkpoints(tmp_path)] == ["step_000002"]
+    D.save_checkpoint(tmp_path, 3, model, opt, {}, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003"]
+
+
+def test_incomplete_step_folders_are_never_resumed_and_are_named_in_the_log(group, tied_checkpoint, tmp_path,
+                                                                            capsys):
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    for step in (4, 5, 6):
+        D.save_checkpoint(tmp_path, step, model, opt, {}, keep_last=0)
+    (tmp_path / "step_000005" / "state.json").unlink()
+    (tmp_path / "step_000006" / ".metadata").unlink()
+    capsys.readouterr()
+    assert D.latest_checkpoint(tmp_path).name == "step_000004"
+    err = capsys.readouterr().err
+    assert "step_000005 (incomplete: no state.json)" in err and "step_000006 (incomplete: no .metadata)" in err
+    shutil.rmtree(tmp_path / "step_000004")
+    assert D.latest_checkpoint(tmp_path) is None
+    assert f"no complete checkpoint in {tmp_path}, nothing to resume from" in capsys.readouterr().err
 
 
 def test_export_writes_an_hf_folder_that_loads_back(group, checkpoint, tmp_path):

@@ -36,6 +36,10 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     name = str(path_or_hub_id)
+    if olds := _siblings(path, "old"):
+        raise CheckpointError(f"{path}: no such folder, but {olds[-1].name} beside it holds the export it was "
+                              f"replacing (an export was killed between its two renames): export again, or rename "
+                              f"that folder to {path.name} to use the previous export")
     if path.exists():
         raise CheckpointError(f"{path}: expected a checkpoint folder (config.json + *.safetensors), found a file")
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
@@ -193,13 +197,43 @@ def export_state_dict(model: Qwen3ForCausalLM) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _siblings(out_dir: Path, kind: str) -> list[Path]:
+    """The `.NAME.tmp-*` (an export being written) or `.NAME.old-*` (the export it replaces) folders beside out_dir,
+    oldest first."""
+    if not out_dir.parent.is_dir():
+        return []
+    found = [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.{kind}-")]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
 def atomic_dir(out_dir: Path):
-    """A temporary sibling folder; `commit()` swaps it into place so readers never see a half-written folder."""
+    """A temporary sibling folder `.NAME.tmp-*`; `commit()` swaps it into place so readers never see a half-written
+    folder. The folder and its files get the modes a plain mkdir/open would (0o777/0o666 less the umask), not
+    mkdtemp's private 0700, so another user (e.g. an inference server) can read the export.
+
+    The swap is two renames, out_dir -> `.NAME.old-PID` then tmp -> out_dir, and the old folder is deleted last. A kill
+    between the renames leaves no out_dir but a complete `.NAME.old-PID`: loading names it, and the next export to
+    out_dir first renames it back. Every other `.NAME.tmp-*`/`.NAME.old-*` is debris of a killed export and is deleted
+    then (one export to an out_dir at a time)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    olds = _siblings(out_dir, "old")
+    if olds and not out_dir.exists():
+        os.replace(olds.pop(), out_dir)  # killed between commit's renames: the previous export is back
+    for debris in olds + _siblings(out_dir, "tmp"):
+        shutil.rmtree(debris, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
 
     def commit():
+        umask = _umask()
+        for path in [tmp, *tmp.rglob("*")]:  # safetensors writes its files 0600 too
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

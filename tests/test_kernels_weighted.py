@@ -16,7 +16,10 @@ def check_weighted(hidden, weight, targets, seed, temperature=1.0, chunk_size=No
     total64 = (w.to(DEVICE) * logp64).sum()
     assert logp.dtype == total.dtype == torch.float32 and logp.grad_fn is None
     assert rel_err(logp, logp64) <= FP32_TOL, f"logp (seed {seed})"
-    assert abs(total.item() - total64.item()) <= FP32_TOL * max(1.0, abs(total64.item())), f"total (seed {seed})"
+    # relative to the sum of |terms|, not |total|: random signs can cancel the total down to ~0, and an fp32 sum's
+    # error scales with the terms it adds (it failed ~1 run in 20 when measured against |total|)
+    size = (w.to(DEVICE) * logp64).abs().sum().item()
+    assert abs(total.item() - total64.item()) <= FP32_TOL * max(1.0, size), f"total (seed {seed})"
     scale = 0.37  # an outer factor: the backward must scale the stored gradients by it
     (scale * total).backward()
     (scale * total64).backward()

@@ -42,7 +42,8 @@ CKPT_PATTERN = re.compile(r"^step_(\d{6,})$")
 TMP_PATTERN = re.compile(r"^step_(\d{6,})\.tmp$")  # being written, or a save that died
 ASIDE_PATTERN = re.compile(r"^\.step_(\d{6,})\.(old|del)$")  # moved aside by a save, see save_checkpoint
 CKPT_LAST_FILES = (".metadata", "state.json")  # DCP writes .metadata when its save is done; state.json is last
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")  # copied into exports when the source has them
 FAULT_ENV = "MINITAGPR_FAULT"  # test hook, see fault_point
 
 _we_initialised = False
@@ -441,7 +442,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rng_file = path / f"rng_rank{world().rank:05d}.pt"
     if state.get("world_size") == world().world_size and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=True))
     return state
 
 

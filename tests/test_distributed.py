@@ -217,8 +217,9 @@ def test_export_writes_an_hf_folder_that_loads_back(group, checkpoint, tmp_path)
     tok_dir.mkdir()
     (tok_dir / "tokenizer.json").write_text("{}")
     (tok_dir / "tokenizer_config.json").write_text("{}")
+    (tok_dir / "chat_template.jinja").write_text("{{ messages }}")  # newer transformers keep the template apart
     out = D.export_hf(model, tmp_path / "hf", tok_dir)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= {
         p.name for p in out.iterdir()}
     back = load_pretrained(out)
     ids, targets = batch(3)

@@ -15,6 +15,7 @@ world size and accumulation gives the gradient of one big batch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -168,18 +169,23 @@ def run(cfg: PrmuConfig) -> Path:
         D.log(f"prmu: resume=false: removed the earlier run's checkpoints in {ckpt_dir}")
     D.barrier()
     latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    fingerprint = data_fingerprint(train, users)
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)
         if state.get("num_train_pairs") != len(train) or state.get("num_users") != len(users):
             raise SystemExit(f"{latest}: saved for {state.get('num_train_pairs')} pairs / {state.get('num_users')} "
                              f"users, but this run has {len(train)} / {len(users)}; use a new out_dir or resume=false")
+        if state.get("data_fingerprint", fingerprint) != fingerprint:  # same counts, other pairs or user rows
+            raise SystemExit(f"{latest}: saved for other training pairs or users (data fingerprint "
+                             f"{state['data_fingerprint']}, this run {fingerprint}); use a new out_dir or resume=false")
         start_step = state["step"]
         D.log(f"prmu: resumed from {latest} at step {start_step}")
 
     # rows carry the number of completed steps; a resumed run re-runs (and re-logs) steps after `start_step`
     log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step + 1 if latest else None)
     progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="prmu ")
-    state_extra = {"num_train_pairs": len(train), "num_users": len(users), "total_steps": total_steps}
+    state_extra = {"num_train_pairs": len(train), "num_users": len(users), "total_steps": total_steps,
+                   "data_fingerprint": fingerprint}
 
     # ------------------------------------------------------------------------------------------- 6. train loop
     model.train()
@@ -281,6 +287,15 @@ def user_keep_mask(step: int, cfg: PrmuConfig) -> list[bool]:
         return [True] * cfg.global_batch
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
     return (torch.rand(cfg.global_batch, generator=g) >= cfg.user_dropout).tolist()
+
+
+def data_fingerprint(train: list[EncodedPair], users: UserVocab) -> str:
+    """16 hex digits of sha256 over the user vocabulary and every training pair's tokens and user row, in order: a
+    resumed run must see the same pair behind every data index and the same user behind every table row."""
+    h = hashlib.sha256("\n".join(users.users).encode())
+    for p in train:
+        h.update(repr((p.chosen, p.rejected, p.user_row)).encode())
+    return h.hexdigest()[:16]
 
 
 def micro_batch_backward(model, pairs: list[EncodedPair], user_rows: list[int], num_pairs: int, pad_id: int,

@@ -3,6 +3,7 @@
 Tiny sizes throughout (a 320-token BPE, the "tiny" Qwen3 preset, 4-6 steps), so the whole file runs in well under
 a minute on 2 CPU cores.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -287,3 +288,13 @@ def test_rollout_command_samples_each_query_with_and_without_the_profile(tmp_pat
     by = {(r.id, r.mode): r for r in records}
     for rid in {r.id for r in records}:  # the bare prompt is the profile prompt without its history items
         assert len(by[rid, "no_profile"].prompt[-1]["content"]) < len(by[rid, "profile"].prompt[-1]["content"])
+
+
+def test_resume_refuses_other_pairs_or_users_of_the_same_counts(setup, tmp_path):
+    # the same number of pairs and users, but u0 and u1 swapped: every table row would now train another user
+    _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=2, save_every=1))
+    swapped = [dataclasses.replace(p, user={"u0": "u1", "u1": "u0"}.get(p.user, p.user)) for p in _pairs()]
+    write_pairs(tmp_path / "swapped.jsonl", swapped)
+    with pytest.raises(SystemExit, match="data fingerprint"):
+        _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=3, pairs=tmp_path / "swapped.jsonl"))
+    _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=3))  # the same data resumes

@@ -16,7 +16,9 @@ are the first two of those chosen for k = 4, 8, 16, 32 -- the profile-length rob
       idf(t)      = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))          (always > 0; no negative-idf floor needed)
       score(q, d) = sum over query tokens t (repeats count again) of
                     idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
-  k1 = 1.5 and b = 0.75 (the defaults of the widely used rank_bm25 package). Equal scores keep file order.
+  k1 = 1.5 and b = 0.75 (the defaults of the widely used rank_bm25 package; its BM25Okapi's idf is
+  ln((N - df + 0.5) / (df + 0.5)) with a floor for negative values instead, so the two can rank items differently
+  when a term is in more than half of the profile). Equal scores keep file order.
 - `random`: a seeded shuffle, deterministic per (seed, task, example id) and independent of everything else.
 - `DenseRetriever(encode_fn)`: cosine similarity between the query and item embeddings from any encoder
   (e.g. Contriever): `encode_fn(list[str]) -> (n, d)` array-like (numpy or lists; convert tensors with

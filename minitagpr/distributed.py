@@ -13,6 +13,7 @@ Conventions every recipe relies on:
 """
 from __future__ import annotations
 
+import errno
 import gc
 import io
 import json
@@ -306,6 +307,16 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     return list(steps.values())
 
 
+def start_over(ckpt_dir: str | os.PathLike, tag: str) -> None:
+    """Collective, for resume=false: rank 0 deletes an earlier run's checkpoints (a later crash-and-restart must
+    not continue that run, and keep_last must not prune the new run's checkpoints in their favour)."""
+    ckpt_dir = Path(ckpt_dir)
+    if is_main() and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+        log(f"{tag} resume=false: removed the earlier run's checkpoints in {ckpt_dir}")
+    barrier()
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint, or None. A folder that is not complete is never chosen, but it is named in
     the log (rank 0), so a run that resumes from an older step, or starts from step 0, says why."""
@@ -333,8 +344,8 @@ def _set_rng_state(state: dict) -> None:
 
 def fault_point(where: str, step: int) -> None:
     """Test hook for crash-recovery tests: with MINITAGPR_FAULT=f"{where}:{step}" in the environment, every rank
-    SIGKILLs itself here (no cleanup, as a node failure would). Points: "save" (a checkpoint's files are written but
-    not yet renamed into place) and "step" (the start of a training step)."""
+    SIGKILLs itself here (no cleanup, as a node failure would). Points: "save" (every rank's shards and RNG file are
+    written; state.json is not yet, so the folder is not complete) and "step" (the start of a training step)."""
     if os.environ.get(FAULT_ENV) == f"{where}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -375,10 +386,14 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    """Make the renames inside `path` survive a power loss, not just a killed process."""
+    """Make the renames inside `path` survive a power loss, not just a killed process. Filesystems that cannot
+    fsync a directory (some network and FUSE mounts) are skipped: the checkpoint is complete either way."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
@@ -406,11 +421,13 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
     if info.is_main:
         payload = dict(state, step=step, world_size=info.world_size)
         _write_synced(tmp / "state.json", json.dumps(payload, indent=2).encode())  # last: the folder is complete
+        _fsync_dir(tmp)  # its entries too
         old = None
         if final.exists():  # re-saving a step (e.g. the final save after a resume at that step)
             old = _aside(ckpt_dir, step, "old")
             os.replace(final, old)  # moved aside, not deleted, until the new folder holds the name
         os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)  # the new name is durable before anything older goes
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if keep_last > 0:
@@ -418,7 +435,6 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
             for s in list(steps)[:-keep_last]:
                 os.replace(steps[s], _aside(ckpt_dir, s, "del"))  # a half-deleted folder never keeps a final name
                 shutil.rmtree(_aside(ckpt_dir, s, "del"), ignore_errors=True)
-        _fsync_dir(ckpt_dir)
     barrier()
     return final
 

@@ -5,6 +5,8 @@
     python recipes/evaluate.py data=/data/LaMP part=dev checkpoints=tagpr=runs/exploratory/hf   # paper Table 1
     python recipes/evaluate.py --config recipes/configs/eval_robustness.yaml checkpoints=...    # k and retriever
     python recipes/evaluate.py predictions=gemini=preds/LaMP_1.json,gemini=preds/LaMP_2.json tasks=LaMP-1,LaMP-2
+    (prediction files are scored as given, as the official evaluation does; extract_answers=true first takes the
+    answer after the last </think> of each, for files of raw model responses)
 
 For every checkpoint, task and (retriever, k) setting: retrieve k profile items, build the personalised prompt,
 decode (greedy by default) with a rollout engine, keep the answer after the last `</think>`, and score it with
@@ -167,7 +169,8 @@ def _task_files(data, task, split, part, data_dir) -> tuple[Path, Path]:
 
 
 # ----------------------------------------------------------------------------------------------- 3. generation
-def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_rows: int = 64):
+def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_rows: int = 64,
+                max_model_len: int = 4096):
     """(engine, tokenizer) for a checkpoint folder: vLLM on GPUs when installed, else the built-in engine."""
     from minitagpr.model import load_pretrained
     from minitagpr.model.checkpoint import resolve_checkpoint
@@ -179,7 +182,7 @@ def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_row
     if kind == "auto":
         kind = "vllm" if vllm_available() and torch.cuda.is_available() else "builtin"
     if kind == "vllm":
-        return VLLMEngine(folder, tokenizer, sleep_level=0), tokenizer
+        return VLLMEngine(folder, tokenizer, sleep_level=0, max_model_len=max_model_len), tokenizer
     # fp32 on every device, like the RL rollouts and SFT's held-out check: bf16 logits make greedy ties (lowest id
     # wins), so a GPU table would not reproduce the CPU one
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -323,7 +326,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
     out = Path(out_dir) if out_dir is not None else None
     table = EvalTable()
     for name, checkpoint in named_checkpoints.items():
-        eng, tokenizer = make_engine(checkpoint, engine)
+        eng, tokenizer = make_engine(checkpoint, engine, max_model_len=max_prompt_tokens + max_new_tokens)
         for retriever, k in settings:
             row = name if len(settings) == 1 else f"{name} [{retriever} k={k}]"
             for td in task_data:

@@ -67,8 +67,8 @@ def run(cfg: RolloutConfig) -> Path:
     out = Path(cfg.out)
 
     # ------------------------------------------------------------------------------------------- 2. queries
-    task_in_file, golds = lamp.load_outputs(cfg.outputs)
-    task = lamp.canonical_task(cfg.task or task_in_file)
+    task = lamp.canonical_task(cfg.task or lamp.load_outputs(cfg.outputs)[0])  # default: the file's own task
+    _, golds = lamp.load_outputs(cfg.outputs, task)  # checks the file's task and that every gold is an answer
     examples = lamp.load_questions(cfg.questions, task)
     if cfg.limit:
         examples = examples[: cfg.limit]
@@ -88,7 +88,8 @@ def run(cfg: RolloutConfig) -> Path:
     # ------------------------------------------------------------------------------------------- 3. engine
     if cfg.engine == "vllm":
         from minitagpr.rollout import VLLMEngine
-        engine = VLLMEngine(resolve_checkpoint(cfg.policy), tokenizer)
+        engine = VLLMEngine(resolve_checkpoint(cfg.policy), tokenizer,
+                            max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
     else:
         from minitagpr.rollout import BuiltinEngine
         engine = BuiltinEngine(load_pretrained(cfg.policy, dtype=torch.float32, device=info.device).eval(),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,7 +62,7 @@ class SftConfig:
     activation_checkpointing: bool = False
     save_every: int = 100  # checkpoint every N steps (the last step is always saved); 0 = only the last
     keep_last: int = 2
-    resume: bool = True  # continue from the latest checkpoint in out_dir/checkpoints
+    resume: bool = True  # continue from the latest checkpoint in out_dir/checkpoints; false deletes them
     export_dtype: str = "float32"  # dtype of the exported HF weights: float32 or bfloat16
     plot: bool = True  # write metrics.png next to metrics.jsonl
     # demo check of the exported model: greedy chains on held-out prompts
@@ -136,10 +135,8 @@ def run(cfg: SftConfig) -> Path:
     data_sig = {"num_rows": rows.num_rows, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch,
                 "seed": cfg.seed, "pack": cfg.pack}
     start_step = 0
-    if not cfg.resume and info.is_main and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # starting over: a later crash-and-restart must not resume the old run
-        D.log(f"[sft] resume=false: removed the earlier run's checkpoints in {ckpt_dir}")
-    D.barrier()
+    if not cfg.resume:
+        D.start_over(ckpt_dir, "[sft]")
     latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)

@@ -19,9 +19,9 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +82,7 @@ class PrmuConfig:
     eval_batch: int = 8  # pairs per forward in evaluation
     save_every: int = 100  # steps; 0 = only at the end
     keep_last: int = 2
-    resume: bool = True  # continue from the newest checkpoint in out_dir/checkpoints
+    resume: bool = True  # continue from the newest checkpoint in out_dir/checkpoints; false deletes them
     log_every: int = 1
 
     def __post_init__(self):
@@ -164,10 +164,8 @@ def run(cfg: PrmuConfig) -> Path:
 
     start_step = 0
     ckpt_dir = out / "checkpoints"
-    if not cfg.resume and info.is_main and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # starting over: a later crash-and-restart must not resume the old run
-        D.log(f"prmu: resume=false: removed the earlier run's checkpoints in {ckpt_dir}")
-    D.barrier()
+    if not cfg.resume:
+        D.start_over(ckpt_dir, "prmu:")
     latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
     fingerprint = data_fingerprint(train, users)
     if latest is not None:
@@ -293,8 +291,8 @@ def data_fingerprint(train: list[EncodedPair], users: UserVocab) -> str:
     """16 hex digits of sha256 over the user vocabulary and every training pair's tokens and user row, in order: a
     resumed run must see the same pair behind every data index and the same user behind every table row."""
     h = hashlib.sha256("\n".join(users.users).encode())
-    for p in train:
-        h.update(repr((p.chosen, p.rejected, p.user_row)).encode())
+    for p in train:  # lengths, then the ids as 8-byte integers: no two different pairs hash the same bytes
+        h.update(array("q", [len(p.chosen), len(p.rejected), p.user_row, *p.chosen, *p.rejected]).tobytes())
     return h.hexdigest()[:16]
 
 

@@ -3,7 +3,9 @@ checkpointing, DCP checkpoints, HF export. The two-process behaviour is covered 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -382,3 +384,18 @@ def test_release_memory_frees_a_deleted_sharded_model(tied_checkpoint):
     del model
     D.release_memory()
     assert param() is None
+
+
+def test_a_filesystem_that_cannot_fsync_a_directory_still_checkpoints(group, checkpoint, tmp_path, monkeypatch):
+    import errno
+    real_fsync = os.fsync
+
+    def no_dir_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fsync(fd)
+
+    model = sharded(checkpoint, group)
+    monkeypatch.setattr(os, "fsync", no_dir_fsync)
+    D.save_checkpoint(tmp_path, 1, model, O.build_optimizer(model, lr=1e-3), {})
+    assert D.latest_checkpoint(tmp_path).name == "step_000001"

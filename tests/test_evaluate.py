@@ -218,3 +218,21 @@ def test_builtin_engine_decodes_in_fp32_on_a_gpu_too(checkpoints, pretend_cuda):
 
     ev.make_engine(checkpoints["base"], kind="builtin")
     assert pretend_cuda == [(torch.float32, "cuda")]
+
+
+def test_evaluation_gives_vllm_room_for_a_whole_prompt_and_answer(checkpoints, lamp_root, monkeypatch):
+    # vLLM's default context (4096) would cut the paper configs' 4096 + 2048 tokens
+    import minitagpr.rollout as R
+
+    seen = {}
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            raise RuntimeError("recorded")
+
+    monkeypatch.setattr(R, "VLLMEngine", Recording)
+    with pytest.raises(RuntimeError, match="recorded"):
+        ev.evaluate_checkpoints({"base": checkpoints["base"]}, ["LaMP-3"], data=lamp_root, engine="vllm",
+                                max_prompt_tokens=4096, max_new_tokens=2048, limit=1)
+    assert seen["max_model_len"] == 6144

@@ -255,14 +255,16 @@ def test_static_decode_leaves_normal_mode_when_sampling_fails(model, prompts):
 
     def failing(z, u):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 3:  # the sampling of token 2
             raise RuntimeError("sampler failed")
         return sample_tokens(z, u, 1.0, 1.0, VOCAB)
 
     with pytest.raises(RuntimeError, match="sampler failed"):
         decode_static(model, cache, logits, torch.rand(1, 6, dtype=torch.float64), torch.tensor([len(prompts[0])]),
                       6, [], failing)
-    assert cache.slot is None and cache.length == len(prompts[0]) + 1  # token 0 from the prefill, token 1's forward
+    # token 0 came from the prefill; token 1's forward wrote slot len(prompt), token 2's forward slot len(prompt) + 1
+    # before its sampling failed: both are covered
+    assert cache.slot is None and cache.length == len(prompts[0]) + 2
 
 
 def test_graph_decode_is_refused_off_cuda_and_for_sharded_models(model, prompts):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -91,7 +90,7 @@ class RLConfig:
     seed: int = 0
     save_every: int = 50
     keep_last: int = 2
-    resume: bool = True
+    resume: bool = True  # continue from the latest checkpoint in out_dir/checkpoints; false deletes them
     max_steps: int = 0  # > 0 caps the number of RL steps (smoke tests, demo)
     activation_checkpointing: bool = False
     mixed_precision: str = "auto"
@@ -463,10 +462,10 @@ def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
 
 
 def stage_seed(cfg: RLConfig) -> int:
-    """The seed of a stage's prompt order and sampling: the run seed and the stage, so that Stage 3 run with Stage
-    2's seed does not replay Stage 2's prompt order and random draws step for step (2 * seed for guided, + 1 for
-    exploratory: distinct for every (seed, stage))."""
-    return 2 * cfg.seed + (cfg.stage == "exploratory")
+    """The seed of a stage's prompt order and sampling: the run seed for guided RL, 2 * seed + 1 for exploratory
+    RL, so that Stage 3 run with Stage 2's seed does not replay Stage 2's prompt order and random draws step for
+    step. Saved in checkpoints: a resume under another stage seed would switch the prompt order mid-epoch."""
+    return cfg.seed if cfg.stage == "guided" else 2 * cfg.seed + 1
 
 
 def rollout_seed(seed: int, step: int) -> int:
@@ -511,13 +510,15 @@ def train(cfg: RLConfig) -> Path:
 
     # 3. resume: weights, optimizer, step; the engine then starts from the checkpoint's weights
     start = 0
-    if not cfg.resume and info.is_main and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # starting over: old checkpoints must not be resumed from after a later crash
-    D.barrier()
+    if not cfg.resume:
+        D.start_over(ckpt_dir, f"[{cfg.stage}]")
     latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)
         _check_resumed_config(state.get("config", {}), cfg, latest)
+        if state.get("stage_seed", stage_seed(cfg)) != stage_seed(cfg):
+            raise ConfigError(f"{latest}: saved with stage seed {state['stage_seed']}, this run draws from "
+                              f"{stage_seed(cfg)}; use a new out_dir, or resume=false to start over")
         start = state["step"]
         sync_to_engine(model, engine)
         D.log(f"[{cfg.stage}] resumed from {latest} at step {start}")
@@ -583,7 +584,8 @@ def train(cfg: RLConfig) -> Path:
                         len=row["response_len_mean"], clip=row.get("gspo/clip_frac_low", 0.0)
                         + row.get("gspo/clip_frac_high", 0.0))
         if cfg.save_every > 0 and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, {"stage": cfg.stage, "config": asdict(cfg)},
+            D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, {"stage": cfg.stage, "config": asdict(cfg),
+                                                                      "stage_seed": stage_seed(cfg)},
                               keep_last=cfg.keep_last)
     log.close()
 

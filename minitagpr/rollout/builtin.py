@@ -102,7 +102,7 @@ class BuiltinEngine(RolloutEngine):
     max_batch_rows: prompts are cut into chunks of max(1, max_batch_rows // n), so at most this many sequences
         (prompts x n) share a KV cache (unless n alone exceeds it); bounds the cache's memory.
     decode: "dynamic" (default): finished rows leave the batch, attention reads only the filled prefix of the
-        cache (fastest on CPUs); "static": fixed shapes, every row decodes to the end (rollout/static_decode.py),
+        cache (fastest on CPUs); "static": fixed shapes, every row decodes until all have stopped (static_decode.py),
         run eagerly; "graph": the static step captured as a CUDA graph and replayed per token (CUDA only, for a
         model that is not FSDP-sharded). All three give the same ids and log-probs up to float rounding.
     """

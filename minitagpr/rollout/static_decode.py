@@ -115,9 +115,8 @@ def decode_static(model, cache, logits: torch.Tensor, uniforms: torch.Tensor, ne
                 else:
                     decode_step()
                 produced += 1
-    finally:
-        cache.slot = None
-        cache.length += produced - 1  # the slots the forwards wrote (normal mode appends after them)
+    finally:  # back to normal mode, `length` past the last slot a forward wrote (the slot advances right after it)
+        cache.length, cache.slot = int(cache.slot.item()), None
     host_ids, host_logp = out_ids[:, :produced].tolist(), out_logp[:, :produced].tolist()
     stop_set = set(stops)
     ids_out, logp_out, finish = [], [], []

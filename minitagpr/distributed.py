@@ -307,14 +307,18 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     return list(steps.values())
 
 
-def start_over(ckpt_dir: str | os.PathLike, tag: str) -> None:
-    """Collective, for resume=false: rank 0 deletes an earlier run's checkpoints (a later crash-and-restart must
-    not continue that run, and keep_last must not prune the new run's checkpoints in their favour)."""
+def checkpoint_to_resume(ckpt_dir: str | os.PathLike, resume: bool, tag: str) -> Path | None:
+    """Collective. resume=True: the newest complete checkpoint (or None). resume=False: None, after rank 0 deleted
+    an earlier run's checkpoints -- a later crash-and-restart must not continue that run, and keep_last must not
+    prune the new run's checkpoints in their favour."""
     ckpt_dir = Path(ckpt_dir)
+    if resume:
+        return latest_checkpoint(ckpt_dir)
     if is_main() and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
         log(f"{tag} resume=false: removed the earlier run's checkpoints in {ckpt_dir}")
     barrier()
+    return None
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
@@ -364,16 +368,12 @@ def _aside(ckpt_dir: Path, step: int, kind: str) -> Path:
 def _tidy_checkpoints(ckpt_dir: Path) -> None:
     """Rank 0, before a save: finish what a killed save left. An .old folder whose step_XXXXXX is missing is renamed
     back (it is the complete checkpoint of that step); every other .old, .del and step_XXXXXX.tmp is deleted."""
-    if not ckpt_dir.is_dir():
-        return
-    for p in ckpt_dir.iterdir():
-        if m := ASIDE_PATTERN.match(p.name):
-            final = checkpoint_path(ckpt_dir, int(m.group(1)))
-            if m.group(2) == "old" and not final.exists() and not missing_last_files(p):
-                os.replace(p, final)
-            else:
-                shutil.rmtree(p, ignore_errors=True)
-        elif TMP_PATTERN.match(p.name):
+    steps, _ = _scan_checkpoints(ckpt_dir)
+    for step, p in steps.items():
+        if p != checkpoint_path(ckpt_dir, step):  # a complete .old standing in for its step
+            os.replace(p, checkpoint_path(ckpt_dir, step))
+    for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else ():
+        if ASIDE_PATTERN.match(p.name) or TMP_PATTERN.match(p.name):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -433,8 +433,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
         if keep_last > 0:
             steps, _ = _scan_checkpoints(ckpt_dir)
             for s in list(steps)[:-keep_last]:
-                os.replace(steps[s], _aside(ckpt_dir, s, "del"))  # a half-deleted folder never keeps a final name
-                shutil.rmtree(_aside(ckpt_dir, s, "del"), ignore_errors=True)
+                doomed = _aside(ckpt_dir, s, "del")
+                os.replace(steps[s], doomed)  # a half-deleted folder never keeps a final name
+                shutil.rmtree(doomed, ignore_errors=True)
     barrier()
     return final
 

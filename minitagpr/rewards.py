@@ -5,7 +5,9 @@ paper numbers them among its Eq. 5-9 and 11, which the method doc does not label
 docstring of the function that computes it. Pure Python, no torch: rewards are computed on decoded text.
 
 How a response is read. A *response* is the decoded completion (the tokens the policy generated after the prompt,
-special tokens kept), e.g. `"<think>\\n<analyze_input>...</analyze_input>...\\n</think>\\n\\n[2]<|im_end|>"`.
+special tokens kept), e.g. `"<think>\\n<analyze_input>...</analyze_input>...\\n</think>\\n\\n[2]<|im_end|>"`; the
+end-of-turn marker is optional (the RL loop passes the text without its stop token, and says which responses the
+length limit cut off through `score_batch(finished=...)`: those get R_f = 0).
 - the *answer* is `answers.extract_answer(response)`: what follows the last `</think>`, stripped;
 - the *chain* is the text inside the single think block: defined only when the response holds exactly one
   `<think>` and exactly one `</think>` after it; otherwise there is no chain and R_tag = -1 (two think blocks or a

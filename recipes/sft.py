@@ -135,9 +135,7 @@ def run(cfg: SftConfig) -> Path:
     data_sig = {"num_rows": rows.num_rows, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch,
                 "seed": cfg.seed, "pack": cfg.pack}
     start_step = 0
-    if not cfg.resume:
-        D.start_over(ckpt_dir, "[sft]")
-    latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    latest = D.checkpoint_to_resume(ckpt_dir, cfg.resume, "[sft]")
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)
         if state.get("data") != data_sig:
@@ -178,7 +176,6 @@ def run(cfg: SftConfig) -> Path:
         done = step + 1
         if done == total_steps or (cfg.save_every > 0 and done % cfg.save_every == 0):
             D.save_checkpoint(ckpt_dir, done, model, optimizer, {"data": data_sig}, cfg.keep_last)
-    log.close()
 
     # ---- 8. export: full weights gathered on rank 0 -> HF folder (config, safetensors, tokenizer) -----------------
     export_dir = D.export_hf(model, out_dir / "hf", tokenizer_dir, dtype=getattr(torch, cfg.export_dtype))

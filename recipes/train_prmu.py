@@ -164,9 +164,7 @@ def run(cfg: PrmuConfig) -> Path:
 
     start_step = 0
     ckpt_dir = out / "checkpoints"
-    if not cfg.resume:
-        D.start_over(ckpt_dir, "prmu:")
-    latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    latest = D.checkpoint_to_resume(ckpt_dir, cfg.resume, "prmu:")
     fingerprint = data_fingerprint(train, users)
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)
@@ -231,7 +229,6 @@ def run(cfg: PrmuConfig) -> Path:
         tmp = out / "final_eval.json.tmp"
         tmp.write_text(json.dumps(final, indent=2))
         os.replace(tmp, out / "final_eval.json")  # atomic: a reader sees the whole file or none
-    log.close()
     D.barrier()
     del model, optimizer
     D.release_memory()  # a caller's next stage loads in this process (the demo runs them all in one)

@@ -18,7 +18,6 @@ def write_run(path, steps):
     log = JsonlLog(path)
     for s in steps:
         log.write({"step": s, "loss": 5.0 / (s + 1), "lr": 1e-3, "note": "x"})
-    log.close()
 
 
 def test_a_fresh_log_replaces_an_old_one(tmp_path):
@@ -33,7 +32,6 @@ def test_resuming_drops_steps_logged_after_the_checkpoint(tmp_path):
     log = JsonlLog(path, resume_step=4)
     for s in range(4, 8):
         log.write({"step": s, "loss": 1.0})
-    log.close()
     assert [r["step"] for r in read_jsonl(path)] == list(range(8))
 
 
@@ -42,14 +40,13 @@ def test_resuming_drops_a_line_torn_by_a_kill(tmp_path):
     write_run(path, range(3))
     with path.open("a") as f:
         f.write('{"step": 3, "lo')  # the process died in the middle of this write
-    JsonlLog(path, resume_step=3).close()
+    JsonlLog(path, resume_step=3)
     assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2]
 
 
 def test_log_is_silent_off_rank_zero(tmp_path):
     log = JsonlLog(tmp_path / "m.jsonl", enabled=False)
     log.write({"step": 0})
-    log.close()
     assert not (tmp_path / "m.jsonl").exists()
 
 

@@ -56,7 +56,8 @@ from minitagpr.data.chain_client import (
     ChatClient, ChatRequest, EndpointConfig, ResponseCache, Transport, resolve_endpoint,
 )
 from minitagpr.data.lamp import (
-    TASKS as TASK_SPECS, DataError, LampExample, canonical_task, load_outputs, load_questions, split_files,
+    TASKS as TASK_SPECS, DataError, LampExample, canonical_task, json_object_lines, load_outputs, load_questions,
+    split_files,
 )
 from minitagpr.data.prompts import STYLES, TAG_MEANINGS, build_messages
 from minitagpr.data.retrieval import get_retriever
@@ -215,32 +216,17 @@ def _numbered_records(path: Path, fields: Mapping[str, type | tuple], producer: 
     """(line number, record) for the records of `read_jsonl`."""
     if not path.is_file():
         raise ChainDataError(f"{path}: not found; it is written by stage {producer!r} (run that stage first)")
-    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported on its own line
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ChainDataError(f"{path}: line {line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte "
-                                     f"{err.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ChainDataError(f"{path}: line {line_no}: not valid JSON ({err.msg} at column {err.colno})") \
-                    from None
-            if not isinstance(record, dict):
-                raise ChainDataError(f"{path}: line {line_no}: expected a JSON object, got {type(record).__name__}")
-            for name, kind in fields.items():
-                at = f"{path}: line {line_no} (id {record.get('id')!r}): field {name!r}"
-                if name not in record:
-                    raise ChainDataError(f"{at}: missing")
-                if not isinstance(record[name], kind) or isinstance(record[name], bool) and kind is int:
-                    raise ChainDataError(f"{at}: expected {_kind_name(kind)}, got {type(record[name]).__name__}")
-            if "task" in fields and record["task"] not in TASK_SPECS:
-                raise ChainDataError(f"{path}: line {line_no} (id {record.get('id')!r}): field 'task': unknown task "
-                                     f"{record['task']!r}")
-            yield line_no, record
+    for line_no, record in json_object_lines(path, lambda n, msg: ChainDataError(f"{path}: line {n}: {msg}")):
+        for name, kind in fields.items():
+            at = f"{path}: line {line_no} (id {record.get('id')!r}): field {name!r}"
+            if name not in record:
+                raise ChainDataError(f"{at}: missing")
+            if not isinstance(record[name], kind) or isinstance(record[name], bool) and kind is int:
+                raise ChainDataError(f"{at}: expected {_kind_name(kind)}, got {type(record[name]).__name__}")
+        if "task" in fields and record["task"] not in TASK_SPECS:
+            raise ChainDataError(f"{path}: line {line_no} (id {record.get('id')!r}): field 'task': unknown task "
+                                 f"{record['task']!r}")
+        yield line_no, record
 
 
 def _kind_name(kind) -> str:

@@ -21,7 +21,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 
 class DataError(ValueError):
@@ -179,6 +179,28 @@ def date_key(value: Any) -> tuple[int, ...] | None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Readers
+
+def json_object_lines(path: Path, fail: Callable[[int, str], Exception]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file. Lines are decoded one by one, so a bad byte,
+    bad JSON or a value that is not an object is reported on its own line: `fail(line number, what is wrong)`
+    builds the error raised (each reader names file and line its own way)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise fail(lineno, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                                   f"line)") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise fail(lineno, f"not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise fail(lineno, f"expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
 
 def read_json(path: Path) -> Any:
     try:

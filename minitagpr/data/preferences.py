@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from minitagpr.data.lamp import DataError, canonical_task
+from minitagpr.data.lamp import DataError, canonical_task, json_object_lines
 from minitagpr.tokenizer import assistant_target
 
 SETS = ("PRP", "PQP")
@@ -134,22 +134,7 @@ def _iter_jsonl(path: Path):
     path = Path(path)
     if not path.is_file():
         raise PreferenceDataError(f"{path}: file not found")
-    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported on its own line
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise PreferenceDataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
-                                          f"{e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PreferenceDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise PreferenceDataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    yield from json_object_lines(path, lambda lineno, msg: PreferenceDataError(f"{path}:{lineno}: {msg}"))
 
 
 class _Fields:

@@ -26,6 +26,7 @@ from minitagpr.data.prompts import build_messages
 from minitagpr.data.retrieval import get_retriever
 from minitagpr.rewards import score_batch
 from minitagpr.rl.gspo import group_advantage_metrics, group_advantages, gspo_loss
+from minitagpr.rollout.builtin import BuiltinEngine
 from minitagpr.tokenizer import Tokenizer
 from minitagpr.train.metrics import JsonlLog, Progress, peak_flops
 from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -100,8 +101,8 @@ class RLConfig:
             raise ValueError(f"stage must be 'guided' or 'exploratory', got {self.stage!r}")
         if self.engine not in ("builtin", "vllm"):
             raise ValueError(f"engine must be 'builtin' or 'vllm', got {self.engine!r}")
-        if self.builtin_decode not in ("dynamic", "static", "graph"):
-            raise ValueError(f"builtin_decode must be 'dynamic', 'static' or 'graph', got {self.builtin_decode!r}")
+        if self.builtin_decode not in BuiltinEngine.DECODE_MODES:
+            raise ValueError(f"builtin_decode must be one of {BuiltinEngine.DECODE_MODES}, got {self.builtin_decode!r}")
         if self.group_size < 2:
             raise ValueError("group_size (G) must be >= 2: group advantages need at least two responses")
         if self.num_minibatches < 1 or self.ppo_epochs < 1:
@@ -437,7 +438,6 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
         # sleep level 2 between rollouts frees the weights too (the policy's are synced in before each generate)
         return VLLMEngine(cfg.policy, tokenizer, sleep_level=2, seed=cfg.seed,
                           max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)  # a full prompt + response
-    from minitagpr.rollout.builtin import BuiltinEngine
     # the engine keeps its own full (unsharded) copy: FSDP2 shards never leave the policy; weights sync after steps
     model = load_pretrained(cfg.policy, dtype=torch.float32, device=info.device).eval()
     return BuiltinEngine(model, tokenizer, decode=cfg.builtin_decode)
@@ -464,7 +464,7 @@ def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
 def stage_seed(cfg: RLConfig) -> int:
     """The seed of a stage's prompt order and sampling: the run seed for guided RL, 2 * seed + 1 for exploratory
     RL, so that Stage 3 run with Stage 2's seed does not replay Stage 2's prompt order and random draws step for
-    step. Saved in checkpoints: a resume under another stage seed would switch the prompt order mid-epoch."""
+    step. Both inputs are in the saved config, which a resume must match (`_check_resumed_config`)."""
     return cfg.seed if cfg.stage == "guided" else 2 * cfg.seed + 1
 
 
@@ -510,15 +510,10 @@ def train(cfg: RLConfig) -> Path:
 
     # 3. resume: weights, optimizer, step; the engine then starts from the checkpoint's weights
     start = 0
-    if not cfg.resume:
-        D.start_over(ckpt_dir, f"[{cfg.stage}]")
-    latest = D.latest_checkpoint(ckpt_dir) if cfg.resume else None
+    latest = D.checkpoint_to_resume(ckpt_dir, cfg.resume, f"[{cfg.stage}]")
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)
         _check_resumed_config(state.get("config", {}), cfg, latest)
-        if state.get("stage_seed", stage_seed(cfg)) != stage_seed(cfg):
-            raise ConfigError(f"{latest}: saved with stage seed {state['stage_seed']}, this run draws from "
-                              f"{stage_seed(cfg)}; use a new out_dir, or resume=false to start over")
         start = state["step"]
         sync_to_engine(model, engine)
         D.log(f"[{cfg.stage}] resumed from {latest} at step {start}")
@@ -584,10 +579,8 @@ def train(cfg: RLConfig) -> Path:
                         len=row["response_len_mean"], clip=row.get("gspo/clip_frac_low", 0.0)
                         + row.get("gspo/clip_frac_high", 0.0))
         if cfg.save_every > 0 and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, {"stage": cfg.stage, "config": asdict(cfg),
-                                                                      "stage_seed": stage_seed(cfg)},
+            D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, {"stage": cfg.stage, "config": asdict(cfg)},
                               keep_last=cfg.keep_last)
-    log.close()
 
     # 5. export (config, safetensors, tokenizer files) that load_pretrained, transformers and vLLM load
     D.export_hf(model, export_dir, tokenizer_dir=cfg.policy)

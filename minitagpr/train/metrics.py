@@ -75,9 +75,6 @@ class JsonlLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def close(self) -> None:
-        """Nothing stays open between writes; kept so callers can mark where logging ends."""
-
 
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)

@@ -104,7 +104,8 @@ def test_logprobs_are_full_softmax_at_temperature_before_top_p(temperature, top_
 def test_sampling_probs_sum_to_one_and_respect_the_nucleus():
     probs = sampling_probs(torch.tensor([LOGITS], dtype=torch.float64), 1.0, 0.5, VOCAB)[0]
     ref = torch.tensor(reference_probs(1.0, 0.5), dtype=torch.float64)
-    torch.testing.assert_close(probs, ref, atol=1e-12, rtol=0)
+    assert probs.dtype == torch.float64 and abs(float(probs.sum()) - 1.0) < 1e-12
+    torch.testing.assert_close(probs, ref, atol=1e-6, rtol=0)  # the exponentials are fp32, every sum float64
 
 
 def test_sample_seed_is_a_pure_function_of_seed_prompt_and_sample():
@@ -136,3 +137,18 @@ def test_bad_requests_fail_naming_the_argument(kwargs, field):
 def test_completion_rejects_an_unknown_finish_reason():
     with pytest.raises(ValueError, match="finish_reason"):
         Completion(token_ids=[1], text="a", logprobs=[-0.1], finish_reason="eos")
+
+
+def test_draws_equal_the_inverse_cdf_of_a_float64_softmax():
+    # fp32 exponentials with float64 sums pick the same ids as a float64 softmax's CDF walk (a draw can differ
+    # only when its uniform lands within ~1e-7 of a CDF step; none does here), and report the same log-probs
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(256, 4096, generator=g) * 4  # (R, V)
+    uniforms = torch.rand(256, generator=g, dtype=torch.float64)
+    for temperature, vocab in [(1.0, 4096), (0.7, 4000)]:
+        tokens, logp = sample_tokens(logits, uniforms, temperature, 1.0, vocab)
+        full = torch.softmax(logits.double() / temperature, dim=-1)  # (R, V)
+        cdf = torch.cumsum(full[:, :vocab], dim=-1)
+        ref = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True).squeeze(1)
+        assert torch.equal(tokens, ref)
+        torch.testing.assert_close(logp.double(), full.gather(1, ref[:, None]).squeeze(1).log(), atol=1e-5, rtol=0)

@@ -52,12 +52,26 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z / T in fp32 (R, V); at T = 1 the logits themselves (dividing by 1 changes no bit)."""
+    z = logits.float()
+    return z if temperature == 1.0 else z / temperature
+
+
+def _weights(z: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised softmax over the decodable ids: (w (R, Vs) fp32, m (R, 1)) with w = exp(z - m) and m the
+    decodable maximum, so the largest weight is exactly 1 and nothing overflows. The padded tail gets no mass."""
+    zs = z[:, :vocab_size]  # (R, Vs)
+    m = zs.amax(dim=-1, keepdim=True)  # (R, 1)
+    return torch.exp(zs - m), m
+
+
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, vocab_size: int) -> torch.Tensor:
     """The distribution the sampler draws from: `logits` (R, V) -> probs (R, vocab_size) float64.
 
     Ids >= vocab_size (the padded tail) get no mass; temperature must be > 0 here (greedy is handled apart)."""
-    probs = torch.softmax(logits[:, :vocab_size].double() / temperature, dim=-1)  # (R, Vs) float64 for the CDF walk
-    return _nucleus(probs, top_p)
+    w = _weights(_scaled(logits, temperature), vocab_size)[0].double()
+    return _nucleus(w / w.sum(dim=-1, keepdim=True), top_p)
 
 
 def sample_tokens(
@@ -74,17 +88,22 @@ def sample_tokens(
         z = logits.float()  # (R, V)
         logp = z.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=-1)  # (R,) at T = 1
         return tokens, logp
-    # One float64 softmax over all V rows serves both outputs: its value at the sampled id is the reported
-    # probability (normalised over the padded tail too, as the kernel does); its decodable part, renormalised
-    # and top-p truncated, is what we sample from.
-    full = torch.softmax(logits.double() / temperature, dim=-1)  # (R, V) float64
-    probs = full[:, :vocab_size]
-    probs = _nucleus(probs / probs.sum(dim=-1, keepdim=True), top_p)  # (R, Vs)
-    cdf = torch.cumsum(probs, dim=-1)  # (R, Vs)
+    # The exponentials are fp32 (relative error ~1e-7 each), every sum float64, so the CDF of a 150k-id vocabulary
+    # loses nothing to accumulation; the softmax's normalisation is folded into the CDF walk's target. (A float64
+    # softmax over (R, V) made the same draws 5x slower on a CPU: bench/RESULTS.md, rollout.)
+    z = _scaled(logits, temperature)  # (R, V) fp32
+    w, m = _weights(z, vocab_size)  # (R, Vs) unnormalised, (R, 1)
+    w_sum = w.sum(dim=-1, keepdim=True, dtype=torch.float64)  # (R, 1) >= 1 (the maximum has weight 1)
+    probs = w if top_p >= 1.0 else _nucleus(w.double() / w_sum, top_p)  # (R, Vs)
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (R, Vs)
     target = uniforms.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]  # (R, 1) in [0, total)
     # right=True picks the first id whose CDF exceeds the target, so a zero-probability id is never chosen.
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab_size - 1)  # (R,)
-    logp = full.gather(1, tokens.unsqueeze(1)).squeeze(1).log().float()  # (R,)
+    # Reported: log softmax(z) at the sampled id over all V rows (the padded tail included), before top-p.
+    lse = m.double() + w_sum.log()  # (R, 1) log-sum-exp over the decodable ids
+    if vocab_size < z.shape[1]:
+        lse = torch.logaddexp(lse, torch.logsumexp(z[:, vocab_size:].double(), dim=-1, keepdim=True))
+    logp = (z.gather(1, tokens.unsqueeze(1)).double() - lse).squeeze(1).float()  # (R,)
     return tokens, logp
 
 

@@ -7,8 +7,9 @@ the demo world's synthetic preference pairs, no grad. Paths:
   ours-no-table      PRMUScorer, table off (the same computation as transformers)
   ours-table         PRMUScorer with the user table (one extra soft token per sequence)
   ours-one-by-one    PRMU with the table, one sequence per forward (what an unbatched reward loop costs)
-Each path runs in its own subprocess; peak memory is the growth of the resident set (VmHWM, reset after warm-up).
-Times are medians over repeats after one warm-up call.
+Timing runs every path in one process, interleaved round by round after one warm-up call each; "vs transformers" is
+the median over rounds of the per-round speed ratio. Peak memory comes from a fresh subprocess per path: the growth
+of the resident set (VmHWM, reset after a warm-up call) over one call.
 
     python bench/prmu_score.py [--n 64] [--batch 16] [--repeats 5]
 """
@@ -29,9 +30,9 @@ from timing import reset_rss_peak, status_kib
 PATHS = ["transformers", "ours-no-table", "ours-table", "ours-one-by-one"]
 
 
-def child(path: str, work: str, n: int, batch: int, repeats: int) -> dict:
+def make_call(path: str, work: str, n: int, batch: int):
+    """(call, sequences, tokens): a no-argument function scoring the first n PQP pairs' chosen responses one way."""
     import torch
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from minitagpr.data.preferences import read_pairs
     from minitagpr.model.reward import PRMUScorer, collate, encode_reward_input, load_reward_model
     from minitagpr.tokenizer import Tokenizer
@@ -42,6 +43,7 @@ def child(path: str, work: str, n: int, batch: int, repeats: int) -> dict:
     users = [p.user for p in pairs]
     prompts = [p.prompt for p in pairs]
     responses = [p.chosen.text for p in pairs]
+    tokens = sum(len(encode_reward_input(tok, p, r)) for p, r in zip(prompts, responses))
     if path == "transformers":
         import transformers
         model = transformers.Qwen3ForSequenceClassification.from_pretrained(work / "rm").eval()
@@ -71,17 +73,34 @@ def child(path: str, work: str, n: int, batch: int, repeats: int) -> dict:
 
         def call():
             return scorer.score(users, prompts, responses)
+    return call, len(pairs), tokens
 
-    call()  # warm-up
+
+def child_peak_mb(path: str, work: str, n: int, batch: int) -> float:
+    """Peak resident-set growth (MiB) over one call of `path`, after a warm-up call, in this fresh process."""
+    call, _, _ = make_call(path, work, n, batch)
+    call()
     base_kb = reset_rss_peak()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        scores = call()
-        times.append(time.perf_counter() - t0)
-    tokens = sum(len(encode_reward_input(tok, p, r)) for p, r in zip(prompts, responses))
-    return {"path": path, "s": statistics.median(times), "n": len(scores), "tokens": tokens,
-            "peak_mb": max(0, status_kib("VmHWM") - base_kb) / 1024, "first": scores[0]}
+    call()
+    return max(0, status_kib("VmHWM") - base_kb) / 1024
+
+
+def time_paths(work: str, n: int, batch: int, repeats: int) -> dict:
+    """Every path in this process, interleaved round by round (alternating the order), after one warm-up call
+    each: per path the median seconds, the first score, and the median over rounds of transformers' time / its
+    time (so a busy neighbour slows a round's paths alike)."""
+    calls = {path: make_call(path, work, n, batch) for path in PATHS}
+    first = {path: c[0]()[0] for path, c in calls.items()}  # warm-up
+    secs = {path: [] for path in PATHS}
+    for r in range(repeats):
+        for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
+            t0 = time.perf_counter()
+            calls[path][0]()
+            secs[path].append(time.perf_counter() - t0)
+    return {path: {"s": statistics.median(secs[path]), "first": first[path], "n": calls[path][1],
+                   "tokens": calls[path][2],
+                   "ratio": statistics.median(a / b for a, b in zip(secs["transformers"], secs[path]))}
+            for path in PATHS}
 
 
 def main() -> None:
@@ -92,15 +111,16 @@ def main() -> None:
     ap.add_argument("--child", default="")
     ap.add_argument("--work", default="")
     args = ap.parse_args()
+    import torch
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if args.child:
-        print(json.dumps(child(args.child, args.work, args.n, args.batch, args.repeats)))
+        print(json.dumps(child_peak_mb(args.child, args.work, args.n, args.batch)))
         return
 
     from minitagpr.data import demo_world
     from minitagpr.data.preferences import synthesize_demo_pairs, write_pairs
     from minitagpr.model.presets import tiny_config
     from minitagpr.model.reward import PRMU, save_reward_model
-    import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -118,21 +138,21 @@ def main() -> None:
         files = {n: world.tokenizer_dir / n for n in ("tokenizer.json", "tokenizer_config.json")}
         save_reward_model(model, work / "rm", extra_files=files)
 
-        results = []
+        timed = time_paths(str(work), args.n, args.batch, args.repeats)
         for path in PATHS:
             cmd = [sys.executable, __file__, "--child", path, "--work", str(work), "--n", str(args.n),
-                   "--batch", str(args.batch), "--repeats", str(args.repeats)]
+                   "--batch", str(args.batch)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    base = results[0]["s"]
+            timed[path]["peak_mb"] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = [timed[path] | {"path": path} for path in PATHS]
     print(f"PRMU scoring, demo preset ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
           f"{results[0]['n']} sequences ({results[0]['tokens']} tokens), batch {args.batch}, "
-          f"{os.environ.get('BENCH_THREADS', '2')} threads, median of {args.repeats}")
+          f"{os.environ.get('BENCH_THREADS', '2')} threads, median of {args.repeats} interleaved rounds")
     print("| path | ms per call | sequences/s | tokens/s | vs transformers | peak RSS growth MB |")
     print("|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['path']} | {r['s'] * 1e3:.0f} | {r['n'] / r['s']:.1f} | {r['tokens'] / r['s']:,.0f} | "
-              f"{base / r['s']:.2f}x | {r['peak_mb']:.0f} |")
+              f"{r['ratio']:.2f}x | {r['peak_mb']:.0f} |")
     same = abs(results[0]["first"] - results[1]["first"])
     print(f"transformers vs ours-no-table, first score: |diff| = {same:.2e}")
 

@@ -267,6 +267,44 @@ def test_static_decode_leaves_normal_mode_when_sampling_fails(model, prompts):
     assert cache.slot is None and cache.length == len(prompts[0]) + 2
 
 
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
+def test_static_decode_step_reads_nothing_back_to_the_host(model, prompts, temperature, top_p):
+    # What a CUDA graph cannot hold: a read of device data on the host (.item(), bool(t), a data-dependent shape)
+    # inside the captured step. Every aten call of a whole eager call is recorded; the only reads must be the
+    # loop's stop checks (one per check_every steps) and the final read of the cache slot, none per step. And no
+    # tensor made on the host's default device (a host-to-device copy in a graph): the default device is "meta"
+    # during the call, so a factory call without an explicit device would fail to meet the model's tensors.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    host_reads = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+                  "_unique2", "unique_consecutive", "repeat_interleave", "tolist"}
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in host_reads:
+                self.reads.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    T, every = 20, 8
+    uniforms = torch.rand(1, T, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sample = partial(sample_tokens, temperature=temperature, top_p=top_p, vocab_size=VOCAB)
+    start = torch.tensor([len(prompts[1])])
+    cache, logits = _prefilled(model, prompts[1], T)
+    with Recorder() as rec:
+        ids, _, _ = decode_static(model, cache, logits, uniforms, start, T, [], sample, check_every=every)
+    assert len(ids[0]) == T
+    checks = -(-(T - 1) // every)  # stop checks at tokens 1, 1 + every, ...: 3 for 19 decode steps
+    assert sorted(rec.reads) == sorted(["is_nonzero"] * checks + ["item"]), rec.reads
+    cache, logits = _prefilled(model, prompts[1], T)
+    with torch.device("meta"):  # the same call again, factories without an explicit device now make meta tensors
+        again, _, _ = decode_static(model, cache, logits, uniforms, start, T, [], sample, check_every=every)
+    assert again == ids
+
+
 def test_graph_decode_is_refused_off_cuda_and_for_sharded_models(model, prompts):
     with pytest.raises(RolloutError, match="CUDA device"):
         engine(model, decode="graph").generate(prompts, max_new_tokens=3)

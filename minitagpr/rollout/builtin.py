@@ -90,7 +90,7 @@ def sample_tokens(
         return tokens, logp
     # The exponentials are fp32 (relative error ~1e-7 each), every sum float64, so the CDF of a 150k-id vocabulary
     # loses nothing to accumulation; the softmax's normalisation is folded into the CDF walk's target. (A float64
-    # softmax over (R, V) made the same draws 5x slower on a CPU: bench/RESULTS.md, rollout.)
+    # softmax over (R, V) made the same draws 1.3-6x slower on a CPU: bench/RESULTS.md, rollout.)
     z = _scaled(logits, temperature)  # (R, V) fp32
     w, m = _weights(z, vocab_size)  # (R, Vs) unnormalised, (R, 1)
     w_sum = w.sum(dim=-1, keepdim=True, dtype=torch.float64)  # (R, 1) >= 1 (the maximum has weight 1)

@@ -174,12 +174,12 @@ def test_rmsnorm_inference_path_is_bit_identical_to_the_autograd_path(shape):
     assert torch.equal(fast, ref)
 
 
-def test_rope_with_the_sign_in_sin_equals_rotate_half_bit_for_bit():
+def test_rope_equals_the_reference_rotate_half_formula_bit_for_bit():
     from minitagpr.model.qwen3 import apply_rope, rope_cos_sin
 
     D = 32
     pos = torch.tensor([[0, 3, 17, 900], [5, 6, 7, 8]])  # (B, T)
-    cos, sin = rope_cos_sin(pos, D, 10_000.0, torch.float32)  # (B, 1, T, D)
+    cos, sin = rope_cos_sin(pos, D, 10_000.0, torch.float32)  # (B, T, D)
     x = torch.randn(2, 3, 4, D)  # (B, heads, T, D)
     # the reference, longhand: angles in fp32, x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1)
     inv_freq = 1.0 / (10_000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))

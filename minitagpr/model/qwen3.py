@@ -146,21 +146,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape (B, 1, T, D), broadcast over heads, for the half-split ("rotate_half") RoPE layout Qwen3
-    checkpoints use. sin's first half is negated: apply_rope folds rotate_half's sign into it."""
+    """cos, sin of shape (B, T, D) for the half-split ("rotate_half") RoPE layout Qwen3 checkpoints use."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[:, None, :, None] * inv_freq  # (B, 1, T, D/2) fp32
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, D)
-    sin = emb.sin()
-    sin[..., :head_dim // 2].neg_()
-    return emb.cos().to(dtype), sin.to(dtype)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2) fp32
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, D); cos/sin from rope_cos_sin. The reference's x*cos + rotate_half(x)*sin with
-    rotate_half(x) = (-x2, x1): rolling x by D/2 gives (x2, x1) and the minus sits in sin's first half. A sign flip
-    is exact, so the result is bit-identical, in two fewer ops per call."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    """x (B, heads, T, D); cos/sin (B, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
 
 
 def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:

@@ -269,15 +269,16 @@ def test_static_decode_leaves_normal_mode_when_sampling_fails(model, prompts):
 
 @pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
 def test_static_decode_step_reads_nothing_back_to_the_host(model, prompts, temperature, top_p):
-    # What a CUDA graph cannot hold: a read of device data on the host (.item(), bool(t), a data-dependent shape)
-    # inside the captured step. Every aten call of a whole eager call is recorded; the only reads must be the
-    # loop's stop checks (one per check_every steps) and the final read of the cache slot, none per step. And no
-    # tensor made on the host's default device (a host-to-device copy in a graph): the default device is "meta"
-    # during the call, so a factory call without an explicit device would fail to meet the model's tensors.
+    # What a CUDA graph cannot hold: a read of device data on the host (.item(), bool(t), a data-dependent shape such
+    # as nonzero or boolean-mask indexing) inside the captured step. Every aten call of a whole eager call is
+    # recorded; the only reads must be the loop's stop checks (one per check_every steps) and the final read of the
+    # cache slot, none per step. And no tensor made on the host's default device (a host-to-device copy in a graph):
+    # the call runs again with the default device set to "meta", where a factory without an explicit device fails to
+    # meet the model's tensors. (An explicit .cpu() or .tolist() cannot be seen on a CPU-only run: test_gpu.py.)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     host_reads = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
-                  "_unique2", "unique_consecutive", "repeat_interleave", "tolist"}
+                  "_unique2", "unique_consecutive", "repeat_interleave"}
 
     class Recorder(TorchDispatchMode):
         def __init__(self):
@@ -285,8 +286,10 @@ def test_static_decode_step_reads_nothing_back_to_the_host(model, prompts, tempe
             self.reads = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in host_reads:
-                self.reads.append(func.overloadpacket.__name__)
+            name = func.overloadpacket.__name__
+            indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+            if name in host_reads or any(i is not None and i.dtype == torch.bool for i in indices):
+                self.reads.append(name)
             return func(*args, **(kwargs or {}))
 
     T, every = 20, 8

@@ -135,12 +135,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
-            # fp32 inference on a CPU: one call instead of seven small ops (decoding there is op-overhead bound).
-            # On CPUs it runs the same ops in the same order, so its output is bit-identical to the lines below
-            # (tests/test_model.py), which stay the autograd path. Not on GPUs: their fused kernel reduces in
-            # another order, and no-grad log-probs (GSPO's old ones) must equal the training forward's bit for bit.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # normalise in fp32 and scale in the input dtype, as the reference implementation does (bit-level parity)
         x32 = x.float()
         x32 = x32 * torch.rsqrt((x32 * x32).mean(-1, keepdim=True) + self.eps)

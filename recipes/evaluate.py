@@ -80,6 +80,9 @@ class EvalConfig:
             for entry in getattr(self, key):
                 if "=" not in entry:
                     raise ValueError(f"{key}: entry {entry!r} is not of the form name=path")
+        repeated = [name for name, paths in named_entries(self.checkpoints).items() if len(paths) > 1]
+        if repeated:  # one row per checkpoint name: a second path would silently replace the first
+            raise ValueError(f"checkpoints: name(s) {', '.join(map(repr, repeated))} given more than once")
         clash = sorted(set(named_entries(self.predictions)) & set(named_entries(self.checkpoints)))
         if clash:  # one row would silently take the other's metrics
             raise ValueError(f"row name(s) {', '.join(map(repr, clash))} given to both checkpoints= and predictions=; "
@@ -92,9 +95,11 @@ class EvalConfig:
                 raise ValueError(f"k must be >= 0, got {k}")
 
 
-def _world_style(data: Any, data_dir) -> str:
-    """The instruction style the demo world's SFT chains use ("full" for anything that is not the demo world)."""
-    if data != "demo":
+def _world_style(data: Any, data_dir, tasks: Sequence[str]) -> str:
+    """The instruction style the demo world's SFT chains use when some task is read from the demo world (a demo
+    model only knows that style, so it then applies to every task of the run); "full" otherwise. PGraphRAG tasks
+    never come from the demo world."""
+    if data != "demo" or all(lamp.canonical_task(t).startswith("PGraphRAG") for t in tasks):
         return "full"
     from minitagpr.data import demo_world
     return demo_world.DemoWorld.load(Path(data_dir)).params.get("prompt_style", "full")
@@ -239,6 +244,13 @@ class EvalTable:
     examples: dict[str, int] = field(default_factory=dict)  # task -> number of scored examples
 
     def add(self, row: str, task: str, metrics: Mapping[str, float], settings: Mapping[str, Any], n: int) -> None:
+        if task in self.rows.get(row, {}):  # e.g. two prediction files of one row for one task: which one counts?
+            raise DataError(f"row {row!r} already has {task} results (from {self.settings[row]}); give each task "
+                            f"of a row one file or checkpoint")
+        slug_clash = [r for r in self.rows if r != row and _slug(r) == _slug(row)]
+        if slug_clash:  # both rows would write to the same predictions/ and generations/ folder
+            raise DataError(f"rows {slug_clash[0]!r} and {row!r} share the output folder name {_slug(row)!r}; "
+                            f"rename one of them")
         self.rows.setdefault(row, {})[task] = dict(metrics)
         self.settings.setdefault(row, dict(settings))
         self.examples[task] = n
@@ -315,11 +327,12 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                          max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16, engine: str = "auto",
                          normalize: bool = False, out_dir: str | os.PathLike | None = None,
-                         log=print, prompt_style: str = "full") -> EvalTable:
+                         log=print, prompt_style: str = "full", label_settings: bool | None = None) -> EvalTable:
     """Run every checkpoint on every task under every (retriever, k) in `settings`; returns the table (and writes
     predictions + generations under out_dir when given). Rows are named after the checkpoints, with
-    " [retriever k=K]" appended when there is more than one setting. `tasks` are task names (loaded from `data`)
-    or ready TaskData."""
+    " [retriever k=K]" appended when `label_settings` (default: when there is more than one setting; a sweep
+    passes True, so that even a one-setting sweep never writes over the main table's files). `tasks` are task
+    names (loaded from `data`) or ready TaskData."""
     task_data = [t if isinstance(t, TaskData) else load_task_data(data, t, split=split, part=part, limit=limit,
                                                                    data_dir=data_dir, pgraphrag_dir=pgraphrag_dir)
                  for t in tasks]
@@ -328,7 +341,8 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
     for name, checkpoint in named_checkpoints.items():
         eng, tokenizer = make_engine(checkpoint, engine, max_model_len=max_prompt_tokens + max_new_tokens)
         for retriever, k in settings:
-            row = name if len(settings) == 1 else f"{name} [{retriever} k={k}]"
+            labelled = len(settings) > 1 if label_settings is None else label_settings
+            row = f"{name} [{retriever} k={k}]" if labelled else name
             for td in task_data:
                 records = generate_answers(eng, tokenizer, td, retriever=retriever, k=k,
                                            max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
@@ -376,8 +390,8 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
     common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_prompts=cfg.batch_prompts,
                   engine=cfg.engine, normalize=cfg.normalize, out_dir=out,
-                  prompt_style=cfg.prompt_style or _world_style(cfg.data, data_dir))
-    checkpoints = {name: paths[-1] for name, paths in named_entries(cfg.checkpoints).items()}
+                  prompt_style=cfg.prompt_style or _world_style(cfg.data, data_dir, cfg.tasks))
+    checkpoints = {name: paths[0] for name, paths in named_entries(cfg.checkpoints).items()}  # one each (checked)
     title = f"{cfg.data} {cfg.part}, {cfg.retriever} k={cfg.k}"
     main = EvalTable()
     if cfg.predictions:
@@ -393,7 +407,8 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
     print(main.markdown(title))
     sweep = [(cfg.retriever, k) for k in cfg.sweep_k] + [(r, cfg.k) for r in cfg.sweep_retrievers]
     if sweep and checkpoints:
-        robust = evaluate_checkpoints(checkpoints, tasks, settings=list(dict.fromkeys(sweep)), **common)
+        robust = evaluate_checkpoints(checkpoints, tasks, settings=list(dict.fromkeys(sweep)), label_settings=True,
+                                      **common)
         robust.write(out, "robustness", f"robustness: {cfg.data} {cfg.part}")
         print(robust.markdown("robustness"))
         tables["robustness"] = robust

@@ -77,7 +77,8 @@ def test_lamp2_unknown_tag_stays_unchanged():
 
 
 # --- ratings ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("answer", ["4", "4.", "4.0", "4/5", "**4** stars", '"4"', "04", "4 out of 5 stars"])
+@pytest.mark.parametrize("answer", ["4", "4.", "4.0", "4/5", "**4** stars", '"4"', "04", "4 out of 5 stars",
+                                    "4/5.", "4 out of 5."])
 @pytest.mark.parametrize("task", ["LaMP-3", "PGraphRAG-rating"])
 def test_rating_leading_integer_becomes_the_label(task, answer):
     assert normalize(task, answer) == "4"

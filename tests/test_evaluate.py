@@ -77,6 +77,8 @@ def test_markdown_table_has_the_paper_columns_and_one_line_per_checkpoint(two_ro
 
 
 def test_written_predictions_are_official_format_and_rescore_to_the_table(two_rows, lamp_root):
+    from minitagpr.data import answers
+
     table, out = two_rows
     for task in TASKS:
         path = out / "predictions" / "sft" / f"{lamp.task_spec(task).file_name}_predictions.json"
@@ -84,6 +86,69 @@ def test_written_predictions_are_official_format_and_rescore_to_the_table(two_ro
         assert lamp.canonical_task(file_task) == task
         _, golds = lamp.load_outputs(lamp.split_files(lamp_root, task, "user", "dev")[1])
         assert evaluate(task, preds, golds) == pytest.approx(table.rows["sft"][task])
+        # a random model scores at the floor whatever it writes, so check the file's answers themselves too
+        records = [json.loads(x) for x in (out / "generations" / "sft" / f"{task}.jsonl").read_text().splitlines()]
+        assert preds == {r["id"]: answers.extract_answer(r["text"]) for r in records}
+
+
+def _fake_generation(monkeypatch, answer_for_k):
+    """evaluate.py without a model: every answer is answer_for_k(k) after a think block."""
+    monkeypatch.setattr(ev, "make_engine", lambda *a, **kw: (None, None))
+
+    def generate(engine, tokenizer, data, *, k, **kw):
+        return [{"id": ex.id, "text": f"<think>c</think>{answer_for_k(k)}", "finish_reason": "stop",
+                 "profile_items": k, "prompt_tokens": 1, "completion_tokens": 1} for ex in data.examples]
+    monkeypatch.setattr(ev, "generate_answers", generate)
+
+
+def test_a_one_setting_sweep_keeps_its_own_rows_and_files(lamp_root, tmp_path, monkeypatch):
+    # main table at k = 8 answers "5", the sweep at k = 2 answers "1": neither may write over the other's files
+    _fake_generation(monkeypatch, lambda k: "5" if k == 8 else "1")
+    out = tmp_path / "out"
+    cfg = parse_cli(ev.EvalConfig, [f"data={lamp_root}", "tasks=LaMP-3", "checkpoints=sft=unused", "sweep_k=2",
+                                    f"out_dir={out}", "prompt_style=full"])
+    tables = ev.run(cfg)
+    assert list(tables["robustness"].rows) == ["sft [recency k=2]"]
+    _, main_preds = lamp.load_outputs(ev.predictions_file(out, "sft", "LaMP-3"))
+    _, sweep_preds = lamp.load_outputs(ev.predictions_file(out, "sft [recency k=2]", "LaMP-3"))
+    assert set(main_preds.values()) == {"5"} and set(sweep_preds.values()) == {"1"}
+
+
+def test_pgraphrag_only_runs_never_read_the_demo_world(pgraphrag_dir, tmp_path, monkeypatch):
+    # data defaults to "demo"; PGraphRAG tasks must neither need a demo world nor take its prompt style
+    styles = []
+    monkeypatch.setattr(ev, "make_engine", lambda *a, **kw: (None, None))
+
+    def generate(engine, tokenizer, data, *, k, prompt_style, **kw):
+        styles.append(prompt_style)
+        return [{"id": ex.id, "text": "4", "profile_items": k} for ex in data.examples]
+    monkeypatch.setattr(ev, "generate_answers", generate)
+    cfg = parse_cli(ev.EvalConfig, ["--config", str(REPO / "recipes" / "configs" / "eval_pgraphrag.yaml"),
+                                    f"pgraphrag_dir={pgraphrag_dir}", "limit=3", "checkpoints=m=unused",
+                                    f"out_dir={tmp_path / 'out'}"])
+    tables = ev.run(cfg)
+    assert set(tables["table"].rows["m"]) == {"PGraphRAG-title", "PGraphRAG-rating"}
+    assert styles == ["full", "full"]
+
+
+def test_two_files_for_one_row_and_task_are_an_error(lamp_root, tmp_path):
+    td = ev.load_task_data(lamp_root, "LaMP-3")
+    a = lamp.write_outputs(tmp_path / "a.json", "LaMP-3", td.golds)
+    b = lamp.write_outputs(tmp_path / "b.json", "LaMP-3", dict.fromkeys(td.golds, "1"))
+    with pytest.raises(ev.DataError, match="row 'gemini' already has LaMP-3 results"):
+        ev.evaluate_prediction_files({"gemini": [a, b]}, [td])
+
+
+def test_rows_sharing_an_output_folder_are_an_error(lamp_root, tmp_path):
+    td = ev.load_task_data(lamp_root, "LaMP-3")
+    gold = lamp.write_outputs(tmp_path / "g.json", "LaMP-3", td.golds)
+    with pytest.raises(ev.DataError, match="share the output folder name 'Guided_RL'"):
+        ev.evaluate_prediction_files({"Guided RL": [gold], "Guided_RL": [gold]}, [td])
+
+
+def test_a_checkpoint_name_given_twice_is_an_error():
+    with pytest.raises(ConfigError, match="name\\(s\\) 'sft' given more than once"):
+        parse_cli(ev.EvalConfig, ["tasks=LaMP-3", "checkpoints=sft=a,sft=b"])
 
 
 def test_predictions_written_with_normalize_are_the_answers_as_scored(tmp_path):
@@ -105,11 +170,14 @@ def test_raw_generations_are_kept_per_row_and_task(two_rows):
     assert all(1 <= r["completion_tokens"] <= 4 and r["profile_items"] == 6 for r in records)
 
 
-def test_greedy_evaluation_is_deterministic(two_rows, lamp_root, checkpoints):
-    table, _ = two_rows
-    again = ev.evaluate_checkpoints({"sft": checkpoints["sft"]}, ["LaMP-2"], data=lamp_root, max_new_tokens=4,
-                                    engine="builtin", log=lambda *_: None)
-    assert again.rows["sft"]["LaMP-2"] == table.rows["sft"]["LaMP-2"]
+def test_greedy_evaluation_is_deterministic(two_rows, lamp_root, checkpoints, tmp_path):
+    # the generations, not the metrics: a random model's metrics sit at their floor whatever it decodes
+    _, out = two_rows
+    ev.evaluate_checkpoints({"sft": checkpoints["sft"]}, ["LaMP-2"], data=lamp_root, max_new_tokens=4,
+                            out_dir=tmp_path, engine="builtin", log=lambda *_: None)
+    texts = [[json.loads(x)["text"] for x in (o / "generations" / "sft" / "LaMP-2.jsonl").read_text().splitlines()]
+             for o in (out, tmp_path)]
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1  # distinct prompts gave distinct answers
 
 
 def test_sweep_settings_make_one_row_per_retriever_and_k(lamp_root, checkpoints, tmp_path):

@@ -51,7 +51,8 @@ THINK_CLOSE = "</think>"
 _BRACKET_LABEL_RE = re.compile(r"\[\s*([0-9]+)\s*\]")
 _NUMBER_RE = re.compile(r"[0-9]+")
 _LEADING_NUMBER_RE = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
-_SCALE_RE = re.compile(r"(?:/|\bout of)\s*5(?![0-9.])", re.IGNORECASE)  # "4/5", "4 out of 5": the scale, not a rating
+# "4/5", "4 out of 5", "4/5.": the scale, not a rating; "4/5.5" is no scale
+_SCALE_RE = re.compile(r"(?:/|\bout of)\s*5(?![0-9]|\.[0-9])", re.IGNORECASE)
 _NON_ALNUM_RE = re.compile(r"[^0-9a-z]+")
 _RATING_PREFIX_CHARS = "\"'`*[(<{ \t\n\r"
 # LaMP-2 tags keyed by their letters and digits only: "thought-provoking" -> "thoughtprovoking".

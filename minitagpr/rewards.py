@@ -196,6 +196,11 @@ def check_tags(chain: str | None, allowed: Iterable[str] = TAGS, min_tags: int =
     same name; no tag inside a segment (no nesting); no stray closing tag; nothing left unclosed; every segment has
     non-blank content (an empty `<make_decision></make_decision>` decides nothing); at least `min_tags` segments.
     `chain=None` (no single think block) fails. One pass over the tag tokens: linear time.
+
+    tagpr-method.md names three checks (tag syntax, every tag in the nine-tag set, >= 3 tags); "tag syntax" is read
+    here as "the chain is a flat sequence of non-empty tagged segments", so any `<word>` inside a segment (e.g. an
+    HTML `<br>`) fails as nesting. The same function filters the Stage-0 chains (data/chains.py) that SFT learns
+    from, so what the policy is taught and what the reward accepts are one definition.
     """
     if chain is None:
         return TagCheck((), "no single <think>...</think> block")

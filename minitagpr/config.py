@@ -75,6 +75,24 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def check_resumed_config(saved: dict[str, Any], cfg: Any, resumable: set[str], where: Any,
+                         also_changed: typing.Iterable[str] = ()) -> None:
+    """A resumed run must train as the checkpointed run did. `saved` is the checkpoint's `to_dict(cfg)`; every key
+    outside `resumable` (paths, logging, checkpoint cadence, memory knobs) must be unchanged, else ConfigError
+    naming each change. Values are compared as the checkpoint stores them (JSON: tuples read back as lists). A
+    checkpoint without a saved config (written before configs were saved) is not checked."""
+    import json
+
+    now = json.loads(json.dumps(to_dict(cfg), default=str))
+    saved = json.loads(json.dumps(saved, default=str))
+    changed = [k for k in sorted(saved) if k in now and k not in resumable and saved[k] != now[k]]
+    changed += [k for k in also_changed if k not in changed]
+    if changed:
+        raise ConfigError(f"{where}: resuming with settings that differ from the checkpoint's: "
+                          + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+                          + " (use a new out_dir, or resume=false to start over)")
+
+
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the full config as YAML, atomically (temp file + rename)."""
     path = Path(path)

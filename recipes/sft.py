@@ -25,7 +25,7 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import ConfigError, parse_cli, save_config
+from minitagpr.config import ConfigError, check_resumed_config, parse_cli, save_config, to_dict
 from minitagpr.train import optim as O
 from minitagpr.train import sft_data as S
 from minitagpr.train.loss import NonFiniteLossError, nll_forward_backward
@@ -81,6 +81,12 @@ class SftConfig:
             raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas}")
+
+
+# Settings a resumed run may change (paths, logging, checkpoint cadence, memory knobs, the export); any other
+# difference from the checkpoint's config is an error (lr, schedule, batch, data shaping, seed...).
+RESUMABLE_KEYS = {"model", "tokenizer", "data", "demo_dir", "out_dir", "micro_batch", "activation_checkpointing",
+                  "save_every", "keep_last", "resume", "export_dtype", "plot", "eval_max_new_tokens"}
 
 
 def run(cfg: SftConfig) -> Path:
@@ -141,6 +147,10 @@ def run(cfg: SftConfig) -> Path:
         if state.get("data") != data_sig:
             raise ConfigError(f"checkpoint {latest} was written for data {state.get('data')} but this run has "
                               f"{data_sig}; use a fresh out_dir or resume=false")
+        # the run's length sets the warmup (a ratio of it) and where the cosine ends: it may change only when
+        # neither depends on it
+        length = {"epochs", "max_steps"} if cfg.min_lr_ratio == 1.0 and cfg.warmup_ratio == 0 else set()
+        check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
         start_step = int(state["step"])
         D.log(f"[sft] resumed from {latest} at step {start_step}")
 
@@ -148,7 +158,7 @@ def run(cfg: SftConfig) -> Path:
     log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)
     progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="[sft] ")
     peak, peak_note = peak_flops(info.device)
-    flops_per_token = model.flops_per_token(int(rows.lengths.float().mean()))  # attention term at the mean length
+    body_flops = model.flops_per_token(int(rows.lengths.float().mean()), head=False)  # attention at the mean length
     D.log(f"[sft] MFU peak: {peak_note}")
     t_start = time.perf_counter()
     for step in range(start_step, total_steps):
@@ -167,15 +177,17 @@ def run(cfg: SftConfig) -> Path:
         optimizer.step()
         dt = time.perf_counter() - t0
         tokens = out["tokens"]  # input tokens of the step over all ranks (after trimming trailing padding)
+        step_flops = tokens * body_flops + out["valid_tokens"] * model.head_flops_per_token()  # head: targets only
         record = {"step": step, "epoch": step // spe, "loss": out["loss"], "lr": lr, "grad_norm": grad_norm,
                   "target_tokens": out["valid_tokens"], "tokens": tokens, "tokens_per_s": tokens / dt,
-                  "mfu": mfu(tokens / dt, flops_per_token, info.world_size, peak), "step_time_s": dt,
+                  "mfu": mfu(tokens / dt, step_flops / tokens, info.world_size, peak), "step_time_s": dt,
                   "elapsed_s": time.perf_counter() - t_start}
         log.write(record)
         progress.update(step, loss=out["loss"], lr=lr, gnorm=grad_norm)
         done = step + 1
         if done == total_steps or (cfg.save_every > 0 and done % cfg.save_every == 0):
-            D.save_checkpoint(ckpt_dir, done, model, optimizer, {"data": data_sig}, cfg.keep_last)
+            D.save_checkpoint(ckpt_dir, done, model, optimizer, {"data": data_sig, "config": to_dict(cfg)},
+                              cfg.keep_last)
 
     # ---- 8. export: full weights gathered on rank 0 -> HF folder (config, safetensors, tokenizer) -----------------
     export_dir = D.export_hf(model, out_dir / "hf", tokenizer_dir, dtype=getattr(torch, cfg.export_dtype))

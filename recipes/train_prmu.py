@@ -29,7 +29,7 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import ConfigError, parse_cli, save_config
+from minitagpr.config import ConfigError, check_resumed_config, parse_cli, save_config, to_dict
 from minitagpr.data import demo_world
 from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, read_pairs, split_heldout,
                                         write_pairs)
@@ -98,6 +98,13 @@ class PrmuConfig:
             raise ValueError(f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
 
 
+# Settings a resumed run may change (paths, logging and evaluation cadence, checkpoints, memory knobs); any other
+# difference from the checkpoint's config is an error (lr, table_lr, schedule, batch, user table, seed...).
+RESUMABLE_KEYS = {"pairs", "heldout_pairs", "demo_world", "tokenizer", "init", "new_head", "init_preset", "out_dir",
+                  "eval_every", "eval_batch", "save_every", "keep_last", "resume", "log_every", "micro_batch",
+                  "activation_checkpointing"}
+
+
 @dataclass
 class EncodedPair:
     chosen: list[int]
@@ -137,7 +144,7 @@ def run(cfg: PrmuConfig) -> Path:
         counts = {s: sum(p.set == s for p in train_pairs) for s in ("PRP", "PQP")}
         D.log(f"prmu: {len(train)} training pairs {counts}, {len(held)} held out, {len(users)} users, "
               f"user table {'on' if cfg.use_user_table else 'off'}")
-    spe = steps_per_epoch(len(train), cfg.global_batch)
+    spe = steps_per_epoch(len(train), cfg.global_batch, "training pairs", "lower global_batch or add pairs")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * spe))
 
     # ------------------------------------------------------------------------------------------- 3. model
@@ -169,11 +176,14 @@ def run(cfg: PrmuConfig) -> Path:
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)
         if state.get("num_train_pairs") != len(train) or state.get("num_users") != len(users):
-            raise SystemExit(f"{latest}: saved for {state.get('num_train_pairs')} pairs / {state.get('num_users')} "
+            raise ConfigError(f"{latest}: saved for {state.get('num_train_pairs')} pairs / {state.get('num_users')} "
                              f"users, but this run has {len(train)} / {len(users)}; use a new out_dir or resume=false")
         if state.get("data_fingerprint", fingerprint) != fingerprint:  # same counts, other pairs or user rows
-            raise SystemExit(f"{latest}: saved for other training pairs or users (data fingerprint "
+            raise ConfigError(f"{latest}: saved for other training pairs or users (data fingerprint "
                              f"{state['data_fingerprint']}, this run {fingerprint}); use a new out_dir or resume=false")
+        # the run's length sets where the cosine ends: it may change only under a constant lr after warmup
+        length = {"epochs", "max_steps"} if cfg.min_lr_ratio == 1.0 else set()
+        check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
         start_step = state["step"]
         D.log(f"prmu: resumed from {latest} at step {start_step}")
 
@@ -181,7 +191,7 @@ def run(cfg: PrmuConfig) -> Path:
     log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step + 1 if latest else None)
     progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="prmu ")
     state_extra = {"num_train_pairs": len(train), "num_users": len(users), "total_steps": total_steps,
-                   "data_fingerprint": fingerprint}
+                   "data_fingerprint": fingerprint, "config": to_dict(cfg)}
 
     # ------------------------------------------------------------------------------------------- 6. train loop
     model.train()
@@ -222,7 +232,10 @@ def run(cfg: PrmuConfig) -> Path:
             D.save_checkpoint(ckpt_dir, done, model, optimizer, state_extra, keep_last=cfg.keep_last)
 
     # ------------------------------------------------------------------------------------------- 7. export
-    final = log_eval(model, held, total_steps, cfg, tokenizer.pad_id, info, log)
+    if start_step < total_steps:
+        final = log_eval(model, held, total_steps, cfg, tokenizer.pad_id, info, log)
+    else:  # a finished run, rerun (or killed during its export): its final eval row is in the log already
+        final = evaluate(model, held, cfg, tokenizer.pad_id, info)
     D.save_checkpoint(ckpt_dir, total_steps, model, optimizer, state_extra, keep_last=cfg.keep_last)
     hf_dir = D.export_hf(model, out / "hf", tokenizer_dir=tokenizer.source, save_fn=save_reward_model)
     if info.is_main:

@@ -62,10 +62,12 @@ def test_save_is_atomic_and_replaces(tmp_path):
     model = build_model(tiny_config("tiny"), seed=1)
     out = tmp_path / "c"
     save_pretrained(model, out)
-    save_pretrained(build_model(tiny_config("tiny"), seed=2), out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    second = build_model(tiny_config("tiny"), seed=2)
+    save_pretrained(second, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary folder left behind
     again = load_pretrained(out)
-    assert torch.equal(again.model.norm.weight, model.model.norm.weight)
+    assert torch.equal(again.model.embed_tokens.weight, second.model.embed_tokens.weight)  # the second save won
+    assert not torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
 def _text_file(path):

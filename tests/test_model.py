@@ -138,6 +138,8 @@ def test_flops_per_token_counts_matmul_weights():
     n = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
     attn = 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * 128
     assert model.flops_per_token(128) == 6 * n + attn
+    head = 6 * c.vocab_size * c.hidden_size  # the trainers count it per target token only (fused log-prob kernel)
+    assert model.head_flops_per_token() == head and model.flops_per_token(128, head=False) == 6 * n + attn - head
 
 
 def test_fused_projections_give_the_same_decode_and_are_dropped_on_exit():

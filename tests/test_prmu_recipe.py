@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from minitagpr.config import ConfigError
 from minitagpr.data.preferences import PreferenceDataError, PreferencePair, Response, format_response, read_pairs, write_pairs
 from minitagpr.model.presets import make_tiny_checkpoint
 from minitagpr.model.reward import PRMUScorer, load_reward_model
@@ -292,9 +293,21 @@ def test_rollout_command_samples_each_query_with_and_without_the_profile(tmp_pat
 
 def test_resume_refuses_other_pairs_or_users_of_the_same_counts(setup, tmp_path):
     # the same number of pairs and users, but u0 and u1 swapped: every table row would now train another user
-    _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=2, save_every=1))
+    # (a constant lr after warmup, min_lr_ratio=1, so that the run may be extended from 2 to 3 steps)
+    _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=2, save_every=1, min_lr_ratio=1.0))
     swapped = [dataclasses.replace(p, user={"u0": "u1", "u1": "u0"}.get(p.user, p.user)) for p in _pairs()]
     write_pairs(tmp_path / "swapped.jsonl", swapped)
-    with pytest.raises(SystemExit, match="data fingerprint"):
-        _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=3, pairs=tmp_path / "swapped.jsonl"))
-    _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=3))  # the same data resumes
+    with pytest.raises(ConfigError, match="data fingerprint"):
+        _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=3, pairs=tmp_path / "swapped.jsonl",
+                                                min_lr_ratio=1.0))
+    _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=3, min_lr_ratio=1.0))  # the same data resumes
+
+
+def test_resume_refuses_another_learning_rate_or_schedule_length(setup):
+    # the checkpoint's optimizer state would silently keep the old lr/table_lr, and a longer run moves the cosine
+    _run_in_process(_import_recipe(), _args(setup, "lr", max_steps=2, save_every=1))
+    with pytest.raises(ConfigError, match=r"table_lr 0\.01 -> 0\.2"):
+        _run_in_process(_import_recipe(), _args(setup, "lr", max_steps=2, table_lr=0.2))
+    with pytest.raises(ConfigError, match=r"max_steps 2 -> 3"):
+        _run_in_process(_import_recipe(), _args(setup, "lr", max_steps=3))
+    _run_in_process(_import_recipe(), _args(setup, "lr", max_steps=2, eval_every=1, save_every=2))  # plumbing

@@ -226,3 +226,14 @@ def test_dropping_a_trained_table_at_load_time_warns(tmp_path):
     with pytest.warns(UserWarning, match="use_user_table=false"):
         model = load_reward_model(tmp_path / "rm", use_user_table=False)
     assert not model.use_user_table
+
+
+def test_asking_for_a_table_on_a_checkpoint_without_one_is_an_error_not_a_random_row(tmp_path):
+    # e.g. prmu_user_table=true in guided RL on a 'PRMU w/o UE' export: a fresh random soft token before every
+    # input would silently change every reward
+    save_reward_model(_tiny_prmu(use_user_table=False), tmp_path / "rm")
+    with pytest.raises(CheckpointError, match="holds no user table.*use_user_table=false"):
+        load_reward_model(tmp_path / "rm", use_user_table=True)
+    assert not load_reward_model(tmp_path / "rm").use_user_table  # the default follows the checkpoint
+    fresh = load_reward_model(tmp_path / "rm", use_user_table=True, users=["alice"])  # training starts a table
+    assert fresh.use_user_table and fresh.users.row("alice") == 1

@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from minitagpr.distributed import latest_checkpoint
-from train_fixtures import REPO, launch, launch_sequence, losses, make_inputs
+from train_fixtures import REPO, grad_norms, launch, launch_sequence, losses, make_inputs
 
 
 def recipe():
@@ -90,11 +91,20 @@ def test_the_tiny_run_learns(runs):
 def test_one_and_two_processes_give_the_same_losses_and_weights(runs):
     assert_losses_close(losses(runs["two"]), losses(runs["one"]), rel=1e-4)
     assert_weights_close(weights(runs["two"]), weights(runs["one"]), rel=1e-4)
+    assert grad_norms(runs["two"]) == pytest.approx(grad_norms(runs["one"]), rel=1e-4)
 
 
 def test_gradient_accumulation_1_and_4_give_the_same_losses_and_weights(runs):
     assert_losses_close(losses(runs["accum"]), losses(runs["two"]), rel=1e-4)
     assert_weights_close(weights(runs["accum"]), weights(runs["two"]), rel=1e-4)
+    assert grad_norms(runs["accum"]) == pytest.approx(grad_norms(runs["two"]), rel=1e-4)
+
+
+def test_ranks_and_micro_batches_hold_unequal_target_counts(inputs):
+    # otherwise a per-rank or per-micro-batch mean would equal the global one and the two tests above could not
+    # tell them apart
+    records = [json.loads(line) for line in Path(inputs["data"]).read_text().splitlines()]
+    assert len({len(r["chain"].split()) for r in records}) >= 4
 
 
 def test_only_the_last_k_checkpoints_are_kept(runs):
@@ -182,3 +192,14 @@ def test_non_finite_loss_stops_with_the_step(inputs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[sft] error: non-finite" in err and "at step 1; stopping before the optimizer step" in err
     assert [s for s, _ in losses(tmp_path / "x")] == [0]
+
+
+def test_resume_refuses_another_learning_rate_or_schedule_but_not_plumbing(inputs, tmp_path):
+    from minitagpr.config import ConfigError
+    out = tmp_path / "r"
+    run_in_process(common(inputs, out, max_steps=2, save_every=1, plot=False))
+    with pytest.raises(ConfigError, match=r"resuming with settings that differ.*lr 0\.001 -> 0\.002"):
+        run_in_process(common(inputs, out, max_steps=2, lr=2e-3, plot=False))
+    with pytest.raises(ConfigError, match=r"max_steps 2 -> 3"):  # warmup and cosine are ratios of the length
+        run_in_process(common(inputs, out, max_steps=3, plot=False))
+    run_in_process(common(inputs, out, max_steps=2, keep_last=1, micro_batch=2, plot=False))  # plumbing resumes

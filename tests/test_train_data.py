@@ -163,14 +163,19 @@ def test_each_epoch_visits_distinct_rows_and_epochs_differ():
     assert epochs[0] != epochs[1] != epochs[2]
 
 
-def test_resuming_at_any_step_continues_the_same_sequence():
-    num_rows, gb, seed, total = 20, 4, 1, 17  # 5 steps per epoch: boundaries at 5, 10, 15
-    straight = [S.rows_for_step(s, num_rows, gb, seed) for s in range(total)]
-    for resume_at in range(total + 1):
-        # a "run" that stops after resume_at steps, then a fresh process continuing from the saved step
-        first = [S.rows_for_step(s, num_rows, gb, seed) for s in range(resume_at)]
-        second = [S.rows_for_step(s, num_rows, gb, seed) for s in range(resume_at, total)]
-        assert first + second == straight
+def test_the_order_is_a_seeded_permutation_per_epoch_whatever_the_step_a_run_starts_at():
+    # resume relies on rows_for_step being a pure function of (step, rows, batch, seed): check it against its
+    # definition -- epoch e = step // steps_per_epoch visits its own permutation, batch after batch -- at every step
+    # around the epoch boundaries, each computed as a fresh process would (no state carried between calls)
+    num_rows, gb, seed = 22, 4, 1  # 5 steps per epoch (2 rows dropped each epoch)
+    spe = S.steps_per_epoch(num_rows, gb)
+    for step in [0, 4, 5, 6, 9, 10, 14, 15, 16]:
+        epoch, k = divmod(step, spe)
+        rows = S.rows_for_step(step, num_rows, gb, seed)
+        same_epoch = [r for s in range(epoch * spe, (epoch + 1) * spe) for r in S.rows_for_step(s, num_rows, gb, seed)]
+        assert rows == same_epoch[k * gb:(k + 1) * gb] and len(set(same_epoch)) == spe * gb
+    firsts = [S.rows_for_step(e * spe, num_rows, gb, seed) for e in range(3)]
+    assert firsts[0] != firsts[1] != firsts[2]  # a resumed run at a boundary starts the next epoch's order
 
 
 def test_order_depends_on_the_seed():

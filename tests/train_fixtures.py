@@ -36,10 +36,13 @@ def write_tokenizer(folder: Path) -> Path:
 
 
 def sft_record(i: int) -> dict:
-    """One record whose chain and answer follow from the prompt (so a model can learn them)."""
+    """One record whose chain and answer follow from the prompt (so a model can learn them). Chains restate 1-4
+    profile words, so records (and packed rows, and ranks) hold different numbers of target tokens: a loss divided
+    per rank or per micro-batch instead of by the global count would show."""
     words = [WORDS[(i * 7 + k) % len(WORDS)] for k in range(3 + i % 4)]
     tag = TAGS[i % len(TAGS)]
-    chain = f"<{tag}>the user likes {words[0]}</{tag}>\n<make_decision>{words[-1]}</make_decision>"
+    liked = " ".join(words[:1 + (i * 5) % 4])
+    chain = f"<{tag}>the user likes {liked}</{tag}>\n<make_decision>{words[-1]}</make_decision>"
     return {"id": f"r{i}", "user": f"u{i % 5}", "task": "LaMP-2",
             "messages": [{"role": "user", "content": "profile: " + " ".join(words)}],
             "chain": chain, "answer": words[-1]}
@@ -94,6 +97,12 @@ def _run(target: list[str], args: list[str], nproc: int, env: dict | None, timeo
     path = os.pathsep.join([str(REPO), str(REPO / "tests")])
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **(env or {}))
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def grad_norms(out_dir: Path) -> list[float]:
+    """grad_norm of every line of a run's metrics.jsonl: a gradient averaged instead of summed over ranks halves
+    it, where clipping and Adam hide that from the losses and weights."""
+    return [json.loads(line)["grad_norm"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(out_dir: Path) -> list[tuple[int, float]]:

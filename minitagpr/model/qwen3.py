@@ -435,9 +435,16 @@ class Qwen3ForCausalLM(nn.Module):
             n -= self.model.embed_tokens.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 per weight used in a matmul (the head always counts, the
-        embedding lookup never) plus causal attention's 6·L·nh·D·T (QK^T and AV at 2·nh·D·T each, half masked, x3)."""
+    def flops_per_token(self, seq_len: int, head: bool = True) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight used in a matmul (the embedding lookup never
+        counts; the head only with head=True) plus causal attention's 6·L·nh·D·T (QK^T and AV at 2·nh·D·T each,
+        half masked, x3). The fused log-prob kernels run the head only at target positions, so the trainers count
+        `head_flops_per_token()` per target token and this with head=False per input token."""
         c = self.config
-        n = sum(p.numel() for p in self.model.layers.parameters() if p.ndim == 2) + c.vocab_size * c.hidden_size
-        return 6.0 * n + 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        n = sum(p.numel() for p in self.model.layers.parameters() if p.ndim == 2)
+        return 6.0 * n + 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len + \
+            (self.head_flops_per_token() if head else 0.0)
+
+    def head_flops_per_token(self) -> float:
+        """Training FLOPs of the LM head for one position (forward + backward): 6 · vocab · hidden."""
+        return 6.0 * self.config.vocab_size * self.config.hidden_size

@@ -228,7 +228,8 @@ def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, devic
     `new_head=True` — a Qwen3 causal LM whose lm_head is dropped and whose score head is freshly initialised.
 
     The table: a saved one (user_vocab.json + user_embeddings.safetensors) is loaded as is; `users` builds a fresh
-    one for these ids (only for a checkpoint without a table); `use_user_table=False` drops any table."""
+    one for these ids (only for a checkpoint without a table); `use_user_table=False` drops any table;
+    `use_user_table=True` on a checkpoint without a table and without `users` is an error (never a random row)."""
     folder = resolve_checkpoint(path_or_hub_id)
     try:
         cfg = Qwen3Config.from_json(folder / "config.json")
@@ -239,6 +240,10 @@ def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, devic
         raise CheckpointError(f"{folder}: already holds a user table ({USERS_FILE}); pass users=None to use it")
     if use_user_table is None:
         use_user_table = saved_table or users is not None
+    elif use_user_table and not saved_table and users is None:  # a fresh random row would precede every input
+        raise CheckpointError(f"{folder}: holds no user table ({USERS_FILE}), so use_user_table=true has no rows to "
+                              f"read; score it with use_user_table=false (e.g. a 'PRMU w/o UE' or a Skywork "
+                              f"checkpoint), or pass users= to start a fresh table for training")
     elif saved_table and not use_user_table:
         warnings.warn(f"{folder}: this PRMU was trained with a user table; scoring without it feeds the model inputs "
                       f"it never saw. The paper's 'PRMU w/o UE' is a PRMU trained with use_user_table=false.",

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.config import ConfigError
+from minitagpr.config import ConfigError, check_resumed_config
 from minitagpr.data import lamp
 from minitagpr.data.prompts import build_messages
 from minitagpr.data.retrieval import get_retriever
@@ -451,14 +451,10 @@ _RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", 
 def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
     """Compare the RL settings only: a recipe's own keys (e.g. the demo driver's exploratory_steps) do not change
     this stage's steps."""
-    now = {f.name: getattr(cfg, f.name) for f in fields(RLConfig)}
-    changed = sorted(k for k in saved if k in now and k not in _RESUMABLE_KEYS and saved[k] != now[k])
-    if now["min_lr_ratio"] != 1.0 and saved.get("max_steps", now["max_steps"]) != now["max_steps"]:
-        changed.append("max_steps")  # it sets where the lr decay ends: the resumed steps would get other lrs
-    if changed:
-        raise ConfigError(f"{path}: resuming with settings that differ from the checkpoint's: "
-                          + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
-                          + " (use a new out_dir, or resume=false to start over)")
+    rl_only = {f.name: saved[f.name] for f in fields(RLConfig) if f.name in saved}
+    decays = cfg.min_lr_ratio != 1.0 and rl_only.get("max_steps", cfg.max_steps) != cfg.max_steps
+    # max_steps sets where the lr decay ends: with a decaying lr the resumed steps would get other lrs
+    check_resumed_config(rl_only, cfg, _RESUMABLE_KEYS, path, also_changed=["max_steps"] if decays else [])
 
 
 def stage_seed(cfg: RLConfig) -> int:
@@ -504,9 +500,8 @@ def train(cfg: RLConfig) -> Path:
     prmu = None
     if cfg.stage == "guided" and cfg.use_prmu and cfg.gamma != 0.0:
         from minitagpr.model.reward import PRMUScorer
+        # prmu_user_table=true on a checkpoint without a table fails in the loader (CheckpointError, naming it)
         prmu = PRMUScorer.from_pretrained(cfg.prmu, device=info.device, use_user_table=cfg.prmu_user_table)
-        if cfg.prmu_user_table and not prmu.model.use_user_table:
-            raise ConfigError(f"prmu_user_table=true but {cfg.prmu} holds no user table")
 
     # 3. resume: weights, optimizer, step; the engine then starts from the checkpoint's weights
     start = 0
@@ -568,8 +563,11 @@ def train(cfg: RLConfig) -> Path:
         # tokens the update processed: every non-pad token of every sequence (prompt + response)
         tokens = D.all_reduce_sum(torch.tensor(float((input_ids != tokenizer.pad_id).sum()), dtype=torch.float64,
                                                device=info.device)).item()
-        # FLOPs of the old-log-prob forward (1/3 of a training pass) and ppo_epochs training passes
-        flops = tokens * model.flops_per_token(input_ids.shape[1]) * (1 / 3 + cfg.ppo_epochs)
+        n_targets = D.all_reduce_sum(torch.tensor(float(mask.sum()), dtype=torch.float64, device=info.device)).item()
+        # FLOPs of the old-log-prob forward (1/3 of a training pass) and ppo_epochs training passes; the fused
+        # log-prob kernel runs the head on response tokens only
+        flops = (tokens * model.flops_per_token(input_ids.shape[1], head=False)
+                 + n_targets * model.head_flops_per_token()) * (1 / 3 + cfg.ppo_epochs)
         elapsed = time.perf_counter() - t0
         row.update(lr=optimizer.param_groups[0]["lr"], rollout_s=t_rollout, train_s=t_train, sync_s=t_sync,
                    step_s=elapsed, train_tokens_per_s=tokens / t_train,

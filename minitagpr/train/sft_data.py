@@ -199,11 +199,11 @@ def pack_documents(docs: list[Document], seq_len: int, pad_id: int, *, pack: boo
 
 
 # ----------------------------------------------------------------------------------------------- order
-def steps_per_epoch(num_rows: int, global_batch: int) -> int:
+def steps_per_epoch(num_rows: int, global_batch: int, what: str = "packed rows",
+                    fix: str = "lower global_batch or seq_len, or add data") -> int:
     """Optimizer steps in one epoch (the incomplete tail batch is dropped)."""
     if num_rows < global_batch:
-        raise DataError(f"only {num_rows} packed rows but global_batch={global_batch}: lower global_batch or "
-                        "seq_len, or add data")
+        raise DataError(f"only {num_rows} {what} but global_batch={global_batch}: {fix}")
     return num_rows // global_batch
 
 

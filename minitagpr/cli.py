@@ -27,18 +27,25 @@ from minitagpr.tokenizer import TokenizerError
 from minitagpr.train.loss import NonFiniteLossError
 from minitagpr.train.sft_data import DataError as SftDataError
 
-# Errors whose message already says what is wrong and where; FileNotFoundError/IsADirectoryError name the path.
+# Errors whose message already says what is wrong and where. Besides these, any OSError that names a path (a
+# missing file, an unwritable or read-only out_dir, a file where a folder should be...) is the user's to fix.
 USER_ERRORS = (ConfigError, ModelConfigError, DataError, SftDataError, PreferenceDataError, CheckpointError,
                TokenizerError, RolloutError, NonFiniteError, NonFiniteLossError, CacheError, EndpointError,
                FileNotFoundError, IsADirectoryError)
 
 
+def is_user_error(err: BaseException) -> bool:
+    return isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.filename is not None)
+
+
 @contextmanager
 def exit_on_user_error(name: str):
-    """Turn a `USER_ERRORS` exception into `[name] error: <message>` on stderr and exit status 1."""
+    """Turn a user error (`is_user_error`) into `[name] error: <message>` on stderr and exit status 1."""
     try:
         yield
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, OSError) as err:
+        if not is_user_error(err):
+            raise
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f" (rank {os.environ.get('RANK', '0')})" if world > 1 else ""
         print(f"[{name}] error{where}: {err}", file=sys.stderr, flush=True)
@@ -47,7 +54,7 @@ def exit_on_user_error(name: str):
 
 def run_recipe(name: str, body: Callable[[], object]) -> None:
     """A recipe's run: `body()`, the process group torn down whatever happens (`distributed.destroy_distributed`),
-    and a `USER_ERRORS` exception ended as in `exit_on_user_error`. The recipe's `__main__` then calls
+    and a user error ended as in `exit_on_user_error`. The recipe's `__main__` then calls
     `distributed.end_process()`."""
     with exit_on_user_error(name):
         try:

@@ -75,6 +75,36 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def check_choice(key: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    """For a config's __post_init__: ValueError naming the key unless value is one of choices."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_at_least(key: str, value: Any, low: int | float) -> None:
+    """For a config's __post_init__: ValueError naming the key unless value >= low."""
+    if not value >= low:
+        raise ValueError(f"{key} must be >= {low}, got {value!r}")
+
+
+def check_writable_file(path: Path, key: str) -> None:
+    """Fail now, naming the key, if `path` cannot be written later (a folder in its place, a parent that is a
+    file, no permission, a read-only file system): a run must not find that out after hours of work. Creates the
+    parent folder."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{key}={path} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}={path}: cannot write there ({e.strerror or e})") from None
+
+
 def check_resumed_config(saved: dict[str, Any], cfg: Any, resumable: set[str], where: Any,
                          also_changed: typing.Iterable[str] = ()) -> None:
     """A resumed run must train as the checkpointed run did. `saved` is the checkpoint's `to_dict(cfg)`; every key
@@ -115,13 +145,29 @@ def describe(cls: type, prefix: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error instead of silently keeping the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        what = f"{err.problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(err)
+        raise ConfigError(f"config file {path} is not valid YAML: {what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -159,7 +205,8 @@ def _build(cls: type, values: dict[str, tuple[Any, str]], prefix: str) -> Any:
     except (ValueError, TypeError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"invalid {cls.__name__} config: {err}") from None
+        sources = ", ".join(dict.fromkeys(source for _, source in mine.values())) or "the defaults"
+        raise ConfigError(f"invalid {cls.__name__} config: {err} (settings from {sources})") from None
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -175,7 +222,11 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _unknown_key_message(cls: type, prefix: str, key: str, source: str) -> str:
     valid = _all_keys(cls, prefix)
-    close = difflib.get_close_matches(prefix + key, valid, n=1, cutoff=0.5)
+    close = []
+    if "." in key:  # a misplaced nested key ("optim.lr" for "lr"): match its last part against the keys' last parts
+        last = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [last[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(last), n=1, cutoff=0.8)]
+    close = close or difflib.get_close_matches(prefix + key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
     return f"unknown config key '{prefix + key}' (from {source}){hint}"
 

@@ -31,6 +31,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -444,23 +445,50 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     """Collective. Restore model (+ optimizer) shards and this rank's RNG state from a checkpoint folder; returns
     the saved `state` dict (with `step`). The world size may differ from the saving run's (DCP reshards); RNG
     states are then left as they are."""
+    from minitagpr.model.checkpoint import CheckpointError
+
     path = Path(path)
     if missing := missing_last_files(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {', '.join(missing)})")
-    state = json.loads((path / "state.json").read_text())
-    if optimizer is None:
-        model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, checkpoint_id=str(path))
-        set_model_state_dict(model, model_sd)
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+    def unusable(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: cannot resume from this checkpoint ({why}); delete it or run with "
+                               f"resume=false")
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise unusable(f"state.json is not valid JSON: {e}") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise unusable(f"state.json needs an object with an integer 'step' >= 0, got step {step!r}")
+    try:  # a damaged shard, a garbage .metadata, or a model of another shape than the one saved
+        if optimizer is None:
+            model_sd = get_model_state_dict(model)
+            dcp.load({"model": model_sd}, checkpoint_id=str(path))
+            set_model_state_dict(model, model_sd)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            sd = {"model": model_sd, "optim": optim_sd}
+            dcp.load(sd, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    except (Exception, CheckpointException) as e:  # DCP's exception (a BaseException) wraps each rank's failure
+        if isinstance(e, CheckpointException) and e.failures:
+            e = next(iter(e.failures.values()))
+            e = e[0] if isinstance(e, tuple) else getattr(e, "exc", e)  # (exception, its frames)
+        raise unusable(_first_line(e)) from None
     rng_file = path / f"rng_rank{world().rank:05d}.pt"
     if state.get("world_size") == world().world_size and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        try:
+            rng = torch.load(rng_file, weights_only=True)
+        except Exception as e:
+            raise unusable(f"{rng_file.name} is not a saved RNG state: {type(e).__name__}") from None
+        _set_rng_state(rng)
     return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else 'no message'}"
 
 
 # ----------------------------------------------------------------------------------------------- HF export

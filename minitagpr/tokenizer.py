@@ -51,7 +51,7 @@ class TokenizerError(ValueError):
 # The Qwen3 chat template, in Python
 # --------------------------------------------------------------------------------------------------------------
 
-def _check_messages(messages) -> None:
+def check_messages(messages) -> None:
     """Raise a ValueError naming the message index and field for anything the renderer does not take."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
@@ -128,7 +128,7 @@ def render_qwen3_chat(messages, add_generation_prompt: bool = False, enable_thin
     if not isinstance(add_generation_prompt, bool) or not isinstance(enable_thinking, bool):
         raise ValueError(f"add_generation_prompt and enable_thinking must be bools, got "
                          f"{add_generation_prompt!r} and {enable_thinking!r}")
-    _check_messages(messages)
+    check_messages(messages)
     parts = []
     if messages[0]["role"] == "system":
         parts.append(f"{IM_START}system\n{messages[0]['content']}{IM_END}\n")

@@ -24,11 +24,12 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import parse_cli
+from minitagpr.config import check_at_least, check_choice, check_writable_file, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.preferences import RolloutRecord, read_rollouts, write_rollouts
 from minitagpr.model import load_pretrained
 from minitagpr.model.checkpoint import resolve_checkpoint
+from minitagpr.rollout import vllm_available
 from minitagpr.tokenizer import Tokenizer
 
 
@@ -57,24 +58,35 @@ class RolloutConfig:
         for key in ("policy", "questions", "outputs", "out"):
             if not getattr(self, key):
                 raise ValueError(f"{key}= is required")
-        if self.engine not in ("builtin", "vllm"):
-            raise ValueError(f"engine must be builtin or vllm, got {self.engine!r}")
+        check_choice("engine", self.engine, ("builtin", "vllm"))
+        if self.engine == "vllm" and not vllm_available():
+            raise ValueError("engine=vllm needs the vllm package, which is not installed (or use engine=builtin)")
+        check_choice("retriever", self.retriever, retrieval.RETRIEVERS)
+        for key in ("n", "batch_prompts", "max_new_tokens", "max_prompt_tokens"):
+            check_at_least(key, getattr(self, key), 1)
+        for key in ("k", "limit"):
+            check_at_least(key, getattr(self, key), 0)
 
 
 def run(cfg: RolloutConfig) -> Path:
     info = D.init_distributed()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    check_writable_file(out, "out")  # before any sampling, so no rollout is lost at the end
 
     # ------------------------------------------------------------------------------------------- 2. queries
     task = lamp.canonical_task(cfg.task or lamp.load_outputs(cfg.outputs)[0])  # default: the file's own task
     _, golds = lamp.load_outputs(cfg.outputs, task)  # checks the file's task and that every gold is an answer
     examples = lamp.load_questions(cfg.questions, task)
+    extra = sorted(set(golds) - {ex.id for ex in examples})
+    if extra:  # checked on the whole file, before `limit` picks a subset (as recipes/evaluate.py does)
+        raise lamp.DataError(f"{cfg.outputs}: gold output(s) for id(s) with no question in {cfg.questions}: "
+                             f"{', '.join(map(repr, extra[:10]))}{' ...' if len(extra) > 10 else ''}")
     if cfg.limit:
         examples = examples[: cfg.limit]
     missing = [ex.id for ex in examples if ex.id not in golds]
     if missing:
-        raise SystemExit(f"{cfg.outputs}: no gold output for question ids {', '.join(missing[:10])}"
+        raise lamp.DataError(f"{cfg.outputs}: no gold output for question ids {', '.join(missing[:10])}"
                          f"{' ...' if len(missing) > 10 else ''} of {cfg.questions}")
     mine = examples[info.rank::info.world_size]  # each rank samples its own share
     tokenizer = Tokenizer.from_dir(cfg.tokenizer or resolve_checkpoint(cfg.policy))

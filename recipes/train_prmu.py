@@ -29,12 +29,13 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import ConfigError, check_resumed_config, parse_cli, save_config, to_dict
+from minitagpr.config import (ConfigError, check_at_least, check_choice, check_resumed_config, parse_cli,
+                              save_config, to_dict)
 from minitagpr.data import demo_world
 from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, read_pairs, split_heldout,
                                         write_pairs)
 from minitagpr.model.checkpoint import resolve_checkpoint
-from minitagpr.model.presets import make_tiny_checkpoint
+from minitagpr.model.presets import PRESETS, make_tiny_checkpoint
 from minitagpr.model.qwen3 import Qwen3Config
 from minitagpr.model.reward import (PRMU, UserVocab, bradley_terry_loss, collate, encode_reward_input,
                                     load_reward_model, save_reward_model)
@@ -94,6 +95,11 @@ class PrmuConfig:
             raise ValueError(f"user_dropout must be in [0, 1), got {self.user_dropout}")
         if not self.heldout_pairs and not 0.0 < self.heldout_frac < 1.0:
             raise ValueError(f"heldout_frac must be in (0, 1) when no heldout_pairs are given, got {self.heldout_frac}")
+        for key in ("global_batch", "micro_batch", "eval_batch", "log_every", "max_len"):
+            check_at_least(key, getattr(self, key), 1)
+        check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32"))
+        if self.init_preset:
+            check_choice("init_preset", self.init_preset, PRESETS)
         if self.global_batch % self.micro_batch:
             raise ValueError(f"global_batch={self.global_batch} is not a multiple of micro_batch={self.micro_batch}")
 
@@ -149,6 +155,9 @@ def run(cfg: PrmuConfig) -> Path:
 
     # ------------------------------------------------------------------------------------------- 3. model
     config = Qwen3Config.from_json(resolve_checkpoint(init) / "config.json")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but the model {init} only "
+                          f"{config.vocab_size} embedding rows")
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_id  # transformers needs it to find the last real token of a batch
     with torch.device("meta"):
@@ -269,8 +278,15 @@ def load_pair_sets(cfg: PrmuConfig) -> tuple[list[PreferencePair], list[Preferen
         linked = demo_world.DemoWorld.load(cfg.demo_world).user_dependent_groups
     else:
         pairs = [p for path in cfg.pairs for p in read_pairs(path)]
+        _refuse_repeats(pairs, cfg.pairs, "pairs")
     if cfg.heldout_pairs:
         train, held = pairs, [p for path in cfg.heldout_pairs for p in read_pairs(path)]
+        _refuse_repeats(held, cfg.heldout_pairs, "heldout_pairs")
+        trained = {p.id for p in train} | {(p.task, p.example_id) for p in train}
+        leak = [p.id for p in held if p.id in trained or (p.task, p.example_id) in trained]
+        if leak:  # held-out accuracy on pairs (or queries) the model trained on would mean nothing
+            raise PreferenceDataError(f"{', '.join(cfg.heldout_pairs)}: {len(leak)} held-out pair(s) share an id or "
+                                      f"a query (task, example_id) with the training pairs, e.g. {leak[0]!r}")
     else:
         train, held = split_heldout(pairs, cfg.heldout_frac, seed=cfg.seed, linked=linked)
     if not train or not held:
@@ -278,6 +294,17 @@ def load_pair_sets(cfg: PrmuConfig) -> tuple[list[PreferencePair], list[Preferen
         raise PreferenceDataError(f"{where}: {len(train)} training and {len(held)} held-out pairs; both must be "
                                   f"non-empty (add pairs or change heldout_frac)")
     return train, held
+
+
+def _refuse_repeats(pairs: list[PreferencePair], files: list[str], key: str) -> None:
+    """A pair id twice across the files (e.g. one file given twice) would train or count that pair twice."""
+    first: dict[str, int] = {}
+    for p in pairs:
+        first[p.id] = first.get(p.id, 0) + 1
+    repeated = [pid for pid, n in first.items() if n > 1]
+    if repeated:
+        raise PreferenceDataError(f"{key}={','.join(map(str, files))}: pair id {repeated[0]!r} appears in more than "
+                                  f"one file ({len(repeated)} repeated ids); give each pair once")
 
 
 def encode_pair(p: PreferencePair, tokenizer, users: UserVocab, max_len: int) -> EncodedPair:

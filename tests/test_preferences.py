@@ -232,7 +232,7 @@ def test_prp_refuses_a_query_whose_two_records_disagree(tmp_path, name, value):
 
 
 def test_a_no_profile_record_is_never_paired_with_another_tasks_profile_record(tmp_path):
-    write_rollouts(tmp_path / "r.jsonl", [_query(task="LaMP-1")[0], _query(task="LaMP-2")[1]])
+    write_rollouts(tmp_path / "r.jsonl", [_query(task="LaMP-1", gold="[1]")[0], _query(task="LaMP-2")[1]])
     with pytest.raises(PreferenceDataError, match=r"r\.jsonl:2 \(query 'q1' of LaMP-2\): field 'mode': a 'no_profile' "
                                                   r"record without its 'profile' record \(id 'q1' has one for LaMP-1"):
         build_pairs_from_rollouts([tmp_path / "r.jsonl"])
@@ -247,7 +247,7 @@ def test_one_query_in_two_files_names_both(tmp_path):
 
 
 def test_two_tasks_may_reuse_a_question_id_and_their_pairs_stay_apart(tmp_path):
-    write_rollouts(tmp_path / "r.jsonl", _query(task="LaMP-2") + _query(task="LaMP-3"))
+    write_rollouts(tmp_path / "r.jsonl", _query(task="LaMP-2") + _query(task="LaMP-3", gold="4"))
     assert "origin" not in (tmp_path / "r.jsonl").read_text()  # where a record was read is no part of the file
     prp = build_pairs_from_rollouts([tmp_path / "r.jsonl"], max_per_example=1)["PRP"]
     assert sorted(p.id for p in prp) == ["PRP/LaMP-2/q1/0", "PRP/LaMP-3/q1/0"]
@@ -263,3 +263,10 @@ def test_heldout_split_merges_linked_groups_that_share_an_id():
         held_ids = {p.example_id for p in split_heldout(pairs, 0.5, seed=seed, linked=linked)[1]}
         assert len({i in held_ids for i in ("q0", "q1", "q2")}) == 1
         assert len({i in held_ids for i in ("q4", "q5", "q6", "q7")}) == 1
+
+
+def test_a_rollout_gold_that_is_no_answer_of_its_task_is_named(tmp_path):
+    # no response could ever match it: without the check the only sign was "no PQP pairs could be built"
+    write_rollouts(tmp_path / "r.jsonl", _query(task="LaMP-1", gold="[3]"))
+    with pytest.raises(PreferenceDataError, match=r"r\.jsonl:1 .*field 'gold': '\[3\]' is not a LaMP-1 label"):
+        read_rollouts(tmp_path / "r.jsonl")

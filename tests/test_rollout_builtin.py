@@ -162,8 +162,14 @@ def test_prompt_longer_than_the_position_range_is_refused(model):
 
 
 def test_vocab_size_above_the_model_rows_is_refused(model):
-    with pytest.raises(ValueError, match="vocab_size 600"):
+    from minitagpr.rollout import RolloutError
+    with pytest.raises(RolloutError, match="vocab_size has 600 ids but the model only 512 embedding rows"):
         BuiltinEngine(model, vocab_size=600)
+
+    class TooBig:  # a tokenizer from another checkpoint is named by its folder
+        vocab_size, source = 600, "/ckpt/other"
+    with pytest.raises(RolloutError, match="tokenizer /ckpt/other has 600 ids"):
+        BuiltinEngine(model, TooBig())
 
 
 def test_sync_weights_accepts_names_of_a_checkpoint_wrapped_policy(prompts):

@@ -330,14 +330,21 @@ def load_outputs(path: str | os.PathLike, task: str | None = None) -> tuple[str,
         if rec_id in outputs:
             raise DataError(f"{where(path, index, rec_id, 'golds.id')}: duplicate id")
         output = rec["output"]
-        if spec is not None and spec.kind == "label" and output not in spec.labels:
-            raise DataError(f"{where(path, index, rec_id, 'golds.output')}: {output!r} is not a {spec.name} label "
-                            f"(expected one of {', '.join(map(repr, spec.labels))})")
-        if spec is not None and spec.kind == "rating" and _rating(output) is None:
-            raise DataError(f"{where(path, index, rec_id, 'golds.output')}: expected a rating from 1 to 5, "
-                            f"got {output!r}")
+        if spec is not None and (why := gold_problem(spec.name, output)):
+            raise DataError(f"{where(path, index, rec_id, 'golds.output')}: {why}")
         outputs[rec_id] = output
     return file_task, outputs
+
+
+def gold_problem(task: str, output: str) -> str | None:
+    """Why `output` cannot be a gold answer of `task` (None when it can): a label task's gold must be one of its
+    labels, a rating task's a number from 1 to 5 (the official scoring reads it as one)."""
+    spec = task_spec(task)
+    if spec.kind == "label" and output not in spec.labels:
+        return f"{output!r} is not a {spec.name} label (expected one of {', '.join(map(repr, spec.labels))})"
+    if spec.kind == "rating" and _rating(output) is None:
+        return f"expected a rating from 1 to 5, got {output!r}"
+    return None
 
 
 def split_files(root: str | os.PathLike, task: str, split: str = "user", part: str = "dev") -> tuple[Path, Path]:

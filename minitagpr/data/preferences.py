@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from minitagpr.data.lamp import DataError, canonical_task, json_object_lines
-from minitagpr.tokenizer import assistant_target
+from minitagpr.data.lamp import DataError, canonical_task, gold_problem, json_object_lines
+from minitagpr.tokenizer import assistant_target, check_messages
 
 SETS = ("PRP", "PQP")
 SOURCES = ("rollout", "synthetic")
@@ -181,6 +181,10 @@ class _Fields:
             if role not in ROLES:
                 self.fail(f"{field}[{i}].role", f"unknown role {role!r} (known: {', '.join(ROLES)})")
             self.get("content", str, m, f"{field}[{i}].")
+        try:  # what the chat renderer would refuse later (unknown fields, tool turns...), named here
+            check_messages(msgs)
+        except ValueError as e:
+            self.fail(field, str(e))
         return msgs
 
     def response(self, field: str) -> Response:
@@ -242,9 +246,12 @@ def read_rollouts(path: str | Path) -> list[RolloutRecord]:
         for i, r in enumerate(responses):
             if not isinstance(r, str):
                 f.fail(f"responses[{i}]", f"expected str, got {type(r).__name__}")
+        gold = f.get("gold", str)
+        if why := gold_problem(task, gold):  # a gold no answer can match would only show as "no PQP pairs"
+            f.fail("gold", why)
         records.append(RolloutRecord(
             id=rid, user=f.get("user", str, optional=True), task=task, mode=mode, prompt=f.messages(),
-            gold=f.get("gold", str), responses=responses, origin=f"{path}:{lineno}",
+            gold=gold, responses=responses, origin=f"{path}:{lineno}",
         ))
     if not records:
         raise PreferenceDataError(f"{path}: empty rollout file (no records)")

@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.config import ConfigError, check_resumed_config
+from minitagpr.config import ConfigError, check_at_least, check_choice, check_resumed_config
 from minitagpr.data import lamp
-from minitagpr.data.prompts import build_messages
-from minitagpr.data.retrieval import get_retriever
-from minitagpr.rewards import score_batch
+from minitagpr.data.prompts import STYLES, build_messages
+from minitagpr.data.retrieval import RETRIEVERS, get_retriever
+from minitagpr.model.checkpoint import resolve_checkpoint
+from minitagpr.rewards import ROUGE_VARIANTS, score_batch
 from minitagpr.rl.gspo import group_advantage_metrics, group_advantages, gspo_loss
+import minitagpr.rollout as engines
 from minitagpr.rollout.builtin import BuiltinEngine
 from minitagpr.tokenizer import Tokenizer
 from minitagpr.train.metrics import JsonlLog, Progress, peak_flops
@@ -99,6 +101,14 @@ class RLConfig:
     def __post_init__(self):
         if self.stage not in ("guided", "exploratory"):
             raise ValueError(f"stage must be 'guided' or 'exploratory', got {self.stage!r}")
+        for key in ("prompts_per_step", "micro_batch_size", "max_new_tokens", "max_prompt_tokens"):
+            check_at_least(key, getattr(self, key), 1)
+        check_at_least("k", self.k, 0)  # k = 0: prompts without profile items
+        check_choice("retriever", self.retriever, RETRIEVERS)
+        check_choice("prompt_style", self.prompt_style, STYLES)
+        check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32"))
+        check_choice("rouge_variant", self.rouge_variant, ROUGE_VARIANTS)
+        parse_task_mix(self.tasks)  # the mix's syntax and task names now, not after the model has loaded
         if self.engine not in ("builtin", "vllm"):
             raise ValueError(f"engine must be 'builtin' or 'vllm', got {self.engine!r}")
         if self.builtin_decode not in BuiltinEngine.DECODE_MODES:
@@ -110,6 +120,8 @@ class RLConfig:
         if self.prompts_per_step % self.num_minibatches:
             raise ValueError(f"prompts_per_step={self.prompts_per_step} is not a multiple of num_minibatches="
                              f"{self.num_minibatches}: every mini-batch holds the same number of whole groups")
+        if self.engine == "vllm" and not engines.vllm_available():
+            raise ValueError("engine=vllm needs the vllm package, which is not installed (or use engine=builtin)")
         if self.top_p != 1.0 or not self.temperature > 0:
             raise ValueError(f"top_p={self.top_p}, temperature={self.temperature}: GSPO's ratio needs the log-probs "
                              "of the distribution that sampled; use top_p=1 and temperature > 0")
@@ -127,13 +139,18 @@ class Prompt:
 
 
 def parse_task_mix(spec: str) -> list[tuple[str, int]]:
+    """"LaMP-1:1024,LaMP-2:0" -> [("LaMP-1", 1024), ("LaMP-2", 0)] (count 0 = all); ValueError naming `tasks`."""
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, count = part.partition(":")
         try:
-            out.append((lamp.canonical_task(name), int(count or 0)))
-        except ValueError:
-            raise ValueError(f"tasks: cannot parse {part!r}; expected 'task:count' (count 0 = all)") from None
+            task = lamp.canonical_task(name.strip())
+        except ValueError as e:
+            raise ValueError(f"tasks: {e}") from None
+        if not count.strip().isdigit() and count.strip():
+            raise ValueError(f"tasks: cannot parse the count of {part!r}; expected 'task:count' with a count >= 0 "
+                             f"(0 = all)")
+        out.append((task, int(count or 0)))
     if not out:
         raise ValueError("tasks: the task mix is empty")
     return out
@@ -141,12 +158,18 @@ def parse_task_mix(spec: str) -> list[tuple[str, int]]:
 
 def load_prompts(cfg: RLConfig, tokenizer: Tokenizer, *, part: str | None = None) -> list[Prompt]:
     """The task mix: `count` examples per task drawn with a fixed seed, rendered as chat prompts (thinking on)."""
+    if not cfg.data_root:
+        raise ConfigError("data_root= is required: the LaMP-format root (a LaMP download or a demo world folder)")
     retriever = get_retriever(cfg.retriever, seed=cfg.seed)
     prompts = []
     for task, count in parse_task_mix(cfg.tasks):
         qpath, opath = lamp.split_files(cfg.data_root, task, cfg.split, part or cfg.part)
         examples = lamp.load_questions(qpath, task)
         _, golds = lamp.load_outputs(opath, task)  # checks the file's task and that every gold is an answer
+        extra = sorted(set(golds) - {ex.id for ex in examples})
+        if extra:  # ids must match one to one, as the evaluation requires
+            raise lamp.DataError(f"{opath}: gold output(s) for id(s) with no question in {qpath}: "
+                                 f"{', '.join(map(repr, extra[:10]))}{' ...' if len(extra) > 10 else ''}")
         if count and count < len(examples):
             examples = random.Random(f"{cfg.seed}/{task}").sample(examples, count)
         for ex in examples:
@@ -476,7 +499,7 @@ def train(cfg: RLConfig) -> Path:
     out = Path(cfg.out_dir)
     export_dir, ckpt_dir = out / "export", out / "checkpoints"
     torch.manual_seed(cfg.seed)
-    tokenizer = Tokenizer.from_dir(cfg.policy)
+    tokenizer = Tokenizer.from_dir(resolve_checkpoint(cfg.policy))  # a missing policy is named as a checkpoint
 
     # 1. data: the same prompt list on every rank; each step takes a global batch and splits it by rank
     prompts = load_prompts(cfg, tokenizer)

@@ -136,7 +136,9 @@ class BuiltinEngine(RolloutEngine):
         if vocab_size is None:
             vocab_size = tokenizer.vocab_size if tokenizer is not None else self.model_vocab_size
         if not 0 < vocab_size <= self.model_vocab_size:
-            raise ValueError(f"vocab_size {vocab_size} must be in (0, {self.model_vocab_size}] (the model's rows)")
+            source = f"tokenizer {tokenizer.source}" if getattr(tokenizer, "source", None) else "vocab_size"
+            raise RolloutError(f"{source} has {vocab_size} ids but the model only {self.model_vocab_size} embedding "
+                               f"rows (vocab_size in its config.json); they must come from the same checkpoint")
         self.vocab_size = int(vocab_size)
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")

@@ -18,12 +18,13 @@ included) continues the exact sequence with nothing skipped or repeated (the ver
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from minitagpr.data.lamp import canonical_task, json_object_lines
 
 IGNORE_INDEX = -100
 REQUIRED_FIELDS = {"id": str, "task": str, "messages": list, "chain": str, "answer": str}
@@ -87,15 +88,13 @@ def read_sft_records(path: str | Path) -> list[SftRecord]:
     if not path.is_file():
         raise DataError(f"SFT data file {path} does not exist")
     records: list[SftRecord] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
-            records.append(_record(obj, path, line_no))
+    first_line: dict[str, int] = {}  # record id -> line
+    for line_no, obj in json_object_lines(path, lambda n, what: DataError(f"{path}:{n}: {what}")):
+        rec = _record(obj, path, line_no)
+        if rec.id in first_line:  # a repeated id would train twice and hide which record a report names
+            raise DataError(f"{path}:{line_no}: record id {rec.id!r} repeats the id of line {first_line[rec.id]}")
+        first_line[rec.id] = line_no
+        records.append(rec)
     if not records:
         raise DataError(f"SFT data file {path} holds no records")
     return records
@@ -120,6 +119,12 @@ def _record(obj, path: Path, line_no: int) -> SftRecord:
     for i, m in enumerate(obj["messages"]):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: field 'messages[{i}]' must be an object with string 'role' and 'content'")
+    if obj["messages"][-1]["role"] != "user":  # the chain + answer are the assistant's reply to the last turn
+        raise DataError(f"{where}: field 'messages' must end with a user turn, got {obj['messages'][-1]['role']!r}")
+    try:
+        canonical_task(obj["task"])
+    except ValueError as e:
+        raise DataError(f"{where}: field 'task': {e}") from None
     return SftRecord(id=str(rid), user=None if user is None else str(user), task=obj["task"],
                      messages=obj["messages"], chain=obj["chain"], answer=obj["answer"], line=line_no)
 

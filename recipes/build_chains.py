@@ -34,20 +34,29 @@ from minitagpr.tokenizer import TokenizerError
 def policy_embed_fn(checkpoint: str):
     """Tag name -> mean of the checkpoint's input embeddings over the name's tokens (`_` read as a space)."""
     import torch
-    from safetensors import safe_open
 
+    from minitagpr.model.checkpoint import CheckpointError, _read_header, _read_tensor
     from minitagpr.tokenizer import Tokenizer
 
     folder = Path(checkpoint)
+    if not folder.is_dir():
+        raise DataError(f"tagging.policy_checkpoint: {folder} is not a checkpoint folder")
     tokenizer = Tokenizer.from_dir(folder)
     table = None
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            if "model.embed_tokens.weight" in f.keys():
-                table = f.get_tensor("model.embed_tokens.weight").float()  # (V, H) fp32
+    try:
+        for shard in sorted(folder.glob("*.safetensors")):
+            header_bytes, header = _read_header(shard, with_size=True)  # a truncated or damaged file fails by name
+            if "model.embed_tokens.weight" in header:
+                with open(shard, "rb") as f:
+                    table = _read_tensor(f, 8 + header_bytes, header["model.embed_tokens.weight"], shard)
+                table = table.float()  # (V, H) fp32
                 break
+    except CheckpointError as err:
+        raise DataError(f"tagging.policy_checkpoint: {err}") from None
     if table is None:
         raise DataError(f"{folder}: no model.embed_tokens.weight in any *.safetensors file")
+    if table.dim() != 2:
+        raise DataError(f"{folder}: model.embed_tokens.weight has shape {tuple(table.shape)}, expected (vocab, hidden)")
 
     def embed(names: list[str]) -> np.ndarray:
         rows = []
@@ -67,8 +76,13 @@ def main(argv: list[str]) -> int:
         print(f"build_chains: {err}", file=sys.stderr)
         return 2
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump(redacted_config(cfg), sort_keys=False))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", yaml.safe_dump(redacted_config(cfg), sort_keys=False))
+    except OSError as err:
+        what = "is a file, not a folder" if out.is_file() else f"cannot be created or written ({err})"
+        print(f"build_chains: error: out_dir {out} {what}", file=sys.stderr)
+        return 1
 
     # ------------------------------------------------------------------------------------------- 3. stages
     try:
@@ -78,7 +92,9 @@ def main(argv: list[str]) -> int:
         print("build_chains: interrupted; every answer received is in the caches under "
               f"{out / 'cache'}; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (EndpointError, CacheError, DataError, TokenizerError) as err:
+    except (EndpointError, CacheError, DataError, TokenizerError, OSError) as err:
+        if isinstance(err, OSError) and err.filename is None:
+            raise  # not a path the user can fix: a bug
         print(f"build_chains: error: {err}", file=sys.stderr)
         return 1
     for stage, counts in results.items():

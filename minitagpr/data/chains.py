@@ -57,7 +57,7 @@ from minitagpr.data.chain_client import (
 )
 from minitagpr.data.lamp import (
     TASKS as TASK_SPECS, DataError, LampExample, canonical_task, json_object_lines, load_outputs, load_questions,
-    split_files,
+    read_json, split_files,
 )
 from minitagpr.data.prompts import STYLES, TAG_MEANINGS, build_messages
 from minitagpr.data.retrieval import get_retriever
@@ -204,6 +204,7 @@ class ChainsConfig:
 INSTANCE_FIELDS = {"id": str, "task": str, "example_id": str, "input": str, "profile": list, "gold": str}
 CHAIN_FIELDS = {"id": str, "instance": str, "task": str, "sample": int, "chain": (str, type(None)),
                 "answer": (str, type(None))}
+NESTED_FIELDS = {"judge": {"scores": dict, "total": int}}  # checked inside a record field of that name
 
 
 def read_jsonl(path: Path, fields: Mapping[str, type | tuple], producer: str) -> Iterator[dict]:
@@ -212,21 +213,34 @@ def read_jsonl(path: Path, fields: Mapping[str, type | tuple], producer: str) ->
         yield record
 
 
-def _numbered_records(path: Path, fields: Mapping[str, type | tuple], producer: str) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for the records of `read_jsonl`."""
+def _numbered_records(path: Path, fields: Mapping[str, type | tuple], producer: str,
+                      id_kind: str = "record") -> Iterator[tuple[int, dict]]:
+    """(line number, record) for the records of `read_jsonl`; an id on two lines is an error naming both."""
     if not path.is_file():
         raise ChainDataError(f"{path}: not found; it is written by stage {producer!r} (run that stage first)")
+    first_line: dict[str, int] = {}
     for line_no, record in json_object_lines(path, lambda n, msg: ChainDataError(f"{path}: line {n}: {msg}")):
-        for name, kind in fields.items():
-            at = f"{path}: line {line_no} (id {record.get('id')!r}): field {name!r}"
-            if name not in record:
-                raise ChainDataError(f"{at}: missing")
-            if not isinstance(record[name], kind) or isinstance(record[name], bool) and kind is int:
-                raise ChainDataError(f"{at}: expected {_kind_name(kind)}, got {type(record[name]).__name__}")
+        at = f"{path}: line {line_no} (id {record.get('id')!r})"
+        _check_fields(record, fields, at)
+        for name in fields.keys() & NESTED_FIELDS.keys():
+            _check_fields(record[name], NESTED_FIELDS[name], at, prefix=f"{name}.")
         if "task" in fields and record["task"] not in TASK_SPECS:
-            raise ChainDataError(f"{path}: line {line_no} (id {record.get('id')!r}): field 'task': unknown task "
-                                 f"{record['task']!r}")
+            raise ChainDataError(f"{at}: field 'task': unknown task {record['task']!r}")
+        if "id" in fields:
+            if record["id"] in first_line:
+                raise ChainDataError(f"{at}: field 'id': duplicate {id_kind} id (first on line "
+                                     f"{first_line[record['id']]})")
+            first_line[record["id"]] = line_no
         yield line_no, record
+
+
+def _check_fields(record: Mapping, fields: Mapping[str, type | tuple], at: str, prefix: str = "") -> None:
+    for name, kind in fields.items():
+        where = f"{at}: field {prefix + name!r}"
+        if name not in record:
+            raise ChainDataError(f"{where}: missing")
+        if not isinstance(record[name], kind) or isinstance(record[name], bool) and kind is int:
+            raise ChainDataError(f"{where}: expected {_kind_name(kind)}, got {type(record[name]).__name__}")
 
 
 def _kind_name(kind) -> str:
@@ -318,12 +332,15 @@ class StageCounts:
 def load_instances(out_dir: Path) -> dict[str, dict]:
     """{instance id: instance} of instances.jsonl, in file order; an id on two lines is an error naming both."""
     path = out_dir / FILES["sample"]
-    instances, lines = {}, {}
-    for line_no, inst in _numbered_records(path, INSTANCE_FIELDS, "sample"):
-        if inst["id"] in lines:
-            raise ChainDataError(f"{path}: line {line_no} (id {inst['id']!r}): field 'id': duplicate instance id "
-                                 f"(first on line {lines[inst['id']]})")
-        instances[inst["id"]], lines[inst["id"]] = inst, line_no
+    instances = {}
+    for line_no, inst in _numbered_records(path, INSTANCE_FIELDS, "sample", id_kind="instance"):
+        at = f"{path}: line {line_no} (id {inst['id']!r})"
+        if not isinstance(inst.get("user"), (str, type(None))):  # optional: older files have none
+            raise ChainDataError(f"{at}: field 'user': expected str or null, got {type(inst['user']).__name__}")
+        for j, item in enumerate(inst["profile"]):
+            if not isinstance(item, dict):
+                raise ChainDataError(f"{at}: field 'profile[{j}]': expected an object, got {type(item).__name__}")
+        instances[inst["id"]] = inst
     return instances
 
 
@@ -333,6 +350,9 @@ def _instance_of(instances: Mapping[str, dict], record: dict, path: Path) -> dic
         raise ChainDataError(f"{path}: record id {record['id']!r}: field 'instance': {record['instance']!r} is not in "
                              f"{FILES['sample']} (was stage 'sample' rerun with other settings? rerun the later "
                              f"stages too)")
+    if record["task"] != inst["task"]:
+        raise ChainDataError(f"{path}: record id {record['id']!r}: field 'task': {record['task']!r}, but instance "
+                             f"{inst['id']!r} in {FILES['sample']} is {inst['task']!r}")
     return inst
 
 
@@ -799,10 +819,15 @@ def stage_cluster(ctx: Context) -> StageCounts:
     t = ctx.cfg.tagging
     counts = StageCounts("cluster")
     names: Counter = Counter()
-    for rec in read_jsonl(ctx.path("explore"), {"id": str, "task": str, "tags": list}, "explore"):
+    source = ctx.path("explore")
+    for line_no, rec in _numbered_records(source, {"id": str, "task": str, "tags": list}, "explore"):
+        for j, name in enumerate(rec["tags"]):
+            if not isinstance(name, str):
+                raise ChainDataError(f"{source}: line {line_no} (id {rec['id']!r}): field 'tags[{j}]': expected str, "
+                                     f"got {type(name).__name__}")
         counts.seen(rec["task"])
         counts.kept(rec["task"])
-        names.update(str(n) for n in rec["tags"])
+        names.update(rec["tags"])
     ordered = dict(sorted(names.items(), key=lambda kv: (-kv[1], kv[0])))
     clusters: list[dict] = []
     if ordered:
@@ -908,10 +933,11 @@ def stage_sft(ctx: Context) -> StageCounts:
     source = ctx.path("format")
     by_instance: dict[str, list[dict]] = {}
     for rec in read_jsonl(source, JUDGED_FIELDS, "format"):
+        _instance_of(instances, rec, source)
         by_instance.setdefault(rec["instance"], []).append(rec)
     with AtomicWriter(ctx.path("sft")) as out:
         for inst_id, records in by_instance.items():
-            inst = _instance_of(instances, records[0], source)
+            inst = instances[inst_id]
             task = inst["task"]
             counts.seen(task, len(records))
             keep = records
@@ -953,7 +979,7 @@ def stage_report(ctx: Context) -> StageCounts:
     for stage in STAGES:
         path = ctx.out / "stats" / f"{stage}.json"
         if path.is_file():
-            stats[stage] = json.loads(path.read_text(encoding="utf-8"))
+            stats[stage] = read_stats(path)
     allowed = tuple(ctx.cfg.tagging.tag_definitions())
     segments, chains, n_chains = tag_frequencies(ctx.path("format"), allowed, ctx.cfg.filters.min_tags)
     histogram: Counter = Counter()
@@ -965,6 +991,38 @@ def stage_report(ctx: Context) -> StageCounts:
     counts = StageCounts("report")
     counts.extra.update(chains=n_chains, segments=sum(segments.values()))
     return counts
+
+
+def read_stats(path: Path) -> dict:
+    """A stats/<stage>.json file as `StageCounts.save` writes it; a damaged one is an error naming file and field."""
+    stats = read_json(path)
+
+    def bad(field: str, expected: str) -> ChainDataError:
+        return ChainDataError(f"{path}: field {field!r}: expected {expected} (rerun its stage to rewrite the file)")
+
+    def is_count(n: Any) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool)
+
+    if not isinstance(stats, dict):
+        raise bad("(top level)", "an object")
+    if not isinstance(stats.get("tasks"), dict):
+        raise bad("tasks", "an object")
+    for task, row in stats["tasks"].items():
+        if not isinstance(row, dict):
+            raise bad(f"tasks.{task}", "an object")
+        for key in ("in", "out"):
+            if not is_count(row.get(key)):
+                raise bad(f"tasks.{task}.{key}", "a whole number")
+        if not isinstance(row.get("dropped"), dict) or not all(map(is_count, row["dropped"].values())):
+            raise bad(f"tasks.{task}.dropped", "an object of whole numbers")
+    extra = stats.get("extra", {})
+    histogram = extra.get("histogram", {}) if isinstance(extra, dict) else None
+    if not isinstance(histogram, dict):
+        raise bad("extra" if histogram is None else "extra.histogram", "an object")
+    for task, per_total in histogram.items():
+        if not isinstance(per_total, dict) or not all(k.isdigit() and is_count(n) for k, n in per_total.items()):
+            raise bad(f"extra.histogram.{task}", "an object of {total: count} whole numbers")
+    return stats
 
 
 def report_markdown(stats: Mapping[str, dict], histogram: Mapping[int, int], segments: Counter,

@@ -114,6 +114,8 @@ def _cut(text: str, max_words: int | None) -> str:
 
 def render_item(task: str, item: Mapping[str, Any], max_item_words: int | None = DEFAULT_MAX_ITEM_WORDS) -> str:
     """One profile item as 'label: value' lines (the first line carries no number; see `render_profile`)."""
+    if not isinstance(item, Mapping):
+        raise DataError(f"profile item ({task}): expected an object, got {type(item).__name__}")
     lines = []
     for label, field, cut in ITEM_LAYOUT[task]:
         if field not in item:

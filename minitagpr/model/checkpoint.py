@@ -77,20 +77,60 @@ def _read_header(file: Path, with_size: bool = False):
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (expected a JSON object, got "
+                              f"{type(header).__name__})")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        if problem := _entry_problem(info):
+            raise CheckpointError(f"{file}: corrupt safetensors header: tensor {name!r}: {problem}")
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{file}: truncated safetensors file (tensors need {8 + n + end} bytes, file has {size})")
     return (n, header) if with_size else header
 
 
+def _entry_problem(info) -> str | None:
+    """What is wrong with one tensor entry of a safetensors header (None: nothing)."""
+    def ints(v, n=None):
+        return (isinstance(v, list) and (n is None or len(v) == n)
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+
+    if not isinstance(info, dict):
+        return f"expected an object with dtype, shape and data_offsets, got {info!r:.80}"
+    if not isinstance(info.get("dtype"), str):
+        return f"field 'dtype': expected a dtype name such as 'BF16', got {info.get('dtype')!r:.80}"
+    if not ints(info.get("shape")):
+        return f"field 'shape': expected a list of integers >= 0, got {info.get('shape')!r:.80}"
+    offsets = info.get("data_offsets")
+    if not ints(offsets, 2) or offsets[0] > offsets[1]:
+        return f"field 'data_offsets': expected [begin, end] with 0 <= begin <= end, got {offsets!r:.80}"
+    return None
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight_map {tensor name: shard file name} of a sharded checkpoint's index, validated."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{index}: not a valid safetensors index (expected a JSON object, got "
+                              f"{type(data).__name__})")
+    if not isinstance(weight_map := data.get("weight_map"), dict):
+        raise CheckpointError(f"{index}: field 'weight_map': expected an object {{tensor name: shard file name}}, "
+                              f"got {weight_map!r:.80}")
+    for name, shard in weight_map.items():
+        if not (isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard):
+            raise CheckpointError(f"{index}: weight_map[{name!r}]: expected the name of a .safetensors file in this "
+                                  f"folder, got {shard!r}")
+    return weight_map
+
+
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        weight_map = _read_index(index)
         files = sorted({folder / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:

@@ -57,11 +57,50 @@ class Qwen3Config:
     torch_dtype: str | None = None  # the dtype the weights were saved in; a hint for load_pretrained(dtype=None)
 
     def __post_init__(self):
+        if problems := self._field_problems():
+            raise ConfigError("; ".join(problems))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim < 2 or self.head_dim % 2:
+                raise ConfigError(f"field 'head_dim' is not set, and hidden_size // num_attention_heads = "
+                                  f"{self.head_dim} is not an even integer > 0 (RoPE rotates pairs of dimensions)")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                              f"num_key_value_heads={self.num_key_value_heads}")
+            raise ConfigError(f"field 'num_key_value_heads': num_attention_heads={self.num_attention_heads} is not a "
+                              f"multiple of num_key_value_heads={self.num_key_value_heads}")
+
+    def _field_problems(self) -> list[str]:
+        """Every field of the wrong type or out of range, by name (JSON true is no integer here, though Python's
+        bool is an int)."""
+        def integer(v, low):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def token(v):
+            return v is None or integer(v, 0)
+
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings")
+        checks = {name: (lambda v: integer(v, 1), "an integer > 0") for name in sizes}
+        checks.update(
+            head_dim=(lambda v: v is None or integer(v, 2) and v % 2 == 0,
+                      "an even integer > 0 (RoPE rotates pairs of dimensions)"),
+            rope_theta=(lambda v: number(v) and v > 0, "a finite number > 0"),
+            rms_norm_eps=(lambda v: number(v) and v > 0, "a finite number > 0"),
+            attention_dropout=(lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+            initializer_range=(lambda v: number(v) and v >= 0, "a finite number >= 0"),
+            tie_word_embeddings=(lambda v: isinstance(v, bool), "true or false"),
+            attention_bias=(lambda v: isinstance(v, bool), "true or false"),
+            hidden_act=(lambda v: isinstance(v, str), "a string"),
+            bos_token_id=(token, "null or a token id >= 0"),
+            eos_token_id=(lambda v: token(v) or isinstance(v, list) and all(integer(t, 0) for t in v),
+                          "null, a token id >= 0 or a list of token ids"),
+            pad_token_id=(token, "null or a token id >= 0"),
+            torch_dtype=(lambda v: v is None or isinstance(v, str), "null or a dtype name such as 'bfloat16'"),
+        )
+        return [f"field {name!r}: expected {what}, got {getattr(self, name)!r}"
+                for name, (ok, what) in checks.items() if not ok(getattr(self, name))]
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "Qwen3Config":
@@ -82,7 +121,8 @@ class Qwen3Config:
                 d = {**d, "rope_theta": rope["rope_theta"]}  # transformers >= 5 nests rope_theta here
         if d.get("use_sliding_window"):
             problems.append("use_sliding_window=true (sliding-window attention is not implemented)")
-        if any(t != "full_attention" for t in d.get("layer_types") or []):
+        layer_types = d.get("layer_types") or []
+        if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
             problems.append(f"layer_types={d['layer_types']!r} (only full_attention layers are implemented)")
         if d.get("hidden_act", "silu") != "silu":
             problems.append(f"hidden_act={d['hidden_act']!r} (Qwen3 uses silu)")
@@ -103,7 +143,7 @@ class Qwen3Config:
             kwargs["torch_dtype"] = d["dtype"]
         try:
             return cls(**kwargs)
-        except TypeError as e:
+        except (TypeError, ConfigError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
@@ -115,6 +155,10 @@ class Qwen3Config:
             raise ConfigError(f"{path}: config.json not found") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config.json ({e.strerror or e})") from None
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:

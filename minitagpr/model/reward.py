@@ -28,10 +28,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minitagpr.model.checkpoint import (CheckpointError, atomic_dir, load_state_into, resolve_checkpoint,
+from minitagpr.model.checkpoint import (INDEX_NAME, WEIGHTS_NAME, CheckpointError, _read_header, _read_index,
+                                        _read_tensor, atomic_dir, load_state_into, resolve_checkpoint,
                                         save_safetensors_shards)
 from minitagpr.model.qwen3 import ConfigError, Qwen3Config, Qwen3Model
 
@@ -72,7 +72,7 @@ class UserVocab:
     def from_file(cls, path: Path) -> "UserVocab":
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict) or d.get("format") != _USERS_FORMAT:
             raise CheckpointError(f"{path}: field 'format': expected {_USERS_FORMAT!r}")
@@ -211,14 +211,11 @@ def collate(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[to
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def _has_tensor(folder: Path, name: str) -> bool:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return name in json.loads(index.read_text()).get("weight_map", {})
-    single = folder / "model.safetensors"
-    if not single.exists():
-        return False
-    with safe_open(str(single), framework="pt", device="cpu") as f:  # reads the header only
-        return name in f.keys()
+    """Whether the checkpoint holds tensor `name`, from the index or the header only (a damaged file is named)."""
+    if (folder / INDEX_NAME).exists():
+        return name in _read_index(folder / INDEX_NAME)
+    single = folder / WEIGHTS_NAME
+    return single.exists() and name in _read_header(single)
 
 
 def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, device="cpu",
@@ -281,14 +278,15 @@ def _load_user_table(model: PRMU, folder: Path) -> None:
     file = folder / USER_TABLE_FILE
     if not file.exists():
         raise CheckpointError(f"{folder}: {USERS_FILE} is present but {USER_TABLE_FILE} is missing")
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        if USER_TABLE_KEY not in f.keys():
-            raise CheckpointError(f"{file}: no tensor {USER_TABLE_KEY!r} (found {', '.join(f.keys()) or 'none'})")
-        table = f.get_tensor(USER_TABLE_KEY)
-    want = tuple(model.user_table.weight.shape)
-    if tuple(table.shape) != want:
-        raise CheckpointError(f"{file}: {USER_TABLE_KEY} has shape {tuple(table.shape)}, but {USERS_FILE} lists "
+    header_bytes, header = _read_header(file, with_size=True)  # a truncated or damaged file fails here, by name
+    if USER_TABLE_KEY not in header:
+        raise CheckpointError(f"{file}: no tensor {USER_TABLE_KEY!r} (found {', '.join(header) or 'none'})")
+    info, want = header[USER_TABLE_KEY], tuple(model.user_table.weight.shape)
+    if tuple(info["shape"]) != want:
+        raise CheckpointError(f"{file}: {USER_TABLE_KEY} has shape {tuple(info['shape'])}, but {USERS_FILE} lists "
                               f"{len(model.users)} users, so ({want[0]}, {want[1]}) = (users + 1, hidden) is expected")
+    with open(file, "rb", buffering=0) as f:
+        table = _read_tensor(f, 8 + header_bytes, info, file)
     with torch.no_grad():
         model.user_table.weight.copy_(table)
 

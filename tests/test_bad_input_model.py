@@ -1,0 +1,129 @@
+"""Bad model checkpoints get one CheckpointError naming the file and the key or tensor, never a deep traceback:
+config.json values of the wrong type or range, malformed safetensors headers and indexes, damaged reward files."""
+import json
+import re
+import struct
+
+import pytest
+
+from minitagpr.model import CheckpointError, load_pretrained, save_pretrained
+from minitagpr.model.presets import build_model, make_tiny_checkpoint, tiny_config
+from minitagpr.model.reward import PRMU, USER_TABLE_FILE, load_reward_model, save_reward_model
+
+
+def _set_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return folder / "config.json"
+
+
+def _rewrite_header(file, edit):
+    """Replace the JSON header of a safetensors file by edit(header), keeping the tensor bytes."""
+    data = file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    raw = json.dumps(edit(json.loads(data[8:8 + n]))).encode()
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def _sharded(tmp_path):
+    return save_pretrained(build_model(tiny_config("tiny"), seed=0), tmp_path / "c", max_shard_bytes=40_000)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_key_value_heads", 0),  # was a ZeroDivisionError
+    ("num_key_value_heads", 3),  # 4 query heads: named, but without the file
+    ("hidden_size", "64"),  # was a TypeError inside torch
+    ("num_hidden_layers", None),  # was a TypeError in range()
+    ("num_hidden_layers", True),  # was one layer, silently
+    ("num_attention_heads", "4"),  # was "not all arguments converted during string formatting"
+    ("rope_theta", "big"),  # loaded, then a TypeError at the first forward pass
+    ("rms_norm_eps", -1),  # was accepted
+    ("head_dim", 23),  # odd: RoPE rotates pairs of dimensions
+    ("eos_token_id", "<|im_end|>"),  # was accepted
+])
+def test_config_value_of_wrong_type_or_range_names_file_and_key(tmp_path, key, value):
+    config = _set_config(make_tiny_checkpoint(tmp_path / "c"), **{key: value})
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "c")
+    assert str(config) in str(e.value) and f"'{key}'" in str(e.value)
+
+
+def test_config_not_utf8_is_named(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path / "c")
+    (folder / "config.json").write_bytes(b'{"vocab_size": "\xff"}')
+    with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'config.json'}: not UTF-8 text")):
+        load_pretrained(folder)
+
+
+def test_config_that_is_a_folder_is_named(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path / "c")
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'config.json'}: cannot read config.json")):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda h: list(h), "expected a JSON object, got list"),  # was a TypeError from dict.pop
+    (lambda h: {**h, "model.norm.weight": {k: v for k, v in h["model.norm.weight"].items() if k != "data_offsets"}},
+     "tensor 'model.norm.weight': field 'data_offsets'"),  # was a KeyError
+    (lambda h: {**h, "model.norm.weight": {**h["model.norm.weight"], "data_offsets": [0]}},
+     "tensor 'model.norm.weight': field 'data_offsets'"),  # was an IndexError
+    (lambda h: {**h, "model.norm.weight": "oops"}, "tensor 'model.norm.weight': expected an object"),
+    (lambda h: {**h, "model.norm.weight": {**h["model.norm.weight"], "shape": [64, -1]}},
+     "tensor 'model.norm.weight': field 'shape'"),  # was a RuntimeError from torch.empty
+])
+def test_malformed_safetensors_header_names_file_and_tensor(tmp_path, edit, expected):
+    file = make_tiny_checkpoint(tmp_path / "c") / "model.safetensors"
+    _rewrite_header(file, edit)
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: corrupt safetensors header") + ".*"
+                       + re.escape(expected)):
+        load_pretrained(tmp_path / "c")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: list(m.values()), "field 'weight_map': expected an object"),  # was an AttributeError
+    (lambda m: {**m, "model.norm.weight": 1}, "weight_map['model.norm.weight']"),  # was a TypeError from Path / int
+])
+def test_malformed_index_weight_map_names_index_and_entry(tmp_path, edit, expected):
+    index = _sharded(tmp_path) / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps({**data, "weight_map": edit(data["weight_map"])}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{index}: {expected}")):
+        load_pretrained(tmp_path / "c")
+
+
+def test_index_not_utf8_is_named(tmp_path):
+    index = _sharded(tmp_path) / "model.safetensors.index.json"
+    index.write_bytes(b'{"weight_map": {"\xff": 1}}')  # was a UnicodeDecodeError
+    with pytest.raises(CheckpointError, match=re.escape(f"{index}: not a valid safetensors index")):
+        load_pretrained(tmp_path / "c")
+
+
+def test_reward_init_from_truncated_weights_names_the_file(tmp_path):
+    file = make_tiny_checkpoint(tmp_path / "lm", vocab_size=96) / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:20])  # was safetensors' "incomplete metadata" from _has_tensor
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}: truncated safetensors file")):
+        load_reward_model(tmp_path / "lm", new_head=True)
+
+
+def test_reward_index_with_a_list_weight_map_names_the_index(tmp_path):
+    index = _sharded(tmp_path) / "model.safetensors.index.json"
+    index.write_text(json.dumps([]))  # was an AttributeError from _has_tensor's .get
+    with pytest.raises(CheckpointError, match=re.escape(f"{index}: not a valid safetensors index")):
+        load_reward_model(tmp_path / "c", new_head=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header_list"])
+def test_damaged_user_table_names_the_file(tmp_path, damage):
+    model = PRMU(tiny_config("tiny", vocab_size=96), ["a", "b"])
+    model.init_weights(0)
+    file = save_reward_model(model, tmp_path / "rm") / USER_TABLE_FILE
+    if damage == "truncate":
+        file.write_bytes(file.read_bytes()[:-8])  # was safetensors' SafetensorError
+        expected = f"{file}: truncated safetensors file"
+    else:
+        _rewrite_header(file, lambda h: list(h))
+        expected = f"{file}: corrupt safetensors header"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_reward_model(tmp_path / "rm")

@@ -88,21 +88,25 @@ def check_at_least(key: str, value: Any, low: int | float) -> None:
         raise ValueError(f"{key} must be >= {low}, got {value!r}")
 
 
-def check_writable_file(path: Path, key: str) -> None:
-    """Fail now, naming the key, if `path` cannot be written later (a folder in its place, a parent that is a
-    file, no permission, a read-only file system): a run must not find that out after hours of work. Creates the
-    parent folder."""
+def check_writable_dir(folder: Path, key: str, shown: Path | None = None) -> None:
+    """Fail now, naming the key, if files cannot be written in `folder` later (a file in its place or above it, no
+    permission, a read-only file system): a run must not find that out after hours of work. Creates the folder."""
     import tempfile
 
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}={shown or folder}: cannot write there ({e.strerror or e})") from None
+
+
+def check_writable_file(path: Path, key: str) -> None:
+    """`check_writable_dir` for the folder a file will be written to, and no folder in the file's place."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{key}={path} is a folder; give a file path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{key}={path}: cannot write there ({e.strerror or e})") from None
+    check_writable_dir(path.parent, key, shown=path)
 
 
 def check_resumed_config(saved: dict[str, Any], cfg: Any, resumable: set[str], where: Any,

@@ -280,9 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for pred_path, gold_path in zip(args.files[::2], args.files[1::2]):
             pred_task, preds = load_outputs(pred_path)
-            task, golds = load_outputs(gold_path)
+            task, _ = load_outputs(gold_path)
             if pred_task != task:
                 raise DataError(f"{pred_path}: task {pred_task} but {gold_path} holds {task}")
+            _, golds = load_outputs(gold_path, task)  # every gold must be an answer of the task (no "nan", no "7")
             if task in results:
                 raise DataError(f"{gold_path}: task {task} given twice")
             results[task] = evaluate(task, preds, golds, extract=args.extract, normalize=args.normalize)

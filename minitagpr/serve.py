@@ -29,6 +29,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from minitagpr.cli import USER_ERRORS
+from minitagpr.config import ConfigError
 from minitagpr.rollout import BuiltinEngine, RolloutError
 
 MAX_N = 64
@@ -158,9 +160,13 @@ class ChatServer(ThreadingHTTPServer):
         if self.request_log is None:
             return
         line = json.dumps(record, sort_keys=True) + "\n"
-        with self.log_lock:  # one write per line under a lock: concurrent handlers never interleave lines
-            with open(self.request_log, "a", encoding="utf-8") as f:
-                f.write(line)
+        try:
+            with self.log_lock:  # one write per line under a lock: concurrent handlers never interleave lines
+                with open(self.request_log, "a", encoding="utf-8") as f:
+                    f.write(line)
+        except OSError as err:  # checked at startup; should it fail later (disk full...), still answer the client
+            print(f"minitagpr.serve: cannot append to the request log {self.request_log}: {err.strerror or err}",
+                  file=sys.stderr, flush=True)
 
     def chat_completion(self, request: dict) -> dict:
         tok = self.tokenizer
@@ -286,6 +292,8 @@ def make_server(checkpoint, host: str = "127.0.0.1", port: int = 0, model_name: 
     from minitagpr.model import load_pretrained
     from minitagpr.tokenizer import Tokenizer
 
+    if request_log:
+        check_request_log(Path(request_log))  # now, not as a failure of every request
     checkpoint = Path(checkpoint)
     tokenizer = Tokenizer.from_dir(checkpoint)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -294,10 +302,32 @@ def make_server(checkpoint, host: str = "127.0.0.1", port: int = 0, model_name: 
     return ChatServer((host, port), engine, tokenizer, model_name or checkpoint.name, request_log)
 
 
+def check_request_log(path: Path) -> None:
+    """ConfigError naming --request-log unless `path` can be appended to (creates its folder, and the file)."""
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--request-log {path}: cannot append to it ({err.strerror or err})") from None
+
+
+def _port(text: str) -> int:
+    """argparse type of --port: an integer from 0 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 65535 (0: pick a free one), got {text!r}")
+    return port
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minitagpr.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="HF-format checkpoint folder with tokenizer.json + tokenizer_config.json")
-    parser.add_argument("--port", type=int, required=True, help="TCP port (0: pick a free one)")
+    parser.add_argument("--port", type=_port, required=True, help="TCP port (0: pick a free one)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--model-name", default=None, help="the id /v1/models reports (default: folder name)")
     parser.add_argument("--request-log", default=None, help="append one JSON line per request to this file")
@@ -317,7 +347,7 @@ def main(argv=None) -> None:
     try:
         server = make_server(args.checkpoint, args.host, args.port, args.model_name, args.request_log,
                              args.max_batch_rows)
-    except (OSError, ValueError) as err:
+    except (*USER_ERRORS, OSError, ValueError) as err:  # a bad checkpoint, tokenizer, log path, busy port...
         sys.exit(f"minitagpr.serve: cannot start: {err}")
     print(f"serving {server.model_name} at {server.base_url}", flush=True)  # parents read the port from this line
     try:

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from minitagpr.config import ConfigError, parse_cli
+from minitagpr.cli import exit_on_user_error
+from minitagpr.config import ConfigError, check_at_least, check_choice, check_writable_dir, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.lamp import DataError, LampExample
 from minitagpr.metrics import COLUMNS, evaluate
@@ -41,6 +42,7 @@ from minitagpr.metrics import COLUMNS, evaluate
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINITAGPR_SHARED", REPO.parent / "shared"))  # the shared assets beside the checkout
 LAMP_TASKS = ["LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7"]
+EVAL_RETRIEVERS = tuple(r for r in retrieval.RETRIEVERS if r != "dense")  # dense needs an encoder evaluate lacks
 
 
 # ----------------------------------------------------------------------------------------------- 1. config
@@ -90,9 +92,24 @@ class EvalConfig:
         self.tasks = [lamp.canonical_task(t) for t in self.tasks]
         if self.engine not in ("auto", "builtin", "vllm"):
             raise ValueError(f"engine must be auto, builtin or vllm, got {self.engine!r}")
+        if self.engine == "vllm" and self.checkpoints:
+            from minitagpr.rollout import vllm_available
+            if not vllm_available():
+                raise ValueError("engine=vllm needs the vllm package, which is not installed (or use engine=builtin)")
         for k in [self.k, *self.sweep_k]:
             if k < 0:
                 raise ValueError(f"k must be >= 0, got {k}")
+        # checked now, not after the data and the model have loaded (or, for limit < 0, never: a silent subset)
+        check_at_least("limit", self.limit, 0)
+        for key in ("batch_prompts", "max_new_tokens", "max_prompt_tokens"):
+            check_at_least(key, getattr(self, key), 1)
+        check_at_least("temperature", self.temperature, 0.0)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_choice("retriever", self.retriever, EVAL_RETRIEVERS)
+        for name in self.sweep_retrievers:
+            check_choice("sweep_retrievers", name, EVAL_RETRIEVERS)
+        check_choice("prompt_style", self.prompt_style, ("", *prompts.STYLES))
 
 
 def _world_style(data: Any, data_dir, tasks: Sequence[str]) -> str:
@@ -121,6 +138,8 @@ class TaskData:
     examples: list[LampExample]
     golds: dict[str, str]
     source: str  # the questions file, for the report
+    gold_file: str = ""  # the outputs file (PGraphRAG: the source file), for error messages
+    limit: int = 0  # the limit that cut `examples` to their first `limit` (0: all)
 
 
 def load_task_data(data: Any, task: str, *, split: str = "user", part: str = "dev", limit: int = 0,
@@ -155,7 +174,7 @@ def load_task_data(data: Any, task: str, *, split: str = "user", part: str = "de
     missing = [ex.id for ex in examples if ex.id not in golds]
     if missing:
         raise DataError(f"{source}: no gold output for question id(s) {', '.join(map(repr, missing[:10]))}")
-    return TaskData(task, examples, {ex.id: golds[ex.id] for ex in examples}, str(source))
+    return TaskData(task, examples, {ex.id: golds[ex.id] for ex in examples}, str(source), str(gold_file), limit)
 
 
 def _task_files(data, task, split, part, data_dir) -> tuple[Path, Path]:
@@ -374,7 +393,13 @@ def evaluate_prediction_files(named_files: Mapping[str, Sequence[str | os.PathLi
                 raise DataError(f"{path}: predictions for {task}, which is not among the evaluated tasks "
                                 f"({', '.join(by_task)})")
             td = by_task[task]
-            table.add(name, task, score(td, preds, extract=extract, normalize=normalize),
+            try:
+                metrics = score(td, preds, extract=extract, normalize=normalize)
+            except DataError as err:  # ids that do not match the golds: name both files, and the limit that cut them
+                cut = f"; limit={td.limit} keeps only the first {td.limit} question(s)" if td.limit else ""
+                raise DataError(f"{path}: {str(err).removeprefix('evaluate: ')} "
+                                f"(golds: {td.gold_file or td.source}{cut})") from None
+            table.add(name, task, metrics,
                       {"predictions": str(path), "normalize": normalize, "extract_answers": extract},
                       len(td.examples))
     return table
@@ -383,6 +408,7 @@ def evaluate_prediction_files(named_files: Mapping[str, Sequence[str | os.PathLi
 # ----------------------------------------------------------------------------------------------- 5. command line
 def run(cfg: EvalConfig) -> dict[str, EvalTable]:
     out = Path(cfg.out_dir)
+    check_writable_dir(out, "out_dir")  # now, not after the first generations, which would then be lost
     data_dir = cfg.data_dir or (out / "demo-world" if cfg.data == "demo" else None)
     tasks = [load_task_data(cfg.data, t, split=cfg.split, part=cfg.part, limit=cfg.limit, data_dir=data_dir,
                             pgraphrag_dir=cfg.pgraphrag_dir or None, pgraphrag_domain=cfg.pgraphrag_domain)
@@ -417,7 +443,5 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_user_error("evaluate"):  # a user error: one line naming the file, record, field or key; exit 1
         run(parse_cli(EvalConfig, sys.argv[1:]))
-    except (DataError, ConfigError, OSError) as err:
-        sys.exit(f"evaluate: {err}")

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from minitagpr.cli import exit_on_user_error
-from minitagpr.config import ConfigError, check_at_least, check_choice, check_writable_dir, parse_cli
+from minitagpr.config import check_at_least, check_choice, check_writable_dir, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.lamp import DataError, LampExample
 from minitagpr.metrics import COLUMNS, evaluate

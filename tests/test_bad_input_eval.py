@@ -2,7 +2,6 @@
 (or the config key) -- before any work is done where it can be, never a traceback from deep inside, never a number
 computed from a broken gold. Each case here was a traceback, a silent acceptance or a late failure before (black-box
 sweep, findings B1-B3, B10, B11, W2, W3)."""
-import importlib.util
 import runpy
 import shutil
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lamp_fixtures import make_examples
+from recipe_modules import load_recipe
 from minitagpr import metrics, serve
 from minitagpr.config import ConfigError, parse_cli
 from minitagpr.data import lamp
@@ -22,18 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
-def _evaluate_recipe():
-    """recipes/evaluate.py as a module (the one tests/test_evaluate.py loaded, if it did)."""
-    if hasattr(sys.modules.get("recipe_evaluate"), "run"):
-        return sys.modules["recipe_evaluate"]
-    spec = importlib.util.spec_from_file_location("recipe_evaluate", REPO / "recipes" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_evaluate"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-ev = _evaluate_recipe()
+ev = load_recipe("evaluate", "recipe_evaluate")
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,12 @@
 the config key) -- before any work is done where it can be, never a traceback from deep inside, never a silent skip.
 Each case here was a traceback, a silent acceptance or a late failure before (black-box sweep, 2026-11-26)."""
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from lamp_fixtures import make_examples
+from recipe_modules import load_recipe
 from minitagpr import cli
 from minitagpr.config import ConfigError, parse_cli
 from minitagpr.data import lamp
@@ -19,19 +17,7 @@ from minitagpr.rl.loop import RLConfig, load_prompts
 from minitagpr.train.sft_data import DataError as SftDataError
 from minitagpr.train.sft_data import read_sft_records
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
-
-
-def _recipe(name):
-    """recipes/<name>.py as a module (the one already loaded under that name, if another test file loaded it)."""
-    if hasattr(sys.modules.get(name), "run"):
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------- how recipes end
@@ -109,13 +95,13 @@ def _prmu_setup(tmp_path):
                                        ("mixed_precision=fp16", "mixed_precision must be one of"),
                                        ("init_preset=huge", "init_preset must be one of")])
 def test_prmu_config_values_are_checked_before_any_work(tmp_path, bad, match):
-    prmu = _recipe("train_prmu")
+    prmu = load_recipe("train_prmu")
     with pytest.raises(ConfigError, match=f"{match}.*\\(settings from command line\\)"):
         parse_cli(prmu.PrmuConfig, [*_prmu_setup(tmp_path), bad])
 
 
 def test_prmu_pairs_given_twice_or_held_out_pairs_seen_in_training_are_refused(tmp_path):
-    prmu = _recipe("train_prmu")
+    prmu = load_recipe("train_prmu")
     base = _prmu_setup(tmp_path)
     pairs = str(tmp_path / "pairs.jsonl")
     twice = parse_cli(prmu.PrmuConfig, [*base, f"pairs={pairs},{pairs}"])
@@ -138,7 +124,7 @@ def test_a_prompt_message_the_chat_renderer_refuses_is_named_at_its_line(tmp_pat
 def test_prmu_refuses_a_tokenizer_larger_than_the_model(tmp_path, qwen3_tokenizer_dir):
     # the 151k-id Qwen3 tokenizer on a 512-row model: an IndexError deep inside the embedding before
     from minitagpr.model.presets import make_tiny_checkpoint
-    prmu = _recipe("train_prmu")
+    prmu = load_recipe("train_prmu")
     ckpt = make_tiny_checkpoint(tmp_path / "small", seed=0)
     args = [*_prmu_setup(tmp_path), f"init={ckpt}", "new_head=true", f"tokenizer={qwen3_tokenizer_dir}",
             "global_batch=2", "micro_batch=2", "max_steps=1"]
@@ -189,7 +175,7 @@ def test_rl_prompts_refuse_gold_ids_without_a_question_and_an_unset_data_root(tm
 
 # ----------------------------------------------------------------------------------------------- PRMU rollouts
 def test_rollout_command_checks_its_output_path_and_golds_before_sampling(tmp_path):
-    rollouts = _recipe("prmu_rollouts")
+    rollouts = load_recipe("prmu_rollouts")
     root, q, o = _lamp_root(tmp_path, part="dev")
     args = ["policy=unused", f"questions={q}", f"outputs={o}"]
     with pytest.raises(ConfigError, match="limit must be >= 0"):

@@ -1,13 +1,12 @@
 """recipes/evaluate.py: checkpoints and prediction files side by side on LaMP-format fixtures, official-format
 outputs, robustness sweeps, and the command line."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from lamp_fixtures import make_examples
+from recipe_modules import load_recipe
 from minitagpr.config import ConfigError, parse_cli
 from minitagpr.data import lamp
 from minitagpr.metrics import evaluate
@@ -20,15 +19,7 @@ TASKS = ["LaMP-2", "LaMP-3", "LaMP-5"]  # one label, one rating and one generati
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny matmuls, one thread
 
 
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("recipe_evaluate", REPO / "recipes" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["recipe_evaluate"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-ev = _load_recipe()
+ev = load_recipe("evaluate", "recipe_evaluate")
 
 
 @pytest.fixture(scope="module")

@@ -92,10 +92,6 @@ class EvalConfig:
         self.tasks = [lamp.canonical_task(t) for t in self.tasks]
         if self.engine not in ("auto", "builtin", "vllm"):
             raise ValueError(f"engine must be auto, builtin or vllm, got {self.engine!r}")
-        if self.engine == "vllm" and self.checkpoints:
-            from minitagpr.rollout import vllm_available
-            if not vllm_available():
-                raise ValueError("engine=vllm needs the vllm package, which is not installed (or use engine=builtin)")
         for k in [self.k, *self.sweep_k]:
             if k < 0:
                 raise ValueError(f"k must be >= 0, got {k}")
@@ -408,6 +404,9 @@ def evaluate_prediction_files(named_files: Mapping[str, Sequence[str | os.PathLi
 # ----------------------------------------------------------------------------------------------- 5. command line
 def run(cfg: EvalConfig) -> dict[str, EvalTable]:
     out = Path(cfg.out_dir)
+    if cfg.engine == "vllm" and cfg.checkpoints:
+        from minitagpr.rollout import require_vllm
+        require_vllm()
     check_writable_dir(out, "out_dir")  # now, not after the first generations, which would then be lost
     data_dir = cfg.data_dir or (out / "demo-world" if cfg.data == "demo" else None)
     tasks = [load_task_data(cfg.data, t, split=cfg.split, part=cfg.part, limit=cfg.limit, data_dir=data_dir,

@@ -29,7 +29,7 @@ from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.preferences import RolloutRecord, read_rollouts, write_rollouts
 from minitagpr.model import load_pretrained
 from minitagpr.model.checkpoint import resolve_checkpoint
-from minitagpr.rollout import vllm_available
+from minitagpr.rollout import require_vllm
 from minitagpr.tokenizer import Tokenizer
 
 
@@ -59,8 +59,6 @@ class RolloutConfig:
             if not getattr(self, key):
                 raise ValueError(f"{key}= is required")
         check_choice("engine", self.engine, ("builtin", "vllm"))
-        if self.engine == "vllm" and not vllm_available():
-            raise ValueError("engine=vllm needs the vllm package, which is not installed (or use engine=builtin)")
         check_choice("retriever", self.retriever, retrieval.RETRIEVERS)
         for key in ("n", "batch_prompts", "max_new_tokens", "max_prompt_tokens"):
             check_at_least(key, getattr(self, key), 1)
@@ -69,6 +67,8 @@ class RolloutConfig:
 
 
 def run(cfg: RolloutConfig) -> Path:
+    if cfg.engine == "vllm":
+        require_vllm()
     info = D.init_distributed()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)

@@ -70,13 +70,14 @@ def test_evaluate_settings_are_checked_when_parsed_naming_the_key(setting, key):
         parse_cli(ev.EvalConfig, ["checkpoints=t=ckpt", "tasks=LaMP-3", setting])
 
 
-def test_evaluate_engine_vllm_without_vllm_is_a_config_error(monkeypatch):  # B11
+def test_evaluate_engine_vllm_without_vllm_fails_before_any_work(monkeypatch, tmp_path):  # B11
     import minitagpr.rollout as R
 
     monkeypatch.setattr(R, "vllm_available", lambda: False)
-    with pytest.raises(ConfigError, match="engine=vllm needs the vllm package"):
-        parse_cli(ev.EvalConfig, ["checkpoints=t=ckpt", "tasks=LaMP-3", "engine=vllm"])
-    parse_cli(ev.EvalConfig, ["predictions=p=p.json", "tasks=LaMP-3", "engine=vllm"])  # nothing to generate: fine
+    monkeypatch.setattr(ev, "load_task_data", lambda *a, **kw: pytest.fail("data loaded before the engine check"))
+    with pytest.raises(R.RolloutError, match="engine=vllm needs the vllm package"):
+        ev.run(parse_cli(ev.EvalConfig, ["checkpoints=t=ckpt", "tasks=LaMP-3", "engine=vllm",
+                                         f"out_dir={tmp_path}"]))
 
 
 def test_an_unwritable_out_dir_is_found_before_any_generation(lamp_root, tmp_path, monkeypatch):  # W2

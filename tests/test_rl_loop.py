@@ -389,7 +389,6 @@ def test_the_vllm_engine_gets_room_for_a_whole_prompt_and_response(monkeypatch):
             seen.update(kwargs)
 
     monkeypatch.setattr(V, "VLLMEngine", Recording)
-    monkeypatch.setattr("minitagpr.rollout.vllm_available", lambda: True)  # CI has no vllm
     build_engine(RLConfig(engine="vllm", max_prompt_tokens=4096, max_new_tokens=2048), None, None)
     assert seen["max_model_len"] == 6144
 

@@ -120,8 +120,6 @@ class RLConfig:
         if self.prompts_per_step % self.num_minibatches:
             raise ValueError(f"prompts_per_step={self.prompts_per_step} is not a multiple of num_minibatches="
                              f"{self.num_minibatches}: every mini-batch holds the same number of whole groups")
-        if self.engine == "vllm" and not engines.vllm_available():
-            raise ValueError("engine=vllm needs the vllm package, which is not installed (or use engine=builtin)")
         if self.top_p != 1.0 or not self.temperature > 0:
             raise ValueError(f"top_p={self.top_p}, temperature={self.temperature}: GSPO's ratio needs the log-probs "
                              "of the distribution that sampled; use top_p=1 and temperature > 0")
@@ -495,6 +493,8 @@ def rollout_seed(seed: int, step: int) -> int:
 
 def train(cfg: RLConfig) -> Path:
     """Run (or resume) one RL stage; returns the HF export folder `<out_dir>/export`."""
+    if cfg.engine == "vllm":
+        engines.require_vllm()
     info = D.init_distributed()
     out = Path(cfg.out_dir)
     export_dir, ckpt_dir = out / "export", out / "checkpoints"

@@ -16,7 +16,15 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def require_vllm() -> None:
+    """Called where a run starts (not where its config is parsed, so that GPU configs still load on CPU boxes):
+    engine=vllm without the package fails before any work, in one line."""
+    if not vllm_available():
+        raise RolloutError("engine=vllm needs the vllm package, which is not installed (install the gpu extra, or "
+                           "use engine=builtin)")
+
+
 __all__ = [
-    "BuiltinEngine", "Completion", "RolloutEngine", "RolloutError", "VLLMEngine", "checkpoint_tensor_names",
+    "BuiltinEngine", "Completion", "RolloutEngine", "RolloutError", "VLLMEngine", "checkpoint_tensor_names", "require_vllm",
     "hf_named_tensors", "sample_seed", "sample_tokens", "sampling_probs", "vllm_available",
 ]

@@ -180,3 +180,17 @@ def test_a_request_log_that_fails_later_still_answers_the_client(checkpoint, tmp
         server.shutdown()
         server.server_close()
     assert f"minitagpr.serve: cannot append to the request log {log}: Not a directory" in capfd.readouterr().err
+
+
+def test_pgraphrag_reader_names_an_unreadable_date_and_an_empty_file(tmp_path):  # W4
+    import json
+
+    from minitagpr.data import pgraphrag
+    review = {"title": "t", "text": "x", "pid": "p", "rating": 4, "date": "garbage"}
+    (tmp_path / "a.json").write_text(json.dumps([{"id": "u1", "profile": [review, {**review, "date": None}]}]))
+    with pytest.raises(lamp.DataError, match=r"a\.json: record 0 \(id 'u1'\): field 'profile\[0\]\.date': cannot read "
+                                             r"date 'garbage'"):
+        pgraphrag.load_users(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text("[]")
+    with pytest.raises(lamp.DataError, match=r"b\.json: no users"):
+        pgraphrag.load_users(tmp_path / "b.json")

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from minitagpr.data.lamp import (
-    DataError, LampExample, read_json, type_name, canonical_task, where, write_outputs, write_questions,
+    DataError, LampExample, canonical_task, date_key, read_json, type_name, where, write_outputs, write_questions,
 )
 
 PGRAPHRAG_TASKS = ("PGraphRAG-title", "PGraphRAG-rating")
@@ -40,6 +40,8 @@ def load_users(path: str | os.PathLike) -> list[dict]:
     users = read_json(path)
     if not isinstance(users, list):
         raise DataError(f"{path}: expected a JSON array of users, got {type_name(users)}")
+    if not users:
+        raise DataError(f"{path}: no users (an empty array)")
     seen: dict[str, int] = {}
     for index, user in enumerate(users):
         if not isinstance(user, dict):
@@ -70,6 +72,9 @@ def load_users(path: str | os.PathLike) -> list[dict]:
                 raise DataError(f"{at('rating')}: missing")
             if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
                 raise DataError(f"{at('rating')}: expected an integer from 1 to 5, got {rating!r}")
+            # null is an undated review, as the recency retriever treats it; a date that is there must be readable
+            if review.get("date") is not None and date_key(review["date"]) is None:
+                raise DataError(f"{at('date')}: cannot read date {review['date']!r} (expected a year or 'YYYY-MM-DD')")
     return users
 
 

@@ -290,11 +290,12 @@ def make_server(checkpoint, host: str = "127.0.0.1", port: int = 0, model_name: 
     import torch
 
     from minitagpr.model import load_pretrained
+    from minitagpr.model.checkpoint import resolve_checkpoint
     from minitagpr.tokenizer import Tokenizer
 
     if request_log:
         check_request_log(Path(request_log))  # now, not as a failure of every request
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)  # a missing folder is named as a checkpoint, not a tokenizer folder
     tokenizer = Tokenizer.from_dir(checkpoint)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_pretrained(checkpoint, dtype=torch.float32, device=device).eval()

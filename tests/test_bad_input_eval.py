@@ -146,6 +146,9 @@ def test_serve_ends_a_checkpoint_error_in_one_line(checkpoint, tmp_path):  # B2
         serve.main([str(no_weights), "--port", "0"])
     assert stop.value.code == f"minitagpr.serve: cannot start: {no_weights}: no model.safetensors or " \
                               f"model.safetensors.index.json"  # sys.exit(message): exit status 1
+    with pytest.raises(SystemExit) as stop:  # W6: a missing folder is a missing checkpoint, not a tokenizer folder
+        serve.main([str(tmp_path / "nope"), "--port", "0"])
+    assert "no such checkpoint folder" in stop.value.code and "tokenizer" not in stop.value.code
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])

@@ -2,27 +2,27 @@
 # Everything this repo checks on a lent GPU, in one call (a lease is short: one start, one script, capped sections).
 #
 #   bash bench/gpu_check.sh OUT_DIR [SECTION ...]     sections: tests train demo rollout logprob mfu
-#                                                     (default: tests rollout logprob mfu, ~7.5 min)
+#                                                     (default: tests rollout, ~8 min at most)
 # setup   card, versions; installs the package (editable, no deps) and any wheels carried in .whl/ (rouge-score and
 #         nltk for the demo's evaluation, absent from the device image; made here with `pip download --no-deps -d .whl
 #         nltk rouge-score==0.1.2` then `pip wheel --no-deps -w .whl .whl/rouge_score-0.1.2.tar.gz`), ~15 s
-# tests   tests/test_gpu.py and the Triton kernel tests, compiled for the card, ~30 s
+# tests   tests/test_gpu.py and the Triton kernel tests, compiled for the card, ~55 s
 # demo    the demo's RL stages + evaluation on 1 GPU rank, in parallel with the tests; carry runs/demo/{world,sft/hf,
 #         prmu/hf,base_demo} from a CPU run so SFT and PRMU are reused (guided 51 s, exploratory 12 s on an H100; the
 #         evaluation did not finish inside 180 s)
-# train   SFT (40 steps) and PRMU (20 steps) on 1 GPU rank with bf16 FSDP, from the carried demo world (as for demo):
-#         the training recipes' CUDA path, never run on a card yet (on 1 CPU process here: 73 s)
-# rollout bench/rollout.py, engines transformers, ours (dynamic decode) and ours-graph (CUDA-graph decode, never run
-#         on a card yet; the GPU tests check it first): demo model batch16 + rl-demo (~100 s), then Qwen3-0.6B
-#         batch16 (~150 s, mostly making and loading the 2.4 GB random checkpoint)
+# train   SFT (40 steps) and PRMU (20 steps) on 1 GPU rank with bf16 FSDP, from the carried demo world and SFT export
+#         (as for demo): the training recipes' CUDA path, ~70 s on an H100 (2026-11-27)
+# rollout bench/rollout.py, engines transformers, ours (dynamic decode) and ours-graph (CUDA-graph decode): demo
+#         model batch16 + rl-demo (batch16 alone took ~110 s), then Qwen3-0.6B batch16 (~180 s, much of it making
+#         and loading the 2.4 GB random checkpoint, once per engine for the peak-memory column)
 # logprob bench/logprob.py at N in {4096, 8192} x H in {1024, 2048}, ~25 s
 # mfu     bench/model_throughput.py on the whole Qwen3-0.6B shape, ~70 s
 # Each section has its own time cap, so one hang cannot starve the rest; logs land in OUT_DIR (at most 6 files).
-# Measured 2026-11-26 on an NVIDIA H100 80GB HBM3; the numbers are in bench/RESULTS.md.
+# Measured 2026-11-26 and 2026-11-27 on an NVIDIA H100 80GB HBM3; the numbers are in bench/RESULTS.md.
 set -u
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [tests train demo rollout logprob mfu]}
 shift
-sections=" ${*:-tests rollout logprob mfu} "
+sections=" ${*:-tests rollout} "
 want() { [[ $sections == *" $1 "* ]]; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
@@ -89,10 +89,10 @@ fi
 cd bench
 if want rollout; then
   section "rollout: demo model"
-  timeout 120 python3 rollout.py --device cuda --dtype bfloat16 --workloads batch16,rl-demo --runs 3 \
+  timeout 180 python3 rollout.py --device cuda --dtype bfloat16 --workloads batch16,rl-demo --runs 3 \
     >"$out/rollout.log" 2>&1
   section "rollout: Qwen3-0.6B"
-  timeout 170 python3 rollout.py --device cuda --dtype bfloat16 --preset qwen3-0.6b --workloads batch16 --runs 3 \
+  timeout 240 python3 rollout.py --device cuda --dtype bfloat16 --preset qwen3-0.6b --workloads batch16 --runs 3 \
     >>"$out/rollout.log" 2>&1
   grep -v "Loading weights" "$out/rollout.log"
 fi

@@ -210,6 +210,12 @@ def main() -> None:
         for workload in args.workloads.split(","):
             args.workload = workload
             timed = time_engines(args, engines)
+            # the timings first, before the peak-memory children (each loads the checkpoint again): a capped run
+            # that ends among the children still reports every speed (a GPU lease lost two rows that way)
+            print(f"# {workload} timed: " + "; ".join(
+                f"{e} {r['seconds']:.3f} s, {r['tokens'] / r['seconds']:,.0f} tok/s"
+                + (f", {r['ratio']:.2f}x" if "transformers" in timed else "") for e, r in timed.items()),
+                  file=sys.stderr, flush=True)
             for engine, r in timed.items():
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", "--engine", engine, "--workload",
                        workload, "--ckpt", args.ckpt]

@@ -1,6 +1,8 @@
 """The built-in engine on a tiny random Qwen3: greedy parity with full forwards, seeds, stops, log-probs, sync."""
 from functools import partial
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -328,3 +330,20 @@ def test_graph_decode_is_refused_off_cuda_and_for_sharded_models(model, prompts)
         BuiltinEngine(Sharded(), DigitTokenizer(), decode="graph")
     with pytest.raises(ValueError, match="decode must be one of"):
         engine(model, decode="fast")
+
+
+def test_auto_decode_is_graph_for_an_unsharded_model_on_cuda_only(model):
+    class OnCuda(torch.nn.Module):  # reports a CUDA parameter without needing a card: only the resolution is tested
+        config = model.config
+
+        def parameters(self, recurse=True):
+            return iter([SimpleNamespace(device=torch.device("cuda", 0))])
+
+    class ShardedOnCuda(OnCuda):
+        def unshard(self):
+            pass
+
+    assert engine(model).decode == "auto" and engine(model).decode_mode() == "dynamic"  # this CPU
+    assert BuiltinEngine(OnCuda(), vocab_size=10).decode_mode() == "graph"
+    assert BuiltinEngine(ShardedOnCuda(), vocab_size=10).decode_mode() == "dynamic"  # the RL policy under FSDP2
+    assert BuiltinEngine(OnCuda(), vocab_size=10, decode="static").decode_mode() == "static"  # explicit wins

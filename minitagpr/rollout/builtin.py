@@ -6,7 +6,8 @@ It is what runs wherever vLLM does not (CPU machines, CI, the demo). One generat
      marked invalid, so nobody attends to them);
   3. copy each prompt's cache rows n times (`cache.reorder(repeat_interleave)`) so the n samples share the prefill;
   4. decode one token per step for every live row, dropping finished rows from the cache as they stop (or, with
-     `decode="static"`/`"graph"`, with fixed shapes: static_decode.py, for CUDA graphs).
+     `decode="static"`/`"graph"`, with fixed shapes: static_decode.py, for CUDA graphs; "auto", the default, picks
+     "graph" for an unsharded model on a CUDA device and "dynamic" elsewhere).
 
 Randomness: every (prompt index, sample index) pair owns a torch.Generator seeded from (seed, prompt index, sample
 index), which draws that row's uniforms u_1..u_max up front; the token at step t is the inverse CDF of the
@@ -120,16 +121,18 @@ class BuiltinEngine(RolloutEngine):
     vocab_size: ids >= this are never sampled (default: tokenizer.vocab_size, else the model's embedding rows).
     max_batch_rows: prompts are cut into chunks of max(1, max_batch_rows // n), so at most this many sequences
         (prompts x n) share a KV cache (unless n alone exceeds it); bounds the cache's memory.
-    decode: "dynamic" (default): finished rows leave the batch, attention reads only the filled prefix of the
-        cache (fastest on CPUs); "static": fixed shapes, every row decodes until all have stopped (static_decode.py),
-        run eagerly; "graph": the static step captured as a CUDA graph and replayed per token (CUDA only, for a
-        model that is not FSDP-sharded). All three give the same ids and log-probs up to float rounding.
+    decode: "dynamic": finished rows leave the batch, attention reads only the filled prefix of the cache (fastest
+        on CPUs); "static": fixed shapes, every row decodes until all have stopped (static_decode.py), run eagerly;
+        "graph": the static step captured as a CUDA graph and replayed per token (CUDA only, for a model that is not
+        FSDP-sharded; 5.1x transformers at batch 16 on an H100 where "dynamic" is 1.1x, bench/RESULTS.md); "auto"
+        (default): "graph" for an unsharded model on a CUDA device, else "dynamic", decided per call from where the
+        model is then. All give the same ids and log-probs up to float rounding.
     """
 
-    DECODE_MODES = ("dynamic", "static", "graph")
+    DECODE_MODES = ("auto", "dynamic", "static", "graph")
 
     def __init__(self, model, tokenizer=None, *, vocab_size: int | None = None, max_batch_rows: int = 64,
-                 decode: str = "dynamic"):
+                 decode: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.model_vocab_size = int(model.config.vocab_size)
@@ -148,7 +151,7 @@ class BuiltinEngine(RolloutEngine):
         if decode == "graph" and hasattr(model, "unshard"):  # an FSDP2 module gathers its weights in hooks
             raise ValueError("decode='graph' needs an unsharded model (the engine's own copy), not an FSDP2 module")
         self.decode = decode
-        self.graph_stats: dict[str, int] = {}  # decode="graph": "captures", "replays", "fallbacks" (failed captures)
+        self.graph_stats: dict[str, int] = {}  # graph decoding: "captures", "replays", "fallbacks" (failed captures)
         self.pad_id = int(getattr(tokenizer, "pad_id", 0) or 0) if tokenizer is not None else 0
 
     # -- weights -------------------------------------------------------------------------------------------------------
@@ -173,6 +176,13 @@ class BuiltinEngine(RolloutEngine):
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
             loaded += 1
         return loaded
+
+    def decode_mode(self) -> str:
+        """The loop the next generate() runs: `decode`, with "auto" resolved for where the model is now."""
+        if self.decode != "auto":
+            return self.decode
+        on_cuda = next(self.model.parameters()).device.type == "cuda"
+        return "graph" if on_cuda and not hasattr(self.model, "unshard") else "dynamic"
 
     # -- generation ----------------------------------------------------------------------------------------------------
 
@@ -201,17 +211,18 @@ class BuiltinEngine(RolloutEngine):
         # On CPUs, decode with q/k/v and gate/up fused (fewer small matmuls); the copies live for this call only.
         on_cpu = next(self.model.parameters()).device.type == "cpu"
         fused = getattr(self.model, "fused_projections", None)
+        mode = self.decode_mode()
         with fused() if (on_cpu and fused is not None) else nullcontext():
             for start in range(0, len(order), per_chunk):
                 chunk = order[start:start + per_chunk]
                 outs = self._generate_chunk([list(prompt_token_ids[i]) for i in chunk], n, float(temperature),
-                                            float(top_p), max_new_tokens, stops, [keys[i] for i in chunk])
+                                            float(top_p), max_new_tokens, stops, [keys[i] for i in chunk], mode)
                 for i, group in zip(chunk, outs):
                     groups[i] = group
         return groups  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, stops, seed_keys):
+    def _generate_chunk(self, prompts, n, temperature, top_p, max_new_tokens, stops, seed_keys, mode):
         model = self.model
         device = next(model.parameters()).device
         B, R = len(prompts), len(prompts) * n
@@ -220,7 +231,7 @@ class BuiltinEngine(RolloutEngine):
         # 1. Prefill each prompt on its own into its left-padded rows of one cache: no pad tokens are computed and
         #    attention is plain causal (SDPA's causal kernel skips the masked half); pad slots stay invalid.
         slots = L + max_new_tokens
-        if self.decode != "dynamic":  # the fixed-shape loop masks the whole buffer: a length SDPA need not pad for
+        if mode != "dynamic":  # the fixed-shape loop masks the whole buffer: a length SDPA need not pad for
             slots = -(-slots // 16) * 16
         cache = model.new_kv_cache(B, slots, device=device)
         last_hidden = []
@@ -249,13 +260,13 @@ class BuiltinEngine(RolloutEngine):
         uniforms = uniforms.to(device)
 
         # 4. Decode.
-        if self.decode == "dynamic":
+        if mode == "dynamic":
             out_tokens, out_logp, finish = self._decode_dynamic(cache, logits, uniforms, next_pos, max_new_tokens,
                                                                 stops, temperature, top_p)
         else:
             sample = partial(sample_tokens, temperature=temperature, top_p=top_p, vocab_size=self.vocab_size)
             out_tokens, out_logp, finish = decode_static(model, cache, logits, uniforms, next_pos, max_new_tokens,
-                                                         stops, sample, graph=self.decode == "graph",
+                                                         stops, sample, graph=mode == "graph",
                                                          stats=self.graph_stats)
 
         groups = []

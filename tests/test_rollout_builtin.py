@@ -345,5 +345,5 @@ def test_auto_decode_is_graph_for_an_unsharded_model_on_cuda_only(model):
 
     assert engine(model).decode == "auto" and engine(model).decode_mode() == "dynamic"  # this CPU
     assert BuiltinEngine(OnCuda(), vocab_size=10).decode_mode() == "graph"
-    assert BuiltinEngine(ShardedOnCuda(), vocab_size=10).decode_mode() == "dynamic"  # the RL policy under FSDP2
+    assert BuiltinEngine(ShardedOnCuda(), vocab_size=10).decode_mode() == "dynamic"  # an FSDP2 module (gathers in hooks)
     assert BuiltinEngine(OnCuda(), vocab_size=10, decode="static").decode_mode() == "static"  # explicit wins

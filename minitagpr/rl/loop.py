@@ -55,8 +55,8 @@ class RLConfig:
     prompt_style: str = "full"  # "full" | "brief" instruction (minitagpr.data.prompts); the one the policy was SFT'd on
     # rollout
     engine: str = "builtin"  # "builtin" (torch sampler) | "vllm" (GPU)
-    builtin_decode: str = "auto"  # the built-in engine's loop: "auto" | "dynamic" | "static" | "graph" (CUDA graphs;
-    # "auto" = graph for an unsharded model on CUDA, else dynamic: the engine samples from the FSDP2 policy, so dynamic)
+    builtin_decode: str = "auto"  # the built-in engine's loop: "auto" | "dynamic" | "static" | "graph" (CUDA graphs);
+    # "auto": graph on CUDA (the engine holds its own unsharded copy, build_engine), dynamic on CPUs
     group_size: int = 5  # G
     temperature: float = 1.0  # the log-probs of the ratio use the same temperature
     top_p: float = 1.0  # must stay 1: the ratio's pi_old is the untruncated distribution

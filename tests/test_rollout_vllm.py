@@ -102,6 +102,19 @@ def test_checkpoint_tensor_names_read_single_files_and_shard_indexes(tmp_path):
         checkpoint_tensor_names(tmp_path)
 
 
+def test_checkpoint_tensor_names_name_a_damaged_file_or_index(tmp_path):
+    model = presets.build_model(presets.tiny_config("tiny"))
+    single = save_pretrained(model, tmp_path / "single")
+    weights = single / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted copy
+    with pytest.raises(RolloutError, match=r"model\.safetensors: truncated safetensors file"):
+        checkpoint_tensor_names(single)
+    sharded = save_pretrained(model, tmp_path / "sharded", max_shard_bytes=50_000)
+    (sharded / "model.safetensors.index.json").write_text('{"weight_map": ["not", "a", "map"]}')
+    with pytest.raises(RolloutError, match=r"index\.json: field 'weight_map'"):
+        checkpoint_tensor_names(sharded)
+
+
 # ---------------------------------------------------------------------------------------------------------- fake vLLM
 
 class FakeSamplingParams:

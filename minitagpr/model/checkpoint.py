@@ -143,6 +143,15 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
 
 
+def tensor_names(folder: Path) -> set[str]:
+    """The tensor names of a safetensors checkpoint folder, from its index or its single file's header, validated
+    like a load (a damaged header or index fails as a CheckpointError naming the file); no tensor is read."""
+    folder = Path(folder)
+    if (folder / INDEX_NAME).exists():
+        return set(_read_index(folder / INDEX_NAME))
+    return {name for file in _weight_files(folder) for name in _read_header(file)}
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def load_state_into(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype | None, device,
                     skip: set[str] = frozenset(), rename=None) -> None:

@@ -45,21 +45,14 @@ def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
 
 
 def checkpoint_tensor_names(checkpoint_dir: str | os.PathLike) -> set[str]:
-    """Tensor names of an HF safetensors checkpoint, read from its index or its single file's header."""
-    folder = Path(checkpoint_dir)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            return set(json.loads(index.read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError) as err:
-            raise RolloutError(f"{index}: cannot read 'weight_map' ({err})") from err
-    single = folder / "model.safetensors"
-    if not single.exists():
-        raise RolloutError(f"{folder}: no model.safetensors(.index.json) to read parameter names from")
-    from safetensors import safe_open
+    """Tensor names of an HF safetensors checkpoint, read from its index or its single file's header (validated as
+    a load validates them: a truncated file or a broken index is a RolloutError naming the file)."""
+    from minitagpr.model.checkpoint import CheckpointError, tensor_names
 
-    with safe_open(str(single), framework="pt") as f:
-        return set(f.keys())
+    try:
+        return tensor_names(Path(checkpoint_dir))
+    except CheckpointError as err:
+        raise RolloutError(f"cannot read the parameter names vLLM will load: {err}") from None
 
 
 def _config_vocab_size(checkpoint_dir) -> int | None:

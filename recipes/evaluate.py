@@ -160,11 +160,7 @@ def load_task_data(data: Any, task: str, *, split: str = "user", part: str = "de
         _, golds = lamp.load_outputs(outputs, task)  # checks the file's task and that every gold is an answer
         examples = lamp.load_questions(questions, task)
         source, gold_file = questions, outputs
-    asked = {ex.id for ex in examples}
-    extra = [i for i in golds if i not in asked]  # checked on the whole file, before `limit` picks a subset
-    if extra:
-        raise DataError(f"{gold_file}: gold output(s) for id(s) with no question: {', '.join(map(repr, extra[:10]))}"
-                        f"{' ...' if len(extra) > 10 else ''} (ids must match one to one)")
+    lamp.check_no_extra_golds(golds, examples, gold_file)  # the whole file, before `limit` picks a subset
     if limit:
         examples = examples[:limit]
     missing = [ex.id for ex in examples if ex.id not in golds]

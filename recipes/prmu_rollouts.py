@@ -78,10 +78,7 @@ def run(cfg: RolloutConfig) -> Path:
     task = lamp.canonical_task(cfg.task or lamp.load_outputs(cfg.outputs)[0])  # default: the file's own task
     _, golds = lamp.load_outputs(cfg.outputs, task)  # checks the file's task and that every gold is an answer
     examples = lamp.load_questions(cfg.questions, task)
-    extra = sorted(set(golds) - {ex.id for ex in examples})
-    if extra:  # checked on the whole file, before `limit` picks a subset (as recipes/evaluate.py does)
-        raise lamp.DataError(f"{cfg.outputs}: gold output(s) for id(s) with no question in {cfg.questions}: "
-                             f"{', '.join(map(repr, extra[:10]))}{' ...' if len(extra) > 10 else ''}")
+    lamp.check_no_extra_golds(golds, examples, cfg.outputs, cfg.questions)  # the whole file, before `limit`
     if cfg.limit:
         examples = examples[: cfg.limit]
     missing = [ex.id for ex in examples if ex.id not in golds]

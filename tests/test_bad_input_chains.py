@@ -2,13 +2,15 @@
 from deep inside, never a silent pass into sft.jsonl. Each case here was a traceback or a silent acceptance before
 (black-box sweep, findings B4, B7 and B15)."""
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from minitagpr.data import demo_world
 from minitagpr.data.chains import ChainDataError, run_stages
-from minitagpr.data.lamp import DataError
+from minitagpr.data.lamp import DataError, split_files
 from minitagpr.data.prompts import render_item
 from test_chains import cfg_out, chain_record, instance, judged, make_cfg, write_jsonl
 
@@ -142,3 +144,17 @@ def test_a_truncated_policy_checkpoint_ends_in_one_line_naming_the_file(tmp_path
     err = capsys.readouterr().err
     assert err.startswith(f"build_chains: error: tagging.policy_checkpoint: {weights}: truncated safetensors file")
     assert err.count("\n") == 1
+
+
+def test_the_sample_stage_refuses_golds_for_ids_no_question_has(tmp_path):
+    # an outputs file out of step with its questions (e.g. copied from another split) was sampled from silently
+    world = demo_world.build(tmp_path / "world", num_users=4, dev_users=2, per_user=2, shared_per_user=1)
+    outputs = split_files(world.root, "LaMP-3", "user", "train")[1]
+    data = json.loads(outputs.read_text())
+    data["golds"].append({"id": "not-a-question", "output": "4"})
+    outputs.write_text(json.dumps(data))
+    cfg = make_cfg(tmp_path, **{"data.lamp_root": str(world.root), "data.tasks": "LaMP-3", "data.per_task": 2})
+    with pytest.raises(DataError, match=rf"{outputs}: gold output\(s\) for id\(s\) with no question in .*"
+                                        rf"train_questions\.json: 'not-a-question'"):
+        _run(cfg, "sample")
+    assert not (cfg_out(cfg) / "instances.jsonl").exists()

@@ -56,8 +56,8 @@ from minitagpr.data.chain_client import (
     ChatClient, ChatRequest, EndpointConfig, ResponseCache, Transport, resolve_endpoint,
 )
 from minitagpr.data.lamp import (
-    TASKS as TASK_SPECS, DataError, LampExample, canonical_task, json_object_lines, load_outputs, load_questions,
-    read_json, split_files,
+    TASKS as TASK_SPECS, DataError, LampExample, canonical_task, check_no_extra_golds, json_object_lines, load_outputs,
+    load_questions, read_json, split_files,
 )
 from minitagpr.data.prompts import STYLES, TAG_MEANINGS, build_messages
 from minitagpr.data.retrieval import get_retriever
@@ -605,6 +605,7 @@ def stage_sample(ctx: Context) -> StageCounts:
             q_path, o_path = split_files(data.lamp_root, task, data.split, data.part)
             examples = load_questions(q_path, task)
             _, golds = load_outputs(o_path, task)  # checks the file's task and that every gold is an answer
+            check_no_extra_golds(golds, examples, o_path, q_path)  # the whole file, before `per_task` samples it
             rng = random.Random(f"{data.seed}/{task}")
             picked = sorted(rng.sample(range(len(examples)), min(data.per_task, len(examples))))
             counts.seen(task, len(examples))

@@ -21,7 +21,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 
 class DataError(ValueError):
@@ -334,6 +334,20 @@ def load_outputs(path: str | os.PathLike, task: str | None = None) -> tuple[str,
             raise DataError(f"{where(path, index, rec_id, 'golds.output')}: {why}")
         outputs[rec_id] = output
     return file_task, outputs
+
+
+def check_no_extra_golds(golds: Mapping[str, str], examples: Sequence[LampExample], outputs_path,
+                         questions_path=None) -> None:
+    """Raise a DataError naming the outputs file when it holds golds for ids that no question has: a LaMP part's
+    questions and outputs match one to one (the official evaluation requires it). Check the whole file, before any
+    subset (a limit, a sample) is taken from the questions."""
+    asked = {ex.id for ex in examples}
+    extra = [i for i in golds if i not in asked]
+    if extra:
+        where = f" in {questions_path}" if questions_path is not None else ""
+        raise DataError(f"{outputs_path}: gold output(s) for id(s) with no question{where}: "
+                        f"{', '.join(map(repr, extra[:10]))}{' ...' if len(extra) > 10 else ''} "
+                        f"(ids must match one to one)")
 
 
 def gold_problem(task: str, output: str) -> str | None:

@@ -165,10 +165,7 @@ def load_prompts(cfg: RLConfig, tokenizer: Tokenizer, *, part: str | None = None
         qpath, opath = lamp.split_files(cfg.data_root, task, cfg.split, part or cfg.part)
         examples = lamp.load_questions(qpath, task)
         _, golds = lamp.load_outputs(opath, task)  # checks the file's task and that every gold is an answer
-        extra = sorted(set(golds) - {ex.id for ex in examples})
-        if extra:  # ids must match one to one, as the evaluation requires
-            raise lamp.DataError(f"{opath}: gold output(s) for id(s) with no question in {qpath}: "
-                                 f"{', '.join(map(repr, extra[:10]))}{' ...' if len(extra) > 10 else ''}")
+        lamp.check_no_extra_golds(golds, examples, opath, qpath)  # the whole file, before the task mix samples
         if count and count < len(examples):
             examples = random.Random(f"{cfg.seed}/{task}").sample(examples, count)
         for ex in examples:

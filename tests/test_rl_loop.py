@@ -10,6 +10,7 @@ import torch
 
 from minitagpr.rl.loop import RLConfig, make_sequences, minibatch_index, prompts_for_step, Prompt
 from minitagpr.rollout.base import Completion
+from minitagpr.rollout.builtin import BuiltinEngine
 
 HERE = Path(__file__).resolve().parent
 
@@ -277,6 +278,45 @@ def test_non_finite_reward_stops_with_the_step(small_world, tmp_path, monkeypatc
     cfg = parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "nan", stage="exploratory"))
     with pytest.raises(loop.NonFiniteError, match=r"step 0: 1 non-finite reward\(s\), responses \[1\]"):
         loop.train(cfg)
+
+
+def test_the_fixed_shape_decode_loop_runs_the_same_rl_steps_as_the_dynamic_one(small_world, tmp_path, monkeypatch):
+    # on CUDA the RL engine decodes with the fixed-shape step replayed as a CUDA graph ("auto"); "static" is that step
+    # run eagerly. Across an update and a weight sync (step 2 samples from the changed policy) both loops must sample
+    # the same ids. A random policy earns no reward (R_f = 0), so the rewards here are a function of the ids: groups
+    # then have variance and the update moves the weights.
+    from minitagpr.config import parse_cli
+    from minitagpr.rl import loop
+
+    real_generate = BuiltinEngine.generate
+    sampled = []
+
+    def recording(self, *args, **kwargs):
+        groups = real_generate(self, *args, **kwargs)
+        sampled.append([[list(c.token_ids) for c in group] for group in groups])
+        return groups
+
+    def id_rewards(prompts, completions, cfg, prmu=None):
+        parts, _ = real_rewards(prompts, completions, cfg, prmu)
+        return parts, torch.tensor([sum(c.token_ids) % 7 / 7 for c in completions], dtype=torch.float64)
+
+    real_rewards = loop.compute_rewards
+    monkeypatch.setattr(BuiltinEngine, "generate", recording)
+    monkeypatch.setattr(loop, "compute_rewards", id_rewards)
+    world, policy = small_world
+    runs = {}
+    for mode in ("dynamic", "static"):
+        sampled.clear()
+        out = tmp_path / mode
+        loop.train(parse_cli(loop.RLConfig, _rl_args(world, policy, out, max_steps=2, builtin_decode=mode,
+                                                     stage="exploratory")))
+        runs[mode] = (list(sampled), _log(out))
+    (ids_d, log_d), (ids_s, log_s) = runs["dynamic"], runs["static"]
+    assert len(ids_d) == 2 and ids_d == ids_s  # both steps, every sample, token for token
+    assert ids_d[0] != ids_d[1]  # the steps sample different prompts
+    assert abs(log_d[0]["gspo/loss"]) > 1e-6  # the first update moved the policy that step 2 samples from
+    for a, b in zip(log_d, log_s, strict=True):
+        assert a["gspo/loss"] == pytest.approx(b["gspo/loss"], rel=1e-5, abs=1e-8), a["step"]
 
 
 def test_one_and_two_processes_sample_and_score_the_same_first_step(small_world, tmp_path):

@@ -8,8 +8,9 @@ comes from a separate process per engine: the peak resident-set growth over one 
 /proc/self/clear_refs after warm-up) on CPU, torch.cuda.max_memory_allocated on GPU. Every run generates exactly
 max_new_tokens per sequence (no stop ids for us, min_new_tokens for transformers), so token counts are equal.
 
-Our engine's rows: "ours" = the default dynamic decode loop; "ours-static" = fixed shapes, run eagerly;
-"ours-graph" = the fixed-shape step as a CUDA graph (GPU only; rollout/static_decode.py).
+Our engine's rows: "ours" = the dynamic decode loop (the engine's choice on CPUs); "ours-static" = fixed shapes,
+run eagerly; "ours-graph" = the fixed-shape step as a CUDA graph (GPU only, and the engine's choice there;
+rollout/static_decode.py).
 
 Workloads (16 or 40 sequences): "batch16" = 16 distinct ragged prompts x 1 sample; "group16" = 4 prompts x 4 samples
 and "rl-demo" = 8 prompts x 5 samples, the shape of an RL rollout (we prefill each prompt once and share its cache

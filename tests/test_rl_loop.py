@@ -289,9 +289,10 @@ def test_the_fixed_shape_decode_loop_runs_the_same_rl_steps_as_the_dynamic_one(s
     from minitagpr.rl import loop
 
     real_generate = BuiltinEngine.generate
-    sampled = []
+    sampled, modes = [], set()
 
     def recording(self, *args, **kwargs):
+        modes.add(self.decode_mode())  # the loop the engine really ran
         groups = real_generate(self, *args, **kwargs)
         sampled.append([[list(c.token_ids) for c in group] for group in groups])
         return groups
@@ -307,9 +308,11 @@ def test_the_fixed_shape_decode_loop_runs_the_same_rl_steps_as_the_dynamic_one(s
     runs = {}
     for mode in ("dynamic", "static"):
         sampled.clear()
+        modes.clear()
         out = tmp_path / mode
         loop.train(parse_cli(loop.RLConfig, _rl_args(world, policy, out, max_steps=2, builtin_decode=mode,
                                                      stage="exploratory")))
+        assert modes == {mode}
         runs[mode] = (list(sampled), _log(out))
     (ids_d, log_d), (ids_s, log_s) = runs["dynamic"], runs["static"]
     assert len(ids_d) == 2 and ids_d == ids_s  # both steps, every sample, token for token

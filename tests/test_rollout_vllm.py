@@ -110,6 +110,10 @@ def test_checkpoint_tensor_names_name_a_damaged_file_or_index(tmp_path):
     with pytest.raises(RolloutError, match=r"model\.safetensors: truncated safetensors file"):
         checkpoint_tensor_names(single)
     sharded = save_pretrained(model, tmp_path / "sharded", max_shard_bytes=50_000)
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.unlink()  # a partial download
+    with pytest.raises(RolloutError, match=rf"shards listed in the index are missing: {shard.name}"):
+        checkpoint_tensor_names(sharded)
     (sharded / "model.safetensors.index.json").write_text('{"weight_map": ["not", "a", "map"]}')
     with pytest.raises(RolloutError, match=r"index\.json: field 'weight_map'"):
         checkpoint_tensor_names(sharded)

@@ -144,12 +144,14 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def tensor_names(folder: Path) -> set[str]:
-    """The tensor names of a safetensors checkpoint folder, from its index or its single file's header, validated
-    like a load (a damaged header or index fails as a CheckpointError naming the file); no tensor is read."""
+    """The tensor names of a safetensors checkpoint folder, from its index (whose shards must all be there) or its
+    single file's header, checked as a load checks them (a damaged header or index, a missing shard: a
+    CheckpointError naming the file); no tensor is read."""
     folder = Path(folder)
+    files = _weight_files(folder)  # the index's shard files (each checked to exist), or the single file
     if (folder / INDEX_NAME).exists():
         return set(_read_index(folder / INDEX_NAME))
-    return {name for file in _weight_files(folder) for name in _read_header(file)}
+    return {name for file in files for name in _read_header(file)}
 
 
 # ----------------------------------------------------------------------------------------------- loading

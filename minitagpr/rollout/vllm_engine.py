@@ -53,6 +53,9 @@ def checkpoint_tensor_names(checkpoint_dir: str | os.PathLike) -> set[str]:
         return tensor_names(Path(checkpoint_dir))
     except CheckpointError as err:
         raise RolloutError(f"cannot read the parameter names vLLM will load: {err}") from None
+    except OSError as err:  # e.g. no permission to read the file
+        raise RolloutError(f"cannot read the parameter names vLLM will load: {err.filename or checkpoint_dir}: "
+                           f"{err.strerror or err}") from None
 
 
 def _config_vocab_size(checkpoint_dir) -> int | None:

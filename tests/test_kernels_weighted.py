@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minitagpr.kernels import token_logprobs, weighted_logprob_sum
-from test_kernels import DEVICE, FP32_TOL, SMALL_IMPLS, fresh_generator, make_inputs, reference, rel_err
+from test_kernels import DEVICE, FP32_TOL, SMALL_IMPLS, fresh_generator, make_inputs, needs_triton, reference, rel_err
 
 
 def check_weighted(hidden, weight, targets, seed, temperature=1.0, chunk_size=None, impl="torch"):
@@ -60,7 +60,7 @@ def test_qwen3_vocab():
     check_weighted(hidden, weight, targets, seed, chunk_size=3)
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=SMALL_IMPLS[2].marks)])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_same_numbers_as_token_logprobs(impl):
     # each path against token_logprobs of the same impl: bit-equal log-probs (on CUDA "auto" is triton, whose
     # reductions differ in the last bits from the chunked torch path: the first GPU run compared across impls)

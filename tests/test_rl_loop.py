@@ -288,7 +288,7 @@ def test_the_fixed_shape_decode_loop_runs_the_same_rl_steps_as_the_dynamic_one(s
     from minitagpr.config import parse_cli
     from minitagpr.rl import loop
 
-    real_generate = BuiltinEngine.generate
+    real_generate, real_rewards = BuiltinEngine.generate, loop.compute_rewards
     sampled, modes = [], set()
 
     def recording(self, *args, **kwargs):
@@ -301,7 +301,6 @@ def test_the_fixed_shape_decode_loop_runs_the_same_rl_steps_as_the_dynamic_one(s
         parts, _ = real_rewards(prompts, completions, cfg, prmu)
         return parts, torch.tensor([sum(c.token_ids) % 7 / 7 for c in completions], dtype=torch.float64)
 
-    real_rewards = loop.compute_rewards
     monkeypatch.setattr(BuiltinEngine, "generate", recording)
     monkeypatch.setattr(loop, "compute_rewards", id_rewards)
     world, policy = small_world

@@ -1,6 +1,5 @@
 """The built-in engine on a tiny random Qwen3: greedy parity with full forwards, seeds, stops, log-probs, sync."""
 from functools import partial
-
 from types import SimpleNamespace
 
 import pytest

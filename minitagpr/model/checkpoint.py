@@ -144,14 +144,10 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def tensor_names(folder: Path) -> set[str]:
-    """The tensor names of a safetensors checkpoint folder, from its index (whose shards must all be there) or its
-    single file's header, checked as a load checks them (a damaged header or index, a missing shard: a
-    CheckpointError naming the file); no tensor is read."""
-    folder = Path(folder)
-    files = _weight_files(folder)  # the index's shard files (each checked to exist), or the single file
-    if (folder / INDEX_NAME).exists():
-        return set(_read_index(folder / INDEX_NAME))
-    return {name for file in files for name in _read_header(file)}
+    """The tensor names of a safetensors checkpoint folder, from the headers of the files a load would read (the
+    index's shards, or the single file), checked as a load checks them (a damaged header or index, a missing shard:
+    a CheckpointError naming the file); no tensor is read."""
+    return {name for file in _weight_files(Path(folder)) for name in _read_header(file)}
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -7,7 +7,7 @@ On CUDA the table adds MFU: tokens/s x `flops_per_token` (6 per matmul weight + 
 the card's datasheet dense bf16 rate and a bf16 8192^3 matmul measured on the same card in the same run.
 
     python bench/model_throughput.py                    # CPU fp32: demo shape and a 2-layer slice of Qwen3-0.6B
-    python bench/model_throughput.py --device cuda --dtype bfloat16
+    python bench/model_throughput.py --device cuda --dtype bfloat16   # adds the whole Qwen3-0.6B
 """
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def matmul_tflops(device: str, size: int = 8192, repeats: int = 10) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default="", help=f"comma list of {', '.join(SHAPES)} (default: the CPU shapes, "
+                    "demo and the 2-layer slice, on a CPU; all three on CUDA)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=5)
@@ -93,6 +94,11 @@ def main():
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma list (transformers is the ratio's baseline)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.shapes:
+        args.shapes = ",".join(SHAPES) if args.device.startswith("cuda") else "demo,qwen3-0.6b-2layer"
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        ap.error(f"unknown shape(s) {unknown}; expected some of {', '.join(SHAPES)}")
     if args.child:
         print(json.dumps(child(**json.loads(args.child))))
         return

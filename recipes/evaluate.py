@@ -1,10 +1,11 @@
 """Evaluate checkpoints (or prediction files) on LaMP / PGraphRAG / demo tasks and put them side by side.
 
     python recipes/evaluate.py --config recipes/configs/eval_demo.yaml \\
-        checkpoints=base=runs/demo/base,sft=runs/demo/sft/hf,guided=runs/demo/guided/hf
-    python recipes/evaluate.py data=/data/LaMP part=dev checkpoints=tagpr=runs/exploratory/hf   # paper Table 1
-    python recipes/evaluate.py --config recipes/configs/eval_robustness.yaml checkpoints=...    # k and retriever
-    python recipes/evaluate.py predictions=gemini=preds/LaMP_1.json,gemini=preds/LaMP_2.json tasks=LaMP-1,LaMP-2
+        checkpoints=base=runs/demo/base_demo,sft=runs/demo/sft/hf,guided=runs/demo/guided_rl/export
+    python recipes/evaluate.py --config recipes/configs/eval_lamp.yaml data=/data/LaMP checkpoints=tagpr=...  # Table 1
+    python recipes/evaluate.py --config recipes/configs/eval_robustness.yaml data=/data/LaMP checkpoints=...  # k, retriever
+    python recipes/evaluate.py data=/data/LaMP tasks=LaMP-1,LaMP-2 \\
+        predictions=gemini=preds/LaMP_1.json,gemini=preds/LaMP_2.json
     (prediction files are scored as given, as the official evaluation does; extract_answers=true first takes the
     answer after the last </think> of each, for files of raw model responses)
 
@@ -52,7 +53,8 @@ class EvalConfig:
     predictions: list[str] = field(default_factory=list)  # "name=file.json": official-format prediction files
     extract_answers: bool = False  # predictions hold raw responses: score what follows the last </think> (off:
     #                                as given, the official rules)
-    data: str = "demo"  # LaMP tasks: "demo" (the seeded demo world) or the root folder of a LaMP download
+    data: str = "demo"  # LaMP tasks: "demo" (the seeded demo world) or the root folder of a LaMP download ("":
+    #                     refused, as the paper configs leave it, so that a forgotten data= never scores the demo)
     data_dir: str = ""  # demo: where the world is built (default out_dir/demo-world)
     pgraphrag_dir: str = ""  # PGraphRAG tasks: folder of amazon_dev.json, ... (default ../shared/data/pgraphrag)
     pgraphrag_domain: str = "amazon"  # amazon (the paper's AmazonReviewTitle) or hotel
@@ -90,6 +92,12 @@ class EvalConfig:
             raise ValueError(f"row name(s) {', '.join(map(repr, clash))} given to both checkpoints= and predictions=; "
                              f"give each row its own name")
         self.tasks = [lamp.canonical_task(t) for t in self.tasks]
+        repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if repeated:  # checked now: the second pass would be decoded in full and then refused by the table
+            raise ValueError(f"tasks: {', '.join(repeated)} listed more than once")
+        if not self.data and any(t.startswith("LaMP-") for t in self.tasks):
+            raise ValueError("data= is required for LaMP tasks: the root folder of a LaMP download "
+                             "(or data=demo for the demo world)")
         if self.engine not in ("auto", "builtin", "vllm"):
             raise ValueError(f"engine must be auto, builtin or vllm, got {self.engine!r}")
         for k in [self.k, *self.sweep_k]:

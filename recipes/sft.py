@@ -42,7 +42,7 @@ class SftConfig:
     demo_preset: str = "demo"  # model preset (minitagpr.model.presets) of the demo base model
     out_dir: str = "runs/demo/sft"
     # batches: a row is seq_len tokens holding one document (pack=False) or several packed ones
-    seq_len: int = 704  # the demo's longest chain is 671 tokens
+    seq_len: int = 704  # the demo's longest chain is 477 tokens
     pack: bool = False  # False = one document per row, so global_batch counts examples (the paper's convention)
     global_batch: int = 4  # rows per optimizer step, over all ranks
     micro_batch: int = 1  # rows per forward pass per rank; accumulation = global_batch / (micro_batch * world)

@@ -197,3 +197,27 @@ def test_pgraphrag_reader_names_an_unreadable_date_and_an_empty_file(tmp_path): 
     (tmp_path / "b.json").write_text("[]")
     with pytest.raises(lamp.DataError, match=r"b\.json: no users"):
         pgraphrag.load_users(tmp_path / "b.json")
+
+
+def test_evaluate_refuses_a_task_listed_twice_before_any_decoding():
+    """Both passes used to be decoded in full before the table refused the second one, writing nothing."""
+    with pytest.raises(ConfigError, match="tasks: LaMP-3 listed more than once"):
+        parse_cli(ev.EvalConfig, ["checkpoints=t=ckpt", "tasks=LaMP-3,lamp_3"])
+
+
+@pytest.mark.parametrize("yaml_name", ["eval_lamp.yaml", "eval_robustness.yaml"])
+def test_paper_eval_configs_need_data_instead_of_scoring_the_demo_world(yaml_name):
+    """Without data= these configs used to fall back to data=demo and write a demo table under the LaMP out_dir."""
+    config = str(REPO / "recipes" / "configs" / yaml_name)
+    with pytest.raises(ConfigError, match="data= is required for LaMP tasks"):
+        parse_cli(ev.EvalConfig, ["--config", config, "checkpoints=base=Qwen/Qwen3-8B"])
+    assert parse_cli(ev.EvalConfig, ["--config", config, "checkpoints=t=c", "data=/data/LaMP"]).data == "/data/LaMP"
+
+
+def test_eval_demo_config_repeats_the_main_jobs_table_settings():
+    guided_rl = load_recipe("guided_rl")
+    cfg = parse_cli(ev.EvalConfig, ["--config", str(REPO / "recipes" / "configs" / "eval_demo.yaml"), "checkpoints=t=c"])
+    main = guided_rl.GuidedConfig()
+    assert (cfg.data, cfg.part, cfg.retriever, cfg.k, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.temperature) == \
+        ("demo", "dev", main.retriever, main.k, main.max_prompt_tokens, main.max_new_tokens, 0.0)
+    assert Path(cfg.data_dir) == Path(main.workdir) / "world" and Path(cfg.out_dir) != Path(main.workdir) / "eval"

@@ -1,4 +1,4 @@
-"""Retrievers: recency order, BM25 against a brute-force float64 Okapi, seeded random, dense cosine, and k."""
+"""Retrievers: recency order, BM25 against a brute-force float64 Okapi, seeded random, dense (dot product or cosine), and k."""
 import random
 
 import numpy as np
@@ -161,15 +161,36 @@ def _bag_of_words(texts):
     return out
 
 
-def test_dense_retriever_is_a_retriever_and_ranks_by_cosine():
-    ex = make_examples("LaMP-2", n=1, n_items=12, seed=5)[0][0]
-    r = get_retriever("dense", encode_fn=_bag_of_words)
-    assert isinstance(r, Retriever)
+def _dense_order(ex, similarity):
     q = _bag_of_words([query_text(ex)])[0]
     docs = _bag_of_words([item_document("LaMP-2", it) for it in ex.profile])
-    cos = [float(d @ q / (np.linalg.norm(d) * np.linalg.norm(q))) if d.any() else 0.0 for d in docs]
-    expected = sorted(range(len(cos)), key=lambda j: (-round(cos[j], 12), j))
+    if similarity == "cosine":
+        s = [float(d @ q / (np.linalg.norm(d) * np.linalg.norm(q))) if d.any() else 0.0 for d in docs]
+    else:
+        s = [float(d @ q) for d in docs]
+    return sorted(range(len(s)), key=lambda j: (-round(s[j], 12), j))
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_dense_retriever_is_a_retriever_and_ranks_by_its_similarity(similarity):
+    ex = make_examples("LaMP-2", n=1, n_items=12, seed=5)[0][0]
+    kwargs = {} if similarity == "dot" else {"similarity": "cosine"}
+    r = get_retriever("dense", encode_fn=_bag_of_words, **kwargs)
+    assert isinstance(r, Retriever)
+    expected = _dense_order(ex, similarity)
     assert [it["id"] for it in r.select(ex, 5)] == [ex.profile[j]["id"] for j in expected[:5]]
+
+
+def test_dense_retriever_defaults_to_the_dot_product_as_contriever_and_lamp_rank():
+    """A long item whose embedding has a large norm wins by dot product, a short aligned one by cosine."""
+    ex = _tweets(["short", "long"])
+    ex.input = "Paraphrase this tweet: the query"
+    vectors = {"the query": [1.0, 0.0], "short": [1.0, 0.2], "long": [3.0, 2.0]}
+    encode = lambda texts: [vectors[t.strip()] for t in texts]  # noqa: E731
+    assert [it["text"] for it in DenseRetriever(encode).select(ex, 1)] == ["long"]
+    assert [it["text"] for it in DenseRetriever(encode, similarity="cosine").select(ex, 1)] == ["short"]
+    with pytest.raises(ValueError, match="similarity must be 'dot' or 'cosine'"):
+        DenseRetriever(encode, similarity="l2")
 
 
 def test_dense_retriever_rejects_a_wrongly_shaped_encoder():

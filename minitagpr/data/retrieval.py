@@ -141,20 +141,28 @@ class RandomRetriever(RankingRetriever):
 
 
 class DenseRetriever(RankingRetriever):
-    """Cosine top-k with any text encoder: `encode_fn(texts) -> (n, d)` array-like."""
+    """Top-k by embedding similarity with any text encoder: `encode_fn(texts) -> (n, d)` array-like.
+
+    similarity="dot" (default) scores the raw inner product of the query and item embeddings, as Contriever is
+    trained and as LaMP's reference ranker scores it (mean-pooled, unnormalised embeddings); "cosine" normalises
+    both first (for encoders trained with a cosine objective)."""
 
     name = "dense"
 
-    def __init__(self, encode_fn: Callable[[list[str]], Sequence[Sequence[float]]]):
+    def __init__(self, encode_fn: Callable[[list[str]], Sequence[Sequence[float]]], similarity: str = "dot"):
+        if similarity not in ("dot", "cosine"):
+            raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
         self.encode_fn = encode_fn
+        self.similarity = similarity
 
     def scores(self, example: LampExample) -> list[float]:
         texts = [query_text(example)] + [item_document(example.task, item) for item in example.profile]
         emb = np.asarray(self.encode_fn(texts), dtype=np.float64)  # (1 + n, d)
         if emb.ndim != 2 or emb.shape[0] != len(texts):
             raise ValueError(f"encode_fn returned shape {emb.shape} for {len(texts)} texts; expected (n, d)")
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # zero vectors score 0
-        return (emb[1:] @ emb[0]).tolist()  # (n,) cosine similarities
+        if self.similarity == "cosine":
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # zero vectors score 0
+        return (emb[1:] @ emb[0]).tolist()  # (n,) similarities to the query
 
     def rank(self, example: LampExample) -> list[int]:
         scores = self.scores(example)
@@ -165,7 +173,7 @@ RETRIEVERS = ("recency", "bm25", "random", "dense")
 
 
 def get_retriever(name: str, seed: int = 0, **kwargs) -> RankingRetriever:
-    """'recency' | 'bm25' (k1=, b=, lowercase=) | 'random' (seed) | 'dense' (encode_fn=)."""
+    """'recency' | 'bm25' (k1=, b=, lowercase=) | 'random' (seed) | 'dense' (encode_fn=, similarity=)."""
     if name == "recency":
         return RecencyRetriever(**kwargs)
     if name == "bm25":

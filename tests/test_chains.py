@@ -122,6 +122,11 @@ def test_judge_replies_are_read_through_prose_fences_aliases_and_trailing_commas
     (judge_json({**SCORES, "relevance": 0}), "judge_bad_score"),
     (judge_json({**SCORES, "step_accuracy": 3.5}), "judge_bad_score"),
     (judge_json({**SCORES, "step_accuracy": True}), "judge_bad_score"),
+    # Python's json reads these as floats; int() of them raised (and the cached reply crashed every rerun)
+    ('{"logical_coherence": NaN, "step_accuracy": 4, "reasoning_completeness": 4, "relevance": 5}', "judge_bad_score"),
+    ('{"logical_coherence": Infinity, "step_accuracy": 4, "reasoning_completeness": 4, "relevance": 5}',
+     "judge_bad_score"),
+    ('{"logical_coherence": 1e999, "step_accuracy": 4, "reasoning_completeness": 4, "relevance": 5}', "judge_bad_score"),
     (judge_json({**SCORES, "step_accuracy": "high"}), "judge_bad_score"),
     (json.dumps({**SCORES, "relevance": {"reason": "no score given"}}), "judge_bad_score"),
 ])
@@ -134,6 +139,7 @@ def test_unusable_judge_replies_raise_with_their_drop_reason(text, reason):
 def test_free_tags_are_folded_to_snake_case_and_need_a_closing_tag():
     text = "Here:\n<Restate Task>a</Restate Task><look-at-history>b</look-at-history> 3 < 4 <stray> and x"
     assert parse_free_tags(text) == ["restate_task", "look_at_history"]
+    assert parse_free_tags("<_>We read the task.</_><__>We decide.</__><decide>x</decide>") == ["decide"]
 
 
 def test_the_tagged_span_is_cut_out_of_prose_and_fences():
@@ -142,10 +148,27 @@ def test_the_tagged_span_is_cut_out_of_prose_and_fences():
     assert extract_tagged_chain("no tags at all") is None
 
 
+def test_an_unclosed_last_segment_is_kept_for_the_format_check_not_cut_off():
+    text = "<analyze_input>a</analyze_input>\n<make_decision>So 4 it is."
+    assert extract_tagged_chain(text) == text  # was "<analyze_input>a</analyze_input>": the decision vanished
+
+
 def test_word_overlap_is_one_when_only_tags_were_inserted_and_drops_when_text_changes():
     assert word_overlap("a b c d", "<x>a b</x><y>c d</y>") == 1.0
     assert word_overlap("a b c d", "<x>a b</x>") == 0.5
     assert word_overlap("a b c d", "<x>a b c d e f g h</x>") == 0.5
+    assert word_overlap("a b c d", "<y>c d</y><x>a b</x>") == 0.5  # reordered: as multisets this was 1.0
+
+
+@pytest.mark.parametrize("tags, message", [
+    ("analyse_input,examine_examples,make_decision", "'analyse_input' is not one of the nine tags"),
+    ("analyze_input,make_decision,make_decision=again", "'make_decision' is given more than once"),
+    ("analyze_input,think", "'think' is the reasoning block's own marker"),
+    ("analyze_input,weigh=", "'weigh' has an empty definition"),
+])
+def test_the_restricted_tag_set_refuses_typos_repeats_and_reserved_names(tmp_path, tags, message):
+    with pytest.raises(ValueError, match=message):
+        make_cfg(tmp_path, **{"tagging.tags": tags})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,6 +324,18 @@ def test_teacher_samples_n_chains_per_instance_with_a_fixed_seed_each(tmp_path):
     assert stats(cfg, "teacher")["tasks"]["LaMP-3"] == {"in": 1, "out": 3, "dropped": {}}
 
 
+def test_a_reply_with_a_lone_surrogate_is_cached_and_written_not_lost(tmp_path):
+    """json.loads of a server's "\\ud83d" escape gives a lone surrogate, which UTF-8 cannot encode: the cache write
+    raised in the worker thread (a traceback, nothing cached, and a rerun paid for the answer again)."""
+    cfg = make_cfg(tmp_path)
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [instance()])
+    content = json.loads('"<think>I think \\ud83d it is fine.</think>\\n\\n4"')
+    run_stages(cfg, ["teacher"], transports={"teacher": lambda kw: reply(content)}, log=lambda m: None)
+    out = read_jsonl(cfg_out(cfg) / "teacher.jsonl")
+    assert out[0]["chain"] == "I think \ufffd it is fine." and out[0]["answer"] == "4"
+    run_stages(cfg, ["teacher"], transports={"teacher": lambda kw: pytest.fail("asked again")}, log=lambda m: None)
+
+
 def test_accuracy_keeps_normalised_exact_matches_and_rouge_above_the_threshold(tmp_path):
     cfg = make_cfg(tmp_path, **{"filters.rouge_threshold": 0.5})
     l1, l4 = instance("LaMP-1", "1", gold="[2]"), instance("LaMP-4", "2", gold="city council delays the vote")
@@ -451,6 +486,27 @@ def test_format_filter_drops_malformed_tags_rewritten_text_and_markers(tmp_path)
     assert set(st["extra"]["tag_errors"]) == {"unclosed tag <tag>", "unknown tag <tag>",
                                                "nested tag <tag> inside <tag>", "text outside segments before <tag>",
                                                "N segments, fewer than N"}
+
+
+def test_tagger_replies_cut_off_or_left_unclosed_never_lose_the_chains_end_silently(tmp_path):
+    """The tag stage kept only up to the last closing tag, so a reply cut off at max_tokens (its decision segment
+    unclosed) passed the format stage without its decision."""
+    cfg = make_cfg(tmp_path, **{"tagger.concurrency": 1})
+    inst = instance()
+    s = ["The user asks for a rating.", "Their past reviews of kettles score 4.", "This one is praised.",
+         "So 4 it is."]
+    head = (f"<analyze_input>{s[0]}</analyze_input>\n<examine_examples>{s[1]}</examine_examples>\n"
+            f"<synthesize_findings>{s[2]}</synthesize_findings>\n")
+    replies = {0: reply(head + f"<make_decision>{s[3]}", finish="length"),  # cut off by the token limit
+               1: reply(head + f"<make_decision>{s[3]}"),  # finished, but the last segment is never closed
+               2: reply(head + f"<make_decision>{s[3]}</make_decision>\nDone.")}
+    write_jsonl(cfg_out(cfg) / "judged.jsonl", [judged(inst, j) for j in replies])
+    order = iter(replies)  # one request at a time (tagger.concurrency=1), in record order
+    run_stages(cfg, ["tag", "format"], transports={"tagger": lambda kw: replies[next(order)]}, log=lambda m: None)
+    assert [r["id"] for r in read_jsonl(cfg_out(cfg) / "formatted.jsonl")] == ["LaMP-3/7/2"]
+    st = stats(cfg, "format")
+    assert st["tasks"]["LaMP-3"] == {"in": 3, "out": 1, "dropped": {"tagger_truncated": 1, "tag_check": 1}}
+    assert set(st["extra"]["tag_errors"]) == {"unclosed tag <tag>"}
 
 
 def test_sft_records_follow_the_sft_format_with_canonical_labels(tmp_path):

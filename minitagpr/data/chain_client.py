@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -151,7 +152,7 @@ def request_key(model: str, messages: list[dict], params: dict[str, Any], sample
     """sha256 of the canonical JSON of everything that decides an answer (module docstring)."""
     blob = json.dumps({"model": model, "messages": messages, "params": params, "sample": sample},
                       sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()  # (valid text: plain UTF-8)
 
 
 class ResponseCache:
@@ -267,6 +268,22 @@ def openai_transport(endpoint: Endpoint, timeout_s: float) -> Transport:
         return _response_dict(client.chat.completions.create(**kwargs))
 
     return call
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(value: Any) -> Any:
+    """`value` with every string made valid Unicode: a lone surrogate (what `json.loads` makes of a server's
+    "\\ud83d" escape) becomes U+FFFD, so the answer can be cached and written as UTF-8 instead of failing after
+    it was paid for."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {k: _valid_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_valid_text(v) for v in value]
+    return value
 
 
 def _response_dict(completion: Any) -> dict:
@@ -434,6 +451,7 @@ class ChatClient:
                 if stop.wait(delay):  # woken early: the run is stopping
                     raise _Stopped() from None
                 continue
+            response = _valid_text(response)
             self.cache.put(key, self.stage, self.endpoint.model, response)
             with self._counter_lock:
                 self.calls += 1

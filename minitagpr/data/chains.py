@@ -17,7 +17,8 @@ counts to `stats/<stage>.json`, so any stage can be rerun alone:
                                                                from which to choose the primary tag set
     tag       judged.jsonl                  tagged.jsonl       restricted tagging with the chosen tags
     format    tagged.jsonl                  formatted.jsonl    keep chains that pass the rewards module's tag and
-                                                               format checks and still hold the teacher's words
+                                                               format checks and still hold the teacher's words,
+                                                               in order (tagger replies cut off: dropped)
     sft       formatted.jsonl               sft.jsonl          SFT records (docs/interfaces.md)
     report    stats/*.json, formatted.jsonl report.md/.png     counts per stage and task, judge histogram,
                                                                tag frequencies, a seeded spot-check sample
@@ -35,8 +36,10 @@ recipe (recipes/build_chains.py).
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -127,7 +130,7 @@ class FilterConfig:
     rouge_threshold: float = 0.3    # generation chains are kept when ROUGE > this
     min_judge_total: int = 15       # kept when the judge's total > this (of 20)
     min_tags: int = 3               # the tag reward's minimum number of segments
-    min_overlap: float = 0.9        # tagged chain vs teacher chain word overlap (min of recall, precision)
+    min_overlap: float = 0.9        # tagged chain vs teacher chain: share of words kept, in order
     max_per_instance: int = 0       # SFT chains kept per instance, best judged first (0: all)
 
     def __post_init__(self):
@@ -164,7 +167,16 @@ class TaggingConfig:
             name = name.strip()
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
                 raise ValueError(f"tagging.tags: {name!r} is not a tag name (letters, digits, _ and -)")
-            out[name] = meaning.strip() if sep else TAG_MEANINGS.get(name, "")
+            if name == "think":
+                raise ValueError("tagging.tags: 'think' is the reasoning block's own marker, not a segment tag")
+            if name in out:
+                raise ValueError(f"tagging.tags: {name!r} is given more than once")
+            if sep and not meaning.strip():
+                raise ValueError(f"tagging.tags: {name!r} has an empty definition")
+            if not sep and name not in TAG_MEANINGS:
+                raise ValueError(f"tagging.tags: {name!r} is not one of the nine tags "
+                                 f"({', '.join(TAG_MEANINGS)}); a new tag needs its definition: {name}=...")
+            out[name] = meaning.strip() if sep else TAG_MEANINGS[name]
         if not out:
             raise ValueError("tagging.tags is empty")
         return out
@@ -458,7 +470,9 @@ def _score(value: Any) -> int | None:
     if isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+(?:\.0+)?)\s*(?:/\s*5)?\s*", value)
         value = float(match.group(1)) if match else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None  # (Python's json reads NaN, Infinity and 1e999 as floats)
+    if value != int(value):
         return None
     value = int(value)
     return value if chain_prompts.SCORE_MIN <= value <= chain_prompts.SCORE_MAX else None
@@ -509,21 +523,26 @@ def _reply_body(text: str | None) -> str:
 
 def parse_free_tags(text: str | None) -> list[str]:
     """The segment names of an exploratory tagging reply, in order, folded to snake_case (`<Look at History>` ->
-    `look_at_history`); only names that are also closed somewhere count, so stray `<...>` text is ignored."""
+    `look_at_history`); only names that are also closed somewhere count, so stray `<...>` text is ignored, and a
+    name that folds to nothing (`<_>`) is no name."""
     body = _reply_body(text)
     closed = {_key(m) for m in re.findall(r"</([A-Za-z_][A-Za-z0-9_\- ]{0,60})>", body)}
-    return [_key(m) for m in _OPEN_TAG_RE.findall(body) if _key(m) in closed and _key(m) != "think"]
+    return [_key(m) for m in _OPEN_TAG_RE.findall(body) if _key(m) in closed and _key(m) not in ("think", "")]
 
 
 def extract_tagged_chain(text: str | None) -> str | None:
     """The tagged chain inside a restricted-tagging reply: from its first tag to the end of its last closing tag
-    (prose before or after, code fences and think blocks dropped); None when the reply holds no tag at all."""
+    (prose before or after, code fences and think blocks dropped); None when the reply holds no tag at all.
+    A tag opened after the last closing tag keeps the rest of the reply, so the format stage sees the unclosed
+    segment (and drops it) instead of a chain whose end was cut off silently."""
     body = _reply_body(text)
     tokens = list(_TAG_TOKEN_RE.finditer(body))
     closers = [t for t in tokens if t.group(0).startswith("</")]
     if not tokens or not closers:
         return None
     start, end = tokens[0].start(), closers[-1].end()
+    if tokens[-1].start() > closers[-1].start():  # an opening tag after the last closer: an unclosed segment
+        end = len(body)
     return body[start:end].strip() if end > start else None
 
 
@@ -533,14 +552,15 @@ def untagged(chain: str) -> str:
 
 
 def word_overlap(original: str, tagged: str) -> float:
-    """min(recall, precision) of the tagged chain's words (tags removed) against the original chain's words, as
-    multisets: 1.0 when the tagger only inserted tags, lower when it dropped, added or reworded text."""
-    a = Counter(re.findall(r"\w+", original.lower()))
-    b = Counter(re.findall(r"\w+", untagged(tagged).lower()))
+    """In-order word overlap of the tagged chain (tags removed) with the original chain: words matched in order
+    (difflib's matching blocks, case-folded) over the longer word count. 1.0 when the tagger only inserted tags;
+    lower when it dropped, added, reworded or reordered text (moving the decision to the front costs its words)."""
+    a = re.findall(r"\w+", original.lower())
+    b = re.findall(r"\w+", untagged(tagged).lower())
     if not a or not b:
         return 0.0
-    common = sum((a & b).values())
-    return common / max(sum(a.values()), sum(b.values()))
+    matched = sum(block.size for block in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks())
+    return matched / max(len(a), len(b))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -886,7 +906,8 @@ def stage_tag(ctx: Context) -> StageCounts:
             rec = request.context
             counts.seen(rec["task"])
             progress.tick()
-            out.record({**rec, "tagged": extract_tagged_chain(response.get("content"))})
+            out.record({**rec, "tagged": extract_tagged_chain(response.get("content")),
+                        "tagger_finish_reason": response.get("finish_reason")})
             counts.kept(rec["task"])
     progress.finish(counts)
     return counts
@@ -903,6 +924,9 @@ def stage_format(ctx: Context) -> StageCounts:
         for rec in read_jsonl(ctx.path("tag"), {**JUDGED_FIELDS, "tagged": (str, type(None))}, "tag"):
             task, tagged = rec["task"], rec.pop("tagged")
             counts.seen(task)
+            if rec.pop("tagger_finish_reason", None) == "length":  # the reply was cut off: its end is missing
+                counts.drop(task, "tagger_truncated")
+                continue
             if tagged is None:
                 counts.drop(task, "no_tags")
                 continue

@@ -171,6 +171,12 @@ def test_config_rejects_uneven_minibatches_and_truncated_sampling():
         RLConfig(top_p=0.9)
 
 
+def test_config_rejects_a_task_listed_twice_in_the_mix():
+    """LaMP-1 and LaMP_1 were two seeded draws of one task: repeated prompts, and per-task metrics of one entry."""
+    with pytest.raises(ValueError, match="tasks: LaMP-1 appears more than once"):
+        RLConfig(tasks="LaMP-1:10,LaMP_1:20")
+
+
 def test_config_rejects_unknown_engines_and_decode_loops():
     with pytest.raises(ValueError, match="engine must be"):
         RLConfig(engine="hf")
@@ -259,6 +265,10 @@ def test_sigkill_then_resume_continues_the_exact_step_sequence(small_world, tmp_
     _torchrun_recipe(_rl_args(world, policy, tmp_path / "cut", **steps))
     whole, cut = _log(tmp_path / "whole"), _log(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]  # none skipped, none repeated
+    # A random policy earns reward 0 everywhere, so loss and reward are constants here: the digest of the prompts
+    # and sampled ids is what shows that the resumed steps trained on what the uninterrupted run trained on.
+    assert [r["batch_digest"] for r in cut] == [r["batch_digest"] for r in whole]
+    assert len({r["batch_digest"] for r in whole}) == 6  # and it tells the steps apart
     for a, b in zip(whole, cut):
         for key in ("reward_mean", "gspo/loss", "response_len_mean", "gspo/ratio_mean"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
@@ -329,6 +339,7 @@ def test_one_and_two_processes_sample_and_score_the_same_first_step(small_world,
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     one, two = _log(tmp_path / "one")[0], _log(tmp_path / "two")[0]
+    assert one["batch_digest"] == two["batch_digest"]  # the same prompts and sampled ids (rewards are all 0 here)
     for key in ("reward_mean", "response_len_mean", "format_pass_rate", "group/adv_std", "gspo/num_tokens"):
         assert one[key] == pytest.approx(two[key], rel=1e-9), key
     assert one["gspo/loss"] == pytest.approx(two["gspo/loss"], rel=1e-4, abs=1e-7)

@@ -10,6 +10,7 @@ the policy is FSDP2-sharded, and losses carry their global normaliser (gradients
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import sys
@@ -149,6 +150,8 @@ def parse_task_mix(spec: str) -> list[tuple[str, int]]:
         if not count.strip().isdigit() and count.strip():
             raise ValueError(f"tasks: cannot parse the count of {part!r}; expected 'task:count' with a count >= 0 "
                              f"(0 = all)")
+        if any(task == t for t, _ in out):  # two draws of one task would repeat prompts and split its metrics
+            raise ValueError(f"tasks: {task} appears more than once in the task mix {spec!r}")
         out.append((task, int(count or 0)))
     if not out:
         raise ValueError("tasks: the task mix is empty")
@@ -410,6 +413,20 @@ def gather_rows(values: torch.Tensor, device) -> torch.Tensor:
     return torch.cat(out).cpu()
 
 
+def batch_digest(prompts: list[Prompt], completions, group_size: int, device) -> str:
+    """A fingerprint of what a step trained on: sha256 over the global batch's (example id, every sampled token
+    id), prompt by prompt in global order, whatever the number of ranks. Two runs (or a run and its resumed copy)
+    logging the same digest at a step sampled the same prompts and the same tokens there."""
+    local = []
+    for i, p in enumerate(prompts):
+        h = hashlib.sha256(p.id.encode())
+        for c in completions[i * group_size:(i + 1) * group_size]:
+            h.update(b"|" + ",".join(map(str, c.token_ids)).encode())
+        local.append(int.from_bytes(h.digest()[:7], "big"))  # 56 bits: fits an int64 for the gather
+    rows = gather_rows(torch.tensor(local, dtype=torch.int64).view(-1, 1), device)  # (B_global, 1) rank-major
+    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
+
+
 def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, device, tasks=None) -> dict:
     """Global per-step means of every reward component, pass rates, lengths and the group-advantage statistics,
     computed on all ranks' responses gathered (groups never straddle ranks, so gathering keeps them whole).
@@ -580,7 +597,8 @@ def train(cfg: RLConfig) -> Path:
 
         row = {"step": step + 1, **reward_metrics(parts, rewards, completions, cfg, info.device,
                                                   tasks=[p.task for p in mine for _ in range(cfg.group_size)]),
-               **reduce_train_metrics(sums, info.device)}
+               **reduce_train_metrics(sums, info.device),
+               "batch_digest": batch_digest(mine, completions, cfg.group_size, info.device)}
         # tokens the update processed: every non-pad token of every sequence (prompt + response)
         tokens = D.all_reduce_sum(torch.tensor(float((input_ids != tokenizer.pad_id).sum()), dtype=torch.float64,
                                                device=info.device)).item()

@@ -3,7 +3,7 @@
     python recipes/evaluate.py --config recipes/configs/eval_demo.yaml \\
         checkpoints=base=runs/demo/base_demo,sft=runs/demo/sft/hf,guided=runs/demo/guided_rl/export
     python recipes/evaluate.py --config recipes/configs/eval_lamp.yaml data=/data/LaMP checkpoints=tagpr=...  # Table 1
-    python recipes/evaluate.py --config recipes/configs/eval_robustness.yaml data=/data/LaMP checkpoints=...  # k, retriever
+    python recipes/evaluate.py --config recipes/configs/eval_robustness.yaml data=/data/LaMP checkpoints=...  # sweeps
     python recipes/evaluate.py data=/data/LaMP tasks=LaMP-1,LaMP-2 \\
         predictions=gemini=preds/LaMP_1.json,gemini=preds/LaMP_2.json
     (prediction files are scored as given, as the official evaluation does; extract_answers=true first takes the
@@ -43,7 +43,7 @@ from minitagpr.metrics import COLUMNS, evaluate
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINITAGPR_SHARED", REPO.parent / "shared"))  # the shared assets beside the checkout
 LAMP_TASKS = ["LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7"]
-EVAL_RETRIEVERS = tuple(r for r in retrieval.RETRIEVERS if r != "dense")  # dense needs an encoder evaluate lacks
+EVAL_RETRIEVERS = retrieval.RETRIEVERS  # dense needs dense_encoder= (Contriever: minitagpr.model.encoder)
 
 
 # ----------------------------------------------------------------------------------------------- 1. config
@@ -63,6 +63,7 @@ class EvalConfig:
     part: str = "dev"
     limit: int = 0  # first `limit` questions per task (0 = all)
     retriever: str = "recency"
+    dense_encoder: str = ""  # retriever dense: a BERT-style encoder folder or hub id (safetensors), e.g. Contriever
     k: int = 8
     sweep_k: list[int] = field(default_factory=list)  # robustness: these k with `retriever`
     sweep_retrievers: list[str] = field(default_factory=list)  # robustness: these retrievers with `k`
@@ -113,6 +114,9 @@ class EvalConfig:
         check_choice("retriever", self.retriever, EVAL_RETRIEVERS)
         for name in self.sweep_retrievers:
             check_choice("sweep_retrievers", name, EVAL_RETRIEVERS)
+        if "dense" in (self.retriever, *self.sweep_retrievers) and not self.dense_encoder:
+            raise ValueError("retriever dense needs dense_encoder=<encoder folder or hub id> (e.g. Contriever in "
+                             "safetensors: minitagpr.model.encoder)")
         check_choice("prompt_style", self.prompt_style, ("", *prompts.STYLES))
 
 
@@ -214,14 +218,25 @@ def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_row
     return BuiltinEngine(model, tokenizer, max_batch_rows=max_batch_rows), tokenizer
 
 
-def generate_answers(engine, tokenizer, data: TaskData, *, retriever: str = "recency", k: int = 8,
-                     max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
+def make_retriever(name: str, seed: int = 0, dense_encoder: str | os.PathLike | None = None) -> retrieval.Retriever:
+    """A built-in retriever by name; "dense" loads `dense_encoder` (minitagpr.model.encoder: Contriever's mean-pooled
+    BERT, dot-product scores as LaMP's reference ranker) once, on CUDA when available."""
+    if name != "dense":
+        return retrieval.get_retriever(name, seed=seed)
+    if not dense_encoder:
+        raise ValueError("retriever dense needs dense_encoder=<encoder folder or hub id>")
+    from minitagpr.model.encoder import encoder_fn
+    return retrieval.get_retriever("dense", encode_fn=encoder_fn(dense_encoder))
+
+
+def generate_answers(engine, tokenizer, data: TaskData, *, retriever: str | retrieval.Retriever = "recency",
+                     k: int = 8, max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16,
                      prompt_style: str = "full") -> list[dict]:
     """One generation record per example: {id, text, finish_reason, profile_items, prompt_tokens,
     completion_tokens}; `text` is the raw continuation (thinking included). `prompt_style`: the instruction the
     model was trained with (minitagpr.data.prompts; the demo world uses "brief")."""
-    chooser = retrieval.get_retriever(retriever, seed=seed)
+    chooser = retrieval.get_retriever(retriever, seed=seed) if isinstance(retriever, str) else retriever
     stops = [tokenizer.im_end_id, tokenizer.eos_id]
     records = []
     for start in range(0, len(data.examples), batch_prompts):
@@ -346,7 +361,8 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                          max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16, engine: str = "auto",
                          normalize: bool = False, out_dir: str | os.PathLike | None = None,
-                         log=print, prompt_style: str = "full", label_settings: bool | None = None) -> EvalTable:
+                         log=print, prompt_style: str = "full", label_settings: bool | None = None,
+                         dense_encoder: str | os.PathLike | None = None) -> EvalTable:
     """Run every checkpoint on every task under every (retriever, k) in `settings`; returns the table (and writes
     predictions + generations under out_dir when given). Rows are named after the checkpoints, with
     " [retriever k=K]" appended when `label_settings` (default: when there is more than one setting; a sweep
@@ -356,6 +372,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                                                                    data_dir=data_dir, pgraphrag_dir=pgraphrag_dir)
                  for t in tasks]
     out = Path(out_dir) if out_dir is not None else None
+    choosers = {r: make_retriever(r, seed, dense_encoder) for r in dict.fromkeys(r for r, _ in settings)}
     table = EvalTable()
     for name, checkpoint in named_checkpoints.items():
         eng, tokenizer = make_engine(checkpoint, engine, max_model_len=max_prompt_tokens + max_new_tokens)
@@ -363,7 +380,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
             labelled = len(settings) > 1 if label_settings is None else label_settings
             row = f"{name} [{retriever} k={k}]" if labelled else name
             for td in task_data:
-                records = generate_answers(eng, tokenizer, td, retriever=retriever, k=k,
+                records = generate_answers(eng, tokenizer, td, retriever=choosers[retriever], k=k,
                                            max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                                            temperature=temperature, top_p=top_p, seed=seed,
                                            batch_prompts=batch_prompts, prompt_style=prompt_style)
@@ -419,7 +436,8 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
     common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_prompts=cfg.batch_prompts,
                   engine=cfg.engine, normalize=cfg.normalize, out_dir=out,
-                  prompt_style=cfg.prompt_style or _world_style(cfg.data, data_dir, cfg.tasks))
+                  prompt_style=cfg.prompt_style or _world_style(cfg.data, data_dir, cfg.tasks),
+                  dense_encoder=cfg.dense_encoder or None)
     checkpoints = {name: paths[0] for name, paths in named_entries(cfg.checkpoints).items()}  # one each (checked)
     title = f"{cfg.data} {cfg.part}, {cfg.retriever} k={cfg.k}"
     main = EvalTable()

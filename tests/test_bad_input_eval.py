@@ -61,7 +61,6 @@ def test_evaluate_ends_a_checkpoint_error_in_one_line(lamp_root, tmp_path, monke
     ("temperature=-1", "temperature"),
     ("top_p=0", "top_p"),
     ("retriever=foo", "retriever"),
-    ("retriever=dense", "retriever"),  # needs an encoder that evaluate never passes
     ("sweep_retrievers=recency,foo", "sweep_retrievers"),
     ("prompt_style=weird", "prompt_style"),
 ])
@@ -211,12 +210,14 @@ def test_paper_eval_configs_need_data_instead_of_scoring_the_demo_world(yaml_nam
     config = str(REPO / "recipes" / "configs" / yaml_name)
     with pytest.raises(ConfigError, match="data= is required for LaMP tasks"):
         parse_cli(ev.EvalConfig, ["--config", config, "checkpoints=base=Qwen/Qwen3-8B"])
-    assert parse_cli(ev.EvalConfig, ["--config", config, "checkpoints=t=c", "data=/data/LaMP"]).data == "/data/LaMP"
+    cfg = parse_cli(ev.EvalConfig, ["--config", config, "checkpoints=t=c", "data=/data/LaMP", "dense_encoder=enc"])
+    assert cfg.data == "/data/LaMP"
 
 
 def test_eval_demo_config_repeats_the_main_jobs_table_settings():
     guided_rl = load_recipe("guided_rl")
-    cfg = parse_cli(ev.EvalConfig, ["--config", str(REPO / "recipes" / "configs" / "eval_demo.yaml"), "checkpoints=t=c"])
+    config = str(REPO / "recipes" / "configs" / "eval_demo.yaml")
+    cfg = parse_cli(ev.EvalConfig, ["--config", config, "checkpoints=t=c"])
     main = guided_rl.GuidedConfig()
     assert (cfg.data, cfg.part, cfg.retriever, cfg.k, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.temperature) == \
         ("demo", "dev", main.retriever, main.k, main.max_prompt_tokens, main.max_new_tokens, 0.0)

@@ -126,7 +126,8 @@ def test_judge_replies_are_read_through_prose_fences_aliases_and_trailing_commas
     ('{"logical_coherence": NaN, "step_accuracy": 4, "reasoning_completeness": 4, "relevance": 5}', "judge_bad_score"),
     ('{"logical_coherence": Infinity, "step_accuracy": 4, "reasoning_completeness": 4, "relevance": 5}',
      "judge_bad_score"),
-    ('{"logical_coherence": 1e999, "step_accuracy": 4, "reasoning_completeness": 4, "relevance": 5}', "judge_bad_score"),
+    ('{"logical_coherence": 1e999, "step_accuracy": 4, "reasoning_completeness": 4, "relevance": 5}',
+     "judge_bad_score"),
     (judge_json({**SCORES, "step_accuracy": "high"}), "judge_bad_score"),
     (json.dumps({**SCORES, "relevance": {"reason": "no score given"}}), "judge_bad_score"),
 ])

@@ -1,4 +1,5 @@
-"""Retrievers: recency order, BM25 against a brute-force float64 Okapi, seeded random, dense (dot product or cosine), and k."""
+"""Retrievers: recency order, BM25 against a brute-force float64 Okapi, seeded random, dense (dot product or cosine),
+and k."""
 import random
 
 import numpy as np

@@ -20,9 +20,10 @@ are the first two of those chosen for k = 4, 8, 16, 32 -- the profile-length rob
   ln((N - df + 0.5) / (df + 0.5)) with a floor for negative values instead, so the two can rank items differently
   when a term is in more than half of the profile). Equal scores keep file order.
 - `random`: a seeded shuffle, deterministic per (seed, task, example id) and independent of everything else.
-- `DenseRetriever(encode_fn)`: cosine similarity between the query and item embeddings from any encoder
-  (e.g. Contriever): `encode_fn(list[str]) -> (n, d)` array-like (numpy or lists; convert tensors with
-  `.cpu().numpy()`). This module itself never touches tensors.
+- `DenseRetriever(encode_fn, similarity="dot")`: the dot product (or cosine) of the query and item embeddings
+  from any encoder: `encode_fn(list[str]) -> (n, d)` array-like (numpy or lists). Contriever, the paper's dense
+  retriever, is `minitagpr.model.encoder.encoder_fn(folder)`. An example's ranking is computed once and reused
+  (every checkpoint and every k of a sweep sees the same items). This module itself never touches tensors.
 
 Anything with `select(example, k) -> list[dict]` is a `Retriever`; `get_retriever(name)` builds the built-in ones.
 """
@@ -154,6 +155,7 @@ class DenseRetriever(RankingRetriever):
             raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
         self.encode_fn = encode_fn
         self.similarity = similarity
+        self._ranks: dict[tuple[str, str], list[int]] = {}  # (task, example id) -> ranking
 
     def scores(self, example: LampExample) -> list[float]:
         texts = [query_text(example)] + [item_document(example.task, item) for item in example.profile]
@@ -165,8 +167,11 @@ class DenseRetriever(RankingRetriever):
         return (emb[1:] @ emb[0]).tolist()  # (n,) similarities to the query
 
     def rank(self, example: LampExample) -> list[int]:
-        scores = self.scores(example)
-        return sorted(range(len(scores)), key=lambda j: -scores[j])
+        key = (example.task, example.id)
+        if key not in self._ranks:  # encoding is the expensive part: once per example
+            scores = self.scores(example)
+            self._ranks[key] = sorted(range(len(scores)), key=lambda j: -scores[j])
+        return self._ranks[key]
 
 
 RETRIEVERS = ("recency", "bm25", "random", "dense")

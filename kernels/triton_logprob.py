@@ -248,6 +248,7 @@ def triton_token_logprobs(hidden, weight, targets, temperature, with_entropy, ch
     """Triton path of token_logprobs for rows whose targets are all valid ids."""
     _check_device(hidden)
     hidden, weight = hidden.contiguous(), weight.contiguous()  # the kernels assume unit stride along H
+    targets = targets.contiguous()  # ... and along the targets (a strided view read other rows' ids)
     n = hidden.shape[0]
     if n == 0:  # no rows: nothing to launch; keep the graph connected so backward still runs
         empty = hidden.sum(dim=1).float() + weight.sum() * 0

@@ -139,12 +139,14 @@ def run(cfg: SftConfig) -> Path:
     # ---- 6. resume: model, optimizer, RNG and the step (= the data position) --------------------------------------
     ckpt_dir = out_dir / "checkpoints"
     data_sig = {"num_rows": rows.num_rows, "seq_len": cfg.seq_len, "global_batch": cfg.global_batch,
-                "seed": cfg.seed, "pack": cfg.pack}
+                "seed": cfg.seed, "pack": cfg.pack, "fingerprint": rows.fingerprint()}
     start_step = 0
     latest = D.checkpoint_to_resume(ckpt_dir, cfg.resume, "[sft]")
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)
-        if state.get("data") != data_sig:
+        saved = dict(state.get("data") or {})
+        saved.setdefault("fingerprint", data_sig["fingerprint"])  # checkpoints from before the fingerprint
+        if saved != data_sig:
             raise ConfigError(f"checkpoint {latest} was written for data {state.get('data')} but this run has "
                               f"{data_sig}; use a fresh out_dir or resume=false")
         # the run's length sets the warmup (a ratio of it) and where the cosine ends: it may change only when

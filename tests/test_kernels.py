@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the lazy import of the Triton kernels
 
-from minitagpr.kernels import token_logprobs, triton_available  # noqa: E402
+from minitagpr.kernels import token_logprobs, triton_available, weighted_logprob_sum  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable (pip install triton)")
@@ -123,6 +123,20 @@ def test_bf16_at_qwen3_vocab():
 
 
 # ---- ignore_index ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", SMALL_IMPLS)
+def test_strided_targets_give_the_same_log_probs_as_contiguous_ones(impl):
+    """A strided view of targets (a column of a (N, 2) tensor) reached the Triton kernels, which read unit stride."""
+    gen, _ = fresh_generator()
+    hidden, weight, targets = make_inputs(10, 8, 50, gen=gen)
+    strided = torch.stack([targets.flip(0), targets], dim=1)[:, 1]  # stride (2,): the same ids, not contiguous
+    assert not strided.is_contiguous()
+    logp, _ = token_logprobs(hidden, weight, strided, impl=impl)
+    ref, _ = token_logprobs(hidden, weight, targets.contiguous(), impl=impl)
+    torch.testing.assert_close(logp, ref, rtol=0, atol=0)
+    total, _ = weighted_logprob_sum(hidden, weight, strided, torch.full((10,), -0.1), impl=impl)
+    torch.testing.assert_close(total, -0.1 * ref.sum(), rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.parametrize("impl", SMALL_IMPLS)
 def test_ignored_rows_give_zero_and_pass_no_gradient(impl):

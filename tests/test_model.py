@@ -158,3 +158,21 @@ def test_fused_projections_give_the_same_decode_and_are_dropped_on_exit():
     torch.testing.assert_close(step[:, 0], plain[:, 8], rtol=1e-4, atol=1e-5)
     assert all(l.self_attn.qkv_weight is None and l.mlp.gate_up_weight is None for l in model.model.layers)
     assert "model.layers.0.self_attn.qkv_weight" not in model.state_dict()
+
+
+def test_a_config_without_rope_theta_loads_as_in_transformers(tmp_path):
+    """The default was 1e6 against transformers' 1e4: a config.json without the field gave other logits."""
+    import json
+
+    from minitagpr.model import load_pretrained
+    from minitagpr.model.presets import make_tiny_checkpoint
+    folder = make_tiny_checkpoint(tmp_path / "ckpt", preset="tiny", seed=0)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_theta", None)
+    config.pop("rope_parameters", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    ours = load_pretrained(folder).eval()
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = torch.randint(0, config["vocab_size"], (1, 40))
+    with torch.no_grad():
+        assert (ours.logits(ours(ids)) - hf(input_ids=ids).logits.float()).abs().max().item() <= 1e-4

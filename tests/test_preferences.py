@@ -53,6 +53,9 @@ def test_prp_pairs_profile_answer_over_bare_answer_scored_on_the_profile_prompt(
         assert p.prompt == PROMPT  # both sides are judged in the context the reward model sees in RL
     texts = {(p.chosen.text, p.rejected.text) for p in pairs}
     assert (_resp("x", "action"), _resp("x", "action")) not in texts  # identical responses carry no preference
+    profile, bare = (next(r for r in _rollouts() if r.id == "q1" and r.mode == m) for m in ("profile", "no_profile"))
+    for p in pairs:  # the profile-mode response is the one preferred (a swapped build still passed the rest)
+        assert p.chosen.text in profile.responses and p.rejected.text in bare.responses
     assert len(pairs) == 2
 
 
@@ -66,6 +69,15 @@ def test_pqp_prefers_the_higher_verifiable_reward_and_drops_ties():
 
 def test_pqp_caps_pairs_per_example():
     assert len(build_pqp(_rollouts(), reward_fn=_exact, max_per_example=1)) == 1
+
+
+@pytest.mark.parametrize("cap", [0, -1])
+def test_a_cap_below_one_pair_per_query_is_refused(tmp_path, cap):
+    """-1 silently dropped each query's last candidate (candidates[:-1]); 0 built nothing."""
+    from minitagpr.data.preferences import build_pairs_from_rollouts
+    write_rollouts(tmp_path / "r.jsonl", _rollouts())
+    with pytest.raises(PreferenceDataError, match=f"max_per_example must be >= 1, got {cap}"):
+        build_pairs_from_rollouts([tmp_path / "r.jsonl"], max_per_example=cap)
 
 
 def test_pqp_uses_rouge_for_generation_tasks_by_default():
@@ -112,6 +124,12 @@ def _good_record(i=0):
     (lambda d: d["prompt"][0].update(role="robot"), r"field 'prompt\[0\]\.role': unknown role 'robot'"),
     (lambda d: d.update(id="p0"), r"bad\.jsonl:2 \(record id 'p0'\): field 'id': duplicate pair id \(first on line 1\)"),
     (lambda d: d.update(user_dependent="yes"), r"field 'user_dependent': expected bool"),
+    # a prompt of system turns only failed six frames deep in the PRMU recipe, naming no file; one ending with an
+    # assistant turn was scored as a second assistant reply
+    (lambda d: d.update(prompt=d["prompt"][:1]), r"field 'prompt\[0\]\.role': the prompt must end with a user turn"),
+    (lambda d: d["prompt"].append({"role": "assistant", "content": "old"}),
+     r"field 'prompt\[2\]\.role': the prompt must end with a user turn, got 'assistant'"),
+    (lambda d: d["rejected"].update(text=d["chosen"]["text"]), r"field 'rejected\.text': identical to chosen\.text"),
 ])
 def test_malformed_pair_records_name_file_line_record_and_field(tmp_path, mutate, pattern):
     bad = _good_record(1)

@@ -203,3 +203,22 @@ def test_resume_refuses_another_learning_rate_or_schedule_but_not_plumbing(input
     with pytest.raises(ConfigError, match=r"max_steps 2 -> 3"):  # warmup and cosine are ratios of the length
         run_in_process(common(inputs, out, max_steps=3, plot=False))
     run_in_process(common(inputs, out, max_steps=2, keep_last=1, micro_batch=2, plot=False))  # plumbing resumes
+
+
+def test_resume_refuses_other_records_with_the_same_row_count(inputs, tmp_path):
+    """The data signature held only counts and settings: a changed file with as many rows resumed mid-epoch with
+    another record behind every data index."""
+    from minitagpr.config import ConfigError
+    out = tmp_path / "r"
+    run_in_process(common(inputs, out, max_steps=1, save_every=1, plot=False, pack=False))  # one row per record
+    lines = Path(inputs["data"]).read_text().splitlines()
+    changed = tmp_path / "changed.jsonl"
+    edited = []
+    for line in lines:
+        record = json.loads(line)
+        record["answer"] = record["answer"] + " again"  # same records, other targets: a few more tokens each
+        edited.append(json.dumps(record))
+    changed.write_text("\n".join(edited) + "\n")
+    with pytest.raises(ConfigError, match=r"was written for data .*'fingerprint'") as err:
+        run_in_process(common(inputs, out, data=changed, max_steps=2, plot=False, pack=False))
+    assert str(err.value).count("'num_rows': 48,") == 2  # the counts agree: only the fingerprint tells

@@ -50,6 +50,7 @@ def test_bad_json_names_file_and_line(tmp_path):
 @pytest.mark.parametrize("field,value,message", [
     ("chain", None, "field 'chain' must be str"),
     ("messages", [], "field 'messages' is empty"),
+    ("user", True, "field 'user' must be a string or null, got bool"),  # was kept as the user "True"
     ("messages", [{"role": "user"}], r"field 'messages\[0\]' must be an object"),
 ])
 def test_bad_field_names_file_line_id_and_field(tmp_path, field, value, message):

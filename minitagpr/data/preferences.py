@@ -185,6 +185,9 @@ class _Fields:
             check_messages(msgs)
         except ValueError as e:
             self.fail(field, str(e))
+        if msgs[-1]["role"] != "user":  # the responses answer the prompt: it ends with the user's request
+            self.fail(f"{field}[{len(msgs) - 1}].role", f"the prompt must end with a user turn, got "
+                                                        f"{msgs[-1]['role']!r}")
         return msgs
 
     def response(self, field: str) -> Response:
@@ -212,10 +215,12 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
         source = f.get("source", str)
         if source not in SOURCES:
             f.fail("source", f"unknown source {source!r} (known: {', '.join(SOURCES)})")
+        chosen, rejected = f.response("chosen"), f.response("rejected")
+        if chosen.text == rejected.text:  # a constant log 2 in the loss, and always a miss in held-out accuracy
+            f.fail("rejected.text", "identical to chosen.text: a tie carries no preference")
         pairs.append(PreferencePair(
             id=pid, set=set_name, source=source, user=f.get("user", str, optional=True), task=f.task(),
-            example_id=f.get("example_id", str), prompt=f.messages(),
-            chosen=f.response("chosen"), rejected=f.response("rejected"),
+            example_id=f.get("example_id", str), prompt=f.messages(), chosen=chosen, rejected=rejected,
             user_dependent=bool(f.get("user_dependent", bool, optional=True)),
         ))
     if not pairs:
@@ -318,6 +323,8 @@ def build_pqp(
 
 def build_pairs_from_rollouts(paths: list[str | Path], max_per_example: int = 2, seed: int = 0,
                               reward_fn=None) -> dict[str, list[PreferencePair]]:
+    if max_per_example < 1:  # a negative cap silently dropped the last candidate ([:-1]); 0 built nothing
+        raise PreferenceDataError(f"max_per_example must be >= 1, got {max_per_example}")
     records = [r for p in paths for r in read_rollouts(p)]
     return {
         "PRP": build_prp(records, max_per_example, seed),

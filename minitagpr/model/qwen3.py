@@ -44,7 +44,8 @@ class Qwen3Config:
     num_key_value_heads: int
     head_dim: int | None = None  # Qwen3 sets it explicitly (128) even where hidden/heads differs (0.6B: 1024/16 = 64)
     max_position_embeddings: int = 40960
-    rope_theta: float = 1_000_000.0
+    rope_theta: float = 10_000.0  # transformers' Qwen3Config default (a config.json without it loads alike);
+    #                               the released Qwen3 configs all set 1e6
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
@@ -383,7 +384,7 @@ class Qwen3Model(nn.Module):
             mask, varlen = document_mask(position_ids), None
             fn = _flash_attn_varlen() if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) else None
             if fn is not None:  # packed rows -> cumulative sequence lengths over the flattened batch
-                starts = (position_ids == 0).flatten()
+                starts = (position_ids.expand(B, T) == 0).flatten()  # (B*T,): a (1, T) position_ids counts per row
                 starts[0::T] = True  # every row starts a document
                 idx = torch.nonzero(starts).flatten()
                 cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)

@@ -18,6 +18,7 @@ included) continues the exact sequence with nothing skipped or repeated (the ver
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,15 @@ class PackedRows:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
+    def fingerprint(self) -> str:
+        """16 hex digits of sha256 over every row's ids, positions and targets: a resumed run must find the same
+        row behind every data index (equal counts over other records would silently mix two datasets)."""
+        h = hashlib.sha256()
+        for t in (self.input_ids, self.position_ids, self.targets):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def batch(self, rows: list[int], device=None) -> dict[str, torch.Tensor]:
         """The rows as int64 tensors (b, t), cut after the longest row's last real token: trailing padding only
         predicts -100 and, attention being causal, no real token sees it, so dropping it changes nothing but cost."""
@@ -112,7 +122,7 @@ def _record(obj, path: Path, line_no: int) -> SftRecord:
         if not isinstance(obj[name], kind):
             raise DataError(f"{where}: field '{name}' must be {kind.__name__}, got {type(obj[name]).__name__}")
     user = obj.get("user")
-    if user is not None and not isinstance(user, (str, int)):
+    if user is not None and (not isinstance(user, (str, int)) or isinstance(user, bool)):
         raise DataError(f"{where}: field 'user' must be a string or null, got {type(user).__name__}")
     if not obj["messages"]:
         raise DataError(f"{where}: field 'messages' is empty")

@@ -183,6 +183,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             # A nested mapping addresses a nested dataclass; a mapping-typed leaf would be ambiguous, so none exist.
             if isinstance(value, dict):
                 flatten(value, f"{prefix}{key}.")
+            elif f"{prefix}{key}" in flat:  # e.g. `optim: {lr: ...}` and `optim.lr: ...` in one file
+                raise ConfigError(f"config file {path}: key '{prefix}{key}' is given twice (nested and dotted)")
             else:
                 flat[f"{prefix}{key}"] = value
 
@@ -295,8 +297,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 raise bad() from None
         raise bad()
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML read it as a number: 0123 is
+            # octal 83 and 1.10 is 1.1, so str() of it is not what was written
+            raise ConfigError(f"config key '{key}' (from {source}): expected a string, got the number {value!r}; "
+                              f"quote it (\"...\") so YAML keeps it as written")
         raise bad()
     raise ConfigError(f"config key '{key}': unsupported field type {tp!r}")
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from minitagpr.cli import USER_ERRORS
 from minitagpr.config import ConfigError
 from minitagpr.rollout import BuiltinEngine, RolloutError
+from minitagpr.rollout.base import MIN_TEMPERATURE
 
 MAX_N = 64
 MAX_STOP_STRINGS = 4
@@ -73,6 +74,14 @@ def _float_field(body: dict, name: str, default: float, lo: float, hi: float, lo
     return float(value)
 
 
+def _temperature(body: dict) -> float:
+    value = _float_field(body, "temperature", 1.0, 0.0, 2.0)
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise RequestError(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {value}",
+                           "temperature")
+    return value
+
+
 def parse_chat_request(body, max_position: int | None) -> dict:
     """Validate a /v1/chat/completions body; returns the generation settings or raises RequestError."""
     if not isinstance(body, dict):
@@ -112,7 +121,7 @@ def parse_chat_request(body, max_position: int | None) -> dict:
         "model": model,
         "n": _int_field(body, "n", 1, 1, MAX_N),
         "max_tokens": _int_field(body, max_tokens_name, None, 1, max_position),
-        "temperature": _float_field(body, "temperature", 1.0, 0.0, 2.0),
+        "temperature": _temperature(body),
         "top_p": _float_field(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         "stop": stop,
         "seed": seed,

@@ -102,3 +102,21 @@ def test_saved_config_loads_back_identically(tmp_path):
     cfg = parse_cli(Recipe, ["steps=3", "optim.lr=0.25", "data=x.jsonl"])
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(Recipe, tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize("text, read_as", [("model: 0123\n", "83"), ("model: 1.10\n", "1.1")])
+def test_a_yaml_number_for_a_string_field_is_refused_not_rewritten(tmp_path, text, read_as):
+    """YAML reads 0123 as octal 83 and 1.10 as 1.1; str() of that silently became the value."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"'model'.*expected a string, got the number {read_as}; quote it"):
+        load_config(Recipe, path)
+    path.write_text(text.replace(": ", ': "').replace("\n", '"\n'))
+    assert load_config(Recipe, path).model == text.split(": ")[1].strip()
+
+
+def test_a_key_given_nested_and_dotted_in_one_file_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1.0e-5\noptim.lr: 2.0e-5\n")  # the later one silently won
+    with pytest.raises(ConfigError, match=r"key 'optim\.lr' is given twice \(nested and dotted\)"):
+        load_config(Recipe, path)

@@ -79,7 +79,8 @@ def test_samples_do_not_depend_on_batch_size(model, prompts):
 def test_samples_do_not_depend_on_other_prompts_in_the_call(model, prompts):
     eng = engine(model)
     alone = eng.generate(prompts[:2], n=2, max_new_tokens=8, seed=5)
-    with_more = eng.generate(prompts, n=2, max_new_tokens=8, seed=5)  # a longer prompt joins the first chunk
+    longer = prompts[1] + prompts[0]  # 14 tokens: more left padding for the first two prompts than alone (9)
+    with_more = eng.generate(prompts[:2] + [longer] + prompts[2:], n=2, max_new_tokens=8, seed=5)
     assert [[c.token_ids for c in g] for g in alone] == [[c.token_ids for c in g] for g in with_more[:2]]
 
 

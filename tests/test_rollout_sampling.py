@@ -121,6 +121,7 @@ def test_sample_seed_is_a_pure_function_of_seed_prompt_and_sample():
     (dict(n=0), "n must"),
     (dict(temperature=-0.1), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=1e-39), "temperature must be 0 \\(greedy\\) or at least 0.0001"),  # was NaN log-probs
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"),

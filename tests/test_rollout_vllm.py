@@ -1,5 +1,6 @@
 """The vLLM adapter without vLLM: exported names/shapes against HF checkpoints, and the call order against a
 recording fake `LLM` (wake weights -> load every tensor -> wake KV cache -> reset prefix cache; never reload)."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -272,3 +273,21 @@ def test_per_prompt_seeds_reach_vllm_independent_of_the_split(policy):
     eng.generate([[3]], seed=[9])
     assert llm.params[0].seed == whole[2]
     assert len(set(whole)) == 3
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_untied_models_head_must_be_streamed(tmp_path, tied):
+    """lm_head.weight was exempt whatever the model: a sync without an untied model's head was accepted, and after
+    level-2 sleep vLLM sampled with a discarded head."""
+    policy = presets.build_model(presets.tiny_config("tiny", tie_word_embeddings=False))
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 500, "tie_word_embeddings": tied}))
+    names = {n for n, _ in hf_named_tensors(policy)}
+    assert "lm_head.weight" in names
+    eng = VLLMEngine(tmp_path, None, llm=FakeLLM(), sampling_params_cls=FakeSamplingParams, sleep_level=2,
+                     expected_names=names)
+    without_head = [(n, t) for n, t in hf_named_tensors(policy) if n != "lm_head.weight"]
+    if tied:  # a tied head arrives as the embedding
+        assert eng.sync_weights(without_head) == len(names) - 1
+    else:
+        with pytest.raises(RolloutError, match=r"1 checkpoint tensors were not streamed \(e\.g\. \['lm_head"):
+            eng.sync_weights(without_head)

@@ -115,6 +115,8 @@ def test_malformed_requests_get_a_400_naming_the_field_and_the_server_keeps_serv
         chat(client, n=0)
     with pytest.raises(openai.BadRequestError, match="'temperature'"):
         chat(client, temperature="hot")
+    with pytest.raises(openai.BadRequestError, match=r"'temperature' must be 0 \(greedy\) or at least"):
+        chat(client, temperature=1e-39)  # was a 200 whose answer repeated the last token id
     status, body = post_raw(server, b'{"messages": [')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = post_raw(server, json.dumps({"messages": MESSAGES, "stream": True}).encode())

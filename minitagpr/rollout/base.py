@@ -95,6 +95,9 @@ def prompt_seed_keys(seed, num_prompts: int) -> list[tuple[int, int]]:
     return [(base, i) for i in range(num_prompts)]
 
 
+MIN_TEMPERATURE = 1e-4  # below it logits / T overflow in fp32; use 0 for greedy decoding
+
+
 def check_request(
     prompt_token_ids: Sequence[Sequence[int]],
     n: int,
@@ -118,6 +121,8 @@ def check_request(
         raise RolloutError(f"n must be a positive int, got {n!r}")
     if not temperature >= 0.0:  # also rejects NaN
         raise RolloutError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+    if 0.0 < temperature < MIN_TEMPERATURE:  # logits / T overflow: NaN log-probs and the last id always sampled
+        raise RolloutError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
     if not 0.0 < top_p <= 1.0:
         raise RolloutError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -16,6 +16,9 @@ We never call vLLM's `reload_weights`: after level-2 sleep it re-reads the origi
 silently undoes training (TRL #5312); the full stream from the policy is the only source of weights. A generate()
 after level-2 sleep without a sync is refused for the same reason (the woken weight memory holds garbage).
 
+Needs vLLM >= 0.8.5: level-2 sleep discards the non-weight buffers too (RoPE's cos/sin tables), which wake_up
+restores only since vLLM PR #16889 (2025-04-21); before it every step after the first decoded with garbage tables.
+
 Log-probs: vLLM's default (`raw_logprobs`) reports log-probs at temperature 1, before any processing; they equal
 the built-in engine's only at T = 1 (the paper's setting). The RL loop uses them for logging only.
 """
@@ -58,11 +61,19 @@ def checkpoint_tensor_names(checkpoint_dir: str | os.PathLike) -> set[str]:
                            f"{err.strerror or err}") from None
 
 
+def _config_field(checkpoint_dir, name: str):
+    """One field of the checkpoint's config.json, or None when there is no readable config or no such field."""
+    try:
+        return json.loads((Path(checkpoint_dir) / "config.json").read_text()).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _config_vocab_size(checkpoint_dir) -> int | None:
     """The embedding rows of the checkpoint (config.json vocab_size), or None when there is no readable config."""
     try:
-        return int(json.loads((Path(checkpoint_dir) / "config.json").read_text())["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(_config_field(checkpoint_dir, "vocab_size"))
+    except (ValueError, TypeError):
         return None
 
 
@@ -111,6 +122,8 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.sleep_level = sleep_level
         self.expected_names = expected_names if expected_names is not None else checkpoint_tensor_names(checkpoint_dir)
+        # a tied head arrives as the embedding; an untied model's head must be streamed like every other tensor
+        self.tied = _config_field(checkpoint_dir, "tie_word_embeddings") is True
         # Never sample ids the tokenizer cannot decode (Qwen3's padded embedding tail, vLLM #13175). One list,
         # built once and shared by every request's SamplingParams (151,669 ids for Qwen3).
         rows = _config_vocab_size(checkpoint_dir)
@@ -151,7 +164,7 @@ class VLLMEngine(RolloutEngine):
                 yield name, tensor
 
         _worker_model(self.llm).load_weights(weights=stream())
-        missing = self.expected_names - set(streamed) - {"lm_head.weight"}  # a tied head arrives as the embedding
+        missing = self.expected_names - set(streamed) - ({"lm_head.weight"} if self.tied else set())
         if missing:
             raise RolloutError(f"sync_weights: {len(missing)} checkpoint tensors were not streamed "
                                f"(e.g. {sorted(missing)[:3]}); vLLM would sample with stale or garbage weights")

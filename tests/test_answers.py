@@ -104,3 +104,8 @@ def test_generation_answers_only_collapse_whitespace():
                                          ("LaMP-7", " a  b ")])
 def test_disabled_normalisation_only_strips(task, answer):
     assert normalize(task, answer, enabled=False) == answer.strip()
+
+
+def test_spaces_inside_a_label_bracket_are_allowed():  # pinned by mutation, 2026-11-27
+    assert normalize("LaMP-1", "[ 2 ]") == "[2]"
+    assert normalize("LaMP-1", "reference [ 2 ] (not 1)") == "[2]"

@@ -250,3 +250,43 @@ def test_non_finite_reward_is_an_error_naming_prompt_and_sample():
     rewards[7] = float("nan")
     with pytest.raises(ValueError, match=r"index 7 \(prompt 1, sample 2\)"):
         group_advantages(rewards, 5)
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-27) ----------------------------------
+
+def test_clip_fractions_count_the_side_where_the_clip_binds():
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    old = torch.zeros(4, 2, dtype=torch.float64)
+    logp = torch.tensor([-0.01, 0.01, -0.01, 0.01], dtype=torch.float64).unsqueeze(1).expand(4, 2).contiguous()
+    adv = torch.tensor([-1.0, 1.0, 1.0, -1.0], dtype=torch.float64)  # s < low with A < 0; s > high with A > 0; ...
+    _, m = gspo_loss(logp, old, adv, mask)
+    assert m["clip_frac_low"] == 0.25 and m["clip_frac_high"] == 0.25  # ... and the two rows where it does not bind
+    _, m = gspo_loss(logp[:1], old[:1], adv[:1], mask[:1])
+    assert m["clip_frac_low"] == 1.0 and m["clip_frac_high"] == 0.0
+
+
+@pytest.mark.parametrize("value", [0.7, 0.1])
+def test_a_group_of_equal_rewards_has_advantages_exactly_zero(value):
+    """Three copies of 0.7 (or 0.1) have a float64 mean off by one ulp: (r - mean) / (0 + eps) would be 1e-10 noise
+    (five copies happen to be exact, so the G = 5 tests above could not tell)."""
+    rewards = torch.tensor([value] * 3 + [0.0, 1.0, 0.5], dtype=torch.float64)
+    adv = group_advantages(rewards, 3)
+    assert torch.equal(adv[:3], torch.zeros(3, dtype=torch.float64))
+    assert group_advantage_metrics(rewards, 3)["reward_group_std_mean"] == pytest.approx(
+        torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64).std(correction=0).item() / 2)  # biased std
+
+
+def test_ratio_and_advantage_metrics_skip_empty_responses():
+    logp = torch.tensor([[0.01, 0.01], [5.0, 5.0]], dtype=torch.float64)
+    old = torch.zeros(2, 2, dtype=torch.float64)
+    mask = torch.tensor([[True, True], [False, False]])  # row 1 is an empty response
+    _, m = gspo_loss(logp, old, torch.tensor([1.0, 3.0], dtype=torch.float64), mask)
+    assert m["ratio_mean"] == pytest.approx(math.exp(0.01)) and m["adv_sq_mean"] == 1.0 and m["adv_mean"] == 1.0
+    assert m["empty_sequences"] == 1.0 and m["num_sequences"] == 1.0
+
+
+def test_a_zero_clip_range_is_allowed():
+    logp = torch.zeros(1, 2, dtype=torch.float64)
+    loss, _ = gspo_loss(logp, logp, torch.ones(1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.bool),
+                        eps_low=0.0, eps_high=0.0)
+    assert loss.item() == -1.0

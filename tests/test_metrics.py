@@ -221,3 +221,34 @@ def test_paired_bootstrap_interval_is_the_symmetric_percentile_range():
     assert (lo, hi) == (draws[5], draws[95])
     with pytest.raises(ValueError, match="level"):
         paired_bootstrap(a, b, clusters, level=1.0)
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-27) ----------------------------------
+
+def test_golds_are_stripped_like_predictions():
+    assert evaluate("LaMP-1", {"1": "[1]"}, {"1": " [1]\n"})["accuracy"] == 1.0
+
+
+def test_normalize_alone_does_not_extract_the_answer():
+    """Two labels in the raw text are ambiguous; only extract=True reads the one after </think>."""
+    preds, golds = {"1": "<think>[2]</think>[1]"}, {"1": "[1]"}
+    assert evaluate("LaMP-1", preds, golds, normalize=True)["accuracy"] == 0.0
+    assert evaluate("LaMP-1", preds, golds, normalize=True, extract=True)["accuracy"] == 1.0
+
+
+def test_per_example_generation_scores_are_rouge_1_not_rouge_l():
+    from minitagpr.metrics import per_example_scores
+    assert per_example_scores("LaMP-4", {"1": "beta alpha"}, {"1": "alpha beta"}) == {"1": 1.0}  # ROUGE-L: 0.5
+
+
+def test_paired_bootstrap_pools_examples_across_clusters_of_unequal_size():
+    """Cluster A holds four differences of 1, clusters B and C one 0 each: the point is 4/6 (the plain mean over
+    examples), not 1/3 (a mean of cluster means). A draw with k copies of A gives 4k / (3k + 3): 0, 2/3, 8/9 or 1;
+    its 40th-60th percentiles both fall on k = 1 (P(k = 0) = 8/27, P(k <= 1) = 20/27)."""
+    from minitagpr.metrics import paired_bootstrap
+    ids = ["a1", "a2", "a3", "a4", "b", "c"]
+    a = dict.fromkeys(ids, 0.0)
+    b = {i: 1.0 if i.startswith("a") else 0.0 for i in ids}
+    clusters = {i: i[0] for i in ids}
+    point, low, high = paired_bootstrap(a, b, clusters, samples=4000, level=0.2, seed=1)
+    assert point == pytest.approx(4 / 6) and low == pytest.approx(2 / 3) and high == pytest.approx(2 / 3)

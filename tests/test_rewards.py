@@ -304,3 +304,9 @@ def test_batch_stats_means_and_pass_rates():
     assert stats["format_pass_rate"] == 0.5 and stats["tag_pass_rate"] == 0.5
     assert stats["reward_mean"] == pytest.approx(0.1) and stats["r_rep_mean"] == -0.25
     assert stats["r_prmu_mean"] == 0.5
+
+
+def test_a_chat_marker_inside_the_chain_fails_the_format():  # pinned by mutation, 2026-11-27
+    assert format_reward("<think>chain <|im_end|><|im_start|>user</think>answer") == 0.0
+    assert format_reward("<think>chain</think>answer <|im_start|>user") == 0.0
+    assert format_reward("<think>chain</think>answer") == 1.0

@@ -472,3 +472,85 @@ def test_counts_are_the_batchs_own_whatever_the_number_of_ppo_epochs(tmp_path):
         D.destroy_distributed()
     assert m["gspo/num_sequences"] == 14 and m["gspo/empty_sequences"] == 2
     assert m["gspo/num_tokens"] == int(mask.sum())
+
+
+# ----------------------------------------------------------------------------------------------- pinned by mutation
+# Each test below fails on a mutant that the suite let through (hand-made mutation sweep, 2026-11-27).
+
+_TAGGED = "<think><analyze_input>a</analyze_input><examine_examples>b</examine_examples>" \
+          "<make_decision>c</make_decision></think>"
+
+
+def test_rl_rewards_penalise_repeated_4_grams_not_3_grams():
+    """score_batch's default n is what RL uses for R_rep (compute_rewards passes none): n = 4 as in the paper."""
+    from minitagpr.rewards import repetition_reward
+    from minitagpr.rl.loop import compute_rewards
+
+    prompt = Prompt(id="q", task="LaMP-4", user="u", messages=[], ids=[1], gold="a b c")
+    texts = [_TAGGED + "a b c a b c d", _TAGGED + "a b c d a b c d e"]  # a repeated 3-gram; a repeated 4-gram
+    comps = [Completion([1], t, [0.0], "stop") for t in texts]
+    parts, _ = compute_rewards([prompt], comps, RLConfig(tasks="LaMP-4:0", group_size=2, stage="exploratory"))
+    assert parts[0].r_rep == 0.0 and parts[1].r_rep < 0.0
+    assert [p.r_rep for p in parts] == [repetition_reward(t, n=4) for t in texts]
+
+
+def test_without_the_tag_reward_a_chain_that_fails_the_tag_check_loses_nothing():
+    from minitagpr.rl.loop import compute_rewards
+
+    prompt = Prompt(id="q", task="LaMP-3", user="u", messages=[], ids=[1], gold="4")
+    comps = [Completion([1], "<think>no tags here</think>4", [0.0], "stop")] * 2
+    base = dict(tasks="LaMP-3:0", group_size=2, stage="guided", use_prmu=False)
+    off, _ = compute_rewards([prompt], comps, RLConfig(**base, use_tag_reward=False))
+    on, _ = compute_rewards([prompt], comps, RLConfig(**base))
+    assert off[0].r_tag == -1.0 and off[0].total == pytest.approx(0.8 * (off[0].r_v + off[0].r_rep) * off[0].r_f)
+    assert on[0].total == pytest.approx(off[0].total - 0.8)
+
+
+def test_a_non_finite_prmu_score_makes_the_reward_non_finite():
+    """So check_finite stops the run; scored as 0 it would train on silently."""
+    from minitagpr.rl.loop import compute_rewards
+
+    class NanPRMU:
+        def score(self, users, prompts, texts):
+            return [0.5, float("nan")]
+
+    prompt = Prompt(id="q", task="LaMP-3", user="u", messages=[], ids=[1], gold="4")
+    comps = [Completion([1], _TAGGED + "4", [0.0], "stop")] * 2
+    _, rewards = compute_rewards([prompt], comps, RLConfig(tasks="LaMP-3:0", group_size=2, stage="guided"),
+                                 NanPRMU())
+    assert torch.isfinite(rewards[0]) and torch.isnan(rewards[1])
+
+
+def test_reward_metrics_pin_every_column_on_a_hand_made_batch():
+    from minitagpr import distributed as D
+    from minitagpr.rewards import RewardParts
+    from minitagpr.rl.loop import reward_metrics
+
+    D.init_distributed()  # a group of one
+    try:
+        cfg = RLConfig(tasks="LaMP-1:0,LaMP-4:0", group_size=2)
+        tasks = ["LaMP-4", "LaMP-4", "LaMP-1", "LaMP-1"]
+        parts = [RewardParts(r_v=v, r_f=f, r_rep=rep, r_tag=tag)
+                 for v, f, rep, tag in ((0.5, 1.0, 0.0, 0.0), (0.5, 0.0, -0.2, -1.0), (1.0, 1.0, 0.0, 0.0),
+                                        (0.0, 1.0, 0.0, 0.0))]
+        rewards = torch.tensor([0.2, 0.4, 0.9, 0.1], dtype=torch.float64)  # per-task means 0.3 / 0.5, global 0.4
+        comps = [Completion([1] * n, "", [0.0] * n, r)
+                 for n, r in ((1, "stop"), (2, "stop"), (3, "length"), (2, "stop"))]
+        m = reward_metrics(parts, rewards, comps, cfg, "cpu", tasks=tasks)
+        assert m["reward_mean/LaMP-4"] == pytest.approx(0.3) and m["reward_mean/LaMP-1"] == pytest.approx(0.5)
+        assert m["reward_mean"] == pytest.approx(0.4)
+        assert m["tag_pass_rate"] == 0.75 and m["format_pass_rate"] == 0.75
+        assert m["r_rep_mean"] == pytest.approx(-0.05)
+        assert m["response_len_mean"] == 2.0 and m["truncated_share"] == 0.25
+        # groups (0.2, 0.4) and (0.9, 0.1): advantages +-1 each, no zero-variance group
+        assert m["group/adv_std"] == pytest.approx(1.0, abs=1e-5) and m["group/zero_variance_groups"] == 0
+    finally:
+        D.destroy_distributed()
+
+
+def test_an_epoch_that_divides_evenly_gives_every_step_a_full_batch():
+    for n, per_step in ((9, 3), (12, 4), (10, 5)):
+        for epoch in range(2):
+            steps = [prompts_for_step(epoch * (n // per_step) + s, n, per_step, seed=0) for s in range(n // per_step)]
+            assert [len(s) for s in steps] == [per_step] * (n // per_step)
+            assert sorted(i for s in steps for i in s) == list(range(n))  # the epoch covers each prompt once

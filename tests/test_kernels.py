@@ -308,3 +308,27 @@ def test_shape_mismatch_is_named():
         token_logprobs(hidden, weight, targets[:3])
     with pytest.raises(ValueError, match="share one floating dtype"):
         token_logprobs(hidden, weight.double(), targets)
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-27) --------------------------------
+
+def test_no_grad_paths_apply_the_temperature_like_the_grad_paths():
+    """RL's old log-probs run without grad: a no-grad path that dropped the temperature broke every GSPO ratio."""
+    hidden, weight, targets = make_inputs(6, 8, 50)
+    weights = torch.full((6,), -0.25, device=DEVICE)
+    with_grad, _ = token_logprobs(hidden, weight, targets, temperature=2.0, impl="torch")
+    total_grad, _ = weighted_logprob_sum(hidden, weight, targets, weights, temperature=2.0, impl="torch")
+    with torch.no_grad():
+        without, _ = token_logprobs(hidden, weight, targets, temperature=2.0, impl="torch")
+        total, _ = weighted_logprob_sum(hidden, weight, targets, weights, temperature=2.0, impl="torch")
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total, total_grad.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_weighted_sum_honours_a_custom_ignore_index():
+    hidden, weight, _ = make_inputs(5, 8, 50)
+    targets = torch.tensor([1, 0, 7, 3, 4], device=DEVICE)  # 0 is a real id; ignore_index=7 drops row 2 only
+    weights = torch.ones(5, device=DEVICE)
+    total, logp = weighted_logprob_sum(hidden, weight, targets, weights, ignore_index=7, impl="torch")
+    ref, _ = token_logprobs(hidden, weight, targets, ignore_index=7, impl="torch")
+    assert logp[2] == 0 and total.item() == pytest.approx(ref.sum().item(), rel=1e-6)

@@ -278,3 +278,26 @@ def test_rl_prompts_and_the_evaluation_refuse_golds_that_are_no_answer(tmp_path,
         load_prompts(RLConfig(data_root=str(tmp_path), tasks="LaMP-1:0", part="train"), tokenizer=None)
     with pytest.raises(DataError, match=r"train_outputs.json: " + message):
         evaluate_recipe.load_task_data(tmp_path, "LaMP-1", part="train")
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_a_numeric_user_id_is_read_as_a_string(tmp_path):
+    """User ids key PRMU's table as strings: an int 42 missed the row of "42" and scored as the unknown user."""
+    examples, _ = make_examples("LaMP-7", n=1)
+    path = tmp_path / "q.json"
+    write_questions(path, examples)
+    records = json.loads(path.read_text())
+    records[0]["user_id"] = 42
+    path.write_text(json.dumps(records))
+    assert load_questions(path, "LaMP-7")[0].user_id == "42"
+
+
+def test_lamp2_folders_for_both_download_layouts(tmp_path):
+    """User split: always LaMP_2/new/; time split: new/ when it exists, else the plain folder."""
+    (tmp_path / "LaMP_2/dev").mkdir(parents=True)  # the old LaMP-2 beside no new/: still new/ for the user split
+    assert split_files(tmp_path, "LaMP-2", "user", "dev")[0] == tmp_path / "LaMP_2/new/dev/dev_questions.json"
+    (tmp_path / "time/LaMP_2/dev").mkdir(parents=True)
+    assert split_files(tmp_path, "LaMP-2", "time", "dev")[0] == tmp_path / "time/LaMP_2/dev/dev_questions.json"
+    (tmp_path / "time/LaMP_2/new/dev").mkdir(parents=True)
+    assert split_files(tmp_path, "LaMP-2", "time", "dev")[0] == tmp_path / "time/LaMP_2/new/dev/dev_questions.json"

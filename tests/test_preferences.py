@@ -288,3 +288,16 @@ def test_a_rollout_gold_that_is_no_answer_of_its_task_is_named(tmp_path):
     write_rollouts(tmp_path / "r.jsonl", _query(task="LaMP-1", gold="[3]"))
     with pytest.raises(PreferenceDataError, match=r"r\.jsonl:1 .*field 'gold': '\[3\]' is not a LaMP-1 label"):
         read_rollouts(tmp_path / "r.jsonl")
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_the_answer_follows_the_last_think_close():
+    text = "<think>I will write </think> at the end</think>\n\n[2]"
+    assert split_response(text) == ("I will write </think> at the end", "[2]")
+
+
+def test_a_positive_heldout_fraction_always_holds_out_a_query():
+    pairs = [_pair(i) for i in range(4)]
+    train, held = split_heldout(pairs, 0.1)
+    assert len(held) == 1 and len(train) == 3

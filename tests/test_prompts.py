@@ -161,3 +161,21 @@ def test_brief_style_names_every_tag_in_fewer_words_and_unknown_styles_fail():
     assert len(brief.split()) * 3 < len(full.split())
     with pytest.raises(ValueError, match="prompt style must be one of full, brief"):
         instruction("LaMP-3", "terse")
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_a_budget_one_item_short_keeps_all_but_the_last_item():
+    """The search must try len - 1 items (the largest n below the full set that failed)."""
+    ex = _example("LaMP-4")
+    items = ex.profile
+    assert len(items) >= 3
+    tok = WordCounter()
+    n_all_but_one = len(tok.apply_chat(build_messages(ex, items[:-1]), add_generation_prompt=True))
+    assert fit_messages(ex, items, tok, max_prompt_tokens=n_all_but_one)[1] == len(items) - 1
+
+
+def test_a_field_exactly_at_the_word_limit_is_not_marked_as_cut():
+    item = {"id": "1", "text": " ".join(["w"] * 10), "title": "t"}
+    assert "..." not in render_item("LaMP-4", item, max_item_words=10)
+    assert "..." in render_item("LaMP-4", {**item, "text": item["text"] + " w"}, max_item_words=10)

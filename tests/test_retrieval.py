@@ -204,3 +204,23 @@ def test_bm25_term_in_every_item_still_scores_above_zero():
     ex = _tweets(["coffee now", "coffee later"])
     ex.input = "Paraphrase: coffee"
     assert all(s > 0 for s in BM25Retriever().scores(ex))
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_one_dense_retriever_keeps_each_tasks_ranking_apart_when_ids_repeat():
+    """The ranking cache is keyed by (task, id): LaMP ids repeat across tasks."""
+    a = _tweets(["music", "robot", "graph"])  # id "9", LaMP-7: ranking [0, 1, 2]
+    b = LampExample("9", "LaMP-4", "Generate a headline for the following article: music",
+                    [{"id": "x1", "title": "city", "text": "city"}, {"id": "x2", "title": "music", "text": "music"}])
+    retriever = DenseRetriever(_bag_of_words)
+    first = [it["id"] for it in retriever.select(a, 3)]
+    assert [it["id"] for it in retriever.select(b, 2)] == ["x2", "x1"]  # not a's cached [0, 1]
+    assert [it["id"] for it in retriever.select(a, 3)] == first
+
+
+def test_the_random_retriever_draws_per_task_as_well_as_per_id():
+    profile = [{"id": str(j), "text": f"w{j}"} for j in range(12)]
+    orders = {task: RandomRetriever(seed=3).rank(LampExample("7", task, "x: y", profile))
+              for task in ("LaMP-7", "LaMP-3")}
+    assert orders["LaMP-7"] != orders["LaMP-3"]

@@ -241,3 +241,23 @@ def test_asking_for_a_table_on_a_checkpoint_without_one_is_an_error_not_a_random
     assert not load_reward_model(tmp_path / "rm").use_user_table  # the default follows the checkpoint
     fresh = load_reward_model(tmp_path / "rm", use_user_table=True, users=["alice"])  # training starts a table
     assert fresh.use_user_table and fresh.users.row("alice") == 1
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_a_tie_counts_as_a_miss_in_pairwise_accuracy():
+    """An untrained table scores every user alike: ties must not count as right."""
+    from minitagpr.model.reward import pairwise_accuracy
+    f = torch.tensor([0.5, 0.5, 1.0])
+    assert pairwise_accuracy(f, f).item() == 0.0
+    assert pairwise_accuracy(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])).item() == 0.5
+
+
+@pytest.mark.parametrize("users", [["zoe", "alice"], ["alice", "alice"]])
+def test_a_user_vocabulary_out_of_order_or_repeated_is_refused(tmp_path, users):
+    save_reward_model(_tiny_prmu(), tmp_path / "rm")
+    path = tmp_path / "rm" / USERS_FILE
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "users": users}))  # rows would no longer match the saved table
+    with pytest.raises(CheckpointError, match="must be sorted and free of duplicates"):
+        load_reward_model(tmp_path / "rm")

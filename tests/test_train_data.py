@@ -195,3 +195,9 @@ def test_rank_slices_and_micro_batches_partition_the_global_batch():
     assert S.micro_batches(shares[1], 2) == [[4, 5], [6, 7]]
     with pytest.raises(ValueError, match="does not split over 5 ranks"):
         S.rank_slice(rows, 0, 5)
+
+
+def test_documents_that_exactly_fill_a_row_share_it():  # pinned by mutation, 2026-11-27
+    docs = [S.Document(ids=[1, 2, 3, 4], mask=[False, True, True, True], id=f"d{i}") for i in range(2)]
+    rows = S.pack_documents(docs, seq_len=8, pad_id=0, shuffle_seed=None)
+    assert rows.num_rows == 1 and int(rows.lengths[0]) == 8

@@ -267,3 +267,44 @@ def test_sharded_load_peak_memory_is_model_plus_one_shard(tmp_path):
     print(f"model {model_bytes / 2**20:.0f} MiB, largest shard {largest / 2**20:.0f} MiB, "
           f"peak growth {grown / 2**20:.0f} MiB")
     assert grown <= 1.2 * (model_bytes + largest)
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_a_full_state_dict_of_a_tied_model_saves_without_the_head_and_loads_tied(tmp_path):
+    """The FSDP export passes a gathered state dict, which holds lm_head.weight for a tied model too."""
+    from safetensors import safe_open
+    tied = build_model(tiny_config("tiny", tie_word_embeddings=True), seed=0)
+    save_pretrained(tied, tmp_path / "m", state_dict=tied.state_dict())
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    back = load_pretrained(tmp_path / "m")
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+
+
+def test_a_tied_checkpoint_that_also_stores_the_head_loads_tied(tmp_path):
+    from safetensors.torch import load_file, save_file
+    folder = make_tiny_checkpoint(tmp_path / "m", preset="tiny", seed=0, tie_word_embeddings=True)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # some hub checkpoints keep it
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model = load_pretrained(folder)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_config_records_the_dtype_the_weights_were_saved_in(tmp_path):
+    model = build_model(tiny_config("tiny"), seed=0)
+    save_pretrained(model, tmp_path / "m", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_shards_match_their_index_and_its_total_size(tmp_path):
+    model = build_model(tiny_config("tiny"), seed=0)
+    save_pretrained(model, tmp_path / "m", max_shard_bytes=60_000)
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    files = {p.name for p in (tmp_path / "m").glob("*.safetensors")}
+    assert len(files) > 1 and files == set(index["weight_map"].values())  # no unlisted (empty) shard
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in sd.values())

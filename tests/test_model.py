@@ -33,6 +33,10 @@ def hf_twin(model: Qwen3ForCausalLM):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["tied-gqa1", "untied-gqa2", "untied-gqa4"])
 def test_logits_equal_transformers(cfg):
     model = build_model(Qwen3Config(**cfg), seed=torch.seed() % 1000).eval()
+    with torch.no_grad():  # trained norms: with weights of 1 (init) q/k-norm before or after RoPE agree
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
     hf = hf_twin(model)
     ids = torch.randint(0, cfg["vocab_size"], (2, 37))
     with torch.no_grad():
@@ -55,7 +59,7 @@ def test_targets_path_gives_log_softmax_of_logits():
     assert torch.allclose(logp.double(), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [[[5, 11, 3]], [[5, 11, 3], [7, 2, 10]], [[19], [4, 15], [1, 1, 17]]])
+@pytest.mark.parametrize("rows", [[[5, 11, 3]], [[5, 11, 3], [7, 2, 10]], [[19], [4, 15], [1, 1, 17]], [[1, 18]]])
 def test_packed_rows_equal_unpacked_documents(rows):
     model = build_model(tiny_config("tiny"), seed=2).eval()
     docs = [[torch.randint(0, 512, (n,)) for n in lengths] for lengths in rows]
@@ -176,3 +180,21 @@ def test_a_config_without_rope_theta_loads_as_in_transformers(tmp_path):
     ids = torch.randint(0, config["vocab_size"], (1, 40))
     with torch.no_grad():
         assert (ours.logits(ours(ids)) - hf(input_ids=ids).logits.float()).abs().max().item() <= 1e-4
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_config_defaults_and_norm_eps_follow_transformers():
+    from minitagpr.model.qwen3 import RMSNorm
+    cfg = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=8, num_key_value_heads=2)
+    assert cfg.head_dim == 64 // 8  # hidden / query heads (transformers), not / kv heads
+    assert RMSNorm(4, eps=0.1)(torch.full((1, 4), 0.1)).flatten()[0].item() == pytest.approx(0.1 / (0.01 + 0.1) ** 0.5)
+
+
+def test_num_params_without_the_embedding_keeps_a_tied_head():
+    """The embedding is left out as a lookup table; a tied one is also the head's matmul weight and stays."""
+    tied = build_model(tiny_config("tiny", tie_word_embeddings=True), seed=0)
+    untied = build_model(tiny_config("tiny", tie_word_embeddings=False), seed=0)
+    assert tied.num_params(exclude_embedding=True) == tied.num_params()
+    assert untied.num_params(exclude_embedding=True) == untied.num_params() - untied.model.embed_tokens.weight.numel()

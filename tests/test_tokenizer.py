@@ -306,3 +306,21 @@ def test_thinking_off_target_is_the_answer_after_the_empty_think_block(tiny):
 def test_thinking_off_rejects_a_chain(tiny):
     with pytest.raises(ValueError, match="enable_thinking=False .* chain must be empty, got 5 characters"):
         tiny.encode_prompt_and_target(PROMPT, "chain", "hello", enable_thinking=False)
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_the_assistant_target_ends_with_im_end_whatever_the_eos_token(tmp_path):
+    """A base model's tokenizer_config names <|endoftext|> as eos; the chat turn still ends with <|im_end|>."""
+    folder = write_tiny_tokenizer(tmp_path, config={"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+    tok = Tokenizer.from_dir(folder)
+    assert tok.eos_id != tok.im_end_id
+    ids, mask = tok.encode_prompt_and_target([{"role": "user", "content": "hi"}], "c", "a")
+    assert ids[-1] == tok.im_end_id and mask[-1]
+
+
+def test_tiny_checkpoints_round_the_qwen3_vocabulary_up_to_64_rows(qwen3_tokenizer_dir, tmp_path):
+    from minitagpr.model.presets import make_tiny_checkpoint
+    folder = make_tiny_checkpoint(tmp_path / "m", preset="tiny", seed=0, tokenizer_dir=qwen3_tokenizer_dir)
+    rows = json.loads((folder / "config.json").read_text())["vocab_size"]
+    assert rows == 151_680 and rows % 64 == 0 and rows >= Tokenizer.from_dir(qwen3_tokenizer_dir).vocab_size

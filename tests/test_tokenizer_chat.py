@@ -83,6 +83,10 @@ CONVERSATIONS = {
     "system_in_the_middle": [user("u1"), asst("a1"), sys("new instructions"), user("u2")],
     "no_user_message": [sys("s"), asst("a", reasoning="r")],
     "only_assistant": [asst("<think>r</think>hello")],
+    "tool_response_prefix_only_user": [  # starts like a tool response but is not one: the last query (mutation pin)
+        user("real question"), asst("a", reasoning="r1"), user("<tool_response>42 and more"),
+        asst("b", reasoning="r2"),
+    ],
     "tool_response_lookalike_user": [
         user("real question"), asst("a", reasoning="r1"), user("<tool_response>42</tool_response>"),
         asst("b", reasoning="r2")],

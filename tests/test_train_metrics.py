@@ -100,3 +100,17 @@ def test_plot_command_line(tmp_path):
 def test_plot_command_names_a_missing_file(tmp_path):
     with pytest.raises(SystemExit, match="none.jsonl does not exist"):
         plots_main([str(tmp_path / "none.jsonl"), str(tmp_path / "d.png")])
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                                        ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
+def test_gpu_peaks_match_the_most_specific_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0))[0] == peak
+
+
+def test_the_cpu_peak_scales_with_the_threads(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert peak_flops(torch.device("cpu"))[0] == 3 * 50e9

@@ -145,3 +145,24 @@ def test_packed_rows_give_the_log_probs_of_their_documents_alone():
     torch.testing.assert_close(packed[0, 5:11], alone[1][:6], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(packed[1, :3], alone[2][:3], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(packed[1, 4:11], alone[3][:7], rtol=1e-5, atol=1e-6)
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_the_schedule_stays_at_the_floor_past_the_last_step():
+    """A run resumed with more steps under a constant floor must not climb back up the cosine."""
+    assert O.lr_at(12, total_steps=10, warmup_steps=2, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_input_tokens_count_every_position_and_targets_only_the_valid_ones():
+    from minitagpr import distributed as D
+    from minitagpr.train.loss import count_tokens
+
+    D.init_distributed()  # a group of one
+    try:
+        mb = {"input_ids": torch.zeros(2, 8, dtype=torch.long),
+              "targets": torch.tensor([[1] * 3 + [-100] * 5, [1] * 3 + [-100] * 5])}
+        valid, tokens = count_tokens([mb], "cpu")
+        assert valid.item() == 6 and tokens == 16
+    finally:
+        D.destroy_distributed()

@@ -4,6 +4,7 @@ import json
 import random
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -634,3 +635,98 @@ def test_shipped_configs_load(name):
     from pathlib import Path
     cfg = load_config(ChainsConfig, Path(__file__).resolve().parents[1] / "recipes" / "configs" / name)
     assert cfg.stage_list()[0] == "sample" and cfg.teacher.temperature == 0.6 and cfg.judge.temperature == 0.0
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_the_teacher_seed_depends_on_data_seed():
+    """Otherwise another data.seed sends the same requests and reads the same cached answers."""
+    from minitagpr.data.chains import sample_seed
+    assert sample_seed(0, "LaMP-3/7", 0) != sample_seed(1, "LaMP-3/7", 0)
+    assert sample_seed(0, "LaMP-3/7", 0) != sample_seed(0, "LaMP-3/7", 1)
+
+
+def test_the_instance_cap_keeps_the_best_judged_lower_samples_first_in_sample_order(tmp_path):
+    cfg = make_cfg(tmp_path, **{"filters.max_per_instance": 2})
+    inst = instance("LaMP-1", "9", gold="[2]")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    tagged = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
+    totals = {0: 17, 1: 16, 2: 19, 3: 17}  # keep 2 (19) and, of the tied 17s, sample 0 (the lower index)
+    write_jsonl(cfg_out(cfg) / "formatted.jsonl", [
+        {**judged(inst, j, chain=tagged, total=t), "answer": "[2]"} for j, t in totals.items()])
+    run_stages(cfg, ["sft"], log=lambda m: None)
+    assert [r.id for r in read_sft_records(cfg_out(cfg) / "sft.jsonl")] == ["LaMP-1/9/0", "LaMP-1/9/2"]
+
+
+def test_filter_thresholds_are_strict_where_documented_and_inclusive_where_not(tmp_path):
+    # accuracy: ROUGE must be > rouge_threshold (an exact answer at threshold 1.0 is dropped)
+    cfg = make_cfg(tmp_path, **{"filters.rouge_threshold": 1.0})
+    l4 = instance("LaMP-4", "2", gold="city council delays the vote")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [l4])
+    write_jsonl(cfg_out(cfg) / "teacher.jsonl", [chain_record(l4, 0, answer="city council delays the vote")])
+    run_stages(cfg, ["accuracy"], log=lambda m: None)
+    assert stats(cfg, "accuracy")["tasks"]["LaMP-4"] == {"in": 1, "out": 0, "dropped": {"low_rouge": 1}}
+    # format: overlap >= min_overlap, so min_overlap = 1.0 keeps a chain whose tagger only inserted tags
+    cfg = make_cfg(tmp_path / "f", **{"filters.min_overlap": 1.0})
+    inst = instance()
+    s = ["The user asks for a rating.", "Their past reviews of kettles score 4.", "This one is praised.",
+         "So 4 it is."]
+    good = (f"<analyze_input>{s[0]}</analyze_input>\n<examine_examples>{s[1]}</examine_examples>\n"
+            f"<synthesize_findings>{s[2]}</synthesize_findings>\n<make_decision>{s[3]}</make_decision>")
+    write_jsonl(cfg_out(cfg) / "tagged.jsonl", [{**judged(inst, 0), "tagged": good}])
+    run_stages(cfg, ["format"], log=lambda m: None)
+    assert stats(cfg, "format")["tasks"]["LaMP-3"]["out"] == 1
+
+
+def test_data_per_task_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="data.per_task must be >= 1"):
+        make_cfg(tmp_path, **{"data.per_task": 0})
+
+
+@pytest.mark.parametrize("status, retryable", [(408, True), (409, True), (429, True), (500, True), (400, False)])
+def test_retryable_statuses(status, retryable):
+    import openai
+
+    from minitagpr.data.chain_client import classify_error
+    response = SimpleNamespace(status_code=status, headers={}, request=None)  # what APIStatusError reads
+    err = openai.APIStatusError("busy", response=response, body=None)
+    assert classify_error(err, 30.0).retryable is retryable
+
+
+def test_backoff_is_capped_and_jittered_between_half_and_all_of_the_base(tmp_path):
+    client, _ = make_client(tmp_path, lambda kw: reply("x"), backoff_s=2.0, max_backoff_s=8.0)
+    client._rng = SimpleNamespace(random=lambda: 0.0)
+    assert client._delay(1, None) == 2.0  # base 4 s, the lowest jitter is half of it
+    client._rng = SimpleNamespace(random=lambda: 1.0)
+    assert client._delay(10, None) == 8.0  # 2 * 2**10 capped at max_backoff_s
+
+
+def test_no_answer_is_handed_on_after_a_request_failed_for_good(tmp_path):
+    import openai
+
+    q2_started = threading.Event()
+
+    def transport(kwargs):
+        q = kwargs["messages"][0]["content"]
+        if q == "q1":  # refused outright (HTTP 400) once q2 is in flight: the run stops
+            q2_started.wait(5)
+            raise openai.APIStatusError("bad request", body=None,
+                                        response=SimpleNamespace(status_code=400, headers={}, request=None))
+        if q == "q2":
+            q2_started.set()
+            time.sleep(0.2)  # answered (and cached) after q1 failed
+        return reply("answer to " + q)
+    client, _ = make_client(tmp_path, transport, concurrency=3)
+    seen = []
+    with pytest.raises(EndpointError, match="was refused"), client.cache:
+        for request, response in client.run(requests(3)):
+            seen.append(request.label)
+    assert seen == ["r0"]  # r2 is answered but comes after the failed r1: never handed on
+
+
+def test_putting_an_answered_key_twice_writes_one_line(tmp_path):
+    cache = ResponseCache(tmp_path / "c.jsonl")
+    with cache:
+        cache.put("k", "teacher", "m", reply("a"))
+        cache.put("k", "teacher", "m", reply("b"))
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 1

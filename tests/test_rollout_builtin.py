@@ -347,3 +347,14 @@ def test_auto_decode_is_graph_for_an_unsharded_model_on_cuda_only(model):
     assert BuiltinEngine(OnCuda(), vocab_size=10).decode_mode() == "graph"
     assert BuiltinEngine(ShardedOnCuda(), vocab_size=10).decode_mode() == "dynamic"  # an FSDP2 module (gathers in hooks)
     assert BuiltinEngine(OnCuda(), vocab_size=10, decode="static").decode_mode() == "static"  # explicit wins
+
+
+def test_a_call_never_decodes_more_than_max_batch_rows_sequences_at_once(model, prompts):  # mutation pin
+    rows = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(
+        (args[0] if args else kwargs["input_ids"]).shape[0]), with_kwargs=True)
+    try:
+        engine(model, max_batch_rows=8).generate(prompts, n=4, max_new_tokens=3, seed=0)  # 4 prompts x 4 samples
+    finally:
+        hook.remove()
+    assert rows and max(rows) == 8  # two prompts' samples per chunk, not all 16 at once

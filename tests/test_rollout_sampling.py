@@ -153,3 +153,24 @@ def test_draws_equal_the_inverse_cdf_of_a_float64_softmax():
         ref = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True).squeeze(1)
         assert torch.equal(tokens, ref)
         torch.testing.assert_close(logp.double(), full.gather(1, ref[:, None]).squeeze(1).log(), atol=1e-5, rtol=0)
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_the_nucleus_keeps_a_token_only_while_the_mass_before_it_is_below_top_p():
+    from minitagpr.rollout.builtin import _nucleus
+    exact = _nucleus(torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64), 0.5)  # mass before token 1 == top_p
+    assert exact.tolist() == [[1.0, 0.0, 0.0]]
+    near_one = _nucleus(torch.tensor([[0.9, 0.095, 0.005]], dtype=torch.float64), 0.99)  # 0.99 still truncates
+    torch.testing.assert_close(near_one, torch.tensor([[0.9 / 0.995, 0.095 / 0.995, 0.0]], dtype=torch.float64))
+
+
+def test_request_bounds_are_exact():
+    base = dict(prompt_token_ids=[[1, 2]], n=1, temperature=1.0, top_p=1.0, max_new_tokens=4, stop_token_ids=[3],
+                vocab_size=10)
+    with pytest.raises(RolloutError, match=r"prompt_token_ids\[0\]\[0\] = 10"):
+        check_request(**{**base, "prompt_token_ids": [[10, 2]]})
+    with pytest.raises(RolloutError, match="stop token id 10"):
+        check_request(**{**base, "stop_token_ids": [10]})
+    from minitagpr.rollout.base import MIN_TEMPERATURE
+    assert check_request(**{**base, "temperature": MIN_TEMPERATURE}) == [3]  # "at least 1e-4" includes it

@@ -1,0 +1,73 @@
+"""minitagpr.serve's request handling without a model or a socket: a fake engine and tokenizer, so the stop ids,
+usage counts, stop strings and request limits are pinned exactly (each test fails on a mutant that the
+end-to-end server tests let through, 2026-11-27)."""
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from minitagpr.rollout import Completion
+from minitagpr.serve import ChatServer, RequestError, apply_stop_strings, parse_chat_request
+
+LETTERS = "abcdefghij"
+USER = [{"role": "user", "content": "hi"}]
+
+
+class FakeTokenizer:
+    """One letter per id; <|im_end|> = 7 and eos = 8 are different ids, as for a base model's tokenizer."""
+    im_end_id, eos_id = 7, 8
+
+    def apply_chat(self, messages, add_generation_prompt=True, enable_thinking=True):
+        return [1, 2, 3]
+
+    def decode(self, ids):
+        return "".join(LETTERS[i] for i in ids)
+
+
+class FakeEngine:
+    def __init__(self, completion):
+        self.completion, self.calls = completion, []
+
+    def generate(self, prompts, **kwargs):
+        self.calls.append(kwargs)
+        return [[self.completion]]
+
+
+def fake_server(completion, max_position=10):
+    """The attributes chat_completion reads, without binding a port."""
+    return SimpleNamespace(tokenizer=FakeTokenizer(), engine=FakeEngine(completion), max_position=max_position,
+                           generate_lock=threading.Lock(), model_name="fake")
+
+
+def request(**body):
+    return parse_chat_request({"messages": USER, **body}, max_position=10)
+
+
+def test_generation_stops_on_im_end_and_on_eos_and_usage_counts_the_stop_id():
+    server = fake_server(Completion([0, 1, 2, 7], "abc", [0.0] * 4, "stop"))
+    answer = ChatServer.chat_completion(server, request(max_tokens=4))
+    assert server.engine.calls[0]["stop_token_ids"] == [7, 8]
+    assert answer["usage"]["completion_tokens"] == 4  # the stop id was generated too
+    assert answer["choices"][0]["message"]["content"] == "abc"
+
+
+def test_max_tokens_may_fill_the_context_exactly():
+    server = fake_server(Completion([0], "a", [0.0], "length"))
+    ChatServer.chat_completion(server, request(max_tokens=7))  # 3 prompt tokens + 7 = max_position 10
+    with pytest.raises(RequestError, match="max_tokens=8 plus the prompt's 3 tokens exceeds"):
+        ChatServer.chat_completion(server, request(max_tokens=8))
+
+
+def test_stop_strings_cut_at_the_earliest_and_count_the_token_that_reached_it():
+    assert apply_stop_strings(FakeTokenizer(), [0, 1, 2, 3, 4, 5], "abcdef", ["ef", "cd"]) == ("ab", 3)
+    assert apply_stop_strings(FakeTokenizer(), [0, 1, 2], "abc", ["x"]) == ("abc", None)
+
+
+def test_request_limits_are_exact():
+    assert len(request(stop=["a", "b", "c", "d"])["stop"]) == 4
+    with pytest.raises(RequestError, match="stop"):
+        request(stop=["a", "b", "c", "d", "e"])
+    assert request(max_tokens=5, max_completion_tokens=7)["max_tokens"] == 7  # the newer field wins
+    assert request(temperature=2.0)["temperature"] == 2.0 and request(temperature=1e-4)["temperature"] == 1e-4
+    with pytest.raises(RequestError, match="'temperature' must be in"):
+        request(temperature=2.5)

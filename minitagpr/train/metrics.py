@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name() (first match wins).
 GPU_PEAK_FLOPS = [
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),
     ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12),
     ("V100", 125e12),
 ]

@@ -276,3 +276,29 @@ def test_transformers_reads_the_tokenizer_the_same_way(world, qwen3_tokenizer_di
         tok.render_chat(r["messages"], add_generation_prompt=True)
     text = tok.render_chat(r["messages"] + [{"role": "assistant", "content": assistant_target(r["chain"], r["answer"])}])
     assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def test_a_users_usual_score_rounds_half_up():
+    assert dw._usual_score([{"score": 2}, {"score": 3}]) == 3  # 2.5 -> 3 (Python's round() would give 2)
+    assert dw._usual_score([{"score": 4}, {"score": 5}, {"score": 4}]) == 4
+
+
+def test_a_manifest_that_is_not_an_object_is_named_and_the_world_is_rebuilt(tmp_path):
+    built = dw.build(tmp_path / "w", seed=3, **SMALL)
+    (tmp_path / "w" / "world.json").write_text("[1, 2]")
+    with pytest.raises(dw.DataError, match="world.json"):
+        dw.DemoWorld.load(tmp_path / "w")
+    assert dw.build(tmp_path / "w", seed=3, **SMALL).user_dependent_groups == built.user_dependent_groups
+
+
+def test_an_input_two_users_share_has_different_golds(world):
+    for task in world.tasks:
+        for split in ("train", "dev"):
+            golds = world.golds(task, split)
+            by_input = {}
+            for ex in world.examples(task, split):
+                by_input.setdefault(ex.input, []).append(golds[ex.id])
+            shared = [g for g in by_input.values() if len(g) > 1]
+            assert all(len(set(g)) == len(g) for g in shared), (task, split)

@@ -399,3 +399,45 @@ def test_a_filesystem_that_cannot_fsync_a_directory_still_checkpoints(group, che
     monkeypatch.setattr(os, "fsync", no_dir_fsync)
     D.save_checkpoint(tmp_path, 1, model, O.build_optimizer(model, lr=1e-3), {})
     assert D.latest_checkpoint(tmp_path).name == "step_000001"
+
+
+# ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
+
+def _fake_ckpt(folder: Path, complete: bool = True) -> Path:
+    """A folder that looks like a finished save to the scan (the last files exist) or like an unfinished one."""
+    folder.mkdir(parents=True)
+    if complete:
+        for name in D.CKPT_LAST_FILES:
+            (folder / name).write_text("{}")
+    return folder
+
+
+def test_the_checkpoint_scan_takes_an_aside_folder_only_in_place_of_a_missing_complete_step(tmp_path):
+    _fake_ckpt(tmp_path / "step_000001")
+    _fake_ckpt(tmp_path / ".step_000001.old")  # a stale copy beside the complete step: never preferred
+    _fake_ckpt(tmp_path / ".step_000002.old", complete=False)  # an incomplete aside folder: never resumable
+    _fake_ckpt(tmp_path / ".step_000003.del")  # being deleted by pruning: never a checkpoint
+    _fake_ckpt(tmp_path / ".step_000004.old")  # the step's own folder is missing: this one stands in
+    assert [p.name for p in D.list_checkpoints(tmp_path)] == ["step_000001", ".step_000004.old"]
+
+
+def test_a_negative_step_in_state_json_is_named(group, tied_checkpoint, tmp_path):
+    folder = _fake_ckpt(tmp_path / "step_000001")
+    (folder / "state.json").write_text('{"step": -1}')
+    from minitagpr.model.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=r"integer 'step' >= 0, got step -1"):
+        D.load_checkpoint(folder, sharded(tied_checkpoint, group), None)
+
+
+def test_the_rng_is_restored_only_from_a_checkpoint_of_the_same_world_size(group, tied_checkpoint, tmp_path):
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    D.save_checkpoint(tmp_path, 1, model, opt, {})
+    state_file = tmp_path / "step_000001" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))  # saved by two ranks: their streams differ
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    D.load_checkpoint(tmp_path / "step_000001", model, opt)
+    assert torch.equal(torch.rand(1), expected)  # left alone

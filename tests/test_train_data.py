@@ -201,3 +201,9 @@ def test_documents_that_exactly_fill_a_row_share_it():  # pinned by mutation, 20
     docs = [S.Document(ids=[1, 2, 3, 4], mask=[False, True, True, True], id=f"d{i}") for i in range(2)]
     rows = S.pack_documents(docs, seq_len=8, pad_id=0, shuffle_seed=None)
     assert rows.num_rows == 1 and int(rows.lengths[0]) == 8
+
+
+def test_batch_arithmetic_edges():  # pinned by mutation, 2026-11-27
+    assert S.steps_per_epoch(8, 8) == 1  # exactly one global batch of rows is one step
+    with pytest.raises(ValueError, match="do not split into micro-batches of 2"):
+        S.micro_batches([0, 1, 2], 2)

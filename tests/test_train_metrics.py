@@ -114,3 +114,15 @@ def test_gpu_peaks_match_the_most_specific_name(monkeypatch, name, peak):
 def test_the_cpu_peak_scales_with_the_threads(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     assert peak_flops(torch.device("cpu"))[0] == 3 * 50e9
+
+
+def test_plots_use_the_logged_step_and_skip_flags_and_times(tmp_path, monkeypatch):
+    """A resumed log starts at its own step; booleans and elapsed time are not curves."""
+    import matplotlib.axes
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, **kw: drawn.append(list(x)))
+    log = tmp_path / "m.jsonl"
+    log.write_text("".join(f'{{"step": {s}, "loss": 1.0, "ok": true, "elapsed_s": 3.0}}\n' for s in (11, 12, 13)))
+    plot_metrics(log, tmp_path / "m.png")
+    assert drawn == [[11, 12, 13]]  # one panel (loss), at the logged steps

@@ -67,6 +67,8 @@ def test_tasks_round_trip_through_lamp_files(tmp_path):
     ([{"id": "a", "profile": [_review("t", 0)]}],
      r"record 0 \(id 'a'\): field 'profile\[0\].rating': expected an integer from 1 to 5, got 0"),
     ([{"id": "a", "profile": [_review("t", "5")]}], r"field 'profile\[0\].rating': expected an integer"),
+    ([{"id": "a", "profile": [_review("t", 6)]}], r"field 'profile\[0\].rating': expected an integer from 1 to 5"),
+    ([{"id": "a", "profile": [_review("t", True)]}], r"field 'profile\[0\].rating': expected an integer"),
     ([{"id": "a", "profile": [{"rating": 5, "text": "x", "pid": "p"}]}], r"field 'profile\[0\].title': missing"),
     ([{"id": "a", "profile": [_review("t", 5)]}, {"id": "a", "profile": [_review("t", 5)]}],
      r"record 1 \(id 'a'\): field 'id': duplicate id"),

@@ -1,0 +1,102 @@
+"""Pure functions of the recipes pinned by a mutation sweep (2026-11-27): each test fails on a mutant that the
+recipe tests let through. No model is trained here; recipes are loaded as modules."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lamp_fixtures import make_examples
+from recipe_modules import load_recipe
+from minitagpr.data import lamp
+from minitagpr.data.preferences import PreferenceDataError, PreferencePair, Response, write_pairs
+
+prmu = load_recipe("train_prmu")
+ev = load_recipe("evaluate", "recipe_evaluate")
+guided = load_recipe("guided_rl")
+
+PROMPT = [{"role": "user", "content": "pick a tag"}]
+
+
+def _pair(i, example_id=None, **kw):
+    return PreferencePair(id=f"p{i}", set="PQP", source="synthetic", user="u1", task="LaMP-2",
+                          example_id=example_id or f"q{i}", prompt=PROMPT,
+                          chosen=Response("c", "", "comedy"), rejected=Response("d", "", "action"), **kw)
+
+
+def test_held_out_buckets_count_accuracy_and_loss_per_set(monkeypatch):
+    from minitagpr import distributed as D
+    E = prmu.EncodedPair
+    held = [E([1], [2], 0, "PRP", False), E([2], [2], 0, "PQP", True), E([3], [2], 0, "PQP", False),
+            E([4], [2], 0, "PQP", False)]  # distinct, so held.index finds each
+    margins = {0: (1.0, 0.0), 1: (1.0, 0.0), 2: (0.0, 1.0), 3: (0.5, 0.5)}  # right, right, wrong, a tie (wrong)
+
+    def score_pairs(model, pairs, rows, pad_id, device):
+        idx = [held.index(p) for p in pairs]
+        return (torch.tensor([margins[i][0] for i in idx]), torch.tensor([margins[i][1] for i in idx]), None)
+    monkeypatch.setattr(prmu, "score_pairs", score_pairs)
+    D.init_distributed()
+    try:
+        out = prmu.evaluate(torch.nn.Linear(1, 1), held, SimpleNamespace(eval_batch=2), 0,
+                            SimpleNamespace(rank=0, world_size=1, device="cpu"))
+    finally:
+        D.destroy_distributed()
+    loss = lambda d: -torch.nn.functional.logsigmoid(torch.tensor(d)).item()  # noqa: E731
+    assert (out["PRP_acc"], out["PRP_pairs"], out["PRP_loss"]) == pytest.approx((1.0, 1, loss(1.0)))
+    assert (out["PQP_acc"], out["PQP_pairs"]) == pytest.approx((1 / 3, 3))
+    assert out["PQP_loss"] == pytest.approx((loss(1.0) + loss(-1.0) + loss(0.0)) / 3)
+    assert (out["user_dependent_acc"], out["user_dependent_pairs"]) == (1.0, 1)
+    assert (out["all_acc"], out["all_pairs"]) == (0.5, 4)
+
+
+def test_a_held_out_file_sharing_only_a_query_with_training_is_refused(tmp_path):
+    write_pairs(tmp_path / "train.jsonl", [_pair(0), _pair(1)])
+    write_pairs(tmp_path / "held.jsonl", [_pair(9, example_id="q1")])  # a new id, but training's query q1
+    cfg = SimpleNamespace(demo_world="", pairs=[str(tmp_path / "train.jsonl")],
+                          heldout_pairs=[str(tmp_path / "held.jsonl")], heldout_frac=0.3, seed=0)
+    with pytest.raises(PreferenceDataError, match="share an id or a query"):
+        prmu.load_pair_sets(cfg)
+
+
+def test_the_held_out_split_follows_the_seed(tmp_path):
+    write_pairs(tmp_path / "p.jsonl", [_pair(i) for i in range(20)])
+    held = {}
+    for seed in (0, 1):
+        cfg = SimpleNamespace(demo_world="", pairs=[str(tmp_path / "p.jsonl")], heldout_pairs=[],
+                              heldout_frac=0.3, seed=seed)
+        held[seed] = {p.id for p in prmu.load_pair_sets(cfg)[1]}
+    assert held[0] != held[1]
+
+
+def test_the_data_fingerprint_covers_the_user_names():
+    from minitagpr.model.reward import UserVocab
+    train = [prmu.EncodedPair([1, 2], [3], 1, "PQP", False)]
+    assert prmu.data_fingerprint(train, UserVocab(["alice"])) != prmu.data_fingerprint(train, UserVocab(["bob"]))
+
+
+def test_checkpoint_tables_apply_normalize_and_write_what_they_scored(tmp_path, monkeypatch):
+    examples, golds = make_examples("LaMP-3", n=2, n_items=3, seed=1)
+    questions, outputs = lamp.split_files(tmp_path / "lamp", "LaMP-3", "user", "dev")
+    lamp.write_questions(questions, examples)
+    lamp.write_outputs(outputs, "LaMP-3", golds)
+    monkeypatch.setattr(ev, "make_engine", lambda *a, **kw: (None, None))
+    monkeypatch.setattr(ev, "generate_answers", lambda engine, tok, data, **kw: [
+        {"id": ex.id, "text": f"<think>c</think>**{golds[ex.id]}** stars", "finish_reason": "stop",
+         "profile_items": 1, "prompt_tokens": 1, "completion_tokens": 1} for ex in data.examples])
+    table = ev.evaluate_checkpoints({"m": "unused"}, ["LaMP-3"], data=tmp_path / "lamp", normalize=True,
+                                    out_dir=tmp_path / "out", log=lambda *a: None)
+    assert table.rows["m"]["LaMP-3"]["mae"] == 0.0
+    _, written = lamp.load_outputs(ev.predictions_file(tmp_path / "out", "m", "LaMP-3"))
+    assert written == {i: golds[i] for i in golds}  # the predictions file re-scores to the table
+
+
+def test_small_recipe_helpers():
+    assert ev._fmt(0.717) == ".717" and ev._fmt(2.5) == "2.500" and ev._fmt(None) == "—"
+    with pytest.raises(Exception, match="k must be >= 0"):
+        ev.EvalConfig(checkpoints=["t=c"], tasks=["LaMP-3"], k=-1)
+
+
+def test_the_first_and_last_windows_round_the_share(tmp_path):
+    log = tmp_path / "m.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "r": float(s)}) + "\n" for s in range(8)))
+    assert guided.first_last_share(log, ["r"], 0.2)["r"] == (0.5, 6.5)  # round(1.6) = 2 rows a window

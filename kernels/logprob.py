@@ -117,7 +117,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """
     _check_inputs(hidden, weight, targets, temperature, impl, chunk_size)
     valid = _valid_rows(targets, weight.shape[0], ignore_index, "token_logprobs")  # (N,) bool
-    targets = targets.long().contiguous()  # the Triton kernels read targets with unit stride
+    targets = targets.long()
     n = hidden.shape[0]
     if bool(valid.all()):
         return _dispatch(hidden, weight, targets, temperature, with_entropy, impl, chunk_size)
@@ -157,7 +157,7 @@ def weighted_logprob_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         rows = valid.nonzero().squeeze(1)  # (N_valid,)
         hidden, targets, token_weights = (hidden.index_select(0, rows), targets.index_select(0, rows),
                                           token_weights.index_select(0, rows))
-    targets = targets.long().contiguous()  # the Triton kernels read targets with unit stride
+    targets = targets.long()
     impl = _resolve(impl, hidden)
     if impl in ("naive", "triton"):  # plain autograd through the log-probs, weighted afterwards
         logp_v, _ = _dispatch(hidden, weight, targets, temperature, False, impl, chunk_size)

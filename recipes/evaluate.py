@@ -43,7 +43,6 @@ from minitagpr.metrics import COLUMNS, evaluate
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINITAGPR_SHARED", REPO.parent / "shared"))  # the shared assets beside the checkout
 LAMP_TASKS = ["LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7"]
-EVAL_RETRIEVERS = retrieval.RETRIEVERS  # dense needs dense_encoder= (Contriever: minitagpr.model.encoder)
 
 
 # ----------------------------------------------------------------------------------------------- 1. config
@@ -111,9 +110,9 @@ class EvalConfig:
         check_at_least("temperature", self.temperature, 0.0)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        check_choice("retriever", self.retriever, EVAL_RETRIEVERS)
+        check_choice("retriever", self.retriever, retrieval.RETRIEVERS)
         for name in self.sweep_retrievers:
-            check_choice("sweep_retrievers", name, EVAL_RETRIEVERS)
+            check_choice("sweep_retrievers", name, retrieval.RETRIEVERS)
         if "dense" in (self.retriever, *self.sweep_retrievers) and not self.dense_encoder:
             raise ValueError("retriever dense needs dense_encoder=<encoder folder or hub id> (e.g. Contriever in "
                              "safetensors: minitagpr.model.encoder)")

@@ -116,16 +116,12 @@ class TextEncoder(nn.Module):
         if self.tokenizer is None:
             raise RuntimeError("encode needs a tokenizer: load the encoder with TextEncoder.from_pretrained")
         device = self.word.weight.device
-        limit = self.config.max_position_embeddings
         out = []
-        for start in range(0, len(texts), batch_size):
-            ids = [enc.ids[:limit] for enc in self.tokenizer.encode_batch(list(texts[start:start + batch_size]))]
+        for start in range(0, len(texts), batch_size):  # the tokenizer truncates to the model's length
+            ids = [enc.ids for enc in self.tokenizer.encode_batch(list(texts[start:start + batch_size]))]
             width = max(len(i) for i in ids)
-            input_ids = torch.full((len(ids), width), self.config.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(ids), width), dtype=torch.long)
-            for r, row in enumerate(ids):
-                input_ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
-                mask[r, :len(row)] = 1
+            input_ids = torch.tensor([i + [self.config.pad_token_id] * (width - len(i)) for i in ids])  # (b, T)
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])  # (b, T)
             out.append(self(input_ids.to(device), mask.to(device)).float().cpu())
         return torch.cat(out) if out else torch.zeros((0, self.config.hidden_size))
 
@@ -136,15 +132,13 @@ class TextEncoder(nn.Module):
         cfg = EncoderConfig.from_json(folder / "config.json")
         with torch.device("meta"):
             model = cls(cfg)
-        load_state_into(model, folder, dtype=dtype, device=device, rename=_our_name,
-                        skip=set(_pooler_names()))
+        load_state_into(model, folder, dtype=dtype, device=device, rename=_our_name, skip=_UNUSED)
         model.tokenizer = load_wordpiece(folder, cfg.max_position_embeddings)
         return model.eval()
 
 
-def _pooler_names() -> list[str]:
-    return [f"{prefix}pooler.dense.{leaf}" for prefix in ("", "bert.") for leaf in ("weight", "bias")] + \
-        [f"{prefix}embeddings.position_ids" for prefix in ("", "bert.")]
+_UNUSED = frozenset(f"{prefix}{name}" for prefix in ("", "bert.")  # checkpoint tensors we never read
+                    for name in ("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids"))
 
 
 _LAYER_NAMES = {  # HF BertModel name inside encoder.layer.{i} -> ours inside layers.{i}

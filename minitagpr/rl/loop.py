@@ -15,6 +15,7 @@ import math
 import random
 import sys
 import time
+from array import array
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -420,8 +421,8 @@ def batch_digest(prompts: list[Prompt], completions, group_size: int, device) ->
     local = []
     for i, p in enumerate(prompts):
         h = hashlib.sha256(p.id.encode())
-        for c in completions[i * group_size:(i + 1) * group_size]:
-            h.update(b"|" + ",".join(map(str, c.token_ids)).encode())
+        for c in completions[i * group_size:(i + 1) * group_size]:  # length, then the ids as 8-byte integers
+            h.update(array("q", [len(c.token_ids), *c.token_ids]).tobytes())
         local.append(int.from_bytes(h.digest()[:7], "big"))  # 56 bits: fits an int64 for the gather
     rows = gather_rows(torch.tensor(local, dtype=torch.int64).view(-1, 1), device)  # (B_global, 1) rank-major
     return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]

@@ -3,11 +3,14 @@
     torchrun --nproc_per_node=2 recipes/guided_rl.py            # the embedded demo, end to end (see below)
     torchrun --nproc_per_node=8 recipes/guided_rl.py --config recipes/configs/guided_rl_qwen3_8b.yaml
 
-With no arguments (demo=true) this runs the whole pipeline on the built-in demo world and a tiny Qwen3, building each
-missing earlier stage once and reusing it afterwards (everything lives under `workdir`):
+With no arguments (demo=true) this runs the whole pipeline on the built-in demo world and a tiny Qwen3 (everything
+under `workdir`; the RL stages and the table under `out_dir` when given, sharing the world, SFT and PRMU):
     1. demo world (LaMP-format tasks, tokenizer, tagged chains)   2. SFT (recipes/sft.py)
     3. PRMU (recipes/train_prmu.py)   4. guided RL (this stage)   5. exploratory RL (recipes/exploratory_rl.py)
     6. evaluation table: base vs SFT vs guided vs exploratory (recipes/evaluate.py)
+Stages 2-5 are built once and reused afterwards, each only for the settings and earlier stages it was built from
+(minitagpr/stages.py: `stage.json` in each stage folder): other settings are refused by name, a rebuilt earlier stage
+rebuilds every later one, an interrupted stage resumes. `rerun=true` redoes both RL stages; the table is always redone.
 With demo=false it runs only Stage 2 from `policy`, `prmu` and `data_root`. The RL loop itself is
 minitagpr/rl/loop.py (shared with Stage 3).
 """
@@ -20,11 +23,12 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from minitagpr import distributed as D
 import torch
 
+from minitagpr import distributed as D
+from minitagpr import stages
 from minitagpr.cli import exit_on_user_error
-from minitagpr.config import load_config, parse_cli, save_config
+from minitagpr.config import load_config, parse_cli
 from minitagpr.rl.loop import RLConfig, parse_task_mix, train
 
 RECIPES = Path(__file__).resolve().parent
@@ -43,9 +47,9 @@ class GuidedConfig(RLConfig):
     """Defaults are the embedded demo (2 CPU processes, minutes); the paper's run is configs/guided_rl_qwen3_8b.yaml."""
     demo: bool = True  # build missing stages on the demo world, then run Stage 3 and the evaluation table
     workdir: str = "runs/demo"
-    rerun: bool = False  # demo: redo the RL stages and the evaluation even when their exports exist
+    rerun: bool = False  # demo: redo both RL stages even when their exports exist (the table is always redone)
     # demo-world RL settings (the paper's values are in the 8B YAML)
-    out_dir: str = ""  # default: <workdir>/guided_rl
+    out_dir: str = ""  # demo: folder of this run's guided_rl/, exploratory_rl/ and eval/ (default: workdir)
     tasks: str = "LaMP-1:0,LaMP-2:0,LaMP-3:0,LaMP-4:0,LaMP-5:0,LaMP-7:0"
     k: int = 4
     max_prompt_tokens: int = 512
@@ -62,34 +66,61 @@ class GuidedConfig(RLConfig):
     eval_examples: int = 0  # dev examples per task in the demo's evaluation table (0 = all 60 of the demo world)
 
 
+# Config keys that do not change what an RL stage builds (paths, plumbing, the demo driver's own keys); every other
+# key is part of the stage's stamp, so a rerun with another value is refused instead of reusing the old export
+RL_PLUMBING = {"out_dir", "resume", "save_every", "keep_last", "micro_batch_size", "activation_checkpointing",
+               "builtin_decode", "policy", "prmu", "data_root", "demo", "workdir", "rerun", "eval_examples",
+               "exploratory_steps"}
+
+
+def build_or_reuse(step: str, folder: Path, export: Path, cfg, ignore: set[str], upstream: dict, run_fn,
+                   rerun: bool = False, rerun_hint: str = "") -> tuple[Path, str]:
+    """One demo stage: reuse its export when `stages.plan` allows, else run `run_fn(cfg with resume)`, stamped
+    before and after. Returns (export folder, build id)."""
+    info = D.world()
+    settings = stages.settings(cfg, ignore)
+    plan = stages.plan(folder, export, settings, upstream, rerun=rerun, rerun_hint=rerun_hint)  # every rank
+    D.log(f"[demo] {step}: {plan.reason}")
+    if plan.reuse:
+        return export, plan.build
+    plan = replace(plan, build=D.broadcast_object(plan.build))  # rank 0's new build id, on every rank
+    D.barrier()  # every rank has read the old stamp before rank 0 replaces it
+    if info.is_main:
+        stages.begin(folder, export, plan, step, settings, upstream)
+    D.barrier()
+    out = Path(run_fn(replace(cfg, resume=cfg.resume and plan.resume)))
+    if info.is_main:
+        stages.finish(folder)
+    D.barrier()
+    return out, plan.build
+
+
 def demo_stages(cfg: GuidedConfig) -> dict:
-    """Steps 1-3 of the demo: world, SFT export and PRMU export, each built once and reused when present."""
+    """Steps 1-3 of the demo: world, SFT export and PRMU export, each built once and reused for the same settings.
+    The world always has demo_world's default parameters (its own seed 0): `seed=` varies the training stages and
+    the evaluation's sampling, not the data."""
     from minitagpr.data import demo_world
     work = Path(cfg.workdir)
     if D.world().is_main:
         demo_world.build(work / "world")  # idempotent: its manifest records what was built
     D.barrier()
     world = demo_world.build(work / "world")  # every rank: the same paths, nothing rebuilt
+    builds = {"world": world.fingerprint}
 
     sft = recipe("sft")
-    sft_export = work / "sft" / "hf"
-    if not (sft_export / "config.json").exists():
-        D.log("[demo] 2. SFT on the demo world's tagged chains")
-        sft_export = Path(sft.run(sft.SftConfig(demo_dir=str(work), out_dir=str(work / "sft"), seed=cfg.seed)))
-    else:
-        D.log(f"[demo] 2. SFT: reusing {sft_export}")
+    sft_cfg = sft.SftConfig(demo_dir=str(work), out_dir=str(work / "sft"), seed=cfg.seed)
+    sft_export, builds["sft"] = build_or_reuse(
+        "2. SFT on the demo world's tagged chains", work / "sft", work / "sft" / "hf", sft_cfg, sft.RESUMABLE_KEYS,
+        {"world": builds["world"]}, sft.run)
 
     prmu = recipe("train_prmu")
-    prmu_export = work / "prmu" / "hf"
-    if not (prmu_export / "config.json").exists():
-        D.log("[demo] 3. PRMU on the demo world's preference pairs (initialised from the SFT model, new head)")
-        prmu_cfg = load_config(prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml",
-                               {"demo_world": str(work / "world"), "init": str(sft_export), "new_head": True,
-                                "out_dir": str(work / "prmu"), "seed": cfg.seed})
-        prmu_export = Path(prmu.run(prmu_cfg))
-    else:
-        D.log(f"[demo] 3. PRMU: reusing {prmu_export}")
-    return {"world": world, "base": work / "base_demo", "sft": sft_export, "prmu": prmu_export}
+    prmu_cfg = load_config(prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml",
+                           {"demo_world": str(work / "world"), "init": str(sft_export), "new_head": True,
+                            "out_dir": str(work / "prmu"), "seed": cfg.seed})
+    prmu_export, builds["prmu"] = build_or_reuse(
+        "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", work / "prmu",
+        work / "prmu" / "hf", prmu_cfg, prmu.RESUMABLE_KEYS, dict(builds), prmu.run)
+    return {"world": world, "base": work / "base_demo", "sft": sft_export, "prmu": prmu_export, "builds": builds}
 
 
 def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Path):
@@ -169,17 +200,7 @@ def balanced_reward_trend(trend: dict[str, tuple[float, float]], tasks: list[str
     return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
 
 
-def train_or_reuse(stage: str, what: str, cfg: RLConfig, rerun: bool) -> Path:
-    """Run one RL stage of the demo unless its HF export already exists (or rerun=true); its export folder."""
-    export = Path(cfg.out_dir) / "export"
-    if rerun or not (export / "config.json").exists():
-        D.log(f"[demo] {stage} {what}")
-        return train(cfg)
-    D.log(f"[demo] {stage}: reusing {export}")
-    return export
-
-
-def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, work: Path, table) -> None:
+def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, root: Path, table) -> None:
     """Rank 0, after the process group is gone: the guided stage's trends, the table, and RL minus SFT."""
     tasks = [t for t, _ in parse_task_mix(cfg.tasks)]
     trend = first_last_share(Path(guided_cfg.out_dir) / "metrics.jsonl",
@@ -194,8 +215,8 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
           "reward_mean above also moves with the tasks a step sampled)")
     print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
           "decodes greedily)")
-    print(f"\n[demo] evaluation ({work / 'eval' / 'table.md'}):\n{table.markdown()}")
-    diffs = rl_vs_sft(paths["world"], tasks, work / "eval", cfg.eval_examples)
+    print(f"\n[demo] evaluation ({root / 'eval' / 'table.md'}):\n{table.markdown()}")
+    diffs = rl_vs_sft(paths["world"], tasks, root / "eval", cfg.eval_examples)
     users = max(d["users"] for d in diffs.values())
     print(f"\n[demo] RL minus SFT on each task's main metric, 95% interval from resampling the {users} dev "
           "users (2,000 draws):")
@@ -223,25 +244,28 @@ def main(argv: list[str]) -> None:
         # 1-3. earlier stages, built once
         paths = demo_stages(cfg)
         work = Path(cfg.workdir)
+        root = Path(cfg.out_dir) if cfg.out_dir else work  # this run's RL stages and table
         guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"]), data_root=str(work / "world"),
                              prompt_style=paths["world"].params["prompt_style"],  # the style SFT trained on
-                             out_dir=cfg.out_dir or str(work / "guided_rl"))
-        if info.is_main:
-            save_config(guided_cfg, Path(guided_cfg.out_dir) / "config.yaml")
+                             out_dir=str(root / "guided_rl"))
+        hint = ", or pass rerun=true to redo the RL stages"
         # 4. guided RL (Stage 2)
-        if cfg.rerun:  # start the RL stages over, not from their last checkpoints
-            guided_cfg = replace(guided_cfg, resume=False)
-        guided_export = train_or_reuse("4. guided RL", "(GSPO, composite reward)", guided_cfg, cfg.rerun)
+        guided_export, guided_build = build_or_reuse(
+            "4. guided RL (GSPO, composite reward)", root / "guided_rl", root / "guided_rl" / "export", guided_cfg,
+            RL_PLUMBING, paths["builds"], train, rerun=cfg.rerun, rerun_hint=hint)
         # 5. exploratory RL (Stage 3): foundation reward from the guided checkpoint
         explore_cfg = replace(guided_cfg, stage="exploratory", policy=str(guided_export), prmu="", use_prmu=False,
-                              use_tag_reward=False, out_dir=str(work / "exploratory_rl"), max_steps=cfg.exploratory_steps,
-                              save_every=0)
-        explore_export = train_or_reuse("5. exploratory RL", "(GSPO, foundation reward)", explore_cfg, cfg.rerun)
+                              use_tag_reward=False, out_dir=str(root / "exploratory_rl"),
+                              max_steps=cfg.exploratory_steps, save_every=0)
+        explore_export, _ = build_or_reuse(
+            "5. exploratory RL (GSPO, foundation reward)", root / "exploratory_rl", root / "exploratory_rl" / "export",
+            explore_cfg, RL_PLUMBING, {"world": paths["builds"]["world"], "guided": guided_build}, train,
+            rerun=cfg.rerun, rerun_hint=hint)
         # 6. evaluation table on the demo world's dev split
         D.log("[demo] 6. evaluation: base vs SFT vs guided vs exploratory on the demo dev sets")
         table = evaluate_table({"Base": paths["base"], "SFT": paths["sft"], "Guided RL": guided_export,
-                                "Exploratory RL": explore_export}, paths["world"], guided_cfg, work / "eval")
-        report = (guided_cfg, paths, work, table)
+                                "Exploratory RL": explore_export}, paths["world"], guided_cfg, root / "eval")
+        report = (guided_cfg, paths, root, table)
     finally:
         D.destroy_distributed()
     if report is not None and info.is_main:  # no collectives in it: a failure there leaves no rank waiting

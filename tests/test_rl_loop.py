@@ -258,6 +258,9 @@ def test_sigkill_then_resume_continues_the_exact_step_sequence(small_world, tmp_
     world, policy = small_world
     steps = dict(max_steps=6, save_every=4)
     _torchrun_recipe(_rl_args(world, policy, tmp_path / "whole", **steps))
+    # the last step is checkpointed too (a kill during the export resumes into it), and the run's settings written
+    assert sorted(d.name for d in (tmp_path / "whole" / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+    assert "save_every: 4" in (tmp_path / "whole" / "config.yaml").read_text()
     crashed = _torchrun_recipe(_rl_args(world, policy, tmp_path / "cut", **steps), {"MINITAGPR_FAULT": "step:5"},
                                check=False)
     assert crashed.returncode != 0

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.config import ConfigError, check_at_least, check_choice, check_resumed_config
+from minitagpr.config import ConfigError, check_at_least, check_choice, check_resumed_config, save_config
 from minitagpr.data import lamp
 from minitagpr.data.prompts import STYLES, build_messages
 from minitagpr.data.retrieval import RETRIEVERS, get_retriever
@@ -551,6 +551,8 @@ def train(cfg: RLConfig) -> Path:
         start = state["step"]
         sync_to_engine(model, engine)
         D.log(f"[{cfg.stage}] resumed from {latest} at step {start}")
+    if info.is_main:
+        save_config(cfg, out / "config.yaml")  # the settings of this run (a resumed run's differ only in plumbing)
     log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start + 1 if start else None)
     progress = Progress(total_steps, start, enabled=info.is_main, stream=sys.stdout, every_s=0.0,
                         prefix=f"[{cfg.stage}] ")
@@ -616,7 +618,8 @@ def train(cfg: RLConfig) -> Path:
         progress.update(step, reward=row["reward_mean"], fmt=row["format_pass_rate"], tag=row["tag_pass_rate"],
                         len=row["response_len_mean"], clip=row.get("gspo/clip_frac_low", 0.0)
                         + row.get("gspo/clip_frac_high", 0.0))
-        if cfg.save_every > 0 and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+        # every save_every steps, and the last step (so a kill during the export resumes straight into it)
+        if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == total_steps):
             D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, {"stage": cfg.stage, "config": asdict(cfg)},
                               keep_last=cfg.keep_last)
 

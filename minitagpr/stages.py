@@ -1,0 +1,143 @@
+"""Which demo stage may be reused: each stage folder records what it was built from, in `<folder>/stage.json`.
+
+The demo (recipes/guided_rl.py) builds world -> SFT -> PRMU -> guided RL -> exploratory RL once and reuses each
+stage afterwards. A folder holding an export says nothing about the settings or the earlier stages behind it, so
+each stage writes a stamp before it trains and marks it complete after its export:
+
+    {"format": ..., "stage": "sft", "build": "<random id>", "complete": true, "code": "<git commit>",
+     "settings": {the stage's config minus plumbing keys}, "upstream": {"world": <fingerprint>, ...}}
+
+`upstream` holds the world's fingerprint and the build ids of the earlier stages it read, so a rebuilt earlier
+stage makes every later one stale. `plan` decides, the same on every rank (it only reads):
+  - no stamp and no export: build (the stage's own checkpoints, if any, resume under their own checks)
+  - no stamp but an export: refuse; the settings behind it are unknown (an older minitagpr, or a stage run by hand)
+  - rerun, or an earlier stage rebuilt since: build from scratch (no resume: its checkpoints are stale)
+  - other settings than this run's: refuse, naming each key, so a finished result is never overwritten or reused
+    for settings it was not built with
+  - same settings, but not complete or the export is gone: build, resuming from the stage's checkpoints
+  - otherwise: reuse (with a note when another version of the code built it)
+`begin` (rank 0) writes the new stamp and moves a stale export out of the way; `finish` (rank 0) marks it complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from minitagpr.config import ConfigError, to_dict
+
+STAMP = "stage.json"
+FORMAT = "minitagpr-stage/1"
+
+
+@dataclass(frozen=True)
+class Plan:
+    reuse: bool  # True: the export is used as it is; False: the stage trains
+    resume: bool  # when training: may continue from the stage's own checkpoints
+    reason: str  # one line for the log
+    build: str  # the build id of the export this run reads afterwards
+
+
+def settings(cfg: Any, ignore: Iterable[str]) -> dict[str, Any]:
+    """The config as JSON values (tuples become lists), minus the keys that do not change what the stage builds."""
+    ignore = set(ignore)
+    return {k: v for k, v in json.loads(json.dumps(to_dict(cfg), default=str)).items() if k not in ignore}
+
+
+def code_version() -> str:
+    """The git commit of this checkout ('+dirty' with uncommitted changes to tracked files), else 'unknown'."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def read_stamp(folder: Path) -> dict | None:
+    path = Path(folder) / STAMP
+    if not path.exists():
+        return None
+    try:
+        stamp = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable stage stamp ({err}); delete {folder} to rebuild the stage") from None
+    if not isinstance(stamp, dict) or stamp.get("format") != FORMAT:
+        raise ConfigError(f"{path}: field 'format': expected {FORMAT!r}; delete {folder} to rebuild the stage")
+    for key, kind in (("build", str), ("complete", bool), ("settings", dict), ("upstream", dict)):
+        if not isinstance(stamp.get(key), kind):
+            raise ConfigError(f"{path}: field {key!r}: expected {kind.__name__}, got {stamp.get(key)!r}; delete "
+                              f"{folder} to rebuild the stage")
+    return stamp
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    return [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+def plan(folder: Path, export: Path, stage_settings: dict, upstream: dict, *, rerun: bool = False,
+         rerun_hint: str = "") -> Plan:
+    """Reuse or build the stage in `folder` whose finished product is `export` (a folder with config.json)."""
+    folder, export = Path(folder), Path(export)
+    old = read_stamp(folder)
+    exported = (export / "config.json").exists()
+    new_build = uuid.uuid4().hex[:12]
+    if old is None:
+        if exported:
+            raise ConfigError(f"{export} exists but {folder / STAMP} does not, so the settings it was built with are "
+                              f"unknown (an older minitagpr, or the stage run by hand): delete {folder} to rebuild "
+                              "it here, or give this run a new workdir=")
+        return Plan(False, True, "not built yet", new_build)
+    if rerun:
+        return Plan(False, False, "rerun=true: building it again", new_build)
+    stale = sorted(k for k in set(old["upstream"]) | set(upstream) if old["upstream"].get(k) != upstream.get(k))
+    if stale:
+        return Plan(False, False, f"rebuilding: its input ({', '.join(stale)}) was rebuilt since", new_build)
+    changed = _changes(old["settings"], stage_settings)
+    if changed:
+        raise ConfigError(f"{folder} was built with other settings than this run's: {'; '.join(changed)}. To keep "
+                          f"it, give this run a new workdir=; to rebuild it, delete {folder}{rerun_hint}")
+    if not (old["complete"] and exported):
+        return Plan(False, True, "finishing an interrupted build", new_build)
+    here = code_version()
+    built_by = old.get("code", "unknown")
+    note = f" (built by code {built_by}, this is {here})" if built_by != here else ""
+    return Plan(True, False, f"reusing {export}{note}", old["build"])
+
+
+def _write(folder: Path, stamp: dict) -> None:
+    path = folder / STAMP
+    tmp = path.with_name(STAMP + ".tmp")
+    tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a reader sees the old stamp or the new one
+
+
+def begin(folder: Path, export: Path, p: Plan, stage: str, stage_settings: dict, upstream: dict) -> None:
+    """Rank 0, before the stage trains: stamp the folder as an unfinished build `p.build`, then move any export
+    aside and delete it (renamed first, so a kill never leaves a half-deleted folder that looks complete)."""
+    folder, export = Path(folder), Path(export)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder, {"format": FORMAT, "stage": stage, "build": p.build, "complete": False, "code": code_version(),
+                    "settings": stage_settings, "upstream": upstream})
+    gone = export.with_name(export.name + ".stale")
+    shutil.rmtree(gone, ignore_errors=True)
+    if export.exists():
+        os.replace(export, gone)
+        shutil.rmtree(gone)
+
+
+def finish(folder: Path) -> None:
+    """Rank 0, after the stage exported: mark its stamp complete."""
+    stamp = read_stamp(Path(folder))
+    if stamp is None:
+        raise ConfigError(f"{Path(folder) / STAMP}: missing at the end of the stage (deleted while it ran?)")
+    _write(Path(folder), {**stamp, "complete": True})

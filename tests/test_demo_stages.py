@@ -1,0 +1,274 @@
+"""Stage reuse in the demo pipeline (minitagpr/stages.py, recipes/guided_rl.py): a stage is reused only for the
+settings and earlier stages it was built from. The orchestration tests run guided_rl.main in this process with
+every heavy stage replaced by a fake that writes its export, so they check which stage trains, resumes or is
+reused, and which exports the table reads."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from recipe_modules import load_recipe
+from minitagpr import stages
+from minitagpr.config import ConfigError
+
+SETTINGS = {"lr": 1e-4, "seed": 0}
+UP = {"world": "w1"}
+
+
+def _export(folder: Path) -> Path:
+    export = folder / "hf"
+    export.mkdir(parents=True, exist_ok=True)
+    (export / "config.json").write_text("{}")
+    return export
+
+
+def _built(folder: Path, settings=SETTINGS, upstream=UP) -> stages.Plan:
+    """A stage built and finished with `settings` / `upstream`."""
+    p = stages.plan(folder, folder / "hf", settings, upstream)
+    stages.begin(folder, folder / "hf", p, "sft", settings, upstream)
+    _export(folder)
+    stages.finish(folder)
+    return p
+
+
+def test_a_new_stage_is_built_and_then_reused_with_its_build_id(tmp_path):
+    p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+    assert (p.reuse, p.resume) == (False, True)
+    built = _built(tmp_path)
+    again = stages.plan(tmp_path, tmp_path / "hf", dict(SETTINGS), dict(UP))
+    assert again.reuse and again.build == built.build
+    assert json.loads((tmp_path / stages.STAMP).read_text())["complete"] is True
+
+
+def test_other_settings_are_refused_by_name_unless_rerun(tmp_path):
+    built = _built(tmp_path)
+    with pytest.raises(ConfigError, match=r"lr 0\.0001 -> 5e-05") as err:
+        stages.plan(tmp_path, tmp_path / "hf", {**SETTINGS, "lr": 5e-5}, UP, rerun_hint=", or rerun=true")
+    assert str(tmp_path) in str(err.value) and "rerun=true" in str(err.value) and "seed" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"new_key '\(unset\)' -> 1"):  # a key the old build did not have
+        stages.plan(tmp_path, tmp_path / "hf", {**SETTINGS, "new_key": 1}, UP)
+    p = stages.plan(tmp_path, tmp_path / "hf", {**SETTINGS, "lr": 5e-5}, UP, rerun=True)
+    assert (p.reuse, p.resume) == (False, False) and p.build != built.build
+
+
+def test_a_rebuilt_earlier_stage_rebuilds_this_one_from_scratch(tmp_path):
+    built = _built(tmp_path, upstream={"world": "w1", "sft": "b1"})
+    p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, {"world": "w1", "sft": "b2"})
+    assert (p.reuse, p.resume) == (False, False) and p.build != built.build and "sft" in p.reason
+    # an earlier stage that rebuilt *and* other settings: rebuilt (its inputs changed), not refused
+    assert not stages.plan(tmp_path, tmp_path / "hf", {"lr": 1.0}, {"world": "w2", "sft": "b1"}).reuse
+
+
+def test_an_interrupted_build_resumes_and_a_finished_one_without_its_export_is_redone(tmp_path):
+    p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+    stages.begin(tmp_path, tmp_path / "hf", p, "sft", SETTINGS, UP)
+    _export(tmp_path)  # exported, then killed before finish (e.g. in SFT's held-out check)
+    again = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+    assert (again.reuse, again.resume) == (False, True) and "interrupted" in again.reason
+    _built(tmp_path)
+    (tmp_path / "hf" / "config.json").unlink()
+    assert (stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP).reuse,
+            stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP).resume) == (False, True)
+
+
+def test_an_export_without_a_stamp_is_refused_and_begin_removes_a_stale_export(tmp_path):
+    _export(tmp_path)
+    with pytest.raises(ConfigError, match="stage.json does not") as err:
+        stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+    assert str(tmp_path / "hf") in str(err.value)
+    (tmp_path / "checkpoints").mkdir()  # a stamp-less folder with checkpoints only: its own resume checks decide
+    (tmp_path / "hf" / "config.json").unlink()
+    p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+    assert (p.reuse, p.resume) == (False, True)
+    _export(tmp_path)
+    stages.begin(tmp_path, tmp_path / "hf", stages.Plan(False, False, "", "b"), "sft", SETTINGS, UP)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.stale").exists()
+    assert (tmp_path / "checkpoints").exists()  # checkpoints are the stage's own business (resume=false clears)
+
+
+def test_a_damaged_stamp_names_the_file_and_field(tmp_path):
+    (tmp_path / stages.STAMP).write_text("{not json")
+    with pytest.raises(ConfigError, match="stage.json: not a readable"):
+        stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+    (tmp_path / stages.STAMP).unlink()
+    _built(tmp_path)
+    stamp = json.loads((tmp_path / stages.STAMP).read_text())
+    (tmp_path / stages.STAMP).write_text(json.dumps({**stamp, "settings": [1]}))
+    with pytest.raises(ConfigError, match="field 'settings': expected dict"):
+        stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+
+
+def test_reuse_by_another_version_of_the_code_is_said(tmp_path, monkeypatch):
+    _built(tmp_path)
+    stamp = json.loads((tmp_path / stages.STAMP).read_text())
+    (tmp_path / stages.STAMP).write_text(json.dumps({**stamp, "code": "0123abcd"}))
+    monkeypatch.setattr(stages, "code_version", lambda: "89efcdab")
+    p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+    assert p.reuse and "built by code 0123abcd, this is 89efcdab" in p.reason
+
+
+def test_settings_leave_out_plumbing_and_read_tuples_as_lists():
+    sft = load_recipe("sft")
+    s = stages.settings(sft.SftConfig(out_dir="/x", seed=3), sft.RESUMABLE_KEYS)
+    assert s["seed"] == 3 and s["betas"] == [0.9, 0.95] and "out_dir" not in s and "resume" not in s
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+class Fakes:
+    """Fake world, SFT, PRMU, RL and table for guided_rl.main; `calls` lists (stage, out folder, resume)."""
+
+    def __init__(self, monkeypatch, tmp_path):
+        self.g = load_recipe("guided_rl")
+        self.calls: list[tuple[str, str, bool]] = []
+        self.tables: list[dict] = []
+        self.world_fp = "w1"
+        self.kill = ""
+        sft, prmu = load_recipe("sft"), load_recipe("train_prmu")
+        from minitagpr.data import demo_world
+        monkeypatch.setattr(demo_world, "build", self.world)
+        monkeypatch.setattr(sft, "run", lambda cfg: self.stage("sft", cfg, Path(cfg.out_dir) / "hf"))
+        monkeypatch.setattr(prmu, "run", lambda cfg: self.stage("prmu", cfg, Path(cfg.out_dir) / "hf"))
+        monkeypatch.setattr(self.g, "train", lambda cfg: self.stage(cfg.stage, cfg, Path(cfg.out_dir) / "export"))
+        monkeypatch.setattr(self.g, "evaluate_table", self.table)
+        monkeypatch.setattr(self.g, "print_demo_report", lambda *a: None)
+        self.work = tmp_path / "demo"
+
+    def world(self, root, *a, **kw):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(root=Path(root), fingerprint=self.world_fp, params={"prompt_style": "brief"})
+
+    def stage(self, name, cfg, export):
+        if self.kill == name:
+            raise RuntimeError(f"killed in {name}")
+        self.calls.append((name, str(Path(cfg.out_dir).relative_to(self.work.parent)), cfg.resume))
+        export.mkdir(parents=True, exist_ok=True)
+        source = getattr(cfg, "policy", "") or getattr(cfg, "init", "")
+        (export / "config.json").write_text(json.dumps({"lr": getattr(cfg, "lr", None), "from": str(source),
+                                                        "n": len(self.calls)}))
+        return export
+
+    def table(self, named, world, cfg, out_dir):
+        self.tables.append({name: json.loads((Path(p) / "config.json").read_text()) for name, p in named.items()
+                            if name != "Base"} | {"out": str(out_dir)})
+
+    def run(self, *args):
+        self.calls.clear()
+        self.g.main([f"workdir={self.work}", *args])
+        return [c[:2] for c in self.calls]
+
+
+@pytest.fixture
+def demo(monkeypatch, tmp_path):
+    return Fakes(monkeypatch, tmp_path)
+
+
+ALL = [("sft", "demo/sft"), ("prmu", "demo/prmu"), ("guided", "demo/guided_rl"),
+       ("exploratory", "demo/exploratory_rl")]
+
+
+def test_the_demo_builds_each_stage_once_and_reuses_it(demo):
+    assert demo.run() == ALL
+    first = demo.tables[-1]
+    assert demo.run() == []  # nothing trains the second time, and the table reads the same exports
+    assert demo.tables[-1] == first
+    assert first["Exploratory RL"]["from"] == str(demo.work / "guided_rl" / "export")
+    assert first["out"] == str(demo.work / "eval")
+
+
+def test_a_changed_rl_setting_is_refused_and_leaves_the_old_run_as_it_was(demo):
+    demo.run()
+    stamp = (demo.work / "guided_rl" / stages.STAMP).read_text()
+    with pytest.raises(ConfigError, match=r"guided_rl was built with other settings.*lr 0\.0001 -> 5e-05.*rerun=true"):
+        demo.run("lr=5e-5")
+    assert (demo.work / "guided_rl" / stages.STAMP).read_text() == stamp
+    # out_dir= puts this run's RL stages and table beside the shared world, SFT and PRMU
+    assert demo.run("lr=5e-5", f"out_dir={demo.work.parent / 'lr5'}") == [("guided", "lr5/guided_rl"),
+                                                                         ("exploratory", "lr5/exploratory_rl")]
+    t = demo.tables[-1]
+    assert t["Guided RL"]["lr"] == 5e-5 and t["out"] == str(demo.work.parent / "lr5" / "eval")
+    assert t["Exploratory RL"]["from"] == str(demo.work.parent / "lr5" / "guided_rl" / "export")
+    assert t["SFT"] == demo.tables[0]["SFT"]
+
+
+def test_a_changed_seed_is_refused_at_the_first_stage_it_changes(demo):
+    demo.run()
+    with pytest.raises(ConfigError, match=r"sft was built with other settings.*seed 0 -> 1"):
+        demo.run("seed=1")
+
+
+def test_a_rebuilt_world_rebuilds_every_later_stage_from_scratch(demo):
+    demo.run()
+    demo.world_fp = "w2"
+    assert demo.run() == ALL
+    assert all(resume is False for *_, resume in demo.calls)  # the old checkpoints are stale: not resumed
+
+
+def test_rerun_redoes_both_rl_stages_and_a_killed_rerun_is_finished_not_mixed(demo):
+    demo.run()
+    old_explore = demo.tables[-1]["Exploratory RL"]
+    assert demo.run("rerun=true") == ALL[2:]
+    assert [c[2] for c in demo.calls] == [False, False]
+    # a rerun killed in exploratory RL: the next plain run keeps the new guided model and redoes exploratory
+    demo.kill = "exploratory"
+    with pytest.raises(RuntimeError):
+        demo.run("rerun=true")
+    assert not (demo.work / "exploratory_rl" / "export").exists()  # the old export is gone, not left to reuse
+    demo.kill = ""
+    assert demo.run() == [("exploratory", "demo/exploratory_rl")]
+    assert demo.tables[-1]["Exploratory RL"]["n"] != old_explore["n"]
+    # a rerun killed in guided RL: guided resumes, exploratory is rebuilt from the new guided model
+    demo.kill = "guided"
+    with pytest.raises(RuntimeError):
+        demo.run("rerun=true")
+    demo.kill = ""
+    assert demo.run() == ALL[2:]
+    assert [c[2] for c in demo.calls] == [True, False]
+
+
+
+def test_two_ranks_agree_on_every_build_id(tmp_path):
+    """Each rank plans; a new build id drawn on each rank separately would make the ranks disagree about whether
+    the next stage is stale (one trains, the other does not: a hang). Two rounds under torchrun: build, reuse."""
+    from test_distributed import _run_script
+    script = f'''
+import json, sys
+from dataclasses import dataclass
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "recipes")!r})
+import guided_rl as G
+from minitagpr import distributed as D
+
+@dataclass
+class Cfg:
+    lr: float = 1.0
+    out_dir: str = ""
+    resume: bool = True
+
+def fake_run(cfg):
+    D.barrier()
+    if D.world().is_main:
+        export = Path(cfg.out_dir) / "hf"
+        export.mkdir(parents=True, exist_ok=True)
+        (export / "config.json").write_text("{{}}")
+    D.barrier()
+    return Path(cfg.out_dir) / "hf"
+
+out = Path(sys.argv[1])
+info = D.init_distributed()
+rounds = []
+for r in range(2):
+    _, a = G.build_or_reuse("a", out / "a", out / "a" / "hf", Cfg(out_dir=str(out / "a")), {{"out_dir", "resume"}},
+                            {{}}, fake_run)
+    _, b = G.build_or_reuse("b", out / "b", out / "b" / "hf", Cfg(out_dir=str(out / "b")), {{"out_dir", "resume"}},
+                            {{"a": a}}, fake_run)
+    rounds.append([a, b])
+(out / f"rank{{info.rank}}.json").write_text(json.dumps(rounds))
+D.destroy_distributed()
+'''
+    res = _run_script(script, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0 == r1  # the same ids on both ranks ...
+    assert r0[0] == r0[1]  # ... and the second round reused both stages
+    assert "reusing" in res.stdout and res.stdout.count("not built yet") == 2  # logged by rank 0 only

@@ -67,8 +67,8 @@ def hf_name(name: str) -> str:
 
 
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """A 63-bit seed for one (request, sample) pair, so each completion's randomness depends only on these three
-    numbers and never on which other prompts share its batch."""
+    """A 63-bit seed for one (request, sample) pair, so each completion's random draws depend only on these three
+    numbers, not on which other prompts share its batch (its logits do, up to float rounding)."""
     digest = hashlib.blake2b(f"minitagpr/{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -149,7 +149,10 @@ class RolloutEngine:
         seed: int | None = 0,
     ) -> list[list[Completion]]:
         """Sample `n` completions for every prompt; returns one list of n `Completion`s per prompt, in order.
-        temperature == 0 is greedy decoding. The same seed gives the same completions whatever the batching."""
+        temperature == 0 is greedy decoding. With an int seed, prompt i's samples are seeded by (seed, i): the same
+        call gives the same completions however the engine batches it, but reordering the prompts changes them. With a
+        list, they are seeded by seed[i] alone, whatever the order. "Same" is up to float rounding: logits change
+        slightly with the batch, so log-probs differ (~1e-6 in fp32) and a near-tie could flip a token."""
         raise NotImplementedError
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Iterator) -> int:

@@ -11,8 +11,8 @@ It is what runs wherever vLLM does not (CPU machines, CI, the demo). One generat
 
 Randomness: every (prompt index, sample index) pair owns a torch.Generator seeded from (seed, prompt index, sample
 index), which draws that row's uniforms u_1..u_max up front; the token at step t is the inverse CDF of the
-processed distribution at u_t. So a completion depends on its own seed and logits only, never on which other
-prompts share its chunk.
+processed distribution at u_t. So a completion's draws depend on its own seed only; its logits still change with the
+chunk's batch size and padding, by float rounding (log-probs by ~1e-6), which in practice leaves the ids unchanged.
 
 Sampling distribution at each step, for logits z over the model's V rows:
   - the padded vocabulary tail (ids >= the tokenizer's vocab_size) is removed: those ids cannot be decoded;
@@ -27,6 +27,7 @@ to an FSDP2-sharded policy), call `sync_weights` with (HF name, full tensor) pai
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from functools import partial
 from typing import Iterable
@@ -108,6 +109,18 @@ def sample_tokens(
     return tokens, logp
 
 
+def _check_finite(group: list[Completion], prompt_index: int) -> None:
+    """Raise if a log-prob is NaN or inf: any NaN or +inf logit makes the row's log-softmax non-finite. Checked on the
+    host copies both decode loops already make, so the fixed-shape loop gains no per-step sync."""
+    for j, c in enumerate(group):
+        if math.isfinite(sum(c.logprobs)):  # the common case in one C loop (log-probs are <= 0: the sum cannot overflow)
+            continue
+        step = next((k for k, lp in enumerate(c.logprobs) if not math.isfinite(lp)), None)
+        if step is not None:
+            raise RolloutError(f"prompt_token_ids[{prompt_index}], sample {j}: the logits for generated token {step} "
+                               f"are not finite (log-prob {c.logprobs[step]}); most likely the policy has diverged")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The engine
 
@@ -120,13 +133,15 @@ class BuiltinEngine(RolloutEngine):
         without one, `text` is empty and `vocab_size` must be given or the model's full vocabulary is sampleable.
     vocab_size: ids >= this are never sampled (default: tokenizer.vocab_size, else the model's embedding rows).
     max_batch_rows: prompts are cut into chunks of max(1, max_batch_rows // n), so at most this many sequences
-        (prompts x n) share a KV cache (unless n alone exceeds it); bounds the cache's memory.
+        (prompts x n) share a KV cache (unless n alone exceeds it); bounds the cache's memory. The cache peaks at
+        about twice its steady size while rows are copied (sharing a prefill, dropping finished rows: KVCache.reorder).
     decode: "dynamic": finished rows leave the batch, attention reads only the filled prefix of the cache (fastest
         on CPUs); "static": fixed shapes, every row decodes until all have stopped (static_decode.py), run eagerly;
         "graph": the static step captured as a CUDA graph and replayed per token (CUDA only, for a model that is not
         FSDP-sharded; 5.1x transformers at batch 16 on an H100 where "dynamic" is 1.1x, bench/RESULTS.md); "auto"
         (default): "graph" for an unsharded model on a CUDA device, else "dynamic", decided per call from where the
-        model is then. All give the same ids and log-probs up to float rounding.
+        model is then. All give the same ids and log-probs up to float rounding, with an fp32 model (every caller
+        builds one): in bf16, exact logit ties are common and greedy ids then differ from a full forward's in practice.
     """
 
     DECODE_MODES = ("auto", "dynamic", "static", "graph")
@@ -218,6 +233,7 @@ class BuiltinEngine(RolloutEngine):
                 outs = self._generate_chunk([list(prompt_token_ids[i]) for i in chunk], n, float(temperature),
                                             float(top_p), max_new_tokens, stops, [keys[i] for i in chunk], mode)
                 for i, group in zip(chunk, outs):
+                    _check_finite(group, i)
                     groups[i] = group
         return groups  # type: ignore[return-value]
 

@@ -15,8 +15,10 @@ stage makes every later one stale. `plan` decides, the same on every rank (it on
   - other settings than this run's: refuse, naming each key, so a finished result is never overwritten or reused
     for settings it was not built with
   - same settings, but not complete or the export is gone: build, resuming from the stage's checkpoints
+A build with nothing to resume is a start from scratch (`Plan.resume` False): `begin` then also clears the
+`fresh_also` folders the stage would otherwise read (the demo's base model, built by the SFT stage).
   - otherwise: reuse (with a note when another version of the code built it)
-`begin` (rank 0) writes the new stamp and moves a stale export out of the way; `finish` (rank 0) marks it complete.
+`begin` (rank 0) clears what the build must not read and writes the new stamp; `finish` (rank 0) marks it complete.
 """
 from __future__ import annotations
 
@@ -91,12 +93,13 @@ def plan(folder: Path, export: Path, stage_settings: dict, upstream: dict, *, re
     old = read_stamp(folder)
     exported = (export / "config.json").exists()
     new_build = uuid.uuid4().hex[:12]
+    checkpoints = (folder / "checkpoints").is_dir()  # without any, a resumed build starts from scratch anyway
     if old is None:
         if exported:
             raise ConfigError(f"{export} exists but {folder / STAMP} does not, so the settings it was built with are "
-                              f"unknown (an older minitagpr, or the stage run by hand): delete {folder} to rebuild "
-                              "it here, or give this run a new workdir=")
-        return Plan(False, True, "not built yet", new_build)
+                              f"unknown (an older minitagpr, or the stage run by hand): delete {folder} and the "
+                              "stages after it to rebuild them here, or give this run a new workdir=")
+        return Plan(False, checkpoints, "not built yet", new_build)
     if rerun:
         return Plan(False, False, "rerun=true: building it again", new_build)
     stale = sorted(k for k in set(old["upstream"]) | set(upstream) if old["upstream"].get(k) != upstream.get(k))
@@ -107,7 +110,7 @@ def plan(folder: Path, export: Path, stage_settings: dict, upstream: dict, *, re
         raise ConfigError(f"{folder} was built with other settings than this run's: {'; '.join(changed)}. To keep "
                           f"it, give this run a new workdir=; to rebuild it, delete {folder}{rerun_hint}")
     if not (old["complete"] and exported):
-        return Plan(False, True, "finishing an interrupted build", new_build)
+        return Plan(False, checkpoints, "finishing an interrupted build", new_build)
     here = code_version()
     built_by = old.get("code", "unknown")
     note = f" (built by code {built_by}, this is {here})" if built_by != here else ""
@@ -121,18 +124,33 @@ def _write(folder: Path, stamp: dict) -> None:
     os.replace(tmp, path)  # atomic: a reader sees the old stamp or the new one
 
 
-def begin(folder: Path, export: Path, p: Plan, stage: str, stage_settings: dict, upstream: dict) -> None:
-    """Rank 0, before the stage trains: stamp the folder as an unfinished build `p.build`, then move any export
-    aside and delete it (renamed first, so a kill never leaves a half-deleted folder that looks complete)."""
+def _remove(path: Path) -> None:
+    """Delete a folder, renamed first: a kill never leaves a half-deleted folder that still looks complete."""
+    gone = path.with_name(path.name + ".stale")
+    shutil.rmtree(gone, ignore_errors=True)
+    if path.exists():
+        os.replace(path, gone)
+        shutil.rmtree(gone)
+
+
+def begin(folder: Path, export: Path, p: Plan, stage: str, stage_settings: dict, upstream: dict,
+          fresh_also: Iterable[Path] = ()) -> None:
+    """Rank 0, before the stage trains: remove what the build must not read (a start from scratch: the stage's
+    checkpoints and the `fresh_also` folders; always: the old export), then stamp the folder as the unfinished
+    build `p.build`. Checkpoints go first, so a kill in between never lets a later run resume them under this stamp."""
     folder, export = Path(folder), Path(export)
     folder.mkdir(parents=True, exist_ok=True)
+    if not p.resume:
+        for path in (folder / "checkpoints", *fresh_also):
+            _remove(Path(path))
+    _remove(export)
     _write(folder, {"format": FORMAT, "stage": stage, "build": p.build, "complete": False, "code": code_version(),
                     "settings": stage_settings, "upstream": upstream})
-    gone = export.with_name(export.name + ".stale")
-    shutil.rmtree(gone, ignore_errors=True)
-    if export.exists():
-        os.replace(export, gone)
-        shutil.rmtree(gone)
+
+
+def unstamped(folders: Iterable[tuple[Path, Path]]) -> list[Path]:
+    """The exports among (folder, export) pairs whose folder has no stamp: built by an older minitagpr or by hand."""
+    return [Path(e) for f, e in folders if (Path(e) / "config.json").exists() and not (Path(f) / STAMP).exists()]
 
 
 def finish(folder: Path) -> None:

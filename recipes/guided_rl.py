@@ -28,7 +28,7 @@ import torch
 from minitagpr import distributed as D
 from minitagpr import stages
 from minitagpr.cli import exit_on_user_error
-from minitagpr.config import load_config, parse_cli
+from minitagpr.config import ConfigError, load_config, parse_cli
 from minitagpr.rl.loop import RLConfig, parse_task_mix, train
 
 RECIPES = Path(__file__).resolve().parent
@@ -73,8 +73,14 @@ RL_PLUMBING = {"out_dir", "resume", "save_every", "keep_last", "micro_batch_size
                "exploratory_steps"}
 
 
+def stamp_ignore(recipe_module, *, keep: set[str]) -> set[str]:
+    """A recipe's keys that may change on resume, minus `keep`: those may differ on resume but change the result
+    (e.g. export_dtype), or are inputs the demo does not derive from workdir."""
+    return set(recipe_module.RESUMABLE_KEYS) - keep
+
+
 def build_or_reuse(step: str, folder: Path, export: Path, cfg, ignore: set[str], upstream: dict, run_fn,
-                   rerun: bool = False, rerun_hint: str = "") -> tuple[Path, str]:
+                   rerun: bool = False, rerun_hint: str = "", fresh_also=()) -> tuple[Path, str]:
     """One demo stage: reuse its export when `stages.plan` allows, else run `run_fn(cfg with resume)`, stamped
     before and after. Returns (export folder, build id)."""
     info = D.world()
@@ -86,7 +92,7 @@ def build_or_reuse(step: str, folder: Path, export: Path, cfg, ignore: set[str],
     plan = replace(plan, build=D.broadcast_object(plan.build))  # rank 0's new build id, on every rank
     D.barrier()  # every rank has read the old stamp before rank 0 replaces it
     if info.is_main:
-        stages.begin(folder, export, plan, step, settings, upstream)
+        stages.begin(folder, export, plan, step, settings, upstream, fresh_also)
     D.barrier()
     out = Path(run_fn(replace(cfg, resume=cfg.resume and plan.resume)))
     if info.is_main:
@@ -110,8 +116,9 @@ def demo_stages(cfg: GuidedConfig) -> dict:
     sft = recipe("sft")
     sft_cfg = sft.SftConfig(demo_dir=str(work), out_dir=str(work / "sft"), seed=cfg.seed)
     sft_export, builds["sft"] = build_or_reuse(
-        "2. SFT on the demo world's tagged chains", work / "sft", work / "sft" / "hf", sft_cfg, sft.RESUMABLE_KEYS,
-        {"world": builds["world"]}, sft.run)
+        "2. SFT on the demo world's tagged chains", work / "sft", work / "sft" / "hf", sft_cfg,
+        stamp_ignore(sft, keep={"model", "tokenizer", "data", "export_dtype"}), {"world": builds["world"]}, sft.run,
+        fresh_also=[work / f"base_{sft_cfg.demo_preset}"])  # the base model SFT starts from (the table's Base row)
 
     prmu = recipe("train_prmu")
     prmu_cfg = load_config(prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml",
@@ -119,7 +126,9 @@ def demo_stages(cfg: GuidedConfig) -> dict:
                             "out_dir": str(work / "prmu"), "seed": cfg.seed})
     prmu_export, builds["prmu"] = build_or_reuse(
         "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", work / "prmu",
-        work / "prmu" / "hf", prmu_cfg, prmu.RESUMABLE_KEYS, dict(builds), prmu.run)
+        work / "prmu" / "hf", prmu_cfg,
+        stamp_ignore(prmu, keep={"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}), dict(builds),
+        prmu.run)
     return {"world": world, "base": work / "base_demo", "sft": sft_export, "prmu": prmu_export, "builds": builds}
 
 
@@ -241,14 +250,21 @@ def main(argv: list[str]) -> None:
                 raise SystemExit("demo=false needs policy=, data_root= and prmu= (or use_prmu=false)")
             train(replace(cfg, out_dir=cfg.out_dir or "runs/guided_rl"))
             return
-        # 1-3. earlier stages, built once
-        paths = demo_stages(cfg)
         work = Path(cfg.workdir)
         root = Path(cfg.out_dir) if cfg.out_dir else work  # this run's RL stages and table
+        old = stages.unstamped([(work / "sft", work / "sft" / "hf"), (work / "prmu", work / "prmu" / "hf")]
+                               + [(root / s, root / s / "export") for s in ("guided_rl", "exploratory_rl")])
+        if old:  # all named at once, before anything trains
+            raise ConfigError(f"{', '.join(map(str, old))}: built without a {stages.STAMP} (an older minitagpr, or a "
+                              "stage run by hand), so the settings behind them are unknown; delete those stage "
+                              f"folders (or all of {work}) to rebuild them, or give this run a new workdir=")
+        # 1-3. earlier stages, built once
+        paths = demo_stages(cfg)
         guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"]), data_root=str(work / "world"),
                              prompt_style=paths["world"].params["prompt_style"],  # the style SFT trained on
                              out_dir=str(root / "guided_rl"))
-        hint = ", or pass rerun=true to redo the RL stages"
+        hint = ("; or keep it and put this run's RL stages and table elsewhere with out_dir=DIR; or redo the RL "
+                "stages here with rerun=true")
         # 4. guided RL (Stage 2)
         guided_export, guided_build = build_or_reuse(
             "4. guided RL (GSPO, composite reward)", root / "guided_rl", root / "guided_rl" / "export", guided_cfg,
@@ -259,7 +275,8 @@ def main(argv: list[str]) -> None:
                               max_steps=cfg.exploratory_steps, save_every=0)
         explore_export, _ = build_or_reuse(
             "5. exploratory RL (GSPO, foundation reward)", root / "exploratory_rl", root / "exploratory_rl" / "export",
-            explore_cfg, RL_PLUMBING, {"world": paths["builds"]["world"], "guided": guided_build}, train,
+            explore_cfg, RL_PLUMBING - {"exploratory_steps"} | {"max_steps"},  # the key the user sets, named
+            {"world": paths["builds"]["world"], "guided": guided_build}, train,
             rerun=cfg.rerun, rerun_hint=hint)
         # 6. evaluation table on the demo world's dev split
         D.log("[demo] 6. evaluation: base vs SFT vs guided vs exploratory on the demo dev sets")

@@ -34,7 +34,7 @@ def _built(folder: Path, settings=SETTINGS, upstream=UP) -> stages.Plan:
 
 def test_a_new_stage_is_built_and_then_reused_with_its_build_id(tmp_path):
     p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
-    assert (p.reuse, p.resume) == (False, True)
+    assert (p.reuse, p.resume) == (False, False)  # nothing to resume
     built = _built(tmp_path)
     again = stages.plan(tmp_path, tmp_path / "hf", dict(SETTINGS), dict(UP))
     assert again.reuse and again.build == built.build
@@ -63,7 +63,8 @@ def test_a_rebuilt_earlier_stage_rebuilds_this_one_from_scratch(tmp_path):
 def test_an_interrupted_build_resumes_and_a_finished_one_without_its_export_is_redone(tmp_path):
     p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
     stages.begin(tmp_path, tmp_path / "hf", p, "sft", SETTINGS, UP)
-    _export(tmp_path)  # exported, then killed before finish (e.g. in SFT's held-out check)
+    (tmp_path / "checkpoints").mkdir()
+    _export(tmp_path)  # checkpointed and exported, then killed before finish (e.g. in SFT's held-out check)
     again = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
     assert (again.reuse, again.resume) == (False, True) and "interrupted" in again.reason
     _built(tmp_path)
@@ -82,9 +83,16 @@ def test_an_export_without_a_stamp_is_refused_and_begin_removes_a_stale_export(t
     p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
     assert (p.reuse, p.resume) == (False, True)
     _export(tmp_path)
-    stages.begin(tmp_path, tmp_path / "hf", stages.Plan(False, False, "", "b"), "sft", SETTINGS, UP)
+    stages.begin(tmp_path, tmp_path / "hf", p, "sft", SETTINGS, UP, fresh_also=[tmp_path / "base"])
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.stale").exists()
-    assert (tmp_path / "checkpoints").exists()  # checkpoints are the stage's own business (resume=false clears)
+    assert (tmp_path / "checkpoints").exists()  # a resumed build keeps them
+    (tmp_path / "base").mkdir()
+    stages.begin(tmp_path, tmp_path / "hf", stages.Plan(False, False, "", "b"), "sft", SETTINGS, UP,
+                 fresh_also=[tmp_path / "base"])
+    # a build from scratch: the old build's checkpoints (and what it started from) are gone before the new stamp,
+    # so a kill right after cannot let the next run resume them as this build's
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "base").exists()
+    assert stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP).resume is False
 
 
 def test_a_damaged_stamp_names_the_file_and_field(tmp_path):
@@ -123,7 +131,8 @@ class Fakes:
         self.calls: list[tuple[str, str, bool]] = []
         self.tables: list[dict] = []
         self.world_fp = "w1"
-        self.kill = ""
+        self.kill = ("", "")  # (stage, "early": before its first checkpoint | "late": after it)
+        self.base_seen: list[bool] = []  # did SFT find the base model (built by the SFT stage) in place?
         sft, prmu = load_recipe("sft"), load_recipe("train_prmu")
         from minitagpr.data import demo_world
         monkeypatch.setattr(demo_world, "build", self.world)
@@ -139,8 +148,15 @@ class Fakes:
         return SimpleNamespace(root=Path(root), fingerprint=self.world_fp, params={"prompt_style": "brief"})
 
     def stage(self, name, cfg, export):
-        if self.kill == name:
+        if self.kill == (name, "early"):
+            raise RuntimeError(f"killed in {name} before its first checkpoint")
+        (Path(cfg.out_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if self.kill == (name, "late"):
             raise RuntimeError(f"killed in {name}")
+        if name == "sft":
+            base = self.work / "base_demo"
+            self.base_seen.append(base.exists())
+            base.mkdir(parents=True, exist_ok=True)
         self.calls.append((name, str(Path(cfg.out_dir).relative_to(self.work.parent)), cfg.resume))
         export.mkdir(parents=True, exist_ok=True)
         source = getattr(cfg, "policy", "") or getattr(cfg, "init", "")
@@ -210,20 +226,48 @@ def test_rerun_redoes_both_rl_stages_and_a_killed_rerun_is_finished_not_mixed(de
     assert demo.run("rerun=true") == ALL[2:]
     assert [c[2] for c in demo.calls] == [False, False]
     # a rerun killed in exploratory RL: the next plain run keeps the new guided model and redoes exploratory
-    demo.kill = "exploratory"
+    demo.kill = ("exploratory", "late")
     with pytest.raises(RuntimeError):
         demo.run("rerun=true")
     assert not (demo.work / "exploratory_rl" / "export").exists()  # the old export is gone, not left to reuse
-    demo.kill = ""
+    demo.kill = ("", "")
     assert demo.run() == [("exploratory", "demo/exploratory_rl")]
     assert demo.tables[-1]["Exploratory RL"]["n"] != old_explore["n"]
     # a rerun killed in guided RL: guided resumes, exploratory is rebuilt from the new guided model
-    demo.kill = "guided"
+    demo.kill = ("guided", "late")
     with pytest.raises(RuntimeError):
         demo.run("rerun=true")
-    demo.kill = ""
+    demo.kill = ("", "")
     assert demo.run() == ALL[2:]
-    assert [c[2] for c in demo.calls] == [True, False]
+    assert [c[2] for c in demo.calls] == [True, False]  # guided resumes the rerun's own checkpoints
+    # a rerun killed before its first checkpoint: the old build's checkpoints were cleared, nothing is resumed
+    demo.kill = ("guided", "early")
+    with pytest.raises(RuntimeError):
+        demo.run("rerun=true")
+    demo.kill = ("", "")
+    assert demo.run() == ALL[2:]
+    assert [c[2] for c in demo.calls] == [False, False]
+
+
+def test_old_exports_without_stamps_are_all_named_before_anything_trains(demo):
+    demo.run()
+    for stage in ("sft", "prmu", "guided_rl"):
+        (demo.work / stage / stages.STAMP).unlink()
+    with pytest.raises(ConfigError) as err:
+        demo.run()
+    assert all(str(demo.work / s) in str(err.value) for s in ("sft/hf", "prmu/hf", "guided_rl/export"))
+    assert "exploratory_rl" not in str(err.value) and demo.calls == []
+
+
+def test_a_fresh_sft_rebuilds_the_base_model_it_starts_from(demo):
+    demo.run()
+    assert demo.base_seen == [False]
+    import shutil
+    shutil.rmtree(demo.work / "sft")  # e.g. as the refusal of seed=1 suggests: the old base (seed 0) must go too
+    assert demo.run("seed=1") == ALL  # PRMU and both RL stages: rebuilt, their input SFT was rebuilt
+    assert demo.base_seen == [False, False]
+    with pytest.raises(ConfigError, match=r"exploratory_rl was built with other settings.*exploratory_steps 8 -> 9"):
+        demo.run("seed=1", "exploratory_steps=9")
 
 
 

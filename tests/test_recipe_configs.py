@@ -119,3 +119,28 @@ def test_rl_vs_sft_reads_the_written_predictions_and_resamples_users(tmp_path):
     assert d["Exploratory RL"] == (0.0, 0.0, 0.0)
     saved = json.loads((tmp_path / "eval" / "rl_vs_sft.json").read_text())
     assert saved["LaMP-3"]["Guided RL"] == list(d["Guided RL"])
+
+
+def test_rl_vs_sft_scores_the_examples_the_table_scored(tmp_path):
+    """With eval_examples = N the table decodes the first N dev examples only: the comparison must read those N
+    (its users too), not the whole dev set (which would find no predictions for the rest)."""
+    from dataclasses import replace
+
+    from minitagpr.data import lamp
+    sys.path.insert(0, str(RECIPES.parent / "tests"))
+    from lamp_fixtures import make_examples
+
+    guided_rl = importlib.import_module("guided_rl")
+    examples, golds = make_examples("LaMP-3", n=6, split="time")
+    examples = [replace(ex, user_id=f"u{k}") for k, ex in enumerate(examples)]  # one user per question
+    q, o = tmp_path / "q.json", tmp_path / "o.json"
+    lamp.write_questions(q, examples)
+    lamp.write_outputs(o, "LaMP-3", golds)
+    first = [ex.id for ex in examples[:4]]
+    for row in ("SFT", "Guided RL", "Exploratory RL"):
+        preds = {i: golds[i] if row == "SFT" else str(int(golds[i]) % 5 + 1) for i in first}
+        lamp.write_outputs(tmp_path / "eval" / "predictions" / row.replace(" ", "_") / "LaMP_3_predictions.json",
+                           "LaMP-3", preds)
+    d = guided_rl.rl_vs_sft({"LaMP-3": (q, o)}, ["LaMP-3"], tmp_path / "eval", 4, samples=200)["LaMP-3"]
+    assert d["users"] == 4
+    assert d["Guided RL"][0] == pytest.approx(sum(abs(int(golds[i]) % 5 + 1 - int(golds[i])) for i in first) / 4)

@@ -49,6 +49,16 @@ def test_held_out_buckets_count_accuracy_and_loss_per_set(monkeypatch):
     assert (out["all_acc"], out["all_pairs"]) == (0.5, 4)
 
 
+def test_encode_pair_keeps_the_set_the_user_row_and_the_user_dependent_flag(monkeypatch):
+    from minitagpr.model.reward import UserVocab
+    monkeypatch.setattr(prmu, "encode_reward_input", lambda tok, prompt, response, max_len: [ord(response)])
+    users = UserVocab(["u0", "u1"])
+    e = prmu.encode_pair(_pair(0, user_dependent=True), None, users, 64)
+    f = prmu.encode_pair(_pair(1), None, users, 64)
+    assert (e.set, e.user_row, e.user_dependent, e.chosen, e.rejected) == ("PQP", 2, True, [ord("c")], [ord("d")])
+    assert f.user_dependent is False  # the held-out user-dependent bucket counts only flagged pairs
+
+
 def test_a_held_out_file_sharing_only_a_query_with_training_is_refused(tmp_path):
     write_pairs(tmp_path / "train.jsonl", [_pair(0), _pair(1)])
     write_pairs(tmp_path / "held.jsonl", [_pair(9, example_id="q1")])  # a new id, but training's query q1

@@ -10,8 +10,10 @@
 #         nltk rouge-score==0.1.2` then `pip wheel --no-deps -w .whl .whl/rouge_score-0.1.2.tar.gz`), ~15 s
 # tests   tests/test_gpu.py and the Triton kernel tests, compiled for the card, ~55 s
 # demo    the demo's RL stages + evaluation on 1 GPU rank, in parallel with the tests; carry runs/demo/{world,sft/hf,
-#         prmu/hf,base_demo} from a CPU run so SFT and PRMU are reused (guided 51 s, exploratory 12 s on an H100; the
-#         evaluation did not finish inside 180 s on 2026-11-26, before CUDA-graph decoding became the default)
+#         sft/stage.json,prmu/hf,prmu/stage.json,base_demo} from a CPU run so SFT and PRMU are reused (their stamps
+#         say what built them: an export without its stage.json is refused) but not the RL stages (guided 51 s,
+#         exploratory 12 s on an H100; the evaluation did not finish inside 180 s on 2026-11-26, before CUDA-graph
+#         decoding became the default)
 # train   SFT (40 steps) and PRMU (20 steps) on 1 GPU rank with bf16 FSDP, from the carried demo world and SFT export
 #         (as for demo): the training recipes' CUDA path, ~70 s on an H100 (2026-11-27)
 # rollout bench/rollout.py, engines transformers, ours (dynamic decode) and ours-graph (CUDA-graph decode): demo

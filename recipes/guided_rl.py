@@ -265,10 +265,11 @@ def main(argv: list[str]) -> None:
                              out_dir=str(root / "guided_rl"))
         hint = ("; or keep it and put this run's RL stages and table elsewhere with out_dir=DIR; or redo the RL "
                 "stages here with rerun=true")
-        # 4. guided RL (Stage 2)
+        # 4. guided RL (Stage 2); a PRMU it does not read (use_prmu=false, gamma=0) is not one of its inputs
+        inputs = {k: v for k, v in paths["builds"].items() if k != "prmu" or (cfg.use_prmu and cfg.gamma != 0)}
         guided_export, guided_build = build_or_reuse(
             "4. guided RL (GSPO, composite reward)", root / "guided_rl", root / "guided_rl" / "export", guided_cfg,
-            RL_PLUMBING, paths["builds"], train, rerun=cfg.rerun, rerun_hint=hint)
+            RL_PLUMBING, inputs, train, rerun=cfg.rerun, rerun_hint=hint)
         # 5. exploratory RL (Stage 3): foundation reward from the guided checkpoint
         explore_cfg = replace(guided_cfg, stage="exploratory", policy=str(guided_export), prmu="", use_prmu=False,
                               use_tag_reward=False, out_dir=str(root / "exploratory_rl"),

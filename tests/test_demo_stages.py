@@ -316,3 +316,12 @@ D.destroy_distributed()
     assert r0 == r1  # the same ids on both ranks ...
     assert r0[0] == r0[1]  # ... and the second round reused both stages
     assert "reusing" in res.stdout and res.stdout.count("not built yet") == 2  # logged by rank 0 only
+
+
+def test_a_rebuilt_prmu_rebuilds_guided_rl_only_when_guided_rl_reads_it(demo):
+    import shutil
+    demo.run("gamma=0", f"out_dir={demo.work.parent / 'g0'}")
+    demo.run()
+    shutil.rmtree(demo.work / "prmu")
+    assert demo.run() == [("prmu", "demo/prmu"), ("guided", "demo/guided_rl"), ("exploratory", "demo/exploratory_rl")]
+    assert demo.run("gamma=0", f"out_dir={demo.work.parent / 'g0'}") == []  # no R_PRMU: the old run still holds

@@ -129,7 +129,8 @@ def demo_stages(cfg: GuidedConfig) -> dict:
         work / "prmu" / "hf", prmu_cfg,
         stamp_ignore(prmu, keep={"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}), dict(builds),
         prmu.run)
-    return {"world": world, "base": work / "base_demo", "sft": sft_export, "prmu": prmu_export, "builds": builds}
+    return {"world": world, "base": work / f"base_{sft_cfg.demo_preset}", "sft": sft_export, "prmu": prmu_export,
+            "builds": builds}
 
 
 def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Path):

@@ -6,20 +6,11 @@ import torch
 from minitagpr.model import presets
 from minitagpr.rollout import BuiltinEngine, RolloutError
 
-VOCAB = 500  # decodable ids; the tiny model has 512 rows, so ids 500..511 are a padded tail
+from test_rollout_builtin import VOCAB, DigitTokenizer  # ids 500..511 of the tiny model are a padded tail
+
 DECODES = ("dynamic", "static")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny matmuls, one thread
-
-
-class DigitTokenizer:
-    """Each id decodes to its number."""
-
-    vocab_size = VOCAB
-    pad_id = 0
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(str(i) for i in ids)
 
 
 def tiny(**overrides):

@@ -5,7 +5,8 @@ Timing runs all engines in one process, interleaved: each round runs every engin
 a busy neighbour on a shared machine slows the engines of a round alike; the ratio is the median over rounds of the
 per-round speed ratio to transformers, the seconds the median per engine, after one warm-up run each. Peak memory
 comes from a separate process per engine: the peak resident-set growth over one run (Linux VmHWM, reset through
-/proc/self/clear_refs after warm-up) on CPU, torch.cuda.max_memory_allocated on GPU. Every run generates exactly
+/proc/self/clear_refs after warm-up) on CPU; on GPU torch.cuda.max_memory_allocated, absolute: weights and KV cache
+included (the table's header says which). Every run generates exactly
 max_new_tokens per sequence (no stop ids for us, min_new_tokens for transformers), so token counts are equal.
 
 Our engine's rows: "ours" = the dynamic decode loop (the engine's choice on CPUs); "ours-static" = fixed shapes,
@@ -206,7 +207,8 @@ def main() -> None:
         print(f"rollout throughput: preset {args.preset}, {args.device} {args.dtype}, {args.threads} threads, prompts "
               f"{args.prompt_min}-{args.prompt_max} tokens, {args.max_new_tokens} new tokens, T={args.temperature}, "
               f"top-p={args.top_p}; median of {args.runs} interleaved rounds")
-        print("| workload | engine | seconds | generated tok/s | vs transformers | peak MiB |")
+        peak_head = "peak MiB allocated (all)" if args.device == "cuda" else "peak RSS growth MiB"
+        print(f"| workload | engine | seconds | generated tok/s | vs transformers | {peak_head} |")
         print("|---|---|---|---|---|---|")
         for workload in args.workloads.split(","):
             args.workload = workload

@@ -17,8 +17,10 @@ Memory: different numbers, not interchangeable
                                storage, are not counted.
   status_kib("VmRSS")          the resident set now, in KiB, from /proc/self/status (Linux).
   status_kib("VmHWM")          the resident set's high-water mark since process start or the last reset_rss_peak().
-  reset_rss_peak()             resets VmHWM to the current VmRSS (writes 5 to /proc/self/clear_refs) and returns that
-                               VmRSS in KiB: the base a later VmHWM is measured above.
+  reset_rss_peak()             returns freed heap memory to the OS (malloc_trim; otherwise a call reusing what a
+                               warm-up freed shows ~0 growth), resets VmHWM to the current VmRSS (writes 5 to
+                               /proc/self/clear_refs) and returns that VmRSS in KiB: the base a later VmHWM is
+                               measured above.
   PeakMemory(device)           peak bytes above the start of a phase: on CUDA torch.cuda.max_memory_allocated
                                (tensors of the caching allocator, not the reserved pool) minus memory_allocated at
                                start; on CPU VmHWM minus VmRSS at start (the whole process: Python, torch, libraries).
@@ -70,8 +72,22 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def trim_heap() -> None:
+    """Hand the C allocator's free memory back to the OS (glibc malloc_trim). Without it, memory a warm-up call
+    freed stays resident and the next call reuses it: its resident-set growth can read ~0 however much it holds."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim with, the peak is then a lower bound
+        pass
+
+
 def reset_rss_peak() -> int:
-    """Reset VmHWM to the current resident set; return that resident set (KiB), the base of a later peak."""
+    """Trim the heap, reset VmHWM to the current resident set; return that resident set (KiB), the base of a later
+    peak."""
+    trim_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return status_kib("VmRSS")

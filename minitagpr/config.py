@@ -37,7 +37,8 @@ def parse_cli(cls: type, argv: list[str]) -> Any:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            raise SystemExit(describe(cls))
+            print(describe(cls))
+            raise SystemExit(0)
         if arg == "--config":
             if i + 1 >= len(argv):
                 raise ConfigError("--config needs a path to a YAML file")

@@ -358,7 +358,8 @@ def main(argv=None) -> None:
         server = make_server(args.checkpoint, args.host, args.port, args.model_name, args.request_log,
                              args.max_batch_rows)
     except (*USER_ERRORS, OSError, ValueError) as err:  # a bad checkpoint, tokenizer, log path, busy port...
-        sys.exit(f"minitagpr.serve: cannot start: {err}")
+        where = f" on {args.host}:{args.port}" if isinstance(err, OSError) and not err.filename else ""
+        sys.exit(f"minitagpr.serve: cannot start{where}: {err}")
     print(f"serving {server.model_name} at {server.base_url}", flush=True)  # parents read the port from this line
     try:
         server.serve_forever()

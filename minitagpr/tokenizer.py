@@ -253,8 +253,8 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer folder {folder} does not exist or is not a folder")
         missing = [name for name in (TOKENIZER_FILE, CONFIG_FILE) if not (folder / name).is_file()]
         if missing:
-            raise TokenizerError(f"tokenizer folder {folder} lacks {' and '.join(missing)} "
-                                 f"(needs {TOKENIZER_FILE} and {CONFIG_FILE})")
+            needs = "" if len(missing) == 2 else f" (needs {TOKENIZER_FILE} and {CONFIG_FILE})"
+            raise TokenizerError(f"tokenizer folder {folder} lacks {' and '.join(missing)}{needs}")
         return cls(_read_bytes(folder / TOKENIZER_FILE), _read_bytes(folder / CONFIG_FILE), source=folder)
 
     def save(self, out_dir: str | os.PathLike) -> Path:

@@ -24,6 +24,8 @@ class ExploratoryConfig(RLConfig):
     stage: str = "exploratory"
     out_dir: str = "runs/exploratory_rl"
     epochs: float = 2.0
+    use_tag_reward: bool = False  # the foundation reward has neither term: defaults that say so in config.yaml
+    use_prmu: bool = False
 
 
 def main(argv: list[str]) -> None:

@@ -120,3 +120,17 @@ def test_a_key_given_nested_and_dotted_in_one_file_is_refused(tmp_path):
     path.write_text("optim:\n  lr: 1.0e-5\noptim.lr: 2.0e-5\n")  # the later one silently won
     with pytest.raises(ConfigError, match=r"key 'optim\.lr' is given twice \(nested and dotted\)"):
         load_config(Recipe, path)
+
+
+def test_help_lists_the_keys_on_stdout_and_exits_0(capsys):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        lr: float = 1e-3
+        out_dir: str = "runs/x"
+    with pytest.raises(SystemExit) as stop:
+        parse_cli(Cfg, ["lr=2", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "lr" in out and "out_dir" in out

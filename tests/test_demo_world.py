@@ -302,3 +302,18 @@ def test_an_input_two_users_share_has_different_golds(world):
                 by_input.setdefault(ex.input, []).append(golds[ex.id])
             shared = [g for g in by_input.values() if len(g) > 1]
             assert all(len(set(g)) == len(g) for g in shared), (task, split)
+
+
+def test_the_cli_says_when_it_rebuilt_and_ends_bad_paths_in_one_line(tmp_path, capsys):
+    import subprocess
+    import sys
+    args = [str(tmp_path / "w"), "--num-users", "8", "--dev-users", "3", "--per-user", "3", "--vocab-size", "1000"]
+    dw.main(args)
+    assert "rebuilt" not in capsys.readouterr().out
+    dw.main(args + ["--seed", "1"])
+    assert f"rebuilt {tmp_path / 'w'}: its parameters differed (seed)" in capsys.readouterr().out
+    (tmp_path / "file").write_text("x")
+    res = subprocess.run([sys.executable, "-m", "minitagpr.data.demo_world", str(tmp_path / "file" / "w")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("[demo_world] error:") and "Not a directory" in res.stderr

@@ -1087,10 +1087,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if world.json matches")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    try:
+        before = DemoWorld.load(Path(args.out_dir)).params if (Path(args.out_dir) / MANIFEST).exists() else None
+    except DataError:
+        before = None
     world = build(args.out_dir, args.seed, num_users=args.num_users, dev_users=args.dev_users,
                   test_users=args.test_users, per_user=args.per_user, k=args.k, vocab_size=args.vocab_size,
                   prompt_style=args.prompt_style, force=args.force)
     s = world.stats
+    if before is not None and before != world.params:  # build() rebuilds a world of other parameters by itself
+        changed = sorted(k for k in set(before) | set(world.params) if before.get(k) != world.params.get(k))
+        print(f"rebuilt {world.root}: its parameters differed ({', '.join(changed)})")
     print(f"demo world in {world.root} ({time.perf_counter() - t0:.1f} s; built in {s['build_seconds']} s)")
     print(f"questions per task: {json.dumps(s['questions']['LaMP-1'])}; SFT records {s['sft_records']}; "
           f"user-dependent groups {s['user_dependent_groups']}; tokenizer vocab {s['vocab_size']}; "
@@ -1105,4 +1112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from minitagpr.cli import exit_on_user_error
+    with exit_on_user_error("demo_world"):  # e.g. an out_dir that is a file: one line, not a traceback
+        sys.exit(main())

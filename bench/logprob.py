@@ -10,8 +10,9 @@ machine's drifting load then falls on all of them alike); times are medians of -
 rounds. Peak memory is per call, above what was allocated when the call began: on CUDA max_memory_allocated, on
 CPU the peak resident set (VmHWM, reset before each call). Forward-only is the no-grad path (old / reference
 log-probs); forward+backward builds the graph and backpropagates sum(logp) into hidden and weight.
-On CUDA the Triton row also reports its forward+backward rate, 8 N H V / time, against a bf16 matmul of the
-same (N, H) x (H, V) shape measured on the same card.
+Rates: 8 N H V / time counts the four matmuls a recompute backward runs (the hardware's rate for the chunked
+paths); 6 N H V / time the three the result needs (naive runs exactly these): the useful rate, which the CUDA rows
+also report against a bf16 matmul of the same (N, H) x (H, V) shape measured on the same card.
 """
 from __future__ import annotations
 

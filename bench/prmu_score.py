@@ -154,6 +154,7 @@ def main() -> None:
     for r in results:
         print(f"| {r['path']} | {r['s'] * 1e3:.0f} | {r['n'] / r['s']:.1f} | {r['tokens'] / r['s']:,.0f} | "
               f"{r['ratio']:.2f}x | {r['peak_mb']:.0f} |")
+
     def gap(a, b):
         return max(abs(x - y) for x, y in zip(timed[a]["scores"], timed[b]["scores"]))
     print(f"largest |diff| over all {results[0]['n']} scores: transformers vs ours-no-table "

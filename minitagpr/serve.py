@@ -19,6 +19,7 @@ request appends one JSON line {time, path, status, body_sha256, n, prompt_tokens
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import ipaddress
 import json
@@ -358,7 +359,7 @@ def main(argv=None) -> None:
         server = make_server(args.checkpoint, args.host, args.port, args.model_name, args.request_log,
                              args.max_batch_rows)
     except (*USER_ERRORS, OSError, ValueError) as err:  # a bad checkpoint, tokenizer, log path, busy port...
-        where = f" on {args.host}:{args.port}" if isinstance(err, OSError) and not err.filename else ""
+        where = f" on {args.host}:{args.port}" if getattr(err, "errno", None) == errno.EADDRINUSE else ""
         sys.exit(f"minitagpr.serve: cannot start{where}: {err}")
     print(f"serving {server.model_name} at {server.base_url}", flush=True)  # parents read the port from this line
     try:

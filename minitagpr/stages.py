@@ -15,9 +15,9 @@ stage makes every later one stale. `plan` decides, the same on every rank (it on
   - other settings than this run's: refuse, naming each key, so a finished result is never overwritten or reused
     for settings it was not built with
   - same settings, but not complete or the export is gone: build, resuming from the stage's checkpoints
+  - otherwise: reuse (with a note when another version of the code built it)
 A build with nothing to resume is a start from scratch (`Plan.resume` False): `begin` then also clears the
 `fresh_also` folders the stage would otherwise read (the demo's base model, built by the SFT stage).
-  - otherwise: reuse (with a note when another version of the code built it)
 `begin` (rank 0) clears what the build must not read and writes the new stamp; `finish` (rank 0) marks it complete.
 """
 from __future__ import annotations

@@ -29,6 +29,7 @@ from minitagpr import distributed as D
 from minitagpr import stages
 from minitagpr.cli import exit_on_user_error
 from minitagpr.config import ConfigError, load_config, parse_cli
+from minitagpr.rl import loop
 from minitagpr.rl.loop import RLConfig, parse_task_mix, train
 
 RECIPES = Path(__file__).resolve().parent
@@ -49,7 +50,8 @@ class GuidedConfig(RLConfig):
     workdir: str = "runs/demo"
     rerun: bool = False  # demo: redo both RL stages even when their exports exist (the table is always redone)
     # demo-world RL settings (the paper's values are in the 8B YAML)
-    out_dir: str = ""  # demo: folder of this run's guided_rl/, exploratory_rl/ and eval/ (default: workdir)
+    out_dir: str = ""  # demo: folder of this run's guided_rl/, exploratory_rl/, eval/ (default: workdir);
+    #                    demo=false: the stage's folder (default runs/guided_rl)
     tasks: str = "LaMP-1:0,LaMP-2:0,LaMP-3:0,LaMP-4:0,LaMP-5:0,LaMP-7:0"
     k: int = 4
     max_prompt_tokens: int = 512
@@ -66,24 +68,30 @@ class GuidedConfig(RLConfig):
     eval_examples: int = 0  # dev examples per task in the demo's evaluation table (0 = all 60 of the demo world)
 
 
-# Config keys that do not change what an RL stage builds (paths, plumbing, the demo driver's own keys); every other
-# key is part of the stage's stamp, so a rerun with another value is refused instead of reusing the old export
-RL_PLUMBING = {"out_dir", "resume", "save_every", "keep_last", "micro_batch_size", "activation_checkpointing",
-               "builtin_decode", "policy", "prmu", "data_root", "demo", "workdir", "rerun", "eval_examples",
-               "exploratory_steps"}
+# Keys left out of a stage's stamp: those that never change what the stage builds (paths the demo derives from
+# workdir, plumbing, memory knobs, the demo driver's own keys). A resume may also change max_steps and the RL engine,
+# SFT's export_dtype and PRMU's new_head / input files, but those change the result: they stay in the stamp.
+RL_PLUMBING = (loop.RESUMABLE_KEYS - {"max_steps", "engine"}) | {"demo", "workdir", "rerun", "eval_examples",
+                                                           "exploratory_steps"}
 
 
-def stamp_ignore(recipe_module, *, keep: set[str]) -> set[str]:
-    """A recipe's keys that may change on resume, minus `keep`: those may differ on resume but change the result
-    (e.g. export_dtype), or are inputs the demo does not derive from workdir."""
-    return set(recipe_module.RESUMABLE_KEYS) - keep
+def on_rank0(fn) -> None:
+    """fn() on rank 0 only; an error there is raised on every rank, so none is left waiting at a barrier."""
+    err = None
+    if D.world().is_main:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
+            err = e
+    err = D.broadcast_object(err)
+    if err is not None:
+        raise err
 
 
 def build_or_reuse(step: str, folder: Path, export: Path, cfg, ignore: set[str], upstream: dict, run_fn,
                    rerun: bool = False, rerun_hint: str = "", fresh_also=()) -> tuple[Path, str]:
     """One demo stage: reuse its export when `stages.plan` allows, else run `run_fn(cfg with resume)`, stamped
     before and after. Returns (export folder, build id)."""
-    info = D.world()
     settings = stages.settings(cfg, ignore)
     plan = stages.plan(folder, export, settings, upstream, rerun=rerun, rerun_hint=rerun_hint)  # every rank
     D.log(f"[demo] {step}: {plan.reason}")
@@ -91,13 +99,9 @@ def build_or_reuse(step: str, folder: Path, export: Path, cfg, ignore: set[str],
         return export, plan.build
     plan = replace(plan, build=D.broadcast_object(plan.build))  # rank 0's new build id, on every rank
     D.barrier()  # every rank has read the old stamp before rank 0 replaces it
-    if info.is_main:
-        stages.begin(folder, export, plan, step, settings, upstream, fresh_also)
-    D.barrier()
+    on_rank0(lambda: stages.begin(folder, export, plan, step, settings, upstream, fresh_also))
     out = Path(run_fn(replace(cfg, resume=cfg.resume and plan.resume)))
-    if info.is_main:
-        stages.finish(folder)
-    D.barrier()
+    on_rank0(lambda: stages.finish(folder))
     return out, plan.build
 
 
@@ -117,7 +121,7 @@ def demo_stages(cfg: GuidedConfig) -> dict:
     sft_cfg = sft.SftConfig(demo_dir=str(work), out_dir=str(work / "sft"), seed=cfg.seed)
     sft_export, builds["sft"] = build_or_reuse(
         "2. SFT on the demo world's tagged chains", work / "sft", work / "sft" / "hf", sft_cfg,
-        stamp_ignore(sft, keep={"model", "tokenizer", "data", "export_dtype"}), {"world": builds["world"]}, sft.run,
+        sft.RESUMABLE_KEYS - {"model", "tokenizer", "data", "export_dtype"}, {"world": builds["world"]}, sft.run,
         fresh_also=[work / f"base_{sft_cfg.demo_preset}"])  # the base model SFT starts from (the table's Base row)
 
     prmu = recipe("train_prmu")
@@ -127,7 +131,7 @@ def demo_stages(cfg: GuidedConfig) -> dict:
     prmu_export, builds["prmu"] = build_or_reuse(
         "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", work / "prmu",
         work / "prmu" / "hf", prmu_cfg,
-        stamp_ignore(prmu, keep={"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}), dict(builds),
+        prmu.RESUMABLE_KEYS - {"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}, dict(builds),
         prmu.run)
     return {"world": world, "base": work / f"base_{sft_cfg.demo_preset}", "sft": sft_export, "prmu": prmu_export,
             "builds": builds}

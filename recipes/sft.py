@@ -40,7 +40,7 @@ class SftConfig:
     data: str = ""  # SFT JSONL: {"id", "user", "task", "messages", "chain", "answer"} per line
     demo_dir: str = "runs/demo"  # where the demo world and the demo base model are built once and reused
     demo_preset: str = "demo"  # model preset (minitagpr.model.presets) of the demo base model
-    out_dir: str = "runs/sft"  # not runs/demo/sft: that is the demo pipeline's stage folder (recipes/guided_rl.py)
+    out_dir: str = "runs/sft_demo"  # not runs/demo/sft: that is the demo pipeline's stage folder (recipes/guided_rl.py)
     # batches: a row is seq_len tokens holding one document (pack=False) or several packed ones
     seq_len: int = 704  # the demo's longest chain is 477 tokens
     pack: bool = False  # False = one document per row, so global_batch counts examples (the paper's convention)

@@ -481,7 +481,7 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
 
 
 # Settings a resumed run may change (plumbing); any other difference from the checkpoint's config is an error.
-_RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", "engine", "builtin_decode",
+RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", "engine", "builtin_decode",
                    "micro_batch_size", "activation_checkpointing", "policy", "prmu", "data_root"}
 
 
@@ -491,7 +491,7 @@ def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
     rl_only = {f.name: saved[f.name] for f in fields(RLConfig) if f.name in saved}
     decays = cfg.min_lr_ratio != 1.0 and rl_only.get("max_steps", cfg.max_steps) != cfg.max_steps
     # max_steps sets where the lr decay ends: with a decaying lr the resumed steps would get other lrs
-    check_resumed_config(rl_only, cfg, _RESUMABLE_KEYS, path, also_changed=["max_steps"] if decays else [])
+    check_resumed_config(rl_only, cfg, RESUMABLE_KEYS, path, also_changed=["max_steps"] if decays else [])
 
 
 def stage_seed(cfg: RLConfig) -> int:
@@ -551,8 +551,8 @@ def train(cfg: RLConfig) -> Path:
         start = state["step"]
         sync_to_engine(model, engine)
         D.log(f"[{cfg.stage}] resumed from {latest} at step {start}")
-    if info.is_main:
-        save_config(cfg, out / "config.yaml")  # the settings of this run (a resumed run's differ only in plumbing)
+    if info.is_main:  # the RL settings of this run (a driver's own keys left out, so the file runs as a config)
+        save_config(RLConfig(**{f.name: getattr(cfg, f.name) for f in fields(RLConfig)}), out / "config.yaml")
     log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start + 1 if start else None)
     progress = Progress(total_steps, start, enabled=info.is_main, stream=sys.stdout, every_s=0.0,
                         prefix=f"[{cfg.stage}] ")
@@ -618,7 +618,8 @@ def train(cfg: RLConfig) -> Path:
         progress.update(step, reward=row["reward_mean"], fmt=row["format_pass_rate"], tag=row["tag_pass_rate"],
                         len=row["response_len_mean"], clip=row.get("gspo/clip_frac_low", 0.0)
                         + row.get("gspo/clip_frac_high", 0.0))
-        # every save_every steps, and the last step (so a kill during the export resumes straight into it)
+        # every save_every steps, and the last step (so a kill during the export resumes straight into it; one
+        # more full checkpoint write per run)
         if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == total_steps):
             D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, {"stage": cfg.stage, "config": asdict(cfg)},
                               keep_last=cfg.keep_last)

@@ -293,6 +293,16 @@ def test_non_finite_reward_stops_with_the_step(small_world, tmp_path, monkeypatc
         loop.train(cfg)
 
 
+def test_a_batch_that_does_not_split_over_the_ranks_names_valid_sizes(small_world, tmp_path):
+    # 4 prompts on 2 ranks are 2 per rank, which 4 mini-batches cannot share: valid sizes are multiples of 8
+    world, policy = small_world
+    res = _torchrun_recipe(_rl_args(world, policy, tmp_path / "odd", prompts_per_step=4, num_minibatches=4),
+                           check=False)
+    assert res.returncode != 0
+    assert "prompts_per_step=4 must split into 2 rank(s) x a multiple of num_minibatches=4 prompts: a multiple of " \
+           "8, e.g. prompts_per_step=8" in res.stderr, res.stderr[-2000:]
+
+
 def test_the_fixed_shape_decode_loop_runs_the_same_rl_steps_as_the_dynamic_one(small_world, tmp_path, monkeypatch):
     # on CUDA the RL engine decodes with the fixed-shape step replayed as a CUDA graph ("auto"); "static" is that step
     # run eagerly. Across an update and a weight sync (step 2 samples from the changed policy) both loops must sample

@@ -521,8 +521,11 @@ def train(cfg: RLConfig) -> Path:
     prompts = load_prompts(cfg, tokenizer)
     per_rank, rem = divmod(cfg.prompts_per_step, info.world_size)
     if rem or per_rank % cfg.num_minibatches:
+        unit = info.world_size * cfg.num_minibatches  # valid values are its multiples
+        near = sorted({max(unit, cfg.prompts_per_step // unit * unit), (cfg.prompts_per_step // unit + 1) * unit})
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must split into {info.world_size} rank(s) x a "
-                          f"multiple of num_minibatches={cfg.num_minibatches} prompts")
+                          f"multiple of num_minibatches={cfg.num_minibatches} prompts: a multiple of {unit}, e.g. "
+                          f"prompts_per_step={' or '.join(map(str, near))}")
     if len(prompts) < cfg.prompts_per_step:
         raise ConfigError(f"the task mix has {len(prompts)} prompts, fewer than prompts_per_step="
                           f"{cfg.prompts_per_step}")

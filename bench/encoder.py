@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from timing import reset_rss_peak, status_kib  # noqa: E402
+from timing import rss_growth_mb  # noqa: E402
 
 PATHS = ["transformers", "ours-forward", "ours-encode"]
 SIZES = {"small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
@@ -96,11 +96,7 @@ def make_call(path: str, folder: Path, texts: list[str], batch: int):
 
 def child_peak_mb(path: str, folder: Path, n: int, words: int, batch: int) -> float:
     """Peak resident-set growth (MiB) over one call of `path`, after a warm-up call, in this fresh process."""
-    call = make_call(path, folder, make_texts(n, words), batch)
-    call()
-    base_kb = reset_rss_peak()
-    call()
-    return max(0, status_kib("VmHWM") - base_kb) / 1024
+    return rss_growth_mb(make_call(path, folder, make_texts(n, words), batch))
 
 
 def time_paths(folder: Path, texts: list[str], batch: int, repeats: int) -> tuple[dict, float]:

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from timing import reset_rss_peak, status_kib
+from timing import rss_growth_mb
 
 PATHS = ["transformers", "ours-no-table", "ours-table", "ours-one-by-one"]
 
@@ -79,11 +79,7 @@ def make_call(path: str, work: str, n: int, batch: int):
 
 def child_peak_mb(path: str, work: str, n: int, batch: int) -> float:
     """Peak resident-set growth (MiB) over one call of `path`, after a warm-up call, in this fresh process."""
-    call, _, _ = make_call(path, work, n, batch)
-    call()
-    base_kb = reset_rss_peak()
-    call()
-    return max(0, status_kib("VmHWM") - base_kb) / 1024
+    return rss_growth_mb(make_call(path, work, n, batch)[0])
 
 
 def time_paths(work: str, n: int, batch: int, repeats: int) -> dict:

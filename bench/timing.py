@@ -21,6 +21,7 @@ Memory: different numbers, not interchangeable
                                warm-up freed shows ~0 growth), resets VmHWM to the current VmRSS (writes 5 to
                                /proc/self/clear_refs) and returns that VmRSS in KiB: the base a later VmHWM is
                                measured above.
+  rss_growth_mb(fn)            CPU: calls fn once to warm up, then the resident-set growth (MiB) over a second call.
   PeakMemory(device)           peak bytes above the start of a phase: on CUDA torch.cuda.max_memory_allocated
                                (tensors of the caching allocator, not the reserved pool) minus memory_allocated at
                                start; on CPU VmHWM minus VmRSS at start (the whole process: Python, torch, libraries).
@@ -116,3 +117,12 @@ class PeakMemory:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - self.base
         return status_kib("VmHWM") * 1024 - self.base
+
+
+def rss_growth_mb(fn) -> float:
+    """Peak resident-set growth (MiB) over one call of fn, after a warm-up call (CPU; run it in a fresh process)."""
+    fn()
+    memory = PeakMemory("cpu")
+    memory.start()
+    fn()
+    return max(0, memory.peak()) / 2**20

@@ -76,6 +76,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def to_json_dict(cfg_or_dict: Any) -> dict[str, Any]:
+    """The config (or a saved dict of one) as JSON values, as a checkpoint or stamp stores it: tuples become lists."""
+    import json
+
+    raw = cfg_or_dict if isinstance(cfg_or_dict, dict) else to_dict(cfg_or_dict)
+    return json.loads(json.dumps(raw, default=str))
+
+
 def check_choice(key: str, value: Any, choices: typing.Iterable[Any]) -> None:
     """For a config's __post_init__: ValueError naming the key unless value is one of choices."""
     choices = tuple(choices)
@@ -116,10 +124,7 @@ def check_resumed_config(saved: dict[str, Any], cfg: Any, resumable: set[str], w
     outside `resumable` (paths, logging, checkpoint cadence, memory knobs) must be unchanged, else ConfigError
     naming each change. Values are compared as the checkpoint stores them (JSON: tuples read back as lists). A
     checkpoint without a saved config (written before configs were saved) is not checked."""
-    import json
-
-    now = json.loads(json.dumps(to_dict(cfg), default=str))
-    saved = json.loads(json.dumps(saved, default=str))
+    now, saved = to_json_dict(cfg), to_json_dict(saved)
     changed = [k for k in sorted(saved) if k in now and k not in resumable and saved[k] != now[k]]
     changed += [k for k in also_changed if k not in changed]
     if changed:

@@ -22,6 +22,7 @@ A build with nothing to resume is a start from scratch (`Plan.resume` False): `b
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from minitagpr.config import ConfigError, to_dict
+from minitagpr.config import ConfigError, to_json_dict
 
 STAMP = "stage.json"
 FORMAT = "minitagpr-stage/1"
@@ -48,9 +49,10 @@ class Plan:
 def settings(cfg: Any, ignore: Iterable[str]) -> dict[str, Any]:
     """The config as JSON values (tuples become lists), minus the keys that do not change what the stage builds."""
     ignore = set(ignore)
-    return {k: v for k, v in json.loads(json.dumps(to_dict(cfg), default=str)).items() if k not in ignore}
+    return {k: v for k, v in to_json_dict(cfg).items() if k not in ignore}
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """The git commit of this checkout ('+dirty' with uncommitted changes to tracked files), else 'unknown'."""
     repo = Path(__file__).resolve().parents[1]
@@ -117,6 +119,11 @@ def plan(folder: Path, export: Path, stage_settings: dict, upstream: dict, *, re
     return Plan(True, False, f"reusing {export}{note}", old["build"])
 
 
+def unstamped(folders: Iterable[tuple[Path, Path]]) -> list[Path]:
+    """The exports among (folder, export) pairs whose folder has no stamp: built by an older minitagpr or by hand."""
+    return [Path(e) for f, e in folders if (Path(e) / "config.json").exists() and not (Path(f) / STAMP).exists()]
+
+
 def _write(folder: Path, stamp: dict) -> None:
     path = folder / STAMP
     tmp = path.with_name(STAMP + ".tmp")
@@ -146,11 +153,6 @@ def begin(folder: Path, export: Path, p: Plan, stage: str, stage_settings: dict,
     _remove(export)
     _write(folder, {"format": FORMAT, "stage": stage, "build": p.build, "complete": False, "code": code_version(),
                     "settings": stage_settings, "upstream": upstream})
-
-
-def unstamped(folders: Iterable[tuple[Path, Path]]) -> list[Path]:
-    """The exports among (folder, export) pairs whose folder has no stamp: built by an older minitagpr or by hand."""
-    return [Path(e) for f, e in folders if (Path(e) / "config.json").exists() and not (Path(f) / STAMP).exists()]
 
 
 def finish(folder: Path) -> None:

@@ -88,10 +88,18 @@ def on_rank0(fn) -> None:
         raise err
 
 
-def build_or_reuse(step: str, folder: Path, export: Path, cfg, ignore: set[str], upstream: dict, run_fn,
+def stage_dirs(work: Path, root: Path) -> dict[str, tuple[Path, Path]]:
+    """(folder, export) of each demo stage: SFT and PRMU shared under workdir, this run's RL stages under root."""
+    return {"sft": (work / "sft", work / "sft" / "hf"), "prmu": (work / "prmu", work / "prmu" / "hf"),
+            "guided": (root / "guided_rl", root / "guided_rl" / "export"),
+            "exploratory": (root / "exploratory_rl", root / "exploratory_rl" / "export")}
+
+
+def build_or_reuse(step: str, where: tuple[Path, Path], cfg, ignore: set[str], upstream: dict, run_fn,
                    rerun: bool = False, rerun_hint: str = "", fresh_also=()) -> tuple[Path, str]:
-    """One demo stage: reuse its export when `stages.plan` allows, else run `run_fn(cfg with resume)`, stamped
-    before and after. Returns (export folder, build id)."""
+    """One demo stage in `where` = (folder, export): reuse its export when `stages.plan` allows, else run
+    `run_fn(cfg with resume)`, stamped before and after. Returns (export folder, build id)."""
+    folder, export = where
     settings = stages.settings(cfg, ignore)
     plan = stages.plan(folder, export, settings, upstream, rerun=rerun, rerun_hint=rerun_hint)  # every rank
     D.log(f"[demo] {step}: {plan.reason}")
@@ -105,7 +113,7 @@ def build_or_reuse(step: str, folder: Path, export: Path, cfg, ignore: set[str],
     return out, plan.build
 
 
-def demo_stages(cfg: GuidedConfig) -> dict:
+def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
     """Steps 1-3 of the demo: world, SFT export and PRMU export, each built once and reused for the same settings.
     The world always has demo_world's default parameters (its own seed 0): `seed=` varies the training stages and
     the evaluation's sampling, not the data."""
@@ -118,19 +126,18 @@ def demo_stages(cfg: GuidedConfig) -> dict:
     builds = {"world": world.fingerprint}
 
     sft = recipe("sft")
-    sft_cfg = sft.SftConfig(demo_dir=str(work), out_dir=str(work / "sft"), seed=cfg.seed)
+    sft_cfg = sft.SftConfig(demo_dir=str(work), out_dir=str(dirs["sft"][0]), seed=cfg.seed)
     sft_export, builds["sft"] = build_or_reuse(
-        "2. SFT on the demo world's tagged chains", work / "sft", work / "sft" / "hf", sft_cfg,
+        "2. SFT on the demo world's tagged chains", dirs["sft"], sft_cfg,
         sft.RESUMABLE_KEYS - {"model", "tokenizer", "data", "export_dtype"}, {"world": builds["world"]}, sft.run,
         fresh_also=[work / f"base_{sft_cfg.demo_preset}"])  # the base model SFT starts from (the table's Base row)
 
     prmu = recipe("train_prmu")
     prmu_cfg = load_config(prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml",
                            {"demo_world": str(work / "world"), "init": str(sft_export), "new_head": True,
-                            "out_dir": str(work / "prmu"), "seed": cfg.seed})
+                            "out_dir": str(dirs["prmu"][0]), "seed": cfg.seed})
     prmu_export, builds["prmu"] = build_or_reuse(
-        "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", work / "prmu",
-        work / "prmu" / "hf", prmu_cfg,
+        "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", dirs["prmu"], prmu_cfg,
         prmu.RESUMABLE_KEYS - {"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}, dict(builds),
         prmu.run)
     return {"world": world, "base": work / f"base_{sft_cfg.demo_preset}", "sft": sft_export, "prmu": prmu_export,
@@ -257,31 +264,30 @@ def main(argv: list[str]) -> None:
             return
         work = Path(cfg.workdir)
         root = Path(cfg.out_dir) if cfg.out_dir else work  # this run's RL stages and table
-        old = stages.unstamped([(work / "sft", work / "sft" / "hf"), (work / "prmu", work / "prmu" / "hf")]
-                               + [(root / s, root / s / "export") for s in ("guided_rl", "exploratory_rl")])
+        dirs = stage_dirs(work, root)
+        old = stages.unstamped(dirs.values())
         if old:  # all named at once, before anything trains
             raise ConfigError(f"{', '.join(map(str, old))}: built without a {stages.STAMP} (an older minitagpr, or a "
                               "stage run by hand), so the settings behind them are unknown; delete those stage "
                               f"folders (or all of {work}) to rebuild them, or give this run a new workdir=")
         # 1-3. earlier stages, built once
-        paths = demo_stages(cfg)
+        paths = demo_stages(cfg, dirs)
         guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"]), data_root=str(work / "world"),
                              prompt_style=paths["world"].params["prompt_style"],  # the style SFT trained on
-                             out_dir=str(root / "guided_rl"))
+                             out_dir=str(dirs["guided"][0]))
         hint = ("; or keep it and put this run's RL stages and table elsewhere with out_dir=DIR; or redo the RL "
                 "stages here with rerun=true")
         # 4. guided RL (Stage 2); a PRMU it does not read (use_prmu=false, gamma=0) is not one of its inputs
         inputs = {k: v for k, v in paths["builds"].items() if k != "prmu" or (cfg.use_prmu and cfg.gamma != 0)}
         guided_export, guided_build = build_or_reuse(
-            "4. guided RL (GSPO, composite reward)", root / "guided_rl", root / "guided_rl" / "export", guided_cfg,
-            RL_PLUMBING, inputs, train, rerun=cfg.rerun, rerun_hint=hint)
+            "4. guided RL (GSPO, composite reward)", dirs["guided"], guided_cfg, RL_PLUMBING, inputs, train,
+            rerun=cfg.rerun, rerun_hint=hint)
         # 5. exploratory RL (Stage 3): foundation reward from the guided checkpoint
         explore_cfg = replace(guided_cfg, stage="exploratory", policy=str(guided_export), prmu="", use_prmu=False,
-                              use_tag_reward=False, out_dir=str(root / "exploratory_rl"),
+                              use_tag_reward=False, out_dir=str(dirs["exploratory"][0]),
                               max_steps=cfg.exploratory_steps, save_every=0)
         explore_export, _ = build_or_reuse(
-            "5. exploratory RL (GSPO, foundation reward)", root / "exploratory_rl", root / "exploratory_rl" / "export",
-            explore_cfg, RL_PLUMBING - {"exploratory_steps"} | {"max_steps"},  # the key the user sets, named
+            "5. exploratory RL (GSPO, foundation reward)", dirs["exploratory"], explore_cfg, RL_PLUMBING - {"exploratory_steps"} | {"max_steps"},  # the key the user sets, named
             {"world": paths["builds"]["world"], "guided": guided_build}, train,
             rerun=cfg.rerun, rerun_hint=hint)
         # 6. evaluation table on the demo world's dev split

@@ -301,9 +301,9 @@ out = Path(sys.argv[1])
 info = D.init_distributed()
 rounds = []
 for r in range(2):
-    _, a = G.build_or_reuse("a", out / "a", out / "a" / "hf", Cfg(out_dir=str(out / "a")), {{"out_dir", "resume"}},
+    _, a = G.build_or_reuse("a", (out / "a", out / "a" / "hf"), Cfg(out_dir=str(out / "a")), {{"out_dir", "resume"}},
                             {{}}, fake_run)
-    _, b = G.build_or_reuse("b", out / "b", out / "b" / "hf", Cfg(out_dir=str(out / "b")), {{"out_dir", "resume"}},
+    _, b = G.build_or_reuse("b", (out / "b", out / "b" / "hf"), Cfg(out_dir=str(out / "b")), {{"out_dir", "resume"}},
                             {{"a": a}}, fake_run)
     rounds.append([a, b])
 (out / f"rank{{info.rank}}.json").write_text(json.dumps(rounds))

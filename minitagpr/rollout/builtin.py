@@ -115,10 +115,9 @@ def _check_finite(group: list[Completion], prompt_index: int) -> None:
     for j, c in enumerate(group):
         if math.isfinite(sum(c.logprobs)):  # the common case in one C loop (log-probs are <= 0: the sum cannot overflow)
             continue
-        step = next((k for k, lp in enumerate(c.logprobs) if not math.isfinite(lp)), None)
-        if step is not None:
-            raise RolloutError(f"prompt_token_ids[{prompt_index}], sample {j}: the logits for generated token {step} "
-                               f"are not finite (log-prob {c.logprobs[step]}); most likely the policy has diverged")
+        step = next(k for k, lp in enumerate(c.logprobs) if not math.isfinite(lp))
+        raise RolloutError(f"prompt_token_ids[{prompt_index}], sample {j}: the logits for generated token {step} are "
+                           f"not finite (log-prob {c.logprobs[step]}); most likely the policy has diverged")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

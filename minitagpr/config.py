@@ -262,7 +262,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (list, tuple):
         items = value
         if isinstance(value, str):
-            items = [v.strip() for v in value.split(",")] if value.strip() else []
+            items = _split_list(value, key, source)
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"config key '{key}' (from {source}): expected a list, got {value!r}")
         item_type = args[0] if args else str
@@ -311,6 +311,23 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                               f"quote it (\"...\") so YAML keeps it as written")
         raise bad()
     raise ConfigError(f"config key '{key}': unsupported field type {tp!r}")
+
+
+def _split_list(value: str, key: str, source: str) -> list[str]:
+    """A command-line list: `a,b`, or written as YAML would, `[a, b]` / `['a', "b"]`; `[]` and `` are empty."""
+    text = value.strip()
+    if text.startswith("[") != text.endswith("]"):
+        raise ConfigError(f"config key '{key}' (from {source}): unbalanced brackets in the list {value!r}; "
+                          f"write a,b or [a,b]")
+    if text.startswith("["):
+        text = text[1:-1].strip()
+    items = []
+    for item in (text.split(",") if text else []):
+        item = item.strip()
+        if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+            item = item[1:-1]
+        items.append(item)
+    return items
 
 
 def _type_name(tp: Any) -> str:

@@ -39,6 +39,14 @@ def test_cli_values_are_coerced_to_field_types():
     assert cfg.optim.betas == (0.8, 0.9) and cfg.data is None
 
 
+def test_cli_lists_may_be_written_as_yaml_writes_them():
+    for text in ("0.8,0.9", "[0.8,0.9]", "[0.8, 0.9]", " [ '0.8', \"0.9\" ] "):
+        assert parse_cli(Recipe, [f"optim.betas={text}"]).optim.betas == (0.8, 0.9), text
+    assert parse_cli(Recipe, ["optim.betas=[]"]).optim.betas == ()
+    with pytest.raises(ConfigError, match=r"config key 'optim.betas' \(from command line\): unbalanced brackets"):
+        parse_cli(Recipe, ["optim.betas=[0.8,0.9"])
+
+
 def test_yaml_file_then_cli_override_wins(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("steps: 5\nmodel: big\noptim:\n  lr: 0.001\n")

@@ -3,9 +3,9 @@
 Precedence, lowest first: the dataclass defaults, then the YAML file (`--config path.yaml` or `config=path.yaml`),
 then `key=value` arguments in the order given. Nested dataclass fields are addressed with dotted keys
 (`optim.lr=1e-5`) on the command line and either dotted keys or nested mappings in YAML. Values are coerced to the
-field's annotated type (bool, int, float, str, Optional[...], list/tuple of those); an unknown key fails with the
-closest valid key suggested. The dataclass's own `__post_init__` runs once on the final values, so cross-field checks
-live there.
+field's annotated type (bool, int, float, str, Optional[...], list/tuple of those: `a,b` or `[a, b]` on the command
+line); an unknown key fails with the closest valid key suggested. The dataclass's own `__post_init__` runs once on
+the final values, so cross-field checks live there.
 """
 from __future__ import annotations
 

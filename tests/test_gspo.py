@@ -67,6 +67,21 @@ def test_loss_and_gradient_equal_the_float64_hand_implementation(token_level, dt
     assert torch.allclose(grad.double(), ref_grad, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("token_level", [False, True])
+def test_bf16_log_probs_are_computed_on_in_float32(token_level):
+    """bf16 resolves 2^-7 near 1, wider than the clip band: computed in bf16 every ratio would read 1 and nothing
+    would clip. Given bf16 log-probs, the loss must be that of their float values, and its gradient reach them."""
+    logp, old, adv, mask = random_batch(dtype=torch.float64, spread=2e-3, seed=3, garbage=False)
+    logp, old, adv = logp.to(torch.bfloat16), old.to(torch.bfloat16), adv.to(torch.bfloat16)
+    loss, grad, metrics = loss_and_grad(logp, old, adv, mask, token_level=token_level)
+    ref_loss, ref_grad = hand_loss_and_grad(logp.double(), old.double(), adv.double(), mask)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert abs(loss.item() - ref_loss) <= 1e-6
+    assert torch.allclose(grad.double(), ref_grad, atol=1e-2 * ref_grad.abs().max().item(), rtol=0)  # bf16 grad
+    assert metrics["ratio_min"] < 1 - EPS_LOW and metrics["ratio_max"] > 1 + EPS_HIGH
+    assert metrics["clip_frac_low"] + metrics["clip_frac_high"] > 0
+
+
 def test_random_batches_exercise_both_clipped_and_unclipped_sequences():
     _, _, metrics = loss_and_grad(*random_batch(B=40, seed=3))
     assert 0 < metrics["clip_frac_low"] + metrics["clip_frac_high"] < 1

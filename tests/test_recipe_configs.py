@@ -37,6 +37,20 @@ def test_paper_settings_in_the_8b_configs():
     assert e.stage == "exploratory" and e.epochs == 2 and not e.use_prmu and not e.use_tag_reward
 
 
+def test_stage_3_runs_otherwise_as_stage_2():
+    """tagpr-method.md: Stage 3 is Stage 2 with the foundation reward and 2 epochs, "otherwise as Stage 2": every
+    RL setting of the two paper configs agrees except the stage's own (where it writes, which reward terms)."""
+    from dataclasses import fields
+
+    from minitagpr.rl.loop import RLConfig
+    guided = load_config(importlib.import_module("guided_rl").GuidedConfig,
+                         RECIPES / "configs" / "guided_rl_qwen3_8b.yaml")
+    explore = load_config(importlib.import_module("exploratory_rl").ExploratoryConfig,
+                          RECIPES / "configs" / "exploratory_rl_qwen3_8b.yaml")
+    differ = {f.name for f in fields(RLConfig) if getattr(guided, f.name) != getattr(explore, f.name)}
+    assert differ == {"stage", "out_dir", "epochs", "use_tag_reward", "use_prmu"}
+
+
 def test_demo_trend_windows_and_the_task_balanced_reward(tmp_path):
     """The demo's "did it learn" printout: window means skip steps that did not log a key, and the balanced reward
     weighs tasks equally, so a late window that merely sampled an easier task does not look like learning."""

@@ -214,6 +214,30 @@ def test_scorer_returns_sigmoid_of_logits_in_input_order_and_handles_unknown_use
                                                                                                responses[:1]))
 
 
+def test_scorer_gives_repeated_inputs_one_forward_and_bit_identical_rewards():
+    """A group of identical responses must have exactly zero reward variance (GSPO gives it advantage 0): scored in
+    other batches they would differ by rounding, which standardisation turns into advantages of order 1."""
+    model = _tiny_prmu(users=("alice", "bob"))
+    with torch.no_grad():
+        model.user_table.weight.normal_()
+        model.score.weight.normal_()
+    rows_seen = []
+    model.register_forward_hook(lambda module, args, out: rows_seen.append(out.shape[0]))
+    scorer = PRMUScorer(model, _CharTokenizer(), batch_size=2)
+    prompt = [{"role": "user", "content": "question"}]
+    long = [{"role": "user", "content": "a much longer question " * 3}]
+    users = ["alice", "alice", "bob", "alice", "alice", "alice"]
+    prompts = [prompt, prompt, prompt, long, prompt, prompt]
+    responses = ["same", "same", "same", "other", "x", "same"]
+    got = scorer.score(users, prompts, responses)
+    assert sum(rows_seen) == 4  # (alice, same), (bob, same), (alice, long/other), (alice, x)
+    assert got[0] == got[1] == got[5]  # bitwise, not approx
+    assert got[2] != got[0]  # another user's row is another input
+    alone = PRMUScorer(model, _CharTokenizer(), batch_size=1)
+    for i in range(6):
+        assert abs(got[i] - alone.score(users[i:i + 1], prompts[i:i + 1], responses[i:i + 1])[0]) < 1e-6
+
+
 def test_scorer_runs_without_grad():
     """Scoring inside RL must build no graph (it would keep the reward model's activations per batch); checking
     .grad after scoring could not fail, since no backward runs."""

@@ -207,6 +207,11 @@ def test_two_process_gspo_step_equals_one_process(tmp_path):
     two = _run_worker(2, ckpt, tmp_path / "two.pt")
     assert one["metrics"]["gspo/loss"] == pytest.approx(two["metrics"]["gspo/loss"], rel=1e-4, abs=1e-7)
     assert one["metrics"]["gspo/num_sequences"] == two["metrics"]["gspo/num_sequences"]
+    # every logged statistic is global: min/max reduced, KL per token, the advantage std pooled, N per step
+    assert sorted(one["metrics"]) == sorted(two["metrics"])
+    for key, value in one["metrics"].items():
+        assert two["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+    assert one["metrics"]["gspo/num_sequences_norm"] == one["metrics"]["gspo/num_sequences"] / 2  # 2 mini-batches
     # the gradient's scale: Adam nearly hides a gradient averaged over ranks instead of summed, the norm does not
     assert one["metrics"]["gspo/grad_norm"] == pytest.approx(two["metrics"]["gspo/grad_norm"], rel=1e-4)
     for name, w in one["weights"].items():

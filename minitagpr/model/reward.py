@@ -323,8 +323,8 @@ def save_reward_model(model: PRMU, out_dir, *, state_dict: dict[str, torch.Tenso
 class PRMUScorer:
     """R_PRMU for guided RL: a plain (un-sharded) module on each rank, scoring that rank's rollouts without grad.
 
-    `score(user_ids, prompts, responses)` -> list of sigmoid(f) in (0, 1), in input order. Inputs are sorted by
-    length and run in batches of `batch_size` to keep padding small."""
+    `score(user_ids, prompts, responses)` -> list of sigmoid(f) in (0, 1), in input order. Repeated inputs are
+    scored once; the distinct ones are sorted by length and run in batches of `batch_size` to keep padding small."""
 
     def __init__(self, model: PRMU, tokenizer, max_len: int = 4096, batch_size: int = 8):
         self.model = model.eval()
@@ -344,17 +344,23 @@ class PRMUScorer:
                              f"responses; they must be equally many")
         seqs = [encode_reward_input(self.tokenizer, p, r, self.max_len) for p, r in zip(prompts, responses)]
         rows = self.model.users.rows(list(user_ids))
+        # Each distinct (user row, tokens) input is scored once and its logit copied to every repeat: identical
+        # responses of a group then get bit-identical rewards (scored in other batch positions or paddings they
+        # could differ by rounding, and GSPO's standardisation would turn that noise into advantages).
+        first: dict[tuple, int] = {}
+        slot = [first.setdefault((rows[i], tuple(seqs[i])), len(first)) for i in range(len(seqs))]
+        unique = list(first)  # (row, tokens) of each distinct input
         device = self.model.score.weight.device
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        out = [0.0] * len(seqs)
+        order = sorted(range(len(unique)), key=lambda j: -len(unique[j][1]))
+        f_unique = [0.0] * len(unique)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            ids, lengths = collate([seqs[i] for i in idx], self.tokenizer.pad_id, device)
-            user_rows = torch.tensor([rows[i] for i in idx], dtype=torch.long, device=device)  # (b,)
+            ids, lengths = collate([unique[j][1] for j in idx], self.tokenizer.pad_id, device)
+            user_rows = torch.tensor([unique[j][0] for j in idx], dtype=torch.long, device=device)  # (b,)
             f = self.model(ids, lengths, user_rows)  # (b,) fp32
-            for i, v in zip(idx, f.tolist()):
-                out[i] = v
-        return out
+            for j, v in zip(idx, f.tolist()):
+                f_unique[j] = v
+        return [f_unique[k] for k in slot]
 
     def score(self, user_ids: Sequence[str | None], prompts: Sequence[list[dict]],
               responses: Sequence[str]) -> list[float]:

@@ -89,7 +89,11 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     if not (0 <= eps_low < 1 and eps_high >= 0):
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
     mask = mask.bool()
-    adv = advantages.detach().to(logp.dtype)  # (B,)
+    # At least fp32: bf16 spaces values near 1 by 2^-7, wider than the whole clip band (eps ~ 4e-4), so a bf16
+    # ratio would read 1 and never clip. The gradient flows back to a bf16 logp through the cast.
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    logp, old_logp = logp.to(dtype), old_logp.to(dtype)
+    adv = advantages.detach().to(dtype)  # (B,)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     # where(), not multiplication by the mask: 0 * inf in padding would be nan.
     delta = torch.where(mask, logp - old_logp.detach(), zero)  # (B, T) log pi_theta - log pi_old, 0 on padding

@@ -322,13 +322,15 @@ def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
                                     num_sequences=max(n_global, 1))
                 loss.backward()  # a NaN here is caught below, on every rank at once (no rank left in a collective)
                 loss_sum += loss.detach().double()
+                m.pop("num_sequences_norm")  # the mini-batch's N, logged once per optimizer step below
                 _accumulate(sums, m)
             loss_global = D.all_reduce_sum(loss_sum).item()  # the mini-batch's loss over all ranks
             grad_norm = clip_grad_norm(model, cfg.grad_clip)  # global norm: the same on every rank
             if not (math.isfinite(loss_global) and math.isfinite(grad_norm)):
                 raise NonFiniteError(f"non-finite GSPO loss ({loss_global}) or gradient norm ({grad_norm})")
             optimizer.step()
-            _accumulate(sums, {"loss": loss_global, "grad_norm": grad_norm}, weight=1.0 / D.world().world_size)
+            per_step = {"loss": loss_global, "grad_norm": grad_norm, "num_sequences_norm": float(max(n_global, 1))}
+            _accumulate(sums, per_step, weight=1.0 / D.world().world_size)  # means over the optimizer steps
     for k in _COUNT_KEYS:  # every epoch visits the same sequences: report the batch's counts once
         if k in sums:
             sums[k][0] /= cfg.ppo_epochs
@@ -337,7 +339,10 @@ def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
 
 # Loss metrics of gspo_loss: counts are summed, min/max reduced, approx_kl averaged over tokens, the rest over
 # non-empty sequences -- so the step's values do not depend on how its rows were cut into micro-batches or ranks
-# (adv_std is pooled from the first two moments in reduce_train_metrics).
+# (adv_std is pooled from the first two moments in reduce_train_metrics). The ratio statistics, clip fractions and
+# approx_kl pool every optimizer step of the rollout batch, the first one included, whose ratio is exactly 1 by
+# construction (as other stacks log them): with M mini-batches and one epoch, 1/M of their weight is on-policy.
+# loss, grad_norm and num_sequences_norm (the N each loss was divided by) are means over the optimizer steps.
 _COUNT_KEYS = ("num_sequences", "num_tokens", "empty_sequences")
 _PER_TOKEN_KEYS = ("approx_kl",)
 _POOLED_KEYS = ("adv_std",)
@@ -400,7 +405,15 @@ def sync_to_engine(model, engine) -> float:
             t = p.full_tensor() if hasattr(p, "full_tensor") else p  # all-gather of the FSDP2 shards
             yield name, t.detach()
     engine.sync_weights(full_tensors())
+    wait_for_device(next(model.parameters()).device)
     return time.perf_counter() - t0
+
+
+def wait_for_device(device) -> None:
+    """Block until the device's queued work is done: CUDA runs kernels and collectives asynchronously, so a phase
+    timed on the host alone would leave its tail to whichever phase syncs next."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------- 7. the loop
@@ -598,6 +611,7 @@ def train(cfg: RLConfig) -> Path:
             sums = gspo_update(model, optimizer, batch, cfg, info.device)
         except NonFiniteError as e:
             raise NonFiniteError(f"[{cfg.stage}] step {step}: {e}; stopping (last checkpoint kept)") from None
+        wait_for_device(info.device)  # the last optimizer step is still queued on a GPU
         t_train = time.perf_counter() - t1
         t_sync = sync_to_engine(model, engine) if step + 1 < total_steps else 0.0
 

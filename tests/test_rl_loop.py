@@ -461,7 +461,11 @@ def test_the_vllm_engine_gets_room_for_a_whole_prompt_and_response(monkeypatch):
 
     monkeypatch.setattr(V, "VLLMEngine", Recording)
     build_engine(RLConfig(engine="vllm", max_prompt_tokens=4096, max_new_tokens=2048), None, None)
-    assert seen["max_model_len"] == 6144
+    assert seen["max_model_len"] == 6144 and seen["gpu_memory_utilization"] == 0.3
+    build_engine(RLConfig(engine="vllm", vllm_gpu_memory_utilization=0.5), None, None)
+    assert seen["gpu_memory_utilization"] == 0.5
+    with pytest.raises(ValueError, match="vllm_gpu_memory_utilization must be in"):
+        RLConfig(vllm_gpu_memory_utilization=1.5)
 
 
 def test_counts_are_the_batchs_own_whatever_the_number_of_ppo_epochs(tmp_path):
@@ -572,3 +576,57 @@ def test_an_epoch_that_divides_evenly_gives_every_step_a_full_batch():
             steps = [prompts_for_step(epoch * (n // per_step) + s, n, per_step, seed=0) for s in range(n // per_step)]
             assert [len(s) for s in steps] == [per_step] * (n // per_step)
             assert sorted(i for s in steps for i in s) == list(range(n))  # the epoch covers each prompt once
+
+
+def test_a_task_mix_asking_for_more_examples_than_the_file_has_says_so(small_world, capsys):
+    from minitagpr.rl.loop import load_prompts, task_mix_sample
+    from minitagpr.tokenizer import Tokenizer
+    world, policy = small_world
+    cfg = RLConfig(policy=str(policy), data_root=str(world), tasks="LaMP-2:1000,LaMP-3:0", k=2, max_prompt_tokens=700)
+    prompts = load_prompts(cfg, Tokenizer.from_dir(policy))
+    out = capsys.readouterr().out
+    n2 = sum(p.task == "LaMP-2" for p in prompts)
+    assert f"asks for 1000 LaMP-2 examples but" in out and f"has {n2}; using all {n2}" in out
+    assert "LaMP-3" not in out  # 0 = all of them, as asked: nothing to say
+    # the seeded draw other recipes reuse: the same examples for a seed, another set for another seed
+    items = list(range(50))
+    assert task_mix_sample(items, 10, 0, "LaMP-2") == task_mix_sample(items, 10, 0, "LaMP-2")
+    assert task_mix_sample(items, 10, 0, "LaMP-2") != task_mix_sample(items, 10, 1, "LaMP-2")
+    assert task_mix_sample(items, 0, 0, "LaMP-2") == items == task_mix_sample(items, 80, 0, "LaMP-2")
+
+
+def test_an_rl_export_from_a_hub_id_policy_carries_the_tokenizer(small_world, tmp_path):
+    """The paper's "w/o SFT" row starts RL from a hub id: the export must copy the tokenizer from the id's cached
+    folder (as it reads it), not from a folder named like the id."""
+    import shutil
+    world, policy = small_world
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-policy"
+    shutil.copytree(policy, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "rl"
+    args = _rl_args(world, "acme/tiny-policy", out, max_steps=1, save_every=0)
+    cmd = [sys.executable, str(HERE.parent / "recipes" / "exploratory_rl.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert (out / "export" / "tokenizer.json").is_file() or (out / "export" / "tokenizer_config.json").is_file()
+
+
+def test_a_wrong_prmu_path_fails_before_the_policy_loads(small_world, tmp_path, monkeypatch):
+    import minitagpr.rl.loop as L
+    from minitagpr.model.checkpoint import CheckpointError
+    world, policy = small_world
+
+    def policy_loaded(*args, **kwargs):
+        raise AssertionError("the policy was loaded before the PRMU path was checked")
+
+    monkeypatch.setattr(L.D, "build_sharded_causal_lm", policy_loaded)
+    cfg = RLConfig(policy=str(policy), prmu=str(tmp_path / "prmu_typo"), data_root=str(world), tasks="LaMP-2:0",
+                   k=2, max_prompt_tokens=700, prompts_per_step=4, num_minibatches=2, out_dir=str(tmp_path / "o"))
+    try:
+        with pytest.raises(CheckpointError, match="prmu_typo"):
+            L.train(cfg)
+    finally:
+        L.D.destroy_distributed()  # train() formed a group of one before it failed

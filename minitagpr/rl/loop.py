@@ -57,6 +57,9 @@ class RLConfig:
     prompt_style: str = "full"  # "full" | "brief" instruction (minitagpr.data.prompts); the one the policy was SFT'd on
     # rollout
     engine: str = "builtin"  # "builtin" (torch sampler) | "vllm" (GPU)
+    # vLLM's share of the GPU while it samples (weights + KV cache); training's sharded weights and Adam state stay
+    # resident, the rest of PyTorch's cache is emptied before vLLM wakes. More means fewer preempted sequences
+    vllm_gpu_memory_utilization: float = 0.3
     builtin_decode: str = "auto"  # the built-in engine's loop: "auto" | "dynamic" | "static" | "graph" (CUDA graphs);
     # "auto": graph on CUDA (the engine holds its own unsharded copy, build_engine), dynamic on CPUs
     group_size: int = 5  # G
@@ -112,6 +115,8 @@ class RLConfig:
         check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32"))
         check_choice("rouge_variant", self.rouge_variant, ROUGE_VARIANTS)
         parse_task_mix(self.tasks)  # the mix's syntax and task names now, not after the model has loaded
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.engine not in ("builtin", "vllm"):
             raise ValueError(f"engine must be 'builtin' or 'vllm', got {self.engine!r}")
         if self.builtin_decode not in BuiltinEngine.DECODE_MODES:
@@ -170,8 +175,10 @@ def load_prompts(cfg: RLConfig, tokenizer: Tokenizer, *, part: str | None = None
         examples = lamp.load_questions(qpath, task)
         _, golds = lamp.load_outputs(opath, task)  # checks the file's task and that every gold is an answer
         lamp.check_no_extra_golds(golds, examples, opath, qpath)  # the whole file, before the task mix samples
-        if count and count < len(examples):
-            examples = random.Random(f"{cfg.seed}/{task}").sample(examples, count)
+        if count > len(examples):  # the mix asks for more than the file has: say so, the run uses them all
+            D.log(f"[{cfg.stage}] note: the task mix asks for {count} {task} examples but {qpath} has "
+                  f"{len(examples)}; using all {len(examples)}")
+        examples = task_mix_sample(examples, count, cfg.seed, task)
         for ex in examples:
             if ex.id not in golds:
                 raise lamp.DataError(f"{opath}: no gold output for question id {ex.id!r} of {qpath}")
@@ -180,6 +187,14 @@ def load_prompts(cfg: RLConfig, tokenizer: Tokenizer, *, part: str | None = None
             ids = tokenizer.apply_chat(messages, add_generation_prompt=True, enable_thinking=True)
             prompts.append(Prompt(ex.id, task, ex.user, messages, ids, golds[ex.id]))
     return prompts
+
+
+def task_mix_sample(examples: list, count: int, seed: int, task: str) -> list:
+    """The `count` examples of `task` the mix draws (all of them if count is 0 or at least their number): a seeded
+    sample, the same for every rank and every run with this seed (other recipes draw the RL users with it)."""
+    if count and count < len(examples):
+        return random.Random(f"{seed}/{task}").sample(examples, count)
+    return list(examples)
 
 
 def prompts_for_step(step: int, num_prompts: int, per_step: int, seed: int) -> list[int]:
@@ -399,6 +414,8 @@ def reduce_train_metrics(sums: dict, device) -> dict:
 def sync_to_engine(model, engine) -> float:
     """Collective: stream each parameter's full tensor under its HF name into the engine; returns seconds."""
     t0 = time.perf_counter()
+    if getattr(engine, "sleep_level", 0) > 0 and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # vLLM slept through training; hand it what PyTorch cached there before it wakes
 
     def full_tensors():
         for name, p in model.named_parameters():
@@ -487,7 +504,8 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
         from minitagpr.rollout.vllm_engine import VLLMEngine
         # sleep level 2 between rollouts frees the weights too (the policy's are synced in before each generate)
         return VLLMEngine(cfg.policy, tokenizer, sleep_level=2, seed=cfg.seed,
-                          max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)  # a full prompt + response
+                          max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,  # a full prompt + response
+                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     # the engine keeps its own full (unsharded) copy: FSDP2 shards never leave the policy; weights sync after steps
     model = load_pretrained(cfg.policy, dtype=torch.float32, device=info.device).eval()
     return BuiltinEngine(model, tokenizer, decode=cfg.builtin_decode)
@@ -495,7 +513,8 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
 
 # Settings a resumed run may change (plumbing); any other difference from the checkpoint's config is an error.
 RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", "engine", "builtin_decode",
-                   "micro_batch_size", "activation_checkpointing", "policy", "prmu", "data_root"}
+                   "vllm_gpu_memory_utilization", "micro_batch_size", "activation_checkpointing", "policy", "prmu",
+                   "data_root"}
 
 
 def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
@@ -529,6 +548,9 @@ def train(cfg: RLConfig) -> Path:
     export_dir, ckpt_dir = out / "export", out / "checkpoints"
     torch.manual_seed(cfg.seed)
     tokenizer = Tokenizer.from_dir(resolve_checkpoint(cfg.policy))  # a missing policy is named as a checkpoint
+    uses_prmu = cfg.stage == "guided" and cfg.use_prmu and cfg.gamma != 0.0
+    if uses_prmu:
+        resolve_checkpoint(cfg.prmu)  # a wrong path fails now, not after an 8B policy has loaded
 
     # 1. data: the same prompt list on every rank; each step takes a global batch and splits it by rank
     prompts = load_prompts(cfg, tokenizer)
@@ -553,7 +575,7 @@ def train(cfg: RLConfig) -> Path:
     optimizer = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
     engine = build_engine(cfg, tokenizer, info)
     prmu = None
-    if cfg.stage == "guided" and cfg.use_prmu and cfg.gamma != 0.0:
+    if uses_prmu:
         from minitagpr.model.reward import PRMUScorer
         # prmu_user_table=true on a checkpoint without a table fails in the loader (CheckpointError, naming it)
         prmu = PRMUScorer.from_pretrained(cfg.prmu, device=info.device, use_user_table=cfg.prmu_user_table)
@@ -642,7 +664,7 @@ def train(cfg: RLConfig) -> Path:
                               keep_last=cfg.keep_last)
 
     # 5. export (config, safetensors, tokenizer files) that load_pretrained, transformers and vLLM load
-    D.export_hf(model, export_dir, tokenizer_dir=cfg.policy)
+    D.export_hf(model, export_dir, tokenizer_dir=resolve_checkpoint(cfg.policy))  # a hub id: its cached folder
     D.log(f"[{cfg.stage}] exported {export_dir}")
     del model, optimizer
     D.release_memory()  # a caller's next stage loads in this process (the demo runs both RL stages in one)

@@ -1,16 +1,26 @@
 """Sample the policy on training queries with and without the profile: the raw material of PRMU's preference sets.
 
     python recipes/prmu_rollouts.py policy=runs/sft/hf questions=.../train_questions.json \\
-        outputs=.../train_outputs.json out=runs/prmu/rollouts_lamp2.jsonl n=4 limit=1000
+        outputs=.../train_outputs.json out=runs/prmu/rollouts_lamp2.jsonl n=4
     torchrun --nproc_per_node=8 recipes/prmu_rollouts.py ...          # each rank samples its share of the queries
 
 For every query the policy is sampled `n` times from the personalised prompt (k retrieved profile items; mode
 "profile") and `n` times from the same prompt without profile items (mode "no_profile"). The output is rollout
-JSONL (`minitagpr.data.preferences.RolloutRecord`, one record per query and mode); then
+JSONL (`minitagpr.data.preferences.RolloutRecord`, one record per query and mode, with which responses were cut
+by `max_new_tokens` and how many profile items the prompt dropped to fit `max_prompt_tokens`); then
 
     python -m minitagpr.data.preferences from-rollouts runs/prmu/rollouts_*.jsonl --out-dir runs/prmu/pairs
 
-builds PRP (profile response over bare response) and PQP (higher verifiable reward over lower) pairs from it.
+builds PRP (profile response over bare response) and PQP (higher verifiable reward over lower) pairs from it,
+leaving out every pair with a cut response. The defaults are guided RL's paper-scale settings
+(guided_rl_qwen3_8b.yaml: 4096 prompt and 2048 new tokens, k = 8, recency; vLLM on GPUs): PRMU then sees the
+prompts and the kind of responses it will score in RL.
+
+Which queries: in LaMP's user split a user is a question id, and the user table trains a row only for users with
+pairs. `sample=rl` (the default) samples the questions guided RL's task mix draws for this task (`rl_tasks`,
+`seed`: keep both as in the RL run, and `questions=` the file RL reads), so every RL user gets a trained row when
+`limit` is 0 or at least the task's RL count (a smaller `limit` covers that fraction of them);
+`sample=first` takes the file's first `limit` questions (which RL, drawing at random, mostly does not use).
 
 1. config   2. queries + prompts   3. policy + rollout engine   4. sampling   5. write (rank 0 merges the shards)
 """
@@ -24,12 +34,13 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import check_at_least, check_choice, check_writable_file, parse_cli
+from minitagpr.config import ConfigError, check_at_least, check_choice, check_writable_file, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.preferences import RolloutRecord, read_rollouts, write_rollouts
 from minitagpr.model import load_pretrained
 from minitagpr.model.checkpoint import resolve_checkpoint
-from minitagpr.rollout import require_vllm
+from minitagpr.rl.loop import RLConfig, parse_task_mix, task_mix_sample
+from minitagpr.rollout import require_vllm, vllm_available
 from minitagpr.tokenizer import Tokenizer
 
 
@@ -43,31 +54,62 @@ class RolloutConfig:
     out: str = ""  # rollout JSONL to write
     tokenizer: str = ""  # default: the policy folder
     n: int = 4  # samples per query and mode
+    # prompts and lengths as guided RL's (guided_rl_qwen3_8b.yaml): the reward model scores RL's prompts
     k: int = 8  # retrieved profile items in "profile" mode
     retriever: str = "recency"
-    max_prompt_tokens: int = 2048
-    max_new_tokens: int = 512
+    prompt_style: str = "full"  # the instruction the policy was SFT'd on and RL uses (minitagpr.data.prompts)
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 2048  # a response cut here is recorded as truncated and makes no pair
     temperature: float = 1.0
     top_p: float = 1.0
-    limit: int = 0  # use the first `limit` queries (0 = all)
+    # which queries (see the top of this file): "rl" = those RL's task mix `rl_tasks` draws with `seed`; "first"
+    sample: str = "rl"
+    rl_tasks: str = RLConfig.tasks  # guided RL's task mix (default: the paper's); only this task's count is used
+    limit: int = 0  # sample at most the first `limit` of those queries (0 = all)
     batch_prompts: int = 8  # prompts per generate() call
-    engine: str = "builtin"  # builtin | vllm
-    seed: int = 0
+    engine: str = "auto"  # auto (vllm when installed and a GPU is present, else builtin) | builtin | vllm
+    vllm_gpu_memory_utilization: float = 0.9  # vLLM's share of GPU memory; nothing else lives on the GPU here
+    seed: int = 0  # RL's seed too: it picks the queries (sample=rl) and the random retriever, as in RL
 
     def __post_init__(self):
         for key in ("policy", "questions", "outputs", "out"):
             if not getattr(self, key):
                 raise ValueError(f"{key}= is required")
-        check_choice("engine", self.engine, ("builtin", "vllm"))
+        check_choice("engine", self.engine, ("auto", "builtin", "vllm"))
         check_choice("retriever", self.retriever, retrieval.RETRIEVERS)
+        check_choice("prompt_style", self.prompt_style, prompts.STYLES)
+        check_choice("sample", self.sample, ("rl", "first"))
+        if self.sample == "rl":  # the mix's syntax now; whether it names this task once the task is known
+            try:
+                parse_task_mix(self.rl_tasks)
+            except ValueError as e:  # its messages name RL's key, "tasks:"
+                raise ValueError(f"rl_{e}") from None
         for key in ("n", "batch_prompts", "max_new_tokens", "max_prompt_tokens"):
             check_at_least(key, getattr(self, key), 1)
         for key in ("k", "limit"):
             check_at_least(key, getattr(self, key), 0)
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+
+
+def draw_questions(examples: list, task: str, cfg: RolloutConfig) -> list:
+    """The queries to sample, in order: RL's draw for `task` (sample=rl) or the file's order (sample=first), then
+    the first `limit` of them. RL's draw is `rl.loop.task_mix_sample` (the whole file, in order, when the mix's
+    count is 0 or not below its size); tests/test_prmu_rollouts.py compares the two runs' questions."""
+    if cfg.sample == "rl":
+        count = dict(parse_task_mix(cfg.rl_tasks)).get(task)
+        if count is None:
+            raise ConfigError(f"rl_tasks: {task} is not in the RL task mix {cfg.rl_tasks!r}; give the RL run's "
+                              f"tasks= or use sample=first")
+        examples = task_mix_sample(examples, count, cfg.seed, task)
+    return examples[:cfg.limit] if cfg.limit else examples
 
 
 def run(cfg: RolloutConfig) -> Path:
-    if cfg.engine == "vllm":
+    engine_kind = cfg.engine
+    if engine_kind == "auto":
+        engine_kind = "vllm" if vllm_available() and torch.cuda.is_available() else "builtin"
+    if engine_kind == "vllm":
         require_vllm()
     info = D.init_distributed()
     torch.manual_seed(cfg.seed)
@@ -79,8 +121,14 @@ def run(cfg: RolloutConfig) -> Path:
     _, golds = lamp.load_outputs(cfg.outputs, task)  # checks the file's task and that every gold is an answer
     examples = lamp.load_questions(cfg.questions, task)
     lamp.check_no_extra_golds(golds, examples, cfg.outputs, cfg.questions)  # the whole file, before `limit`
-    if cfg.limit:
-        examples = examples[: cfg.limit]
+    in_file = len(examples)
+    examples = draw_questions(examples, task, cfg)
+    if cfg.sample == "rl":  # the coverage of RL's users (question ids in LaMP's user split) by PRMU's pairs
+        rl_count = dict(parse_task_mix(cfg.rl_tasks))[task] or in_file
+        D.log(f"queries: {len(examples)} of the {min(rl_count, in_file)} questions RL draws for {task} "
+              f"(rl_tasks={cfg.rl_tasks!r}, seed={cfg.seed}) from the {in_file} in {cfg.questions}")
+    else:
+        D.log(f"queries: the first {len(examples)} of the {in_file} in {cfg.questions} (sample=first)")
     missing = [ex.id for ex in examples if ex.id not in golds]
     if missing:
         raise lamp.DataError(f"{cfg.outputs}: no gold output for question ids {', '.join(missing[:10])}"
@@ -88,16 +136,19 @@ def run(cfg: RolloutConfig) -> Path:
     mine = examples[info.rank::info.world_size]  # each rank samples its own share
     tokenizer = Tokenizer.from_dir(cfg.tokenizer or resolve_checkpoint(cfg.policy))
     retriever = retrieval.get_retriever(cfg.retriever, seed=cfg.seed)
-    requests = []  # (example, mode, messages)
+    requests = []  # (example, mode, messages, retrieved items left out to fit max_prompt_tokens)
     for ex in mine:
-        with_profile = prompts.build_messages(ex, retriever.select(ex, cfg.k), tokenizer, cfg.max_prompt_tokens)
-        bare = prompts.build_messages(ex, [], tokenizer, cfg.max_prompt_tokens)
-        requests += [(ex, "profile", with_profile), (ex, "no_profile", bare)]
+        items = retriever.select(ex, cfg.k)
+        with_profile, kept = prompts.fit_messages(ex, items, tokenizer, cfg.max_prompt_tokens, style=cfg.prompt_style)
+        bare = prompts.build_messages(ex, [], tokenizer, cfg.max_prompt_tokens, style=cfg.prompt_style)
+        requests += [(ex, "profile", with_profile, len(items) - kept), (ex, "no_profile", bare, 0)]
 
     # ------------------------------------------------------------------------------------------- 3. engine
-    if cfg.engine == "vllm":
+    if engine_kind == "vllm":
         from minitagpr.rollout import VLLMEngine
-        engine = VLLMEngine(resolve_checkpoint(cfg.policy), tokenizer,
+        # sleep_level=0: the weights never change here, so sleeping after every batch would only reload them
+        engine = VLLMEngine(resolve_checkpoint(cfg.policy), tokenizer, sleep_level=0, seed=cfg.seed,
+                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                             max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
     else:
         from minitagpr.rollout import BuiltinEngine
@@ -109,14 +160,17 @@ def run(cfg: RolloutConfig) -> Path:
     stops = [tokenizer.im_end_id, tokenizer.eos_id]
     for start in range(0, len(requests), cfg.batch_prompts):
         batch = requests[start:start + cfg.batch_prompts]
-        ids = [tokenizer.apply_chat(msgs, add_generation_prompt=True) for _, _, msgs in batch]
+        ids = [tokenizer.apply_chat(msgs, add_generation_prompt=True, enable_thinking=True) for _, _, msgs, _ in batch]
         # a distinct base seed per rank and batch; each sample's own seed derives from it (see rollout.sample_seed)
         groups = engine.generate(ids, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                  max_new_tokens=cfg.max_new_tokens, stop_token_ids=stops,
                                  seed=cfg.seed * 1_000_003 + info.rank * 100_003 + start)
-        for (ex, mode, msgs), group in zip(batch, groups):
+        for (ex, mode, msgs, dropped), group in zip(batch, groups):
             records.append(RolloutRecord(id=ex.id, user=ex.user, task=task, mode=mode, prompt=msgs,
-                                         gold=golds[ex.id], responses=[c.text for c in group]))
+                                         gold=golds[ex.id], responses=[c.text for c in group],
+                                         # as the RL loop's R_f: "length" = cut by max_new_tokens
+                                         truncated=[c.finish_reason == "length" for c in group],
+                                         profile_items_dropped=dropped))
         D.log(f"rollouts: {min(start + cfg.batch_prompts, len(requests))}/{len(requests)} requests on rank 0")
 
     # ------------------------------------------------------------------------------------------- 5. write
@@ -130,6 +184,12 @@ def run(cfg: RolloutConfig) -> Path:
         for p in parts:
             p.unlink()
         D.log(f"wrote {len(merged)} rollout records ({len(examples)} queries x 2 modes x n={cfg.n}) to {out}")
+        cut = sum(t for r in merged for t in r.truncated)
+        D.log(f"cut by max_new_tokens={cfg.max_new_tokens}: {cut} of {sum(len(r.responses) for r in merged)} "
+              f"responses (they make no PRP/PQP pair)")
+        short = [r.profile_items_dropped for r in merged if r.mode == "profile" and r.profile_items_dropped]
+        D.log(f"profile prompts that dropped retrieved items to fit max_prompt_tokens={cfg.max_prompt_tokens}: "
+              f"{len(short)} of {len(examples)} ({sum(short)} items in all)")
     D.barrier()
     return out
 

@@ -46,8 +46,8 @@ def test_split_response_takes_chain_inside_think_and_answer_after_it():
 
 
 def test_prp_pairs_profile_answer_over_bare_answer_scored_on_the_profile_prompt():
-    pairs = build_prp(_rollouts(), max_per_example=5)
-    assert pairs and {p.example_id for p in pairs} == {"q1"}  # q2 has no no_profile record
+    pairs, cut = build_prp(_rollouts(), max_per_example=5)
+    assert cut == 0 and pairs and {p.example_id for p in pairs} == {"q1"}  # q2 has no no_profile record
     for p in pairs:
         assert p.set == "PRP" and p.source == "rollout" and p.user == "u1" and p.task == "LaMP-2"
         assert p.prompt == PROMPT  # both sides are judged in the context the reward model sees in RL
@@ -60,15 +60,15 @@ def test_prp_pairs_profile_answer_over_bare_answer_scored_on_the_profile_prompt(
 
 
 def test_pqp_prefers_the_higher_verifiable_reward_and_drops_ties():
-    pairs = build_pqp(_rollouts(), reward_fn=_exact, max_per_example=10)
-    assert {p.example_id for p in pairs} == {"q1"}  # q2: both answers right -> every pair is a tie
+    pairs, cut = build_pqp(_rollouts(), reward_fn=_exact, max_per_example=10)
+    assert cut == 0 and {p.example_id for p in pairs} == {"q1"}  # q2: both answers right -> every pair is a tie
     for p in pairs:
         assert p.chosen.answer == "comedy" and p.rejected.answer == "action"
     assert len(pairs) == 2  # (0, 1) and (2, 1); (0, 2) is a tie
 
 
 def test_pqp_caps_pairs_per_example():
-    assert len(build_pqp(_rollouts(), reward_fn=_exact, max_per_example=1)) == 1
+    assert len(build_pqp(_rollouts(), reward_fn=_exact, max_per_example=1)[0]) == 1
 
 
 @pytest.mark.parametrize("cap", [0, -1])
@@ -83,7 +83,7 @@ def test_a_cap_below_one_pair_per_query_is_refused(tmp_path, cap):
 def test_pqp_uses_rouge_for_generation_tasks_by_default():
     rec = RolloutRecord("g1", "u9", "LaMP-4", "profile", PROMPT, "local team wins the final",
                         [_resp("a", "local team wins final"), _resp("b", "weather is cold today")])
-    (pair,) = build_pqp([rec])
+    (pair,), _ = build_pqp([rec])
     assert pair.chosen.answer == "local team wins final"
 
 
@@ -267,7 +267,7 @@ def test_one_query_in_two_files_names_both(tmp_path):
 def test_two_tasks_may_reuse_a_question_id_and_their_pairs_stay_apart(tmp_path):
     write_rollouts(tmp_path / "r.jsonl", _query(task="LaMP-2") + _query(task="LaMP-3", gold="4"))
     assert "origin" not in (tmp_path / "r.jsonl").read_text()  # where a record was read is no part of the file
-    prp = build_pairs_from_rollouts([tmp_path / "r.jsonl"], max_per_example=1)["PRP"]
+    prp = build_pairs_from_rollouts([tmp_path / "r.jsonl"], max_per_example=1).sets["PRP"]
     assert sorted(p.id for p in prp) == ["PRP/LaMP-2/q1/0", "PRP/LaMP-3/q1/0"]
     write_pairs(tmp_path / "prp.jsonl", prp)
     assert read_pairs(tmp_path / "prp.jsonl") == prp  # read_pairs refuses a repeated pair id
@@ -301,3 +301,84 @@ def test_a_positive_heldout_fraction_always_holds_out_a_query():
     pairs = [_pair(i) for i in range(4)]
     train, held = split_heldout(pairs, 0.1)
     assert len(held) == 1 and len(train) == 3
+
+
+# ---- responses cut by the length limit (recipes/prmu_rollouts.py max_new_tokens) -------------------------------
+
+def _cut_query():
+    """q1 with 3 samples per mode: profile sample 1 and bare sample 2 ran into the length limit."""
+    with_p, without_p = _query()
+    return [replace(with_p, responses=[_resp("p0", "comedy"), "<think>p1 cut mid-", _resp("p2", "x")],
+                    truncated=[False, True, False]),
+            replace(without_p, truncated=[False, False, True])]
+
+
+def test_prp_leaves_out_every_pair_with_a_cut_side_and_counts_them():
+    pairs, cut = build_prp(_cut_query(), max_per_example=5)
+    assert cut == 2  # (p1, b1): the profile side was cut; (p2, b2): the bare side
+    assert [(p.chosen.text, p.rejected.text) for p in pairs] == [(_resp("p0", "comedy"), _resp("b0", "x"))]
+
+
+def test_pqp_leaves_out_every_pair_with_a_cut_side_and_counts_them():
+    pairs, cut = build_pqp(_cut_query(), reward_fn=_exact, max_per_example=5)
+    assert cut == 1  # (p0 over p1): p1 was cut; (p0, p2) is whole; (p1, p2) is a tie and never a candidate
+    assert [(p.chosen.answer, p.rejected.answer) for p in pairs] == [("comedy", "x")]
+
+
+def test_the_cap_applies_after_cut_pairs_are_left_out():
+    # a query keeps up to max_per_example whole pairs however many cut candidates the shuffle put first
+    for seed in range(10):
+        pairs, _ = build_prp(_cut_query(), max_per_example=1, seed=seed)
+        assert len(pairs) == 1
+
+
+def test_truncation_flags_round_trip_and_a_bad_flag_list_is_named(tmp_path):
+    write_rollouts(tmp_path / "r.jsonl", _cut_query())
+    assert [r.truncated for r in read_rollouts(tmp_path / "r.jsonl")] == [[False, True, False], [False, False, True]]
+    row = _rollout_row(_cut_query()[0])
+    path = _write_lines(tmp_path / "bad.jsonl", [{**row, "truncated": [False, True]}])
+    with pytest.raises(PreferenceDataError, match=r"bad\.jsonl:1 \(record id 'q1'\): field 'truncated': 2 flags for 3"):
+        read_rollouts(path)
+    _write_lines(path, [{**row, "truncated": [False, 1, False]}])
+    with pytest.raises(PreferenceDataError, match=r"field 'truncated\[1\]': expected bool, got int"):
+        read_rollouts(path)
+    _write_lines(path, [{**row, "profile_items_dropped": -1}])
+    with pytest.raises(PreferenceDataError, match=r"field 'profile_items_dropped': expected a count >= 0"):
+        read_rollouts(path)
+
+
+def test_cli_reports_what_the_length_limit_and_the_prompt_budget_left_out(tmp_path, capsys):
+    from minitagpr.data.preferences import main
+    with_p, without_p = _cut_query()
+    write_rollouts(tmp_path / "r.jsonl", [replace(with_p, profile_items_dropped=3),
+                                          replace(without_p, profile_items_dropped=0)])
+    assert main(["from-rollouts", str(tmp_path / "r.jsonl"), "--out-dir", str(tmp_path / "pairs")]) == 0
+    out = capsys.readouterr().out
+    assert "responses cut by the length limit: 2 of 6; left out 2 PRP, 1 PQP candidate pairs with a cut side" in out
+    assert "profile prompts that dropped retrieved items to fit max_prompt_tokens: 1 of 1 (3 items in all)" in out
+    assert "no 'truncated' field" not in out
+
+
+def test_cli_refuses_a_set_the_length_limit_emptied_and_says_why(tmp_path, capsys):
+    """max_new_tokens=8 cut every response, and every cut response still became a PRP pair (rejected = a fragment)."""
+    from minitagpr.data.preferences import main
+    cut_all = [replace(r, truncated=[True] * len(r.responses)) for r in _query()]
+    write_rollouts(tmp_path / "r.jsonl", cut_all)
+    assert main(["from-rollouts", str(tmp_path / "r.jsonl"), "--out-dir", str(tmp_path / "pairs")]) == 1
+    err = capsys.readouterr().err
+    assert "no PRP pairs could be built" in err and "3 candidate pairs were left out because a response was cut" in err
+    assert not (tmp_path / "pairs").exists()
+
+
+def test_rollouts_from_before_truncation_was_recorded_are_kept_and_said_once(tmp_path, capsys):
+    from minitagpr.data.preferences import main
+    rows = [_rollout_row(r) for r in _rollouts()]
+    for row in rows:  # what an older prmu_rollouts.py wrote
+        del row["truncated"], row["profile_items_dropped"]
+    _write_lines(tmp_path / "old.jsonl", rows)
+    built = build_pairs_from_rollouts([tmp_path / "old.jsonl"], max_per_example=5)
+    assert len(built.sets["PRP"]) == 2 and built.cut_pairs == {"PRP": 0, "PQP": 0} and built.unrecorded == 3
+    assert main(["from-rollouts", str(tmp_path / "old.jsonl"), "--out-dir", str(tmp_path / "pairs")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("have no 'truncated' field") == 1
+    assert "3 of 3 rollout records have no 'truncated' field" in out and "cut by the length limit: " not in out

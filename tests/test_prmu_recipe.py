@@ -269,28 +269,6 @@ def _run_in_process(recipe, args: list[str]) -> Path:
         recipe.D.destroy_distributed()
 
 
-def test_rollout_command_samples_each_query_with_and_without_the_profile(tmp_path):
-    from minitagpr.data import demo_world
-    from minitagpr.data.preferences import read_rollouts
-    world = demo_world.build(tmp_path / "world", num_users=6, dev_users=2, per_user=2, shared_per_user=1,
-                             history=8, vocab_size=600)
-    policy = make_tiny_checkpoint(tmp_path / "policy", tokenizer_dir=world.tokenizer_dir)
-    out = tmp_path / "rollouts.jsonl"
-    cmd = [sys.executable, str(REPO / "recipes" / "prmu_rollouts.py"), f"policy={policy}",
-           f"questions={world.questions['LaMP-2']['train']}", f"outputs={world.outputs['LaMP-2']['train']}",
-           f"out={out}", "n=2", "limit=2", "k=2", "max_new_tokens=8"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    records = read_rollouts(out)
-    assert sorted((r.id, r.mode) for r in records) == sorted(
-        (i, m) for i in {r.id for r in records} for m in ("profile", "no_profile"))
-    assert len(records) == 4 and all(len(r.responses) == 2 and r.task == "LaMP-2" for r in records)
-    by = {(r.id, r.mode): r for r in records}
-    for rid in {r.id for r in records}:  # the bare prompt is the profile prompt without its history items
-        assert len(by[rid, "no_profile"].prompt[-1]["content"]) < len(by[rid, "profile"].prompt[-1]["content"])
-
-
 def test_resume_refuses_other_pairs_or_users_of_the_same_counts(setup, tmp_path):
     # the same number of pairs and users, but u0 and u1 swapped: every table row would now train another user
     # (a constant lr after warmup, min_lr_ratio=1, so that the run may be extended from 2 to 3 steps)

@@ -13,6 +13,9 @@ Where pairs come from (the `source` field of every pair says which):
   samples the policy with the rollout engine twice per training query (mode "profile" and mode "no_profile").
   This is the paper's construction. A query is (task, example id); its two records must agree on user, gold and
   the number of responses, else the files are refused (`_group_by_query`). Pair ids: `{PRP,PQP}/<task>/<id>/<k>`.
+  A response cut by the length limit (`RolloutRecord.truncated`) is in no pair: its chain and answer are a
+  fragment, which would teach the reward model to prefer one fragment over another. The builders count what they
+  leave out, and `RolloutPairs.summary()` says it (files from before `truncated` was recorded: said once, kept).
 - `"synthetic"`: `synthesize_demo_pairs` builds pairs from the demo world alone, without any policy, so the demo
   pipeline gets a useful PRMU before a policy exists. Chains come from `demo_world.make_chain`: PRP = chain over the
   retrieved profile + gold answer vs chain over no profile + a profile-blind answer; PQP = chain + gold answer vs
@@ -86,6 +89,10 @@ class RolloutRecord:
     prompt: list  # the chat messages the policy was sampled from
     gold: str
     responses: list  # list[str], raw policy outputs
+    # per response: cut by max_new_tokens (the engine's finish_reason "length"); None = not recorded (older files)
+    truncated: list | None = None
+    # retrieved profile items left out of this prompt to fit max_prompt_tokens (0 in "no_profile"); None = not recorded
+    profile_items_dropped: int | None = None
     origin: str = field(default="", compare=False, repr=False)  # "file:line" it was read from (errors); not written
 
 
@@ -254,9 +261,20 @@ def read_rollouts(path: str | Path) -> list[RolloutRecord]:
         gold = f.get("gold", str)
         if why := gold_problem(task, gold):  # a gold no answer can match would only show as "no PQP pairs"
             f.fail("gold", why)
+        truncated = f.get("truncated", list, optional=True)  # absent in files written before it was recorded
+        if truncated is not None:
+            if len(truncated) != len(responses):
+                f.fail("truncated", f"{len(truncated)} flags for {len(responses)} responses")
+            for i, t in enumerate(truncated):
+                if not isinstance(t, bool):
+                    f.fail(f"truncated[{i}]", f"expected bool, got {type(t).__name__}")
+        dropped = f.get("profile_items_dropped", int, optional=True)
+        if dropped is not None and dropped < 0:
+            f.fail("profile_items_dropped", f"expected a count >= 0, got {dropped}")
         records.append(RolloutRecord(
             id=rid, user=f.get("user", str, optional=True), task=task, mode=mode, prompt=f.messages(),
-            gold=gold, responses=responses, origin=f"{path}:{lineno}",
+            gold=gold, responses=responses, truncated=truncated, profile_items_dropped=dropped,
+            origin=f"{path}:{lineno}",
         ))
     if not records:
         raise PreferenceDataError(f"{path}: empty rollout file (no records)")
@@ -266,19 +284,29 @@ def read_rollouts(path: str | Path) -> list[RolloutRecord]:
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Pairs from policy rollouts (the paper's construction)
 # ---------------------------------------------------------------------------------------------------------------
-def build_prp(records: list[RolloutRecord], max_per_example: int = 2, seed: int = 0) -> list[PreferencePair]:
+def _cut(record: RolloutRecord) -> list[bool]:
+    """Per response: cut by the length limit. Not recorded (an older file) counts as not cut: kept, as before."""
+    return record.truncated if record.truncated is not None else [False] * len(record.responses)
+
+
+def build_prp(records: list[RolloutRecord], max_per_example: int = 2,
+              seed: int = 0) -> tuple[list[PreferencePair], int]:
     """PRP: response i sampled with the profile (chosen) vs response i sampled without it (rejected).
 
     Both are scored against the profile prompt. Identical texts carry no preference and are skipped; a query
     sampled only with the profile gives no PRP pair (its responses still make PQP pairs). The records of a query
-    are checked as `_group_by_query` says."""
+    are checked as `_group_by_query` says. A candidate with a side cut by the length limit is left out before the
+    cap, so a query still gives up to `max_per_example` whole pairs. Returns (pairs, candidates left out as cut)."""
     rng = random.Random(seed)
-    pairs = []
+    pairs, n_cut = [], 0
     for (task, rid), modes in _group_by_query(records).items():
         if "no_profile" not in modes:
             continue
         with_p, without_p = modes["profile"], modes["no_profile"]
-        candidates = [(a, b) for a, b in zip(with_p.responses, without_p.responses) if a != b]  # equal lengths
+        candidates = [(a, b, ca or cb) for a, b, ca, cb in  # equal lengths (_group_by_query)
+                      zip(with_p.responses, without_p.responses, _cut(with_p), _cut(without_p)) if a != b]
+        n_cut += sum(cut for _, _, cut in candidates)
+        candidates = [(a, b) for a, b, cut in candidates if not cut]
         rng.shuffle(candidates)
         for k, (a, b) in enumerate(candidates[:max_per_example]):
             pairs.append(PreferencePair(
@@ -286,7 +314,7 @@ def build_prp(records: list[RolloutRecord], max_per_example: int = 2, seed: int 
                 example_id=rid, prompt=with_p.prompt,
                 chosen=response_from_text(a), rejected=response_from_text(b),
             ))
-    return pairs
+    return pairs, n_cut
 
 
 def build_pqp(
@@ -294,42 +322,85 @@ def build_pqp(
     reward_fn: Callable[[str, str, str], float] | None = None,
     max_per_example: int = 2,
     seed: int = 0,
-) -> list[PreferencePair]:
+) -> tuple[list[PreferencePair], int]:
     """PQP: two profile-mode responses of one query, chosen = higher R_v(task, answer, gold); ties dropped.
 
     R_v defaults to `minitagpr.rewards.verifiable_reward` (exact match for classification, ROUGE for generation).
-    Among the strictly ordered pairs of a query, up to `max_per_example` are kept, drawn with a seeded rng."""
+    Among the strictly ordered pairs of a query, those with a side cut by the length limit are left out (a cut
+    response's "answer" is whatever text it ended on), then up to `max_per_example` are kept, drawn with a seeded
+    rng. Returns (pairs, ordered candidates left out as cut)."""
     if reward_fn is None:
         from minitagpr.rewards import verifiable_reward as reward_fn
     rng = random.Random(seed)
-    pairs = []
+    pairs, n_cut = [], 0
     for (task, rid), modes in _group_by_query(records).items():
         rec = modes["profile"]
         scored = [(response_from_text(t), t) for t in rec.responses]
         rewards = [float(reward_fn(task, resp.answer, rec.gold)) for resp, _ in scored]
+        cut = _cut(rec)
         ordered = [
             (i, j) if rewards[i] > rewards[j] else (j, i)
             for i in range(len(scored)) for j in range(i + 1, len(scored))
             if rewards[i] != rewards[j]  # a tie says nothing about which is better: drop it
         ]
+        n_cut += sum(cut[i] or cut[j] for i, j in ordered)
+        ordered = [(i, j) for i, j in ordered if not (cut[i] or cut[j])]
         rng.shuffle(ordered)
         for k, (i, j) in enumerate(ordered[:max_per_example]):
             pairs.append(PreferencePair(
                 id=f"PQP/{task}/{rid}/{k}", set="PQP", source="rollout", user=rec.user, task=task,
                 example_id=rid, prompt=rec.prompt, chosen=scored[i][0], rejected=scored[j][0],
             ))
-    return pairs
+    return pairs, n_cut
+
+
+@dataclass
+class RolloutPairs:
+    """What `build_pairs_from_rollouts` returns: both sets, and what the rollouts held that is in no pair."""
+
+    sets: dict  # {"PRP": [PreferencePair], "PQP": [...]}
+    cut_pairs: dict  # per set: candidate pairs left out because a side was cut by the length limit
+    recorded_responses: int  # responses whose record says whether each was cut
+    cut_responses: int  # of them, cut by the length limit
+    unrecorded: int  # records without `truncated` (written before it was recorded): cut or not is unknown
+    records: int
+    profile_prompts: int  # "profile" records that record `profile_items_dropped`
+    short_prompts: int  # of them, prompts that dropped retrieved items to fit max_prompt_tokens
+    items_dropped: int  # the items those prompts dropped, in all
+
+    def summary(self) -> list[str]:
+        """One line per thing a reader of the pair counts should know; nothing left out is left unsaid."""
+        lines = []
+        if self.recorded_responses:
+            lines.append(f"responses cut by the length limit: {self.cut_responses} of {self.recorded_responses}; "
+                         f"left out " + ", ".join(f"{n} {name}" for name, n in self.cut_pairs.items())
+                         + " candidate pairs with a cut side")
+        if self.unrecorded:
+            lines.append(f"note: {self.unrecorded} of {self.records} rollout records have no 'truncated' field "
+                         f"(written before it was recorded): whether their responses were cut by the length limit "
+                         f"is unknown, so none of them was left out")
+        if self.profile_prompts:
+            lines.append(f"profile prompts that dropped retrieved items to fit max_prompt_tokens: "
+                         f"{self.short_prompts} of {self.profile_prompts} ({self.items_dropped} items in all)")
+        return lines
 
 
 def build_pairs_from_rollouts(paths: list[str | Path], max_per_example: int = 2, seed: int = 0,
-                              reward_fn=None) -> dict[str, list[PreferencePair]]:
+                              reward_fn=None) -> RolloutPairs:
     if max_per_example < 1:  # a negative cap silently dropped the last candidate ([:-1]); 0 built nothing
         raise PreferenceDataError(f"max_per_example must be >= 1, got {max_per_example}")
     records = [r for p in paths for r in read_rollouts(p)]
-    return {
-        "PRP": build_prp(records, max_per_example, seed),
-        "PQP": build_pqp(records, reward_fn, max_per_example, seed),
-    }
+    prp, prp_cut = build_prp(records, max_per_example, seed)
+    pqp, pqp_cut = build_pqp(records, reward_fn, max_per_example, seed)
+    budgeted = [r for r in records if r.mode == "profile" and r.profile_items_dropped is not None]
+    return RolloutPairs(
+        sets={"PRP": prp, "PQP": pqp}, cut_pairs={"PRP": prp_cut, "PQP": pqp_cut},
+        recorded_responses=sum(len(r.responses) for r in records if r.truncated is not None),
+        cut_responses=sum(sum(_cut(r)) for r in records),
+        unrecorded=sum(r.truncated is None for r in records), records=len(records),
+        profile_prompts=len(budgeted), short_prompts=sum(r.profile_items_dropped > 0 for r in budgeted),
+        items_dropped=sum(r.profile_items_dropped for r in budgeted),
+    )
 
 
 def _group_by_query(records: list[RolloutRecord]) -> dict[tuple[str, str], dict[str, RolloutRecord]]:
@@ -511,16 +582,23 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        cut_pairs = {}
         if args.source == "from-rollouts":
-            sets = build_pairs_from_rollouts(args.rollouts, args.max_per_example, args.seed)
+            built = build_pairs_from_rollouts(args.rollouts, args.max_per_example, args.seed)
+            sets, cut_pairs = built.sets, built.cut_pairs
             where = ", ".join(args.rollouts)
+            for line in built.summary():  # before any error below: what was left out is said either way
+                print(line)
         else:
             sets = synthesize_demo_pairs(args.world, max_per_set=args.max_per_set, seed=args.seed)
             where = args.world
         for name, pairs in sets.items():
             if not pairs:
+                cut = (f"; {cut_pairs[name]} candidate pairs were left out because a response was cut by the "
+                       f"length limit: raise max_new_tokens of recipes/prmu_rollouts.py") if cut_pairs.get(name) else ""
                 raise PreferenceDataError(f"{where}: no {name} pairs could be built (PRP needs both 'profile' and "
-                                          f"'no_profile' records of a query; PQP needs responses of unequal R_v)")
+                                          f"'no_profile' records of a query; PQP needs responses of unequal R_v)"
+                                          f"{cut}")
         out = Path(args.out_dir)
         for name, pairs in sets.items():
             write_pairs(out / f"{name.lower()}.jsonl", pairs)

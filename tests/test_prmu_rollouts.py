@@ -1,0 +1,191 @@
+"""recipes/prmu_rollouts.py: which queries it samples, what each rollout record says about the length limits, and
+its settings against guided RL's.
+
+The sampling tests run the recipe in-process with a recording stand-in for vLLM (the engine's own tests cover
+generation); one test runs the command itself on a tiny model with the built-in engine.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import minitagpr.rollout as rollout_pkg
+from minitagpr.config import ConfigError, parse_cli
+from minitagpr.data import demo_world, lamp, prompts
+from minitagpr.data.preferences import format_response, main as preferences_main, read_rollouts
+from minitagpr.data.retrieval import get_retriever
+from minitagpr.model.presets import make_tiny_checkpoint
+from minitagpr.rl.loop import RLConfig, load_prompts
+from minitagpr.rollout.base import Completion
+from minitagpr.tokenizer import Tokenizer
+from recipe_modules import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+recipe = load_recipe("prmu_rollouts")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prmu_rollouts")
+    w = demo_world.build(root / "world", num_users=6, dev_users=2, per_user=2, shared_per_user=1, history=8,
+                         vocab_size=600)
+    policy = make_tiny_checkpoint(root / "policy", tokenizer_dir=w.tokenizer_dir)
+    return w, policy
+
+
+def _args(world, out, *extra):
+    w, policy = world
+    return [f"policy={policy}", f"questions={w.questions['LaMP-2']['train']}",
+            f"outputs={w.outputs['LaMP-2']['train']}", f"out={out}", *extra]
+
+
+def _examples(world):
+    return lamp.load_questions(world[0].questions["LaMP-2"]["train"], "LaMP-2")
+
+
+class RecordingVLLM:
+    """Stands in for VLLMEngine: records how it was built; sample 0 of every prompt runs into the length limit.
+    Texts differ between prompts (they name the prompt's length), so a profile and a bare response make a candidate
+    PRP pair."""
+
+    built: dict = {}
+
+    def __init__(self, checkpoint_dir, tokenizer=None, **kwargs):
+        RecordingVLLM.built = kwargs
+
+    def generate(self, prompt_token_ids, n=1, max_new_tokens=256, **_):
+        def sample(ids, j):
+            if j == 0:
+                return Completion([1] * max_new_tokens, f"<think>{len(ids)} and then", [0.0] * max_new_tokens,
+                                  "length")
+            return Completion([1, 2], format_response(f"<analyze_input>{len(ids)}</analyze_input>", "comedy"),
+                              [0.0, 0.0], "stop")
+        return [[sample(ids, j) for j in range(n)] for ids in prompt_token_ids]
+
+
+def _run_with_recording_vllm(monkeypatch, args):
+    monkeypatch.setattr(rollout_pkg, "VLLMEngine", RecordingVLLM)
+    monkeypatch.setattr(recipe, "require_vllm", lambda: None)  # vllm itself is not needed by the stand-in
+    try:
+        return recipe.run(parse_cli(recipe.RolloutConfig, [*args, "engine=vllm"]))
+    finally:
+        recipe.D.destroy_distributed()
+
+
+# ----------------------------------------------------------------------------------------------- length limits
+def test_each_record_says_which_responses_the_length_limit_cut(world, tmp_path, monkeypatch, capsys):
+    out = _run_with_recording_vllm(monkeypatch, _args(world, tmp_path / "r.jsonl", "n=3", "limit=2"))
+    records = read_rollouts(out)
+    assert len(records) == 4
+    for r in records:  # the engine's finish_reason "length" is what the RL loop zeroes R_f for
+        assert r.truncated == [True, False, False]
+    assert "cut by max_new_tokens=2048: 4 of 12 responses" in capsys.readouterr().out
+
+
+def test_the_vllm_engine_gets_the_configured_memory_share_and_never_sleeps(world, tmp_path, monkeypatch):
+    _run_with_recording_vllm(monkeypatch, _args(world, tmp_path / "r.jsonl", "n=1", "limit=1",
+                                                "vllm_gpu_memory_utilization=0.5"))
+    assert RecordingVLLM.built["gpu_memory_utilization"] == 0.5
+    assert RecordingVLLM.built["sleep_level"] == 0  # the weights never change: sleeping would reload them per batch
+    assert RecordingVLLM.built["max_model_len"] == 4096 + 2048
+
+
+@pytest.mark.parametrize("value", ["0", "1.5"])
+def test_a_vllm_memory_share_outside_0_1_is_refused(world, tmp_path, value):
+    with pytest.raises(ConfigError, match=r"vllm_gpu_memory_utilization must be in \(0, 1\]"):
+        parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl", f"vllm_gpu_memory_utilization={value}"))
+
+
+def test_each_record_says_how_many_profile_items_the_prompt_budget_dropped(world, tmp_path, monkeypatch, capsys):
+    tok = Tokenizer.from_dir(world[0].tokenizer_dir)
+    examples = _examples(world)
+    bare = max(len(tok.apply_chat(prompts.build_messages(ex, []), add_generation_prompt=True)) for ex in examples)
+    # a budget that every bare prompt fits but no prompt with all k = 4 items does
+    out = _run_with_recording_vllm(monkeypatch, _args(world, tmp_path / "r.jsonl", "n=1", "k=4", "sample=first",
+                                                      f"max_prompt_tokens={bare}"))
+    by = {(r.id, r.mode): r for r in read_rollouts(out)}
+    for ex in examples:
+        items = get_retriever("recency").select(ex, 4)
+        kept = prompts.fit_messages(ex, items, tok, bare)[1]
+        assert by[ex.id, "profile"].profile_items_dropped == len(items) - kept > 0
+        assert by[ex.id, "no_profile"].profile_items_dropped == 0
+    assert (f"profile prompts that dropped retrieved items to fit max_prompt_tokens={bare}: {len(examples)} of "
+            f"{len(examples)}") in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- which queries
+def test_sample_rl_draws_the_questions_guided_rl_trains_on(world, tmp_path):
+    """In LaMP's user split a user is a question id: PRMU's table trains a row only for users with pairs."""
+    w, _ = world
+    tok = Tokenizer.from_dir(w.tokenizer_dir)
+    for seed in (0, 3):
+        rl = load_prompts(RLConfig(data_root=str(w.root), tasks="LaMP-2:5", seed=seed, k=2), tok)
+        cfg = parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl", "rl_tasks=LaMP-1:7,LaMP-2:5",
+                                                    f"seed={seed}"))
+        assert [ex.id for ex in recipe.draw_questions(_examples(world), "LaMP-2", cfg)] == [p.id for p in rl]
+    assert [p.id for p in rl] != [ex.id for ex in _examples(world)[:5]]  # not the file's first five
+
+
+def test_a_limit_keeps_the_first_of_rls_draw_and_sample_first_keeps_the_files_order(world, tmp_path):
+    examples = _examples(world)
+    draw = lambda *a: [ex.id for ex in recipe.draw_questions(  # noqa: E731
+        examples, "LaMP-2", parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl", *a)))]
+    assert draw("rl_tasks=LaMP-2:5", "seed=3", "limit=2") == draw("rl_tasks=LaMP-2:5", "seed=3")[:2]
+    assert draw("sample=first", "limit=3") == [ex.id for ex in examples[:3]]
+    assert draw("rl_tasks=LaMP-2:0") == [ex.id for ex in examples]  # RL's count 0: the whole file, in order
+
+
+def test_an_rl_task_mix_without_this_task_is_refused(world, tmp_path):
+    cfg = parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl", "rl_tasks=LaMP-1:10"))
+    with pytest.raises(ConfigError, match=r"rl_tasks: LaMP-2 is not in the RL task mix 'LaMP-1:10'"):
+        recipe.draw_questions(_examples(world), "LaMP-2", cfg)
+    with pytest.raises(ConfigError, match=r"rl_tasks: cannot parse"):
+        parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl", "rl_tasks=LaMP-2:many"))
+
+
+# ----------------------------------------------------------------------------------------------- settings
+def test_the_defaults_are_guided_rls_paper_settings():
+    """PRMU scores RL's prompts and responses: its pairs should come from prompts and lengths like those."""
+    paper = yaml.safe_load((REPO / "recipes" / "configs" / "guided_rl_qwen3_8b.yaml").read_text())
+    cfg = recipe.RolloutConfig(policy="p", questions="q", outputs="o", out="r.jsonl")
+    for key in ("max_prompt_tokens", "max_new_tokens", "k", "retriever", "tasks"):
+        mine = cfg.rl_tasks if key == "tasks" else getattr(cfg, key)
+        assert mine == paper[key], key
+    assert cfg.sample == "rl" and cfg.engine == "auto"
+
+
+# ----------------------------------------------------------------------------------------------- the command
+def test_rollout_command_samples_each_query_with_and_without_the_profile(world, tmp_path):
+    out = tmp_path / "rollouts.jsonl"
+    cmd = [sys.executable, str(REPO / "recipes" / "prmu_rollouts.py"),
+           *_args(world, out, "n=2", "limit=2", "k=2", "max_new_tokens=8", "rl_tasks=LaMP-2:5", "seed=3")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = read_rollouts(out)
+    assert sorted((r.id, r.mode) for r in records) == sorted(
+        (i, m) for i in {r.id for r in records} for m in ("profile", "no_profile"))
+    assert len(records) == 4 and all(len(r.responses) == 2 and r.task == "LaMP-2" for r in records)
+    rl_draw = recipe.draw_questions(_examples(world), "LaMP-2", parse_cli(
+        recipe.RolloutConfig, _args(world, out, "rl_tasks=LaMP-2:5", "seed=3")))
+    assert {r.id for r in records} == {ex.id for ex in rl_draw[:2]}
+    assert "queries: 2 of the 5 questions RL draws for LaMP-2 (rl_tasks='LaMP-2:5', seed=3)" in proc.stdout
+    by = {(r.id, r.mode): r for r in records}
+    for rid in {r.id for r in records}:  # the bare prompt is the profile prompt without its history items
+        assert len(by[rid, "no_profile"].prompt[-1]["content"]) < len(by[rid, "profile"].prompt[-1]["content"])
+    # 8 new tokens cut every response of the untrained model; none of them may become a pair
+    assert all(r.truncated == [True, True] for r in records)
+    assert "cut by max_new_tokens=8: 8 of 8 responses" in proc.stdout
+
+
+def test_pairs_from_rollouts_that_the_length_limit_cut_are_refused_by_name(world, tmp_path, monkeypatch, capsys):
+    out = _run_with_recording_vllm(monkeypatch, _args(world, tmp_path / "r.jsonl", "n=1", "limit=2"))
+    capsys.readouterr()
+    assert preferences_main(["from-rollouts", str(out), "--out-dir", str(tmp_path / "pairs")]) == 1
+    captured = capsys.readouterr()
+    assert "responses cut by the length limit: 4 of 4" in captured.out
+    assert "no PRP pairs could be built" in captured.err
+    assert "2 candidate pairs were left out because a response was cut by the length limit" in captured.err

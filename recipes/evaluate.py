@@ -15,14 +15,22 @@ the official LaMP rules (`minitagpr.metrics.evaluate`; the project's answer norm
 normalize=true). Written under out_dir:
   predictions/<row>/<LaMP_k>_predictions.json   official-format predictions (the extracted answers)
   generations/<row>/<task>.jsonl                 the raw generations (id, text, finish reason, token counts)
-  table.md, table.json                           Table 1 style: one row per checkpoint, one column per metric
+  table.md, table.json                           Table 1 style: one row per checkpoint, one column per metric; the
+                                                 json also holds each row's settings (the engine that ran, its
+                                                 dtype, the token limits) and per task the generations the length
+                                                 limit cut and the answers left empty
   robustness.md, robustness.json                 the k and retriever sweeps, when sweep_k / sweep_retrievers
+Every checkpoint, prediction file and question is checked before anything is decoded. One process (not torchrun):
+for one GPU per checkpoint, run one process each (CUDA_VISIBLE_DEVICES=i python recipes/evaluate.py
+checkpoints=name=folder out_dir=runs/eval/name ...), then put the rows side by side by scoring the prediction files
+they wrote (predictions=name=runs/eval/name/predictions/name/LaMP_1_predictions.json,name=...).
 Library use (the demo pipeline): `evaluate_checkpoints({"base": dir0, "sft": dir1}, tasks, data=...) -> EvalTable`.
 
 1. config   2. task data   3. generation   4. scoring and tables   5. the command line
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -34,8 +42,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from minitagpr.cli import exit_on_user_error
-from minitagpr.config import check_at_least, check_choice, check_writable_dir, parse_cli
+from minitagpr.cli import exit_on_user_error, is_user_error
+from minitagpr.config import ConfigError, check_at_least, check_choice, check_writable_dir, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.lamp import DataError, LampExample
 from minitagpr.metrics import COLUMNS, evaluate
@@ -73,7 +81,10 @@ class EvalConfig:
     top_p: float = 1.0
     seed: int = 0
     batch_prompts: int = 16  # prompts per generate() call
-    engine: str = "auto"  # auto (vllm when installed and a GPU is present, else builtin) | builtin | vllm
+    engine: str = "auto"  # auto (vllm when installed and a GPU is present, else builtin) | builtin | vllm; the
+    #                       table's settings record the engine that ran
+    vllm_gpu_memory_utilization: float = 0.9  # vLLM's share of the GPU (weights + KV cache): evaluation has the
+    #                                           GPU to itself (the engine's own default, 0.3, leaves room for training)
     normalize: bool = False  # the project's per-task answer normalisation (off = official rules)
     out_dir: str = "runs/eval"
 
@@ -100,6 +111,8 @@ class EvalConfig:
                              "(or data=demo for the demo world)")
         if self.engine not in ("auto", "builtin", "vllm"):
             raise ValueError(f"engine must be auto, builtin or vllm, got {self.engine!r}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         for k in [self.k, *self.sweep_k]:
             if k < 0:
                 raise ValueError(f"k must be >= 0, got {k}")
@@ -164,6 +177,9 @@ def load_task_data(data: Any, task: str, *, split: str = "user", part: str = "de
 
         folder = Path(pgraphrag_dir) if pgraphrag_dir else SHARED / "data" / "pgraphrag"
         source = folder / f"{pgraphrag_domain}_{part}.json"
+        if not source.is_file():  # say which key picks the file, not only that it is missing
+            raise DataError(f"{source}: no such file ({task} reads <pgraphrag_dir>/<pgraphrag_domain>_<part>.json; "
+                            f"set pgraphrag_dir= to the folder that holds {source.name})")
         examples, golds = pgraphrag.make_task(source, task)
         gold_file = source
     else:
@@ -175,8 +191,9 @@ def load_task_data(data: Any, task: str, *, split: str = "user", part: str = "de
     if limit:
         examples = examples[:limit]
     missing = [ex.id for ex in examples if ex.id not in golds]
-    if missing:
-        raise DataError(f"{source}: no gold output for question id(s) {', '.join(map(repr, missing[:10]))}")
+    if missing:  # the outputs file lacks them (the questions file only asks)
+        raise DataError(f"{gold_file}: no gold output for question id(s) {', '.join(map(repr, missing[:10]))}"
+                        f"{' ...' if len(missing) > 10 else ''} of {source}")
     return TaskData(task, examples, {ex.id: golds[ex.id] for ex in examples}, str(source), str(gold_file), limit)
 
 
@@ -196,25 +213,90 @@ def _task_files(data, task, split, part, data_dir) -> tuple[Path, Path]:
 
 
 # ----------------------------------------------------------------------------------------------- 3. generation
+VLLM_DTYPE = "bfloat16"  # what vLLM decodes in (the built-in engine: fp32, see make_engine)
+
+
 def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_rows: int = 64,
-                max_model_len: int = 4096):
-    """(engine, tokenizer) for a checkpoint folder: vLLM on GPUs when installed, else the built-in engine."""
-    from minitagpr.model import load_pretrained
-    from minitagpr.model.checkpoint import resolve_checkpoint
+                max_model_len: int = 4096, *, gpu_memory_utilization: float = 0.9, load: bool = True):
+    """(engine, tokenizer) for a checkpoint folder: vLLM on GPUs when installed, else the built-in engine.
+    load=False makes the checks a load starts with (the folder, config.json, the weights' headers, the tokenizer
+    files) without reading any weight, and returns (None, tokenizer)."""
+    from minitagpr.model import Qwen3Config, load_pretrained
+    from minitagpr.model.checkpoint import resolve_checkpoint, tensor_names
     from minitagpr.rollout import BuiltinEngine, VLLMEngine, vllm_available
     from minitagpr.tokenizer import Tokenizer
 
     folder = resolve_checkpoint(checkpoint)
     tokenizer = Tokenizer.from_dir(folder)
+    if not load:
+        Qwen3Config.from_json(folder / "config.json")
+        tensor_names(folder)  # every shard's header (a missing shard, a truncated file), no tensor read
+        return None, tokenizer
     if kind == "auto":
         kind = "vllm" if vllm_available() and torch.cuda.is_available() else "builtin"
     if kind == "vllm":
-        return VLLMEngine(folder, tokenizer, sleep_level=0, max_model_len=max_model_len), tokenizer
+        return VLLMEngine(folder, tokenizer, sleep_level=0, max_model_len=max_model_len, dtype=VLLM_DTYPE,
+                          gpu_memory_utilization=gpu_memory_utilization), tokenizer
     # fp32 on every device, like the RL rollouts and SFT's held-out check: bf16 logits make greedy ties (lowest id
     # wins), so a GPU table would not reproduce the CPU one
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_pretrained(folder, dtype=torch.float32, device=device).eval()
     return BuiltinEngine(model, tokenizer, max_batch_rows=max_batch_rows), tokenizer
+
+
+def engine_settings(engine) -> dict[str, Any]:
+    """What a table records of the engine that decoded a row: which one ran (engine=auto resolved) and its dtype."""
+    from minitagpr.rollout import BuiltinEngine, VLLMEngine
+
+    if isinstance(engine, VLLMEngine):
+        return {"engine": "vllm", "dtype": VLLM_DTYPE}
+    if isinstance(engine, BuiltinEngine):
+        return {"engine": "builtin", "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch.")}
+    return {"engine": type(engine).__name__, "dtype": None}  # an engine injected by a test
+
+
+def input_problems(named_checkpoints: Mapping[str, str | os.PathLike], tasks: Sequence[TaskData], *,
+                   max_prompt_tokens: int, prompt_style: str) -> list[str]:
+    """Everything decoding will need, checked before any of it, one message per problem: each checkpoint as
+    `make_engine(load=False)` checks it, and every question against max_prompt_tokens with each distinct tokenizer
+    (`long_questions`)."""
+    from minitagpr.tokenizer import CONFIG_FILE, TOKENIZER_FILE
+
+    problems, tokenizers = [], {}
+    for name, checkpoint in named_checkpoints.items():
+        try:
+            _, tokenizer = make_engine(checkpoint, load=False)
+        except Exception as err:
+            if not is_user_error(err):
+                raise  # a bug, not a bad checkpoint
+            problems.append(f"checkpoints={name}: {err}")
+            continue
+        if tokenizer is not None:  # None: a make_engine injected by a test
+            same_files = tuple((Path(tokenizer.source) / f).read_bytes() for f in (TOKENIZER_FILE, CONFIG_FILE))
+            tokenizers.setdefault(same_files, tokenizer)  # a fine-tune's copy of its base's tokenizer counts once
+    for tokenizer in tokenizers.values():
+        found = long_questions(tokenizer, tasks, max_prompt_tokens, prompt_style)
+        if found:
+            shown = ", ".join(f"{task} id {i!r} ({n} tokens)" for task, i, n in found[:5])
+            problems.append(f"{len(found)} question(s) need more than max_prompt_tokens={max_prompt_tokens} tokens "
+                            f"without any profile item: {shown}{' ...' if len(found) > 5 else ''}; a question is "
+                            f"never cut, so raise max_prompt_tokens to at least {max(n for _, _, n in found)}")
+    return problems
+
+
+def long_questions(tokenizer, tasks: Sequence[TaskData], max_prompt_tokens: int,
+                   prompt_style: str) -> list[tuple[str, str, int]]:
+    """(task, example id, prompt tokens) of every example whose prompt is over max_prompt_tokens even without profile
+    items. Exactly the prompts `prompts.fit_messages` refuses, whatever the retriever and k: it drops profile items
+    until the prompt fits but never cuts the question. One tokenizer pass per example: seconds for a LaMP dev set."""
+    found = []
+    for td in tasks:
+        bare = [tokenizer.render_chat(prompts.build_messages(ex, [], style=prompt_style), add_generation_prompt=True)
+                for ex in td.examples]
+        for ex, ids in zip(td.examples, tokenizer.encode_batch(bare)):  # apply_chat's ids, in one parallel call
+            if len(ids) > max_prompt_tokens:
+                found.append((td.task, ex.id, len(ids)))
+    return found
 
 
 def make_retriever(name: str, seed: int = 0, dense_encoder: str | os.PathLike | None = None) -> retrieval.Retriever:
@@ -261,6 +343,16 @@ def score(data: TaskData, texts: Mapping[str, str], *, extract: bool = True, nor
     return evaluate(data.task, dict(texts), data.golds, extract=extract, normalize=normalize)
 
 
+def generation_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many generations the length limit cut (finish_reason "length") and how many left no answer (nothing after
+    the last </think>, or a <think> never closed): both score as wrong, so a table says how many there were."""
+    from minitagpr.data import answers
+
+    return {"generations": len(records),
+            "cut_by_length": sum(r.get("finish_reason") == "length" for r in records),
+            "no_answer": sum(not answers.extract_answer(r["text"]) for r in records)}
+
+
 def _fmt(value: float | None) -> str:
     if value is None:
         return "—"
@@ -275,8 +367,10 @@ class EvalTable:
     rows: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     examples: dict[str, int] = field(default_factory=dict)  # task -> number of scored examples
+    counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # decoded rows: generation_counts
 
-    def add(self, row: str, task: str, metrics: Mapping[str, float], settings: Mapping[str, Any], n: int) -> None:
+    def add(self, row: str, task: str, metrics: Mapping[str, float], settings: Mapping[str, Any], n: int,
+            counts: Mapping[str, int] | None = None) -> None:
         if task in self.rows.get(row, {}):  # e.g. two prediction files of one row for one task: which one counts?
             raise DataError(f"row {row!r} already has {task} results (from {self.settings[row]}); give each task "
                             f"of a row one file or checkpoint")
@@ -287,6 +381,8 @@ class EvalTable:
         self.rows.setdefault(row, {})[task] = dict(metrics)
         self.settings.setdefault(row, dict(settings))
         self.examples[task] = n
+        if counts is not None:
+            self.counts.setdefault(row, {})[task] = dict(counts)
 
     def tasks(self) -> list[str]:
         seen = {t for r in self.rows.values() for t in r}
@@ -294,20 +390,28 @@ class EvalTable:
         return ordered + sorted(seen - set(ordered))
 
     def markdown(self, title: str = "") -> str:
-        """Table 1 layout: metric columns in the paper's order; '—' where a row lacks a task."""
+        """Table 1 layout: metric columns in the paper's order; '—' where a row lacks a task. With decoded rows, a
+        last column "cut": their generations stopped by max_new_tokens, summed over the tasks."""
         tasks = self.tasks()
         cols = [(t, key, head) for t, key, head in COLUMNS if t in tasks]
+        heads = [h for _, _, h in cols] + (["cut"] if self.counts else [])
         lines = [f"### {title}", ""] if title else []
-        lines += ["| method | " + " | ".join(h for _, _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += ["| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
         for name, results in self.rows.items():
             cells = [_fmt(results.get(t, {}).get(key)) for t, key, _ in cols]
+            if self.counts:
+                cut = [c["cut_by_length"] for c in self.counts.get(name, {}).values()]
+                cells.append(str(sum(cut)) if cut else "—")  # "—": a prediction file, nothing decoded here
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         counts = ", ".join(f"{t}: {n}" for t, n in self.examples.items())
         lines += ["", f"Examples per task: {counts}. Lower is better for MAE/RMSE, higher for the rest."]
+        if self.counts:
+            lines.append("cut: generations that reached max_new_tokens (scored as generated; per task, with the "
+                         "answers left empty, in the .json).")
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
-        return {"rows": self.rows, "settings": self.settings, "examples": self.examples}
+        return {"rows": self.rows, "settings": self.settings, "examples": self.examples, "counts": self.counts}
 
     def write(self, out_dir: str | os.PathLike, stem: str = "table", title: str = "") -> tuple[Path, Path]:
         out_dir = Path(out_dir)
@@ -359,22 +463,36 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                          limit: int = 0, settings: Sequence[tuple[str, int]] = (("recency", 8),),
                          max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16, engine: str = "auto",
+                         vllm_gpu_memory_utilization: float = 0.9,
                          normalize: bool = False, out_dir: str | os.PathLike | None = None,
                          log=print, prompt_style: str = "full", label_settings: bool | None = None,
-                         dense_encoder: str | os.PathLike | None = None) -> EvalTable:
+                         dense_encoder: str | os.PathLike | None = None,
+                         retrievers: Mapping[str, retrieval.Retriever] | None = None,
+                         checked: bool = False) -> EvalTable:
     """Run every checkpoint on every task under every (retriever, k) in `settings`; returns the table (and writes
     predictions + generations under out_dir when given). Rows are named after the checkpoints, with
     " [retriever k=K]" appended when `label_settings` (default: when there is more than one setting; a sweep
     passes True, so that even a one-setting sweep never writes over the main table's files). `tasks` are task
-    names (loaded from `data`) or ready TaskData."""
+    names (loaded from `data`) or ready TaskData. `retrievers`: ready ones by name (else built here). Every
+    checkpoint and question is checked first (`input_problems`) unless the caller did (`checked`)."""
     task_data = [t if isinstance(t, TaskData) else load_task_data(data, t, split=split, part=part, limit=limit,
                                                                    data_dir=data_dir, pgraphrag_dir=pgraphrag_dir)
                  for t in tasks]
+    if not checked:  # a bad last checkpoint or one over-long question must not cost the decoding before it
+        problems = input_problems(named_checkpoints, task_data, max_prompt_tokens=max_prompt_tokens,
+                                  prompt_style=prompt_style)
+        if problems:
+            raise DataError(" | ".join(problems))
     out = Path(out_dir) if out_dir is not None else None
-    choosers = {r: make_retriever(r, seed, dense_encoder) for r in dict.fromkeys(r for r, _ in settings)}
+    ready = dict(retrievers or {})
+    choosers = {r: ready[r] if r in ready else make_retriever(r, seed, dense_encoder)
+                for r in dict.fromkeys(r for r, _ in settings)}
     table = EvalTable()
     for name, checkpoint in named_checkpoints.items():
-        eng, tokenizer = make_engine(checkpoint, engine, max_model_len=max_prompt_tokens + max_new_tokens)
+        eng, tokenizer = make_engine(checkpoint, engine, max_model_len=max_prompt_tokens + max_new_tokens,
+                                     gpu_memory_utilization=vllm_gpu_memory_utilization)
+        used = engine_settings(eng)  # engine=auto may have fallen back to the fp32 built-in engine: say which ran
+        log(f"eval {name}: {used['engine']} engine, {used['dtype']}")
         for retriever, k in settings:
             labelled = len(settings) > 1 if label_settings is None else label_settings
             row = f"{name} [{retriever} k={k}]" if labelled else name
@@ -384,13 +502,18 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                                            temperature=temperature, top_p=top_p, seed=seed,
                                            batch_prompts=batch_prompts, prompt_style=prompt_style)
                 metrics = score(td, {r["id"]: r["text"] for r in records}, normalize=normalize)
-                table.add(row, td.task, metrics, {"checkpoint": str(checkpoint), "retriever": retriever, "k": k,
-                                                  "prompt_style": prompt_style, "temperature": temperature,
-                                                  "normalize": normalize},
-                          len(td.examples))
+                table.add(row, td.task, metrics,
+                          {"checkpoint": str(checkpoint), **used, "retriever": retriever, "k": k,
+                           "prompt_style": prompt_style, "max_prompt_tokens": max_prompt_tokens,
+                           "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                           "normalize": normalize},
+                          len(td.examples), counts=generation_counts(records))
                 _write_outputs(out, row, td, records, normalize)
                 log(f"eval {row} {td.task}: " + ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
         del eng
+        gc.collect()  # the next checkpoint's engine needs this one's GPU memory (vLLM takes a share of the whole GPU)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return table
 
 
@@ -401,28 +524,46 @@ def evaluate_prediction_files(named_files: Mapping[str, Sequence[str | os.PathLi
     `</think>` of each (for files of raw model responses)."""
     by_task = {td.task: td for td in tasks}
     table = EvalTable()
+    problems = []
     for name, files in named_files.items():
         for path in files:
-            file_task, preds = lamp.load_outputs(path)
-            task = lamp.canonical_task(file_task)
-            if task not in by_task:
-                raise DataError(f"{path}: predictions for {task}, which is not among the evaluated tasks "
-                                f"({', '.join(by_task)})")
-            td = by_task[task]
             try:
-                metrics = score(td, preds, extract=extract, normalize=normalize)
-            except DataError as err:  # ids that do not match the golds: name both files, and the limit that cut them
-                cut = f"; limit={td.limit} keeps only the first {td.limit} question(s)" if td.limit else ""
-                raise DataError(f"{path}: {str(err).removeprefix('evaluate: ')} "
-                                f"(golds: {td.gold_file or td.source}{cut})") from None
-            table.add(name, task, metrics,
-                      {"predictions": str(path), "normalize": normalize, "extract_answers": extract},
-                      len(td.examples))
+                task, metrics = _score_prediction_file(path, by_task, normalize=normalize, extract=extract)
+                table.add(name, task, metrics,
+                          {"predictions": str(path), "normalize": normalize, "extract_answers": extract},
+                          len(by_task[task].examples))
+            except DataError as err:  # every bad file in one message, not one per run
+                problems.append(str(err))
+    if problems:
+        raise DataError(" | ".join(problems))
     return table
+
+
+def _score_prediction_file(path, by_task: Mapping[str, TaskData], *, normalize: bool,
+                           extract: bool) -> tuple[str, dict]:
+    file_task, preds = lamp.load_outputs(path)
+    task = lamp.canonical_task(file_task)
+    if task not in by_task:
+        raise DataError(f"{path}: predictions for {task}, which is not among the evaluated tasks "
+                        f"({', '.join(by_task)})")
+    td = by_task[task]
+    try:
+        return task, score(td, preds, extract=extract, normalize=normalize)
+    except DataError as err:  # ids that do not match the golds: name both files, and the limit that cut them
+        cut = f"; limit={td.limit} keeps only the first {td.limit} question(s)" if td.limit else ""
+        raise DataError(f"{path}: {str(err).removeprefix('evaluate: ')} "
+                        f"(golds: {td.gold_file or td.source}{cut})") from None
 
 
 # ----------------------------------------------------------------------------------------------- 5. command line
 def run(cfg: EvalConfig) -> dict[str, EvalTable]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # no rank splits the work: each would decode every checkpoint and write the same files
+        raise ConfigError(f"evaluate runs as one process, not under torchrun (WORLD_SIZE={world}); for one GPU per "
+                          f"checkpoint run one process each, e.g. CUDA_VISIBLE_DEVICES=0 python recipes/evaluate.py "
+                          f"... checkpoints=sft=FOLDER out_dir=runs/eval/sft, then put the rows side by side by "
+                          f"scoring the prediction files they wrote: python recipes/evaluate.py ... "
+                          f"predictions=sft=runs/eval/sft/predictions/sft/LaMP_1_predictions.json,sft=...")
     out = Path(cfg.out_dir)
     if cfg.engine == "vllm" and cfg.checkpoints:
         from minitagpr.rollout import require_vllm
@@ -432,26 +573,40 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
     tasks = [load_task_data(cfg.data, t, split=cfg.split, part=cfg.part, limit=cfg.limit, data_dir=data_dir,
                             pgraphrag_dir=cfg.pgraphrag_dir or None, pgraphrag_domain=cfg.pgraphrag_domain)
              for t in cfg.tasks]
-    common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
-                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_prompts=cfg.batch_prompts,
-                  engine=cfg.engine, normalize=cfg.normalize, out_dir=out,
-                  prompt_style=cfg.prompt_style or _world_style(cfg.data, data_dir, cfg.tasks),
-                  dense_encoder=cfg.dense_encoder or None)
+    prompt_style = cfg.prompt_style or _world_style(cfg.data, data_dir, cfg.tasks)
     checkpoints = {name: paths[0] for name, paths in named_entries(cfg.checkpoints).items()}  # one each (checked)
-    title = f"{cfg.data} {cfg.part}, {cfg.retriever} k={cfg.k}"
+    sweep = [(cfg.retriever, k) for k in cfg.sweep_k] + [(r, cfg.k) for r in cfg.sweep_retrievers]
+
+    # Every input before any decoding, every bad one in one line: a typo in the last checkpoint, a broken prediction
+    # file or one over-long question must not cost the decoding of everything before it
+    problems = input_problems(checkpoints, tasks, max_prompt_tokens=cfg.max_prompt_tokens, prompt_style=prompt_style)
     main = EvalTable()
     if cfg.predictions:
-        main = evaluate_prediction_files(named_entries(cfg.predictions), tasks, normalize=cfg.normalize,
-                                         extract=cfg.extract_answers)
+        try:
+            main = evaluate_prediction_files(named_entries(cfg.predictions), tasks, normalize=cfg.normalize,
+                                             extract=cfg.extract_answers)
+        except DataError as err:
+            problems.append(str(err))
+    if problems:
+        raise DataError(" | ".join(problems))
+    # the sweep's retrievers too: a dense encoder that cannot load is found now, and each is built (and ranks each
+    # example) once for the main table and the sweep
+    retrievers = {r: make_retriever(r, cfg.seed, cfg.dense_encoder or None)
+                  for r in dict.fromkeys([cfg.retriever, *(r for r, _ in sweep)])} if checkpoints else {}
+    common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_prompts=cfg.batch_prompts,
+                  engine=cfg.engine, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                  normalize=cfg.normalize, out_dir=out, prompt_style=prompt_style, retrievers=retrievers,
+                  checked=True)
+    title = f"{cfg.data} {cfg.part}, {cfg.retriever} k={cfg.k}"
     if checkpoints:
         ours = evaluate_checkpoints(checkpoints, tasks, settings=[(cfg.retriever, cfg.k)], **common)
         for row, results in ours.rows.items():
             for task, metrics in results.items():
-                main.add(row, task, metrics, ours.settings[row], ours.examples[task])
+                main.add(row, task, metrics, ours.settings[row], ours.examples[task], counts=ours.counts[row][task])
     tables = {"table": main}
     main.write(out, "table", title)
     print(main.markdown(title))
-    sweep = [(cfg.retriever, k) for k in cfg.sweep_k] + [(r, cfg.k) for r in cfg.sweep_retrievers]
     if sweep and checkpoints:
         robust = evaluate_checkpoints(checkpoints, tasks, settings=list(dict.fromkeys(sweep)), label_settings=True,
                                       **common)

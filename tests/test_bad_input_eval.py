@@ -50,7 +50,8 @@ def test_evaluate_ends_a_checkpoint_error_in_one_line(lamp_root, tmp_path, monke
     code = _run_evaluate_cli(monkeypatch, [f"data={lamp_root}", "tasks=LaMP-3", f"checkpoints=t={not_a_folder}",
                                            "engine=builtin", f"out_dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith(f"[evaluate] error: {not_a_folder}: expected a checkpoint folder")
+    assert code == 1 and err.startswith(f"[evaluate] error: checkpoints=t: {not_a_folder}: expected a checkpoint "
+                                        f"folder")
     assert len(err.splitlines()) == 1
 
 

@@ -1,0 +1,246 @@
+"""recipes/evaluate.py at paper scale: every input is checked before anything is decoded (a bad last checkpoint, a
+broken prediction file, an over-long question, a dense encoder that cannot load), one process only, and a table that
+says which engine ran, with which limits, and how many generations the length limit cut."""
+import json
+import runpy
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lamp_fixtures import make_examples
+from recipe_modules import load_recipe
+from minitagpr.config import ConfigError, parse_cli
+from minitagpr.data import answers, lamp, prompts
+from minitagpr.model import presets
+from minitagpr.rollout import Completion
+from minitagpr.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
+ev = load_recipe("evaluate", "recipe_evaluate")
+
+LONG_ID = "101"  # the LaMP-5 question whose prompt is over max_prompt_tokens even without profile items
+MAX_PROMPT = 1000
+
+
+@pytest.fixture(scope="module")
+def lamp_root(tmp_path_factory):
+    """LaMP-3 and LaMP-5 dev sets; LaMP-5 question LONG_ID has a ~2,000-token abstract."""
+    root = tmp_path_factory.mktemp("lamp")
+    for task in ("LaMP-3", "LaMP-5"):
+        examples, golds = make_examples(task, n=3, n_items=4, seed=1)
+        if task == "LaMP-5":
+            examples = [replace(ex, input=ex.input + " learning" * 2000) if ex.id == LONG_ID else ex
+                        for ex in examples]
+        questions, outputs = lamp.split_files(root, task, "user", "dev")
+        lamp.write_questions(questions, examples)
+        lamp.write_outputs(outputs, task, golds)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, qwen3_tokenizer_dir):
+    return presets.make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0,
+                                        tokenizer_dir=qwen3_tokenizer_dir)
+
+
+def _record_decoding(monkeypatch) -> list:
+    """generate_answers as it is, recording each (task, k) it decodes."""
+    decoded, real = [], ev.generate_answers
+
+    def recording(engine, tokenizer, data, **kw):
+        decoded.append((data.task, kw["k"]))
+        return real(engine, tokenizer, data, **kw)
+    monkeypatch.setattr(ev, "generate_answers", recording)
+    return decoded
+
+
+def _cfg(lamp_root, tmp_path, *args):
+    return parse_cli(ev.EvalConfig, [f"data={lamp_root}", f"out_dir={tmp_path / 'out'}", "engine=builtin",
+                                     "max_new_tokens=2", "prompt_style=full", *args])
+
+
+# ----------------------------------------------------------------------------------------------- checked up front
+def test_every_bad_checkpoint_and_prediction_file_is_named_in_one_line_before_any_decoding(
+        lamp_root, checkpoint, tmp_path, monkeypatch):
+    no_tokenizer = shutil.copytree(checkpoint, tmp_path / "no_tokenizer")
+    (no_tokenizer / "tokenizer.json").unlink()
+    decoded = _record_decoding(monkeypatch)
+    cfg = _cfg(lamp_root, tmp_path, "tasks=LaMP-3",
+               f"checkpoints=a={checkpoint},b={no_tokenizer},c={tmp_path / 'typo'}",
+               f"predictions=p={tmp_path / 'missing.json'}")
+    with pytest.raises(lamp.DataError) as err:
+        ev.run(cfg)
+    message = str(err.value)
+    assert decoded == [] and "\n" not in message
+    assert f"checkpoints=b: tokenizer folder {no_tokenizer} lacks tokenizer.json" in message
+    assert f"checkpoints=c: {tmp_path / 'typo'}: no such checkpoint folder" in message
+    assert f"{tmp_path / 'missing.json'}: file not found" in message
+    assert "checkpoints=a" not in message
+
+
+def test_a_checkpoint_with_broken_weights_is_found_before_any_decoding(lamp_root, checkpoint, tmp_path,
+                                                                       monkeypatch):
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"\x00" * 4)
+    decoded = _record_decoding(monkeypatch)
+    with pytest.raises(lamp.DataError, match=r"checkpoints=z: .*model\.safetensors: truncated safetensors file"):
+        ev.run(_cfg(lamp_root, tmp_path, "tasks=LaMP-3", f"checkpoints=a={checkpoint},z={broken}"))
+    assert decoded == []
+
+
+def test_an_over_long_question_is_named_before_any_task_is_decoded(lamp_root, checkpoint, tmp_path, monkeypatch):
+    # LaMP-3 comes first and fits; the old code decoded it, then stopped at LaMP-5 with nothing written
+    decoded = _record_decoding(monkeypatch)
+    with pytest.raises(lamp.DataError) as err:
+        ev.run(_cfg(lamp_root, tmp_path, "tasks=LaMP-3,LaMP-5", f"checkpoints=a={checkpoint}",
+                    f"max_prompt_tokens={MAX_PROMPT}"))
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    long_ex = next(ex for ex in lamp.load_questions(lamp.split_files(lamp_root, "LaMP-5")[0], "LaMP-5")
+                   if ex.id == LONG_ID)
+    with pytest.raises(prompts.PromptTooLongError) as refused:  # the count decoding would refuse it with
+        prompts.fit_messages(long_ex, long_ex.profile, tokenizer, MAX_PROMPT, style="full")
+    n = int(str(refused.value).split("the prompt is ")[1].split()[0])
+    assert decoded == []
+    assert str(err.value) == (f"1 question(s) need more than max_prompt_tokens={MAX_PROMPT} tokens without any "
+                              f"profile item: LaMP-5 id '{LONG_ID}' ({n} tokens); a question is never cut, so raise "
+                              f"max_prompt_tokens to at least {n}")
+
+
+def test_the_question_check_refuses_exactly_what_fit_messages_refuses(lamp_root, checkpoint):
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    td = ev.load_task_data(lamp_root, "LaMP-5")
+    [(task, qid, n)] = ev.long_questions(tokenizer, [td], MAX_PROMPT, "full")
+    assert (task, qid) == ("LaMP-5", LONG_ID)
+    long_ex = next(ex for ex in td.examples if ex.id == LONG_ID)
+    assert ev.long_questions(tokenizer, [td], n, "full") == []  # at the budget: fits, with no profile item
+    assert prompts.fit_messages(long_ex, long_ex.profile, tokenizer, n, style="full")[1] == 0
+    assert ev.long_questions(tokenizer, [td], n - 1, "full") == [("LaMP-5", LONG_ID, n)]
+
+
+def test_a_dense_encoder_that_cannot_load_is_found_before_the_main_table_is_decoded(lamp_root, tmp_path,
+                                                                                       monkeypatch):
+    from minitagpr.model.checkpoint import CheckpointError
+
+    decoded = []
+    monkeypatch.setattr(ev, "make_engine", lambda *a, **kw: (None, None))
+    monkeypatch.setattr(ev, "generate_answers", lambda engine, tok, data, **kw: decoded.append(data.task) or [
+        {"id": ex.id, "text": "3", "finish_reason": "stop"} for ex in data.examples])
+    with pytest.raises(CheckpointError, match="no_encoder: no such checkpoint folder"):
+        ev.run(_cfg(lamp_root, tmp_path, "tasks=LaMP-3", "checkpoints=a=unused", "sweep_retrievers=dense",
+                    f"dense_encoder={tmp_path / 'no_encoder'}"))
+    assert decoded == []
+
+
+def test_all_bad_prediction_files_are_named_together(lamp_root, tmp_path):
+    td = ev.load_task_data(lamp_root, "LaMP-3")
+    short = lamp.write_outputs(tmp_path / "short.json", "LaMP-3", dict(list(td.golds.items())[1:]))
+    other = lamp.write_outputs(tmp_path / "other.json", "LaMP-5", {"1": "x"})
+    with pytest.raises(lamp.DataError) as err:
+        ev.evaluate_prediction_files({"x": [short], "y": [other]}, [td])
+    assert str(err.value).startswith(f"{short}: prediction ids must match gold ids one to one")
+    assert f" | {other}: predictions for LaMP-5, which is not among the evaluated tasks" in str(err.value)
+
+
+def test_a_missing_gold_is_reported_against_the_outputs_file(tmp_path):
+    examples, golds = make_examples("LaMP-3", n=3, n_items=4, seed=2)
+    questions, outputs = lamp.split_files(tmp_path, "LaMP-3", "user", "dev")
+    lamp.write_questions(questions, examples)
+    lamp.write_outputs(outputs, "LaMP-3", {i: g for i, g in golds.items() if i != "101"})
+    with pytest.raises(lamp.DataError) as err:
+        ev.load_task_data(tmp_path, "LaMP-3")
+    assert str(err.value) == f"{outputs}: no gold output for question id(s) '101' of {questions}"
+
+
+def test_a_missing_pgraphrag_file_points_to_pgraphrag_dir(tmp_path):
+    with pytest.raises(lamp.DataError, match=r"amazon_dev\.json: no such file .*set pgraphrag_dir= to the folder "
+                                             r"that holds amazon_dev\.json"):
+        ev.load_task_data("unused", "PGraphRAG-title", pgraphrag_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- one process
+def test_torchrun_is_refused_with_how_to_split_and_combine(lamp_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(ev, "make_engine", lambda *a, **kw: pytest.fail("a rank started on the whole job"))
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", f"data={lamp_root}", "tasks=LaMP-3", "checkpoints=a=unused",
+                                      f"out_dir={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "recipes" / "evaluate.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("[evaluate] error (rank 1): evaluate runs as one process, not under torchrun (WORLD_SIZE=2)")
+    assert "CUDA_VISIBLE_DEVICES=0 python recipes/evaluate.py" in err and "predictions=sft=" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- what the table says
+class FakeVLLM:
+    """Stands in for VLLMEngine: records its keyword arguments; odd prompts reach the length limit mid-thought."""
+    seen: dict = {}
+
+    def __init__(self, folder, tokenizer, **kwargs):
+        FakeVLLM.seen = kwargs
+
+    def generate(self, ids, n, temperature, top_p, max_new_tokens, stop_token_ids, seed):
+        def completion(i):
+            if i % 2:
+                return Completion([7] * max_new_tokens, "<think>still", [0.0] * max_new_tokens, "length")
+            return Completion([7, stop_token_ids[0]], "<think>c</think>3", [0.0, 0.0], "stop")
+        return [[completion(i)] for i in range(len(ids))]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    import minitagpr.rollout as R
+
+    monkeypatch.setattr(R, "VLLMEngine", FakeVLLM)
+    monkeypatch.setattr(R, "vllm_available", lambda: True)
+    FakeVLLM.seen = {}
+
+
+@pytest.mark.parametrize("setting, share", [((), 0.9), (("vllm_gpu_memory_utilization=0.6",), 0.6)])
+def test_vllm_gets_its_share_of_the_gpu_from_the_config(setting, share, fake_vllm, lamp_root, checkpoint, tmp_path):
+    ev.run(_cfg(lamp_root, tmp_path, "tasks=LaMP-3", f"checkpoints=a={checkpoint}", "engine=vllm", *setting))
+    assert FakeVLLM.seen["gpu_memory_utilization"] == share
+
+
+def test_the_table_records_the_engine_that_ran_its_limits_and_the_cut_generations(fake_vllm, lamp_root, checkpoint,
+                                                                                   tmp_path):
+    ev.run(_cfg(lamp_root, tmp_path, "tasks=LaMP-3", f"checkpoints=a={checkpoint}", "engine=vllm",
+                "max_prompt_tokens=900", "max_new_tokens=5"))
+    saved = json.loads((tmp_path / "out" / "table.json").read_text())
+    settings = saved["settings"]["a"]
+    assert (settings["engine"], settings["dtype"]) == ("vllm", "bfloat16")
+    assert (settings["max_prompt_tokens"], settings["max_new_tokens"]) == (900, 5)
+    assert saved["counts"]["a"]["LaMP-3"] == {"generations": 3, "cut_by_length": 1, "no_answer": 1}  # prompt 1 of 0-2
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "| method | L3 MAE | L3 RMSE | cut |" in md
+    assert next(line for line in md.splitlines() if line.startswith("| a |")).endswith(" | 1 |")
+
+
+def test_engine_auto_records_the_builtin_fallback_and_counts_from_the_generations(lamp_root, checkpoint, tmp_path):
+    table = ev.evaluate_checkpoints({"a": checkpoint}, ["LaMP-3"], data=lamp_root, max_new_tokens=3, engine="auto",
+                                    out_dir=tmp_path, log=lambda *_: None)
+    assert (table.settings["a"]["engine"], table.settings["a"]["dtype"]) == ("builtin", "float32")  # no vLLM here
+    records = [json.loads(x) for x in (tmp_path / "generations" / "a" / "LaMP-3.jsonl").read_text().splitlines()]
+    assert table.counts["a"]["LaMP-3"] == {
+        "generations": 3, "cut_by_length": sum(r["finish_reason"] == "length" for r in records),
+        "no_answer": sum(answers.extract_answer(r["text"]) == "" for r in records)}
+
+
+@pytest.mark.parametrize("yaml_name", ["eval_lamp.yaml", "eval_robustness.yaml", "eval_pgraphrag.yaml"])
+def test_paper_configs_decode_with_vllm_rather_than_fall_back_to_fp32(yaml_name):
+    cfg = parse_cli(ev.EvalConfig, ["--config", str(REPO / "recipes" / "configs" / yaml_name), "checkpoints=t=c",
+                                    "data=/data/LaMP", "dense_encoder=enc"])
+    assert cfg.engine == "vllm" and cfg.vllm_gpu_memory_utilization == 0.9
+
+
+@pytest.mark.parametrize("share", ["0", "1.5"])
+def test_a_gpu_share_outside_0_to_1_is_refused_by_name(share):
+    with pytest.raises(ConfigError, match=r"vllm_gpu_memory_utilization must be in \(0, 1\]"):
+        parse_cli(ev.EvalConfig, ["checkpoints=t=c", "tasks=LaMP-3", f"vllm_gpu_memory_utilization={share}"])

@@ -163,7 +163,8 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
         for t in tables:
             if name in t.rows:
                 for task, metrics in t.rows[name].items():
-                    merged.add(name, task, metrics, t.settings[name], t.examples[task])
+                    merged.add(name, task, metrics, t.settings[name], t.examples[task],
+                               counts=t.counts.get(name, {}).get(task))  # how many the length limit cut
     if info.is_main:
         merged.write(out_dir, title="Demo world, dev split (greedy decoding)")
     return merged

@@ -37,6 +37,13 @@ def test_paper_settings_in_the_8b_configs():
     assert e.stage == "exploratory" and e.epochs == 2 and not e.use_prmu and not e.use_tag_reward
 
 
+def test_sft_and_prmu_paper_configs_load_with_the_papers_sft_settings():
+    sft = load_config(importlib.import_module("sft").SftConfig, RECIPES / "configs" / "sft_qwen3_8b.yaml")
+    assert (sft.lr, sft.global_batch, sft.epochs) == (1e-5, 64, 2)  # tagpr-method.md, SFT
+    prmu = load_config(importlib.import_module("train_prmu").PrmuConfig, RECIPES / "configs" / "prmu_qwen3_0.6b.yaml")
+    assert prmu.init == "Skywork/Skywork-Reward-V2-Qwen3-0.6B" and prmu.use_user_table
+
+
 def test_stage_3_runs_otherwise_as_stage_2():
     """tagpr-method.md: Stage 3 is Stage 2 with the foundation reward and 2 epochs, "otherwise as Stage 2": every
     RL setting of the two paper configs agrees except the stage's own (where it writes, which reward terms)."""

@@ -20,6 +20,8 @@ normalize=true). Written under out_dir:
                                                  dtype, the token limits) and per task the generations the length
                                                  limit cut and the answers left empty
   robustness.md, robustness.json                 the k and retriever sweeps, when sweep_k / sweep_retrievers
+                                                 (the main table's setting is not decoded twice: its rows are
+                                                 copied in, and its files are the main table's)
 Every checkpoint, prediction file and question is checked before anything is decoded. One process (not torchrun):
 for one GPU per checkpoint, run one process each (CUDA_VISIBLE_DEVICES=i python recipes/evaluate.py
 checkpoints=name=folder out_dir=runs/eval/name ...), then put the rows side by side by scoring the prediction files
@@ -608,8 +610,19 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
     main.write(out, "table", title)
     print(main.markdown(title))
     if sweep and checkpoints:
-        robust = evaluate_checkpoints(checkpoints, tasks, settings=list(dict.fromkeys(sweep)), label_settings=True,
-                                      **common)
+        # the main table's setting (recency k=8 in both sweeps of the paper) is decoded once, not again here
+        settings = list(dict.fromkeys(sweep))
+        rest = [s for s in settings if s != (cfg.retriever, cfg.k)]
+        swept = evaluate_checkpoints(checkpoints, tasks, settings=rest, label_settings=True, **common) if rest \
+            else EvalTable()
+        robust = EvalTable()
+        for name in checkpoints:  # rows in sweep order, the main table's where its setting falls
+            for retriever, k in settings:
+                row = f"{name} [{retriever} k={k}]"
+                src, src_row = (ours, name) if (retriever, k) == (cfg.retriever, cfg.k) else (swept, row)
+                for task, metrics in src.rows[src_row].items():
+                    robust.add(row, task, metrics, src.settings[src_row], src.examples[task],
+                               counts=src.counts[src_row][task])
         robust.write(out, "robustness", f"robustness: {cfg.data} {cfg.part}")
         print(robust.markdown("robustness"))
         tables["robustness"] = robust

@@ -105,6 +105,19 @@ def test_a_one_setting_sweep_keeps_its_own_rows_and_files(lamp_root, tmp_path, m
     assert set(main_preds.values()) == {"5"} and set(sweep_preds.values()) == {"1"}
 
 
+def test_the_sweep_reuses_the_main_tables_setting_instead_of_decoding_it_again(lamp_root, tmp_path, monkeypatch):
+    decoded = []
+    _fake_generation(monkeypatch, lambda k: decoded.append(k) or str(min(k, 5)))
+    cfg = parse_cli(ev.EvalConfig, [f"data={lamp_root}", "tasks=LaMP-3", "checkpoints=sft=unused", "sweep_k=2,8,4",
+                                    f"out_dir={tmp_path / 'out'}", "prompt_style=full"])
+    tables = ev.run(cfg)
+    assert sorted(decoded) == [2] * 3 + [4] * 3 + [8] * 3  # 3 questions per setting; k = 8 once: the main table's
+    robust = tables["robustness"]
+    assert list(robust.rows) == ["sft [recency k=2]", "sft [recency k=8]", "sft [recency k=4]"]  # sweep order
+    assert robust.rows["sft [recency k=8]"] == tables["table"].rows["sft"]
+    assert robust.counts["sft [recency k=8]"] == tables["table"].counts["sft"]
+
+
 def test_pgraphrag_only_runs_never_read_the_demo_world(pgraphrag_dir, tmp_path, monkeypatch):
     # data defaults to "demo"; PGraphRAG tasks must neither need a demo world nor take its prompt style
     styles = []

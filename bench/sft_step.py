@@ -57,8 +57,10 @@ def main() -> None:
     docs = make_docs(args.docs)
     real = sum(len(d.ids) for d in docs)
     layouts = {
-        "baseline (pad to 704, whole rows)": (S.pack_documents(docs, 704, 0, pack=False), False),
-        "trimmed (pad to 704, cut per micro-batch)": (S.pack_documents(docs, 704, 0, pack=False), True),
+        # a few documents reach 715 tokens: cut to 704 as before (the numbers in RESULTS.md were measured so)
+        "baseline (pad to 704, whole rows)": (S.pack_documents(docs, 704, 0, pack=False, truncate_long=True), False),
+        "trimmed (pad to 704, cut per micro-batch)": (S.pack_documents(docs, 704, 0, pack=False,
+                                                                        truncate_long=True), True),
         "packed (1024-token rows, document mask)": (S.pack_documents(docs, 1024, 0, pack=True), True),
     }
     results = []

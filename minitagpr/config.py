@@ -84,6 +84,17 @@ def to_json_dict(cfg_or_dict: Any) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=str))
 
 
+def default_json_dict(cls: type) -> dict[str, Any]:
+    """The dataclass's field defaults as `to_json_dict` writes a config (nested dataclasses as dicts). A saved config
+    or stamp that lacks a key was written before the key existed, by code that behaved as its default does (the rule
+    for adding a key): comparisons read a missing key as this default. No instance is built (__post_init__ may refuse
+    the defaults, e.g. a required path)."""
+    hints = typing.get_type_hints(cls)
+    values = {f.name: default_json_dict(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else _default(f)
+              for f in dataclasses.fields(cls)}
+    return to_json_dict(values)
+
+
 def check_choice(key: str, value: Any, choices: typing.Iterable[Any]) -> None:
     """For a config's __post_init__: ValueError naming the key unless value is one of choices."""
     choices = tuple(choices)
@@ -119,18 +130,29 @@ def check_writable_file(path: Path, key: str) -> None:
 
 
 def check_resumed_config(saved: dict[str, Any], cfg: Any, resumable: set[str], where: Any,
-                         also_changed: typing.Iterable[str] = ()) -> None:
+                         also_changed: typing.Iterable[str] = (), fields_of: type | None = None) -> None:
     """A resumed run must train as the checkpointed run did. `saved` is the checkpoint's `to_dict(cfg)`; every key
     outside `resumable` (paths, logging, checkpoint cadence, memory knobs) must be unchanged, else ConfigError
-    naming each change. Values are compared as the checkpoint stores them (JSON: tuples read back as lists). A
-    checkpoint without a saved config (written before configs were saved) is not checked."""
+    naming each change. Values are compared as the checkpoint stores them (JSON: tuples read back as lists); a key
+    the checkpoint lacks (added to the code since) counts as its default (`default_json_dict`); `fields_of`: the
+    dataclass whose keys the checkpoint saved when it saved only part of cfg's (RL saves RLConfig's, not a
+    recipe's own). A checkpoint without a saved config (written before configs were saved) is not checked."""
     now, saved = to_json_dict(cfg), to_json_dict(saved)
-    changed = [k for k in sorted(saved) if k in now and k not in resumable and saved[k] != now[k]]
+    if not saved:
+        return
+    defaults = default_json_dict(type(cfg))
+    keys = [f.name for f in dataclasses.fields(fields_of)] if fields_of is not None else list(defaults)
+    was = {k: saved.get(k, defaults[k]) for k in keys}  # what the checkpointed run trained with
+    changed = [k for k in sorted(was) if k in now and k not in resumable and was[k] != now[k]]
     changed += [k for k in also_changed if k not in changed]
     if changed:
         raise ConfigError(f"{where}: resuming with settings that differ from the checkpoint's: "
-                          + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+                          + ", ".join(f"{k} {_saved_value(saved, was, k)} -> {now.get(k)!r}" for k in changed)
                           + " (use a new out_dir, or resume=false to start over)")
+
+
+def _saved_value(saved: dict, was: dict, key: str) -> str:
+    return repr(saved[key]) if key in saved else f"{was.get(key)!r} (not saved: the default when it was written)"
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

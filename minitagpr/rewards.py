@@ -43,6 +43,7 @@ TAGS = (
     "verify_conclusion",
     "formulate_conclusion",
 )
+MIN_TAGS = 3  # R_tag's "at least 3 tags" (tagpr-method.md), counted as tagged segments
 
 # Markers that may never appear inside a chain or an answer (they end or restart a turn / think block).
 _MARKERS = (THINK_OPEN, THINK_CLOSE, "<|im_start|>", "<|im_end|>", "<|endoftext|>")
@@ -189,7 +190,7 @@ class TagCheck:
         return self.error is None
 
 
-def check_tags(chain: str | None, allowed: Iterable[str] = TAGS, min_tags: int = 3) -> TagCheck:
+def check_tags(chain: str | None, allowed: Iterable[str] = TAGS, min_tags: int = MIN_TAGS) -> TagCheck:
     """Read `chain` as a sequence of `<name>` ... `</name>` segments; report the first check that fails.
 
     Checks: no non-whitespace text outside segments; every segment opens with an allowed name and closes with the
@@ -238,7 +239,7 @@ def check_tags(chain: str | None, allowed: Iterable[str] = TAGS, min_tags: int =
     return TagCheck(tuple(names), None)
 
 
-def tag_reward(chain: str | None, allowed: Iterable[str] = TAGS, min_tags: int = 3) -> float:
+def tag_reward(chain: str | None, allowed: Iterable[str] = TAGS, min_tags: int = MIN_TAGS) -> float:
     """R_tag = 0.0 when every check of `check_tags` passes, else -1.0. Range {-1, 0}."""
     return 0.0 if check_tags(chain, allowed, min_tags).ok else -1.0
 
@@ -284,7 +285,7 @@ MIXES = ("composite", "foundation")
 def score_batch(tasks: Sequence[str], responses: Sequence[str], golds: Sequence[str],
                 prmu: Sequence[float] | None = None, *, mix: str = "composite", alpha: float = 0.8,
                 beta: float = 0.8, gamma: float = 0.2, rouge_variant: str = "rougeL", normalize_answers: bool = False,
-                n: int = 4, delta: float = 1e-6, allowed: Iterable[str] = TAGS, min_tags: int = 3,
+                n: int = 4, delta: float = 1e-6, allowed: Iterable[str] = TAGS, min_tags: int = MIN_TAGS,
                 finished: Sequence[bool] | None = None) -> list[RewardParts]:
     """Score a rollout batch: one RewardParts per response, every component filled and `total` mixed by `mix`.
 

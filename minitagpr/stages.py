@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from minitagpr.config import ConfigError, to_json_dict
+from minitagpr.config import ConfigError, default_json_dict, to_json_dict
 
 STAMP = "stage.json"
 FORMAT = "minitagpr-stage/1"
@@ -50,6 +50,12 @@ def settings(cfg: Any, ignore: Iterable[str]) -> dict[str, Any]:
     """The config as JSON values (tuples become lists), minus the keys that do not change what the stage builds."""
     ignore = set(ignore)
     return {k: v for k, v in to_json_dict(cfg).items() if k not in ignore}
+
+
+def defaults(cls: type, ignore: Iterable[str]) -> dict[str, Any]:
+    """`settings` of the class's defaults: what a stamp written before a key existed built with (`plan`)."""
+    ignore = set(ignore)
+    return {k: v for k, v in default_json_dict(cls).items() if k not in ignore}
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,14 +89,18 @@ def read_stamp(folder: Path) -> dict | None:
     return stamp
 
 
-def _changes(old: dict, new: dict) -> list[str]:
-    return [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+def _changes(old: dict, new: dict, default: dict) -> list[str]:
+    """The settings that differ; a key the old stamp lacks (added to the code since) counts as its default."""
+    was = {**{k: v for k, v in default.items() if k in new}, **old}
+    return [f"{k} {was.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(was) | set(new))
+            if was.get(k) != new.get(k)]
 
 
 def plan(folder: Path, export: Path, stage_settings: dict, upstream: dict, *, rerun: bool = False,
-         rerun_hint: str = "") -> Plan:
-    """Reuse or build the stage in `folder` whose finished product is `export` (a folder with config.json)."""
+         rerun_hint: str = "", default_settings: dict | None = None) -> Plan:
+    """Reuse or build the stage in `folder` whose finished product is `export` (a folder with config.json).
+    `default_settings` (`defaults` of the config's class): a stamp that lacks a key was built with its default, so
+    adding a key to a config does not rebuild every stage built before it."""
     folder, export = Path(folder), Path(export)
     old = read_stamp(folder)
     exported = (export / "config.json").exists()
@@ -107,7 +117,7 @@ def plan(folder: Path, export: Path, stage_settings: dict, upstream: dict, *, re
     stale = sorted(k for k in set(old["upstream"]) | set(upstream) if old["upstream"].get(k) != upstream.get(k))
     if stale:
         return Plan(False, False, f"rebuilding: its input ({', '.join(stale)}) was rebuilt since", new_build)
-    changed = _changes(old["settings"], stage_settings)
+    changed = _changes(old["settings"], stage_settings, default_settings or {})
     if changed:
         raise ConfigError(f"{folder} was built with other settings than this run's: {'; '.join(changed)}. To keep "
                           f"it, give this run a new workdir=; to rebuild it, delete {folder}{rerun_hint}")

@@ -10,8 +10,10 @@ then OPENAI_BASE_URL / OPENAI_API_KEY); keys are never written anywhere. A kille
 per-stage caches under out_dir/cache: rerun the same command. Ctrl-C stops scheduling, lets the calls in flight
 finish into the cache and exits with status 130.
 
-Outputs under out_dir: one JSONL per stage, stats/<stage>.json, clusters.md (choose tagging.tags from it),
-sft.jsonl (the SFT data), report.md + report.png, config.yaml (the run's settings, keys redacted).
+Outputs under out_dir: one JSONL per stage, stats/<stage>.json, dropped/<stage>.jsonl (every dropped record and
+why), clusters.md (the exploratory tag clusters, for inspection: the restricted tagging uses the paper's nine tags),
+sft.jsonl (the SFT data), report.md + report.png (with the final count against the paper's ~10,000), config.yaml
+(the run's settings, keys redacted).
 
 1. config   2. policy embeddings (tagging.embedder=policy only)   3. stages
 """
@@ -25,7 +27,7 @@ import yaml
 
 from minitagpr.config import ConfigError, parse_cli
 from minitagpr.data.chain_client import CacheError, EndpointError, redacted_config
-from minitagpr.data.chains import ChainsConfig, run_stages, write_text
+from minitagpr.data.chains import SPEC_CHAINS, ChainsConfig, run_stages, write_text
 from minitagpr.data.lamp import DataError
 from minitagpr.tokenizer import TokenizerError
 
@@ -99,7 +101,9 @@ def main(argv: list[str]) -> int:
         return 1
     for stage, counts in results.items():
         print(f"{stage:>9}: {counts.total('in'):>7} in  {counts.total('out'):>7} out")
-    print(f"outputs in {out} (sft.jsonl, report.md, report.png, clusters.md)")
+    if "sft" in results:
+        print(f"{results['sft'].total('out')} SFT chains (tagpr-method.md: about {SPEC_CHAINS:,})")
+    print(f"outputs in {out} (sft.jsonl, report.md, report.png, clusters.md, dropped/)")
     return 0
 
 

@@ -101,7 +101,8 @@ def build_or_reuse(step: str, where: tuple[Path, Path], cfg, ignore: set[str], u
     `run_fn(cfg with resume)`, stamped before and after. Returns (export folder, build id)."""
     folder, export = where
     settings = stages.settings(cfg, ignore)
-    plan = stages.plan(folder, export, settings, upstream, rerun=rerun, rerun_hint=rerun_hint)  # every rank
+    plan = stages.plan(folder, export, settings, upstream, rerun=rerun, rerun_hint=rerun_hint,
+                       default_settings=stages.defaults(type(cfg), ignore))  # every rank
     D.log(f"[demo] {step}: {plan.reason}")
     if plan.reuse:
         return export, plan.build

@@ -43,6 +43,7 @@ class SftConfig:
     out_dir: str = "runs/sft_demo"  # not runs/demo/sft: that is the demo pipeline's stage folder (recipes/guided_rl.py)
     # batches: a row is seq_len tokens holding one document (pack=False) or several packed ones
     seq_len: int = 704  # the demo's longest chain is 477 tokens
+    truncate_long: bool = False  # a record longer than seq_len: False = stop naming it; True = cut it (counted)
     pack: bool = False  # False = one document per row, so global_batch counts examples (the paper's convention)
     global_batch: int = 4  # rows per optimizer step, over all ranks
     micro_batch: int = 1  # rows per forward pass per rank; accumulation = global_batch / (micro_batch * world)
@@ -84,9 +85,11 @@ class SftConfig:
 
 
 # Settings a resumed run may change (paths, logging, checkpoint cadence, memory knobs, the export); any other
-# difference from the checkpoint's config is an error (lr, schedule, batch, data shaping, seed...).
+# difference from the checkpoint's config is an error (lr, schedule, batch, data shaping, seed...). truncate_long
+# only decides whether a too-long record stops the run or is cut: where one is cut, the data fingerprint differs
+# anyway, and guided_rl leaves it out of the SFT stage stamp (it takes these keys as plumbing).
 RESUMABLE_KEYS = {"model", "tokenizer", "data", "demo_dir", "out_dir", "micro_batch", "activation_checkpointing",
-                  "save_every", "keep_last", "resume", "export_dtype", "plot", "eval_max_new_tokens"}
+                  "save_every", "keep_last", "resume", "export_dtype", "plot", "eval_max_new_tokens", "truncate_long"}
 
 
 def run(cfg: SftConfig) -> Path:
@@ -115,12 +118,13 @@ def run(cfg: SftConfig) -> Path:
     records = S.read_sft_records(data_path)
     train_records, heldout = split_heldout(records, cfg.eval_holdout, cfg.seed, data_path)
     docs = S.tokenize_records(train_records, tokenizer, data_path)
-    rows = S.pack_documents(docs, cfg.seq_len, tokenizer.pad_id, pack=cfg.pack, shuffle_seed=cfg.seed)
+    rows = S.pack_documents(docs, cfg.seq_len, tokenizer.pad_id, pack=cfg.pack, shuffle_seed=cfg.seed,
+                            truncate_long=cfg.truncate_long)
     spe = S.steps_per_epoch(rows.num_rows, cfg.global_batch)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * spe
     fill = float((rows.targets != S.IGNORE_INDEX).sum() / rows.lengths.sum())
     D.log(f"[sft] {len(docs)} documents ({len(heldout)} held out) -> {rows.num_rows} rows "
-          f"({rows.num_truncated} truncated to seq_len, {fill:.0%} of real tokens are targets); "
+          f"({rows.num_truncated} truncated to seq_len by truncate_long, {fill:.0%} of real tokens are targets); "
           f"{spe} steps/epoch, {total_steps} steps")
 
     # ---- 4. model: meta-device init -> FSDP2 shards -> weights broadcast from rank 0 ----------------------------

@@ -111,6 +111,8 @@ def test_explored_tags_that_are_not_strings_name_the_line_and_position(tmp_path)
      r"stats/sample\.json: field 'tasks\.LaMP-3\.out': expected a whole number"),
     ('{"tasks": {}, "extra": {"histogram": {"LaMP-3": {"high": 1}}}}',
      r"stats/sample\.json: field 'extra\.histogram\.LaMP-3': expected an object of"),
+    ('{"tasks": {}, "extra": {"max_per_instance": "2"}}',
+     r"stats/sample\.json: field 'extra\.max_per_instance': expected a whole number"),
 ])
 def test_a_damaged_stats_file_is_named_with_its_field(tmp_path, text, error):
     cfg = make_cfg(tmp_path)

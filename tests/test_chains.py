@@ -166,7 +166,8 @@ def test_word_overlap_is_one_when_only_tags_were_inserted_and_drops_when_text_ch
     ("analyse_input,examine_examples,make_decision", "'analyse_input' is not one of the nine tags"),
     ("analyze_input,make_decision,make_decision=again", "'make_decision' is given more than once"),
     ("analyze_input,think", "'think' is the reasoning block's own marker"),
-    ("analyze_input,weigh=", "'weigh' has an empty definition"),
+    ("analyze_input=", "'analyze_input' has an empty definition"),
+    ("analyze_input,weigh=weigh the options", "'weigh' is not one of the nine tags"),
 ])
 def test_the_restricted_tag_set_refuses_typos_repeats_and_reserved_names(tmp_path, tags, message):
     with pytest.raises(ValueError, match=message):
@@ -390,6 +391,58 @@ def test_judge_keeps_totals_above_15_and_counts_every_unusable_reply(tmp_path):
     assert s["extra"]["histogram"] == {"LaMP-3": {"15": 1, "18": 1}}
 
 
+def test_every_record_a_filter_drops_is_listed_with_its_reason_and_detail(tmp_path):
+    cfg = make_cfg(tmp_path, **{"filters.rouge_threshold": 0.5})
+    l1, l4 = instance("LaMP-1", "1", gold="[2]"), instance("LaMP-4", "2", gold="city council delays the vote")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [l1, l4])
+    write_jsonl(cfg_out(cfg) / "teacher.jsonl", [
+        chain_record(l1, 0, answer="[2]"), chain_record(l1, 1, answer="[1]"),
+        chain_record(l1, 2, answer="[2]", finish_reason="length"), chain_record(l4, 0, answer="weather is nice")])
+    run_stages(cfg, ["accuracy"], log=lambda m: None)
+    lines = read_jsonl(cfg_out(cfg) / "dropped" / "accuracy.jsonl")
+    assert [(d["id"], d["reason"]) for d in lines] == [
+        ("LaMP-1/1/1", "wrong_answer"), ("LaMP-1/1/2", "truncated"), ("LaMP-4/2/0", "low_rouge")]
+    assert "'[1]'" in lines[0]["detail"] and "'[2]'" in lines[0]["detail"]  # the answer and the gold
+    assert "rougeL" in lines[2]["detail"] and "0.5" in lines[2]["detail"]
+    dropped = sum(sum(r["dropped"].values()) for r in stats(cfg, "accuracy")["tasks"].values())
+    assert dropped == len(lines)
+
+
+def test_an_unusable_judge_reply_is_listed_with_the_parsers_reason_and_the_reply(tmp_path):
+    cfg = make_cfg(tmp_path, **{"judge.concurrency": 1})
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    write_jsonl(cfg_out(cfg) / "accurate.jsonl", [chain_record(inst, j, accuracy=1.0) for j in range(3)])
+    replies = iter([judge_json(), "I refuse.", judge_json({**SCORES, "relevance": 9})])
+    run_stages(cfg, ["judge"], transports={"judge": lambda kw: reply(next(replies))}, log=lambda m: None)
+    lines = read_jsonl(cfg_out(cfg) / "dropped" / "judge.jsonl")
+    assert [(d["id"], d["reason"]) for d in lines] == [("LaMP-3/7/1", "judge_no_json"),
+                                                       ("LaMP-3/7/2", "judge_bad_score")]
+    assert "I refuse." in lines[0]["detail"] and "relevance: {'reason': 'ok', 'score': 9} is not" in lines[1]["detail"]
+
+
+def test_a_stage_killed_midway_and_rerun_lists_each_drop_once(tmp_path):
+    """The drop list is written like the stage output: nothing of a failed run, each drop once after the rerun."""
+    cfg = make_cfg(tmp_path, **{"judge.concurrency": 1, "judge.max_retries": 0})
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    write_jsonl(cfg_out(cfg) / "accurate.jsonl", [chain_record(inst, j, accuracy=1.0) for j in range(4)])
+    calls = []
+
+    def failing_after_two(kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise connection_error()
+        return reply("I refuse.")
+
+    with pytest.raises(EndpointError):
+        run_stages(cfg, ["judge"], transports={"judge": failing_after_two}, log=lambda m: None)
+    assert not (cfg_out(cfg) / "dropped" / "judge.jsonl").exists()
+    run_stages(cfg, ["judge"], transports={"judge": lambda kw: reply("I refuse.")}, log=lambda m: None)
+    lines = read_jsonl(cfg_out(cfg) / "dropped" / "judge.jsonl")
+    assert [d["id"] for d in lines] == [f"LaMP-3/7/{j}" for j in range(4)]
+
+
 def judged(inst, sample, chain=CHAIN, total=18):
     return chain_record(inst, sample, chain=chain, accuracy=1.0, judge={"scores": SCORES, "total": total})
 
@@ -441,18 +494,45 @@ def test_cluster_stage_writes_the_report_and_accepts_a_policy_embedding(tmp_path
     assert "| 1 | decide |" in (cfg_out(cfg) / "clusters.md").read_text()
 
 
-def test_restricted_tagging_sends_the_chosen_tags_with_definitions(tmp_path):
-    cfg = make_cfg(tmp_path, **{"tagging.tags": "analyze_input,weigh=compare the options"})
+def test_restricted_tagging_sends_the_nine_tags_with_definitions_reworded_where_asked(tmp_path):
+    from minitagpr.rewards import TAGS
+    tags = [t if t != "compare_entities" else "compare_entities=put the options side by side" for t in TAGS]
+    cfg = make_cfg(tmp_path, **{"tagging.tags": tags})
     inst = instance()
     write_jsonl(cfg_out(cfg) / "judged.jsonl", [judged(inst, 0)])
     seen = []
-    tagged = "<analyze_input>a</analyze_input><weigh>b</weigh>"
+    tagged = "<analyze_input>a</analyze_input><compare_entities>b</compare_entities><make_decision>c</make_decision>"
     run_stages(cfg, ["tag"], transports={"tagger": lambda kw: seen.append(kw) or reply("Here:\n" + tagged)},
                log=lambda m: None)
     system = seen[0]["messages"][0]["content"]
-    assert "- analyze_input: work out what the request asks" in system and "- weigh: compare the options" in system
-    assert "make_decision" not in system
+    assert "- analyze_input: work out what the request asks" in system
+    assert "- compare_entities: put the options side by side" in system and "at least 3 segments" in system
+    assert all(f"- {t}: " in system for t in TAGS)
     assert read_jsonl(cfg_out(cfg) / "tagged.jsonl")[0]["tagged"] == tagged
+
+
+@pytest.mark.parametrize("overrides", [
+    {"tagging.tags": "analyze_input,examine_examples,make_decision"},  # a subset
+    {"tagging.tags": "make_decision,analyze_input,examine_examples,identify_patterns,evaluate_reference,"
+                     "compare_entities,synthesize_findings,verify_conclusion,formulate_conclusion"},  # reordered
+    {"filters.min_tags": 2},
+    {"filters.min_tags": 4},
+])
+def test_a_tag_set_or_minimum_other_than_rl_tag_reward_uses_is_refused_in_one_line(tmp_path, overrides):
+    """RL's R_tag (rl/loop.py) and the SFT prompt always use the nine tags and >= 3 segments: a dataset tagged with
+    another set or minimum fails R_tag on every chain, so Stage 0 refuses it up front."""
+    from minitagpr.config import ConfigError
+    with pytest.raises(ConfigError, match="R_tag") as err:
+        make_cfg(tmp_path, **overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_the_cluster_report_does_not_offer_its_clusters_as_the_tag_set(tmp_path):
+    cfg = make_cfg(tmp_path)
+    write_jsonl(cfg_out(cfg) / "explored.jsonl", [{"id": "a", "task": "LaMP-3", "tags": ["decide", "look"]}])
+    run_stages(cfg, ["cluster"], log=lambda m: None)
+    text = (cfg_out(cfg) / "clusters.md").read_text()
+    assert "pass it as `tagging.tags`" not in text and "nine tags" in text
 
 
 def test_format_filter_drops_malformed_tags_rewritten_text_and_markers(tmp_path):
@@ -526,6 +606,46 @@ def test_sft_records_follow_the_sft_format_with_canonical_labels(tmp_path):
     assert records[0].messages[1]["content"].endswith(inst["input"])
     assert "- analyze_input: " in records[0].messages[0]["content"]  # the full style lists tag meanings
     assert stats(cfg, "sft")["tasks"]["LaMP-1"] == {"in": 2, "out": 1, "dropped": {"over_instance_cap": 1}}
+
+
+def test_chains_over_the_instance_cap_are_listed_with_their_judge_total(tmp_path):
+    cfg = make_cfg(tmp_path, **{"filters.max_per_instance": 1})
+    inst = instance("LaMP-1", "9", gold="[2]")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    tagged = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
+    write_jsonl(cfg_out(cfg) / "formatted.jsonl", [
+        {**judged(inst, j, chain=tagged, total=t), "answer": "[2]"} for j, t in {0: 17, 1: 19, 2: 16}.items()])
+    run_stages(cfg, ["sft"], log=lambda m: None)
+    lines = read_jsonl(cfg_out(cfg) / "dropped" / "sft.jsonl")
+    assert [(d["id"], d["reason"]) for d in lines] == [("LaMP-1/9/0", "over_instance_cap"),
+                                                       ("LaMP-1/9/2", "over_instance_cap")]
+    assert "judge total 17" in lines[0]["detail"]
+
+
+def test_the_report_states_the_final_count_against_the_spec_and_names_the_drop_lists(tmp_path):
+    cfg = make_cfg(tmp_path, **{"filters.max_per_instance": 2})
+    inst = instance("LaMP-1", "9", gold="[2]")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    tagged = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
+    write_jsonl(cfg_out(cfg) / "formatted.jsonl", [
+        {**judged(inst, j, chain=tagged, total=17), "answer": "[2]"} for j in range(3)])
+    (cfg_out(cfg) / "stats").mkdir()
+    (cfg_out(cfg) / "stats" / "sample.json").write_text(json.dumps(
+        {"stage": "sample", "tasks": {"LaMP-1": {"in": 5, "out": 1, "dropped": {"not_sampled": 4}}}, "extra": {}}))
+    run_stages(cfg, ["sft", "report"], log=lambda m: None)
+    report = (cfg_out(cfg) / "report.md").read_text()
+    assert "**2 SFT chains** in sft.jsonl; tagpr-method.md's Stage 0 has about 10,000" in report
+    assert "filters.max_per_instance=2 allows at most 2 x 1 sampled instances = 2" in report
+    assert "`dropped/sft.jsonl`" in report
+
+
+def test_the_paper_scale_config_caps_the_chains_near_the_specs_10000():
+    """tagpr-method.md: about 10,000 chains; 6 tasks x 1,000 instances x 16 candidates would keep far more."""
+    from pathlib import Path
+    cfg = load_config(ChainsConfig, Path(__file__).resolve().parents[1] / "recipes" / "configs" /
+                      "build_chains_lamp.yaml")
+    cap = cfg.filters.max_per_instance * cfg.data.per_task * len(cfg.data.tasks)
+    assert 10_000 <= cap <= 12_000
 
 
 def test_sft_prompt_style_brief_gives_the_short_instruction(tmp_path):

@@ -24,7 +24,7 @@ def cfg_for(tmp_path, base_url, **overrides):
     cfg = load_config(ChainsConfig, overrides=values)
     instances = [{"id": f"LaMP-3/{i}", "task": "LaMP-3", "example_id": str(i), "user": "u", "input": f"review: r{i}",
                   "profile": [{"id": f"{i}0", "text": "ok", "score": "3"}], "gold": "4"} for i in range(3)]
-    (tmp_path / "out").mkdir()
+    (tmp_path / "out").mkdir(exist_ok=True)
     (tmp_path / "out" / "instances.jsonl").write_text("".join(json.dumps(r) + "\n" for r in instances))
     return cfg
 
@@ -129,3 +129,53 @@ def test_a_reply_that_is_no_chat_completion_is_reported_not_a_traceback(tmp_path
         with pytest.raises(EndpointError, match=r"stage 'teacher'.*after 3 attempt\(s\): the reply is not a chat"):
             teacher(cfg_for(tmp_path, server.base_url))
     assert cache_lines(tmp_path) == []  # never cached: a rerun asks again
+
+
+def test_content_sent_as_text_parts_is_joined_into_one_reply(tmp_path):
+    parts = [{"type": "text", "text": "<think>Reason.</think>"}, {"type": "text", "text": "\n\n4"}]
+    with FakeServer(lambda body, number: (200, completion(parts), {})) as server:
+        teacher(cfg_for(tmp_path, server.base_url))
+    records = [json.loads(line) for line in (tmp_path / "out" / "teacher.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(r["chain"] == "Reason." and r["answer"] == "4" for r in records)
+    cached = [json.loads(line)["response"]["content"] for line in cache_lines(tmp_path)]
+    assert cached == ["<think>Reason.</think>\n\n4"] * 6
+
+
+@pytest.mark.parametrize("content", [42, [{"type": "image_url", "image_url": {"url": "x"}}], {"text": "4"}])
+def test_content_that_is_no_text_is_retried_and_never_cached(tmp_path, content):
+    def reply(body, number):
+        return (200, completion(content), {}) if number == 1 else OK
+
+    with FakeServer(reply) as server:
+        counts = teacher(cfg_for(tmp_path, server.base_url, **{"teacher.concurrency": 1}))
+        assert counts["teacher"].total("out") == 6 and len(server.bodies) == 7  # the odd reply asked again
+    assert len(cache_lines(tmp_path)) == 6
+    assert all(isinstance(json.loads(line)["response"]["content"], str) for line in cache_lines(tmp_path))
+
+
+def test_content_that_stays_no_text_is_reported_not_a_traceback(tmp_path):
+    with FakeServer(lambda body, number: (200, completion(42), {})) as server:
+        with pytest.raises(EndpointError, match=r"stage 'teacher'.*after 3 attempt\(s\): the reply's message content "
+                                                r"is no text: 42"):
+            teacher(cfg_for(tmp_path, server.base_url))
+    assert cache_lines(tmp_path) == []  # never cached: a rerun asks again
+
+
+def test_an_unusable_answer_cached_by_an_older_version_is_asked_again_once(tmp_path, monkeypatch):
+    from minitagpr.data import chain_client
+    with FakeServer(lambda body, number: (200, completion(42), {})) as server:  # cached unchecked, as before the fix
+        with monkeypatch.context() as m:
+            m.setattr(chain_client, "checked_response", lambda response: response)
+            with pytest.raises(Exception):  # the old crash (a number is no text for the reply parser)
+                teacher(cfg_for(tmp_path, server.base_url))
+    unusable = len(cache_lines(tmp_path))
+    assert unusable >= 1
+    logs = []
+    with FakeServer(lambda body, number: OK) as server:
+        cfg = cfg_for(tmp_path, server.base_url)
+        teacher(cfg, logs)
+        assert len(server.bodies) == 6 and sum("is unusable" in line for line in logs) == unusable
+        teacher(cfg)  # the new answers replaced the unusable ones in the cache
+        assert len(server.bodies) == 6
+    assert len(cache_lines(tmp_path)) == 6 + unusable
+    assert len((tmp_path / "out" / "teacher.jsonl").read_text().splitlines()) == 6

@@ -97,8 +97,16 @@ def test_scripted_model_runs_every_stage_into_valid_sft_records_and_reruns_for_f
     assert all(any(d.mask) for d in docs)
     for r in records:
         assert re.fullmatch(r"(<(\w+)>[^<]+</\2>\n?){3,}", r.chain), r.chain
+    for stage, st in stats.items():  # every drop but a selection is listed, with its record and reason
+        counted = sum((Counter({r: n for r, n in row["dropped"].items() if r not in ("not_sampled", "outside_subset")})
+                       for row in st["tasks"].values()), Counter())
+        listed = out / "dropped" / f"{stage}.jsonl"
+        lines = [json.loads(line) for line in listed.read_text().splitlines()] if listed.exists() else []
+        assert Counter(d["reason"] for d in lines) == counted, stage
+        assert len({d["id"] for d in lines}) == len(lines) and all(d["detail"] for d in lines)
     report = (out / "report.md").read_text()
     assert "| judge | LaMP-1 |" in report and "| 18 |" in report and "| make_decision |" in report
+    assert f"**{len(records)} SFT chains** in sft.jsonl" in report and "`dropped/judge.jsonl`" in report
     assert "## Spot check (5 of" in report
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     clusters = json.loads((out / "clusters.json").read_text())

@@ -52,6 +52,24 @@ def test_other_settings_are_refused_by_name_unless_rerun(tmp_path):
     assert (p.reuse, p.resume) == (False, False) and p.build != built.build
 
 
+def test_a_key_added_to_the_code_since_the_build_counts_as_its_default(tmp_path):
+    """Adding a config key (whose default keeps the old behaviour) must not rebuild every stage built before it;
+    setting it to anything else must still be refused, naming the default the old build ran with."""
+    built = _built(tmp_path)
+    default = {**SETTINGS, "new_key": 0}
+    again = stages.plan(tmp_path, tmp_path / "hf", {**SETTINGS, "new_key": 0}, UP, default_settings=default)
+    assert again.reuse and again.build == built.build
+    with pytest.raises(ConfigError, match=r"new_key 0 -> 1"):
+        stages.plan(tmp_path, tmp_path / "hf", {**SETTINGS, "new_key": 1}, UP, default_settings=default)
+
+
+def test_stage_defaults_are_the_config_classes_defaults_minus_plumbing():
+    sft = load_recipe("sft")
+    d = stages.defaults(sft.SftConfig, sft.RESUMABLE_KEYS)
+    assert d == stages.settings(sft.SftConfig(), sft.RESUMABLE_KEYS)
+    assert "out_dir" not in d and d["lr"] == sft.SftConfig().lr
+
+
 def test_a_rebuilt_earlier_stage_rebuilds_this_one_from_scratch(tmp_path):
     built = _built(tmp_path, upstream={"world": "w1", "sft": "b1"})
     p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, {"world": "w1", "sft": "b2"})

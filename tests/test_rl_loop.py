@@ -438,6 +438,22 @@ def test_resume_ignores_a_recipes_own_keys():
     _check_resumed_config(asdict(Driver()), Driver(exploratory_steps=32), Path("ck"))
 
 
+def test_a_key_the_checkpoint_predates_counts_as_its_default_on_resume():
+    """A checkpoint saved before a key existed trained as the key's default: resuming with the default is fine,
+    resuming with another value changes training mid-run and is refused, naming the key (it was let through)."""
+    from dataclasses import asdict
+
+    from minitagpr.config import ConfigError
+    from minitagpr.rl.loop import _check_resumed_config
+
+    saved = asdict(RLConfig())
+    del saved["token_level"]  # as if written before the key existed
+    _check_resumed_config(saved, RLConfig(), Path("ck"))
+    with pytest.raises(ConfigError, match=r"token_level False \(not saved: the default when it was written\) -> True"):
+        _check_resumed_config(saved, RLConfig(token_level=True), Path("ck"))
+    _check_resumed_config({}, RLConfig(token_level=True), Path("ck"))  # no saved config at all: nothing to compare
+
+
 def test_the_two_stages_draw_different_prompt_orders_and_samples_with_one_seed():
     from minitagpr.rl.loop import rollout_seed, stage_seed
 

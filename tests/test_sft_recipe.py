@@ -183,6 +183,39 @@ def test_missing_data_file_fails_clearly(inputs, tmp_path, capsys):
     assert f"SFT data file {tmp_path / 'missing.jsonl'} does not exist" in capsys.readouterr().err
 
 
+def write_data_with_a_long_record(path):
+    """Three records; the second, 'long-one', is longer than seq_len=128 (its chain alone is 240 words)."""
+    from train_fixtures import sft_record
+    long = dict(sft_record(1), id="long-one",
+                chain="<analyze_input>" + "the user likes jazz " * 60 + "</analyze_input>")
+    path.write_text("".join(json.dumps(r) + "\n" for r in [sft_record(0), long, sft_record(2)]))
+    return path
+
+
+def test_a_record_longer_than_seq_len_stops_the_run_naming_file_record_and_lengths(inputs, tmp_path, capsys):
+    """Before, it was cut to seq_len and only counted in the log: SFT trained on a chain with no </think>, no answer
+    and no <|im_end|>."""
+    data = write_data_with_a_long_record(tmp_path / "long.jsonl")
+    with pytest.raises(SystemExit) as exit_:
+        recipe().main(common(inputs, tmp_path / "x", data=data, global_batch=1, max_steps=1, plot=False))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"1 of 3 documents are longer than seq_len=128 tokens; the first: {data}:2 (record id 'long-one'): " in err
+    assert "tokens = prompt " in err and "truncate_long=true" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x" / "checkpoints").exists()  # stopped before training
+
+
+def test_truncate_long_cuts_instead_and_is_plumbing_for_resume_and_the_demo_stamp(inputs, tmp_path, capsys):
+    sft = recipe()
+    data = write_data_with_a_long_record(tmp_path / "long.jsonl")
+    run_in_process(common(inputs, tmp_path / "x", data=data, global_batch=1, max_steps=1, plot=False,
+                          truncate_long=True))
+    assert "(1 truncated to seq_len by truncate_long" in capsys.readouterr().out
+    # recipes/guided_rl.py leaves sft.RESUMABLE_KEYS (minus model, tokenizer, data, export_dtype) out of the SFT
+    # stage stamp: a new key outside it would make every existing demo SFT stage "built with other settings"
+    assert "truncate_long" in sft.RESUMABLE_KEYS
+
+
 def test_non_finite_loss_stops_with_the_step(inputs, tmp_path, capsys):
     # an absurd learning rate blows the weights up in one step; step 1 must stop before the optimizer step
     with pytest.raises(SystemExit) as exit_:

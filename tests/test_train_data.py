@@ -131,16 +131,32 @@ def test_pack_false_puts_one_document_per_row():
     assert sorted(rows.lengths.tolist()) == sorted(len(d.ids) for d in docs)
 
 
-def test_long_documents_are_truncated_and_counted():
+def test_a_document_longer_than_seq_len_is_an_error_naming_file_record_and_lengths():
+    """Cut silently, a chain lost its </think>, answer and <|im_end|>: SFT taught chains that never finish."""
+    docs = [S.Document([1, 2, 3], [False, True, True], "short", where="x.jsonl:1"),
+            S.Document(list(range(1, 21)), [False] * 5 + [True] * 15, "long", where="x.jsonl:2"),
+            S.Document(list(range(1, 11)), [False] * 2 + [True] * 8, "long2", where="x.jsonl:3")]
+    with pytest.raises(S.DataError, match=r"2 of 3 documents are longer than seq_len=8 tokens; the first: x.jsonl:2 "
+                                          r"\(record id 'long'\): 20 tokens = prompt 5 \+ target 15\..*truncate_long"):
+        S.pack_documents(docs, seq_len=8, pad_id=0)
+
+
+def test_with_truncate_long_long_documents_are_cut_and_counted():
     docs = [S.Document(list(range(1, 21)), [False] * 5 + [True] * 15, "long")]
-    rows = S.pack_documents(docs, seq_len=8, pad_id=0)
+    rows = S.pack_documents(docs, seq_len=8, pad_id=0, truncate_long=True)
     assert rows.num_truncated == 1 and rows.input_ids.tolist() == [list(range(1, 9))]
+
+
+def test_a_document_exactly_seq_len_long_is_whole_not_an_error():
+    docs = [S.Document(list(range(1, 9)), [False] * 2 + [True] * 6, "exact")]
+    rows = S.pack_documents(docs, seq_len=8, pad_id=0)
+    assert rows.num_truncated == 0 and rows.input_ids.tolist() == [list(range(1, 9))]
 
 
 def test_document_without_targets_within_seq_len_is_an_error():
     docs = [S.Document(list(range(1, 21)), [False] * 15 + [True] * 5, "p", where="x.jsonl:7")]
     with pytest.raises(S.DataError, match=r"x.jsonl:7 \(record id 'p'\): no target tokens within seq_len=8"):
-        S.pack_documents(docs, seq_len=8, pad_id=0)
+        S.pack_documents(docs, seq_len=8, pad_id=0, truncate_long=True)
 
 
 def test_batch_returns_int64_rows_without_their_common_trailing_padding():

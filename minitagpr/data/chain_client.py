@@ -6,14 +6,17 @@ module makes such a run survive crashes, rate limits and flaky servers without p
 - `ResponseCache`: an append-only JSONL file, one line `{"key", "stage", "model", "response"}` per answered request.
   Every line is written whole with one write, then flushed and fsync'ed before the answer is used, so a run killed
   at any moment leaves at most one torn last line; reopening the cache detects it, cuts it off and carries on. A
-  bad line anywhere else is an error naming the file and line (never skipped). An exclusive lock (flock) keeps two
-  runs from sharing one cache file.
+  bad line anywhere else is an error naming the file and line (never skipped). A key on two lines (an unusable
+  answer asked again) counts with its last line. An exclusive lock (flock) keeps two runs from sharing one cache
+  file.
 - `request_key`: sha256 of the canonical JSON of (model, messages, sampling parameters, sample index). Endpoint URL,
   key, concurrency and timeouts are not part of it: they do not change what was asked.
 - `ChatClient.run(requests)`: answers an iterable of `ChatRequest`s in their order, from the cache when it can,
   otherwise with at most `concurrency` calls in flight (threads). Rate limits (429, honouring `retry-after-ms` /
   `retry-after`), server errors (5xx, 408, 409), connection errors, timeouts and 200 replies that hold no chat
-  completion are retried with exponential backoff and jitter (other 4xx fail at once). When a request still
+  completion are retried with exponential backoff and jitter (other 4xx fail at once); so are replies whose message
+  content is neither text, a list of text parts (joined into one string) nor null (`checked_response`), and
+  such a reply is never cached (one cached by an older version is asked again). When a request still
   fails, no new call is started, the calls in flight finish and are cached, and `EndpointError` names the stage,
   the endpoint, the model and the request. A KeyboardInterrupt behaves the same way. Either way, rerunning the
   same command resumes where the run stopped. (A SIGKILL loses the answers in flight, at most `concurrency`.)
@@ -198,7 +201,7 @@ class ResponseCache:
                 os.fsync(self._file.fileno())
                 self.torn_lines = 1
                 break
-            self._index.setdefault(record["key"], (offset, len(line)))
+            self._index[record["key"]] = (offset, len(line))  # the last line of a key wins (`put(replace=True)`)
             offset += len(line)
 
     def __len__(self) -> int:
@@ -216,12 +219,13 @@ class ResponseCache:
         raw = os.pread(self._file.fileno(), length, offset)  # positional read: safe beside concurrent appends
         return json.loads(raw)["response"]
 
-    def put(self, key: str, stage: str, model: str, response: dict) -> None:
-        """Append one answered request; durable (fsync) before this returns."""
+    def put(self, key: str, stage: str, model: str, response: dict, replace: bool = False) -> None:
+        """Append one answered request; durable (fsync) before this returns. An answered key is written again only
+        with `replace` (its cached answer was unusable)."""
         line = (json.dumps({"key": key, "stage": stage, "model": model, "response": response},
                            ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
         with self._lock:
-            if key in self._index:
+            if key in self._index and not replace:
                 return
             self._file.seek(0, os.SEEK_END)
             offset = self._file.tell()
@@ -284,6 +288,19 @@ def _valid_text(value: Any) -> Any:
     if isinstance(value, list):
         return [_valid_text(v) for v in value]
     return value
+
+
+def checked_response(response: dict) -> dict:
+    """`response` with its `content` as text: a list of text parts (`{"type": "text", "text": ...}`, what some
+    servers send) is joined into one string; content that is neither a string, such a list nor null (a number, an
+    image part) raises MalformedReply, so it is retried and never cached."""
+    content = response.get("content")
+    if content is None or isinstance(content, str):
+        return response
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        return {**response, "content": "".join(part["text"] for part in content)}
+    raise MalformedReply(f"the reply's message content is no text: {json.dumps(content, default=str)[:200]}")
 
 
 def _response_dict(completion: Any) -> dict:
@@ -396,11 +413,19 @@ class ChatClient:
                     return
                 key = self.key(request)
                 cached = self.cache.get(key)
+                replace = False
+                if cached is not None:
+                    try:
+                        cached = checked_response(cached)
+                    except MalformedReply as err:  # cached by a version that did not check content: ask again
+                        self.log(f"stage {self.stage!r}: request {request.label!r} (sample {request.sample}): the "
+                                 f"cached answer in {self.cache.path} is unusable ({err}); asking again")
+                        cached, replace = None, True
                 if cached is not None:  # answered before (this run or a killed one): no call
                     self.cached += 1
                     pending.append((request, cached))
                 else:
-                    pending.append((request, pool.submit(self._call, request, key, stop)))
+                    pending.append((request, pool.submit(self._call, request, key, stop, replace)))
 
         try:
             schedule()
@@ -424,14 +449,14 @@ class ChatClient:
             raise EndpointError(f"{failure} -- {len(self.cache)} answered requests are kept in {self.cache.path}; "
                                 f"rerun the same command to resume") from None
 
-    def _call(self, request: ChatRequest, key: str, stop: threading.Event) -> dict:
+    def _call(self, request: ChatRequest, key: str, stop: threading.Event, replace: bool = False) -> dict:
         kwargs = {"model": self.endpoint.model, "messages": request.messages, **self.params(request)}
         attempts = self.cfg.max_retries + 1
         for attempt in range(attempts):
             if stop.is_set():
                 raise _Stopped()
             try:
-                response = self.transport(kwargs)
+                response = checked_response(self.transport(kwargs))
             except Exception as err:  # noqa: BLE001 -- classified below; anything unknown is re-raised
                 failure = classify_error(err, self.cfg.timeout_s)
                 if failure is None:
@@ -452,7 +477,7 @@ class ChatClient:
                     raise _Stopped() from None
                 continue
             response = _valid_text(response)
-            self.cache.put(key, self.stage, self.endpoint.model, response)
+            self.cache.put(key, self.stage, self.endpoint.model, response, replace=replace)
             with self._counter_lock:
                 self.calls += 1
             return response

@@ -13,15 +13,17 @@ counts to `stats/<stage>.json`, so any stage can be rerun alone:
                                                                total > `min_judge_total` (15 of 20)
     explore   judged.jsonl                  explored.jsonl     free-form tagging of a seeded subset
     cluster   explored.jsonl                clusters.json/.md  tag names embedded (TF-IDF character n-grams, or
-                                                               the policy's embeddings) + K-means; the report
-                                                               from which to choose the primary tag set
-    tag       judged.jsonl                  tagged.jsonl       restricted tagging with the chosen tags
+                                                               the policy's embeddings) + K-means; a report to
+                                                               inspect (the nine tags themselves are fixed)
+    tag       judged.jsonl                  tagged.jsonl       restricted tagging with the nine tags
     format    tagged.jsonl                  formatted.jsonl    keep chains that pass the rewards module's tag and
                                                                format checks and still hold the teacher's words,
                                                                in order (tagger replies cut off: dropped)
-    sft       formatted.jsonl               sft.jsonl          SFT records (docs/interfaces.md)
-    report    stats/*.json, formatted.jsonl report.md/.png     counts per stage and task, judge histogram,
-                                                               tag frequencies, a seeded spot-check sample
+    sft       formatted.jsonl               sft.jsonl          SFT records (docs/interfaces.md), at most
+                                                               `max_per_instance` per instance
+    report    stats/*.json, formatted.jsonl report.md/.png     counts per stage and task, the final count against
+                                                               the spec's ~10,000, judge histogram, tag
+                                                               frequencies, a seeded spot-check sample
 
 Stages that call an endpoint (teacher, judge, explore, tag) go through `chain_client.ChatClient` with one cache
 file per stage under `cache/`: a killed or failed run, rerun with the same settings, repeats no answered request,
@@ -29,7 +31,14 @@ and the outputs do not depend on how often the run was interrupted (records keep
 per-sample seed is a hash of (data.seed, instance id, sample index)).
 
 Counting: for every filter stage and task, `in == out + sum(dropped)`; the teacher's `out` is `in * samples`.
-Unparsable judge replies and malformed tags are counted under their drop reason, never a crash.
+Unparsable judge replies and malformed tags are counted under their drop reason, never a crash. Every record a
+stage drops is also listed in `dropped/<stage>.jsonl`, one line `{"id", "reason", "detail"}` in record order,
+written like the stage's output (whole, atomically); `not_sampled` and `outside_subset` are selections, not
+drops of bad records, and are counted only.
+
+The restricted tag set is the spec's nine tags (rewards.TAGS) and at least 3 segments, fixed: RL's R_tag and the
+SFT prompt check exactly these, so a chain tagged otherwise would fail R_tag. Only a tag's definition (the text
+the tagger reads) may be reworded.
 
 This module touches no tensors; the policy-embedding option of the cluster stage takes an `embed_fn` from the
 recipe (recipes/build_chains.py).
@@ -64,7 +73,7 @@ from minitagpr.data.lamp import (
 )
 from minitagpr.data.prompts import STYLES, TAG_MEANINGS, build_messages
 from minitagpr.data.retrieval import get_retriever
-from minitagpr.rewards import TAGS, check_tags, format_reward, verifiable_reward
+from minitagpr.rewards import MIN_TAGS, TAGS, check_tags, format_reward, verifiable_reward
 
 LAMP_TASKS = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7")
 STAGES = ("sample", "teacher", "accuracy", "judge", "explore", "cluster", "tag", "format", "sft", "report")
@@ -73,6 +82,7 @@ FILES = {"sample": "instances.jsonl", "teacher": "teacher.jsonl", "accuracy": "a
          "format": "formatted.jsonl", "sft": "sft.jsonl", "report": "report.md"}
 ROLE_OF_STAGE = {"teacher": "teacher", "judge": "judge", "explore": "tagger", "tag": "tagger"}
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SPEC_CHAINS = 10_000  # tagpr-method.md, Stage 0: "about 10,000 chains"
 
 
 class ChainDataError(DataError):
@@ -129,13 +139,18 @@ class FilterConfig:
     rouge_variant: str = "rougeL"
     rouge_threshold: float = 0.3    # generation chains are kept when ROUGE > this
     min_judge_total: int = 15       # kept when the judge's total > this (of 20)
-    min_tags: int = 3               # the tag reward's minimum number of segments
+    min_tags: int = MIN_TAGS     # R_tag's minimum number of segments (fixed: 3)
     min_overlap: float = 0.9        # tagged chain vs teacher chain: share of words kept, in order
     max_per_instance: int = 0       # SFT chains kept per instance, best judged first (0: all)
 
     def __post_init__(self):
         if self.rouge_variant not in ("rouge1", "rouge2", "rougeL"):
             raise ValueError(f"filters.rouge_variant must be rouge1, rouge2 or rougeL, got {self.rouge_variant!r}")
+        if self.min_tags != MIN_TAGS:  # a chain with fewer segments would fail R_tag at RL time
+            raise ValueError(f"filters.min_tags must be {MIN_TAGS}, got {self.min_tags}: RL's R_tag and the SFT "
+                             f"prompt require at least {MIN_TAGS} tagged segments (tagpr-method.md)")
+        if self.max_per_instance < 0:
+            raise ValueError(f"filters.max_per_instance must be >= 0 (0: all), got {self.max_per_instance}")
         if not 0.0 <= self.min_overlap <= 1.0:
             raise ValueError(f"filters.min_overlap must be in [0, 1], got {self.min_overlap}")
 
@@ -147,7 +162,8 @@ class TaggingConfig:
     policy_checkpoint: str = ""   # for embedder=policy
     n_clusters: int = 9
     names_per_cluster: int = 8    # names listed per cluster in the report
-    # The restricted set: a name of the nine (its definition comes from prompts.TAG_MEANINGS) or "name=definition".
+    # The restricted set: the nine tags in rewards.TAGS order, each a bare name (its definition comes from
+    # prompts.TAG_MEANINGS) or "name=definition" (another wording for the tagger). No other set: see the docstring.
     tags: list[str] = field(default_factory=lambda: list(TAGS))
 
     def __post_init__(self):
@@ -157,7 +173,11 @@ class TaggingConfig:
             raise ValueError("tagging.embedder=policy needs tagging.policy_checkpoint=PATH")
         if self.n_clusters < 1 or self.explore_subset < 0:
             raise ValueError("tagging.n_clusters must be >= 1 and tagging.explore_subset >= 0")
-        self.tag_definitions()  # validate early
+        names = list(self.tag_definitions())  # validates every entry first
+        if names != list(TAGS):  # chains tagged with another set would fail R_tag on every chain at RL time
+            raise ValueError(f"tagging.tags must be the spec's nine tags in this order: {', '.join(TAGS)} (got "
+                             f"{', '.join(names)}); RL's R_tag and the SFT prompt use exactly these, so clusters.md "
+                             f"is for inspection only (a definition may be reworded as name=definition)")
 
     def tag_definitions(self) -> dict[str, str]:
         """{tag name: definition} of the restricted set."""
@@ -173,9 +193,8 @@ class TaggingConfig:
                 raise ValueError(f"tagging.tags: {name!r} is given more than once")
             if sep and not meaning.strip():
                 raise ValueError(f"tagging.tags: {name!r} has an empty definition")
-            if not sep and name not in TAG_MEANINGS:
-                raise ValueError(f"tagging.tags: {name!r} is not one of the nine tags "
-                                 f"({', '.join(TAG_MEANINGS)}); a new tag needs its definition: {name}=...")
+            if name not in TAG_MEANINGS:
+                raise ValueError(f"tagging.tags: {name!r} is not one of the nine tags ({', '.join(TAG_MEANINGS)})")
             out[name] = meaning.strip() if sep else TAG_MEANINGS[name]
         if not out:
             raise ValueError("tagging.tags is empty")
@@ -307,6 +326,20 @@ class AtomicWriter:
 def write_text(path: Path, text: str) -> None:
     with AtomicWriter(path) as f:
         f.write(text)
+
+
+class DropLog(AtomicWriter):
+    """`dropped/<stage>.jsonl`: one line `{"id", "reason", "detail"}` per record the stage drops, counted in `counts`
+    too. Written like the stage's output (whole, renamed into place when the stage ends cleanly, in record order), so
+    a killed and resumed run neither loses nor repeats a line."""
+
+    def __init__(self, out_dir: Path, stage: str, counts: "StageCounts"):
+        super().__init__(out_dir / "dropped" / f"{stage}.jsonl")
+        self.counts = counts
+
+    def drop(self, task: str, record_id: str, reason: str, detail: str) -> None:
+        self.counts.drop(task, reason)
+        self.record({"id": record_id, "reason": reason, "detail": detail})
 
 
 class StageCounts:
@@ -680,25 +713,30 @@ def stage_accuracy(ctx: Context) -> StageCounts:
     instances = load_instances(ctx.out)
     counts = StageCounts("accuracy")
     source = ctx.path("teacher")
-    with AtomicWriter(ctx.path("accuracy")) as out:
+    with AtomicWriter(ctx.path("accuracy")) as out, DropLog(ctx.out, "accuracy", counts) as dropped:
         for rec in read_jsonl(source, CHAIN_FIELDS, "teacher"):
-            task = rec["task"]
+            task, rid = rec["task"], rec["id"]
             counts.seen(task)
             if rec["chain"] is None:
-                counts.drop(task, "no_reasoning")
+                dropped.drop(task, rid, "no_reasoning", "the reply has no reasoning block, or one holding chat or "
+                                                        "think markers")
                 continue
-            if rec.get("finish_reason") == "length":
-                counts.drop(task, "truncated")  # the answer after a cut-off chain is not the teacher's answer
+            if rec.get("finish_reason") == "length":  # the answer after a cut-off chain is not the teacher's answer
+                dropped.drop(task, rid, "truncated", "finish_reason 'length': cut off at teacher.max_tokens")
                 continue
             if not rec["answer"]:
-                counts.drop(task, "no_answer")
+                dropped.drop(task, rid, "no_answer", "nothing after the reasoning")
                 continue
             gold = _instance_of(instances, rec, source)["gold"]
             r_v = verifiable_reward(task, rec["answer"], gold, normalize_answers=f.normalize_answers,
                                     rouge_variant=f.rouge_variant)
             classification = TASK_SPECS[task].is_classification
-            if (r_v < 1.0) if classification else (r_v <= f.rouge_threshold):
-                counts.drop(task, "wrong_answer" if classification else "low_rouge")
+            if classification and r_v < 1.0:
+                dropped.drop(task, rid, "wrong_answer", f"answer {rec['answer'][:200]!r}, gold {gold!r}")
+                continue
+            if not classification and r_v <= f.rouge_threshold:
+                dropped.drop(task, rid, "low_rouge", f"{f.rouge_variant} {r_v:.4f} <= rouge_threshold "
+                                                     f"{f.rouge_threshold}")
                 continue
             out.record({**rec, "accuracy": r_v})
             counts.kept(task)
@@ -728,7 +766,8 @@ def stage_judge(ctx: Context) -> StageCounts:
 
     progress = Progress(ctx, "judge", client)
     # closing(): on any exception the answers in flight are cached before the cache file closes
-    with client.cache, AtomicWriter(ctx.path("judge")) as out, closing(client.run(requests())) as answers:
+    with client.cache, AtomicWriter(ctx.path("judge")) as out, DropLog(ctx.out, "judge", counts) as dropped, \
+            closing(client.run(requests())) as answers:
         for request, response in answers:
             rec, task = request.context, request.context["task"]
             counts.seen(task)
@@ -736,12 +775,14 @@ def stage_judge(ctx: Context) -> StageCounts:
             try:
                 scores = parse_judge_reply(response.get("content"))
             except ReplyError as err:
-                counts.drop(task, err.reason)
+                content = response.get("content") or ""
+                dropped.drop(task, rec["id"], err.reason, f"{err} (reply: {content[:200]!r})")
                 continue
             total = sum(scores.values())
             histogram.setdefault(task, Counter())[total] += 1
             if total <= cfg.filters.min_judge_total:
-                counts.drop(task, "low_score")
+                dropped.drop(task, rec["id"], "low_score", f"total {total} <= min_judge_total "
+                                                           f"{cfg.filters.min_judge_total} ({json.dumps(scores)})")
                 continue
             out.record({**rec, "judge": {"scores": scores, "total": total}})
             counts.kept(task)
@@ -774,13 +815,14 @@ def stage_explore(ctx: Context) -> StageCounts:
 
     progress = Progress(ctx, "explore", client)
     # closing(): on any exception the answers in flight are cached before the cache file closes
-    with client.cache, AtomicWriter(ctx.path("explore")) as out, closing(client.run(requests())) as answers:
+    with client.cache, AtomicWriter(ctx.path("explore")) as out, DropLog(ctx.out, "explore", counts) as dropped, \
+            closing(client.run(requests())) as answers:
         for request, response in answers:
             rec = request.context
             progress.tick()
             names = parse_free_tags(response.get("content"))
             if not names:
-                counts.drop(rec["task"], "no_tags")
+                dropped.drop(rec["task"], rec["id"], "no_tags", "no segment <name> ... </name> in the reply")
                 continue
             out.record({"id": rec["id"], "task": rec["task"], "tags": names})
             counts.kept(rec["task"])
@@ -835,8 +877,8 @@ def cluster_tag_names(counts: Mapping[str, int], embeddings: np.ndarray, n_clust
 
 
 def stage_cluster(ctx: Context) -> StageCounts:
-    """Embed the free-form tag names and cluster them; write clusters.json and clusters.md (the report from which
-    a person chooses the primary tag set, `tagging.tags`)."""
+    """Embed the free-form tag names and cluster them; write clusters.json and clusters.md, a report to compare
+    with the nine tags (Stage 0 step 4). The restricted set stays the spec's nine: RL's R_tag checks those."""
     t = ctx.cfg.tagging
     counts = StageCounts("cluster")
     names: Counter = Counter()
@@ -873,8 +915,8 @@ def stage_cluster(ctx: Context) -> StageCounts:
 def clusters_markdown(result: Mapping[str, Any]) -> str:
     lines = ["# Exploratory tag clusters", "",
              f"{result['segments']} segments named with {result['distinct_names']} distinct free-form tags, "
-             f"embedded with `{result['embedder']}` and grouped by K-means (weighted by frequency). Choose the "
-             f"primary set from the largest clusters and pass it as `tagging.tags`.", ""]
+             f"embedded with `{result['embedder']}` and grouped by K-means (weighted by frequency). For inspection: "
+             f"the restricted tagging uses the spec's nine tags, the set RL's tag reward R_tag checks.", ""]
     if not result["clusters"]:
         return "\n".join(lines + ["No tags were found.", ""])
     lines += ["| rank | representative | nearest centroid | segments | share | distinct names | names (count) |",
@@ -887,7 +929,7 @@ def clusters_markdown(result: Mapping[str, Any]) -> str:
 
 
 def stage_tag(ctx: Context) -> StageCounts:
-    """Restricted tagging: every judged chain re-segmented with the chosen tags (and their definitions). The reply
+    """Restricted tagging: every judged chain re-segmented with the nine tags (and their definitions). The reply
     is stored as found (its tagged span, or null); the format stage decides whether it is usable."""
     cfg = ctx.cfg
     tags = cfg.tagging.tag_definitions()
@@ -914,32 +956,34 @@ def stage_tag(ctx: Context) -> StageCounts:
 
 
 def stage_format(ctx: Context) -> StageCounts:
-    """Keep tagged chains that pass the tag reward's checks (syntax, only the chosen tags, >= `min_tags`
-    segments), the format reward (no chat or think markers) and still hold the teacher's words."""
+    """Keep tagged chains that pass the tag reward's checks (syntax, only the nine tags, >= 3 segments), the format
+    reward (no chat or think markers) and still hold the teacher's words."""
     cfg = ctx.cfg
     allowed = tuple(cfg.tagging.tag_definitions())
     counts = StageCounts("format")
     tag_errors: Counter = Counter()
-    with AtomicWriter(ctx.path("format")) as out:
+    with AtomicWriter(ctx.path("format")) as out, DropLog(ctx.out, "format", counts) as dropped:
         for rec in read_jsonl(ctx.path("tag"), {**JUDGED_FIELDS, "tagged": (str, type(None))}, "tag"):
-            task, tagged = rec["task"], rec.pop("tagged")
+            task, rid, tagged = rec["task"], rec["id"], rec.pop("tagged")
             counts.seen(task)
             if rec.pop("tagger_finish_reason", None) == "length":  # the reply was cut off: its end is missing
-                counts.drop(task, "tagger_truncated")
+                dropped.drop(task, rid, "tagger_truncated", "finish_reason 'length': cut off at tagger.max_tokens")
                 continue
             if tagged is None:
-                counts.drop(task, "no_tags")
+                dropped.drop(task, rid, "no_tags", "the tagger's reply holds no tag")
                 continue
             check = check_tags(tagged, allowed, cfg.filters.min_tags)
             if not check.ok:
-                counts.drop(task, "tag_check")
+                dropped.drop(task, rid, "tag_check", check.error)
                 tag_errors[re.sub(r"\d+", "N", re.sub(r"<[^>]*>", "<tag>", check.error))] += 1
                 continue
             if format_reward(f"{THINK_OPEN}\n{tagged}\n{THINK_CLOSE}\n\n{rec['answer']}") != 1.0:
-                counts.drop(task, "markers")
+                dropped.drop(task, rid, "markers", "a chat or think marker in the tagged chain or the answer")
                 continue
-            if word_overlap(rec["chain"], tagged) < cfg.filters.min_overlap:
-                counts.drop(task, "rewritten")
+            overlap = word_overlap(rec["chain"], tagged)
+            if overlap < cfg.filters.min_overlap:
+                dropped.drop(task, rid, "rewritten", f"word overlap {overlap:.4f} < min_overlap "
+                                                     f"{cfg.filters.min_overlap}")
                 continue
             out.record({**rec, "untagged_chain": rec["chain"], "chain": tagged})
             counts.kept(task)
@@ -960,16 +1004,19 @@ def stage_sft(ctx: Context) -> StageCounts:
     for rec in read_jsonl(source, JUDGED_FIELDS, "format"):
         _instance_of(instances, rec, source)
         by_instance.setdefault(rec["instance"], []).append(rec)
-    with AtomicWriter(ctx.path("sft")) as out:
+    cap = cfg.filters.max_per_instance
+    with AtomicWriter(ctx.path("sft")) as out, DropLog(ctx.out, "sft", counts) as dropped:
         for inst_id, records in by_instance.items():
             inst = instances[inst_id]
             task = inst["task"]
             counts.seen(task, len(records))
             keep = records
-            if cfg.filters.max_per_instance:
+            if cap:
                 best = sorted(records, key=lambda r: (-r["judge"]["total"], r["sample"]))
-                keep = sorted(best[: cfg.filters.max_per_instance], key=lambda r: r["sample"])
-                counts.drop(task, "over_instance_cap", len(records) - len(keep))
+                keep = sorted(best[:cap], key=lambda r: r["sample"])
+                for rec in sorted(best[cap:], key=lambda r: r["sample"]):
+                    dropped.drop(task, rec["id"], "over_instance_cap", f"judge total {rec['judge']['total']}; "
+                                 f"max_per_instance={cap} keeps the best judged of the instance's {len(records)}")
             example = LampExample(inst["example_id"], task, inst["input"], inst["profile"], inst.get("user"))
             messages = _prompt(lambda: build_messages(example, inst["profile"], style=cfg.prompt_style),
                                ctx.path("sample"), inst["id"])
@@ -980,6 +1027,7 @@ def stage_sft(ctx: Context) -> StageCounts:
                 out.record({"id": rec["id"], "user": inst.get("user"), "task": task, "messages": messages,
                             "chain": rec["chain"], "answer": answer})
                 counts.kept(task)
+    counts.extra["max_per_instance"] = cap  # for the report's final count
     return counts
 
 
@@ -999,7 +1047,8 @@ def tag_frequencies(path: Path, allowed: Sequence[str], min_tags: int) -> tuple[
 
 
 def stage_report(ctx: Context) -> StageCounts:
-    """report.md (counts per stage and task, judge histogram, tag frequencies) and report.png (bar charts)."""
+    """report.md (the final count against the spec's ~10,000, counts per stage and task with the files listing
+    every dropped record, judge histogram, tag frequencies) and report.png (bar charts)."""
     stats = {}
     for stage in STAGES:
         path = ctx.out / "stats" / f"{stage}.json"
@@ -1010,7 +1059,8 @@ def stage_report(ctx: Context) -> StageCounts:
     histogram: Counter = Counter()
     for per_task in stats.get("judge", {}).get("extra", {}).get("histogram", {}).values():
         histogram.update({int(k): v for k, v in per_task.items()})
-    text = report_markdown(stats, histogram, segments, chains, n_chains)
+    drop_files = [f"dropped/{stage}.jsonl" for stage in STAGES if (ctx.out / "dropped" / f"{stage}.jsonl").is_file()]
+    text = report_markdown(stats, histogram, segments, chains, n_chains, drop_files)
     write_text(ctx.path("report"), text + spot_check_markdown(ctx.path("format"), ctx.cfg.data.seed))
     plot_report(ctx.out / "report.png", histogram, segments)
     counts = StageCounts("report")
@@ -1047,13 +1097,31 @@ def read_stats(path: Path) -> dict:
     for task, per_total in histogram.items():
         if not isinstance(per_total, dict) or not all(k.isdigit() and is_count(n) for k, n in per_total.items()):
             raise bad(f"extra.histogram.{task}", "an object of {total: count} whole numbers")
+    if not is_count(extra.get("max_per_instance", 0)):
+        raise bad("extra.max_per_instance", "a whole number")
     return stats
 
 
+def final_count_markdown(stats: Mapping[str, dict]) -> list[str]:
+    """The SFT chains written, against the spec's "about 10,000", and what bounds the number."""
+    lines = ["## Final count", ""]
+    if "sft" not in stats:
+        return lines + ["The sft stage has not run: no SFT chains yet.", ""]
+    n = sum(row["out"] for row in stats["sft"]["tasks"].values())
+    max_per_instance = stats["sft"].get("extra", {}).get("max_per_instance", 0)  # as the sft stage ran
+    instances = sum(row["out"] for row in stats.get("sample", {"tasks": {}})["tasks"].values())
+    cap = (f"filters.max_per_instance={max_per_instance} allows at most {max_per_instance} x {instances} sampled "
+           f"instances = {max_per_instance * instances}" if max_per_instance else
+           "filters.max_per_instance=0 keeps every chain that passed the filters")
+    return lines + [f"**{n} SFT chains** in sft.jsonl; tagpr-method.md's Stage 0 has about {SPEC_CHAINS:,} "
+                    f"({100 * n / SPEC_CHAINS:.0f}% of that). {cap}.", ""]
+
+
 def report_markdown(stats: Mapping[str, dict], histogram: Mapping[int, int], segments: Counter,
-                    chains: Counter, n_chains: int) -> str:
-    lines = ["# Tagged chain build", "", "## Records in and out of every stage", "",
-             "| stage | task | in | out | dropped |", "|---|---|---|---|---|"]
+                    chains: Counter, n_chains: int, drop_files: Sequence[str] = ()) -> str:
+    lines = ["# Tagged chain build", ""] + final_count_markdown(stats)
+    lines += ["## Records in and out of every stage", "",
+              "| stage | task | in | out | dropped |", "|---|---|---|---|---|"]
     for stage, s in stats.items():
         for task, row in s["tasks"].items():
             dropped = ", ".join(f"{r}: {n}" for r, n in row["dropped"].items()) or "-"
@@ -1062,6 +1130,10 @@ def report_markdown(stats: Mapping[str, dict], histogram: Mapping[int, int], seg
             tin = sum(r["in"] for r in s["tasks"].values())
             tout = sum(r["out"] for r in s["tasks"].values())
             lines.append(f"| {stage} | **all** | {tin} | {tout} | |")
+    if drop_files:
+        lines += ["", "Every dropped record with its reason and detail, one JSON line each: "
+                  + ", ".join(f"`{f}`" for f in drop_files) + " (`not_sampled` and `outside_subset` are selections, "
+                  "counted only)."]
     lines += ["", "## Judge totals (four dimensions, 1-5 each)", ""]
     if histogram:
         lines += ["| total | chains |", "|---|---|"]

@@ -337,7 +337,7 @@ def gspo_update(model, optimizer, batch: dict, cfg: RLConfig, device) -> dict:
                                     num_sequences=max(n_global, 1))
                 loss.backward()  # a NaN here is caught below, on every rank at once (no rank left in a collective)
                 loss_sum += loss.detach().double()
-                m.pop("num_sequences_norm")  # the mini-batch's N, logged once per optimizer step below
+                m.pop("num_sequences_norm", None)  # the mini-batch's N, logged once per optimizer step below
                 _accumulate(sums, m)
             loss_global = D.all_reduce_sum(loss_sum).item()  # the mini-batch's loss over all ranks
             grad_norm = clip_grad_norm(model, cfg.grad_clip)  # global norm: the same on every rank
@@ -523,7 +523,8 @@ def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
     rl_only = {f.name: saved[f.name] for f in fields(RLConfig) if f.name in saved}
     decays = cfg.min_lr_ratio != 1.0 and rl_only.get("max_steps", cfg.max_steps) != cfg.max_steps
     # max_steps sets where the lr decay ends: with a decaying lr the resumed steps would get other lrs
-    check_resumed_config(rl_only, cfg, RESUMABLE_KEYS, path, also_changed=["max_steps"] if decays else [])
+    check_resumed_config(rl_only, cfg, RESUMABLE_KEYS, path, also_changed=["max_steps"] if decays else [],
+                         fields_of=RLConfig)
 
 
 def stage_seed(cfg: RLConfig) -> int:

@@ -7,7 +7,8 @@ The pipeline, each step a plain function:
     pack_documents(docs, seq_len, ...)        rows of seq_len tokens; positions restart at 0 per document
                                               (the model keeps documents from attending to each other);
                                               targets = next token, -100 where the next token is prompt, padding,
-                                              or in another document
+                                              or in another document; a document longer than seq_len is an error
+                                              (truncate_long=True: cut and counted)
     rows_for_step(step, ...)                  the global batch of row indices for one optimizer step
     rank_slice / micro_batches                this rank's share, split for gradient accumulation
 
@@ -63,7 +64,7 @@ class PackedRows:
     targets: torch.Tensor  # (R, T) int32, next token or -100
     lengths: torch.Tensor  # (R,) int32, tokens before the row's trailing padding
     num_documents: int
-    num_truncated: int  # documents cut to seq_len (their tail is lost; reported, never silent)
+    num_truncated: int  # documents cut to seq_len with truncate_long (their tail is lost; reported, never silent)
 
     @property
     def num_rows(self) -> int:
@@ -160,17 +161,23 @@ def document_targets(ids: list[int], mask: list[bool]) -> list[int]:
 
 
 def pack_documents(docs: list[Document], seq_len: int, pad_id: int, *, pack: bool = True,
-                   shuffle_seed: int | None = 0) -> PackedRows:
+                   shuffle_seed: int | None = 0, truncate_long: bool = False) -> PackedRows:
     """Greedy packing into rows of exactly `seq_len` tokens.
 
     Documents are visited in a seeded shuffled order (so rows mix tasks and users; None keeps file order) and
     appended to the current row while they fit; otherwise the row is closed and padded. `pack=False` puts one
     document per row (a batch of B rows is then exactly B examples, as in the paper's "global batch 64").
-    A document longer than seq_len is truncated to seq_len and counted in `num_truncated`.
+    A document longer than seq_len is an error naming it (`too_long_error`): cut, its target would lose its end --
+    `</think>`, the answer, `<|im_end|>` -- and SFT would teach chains that never finish. With `truncate_long`
+    it is cut to seq_len instead and counted in `num_truncated`.
     Documents with no target token left are an error (nothing to learn from them).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if not truncate_long:
+        too_long = [d for d in docs if len(d.ids) > seq_len]
+        if too_long:
+            raise too_long_error(too_long, len(docs), seq_len)
     order = list(range(len(docs)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
@@ -211,6 +218,17 @@ def pack_documents(docs: list[Document], seq_len: int, pad_id: int, *, pack: boo
     return PackedRows(as_tensor(rows_ids), as_tensor(rows_pos), as_tensor(rows_tgt),  # (R, T) each
                       lengths=torch.tensor(lengths, dtype=torch.int32),  # (R,)
                       num_documents=len(docs), num_truncated=truncated)
+
+
+def too_long_error(too_long: list[Document], total: int, seq_len: int) -> DataError:
+    """One line: how many documents exceed seq_len, and the first of them by file, record id and lengths."""
+    doc = too_long[0]
+    prompt = doc.mask.index(True) if True in doc.mask else len(doc.ids)
+    where = f"{doc.where} " if doc.where else ""
+    return DataError(f"{len(too_long)} of {total} documents are longer than seq_len={seq_len} tokens; the first: "
+                     f"{where}(record id {doc.id!r}): {len(doc.ids)} tokens = prompt {prompt} + target "
+                     f"{len(doc.ids) - prompt}. Cut, its target would lose </think>, the answer and <|im_end|>: raise "
+                     f"seq_len, leave such records out, or set truncate_long=true to cut them anyway (counted)")
 
 
 # ----------------------------------------------------------------------------------------------- order

@@ -10,7 +10,7 @@ import torch
 
 from minitagpr.train.metrics import JsonlLog, Progress, format_duration, mfu, peak_flops, read_jsonl
 from minitagpr.train.plots import main as plots_main
-from minitagpr.train.plots import plot_metrics
+from minitagpr.train.plots import numeric_keys, plot_metrics
 from train_fixtures import REPO
 
 
@@ -80,6 +80,11 @@ def test_plot_writes_a_png_with_one_panel_per_key(tmp_path):
     write_run(tmp_path / "m.jsonl", range(6))
     out = plot_metrics(tmp_path / "m.jsonl", tmp_path / "plots" / "m.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_draws_keys_that_first_appear_after_the_first_step():
+    records = [{"step": 1, "loss": 1.0, "note": "x"}, {"step": 2, "loss": 0.5, "reward_mean/LaMP-7": 0.2, "ok": True}]
+    assert numeric_keys(records) == ["loss", "reward_mean/LaMP-7"]  # not step, strings or bools
 
 
 def test_plot_names_unknown_keys(tmp_path):

@@ -79,7 +79,7 @@ class RLConfig:
     grad_clip: float = 1.0
     eps_low: float = 3e-4
     eps_high: float = 4e-4
-    token_level: bool = False  # GSPO-token variant
+    token_level: bool = False  # GSPO-token (per-token ratios, same value); not token-mean normalisation of the loss
     # reward (paper: alpha = beta = 0.8, gamma = 0.2); ablation switches
     alpha: float = 0.8
     beta: float = 0.8

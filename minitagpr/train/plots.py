@@ -14,6 +14,13 @@ from minitagpr.train.metrics import read_jsonl
 SKIP_KEYS = {"step", "epoch", "time", "elapsed_s"}
 
 
+def numeric_keys(records: list[dict]) -> list[str]:
+    """Every numeric key of any record, in order of first appearance: a per-task reward first shows up at the first
+    step that sampled that task, so the first record alone would miss it."""
+    return list(dict.fromkeys(k for r in records for k, v in r.items()
+                              if k not in SKIP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)))
+
+
 def plot_metrics(jsonl_path: str | Path, out_path: str | Path, keys: list[str] | None = None) -> Path:
     import matplotlib
     matplotlib.use("Agg")  # no display on servers and CI
@@ -23,8 +30,7 @@ def plot_metrics(jsonl_path: str | Path, out_path: str | Path, keys: list[str] |
     if not records:
         raise ValueError(f"{jsonl_path} holds no metrics records")
     if keys is None:
-        keys = [k for k, v in records[0].items()
-                if k not in SKIP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        keys = numeric_keys(records)
     missing = [k for k in keys if not any(k in r for r in records)]
     if missing:
         raise KeyError(f"{jsonl_path}: no record has the key(s) {', '.join(missing)}; available: "

@@ -327,23 +327,3 @@ def score_batch(tasks: Sequence[str], responses: Sequence[str], golds: Sequence[
         parts.total = composite_reward(parts, alpha, beta, gamma) if mix == "composite" else foundation_reward(parts)
         out.append(parts)
     return out
-
-
-def batch_stats(parts: Sequence[RewardParts]) -> dict[str, float]:
-    """Means of every component and of the total, plus format and tag pass rates — what the RL loop logs."""
-    if not parts:
-        return {}
-    count = len(parts)
-    stats = {
-        "reward_mean": sum(p.total for p in parts) / count,
-        "r_v_mean": sum(p.r_v for p in parts) / count,
-        "r_f_mean": sum(p.r_f for p in parts) / count,
-        "r_rep_mean": sum(p.r_rep for p in parts) / count,
-        "r_tag_mean": sum(p.r_tag for p in parts) / count,
-        "format_pass_rate": sum(p.r_f == 1.0 for p in parts) / count,
-        "tag_pass_rate": sum(p.r_tag == 0.0 for p in parts) / count,
-    }
-    scored = [p.r_prmu for p in parts if p.r_prmu is not None]
-    if scored:
-        stats["r_prmu_mean"] = sum(scored) / len(scored)
-    return stats

@@ -1,6 +1,8 @@
 """One GSPO update on a fixed synthetic rollout batch, under torchrun (1 or 2 processes); writes loss + weights.
 
-Used by tests/test_rl_loop.py: the same global batch must give the same update whatever the number of ranks."""
+Used by tests/test_rl_loop.py: the same global batch must give the same update whatever the number of ranks.
+    python -m torch.distributed.run --nproc_per_node=N tests/rl_step_worker.py CKPT OUT ['{"token_level": true}']
+The optional third argument overrides RLConfig keys (JSON), so a new loss variant gets this test by passing its key."""
 import json
 import sys
 from pathlib import Path
@@ -26,10 +28,10 @@ def synthetic_batch(num_prompts: int, G: int, vocab: int, seed: int = 0):
     return input_ids, targets, targets != -100, adv
 
 
-def main(ckpt: str, out: str):
+def main(ckpt: str, out: str, overrides: dict | None = None):
     info = D.init_distributed()
-    cfg = RLConfig(group_size=4, num_minibatches=2, ppo_epochs=2, micro_batch_size=3, lr=1e-3, grad_clip=1.0,
-                   eps_low=0.2, eps_high=0.2, prompts_per_step=4)
+    cfg = RLConfig(**{**dict(group_size=4, num_minibatches=2, ppo_epochs=2, micro_batch_size=3, lr=1e-3,
+                             grad_clip=1.0, eps_low=0.2, eps_high=0.2, prompts_per_step=4), **(overrides or {})})
     model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
     optimizer = build_optimizer(model, cfg.lr)
     input_ids, targets, mask, adv = synthetic_batch(num_prompts=4, G=cfg.group_size, vocab=512)
@@ -50,5 +52,5 @@ def main(ckpt: str, out: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else None)
     D.end_process()  # as the recipes do: skip interpreter finalization (minitagpr.distributed.end_process)

@@ -5,7 +5,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from minitagpr.rewards import (
-    TAGS, RewardParts, _lcs_length, batch_stats, check_tags, composite_reward, format_reward, foundation_reward,
+    TAGS, RewardParts, _lcs_length, check_tags, composite_reward, format_reward, foundation_reward,
     repetition_reward, rouge_f, score_batch, split_response, tag_reward, verifiable_reward,
 )
 
@@ -296,14 +296,6 @@ def test_score_batch_rejects_unknown_mix_and_missing_prmu():
         score_batch(["LaMP-1"], ["a"], ["[1]"], mix="guided")
     with pytest.raises(ValueError, match="PRMU"):
         score_batch(["LaMP-1"], ["a"], ["[1]"])
-
-
-def test_batch_stats_means_and_pass_rates():
-    parts = [RewardParts(1.0, 1.0, 0.0, 0.0, 0.5, total=1.0), RewardParts(0.0, 0.0, -0.5, -1.0, None, total=-0.8)]
-    stats = batch_stats(parts)
-    assert stats["format_pass_rate"] == 0.5 and stats["tag_pass_rate"] == 0.5
-    assert stats["reward_mean"] == pytest.approx(0.1) and stats["r_rep_mean"] == -0.25
-    assert stats["r_prmu_mean"] == 0.5
 
 
 def test_a_chat_marker_inside_the_chain_fails_the_format():  # pinned by mutation, 2026-11-27

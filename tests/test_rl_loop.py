@@ -1,4 +1,5 @@
 """The RL loop's plumbing: sequences and masks, prompt order across epochs, mini-batch split, 1 vs 2 processes."""
+import json
 import os
 import socket
 import subprocess
@@ -191,20 +192,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_worker(nproc, ckpt, out):
+def _run_worker(nproc, ckpt, out, **overrides):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-           str(HERE / "rl_step_worker.py"), str(ckpt), str(out)]
+           str(HERE / "rl_step_worker.py"), str(ckpt), str(out), json.dumps(overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert res.returncode == 0, res.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
 
-def test_two_process_gspo_step_equals_one_process(tmp_path):
+@pytest.mark.parametrize("token_level", [False, True])
+def test_two_process_gspo_step_equals_one_process(tmp_path, token_level):
     from minitagpr.model.presets import make_tiny_checkpoint
     ckpt = make_tiny_checkpoint(tmp_path / "c", seed=3)
-    one = _run_worker(1, ckpt, tmp_path / "one.pt")
-    two = _run_worker(2, ckpt, tmp_path / "two.pt")
+    one = _run_worker(1, ckpt, tmp_path / "one.pt", token_level=token_level)
+    two = _run_worker(2, ckpt, tmp_path / "two.pt", token_level=token_level)
     assert one["metrics"]["gspo/loss"] == pytest.approx(two["metrics"]["gspo/loss"], rel=1e-4, abs=1e-7)
     assert one["metrics"]["gspo/num_sequences"] == two["metrics"]["gspo/num_sequences"]
     # every logged statistic is global: min/max reduced, KL per token, the advantage std pooled, N per step

@@ -462,29 +462,35 @@ def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, dev
     """Global per-step means of every reward component, pass rates, lengths and the group-advantage statistics,
     computed on all ranks' responses gathered (groups never straddle ranks, so gathering keeps them whole).
     With `tasks` (one task name per response) also the reward and R_v means per task of the mix that this step
-    sampled ("reward_mean/LaMP-4", "r_v_mean/LaMP-4"): the curves that show which tasks RL moves."""
+    sampled ("reward_mean/LaMP-4", "r_v_mean/LaMP-4"): the curves that show which tasks RL moves.
+    A new per-response quantity is one more entry in `columns`, then a key in `m` below."""
     names = [t for t, _ in parse_task_mix(cfg.tasks)]
-    task_col = [float(names.index(t)) if t in names else -1.0 for t in tasks] if tasks is not None \
-        else [-1.0] * len(parts)
-    cols = [rewards.tolist(), [p.r_v for p in parts], [p.r_f for p in parts], [p.r_rep for p in parts],
-            [p.r_tag for p in parts], [p.r_prmu if p.r_prmu is not None else math.nan for p in parts],
-            [float(len(c.token_ids)) for c in completions], [float(c.finish_reason == "length") for c in completions],
-            task_col]
-    g = gather_rows(torch.tensor(cols, dtype=torch.float64).T, device)  # (N_global, 9)
-    per_task = {}
+    columns = {  # one value per response of this rank
+        "reward": rewards.tolist(),
+        "r_v": [p.r_v for p in parts],
+        "r_f": [p.r_f for p in parts],
+        "r_rep": [p.r_rep for p in parts],
+        "r_tag": [p.r_tag for p in parts],
+        "r_prmu": [p.r_prmu if p.r_prmu is not None else math.nan for p in parts],
+        "length": [float(len(c.token_ids)) for c in completions],
+        "cut": [float(c.finish_reason == "length") for c in completions],
+        "task": [float(names.index(t)) if t in names else -1.0 for t in tasks] if tasks is not None
+        else [-1.0] * len(parts),
+    }
+    gathered = gather_rows(torch.tensor(list(columns.values()), dtype=torch.float64).T, device)  # (N_global, C)
+    col = dict(zip(columns, gathered.T))  # name -> (N_global,) over all ranks
+    m = {"reward_mean": col["reward"].mean().item(), "r_v_mean": col["r_v"].mean().item(),
+         "format_pass_rate": (col["r_f"] == 1.0).double().mean().item(), "r_rep_mean": col["r_rep"].mean().item(),
+         "tag_pass_rate": (col["r_tag"] == 0.0).double().mean().item(),
+         "response_len_mean": col["length"].mean().item(), "truncated_share": col["cut"].mean().item()}
+    if not torch.isnan(col["r_prmu"]).all():
+        m["r_prmu_mean"] = col["r_prmu"].mean().item()
+    m.update({f"group/{k}": v for k, v in group_advantage_metrics(col["reward"], cfg.group_size).items()})
     for i, name in enumerate(names):
-        rows = g[:, 8] == i
+        rows = col["task"] == i
         if bool(rows.any()):
-            per_task[f"reward_mean/{name}"] = g[rows, 0].mean().item()
-            per_task[f"r_v_mean/{name}"] = g[rows, 1].mean().item()
-    m = {"reward_mean": g[:, 0].mean().item(), "r_v_mean": g[:, 1].mean().item(),
-         "format_pass_rate": (g[:, 2] == 1.0).double().mean().item(), "r_rep_mean": g[:, 3].mean().item(),
-         "tag_pass_rate": (g[:, 4] == 0.0).double().mean().item(),
-         "response_len_mean": g[:, 6].mean().item(), "truncated_share": g[:, 7].mean().item()}
-    if not torch.isnan(g[:, 5]).all():
-        m["r_prmu_mean"] = g[:, 5].mean().item()
-    m.update({f"group/{k}": v for k, v in group_advantage_metrics(g[:, 0], cfg.group_size).items()})
-    m.update(per_task)
+            m[f"reward_mean/{name}"] = col["reward"][rows].mean().item()
+            m[f"r_v_mean/{name}"] = col["r_v"][rows].mean().item()
     return m
 
 

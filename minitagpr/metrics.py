@@ -9,9 +9,9 @@
     the task's label set (also labels absent from both sides, which score 0, as sklearn's zero_division=0 does),
     averaged over the label set. The invalid class -1 is *not* a label: it is never averaged, but a -1 prediction
     is a false negative for its gold label.
-  * `f1_positive` (LaMP-1 only) = F1 of the positive class "[1]" -- the TagPR paper reports a positive-class F1
-    for LaMP-1 without naming the class; we take "[1]", the option the input lists first (decision documented
-    here; the other class's F1 differs only through which errors it counts).
+  * `f1_positive` (tasks with a `positive_label` in their TaskSpec: LaMP-1) = F1 of that class -- the TagPR paper
+    reports a positive-class F1 for LaMP-1 without naming the class; we take "[1]", the option the input lists
+    first (decision documented here; the other class's F1 differs only through which errors it counts).
 - LaMP-3 and PGraphRAG-rating (rating tasks). The prediction is read with Python's float() as the official script
   does; if that fails it becomes whichever of 1 and 5 lies farther from the gold (|1 - y| > |5 - y| -> 1, else 5,
   so a gold 3 gives 5). One documented deviation: "nan"/"inf", which float() accepts, are treated as unparsable
@@ -27,6 +27,9 @@ By default predictions are scored as given (official rules). `extract=True` firs
 `</think>` and `normalize=True` applies the project's documented per-task normalisation
 (`minitagpr.data.answers`), e.g. "2" -> "[2]" for LaMP-1.
 
+Which metrics a task gets follows from its `kind`, and its table columns are its TaskSpec's `columns`
+(minitagpr.data.lamp.TASKS); `COLUMNS` is a live view of them. A table refuses a task it has no columns for.
+
 CLI: `python -m minitagpr.metrics PRED OUTPUTS [PRED OUTPUTS ...] [--name NAME] [--extract] [--normalize]`
 scores official-format prediction files against outputs files and prints one Table-1-style row.
 """
@@ -36,11 +39,11 @@ import argparse
 import math
 import random
 import sys
-from typing import Mapping
+from typing import Iterable, Mapping
 
-from minitagpr.data.lamp import TASKS, DataError, canonical_task, load_outputs
+from minitagpr.data.lamp import TASKS, DataError, TaskList, canonical_task, load_outputs
 
-POSITIVE_LABEL = "[1]"  # LaMP-1 class whose F1 is `f1_positive`
+POSITIVE_LABEL = TASKS["LaMP-1"].positive_label  # LaMP-1 class whose F1 is `f1_positive` (each task's: its spec)
 INVALID = -1            # the class of a prediction that is no label
 
 
@@ -93,8 +96,9 @@ def _label_metrics(task: str, ids: list[str], predictions, golds) -> dict[str, f
         "accuracy": sum(g == p for g, p in zip(gold_idx, pred_idx)) / len(ids),
         "f1_macro": sum(per_label) / len(labels),
     }
-    if task == "LaMP-1":
-        out["f1_positive"] = per_label[labels.index(POSITIVE_LABEL)]
+    positive = TASKS[task].positive_label
+    if positive is not None:
+        out["f1_positive"] = per_label[labels.index(positive)]
     return out
 
 
@@ -239,17 +243,20 @@ def paired_bootstrap(a: Mapping[str, float], b: Mapping[str, float], clusters: M
 # ----------------------------------------------------------------------------------------------------------------
 # Table-1-style row
 
-# (task, metric key, column header) in the order of the paper's Table 1, then our PGraphRAG tasks.
-COLUMNS = [
-    ("LaMP-1", "accuracy", "L1 acc"), ("LaMP-1", "f1_positive", "L1 F1"), ("LaMP-1", "f1_macro", "L1 F1-macro"),
-    ("LaMP-2", "accuracy", "L2 acc"), ("LaMP-2", "f1_macro", "L2 F1"),
-    ("LaMP-3", "mae", "L3 MAE"), ("LaMP-3", "rmse", "L3 RMSE"),
-    ("LaMP-4", "rouge1", "L4 R-1"), ("LaMP-4", "rougeL", "L4 R-L"),
-    ("LaMP-5", "rouge1", "L5 R-1"), ("LaMP-5", "rougeL", "L5 R-L"),
-    ("LaMP-7", "rouge1", "L7 R-1"), ("LaMP-7", "rougeL", "L7 R-L"),
-    ("PGraphRAG-title", "rouge1", "PG-title R-1"), ("PGraphRAG-title", "rougeL", "PG-title R-L"),
-    ("PGraphRAG-rating", "mae", "PG-rating MAE"), ("PGraphRAG-rating", "rmse", "PG-rating RMSE"),
-]
+# (task, metric key, column header) of every registered task, in registration order: the paper's Table 1, then our
+# PGraphRAG tasks. A live view of the TaskSpecs' `columns`.
+COLUMNS = TaskList(lambda spec: [(spec.name, key, head) for key, head in spec.columns])
+
+
+def table_columns(tasks: Iterable[str]) -> list[tuple[str, str, str]]:
+    """The (task, metric key, header) columns of `tasks` (canonical names), in table order. A name that is no
+    registered task has no columns: DataError naming it, so that no table drops a task silently."""
+    tasks = list(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise DataError(f"table: no columns for task(s) {', '.join(map(repr, unknown))}: not a registered task "
+                        f"name (registered: {', '.join(TASKS)})")
+    return [(t, key, head) for t, key, head in COLUMNS if t in tasks]
 
 
 def _fmt(value: float) -> str:
@@ -259,7 +266,10 @@ def _fmt(value: float) -> str:
 
 def table_row(name: str, results: Mapping[str, Mapping[str, float]]) -> str:
     """A markdown header + row with the Table-1 columns of the tasks in `results` ({task: evaluate(...)})."""
-    cols = [(t, k, h) for t, k, h in COLUMNS if t in results]
+    cols = table_columns(results)
+    missing = [f"{t} {k}" for t, k, _ in cols if k not in results[t]]
+    if missing:
+        raise DataError(f"table: no value for {', '.join(missing)} (a column of the table)")
     header = "| method | " + " | ".join(h for _, _, h in cols) + " |"
     rule = "|---|" + "---|" * len(cols)
     row = f"| {name} | " + " | ".join(_fmt(results[t][k]) for t, k, _ in cols) + " |"

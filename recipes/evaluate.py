@@ -48,7 +48,7 @@ from minitagpr.cli import exit_on_user_error, is_user_error
 from minitagpr.config import ConfigError, check_at_least, check_choice, check_writable_dir, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.lamp import DataError, LampExample
-from minitagpr.metrics import COLUMNS, evaluate
+from minitagpr.metrics import COLUMNS, evaluate, table_columns
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINITAGPR_SHARED", REPO.parent / "shared"))  # the shared assets beside the checkout
@@ -395,7 +395,7 @@ class EvalTable:
         """Table 1 layout: metric columns in the paper's order; '—' where a row lacks a task. With decoded rows, a
         last column "cut": their generations stopped by max_new_tokens, summed over the tasks."""
         tasks = self.tasks()
-        cols = [(t, key, head) for t, key, head in COLUMNS if t in tasks]
+        cols = table_columns(tasks)  # a task without columns is an error, never a silently missing block
         heads = [h for _, _, h in cols] + (["cut"] if self.counts else [])
         lines = [f"### {title}", ""] if title else []
         lines += ["| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]

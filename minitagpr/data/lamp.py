@@ -4,10 +4,24 @@ A LaMP download holds, per task and split, a questions file (a JSON array of `{"
 time-split records may add `"user_id"`) and an outputs file (`{"task": "LaMP_k", "golds": [{"id", "output"}]}`);
 prediction files share the outputs shape. See ../shared/docs/lamp-format.md.
 
-Everything the rest of the project needs to know about a task lives in `TASKS` (one `TaskSpec` per task):
-the profile-item fields every item must carry, the fields that make an item's BM25 document, how the retrieval
-query is cut out of the `input`, and the kind of answer (label / rating / generated text). The two PGraphRAG tasks
-(built by `minitagpr.data.pgraphrag`) are described here too, so retrievers and prompts treat all eight alike.
+The facts about a task live in one registry, `TASKS`: one `TaskSpec` per task -- kind and labels, profile-item
+fields, BM25 document fields, where the query sits in the `input`, where a download keeps the files, how prompts
+show an item and what answer they ask for (`prompts`), how a free answer is normalised (`answers`) and the table
+columns (`metrics`). Those modules read the spec; their older per-task tables (`prompts.ANSWER_FORMS`,
+`ITEM_LAYOUT`, `HISTORY_NAMES`, `answers.TASKS`, `LABELS`, `CLASSIFICATION_TASKS`, `metrics.COLUMNS`) are live
+views of it. The two PGraphRAG tasks (built by `minitagpr.data.pgraphrag`) are here too, so retrievers and prompts
+treat all eight alike. Not here: data generation (the demo world and the PGraphRAG builder make inputs and golds
+for their own tasks) and which tasks a recipe runs by default.
+
+Adding a task: add a `TaskSpec` to the list registered below (or call `register_task` before the task is used).
+Every task sets name, file_name, kind, item_fields, doc_fields, query_marker, item_layout, history_name,
+answer_form, answer_rule and columns. Kind is "label" (set `labels`; accuracy, F1; a `positive_label` adds
+f1_positive), "rating" (labels = `RATINGS`; MAE, RMSE) or "generation" (no labels, answer_rule "text"; ROUGE-1/L);
+`columns` pick their metrics from `KINDS[kind]`. A field left unset or inconsistent raises when the TaskSpec is
+built (at import), in one line naming the task and the field. Data files: with `folder` set, under a data root as
+`<folder>/<part>/<part>_questions.json` and `<part>_outputs.json` (part = train, dev or test; the time split under
+`time/`; see `split_files`), the outputs' "task" spelled as `file_name`; without `folder`, read them with
+`load_questions` / `load_outputs`.
 
 Validation is strict and early: a bad record raises `DataError` naming the file, the record (index and id) and the
 field, never a deep stack trace and never a silent skip. Readers keep the parsed profile lists as they are (no
@@ -19,9 +33,10 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 
 class DataError(ValueError):
@@ -39,23 +54,55 @@ def where(source: Any, index: int | None = None, record_id: Any = None, field: s
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Task metadata
+# Task metadata: the one registry
 
 LAMP2_TAGS = (
     "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
     "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story",
 )  # the fixed order in which LaMP-2 inputs list the 15 movie tags
+RATINGS = ("1", "2", "3", "4", "5")  # the labels of every "rating" task: metrics and gold checks assume a 1-5 scale
+
+# The kinds of task, each with the metrics `minitagpr.metrics.evaluate` reports for it (f1_positive: only for a
+# task with a `positive_label`). A new kind needs code in metrics.evaluate and answers.normalize, not just a name.
+KINDS = {"label": ("accuracy", "f1_macro", "f1_positive"), "rating": ("mae", "rmse"),
+         "generation": ("rouge1", "rougeL")}
+# How `minitagpr.data.answers.normalize` maps a free answer to a label (its docstring gives each rule).
+ANSWER_RULES = ("citation", "label", "rating", "text")
 
 
-@dataclass(frozen=True)
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET: Any = _Unset()  # the default of the fields every task must set (None is a real query_marker, so not None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TaskSpec:
-    name: str                        # canonical name, e.g. "LaMP-3"
-    file_name: str                   # how outputs files spell it, e.g. "LaMP_3"
-    kind: str                        # "label" (fixed label set), "rating" (1-5, MAE/RMSE) or "generation" (ROUGE)
-    item_fields: tuple[str, ...]     # fields every profile item must carry besides "id"
-    doc_fields: tuple[str, ...]      # joined with a space into the item's BM25 document
-    query_marker: str | None         # the query is the input after the first occurrence of this marker
-    labels: tuple[str, ...] = ()     # the answer set of "label" and "rating" tasks, as strings
+    name: str = UNSET                # canonical name, e.g. "LaMP-3"
+    file_name: str = UNSET           # how outputs files spell it, e.g. "LaMP_3" (also accepted by canonical_task)
+    kind: str = UNSET                # a key of KINDS: "label" (fixed label set), "rating" (1-5) or "generation"
+    labels: tuple[str, ...] = ()     # the answer set of "label" and "rating" tasks, as strings; none for generation
+    positive_label: str | None = None  # the label whose F1 metrics reports as f1_positive (LaMP-1: "[1]")
+    # data files: profile items, retrieval, where a download keeps them
+    item_fields: tuple[str, ...] = UNSET  # fields every profile item must carry besides "id"
+    doc_fields: tuple[str, ...] = UNSET   # joined with a space into the item's BM25 document
+    query_marker: str | None = UNSET      # the query is the input after this marker; None: LaMP-1's two titles
+    folder: str | None = None        # its folder in a LaMP-layout download (see split_files); None: not in one
+    subfolder: str = ""              # LaMP-2: "new", the movie-tagging version inside `folder`
+    # prompts (minitagpr.data.prompts)
+    item_layout: tuple[tuple[str, str, bool], ...] = UNSET  # how an item is shown: (label, field, cut?) in order
+    history_name: str = UNSET        # "Some <history_name> (k, most relevant first):"
+    answer_form: str = UNSET         # what the instruction says must follow </think>
+    # answers and metrics
+    answer_rule: str = UNSET         # one of ANSWER_RULES ("text" for generation tasks)
+    columns: tuple[tuple[str, str], ...] = UNSET  # (metric key, header) of its table columns, in table order
+
+    def __post_init__(self) -> None:
+        problem = _spec_problem(self)
+        if problem is not None:
+            raise DataError(f"task {self.name!r}: field {problem[0]!r}: {problem[1]}")
 
     @property
     def is_classification(self) -> bool:
@@ -63,35 +110,186 @@ class TaskSpec:
         return self.kind in ("label", "rating")
 
 
-_RATINGS = ("1", "2", "3", "4", "5")
+def _strings(value: Any) -> bool:
+    return isinstance(value, tuple) and bool(value) and all(isinstance(v, str) and v for v in value)
 
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    # LaMP-1's query is the two reference titles, cut out by `_citation_query` (no single marker).
-    TaskSpec("LaMP-1", "LaMP_1", "label", ("title", "abstract"), ("title", "abstract"), None, ("[1]", "[2]")),
-    TaskSpec("LaMP-2", "LaMP_2", "label", ("description", "tag"), ("description",), "description:", LAMP2_TAGS),
-    TaskSpec("LaMP-3", "LaMP_3", "rating", ("text", "score"), ("text",), "review:", _RATINGS),
-    TaskSpec("LaMP-4", "LaMP_4", "generation", ("text", "title"), ("title", "text"), "article:"),
-    TaskSpec("LaMP-5", "LaMP_5", "generation", ("title", "abstract"), ("title", "abstract"), "paper:"),
-    TaskSpec("LaMP-7", "LaMP_7", "generation", ("text",), ("text",), ":"),
-    # PGraphRAG inputs are written by minitagpr.data.pgraphrag, which places these markers.
-    TaskSpec("PGraphRAG-title", "PGraphRAG-title", "generation", ("text", "title"), ("title", "text"), "review:"),
-    TaskSpec("PGraphRAG-rating", "PGraphRAG-rating", "rating", ("text", "title", "score"), ("title", "text"),
-             "title:", _RATINGS),
-)}
+
+def _spec_problem(s: TaskSpec) -> tuple[str, str] | None:
+    """(field, what is wrong) for the first field of `s` that is unset or inconsistent; None when all are fine."""
+    for name in ("name", "file_name", "kind", "item_fields", "doc_fields", "query_marker", "item_layout",
+                 "history_name", "answer_form", "answer_rule", "columns"):
+        if getattr(s, name) is UNSET:
+            return name, "missing (every task sets it; see 'Adding a task' in minitagpr/data/lamp.py)"
+    for name in ("name", "file_name", "history_name", "answer_form"):
+        if not isinstance(getattr(s, name), str) or not getattr(s, name):
+            return name, f"expected a non-empty string, got {getattr(s, name)!r}"
+    if s.kind not in KINDS:
+        return "kind", f"expected one of {', '.join(KINDS)}, got {s.kind!r}"
+    if not _strings(s.item_fields):
+        return "item_fields", f"expected a non-empty tuple of field names, got {s.item_fields!r}"
+    if not _strings(s.doc_fields) or not set(s.doc_fields) <= set(s.item_fields):
+        return "doc_fields", f"expected a non-empty tuple of item_fields, got {s.doc_fields!r}"
+    if s.query_marker is not None and (not isinstance(s.query_marker, str) or not s.query_marker):
+        return "query_marker", f"expected a non-empty string or None, got {s.query_marker!r}"
+    if s.kind == "generation" and s.labels != ():
+        return "labels", f"a generation task has no labels, got {s.labels!r}"
+    if s.kind != "generation" and (not _strings(s.labels) or len(set(s.labels)) != len(s.labels)):
+        return "labels", f"a {s.kind} task needs a tuple of distinct label strings, got {s.labels!r}"
+    if s.kind == "rating" and s.labels != RATINGS:
+        return "labels", f"a rating task's labels are {RATINGS} (metrics assume a 1-5 scale), got {s.labels!r}"
+    if s.positive_label is not None and s.positive_label not in s.labels:
+        return "positive_label", f"{s.positive_label!r} is not one of the labels"
+    if s.folder is not None and (not isinstance(s.folder, str) or not s.folder):
+        return "folder", f"expected a folder name or None, got {s.folder!r}"
+    if not isinstance(s.subfolder, str) or (s.subfolder and s.folder is None):
+        return "subfolder", f"expected a folder name inside `folder` (or \"\"), got {s.subfolder!r}"
+    if not isinstance(s.item_layout, tuple) or not s.item_layout or not all(
+            isinstance(row, tuple) and len(row) == 3 and isinstance(row[0], str) and row[1] in s.item_fields
+            and isinstance(row[2], bool) for row in s.item_layout):
+        return "item_layout", f"expected a non-empty tuple of (label, one of item_fields, cut?), got {s.item_layout!r}"
+    if s.answer_rule not in ANSWER_RULES or (s.answer_rule == "text") != (s.kind == "generation"):
+        return "answer_rule", (f"expected one of {', '.join(ANSWER_RULES)} ('text' exactly for generation tasks), "
+                               f"got {s.answer_rule!r}")
+    metrics = [m for m in KINDS[s.kind] if m != "f1_positive" or s.positive_label is not None]
+    if not isinstance(s.columns, tuple) or not s.columns or not all(
+            isinstance(col, tuple) and len(col) == 2 and col[0] in metrics and isinstance(col[1], str) and col[1]
+            for col in s.columns):
+        return "columns", (f"expected a non-empty tuple of (metric, header) with a metric of {', '.join(metrics)}, "
+                           f"got {s.columns!r}")
+    return None
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+TASKS: dict[str, TaskSpec] = {}  # canonical name -> spec, in table order: the paper's Table 1, then ours
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a task (its fields were checked when the TaskSpec was built). A name or file name that another task
+    already answers to is refused: canonical_task must resolve every spelling to one task."""
+    if not isinstance(spec, TaskSpec):
+        raise DataError(f"register_task: expected a TaskSpec, got {type(spec).__name__}")
+    for other in TASKS.values():
+        if {_key(spec.name), _key(spec.file_name)} & {_key(other.name), _key(other.file_name)}:
+            raise DataError(f"task {spec.name!r}: field 'name': {spec.name!r} / {spec.file_name!r} is already "
+                            f"taken by task {other.name!r}")
+    TASKS[spec.name] = spec
+    return spec
+
+
+# The registered tasks, in table order: the paper's Table 1, then ours. A new task goes here ('Adding a task' above).
+for _spec in (
+    TaskSpec(name="LaMP-1", file_name="LaMP_1", kind="label", labels=("[1]", "[2]"), positive_label="[1]",
+             item_fields=("title", "abstract"), doc_fields=("title", "abstract"),
+             query_marker=None, folder="LaMP_1",  # the query is the two reference titles (`_citation_query`)
+             item_layout=(("paper title", "title", False),), history_name="papers this user has written",
+             answer_form='exactly "[1]" or "[2]", brackets included', answer_rule="citation",
+             columns=(("accuracy", "L1 acc"), ("f1_positive", "L1 F1"), ("f1_macro", "L1 F1-macro"))),
+    TaskSpec(name="LaMP-2", file_name="LaMP_2", kind="label", labels=LAMP2_TAGS,
+             item_fields=("description", "tag"), doc_fields=("description",),
+             query_marker="description:", folder="LaMP_2", subfolder="new",
+             item_layout=(("movie", "description", True), ("tag", "tag", False)),
+             history_name="movies this user has tagged",
+             answer_form="exactly one of these tags, spelled as listed: " + ", ".join(LAMP2_TAGS),
+             answer_rule="label", columns=(("accuracy", "L2 acc"), ("f1_macro", "L2 F1"))),
+    TaskSpec(name="LaMP-3", file_name="LaMP_3", kind="rating", labels=RATINGS,
+             item_fields=("text", "score"), doc_fields=("text",), query_marker="review:", folder="LaMP_3",
+             item_layout=(("review", "text", True), ("score", "score", False)),
+             history_name="reviews this user has scored", answer_form="a single integer from 1 to 5",
+             answer_rule="rating", columns=(("mae", "L3 MAE"), ("rmse", "L3 RMSE"))),
+    TaskSpec(name="LaMP-4", file_name="LaMP_4", kind="generation",
+             item_fields=("text", "title"), doc_fields=("title", "text"), query_marker="article:", folder="LaMP_4",
+             item_layout=(("article", "text", True), ("headline", "title", False)),
+             history_name="articles this user has headlined", answer_form="the headline alone, on one line",
+             answer_rule="text", columns=(("rouge1", "L4 R-1"), ("rougeL", "L4 R-L"))),
+    TaskSpec(name="LaMP-5", file_name="LaMP_5", kind="generation",
+             item_fields=("title", "abstract"), doc_fields=("title", "abstract"), query_marker="paper:",
+             folder="LaMP_5", item_layout=(("abstract", "abstract", True), ("title", "title", False)),
+             history_name="papers this user has titled", answer_form="the title alone, on one line",
+             answer_rule="text", columns=(("rouge1", "L5 R-1"), ("rougeL", "L5 R-L"))),
+    TaskSpec(name="LaMP-7", file_name="LaMP_7", kind="generation",
+             item_fields=("text",), doc_fields=("text",), query_marker=":", folder="LaMP_7",
+             item_layout=(("tweet", "text", True),),
+             history_name="tweets this user has written", answer_form="the rewritten tweet alone",
+             answer_rule="text", columns=(("rouge1", "L7 R-1"), ("rougeL", "L7 R-L"))),
+    # PGraphRAG inputs are written by minitagpr.data.pgraphrag, which places these markers; no LaMP download folder.
+    TaskSpec(name="PGraphRAG-title", file_name="PGraphRAG-title", kind="generation",
+             item_fields=("text", "title"), doc_fields=("title", "text"), query_marker="review:",
+             item_layout=(("review", "text", True), ("title", "title", False)),
+             history_name="reviews this user has titled", answer_form="the review title alone, on one line",
+             answer_rule="text", columns=(("rouge1", "PG-title R-1"), ("rougeL", "PG-title R-L"))),
+    TaskSpec(name="PGraphRAG-rating", file_name="PGraphRAG-rating", kind="rating", labels=RATINGS,
+             item_fields=("text", "title", "score"), doc_fields=("title", "text"), query_marker="title:",
+             item_layout=(("title", "title", False), ("review", "text", True), ("score", "score", False)),
+             history_name="reviews this user has scored", answer_form="a single integer from 1 to 5",
+             answer_rule="rating", columns=(("mae", "PG-rating MAE"), ("rmse", "PG-rating RMSE"))),
+):
+    register_task(_spec)
+
+
+class TaskTable(Mapping):
+    """A read-only {task: fact(spec)} over the registered tasks (those `keep` accepts), read from TASKS on every
+    access, so a task registered later is in it: the per-module tables older code imports (prompts.ANSWER_FORMS,
+    answers.LABELS, ...) kept as views of the one registry."""
+
+    def __init__(self, fact: Callable[[TaskSpec], Any], keep: Callable[[TaskSpec], bool] = lambda spec: True):
+        self._fact, self._keep = fact, keep
+
+    def __getitem__(self, task: str) -> Any:
+        spec = TASKS.get(task)
+        if spec is None or not self._keep(spec):
+            raise KeyError(task)
+        return self._fact(spec)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, spec in TASKS.items() if self._keep(spec))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class TaskList(Sequence):
+    """A read-only list of `rows(spec)` over the registered tasks, in table order, read from TASKS on every access
+    (answers.TASKS: the names; metrics.COLUMNS: (task, metric, header) rows)."""
+
+    def __init__(self, rows: Callable[[TaskSpec], Iterable]):
+        self._rows = rows
+
+    def _all(self) -> list:
+        return [row for spec in TASKS.values() for row in self._rows(spec)]
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __iter__(self) -> Iterator:
+        return iter(self._all())
+
+    def __eq__(self, other):
+        return self._all() == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
 
 _NUMERIC_FIELDS = {"score"}  # LaMP-3 scores may be written as numbers or strings; every other field is a string
 
 
 def canonical_task(name: Any) -> str:
-    """'LaMP_3', 'LaMP-3' and 'lamp-3' -> 'LaMP-3'; PGraphRAG names pass through. Unknown names raise DataError."""
+    """'LaMP_3', 'LaMP-3' and 'lamp-3' -> 'LaMP-3'; any registered name or file name, in any case, with '_' for
+    '-'. Unknown names raise DataError."""
     if isinstance(name, str):
         if name in TASKS:
             return name
         m = re.fullmatch(r"lamp[-_ ]?(\d)", name.strip(), flags=re.IGNORECASE)
         if m and f"LaMP-{m.group(1)}" in TASKS:
             return f"LaMP-{m.group(1)}"
-        for canon in TASKS:
-            if canon.lower() == name.strip().lower().replace("_", "-"):
+        for canon, spec in TASKS.items():
+            if _key(name) in (_key(canon), _key(spec.file_name)):
                 return canon
     raise DataError(f"unknown task {name!r}; expected one of {', '.join(TASKS)} (or 'LaMP_k')")
 
@@ -364,17 +562,19 @@ def gold_problem(task: str, output: str) -> str | None:
 def split_files(root: str | os.PathLike, task: str, split: str = "user", part: str = "dev") -> tuple[Path, Path]:
     """(questions, outputs) paths of one part ('train', 'dev', 'test') of a LaMP download under `root`.
 
-    User split: `LaMP_k/{part}/{part}_questions.json`; time split: `time/LaMP_k/...`. LaMP-2 is the movie-tagging
-    version under `LaMP_2/new/`; for the time split a plain `LaMP_2/` folder is used when no `new/` exists.
+    User split: `<folder>/{part}/{part}_questions.json` (`folder` of the task's TaskSpec: `LaMP_k`); time split:
+    `time/<folder>/...`. A task with a `subfolder` keeps its files there: LaMP-2 is the movie-tagging version under
+    `LaMP_2/new/`; for the time split a plain `LaMP_2/` folder is used when no `new/` exists. A task with no
+    `folder` (PGraphRAG) is not part of a LaMP download.
     """
     spec = task_spec(task)
-    if not spec.name.startswith("LaMP-"):
+    if spec.folder is None:
         raise DataError(f"split_files: {spec.name} is not a LaMP task")
     if split not in ("user", "time"):
         raise DataError(f"split_files: split must be 'user' or 'time', got {split!r}")
-    folder = Path(root) / ("time" if split == "time" else "") / spec.file_name
-    if spec.name == "LaMP-2" and (split == "user" or (folder / "new").exists() or not folder.exists()):
-        folder = folder / "new"
+    folder = Path(root) / ("time" if split == "time" else "") / spec.folder
+    if spec.subfolder and (split == "user" or (folder / spec.subfolder).exists() or not folder.exists()):
+        folder = folder / spec.subfolder
     folder = folder / part
     return folder / f"{part}_questions.json", folder / f"{part}_outputs.json"
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from minitagpr.data.lamp import LAMP2_TAGS, DataError, LampExample, canonical_task
+from minitagpr.data.lamp import DataError, LampExample, TaskTable, canonical_task, task_spec
 
 # The nine reasoning tags of TagPR (docs/tagpr-method.md), each with a one-line meaning in our words.
 TAG_MEANINGS: dict[str, str] = {
@@ -37,36 +37,11 @@ TAG_MEANINGS: dict[str, str] = {
 }
 TAGS = tuple(TAG_MEANINGS)
 
-# What must follow </think>, per task.
-ANSWER_FORMS: dict[str, str] = {
-    "LaMP-1": 'exactly "[1]" or "[2]", brackets included',
-    "LaMP-2": "exactly one of these tags, spelled as listed: " + ", ".join(LAMP2_TAGS),
-    "LaMP-3": "a single integer from 1 to 5",
-    "LaMP-4": "the headline alone, on one line",
-    "LaMP-5": "the title alone, on one line",
-    "LaMP-7": "the rewritten tweet alone",
-    "PGraphRAG-title": "the review title alone, on one line",
-    "PGraphRAG-rating": "a single integer from 1 to 5",
-}
-
-# How one profile item is shown: (label, field, cut to max_item_words?) in display order.
-ITEM_LAYOUT: dict[str, tuple[tuple[str, str, bool], ...]] = {
-    "LaMP-1": (("paper title", "title", False),),
-    "LaMP-2": (("movie", "description", True), ("tag", "tag", False)),
-    "LaMP-3": (("review", "text", True), ("score", "score", False)),
-    "LaMP-4": (("article", "text", True), ("headline", "title", False)),
-    "LaMP-5": (("abstract", "abstract", True), ("title", "title", False)),
-    "LaMP-7": (("tweet", "text", True),),
-    "PGraphRAG-title": (("review", "text", True), ("title", "title", False)),
-    "PGraphRAG-rating": (("title", "title", False), ("review", "text", True), ("score", "score", False)),
-}
-
-HISTORY_NAMES = {
-    "LaMP-1": "papers this user has written", "LaMP-2": "movies this user has tagged",
-    "LaMP-3": "reviews this user has scored", "LaMP-4": "articles this user has headlined",
-    "LaMP-5": "papers this user has titled", "LaMP-7": "tweets this user has written",
-    "PGraphRAG-title": "reviews this user has titled", "PGraphRAG-rating": "reviews this user has scored",
-}
+# Per task, in its TaskSpec (minitagpr.data.lamp.TASKS): what must follow </think>, how one profile item is shown
+# ((label, field, cut to max_item_words?) in display order) and what the history is called. Live views of it:
+ANSWER_FORMS = TaskTable(lambda spec: spec.answer_form)
+ITEM_LAYOUT = TaskTable(lambda spec: spec.item_layout)
+HISTORY_NAMES = TaskTable(lambda spec: spec.history_name)
 
 DEFAULT_MAX_ITEM_WORDS = 150
 
@@ -79,16 +54,16 @@ STYLES = ("full", "brief")
 
 
 def instruction(task: str, style: str = "full") -> str:
-    """The system message: how to reason (the nine tags) and how to answer (`ANSWER_FORMS`).
+    """The system message: how to reason (the nine tags) and how to answer (the task's `answer_form`).
 
     style "full" lists every tag with its meaning (what a general model needs to follow the format); "brief" names
     the tags only, in about a quarter of the tokens -- for models that learn the format in SFT, like the tiny demo
     model, whose every training and rollout token the instruction costs. Train and evaluate with the same style."""
-    task = canonical_task(task)
+    answer_form = task_spec(task).answer_form
     if style == "brief":
         return ("Answer as this user would; their history comes with the request. Reason inside <think> ... "
                 "</think> in at least three tagged segments, using only these tags: " + ", ".join(TAG_MEANINGS)
-                + f". After </think>, write only the answer: {ANSWER_FORMS[task]}.")
+                + f". After </think>, write only the answer: {answer_form}.")
     if style != "full":
         raise ValueError(f"prompt style must be one of {', '.join(STYLES)}, got {style!r}")
     tag_lines = "\n".join(f"- {tag}: {meaning}" for tag, meaning in TAG_MEANINGS.items())
@@ -100,7 +75,7 @@ def instruction(task: str, style: str = "full") -> str:
         "in an opening and a closing tag such as <analyze_input> ... </analyze_input>. Use at least three "
         "segments and no tags other than these nine (any of them may be used more than once):\n"
         f"{tag_lines}\n\n"
-        f"After </think>, write only the answer: {ANSWER_FORMS[task]}. "
+        f"After </think>, write only the answer: {answer_form}. "
         "Add no explanation, no reasoning tags and nothing else."
     )
 
@@ -117,7 +92,7 @@ def render_item(task: str, item: Mapping[str, Any], max_item_words: int | None =
     if not isinstance(item, Mapping):
         raise DataError(f"profile item ({task}): expected an object, got {type(item).__name__}")
     lines = []
-    for label, field, cut in ITEM_LAYOUT[task]:
+    for label, field, cut in task_spec(task).item_layout:
         if field not in item:
             raise DataError(f"profile item {item.get('id')!r} ({task}): field {field!r}: missing")
         value = str(item[field]).strip()
@@ -130,7 +105,7 @@ def render_profile(task: str, items: Sequence[Mapping[str, Any]],
     if not items:
         return "No history is available for this user."
     body = "\n".join(f"[{i}] {render_item(task, item, max_item_words)}" for i, item in enumerate(items, start=1))
-    return f"Some {HISTORY_NAMES[task]} ({len(items)}, most relevant first):\n{body}"
+    return f"Some {task_spec(task).history_name} ({len(items)}, most relevant first):\n{body}"
 
 
 def _messages(task: str, example: LampExample, items: Sequence[Mapping[str, Any]],

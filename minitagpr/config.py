@@ -108,6 +108,12 @@ def check_at_least(key: str, value: Any, low: int | float) -> None:
         raise ValueError(f"{key} must be >= {low}, got {value!r}")
 
 
+def check_fraction(key: str, value: float) -> None:
+    """For a config's __post_init__: ValueError naming the key unless 0 < value <= 1 (a share of a device)."""
+    if not 0 < value <= 1:
+        raise ValueError(f"{key} must be in (0, 1], got {value}")
+
+
 def check_writable_dir(folder: Path, key: str, shown: Path | None = None) -> None:
     """Fail now, naming the key, if files cannot be written in `folder` later (a file in its place or above it, no
     permission, a read-only file system): a run must not find that out after hours of work. Creates the folder."""

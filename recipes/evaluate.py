@@ -45,7 +45,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from minitagpr.cli import exit_on_user_error, is_user_error
-from minitagpr.config import ConfigError, check_at_least, check_choice, check_writable_dir, parse_cli
+from minitagpr.config import ConfigError, check_at_least, check_choice, check_fraction, check_writable_dir, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.lamp import DataError, LampExample
 from minitagpr.metrics import COLUMNS, evaluate, table_columns
@@ -85,8 +85,10 @@ class EvalConfig:
     batch_prompts: int = 16  # prompts per generate() call
     engine: str = "auto"  # auto (vllm when installed and a GPU is present, else builtin) | builtin | vllm; the
     #                       table's settings record the engine that ran
-    vllm_gpu_memory_utilization: float = 0.9  # vLLM's share of the GPU (weights + KV cache): evaluation has the
-    #                                           GPU to itself (the engine's own default, 0.3, leaves room for training)
+    # vLLM's share of the GPU (weights + KV cache). One engine is built per checkpoint, and an in-process vLLM engine
+    # does not give all of its memory back when deleted (vllm-project/vllm#21073): 0.3 lets a few checkpoints run in
+    # one process; a process that evaluates one checkpoint (CUDA_VISIBLE_DEVICES=i, one per GPU) can take 0.9
+    vllm_gpu_memory_utilization: float = 0.3
     normalize: bool = False  # the project's per-task answer normalisation (off = official rules)
     out_dir: str = "runs/eval"
 
@@ -113,8 +115,7 @@ class EvalConfig:
                              "(or data=demo for the demo world)")
         if self.engine not in ("auto", "builtin", "vllm"):
             raise ValueError(f"engine must be auto, builtin or vllm, got {self.engine!r}")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        check_fraction("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization)
         for k in [self.k, *self.sweep_k]:
             if k < 0:
                 raise ValueError(f"k must be >= 0, got {k}")
@@ -219,7 +220,7 @@ VLLM_DTYPE = "bfloat16"  # what vLLM decodes in (the built-in engine: fp32, see 
 
 
 def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_rows: int = 64,
-                max_model_len: int = 4096, *, gpu_memory_utilization: float = 0.9, load: bool = True):
+                max_model_len: int = 4096, *, gpu_memory_utilization: float = 0.3, load: bool = True):
     """(engine, tokenizer) for a checkpoint folder: vLLM on GPUs when installed, else the built-in engine.
     load=False makes the checks a load starts with (the folder, config.json, the weights' headers, the tokenizer
     files) without reading any weight, and returns (None, tokenizer)."""
@@ -465,7 +466,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                          limit: int = 0, settings: Sequence[tuple[str, int]] = (("recency", 8),),
                          max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16, engine: str = "auto",
-                         vllm_gpu_memory_utilization: float = 0.9,
+                         vllm_gpu_memory_utilization: float = 0.3,
                          normalize: bool = False, out_dir: str | os.PathLike | None = None,
                          log=print, prompt_style: str = "full", label_settings: bool | None = None,
                          dense_encoder: str | os.PathLike | None = None,
@@ -589,12 +590,18 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
                                              extract=cfg.extract_answers)
         except DataError as err:
             problems.append(str(err))
+    # the sweep's retrievers too: a dense encoder that cannot load is named with the rest, and each retriever is
+    # built once for the main table and the sweep (the dense one also embeds each profile once)
+    retrievers = {}
+    for r in dict.fromkeys([cfg.retriever, *(r for r, _ in sweep)]) if checkpoints else ():
+        try:
+            retrievers[r] = make_retriever(r, cfg.seed, cfg.dense_encoder or None)
+        except Exception as err:
+            if not is_user_error(err):
+                raise  # a bug, not a bad encoder folder
+            problems.append(f"retriever {r}: {err}")
     if problems:
         raise DataError(" | ".join(problems))
-    # the sweep's retrievers too: a dense encoder that cannot load is found now, and each is built (and ranks each
-    # example) once for the main table and the sweep
-    retrievers = {r: make_retriever(r, cfg.seed, cfg.dense_encoder or None)
-                  for r in dict.fromkeys([cfg.retriever, *(r for r, _ in sweep)])} if checkpoints else {}
     common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_prompts=cfg.batch_prompts,
                   engine=cfg.engine, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,

@@ -34,7 +34,7 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import ConfigError, check_at_least, check_choice, check_writable_file, parse_cli
+from minitagpr.config import ConfigError, check_at_least, check_choice, check_fraction, check_writable_file, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.preferences import RolloutRecord, read_rollouts, write_rollouts
 from minitagpr.model import load_pretrained
@@ -88,8 +88,7 @@ class RolloutConfig:
             check_at_least(key, getattr(self, key), 1)
         for key in ("k", "limit"):
             check_at_least(key, getattr(self, key), 0)
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        check_fraction("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization)
 
 
 def draw_questions(examples: list, task: str, cfg: RolloutConfig) -> list:

@@ -124,15 +124,15 @@ def test_the_question_check_refuses_exactly_what_fit_messages_refuses(lamp_root,
 
 def test_a_dense_encoder_that_cannot_load_is_found_before_the_main_table_is_decoded(lamp_root, tmp_path,
                                                                                        monkeypatch):
-    from minitagpr.model.checkpoint import CheckpointError
-
     decoded = []
     monkeypatch.setattr(ev, "make_engine", lambda *a, **kw: (None, None))
     monkeypatch.setattr(ev, "generate_answers", lambda engine, tok, data, **kw: decoded.append(data.task) or [
         {"id": ex.id, "text": "3", "finish_reason": "stop"} for ex in data.examples])
-    with pytest.raises(CheckpointError, match="no_encoder: no such checkpoint folder"):
+    with pytest.raises(lamp.DataError) as err:  # named in the same line as the other bad inputs
         ev.run(_cfg(lamp_root, tmp_path, "tasks=LaMP-3", "checkpoints=a=unused", "sweep_retrievers=dense",
-                    f"dense_encoder={tmp_path / 'no_encoder'}"))
+                    f"dense_encoder={tmp_path / 'no_encoder'}", f"predictions=p={tmp_path / 'missing.json'}"))
+    assert "retriever dense: " in str(err.value) and "no_encoder: no such checkpoint folder" in str(err.value)
+    assert "missing.json" in str(err.value)
     assert decoded == []
 
 
@@ -203,7 +203,7 @@ def fake_vllm(monkeypatch):
     FakeVLLM.seen = {}
 
 
-@pytest.mark.parametrize("setting, share", [((), 0.9), (("vllm_gpu_memory_utilization=0.6",), 0.6)])
+@pytest.mark.parametrize("setting, share", [((), 0.3), (("vllm_gpu_memory_utilization=0.9",), 0.9)])
 def test_vllm_gets_its_share_of_the_gpu_from_the_config(setting, share, fake_vllm, lamp_root, checkpoint, tmp_path):
     ev.run(_cfg(lamp_root, tmp_path, "tasks=LaMP-3", f"checkpoints=a={checkpoint}", "engine=vllm", *setting))
     assert FakeVLLM.seen["gpu_memory_utilization"] == share
@@ -237,7 +237,7 @@ def test_engine_auto_records_the_builtin_fallback_and_counts_from_the_generation
 def test_paper_configs_decode_with_vllm_rather_than_fall_back_to_fp32(yaml_name):
     cfg = parse_cli(ev.EvalConfig, ["--config", str(REPO / "recipes" / "configs" / yaml_name), "checkpoints=t=c",
                                     "data=/data/LaMP", "dense_encoder=enc"])
-    assert cfg.engine == "vllm" and cfg.vllm_gpu_memory_utilization == 0.9
+    assert cfg.engine == "vllm" and cfg.vllm_gpu_memory_utilization == 0.3
 
 
 @pytest.mark.parametrize("share", ["0", "1.5"])

@@ -68,7 +68,7 @@ def test_loss_and_gradient_equal_the_float64_hand_implementation(token_level, dt
 
 
 @pytest.mark.parametrize("token_level", [False, True])
-def test_bf16_log_probs_are_computed_on_in_float32(token_level):
+def test_bf16_log_probs_are_computed_in_float32(token_level):
     """bf16 resolves 2^-7 near 1, wider than the clip band: computed in bf16 every ratio would read 1 and nothing
     would clip. Given bf16 log-probs, the loss must be that of their float values, and its gradient reach them."""
     logp, old, adv, mask = random_batch(dtype=torch.float64, spread=2e-3, seed=3, garbage=False)

@@ -291,3 +291,17 @@ def test_an_untied_models_head_must_be_streamed(tmp_path, tied):
     else:
         with pytest.raises(RolloutError, match=r"1 checkpoint tensors were not streamed \(e\.g\. \['lm_head"):
             eng.sync_weights(without_head)
+
+
+def test_a_plain_python_process_gets_the_launcher_variables_vllm_reads_and_torchrun_keeps_its_own():
+    """vLLM's external_launcher executor reads RANK, LOCAL_RANK and an env:// rendezvous: `python
+    recipes/evaluate.py` sets none of them, and would stop in vLLM with KeyError: 'RANK'."""
+    from minitagpr.rollout.vllm_engine import launcher_env
+    env = {}
+    launcher_env(env)
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == \
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert 0 < int(env["MASTER_PORT"]) < 65536
+    under_torchrun = {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+    launcher_env(env := dict(under_torchrun))
+    assert env == under_torchrun

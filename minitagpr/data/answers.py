@@ -52,13 +52,12 @@ _RATING_PREFIX_CHARS = "\"'`*[(<{ \t\n\r"
 
 
 def canonical_task(task: str) -> str:
-    """`"LaMP_2"` or `"LaMP-2"` -> `"LaMP-2"`; an unknown name is a ValueError listing the known ones.
-
-    Stricter than `lamp.canonical_task` (a registered name exactly, or LaMP_k), as it has always been."""
-    name = task.replace("_", "-") if task.startswith("LaMP_") else task
-    if name not in lamp.TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(lamp.TASKS)} (or LaMP_k)")
-    return name
+    """`"LaMP_2"` or `"LaMP-2"` -> `"LaMP-2"`: a registered task's name or file name, spelled exactly; an unknown
+    name is a ValueError listing the known ones. Stricter than `lamp.canonical_task` (no other case or spacing)."""
+    for spec in lamp.TASKS.values():
+        if task in (spec.name, spec.file_name):
+            return spec.name
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(lamp.TASKS)} (or LaMP_k)")
 
 
 def is_classification(task: str) -> bool:

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.config import ConfigError, check_at_least, check_choice, check_resumed_config, save_config
+from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_resumed_config,
+                              save_config)
 from minitagpr.data import lamp
 from minitagpr.data.prompts import STYLES, build_messages
 from minitagpr.data.retrieval import RETRIEVERS, get_retriever
@@ -115,8 +116,7 @@ class RLConfig:
         check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32"))
         check_choice("rouge_variant", self.rouge_variant, ROUGE_VARIANTS)
         parse_task_mix(self.tasks)  # the mix's syntax and task names now, not after the model has loaded
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        check_fraction("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization)
         if self.engine not in ("builtin", "vllm"):
             raise ValueError(f"engine must be 'builtin' or 'vllm', got {self.engine!r}")
         if self.builtin_decode not in BuiltinEngine.DECODE_MODES:

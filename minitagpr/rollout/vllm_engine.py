@@ -77,6 +77,20 @@ def _config_vocab_size(checkpoint_dir) -> int | None:
         return None
 
 
+def launcher_env(environ=os.environ) -> None:
+    """The torchrun variables vLLM's "external_launcher" executor reads (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT), set for a process of one when no launcher set them: `python recipes/evaluate.py` and
+    `python recipes/prmu_rollouts.py` run without torchrun. Under torchrun nothing is changed."""
+    if "RANK" in environ:
+        return
+    import socket
+    with socket.socket() as s:  # a free port for vLLM's group of one (nobody else joins it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port)})
+
+
 def _worker_model(llm) -> torch.nn.Module:
     """The torch module inside vLLM's in-process worker (external_launcher keeps the engine core in this process)."""
     engine = llm.llm_engine
@@ -108,6 +122,7 @@ class VLLMEngine(RolloutEngine):
         if llm is None:
             # The engine core must live in this process so sync_weights can reach the worker's model.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            launcher_env()  # the external launcher expects torchrun's variables, also in a plain `python` process
             from vllm import LLM, SamplingParams
 
             llm = LLM(model=str(checkpoint_dir), tokenizer=str(checkpoint_dir), dtype=dtype, seed=seed,

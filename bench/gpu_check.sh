@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this repo checks on a lent GPU, in one call (a lease is short: one start, one script, capped sections).
 #
-#   bash bench/gpu_check.sh OUT_DIR [SECTION ...]     sections: tests train demo rollout logprob mfu
+#   bash bench/gpu_check.sh OUT_DIR [SECTION ...]     sections: tests train demo rollout logprob mfu sync vllm
 #                                                     (default: tests rollout: ~6 min measured, its caps sum
 #                                                     to ~9.25 min, inside a lease's 10-minute command limit)
 # setup   card, versions; installs the package (editable, no deps) and any wheels carried in .whl/ (rouge-score and
@@ -21,10 +21,14 @@
 #         and loading the 2.4 GB random checkpoint, once per engine for the peak-memory column)
 # logprob bench/logprob.py at N in {4096, 8192} x H in {1024, 2048}, ~25 s
 # mfu     bench/model_throughput.py on the whole Qwen3-0.6B shape, ~70 s
+# sync    bench/sync_weights.py on 1 GPU rank (NCCL), demo and qwen3-0.6b-2layer presets (not yet run on a GPU)
+# vllm    only where vLLM is installed (not in the device image so far): recipes/evaluate.py engine=vllm as a plain
+#         process on the carried demo SFT export and base model (4 questions per task): the launcher variables and
+#         two engines in one process at the default 0.3 memory share (vllm-project/vllm#21073); not yet run
 # Each section has its own time cap, so one hang cannot starve the rest; logs land in OUT_DIR (at most 6 files).
 # Measured 2026-11-26 and 2026-11-27 on an NVIDIA H100 80GB HBM3; the numbers are in bench/RESULTS.md.
 set -u
-out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [tests train demo rollout logprob mfu]}
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [tests train demo rollout logprob mfu sync vllm]}
 shift
 sections=" ${*:-tests rollout} "
 want() { [[ $sections == *" $1 "* ]]; }
@@ -110,5 +114,26 @@ if want mfu; then
   timeout 120 python3 model_throughput.py --device cuda --dtype bfloat16 --shapes qwen3-0.6b \
     --rounds 1 --steps 10 --warmup 3 --threads 8 >"$out/mfu.log" 2>&1
   cat "$out/mfu.log"
+fi
+if want sync; then
+  section "weight sync"
+  for preset in demo qwen3-0.6b-2layer; do
+    timeout 120 torchrun --nproc_per_node=1 sync_weights.py --preset $preset --rounds 7 >>"$out/sync.log" 2>&1
+    echo "sync_weights $preset exit $?" >>"$out/sync.log"
+  done
+  grep -vE "^W[0-9]" "$out/sync.log" | tail -16
+fi
+if want vllm; then
+  section "vLLM evaluation as a plain process"
+  cd "$repo"
+  if python3 -c "import vllm" 2>/dev/null; then
+    timeout 300 python3 recipes/evaluate.py --config recipes/configs/eval_demo.yaml engine=vllm limit=4 \
+      checkpoints=base=runs/demo/base_demo,sft=runs/demo/sft/hf out_dir=/tmp/gpu_eval_vllm >"$out/vllm.log" 2>&1
+    echo "evaluate engine=vllm exit $?" >>"$out/vllm.log"
+    tail -20 "$out/vllm.log"
+  else
+    echo "vllm is not installed here: skipped"
+  fi
+  cd bench
 fi
 section done

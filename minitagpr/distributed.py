@@ -498,10 +498,11 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-              dtype: torch.dtype | None = None, save_fn=None) -> Path:
+              dtype: torch.dtype | None = None, save_fn=None, training: dict | None = None) -> Path:
     """Collective. Gather the full weights on rank 0 and write an HF folder (config.json, safetensors, tokenizer
     files) with `save_fn(model, out_dir, state_dict=..., dtype=..., extra_files=...)` -- `save_pretrained` of
-    minitagpr.model by default; the reward model passes its own. The folder appears atomically."""
+    minitagpr.model by default; the reward model passes its own. `training` (JSON) goes in as TRAINING_FILE. The
+    folder appears atomically."""
     if save_fn is None:
         from minitagpr.model import save_pretrained as save_fn
     sd = full_state_dict(model)
@@ -510,6 +511,14 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str |
         extra = {}
         if tokenizer_dir is not None:
             extra = {n: Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (Path(tokenizer_dir) / n).is_file()}
-        save_fn(model, out_dir, state_dict=sd, dtype=dtype, extra_files=extra)
+        from minitagpr.data.prompts import TRAINING_FILE
+        note = out_dir.with_name(f".{out_dir.name}.{TRAINING_FILE}")  # beside the folder, copied in by save_fn
+        if training is not None:
+            note.write_text(json.dumps(training, indent=1, sort_keys=True), encoding="utf-8")
+            extra[TRAINING_FILE] = note
+        try:
+            save_fn(model, out_dir, state_dict=sd, dtype=dtype, extra_files=extra)
+        finally:
+            note.unlink(missing_ok=True)
     barrier()
     return out_dir

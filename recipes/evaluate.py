@@ -277,6 +277,10 @@ def input_problems(named_checkpoints: Mapping[str, str | os.PathLike], tasks: Se
         if tokenizer is not None:  # None: a make_engine injected by a test
             same_files = tuple((Path(tokenizer.source) / f).read_bytes() for f in (TOKENIZER_FILE, CONFIG_FILE))
             tokenizers.setdefault(same_files, tokenizer)  # a fine-tune's copy of its base's tokenizer counts once
+            trained = prompts.recorded_style(tokenizer.source)  # the export's folder
+            if trained is not None and trained != prompt_style:  # it would read an instruction it never saw
+                problems.append(f"checkpoints={name}: trained with prompt_style={trained} ({prompts.TRAINING_FILE}), "
+                                f"evaluated with prompt_style={prompt_style}; pass prompt_style={trained}")
     for tokenizer in tokenizers.values():
         found = long_questions(tokenizer, tasks, max_prompt_tokens, prompt_style)
         if found:

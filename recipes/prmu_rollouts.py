@@ -134,6 +134,10 @@ def run(cfg: RolloutConfig) -> Path:
                          f"{' ...' if len(missing) > 10 else ''} of {cfg.questions}")
     mine = examples[info.rank::info.world_size]  # each rank samples its own share
     tokenizer = Tokenizer.from_dir(cfg.tokenizer or resolve_checkpoint(cfg.policy))
+    trained = prompts.recorded_style(resolve_checkpoint(cfg.policy))
+    if trained is not None and trained != cfg.prompt_style:  # the PRMU would learn from prompts RL never shows
+        raise ConfigError(f"{cfg.policy} was trained with prompt_style={trained} ({prompts.TRAINING_FILE}), these "
+                          f"rollouts prompt with prompt_style={cfg.prompt_style}: pass prompt_style={trained}")
     retriever = retrieval.get_retriever(cfg.retriever, seed=cfg.seed)
     requests = []  # (example, mode, messages, retrieved items left out to fit max_prompt_tokens)
     for ex in mine:

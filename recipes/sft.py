@@ -196,7 +196,8 @@ def run(cfg: SftConfig) -> Path:
                               cfg.keep_last)
 
     # ---- 8. export: full weights gathered on rank 0 -> HF folder (config, safetensors, tokenizer) -----------------
-    export_dir = D.export_hf(model, out_dir / "hf", tokenizer_dir, dtype=getattr(torch, cfg.export_dtype))
+    export_dir = D.export_hf(model, out_dir / "hf", tokenizer_dir, dtype=getattr(torch, cfg.export_dtype),
+                             training=trained_style(records))
     if cfg.plot and info.is_main and (out_dir / "metrics.jsonl").exists():
         from minitagpr.train.plots import plot_metrics
         plot_metrics(out_dir / "metrics.jsonl", out_dir / "metrics.png",
@@ -296,6 +297,14 @@ def evaluate_chains(export_dir: Path, heldout: list[S.SftRecord], max_new_tokens
     well_all, match_all, n = (int(x) for x in counts.tolist())
     return {"n": n, "well_formed": well_all, "well_formed_share": well_all / max(n, 1),
             "answer_match_share": match_all / max(n, 1), "samples_rank0": samples}
+
+
+def trained_style(records) -> dict | None:
+    """What the export records about its prompts: the one instruction style every record's system message was
+    rendered in (RL and evaluation then refuse another); None when they differ or are hand-written."""
+    from minitagpr.data.prompts import style_of
+    styles = {style_of(r.task, r.messages) for r in records}
+    return {"prompt_style": styles.pop()} if len(styles) == 1 and None not in styles else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -244,3 +244,15 @@ def test_paper_configs_decode_with_vllm_rather_than_fall_back_to_fp32(yaml_name)
 def test_a_gpu_share_outside_0_to_1_is_refused_by_name(share):
     with pytest.raises(ConfigError, match=r"vllm_gpu_memory_utilization must be in \(0, 1\]"):
         parse_cli(ev.EvalConfig, ["checkpoints=t=c", "tasks=LaMP-3", f"vllm_gpu_memory_utilization={share}"])
+
+
+def test_a_checkpoint_trained_with_another_prompt_style_is_refused_before_decoding(lamp_root, checkpoint, tmp_path,
+                                                                                     monkeypatch):
+    from minitagpr.data.prompts import TRAINING_FILE
+    brief = shutil.copytree(checkpoint, tmp_path / "brief")
+    (brief / TRAINING_FILE).write_text('{"prompt_style": "brief"}')
+    decoded = _record_decoding(monkeypatch)
+    with pytest.raises(lamp.DataError, match=r"checkpoints=b: trained with prompt_style=brief .*evaluated with "
+                                             r"prompt_style=full; pass prompt_style=brief"):
+        ev.run(_cfg(lamp_root, tmp_path, "tasks=LaMP-3", f"checkpoints=a={checkpoint},b={brief}"))
+    assert decoded == []

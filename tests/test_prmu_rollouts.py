@@ -189,3 +189,16 @@ def test_pairs_from_rollouts_that_the_length_limit_cut_are_refused_by_name(world
     assert "responses cut by the length limit: 4 of 4" in captured.out
     assert "no PRP pairs could be built" in captured.err
     assert "2 candidate pairs were left out because a response was cut by the length limit" in captured.err
+
+
+def test_a_policy_trained_with_another_prompt_style_is_refused(world, tmp_path, monkeypatch):
+    import shutil
+
+    from minitagpr.data.prompts import TRAINING_FILE
+    w, policy = world
+    brief = shutil.copytree(policy, tmp_path / "brief_policy")
+    (brief / TRAINING_FILE).write_text('{"prompt_style": "brief"}')
+    args = [a if not a.startswith("policy=") else f"policy={brief}" for a in _args(world, tmp_path / "r.jsonl")]
+    with pytest.raises(ConfigError, match=r"trained with prompt_style=brief .* pass prompt_style=brief"):
+        _run_with_recording_vllm(monkeypatch, args)
+    assert not (tmp_path / "r.jsonl").exists()

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from lamp_fixtures import LAMP_TASKS, make_examples
-from minitagpr.data.lamp import TASKS, LampExample
+from minitagpr.data.lamp import TASKS, DataError, LampExample
 from minitagpr.data.prompts import (
     ANSWER_FORMS, TAGS, PromptTooLongError, build_messages, fit_messages, instruction, render_item,
 )
@@ -179,3 +179,25 @@ def test_a_field_exactly_at_the_word_limit_is_not_marked_as_cut():
     item = {"id": "1", "text": " ".join(["w"] * 10), "title": "t"}
     assert "..." not in render_item("LaMP-4", item, max_item_words=10)
     assert "..." in render_item("LaMP-4", {**item, "text": item["text"] + " w"}, max_item_words=10)
+
+
+def test_the_style_of_rendered_messages_is_recognised_and_hand_written_ones_are_not():
+    from minitagpr.data.prompts import STYLES, style_of
+    ex = LampExample(id="1", task="LaMP-3", input="review: fine", profile=[])
+    for style in STYLES:
+        assert style_of("LaMP-3", build_messages(ex, [], style=style)) == style
+    assert style_of("LaMP-3", [{"role": "user", "content": "hi"}]) is None
+    assert style_of("LaMP-4", build_messages(ex, [], style="full")) is None  # another task's instruction
+
+
+def test_an_exports_recorded_style_is_read_and_a_bad_record_is_named(tmp_path):
+    from minitagpr.data.prompts import TRAINING_FILE, recorded_style
+    assert recorded_style(tmp_path) is None  # a hub model or an older export: nothing recorded
+    (tmp_path / TRAINING_FILE).write_text('{"prompt_style": "brief"}')
+    assert recorded_style(tmp_path) == "brief"
+    (tmp_path / TRAINING_FILE).write_text('{"prompt_style": "loud"}')
+    with pytest.raises(DataError, match=r"minitagpr.json: field 'prompt_style': expected one of full, brief"):
+        recorded_style(tmp_path)
+    (tmp_path / TRAINING_FILE).write_text('[1')
+    with pytest.raises(DataError, match=r"minitagpr.json: not a JSON object"):
+        recorded_style(tmp_path)

@@ -630,6 +630,8 @@ def test_an_rl_export_from_a_hub_id_policy_carries_the_tokenizer(small_world, tm
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     assert (out / "export" / "tokenizer.json").is_file() or (out / "export" / "tokenizer_config.json").is_file()
+    from minitagpr.data.prompts import recorded_style
+    assert recorded_style(out / "export") == "full"  # the style it was trained with, for Stage 3 and evaluation
 
 
 def test_a_wrong_prmu_path_fails_before_the_policy_loads(small_world, tmp_path, monkeypatch):
@@ -648,3 +650,23 @@ def test_a_wrong_prmu_path_fails_before_the_policy_loads(small_world, tmp_path, 
             L.train(cfg)
     finally:
         L.D.destroy_distributed()  # train() formed a group of one before it failed
+
+
+def test_a_policy_trained_with_another_prompt_style_is_refused_before_it_loads(small_world, tmp_path, monkeypatch):
+    import shutil
+
+    import minitagpr.rl.loop as L
+    from minitagpr.config import ConfigError
+    from minitagpr.data.prompts import TRAINING_FILE
+    world, policy = small_world
+    brief = tmp_path / "brief_policy"
+    shutil.copytree(policy, brief)
+    (brief / TRAINING_FILE).write_text('{"prompt_style": "brief"}')
+    monkeypatch.setattr(L.D, "build_sharded_causal_lm", lambda *a, **kw: pytest.fail("the policy was loaded"))
+    cfg = RLConfig(policy=str(brief), data_root=str(world), tasks="LaMP-2:0", k=2, max_prompt_tokens=700,
+                   prompts_per_step=4, num_minibatches=2, use_prmu=False, out_dir=str(tmp_path / "o"))
+    try:
+        with pytest.raises(ConfigError, match=r"trained with prompt_style=brief .* pass prompt_style=brief"):
+            L.train(cfg)
+    finally:
+        L.D.destroy_distributed()

@@ -255,3 +255,16 @@ def test_resume_refuses_other_records_with_the_same_row_count(inputs, tmp_path):
     with pytest.raises(ConfigError, match=r"was written for data .*'fingerprint'") as err:
         run_in_process(common(inputs, out, data=changed, max_steps=2, plot=False, pack=False))
     assert str(err.value).count("'num_rows': 48,") == 2  # the counts agree: only the fingerprint tells
+
+
+def test_the_export_records_the_one_prompt_style_its_records_were_rendered_in():
+    from types import SimpleNamespace
+
+    from minitagpr.data.lamp import LampExample
+    from minitagpr.data.prompts import build_messages
+    ex = LampExample(id="1", task="LaMP-3", input="review: fine", profile=[])
+    rec = lambda style: SimpleNamespace(task="LaMP-3", messages=build_messages(ex, [], style=style))  # noqa: E731
+    trained_style = recipe().trained_style
+    assert trained_style([rec("brief"), rec("brief")]) == {"prompt_style": "brief"}
+    assert trained_style([rec("brief"), rec("full")]) is None  # mixed: nothing to hold later stages to
+    assert trained_style([SimpleNamespace(task="LaMP-3", messages=[{"role": "user", "content": "x"}])]) is None

@@ -51,6 +51,7 @@ class PromptTooLongError(DataError):
 
 
 STYLES = ("full", "brief")
+TRAINING_FILE = "minitagpr.json"  # in an export: how it was trained (the prompt style later stages must use)
 
 
 def instruction(task: str, style: str = "full") -> str:
@@ -106,6 +107,30 @@ def render_profile(task: str, items: Sequence[Mapping[str, Any]],
         return "No history is available for this user."
     body = "\n".join(f"[{i}] {render_item(task, item, max_item_words)}" for i, item in enumerate(items, start=1))
     return f"Some {task_spec(task).history_name} ({len(items)}, most relevant first):\n{body}"
+
+
+def style_of(task: str, messages: Sequence[Mapping[str, Any]]) -> str | None:
+    """The style whose instruction is `messages`' system message (SFT records carry rendered prompts), else None."""
+    system = messages[0].get("content") if messages and messages[0].get("role") == "system" else None
+    return next((style for style in STYLES if system == instruction(task, style)), None)
+
+
+def recorded_style(checkpoint_dir) -> str | None:
+    """The prompt style a minitagpr export was trained with (its TRAINING_FILE), None when it does not say (a hub
+    model, an export from before the file, SFT data with mixed or hand-written prompts)."""
+    import json
+    from pathlib import Path
+
+    path = Path(checkpoint_dir) / TRAINING_FILE
+    if not path.is_file():
+        return None
+    try:
+        style = json.loads(path.read_text(encoding="utf-8")).get("prompt_style")
+    except (ValueError, AttributeError) as err:
+        raise DataError(f"{path}: not a JSON object with 'prompt_style' ({err})") from None
+    if style is not None and style not in STYLES:
+        raise DataError(f"{path}: field 'prompt_style': expected one of {', '.join(STYLES)}, got {style!r}")
+    return style
 
 
 def _messages(task: str, example: LampExample, items: Sequence[Mapping[str, Any]],

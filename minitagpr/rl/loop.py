@@ -25,7 +25,7 @@ from minitagpr import distributed as D
 from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_resumed_config,
                               save_config)
 from minitagpr.data import lamp
-from minitagpr.data.prompts import STYLES, build_messages
+from minitagpr.data.prompts import STYLES, TRAINING_FILE, build_messages, recorded_style
 from minitagpr.data.retrieval import RETRIEVERS, get_retriever
 from minitagpr.model.checkpoint import resolve_checkpoint
 from minitagpr.rewards import ROUGE_VARIANTS, score_batch
@@ -555,6 +555,10 @@ def train(cfg: RLConfig) -> Path:
     export_dir, ckpt_dir = out / "export", out / "checkpoints"
     torch.manual_seed(cfg.seed)
     tokenizer = Tokenizer.from_dir(resolve_checkpoint(cfg.policy))  # a missing policy is named as a checkpoint
+    trained = recorded_style(resolve_checkpoint(cfg.policy))
+    if trained is not None and trained != cfg.prompt_style:  # the policy would read an instruction it never saw
+        raise ConfigError(f"{cfg.policy} was trained with prompt_style={trained} (its {TRAINING_FILE}), this run "
+                          f"prompts with prompt_style={cfg.prompt_style}: pass prompt_style={trained}")
     uses_prmu = cfg.stage == "guided" and cfg.use_prmu and cfg.gamma != 0.0
     if uses_prmu:
         resolve_checkpoint(cfg.prmu)  # a wrong path fails now, not after an 8B policy has loaded
@@ -671,7 +675,8 @@ def train(cfg: RLConfig) -> Path:
                               keep_last=cfg.keep_last)
 
     # 5. export (config, safetensors, tokenizer files) that load_pretrained, transformers and vLLM load
-    D.export_hf(model, export_dir, tokenizer_dir=resolve_checkpoint(cfg.policy))  # a hub id: its cached folder
+    D.export_hf(model, export_dir, tokenizer_dir=resolve_checkpoint(cfg.policy),  # a hub id: its cached folder
+                training={"prompt_style": cfg.prompt_style})
     D.log(f"[{cfg.stage}] exported {export_dir}")
     del model, optimizer
     D.release_memory()  # a caller's next stage loads in this process (the demo runs both RL stages in one)

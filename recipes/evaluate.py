@@ -226,7 +226,7 @@ def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_row
     files) without reading any weight, and returns (None, tokenizer)."""
     from minitagpr.model import Qwen3Config, load_pretrained
     from minitagpr.model.checkpoint import resolve_checkpoint, tensor_names
-    from minitagpr.rollout import BuiltinEngine, VLLMEngine, vllm_available
+    from minitagpr.rollout import BuiltinEngine, VLLMEngine, resolve_engine
     from minitagpr.tokenizer import Tokenizer
 
     folder = resolve_checkpoint(checkpoint)
@@ -235,8 +235,7 @@ def make_engine(checkpoint: str | os.PathLike, kind: str = "auto", max_batch_row
         Qwen3Config.from_json(folder / "config.json")
         tensor_names(folder)  # every shard's header (a missing shard, a truncated file), no tensor read
         return None, tokenizer
-    if kind == "auto":
-        kind = "vllm" if vllm_available() and torch.cuda.is_available() else "builtin"
+    kind = resolve_engine(kind)
     if kind == "vllm":
         return VLLMEngine(folder, tokenizer, sleep_level=0, max_model_len=max_model_len, dtype=VLLM_DTYPE,
                           gpu_memory_utilization=gpu_memory_utilization), tokenizer
@@ -277,10 +276,8 @@ def input_problems(named_checkpoints: Mapping[str, str | os.PathLike], tasks: Se
         if tokenizer is not None:  # None: a make_engine injected by a test
             same_files = tuple((Path(tokenizer.source) / f).read_bytes() for f in (TOKENIZER_FILE, CONFIG_FILE))
             tokenizers.setdefault(same_files, tokenizer)  # a fine-tune's copy of its base's tokenizer counts once
-            trained = prompts.recorded_style(tokenizer.source)  # the export's folder
-            if trained is not None and trained != prompt_style:  # it would read an instruction it never saw
-                problems.append(f"checkpoints={name}: trained with prompt_style={trained} ({prompts.TRAINING_FILE}), "
-                                f"evaluated with prompt_style={prompt_style}; pass prompt_style={trained}")
+            if mismatch := prompts.style_mismatch(tokenizer.source, prompt_style, use="evaluated"):  # its folder
+                problems.append(f"checkpoints={name}: {mismatch}")
     for tokenizer in tokenizers.values():
         found = long_questions(tokenizer, tasks, max_prompt_tokens, prompt_style)
         if found:

@@ -40,7 +40,7 @@ from minitagpr.data.preferences import RolloutRecord, read_rollouts, write_rollo
 from minitagpr.model import load_pretrained
 from minitagpr.model.checkpoint import resolve_checkpoint
 from minitagpr.rl.loop import RLConfig, parse_task_mix, task_mix_sample
-from minitagpr.rollout import require_vllm, vllm_available
+from minitagpr.rollout import require_vllm, resolve_engine
 from minitagpr.tokenizer import Tokenizer
 
 
@@ -105,9 +105,7 @@ def draw_questions(examples: list, task: str, cfg: RolloutConfig) -> list:
 
 
 def run(cfg: RolloutConfig) -> Path:
-    engine_kind = cfg.engine
-    if engine_kind == "auto":
-        engine_kind = "vllm" if vllm_available() and torch.cuda.is_available() else "builtin"
+    engine_kind = resolve_engine(cfg.engine)
     if engine_kind == "vllm":
         require_vllm()
     info = D.init_distributed()
@@ -134,10 +132,8 @@ def run(cfg: RolloutConfig) -> Path:
                          f"{' ...' if len(missing) > 10 else ''} of {cfg.questions}")
     mine = examples[info.rank::info.world_size]  # each rank samples its own share
     tokenizer = Tokenizer.from_dir(cfg.tokenizer or resolve_checkpoint(cfg.policy))
-    trained = prompts.recorded_style(resolve_checkpoint(cfg.policy))
-    if trained is not None and trained != cfg.prompt_style:  # the PRMU would learn from prompts RL never shows
-        raise ConfigError(f"{cfg.policy} was trained with prompt_style={trained} ({prompts.TRAINING_FILE}), these "
-                          f"rollouts prompt with prompt_style={cfg.prompt_style}: pass prompt_style={trained}")
+    if mismatch := prompts.style_mismatch(resolve_checkpoint(cfg.policy), cfg.prompt_style):
+        raise ConfigError(f"policy {cfg.policy}: {mismatch}")  # the PRMU would learn from prompts RL never shows
     retriever = retrieval.get_retriever(cfg.retriever, seed=cfg.seed)
     requests = []  # (example, mode, messages, retrieved items left out to fit max_prompt_tokens)
     for ex in mine:

@@ -133,6 +133,16 @@ def recorded_style(checkpoint_dir) -> str | None:
     return style
 
 
+def style_mismatch(checkpoint_dir, style: str, use: str = "prompted") -> str | None:
+    """Why `style` must not prompt the export in `checkpoint_dir` (it was trained with another: it would read an
+    instruction it never saw), as one clause for the caller's error; None when it matches or is not recorded."""
+    trained = recorded_style(checkpoint_dir)
+    if trained is None or trained == style:
+        return None
+    return f"trained with prompt_style={trained} ({TRAINING_FILE}), {use} with prompt_style={style}; pass " \
+           f"prompt_style={trained}"
+
+
 def _messages(task: str, example: LampExample, items: Sequence[Mapping[str, Any]],
               max_item_words: int | None, style: str = "full") -> list[dict]:
     user = f"{render_profile(task, items, max_item_words)}\n\nRequest:\n{example.input}"

@@ -25,7 +25,7 @@ from minitagpr import distributed as D
 from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_resumed_config,
                               save_config)
 from minitagpr.data import lamp
-from minitagpr.data.prompts import STYLES, TRAINING_FILE, build_messages, recorded_style
+from minitagpr.data.prompts import STYLES, build_messages, style_mismatch
 from minitagpr.data.retrieval import RETRIEVERS, get_retriever
 from minitagpr.model.checkpoint import resolve_checkpoint
 from minitagpr.rewards import ROUGE_VARIANTS, score_batch
@@ -555,10 +555,8 @@ def train(cfg: RLConfig) -> Path:
     export_dir, ckpt_dir = out / "export", out / "checkpoints"
     torch.manual_seed(cfg.seed)
     tokenizer = Tokenizer.from_dir(resolve_checkpoint(cfg.policy))  # a missing policy is named as a checkpoint
-    trained = recorded_style(resolve_checkpoint(cfg.policy))
-    if trained is not None and trained != cfg.prompt_style:  # the policy would read an instruction it never saw
-        raise ConfigError(f"{cfg.policy} was trained with prompt_style={trained} (its {TRAINING_FILE}), this run "
-                          f"prompts with prompt_style={cfg.prompt_style}: pass prompt_style={trained}")
+    if mismatch := style_mismatch(resolve_checkpoint(cfg.policy), cfg.prompt_style):
+        raise ConfigError(f"policy {cfg.policy}: {mismatch}")
     uses_prmu = cfg.stage == "guided" and cfg.use_prmu and cfg.gamma != 0.0
     if uses_prmu:
         resolve_checkpoint(cfg.prmu)  # a wrong path fails now, not after an 8B policy has loaded

@@ -16,6 +16,14 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def resolve_engine(kind: str) -> str:
+    """engine=auto as the recipes read it: vllm when it is installed and a GPU is present, else builtin."""
+    if kind != "auto":
+        return kind
+    import torch
+    return "vllm" if vllm_available() and torch.cuda.is_available() else "builtin"
+
+
 def require_vllm() -> None:
     """Called where a run starts (not where its config is parsed, so that GPU configs still load on CPU boxes):
     engine=vllm without the package fails before any work, in one line."""
@@ -26,5 +34,5 @@ def require_vllm() -> None:
 
 __all__ = [
     "BuiltinEngine", "Completion", "RolloutEngine", "RolloutError", "VLLMEngine", "checkpoint_tensor_names", "require_vllm",
-    "hf_named_tensors", "sample_seed", "sample_tokens", "sampling_probs", "vllm_available",
+    "hf_named_tensors", "resolve_engine", "sample_seed", "sample_tokens", "sampling_probs", "vllm_available",
 ]

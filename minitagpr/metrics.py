@@ -43,7 +43,6 @@ from typing import Iterable, Mapping
 
 from minitagpr.data.lamp import TASKS, DataError, TaskList, canonical_task, load_outputs
 
-POSITIVE_LABEL = TASKS["LaMP-1"].positive_label  # LaMP-1 class whose F1 is `f1_positive` (each task's: its spec)
 INVALID = -1            # the class of a prediction that is no label
 
 

@@ -2,8 +2,9 @@
 import pytest
 
 from minitagpr.data.answers import (
-    LABELS, LAMP2_TAGS, TASKS, canonical_task, extract_answer, is_classification, normalize,
+    LABELS, TASKS, canonical_task, extract_answer, is_classification, normalize,
 )
+from minitagpr.data.lamp import LAMP2_TAGS
 
 
 # --- extraction -------------------------------------------------------------------------------------------------

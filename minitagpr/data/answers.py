@@ -29,7 +29,6 @@ import functools
 import re
 
 from minitagpr.data import lamp
-from minitagpr.data.lamp import LAMP2_TAGS, RATINGS  # noqa: F401  (re-exported: older code imports them from here)
 
 TASKS = lamp.TaskList(lambda spec: [spec.name])  # every registered task name, in table order
 # Valid gold labels of every classification task (generation tasks have none), and the names of those tasks.

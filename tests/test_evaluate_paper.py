@@ -233,6 +233,14 @@ def test_engine_auto_records_the_builtin_fallback_and_counts_from_the_generation
         "no_answer": sum(answers.extract_answer(r["text"]) == "" for r in records)}
 
 
+def test_generation_counts_by_hand():
+    records = [{"text": "<think>a</think> 3", "finish_reason": "stop"},
+               {"text": "<think>a, b, c", "finish_reason": "length"},  # cut inside the chain: no answer either
+               {"text": "<think>a</think>", "finish_reason": "stop"},  # closed, nothing after it
+               {"text": "<think>a</think> 4 4 4", "finish_reason": "length"}]  # cut after an answer began
+    assert ev.generation_counts(records) == {"generations": 4, "cut_by_length": 2, "no_answer": 2}
+
+
 @pytest.mark.parametrize("yaml_name", ["eval_lamp.yaml", "eval_robustness.yaml", "eval_pgraphrag.yaml"])
 def test_paper_configs_decode_with_vllm_rather_than_fall_back_to_fp32(yaml_name):
     cfg = parse_cli(ev.EvalConfig, ["--config", str(REPO / "recipes" / "configs" / yaml_name), "checkpoints=t=c",

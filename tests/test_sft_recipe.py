@@ -205,7 +205,7 @@ def test_a_record_longer_than_seq_len_stops_the_run_naming_file_record_and_lengt
     assert not (tmp_path / "x" / "checkpoints").exists()  # stopped before training
 
 
-def test_truncate_long_cuts_instead_and_is_plumbing_for_resume_and_the_demo_stamp(inputs, tmp_path, capsys):
+def test_truncate_long_cuts_instead_and_is_a_plumbing_key(inputs, tmp_path, capsys):
     sft = recipe()
     data = write_data_with_a_long_record(tmp_path / "long.jsonl")
     run_in_process(common(inputs, tmp_path / "x", data=data, global_batch=1, max_steps=1, plot=False,

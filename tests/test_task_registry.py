@@ -90,6 +90,9 @@ def test_a_task_missing_a_field_fails_in_one_line_naming_task_and_field(field):
     (dict(positive_label="maybe"), "positive_label"),
     (dict(item_layout=(("post", "body", True),)), "item_layout"),
     (dict(answer_rule="text"), "answer_rule"),
+    (dict(answer_rule="rating"), "answer_rule"),  # a label task normalises by citation or label, not as a rating
+    (dict(kind="rating", labels=("1", "2", "3", "4", "5"), answer_rule="rating", positive_label="5",
+          columns=(("mae", "MAE"),)), "positive_label"),  # f1_positive is a label-task metric
     (dict(columns=(("rouge1", "R-1"),)), "columns"),
     (dict(positive_label=None), "columns"),  # f1_positive needs a positive label
     (dict(folder=None, subfolder="new"), "subfolder"),

@@ -67,7 +67,7 @@ RATINGS = ("1", "2", "3", "4", "5")  # the labels of every "rating" task: metric
 KINDS = {"label": ("accuracy", "f1_macro", "f1_positive"), "rating": ("mae", "rmse"),
          "generation": ("rouge1", "rougeL")}
 # How `minitagpr.data.answers.normalize` maps a free answer to a label (its docstring gives each rule).
-ANSWER_RULES = ("citation", "label", "rating", "text")
+ANSWER_RULES = {"label": ("citation", "label"), "rating": ("rating",), "generation": ("text",)}  # by kind
 
 
 class _Unset:
@@ -96,7 +96,7 @@ class TaskSpec:
     history_name: str = UNSET        # "Some <history_name> (k, most relevant first):"
     answer_form: str = UNSET         # what the instruction says must follow </think>
     # answers and metrics
-    answer_rule: str = UNSET         # one of ANSWER_RULES ("text" for generation tasks)
+    answer_rule: str = UNSET         # one of ANSWER_RULES[kind] ("text" for generation tasks)
     columns: tuple[tuple[str, str], ...] = UNSET  # (metric key, header) of its table columns, in table order
 
     def __post_init__(self) -> None:
@@ -137,8 +137,8 @@ def _spec_problem(s: TaskSpec) -> tuple[str, str] | None:
         return "labels", f"a {s.kind} task needs a tuple of distinct label strings, got {s.labels!r}"
     if s.kind == "rating" and s.labels != RATINGS:
         return "labels", f"a rating task's labels are {RATINGS} (metrics assume a 1-5 scale), got {s.labels!r}"
-    if s.positive_label is not None and s.positive_label not in s.labels:
-        return "positive_label", f"{s.positive_label!r} is not one of the labels"
+    if s.positive_label is not None and (s.kind != "label" or s.positive_label not in s.labels):
+        return "positive_label", f"{s.positive_label!r} is not one of the labels of a label task"
     if s.folder is not None and (not isinstance(s.folder, str) or not s.folder):
         return "folder", f"expected a folder name or None, got {s.folder!r}"
     if not isinstance(s.subfolder, str) or (s.subfolder and s.folder is None):
@@ -147,8 +147,8 @@ def _spec_problem(s: TaskSpec) -> tuple[str, str] | None:
             isinstance(row, tuple) and len(row) == 3 and isinstance(row[0], str) and row[1] in s.item_fields
             and isinstance(row[2], bool) for row in s.item_layout):
         return "item_layout", f"expected a non-empty tuple of (label, one of item_fields, cut?), got {s.item_layout!r}"
-    if s.answer_rule not in ANSWER_RULES or (s.answer_rule == "text") != (s.kind == "generation"):
-        return "answer_rule", (f"expected one of {', '.join(ANSWER_RULES)} ('text' exactly for generation tasks), "
+    if s.answer_rule not in ANSWER_RULES[s.kind]:
+        return "answer_rule", (f"a {s.kind} task's rule is one of {', '.join(ANSWER_RULES[s.kind])}, "
                                f"got {s.answer_rule!r}")
     metrics = [m for m in KINDS[s.kind] if m != "f1_positive" or s.positive_label is not None]
     if not isinstance(s.columns, tuple) or not s.columns or not all(

@@ -9,9 +9,15 @@ the final values, so cross-field checks live there.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import os
+import sys
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -37,7 +43,10 @@ def parse_cli(cls: type, argv: list[str]) -> Any:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(describe(cls))
+            try:
+                print(describe(cls), flush=True)
+            except BrokenPipeError:  # `--help | head` closed the pipe: not an error; keep exit's flush quiet too
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(0)
         if arg == "--config":
             if i + 1 >= len(argv):
@@ -171,15 +180,67 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 
 def describe(cls: type, prefix: str = "") -> str:
-    """One line per key with its type and default (the `--help` text)."""
+    """The `--help` text: one line per key with its type, default and the comment written beside it in the source,
+    each key preceded by the full-line comments above it there (section headings such as `# data: ...`)."""
     lines = [] if prefix else [f"{cls.__name__} keys (key=value overrides; --config FILE.yaml):"]
     hints = typing.get_type_hints(cls)
+    above, beside = field_comments(cls)
     for f in dataclasses.fields(cls):
+        lines += [f"  # {text}" for text in above.get(f.name, [])]
         if dataclasses.is_dataclass(hints[f.name]):
             lines.append(describe(hints[f.name], prefix + f.name + "."))
-        else:
-            lines.append(f"  {prefix}{f.name}: {_type_name(hints[f.name])} = {_default(f)!r}")
+            continue
+        line = f"  {prefix}{f.name}: {_type_name(hints[f.name])} = {_default(f)!r}"
+        lines.append(line + (f"  # {beside[f.name]}" if f.name in beside else ""))
     return "\n".join(lines)
+
+
+def field_comments(cls: type) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The comments of a config dataclass's fields, read from its source (and its bases'): `above[key]` = the
+    full-line comments between the previous field and this one, `beside[key]` = the comment at the end of the field's
+    line, joined with the full-line comments that continue it (a `#` followed by two or more spaces, the layout
+    used for a comment too long for its line). A field a subclass overrides keeps its base's place, so it keeps the
+    base's `above`; its `beside` is the subclass's where it has one, else the base's. No source: no comments."""
+    above: dict[str, list[str]] = {}
+    beside: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # bases first
+        try:
+            source, _ = inspect.getsourcelines(klass)
+            body = ast.parse(textwrap.dedent("".join(source))).body[0].body
+        except (OSError, TypeError, SyntaxError, IndexError):
+            continue
+        comments = _line_comments("".join(source))  # {line (1-based, in `source`): (full_line, text)}
+        after = 1  # the class line
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            after, body = body[0].end_lineno, body[1:]  # a docstring is not a comment
+        for node in body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                break  # methods and constants come after the fields
+            key = node.target.id
+            pending = [text.strip() for line, (full, text) in sorted(comments.items())
+                       if full and after < line < node.lineno]
+            if key not in above:  # the base's place and heading
+                above[key] = pending
+            full, text = comments.get(node.end_lineno, (True, None))
+            own = [] if full or text is None else [text.strip()]
+            line = node.end_lineno + 1
+            while own and comments.get(line, (False, ""))[0] and comments[line][1].startswith(" "):
+                own.append(comments[line][1].strip())
+                line += 1
+            if own:
+                beside[key] = " ".join(own)
+            after = line - 1 if own else node.end_lineno
+    return above, beside
+
+
+def _line_comments(source: str) -> dict[int, tuple[bool, str]]:
+    """{line: (whether the comment is the whole line, its text after the `#` and one space)} of Python source."""
+    out = {}
+    for tok in tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string[1:]
+            out[tok.start[0]] = (not tok.line[:tok.start[1]].strip(), text[1:] if text.startswith(" ") else text)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

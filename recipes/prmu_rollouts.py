@@ -62,7 +62,8 @@ class RolloutConfig:
     max_new_tokens: int = 2048  # a response cut here is recorded as truncated and makes no pair
     temperature: float = 1.0
     top_p: float = 1.0
-    # which queries (see the top of this file): "rl" = those RL's task mix `rl_tasks` draws with `seed`; "first"
+    # which queries (see the top of this file): "rl" = those RL's task mix `rl_tasks` draws with `seed`; "first" =
+    # the file's first `limit` (most of which RL, drawing at random, does not use)
     sample: str = "rl"
     rl_tasks: str = RLConfig.tasks  # guided RL's task mix (default: the paper's); only this task's count is used
     limit: int = 0  # sample at most the first `limit` of those queries (0 = all)

@@ -61,8 +61,9 @@ class RLConfig:
     # vLLM's share of the GPU while it samples (weights + KV cache); training's sharded weights and Adam state stay
     # resident, the rest of PyTorch's cache is emptied before vLLM wakes. More means fewer preempted sequences
     vllm_gpu_memory_utilization: float = 0.3
-    builtin_decode: str = "auto"  # the built-in engine's loop: "auto" | "dynamic" | "static" | "graph" (CUDA graphs);
-    # "auto": graph on CUDA (the engine holds its own unsharded copy, build_engine), dynamic on CPUs
+    builtin_decode: str = "auto"  # the built-in engine's loop: "auto" | "dynamic" | "static" | "graph" (CUDA
+    #                               graphs); "auto": graph on CUDA (the engine holds its own unsharded copy,
+    #                               build_engine), dynamic on CPUs
     group_size: int = 5  # G
     temperature: float = 1.0  # the log-probs of the ratio use the same temperature
     top_p: float = 1.0  # must stay 1: the ratio's pi_old is the untruncated distribution

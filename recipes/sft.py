@@ -26,6 +26,7 @@ import torch
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
 from minitagpr.config import ConfigError, check_resumed_config, parse_cli, save_config, to_dict
+from minitagpr.data.lamp import atomic_write_json
 from minitagpr.train import optim as O
 from minitagpr.train import sft_data as S
 from minitagpr.train.loss import NonFiniteLossError, nll_forward_backward
@@ -44,6 +45,7 @@ class SftConfig:
     # batches: a row is seq_len tokens holding one document (pack=False) or several packed ones
     seq_len: int = 704  # the demo's longest chain is 477 tokens
     truncate_long: bool = False  # a record longer than seq_len: False = stop naming it; True = cut it (counted)
+    drop_long: bool = False  # True: leave records longer than seq_len out, listed in out_dir/dropped_long.json
     pack: bool = False  # False = one document per row, so global_batch counts examples (the paper's convention)
     global_batch: int = 4  # rows per optimizer step, over all ranks
     micro_batch: int = 1  # rows per forward pass per rank; accumulation = global_batch / (micro_batch * world)
@@ -82,14 +84,19 @@ class SftConfig:
             raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas}")
+        if self.truncate_long and self.drop_long:
+            raise ValueError("truncate_long=true cuts the records longer than seq_len and drop_long=true leaves them "
+                             "out; set one")
 
 
 # Settings a resumed run may change (paths, logging, checkpoint cadence, memory knobs, the export); any other
 # difference from the checkpoint's config is an error (lr, schedule, batch, data shaping, seed...). truncate_long
-# only decides whether a too-long record stops the run or is cut: where one is cut, the data fingerprint differs
-# anyway, and guided_rl leaves it out of the SFT stage stamp (it takes these keys as plumbing).
+# and drop_long only decide whether a too-long record stops the run, is cut or is left out: where one is cut or left
+# out, the data fingerprint differs anyway, and guided_rl leaves them out of the SFT stage stamp (it takes these
+# keys as plumbing).
 RESUMABLE_KEYS = {"model", "tokenizer", "data", "demo_dir", "out_dir", "micro_batch", "activation_checkpointing",
-                  "save_every", "keep_last", "resume", "export_dtype", "plot", "eval_max_new_tokens", "truncate_long"}
+                  "save_every", "keep_last", "resume", "export_dtype", "plot", "eval_max_new_tokens", "truncate_long",
+                  "drop_long"}
 
 
 def run(cfg: SftConfig) -> Path:
@@ -118,6 +125,18 @@ def run(cfg: SftConfig) -> Path:
     records = S.read_sft_records(data_path)
     train_records, heldout = split_heldout(records, cfg.eval_holdout, cfg.seed, data_path)
     docs = S.tokenize_records(train_records, tokenizer, data_path)
+    if cfg.drop_long:
+        docs, dropped = S.drop_long(docs, cfg.seq_len)
+        if not docs:
+            raise S.DataError(f"{data_path}: all {len(dropped)} training records are longer than "
+                              f"seq_len={cfg.seq_len} tokens (drop_long=true left every one out)")
+        if info.is_main:  # every rank drops the same records: the file is one list (empty: none was too long)
+            atomic_write_json(out_dir / "dropped_long.json", [
+                {"id": d.id, "where": d.where, "tokens": len(d.ids), "seq_len": cfg.seq_len} for d in dropped])
+        D.log(f"[sft] drop_long: {len(dropped)} of {len(docs) + len(dropped)} training records are longer than "
+              f"seq_len={cfg.seq_len} tokens and left out ({out_dir / 'dropped_long.json'})")
+    elif info.is_main:  # an earlier run's list would describe data this run does not leave out
+        (out_dir / "dropped_long.json").unlink(missing_ok=True)
     rows = S.pack_documents(docs, cfg.seq_len, tokenizer.pad_id, pack=cfg.pack, shuffle_seed=cfg.seed,
                             truncate_long=cfg.truncate_long)
     spe = S.steps_per_epoch(rows.num_rows, cfg.global_batch)

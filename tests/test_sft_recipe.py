@@ -216,6 +216,33 @@ def test_truncate_long_cuts_instead_and_is_a_plumbing_key(inputs, tmp_path, caps
     assert "truncate_long" in sft.RESUMABLE_KEYS
 
 
+def test_drop_long_leaves_long_records_out_and_lists_them(inputs, tmp_path, capsys):
+    sft = recipe()
+    data = write_data_with_a_long_record(tmp_path / "long.jsonl")
+    run_in_process(common(inputs, tmp_path / "x", data=data, global_batch=1, max_steps=1, plot=False,
+                          drop_long=True))
+    out = capsys.readouterr().out
+    assert "drop_long: 1 of 3 training records are longer than seq_len=128 tokens and left out" in out
+    assert "2 documents (0 held out)" in out and "(0 truncated" in out
+    listed = json.loads((tmp_path / "x" / "dropped_long.json").read_text())
+    assert [(r["id"], r["where"], r["seq_len"]) for r in listed] == [("long-one", f"{data}:2", 128)]
+    assert listed[0]["tokens"] > 128
+    assert "drop_long" in sft.RESUMABLE_KEYS  # plumbing, like truncate_long (the data fingerprint guards a resume)
+
+
+def test_drop_long_with_every_record_too_long_and_with_truncate_long_are_refused(inputs, tmp_path, capsys):
+    data = write_data_with_a_long_record(tmp_path / "long.jsonl")
+    for overrides, message in (({"seq_len": 4}, "all 3 training records are longer than seq_len=4 tokens"),
+                                ({"truncate_long": True}, "truncate_long=true cuts the records")):
+        with pytest.raises(SystemExit) as exit_:
+            recipe().main(common(inputs, tmp_path / "x", data=data, global_batch=1, max_steps=1, plot=False,
+                                 drop_long=True, **overrides))
+        assert exit_.value.code == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
 def test_non_finite_loss_stops_with_the_step(inputs, tmp_path, capsys):
     # an absurd learning rate blows the weights up in one step; step 1 must stop before the optimizer step
     with pytest.raises(SystemExit) as exit_:

@@ -147,6 +147,12 @@ def test_with_truncate_long_long_documents_are_cut_and_counted():
     assert rows.num_truncated == 1 and rows.input_ids.tolist() == [list(range(1, 9))]
 
 
+def test_drop_long_keeps_the_documents_that_fit_and_returns_the_others_in_file_order():
+    docs = [S.Document(list(range(1, n + 1)), [False] + [True] * (n - 1), f"d{n}") for n in (9, 3, 8, 20)]
+    kept, dropped = S.drop_long(docs, seq_len=8)
+    assert [d.id for d in kept] == ["d3", "d8"] and [d.id for d in dropped] == ["d9", "d20"]  # exactly 8 fits
+
+
 def test_a_document_exactly_seq_len_long_is_whole_not_an_error():
     docs = [S.Document(list(range(1, 9)), [False] * 2 + [True] * 6, "exact")]
     rows = S.pack_documents(docs, seq_len=8, pad_id=0)

@@ -8,7 +8,7 @@ The pipeline, each step a plain function:
                                               (the model keeps documents from attending to each other);
                                               targets = next token, -100 where the next token is prompt, padding,
                                               or in another document; a document longer than seq_len is an error
-                                              (truncate_long=True: cut and counted)
+                                              (truncate_long=True: cut and counted; drop_long: left out)
     rows_for_step(step, ...)                  the global batch of row indices for one optimizer step
     rank_slice / micro_batches                this rank's share, split for gradient accumulation
 
@@ -220,6 +220,12 @@ def pack_documents(docs: list[Document], seq_len: int, pad_id: int, *, pack: boo
                       num_documents=len(docs), num_truncated=truncated)
 
 
+def drop_long(docs: list[Document], seq_len: int) -> tuple[list[Document], list[Document]]:
+    """(documents that fit in seq_len, documents longer than it), each in file order: SFT's `drop_long=true`, which
+    trains without the second list (and writes it out) instead of stopping on its first entry."""
+    return [d for d in docs if len(d.ids) <= seq_len], [d for d in docs if len(d.ids) > seq_len]
+
+
 def too_long_error(too_long: list[Document], total: int, seq_len: int) -> DataError:
     """One line: how many documents exceed seq_len, and the first of them by file, record id and lengths."""
     doc = too_long[0]
@@ -228,7 +234,8 @@ def too_long_error(too_long: list[Document], total: int, seq_len: int) -> DataEr
     return DataError(f"{len(too_long)} of {total} documents are longer than seq_len={seq_len} tokens; the first: "
                      f"{where}(record id {doc.id!r}): {len(doc.ids)} tokens = prompt {prompt} + target "
                      f"{len(doc.ids) - prompt}. Cut, its target would lose </think>, the answer and <|im_end|>: raise "
-                     f"seq_len, leave such records out, or set truncate_long=true to cut them anyway (counted)")
+                     f"seq_len, set drop_long=true to leave such records out (listed), or truncate_long=true to cut them "
+                     "anyway (counted)")
 
 
 # ----------------------------------------------------------------------------------------------- order

@@ -183,6 +183,9 @@ def describe(cls: type, prefix: str = "") -> str:
     """The `--help` text: one line per key with its type, default and the comment written beside it in the source,
     each key preceded by the full-line comments above it there (section headings such as `# data: ...`)."""
     lines = [] if prefix else [f"{cls.__name__} keys (key=value overrides; --config FILE.yaml):"]
+    doc = cls.__dict__.get("__doc__") or ""
+    if not prefix and doc and not doc.startswith(f"{cls.__name__}("):  # dataclass makes a signature of a missing one
+        lines += [f"  {line.strip()}" for line in doc.strip().split("\n\n")[0].splitlines()]
     hints = typing.get_type_hints(cls)
     above, beside = field_comments(cls)
     for f in dataclasses.fields(cls):

@@ -65,23 +65,27 @@ class EvalConfig:
     data: str = "demo"  # LaMP tasks: "demo" (the seeded demo world) or the root folder of a LaMP download ("":
     #                     refused, as the paper configs leave it, so that a forgotten data= never scores the demo)
     data_dir: str = ""  # demo: where the world is built (default out_dir/demo-world)
-    pgraphrag_dir: str = ""  # PGraphRAG tasks: folder of amazon_dev.json, ... (default ../shared/data/pgraphrag)
-    pgraphrag_domain: str = "amazon"  # amazon (the paper's AmazonReviewTitle) or hotel
-    tasks: list[str] = field(default_factory=lambda: list(LAMP_TASKS))
-    split: str = "user"  # LaMP user or time split
-    part: str = "dev"
+    pgraphrag_dir: str = ""  # PGraphRAG tasks: folder of amazon_dev.json, ... (default ../shared/data/pgraphrag;
+    #                          $MINITAGPR_SHARED/data/pgraphrag when that variable is set)
+    pgraphrag_domain: str = "amazon"  # amazon (the paper's AmazonReviewTitle) or hotel: reads
+    #                                   <pgraphrag_dir>/<pgraphrag_domain>_<part>.json
+    tasks: list[str] = field(default_factory=lambda: list(LAMP_TASKS))  # LaMP-1..5, LaMP-7 (from data) and/or
+    #                                                                     PGraphRAG-title, PGraphRAG-rating
+    split: str = "user"  # LaMP split: user | time (the demo world has user only; PGraphRAG ignores it)
+    part: str = "dev"  # the part scored: dev | train (LaMP's test has no golds); PGraphRAG: dev | test
     limit: int = 0  # first `limit` questions per task (0 = all)
-    retriever: str = "recency"
+    retriever: str = "recency"  # recency | bm25 | random (seeded by `seed`) | dense (needs dense_encoder)
     dense_encoder: str = ""  # retriever dense: a BERT-style encoder folder or hub id (safetensors), e.g. Contriever
-    k: int = 8
+    k: int = 8  # retrieved profile items per prompt (0 = none)
     sweep_k: list[int] = field(default_factory=list)  # robustness: these k with `retriever`
     sweep_retrievers: list[str] = field(default_factory=list)  # robustness: these retrievers with `k`
-    max_prompt_tokens: int = 2048
+    max_prompt_tokens: int = 2048  # prompt budget: the least relevant profile items are dropped to fit; a question
+    #                                that does not fit without any is refused before decoding
     prompt_style: str = ""  # instruction style, "full" | "brief"; "" = the demo world's own style, else "full"
-    max_new_tokens: int = 1024
-    temperature: float = 0.0  # greedy decoding: evaluation numbers do not depend on a seed
-    top_p: float = 1.0
-    seed: int = 0
+    max_new_tokens: int = 1024  # response cap in tokens, thinking included (table.json counts the cut ones)
+    temperature: float = 0.0  # 0 = greedy decoding: evaluation numbers do not depend on a seed
+    top_p: float = 1.0  # nucleus sampling, in (0, 1]
+    seed: int = 0  # sampling (temperature > 0) and the random retriever
     batch_prompts: int = 16  # prompts per generate() call
     engine: str = "auto"  # auto (vllm when installed and a GPU is present, else builtin) | builtin | vllm; the
     #                       table's settings record the engine that ran
@@ -90,7 +94,7 @@ class EvalConfig:
     # one process; a process that evaluates one checkpoint (CUDA_VISIBLE_DEVICES=i, one per GPU) can take 0.9
     vllm_gpu_memory_utilization: float = 0.3
     normalize: bool = False  # the project's per-task answer normalisation (off = official rules)
-    out_dir: str = "runs/eval"
+    out_dir: str = "runs/eval"  # predictions/, generations/, table.md/.json, robustness.md/.json (see the top)
 
     def __post_init__(self):
         if not self.checkpoints and not self.predictions:
@@ -126,6 +130,10 @@ class EvalConfig:
         check_at_least("temperature", self.temperature, 0.0)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_choice("split", self.split, ("user", "time"))
+        check_choice("part", self.part, ("train", "dev", "test"))
+        if self.data == "demo" and self.split != "user" and any(t in LAMP_TASKS for t in self.tasks):
+            raise ValueError(f"split={self.split!r}: the demo world has the user split only (split=user)")
         check_choice("retriever", self.retriever, retrieval.RETRIEVERS)
         for name in self.sweep_retrievers:
             check_choice("sweep_retrievers", name, retrieval.RETRIEVERS)

@@ -21,11 +21,11 @@ from minitagpr.rl.loop import RLConfig, train
 
 @dataclass
 class ExploratoryConfig(RLConfig):
-    stage: str = "exploratory"
+    stage: str = "exploratory"  # the only stage this recipe runs: the foundation reward R = (R_v + R_rep)R_f
     out_dir: str = "runs/exploratory_rl"
-    epochs: float = 2.0
-    use_tag_reward: bool = False  # the foundation reward has neither term: defaults that say so in config.yaml
-    use_prmu: bool = False
+    epochs: float = 2.0  # passes over the task mix's prompts (the paper's Stage 3: 2)
+    use_tag_reward: bool = False  # unused: the foundation reward has no tag term; false so config.yaml says so
+    use_prmu: bool = False  # unused: the foundation reward has no PRMU term (no PRMU is loaded); false, as above
 
 
 def main(argv: list[str]) -> None:

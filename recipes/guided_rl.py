@@ -47,15 +47,16 @@ def recipe(name: str):
 class GuidedConfig(RLConfig):
     """Defaults are the embedded demo (2 CPU processes, minutes); the paper's run is configs/guided_rl_qwen3_8b.yaml."""
     demo: bool = True  # build missing stages on the demo world, then run Stage 3 and the evaluation table
-    workdir: str = "runs/demo"
+    workdir: str = "runs/demo"  # demo: the world, the base model, SFT and PRMU (and the RL stages and table unless
+    #                             out_dir is set); stages found there are reused for the same settings
     rerun: bool = False  # demo: redo both RL stages even when their exports exist (the table is always redone)
     # demo-world RL settings (the paper's values are in the 8B YAML)
     out_dir: str = ""  # demo: folder of this run's guided_rl/, exploratory_rl/, eval/ (default: workdir);
     #                    demo=false: the stage's folder (default runs/guided_rl)
-    tasks: str = "LaMP-1:0,LaMP-2:0,LaMP-3:0,LaMP-4:0,LaMP-5:0,LaMP-7:0"
-    k: int = 4
-    max_prompt_tokens: int = 512
-    max_new_tokens: int = 160
+    tasks: str = "LaMP-1:0,LaMP-2:0,LaMP-3:0,LaMP-4:0,LaMP-5:0,LaMP-7:0"  # count 0 = every question of the task
+    k: int = 4  # retrieved profile items per prompt (0 = none; the paper: 8)
+    max_prompt_tokens: int = 512  # prompt budget: the least relevant profile items are dropped to fit (8B YAML: 4096)
+    max_new_tokens: int = 160  # response cap in tokens; a response cut here gets R_f = 0 (8B YAML: 2048)
     prompts_per_step: int = 16
     num_minibatches: int = 2
     micro_batch_size: int = 16
@@ -64,7 +65,7 @@ class GuidedConfig(RLConfig):
     lr: float = 1e-4  # the tiny demo model; 2e-5 barely moved the reward in 24 steps (the paper: 1e-6 on Qwen3-8B)
     warmup_steps: int = 2
     save_every: int = 8
-    exploratory_steps: int = 8  # demo Stage 3 length (the paper: 2 epochs)
+    exploratory_steps: int = 8  # demo: Stage 3's max_steps, a cap on its RL steps (the paper: 2 epochs)
     eval_examples: int = 0  # dev examples per task in the demo's evaluation table (0 = all 60 of the demo world)
 
 

@@ -56,15 +56,16 @@ class RolloutConfig:
     n: int = 4  # samples per query and mode
     # prompts and lengths as guided RL's (guided_rl_qwen3_8b.yaml): the reward model scores RL's prompts
     k: int = 8  # retrieved profile items in "profile" mode
-    retriever: str = "recency"
-    prompt_style: str = "full"  # the instruction the policy was SFT'd on and RL uses (minitagpr.data.prompts)
-    max_prompt_tokens: int = 4096
+    retriever: str = "recency"  # recency | bm25 | random (seeded by `seed`), as RL; dense needs an encoder, which
+    #                             only evaluate.py loads (dense_encoder=)
+    prompt_style: str = "full"  # full | brief: the instruction the policy was SFT'd on and RL uses (data.prompts)
+    max_prompt_tokens: int = 4096  # prompt budget: the least relevant profile items are dropped to fit (counted)
     max_new_tokens: int = 2048  # a response cut here is recorded as truncated and makes no pair
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # keep RL's (1.0 in its configs): PRMU should see the responses RL will sample
+    top_p: float = 1.0  # nucleus sampling (RL requires 1.0)
     # which queries (see the top of this file): "rl" = those RL's task mix `rl_tasks` draws with `seed`; "first" =
     # the file's first `limit` (most of which RL, drawing at random, does not use)
-    sample: str = "rl"
+    sample: str = "rl"  # rl | first
     rl_tasks: str = RLConfig.tasks  # guided RL's task mix (default: the paper's); only this task's count is used
     limit: int = 0  # sample at most the first `limit` of those queries (0 = all)
     batch_prompts: int = 8  # prompts per generate() call
@@ -77,7 +78,7 @@ class RolloutConfig:
             if not getattr(self, key):
                 raise ValueError(f"{key}= is required")
         check_choice("engine", self.engine, ("auto", "builtin", "vllm"))
-        check_choice("retriever", self.retriever, retrieval.RETRIEVERS)
+        check_choice("retriever", self.retriever, [r for r in retrieval.RETRIEVERS if r != "dense"])  # no encoder
         check_choice("prompt_style", self.prompt_style, prompts.STYLES)
         check_choice("sample", self.sample, ("rl", "first"))
         if self.sample == "rl":  # the mix's syntax now; whether it names this task once the task is known

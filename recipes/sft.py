@@ -43,34 +43,36 @@ class SftConfig:
     demo_preset: str = "demo"  # model preset (minitagpr.model.presets) of the demo base model
     out_dir: str = "runs/sft_demo"  # not runs/demo/sft: that is the demo pipeline's stage folder (recipes/guided_rl.py)
     # batches: a row is seq_len tokens holding one document (pack=False) or several packed ones
-    seq_len: int = 704  # the demo's longest chain is 477 tokens
-    truncate_long: bool = False  # a record longer than seq_len: False = stop naming it; True = cut it (counted)
+    seq_len: int = 704  # tokens per row; the demo's longest record (prompt + chain + answer) is 477
+    truncate_long: bool = False  # a record longer than seq_len: False = an error naming it; True = cut to seq_len
+    #                              (counted; its end -- </think>, answer, <|im_end|> -- is lost)
     drop_long: bool = False  # True: leave records longer than seq_len out, listed in out_dir/dropped_long.json
     pack: bool = False  # False = one document per row, so global_batch counts examples (the paper's convention)
     global_batch: int = 4  # rows per optimizer step, over all ranks
     micro_batch: int = 1  # rows per forward pass per rank; accumulation = global_batch / (micro_batch * world)
-    epochs: int = 2
+    epochs: int = 2  # passes over the training rows (each drops its incomplete last global batch)
     max_steps: int = 0  # > 0: train exactly this many steps (continuing into further epochs if needed)
     # optimizer: AdamW, linear warmup then cosine decay to min_lr_ratio * lr (defaults: the demo's tiny model;
     # the paper's 1e-5 is in configs/sft_qwen3_8b.yaml)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    betas: tuple[float, ...] = (0.9, 0.95)
+    lr: float = 3e-3  # peak learning rate, reached at the end of warmup
+    min_lr_ratio: float = 0.1  # lr at the last step, as a share of lr (1 = constant after warmup)
+    warmup_ratio: float = 0.05  # share of the run's optimizer steps spent in linear warmup (rounded to whole steps)
+    weight_decay: float = 0.0  # AdamW decay, on weight matrices only (norm gains and other 1-D params: none)
+    betas: tuple[float, ...] = (0.9, 0.95)  # AdamW (beta1, beta2)
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping, the norm is still logged)
     # system
-    seed: int = 0
-    mixed_precision: str = "auto"  # auto: bf16 compute + fp32 reduce on GPU, fp32 on CPU
-    activation_checkpointing: bool = False
+    seed: int = 0  # data order, the held-out choice and the demo base model's random init
+    mixed_precision: str = "auto"  # auto | bf16 | fp32; auto: bf16 compute + fp32 reduce on GPU, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, slower
     save_every: int = 100  # checkpoint every N steps (the last step is always saved); 0 = only the last
-    keep_last: int = 2
+    keep_last: int = 2  # how many of the newest checkpoints out_dir/checkpoints keeps (0 = all)
     resume: bool = True  # continue from the latest checkpoint in out_dir/checkpoints; false deletes them
     export_dtype: str = "float32"  # dtype of the exported HF weights: float32 or bfloat16
     plot: bool = True  # write metrics.png next to metrics.jsonl
     # demo check of the exported model: greedy chains on held-out prompts
-    eval_holdout: int = 32  # records held out of training (seeded choice) whose prompts are decoded after export
-    eval_max_new_tokens: int = 320
+    eval_holdout: int = 32  # records held out of training (seeded choice) whose prompts are decoded after export;
+    #                         0 = no check
+    eval_max_new_tokens: int = 320  # token cap on each held-out greedy response
 
     def __post_init__(self):
         for name in ("seq_len", "global_batch", "micro_batch", "epochs"):

@@ -50,41 +50,43 @@ from minitagpr.train.sft_data import micro_batches, rank_slice, rows_for_step, s
 @dataclass
 class PrmuConfig:
     # data: pair files (PRP and PQP may share a file; each pair names its set), or a demo world to synthesise from
-    pairs: list[str] = field(default_factory=list)
+    pairs: list[str] = field(default_factory=list)  # pair JSONL files (`python -m minitagpr.data.preferences
+    #                                                 from-rollouts` writes prp.jsonl and pqp.jsonl)
     heldout_pairs: list[str] = field(default_factory=list)  # empty: hold out `heldout_frac` of the queries
-    heldout_frac: float = 0.1
+    heldout_frac: float = 0.1  # share of the queries (example ids; seeded) whose pairs are held out, in (0, 1)
     demo_world: str = ""  # a demo world folder (built there if missing): synthesise pairs from it
     demo_pairs_per_set: int = 0  # cap on synthetic pairs per set (0 = all)
     tokenizer: str = ""  # default: the demo world's tokenizer, else the `init` folder
     max_len: int = 2048  # tokens per scored sequence (longer ones lose their oldest tokens)
     # model
     init: str = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"  # a sequence classifier, or a causal LM with new_head
-    new_head: bool = False  # start from a causal LM: drop lm_head, fresh score head
+    new_head: bool = False  # start from a causal LM: drop lm_head, fresh score head (implied by init_preset)
     init_preset: str = ""  # instead of `init`: a seeded random model of this preset (e.g. "demo"), for the demo
     use_user_table: bool = True  # False = the paper's "PRMU w/o UE"
     user_dropout: float = 0.1  # share of training pairs read with row 0, so the unknown-user row is trained too
     # optimisation
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training pairs; fractional is fine (steps = ceil(epochs x steps/epoch))
     max_steps: int = 0  # > 0: exactly this many optimizer steps (into further epochs if needed), instead of epochs
     global_batch: int = 64  # pairs per optimizer step, over all ranks
     micro_batch: int = 2  # pairs per forward (2x sequences) on one rank
-    lr: float = 2e-6
-    table_lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"
-    activation_checkpointing: bool = False
-    seed: int = 0
+    lr: float = 2e-6  # peak lr of the backbone and score head (AdamW; linear warmup, then cosine decay)
+    table_lr: float = 1e-4  # peak lr of the user embedding table (same schedule; never weight-decayed)
+    weight_decay: float = 0.0  # AdamW decay, on weight matrices only (not the user table)
+    warmup_steps: int = 10  # optimizer steps of linear warmup
+    min_lr_ratio: float = 0.1  # lr at the last step, as a share of lr and table_lr (1 = constant after warmup)
+    max_grad_norm: float = 1.0  # clip the global grad norm to this (0 = no clipping)
+    mixed_precision: str = "auto"  # auto | bf16 | fp32; auto: bf16 compute + fp32 reduce on GPU, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, slower
+    seed: int = 0  # pair order, user dropout, the held-out split, synthetic pairs; the random init of a new score
+    #                head, the user table and an init_preset model
     # run
-    out_dir: str = "runs/prmu"
+    out_dir: str = "runs/prmu"  # config.yaml, metrics.jsonl, pairs/, checkpoints/, hf/ (the export), final_eval.json
     eval_every: int = 50  # steps; 0 = only at the end
     eval_batch: int = 8  # pairs per forward in evaluation
     save_every: int = 100  # steps; 0 = only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # how many of the newest checkpoints out_dir/checkpoints keeps (0 = all)
     resume: bool = True  # continue from the newest checkpoint in out_dir/checkpoints; false deletes them
-    log_every: int = 1
+    log_every: int = 1  # a metrics.jsonl row every N optimizer steps (and at the last)
 
     def __post_init__(self):
         if not self.pairs and not self.demo_world:

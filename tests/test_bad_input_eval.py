@@ -64,6 +64,8 @@ def test_evaluate_ends_a_checkpoint_error_in_one_line(lamp_root, tmp_path, monke
     ("retriever=foo", "retriever"),
     ("sweep_retrievers=recency,foo", "sweep_retrievers"),
     ("prompt_style=weird", "prompt_style"),
+    ("split=users", "split"),
+    ("part=devv", "part"),  # became a folder name: "no such file" after the model had loaded
 ])
 def test_evaluate_settings_are_checked_when_parsed_naming_the_key(setting, key):  # B11
     with pytest.raises(ConfigError, match=rf"invalid EvalConfig config: {key} must be"):
@@ -223,3 +225,23 @@ def test_eval_demo_config_repeats_the_main_jobs_table_settings():
     assert (cfg.data, cfg.part, cfg.retriever, cfg.k, cfg.max_prompt_tokens, cfg.max_new_tokens, cfg.temperature) == \
         ("demo", "dev", main.retriever, main.k, main.max_prompt_tokens, main.max_new_tokens, 0.0)
     assert Path(cfg.data_dir) == Path(main.workdir) / "world" and Path(cfg.out_dir) != Path(main.workdir) / "eval"
+
+
+def test_evaluate_refuses_the_time_split_on_the_demo_world():
+    """The demo world has the user split only: split=time silently scored the user split."""
+    with pytest.raises(ConfigError, match=r"split='time': the demo world has the user split only"):
+        parse_cli(ev.EvalConfig, ["checkpoints=t=ckpt", "data=demo", "split=time"])
+
+
+@pytest.mark.parametrize("setting, key", [("retriever=dense", "retriever"), ("split=users", "split"),
+                                          ("part=devv", "part")])
+def test_rl_and_prmu_rollouts_check_retriever_split_and_part_when_parsed(setting, key):
+    """retriever=dense passed the check and failed after the model loaded: neither recipe loads an encoder."""
+    from minitagpr.rl.loop import RLConfig
+    from recipe_modules import load_recipe
+    with pytest.raises(ConfigError, match=rf"{key} must be one of"):
+        parse_cli(RLConfig, ["policy=p", "data_root=d", setting])
+    if key == "retriever":
+        rollouts = load_recipe("prmu_rollouts")
+        with pytest.raises(ConfigError, match=r"retriever must be one of 'recency', 'bm25', 'random', got 'dense'"):
+            parse_cli(rollouts.RolloutConfig, ["policy=p", "questions=q", "outputs=o", "out=x", setting])

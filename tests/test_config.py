@@ -170,7 +170,7 @@ class CommentedChild(Commented):
 
 def test_help_shows_headings_and_the_comment_beside_each_key():
     from minitagpr.config import describe
-    lines = describe(Commented).splitlines()[1:]
+    lines = describe(Commented).splitlines()[2:]  # after the title and the docstring
     assert lines == [
         "  # inputs: where the data comes from",
         "  data: str = ''  # a JSONL file",
@@ -188,7 +188,13 @@ def test_help_of_a_subclass_keeps_the_base_layout_and_prefers_its_own_comments()
     assert "  lr: float = 0.0003  # the child's reason for its default" in text
     assert "  k: int = 4\n" in text  # no comment in either class
     assert text.index("# optimisation") < text.index("  lr:") < text.index("  steps: int = 10  # new in the child")
-    assert "docstring" not in text and "method" not in text
+    assert "docstring" not in text.split("\n", 2)[2] and "method" not in text  # not as a comment of a key
+
+
+def test_help_starts_with_the_class_docstring_never_the_dataclass_signature():
+    from minitagpr.config import describe
+    assert describe(Commented).splitlines()[1] == "  A docstring is not a comment."
+    assert describe(CommentedChild).splitlines()[1] == "  # inputs: where the data comes from"
 
 
 def test_help_of_nested_configs_reads_the_nested_class_comments():

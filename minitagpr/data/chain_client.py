@@ -73,7 +73,7 @@ class EndpointConfig:
     api_key_env: str = ""         # variable holding the key; empty: MINITAGPR_<ROLE>_API_KEY, then OPENAI_API_KEY
     temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens: int = 4096
+    max_tokens: int = 4096        # reply length cap in tokens, sent under token_limit_param
     token_limit_param: str = "max_tokens"  # or "max_completion_tokens" (hosted reasoning models want that one)
     send_seed: bool = True        # send a per-request seed (reproducible samples where the server honours it)
     enable_thinking: bool | None = None  # sent as chat_template_kwargs.enable_thinking when set (vLLM, serve)
@@ -81,7 +81,7 @@ class EndpointConfig:
     timeout_s: float = 600.0      # per call
     max_retries: int = 6          # retries after the first attempt
     backoff_s: float = 1.0        # first retry delay; doubles every retry, times a jitter factor in [0.5, 1]
-    max_backoff_s: float = 60.0
+    max_backoff_s: float = 60.0   # cap on a retry delay before the jitter factor
     max_retry_after_s: float = 300.0  # cap on a server's retry-after
 
     def __post_init__(self):

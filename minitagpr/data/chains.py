@@ -95,12 +95,12 @@ class ChainDataError(DataError):
 @dataclass
 class DataConfig:
     lamp_root: str = ""           # a LaMP download (or a demo world): the layout of lamp.split_files
-    tasks: list[str] = field(default_factory=lambda: list(LAMP_TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(LAMP_TASKS))  # LaMP tasks (LaMP-1..5, LaMP-7)
     split: str = "user"           # user | time
-    part: str = "train"
-    per_task: int = 1000          # questions sampled per task
-    retriever: str = "recency"    # recency | bm25 | random
-    k: int = 8                    # profile items shown
+    part: str = "train"           # the part sampled: train | dev (LaMP's test has no golds)
+    per_task: int = 1000          # questions sampled per task (seeded; all when the task has fewer)
+    retriever: str = "recency"    # recency | bm25 | random (seeded by data.seed)
+    k: int = 8                    # retrieved profile items shown per prompt (0 = none)
     seed: int = 0                 # sampling, subset and per-request seeds
 
     def __post_init__(self):
@@ -135,8 +135,9 @@ class TaggerEndpoint(EndpointConfig):
 
 @dataclass
 class FilterConfig:
-    normalize_answers: bool = True  # answers.normalize before exact match (off: the official strict rule)
-    rouge_variant: str = "rougeL"
+    normalize_answers: bool = True  # answers.normalize before exact match, and on the SFT records' classification
+    #                                 answers (off: the official strict rule, answers as written)
+    rouge_variant: str = "rougeL"   # rouge1 | rouge2 | rougeL: the ROUGE of the generation tasks' accuracy filter
     rouge_threshold: float = 0.3    # generation chains are kept when ROUGE > this
     min_judge_total: int = 15       # kept when the judge's total > this (of 20)
     min_tags: int = MIN_TAGS     # R_tag's minimum number of segments (fixed: 3)
@@ -157,10 +158,10 @@ class FilterConfig:
 
 @dataclass
 class TaggingConfig:
-    explore_subset: int = 500     # chains given to exploratory tagging
+    explore_subset: int = 500     # judged chains (a seeded choice) given to exploratory tagging
     embedder: str = "tfidf"       # tfidf (character n-grams) | policy (the checkpoint's token embeddings)
-    policy_checkpoint: str = ""   # for embedder=policy
-    n_clusters: int = 9
+    policy_checkpoint: str = ""   # for embedder=policy: a local HF folder (safetensors + tokenizer files)
+    n_clusters: int = 9           # K-means clusters of the explored tag names (fewer if there are fewer names)
     names_per_cluster: int = 8    # names listed per cluster in the report
     # The restricted set: the nine tags in rewards.TAGS order, each a bare name (its definition comes from
     # prompts.TAG_MEANINGS) or "name=definition" (another wording for the tagger). No other set: see the docstring.
@@ -205,10 +206,12 @@ class TaggingConfig:
 class ChainsConfig:
     """recipes/build_chains.py: every key can be set in YAML or as key=value."""
 
-    out_dir: str = "runs/chains"
-    stages: list[str] = field(default_factory=lambda: ["all"])  # "all" or a subset of STAGES, run in STAGES order
+    out_dir: str = "runs/chains"  # every stage's JSONL, stats/, dropped/, cache/ and the report
+    stages: list[str] = field(default_factory=lambda: ["all"])  # "all" or a subset of sample, teacher, accuracy,
+    #                                                             judge, explore, cluster, tag, format, sft, report
+    #                                                             (run in that order)
     samples: int = 16             # teacher chains per instance (N)
-    prompt_style: str = "full"    # the policy prompt of the SFT records (prompts.STYLES); train and evaluate alike
+    prompt_style: str = "full"    # full | brief: the policy prompt of the SFT records; train and evaluate alike
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherEndpoint = field(default_factory=TeacherEndpoint)
     judge: JudgeEndpoint = field(default_factory=JudgeEndpoint)

@@ -43,18 +43,21 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class RLConfig:
-    stage: str = "guided"  # "guided": R = alpha(R_v + R_rep)R_f + beta R_tag + gamma R_PRMU; "exploratory": foundation
+    stage: str = "guided"  # "guided": R = alpha(R_v + R_rep)R_f + beta R_tag + gamma R_PRMU; "exploratory": the
+    #                        foundation reward R = (R_v + R_rep)R_f
     policy: str = ""  # HF folder of the starting policy (SFT export for guided, guided export for exploratory)
     prmu: str = ""  # HF folder of the PRMU (guided only; "" with use_prmu=false)
-    out_dir: str = "runs/guided_rl"
+    out_dir: str = "runs/guided_rl"  # the stage's folder: config.yaml, metrics.jsonl, checkpoints/, export/ (HF)
     # data: LaMP-format root (a LaMP download or the demo world) and the task mix "task:count,..." (0 = all)
     data_root: str = ""
-    split: str = "user"
-    part: str = "train"
-    tasks: str = "LaMP-1:1024,LaMP-2:3200,LaMP-3:1024,LaMP-4:1024,LaMP-5:1024,LaMP-7:1024"
-    retriever: str = "recency"
-    k: int = 8
-    max_prompt_tokens: int = 2048
+    split: str = "user"  # LaMP split: user | time
+    part: str = "train"  # the part whose questions are the prompts: train | dev
+    tasks: str = "LaMP-1:1024,LaMP-2:3200,LaMP-3:1024,LaMP-4:1024,LaMP-5:1024,LaMP-7:1024"  # drawn with `seed`
+    retriever: str = "recency"  # recency | bm25 | random (seeded by `seed`); dense needs an encoder, which only
+    #                             evaluate.py loads (dense_encoder=)
+    k: int = 8  # retrieved profile items per prompt (0 = none)
+    max_prompt_tokens: int = 2048  # prompt budget: the least relevant profile items are dropped to fit; a question
+    #                                that does not fit without any is an error
     prompt_style: str = "full"  # "full" | "brief" instruction (minitagpr.data.prompts); the one the policy was SFT'd on
     # rollout
     engine: str = "builtin"  # "builtin" (torch sampler) | "vllm" (GPU)
@@ -64,47 +67,50 @@ class RLConfig:
     builtin_decode: str = "auto"  # the built-in engine's loop: "auto" | "dynamic" | "static" | "graph" (CUDA
     #                               graphs); "auto": graph on CUDA (the engine holds its own unsharded copy,
     #                               build_engine), dynamic on CPUs
-    group_size: int = 5  # G
+    group_size: int = 5  # G: responses sampled per prompt, standardised within the group (>= 2)
     temperature: float = 1.0  # the log-probs of the ratio use the same temperature
     top_p: float = 1.0  # must stay 1: the ratio's pi_old is the untruncated distribution
-    max_new_tokens: int = 1024
+    max_new_tokens: int = 1024  # response cap in tokens; a response cut here gets R_f = 0
     # optimisation
-    prompts_per_step: int = 128  # global batch of prompts; each yields G responses
-    num_minibatches: int = 4  # optimizer steps per rollout batch; 1 (with ppo_epochs=1) makes the ratio exactly 1
-    ppo_epochs: int = 1
+    prompts_per_step: int = 128  # global batch of prompts; each yields G responses (a multiple of ranks x
+    #                              num_minibatches)
+    num_minibatches: int = 4  # optimizer steps per pass over the rollout batch (whole groups each); 1 (with
+    #                           ppo_epochs=1) makes the ratio exactly 1
+    ppo_epochs: int = 1  # passes over each rollout batch
     micro_batch_size: int = 8  # sequences per forward/backward (memory only; never changes the gradient)
-    epochs: float = 13.0
-    lr: float = 1e-6
+    epochs: float = 13.0  # passes over the task mix's prompts: RL steps = int(epochs x (prompts // prompts_per_step))
+    lr: float = 1e-6  # peak learning rate (AdamW)
     warmup_steps: int = 0  # in RL steps (each is ppo_epochs x num_minibatches optimizer steps at one lr)
-    min_lr_ratio: float = 1.0  # constant lr after warmup by default
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eps_low: float = 3e-4
-    eps_high: float = 4e-4
+    min_lr_ratio: float = 1.0  # lr at the last RL step, as a share of lr (cosine decay; 1 = constant after warmup)
+    weight_decay: float = 0.0  # AdamW decay, on weight matrices only
+    grad_clip: float = 1.0  # max global grad norm per optimizer step (0 = no clipping)
+    eps_low: float = 3e-4  # GSPO clips the sequence ratio s_i to [1 - eps_low, 1 + eps_high]
+    eps_high: float = 4e-4  # upper side of that clip range
     token_level: bool = False  # GSPO-token (per-token ratios, same value); not token-mean normalisation of the loss
     # reward (paper: alpha = beta = 0.8, gamma = 0.2); ablation switches
-    alpha: float = 0.8
-    beta: float = 0.8
-    gamma: float = 0.2
-    use_tag_reward: bool = True
-    use_prmu: bool = True
+    alpha: float = 0.8  # weight of (R_v + R_rep)R_f (guided only: the foundation reward has no weights)
+    beta: float = 0.8  # weight of R_tag (guided only)
+    gamma: float = 0.2  # weight of R_PRMU (guided only); 0: the PRMU is not loaded
+    use_tag_reward: bool = True  # false: beta is taken as 0 (ablation)
+    use_prmu: bool = True  # false: gamma is taken as 0 and the PRMU is not loaded (ablation)
     # None: score with the table the PRMU checkpoint has (none for a Skywork RM or a PRMU trained without one -- the
     # paper's "w/o UE" row is such a checkpoint); True demands a saved table; False scores a table-trained PRMU
     # without it (inputs it never saw: a diagnostic, not a paper row)
     prmu_user_table: bool | None = None
-    rouge_variant: str = "rougeL"
+    rouge_variant: str = "rougeL"  # rouge1 | rouge2 | rougeL: R_v of the generation tasks (LaMP-4, 5, 7)
     # R_v of LaMP-1/2/3: exact match of the stripped answer, as tagpr-method.md defines it and the official evaluation
     # scores it; true = the project's per-task normalisation (answers.normalize: "4 stars" -> "4"), more lenient than
     # the evaluation, so RL would be rewarded for answers the table scores 0
     normalize_answers: bool = False
     # plumbing
-    seed: int = 0
-    save_every: int = 50
-    keep_last: int = 2
+    seed: int = 0  # the task-mix draw and the random retriever; prompt order and sampling use it as is (guided) or
+    #                as 2 * seed + 1 (exploratory)
+    save_every: int = 50  # checkpoint every N RL steps and at the last; 0 = no checkpoints
+    keep_last: int = 2  # how many of the newest checkpoints out_dir/checkpoints keeps (0 = all)
     resume: bool = True  # continue from the latest checkpoint in out_dir/checkpoints; false deletes them
     max_steps: int = 0  # > 0 caps the number of RL steps (smoke tests, demo)
-    activation_checkpointing: bool = False
-    mixed_precision: str = "auto"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, slower
+    mixed_precision: str = "auto"  # auto | bf16 | fp32; auto: bf16 compute + fp32 reduce on GPU, fp32 on CPU
 
     def __post_init__(self):
         if self.stage not in ("guided", "exploratory"):
@@ -112,7 +118,9 @@ class RLConfig:
         for key in ("prompts_per_step", "micro_batch_size", "max_new_tokens", "max_prompt_tokens"):
             check_at_least(key, getattr(self, key), 1)
         check_at_least("k", self.k, 0)  # k = 0: prompts without profile items
-        check_choice("retriever", self.retriever, RETRIEVERS)
+        check_choice("split", self.split, ("user", "time"))
+        check_choice("part", self.part, ("train", "dev"))
+        check_choice("retriever", self.retriever, [r for r in RETRIEVERS if r != "dense"])  # no encoder key here
         check_choice("prompt_style", self.prompt_style, STYLES)
         check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32"))
         check_choice("rouge_variant", self.rouge_variant, ROUGE_VARIANTS)

@@ -380,6 +380,7 @@ class EvalTable:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     examples: dict[str, int] = field(default_factory=dict)  # task -> number of scored examples
     counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # decoded rows: generation_counts
+    notes: list[str] = field(default_factory=list)  # lines printed under the table (e.g. what a reference row is)
 
     def add(self, row: str, task: str, metrics: Mapping[str, float], settings: Mapping[str, Any], n: int,
             counts: Mapping[str, int] | None = None) -> None:
@@ -420,10 +421,12 @@ class EvalTable:
         if self.counts:
             lines.append("cut: generations that reached max_new_tokens (scored as generated; per task, with the "
                          "answers left empty, in the .json).")
+        lines += self.notes
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
-        return {"rows": self.rows, "settings": self.settings, "examples": self.examples, "counts": self.counts}
+        return {"rows": self.rows, "settings": self.settings, "examples": self.examples, "counts": self.counts,
+                "notes": self.notes}
 
     def write(self, out_dir: str | os.PathLike, stem: str = "table", title: str = "") -> tuple[Path, Path]:
         out_dir = Path(out_dir)

@@ -167,9 +167,43 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
                 for task, metrics in t.rows[name].items():
                     merged.add(name, task, metrics, t.settings[name], t.examples[task],
                                counts=t.counts.get(name, {}).get(task))  # how many the length limit cut
+    add_rule_rows(merged, world, tasks, cfg.eval_examples, cfg.k)
     if info.is_main:
         merged.write(out_dir, title="Demo world, dev split (greedy decoding)")
     return merged
+
+
+RULE_ROWS = ("Rule: no profile", "Rule: profile")  # reference rows of the demo table: the world's rules, no model
+
+
+def add_rule_rows(table, world, tasks: list[str], limit: int, k: int) -> None:
+    """Two reference rows under the models: what the demo world's own rules score on the same dev questions
+    (demo_world.rule_predictions). "Rule: no profile" is the best of the profile-blind answers and the constant
+    labels, picked per task on these dev questions (optimistic); "Rule: profile" reads the k most recent items."""
+    from minitagpr.data import demo_world
+    from minitagpr.metrics import evaluate as score
+    evaluate = recipe("evaluate")
+    for task in tasks:
+        data = evaluate.load_task_data(world, task, part="dev", limit=limit)
+        aware, blind_name, blind = demo_world.rule_predictions(world, task, "dev", k)
+        for row, preds, rule in ((RULE_ROWS[0], blind, blind_name), (RULE_ROWS[1], aware, "aware_answer")):
+            preds = {i: preds[i] for i in data.golds}
+            table.add(row, task, score(task, preds, data.golds), {"rule": "demo_world.rule_predictions"},
+                      len(data.golds))
+            table.settings[row].setdefault("per_task", {})[task] = rule
+    table.notes.append(f"{RULE_ROWS[0]} / {RULE_ROWS[1]}: no model -- the demo world's own rules on the same "
+                       "questions: the best profile-blind answer or constant label (picked per task on these "
+                       "questions) / the profile-aware rule over the k most recent items "
+                       "(demo_world.rule_predictions).")
+
+
+def distinct_answers(eval_dir: Path, rows, tasks: list[str]) -> dict[str, dict[str, int]]:
+    """{row: {task: distinct answers among its predictions}}: a row with one answer on a label task scores
+    exactly what that constant label scores."""
+    from minitagpr.data import lamp
+    evaluate = recipe("evaluate")
+    return {row: {task: len(set(lamp.load_outputs(evaluate.predictions_file(eval_dir, row, task))[1].values()))
+                  for task in tasks} for row in rows}
 
 
 RL_ROWS = ("Guided RL", "Exploratory RL")  # the demo table's RL rows, compared with its "SFT" row
@@ -240,6 +274,13 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
     print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
           "decodes greedily)")
     print(f"\n[demo] evaluation ({root / 'eval' / 'table.md'}):\n{table.markdown()}")
+    models = [row for row in table.rows if row not in RULE_ROWS]
+    distinct = distinct_answers(root / "eval", models, tasks)
+    print(f"[demo] distinct answers among the {max(table.examples.values())} dev questions of each task (one answer "
+          "to every question of a label task scores what that constant scores):")
+    print("  " + f"{'':16s}" + "".join(f"{t:>8s}" for t in tasks))
+    for row, per_task in distinct.items():
+        print(f"  {row:16s}" + "".join(f"{per_task[t]:8d}" for t in tasks))
     diffs = rl_vs_sft(paths["world"], tasks, root / "eval", cfg.eval_examples)
     users = max(d["users"] for d in diffs.values())
     print(f"\n[demo] RL minus SFT on each task's main metric, 95% interval from resampling the {users} dev "

@@ -43,7 +43,7 @@ class SftConfig:
     demo_preset: str = "demo"  # model preset (minitagpr.model.presets) of the demo base model
     out_dir: str = "runs/sft_demo"  # not runs/demo/sft: that is the demo pipeline's stage folder (recipes/guided_rl.py)
     # batches: a row is seq_len tokens holding one document (pack=False) or several packed ones
-    seq_len: int = 704  # tokens per row; the demo's longest record (prompt + chain + answer) is 477
+    seq_len: int = 704  # tokens per row; the demo's longest record (prompt + chain + answer) is 476
     truncate_long: bool = False  # a record longer than seq_len: False = an error naming it; True = cut to seq_len
     #                              (counted; its end -- </think>, answer, <|im_end|> -- is lost)
     drop_long: bool = False  # True: leave records longer than seq_len out, listed in out_dir/dropped_long.json

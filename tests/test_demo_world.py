@@ -317,3 +317,48 @@ def test_the_cli_says_when_it_rebuilt_and_ends_bad_paths_in_one_line(tmp_path, c
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith("[demo_world] error:") and "Not a directory" in res.stderr
+
+
+# ------------------------------------------------------------------------------------ held-out data stays held out
+TASTES = ("topic", "fav_tag", "usual", "headline_style", "title_style", "tweet_style", "voice", "interj")
+
+
+def test_no_held_out_user_repeats_a_training_users_tastes():
+    """Dealt by the index within the split, dev user i had training user i's tastes (new only in its signature
+    words), so 'unseen users' shared every preference with a seen one."""
+    p = dict(dw.DEFAULTS, seed=0)
+    users = dw._make_users(dw._make_lexicon(0, p["num_users"]), 0,
+                           {"train": p["num_users"] - p["dev_users"] - 4, "dev": p["dev_users"], "test": 4})
+    seen = {tuple(getattr(u, t) for t in TASTES) for u in users["train"]}
+    for split in ("dev", "test"):
+        assert not [u.id for u in users[split] if tuple(getattr(u, t) for t in TASTES) in seen]
+    for split, us in users.items():  # each split still balanced: neighbours differ in every dealt taste
+        for a, b in zip(us, us[1:]):
+            assert all(getattr(a, t) != getattr(b, t) for t in TASTES), (split, a.id, b.id)
+
+
+@pytest.mark.parametrize("split", ["train", "dev"])
+def test_no_generation_gold_is_one_of_its_users_own_past_outputs(world, split):
+    """The generator repeated a title now and then: 8 of the 60 LaMP-5 dev golds sat in their own profiles (5 of
+    them among the k items the prompt shows), an answer to copy."""
+    for task in ("LaMP-4", "LaMP-5", "LaMP-7"):
+        golds = world.golds(task, split)
+        for ex in world.examples(task, split):
+            written = {v for item in ex.profile for v in item.values() if isinstance(v, str)}
+            assert golds[ex.id] not in written, (task, ex.id)
+
+
+def test_the_tokenizer_and_the_sft_records_see_training_questions_only(world, monkeypatch):
+    """The BPE was trained on the dev prompts too (47 dev-only token ids, from dev users' signature words)."""
+    seen = []
+    monkeypatch.setattr(dw, "train_tokenizer", lambda texts, *a, **k: seen.extend(texts))
+    questions, golds, _ = dw._generate(world.params)
+    records, texts = dw._draft_records(questions, golds, world.params)
+    p = world.params
+    users = dw._make_users(dw._make_lexicon(p["seed"], p["num_users"]), p["seed"],
+                           {"train": p["num_users"] - p["dev_users"], "dev": p["dev_users"]})
+    signatures = [w.lower() for u in users["dev"] for w in (u.desk, u.system, u.hashtag)]  # in every dev profile
+    corpus = "\n".join(texts).lower()
+    assert len(signatures) == 30 and not [w for w in signatures if w in corpus]
+    assert all(any(w in corpus for w in (u.desk.lower(), u.system.lower(), u.hashtag)) for u in users["train"])
+    assert {r["id"] for r in records} == {ex.id for task in dw.TASK_NAMES for ex in questions[task]["train"]}

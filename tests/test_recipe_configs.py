@@ -165,3 +165,38 @@ def test_rl_vs_sft_scores_the_examples_the_table_scored(tmp_path):
     d = guided_rl.rl_vs_sft({"LaMP-3": (q, o)}, ["LaMP-3"], tmp_path / "eval", 4, samples=200)["LaMP-3"]
     assert d["users"] == 4
     assert d["Guided RL"][0] == pytest.approx(sum(abs(int(golds[i]) % 5 + 1 - int(golds[i])) for i in first) / 4)
+
+
+def test_the_demo_table_gets_the_worlds_rules_as_reference_rows(tmp_path):
+    """Without them a row that answers one label to every question read as a model that learnt something: the
+    rule rows show what a constant, a query-only rule and the planted profile rule score on the same questions."""
+    from minitagpr.data import demo_world
+    from minitagpr.metrics import evaluate as score
+
+    guided_rl = importlib.import_module("guided_rl")
+    evaluate = importlib.import_module("evaluate")
+    world = demo_world.build(tmp_path / "world", seed=1, num_users=8, dev_users=3, per_user=3, vocab_size=1000)
+    tasks = ["LaMP-1", "LaMP-3", "LaMP-7"]
+    table = evaluate.EvalTable()
+    guided_rl.add_rule_rows(table, world, tasks, limit=5, k=2)
+    assert list(table.rows) == list(guided_rl.RULE_ROWS) and table.examples == {t: 5 for t in tasks}
+    for task in tasks:
+        golds = dict(list(world.golds(task, "dev").items())[:5])  # limit: the first 5 questions, as the models
+        aware, name, blind = demo_world.rule_predictions(world, task, "dev", 2)
+        assert table.rows["Rule: profile"][task] == score(task, {i: aware[i] for i in golds}, golds)
+        assert table.rows["Rule: no profile"][task] == score(task, {i: blind[i] for i in golds}, golds)
+        assert table.settings["Rule: no profile"]["per_task"][task] == name
+    text = table.markdown()
+    assert "| Rule: no profile |" in text and "no model" in text
+
+
+def test_distinct_answers_count_each_rows_different_predictions(tmp_path):
+    from minitagpr.data import lamp
+
+    guided_rl = importlib.import_module("guided_rl")
+    evaluate = importlib.import_module("evaluate")
+    for row, preds in {"SFT": {"1": "[1]", "2": "[1]", "3": "[1]"}, "Guided RL": {"1": "[1]", "2": "[2]", "3": "[1]"}
+                       }.items():
+        lamp.write_outputs(evaluate.predictions_file(tmp_path, row, "LaMP-1"), "LaMP-1", preds)
+    assert guided_rl.distinct_answers(tmp_path, ["SFT", "Guided RL"], ["LaMP-1"]) == {
+        "SFT": {"LaMP-1": 1}, "Guided RL": {"LaMP-1": 2}}

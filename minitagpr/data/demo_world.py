@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from minitagpr.data.lamp import (
-    LAMP2_TAGS, DataError, LampExample, atomic_write_json, canonical_task, load_outputs, load_questions, query_text,
-    split_files, write_outputs, write_questions,
+    LAMP2_TAGS, TASKS, DataError, LampExample, atomic_write_json, canonical_task, load_outputs, load_questions,
+    query_text, split_files, write_outputs, write_questions,
 )
 
 TASK_NAMES = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7")
@@ -67,7 +67,7 @@ THINK_MARKERS = ("<think>", "</think>")                            # added, spec
 TAG_MARKERS = tuple(m for t in REASONING_TAGS for m in (f"<{t}>", f"</{t}>"))
 
 # Bump when the generator's output changes, so that an existing world.json no longer matches and is rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "world.json"
 SHARED = Path(os.environ.get("MINITAGPR_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 QWEN3_TOKENIZER_CONFIG = SHARED / "assets" / "qwen3-tokenizer" / "tokenizer_config.json"
@@ -213,7 +213,9 @@ _PREFERENCE_KEY = {"LaMP-1": "topic", "LaMP-2": "fav_tag", "LaMP-3": "usual", "L
 
 
 def _make_users(lex: _Lexicon, seed: int, split_sizes: Mapping[str, int]) -> dict[str, list[_User]]:
-    """Users per split; within a split attribute values are dealt round-robin (balanced, neighbours differ)."""
+    """Users per split. Attribute values are dealt round-robin by the user's global index g, so every split is
+    balanced and neighbours differ, and no held-out user repeats a training user's tastes (dealt by the index
+    within the split, dev user i had training user i's eight tastes: a twin, new only in its signature words)."""
     rng = random.Random(f"{seed}|users")
     perm = lambda values: rng.sample(list(values), len(values))  # noqa: E731  (a seeded relabelling)
     topic_p, tag_p, usual_p = perm(range(NUM_TOPICS)), perm(LAMP2_TAGS), perm(range(1, 6))
@@ -223,11 +225,11 @@ def _make_users(lex: _Lexicon, seed: int, split_sizes: Mapping[str, int]) -> dic
     g = 0
     for split, n in split_sizes.items():
         users[split] = []
-        for i in range(n):  # i: index within the split, so every split is balanced on its own
+        for _ in range(n):  # the taste tuple repeats only every lcm(8, 15, 5, ...) = 120 users
             users[split].append(_User(
-                f"u{g:03d}", g, topic_p[i % NUM_TOPICS], tag_p[i % len(LAMP2_TAGS)], usual_p[i % 5],
-                head_p[i % len(head_p)], title_p[i % len(title_p)], tweet_p[i % 3], voice_p[i % 3],
-                interj_p[i % len(interj_p)],
+                f"u{g:03d}", g, topic_p[g % NUM_TOPICS], tag_p[g % len(LAMP2_TAGS)], usual_p[g % 5],
+                head_p[g % len(head_p)], title_p[g % len(title_p)], tweet_p[g % 3], voice_p[g % 3],
+                interj_p[g % len(interj_p)],
                 lex.sigs[3 * g].capitalize(), lex.sigs[3 * g + 1].capitalize(), lex.sigs[3 * g + 2]))
             g += 1
     return users
@@ -826,16 +828,30 @@ def _generate(params: dict) -> tuple[dict, dict, list[list[str]]]:
                     pair = [a, b]  # one object in both plans: the question is drawn once per pair
                     plan[a.id].append(pair)
                     plan[b.id].append(pair)
+            # What each user already wrote (generation tasks): a question whose gold is one of its user's own past
+            # outputs is drawn again -- the answer would sit in the profile, and a prompt's items could show it
+            # (the generator repeats a title now and then: 8 of the 60 LaMP-5 dev golds were in their profiles).
+            written = {u.id: {v for item in history[u.id] for v in item.values() if isinstance(v, str)}
+                       if TASKS[task].kind == "generation" else set() for u in us}
+
+            def draw(group: list[_User]) -> tuple[str, list[str]]:
+                for _ in range(100):
+                    text, gs = make_question(lex, rng, group)
+                    if not any(g in written[m.id] for g, m in zip(gs, group)):
+                        return text, gs
+                raise ValueError(f"demo world: {task}: 100 draws of a question for {[m.id for m in group]} all "
+                                 f"had a gold in that user's history")
+
             records, outs = [], {}
             made: dict[int, tuple[str, list[str]]] = {}  # id(group) -> the shared question, drawn once
             for u in us:
                 slots = plan[u.id] + [[u]] * (per_user - len(plan[u.id]))
                 for q, group in enumerate(slots):
                     if len(group) == 1:
-                        text, (gold,) = make_question(lex, rng, group)
+                        text, (gold,) = draw(group)
                     else:
                         if id(group) not in made:
-                            made[id(group)] = make_question(lex, rng, group)
+                            made[id(group)] = draw(group)
                         text, gs = made[id(group)]
                         gold = gs[group.index(u)]
                     qid = f"{tnum}{u.index:03d}{q:02d}"
@@ -855,23 +871,22 @@ def _generate(params: dict) -> tuple[dict, dict, list[list[str]]]:
 
 def _draft_records(questions: dict, golds: dict, params: dict) -> tuple[list[dict], list[str]]:
     """SFT records of every training question with untrimmed prompts (the k most recent items), and the
-    tokenizer's training text: every prompt as the model sees it, the chains and the answers."""
+    tokenizer's training text: every training prompt as the model sees it, the chains and the answers."""
     from minitagpr.data.prompts import build_messages
     from minitagpr.data.retrieval import get_retriever
     retriever = get_retriever("recency")
     records, texts = [], []
     for task in TASK_NAMES:
-        for split, examples in questions[task].items():
-            for ex in examples:
-                items = retriever.select(ex, params["k"])
-                messages = build_messages(ex, items, style=params["prompt_style"])
-                texts += [m["content"] for m in messages]  # repeats kept: BPE should learn the instruction's words
-                if split == "train":
-                    gold = golds[task][split][ex.id]
-                    chain = make_chain(task, ex, items, gold, _chain_rng(params, ex))
-                    records.append({"id": ex.id, "user": ex.user_id, "task": task, "messages": messages,
-                                    "chain": chain, "answer": gold, "_example": ex, "_items": items})
-                    texts += [chain, gold]
+        # training questions only: like a real tokenizer, this one has not seen the held-out users' texts (their
+        # signature words are byte pieces to it), and only training questions become SFT records
+        for ex in questions[task]["train"]:
+            items = retriever.select(ex, params["k"])
+            messages = build_messages(ex, items, style=params["prompt_style"])
+            gold = golds[task]["train"][ex.id]
+            chain = make_chain(task, ex, items, gold, _chain_rng(params, ex))
+            records.append({"id": ex.id, "user": ex.user_id, "task": task, "messages": messages,
+                            "chain": chain, "answer": gold, "_example": ex, "_items": items})
+            texts += [m["content"] for m in messages] + [chain, gold]  # repeats kept: BPE learns the instruction
     return records, texts
 
 
@@ -1032,31 +1047,43 @@ class MarginRow:
         return self.margin > 0 and (self.required is None or self.margin >= self.required)
 
 
-def margins(world: DemoWorld, split: str = "dev", k: int | None = None) -> list[MarginRow]:
-    """Per task: `aware_answer` over the k most recent items (what the prompts show) vs the best of
-    `blind_answers` and every constant label, under `minitagpr.metrics.evaluate`."""
-    from minitagpr.data.lamp import TASKS
+def rule_predictions(world: DemoWorld, task: str, split: str = "dev", k: int | None = None
+                     ) -> tuple[dict[str, str], str, dict[str, str]]:
+    """The world's own rules as predictions, no model: (`aware_answer` over the k most recent items -- what the
+    prompts show --, the name of the best profile-blind answer, its predictions). The best profile-blind answer is
+    the best of `blind_answers` and every constant label on `split`'s main metric: picked on the split it scores,
+    so an optimistic reference."""
     from minitagpr.data.retrieval import get_retriever
     from minitagpr.metrics import evaluate
     k = world.params["k"] if k is None else k
     retriever = get_retriever("recency")
+    examples, golds = world.examples(task, split), world.golds(task, split)
+    metric = MAIN_METRIC[task]
+    better = (lambda a, b: a < b) if metric == "mae" else (lambda a, b: a > b)  # noqa: E731
+    aware = {e.id: aware_answer(e, retriever.select(e, k)) for e in examples}
+    candidates: dict[str, dict[str, str]] = {}
+    for e in examples:
+        for name, answer in blind_answers(e).items():
+            candidates.setdefault(name, {})[e.id] = answer
+    for label in TASKS[task].labels:
+        candidates[f"always {label}"] = {e.id: label for e in examples}
+    best_name, best = None, None
+    for name, preds in candidates.items():
+        value = evaluate(task, preds, golds)[metric]
+        if best is None or better(value, best):
+            best_name, best = name, value
+    return aware, best_name, candidates[best_name]
+
+
+def margins(world: DemoWorld, split: str = "dev", k: int | None = None) -> list[MarginRow]:
+    """Per task: `aware_answer` over the k most recent items (what the prompts show) vs the best of
+    `blind_answers` and every constant label, under `minitagpr.metrics.evaluate` (`rule_predictions`)."""
+    from minitagpr.metrics import evaluate
     rows = []
     for task in world.tasks:
-        examples, golds = world.examples(task, split), world.golds(task, split)
-        metric = MAIN_METRIC[task]
-        better = (lambda a, b: a < b) if metric == "mae" else (lambda a, b: a > b)  # noqa: E731
-        aware = evaluate(task, {e.id: aware_answer(e, retriever.select(e, k)) for e in examples}, golds)[metric]
-        candidates: dict[str, dict[str, str]] = {}
-        for e in examples:
-            for name, answer in blind_answers(e).items():
-                candidates.setdefault(name, {})[e.id] = answer
-        for label in TASKS[task].labels:
-            candidates[f"always {label}"] = {e.id: label for e in examples}
-        best_name, best = None, None
-        for name, preds in candidates.items():
-            value = evaluate(task, preds, golds)[metric]
-            if best is None or better(value, best):
-                best_name, best = name, value
+        golds, metric = world.golds(task, split), MAIN_METRIC[task]
+        aware_preds, best_name, blind_preds = rule_predictions(world, task, split, k)
+        aware, best = evaluate(task, aware_preds, golds)[metric], evaluate(task, blind_preds, golds)[metric]
         margin = best - aware if metric == "mae" else aware - best
         rows.append(MarginRow(task, split, metric, aware, best, best_name, margin, REQUIRED_MARGIN.get(task)))
     return rows

@@ -16,7 +16,6 @@ import inspect
 import io
 import os
 import sys
-import textwrap
 import tokenize
 import types
 import typing
@@ -200,46 +199,60 @@ def describe(cls: type, prefix: str = "") -> str:
 
 def field_comments(cls: type) -> tuple[dict[str, list[str]], dict[str, str]]:
     """The comments of a config dataclass's fields, read from its source (and its bases'): `above[key]` = the
-    full-line comments between the previous field and this one, `beside[key]` = the comment at the end of the field's
-    line, joined with the full-line comments that continue it (a `#` followed by two or more spaces, the layout
-    used for a comment too long for its line). A field a subclass overrides keeps its base's place, so it keeps the
-    base's `above`; its `beside` is the subclass's where it has one, else the base's. No source: no comments."""
+    full-line comments between the previous statement and this field, `beside[key]` = the comments at the end of
+    the field's lines, joined with the full-line comments that continue them (a `#` followed by two or more spaces,
+    the layout used for a comment too long for its line). A field a subclass overrides keeps its base's place: the
+    base's `above` comes first, then any the subclass writes above it; its `beside` is the subclass's where it has
+    one, else the base's. Methods, constants and docstrings among the fields keep their own comments. No source
+    (a class built at run time, a frozen app): no comments."""
     above: dict[str, list[str]] = {}
     beside: dict[str, str] = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # bases first
-        try:
-            source, _ = inspect.getsourcelines(klass)
-            body = ast.parse(textwrap.dedent("".join(source))).body[0].body
-        except (OSError, TypeError, SyntaxError, IndexError):
+        found = _class_source(klass)
+        if found is None:
             continue
-        comments = _line_comments("".join(source))  # {line (1-based, in `source`): (full_line, text)}
-        after = 1  # the class line
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-            after, body = body[0].end_lineno, body[1:]  # a docstring is not a comment
-        for node in body:
-            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-                break  # methods and constants come after the fields
-            key = node.target.id
-            pending = [text.strip() for line, (full, text) in sorted(comments.items())
-                       if full and after < line < node.lineno]
-            if key not in above:  # the base's place and heading
-                above[key] = pending
-            full, text = comments.get(node.end_lineno, (True, None))
-            own = [] if full or text is None else [text.strip()]
-            line = node.end_lineno + 1
+        node, comments = found
+        after = max([node.lineno] + [b.end_lineno for b in node.bases + node.keywords])  # the class header's end
+        for stmt in node.body:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                after = stmt.end_lineno  # a docstring, method or constant: its comments are its own
+                continue
+            key = stmt.target.id
+            above[key] = above.get(key, []) + [text.strip() for line, (full, text) in sorted(comments.items())
+                                                if full and after < line < stmt.lineno]
+            own = [comments[line][1].strip() for line in range(stmt.lineno, stmt.end_lineno + 1)
+                   if line in comments and not comments[line][0]]
+            line = stmt.end_lineno + 1
             while own and comments.get(line, (False, ""))[0] and comments[line][1].startswith(" "):
-                own.append(comments[line][1].strip())
+                own.append(comments[line][1].strip())  # an indented full-line comment continues the one beside
                 line += 1
             if own:
                 beside[key] = " ".join(own)
-            after = line - 1 if own else node.end_lineno
+            after = line - 1 if own else stmt.end_lineno
     return above, beside
+
+
+def _class_source(klass: type) -> tuple[ast.ClassDef, dict[int, tuple[bool, str]]] | None:
+    """The class's node in its module's syntax tree and the module's comments by line; None without a source file.
+    The whole file is parsed (a slice of it need not parse on its own) and the class found by its first line."""
+    try:
+        path = inspect.getsourcefile(klass)
+        _, first = inspect.getsourcelines(klass)  # the first decorator's line, 1-based
+        text = Path(path).read_text(encoding="utf-8")
+        tree = ast.parse(text)
+    except (OSError, TypeError, SyntaxError, UnicodeDecodeError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == klass.__name__ \
+                and min([node.lineno] + [d.lineno for d in node.decorator_list]) == first:
+            return node, _line_comments(text)
+    return None
 
 
 def _line_comments(source: str) -> dict[int, tuple[bool, str]]:
     """{line: (whether the comment is the whole line, its text after the `#` and one space)} of Python source."""
     out = {}
-    for tok in tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline):
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             text = tok.string[1:]
             out[tok.start[0]] = (not tok.line[:tok.start[1]].strip(), text[1:] if text.startswith(" ") else text)

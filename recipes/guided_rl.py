@@ -167,7 +167,7 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
                 for task, metrics in t.rows[name].items():
                     merged.add(name, task, metrics, t.settings[name], t.examples[task],
                                counts=t.counts.get(name, {}).get(task))  # how many the length limit cut
-    add_rule_rows(merged, world, tasks, cfg.eval_examples, cfg.k)
+    add_rule_rows(merged, world, cfg)
     if info.is_main:
         merged.write(out_dir, title="Demo world, dev split (greedy decoding)")
     return merged
@@ -176,24 +176,24 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
 RULE_ROWS = ("Rule: no profile", "Rule: profile")  # reference rows of the demo table: the world's rules, no model
 
 
-def add_rule_rows(table, world, tasks: list[str], limit: int, k: int) -> None:
-    """Two reference rows under the models: what the demo world's own rules score on the same dev questions
-    (demo_world.rule_predictions). "Rule: no profile" is the best of the profile-blind answers and the constant
-    labels, picked per task on these dev questions (optimistic); "Rule: profile" reads the k most recent items."""
+def add_rule_rows(table, world, cfg: GuidedConfig) -> None:
+    """Two reference rows under the models: what the demo world's own rules score on the same dev questions, with
+    the table's retriever and k (demo_world.rule_predictions). "Rule: no profile" is the best of the profile-blind
+    answers and the constant labels, picked per task on these questions (optimistic); "Rule: profile" reads the
+    profile items the prompts show."""
     from minitagpr.data import demo_world
     from minitagpr.metrics import evaluate as score
     evaluate = recipe("evaluate")
-    for task in tasks:
-        data = evaluate.load_task_data(world, task, part="dev", limit=limit)
-        aware, blind_name, blind = demo_world.rule_predictions(world, task, "dev", k)
+    for task, _ in parse_task_mix(cfg.tasks):
+        golds = evaluate.load_task_data(world, task, part="dev", limit=cfg.eval_examples).golds  # the scored ones
+        aware, blind_name, blind = demo_world.rule_predictions(world, task, "dev", cfg.k, retriever=cfg.retriever,
+                                                               seed=cfg.seed, ids=list(golds))
         for row, preds, rule in ((RULE_ROWS[0], blind, blind_name), (RULE_ROWS[1], aware, "aware_answer")):
-            preds = {i: preds[i] for i in data.golds}
-            table.add(row, task, score(task, preds, data.golds), {"rule": "demo_world.rule_predictions"},
-                      len(data.golds))
+            table.add(row, task, score(task, preds, golds), {"rule": "demo_world.rule_predictions"}, len(golds))
             table.settings[row].setdefault("per_task", {})[task] = rule
     table.notes.append(f"{RULE_ROWS[0]} / {RULE_ROWS[1]}: no model -- the demo world's own rules on the same "
                        "questions: the best profile-blind answer or constant label (picked per task on these "
-                       "questions) / the profile-aware rule over the k most recent items "
+                       f"questions) / the profile-aware rule over the {cfg.k} items the prompts show "
                        "(demo_world.rule_predictions).")
 
 
@@ -331,7 +331,8 @@ def main(argv: list[str]) -> None:
                               use_tag_reward=False, out_dir=str(dirs["exploratory"][0]),
                               max_steps=cfg.exploratory_steps, save_every=0)
         explore_export, _ = build_or_reuse(
-            "5. exploratory RL (GSPO, foundation reward)", dirs["exploratory"], explore_cfg, RL_PLUMBING - {"exploratory_steps"} | {"max_steps"},  # the key the user sets, named
+            "5. exploratory RL (GSPO, foundation reward)", dirs["exploratory"], explore_cfg,
+            RL_PLUMBING - {"exploratory_steps"} | {"max_steps"},  # the key the user sets, named
             {"world": paths["builds"]["world"], "guided": guided_build}, train,
             rerun=cfg.rerun, rerun_hint=hint)
         # 6. evaluation table on the demo world's dev split

@@ -78,7 +78,7 @@ class RolloutConfig:
             if not getattr(self, key):
                 raise ValueError(f"{key}= is required")
         check_choice("engine", self.engine, ("auto", "builtin", "vllm"))
-        check_choice("retriever", self.retriever, [r for r in retrieval.RETRIEVERS if r != "dense"])  # no encoder
+        check_choice("retriever", self.retriever, retrieval.ENCODERLESS)  # dense needs an encoder
         check_choice("prompt_style", self.prompt_style, prompts.STYLES)
         check_choice("sample", self.sample, ("rl", "first"))
         if self.sample == "rl":  # the mix's syntax now; whether it names this task once the task is known

@@ -127,18 +127,14 @@ def run(cfg: SftConfig) -> Path:
     records = S.read_sft_records(data_path)
     train_records, heldout = split_heldout(records, cfg.eval_holdout, cfg.seed, data_path)
     docs = S.tokenize_records(train_records, tokenizer, data_path)
-    if cfg.drop_long:
+    dropped = []
+    if cfg.drop_long:  # the list is written once the run is known to go ahead (step 6)
         docs, dropped = S.drop_long(docs, cfg.seq_len)
         if not docs:
             raise S.DataError(f"{data_path}: all {len(dropped)} training records are longer than "
                               f"seq_len={cfg.seq_len} tokens (drop_long=true left every one out)")
-        if info.is_main:  # every rank drops the same records: the file is one list (empty: none was too long)
-            atomic_write_json(out_dir / "dropped_long.json", [
-                {"id": d.id, "where": d.where, "tokens": len(d.ids), "seq_len": cfg.seq_len} for d in dropped])
         D.log(f"[sft] drop_long: {len(dropped)} of {len(docs) + len(dropped)} training records are longer than "
               f"seq_len={cfg.seq_len} tokens and left out ({out_dir / 'dropped_long.json'})")
-    elif info.is_main:  # an earlier run's list would describe data this run does not leave out
-        (out_dir / "dropped_long.json").unlink(missing_ok=True)
     rows = S.pack_documents(docs, cfg.seq_len, tokenizer.pad_id, pack=cfg.pack, shuffle_seed=cfg.seed,
                             truncate_long=cfg.truncate_long)
     spe = S.steps_per_epoch(rows.num_rows, cfg.global_batch)
@@ -180,6 +176,11 @@ def run(cfg: SftConfig) -> Path:
         check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
         start_step = int(state["step"])
         D.log(f"[sft] resumed from {latest} at step {start_step}")
+    if info.is_main and cfg.drop_long:  # every rank dropped the same records: one list (empty: none too long)
+        atomic_write_json(out_dir / "dropped_long.json", [
+            {"id": d.id, "where": d.where, "tokens": len(d.ids), "seq_len": cfg.seq_len} for d in dropped])
+    elif info.is_main:  # an earlier run's list would describe data this run does not leave out
+        (out_dir / "dropped_long.json").unlink(missing_ok=True)
 
     # ---- 7. train -------------------------------------------------------------------------------------------------
     log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)

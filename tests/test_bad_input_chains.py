@@ -160,3 +160,13 @@ def test_the_sample_stage_refuses_golds_for_ids_no_question_has(tmp_path):
                                         rf"train_questions\.json: 'not-a-question'"):
         _run(cfg, "sample")
     assert not (cfg_out(cfg) / "instances.jsonl").exists()
+
+
+@pytest.mark.parametrize("setting, key", [("data.part=devv", "data.part"), ("data.split=users", "data.split"),
+                                          ("data.retriever=dense", "data.retriever")])
+def test_the_chain_configs_data_keys_are_checked_when_parsed(setting, key):
+    """data.part and data.split were not checked: a typo surfaced as a missing file after the endpoints were set."""
+    from minitagpr.config import ConfigError, parse_cli
+    from minitagpr.data.chains import ChainsConfig
+    with pytest.raises(ConfigError, match=rf"{key} must be one of"):
+        parse_cli(ChainsConfig, ["data.lamp_root=x", setting])

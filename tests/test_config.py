@@ -217,3 +217,40 @@ def test_help_of_every_recipe_documents_the_main_keys():
     assert "  builtin_decode: str = 'auto'  # the built-in engine's loop" in text and "dynamic on CPUs" in text
     assert "  # data: LaMP-format root" in text  # a base-class heading
     assert "the tiny demo model" in text  # the recipe's own comment on an inherited key
+
+
+@dataclass
+class Irregular:
+    a: list = field(default_factory=lambda: [1,  # first line of a multi-line default
+                                             2])
+    LIMIT = 7  # a constant among the fields: its comment is its own
+    # heading after the constant
+    b: int = 1  # b's help
+
+
+@dataclass
+class OverrideWithHeading(Commented):
+    # the subclass's heading above an override
+    k: int = 2
+
+
+def test_help_reads_comments_around_multiline_defaults_constants_and_subclass_headings():
+    """A constant among the fields stopped the reading (every later key lost its comments); a comment on the first
+    line of a multi-line default was dropped; a subclass's heading above a key it overrides was dropped."""
+    from minitagpr.config import describe
+    text = describe(Irregular)
+    assert "  a: list = [1, 2]  # first line of a multi-line default" in text
+    assert "  # heading after the constant\n  b: int = 1  # b's help" in text and "its own" not in text
+    lines = describe(OverrideWithHeading).splitlines()
+    assert lines[lines.index("  k: int = 2") - 1] == "  # the subclass's heading above an override"
+
+
+def test_help_of_a_class_defined_in_a_function_reads_its_comments():
+    from minitagpr.config import describe
+
+    @dataclass
+    class Local:
+        """Docstring
+whose second line starts at column 0 (the class's source slice then does not parse on its own)."""
+        n: int = 3  # n's help
+    assert "  n: int = 3  # n's help" in describe(Local)

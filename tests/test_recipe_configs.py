@@ -169,25 +169,33 @@ def test_rl_vs_sft_scores_the_examples_the_table_scored(tmp_path):
 
 def test_the_demo_table_gets_the_worlds_rules_as_reference_rows(tmp_path):
     """Without them a row that answers one label to every question read as a model that learnt something: the
-    rule rows show what a constant, a query-only rule and the planted profile rule score on the same questions."""
+    rule rows show what a constant, a query-only rule and the planted profile rule score on the same questions --
+    the questions the table scored (eval_examples), with its retriever and k."""
     from minitagpr.data import demo_world
+    from minitagpr.data.lamp import TASKS
     from minitagpr.metrics import evaluate as score
 
     guided_rl = importlib.import_module("guided_rl")
     evaluate = importlib.import_module("evaluate")
     world = demo_world.build(tmp_path / "world", seed=1, num_users=8, dev_users=3, per_user=3, vocab_size=1000)
     tasks = ["LaMP-1", "LaMP-3", "LaMP-7"]
+    cfg = guided_rl.GuidedConfig(tasks=",".join(f"{t}:0" for t in tasks), eval_examples=5, k=2, retriever="bm25")
     table = evaluate.EvalTable()
-    guided_rl.add_rule_rows(table, world, tasks, limit=5, k=2)
+    guided_rl.add_rule_rows(table, world, cfg)
     assert list(table.rows) == list(guided_rl.RULE_ROWS) and table.examples == {t: 5 for t in tasks}
     for task in tasks:
-        golds = dict(list(world.golds(task, "dev").items())[:5])  # limit: the first 5 questions, as the models
-        aware, name, blind = demo_world.rule_predictions(world, task, "dev", 2)
-        assert table.rows["Rule: profile"][task] == score(task, {i: aware[i] for i in golds}, golds)
-        assert table.rows["Rule: no profile"][task] == score(task, {i: blind[i] for i in golds}, golds)
+        golds = dict(list(world.golds(task, "dev").items())[:5])  # the first 5 questions, as the models
+        aware, name, blind = demo_world.rule_predictions(world, task, "dev", 2, retriever="bm25", ids=list(golds))
+        assert set(aware) == set(blind) == set(golds)
+        assert table.rows["Rule: profile"][task] == score(task, aware, golds)
+        assert table.rows["Rule: no profile"][task] == score(task, blind, golds)
         assert table.settings["Rule: no profile"]["per_task"][task] == name
-    text = table.markdown()
-    assert "| Rule: no profile |" in text and "no model" in text
+        key = {"LaMP-1": "accuracy", "LaMP-3": "mae", "LaMP-7": "rouge1"}[task]
+        best = table.rows["Rule: no profile"][task][key]
+        for label in TASKS[task].labels:  # picked on the scored questions: no constant does better there
+            value = score(task, {i: label for i in golds}, golds)[key]
+            assert value >= best if key == "mae" else value <= best
+    assert "| Rule: no profile |" in table.markdown() and "no model" in table.markdown()
 
 
 def test_distinct_answers_count_each_rows_different_predictions(tmp_path):

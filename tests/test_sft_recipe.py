@@ -228,6 +228,10 @@ def test_drop_long_leaves_long_records_out_and_lists_them(inputs, tmp_path, caps
     assert [(r["id"], r["where"], r["seq_len"]) for r in listed] == [("long-one", f"{data}:2", 128)]
     assert listed[0]["tokens"] > 128
     assert "drop_long" in sft.RESUMABLE_KEYS  # plumbing, like truncate_long (the data fingerprint guards a resume)
+    # a rerun that stops (here: the long record without drop_long) leaves the trained run's list in place
+    with pytest.raises(SystemExit):
+        sft.main(common(inputs, tmp_path / "x", data=data, global_batch=1, max_steps=1, plot=False))
+    assert json.loads((tmp_path / "x" / "dropped_long.json").read_text()) == listed
 
 
 def test_drop_long_with_every_record_too_long_and_with_truncate_long_are_refused(inputs, tmp_path, capsys):

@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from minitagpr.config import check_choice
 from minitagpr.data import chain_prompts
 from minitagpr.data.answers import extract_answer, normalize
 from minitagpr.data.chain_client import (
@@ -72,7 +73,7 @@ from minitagpr.data.lamp import (
     load_questions, read_json, split_files,
 )
 from minitagpr.data.prompts import STYLES, TAG_MEANINGS, build_messages
-from minitagpr.data.retrieval import get_retriever
+from minitagpr.data.retrieval import ENCODERLESS, get_retriever
 from minitagpr.rewards import MIN_TAGS, TAGS, check_tags, format_reward, verifiable_reward
 
 LAMP_TASKS = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7")
@@ -108,8 +109,9 @@ class DataConfig:
         repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if repeated:  # the sample stage would write every instance of such a task twice
             raise ValueError(f"data.tasks names {', '.join(repeated)} more than once")
-        if self.retriever not in ("recency", "bm25", "random"):
-            raise ValueError(f"data.retriever must be recency, bm25 or random, got {self.retriever!r}")
+        check_choice("data.retriever", self.retriever, ENCODERLESS)
+        check_choice("data.split", self.split, ("user", "time"))
+        check_choice("data.part", self.part, ("train", "dev"))
         if self.per_task < 1 or self.k < 0:
             raise ValueError(f"data.per_task must be >= 1 and data.k >= 0, got {self.per_task} and {self.k}")
 

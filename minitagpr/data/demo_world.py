@@ -2,7 +2,7 @@
 
 `build(out_dir, seed=0)` writes, in the exact LaMP download layout (../shared/docs/lamp-format.md), train and dev
 questions + outputs for LaMP-1, 2, 3, 4, 5 and 7 (user split; test questions on request), a byte-level BPE
-tokenizer trained on the world's own text, and `sft_chains.jsonl` (docs/interfaces.md SFT records). Everything is
+tokenizer trained on the world's training text, and `sft_chains.jsonl` (docs/interfaces.md SFT records). Everything is
 small enough for the 2-core CPU demo: 34 users, texts of 8-25 words, prompts of a few hundred tokens.
 
 Planted per-user regularities (so that reading the profile matters):
@@ -214,8 +214,9 @@ _PREFERENCE_KEY = {"LaMP-1": "topic", "LaMP-2": "fav_tag", "LaMP-3": "usual", "L
 
 def _make_users(lex: _Lexicon, seed: int, split_sizes: Mapping[str, int]) -> dict[str, list[_User]]:
     """Users per split. Attribute values are dealt round-robin by the user's global index g, so every split is
-    balanced and neighbours differ, and no held-out user repeats a training user's tastes (dealt by the index
-    within the split, dev user i had training user i's eight tastes: a twin, new only in its signature words)."""
+    balanced and neighbours differ, and no held-out user repeats a training user's tastes as long as there are at
+    most 120 users (the tuple of dealt tastes comes round again after lcm(8, 15, 5, ...) = 120). Dealt by the index
+    within the split, dev user i had training user i's eight tastes: a twin, new only in its signature words."""
     rng = random.Random(f"{seed}|users")
     perm = lambda values: rng.sample(list(values), len(values))  # noqa: E731  (a seeded relabelling)
     topic_p, tag_p, usual_p = perm(range(NUM_TOPICS)), perm(LAMP2_TAGS), perm(range(1, 6))
@@ -225,7 +226,7 @@ def _make_users(lex: _Lexicon, seed: int, split_sizes: Mapping[str, int]) -> dic
     g = 0
     for split, n in split_sizes.items():
         users[split] = []
-        for _ in range(n):  # the taste tuple repeats only every lcm(8, 15, 5, ...) = 120 users
+        for _ in range(n):
             users[split].append(_User(
                 f"u{g:03d}", g, topic_p[g % NUM_TOPICS], tag_p[g % len(LAMP2_TAGS)], usual_p[g % 5],
                 head_p[g % len(head_p)], title_p[g % len(title_p)], tweet_p[g % 3], voice_p[g % 3],
@@ -1047,20 +1048,25 @@ class MarginRow:
         return self.margin > 0 and (self.required is None or self.margin >= self.required)
 
 
-def rule_predictions(world: DemoWorld, task: str, split: str = "dev", k: int | None = None
+def rule_predictions(world: DemoWorld, task: str, split: str = "dev", k: int | None = None, *,
+                     retriever: str = "recency", seed: int = 0, ids: Sequence[str] | None = None
                      ) -> tuple[dict[str, str], str, dict[str, str]]:
-    """The world's own rules as predictions, no model: (`aware_answer` over the k most recent items -- what the
-    prompts show --, the name of the best profile-blind answer, its predictions). The best profile-blind answer is
-    the best of `blind_answers` and every constant label on `split`'s main metric: picked on the split it scores,
-    so an optimistic reference."""
+    """The world's own rules as predictions, no model: (`aware_answer` over the k items `retriever` picks -- what
+    the prompts show --, the name of the best profile-blind answer, its predictions), for the questions `ids`
+    (default: all of `split`). The best profile-blind answer is the best of `blind_answers` and every constant
+    label on those questions' main metric: picked on the questions it scores, so an optimistic reference."""
     from minitagpr.data.retrieval import get_retriever
     from minitagpr.metrics import evaluate
     k = world.params["k"] if k is None else k
-    retriever = get_retriever("recency")
-    examples, golds = world.examples(task, split), world.golds(task, split)
+    pick = get_retriever(retriever, seed=seed)
+    golds = world.golds(task, split)
+    examples = world.examples(task, split)
+    if ids is not None:
+        wanted = set(ids)
+        examples, golds = [e for e in examples if e.id in wanted], {i: golds[i] for i in ids}
     metric = MAIN_METRIC[task]
     better = (lambda a, b: a < b) if metric == "mae" else (lambda a, b: a > b)  # noqa: E731
-    aware = {e.id: aware_answer(e, retriever.select(e, k)) for e in examples}
+    aware = {e.id: aware_answer(e, pick.select(e, k)) for e in examples}
     candidates: dict[str, dict[str, str]] = {}
     for e in examples:
         for name, answer in blind_answers(e).items():

@@ -175,6 +175,7 @@ class DenseRetriever(RankingRetriever):
 
 
 RETRIEVERS = ("recency", "bm25", "random", "dense")
+ENCODERLESS = ("recency", "bm25", "random")  # the ones a recipe without an encoder key can build
 
 
 def get_retriever(name: str, seed: int = 0, **kwargs) -> RankingRetriever:

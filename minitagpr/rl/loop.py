@@ -26,7 +26,7 @@ from minitagpr.config import (ConfigError, check_at_least, check_choice, check_f
                               save_config)
 from minitagpr.data import lamp
 from minitagpr.data.prompts import STYLES, build_messages, style_mismatch
-from minitagpr.data.retrieval import RETRIEVERS, get_retriever
+from minitagpr.data.retrieval import ENCODERLESS, get_retriever
 from minitagpr.model.checkpoint import resolve_checkpoint
 from minitagpr.rewards import ROUGE_VARIANTS, score_batch
 from minitagpr.rl.gspo import group_advantage_metrics, group_advantages, gspo_loss
@@ -120,7 +120,7 @@ class RLConfig:
         check_at_least("k", self.k, 0)  # k = 0: prompts without profile items
         check_choice("split", self.split, ("user", "time"))
         check_choice("part", self.part, ("train", "dev"))
-        check_choice("retriever", self.retriever, [r for r in RETRIEVERS if r != "dense"])  # no encoder key here
+        check_choice("retriever", self.retriever, ENCODERLESS)  # dense needs an encoder: evaluate.py only
         check_choice("prompt_style", self.prompt_style, STYLES)
         check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32"))
         check_choice("rouge_variant", self.rouge_variant, ROUGE_VARIANTS)

@@ -234,8 +234,8 @@ def too_long_error(too_long: list[Document], total: int, seq_len: int) -> DataEr
     return DataError(f"{len(too_long)} of {total} documents are longer than seq_len={seq_len} tokens; the first: "
                      f"{where}(record id {doc.id!r}): {len(doc.ids)} tokens = prompt {prompt} + target "
                      f"{len(doc.ids) - prompt}. Cut, its target would lose </think>, the answer and <|im_end|>: raise "
-                     f"seq_len, set drop_long=true to leave such records out (listed), or truncate_long=true to cut them "
-                     "anyway (counted)")
+                     f"seq_len, set drop_long=true to leave such records out (listed), or truncate_long=true to cut "
+                     "them anyway (counted)")
 
 
 # ----------------------------------------------------------------------------------------------- order

@@ -198,12 +198,14 @@ def add_rule_rows(table, world, cfg: GuidedConfig) -> None:
 
 
 def distinct_answers(eval_dir: Path, rows, tasks: list[str]) -> dict[str, dict[str, int]]:
-    """{row: {task: distinct answers among its predictions}}: a row with one answer on a label task scores
-    exactly what that constant label scores."""
+    """{row: {task: distinct answers among its predictions}}, also written to <eval_dir>/distinct_answers.json: a
+    row with one answer on a label task scores exactly what that constant label scores."""
     from minitagpr.data import lamp
     evaluate = recipe("evaluate")
-    return {row: {task: len(set(lamp.load_outputs(evaluate.predictions_file(eval_dir, row, task))[1].values()))
-                  for task in tasks} for row in rows}
+    out = {row: {task: len(set(lamp.load_outputs(evaluate.predictions_file(eval_dir, row, task))[1].values()))
+                 for task in tasks} for row in rows}
+    lamp.atomic_write_json(eval_dir / "distinct_answers.json", out)
+    return out
 
 
 RL_ROWS = ("Guided RL", "Exploratory RL")  # the demo table's RL rows, compared with its "SFT" row

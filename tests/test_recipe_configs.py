@@ -199,6 +199,8 @@ def test_the_demo_table_gets_the_worlds_rules_as_reference_rows(tmp_path):
 
 
 def test_distinct_answers_count_each_rows_different_predictions(tmp_path):
+    import json
+
     from minitagpr.data import lamp
 
     guided_rl = importlib.import_module("guided_rl")
@@ -206,5 +208,6 @@ def test_distinct_answers_count_each_rows_different_predictions(tmp_path):
     for row, preds in {"SFT": {"1": "[1]", "2": "[1]", "3": "[1]"}, "Guided RL": {"1": "[1]", "2": "[2]", "3": "[1]"}
                        }.items():
         lamp.write_outputs(evaluate.predictions_file(tmp_path, row, "LaMP-1"), "LaMP-1", preds)
-    assert guided_rl.distinct_answers(tmp_path, ["SFT", "Guided RL"], ["LaMP-1"]) == {
-        "SFT": {"LaMP-1": 1}, "Guided RL": {"LaMP-1": 2}}
+    expected = {"SFT": {"LaMP-1": 1}, "Guided RL": {"LaMP-1": 2}}
+    assert guided_rl.distinct_answers(tmp_path, ["SFT", "Guided RL"], ["LaMP-1"]) == expected
+    assert json.loads((tmp_path / "distinct_answers.json").read_text()) == expected

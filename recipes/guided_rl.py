@@ -238,14 +238,19 @@ def rl_vs_sft(world, tasks: list[str], eval_dir: Path, limit: int, rows=RL_ROWS,
 
 
 def first_last_share(log_path: Path, keys: list[str], share: float = 0.2) -> dict[str, tuple[float, float]]:
-    """Mean of each key over the first and the last `share` of logged steps (did the stage learn?). A key a step
-    did not log (a task that step did not sample) is averaged over the steps that have it; NaN if none."""
+    """Mean of each key over the first and the last `share` of logged steps (did the stage learn?). A per-task key
+    (`reward_mean/LaMP-3`) is a mean over that task's responses, weighted by the step's `responses/<task>` (a step
+    that sampled one prompt of the task counts a fifth as much as one that sampled five; logs from before that key
+    weigh steps alike); a key a step did not log (a task that step did not sample) is averaged over the steps that
+    have it; NaN if none."""
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     n = max(1, int(round(len(rows) * share)))
 
     def mean(part, k):
-        vals = [r[k] for r in part if k in r]
-        return sum(vals) / len(vals) if vals else float("nan")
+        weight = f"responses/{k.split('/', 1)[1]}" if "/" in k else None
+        pairs = [(r[k], r.get(weight, 1.0) if weight else 1.0) for r in part if k in r]
+        total = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / total if total else float("nan")
     return {k: (mean(rows[:n], k), mean(rows[-n:], k)) for k in keys}
 
 

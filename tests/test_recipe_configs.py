@@ -82,6 +82,19 @@ def test_demo_trend_windows_and_the_task_balanced_reward(tmp_path):
     assert all(math.isnan(x) for x in guided_rl.balanced_reward_trend({}, ["A"]))  # nothing logged: NaN, not 0
 
 
+def test_demo_trend_weighs_a_tasks_steps_by_its_responses(tmp_path):
+    """A step that sampled one prompt of a task counted as much as one that sampled seven: the window mean of a
+    per-task key is over the task's responses (responses/<task>), as the whole-batch keys are."""
+    import json
+    guided_rl = importlib.import_module("guided_rl")
+    rows = [{"r_v_mean/A": 1.0, "responses/A": 5}, {"r_v_mean/A": 0.0, "responses/A": 35},
+            {"r_v_mean/A": 0.5, "responses/A": 10}, {"r_v_mean/A": 0.5}]  # the last: a log from before the counts
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, last = guided_rl.first_last_share(log, ["r_v_mean/A"], share=0.5)["r_v_mean/A"]
+    assert first == pytest.approx(5 / 40) and last == pytest.approx((0.5 * 10 + 0.5) / 11)
+
+
 @pytest.mark.parametrize("recipe, name", [("guided_rl.py", "guided_rl"), ("exploratory_rl.py", "exploratory_rl")])
 def test_rl_recipes_report_bad_arguments_in_one_line(recipe, name):
     """A typo on the command line ends with one line naming the key (and the closest valid one), exit status 1."""

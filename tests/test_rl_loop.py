@@ -578,6 +578,7 @@ def test_reward_metrics_pin_every_column_on_a_hand_made_batch():
                  for n, r in ((1, "stop"), (2, "stop"), (3, "length"), (2, "stop"))]
         m = reward_metrics(parts, rewards, comps, cfg, "cpu", tasks=tasks)
         assert m["reward_mean/LaMP-4"] == pytest.approx(0.3) and m["reward_mean/LaMP-1"] == pytest.approx(0.5)
+        assert m["responses/LaMP-4"] == 2 and m["responses/LaMP-1"] == 2  # what the demo's trends weigh by
         assert m["reward_mean"] == pytest.approx(0.4)
         assert m["tag_pass_rate"] == 0.75 and m["format_pass_rate"] == 0.75
         assert m["r_rep_mean"] == pytest.approx(-0.05)
@@ -670,3 +671,37 @@ def test_a_policy_trained_with_another_prompt_style_is_refused_before_it_loads(s
             L.train(cfg)
     finally:
         L.D.destroy_distributed()
+
+
+def test_pass_flops_count_each_sequences_own_attention_and_the_head_on_response_tokens():
+    """The MFU used rank 0's padded width for every token's attention (3-5% too many FLOPs in the demo)."""
+    from minitagpr.model.presets import build_model, tiny_config
+    from minitagpr.rl.loop import pass_flops
+
+    model = build_model(tiny_config())
+    pad = 0
+    input_ids = torch.tensor([[pad, pad, 5, 6, 7], [1, 2, 3, 4, 5]])  # lengths 3 and 5
+    mask = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    tokens, flops = pass_flops(model, input_ids, mask, pad)
+    expected = 3 * model.flops_per_token(3, head=False) + 5 * model.flops_per_token(5, head=False) \
+        + 5 * model.head_flops_per_token()
+    assert tokens == 8 and flops == pytest.approx(expected)
+    assert flops < 8 * model.flops_per_token(5, head=False) + 5 * model.head_flops_per_token()  # the old count
+
+
+def test_the_step_log_has_the_reward_phase_and_no_sync_after_the_last_step(small_world, tmp_path):
+    """reward_s (rewards with the PRMU forward, advantages, sequences) was only inside step_s; the last step, which
+    syncs nothing, logged sync_s = 0 and pulled the key's mean down."""
+    from minitagpr.config import parse_cli
+    from minitagpr.rl import loop
+    world, policy = small_world
+    cfg = parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "t", stage="exploratory", max_steps=2,
+                                            save_every=0))
+    loop.train(cfg)
+    first, last = _log(tmp_path / "t")
+    assert first["reward_s"] > 0 and last["reward_s"] > 0
+    assert "sync_s" in first and "sync_s" not in last
+    assert first["rollout_s"] + first["reward_s"] + first["train_s"] + first["sync_s"] <= first["step_s"]
+    for row in (first, last):
+        sampled = [k.split("/", 1)[1] for k in row if k.startswith("reward_mean/")]
+        assert sum(row[f"responses/{t}"] for t in sampled) == cfg.prompts_per_step * cfg.group_size

@@ -500,7 +500,17 @@ def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, dev
         if bool(rows.any()):
             m[f"reward_mean/{name}"] = col["reward"][rows].mean().item()
             m[f"r_v_mean/{name}"] = col["r_v"][rows].mean().item()
+            m[f"responses/{name}"] = int(rows.sum())  # what a mean over steps weighs the two above by
     return m
+
+
+def pass_flops(model, input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[float, float]:
+    """(non-pad tokens, FLOPs of one training pass: forward + backward) of a batch of sequences (N, T) on this
+    rank. Each sequence's own length sets its attention cost (the batch's padded width would overstate it), and the
+    fused log-prob kernel runs the LM head on the response tokens (`mask`) only."""
+    lengths = (input_ids != pad_id).sum(dim=1).tolist()  # non-pad tokens per sequence
+    body = sum(n * model.flops_per_token(n, head=False) for n in lengths)
+    return float(sum(lengths)), body + float(mask.sum()) * model.head_flops_per_token()
 
 
 def check_finite(rewards: torch.Tensor, prompts: list[Prompt], G: int, step: int, stage: str, device) -> None:
@@ -640,6 +650,7 @@ def train(cfg: RLConfig) -> Path:
 
         input_ids, targets, mask = make_sequences(mine, completions, cfg.group_size, tokenizer.pad_id)
         t1 = time.perf_counter()
+        t_reward = t1 - t0 - t_rollout  # rewards (with the PRMU forward), advantages, sequences
         model.train()
         rows = [r for chunks in micro_batch_plan(mask, len(mine), cfg) for r in chunks]  # the update's micro-batches
         old_logp = sequence_logprobs(model, input_ids.to(info.device), targets.to(info.device), rows,
@@ -659,18 +670,18 @@ def train(cfg: RLConfig) -> Path:
                                                   tasks=[p.task for p in mine for _ in range(cfg.group_size)]),
                **reduce_train_metrics(sums, info.device),
                "batch_digest": batch_digest(mine, completions, cfg.group_size, info.device)}
-        # tokens the update processed: every non-pad token of every sequence (prompt + response)
-        tokens = D.all_reduce_sum(torch.tensor(float((input_ids != tokenizer.pad_id).sum()), dtype=torch.float64,
-                                               device=info.device)).item()
-        n_targets = D.all_reduce_sum(torch.tensor(float(mask.sum()), dtype=torch.float64, device=info.device)).item()
-        # FLOPs of the old-log-prob forward (1/3 of a training pass) and ppo_epochs training passes; the fused
-        # log-prob kernel runs the head on response tokens only
-        flops = (tokens * model.flops_per_token(input_ids.shape[1], head=False)
-                 + n_targets * model.head_flops_per_token()) * (1 / 3 + cfg.ppo_epochs)
+        # every rank's tokens and FLOPs: the old-log-prob forward (1/3 of a training pass) + ppo_epochs passes
+        tokens, flops = D.all_reduce_sum(torch.tensor(pass_flops(model, input_ids, mask, tokenizer.pad_id),
+                                                      dtype=torch.float64, device=info.device)).tolist()
+        flops *= 1 / 3 + cfg.ppo_epochs
         elapsed = time.perf_counter() - t0
-        row.update(lr=optimizer.param_groups[0]["lr"], rollout_s=t_rollout, train_s=t_train, sync_s=t_sync,
-                   step_s=elapsed, train_tokens_per_s=tokens / t_train,
-                   mfu=flops / t_train / (info.world_size * peak))
+        row.update(lr=optimizer.param_groups[0]["lr"], rollout_s=t_rollout, reward_s=t_reward, train_s=t_train,
+                   step_s=elapsed, mfu=flops / t_train / (info.world_size * peak),
+                   # tokens through the update's ppo_epochs passes (prompt + response, every rank) per second of
+                   # the train phase, which also runs the old-log-prob forward
+                   train_tokens_per_s=tokens * cfg.ppo_epochs / t_train)
+        if step + 1 < total_steps:  # the last step has nothing to sync: no 0 to pull an average down
+            row["sync_s"] = t_sync
         log.write(row)
         progress.update(step, reward=row["reward_mean"], fmt=row["format_pass_rate"], tag=row["tag_pass_rate"],
                         len=row["response_len_mean"], clip=row.get("gspo/clip_frac_low", 0.0)

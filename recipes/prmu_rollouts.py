@@ -26,6 +26,7 @@ pairs. `sample=rl` (the default) samples the questions guided RL's task mix draw
 """
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +73,18 @@ class RolloutConfig:
     engine: str = "auto"  # auto (vllm when installed and a GPU is present, else builtin) | builtin | vllm
     vllm_gpu_memory_utilization: float = 0.9  # vLLM's share of GPU memory; nothing else lives on the GPU here
     seed: int = 0  # RL's seed too: it picks the queries (sample=rl) and the random retriever, as in RL
+    allow_eval_questions: bool = False  # true: accept a dev_/test_questions.json (PRMU then trains on evaluated ones)
 
     def __post_init__(self):
         for key in ("policy", "questions", "outputs", "out"):
             if not getattr(self, key):
                 raise ValueError(f"{key}= is required")
+        held_out = re.fullmatch(r"(dev|test)_(questions|outputs)\.json", Path(self.questions).name) or \
+            re.fullmatch(r"(dev|test)_(questions|outputs)\.json", Path(self.outputs).name)
+        if held_out and not self.allow_eval_questions:  # a LaMP download names its parts' files so
+            raise ValueError(f"questions={self.questions} / outputs={self.outputs} is a {held_out.group(1)} file: "
+                             "PRMU pairs from it would train the reward model on the questions the evaluation "
+                             "scores; pass the train part's files (or allow_eval_questions=true)")
         check_choice("engine", self.engine, ("auto", "builtin", "vllm"))
         check_choice("retriever", self.retriever, retrieval.ENCODERLESS)  # dense needs an encoder
         check_choice("prompt_style", self.prompt_style, prompts.STYLES)

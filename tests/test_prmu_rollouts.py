@@ -202,3 +202,16 @@ def test_a_policy_trained_with_another_prompt_style_is_refused(world, tmp_path, 
     with pytest.raises(ConfigError, match=r"trained with prompt_style=brief .* pass prompt_style=brief"):
         _run_with_recording_vllm(monkeypatch, args)
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_dev_or_test_question_files_are_refused_unless_allowed(world, tmp_path):
+    """PRMU pairs from the dev part would train the reward model on the questions the evaluation scores; the path
+    was taken as given."""
+    w, policy = world
+    dev = [f"policy={policy}", f"questions={w.questions['LaMP-2']['dev']}", f"outputs={w.outputs['LaMP-2']['dev']}",
+           f"out={tmp_path / 'r.jsonl'}"]
+    with pytest.raises(ConfigError, match=r"is a dev file: PRMU pairs from it would train the reward model on the "
+                                          r"questions the evaluation scores"):
+        parse_cli(recipe.RolloutConfig, dev)
+    assert parse_cli(recipe.RolloutConfig, [*dev, "allow_eval_questions=true"]).allow_eval_questions
+    parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl"))  # the train part passes

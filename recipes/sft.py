@@ -186,7 +186,7 @@ def run(cfg: SftConfig) -> Path:
     log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)
     progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="[sft] ")
     peak, peak_note = peak_flops(info.device)
-    body_flops = model.flops_per_token(int(rows.lengths.float().mean()), head=False)  # attention at the mean length
+    body_flops = S.row_flops(rows, lambda n: model.flops_per_token(n, head=False))  # (R,) per row, no head
     D.log(f"[sft] MFU peak: {peak_note}")
     t_start = time.perf_counter()
     for step in range(start_step, total_steps):
@@ -205,7 +205,9 @@ def run(cfg: SftConfig) -> Path:
         optimizer.step()
         dt = time.perf_counter() - t0
         tokens = out["tokens"]  # input tokens of the step over all ranks (after trimming trailing padding)
-        step_flops = tokens * body_flops + out["valid_tokens"] * model.head_flops_per_token()  # head: targets only
+        # every rank's rows of the step (the global batch), each document at its own attention length; the
+        # fused log-prob kernel runs the head on target tokens only
+        step_flops = sum(body_flops[r] for r in global_rows) + out["valid_tokens"] * model.head_flops_per_token()
         record = {"step": step, "epoch": step // spe, "loss": out["loss"], "lr": lr, "grad_norm": grad_norm,
                   "target_tokens": out["valid_tokens"], "tokens": tokens, "tokens_per_s": tokens / dt,
                   "mfu": mfu(tokens / dt, step_flops / tokens, info.world_size, peak), "step_time_s": dt,

@@ -229,3 +229,13 @@ def test_batch_arithmetic_edges():  # pinned by mutation, 2026-11-27
     assert S.steps_per_epoch(8, 8) == 1  # exactly one global batch of rows is one step
     with pytest.raises(ValueError, match="do not split into micro-batches of 2"):
         S.micro_batches([0, 1, 2], 2)
+
+
+def test_row_flops_charge_each_document_its_own_attention_length():
+    """MFU counted every token's attention at the mean row length (packed documents attend within themselves)."""
+    docs = [S.Document([1, 2, 3], [False, True, True], "a"), S.Document([4, 5], [False, True], "b"),
+            S.Document([6, 7, 8, 9], [False, True, True, True], "c")]
+    rows = S.pack_documents(docs, seq_len=6, pad_id=0, pack=True, shuffle_seed=None)  # rows: [a b .], [c . .]
+    assert rows.lengths.tolist() == [5, 4]
+    cost = lambda n: 100.0 + n  # noqa: E731  (a per-token cost that grows with the attended length)
+    assert S.row_flops(rows, cost) == [3 * cost(3) + 2 * cost(2), 4 * cost(4)]

@@ -247,6 +247,17 @@ def steps_per_epoch(num_rows: int, global_batch: int, what: str = "packed rows",
     return num_rows // global_batch
 
 
+def row_flops(rows: PackedRows, flops_per_token) -> list[float]:
+    """Training FLOPs of each packed row without the LM head: every document's tokens at the attention cost of its
+    own length (`flops_per_token(n)`; documents start where position_ids is 0), the row's padding not counted."""
+    out = []
+    for r in range(rows.num_rows):
+        n = int(rows.lengths[r])
+        starts = (rows.position_ids[r, :n] == 0).nonzero().flatten().tolist() + [n]
+        out.append(sum((b - a) * flops_per_token(b - a) for a, b in zip(starts, starts[1:])))
+    return out
+
+
 def rows_for_step(step: int, num_rows: int, global_batch: int, seed: int) -> list[int]:
     """Row indices of the global batch of optimizer step `step` (0-based), a pure function of its arguments."""
     spe = steps_per_epoch(num_rows, global_batch)

@@ -238,20 +238,24 @@ def rl_vs_sft(world, tasks: list[str], eval_dir: Path, limit: int, rows=RL_ROWS,
 
 
 def first_last_share(log_path: Path, keys: list[str], share: float = 0.2) -> dict[str, tuple[float, float]]:
-    """Mean of each key over the first and the last `share` of logged steps (did the stage learn?). A per-task key
-    (`reward_mean/LaMP-3`) is a mean over that task's responses, weighted by the step's `responses/<task>` (a step
-    that sampled one prompt of the task counts a fifth as much as one that sampled five; logs from before that key
-    weigh steps alike); a key a step did not log (a task that step did not sample) is averaged over the steps that
-    have it; NaN if none."""
+    """Mean of each key over the first and the last `share` of logged steps (did the stage learn?). A per-task mean
+    (`reward_mean/<task>`, `r_v_mean/<task>`) is weighted by the step's `responses/<task>` (a step that sampled one
+    prompt of the task counts a fifth as much as one that sampled five), when every step of the window logged that
+    count (steps logged before the count existed weigh alike); a key a step did not log (a task that step did not
+    sample) is averaged over the steps that have it; NaN if none."""
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     n = max(1, int(round(len(rows) * share)))
 
     def mean(part, k):
-        weight = f"responses/{k.split('/', 1)[1]}" if "/" in k else None
-        pairs = [(r[k], r.get(weight, 1.0) if weight else 1.0) for r in part if k in r]
-        total = sum(w for _, w in pairs)
-        return sum(v * w for v, w in pairs) / total if total else float("nan")
+        part = [r for r in part if k in r]
+        count = f"responses/{k.split('/', 1)[1]}" if k.startswith(PER_TASK_MEANS) else None
+        weights = [r[count] for r in part] if count and all(count in r for r in part) else [1.0] * len(part)
+        total = sum(weights)
+        return sum(r[k] * w for r, w in zip(part, weights)) / total if total else float("nan")
     return {k: (mean(rows[:n], k), mean(rows[-n:], k)) for k in keys}
+
+
+PER_TASK_MEANS = ("reward_mean/", "r_v_mean/")  # the logged per-task means over a task's responses
 
 
 def balanced_reward_trend(trend: dict[str, tuple[float, float]], tasks: list[str]) -> tuple[float, float]:

@@ -79,8 +79,8 @@ class RolloutConfig:
         for key in ("policy", "questions", "outputs", "out"):
             if not getattr(self, key):
                 raise ValueError(f"{key}= is required")
-        held_out = re.fullmatch(r"(dev|test)_(questions|outputs)\.json", Path(self.questions).name) or \
-            re.fullmatch(r"(dev|test)_(questions|outputs)\.json", Path(self.outputs).name)
+        held_out = next((m for m in (re.fullmatch(r"(dev|test)_(questions|outputs)\.json", Path(f).name, re.I)
+                                     for f in (self.questions, self.outputs)) if m), None)
         if held_out and not self.allow_eval_questions:  # a LaMP download names its parts' files so
             raise ValueError(f"questions={self.questions} / outputs={self.outputs} is a {held_out.group(1)} file: "
                              "PRMU pairs from it would train the reward model on the questions the evaluation "

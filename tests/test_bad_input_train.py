@@ -184,7 +184,7 @@ def test_rl_prompts_refuse_gold_ids_without_a_question_and_an_unset_data_root(tm
 # ----------------------------------------------------------------------------------------------- PRMU rollouts
 def test_rollout_command_checks_its_output_path_and_golds_before_sampling(tmp_path):
     rollouts = load_recipe("prmu_rollouts")
-    root, q, o = _lamp_root(tmp_path, part="dev")
+    root, q, o = _lamp_root(tmp_path)
     args = ["policy=unused", f"questions={q}", f"outputs={o}"]
     with pytest.raises(ConfigError, match="limit must be >= 0"):
         parse_cli(rollouts.RolloutConfig, [*args, "out=x.jsonl", "limit=-1"])
@@ -194,7 +194,7 @@ def test_rollout_command_checks_its_output_path_and_golds_before_sampling(tmp_pa
     try:  # a folder where the file goes: found before the model loads, not after every sample is drawn
         with pytest.raises(ConfigError, match=f"out={tmp_path / 'taken'} is a folder"):
             rollouts.run(parse_cli(rollouts.RolloutConfig, [*args, f"out={tmp_path / 'taken'}"]))
-        _, _, o2 = _lamp_root(tmp_path / "x", part="dev", extra_gold=True)
+        _, _, o2 = _lamp_root(tmp_path / "x", extra_gold=True)
         with pytest.raises(lamp.DataError, match="gold output\\(s\\) for id\\(s\\) with no question"):
             rollouts.run(parse_cli(rollouts.RolloutConfig, ["policy=unused", f"questions={q}", f"outputs={o2}",
                                                             f"out={tmp_path / 'r.jsonl'}"]))

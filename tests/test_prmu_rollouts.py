@@ -204,14 +204,18 @@ def test_a_policy_trained_with_another_prompt_style_is_refused(world, tmp_path, 
     assert not (tmp_path / "r.jsonl").exists()
 
 
-def test_dev_or_test_question_files_are_refused_unless_allowed(world, tmp_path):
+@pytest.mark.parametrize("questions, outputs, part", [("dev_questions.json", "dev_outputs.json", "dev"),
+                                                     ("TEST_questions.json", "x_outputs.json", "TEST"),
+                                                     ("train_questions.json", "dev_outputs.json", "dev")])
+def test_dev_or_test_question_files_are_refused_unless_allowed(tmp_path, questions, outputs, part):
     """PRMU pairs from the dev part would train the reward model on the questions the evaluation scores; the path
     was taken as given."""
-    w, policy = world
-    dev = [f"policy={policy}", f"questions={w.questions['LaMP-2']['dev']}", f"outputs={w.outputs['LaMP-2']['dev']}",
-           f"out={tmp_path / 'r.jsonl'}"]
-    with pytest.raises(ConfigError, match=r"is a dev file: PRMU pairs from it would train the reward model on the "
-                                          r"questions the evaluation scores"):
-        parse_cli(recipe.RolloutConfig, dev)
-    assert parse_cli(recipe.RolloutConfig, [*dev, "allow_eval_questions=true"]).allow_eval_questions
-    parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl"))  # the train part passes
+    args = ["policy=p", f"questions={tmp_path / questions}", f"outputs={tmp_path / outputs}", "out=r.jsonl"]
+    with pytest.raises(ConfigError, match=rf"is a {part} file: PRMU pairs from it would train the reward model on "
+                                          r"the questions the evaluation scores"):
+        parse_cli(recipe.RolloutConfig, args)
+    assert parse_cli(recipe.RolloutConfig, [*args, "allow_eval_questions=true"]).allow_eval_questions
+
+
+def test_train_question_files_pass_the_held_out_check(world, tmp_path):
+    parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl"))

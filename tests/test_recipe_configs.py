@@ -84,15 +84,18 @@ def test_demo_trend_windows_and_the_task_balanced_reward(tmp_path):
 
 def test_demo_trend_weighs_a_tasks_steps_by_its_responses(tmp_path):
     """A step that sampled one prompt of a task counted as much as one that sampled seven: the window mean of a
-    per-task key is over the task's responses (responses/<task>), as the whole-batch keys are."""
+    per-task key is over the task's responses (responses/<task>), as the whole-batch keys are; a window with a step
+    logged before the count existed weighs its steps alike; other keys with a '/' are never weighted."""
     import json
     guided_rl = importlib.import_module("guided_rl")
-    rows = [{"r_v_mean/A": 1.0, "responses/A": 5}, {"r_v_mean/A": 0.0, "responses/A": 35},
-            {"r_v_mean/A": 0.5, "responses/A": 10}, {"r_v_mean/A": 0.5}]  # the last: a log from before the counts
+    rows = [{"r_v_mean/A": 1.0, "responses/A": 5, "gspo/x": 1.0},
+            {"r_v_mean/A": 0.0, "responses/A": 35, "gspo/x": 0.0},
+            {"r_v_mean/A": 0.8, "responses/A": 30, "gspo/x": 0.0}, {"r_v_mean/A": 0.2}]  # the last: no count
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    first, last = guided_rl.first_last_share(log, ["r_v_mean/A"], share=0.5)["r_v_mean/A"]
-    assert first == pytest.approx(5 / 40) and last == pytest.approx((0.5 * 10 + 0.5) / 11)
+    trend = guided_rl.first_last_share(log, ["r_v_mean/A", "gspo/x"], share=0.5)
+    assert trend["r_v_mean/A"] == pytest.approx((5 / 40, 0.5))  # weighted; the mixed last window: alike
+    assert trend["gspo/x"] == pytest.approx((0.5, 0.0))
 
 
 @pytest.mark.parametrize("recipe, name", [("guided_rl.py", "guided_rl"), ("exploratory_rl.py", "exploratory_rl")])

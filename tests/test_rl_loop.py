@@ -363,6 +363,8 @@ def test_one_and_two_processes_sample_and_score_the_same_first_step(small_world,
     for key in ("reward_mean", "response_len_mean", "format_pass_rate", "group/adv_std", "gspo/num_tokens"):
         assert one[key] == pytest.approx(two[key], rel=1e-9), key
     assert one["gspo/loss"] == pytest.approx(two["gspo/loss"], rel=1e-4, abs=1e-7)
+    # the FLOPs behind mfu are the whole global batch's, whatever the number of ranks (mfu x ranks x train_s)
+    assert one["mfu"] * one["train_s"] == pytest.approx(two["mfu"] * 2 * two["train_s"], rel=1e-9)
 
 
 def test_reward_metrics_break_the_rewards_down_per_task():

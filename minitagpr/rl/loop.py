@@ -508,9 +508,11 @@ def pass_flops(model, input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int) 
     """(non-pad tokens, FLOPs of one training pass: forward + backward) of a batch of sequences (N, T) on this
     rank. Each sequence's own length sets its attention cost (the batch's padded width would overstate it), and the
     fused log-prob kernel runs the LM head on the response tokens (`mask`) only."""
-    lengths = (input_ids != pad_id).sum(dim=1).tolist()  # non-pad tokens per sequence
-    body = sum(n * model.flops_per_token(n, head=False) for n in lengths)
-    return float(sum(lengths)), body + float(mask.sum()) * model.head_flops_per_token()
+    lengths = (input_ids != pad_id).sum(dim=1).double()  # (N,) non-pad tokens per sequence
+    a = model.flops_per_token(0, head=False)  # per token, affine in the attended length n: a + b n
+    b = model.flops_per_token(1, head=False) - a
+    body = a * float(lengths.sum()) + b * float((lengths ** 2).sum())
+    return float(lengths.sum()), body + float(mask.sum()) * model.head_flops_per_token()
 
 
 def check_finite(rewards: torch.Tensor, prompts: list[Prompt], G: int, step: int, stage: str, device) -> None:
@@ -642,6 +644,7 @@ def train(cfg: RLConfig) -> Path:
         completions = rollout(engine, mine, cfg, tokenizer, seed=rollout_seed(stage_seed(cfg), step),
                               prompt_offset=offset)
         engine.sleep()  # vLLM frees its GPU memory for training; sync_to_engine wakes the weights (no-op: built-in)
+        D.barrier()  # the phase ends with the slowest rank's samples: reward_s is then rewards only, on every rank
         t_rollout = time.perf_counter() - t0
 
         parts, rewards = compute_rewards(mine, completions, cfg, prmu)  # (B*G,) r_i

@@ -1,9 +1,10 @@
 """Per-step metrics: a JSONL log (one object per optimizer step), a rank-0 progress line with ETA, and MFU.
 
-MFU = achieved model FLOP/s / peak FLOP/s, with achieved = the step's FLOPs / its seconds: input tokens x
-`model.flops_per_token(seq_len, head=False)` (6N of the decoder plus the attention term, forward + backward) + target
-tokens x `model.head_flops_per_token()` (the fused log-prob kernels run the head only there), and the peak from the
-table below (dense bf16 tensor-core numbers for GPUs).
+MFU = achieved model FLOP/s / peak FLOP/s, with achieved = the step's FLOPs / its seconds: every non-pad input token
+at `model.flops_per_token(n, head=False)` for the length n of its own document or sequence (6N of the decoder plus
+the attention term, forward + backward; `sft_data.row_flops`, `rl.loop.pass_flops`) + target tokens x
+`model.head_flops_per_token()` (the fused log-prob kernels run the head only there), over all ranks, and the peak
+from the table below (dense bf16 tensor-core numbers for GPUs).
 """
 from __future__ import annotations
 

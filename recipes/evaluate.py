@@ -130,8 +130,8 @@ class EvalConfig:
         check_at_least("temperature", self.temperature, 0.0)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        check_choice("split", self.split, ("user", "time"))
-        check_choice("part", self.part, ("train", "dev", "test"))
+        check_choice("split", self.split, lamp.SPLITS)
+        check_choice("part", self.part, lamp.PARTS)
         if self.data == "demo" and self.split != "user" and any(t in LAMP_TASKS for t in self.tasks):
             raise ValueError(f"split={self.split!r}: the demo world has the user split only (split=user)")
         check_choice("retriever", self.retriever, retrieval.RETRIEVERS)

@@ -186,7 +186,7 @@ def run(cfg: SftConfig) -> Path:
     log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)
     progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="[sft] ")
     peak, peak_note = peak_flops(info.device)
-    body_flops = S.row_flops(rows, lambda n: model.flops_per_token(n, head=False))  # (R,) per row, no head
+    body_flops = S.row_flops(rows, model.document_flops)  # (R,) per row, no head
     D.log(f"[sft] MFU peak: {peak_note}")
     t_start = time.perf_counter()
     for step in range(start_step, total_steps):

@@ -591,31 +591,33 @@ def test_tagger_replies_cut_off_or_left_unclosed_never_lose_the_chains_end_silen
     assert set(st["extra"]["tag_errors"]) == {"unclosed tag <tag>"}
 
 
-def test_sft_records_follow_the_sft_format_with_canonical_labels(tmp_path):
+_TAGGED_CHAIN = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
+
+
+def _run_sft_stage(tmp_path, answers_by_total: dict[int, str]):
+    """The sft stage (max 1 chain per instance) over formatted chains of one LaMP-1 instance, one per judge total."""
     cfg = make_cfg(tmp_path, **{"filters.max_per_instance": 1})
     inst = instance("LaMP-1", "9", gold="[2]")
     write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
-    tagged = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
     write_jsonl(cfg_out(cfg) / "formatted.jsonl", [
-        {**judged(inst, 0, chain=tagged, total=17), "answer": " 2"},
-        {**judged(inst, 1, chain=tagged, total=19), "answer": "Reference [2]."}])
+        {**judged(inst, j, chain=_TAGGED_CHAIN, total=t), "answer": a}
+        for j, (t, a) in enumerate(answers_by_total.items())])
     run_stages(cfg, ["sft"], log=lambda m: None)
+    return cfg, inst
+
+
+def test_sft_records_follow_the_sft_format_with_canonical_labels(tmp_path):
+    cfg, inst = _run_sft_stage(tmp_path, {17: " 2", 19: "Reference [2]."})
     records = read_sft_records(cfg_out(cfg) / "sft.jsonl")
     assert [(r.id, r.answer, r.user) for r in records] == [("LaMP-1/9/1", "[2]", "u1")]  # the better judged one
-    assert records[0].chain == tagged and records[0].messages[0]["role"] == "system"
+    assert records[0].chain == _TAGGED_CHAIN and records[0].messages[0]["role"] == "system"
     assert records[0].messages[1]["content"].endswith(inst["input"])
     assert "- analyze_input: " in records[0].messages[0]["content"]  # the full style lists tag meanings
     assert stats(cfg, "sft")["tasks"]["LaMP-1"] == {"in": 2, "out": 1, "dropped": {"over_instance_cap": 1}}
 
 
 def test_chains_over_the_instance_cap_are_listed_with_their_judge_total(tmp_path):
-    cfg = make_cfg(tmp_path, **{"filters.max_per_instance": 1})
-    inst = instance("LaMP-1", "9", gold="[2]")
-    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
-    tagged = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
-    write_jsonl(cfg_out(cfg) / "formatted.jsonl", [
-        {**judged(inst, j, chain=tagged, total=t), "answer": "[2]"} for j, t in {0: 17, 1: 19, 2: 16}.items()])
-    run_stages(cfg, ["sft"], log=lambda m: None)
+    cfg, _ = _run_sft_stage(tmp_path, {17: "[2]", 19: "[2]", 16: "[2]"})
     lines = read_jsonl(cfg_out(cfg) / "dropped" / "sft.jsonl")
     assert [(d["id"], d["reason"]) for d in lines] == [("LaMP-1/9/0", "over_instance_cap"),
                                                        ("LaMP-1/9/2", "over_instance_cap")]
@@ -626,9 +628,8 @@ def test_the_report_states_the_final_count_against_the_spec_and_names_the_drop_l
     cfg = make_cfg(tmp_path, **{"filters.max_per_instance": 2})
     inst = instance("LaMP-1", "9", gold="[2]")
     write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
-    tagged = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
     write_jsonl(cfg_out(cfg) / "formatted.jsonl", [
-        {**judged(inst, j, chain=tagged, total=17), "answer": "[2]"} for j in range(3)])
+        {**judged(inst, j, chain=_TAGGED_CHAIN, total=17), "answer": "[2]"} for j in range(3)])
     (cfg_out(cfg) / "stats").mkdir()
     (cfg_out(cfg) / "stats" / "sample.json").write_text(json.dumps(
         {"stage": "sample", "tasks": {"LaMP-1": {"in": 5, "out": 1, "dropped": {"not_sampled": 4}}}, "extra": {}}))

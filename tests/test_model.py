@@ -198,3 +198,10 @@ def test_num_params_without_the_embedding_keeps_a_tied_head():
     untied = build_model(tiny_config("tiny", tie_word_embeddings=False), seed=0)
     assert tied.num_params(exclude_embedding=True) == tied.num_params()
     assert untied.num_params(exclude_embedding=True) == untied.num_params() - untied.model.embed_tokens.weight.numel()
+
+
+def test_document_flops_sum_each_documents_tokens_at_its_own_length():
+    model = Qwen3ForCausalLM(tiny_config())
+    lengths = torch.tensor([3, 1, 7])
+    expected = sum(n * model.flops_per_token(n, head=False) for n in (3, 1, 7))
+    assert model.document_flops(lengths) == pytest.approx(expected, rel=1e-12)

@@ -238,4 +238,5 @@ def test_row_flops_charge_each_document_its_own_attention_length():
     rows = S.pack_documents(docs, seq_len=6, pad_id=0, pack=True, shuffle_seed=None)  # rows: [a b .], [c . .]
     assert rows.lengths.tolist() == [5, 4]
     cost = lambda n: 100.0 + n  # noqa: E731  (a per-token cost that grows with the attended length)
-    assert S.row_flops(rows, cost) == [3 * cost(3) + 2 * cost(2), 4 * cost(4)]
+    documents = lambda lengths: sum(n * cost(n) for n in lengths.tolist())  # noqa: E731  (as a model's)
+    assert S.row_flops(rows, documents) == [3 * cost(3) + 2 * cost(2), 4 * cost(4)]

@@ -69,8 +69,8 @@ from minitagpr.data.chain_client import (
     ChatClient, ChatRequest, EndpointConfig, ResponseCache, Transport, resolve_endpoint,
 )
 from minitagpr.data.lamp import (
-    TASKS as TASK_SPECS, DataError, LampExample, canonical_task, check_no_extra_golds, json_object_lines, load_outputs,
-    load_questions, read_json, split_files,
+    GOLD_PARTS, SPLITS, TASKS as TASK_SPECS, DataError, LampExample, canonical_task, check_no_extra_golds,
+    json_object_lines, load_outputs, load_questions, read_json, split_files,
 )
 from minitagpr.data.prompts import STYLES, TAG_MEANINGS, build_messages
 from minitagpr.data.retrieval import ENCODERLESS, get_retriever
@@ -110,8 +110,8 @@ class DataConfig:
         if repeated:  # the sample stage would write every instance of such a task twice
             raise ValueError(f"data.tasks names {', '.join(repeated)} more than once")
         check_choice("data.retriever", self.retriever, ENCODERLESS)
-        check_choice("data.split", self.split, ("user", "time"))
-        check_choice("data.part", self.part, ("train", "dev"))
+        check_choice("data.split", self.split, SPLITS)
+        check_choice("data.part", self.part, GOLD_PARTS)
         if self.per_task < 1 or self.k < 0:
             raise ValueError(f"data.per_task must be >= 1 and data.k >= 0, got {self.per_task} and {self.k}")
 

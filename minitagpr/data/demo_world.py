@@ -1028,8 +1028,6 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULT
 # Margins: profile-aware heuristic vs the best profile-blind answer
 
 REQUIRED_MARGIN = {"LaMP-1": 0.15, "LaMP-2": 0.15, "LaMP-3": 0.3}  # accuracy gain / MAE drop (issue 4)
-MAIN_METRIC = {"LaMP-1": "accuracy", "LaMP-2": "accuracy", "LaMP-3": "mae", "LaMP-4": "rouge1",
-               "LaMP-5": "rouge1", "LaMP-7": "rouge1"}
 
 
 @dataclass
@@ -1056,7 +1054,7 @@ def rule_predictions(world: DemoWorld, task: str, split: str = "dev", k: int | N
     (default: all of `split`). The best profile-blind answer is the best of `blind_answers` and every constant
     label on those questions' main metric: picked on the questions it scores, so an optimistic reference."""
     from minitagpr.data.retrieval import get_retriever
-    from minitagpr.metrics import evaluate
+    from minitagpr.metrics import evaluate, main_metric
     k = world.params["k"] if k is None else k
     pick = get_retriever(retriever, seed=seed)
     golds = world.golds(task, split)
@@ -1064,8 +1062,8 @@ def rule_predictions(world: DemoWorld, task: str, split: str = "dev", k: int | N
     if ids is not None:
         wanted = set(ids)
         examples, golds = [e for e in examples if e.id in wanted], {i: golds[i] for i in ids}
-    metric = MAIN_METRIC[task]
-    better = (lambda a, b: a < b) if metric == "mae" else (lambda a, b: a > b)  # noqa: E731
+    metric, higher = main_metric(task)
+    better = (lambda a, b: a > b) if higher else (lambda a, b: a < b)  # noqa: E731
     aware = {e.id: aware_answer(e, pick.select(e, k)) for e in examples}
     candidates: dict[str, dict[str, str]] = {}
     for e in examples:
@@ -1084,13 +1082,13 @@ def rule_predictions(world: DemoWorld, task: str, split: str = "dev", k: int | N
 def margins(world: DemoWorld, split: str = "dev", k: int | None = None) -> list[MarginRow]:
     """Per task: `aware_answer` over the k most recent items (what the prompts show) vs the best of
     `blind_answers` and every constant label, under `minitagpr.metrics.evaluate` (`rule_predictions`)."""
-    from minitagpr.metrics import evaluate
+    from minitagpr.metrics import evaluate, main_metric
     rows = []
     for task in world.tasks:
-        golds, metric = world.golds(task, split), MAIN_METRIC[task]
+        golds, (metric, higher) = world.golds(task, split), main_metric(task)
         aware_preds, best_name, blind_preds = rule_predictions(world, task, split, k)
         aware, best = evaluate(task, aware_preds, golds)[metric], evaluate(task, blind_preds, golds)[metric]
-        margin = best - aware if metric == "mae" else aware - best
+        margin = aware - best if higher else best - aware
         rows.append(MarginRow(task, split, metric, aware, best, best_name, margin, REQUIRED_MARGIN.get(task)))
     return rows
 

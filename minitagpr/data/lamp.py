@@ -559,6 +559,11 @@ def gold_problem(task: str, output: str) -> str | None:
     return None
 
 
+SPLITS = ("user", "time")  # LaMP's two ways of holding out: by user, by time
+PARTS = ("train", "dev", "test")  # a split's parts; test outputs are not published
+GOLD_PARTS = PARTS[:2]  # the parts with outputs to train on or score against
+
+
 def split_files(root: str | os.PathLike, task: str, split: str = "user", part: str = "dev") -> tuple[Path, Path]:
     """(questions, outputs) paths of one part ('train', 'dev', 'test') of a LaMP download under `root`.
 
@@ -570,7 +575,7 @@ def split_files(root: str | os.PathLike, task: str, split: str = "user", part: s
     spec = task_spec(task)
     if spec.folder is None:
         raise DataError(f"split_files: {spec.name} is not a LaMP task")
-    if split not in ("user", "time"):
+    if split not in SPLITS:
         raise DataError(f"split_files: split must be 'user' or 'time', got {split!r}")
     folder = Path(root) / ("time" if split == "time" else "") / spec.folder
     if spec.subfolder and (split == "user" or (folder / spec.subfolder).exists() or not folder.exists()):

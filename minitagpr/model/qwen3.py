@@ -490,6 +490,15 @@ class Qwen3ForCausalLM(nn.Module):
         return 6.0 * n + 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len + \
             (self.head_flops_per_token() if head else 0.0)
 
+    def document_flops(self, lengths: torch.Tensor) -> float:
+        """Training FLOPs without the head of documents of these lengths, each attending within itself: the sum of
+        n x `flops_per_token(n, head=False)` over the lengths n, in closed form (6N per token + 6·L·nh·D·n²)."""
+        c = self.config
+        n = lengths.double()
+        per_token = self.flops_per_token(0, head=False)  # 6N: the weights
+        return per_token * float(n.sum()) + 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * float(
+            (n ** 2).sum())
+
     def head_flops_per_token(self) -> float:
         """Training FLOPs of the LM head for one position (forward + backward): 6 · vocab · hidden."""
         return 6.0 * self.config.vocab_size * self.config.hidden_size

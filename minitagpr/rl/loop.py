@@ -118,8 +118,8 @@ class RLConfig:
         for key in ("prompts_per_step", "micro_batch_size", "max_new_tokens", "max_prompt_tokens"):
             check_at_least(key, getattr(self, key), 1)
         check_at_least("k", self.k, 0)  # k = 0: prompts without profile items
-        check_choice("split", self.split, ("user", "time"))
-        check_choice("part", self.part, ("train", "dev"))
+        check_choice("split", self.split, lamp.SPLITS)
+        check_choice("part", self.part, lamp.GOLD_PARTS)
         check_choice("retriever", self.retriever, ENCODERLESS)  # dense needs an encoder: evaluate.py only
         check_choice("prompt_style", self.prompt_style, STYLES)
         check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32"))
@@ -508,11 +508,8 @@ def pass_flops(model, input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int) 
     """(non-pad tokens, FLOPs of one training pass: forward + backward) of a batch of sequences (N, T) on this
     rank. Each sequence's own length sets its attention cost (the batch's padded width would overstate it), and the
     fused log-prob kernel runs the LM head on the response tokens (`mask`) only."""
-    lengths = (input_ids != pad_id).sum(dim=1).double()  # (N,) non-pad tokens per sequence
-    a = model.flops_per_token(0, head=False)  # per token, affine in the attended length n: a + b n
-    b = model.flops_per_token(1, head=False) - a
-    body = a * float(lengths.sum()) + b * float((lengths ** 2).sum())
-    return float(lengths.sum()), body + float(mask.sum()) * model.head_flops_per_token()
+    lengths = (input_ids != pad_id).sum(dim=1)  # (N,) non-pad tokens per sequence
+    return float(lengths.sum()), model.document_flops(lengths) + float(mask.sum()) * model.head_flops_per_token()
 
 
 def check_finite(rewards: torch.Tensor, prompts: list[Prompt], G: int, step: int, stage: str, device) -> None:

@@ -247,18 +247,15 @@ def steps_per_epoch(num_rows: int, global_batch: int, what: str = "packed rows",
     return num_rows // global_batch
 
 
-def row_flops(rows: PackedRows, flops_per_token) -> list[float]:
-    """Training FLOPs of each packed row without the LM head: every document's tokens at the attention cost of its
-    own length (`flops_per_token(n)`, affine in n as a model's is; documents start where position_ids is 0), the
-    row's padding not counted. Two calls of `flops_per_token` in all (each walks the model's parameters)."""
-    a = flops_per_token(0)  # per token: a + b n for a document of n tokens
-    b = flops_per_token(1) - a
+def row_flops(rows: PackedRows, document_flops) -> list[float]:
+    """Training FLOPs of each packed row without the LM head: `document_flops(lengths)` (the model's) of the row's
+    documents, each at the attention cost of its own length (documents start where position_ids is 0); the row's
+    padding is not counted."""
     out = []
     for r in range(rows.num_rows):
         n = int(rows.lengths[r])
         starts = (rows.position_ids[r, :n] == 0).nonzero().flatten()  # (D,) document starts
-        docs = torch.diff(torch.cat([starts, torch.tensor([n])])).double()  # (D,) document lengths
-        out.append(a * n + b * float((docs ** 2).sum()))
+        out.append(document_flops(torch.diff(torch.cat([starts, torch.tensor([n])]))))  # (D,) document lengths
     return out
 
 

@@ -2,7 +2,8 @@
 
 Both variants run `recipes/train_prmu.py --config recipes/configs/prmu_demo.yaml` under torchrun on the same demo
 world, seed, pairs and held-out split; the table prints their held-out pairwise accuracy per set (PRP, PQP, the
-user-dependent PQP pairs) and the wall time, with the ratio to the no-table baseline.
+"style" pairs that only the user's row can decide, the user-dependent PQP pairs whose profile shows the winner) and
+the wall time, with the with-table variant's gain over the no-table baseline on the two user-decided buckets.
 
     python bench/prmu_demo.py [--nproc 2] [--work runs/bench_prmu] [--seeds 0,1] [key=value ...]
 
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUCKETS = ("PRP", "PQP", "user_dependent")
+BUCKETS = ("PRP", "PQP", "style", "user_dependent")
 
 
 def train(nproc: int, out: Path, world: Path, seed: int, table: bool, extra: list[str]) -> tuple[dict, float]:
@@ -50,22 +51,21 @@ def main() -> None:
             rows[name] = train(args.nproc, work / f"{'table' if table else 'no_table'}_s{seed}", world, seed,
                                table, extra)
     print(f"\nDemo PRMU, {args.nproc} CPU processes, recipes/configs/prmu_demo.yaml {' '.join(extra)}")
-    print("| variant | PRP acc | PQP acc | user-dependent acc | user-dependent vs w/o UE | held-out pairs "
-          "(PRP/PQP/user-dep.) | wall s |")
-    print("|---|---|---|---|---|---|---|")
+    keys = [f"{b}_acc" for b in BUCKETS]
+    print("| variant | PRP acc | PQP acc | style acc | user-dependent acc | style / user-dep. vs w/o UE | held-out "
+          "pairs (PRP/PQP/style/user-dep.) | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (res, wall) in rows.items():
-        base = rows[name.replace("with table", "without table")][0]["user_dependent_acc"]
+        base = rows[name.replace("with table", "without table")][0]
+        gains = " / ".join(f"{res[k] - base[k]:+.3f}" for k in ("style_acc", "user_dependent_acc"))
         counts = "/".join(str(int(res[f"{b}_pairs"])) for b in BUCKETS)
-        print(f"| {name} | {res['PRP_acc']:.3f} | {res['PQP_acc']:.3f} | {res['user_dependent_acc']:.3f} | "
-              f"{res['user_dependent_acc'] - base:+.3f} | {counts} | {wall:.0f} |")
+        print(f"| {name} | " + " | ".join(f"{res[k]:.3f}" for k in keys) + f" | {gains} | {counts} | {wall:.0f} |")
     if len(rows) > 2:  # the mean over seeds of each variant
         mean = {t: {k: sum(r[k] for n, (r, _) in rows.items() if n.startswith(f"{t} table")) / (len(rows) // 2)
-                    for k in ("PRP_acc", "PQP_acc", "user_dependent_acc")} for t in ("without", "with")}
-        gain = mean["with"]["user_dependent_acc"] - mean["without"]["user_dependent_acc"]
+                    for k in keys} for t in ("without", "with")}
+        gains = " / ".join(f"{mean['with'][k] - mean['without'][k]:+.3f}" for k in ("style_acc", "user_dependent_acc"))
         print(f"| mean of {len(rows) // 2} seeds, without / with | "
-              + " | ".join(f"{mean['without'][k]:.3f} / {mean['with'][k]:.3f}"
-                           for k in ("PRP_acc", "PQP_acc", "user_dependent_acc"))
-              + f" | {gain:+.3f} | | |")
+              + " | ".join(f"{mean['without'][k]:.3f} / {mean['with'][k]:.3f}" for k in keys) + f" | {gains} | | |")
 
 
 if __name__ == "__main__":

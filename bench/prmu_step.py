@@ -2,9 +2,9 @@
 forward + backward (+ gradient clipping and AdamW with --optim), ours vs transformers' sequence classifier.
 
 Same weights (a seeded random model of `--preset`, by default "demo", with the demo world's tokenizer), same pairs:
-the first optimizer step's global batch (`rows_for_step`, seed 0) of the demo world's synthetic PRP + PQP pairs,
-tokenized by the recipe's `encode_pair`, split into micro-batches of `--micro-batch` pairs as recipes/train_prmu.py
-does (defaults 8 and 4: global_batch and micro_batch of recipes/configs/prmu_demo.yaml). Rows:
+the first optimizer step's global batch (`rows_for_step`, seed 0) of the demo world's synthetic PRP + PQP + style
+pairs, tokenized by the recipe's `encode_pair`, split into micro-batches of `--micro-batch` pairs as
+recipes/train_prmu.py does (defaults 8 and 4: global_batch and micro_batch of recipes/configs/prmu_demo.yaml). Rows:
   transformers    Qwen3ForSequenceClassification loaded from the table-less checkpoint ours saved; per micro-batch
                   one forward over the chosen then the rejected sequences, right-padded (no attention mask: causal
                   attention never lets a real token see the padding after it), the loss written plainly with torch
@@ -172,7 +172,8 @@ def time_paths(work: str, args) -> tuple[dict, dict]:
 
 
 def build_work(work: Path, preset: str) -> None:
-    """Demo world, its synthetic PRP + PQP pairs, and one seeded model saved twice: without and with the table."""
+    """Demo world, its synthetic PRP + PQP + style pairs, and one seeded model saved twice: without and with the
+    table."""
     import torch
     from minitagpr.data import demo_world
     from minitagpr.data.preferences import synthesize_demo_pairs, write_pairs
@@ -182,7 +183,7 @@ def build_work(work: Path, preset: str) -> None:
 
     world = demo_world.build(work / "world")
     sets = synthesize_demo_pairs(world.root)
-    pairs = sets["PRP"] + sets["PQP"]  # what the recipe trains on
+    pairs = [p for s in sets.values() for p in s]  # what the recipe trains on
     write_pairs(work / "pairs.jsonl", pairs)
     n_rows = -(-world.stats["vocab_size"] // 64) * 64
     cfg = tiny_config(preset, vocab_size=n_rows if preset == "demo" else None)

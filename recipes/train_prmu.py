@@ -1,4 +1,5 @@
-"""Train PRMU (tagpr-method.md, "PRMU") with the Bradley-Terry loss on the PRP and PQP preference sets.
+"""Train PRMU (tagpr-method.md, "PRMU") with the Bradley-Terry loss on the PRP and PQP preference sets (and, in
+the demo, the demo world's "style" pairs: a hidden per-user preference, see data/preferences.py).
 
     torchrun --nproc_per_node=8 recipes/train_prmu.py --config recipes/configs/prmu_qwen3_0.6b.yaml
     torchrun --nproc_per_node=2 recipes/train_prmu.py --config recipes/configs/prmu_demo.yaml [key=value ...]
@@ -32,7 +33,7 @@ from minitagpr.cli import run_recipe
 from minitagpr.config import (ConfigError, check_at_least, check_choice, check_resumed_config, parse_cli,
                               save_config, to_dict)
 from minitagpr.data import demo_world
-from minitagpr.data.preferences import (PreferenceDataError, PreferencePair, read_pairs, split_heldout,
+from minitagpr.data.preferences import (SETS, PreferenceDataError, PreferencePair, read_pairs, split_heldout,
                                         write_pairs)
 from minitagpr.model.checkpoint import resolve_checkpoint
 from minitagpr.model.presets import PRESETS, make_tiny_checkpoint
@@ -149,7 +150,7 @@ def run(cfg: PrmuConfig) -> Path:
         write_pairs(out / "pairs" / "train.jsonl", train_pairs)  # what this run trained on, for audit
         write_pairs(out / "pairs" / "heldout.jsonl", heldout)
         save_config(cfg, out / "config.yaml")
-        counts = {s: sum(p.set == s for p in train_pairs) for s in ("PRP", "PQP")}
+        counts = {s: sum(p.set == s for p in train_pairs) for s in SETS}
         D.log(f"prmu: {len(train)} training pairs {counts}, {len(held)} held out, {len(users)} users, "
               f"user table {'on' if cfg.use_user_table else 'off'}")
     spe = steps_per_epoch(len(train), cfg.global_batch, "training pairs", "lower global_batch or add pairs")
@@ -276,7 +277,7 @@ def load_pair_sets(cfg: PrmuConfig) -> tuple[list[PreferencePair], list[Preferen
     if cfg.demo_world:
         from minitagpr.data.preferences import synthesize_demo_pairs
         sets = synthesize_demo_pairs(cfg.demo_world, max_per_set=cfg.demo_pairs_per_set, seed=cfg.seed)
-        pairs = sets["PRP"] + sets["PQP"]
+        pairs = [p for name in SETS for p in sets[name]]
         linked = demo_world.DemoWorld.load(cfg.demo_world).user_dependent_groups
     else:
         pairs = [p for path in cfg.pairs for p in read_pairs(path)]
@@ -356,12 +357,13 @@ def score_pairs(model, pairs: list[EncodedPair], user_rows: list[int], pad_id: i
 
 
 # ----------------------------------------------------------------------------------------------- 5. evaluation
-BUCKETS = ("PRP", "PQP", "user_dependent", "all")
+BUCKETS = ("PRP", "PQP", "style", "user_dependent", "all")
 
 
 @torch.no_grad()
 def evaluate(model, held: list[EncodedPair], cfg: PrmuConfig, pad_id: int, info) -> dict[str, float]:
-    """Held-out pairwise accuracy (f(x+) > f(x-)) and mean BT loss per set, on the user-dependent pairs, and overall.
+    """Held-out pairwise accuracy (f(x+) > f(x-)) and mean BT loss per set (PRP, PQP, style), on the user-dependent
+    pairs, and overall.
 
     Each rank scores every world_size-th pair. All ranks run the same number of forwards (FSDP's collectives need
     it): a rank that runs out repeats pair 0 with weight 0."""

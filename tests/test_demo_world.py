@@ -38,6 +38,7 @@ def test_same_seed_writes_identical_files(small, tmp_path):
         assert a.relative_to(small.root) == b.relative_to(again.root)
         assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two builds with seed 3"
     assert small.user_dependent_groups == again.user_dependent_groups
+    assert small.reasoning_styles == again.reasoning_styles
 
 
 def test_another_seed_gives_other_data(small, tmp_path):
@@ -173,6 +174,21 @@ def test_user_dependent_groups_share_the_input_but_not_the_answer(world):
     assert len(world.user_dependent_ids) >= 2 * len(world.user_dependent_groups)
 
 
+def test_reasoning_styles_split_every_split_in_half_independently_of_the_tastes(world):
+    users = {s: sorted({e.user_id for t in dw.TASK_NAMES for e in world.examples(t, s)}) for s in ("train", "dev")}
+    assert set(world.reasoning_styles) == set(users["train"]) | set(users["dev"])
+    for split, ids in users.items():
+        styles = [world.reasoning_styles[u] for u in ids]
+        assert styles.count("concise") == len(ids) // 2 and set(styles) <= set(dw.REASONING_STYLES)
+    # drawn on its own stream: not a function of a dealt taste (LaMP-1's home topic, dealt by index mod 8, is
+    # what a signature in the profile would reveal), i.e. some topic has users of both styles
+    _, users_by_split = dw._lexicon_and_users(world.params)
+    by_topic = {}
+    for u in users_by_split["train"]:
+        by_topic.setdefault(u.topic, set()).add(world.reasoning_styles[u.id])
+    assert any(len(styles) == 2 for styles in by_topic.values()), by_topic
+
+
 # ---------------------------------------------------------------------------------------------------------- chains
 def test_sft_records_follow_the_contract(world):
     records = _sft(world)
@@ -214,6 +230,18 @@ def test_make_chain_argues_for_any_answer_with_or_without_a_profile(world, task)
             assert other in chain  # the decision names the answer it was given
     assert dw.make_chain(task, ex, items, other, random.Random(7)) == dw.make_chain(task, ex, items, other,
                                                                                      random.Random(7))
+
+
+@pytest.mark.parametrize("task", dw.TASK_NAMES)
+def test_make_chain_with_a_fixed_number_of_segments(world, task):
+    ex = world.examples(task, "train")[0]
+    items = get_retriever("recency").select(ex, 4)
+    n = lambda chain: len(re.findall(r"</\w+>", chain))  # noqa: E731
+    for profile in (items, []):
+        assert n(dw.make_chain(task, ex, profile, "x", random.Random(0), segments=3)) == 3
+        most = n(dw.make_chain(task, ex, profile, "x", random.Random(0), segments=dw.REASONING_STYLES["thorough"]))
+        assert most == (5 if not profile and task in ("LaMP-4", "LaMP-5", "LaMP-7") else 6)  # or all it offers
+        assert n(dw.make_chain(task, ex, profile, "x", random.Random(0), segments=99)) >= most
 
 
 def test_chain_wording_and_tag_sequences_vary(world):
@@ -291,6 +319,16 @@ def test_a_manifest_that_is_not_an_object_is_named_and_the_world_is_rebuilt(tmp_
     with pytest.raises(dw.DataError, match="world.json"):
         dw.DemoWorld.load(tmp_path / "w")
     assert dw.build(tmp_path / "w", seed=3, **SMALL).user_dependent_groups == built.user_dependent_groups
+
+
+def test_a_format_2_manifest_without_reasoning_styles_is_named_and_rebuilt(tmp_path):
+    built = dw.build(tmp_path / "w", seed=3, **SMALL)
+    manifest = json.loads((tmp_path / "w" / "world.json").read_text())
+    del manifest["reasoning_styles"]
+    (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
+    with pytest.raises(dw.DataError, match="world.json: field 'reasoning_styles'"):
+        dw.DemoWorld.load(tmp_path / "w")
+    assert dw.build(tmp_path / "w", seed=3, **SMALL).reasoning_styles == built.reasoning_styles
 
 
 def test_an_input_two_users_share_has_different_golds(world):

@@ -1,4 +1,4 @@
-"""Synthetic PRMU pairs from the demo world: PRP, PQP and the user-dependent pairs, built without a policy."""
+"""Synthetic PRMU pairs from the demo world: PRP, PQP, the user-dependent and the style pairs, built with no policy."""
 import pytest
 
 from minitagpr.data import demo_world as dw
@@ -69,5 +69,39 @@ def test_user_dependent_responses_differ_only_in_the_answer(sets):
 def test_synthesis_is_deterministic_and_capped(world, sets):
     assert synthesize_demo_pairs(world.root) == sets
     capped = synthesize_demo_pairs(world.root, max_per_set=5)
-    assert len(capped["PRP"]) == len(capped["PQP"]) == 5
+    assert len(capped["PRP"]) == len(capped["PQP"]) == len(capped["style"]) == 5
     assert {p.id for p in capped["PRP"]} <= {p.id for p in sets["PRP"]}
+
+
+def test_style_pairs_argue_the_gold_alike_and_the_users_hidden_style_decides(world, sets):
+    import re
+    examples = {ex.id: ex for t in world.tasks for ex in world.examples(t, "train")}
+    assert len(sets["style"]) == len(examples)  # one per training question
+    n_segments = lambda chain: len(re.findall(r"</[a-z_]+>", chain))  # noqa: E731
+    liked = set()
+    for p in sets["style"]:
+        ex = examples[p.example_id]
+        gold = world.golds(p.task, "train")[ex.id]
+        assert (p.id, p.set, p.user, p.user_dependent) == (f"style/{ex.id}", "style", ex.user, False)
+        assert p.chosen.answer == p.rejected.answer == gold  # the answer does not decide
+        assert p.prompt == build_messages(ex, [])  # no profile items: the text does not name the user
+        short, long_ = sorted((p.chosen.chain, p.rejected.chain), key=n_segments)
+        assert n_segments(short) == 3 and n_segments(long_) in (5, 6)
+        concise = n_segments(p.chosen.chain) == 3
+        assert concise == (world.reasoning_styles[ex.user] == "concise")
+        liked.add(concise)
+    assert liked == {True, False}  # both styles occur, so no constant answer wins every pair
+
+
+def test_style_pairs_refuse_a_world_without_a_users_style(world, tmp_path):
+    import json
+    import shutil
+    from minitagpr.data.lamp import DataError
+    broken = tmp_path / "world"
+    shutil.copytree(world.root, broken)
+    manifest = json.loads((broken / dw.MANIFEST).read_text())
+    user = sorted(manifest["reasoning_styles"])[0]
+    manifest["reasoning_styles"][user] = "verbose"
+    (broken / dw.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"world.json: field 'reasoning_styles': user '{user}'.*'verbose'"):
+        synthesize_demo_pairs(broken)

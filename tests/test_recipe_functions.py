@@ -28,8 +28,9 @@ def test_held_out_buckets_count_accuracy_and_loss_per_set(monkeypatch):
     from minitagpr import distributed as D
     E = prmu.EncodedPair
     held = [E([1], [2], 0, "PRP", False), E([2], [2], 0, "PQP", True), E([3], [2], 0, "PQP", False),
-            E([4], [2], 0, "PQP", False)]  # distinct, so held.index finds each
-    margins = {0: (1.0, 0.0), 1: (1.0, 0.0), 2: (0.0, 1.0), 3: (0.5, 0.5)}  # right, right, wrong, a tie (wrong)
+            E([4], [2], 0, "PQP", False), E([5], [2], 0, "style", False)]  # distinct, so held.index finds each
+    # right, right, wrong, a tie (wrong), right
+    margins = {0: (1.0, 0.0), 1: (1.0, 0.0), 2: (0.0, 1.0), 3: (0.5, 0.5), 4: (2.0, 0.0)}
 
     def score_pairs(model, pairs, rows, pad_id, device):
         idx = [held.index(p) for p in pairs]
@@ -46,7 +47,8 @@ def test_held_out_buckets_count_accuracy_and_loss_per_set(monkeypatch):
     assert (out["PQP_acc"], out["PQP_pairs"]) == pytest.approx((1 / 3, 3))
     assert out["PQP_loss"] == pytest.approx((loss(1.0) + loss(-1.0) + loss(0.0)) / 3)
     assert (out["user_dependent_acc"], out["user_dependent_pairs"]) == (1.0, 1)
-    assert (out["all_acc"], out["all_pairs"]) == (0.5, 4)
+    assert (out["style_acc"], out["style_pairs"], out["style_loss"]) == pytest.approx((1.0, 1, loss(2.0)))
+    assert (out["all_acc"], out["all_pairs"]) == (0.6, 5)
 
 
 def test_encode_pair_keeps_the_set_the_user_row_and_the_user_dependent_flag(monkeypatch):

@@ -15,6 +15,12 @@ Planted per-user regularities (so that reading the profile matters):
   0, -1) and the score is clip(m_u + d, 1, 5).
 - LaMP-4 / 5 / 7: every user has a headline / title / tweet style (a template) and a signature word of their own.
 
+A hidden per-user preference: every user likes either concise reasoning (3 tagged segments) or thorough reasoning
+(6, or every segment the chain program offers when it has fewer): `DemoWorld.reasoning_styles`. It is drawn on
+its own (a seeded shuffle that gives half of each split's users each style), so nothing in a profile shows it; the
+answers do not depend on it. Only the PRMU's "style" preference pairs carry it, so only the user's row of the
+PRMU user table can learn it (the case the paper's user embeddings are for: a preference the profile does not show).
+
 Some queries recur across users with user-dependent gold answers (the same references judged by authors of
 different topics, the same movie tagged by users with different favourites, ...): `DemoWorld.user_dependent_groups`
 lists them (PRMU needs preference pairs whose winner depends on the user).
@@ -67,7 +73,7 @@ THINK_MARKERS = ("<think>", "</think>")                            # added, spec
 TAG_MARKERS = tuple(m for t in REASONING_TAGS for m in (f"<{t}>", f"</{t}>"))
 
 # Bump when the generator's output changes, so that an existing world.json no longer matches and is rebuilt.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: reasoning_styles (the questions, golds, tokenizer and SFT chains are those of version 2)
 MANIFEST = "world.json"
 SHARED = Path(os.environ.get("MINITAGPR_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 QWEN3_TOKENIZER_CONFIG = SHARED / "assets" / "qwen3-tokenizer" / "tokenizer_config.json"
@@ -78,6 +84,9 @@ QWEN3_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
 # ----------------------------------------------------------------------------------------------------------------
 # Fixed English material (the invented words come from the seed, see `_Lexicon`)
 
+# The hidden reasoning preference: style -> segments per chain (make_chain's `segments`), the two ends of the
+# 3-6 that SFT chains draw; a program with fewer segments gives all it has (generation tasks over no profile: 5).
+REASONING_STYLES = {"concise": 3, "thorough": 6}
 TAG_HABIT = 0.75   # P(a LaMP-2 user puts their favourite tag on a movie regardless of its plot)
 HOME_TOPIC = 0.85  # P(a LaMP-1 paper is on the author's home topic)
 
@@ -665,9 +674,11 @@ KEY_SEGMENT = {"LaMP-1": "compare_entities", "LaMP-2": "identify_patterns", "LaM
 
 
 def make_chain(task: str, example: LampExample, profile_items: Sequence[Mapping], answer: str,
-               rng: random.Random) -> str:
+               rng: random.Random, segments: int | None = None) -> str:
     """A tagged reasoning chain (3-6 `<tag>...</tag>` segments, one per line) arguing for `answer` from the query
     and the shown `profile_items` (may be empty). Deterministic given `rng`'s state; wording varies with it.
+    `segments` fixes the number of segments (at least the 3 required ones, at most what the task's program
+    offers for these items: 5-8); None draws 3-6.
 
     The facts it states (tags and scores seen, topic overlaps, signature words) are read off the items, so a chain
     for a wrong `answer` states true evidence and then a decision that does not follow from it."""
@@ -688,7 +699,9 @@ def make_chain(task: str, example: LampExample, profile_items: Sequence[Mapping]
     key = KEY_SEGMENT[task] if profile_items else "identify_patterns"
     required = {"analyze_input", key, "make_decision"}
     optional = [t for t in REASONING_TAGS if t in seg and t not in required]
-    n_total = rng.randint(3, 6)
+    n_total = rng.randint(3, 6)  # drawn either way, so a fixed `segments` leaves the rest of the wording alike
+    if segments is not None:
+        n_total = segments
     chosen = required | set(rng.sample(optional, min(len(optional), n_total - len(required))))
     parts = []
     for tag in REASONING_TAGS:  # canonical order: input, evidence, comparison, decision, checks
@@ -710,6 +723,7 @@ class DemoWorld:
     tokenizer_dir: Path
     sft_chains: Path
     user_dependent_groups: list[list[str]]   # question ids sharing one input, with different golds per user
+    reasoning_styles: dict[str, str]         # user id -> "concise" | "thorough" (REASONING_STYLES), every split
     stats: dict = field(default_factory=dict)
 
     @property
@@ -755,7 +769,8 @@ class DemoWorld:
             return cls(root, m["params"],
                        {t: {s: rel(p) for s, p in sp.items()} for t, sp in m["questions"].items()},
                        {t: {s: rel(p) for s, p in sp.items()} for t, sp in m["outputs"].items()},
-                       rel(m["tokenizer_dir"]), rel(m["sft_chains"]), m["user_dependent_groups"], m.get("stats", {}))
+                       rel(m["tokenizer_dir"]), rel(m["sft_chains"]), m["user_dependent_groups"],
+                       dict(m["reasoning_styles"]), m.get("stats", {}))
         except (KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{path}: field {e}: missing or malformed; delete the folder to rebuild") from None
 
@@ -790,18 +805,34 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _generate(params: dict) -> tuple[dict, dict, list[list[str]]]:
-    """All questions and golds: {task: {split: [LampExample]}}, {task: {split: {id: gold}}}, and the
-    user-dependent groups (ids of questions sharing one input whose golds all differ)."""
-    seed = params["seed"]
+def _reasoning_styles(users: Mapping[str, Sequence[_User]], seed: int) -> dict[str, str]:
+    """user id -> reasoning style: per split, a seeded shuffle of the users, the first half "concise" (one more
+    "thorough" when odd). Its own random stream, independent of every dealt taste and of the questions."""
+    rng = random.Random(f"{seed}|reasoning-style")
+    styles: dict[str, str] = {}
+    for split_users in users.values():
+        order = rng.sample(list(split_users), len(split_users))
+        for i, u in enumerate(order):
+            styles[u.id] = "concise" if i < len(order) // 2 else "thorough"
+    return styles
+
+
+def _lexicon_and_users(params: dict) -> tuple[_Lexicon, dict[str, list[_User]]]:
     n_dev, n_test = params["dev_users"], params["test_users"]
     sizes = {"train": params["num_users"] - n_dev - n_test, "dev": n_dev}
     if n_test:
         sizes["test"] = n_test
     if sizes["train"] < 2 or n_dev < 2 or params["num_users"] > 999:  # question ids hold 3 user digits
         raise ValueError(f"demo world: need at least 2 train and 2 dev users and at most 999 in all, got {sizes}")
-    lex = _make_lexicon(seed, params["num_users"])
-    users = _make_users(lex, seed, sizes)
+    lex = _make_lexicon(params["seed"], params["num_users"])
+    return lex, _make_users(lex, params["seed"], sizes)
+
+
+def _generate(params: dict) -> tuple[dict, dict, list[list[str]]]:
+    """All questions and golds: {task: {split: [LampExample]}}, {task: {split: {id: gold}}}, and the
+    user-dependent groups (ids of questions sharing one input whose golds all differ)."""
+    seed = params["seed"]
+    lex, users = _lexicon_and_users(params)
     per_user, n_shared = params["per_user"], min(params["shared_per_user"], params["per_user"])
     lo, hi = params["profile_size"]
     questions: dict = {}
@@ -993,6 +1024,7 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULT
             pass  # unreadable manifest: rebuild below
     t0 = time.perf_counter()
     questions, golds, groups = _generate(params)
+    styles = _reasoning_styles(_lexicon_and_users(params)[1], seed)
     tok_dir = root / "tokenizer"
     records, texts = _draft_records(questions, golds, params)
     train_tokenizer(texts, tok_dir, vocab_size)
@@ -1019,7 +1051,7 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULT
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
     manifest = {"params": params, "questions": q_paths, "outputs": o_paths, "tokenizer_dir": "tokenizer",
-                "sft_chains": sft.name, "user_dependent_groups": groups, "stats": stats}
+                "sft_chains": sft.name, "user_dependent_groups": groups, "reasoning_styles": styles, "stats": stats}
     atomic_write_json(root / MANIFEST, manifest)
     return DemoWorld.load(root)
 

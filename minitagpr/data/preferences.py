@@ -20,10 +20,12 @@ Where pairs come from (the `source` field of every pair says which):
   pipeline gets a useful PRMU before a policy exists. Chains come from `demo_world.make_chain`: PRP = chain over the
   retrieved profile + gold answer vs chain over no profile + a profile-blind answer; PQP = chain + gold answer vs
   the same kind of chain + a worse answer (the blind answer or another label); plus "user-dependent" PQP pairs on
-  the demo world's questions that two users share but answer differently (`user_dependent=True`; see there).
+  the demo world's questions that two users share but answer differently (`user_dependent=True`; see there); and
+  a third set, "style": the gold answer argued concisely vs thoroughly, decided by the user's hidden reasoning
+  style (`DemoWorld.reasoning_styles`), which only the PRMU's user table can learn.
 
 File format (one JSON object per line; what `write_pairs` writes and `read_pairs` validates):
-    {"id", "set": "PRP"|"PQP", "source": "rollout"|"synthetic", "user": str|null, "task", "example_id",
+    {"id", "set": "PRP"|"PQP"|"style", "source": "rollout"|"synthetic", "user": str|null, "task", "example_id",
      "prompt": [chat messages], "chosen": {"text", "chain", "answer"}, "rejected": {...}, "user_dependent": bool}
 `text` is exactly what the reward model reads after the prompt (the raw policy output for rollouts;
 `format_response(chain, answer)` for synthetic pairs). This module is plain Python: no tensors.
@@ -44,7 +46,7 @@ from typing import Callable, Iterable
 from minitagpr.data.lamp import DataError, canonical_task, gold_problem, json_object_lines
 from minitagpr.tokenizer import assistant_target, check_messages
 
-SETS = ("PRP", "PQP")
+SETS = ("PRP", "PQP", "style")  # "style": the demo world's hidden per-user preference (synthesize_demo_pairs)
 SOURCES = ("rollout", "synthetic")
 MODES = ("profile", "no_profile")
 ROLES = ("system", "user", "assistant")
@@ -67,12 +69,12 @@ class Response:
 @dataclass(frozen=True)
 class PreferencePair:
     id: str
-    set: str  # "PRP" | "PQP"
+    set: str  # "PRP" | "PQP" | "style"
     source: str  # "rollout" | "synthetic"
     user: str | None
     task: str
     example_id: str
-    prompt: list  # chat messages (with the profile); both sides are scored against this prompt
+    prompt: list  # chat messages (with the profile, except "style" pairs); both sides are scored against it
     chosen: Response
     rejected: Response
     user_dependent: bool = False  # the preference flips between users who share this query
@@ -446,7 +448,7 @@ def _query_error(records: Iterable[RolloutRecord], field_name: str, msg: str) ->
 # ---------------------------------------------------------------------------------------------------------------
 def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_per_set: int = 0,
                           seed: int = 0, reward_fn=None) -> dict[str, list[PreferencePair]]:
-    """PRP and PQP pairs built from a demo world's questions, golds and chain program, all `source="synthetic"`.
+    """PRP, PQP and style pairs built from a demo world's questions, golds and chain program, all `source="synthetic"`.
 
     For every question of `split` (prompt = the k most recent profile items, as in the world's SFT records):
     - PRP: chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(no items, blind)` + blind, where blind
@@ -459,6 +461,12 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
       responses are one chain that does not restate the profile (`make_chain` over no items, the same wording) and
       differ only in the answer, so the winner depends on who asks: the evidence is the profile in the prompt or
       the user's row of E. The held-out `user_dependent` pairs measure what the user table adds.
+    - style (`style/<id>`): chosen and rejected argue for the gold alike (`make_chain` over no items, one wording),
+      one in 3 segments and one in 6 (5 where the program has no more); the user's hidden reasoning style
+      (`DemoWorld.reasoning_styles`, half the users each) picks the winner. The prompt is the query *without*
+      profile items: the items' signature words name the user, and with them in the prompt a PRMU without the
+      table learnt each user's style from those words (held-out 0.682 vs 0.733 with the table, of which 0.03
+      came from the user's row; bench/RESULTS.md), so the pairs would not show what the table adds.
     Every PQP pair satisfies R_v(rejected) < R_v(chosen) (ties are dropped, as for rollout pairs).
     `max_per_set` > 0 keeps a seeded random subset of each set."""
     from minitagpr.data import demo_world as dw  # the demo world is only needed here
@@ -479,7 +487,7 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
                 for i in group:
                     other_golds[i] = [golds[j] for j in group if j != i]
 
-    sets: dict[str, list[PreferencePair]] = {"PRP": [], "PQP": []}
+    sets: dict[str, list[PreferencePair]] = {name: [] for name in SETS}
     for task in world.tasks:
         golds = world.golds(task, split)
         examples = world.examples(task, split)
@@ -504,6 +512,19 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
                 sets["PQP"].append(PreferencePair(
                     id=f"PQP/{ex.id}", set="PQP", chosen=chosen,
                     rejected=_synthetic_response(dw.make_chain(task, ex, items, wrong, rng), wrong), **common))
+            # (c) style, before (b) can skip the question: the gold argued concisely vs thoroughly, over no items
+            liked = world.reasoning_styles.get(ex.user)
+            if liked not in dw.REASONING_STYLES:
+                raise DataError(f"{world.root / dw.MANIFEST}: field 'reasoning_styles': user {ex.user!r} (of {task} "
+                                f"question {ex.id}) has style {liked!r}; known: {', '.join(dw.REASONING_STYLES)}")
+            wording = f"{seed}|prmu-style|{ex.id}"
+            by_style = {name: _synthetic_response(
+                dw.make_chain(task, ex, [], gold, random.Random(wording), segments=n), gold)
+                for name, n in dw.REASONING_STYLES.items()}
+            disliked = next(name for name in by_style if name != liked)
+            sets["style"].append(PreferencePair(
+                id=f"style/{ex.id}", set="style", chosen=by_style[liked], rejected=by_style[disliked],
+                **{**common, "prompt": build_messages(ex, [])}))
             # (b) whose answer: the user's gold vs the answer another user would give to this very query -- that
             # user's actual gold in the world's user-dependent groups, else the profile-aware heuristic over
             # another user's history. One chain that does not restate the profile, worded alike for both, so the
@@ -568,13 +589,14 @@ def split_heldout(pairs: list[PreferencePair], heldout_frac: float, seed: int = 
 # 6. Command line
 # ---------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """Write prp.jsonl and pqp.jsonl into --out-dir, from rollout files or from a demo world."""
+    """Write prp.jsonl and pqp.jsonl (and style.jsonl from a demo world) into --out-dir, from rollout files or
+    from a demo world."""
     parser = argparse.ArgumentParser(prog="python -m minitagpr.data.preferences", description=main.__doc__)
     sub = parser.add_subparsers(dest="source", required=True)
     roll = sub.add_parser("from-rollouts", help="PRP/PQP pairs from rollout JSONL (recipes/prmu_rollouts.py)")
     roll.add_argument("rollouts", nargs="+")
     roll.add_argument("--max-per-example", type=int, default=2)
-    demo = sub.add_parser("demo", help="synthetic PRP/PQP pairs from a demo world folder (no policy)")
+    demo = sub.add_parser("demo", help="synthetic PRP/PQP/style pairs from a demo world folder (no policy)")
     demo.add_argument("world")
     demo.add_argument("--max-per-set", type=int, default=0)
     for p in (roll, demo):

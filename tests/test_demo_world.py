@@ -180,13 +180,14 @@ def test_reasoning_styles_split_every_split_in_half_independently_of_the_tastes(
     for split, ids in users.items():
         styles = [world.reasoning_styles[u] for u in ids]
         assert styles.count("concise") == len(ids) // 2 and set(styles) <= set(dw.REASONING_STYLES)
-    # drawn on its own stream: not a function of a dealt taste (LaMP-1's home topic, dealt by index mod 8, is
-    # what a signature in the profile would reveal), i.e. some topic has users of both styles
+    # drawn on its own stream: not a function of any taste the profile shows (each is dealt by the user's index
+    # modulo a small number), i.e. for every such taste some value has users of both styles
     _, users_by_split = dw._lexicon_and_users(world.params)
-    by_topic = {}
-    for u in users_by_split["train"]:
-        by_topic.setdefault(u.topic, set()).add(world.reasoning_styles[u.id])
-    assert any(len(styles) == 2 for styles in by_topic.values()), by_topic
+    for taste in ("topic", "usual", "headline_style", "title_style", "tweet_style", "voice", "interj"):
+        by_value = {}
+        for u in users_by_split["train"]:
+            by_value.setdefault(getattr(u, taste), set()).add(world.reasoning_styles[u.id])
+        assert any(len(styles) == 2 for styles in by_value.values()), (taste, by_value)
 
 
 # ---------------------------------------------------------------------------------------------------------- chains
@@ -242,6 +243,8 @@ def test_make_chain_with_a_fixed_number_of_segments(world, task):
         most = n(dw.make_chain(task, ex, profile, "x", random.Random(0), segments=dw.REASONING_STYLES["thorough"]))
         assert most == (5 if not profile and task in ("LaMP-4", "LaMP-5", "LaMP-7") else 6)  # or all it offers
         assert n(dw.make_chain(task, ex, profile, "x", random.Random(0), segments=99)) >= most
+    with pytest.raises(ValueError, match="segments=2, but every chain has the 3 required ones"):
+        dw.make_chain(task, ex, items, "x", random.Random(0), segments=2)
 
 
 def test_chain_wording_and_tag_sequences_vary(world):
@@ -321,10 +324,14 @@ def test_a_manifest_that_is_not_an_object_is_named_and_the_world_is_rebuilt(tmp_
     assert dw.build(tmp_path / "w", seed=3, **SMALL).user_dependent_groups == built.user_dependent_groups
 
 
-def test_a_format_2_manifest_without_reasoning_styles_is_named_and_rebuilt(tmp_path):
+@pytest.mark.parametrize("styles", ["missing", ["concise"], "thorough", {"u000": "verbose"}])
+def test_a_manifest_with_missing_or_malformed_reasoning_styles_is_named_and_rebuilt(tmp_path, styles):
     built = dw.build(tmp_path / "w", seed=3, **SMALL)
     manifest = json.loads((tmp_path / "w" / "world.json").read_text())
-    del manifest["reasoning_styles"]
+    if styles == "missing":  # a format 2 manifest
+        del manifest["reasoning_styles"]
+    else:
+        manifest["reasoning_styles"] = styles
     (tmp_path / "w" / "world.json").write_text(json.dumps(manifest))
     with pytest.raises(dw.DataError, match="world.json: field 'reasoning_styles'"):
         dw.DemoWorld.load(tmp_path / "w")

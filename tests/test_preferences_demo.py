@@ -101,7 +101,7 @@ def test_style_pairs_refuse_a_world_without_a_users_style(world, tmp_path):
     shutil.copytree(world.root, broken)
     manifest = json.loads((broken / dw.MANIFEST).read_text())
     user = sorted(manifest["reasoning_styles"])[0]
-    manifest["reasoning_styles"][user] = "verbose"
+    del manifest["reasoning_styles"][user]
     (broken / dw.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match=rf"world.json: field 'reasoning_styles': user '{user}'.*'verbose'"):
+    with pytest.raises(DataError, match=rf"world.json: field 'reasoning_styles': user '{user}'.*has style None"):
         synthesize_demo_pairs(broken)

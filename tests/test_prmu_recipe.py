@@ -241,6 +241,7 @@ def test_demo_held_out_pairs_never_have_their_mirror_image_in_training(tmp_path)
     train, held = recipe.load_pair_sets(cfg)
     train_ids, held_ids = {p.example_id for p in train}, {p.example_id for p in held}
     assert any(p.user_dependent for p in held)
+    assert {p.set for p in train} == {p.set for p in held} == {"PRP", "PQP", "style"}  # every set trains
     for i in held_ids:
         assert not partner.get(i, set()) & train_ids
     # the plain per-id split of the same pairs does separate some partners (what the link prevents)

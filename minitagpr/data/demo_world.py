@@ -678,7 +678,8 @@ def make_chain(task: str, example: LampExample, profile_items: Sequence[Mapping]
     """A tagged reasoning chain (3-6 `<tag>...</tag>` segments, one per line) arguing for `answer` from the query
     and the shown `profile_items` (may be empty). Deterministic given `rng`'s state; wording varies with it.
     `segments` fixes the number of segments (at least the 3 required ones, at most what the task's program
-    offers for these items: 5-8); None draws 3-6.
+    offers for these items: 5-8); None draws 3-6. Chains of two lengths drawn from equal `rng` states word the
+    segments they share independently, as any two chains (the draws that pick the segments differ).
 
     The facts it states (tags and scores seen, topic overlaps, signature words) are read off the items, so a chain
     for a wrong `answer` states true evidence and then a decision that does not follow from it."""
@@ -699,15 +700,14 @@ def make_chain(task: str, example: LampExample, profile_items: Sequence[Mapping]
     key = KEY_SEGMENT[task] if profile_items else "identify_patterns"
     required = {"analyze_input", key, "make_decision"}
     optional = [t for t in REASONING_TAGS if t in seg and t not in required]
-    n_total = rng.randint(3, 6)  # drawn either way, so a fixed `segments` leaves the rest of the wording alike
+    n_total = rng.randint(3, 6)
     if segments is not None:
+        if segments < len(required):
+            raise ValueError(f"make_chain: segments={segments}, but every chain has the {len(required)} required ones")
         n_total = segments
     chosen = required | set(rng.sample(optional, min(len(optional), n_total - len(required))))
-    parts = []
-    for tag in REASONING_TAGS:  # canonical order: input, evidence, comparison, decision, checks
-        if tag in chosen:
-            parts.append(f"<{tag}>{rng.choice(seg[tag])}</{tag}>")
-    return "\n".join(parts)
+    # canonical order: input, evidence, comparison, decision, checks
+    return "\n".join(f"<{tag}>{rng.choice(seg[tag])}</{tag}>" for tag in REASONING_TAGS if tag in chosen)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -766,11 +766,15 @@ class DemoWorld:
             raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}") from None
         try:
             rel = lambda p: root / p  # noqa: E731
+            styles = m["reasoning_styles"]
+            if not isinstance(styles, dict) or not all(v in REASONING_STYLES for v in styles.values()):
+                raise DataError(f"{path}: field 'reasoning_styles': want {{user id: one of "
+                                f"{', '.join(REASONING_STYLES)}}}, got {str(styles)[:80]}; delete the folder to rebuild")
             return cls(root, m["params"],
                        {t: {s: rel(p) for s, p in sp.items()} for t, sp in m["questions"].items()},
                        {t: {s: rel(p) for s, p in sp.items()} for t, sp in m["outputs"].items()},
                        rel(m["tokenizer_dir"]), rel(m["sft_chains"]), m["user_dependent_groups"],
-                       dict(m["reasoning_styles"]), m.get("stats", {}))
+                       dict(styles), m.get("stats", {}))
         except (KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{path}: field {e}: missing or malformed; delete the folder to rebuild") from None
 

@@ -461,10 +461,12 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
       responses are one chain that does not restate the profile (`make_chain` over no items, the same wording) and
       differ only in the answer, so the winner depends on who asks: the evidence is the profile in the prompt or
       the user's row of E. The held-out `user_dependent` pairs measure what the user table adds.
-    - style (`style/<id>`): chosen and rejected argue for the gold alike (`make_chain` over no items, one wording),
-      one in 3 segments and one in 6 (5 where the program has no more); the user's hidden reasoning style
+    - style (`style/<id>`): chosen and rejected argue for the gold alike (`make_chain` over no items, one seed;
+      the segments both have are worded independently, as in any two chains: a version that worded them alike
+      learnt more slowly, bench/RESULTS.md), one in 3 segments and one in 6 (5 where the program has no more);
+      the user's hidden reasoning style
       (`DemoWorld.reasoning_styles`, half the users each) picks the winner. The prompt is the query *without*
-      profile items: the items' signature words name the user, and with them in the prompt a PRMU without the
+      profile items (as a k = 0 prompt renders it: "No history is available for this user."): the items' signature words name the user, and with them in the prompt a PRMU without the
       table learnt each user's style from those words (held-out 0.682 vs 0.733 with the table, of which 0.03
       came from the user's row; bench/RESULTS.md), so the pairs would not show what the table adds.
     Every PQP pair satisfies R_v(rejected) < R_v(chosen) (ties are dropped, as for rollout pairs).

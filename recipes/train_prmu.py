@@ -357,7 +357,7 @@ def score_pairs(model, pairs: list[EncodedPair], user_rows: list[int], pad_id: i
 
 
 # ----------------------------------------------------------------------------------------------- 5. evaluation
-BUCKETS = ("PRP", "PQP", "style", "user_dependent", "all")
+BUCKETS = (*SETS, "user_dependent", "all")
 
 
 @torch.no_grad()

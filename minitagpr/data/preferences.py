@@ -464,11 +464,11 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
     - style (`style/<id>`): chosen and rejected argue for the gold alike (`make_chain` over no items, one seed;
       the segments both have are worded independently, as in any two chains: a version that worded them alike
       learnt more slowly, bench/RESULTS.md), one in 3 segments and one in 6 (5 where the program has no more);
-      the user's hidden reasoning style
-      (`DemoWorld.reasoning_styles`, half the users each) picks the winner. The prompt is the query *without*
-      profile items (as a k = 0 prompt renders it: "No history is available for this user."): the items' signature words name the user, and with them in the prompt a PRMU without the
-      table learnt each user's style from those words (held-out 0.682 vs 0.733 with the table, of which 0.03
-      came from the user's row; bench/RESULTS.md), so the pairs would not show what the table adds.
+      the user's hidden reasoning style (`DemoWorld.reasoning_styles`, half the users each) picks the winner.
+      The prompt is the query *without* profile items (as a k = 0 prompt renders it: "No history is available
+      for this user."): the items' signature words name the user, and with them in the prompt a PRMU without
+      the table learnt each user's style from those words (held-out 0.682 vs 0.733 with the table, of which
+      0.03 came from the user's row; bench/RESULTS.md), so the pairs would not show what the table adds.
     Every PQP pair satisfies R_v(rejected) < R_v(chosen) (ties are dropped, as for rollout pairs).
     `max_per_set` > 0 keeps a seeded random subset of each set."""
     from minitagpr.data import demo_world as dw  # the demo world is only needed here
@@ -515,8 +515,8 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
                     id=f"PQP/{ex.id}", set="PQP", chosen=chosen,
                     rejected=_synthetic_response(dw.make_chain(task, ex, items, wrong, rng), wrong), **common))
             # (c) style, before (b) can skip the question: the gold argued concisely vs thoroughly, over no items
-            liked = world.reasoning_styles.get(ex.user)
-            if liked not in dw.REASONING_STYLES:
+            liked = world.reasoning_styles.get(ex.user)  # DemoWorld.load checked every value; a user may lack one
+            if liked is None:
                 raise DataError(f"{world.root / dw.MANIFEST}: field 'reasoning_styles': user {ex.user!r} (of {task} "
                                 f"question {ex.id}) has style {liked!r}; known: {', '.join(dw.REASONING_STYLES)}")
             wording = f"{seed}|prmu-style|{ex.id}"

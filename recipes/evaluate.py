@@ -357,12 +357,18 @@ def score(data: TaskData, texts: Mapping[str, str], *, extract: bool = True, nor
 
 def generation_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """How many generations the length limit cut (finish_reason "length") and how many left no answer (nothing after
-    the last </think>, or a <think> never closed): both score as wrong, so a table says how many there were."""
+    the last </think>, or a <think> never closed): both score as wrong, so a table says how many there were. Also how
+    many pass the RL stages' format gate (R_f = 1: a well-formed chain and answer, not cut) and tag check (R_tag = 0:
+    tag syntax, only the nine tags, at least three; minitagpr.rewards), which the task metrics do not show."""
+    from minitagpr import rewards
     from minitagpr.data import answers
 
     return {"generations": len(records),
             "cut_by_length": sum(r.get("finish_reason") == "length" for r in records),
-            "no_answer": sum(not answers.extract_answer(r["text"]) for r in records)}
+            "no_answer": sum(not answers.extract_answer(r["text"]) for r in records),
+            "format_ok": sum(r.get("finish_reason") != "length" and rewards.format_reward(r["text"]) == 1.0
+                             for r in records),
+            "tags_ok": sum(rewards.tag_reward(rewards.split_response(r["text"])[0]) == 0.0 for r in records)}
 
 
 def _fmt(value: float | None) -> str:

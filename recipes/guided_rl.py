@@ -67,13 +67,15 @@ class GuidedConfig(RLConfig):
     save_every: int = 8
     exploratory_steps: int = 8  # demo: Stage 3's max_steps, a cap on its RL steps (the paper: 2 epochs)
     eval_examples: int = 0  # dev examples per task in the demo's evaluation table (0 = all 60 of the demo world)
+    rl_seed: int = -1  # demo: the RL stages' seed (prompt order, samples; -1 = seed). seed= also reseeds SFT and PRMU;
+    #                    rl_seed= with out_dir= reruns only the RL stages over the same SFT and PRMU (bench/rl_seeds.py)
 
 
 # Keys left out of a stage's stamp: those that never change what the stage builds (paths the demo derives from
 # workdir, plumbing, memory knobs, the demo driver's own keys). A resume may also change max_steps and the RL engine,
 # SFT's export_dtype and PRMU's new_head / input files, but those change the result: they stay in the stamp.
 RL_PLUMBING = (loop.RESUMABLE_KEYS - {"max_steps", "engine"}) | {"demo", "workdir", "rerun", "eval_examples",
-                                                           "exploratory_steps"}
+                                                           "exploratory_steps", "rl_seed"}  # (seed holds it)
 
 
 def on_rank0(fn) -> None:
@@ -208,6 +210,15 @@ def distinct_answers(eval_dir: Path, rows, tasks: list[str]) -> dict[str, dict[s
     return out
 
 
+def well_formed_lines(table, rows) -> list[str]:
+    """Per row, how many of its dev generations pass the RL stages' format gate (R_f = 1) and tag check (R_tag = 0),
+    from the table's generation counts (evaluate.generation_counts), summed over the tasks."""
+    def total(row, key):
+        return sum(c[key] for c in table.counts.get(row, {}).values())
+    return [f"{row:16s} format {total(row, 'format_ok'):5d} / {total(row, 'generations')}   "
+            f"tags {total(row, 'tags_ok'):5d} / {total(row, 'generations')}" for row in rows]
+
+
 RL_ROWS = ("Guided RL", "Exploratory RL")  # the demo table's RL rows, compared with its "SFT" row
 
 
@@ -292,6 +303,10 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
     print("  " + f"{'':16s}" + "".join(f"{t:>8s}" for t in tasks))
     for row, per_task in distinct.items():
         print(f"  {row:16s}" + "".join(f"{per_task[t]:8d}" for t in tasks))
+    print("[demo] dev generations that pass the format gate (R_f = 1) and the tag check (R_tag = 0), which guided RL's "
+          "R_f and R_tag reward and no task metric shows:")
+    for line in well_formed_lines(table, models):
+        print("  " + line)
     diffs = rl_vs_sft(paths["world"], tasks, root / "eval", cfg.eval_examples)
     users = max(d["users"] for d in diffs.values())
     print(f"\n[demo] RL minus SFT on each task's main metric, 95% interval from resampling the {users} dev "
@@ -329,7 +344,7 @@ def main(argv: list[str]) -> None:
         paths = demo_stages(cfg, dirs)
         guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"]), data_root=str(work / "world"),
                              prompt_style=paths["world"].params["prompt_style"],  # the style SFT trained on
-                             out_dir=str(dirs["guided"][0]))
+                             out_dir=str(dirs["guided"][0]), seed=cfg.seed if cfg.rl_seed < 0 else cfg.rl_seed)
         hint = ("; or keep it and put this run's RL stages and table elsewhere with out_dir=DIR; or redo the RL "
                 "stages here with rerun=true")
         # 4. guided RL (Stage 2); a PRMU it does not read (use_prmu=false, gamma=0) is not one of its inputs
@@ -349,7 +364,8 @@ def main(argv: list[str]) -> None:
         # 6. evaluation table on the demo world's dev split
         D.log("[demo] 6. evaluation: base vs SFT vs guided vs exploratory on the demo dev sets")
         table = evaluate_table({"Base": paths["base"], "SFT": paths["sft"], "Guided RL": guided_export,
-                                "Exploratory RL": explore_export}, paths["world"], guided_cfg, root / "eval")
+                                "Exploratory RL": explore_export}, paths["world"], replace(guided_cfg, seed=cfg.seed),
+                               root / "eval")  # the evaluation's seed is the run's, whatever rl_seed
         report = (guided_cfg, paths, root, table)
     finally:
         D.destroy_distributed()

@@ -179,12 +179,12 @@ class Fakes:
         export.mkdir(parents=True, exist_ok=True)
         source = getattr(cfg, "policy", "") or getattr(cfg, "init", "")
         (export / "config.json").write_text(json.dumps({"lr": getattr(cfg, "lr", None), "from": str(source),
-                                                        "n": len(self.calls)}))
+                                                        "n": len(self.calls), "seed": cfg.seed}))
         return export
 
     def table(self, named, world, cfg, out_dir):
         self.tables.append({name: json.loads((Path(p) / "config.json").read_text()) for name, p in named.items()
-                            if name != "Base"} | {"out": str(out_dir)})
+                            if name != "Base"} | {"out": str(out_dir), "eval_seed": cfg.seed})
 
     def run(self, *args):
         self.calls.clear()
@@ -229,6 +229,19 @@ def test_a_changed_seed_is_refused_at_the_first_stage_it_changes(demo):
     demo.run()
     with pytest.raises(ConfigError, match=r"sft was built with other settings.*seed 0 -> 1"):
         demo.run("seed=1")
+
+
+def test_rl_seed_reseeds_the_rl_stages_only(demo):
+    demo.run()
+    assert demo.run("rl_seed=0") == []  # the seed the RL stages had: the same builds (rl_seed is no setting itself)
+    with pytest.raises(ConfigError, match=r"guided_rl was built with other settings.*seed 0 -> 2"):
+        demo.run("rl_seed=2")  # SFT and PRMU passed: they do not read rl_seed
+    assert demo.run("rl_seed=2", f"out_dir={demo.work.parent / 's2'}") == [("guided", "s2/guided_rl"),
+                                                                          ("exploratory", "s2/exploratory_rl")]
+    t = demo.tables[-1]
+    assert t["Guided RL"]["seed"] == t["Exploratory RL"]["seed"] == 2
+    assert t["SFT"] == demo.tables[0]["SFT"] and t["SFT"]["seed"] == 0 and t["eval_seed"] == 0
+    assert demo.run("rl_seed=2", f"out_dir={demo.work.parent / 's2'}") == []  # and reused
 
 
 def test_a_rebuilt_world_rebuilds_every_later_stage_from_scratch(demo):
@@ -366,3 +379,15 @@ D.destroy_distributed()
     res = _run_script(script, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [(tmp_path / f"rank{i}").read_text() for i in (0, 1)] == ["/nonexistent/stage.json"] * 2
+
+
+def test_the_report_counts_well_formed_generations_per_row():
+    g = load_recipe("guided_rl")
+    counts = {"SFT": {"LaMP-1": {"generations": 60, "format_ok": 60, "tags_ok": 50},
+                      "LaMP-4": {"generations": 60, "format_ok": 59, "tags_ok": 40}},
+              "Guided RL": {"LaMP-1": {"generations": 60, "format_ok": 60, "tags_ok": 60},
+                            "LaMP-4": {"generations": 60, "format_ok": 60, "tags_ok": 58}}}
+    lines = g.well_formed_lines(SimpleNamespace(counts=counts), ["SFT", "Guided RL"])
+    assert [line.split() for line in lines] == [["SFT", "format", "119", "/", "120", "tags", "90", "/", "120"],
+                                                ["Guided", "RL", "format", "120", "/", "120", "tags", "118", "/",
+                                                 "120"]]

@@ -12,6 +12,7 @@ import pytest
 
 from lamp_fixtures import make_examples
 from recipe_modules import load_recipe
+from minitagpr import rewards
 from minitagpr.config import ConfigError, parse_cli
 from minitagpr.data import answers, lamp, prompts
 from minitagpr.model import presets
@@ -217,7 +218,9 @@ def test_the_table_records_the_engine_that_ran_its_limits_and_the_cut_generation
     settings = saved["settings"]["a"]
     assert (settings["engine"], settings["dtype"]) == ("vllm", "bfloat16")
     assert (settings["max_prompt_tokens"], settings["max_new_tokens"]) == (900, 5)
-    assert saved["counts"]["a"]["LaMP-3"] == {"generations": 3, "cut_by_length": 1, "no_answer": 1}  # prompt 1 of 0-2
+    counts = saved["counts"]["a"]["LaMP-3"]
+    assert {k: counts[k] for k in ("generations", "cut_by_length", "no_answer")} == {
+        "generations": 3, "cut_by_length": 1, "no_answer": 1}  # prompt 1 of 0-2
     md = (tmp_path / "out" / "table.md").read_text()
     assert "| method | L3 MAE | L3 RMSE | cut |" in md
     assert next(line for line in md.splitlines() if line.startswith("| a |")).endswith(" | 1 |")
@@ -230,7 +233,9 @@ def test_engine_auto_records_the_builtin_fallback_and_counts_from_the_generation
     records = [json.loads(x) for x in (tmp_path / "generations" / "a" / "LaMP-3.jsonl").read_text().splitlines()]
     assert table.counts["a"]["LaMP-3"] == {
         "generations": 3, "cut_by_length": sum(r["finish_reason"] == "length" for r in records),
-        "no_answer": sum(answers.extract_answer(r["text"]) == "" for r in records)}
+        "no_answer": sum(answers.extract_answer(r["text"]) == "" for r in records),
+        "format_ok": sum(r["finish_reason"] == "stop" and rewards.format_reward(r["text"]) == 1 for r in records),
+        "tags_ok": sum(rewards.tag_reward(rewards.split_response(r["text"])[0]) == 0 for r in records)}
 
 
 def test_generation_counts_by_hand():
@@ -238,7 +243,13 @@ def test_generation_counts_by_hand():
                {"text": "<think>a, b, c", "finish_reason": "length"},  # cut inside the chain: no answer either
                {"text": "<think>a</think>", "finish_reason": "stop"},  # closed, nothing after it
                {"text": "<think>a</think> 4 4 4", "finish_reason": "length"}]  # cut after an answer began
-    assert ev.generation_counts(records) == {"generations": 4, "cut_by_length": 2, "no_answer": 2}
+    tagged = "<think><analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c" \
+             "</make_decision></think>"
+    records += [{"text": tagged + " 2", "finish_reason": "stop"},  # passes the format gate and the tag check
+                {"text": tagged + " 2 2", "finish_reason": "length"},  # well-tagged, but cut: R_f = 0
+                {"text": tagged.replace("examine_examples", "daydream") + " 2", "finish_reason": "stop"}]  # a tenth tag
+    assert ev.generation_counts(records) == {"generations": 7, "cut_by_length": 3, "no_answer": 2,
+                                             "format_ok": 3, "tags_ok": 2}  # format_ok: records 0, 4, 6
 
 
 @pytest.mark.parametrize("yaml_name", ["eval_lamp.yaml", "eval_robustness.yaml", "eval_pgraphrag.yaml"])

@@ -1,0 +1,130 @@
+"""How much the demo table's RL rows move with the RL seed alone: both RL stages rerun over one SFT and one PRMU.
+
+Each seed S runs the main command with `rl_seed=S out_dir=<out>/seedS` (recipes/guided_rl.py): the world, SFT and
+PRMU under `--workdir` are reused as built, guided and exploratory RL draw their prompt order and samples from S, and
+the evaluation table is redone. The seed the main command itself used (`--main-seed`, 0) is read from the main run
+under `--workdir` instead (the main command is rerun there, which reuses every stage and redoes only the table).
+Stages already built for a seed are reused, so a second call only redoes the tables.
+
+    python bench/rl_seeds.py [--seeds 0,1,2,3,4] [--workdir runs/demo] [--out runs/rl_seeds] [--nproc 2] [key=value]
+    python bench/rl_seeds.py --control --seeds 0,1,2 --out runs/rl_control     # the shuffled-reward control
+    python bench/rl_seeds.py --seeds 0,1,2 --out runs/rl_abl/no_tag use_tag_reward=false   # an ablation
+
+With key=value arguments (an ablation) or --control every seed, the main command's included, runs under --out.
+
+Prints, per task's main metric: SFT, each seed's guided and exploratory cell, their mean and standard deviation over
+the seeds, how many seeds are at or above SFT and how many are below it beyond the dev-user noise (the 95% interval
+of recipes/guided_rl.py's rl_vs_sft excludes zero); how many dev generations pass the tag check; then each seed's
+guided-RL trend (first vs last 20% of steps).
+A benchmark that reports, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = ("Guided RL", "Exploratory RL")
+
+
+def guided_recipe():
+    """recipes/guided_rl.py as a module, for its trend helpers (first_last_share, balanced_reward_trend)."""
+    sys.path.insert(0, str(REPO / "recipes"))
+    return importlib.import_module("guided_rl")
+
+
+def run_seed(seed: int, root: Path, args, extra: list[str]) -> float:
+    """The main command for one RL seed (its RL stages under `root`); returns its wall time in seconds."""
+    script = REPO / "bench" / "rl_control.py" if args.control else REPO / "recipes" / "guided_rl.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           str(script), f"workdir={args.workdir}", f"rl_seed={seed}", *extra]
+    if root != Path(args.workdir):
+        cmd.append(f"out_dir={root}")
+    t0 = time.perf_counter()
+    with open(Path(args.out) / f"seed{seed}.log", "w") as log:
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return time.perf_counter() - t0
+
+
+def tags_ok(table: dict, row: str) -> str:
+    counts = table["counts"][row].values()
+    return str(sum(c["tags_ok"] for c in counts)) if all("tags_ok" in c for c in counts) else "?"
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3f}".replace("0.", ".", 1) if abs(x) < 1 else f"{x:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--workdir", default="runs/demo", help="the main run: world, SFT, PRMU (and seed --main-seed)")
+    ap.add_argument("--out", default="runs/rl_seeds", help="each other seed's RL stages and table: <out>/seed<S>")
+    ap.add_argument("--main-seed", type=int, default=0, help="the RL seed of the main run under --workdir")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--control", action="store_true",
+                    help="run bench/rl_control.py (rewards shuffled within each group) instead of the real stages")
+    ap.add_argument("--no-run", action="store_true", help="only read the tables the seeds' runs left")
+    args, extra = ap.parse_known_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    main_seed = None if args.control or extra else args.main_seed  # the main run is neither a control nor an ablation
+    roots = {s: Path(args.workdir) if s == main_seed else Path(args.out) / f"seed{s}" for s in seeds}
+    walls = {}
+    for s in seeds:
+        if not args.no_run:
+            roots[s].mkdir(parents=True, exist_ok=True)
+            walls[s] = run_seed(s, roots[s], args, extra)
+            print(f"seed {s}: {walls[s]:.0f} s", flush=True)
+
+    tables = {s: json.loads((roots[s] / "eval" / "table.json").read_text()) for s in seeds}
+    diffs = {s: json.loads((roots[s] / "eval" / "rl_vs_sft.json").read_text()) for s in seeds}
+    sft = {json.dumps(tables[s]["rows"]["SFT"], sort_keys=True) for s in seeds}
+    if len(sft) != 1:
+        raise SystemExit("the seeds' tables have different SFT rows: they were not run over the same SFT")
+    print(f"\nRL rows over RL seeds {args.seeds} (one SFT, one PRMU: {args.workdir}); cells are the dev split's main "
+          "metric, greedy decoding")
+    print("below: seeds whose 95% dev-user interval of RL - SFT lies wholly on the worse side of zero\n")
+    print("| task | metric | SFT | row | " + " | ".join(f"seed {s}" for s in seeds)
+          + " | mean | sd | >= SFT | below |")
+    print("|---|---|---|---|" + "---|" * len(seeds) + "---|---|---|---|")
+    for task, d in diffs[seeds[0]].items():
+        key, higher = d["metric"], d["higher_is_better"]
+        base = tables[seeds[0]]["rows"]["SFT"][task][key]
+        for row in ROWS:
+            cells = [tables[s]["rows"][row][task][key] for s in seeds]
+            at_or_above = sum((c >= base - 1e-12) if higher else (c <= base + 1e-12) for c in cells)
+            below = sum((diffs[s][task][row][2] < 0) if higher else (diffs[s][task][row][1] > 0) for s in seeds)
+            sd = statistics.stdev(cells) if len(cells) > 1 else float("nan")
+            print(f"| {task} | {key} | {fmt(base)} | {row} | " + " | ".join(fmt(c) for c in cells)
+                  + f" | {fmt(statistics.mean(cells))} | {fmt(sd)} | {at_or_above}/{len(seeds)} | "
+                  f"{below}/{len(seeds)} |")
+
+    print("\ndev generations that pass the tag check (R_tag = 0), of "
+          f"{sum(c['generations'] for c in tables[seeds[0]]['counts']['SFT'].values())} per row; SFT "
+          f"{tags_ok(tables[seeds[0]], 'SFT')}:")
+    for row in ROWS:
+        print(f"  {row:15s}" + "".join(f"  seed {s} {tags_ok(tables[s], row)}" for s in seeds))
+
+    g = guided_recipe()
+    tasks = list(diffs[seeds[0]])
+    print("\nguided RL, first vs last 20% of steps (composite reward; task-balanced composite; tag pass rate):")
+    for s in seeds:
+        trend = g.first_last_share(roots[s] / "guided_rl" / "metrics.jsonl",
+                                   ["reward_mean", "tag_pass_rate"] + [f"reward_mean/{t}" for t in tasks])
+        bal = g.balanced_reward_trend(trend, tasks)
+        r, t = trend["reward_mean"], trend["tag_pass_rate"]
+        wall = f"; run {walls[s]:.0f} s" if s in walls else ""
+        print(f"  seed {s}: {r[0]:.3f} -> {r[1]:.3f}; {bal[0]:.3f} -> {bal[1]:.3f}; {t[0]:.3f} -> {t[1]:.3f}{wall}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ them (and this control refuses a normal run's). A benchmark that reports, not a 
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -32,18 +33,19 @@ CONTROL = {"reward_control": "shuffled"}
 
 
 def shuffled_rewards(real):
-    """loop.compute_rewards with each group's rewards permuted among its responses (seeded by the stage seed, the
-    rank and the call: the same permutations on a rerun). The RewardParts stay true, so the logs show real rewards."""
-    calls = [0]
-
+    """loop.compute_rewards with each group's rewards permuted among its G responses. The permutations are seeded by
+    the stage seed and the batch itself (its prompt ids and sampled texts), so a rerun, a resumed stage or another
+    number of ranks draws the same ones for the same batch. The loop logs aggregates of the rewards it is handed
+    (means, group statistics), which a permutation within each group leaves as they were: the logs stay real. A
+    batch with a non-finite reward is passed on unshuffled, so loop.check_finite names the right response."""
     def compute(prompts, completions, cfg, prmu=None):
         parts, rewards = real(prompts, completions, cfg, prmu)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        gen = torch.Generator().manual_seed(loop.stage_seed(cfg) * 1_000_003 + rank * 10_007 + calls[0])
-        calls[0] += 1
-        G = cfg.group_size
-        groups = rewards.view(-1, G)
-        perm = torch.stack([torch.randperm(G, generator=gen) for _ in range(groups.shape[0])])  # (B, G)
+        if not torch.isfinite(rewards).all():
+            return parts, rewards
+        key = "\x1f".join([str(loop.stage_seed(cfg)), *(p.id for p in prompts), *(c.text for c in completions)])
+        gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+        groups = rewards.view(-1, cfg.group_size)
+        perm = torch.stack([torch.randperm(cfg.group_size, generator=gen) for _ in range(groups.shape[0])])  # (B, G)
         return parts, torch.gather(groups, 1, perm).reshape(-1)
     return compute
 

@@ -13,9 +13,9 @@ Stages already built for a seed are reused, so a second call only redoes the tab
 With key=value arguments (an ablation) or --control every seed, the main command's included, runs under --out.
 
 Prints, per task's main metric: SFT, each seed's guided and exploratory cell, their mean and standard deviation over
-the seeds, how many seeds are at or above SFT and how many are below it beyond the dev-user noise (the 95% interval
-of recipes/guided_rl.py's rl_vs_sft excludes zero); how many dev generations pass the tag check; then each seed's
-guided-RL trend (first vs last 20% of steps).
+the seeds, how many seeds are at or above SFT and how many are below or above it beyond the dev-user noise (the 95%
+interval of recipes/guided_rl.py's rl_vs_sft excludes zero); how many dev generations pass the format gate and the
+tag check; then each seed's guided-RL trend (first vs last 20% of steps).
 A benchmark that reports, not a test.
 """
 from __future__ import annotations
@@ -48,19 +48,28 @@ def run_seed(seed: int, root: Path, args, extra: list[str]) -> float:
     if root != Path(args.workdir):
         cmd.append(f"out_dir={root}")
     t0 = time.perf_counter()
-    with open(Path(args.out) / f"seed{seed}.log", "w") as log:
-        subprocess.run(cmd, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log_path = Path(args.out) / f"seed{seed}.log"
+    with open(log_path, "w") as log:
+        done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"rl_seeds: seed {seed} failed (exit {done.returncode}); its output is in {log_path}")
     return time.perf_counter() - t0
 
 
-def tags_ok(table: dict, row: str) -> str:
-    counts = table["counts"][row].values()
-    return str(sum(c["tags_ok"] for c in counts)) if all("tags_ok" in c for c in counts) else "?"
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise SystemExit(f"rl_seeds: {path} does not exist (run without --no-run to build it)")
+    return json.loads(path.read_text())
 
 
-def fmt(x: float) -> str:
-    return f"{x:.3f}".replace("0.", ".", 1) if abs(x) < 1 else f"{x:.3f}"
+def passes(g, table: dict, path: Path, row: str, key: str) -> int:
+    """evaluate.generation_counts' `key` summed over the row's tasks (guided_rl.generation_total)."""
+    try:
+        return g.generation_total(table["counts"], row, key)
+    except KeyError:
+        raise SystemExit(f"rl_seeds: {path} has no {key!r} counts (written by an older evaluate.py); rerun without "
+                         "--no-run to redo the tables") from None
 
 
 def main() -> None:
@@ -75,6 +84,7 @@ def main() -> None:
     ap.add_argument("--no-run", action="store_true", help="only read the tables the seeds' runs left")
     args, extra = ap.parse_known_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    args.workdir, args.out = str(Path(args.workdir).resolve()), str(Path(args.out).resolve())  # the runs' cwd is REPO
     Path(args.out).mkdir(parents=True, exist_ok=True)
     main_seed = None if args.control or extra else args.main_seed  # the main run is neither a control nor an ablation
     roots = {s: Path(args.workdir) if s == main_seed else Path(args.out) / f"seed{s}" for s in seeds}
@@ -85,36 +95,42 @@ def main() -> None:
             walls[s] = run_seed(s, roots[s], args, extra)
             print(f"seed {s}: {walls[s]:.0f} s", flush=True)
 
-    tables = {s: json.loads((roots[s] / "eval" / "table.json").read_text()) for s in seeds}
-    diffs = {s: json.loads((roots[s] / "eval" / "rl_vs_sft.json").read_text()) for s in seeds}
+    g = guided_recipe()
+    fmt = g.recipe("evaluate")._fmt  # the table's own cell style (.517)
+    paths = {s: roots[s] / "eval" / "table.json" for s in seeds}
+    tables = {s: read_json(paths[s]) for s in seeds}
+    diffs = {s: read_json(roots[s] / "eval" / "rl_vs_sft.json") for s in seeds}
     sft = {json.dumps(tables[s]["rows"]["SFT"], sort_keys=True) for s in seeds}
     if len(sft) != 1:
-        raise SystemExit("the seeds' tables have different SFT rows: they were not run over the same SFT")
+        raise SystemExit("rl_seeds: the seeds' tables have different SFT rows: they were not run over the same SFT")
     print(f"\nRL rows over RL seeds {args.seeds} (one SFT, one PRMU: {args.workdir}); cells are the dev split's main "
           "metric, greedy decoding")
-    print("below: seeds whose 95% dev-user interval of RL - SFT lies wholly on the worse side of zero\n")
+    print("below / above: seeds whose 95% dev-user interval of RL - SFT lies wholly on the worse / better side of "
+          "zero\n")
     print("| task | metric | SFT | row | " + " | ".join(f"seed {s}" for s in seeds)
-          + " | mean | sd | >= SFT | below |")
-    print("|---|---|---|---|" + "---|" * len(seeds) + "---|---|---|---|")
+          + " | mean | sd | >= SFT | below | above |")
+    print("|---|---|---|---|" + "---|" * len(seeds) + "---|---|---|---|---|")
     for task, d in diffs[seeds[0]].items():
         key, higher = d["metric"], d["higher_is_better"]
         base = tables[seeds[0]]["rows"]["SFT"][task][key]
         for row in ROWS:
             cells = [tables[s]["rows"][row][task][key] for s in seeds]
             at_or_above = sum((c >= base - 1e-12) if higher else (c <= base + 1e-12) for c in cells)
-            below = sum((diffs[s][task][row][2] < 0) if higher else (diffs[s][task][row][1] > 0) for s in seeds)
+            worse = [(diffs[s][task][row][2] < 0) if higher else (diffs[s][task][row][1] > 0) for s in seeds]
+            better = [(diffs[s][task][row][1] > 0) if higher else (diffs[s][task][row][2] < 0) for s in seeds]
             sd = statistics.stdev(cells) if len(cells) > 1 else float("nan")
             print(f"| {task} | {key} | {fmt(base)} | {row} | " + " | ".join(fmt(c) for c in cells)
                   + f" | {fmt(statistics.mean(cells))} | {fmt(sd)} | {at_or_above}/{len(seeds)} | "
-                  f"{below}/{len(seeds)} |")
+                  f"{sum(worse)}/{len(seeds)} | {sum(better)}/{len(seeds)} |")
 
-    print("\ndev generations that pass the tag check (R_tag = 0), of "
-          f"{sum(c['generations'] for c in tables[seeds[0]]['counts']['SFT'].values())} per row; SFT "
-          f"{tags_ok(tables[seeds[0]], 'SFT')}:")
+    n = passes(g, tables[seeds[0]], paths[seeds[0]], "SFT", "generations")
+    print(f"\ndev generations (of {n} per row) that pass the format gate (R_f = 1) / the tag check (R_tag = 0); SFT "
+          f"{passes(g, tables[seeds[0]], paths[seeds[0]], 'SFT', 'format_ok')} / "
+          f"{passes(g, tables[seeds[0]], paths[seeds[0]], 'SFT', 'tags_ok')}:")
     for row in ROWS:
-        print(f"  {row:15s}" + "".join(f"  seed {s} {tags_ok(tables[s], row)}" for s in seeds))
+        print(f"  {row:15s}" + "".join(f"  seed {s} {passes(g, tables[s], paths[s], row, 'format_ok')} / "
+                                       f"{passes(g, tables[s], paths[s], row, 'tags_ok')}" for s in seeds))
 
-    g = guided_recipe()
     tasks = list(diffs[seeds[0]])
     print("\nguided RL, first vs last 20% of steps (composite reward; task-balanced composite; tag pass rate):")
     for s in seeds:

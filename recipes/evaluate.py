@@ -367,7 +367,7 @@ def generation_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
             "cut_by_length": sum(r.get("finish_reason") == "length" for r in records),
             "no_answer": sum(not answers.extract_answer(r["text"]) for r in records),
             "format_ok": sum(r.get("finish_reason") != "length" and rewards.format_reward(r["text"]) == 1.0
-                             for r in records),
+                             for r in records),  # cut -> R_f = 0, as rewards.score_batch scores it
             "tags_ok": sum(rewards.tag_reward(rewards.split_response(r["text"])[0]) == 0.0 for r in records)}
 
 

@@ -210,11 +210,16 @@ def distinct_answers(eval_dir: Path, rows, tasks: list[str]) -> dict[str, dict[s
     return out
 
 
+def generation_total(counts: dict, row: str, key: str) -> int:
+    """One of evaluate.generation_counts' counts (`generations`, `format_ok`, `tags_ok`, ...) summed over a row's
+    tasks; `counts` is an EvalTable's (or its table.json's) {row: {task: counts}}."""
+    return sum(c[key] for c in counts.get(row, {}).values())
+
+
 def well_formed_lines(table, rows) -> list[str]:
-    """Per row, how many of its dev generations pass the RL stages' format gate (R_f = 1) and tag check (R_tag = 0),
-    from the table's generation counts (evaluate.generation_counts), summed over the tasks."""
+    """Per row, how many of its dev generations pass the RL stages' format gate (R_f = 1) and tag check (R_tag = 0)."""
     def total(row, key):
-        return sum(c[key] for c in table.counts.get(row, {}).values())
+        return generation_total(table.counts, row, key)
     return [f"{row:16s} format {total(row, 'format_ok'):5d} / {total(row, 'generations')}   "
             f"tags {total(row, 'tags_ok'):5d} / {total(row, 'generations')}" for row in rows]
 
@@ -324,6 +329,9 @@ def main(argv: list[str]) -> None:
                          "the built-in defaults are the demo's")
     if cfg.stage != "guided":
         raise SystemExit("recipes/guided_rl.py runs stage=guided; use recipes/exploratory_rl.py for Stage 3")
+    if cfg.rl_seed < -1 or (cfg.rl_seed != -1 and not cfg.demo):
+        raise SystemExit(f"rl_seed={cfg.rl_seed}: rl_seed reseeds the demo's RL stages (>= 0; -1 = seed); "
+                         "with demo=false set seed= instead")
     info = D.init_distributed()
     report = None
     try:

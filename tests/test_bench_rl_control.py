@@ -2,6 +2,7 @@
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,19 +26,31 @@ def control():
 def test_each_group_keeps_its_rewards_in_another_order(control):
     B, G = 40, 5
     real = torch.arange(B * G, dtype=torch.float64)
+    prompts = [SimpleNamespace(id=f"q{i}") for i in range(B)]
+    completions = [SimpleNamespace(text=f"response {i}") for i in range(B * G)]
 
     def fake(prompts, completions, cfg, prmu=None):
         return "parts", real.clone()
     cfg = loop.RLConfig(group_size=G, seed=3)
     compute = control.shuffled_rewards(fake)
-    parts, got = compute(None, None, cfg)
+    parts, got = compute(prompts, completions, cfg)
     assert parts == "parts" and got.dtype == torch.float64 and got.shape == (B * G,)
     for g in range(B):  # the same five values, each still in its own group
         assert sorted(got[g * G:(g + 1) * G].tolist()) == real[g * G:(g + 1) * G].tolist()
     assert (got != real).sum() > B  # most groups reordered
-    again = control.shuffled_rewards(fake)(None, None, cfg)[1]
-    assert torch.equal(got, again)  # seeded: a rerun trains on the same permutations
-    assert not torch.equal(compute(None, None, cfg)[1], got)  # the next call draws new ones
+    # seeded by the batch, not by a call count: a resumed stage or a fresh process draws the same permutations
+    assert torch.equal(compute(prompts, completions, cfg)[1], got)
+    assert torch.equal(control.shuffled_rewards(fake)(prompts, completions, cfg)[1], got)
+    other = [SimpleNamespace(text=c.text + ".") for c in completions]
+    assert not torch.equal(compute(prompts, other, cfg)[1], got)  # another batch, other permutations
+    assert not torch.equal(compute(prompts, completions, loop.RLConfig(group_size=G, seed=4))[1], got)
+
+
+def test_a_non_finite_reward_is_not_moved(control):
+    real = torch.tensor([0.1, 0.2, float("nan"), 0.4, 0.5], dtype=torch.float64)
+    _, got = control.shuffled_rewards(lambda *a, **k: (None, real.clone()))(
+        [SimpleNamespace(id="q")], [SimpleNamespace(text=str(i)) for i in range(5)], loop.RLConfig(group_size=5))
+    assert torch.isnan(got[2]) and torch.equal(got[[0, 1, 3, 4]], real[[0, 1, 3, 4]])  # check_finite names index 2
 
 
 def test_its_rl_stamps_differ_from_a_normal_runs(control, tmp_path):

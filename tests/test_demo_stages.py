@@ -244,6 +244,13 @@ def test_rl_seed_reseeds_the_rl_stages_only(demo):
     assert demo.run("rl_seed=2", f"out_dir={demo.work.parent / 's2'}") == []  # and reused
 
 
+@pytest.mark.parametrize("args", [["rl_seed=-2"], ["rl_seed=1", "demo=false"]])
+def test_rl_seed_is_refused_outside_the_demo_or_below_minus_one(demo, args, tmp_path):
+    (tmp_path / "x.yaml").write_text("lr: 1.0e-4\n")
+    with pytest.raises(SystemExit, match="rl_seed"):
+        demo.g.main([*args, "--config", str(tmp_path / "x.yaml")])
+
+
 def test_a_rebuilt_world_rebuilds_every_later_stage_from_scratch(demo):
     demo.run()
     demo.world_fp = "w2"

@@ -34,10 +34,11 @@ CONTROL = {"reward_control": "shuffled"}
 
 def shuffled_rewards(real):
     """loop.compute_rewards with each group's rewards permuted among its G responses. The permutations are seeded by
-    the stage seed and the batch itself (its prompt ids and sampled texts), so a rerun, a resumed stage or another
-    number of ranks draws the same ones for the same batch. The loop logs aggregates of the rewards it is handed
-    (means, group statistics), which a permutation within each group leaves as they were: the logs stay real. A
-    batch with a non-finite reward is passed on unshuffled, so loop.check_finite names the right response."""
+    the stage seed and this rank's share of the batch (its prompt ids and sampled texts), so a rerun or a resumed
+    stage on the same number of ranks draws the same ones (another number of ranks splits the batch otherwise and
+    draws others). The loop logs aggregates of the rewards it is handed (means, group statistics), which a
+    permutation within each group leaves as they were: the logs stay real. A batch with a non-finite reward is
+    passed on unshuffled, so loop.check_finite names the right response."""
     def compute(prompts, completions, cfg, prmu=None):
         parts, rewards = real(prompts, completions, cfg, prmu)
         if not torch.isfinite(rewards).all():

@@ -35,7 +35,8 @@ ROWS = ("Guided RL", "Exploratory RL")
 
 
 def guided_recipe():
-    """recipes/guided_rl.py as a module, for its trend helpers (first_last_share, balanced_reward_trend)."""
+    """recipes/guided_rl.py as a module: its trend helpers (first_last_share, balanced_reward_trend), its
+    generation_total and, through its `recipe`, evaluate's cell style."""
     sys.path.insert(0, str(REPO / "recipes"))
     return importlib.import_module("guided_rl")
 
@@ -123,13 +124,13 @@ def main() -> None:
                   + f" | {fmt(statistics.mean(cells))} | {fmt(sd)} | {at_or_above}/{len(seeds)} | "
                   f"{sum(worse)}/{len(seeds)} | {sum(better)}/{len(seeds)} |")
 
+    def well_formed(s, row):  # "format_ok / tags_ok" of one seed's row
+        return " / ".join(str(passes(g, tables[s], paths[s], row, key)) for key in ("format_ok", "tags_ok"))
     n = passes(g, tables[seeds[0]], paths[seeds[0]], "SFT", "generations")
     print(f"\ndev generations (of {n} per row) that pass the format gate (R_f = 1) / the tag check (R_tag = 0); SFT "
-          f"{passes(g, tables[seeds[0]], paths[seeds[0]], 'SFT', 'format_ok')} / "
-          f"{passes(g, tables[seeds[0]], paths[seeds[0]], 'SFT', 'tags_ok')}:")
+          f"{well_formed(seeds[0], 'SFT')}:")
     for row in ROWS:
-        print(f"  {row:15s}" + "".join(f"  seed {s} {passes(g, tables[s], paths[s], row, 'format_ok')} / "
-                                       f"{passes(g, tables[s], paths[s], row, 'tags_ok')}" for s in seeds))
+        print(f"  {row:15s}" + "".join(f"  seed {s} {well_formed(s, row)}" for s in seeds))
 
     tasks = list(diffs[seeds[0]])
     print("\nguided RL, first vs last 20% of steps (composite reward; task-balanced composite; tag pass rate):")

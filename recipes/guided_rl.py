@@ -218,10 +218,9 @@ def generation_total(counts: dict, row: str, key: str) -> int:
 
 def well_formed_lines(table, rows) -> list[str]:
     """Per row, how many of its dev generations pass the RL stages' format gate (R_f = 1) and tag check (R_tag = 0)."""
-    def total(row, key):
-        return generation_total(table.counts, row, key)
-    return [f"{row:16s} format {total(row, 'format_ok'):5d} / {total(row, 'generations')}   "
-            f"tags {total(row, 'tags_ok'):5d} / {total(row, 'generations')}" for row in rows]
+    n = {row: generation_total(table.counts, row, "generations") for row in rows}
+    return [f"{row:16s} format {generation_total(table.counts, row, 'format_ok'):5d} / {n[row]}   "
+            f"tags {generation_total(table.counts, row, 'tags_ok'):5d} / {n[row]}" for row in rows]
 
 
 RL_ROWS = ("Guided RL", "Exploratory RL")  # the demo table's RL rows, compared with its "SFT" row

@@ -32,21 +32,28 @@ from minitagpr.rl import loop  # noqa: E402
 CONTROL = {"reward_control": "shuffled"}
 
 
+def group_permutation(seed: int, prompt_id: str, texts: list[str]) -> torch.Tensor:
+    """The order one group's rewards are shuffled into, drawn from the group alone (stage seed, prompt id, its G
+    sampled texts): the same group gets the same permutation in a rerun, a resumed stage or on another number of
+    ranks, and another group (or the same prompt sampled again) gets its own."""
+    key = "\x1f".join([str(seed), prompt_id, *texts])
+    gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+    return torch.randperm(len(texts), generator=gen)
+
+
 def shuffled_rewards(real):
-    """loop.compute_rewards with each group's rewards permuted among its G responses. The permutations are seeded by
-    the stage seed and this rank's share of the batch (its prompt ids and sampled texts), so a rerun or a resumed
-    stage on the same number of ranks draws the same ones (another number of ranks splits the batch otherwise and
-    draws others). The loop logs aggregates of the rewards it is handed (means, group statistics), which a
-    permutation within each group leaves as they were: the logs stay real. A batch with a non-finite reward is
-    passed on unshuffled, so loop.check_finite names the right response."""
+    """loop.compute_rewards with each group's rewards permuted among its G responses (group_permutation). The loop
+    logs aggregates of the rewards it is handed (means, group statistics), which a permutation within each group
+    leaves as they were: the logs stay real. A batch with a non-finite reward is passed on unshuffled, so
+    loop.check_finite names the right response."""
     def compute(prompts, completions, cfg, prmu=None):
         parts, rewards = real(prompts, completions, cfg, prmu)
         if not torch.isfinite(rewards).all():
             return parts, rewards
-        key = "\x1f".join([str(loop.stage_seed(cfg)), *(p.id for p in prompts), *(c.text for c in completions)])
-        gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
-        groups = rewards.view(-1, cfg.group_size)
-        perm = torch.stack([torch.randperm(cfg.group_size, generator=gen) for _ in range(groups.shape[0])])  # (B, G)
+        G, seed = cfg.group_size, loop.stage_seed(cfg)
+        groups = rewards.view(-1, G)
+        perm = torch.stack([group_permutation(seed, p.id, [c.text for c in completions[i * G:(i + 1) * G]])
+                            for i, p in enumerate(prompts)])  # (B, G)
         return parts, torch.gather(groups, 1, perm).reshape(-1)
     return compute
 

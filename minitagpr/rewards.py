@@ -268,10 +268,7 @@ def composite_reward(parts: RewardParts, alpha: float = 0.8, beta: float = 0.8, 
     gamma = 0.2 in the paper). With R_PRMU absent (`parts.r_prmu is None`) gamma must be 0 (the "w/o PRMU" row);
     a missing score is an error, never a silent 0. Range [-(alpha + beta), alpha + gamma] for non-negative weights.
     """
-    if parts.r_prmu is None and gamma != 0:
-        raise ValueError("composite_reward: R_PRMU is missing but gamma != 0; pass PRMU scores or set gamma=0")
-    prmu_term = gamma * parts.r_prmu if parts.r_prmu is not None else 0.0
-    return alpha * (parts.r_v + parts.r_rep) * parts.r_f + beta * parts.r_tag + prmu_term
+    return sum(reward_terms(parts, "composite", alpha, beta, gamma).values())
 
 
 def foundation_reward(parts: RewardParts) -> float:
@@ -280,6 +277,22 @@ def foundation_reward(parts: RewardParts) -> float:
 
 
 MIXES = ("composite", "foundation")
+TERMS = {"composite": ("foundation", "tag", "prmu"), "foundation": ("foundation",)}  # reward_terms' keys per mix
+
+
+def reward_terms(parts: RewardParts, mix: str = "composite", alpha: float = 0.8, beta: float = 0.8,
+                 gamma: float = 0.2) -> dict[str, float]:
+    """The additive terms of the mixed reward, which sum to it: composite {"foundation": alpha * R_foundation,
+    "tag": beta * R_tag, "prmu": gamma * R_PRMU}, with R_foundation = (R_v + R_rep) * R_f; foundation
+    {"foundation": R_foundation}. The RL loop logs how much of the group advantages each term drives."""
+    if mix not in MIXES:
+        raise ValueError(f"reward_terms: unknown mix {mix!r}; expected one of {', '.join(MIXES)}")
+    if mix == "foundation":
+        return {"foundation": foundation_reward(parts)}
+    if parts.r_prmu is None and gamma != 0:
+        raise ValueError("composite_reward: R_PRMU is missing but gamma != 0; pass PRMU scores or set gamma=0")
+    return {"foundation": alpha * foundation_reward(parts), "tag": beta * parts.r_tag,
+            "prmu": gamma * parts.r_prmu if parts.r_prmu is not None else 0.0}
 
 
 def score_batch(tasks: Sequence[str], responses: Sequence[str], golds: Sequence[str],

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minitagpr.rl.gspo import group_advantage_metrics, group_advantages, gspo_loss
+from minitagpr.rl.gspo import advantage_shares, group_advantage_metrics, group_advantages, gspo_loss
 
 EPS_LOW, EPS_HIGH = 3e-4, 4e-4
 
@@ -305,3 +305,34 @@ def test_a_zero_clip_range_is_allowed():
     loss, _ = gspo_loss(logp, logp, torch.ones(1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.bool),
                         eps_low=0.0, eps_high=0.0)
     assert loss.item() == -1.0
+
+
+# ---- which reward term drives the advantages ------------------------------------------------------------------------
+
+def test_advantage_shares_by_hand_and_summing_to_one():
+    # group 1: tag (0, -0.8, 0, 0) and foundation (0.4, 0.4, 0.2, 0.6); group 2 all equal (no signal: left out)
+    tag = torch.tensor([0.0, -0.8, 0.0, 0.0, -0.8, -0.8, -0.8, -0.8], dtype=torch.float64)
+    found = torch.tensor([0.4, 0.4, 0.2, 0.6, 0.1, 0.1, 0.1, 0.1], dtype=torch.float64)
+    prmu = torch.full((8,), 0.15, dtype=torch.float64)  # constant within both groups
+    r = tag + found + prmu
+    shares = advantage_shares(r, {"foundation": found, "tag": tag, "prmu": prmu}, 4)
+    # by hand, group 1 centred: tag (0.2, -0.6, 0.2, 0.2) (mean -0.2), foundation (0, 0, -0.2, 0.2) (mean 0.4),
+    # r = their sum (0.2, -0.6, 0, 0.4); Var(r) = 0.56 / 4; Cov(r, tag) = 0.48 / 4; Cov(r, foundation) = 0.08 / 4
+    assert shares["tag"] == pytest.approx(0.48 / 0.56, rel=1e-12)
+    assert shares["foundation"] == pytest.approx(0.08 / 0.56, rel=1e-12)
+    assert shares["prmu"] == 0.0
+    assert sum(shares.values()) == pytest.approx(1.0, rel=1e-12)
+    # a term that is the whole reward takes all of it; a term that pulls against it goes below 0
+    assert advantage_shares(r, {"all": r}, 4) == {"all": pytest.approx(1.0)}
+    assert advantage_shares(r, {"against": -r}, 4)["against"] == pytest.approx(-1.0)
+    assert advantage_shares(torch.zeros(8), {"tag": tag}, 4) == {}  # no group with signal
+
+
+def test_advantage_shares_average_over_groups_not_pool_them():
+    """Each group's advantages are standardised on their own, so a group with small reward spread counts as much
+    as one with a large spread: the shares are a mean over groups (pooling Cov / Var would weight by spread)."""
+    a = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # group 1: all of it from a (spread 1)
+    b = torch.tensor([0.0, 0.0, 0.0, 0.01], dtype=torch.float64)  # group 2: all of it from b (spread 0.01)
+    r = a + b
+    shares = advantage_shares(r, {"a": a, "b": b}, 2)
+    assert shares["a"] == pytest.approx(0.5) and shares["b"] == pytest.approx(0.5)

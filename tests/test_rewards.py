@@ -5,7 +5,8 @@ import pytest
 from rouge_score import rouge_scorer
 
 from minitagpr.rewards import (
-    TAGS, RewardParts, _lcs_length, check_tags, composite_reward, format_reward, foundation_reward,
+    TAGS, TERMS, RewardParts, _lcs_length, check_tags, composite_reward, format_reward, foundation_reward,
+    reward_terms,
     repetition_reward, rouge_f, score_batch, split_response, tag_reward, verifiable_reward,
 )
 
@@ -250,6 +251,17 @@ def test_composite_without_prmu_needs_gamma_zero():
     with pytest.raises(ValueError, match="gamma"):
         composite_reward(parts)
     assert composite_reward(parts, gamma=0.0) == pytest.approx(0.8 - 0.8)
+
+
+def test_reward_terms_add_up_to_each_mix():
+    parts = RewardParts(r_v=0.6, r_f=1.0, r_rep=-0.1, r_tag=-1.0, r_prmu=0.9)
+    terms = reward_terms(parts, "composite", alpha=0.5, beta=0.3, gamma=0.1)
+    assert terms == {"foundation": pytest.approx(0.25), "tag": -0.3, "prmu": pytest.approx(0.09)}
+    assert tuple(terms) == TERMS["composite"] and sum(terms.values()) == composite_reward(parts, 0.5, 0.3, 0.1)
+    assert reward_terms(parts, "foundation") == {"foundation": foundation_reward(parts)}
+    assert reward_terms(RewardParts(r_v=1.0, r_f=1.0, r_rep=0.0, r_tag=0.0), gamma=0.0)["prmu"] == 0.0  # w/o PRMU
+    with pytest.raises(ValueError, match="unknown mix 'sum'"):
+        reward_terms(parts, "sum")
 
 
 def test_score_batch_fills_every_component_and_total_by_hand():

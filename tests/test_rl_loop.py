@@ -377,7 +377,7 @@ def test_reward_metrics_break_the_rewards_down_per_task():
         cfg = RLConfig(tasks="LaMP-1:0,LaMP-4:0,LaMP-7:0", group_size=2)
         tasks = ["LaMP-4", "LaMP-4", "LaMP-1", "LaMP-1"]
         r_v = [0.2, 0.4, 1.0, 0.0]
-        parts = [RewardParts(r_v=v, r_f=1.0, r_rep=0.0, r_tag=0.0) for v in r_v]
+        parts = [RewardParts(r_v=v, r_f=1.0, r_rep=0.0, r_tag=0.0, r_prmu=0.5) for v in r_v]
         rewards = torch.tensor([0.1, 0.3, 0.9, -0.5], dtype=torch.float64)
         comps = [Completion([1], "", [0.0], "stop")] * 4
         m = reward_metrics(parts, rewards, comps, cfg, "cpu", tasks=tasks)
@@ -572,7 +572,7 @@ def test_reward_metrics_pin_every_column_on_a_hand_made_batch():
     try:
         cfg = RLConfig(tasks="LaMP-1:0,LaMP-4:0", group_size=2)
         tasks = ["LaMP-4", "LaMP-4", "LaMP-1", "LaMP-1"]
-        parts = [RewardParts(r_v=v, r_f=f, r_rep=rep, r_tag=tag)
+        parts = [RewardParts(r_v=v, r_f=f, r_rep=rep, r_tag=tag, r_prmu=0.5)
                  for v, f, rep, tag in ((0.5, 1.0, 0.0, 0.0), (0.5, 0.0, -0.2, -1.0), (1.0, 1.0, 0.0, 0.0),
                                         (0.0, 1.0, 0.0, 0.0))]
         rewards = torch.tensor([0.2, 0.4, 0.9, 0.1], dtype=torch.float64)  # per-task means 0.3 / 0.5, global 0.4
@@ -587,6 +587,13 @@ def test_reward_metrics_pin_every_column_on_a_hand_made_batch():
         assert m["response_len_mean"] == 2.0 and m["truncated_share"] == 0.25
         # groups (0.2, 0.4) and (0.9, 0.1): advantages +-1 each, no zero-variance group
         assert m["group/adv_std"] == pytest.approx(1.0, abs=1e-5) and m["group/zero_variance_groups"] == 0
+        # these rewards are not the parts' composite, so the shares say how far each term goes along with them.
+        # Group 1: rewards centred (-0.1, 0.1), Var 0.01; foundation 0.8 * (0.5, 0.3 * R_f 0) = (0.4, 0), centred
+        # (0.2, -0.2): Cov -0.02, share -2; tag 0.8 * (0, -1) centred (0.4, -0.4): share -4. Group 2: rewards
+        # (0.4, -0.4) centred, Var 0.16; foundation (0.8, 0): share 1; tag 0. PRMU is constant: 0.
+        assert m["group/adv_share/foundation"] == pytest.approx((-2.0 + 1.0) / 2)
+        assert m["group/adv_share/tag"] == pytest.approx((-4.0 + 0.0) / 2)
+        assert m["group/adv_share/prmu"] == 0.0
     finally:
         D.destroy_distributed()
 

@@ -59,6 +59,29 @@ def group_advantage_metrics(rewards: torch.Tensor, group_size: int, eps: float =
     return dict(zip(keys, stats))
 
 
+def advantage_shares(rewards: torch.Tensor, terms: dict[str, torch.Tensor], group_size: int) -> dict[str, float]:
+    """How much of the group advantages each reward term drives. rewards: (B*G,) r_i; terms: name -> (B*G,) t_k,
+    the additive terms of r (rewards.reward_terms). For each group with signal, Var_g(r) = sum_k Cov_g(r, t_k), so
+    share_k = Cov_g(r, t_k) / Var_g(r) splits the group's advantages among the terms; returned is its mean over the
+    groups with signal (those `group_advantages` does not zero). The shares sum to 1 when the terms add up to r; a
+    term that is constant within every group gets 0, one that works against the others goes below 0. {} when no
+    group has signal."""
+    _check_rewards(rewards, group_size)
+    r = rewards.to(torch.float64).view(-1, group_size)  # (B, G)
+    live = r.amax(dim=1) != r.amin(dim=1)  # (B,) the groups group_advantages gives a signal
+    if not bool(live.any()):
+        return {}
+    r = r[live]
+    rc = r - r.mean(dim=1, keepdim=True)
+    var = (rc * rc).mean(dim=1)  # (B_live,) > 0
+    out = {}
+    for name, t in terms.items():
+        t = t.to(torch.float64).view(-1, group_size)[live]
+        cov = (rc * (t - t.mean(dim=1, keepdim=True))).mean(dim=1)  # (B_live,)
+        out[name] = (cov / var).mean().item()
+    return out
+
+
 def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               eps_low: float = 3e-4, eps_high: float = 4e-4, token_level: bool = False,
               num_sequences: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:

@@ -28,8 +28,8 @@ from minitagpr.data import lamp
 from minitagpr.data.prompts import STYLES, build_messages, style_mismatch
 from minitagpr.data.retrieval import ENCODERLESS, get_retriever
 from minitagpr.model.checkpoint import resolve_checkpoint
-from minitagpr.rewards import ROUGE_VARIANTS, score_batch
-from minitagpr.rl.gspo import group_advantage_metrics, group_advantages, gspo_loss
+from minitagpr.rewards import ROUGE_VARIANTS, TERMS, reward_terms, score_batch
+from minitagpr.rl.gspo import advantage_shares, group_advantage_metrics, group_advantages, gspo_loss
 import minitagpr.rollout as engines
 from minitagpr.rollout.builtin import BuiltinEngine
 from minitagpr.tokenizer import Tokenizer
@@ -233,6 +233,14 @@ def sample_base(seed: int, global_index: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- 3. rewards
+def reward_mix(cfg: RLConfig) -> tuple[str, float, float, float]:
+    """(mix, alpha, beta, gamma) the stage's rewards are mixed with: guided RL the composite reward, its tag and PRMU
+    weights 0 when the ablations switch those terms off; exploratory RL R_foundation (the weights unused)."""
+    if cfg.stage != "guided":
+        return "foundation", cfg.alpha, cfg.beta, cfg.gamma
+    return "composite", cfg.alpha, cfg.beta if cfg.use_tag_reward else 0.0, cfg.gamma if cfg.use_prmu else 0.0
+
+
 def compute_rewards(prompts: list[Prompt], completions, cfg: RLConfig, prmu=None):
     """RewardParts per response (every component kept for logging) and the rewards r_i as a (B*G,) fp64 tensor."""
     G = cfg.group_size
@@ -243,13 +251,11 @@ def compute_rewards(prompts: list[Prompt], completions, cfg: RLConfig, prmu=None
     if cfg.stage == "guided" and cfg.use_prmu and cfg.gamma != 0.0:
         prmu_scores = prmu.score([p.user for p in prompts for _ in range(G)],
                                  [p.messages for p in prompts for _ in range(G)], texts)
-    mix = "composite" if cfg.stage == "guided" else "foundation"
-    beta = cfg.beta if cfg.use_tag_reward else 0.0
-    gamma = cfg.gamma if cfg.use_prmu else 0.0
+    mix, alpha, beta, gamma = reward_mix(cfg)
     bad = [i for i, x in enumerate(prmu_scores or []) if not math.isfinite(x)]
     for i in bad:  # scored as 0 here; the reward itself is set non-finite below so that every rank stops
         prmu_scores[i] = 0.0
-    parts = score_batch(tasks, texts, golds, prmu=prmu_scores, mix=mix, alpha=cfg.alpha, beta=beta, gamma=gamma,
+    parts = score_batch(tasks, texts, golds, prmu=prmu_scores, mix=mix, alpha=alpha, beta=beta, gamma=gamma,
                         rouge_variant=cfg.rouge_variant, normalize_answers=cfg.normalize_answers,
                         finished=[c.finish_reason == "stop" for c in completions])  # cut by the limit: R_f = 0
     rewards = torch.tensor([p.total for p in parts], dtype=torch.float64)  # (B*G,)
@@ -467,6 +473,14 @@ def batch_digest(prompts: list[Prompt], completions, group_size: int, device) ->
     return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
 
 
+def reward_term_columns(parts, cfg: RLConfig) -> tuple[list[str], list[tuple[float, ...]]]:
+    """(term names, one column per term) of rewards.reward_terms under the stage's mix: what each response's reward
+    is made of. The names come from the mix alone, so every rank sends the same columns."""
+    mix, alpha, beta, gamma = reward_mix(cfg)
+    rows = [reward_terms(p, mix, alpha, beta, gamma) for p in parts]
+    return list(TERMS[mix]), [tuple(r[n] for r in rows) for n in TERMS[mix]]
+
+
 def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, device, tasks=None) -> dict:
     """Global per-step means of every reward component, pass rates, lengths and the group-advantage statistics,
     computed on all ranks' responses gathered (groups never straddle ranks, so gathering keeps them whole).
@@ -481,6 +495,7 @@ def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, dev
         "r_rep": [p.r_rep for p in parts],
         "r_tag": [p.r_tag for p in parts],
         "r_prmu": [p.r_prmu if p.r_prmu is not None else math.nan for p in parts],
+        **{f"term/{name}": list(values) for name, values in zip(*reward_term_columns(parts, cfg))},
         "length": [float(len(c.token_ids)) for c in completions],
         "cut": [float(c.finish_reason == "length") for c in completions],
         "task": [float(names.index(t)) if t in names else -1.0 for t in tasks] if tasks is not None
@@ -495,6 +510,8 @@ def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, dev
     if not torch.isnan(col["r_prmu"]).all():
         m["r_prmu_mean"] = col["r_prmu"].mean().item()
     m.update({f"group/{k}": v for k, v in group_advantage_metrics(col["reward"], cfg.group_size).items()})
+    terms = {k.split("/", 1)[1]: v for k, v in col.items() if k.startswith("term/")}
+    m.update({f"group/adv_share/{k}": v for k, v in advantage_shares(col["reward"], terms, cfg.group_size).items()})
     for i, name in enumerate(names):
         rows = col["task"] == i
         if bool(rows.any()):

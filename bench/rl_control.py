@@ -44,8 +44,9 @@ def group_permutation(seed: int, prompt_id: str, texts: list[str]) -> torch.Tens
 def shuffled_rewards(real):
     """loop.compute_rewards with each group's rewards permuted among its G responses (group_permutation). The loop
     logs aggregates of the rewards it is handed (means, group statistics), which a permutation within each group
-    leaves as they were: the logs stay real. A batch with a non-finite reward is passed on unshuffled, so
-    loop.check_finite names the right response."""
+    leaves as they were: the logs stay real, except group/adv_corr/<term>, which shows the advantages no longer
+    following the terms they were computed from (the point of the control). A batch with a non-finite reward is
+    passed on unshuffled, so loop.check_finite names the right response."""
     def compute(prompts, completions, cfg, prmu=None):
         parts, rewards = real(prompts, completions, cfg, prmu)
         if not torch.isfinite(rewards).all():

@@ -268,7 +268,8 @@ def composite_reward(parts: RewardParts, alpha: float = 0.8, beta: float = 0.8, 
     gamma = 0.2 in the paper). With R_PRMU absent (`parts.r_prmu is None`) gamma must be 0 (the "w/o PRMU" row);
     a missing score is an error, never a silent 0. Range [-(alpha + beta), alpha + gamma] for non-negative weights.
     """
-    return sum(reward_terms(parts, "composite", alpha, beta, gamma).values())
+    terms = reward_terms(parts, "composite", alpha, beta, gamma)
+    return terms["foundation"] + terms["tag"] + terms["prmu"]  # in this order (sum() may round otherwise)
 
 
 def foundation_reward(parts: RewardParts) -> float:
@@ -284,7 +285,7 @@ def reward_terms(parts: RewardParts, mix: str = "composite", alpha: float = 0.8,
                  gamma: float = 0.2) -> dict[str, float]:
     """The additive terms of the mixed reward, which sum to it: composite {"foundation": alpha * R_foundation,
     "tag": beta * R_tag, "prmu": gamma * R_PRMU}, with R_foundation = (R_v + R_rep) * R_f; foundation
-    {"foundation": R_foundation}. The RL loop logs how much of the group advantages each term drives."""
+    {"foundation": R_foundation}. The RL loop logs how closely the group advantages follow each term."""
     if mix not in MIXES:
         raise ValueError(f"reward_terms: unknown mix {mix!r}; expected one of {', '.join(MIXES)}")
     if mix == "foundation":

@@ -291,7 +291,7 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
     trend = first_last_share(Path(guided_cfg.out_dir) / "metrics.jsonl",
                              ["reward_mean", "tag_pass_rate", "format_pass_rate", "r_prmu_mean"]
                              + [f"r_v_mean/{t}" for t in tasks] + [f"reward_mean/{t}" for t in tasks]
-                             + [f"group/adv_share/{term}" for term in TERMS["composite"]])
+                             + [f"group/adv_corr/{term}" for term in TERMS["composite"]])
     balanced = balanced_reward_trend(trend, tasks)
     print("\n[demo] guided RL, first vs last 20% of steps:")
     for key, (first, last) in trend.items():
@@ -299,13 +299,14 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
             print(f"  {key:18s} {first:.3f} -> {last:.3f}")
     print(f"  {'reward, balanced':18s} {balanced[0]:.3f} -> {balanced[1]:.3f}  (each task weighs the same; "
           "reward_mean above also moves with the tasks a step sampled)")
-    shares = {k.rsplit("/", 1)[1]: v for k, v in trend.items() if k.startswith("group/") and not math.isnan(v[0])}
-    if shares:  # absent from logs written before these were logged
-        print("  share of the group advantages each term drives: " + "; ".join(
-            f"{term} {first:.2f} -> {last:.2f}" for term, (first, last) in shares.items()))
+    corrs = {k.rsplit("/", 1)[1]: v for k, v in trend.items()
+             if k.startswith("group/") and not any(math.isnan(x) for x in v)}  # absent from older logs
+    if corrs:
+        print("  advantage vs term  " + "; ".join(f"{term} {first:.2f} -> {last:.2f}" for term, (first, last)
+                                                  in corrs.items()))
     print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
-          "decodes greedily. Shares: the mean over groups of Cov(r, term) / Var(r), summing to 1; foundation = "
-          "alpha (R_v + R_rep) R_f)")
+          "decodes greedily. advantage vs term: the within-group correlation of the advantages with each term of "
+          "R, foundation = alpha (R_v + R_rep) R_f, tag = beta R_tag, prmu = gamma R_PRMU)")
     print(f"\n[demo] evaluation ({root / 'eval' / 'table.md'}):\n{table.markdown()}")
     models = [row for row in table.rows if row not in RULE_ROWS]
     distinct = distinct_answers(root / "eval", models, tasks)

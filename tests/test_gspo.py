@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minitagpr.rl.gspo import advantage_shares, group_advantage_metrics, group_advantages, gspo_loss
+from minitagpr.rl.gspo import advantage_correlations, group_advantage_metrics, group_advantages, gspo_loss
 
 EPS_LOW, EPS_HIGH = 3e-4, 4e-4
 
@@ -307,32 +307,41 @@ def test_a_zero_clip_range_is_allowed():
     assert loss.item() == -1.0
 
 
-# ---- which reward term drives the advantages ------------------------------------------------------------------------
+# ---- how closely the advantages follow each reward term -----------------------------------------------------------
 
-def test_advantage_shares_by_hand_and_summing_to_one():
-    # group 1: tag (0, -0.8, 0, 0) and foundation (0.4, 0.4, 0.2, 0.6); group 2 all equal (no signal: left out)
+def test_advantage_correlations_by_hand():
+    # group 1: tag (0, -0.8, 0, 0) and foundation (0.4, 0.4, 0.2, 0.6); group 2 all equal (no signal: weight 0)
     tag = torch.tensor([0.0, -0.8, 0.0, 0.0, -0.8, -0.8, -0.8, -0.8], dtype=torch.float64)
     found = torch.tensor([0.4, 0.4, 0.2, 0.6, 0.1, 0.1, 0.1, 0.1], dtype=torch.float64)
     prmu = torch.full((8,), 0.15, dtype=torch.float64)  # constant within both groups
     r = tag + found + prmu
-    shares = advantage_shares(r, {"foundation": found, "tag": tag, "prmu": prmu}, 4)
-    # by hand, group 1 centred: tag (0.2, -0.6, 0.2, 0.2) (mean -0.2), foundation (0, 0, -0.2, 0.2) (mean 0.4),
-    # r = their sum (0.2, -0.6, 0, 0.4); Var(r) = 0.56 / 4; Cov(r, tag) = 0.48 / 4; Cov(r, foundation) = 0.08 / 4
-    assert shares["tag"] == pytest.approx(0.48 / 0.56, rel=1e-12)
-    assert shares["foundation"] == pytest.approx(0.08 / 0.56, rel=1e-12)
-    assert shares["prmu"] == 0.0
-    assert sum(shares.values()) == pytest.approx(1.0, rel=1e-12)
-    # a term that is the whole reward takes all of it; a term that pulls against it goes below 0
-    assert advantage_shares(r, {"all": r}, 4) == {"all": pytest.approx(1.0)}
-    assert advantage_shares(r, {"against": -r}, 4)["against"] == pytest.approx(-1.0)
-    assert advantage_shares(torch.zeros(8), {"tag": tag}, 4) == {}  # no group with signal
+    corr = advantage_correlations(r, {"foundation": found, "tag": tag, "prmu": prmu}, 4)
+    # by hand, group 1 centred: tag (0.2, -0.6, 0.2, 0.2), foundation (0, 0, -0.2, 0.2), r their sum
+    # (0.2, -0.6, 0, 0.4); sums of squares r 0.56, tag 0.48, foundation 0.08; r.tag 0.48, r.foundation 0.08
+    assert corr["tag"] == pytest.approx(0.48 / math.sqrt(0.56 * 0.48), rel=1e-9)
+    assert corr["foundation"] == pytest.approx(0.08 / math.sqrt(0.56 * 0.08), rel=1e-9)
+    assert corr["prmu"] == 0.0  # constant in every group: no relation, not NaN
+    assert advantage_correlations(r, {"all": r, "against": -r}, 4) == {"all": pytest.approx(1.0),
+                                                                       "against": pytest.approx(-1.0)}
+    assert advantage_correlations(torch.zeros(8), {"tag": tag}, 4) == {}  # no group with signal
+    with pytest.raises(ValueError, match="term 'tag' has shape"):
+        advantage_correlations(r, {"tag": tag[:4]}, 4)
 
 
-def test_advantage_shares_average_over_groups_not_pool_them():
-    """Each group's advantages are standardised on their own, so a group with small reward spread counts as much
-    as one with a large spread: the shares are a mean over groups (pooling Cov / Var would weight by spread)."""
-    a = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # group 1: all of it from a (spread 1)
-    b = torch.tensor([0.0, 0.0, 0.0, 0.01], dtype=torch.float64)  # group 2: all of it from b (spread 0.01)
-    r = a + b
-    shares = advantage_shares(r, {"a": a, "b": b}, 2)
-    assert shares["a"] == pytest.approx(0.5) and shares["b"] == pytest.approx(0.5)
+def test_advantage_correlations_weigh_groups_by_their_advantages_and_stay_bounded():
+    """A group counts by its mean A^2: one per group with signal, whatever its reward spread (pooling covariances
+    would weight groups by spread); terms that cancel within a group cannot push the value outside [-1, 1]."""
+    a = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # group 1 follows a (spread 1)
+    b = torch.tensor([0.0, 0.0, 0.0, 0.01], dtype=torch.float64)  # group 2 follows b (spread 0.01)
+    corr = advantage_correlations(a + b, {"a": a, "b": b}, 2)
+    assert corr["a"] == pytest.approx(0.5, rel=1e-3) and corr["b"] == pytest.approx(0.5, rel=1e-3)
+    # a near-tie: a right answer with bad tags against a wrong one with good tags, told apart by PRMU alone
+    found = torch.tensor([0.8, 0.0], dtype=torch.float64)
+    tag = torch.tensor([-0.8, 0.0], dtype=torch.float64)
+    prmu = torch.tensor([0.102, 0.1], dtype=torch.float64)
+    corr = advantage_correlations(found + tag + prmu, {"foundation": found, "tag": tag, "prmu": prmu}, 2)
+    assert corr == {"foundation": pytest.approx(1.0), "tag": pytest.approx(-1.0), "prmu": pytest.approx(1.0)}
+    # a group whose spread is below eps carries almost no advantage, and almost no weight
+    tiny = torch.tensor([0.0, 1e-9, 0.0, 1.0], dtype=torch.float64)
+    assert advantage_correlations(tiny, {"x": torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)}, 2)["x"] \
+        == pytest.approx(-1.0, abs=0.01)

@@ -264,6 +264,17 @@ def test_reward_terms_add_up_to_each_mix():
         reward_terms(parts, "sum")
 
 
+def test_composite_reward_is_the_paper_formula_bit_for_bit():
+    """composite_reward adds reward_terms' terms; the rewards RL trains on must stay exactly the formula's."""
+    rng = random.Random(0)
+    for _ in range(20000):
+        parts = RewardParts(r_v=rng.random(), r_f=float(rng.random() < 0.8), r_rep=-rng.random() / 3,
+                            r_tag=-float(rng.random() < 0.3), r_prmu=rng.random())
+        alpha, beta, gamma = rng.choice([(0.8, 0.8, 0.2), (rng.random(), rng.random(), rng.random())])
+        expected = alpha * (parts.r_v + parts.r_rep) * parts.r_f + beta * parts.r_tag + gamma * parts.r_prmu
+        assert composite_reward(parts, alpha, beta, gamma) == expected
+
+
 def test_score_batch_fills_every_component_and_total_by_hand():
     good = respond(PAPER_SHAPED_CHAIN, "[2]")
     two_blocks = "<think>a</think><think>b</think>dark comedy"

@@ -587,15 +587,31 @@ def test_reward_metrics_pin_every_column_on_a_hand_made_batch():
         assert m["response_len_mean"] == 2.0 and m["truncated_share"] == 0.25
         # groups (0.2, 0.4) and (0.9, 0.1): advantages +-1 each, no zero-variance group
         assert m["group/adv_std"] == pytest.approx(1.0, abs=1e-5) and m["group/zero_variance_groups"] == 0
-        # these rewards are not the parts' composite, so the shares say how far each term goes along with them.
-        # Group 1: rewards centred (-0.1, 0.1), Var 0.01; foundation 0.8 * (0.5, 0.3 * R_f 0) = (0.4, 0), centred
-        # (0.2, -0.2): Cov -0.02, share -2; tag 0.8 * (0, -1) centred (0.4, -0.4): share -4. Group 2: rewards
-        # (0.4, -0.4) centred, Var 0.16; foundation (0.8, 0): share 1; tag 0. PRMU is constant: 0.
-        assert m["group/adv_share/foundation"] == pytest.approx((-2.0 + 1.0) / 2)
-        assert m["group/adv_share/tag"] == pytest.approx((-4.0 + 0.0) / 2)
-        assert m["group/adv_share/prmu"] == 0.0
+        # these rewards are not the parts' composite, so the correlations say how far each term goes along with
+        # them. Group 1: rewards (0.2, 0.4); foundation 0.8 * (0.5, 0.3 * R_f 0) = (0.4, 0): corr -1; tag
+        # 0.8 * (0, -1): corr -1. Group 2: rewards (0.9, 0.1); foundation (0.8, 0): corr 1; tag constant: 0.
+        # Both groups weigh ~1 (mean A^2 = (std / (std + 1e-6))^2). PRMU is constant: 0.
+        assert m["group/adv_corr/foundation"] == pytest.approx(0.0, abs=1e-4)
+        assert m["group/adv_corr/tag"] == pytest.approx(-0.5, abs=1e-4)
+        assert m["group/adv_corr/prmu"] == 0.0
     finally:
         D.destroy_distributed()
+
+
+def test_reward_term_columns_follow_the_stage_and_the_ablations():
+    from minitagpr.rewards import RewardParts
+    from minitagpr.rl.loop import reward_term_columns
+
+    parts = [RewardParts(r_v=0.5, r_f=1.0, r_rep=-0.1, r_tag=-1.0, r_prmu=0.6)] * 2
+    names, cols = reward_term_columns(parts, RLConfig(stage="guided"))
+    assert names == ["foundation", "tag", "prmu"]
+    assert cols[0] == pytest.approx((0.8 * 0.4,) * 2) and cols[1] == (-0.8, -0.8)
+    assert cols[2] == pytest.approx((0.12,) * 2)
+    _, cols = reward_term_columns(parts, RLConfig(stage="guided", use_tag_reward=False, use_prmu=False))
+    assert cols[1] == (0.0, 0.0) and cols[2] == (0.0, 0.0)  # the ablations' weights, as compute_rewards uses them
+    names, cols = reward_term_columns(parts, RLConfig(stage="exploratory"))
+    assert names == ["foundation"] and cols == [pytest.approx((0.4, 0.4))]  # R_foundation, unweighted
+    assert reward_term_columns([], RLConfig(stage="guided"))[0] == ["foundation", "tag", "prmu"]  # a rank with none
 
 
 def test_an_epoch_that_divides_evenly_gives_every_step_a_full_batch():

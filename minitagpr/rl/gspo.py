@@ -59,26 +59,29 @@ def group_advantage_metrics(rewards: torch.Tensor, group_size: int, eps: float =
     return dict(zip(keys, stats))
 
 
-def advantage_shares(rewards: torch.Tensor, terms: dict[str, torch.Tensor], group_size: int) -> dict[str, float]:
-    """How much of the group advantages each reward term drives. rewards: (B*G,) r_i; terms: name -> (B*G,) t_k,
-    the additive terms of r (rewards.reward_terms). For each group with signal, Var_g(r) = sum_k Cov_g(r, t_k), so
-    share_k = Cov_g(r, t_k) / Var_g(r) splits the group's advantages among the terms; returned is its mean over the
-    groups with signal (those `group_advantages` does not zero). The shares sum to 1 when the terms add up to r; a
-    term that is constant within every group gets 0, one that works against the others goes below 0. {} when no
-    group has signal."""
-    _check_rewards(rewards, group_size)
-    r = rewards.to(torch.float64).view(-1, group_size)  # (B, G)
-    live = r.amax(dim=1) != r.amin(dim=1)  # (B,) the groups group_advantages gives a signal
-    if not bool(live.any()):
+def advantage_correlations(rewards: torch.Tensor, terms: dict[str, torch.Tensor], group_size: int,
+                           eps: float = 1e-6) -> dict[str, float]:
+    """How closely the group advantages follow each reward term. rewards: (B*G,) r_i; terms: name -> (B*G,) t_k,
+    e.g. the additive terms of r (rewards.reward_terms). Per group, corr_g(A, t_k) (= corr_g(r, t_k): A is r
+    shifted and scaled), 0 where t_k is constant in the group; returned is its mean over groups weighted by each
+    group's mean A^2 (1 for a group with signal, 0 for one that `group_advantages` zeroes, less for a group whose
+    spread is near eps). 1: the advantages rank every group's responses as this term does; 0: no relation (a
+    shuffled reward); below 0: against it. A correlation, not a share of a sum: terms that cancel within a group
+    (a wrong answer with good tags vs a right one with bad tags) keep it bounded. {} when no group has signal."""
+    adv = group_advantages(rewards, group_size, eps).to(torch.float64).view(-1, group_size)  # (B, G), checks rewards
+    energy = (adv * adv).mean(dim=1)  # (B,) the weight of each group
+    if not bool((energy > 0).any()):
         return {}
-    r = r[live]
-    rc = r - r.mean(dim=1, keepdim=True)
-    var = (rc * rc).mean(dim=1)  # (B_live,) > 0
     out = {}
     for name, t in terms.items():
-        t = t.to(torch.float64).view(-1, group_size)[live]
-        cov = (rc * (t - t.mean(dim=1, keepdim=True))).mean(dim=1)  # (B_live,)
-        out[name] = (cov / var).mean().item()
+        if t.shape != rewards.shape:
+            raise ValueError(f"advantage_correlations: term {name!r} has shape {tuple(t.shape)}, "
+                             f"the rewards {tuple(rewards.shape)}")
+        tc = t.to(torch.float64).view(-1, group_size)
+        tc = tc - tc.mean(dim=1, keepdim=True)  # (B, G)
+        norm = ((adv * adv).sum(dim=1) * (tc * tc).sum(dim=1)).sqrt()  # (B,)
+        corr = torch.where(norm > 0, (adv * tc).sum(dim=1) / norm.clamp_min(1e-300), torch.zeros_like(norm))
+        out[name] = ((energy * corr).sum() / energy.sum()).item()
     return out
 
 

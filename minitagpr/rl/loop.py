@@ -29,7 +29,7 @@ from minitagpr.data.prompts import STYLES, build_messages, style_mismatch
 from minitagpr.data.retrieval import ENCODERLESS, get_retriever
 from minitagpr.model.checkpoint import resolve_checkpoint
 from minitagpr.rewards import ROUGE_VARIANTS, TERMS, reward_terms, score_batch
-from minitagpr.rl.gspo import advantage_shares, group_advantage_metrics, group_advantages, gspo_loss
+from minitagpr.rl.gspo import advantage_correlations, group_advantage_metrics, group_advantages, gspo_loss
 import minitagpr.rollout as engines
 from minitagpr.rollout.builtin import BuiltinEngine
 from minitagpr.tokenizer import Tokenizer
@@ -511,7 +511,8 @@ def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, dev
         m["r_prmu_mean"] = col["r_prmu"].mean().item()
     m.update({f"group/{k}": v for k, v in group_advantage_metrics(col["reward"], cfg.group_size).items()})
     terms = {k.split("/", 1)[1]: v for k, v in col.items() if k.startswith("term/")}
-    m.update({f"group/adv_share/{k}": v for k, v in advantage_shares(col["reward"], terms, cfg.group_size).items()})
+    m.update({f"group/adv_corr/{k}": v
+              for k, v in advantage_correlations(col["reward"], terms, cfg.group_size).items()})
     for i, name in enumerate(names):
         rows = col["task"] == i
         if bool(rows.any()):

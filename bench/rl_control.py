@@ -8,7 +8,7 @@ how far an update of that size moves them without learning; compare with bench/r
     torchrun --nproc_per_node=2 bench/rl_control.py rl_seed=S out_dir=runs/rl_control/seedS [key=value ...]
 
 Arguments are recipes/guided_rl.py's (the demo: world, SFT and PRMU of `workdir` reused; give a new `out_dir`).
-Its RL stages are stamped with `reward_control: shuffled` among their settings, so a normal run refuses to reuse
+Its RL stages are stamped with `reward_control` (CONTROL) among their settings, so a normal run refuses to reuse
 them (and this control refuses a normal run's). A benchmark that reports, not a test.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from minitagpr import stages  # noqa: E402
 from minitagpr.cli import exit_on_user_error  # noqa: E402
 from minitagpr.rl import loop  # noqa: E402
 
-CONTROL = {"reward_control": "shuffled"}
+# A new way of shuffling gets a new value, so that the stages of the old one are refused rather than reused.
+CONTROL = {"reward_control": "shuffled in each group, seeded by the group"}
 
 
 def group_permutation(seed: int, prompt_id: str, texts: list[str]) -> torch.Tensor:

@@ -62,7 +62,7 @@ def test_a_non_finite_reward_is_not_moved(control):
 def test_its_rl_stamps_differ_from_a_normal_runs(control, tmp_path):
     settings = control.stamped(stages.settings)
     rl = loop.RLConfig()
-    assert settings(rl, set())["reward_control"] == "shuffled"
+    assert settings(rl, set())["reward_control"] == control.CONTROL["reward_control"]
     assert "reward_control" not in stages.settings(rl, set())
     folder, export = tmp_path / "guided_rl", tmp_path / "guided_rl" / "export"
     normal = stages.settings(rl, set())

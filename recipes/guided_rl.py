@@ -291,7 +291,7 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
     trend = first_last_share(Path(guided_cfg.out_dir) / "metrics.jsonl",
                              ["reward_mean", "tag_pass_rate", "format_pass_rate", "r_prmu_mean"]
                              + [f"r_v_mean/{t}" for t in tasks] + [f"reward_mean/{t}" for t in tasks]
-                             + [f"group/adv_corr/{term}" for term in TERMS["composite"]])
+                             + [f"group/adv_corr/{term}" for term in (*TERMS["composite"], "r_v")])
     balanced = balanced_reward_trend(trend, tasks)
     print("\n[demo] guided RL, first vs last 20% of steps:")
     for key, (first, last) in trend.items():
@@ -306,7 +306,7 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
                                                   in corrs.items()))
     print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
           "decodes greedily. advantage vs term: the within-group correlation of the advantages with each term of "
-          "R, foundation = alpha (R_v + R_rep) R_f, tag = beta R_tag, prmu = gamma R_PRMU)")
+          "R, foundation = alpha (R_v + R_rep) R_f, tag = beta R_tag, prmu = gamma R_PRMU, and with R_v alone)")
     print(f"\n[demo] evaluation ({root / 'eval' / 'table.md'}):\n{table.markdown()}")
     models = [row for row in table.rows if row not in RULE_ROWS]
     distinct = distinct_answers(root / "eval", models, tasks)

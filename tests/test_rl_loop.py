@@ -594,6 +594,7 @@ def test_reward_metrics_pin_every_column_on_a_hand_made_batch():
         assert m["group/adv_corr/foundation"] == pytest.approx(0.0, abs=1e-4)
         assert m["group/adv_corr/tag"] == pytest.approx(-0.5, abs=1e-4)
         assert m["group/adv_corr/prmu"] == 0.0
+        assert m["group/adv_corr/r_v"] == pytest.approx(0.5, abs=1e-4)  # R_v alone: (0.5, 0.5) then (1, 0)
     finally:
         D.destroy_distributed()
 

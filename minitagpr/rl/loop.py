@@ -511,6 +511,7 @@ def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, dev
         m["r_prmu_mean"] = col["r_prmu"].mean().item()
     m.update({f"group/{k}": v for k, v in group_advantage_metrics(col["reward"], cfg.group_size).items()})
     terms = {k.split("/", 1)[1]: v for k, v in col.items() if k.startswith("term/")}
+    terms["r_v"] = col["r_v"]  # R_v alone (inside the foundation term, beside R_rep and R_f): what task metrics follow
     m.update({f"group/adv_corr/{k}": v
               for k, v in advantage_correlations(col["reward"], terms, cfg.group_size).items()})
     for i, name in enumerate(names):

@@ -269,7 +269,10 @@ def composite_reward(parts: RewardParts, alpha: float = 0.8, beta: float = 0.8, 
     a missing score is an error, never a silent 0. Range [-(alpha + beta), alpha + gamma] for non-negative weights.
     """
     terms = reward_terms(parts, "composite", alpha, beta, gamma)
-    return terms["foundation"] + terms["tag"] + terms["prmu"]  # in this order (sum() may round otherwise)
+    total = terms[TERMS["composite"][0]]
+    for name in TERMS["composite"][1:]:  # left to right, as the formula reads (sum() rounds otherwise on 3.12+)
+        total += terms[name]
+    return total
 
 
 def foundation_reward(parts: RewardParts) -> float:
@@ -291,7 +294,7 @@ def reward_terms(parts: RewardParts, mix: str = "composite", alpha: float = 0.8,
     if mix == "foundation":
         return {"foundation": foundation_reward(parts)}
     if parts.r_prmu is None and gamma != 0:
-        raise ValueError("composite_reward: R_PRMU is missing but gamma != 0; pass PRMU scores or set gamma=0")
+        raise ValueError("composite reward: R_PRMU is missing but gamma != 0; pass PRMU scores or set gamma=0")
     return {"foundation": alpha * foundation_reward(parts), "tag": beta * parts.r_tag,
             "prmu": gamma * parts.r_prmu if parts.r_prmu is not None else 0.0}
 

@@ -305,8 +305,9 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
         print("  advantage vs term  " + "; ".join(f"{term} {first:.2f} -> {last:.2f}" for term, (first, last)
                                                   in corrs.items()))
     print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
-          "decodes greedily. advantage vs term: the within-group correlation of the advantages with each term of "
-          "R, foundation = alpha (R_v + R_rep) R_f, tag = beta R_tag, prmu = gamma R_PRMU, and with R_v alone)")
+          "decodes greedily." + (" advantage vs term: the within-group correlation of the advantages with each "
+          "term of R, foundation = alpha (R_v + R_rep) R_f, tag = beta R_tag, prmu = gamma R_PRMU, and with R_v "
+          "alone)" if corrs else ")"))
     print(f"\n[demo] evaluation ({root / 'eval' / 'table.md'}):\n{table.markdown()}")
     models = [row for row in table.rows if row not in RULE_ROWS]
     distinct = distinct_answers(root / "eval", models, tasks)

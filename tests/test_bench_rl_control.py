@@ -44,12 +44,12 @@ def test_each_group_keeps_its_rewards_in_another_order(control):
     other = [SimpleNamespace(text=c.text + ".") for c in completions]
     assert not torch.equal(compute(prompts, other, cfg)[1], got)  # another batch, other permutations
     assert not torch.equal(compute(prompts, completions, loop.RLConfig(group_size=G, seed=4))[1], got)
-    # each group draws from itself alone: the batch split over 2 ranks (or 3) gets the same permutations
-    for cut in (B // 2, 7):
-        def part(lo, hi):
-            return control.shuffled_rewards(lambda *a, **k: (None, real[lo * G:hi * G].clone()))(
-                prompts[lo:hi], completions[lo * G:hi * G], cfg)[1]
-        assert torch.equal(torch.cat([part(0, cut), part(cut, B)]), got)
+    # each group draws from itself alone: the batch split over 2 or 3 ranks gets the same permutations
+    def part(lo, hi):
+        return control.shuffled_rewards(lambda *a, **k: (None, real[lo * G:hi * G].clone()))(
+            prompts[lo:hi], completions[lo * G:hi * G], cfg)[1]
+    for cuts in ((0, B // 2, B), (0, 7, B), (0, 13, 27, B)):
+        assert torch.equal(torch.cat([part(lo, hi) for lo, hi in zip(cuts, cuts[1:])]), got)
 
 
 def test_a_non_finite_reward_is_not_moved(control):

@@ -285,6 +285,27 @@ def balanced_reward_trend(trend: dict[str, tuple[float, float]], tasks: list[str
     return sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)
 
 
+def trend_lines(trend: dict[str, tuple[float, float]], tasks: list[str]) -> list[str]:
+    """The report's lines for the guided stage's first_last_share trends: each overall key, the task-balanced
+    reward, and the advantages' correlation with each reward term (`group/adv_corr/<term>`; the line is left out
+    when the log predates it)."""
+    lines = [f"{key:18s} {first:.3f} -> {last:.3f}" for key, (first, last) in trend.items()
+             if not key.startswith(("reward_mean/", "group/"))]
+    balanced = balanced_reward_trend(trend, tasks)
+    lines.append(f"{'reward, balanced':18s} {balanced[0]:.3f} -> {balanced[1]:.3f}  (each task weighs the same; "
+                 "reward_mean above also moves with the tasks a step sampled)")
+    corrs = {k.rsplit("/", 1)[1]: v for k, v in trend.items()
+             if k.startswith("group/") and not any(math.isnan(x) for x in v)}
+    if corrs:
+        lines.append("advantage vs term  " + "; ".join(f"{term} {first:.2f} -> {last:.2f}"
+                                                       for term, (first, last) in corrs.items()))
+    lines.append("(r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below decodes "
+                 "greedily." + (" advantage vs term: the within-group correlation of the advantages with each term "
+                 "of R, foundation = alpha (R_v + R_rep) R_f, tag = beta R_tag, prmu = gamma R_PRMU, and with R_v "
+                 "alone)" if corrs else ")"))
+    return lines
+
+
 def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, root: Path, table) -> None:
     """Rank 0, after the process group is gone: the guided stage's trends, the table, and RL minus SFT."""
     tasks = [t for t, _ in parse_task_mix(cfg.tasks)]
@@ -292,22 +313,9 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
                              ["reward_mean", "tag_pass_rate", "format_pass_rate", "r_prmu_mean"]
                              + [f"r_v_mean/{t}" for t in tasks] + [f"reward_mean/{t}" for t in tasks]
                              + [f"group/adv_corr/{term}" for term in (*TERMS["composite"], "r_v")])
-    balanced = balanced_reward_trend(trend, tasks)
     print("\n[demo] guided RL, first vs last 20% of steps:")
-    for key, (first, last) in trend.items():
-        if not key.startswith(("reward_mean/", "group/")):
-            print(f"  {key:18s} {first:.3f} -> {last:.3f}")
-    print(f"  {'reward, balanced':18s} {balanced[0]:.3f} -> {balanced[1]:.3f}  (each task weighs the same; "
-          "reward_mean above also moves with the tasks a step sampled)")
-    corrs = {k.rsplit("/", 1)[1]: v for k, v in trend.items()
-             if k.startswith("group/") and not any(math.isnan(x) for x in v)}  # absent from older logs
-    if corrs:
-        print("  advantage vs term  " + "; ".join(f"{term} {first:.2f} -> {last:.2f}" for term, (first, last)
-                                                  in corrs.items()))
-    print("  (r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below "
-          "decodes greedily." + (" advantage vs term: the within-group correlation of the advantages with each "
-          "term of R, foundation = alpha (R_v + R_rep) R_f, tag = beta R_tag, prmu = gamma R_PRMU, and with R_v "
-          "alone)" if corrs else ")"))
+    for line in trend_lines(trend, tasks):
+        print("  " + line)
     print(f"\n[demo] evaluation ({root / 'eval' / 'table.md'}):\n{table.markdown()}")
     models = [row for row in table.rows if row not in RULE_ROWS]
     distinct = distinct_answers(root / "eval", models, tasks)

@@ -112,3 +112,21 @@ def test_the_first_and_last_windows_round_the_share(tmp_path):
     log = tmp_path / "m.jsonl"
     log.write_text("".join(json.dumps({"step": s, "r": float(s)}) + "\n" for s in range(8)))
     assert guided.first_last_share(log, ["r"], 0.2)["r"] == (0.5, 6.5)  # round(1.6) = 2 rows a window
+
+
+def test_the_demo_reports_trend_lines_with_and_without_the_correlation_log(tmp_path):
+    log = tmp_path / "m.jsonl"
+    rows = [{"step": s + 1, "tag_pass_rate": 0.5 + s / 20, "reward_mean/LaMP-1": 0.1 * s, "responses/LaMP-1": 5,
+             "group/adv_corr/tag": 0.9 - s / 10, "group/adv_corr/r_v": 0.4} for s in range(5)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = ["tag_pass_rate", "reward_mean/LaMP-1", "group/adv_corr/tag", "group/adv_corr/r_v",
+            "group/adv_corr/prmu"]
+    lines = guided.trend_lines(guided.first_last_share(log, keys, 0.2), ["LaMP-1"])
+    assert lines[0] == f"{'tag_pass_rate':18s} 0.500 -> 0.700"
+    assert lines[1].startswith(f"{'reward, balanced':18s} 0.000 -> 0.400")
+    # a term the log lacks (prmu here) is left out, not printed as nan
+    assert lines[2] == "advantage vs term  tag 0.90 -> 0.50; r_v 0.40 -> 0.40"
+    assert "within-group correlation" in lines[3] and len(lines) == 4
+    # a log from before the correlations were logged: no such line, and no explanation of it
+    old = guided.trend_lines(guided.first_last_share(log, keys[:2], 0.2), ["LaMP-1"])
+    assert len(old) == 3 and not any("advantage vs term" in line or "correlation" in line for line in old)

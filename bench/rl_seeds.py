@@ -15,7 +15,8 @@ With key=value arguments (an ablation) or --control every seed, the main command
 Prints, per task's main metric: SFT, each seed's guided and exploratory cell, their mean and standard deviation over
 the seeds, how many seeds are at or above SFT and how many are below or above it beyond the dev-user noise (the 95%
 interval of recipes/guided_rl.py's rl_vs_sft excludes zero); how many dev generations pass the format gate and the
-tag check; then each seed's guided-RL trend (first vs last 20% of steps).
+tag check; then each seed's guided-RL trend (first vs last 20% of steps), the sampled R_v per task pooled over the
+seeds, and how closely each stage's advantages follow R_tag and R_v (group/adv_corr/<term>; nan in older logs).
 A benchmark that reports, not a test.
 """
 from __future__ import annotations
@@ -141,6 +142,38 @@ def main() -> None:
         r, t = trend["reward_mean"], trend["tag_pass_rate"]
         wall = f"; run {walls[s]:.0f} s" if s in walls else ""
         print(f"  seed {s}: {r[0]:.3f} -> {r[1]:.3f}; {bal[0]:.3f} -> {bal[1]:.3f}; {t[0]:.3f} -> {t[1]:.3f}{wall}")
+
+    logs = {stage: [roots[s] / stage / "metrics.jsonl" for s in seeds] for stage in ("guided_rl", "exploratory_rl")}
+    print("\nsampled R_v (T = 1) per task, first vs last 20% of guided RL's steps, pooled over the seeds' responses:")
+    for task, (first, last, n_first, n_last) in pooled_task_trend(logs["guided_rl"], tasks).items():
+        print(f"  {task:7s} {first:.3f} -> {last:.3f}  ({n_first} / {n_last} responses)")
+    print("\nadvantages' within-group correlation with a reward term (group/adv_corr/<term>): mean over the stage's "
+          "steps (first -> last 20%):")
+    for stage, terms in (("guided_rl", ("tag", "r_v")), ("exploratory_rl", ("r_v",))):
+        for s, log in zip(seeds, logs[stage]):
+            keys = [f"group/adv_corr/{term}" for term in terms]
+            whole, ends = g.first_last_share(log, keys, share=1.0), g.first_last_share(log, keys)
+            cells = [f"{term} {whole[k][0]:.2f} ({ends[k][0]:.2f} -> {ends[k][1]:.2f})" for term, k in zip(terms, keys)]
+            print(f"  {stage:14s} seed {s}: " + "; ".join(cells))
+
+
+def pooled_task_trend(logs: list[Path], tasks: list[str], share: float = 0.2) -> dict:
+    """{task: (first, last, responses in first, in last)}: each task's r_v_mean over the first and the last `share`
+    of every log's steps (guided_rl.first_last_share's windows), weighted by responses/<task> and pooled over the
+    logs, so that each sampled response counts once."""
+    sums = {t: [0.0, 0.0, 0, 0] for t in tasks}
+    for log in logs:
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        n = max(1, int(round(len(rows) * share)))
+        for w, window in enumerate((rows[:n], rows[-n:])):
+            for row in window:
+                for t in tasks:
+                    count = row.get(f"responses/{t}", 0)
+                    if count:
+                        sums[t][w] += row[f"r_v_mean/{t}"] * count
+                        sums[t][w + 2] += count
+    return {t: (a / na if na else float("nan"), b / nb if nb else float("nan"), na, nb)
+            for t, (a, b, na, nb) in sums.items()}
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def main() -> None:
 
     logs = {stage: [roots[s] / stage / "metrics.jsonl" for s in seeds] for stage in ("guided_rl", "exploratory_rl")}
     print("\nsampled R_v (T = 1) per task, first vs last 20% of guided RL's steps, pooled over the seeds' responses:")
-    for task, (first, last, n_first, n_last) in pooled_task_trend(logs["guided_rl"], tasks).items():
+    for task, (first, last, n_first, n_last) in pooled_task_trend(g, logs["guided_rl"], tasks).items():
         print(f"  {task:7s} {first:.3f} -> {last:.3f}  ({n_first} / {n_last} responses)")
     print("\nadvantages' within-group correlation with a reward term (group/adv_corr/<term>): mean over the stage's "
           "steps (first -> last 20%):")
@@ -157,15 +157,13 @@ def main() -> None:
             print(f"  {stage:14s} seed {s}: " + "; ".join(cells))
 
 
-def pooled_task_trend(logs: list[Path], tasks: list[str], share: float = 0.2) -> dict:
+def pooled_task_trend(g, logs: list[Path], tasks: list[str], share: float = 0.2) -> dict:
     """{task: (first, last, responses in first, in last)}: each task's r_v_mean over the first and the last `share`
-    of every log's steps (guided_rl.first_last_share's windows), weighted by responses/<task> and pooled over the
-    logs, so that each sampled response counts once."""
+    of every log's steps (guided_rl.log_windows, as first_last_share), weighted by responses/<task> and pooled over
+    the logs, so that each sampled response counts once."""
     sums = {t: [0.0, 0.0, 0, 0] for t in tasks}
     for log in logs:
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        n = max(1, int(round(len(rows) * share)))
-        for w, window in enumerate((rows[:n], rows[-n:])):
+        for w, window in enumerate(g.log_windows(log, share)):
             for row in window:
                 for t in tasks:
                     count = row.get(f"responses/{t}", 0)

@@ -259,8 +259,7 @@ def first_last_share(log_path: Path, keys: list[str], share: float = 0.2) -> dic
     prompt of the task counts a fifth as much as one that sampled five), when every step of the window logged that
     count (steps logged before the count existed weigh alike); a key a step did not log (a task that step did not
     sample) is averaged over the steps that have it; NaN if none."""
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    n = max(1, int(round(len(rows) * share)))
+    first, last = log_windows(log_path, share)
 
     def mean(part, k):
         part = [r for r in part if k in r]
@@ -268,7 +267,14 @@ def first_last_share(log_path: Path, keys: list[str], share: float = 0.2) -> dic
         weights = [r[count] for r in part] if count and all(count in r for r in part) else [1.0] * len(part)
         total = sum(weights)
         return sum(r[k] * w for r, w in zip(part, weights)) / total if total else float("nan")
-    return {k: (mean(rows[:n], k), mean(rows[-n:], k)) for k in keys}
+    return {k: (mean(first, k), mean(last, k)) for k in keys}
+
+
+def log_windows(log_path: Path, share: float = 0.2) -> tuple[list[dict], list[dict]]:
+    """The first and the last `share` of a metrics.jsonl's steps (at least one each; round(share x steps))."""
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    n = max(1, int(round(len(rows) * share)))
+    return rows[:n], rows[-n:]
 
 
 PER_TASK_MEANS = ("reward_mean/", "r_v_mean/")  # the logged per-task means over a task's responses

@@ -69,7 +69,8 @@ def advantage_correlations(rewards: torch.Tensor, terms: dict[str, torch.Tensor]
     shuffled reward); below 0: against it. A correlation, not a share of a sum: terms that cancel within a group
     (a wrong answer with good tags vs a right one with bad tags) keep it bounded. {} when no group has signal."""
     adv = group_advantages(rewards, group_size, eps).to(torch.float64).view(-1, group_size)  # (B, G), checks rewards
-    energy = (adv * adv).mean(dim=1)  # (B,) the weight of each group
+    adv_sq = (adv * adv).sum(dim=1)  # (B,)
+    energy = adv_sq / group_size  # (B,) mean A^2: the weight of each group
     if not bool((energy > 0).any()):
         return {}
     out = {}
@@ -79,7 +80,7 @@ def advantage_correlations(rewards: torch.Tensor, terms: dict[str, torch.Tensor]
                              f"the rewards {tuple(rewards.shape)}")
         tc = t.to(torch.float64).view(-1, group_size)
         tc = tc - tc.mean(dim=1, keepdim=True)  # (B, G)
-        norm = ((adv * adv).sum(dim=1) * (tc * tc).sum(dim=1)).sqrt()  # (B,)
+        norm = (adv_sq * (tc * tc).sum(dim=1)).sqrt()  # (B,)
         corr = torch.where(norm > 0, (adv * tc).sum(dim=1) / norm.clamp_min(1e-300), torch.zeros_like(norm))
         out[name] = ((energy * corr).sum() / energy.sum()).item()
     return out

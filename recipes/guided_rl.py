@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import shlex
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,13 +71,22 @@ class GuidedConfig(RLConfig):
     eval_examples: int = 0  # dev examples per task in the demo's evaluation table (0 = all 60 of the demo world)
     rl_seed: int = -1  # demo: the RL stages' seed (prompt order, samples; -1 = seed). seed= also reseeds SFT and PRMU;
     #                    rl_seed= with out_dir= reruns only the RL stages over the same SFT and PRMU (bench/rl_seeds.py)
+    sft_settings: str = ""  # demo: SFT's settings other than its defaults, as "key=value key=value" (recipes/sft.py
+    #                         --help; e.g. "max_steps=200"); the demo sets its inputs, out_dir and seed
+    prmu_settings: str = ""  # demo: the same for PRMU, over configs/prmu_demo.yaml (recipes/train_prmu.py --help)
 
 
 # Keys left out of a stage's stamp: those that never change what the stage builds (paths the demo derives from
 # workdir, plumbing, memory knobs, the demo driver's own keys). A resume may also change max_steps and the RL engine,
 # SFT's export_dtype and PRMU's new_head / input files, but those change the result: they stay in the stamp.
 RL_PLUMBING = (loop.RESUMABLE_KEYS - {"max_steps", "engine"}) | {"demo", "workdir", "rerun", "eval_examples",
-                                                           "exploratory_steps", "rl_seed"}  # (seed holds it)
+                                                           "exploratory_steps", "rl_seed",  # (seed holds it)
+                                                           "sft_settings", "prmu_settings"}  # (in SFT's, PRMU's stamps)
+# The SFT and PRMU keys the demo sets itself (from workdir, its own stages and seed=): refused in sft_settings= and
+# prmu_settings=, which would otherwise train them on other data or out of the stage folders.
+DEMO_OWNED = {"sft_settings": ("model", "tokenizer", "data", "demo_dir", "out_dir", "seed"),
+              "prmu_settings": ("pairs", "heldout_pairs", "demo_world", "tokenizer", "init", "init_preset", "new_head",
+                                "out_dir", "seed")}
 
 
 def on_rank0(fn) -> None:
@@ -124,29 +134,49 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
     the evaluation's sampling, not the data."""
     from minitagpr.data import demo_world
     work = Path(cfg.workdir)
+    sft, prmu = recipe("sft"), recipe("train_prmu")
+    sft_cfg = stage_config(sft.SftConfig, None, "sft_settings", cfg.sft_settings,
+                           {"demo_dir": str(work), "out_dir": str(dirs["sft"][0]), "seed": cfg.seed})
+    prmu_cfg = stage_config(prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml", "prmu_settings",
+                            cfg.prmu_settings, {"demo_world": str(work / "world"), "init": str(dirs["sft"][1]),
+                                                "new_head": True, "out_dir": str(dirs["prmu"][0]), "seed": cfg.seed})
     if D.world().is_main:
         demo_world.build(work / "world")  # idempotent: its manifest records what was built
     D.barrier()
     world = demo_world.build(work / "world")  # every rank: the same paths, nothing rebuilt
     builds = {"world": world.fingerprint}
 
-    sft = recipe("sft")
-    sft_cfg = sft.SftConfig(demo_dir=str(work), out_dir=str(dirs["sft"][0]), seed=cfg.seed)
     sft_export, builds["sft"] = build_or_reuse(
         "2. SFT on the demo world's tagged chains", dirs["sft"], sft_cfg,
         sft.RESUMABLE_KEYS - {"model", "tokenizer", "data", "export_dtype"}, {"world": builds["world"]}, sft.run,
         fresh_also=[work / f"base_{sft_cfg.demo_preset}"])  # the base model SFT starts from (the table's Base row)
 
-    prmu = recipe("train_prmu")
-    prmu_cfg = load_config(prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml",
-                           {"demo_world": str(work / "world"), "init": str(sft_export), "new_head": True,
-                            "out_dir": str(dirs["prmu"][0]), "seed": cfg.seed})
     prmu_export, builds["prmu"] = build_or_reuse(
         "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", dirs["prmu"], prmu_cfg,
         prmu.RESUMABLE_KEYS - {"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}, dict(builds),
         prmu.run)
     return {"world": world, "base": work / f"base_{sft_cfg.demo_preset}", "sft": sft_export, "prmu": prmu_export,
             "builds": builds}
+
+
+def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: dict):
+    """An earlier demo stage's config: its defaults, `yaml_file`, the user's `key`= text ("k=v k=v", shell-quoted)
+    and the demo's own keys `demo`, which the text may not set (DEMO_OWNED). Errors name `key` and the setting."""
+    user: dict[str, str] = {}
+    for token in shlex.split(text):
+        name, sep, value = token.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"{key}: {token!r} is not of the form key=value")
+        if name in DEMO_OWNED[key]:
+            raise ConfigError(f"{key}: {name} is set by the demo itself ({', '.join(DEMO_OWNED[key])} come from "
+                              "workdir=, the earlier stages and seed=)")
+        if name in user:
+            raise ConfigError(f"{key}: {name} is given twice")
+        user[name] = value
+    try:
+        return load_config(cls, yaml_file, {**user, **demo})
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Path):
@@ -337,7 +367,7 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
     diffs = rl_vs_sft(paths["world"], tasks, root / "eval", cfg.eval_examples)
     users = max(d["users"] for d in diffs.values())
     print(f"\n[demo] RL minus SFT on each task's main metric, 95% interval from resampling the {users} dev "
-          "users (2,000 draws):")
+          f"user{'s' * (users != 1)} (2,000 draws):")
     for task, d in diffs.items():
         sense = "higher is better" if d["higher_is_better"] else "lower is better"
         cells = "   ".join(f"{row} {d[row][0]:+.3f} [{d[row][1]:+.3f}, {d[row][2]:+.3f}]" for row in RL_ROWS)

@@ -130,3 +130,26 @@ def test_the_demo_reports_trend_lines_with_and_without_the_correlation_log(tmp_p
     # a log from before the correlations were logged: no such line, and no explanation of it
     old = guided.trend_lines(guided.first_last_share(log, keys[:2], 0.2), ["LaMP-1"])
     assert len(old) == 3 and not any("advantage vs term" in line or "correlation" in line for line in old)
+
+
+def test_stage_config_takes_the_users_settings_over_the_yaml_and_refuses_what_the_demo_sets(tmp_path):
+    prmu = load_recipe("train_prmu")
+    yaml_file = guided.RECIPES / "configs" / "prmu_demo.yaml"
+    demo = {"demo_world": str(tmp_path / "world"), "init": str(tmp_path / "sft" / "hf"), "new_head": True,
+            "out_dir": str(tmp_path / "prmu"), "seed": 3}
+    cfg = guided.stage_config(prmu.PrmuConfig, yaml_file, "prmu_settings", "max_steps=7  'table_lr=0.5'", demo)
+    assert (cfg.max_steps, cfg.table_lr, cfg.seed, cfg.heldout_frac) == (7, 0.5, 3, 0.3)  # heldout_frac: the YAML's
+    assert guided.stage_config(prmu.PrmuConfig, yaml_file, "prmu_settings", "", demo).max_steps == 480
+    for text, message in (("max_steps", r"prmu_settings: 'max_steps' is not of the form key=value"),
+                          ("=3", r"prmu_settings: '=3' is not of the form key=value"),
+                          ("seed=1", r"prmu_settings: seed is set by the demo itself"),
+                          ("out_dir=/x", r"prmu_settings: out_dir is set by the demo itself"),
+                          ("lr=1 lr=2", r"prmu_settings: lr is given twice"),
+                          ("max_stepz=3", r"prmu_settings: .*max_stepz"),
+                          ("max_steps=many", r"prmu_settings: .*max_steps")):
+        with pytest.raises(guided.ConfigError, match=message):
+            guided.stage_config(prmu.PrmuConfig, yaml_file, "prmu_settings", text, demo)
+    sft = load_recipe("sft")
+    for owned in guided.DEMO_OWNED["sft_settings"]:
+        with pytest.raises(guided.ConfigError, match=rf"sft_settings: {owned} is set by the demo itself"):
+            guided.stage_config(sft.SftConfig, None, "sft_settings", f"{owned}=x", {"out_dir": str(tmp_path)})

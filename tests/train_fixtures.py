@@ -77,8 +77,13 @@ def free_port() -> int:
 
 def launch(args: list[str], nproc: int, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run recipes/sft.py with `args` under torchrun (nproc > 1) or as a plain process (nproc == 1)."""
-    script = [str(REPO / "recipes" / "sft.py")]
-    return _run(script, args, nproc, env, timeout)
+    return launch_recipe("sft", args, nproc, env, timeout)
+
+
+def launch_recipe(stem: str, args: list[str], nproc: int, env: dict | None = None,
+                  timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run recipes/<stem>.py with `args` under torchrun (nproc > 1) or as a plain process (nproc == 1)."""
+    return _run([str(REPO / "recipes" / f"{stem}.py")], args, nproc, env, timeout)
 
 
 def launch_sequence(runs: list[list[str]], nproc: int, timeout: float = 240) -> subprocess.CompletedProcess:

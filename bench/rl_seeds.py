@@ -9,6 +9,8 @@ Stages already built for a seed are reused, so a second call only redoes the tab
     python bench/rl_seeds.py [--seeds 0,1,2,3,4] [--workdir runs/demo] [--out runs/rl_seeds] [--nproc 2] [key=value]
     python bench/rl_seeds.py --control --seeds 0,1,2 --out runs/rl_control     # the shuffled-reward control
     python bench/rl_seeds.py --seeds 0,1,2 --out runs/rl_abl/no_tag use_tag_reward=false   # an ablation
+    python bench/rl_seeds.py --workdir runs/demo_noue --seeds 0,1,2 --out runs/rl_abl/no_ue \
+        prmu_settings=use_user_table=false   # PRMU w/o UE, after cp -a runs/demo/{world,base_demo,sft} runs/demo_noue/
 
 With key=value arguments (an ablation) or --control every seed, the main command's included, runs under --out.
 

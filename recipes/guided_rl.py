@@ -163,7 +163,11 @@ def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: d
     """An earlier demo stage's config: its defaults, `yaml_file`, the user's `key`= text ("k=v k=v", shell-quoted)
     and the demo's own keys `demo`, which the text may not set (DEMO_OWNED). Errors name `key` and the setting."""
     user: dict[str, str] = {}
-    for token in shlex.split(text):
+    try:
+        tokens = shlex.split(text)
+    except ValueError as err:  # an unbalanced quote
+        raise ConfigError(f"{key}: {text!r}: {err}") from None
+    for token in tokens:
         name, sep, value = token.partition("=")
         if not sep or not name:
             raise ConfigError(f"{key}: {token!r} is not of the form key=value")

@@ -146,7 +146,8 @@ def test_stage_config_takes_the_users_settings_over_the_yaml_and_refuses_what_th
                           ("out_dir=/x", r"prmu_settings: out_dir is set by the demo itself"),
                           ("lr=1 lr=2", r"prmu_settings: lr is given twice"),
                           ("max_stepz=3", r"prmu_settings: .*max_stepz"),
-                          ("max_steps=many", r"prmu_settings: .*max_steps")):
+                          ("max_steps=many", r"prmu_settings: .*max_steps"),
+                          ("max_steps='3", r"prmu_settings: .*No closing quotation")):
         with pytest.raises(guided.ConfigError, match=message):
             guided.stage_config(prmu.PrmuConfig, yaml_file, "prmu_settings", text, demo)
     sft = load_recipe("sft")

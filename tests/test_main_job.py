@@ -2,7 +2,8 @@
 SFT, PRMU, guided and exploratory RL and the table, each stage shrunk to a few steps (sft_settings=,
 prmu_settings= and the RL keys; about 20 s). tests/test_demo_stages.py checks the stage rules with fake stages;
 this checks that the real stages are wired to each other: each reads the export and settings it should, the
-report prints, and a second run reuses every stage and prints the same table."""
+report prints, a second run reuses every stage and prints the same table, and the commands a researcher runs next
+(configs/eval_demo.yaml's re-scoring, Stage 3 by hand) take the job's exports."""
 from __future__ import annotations
 
 import json
@@ -111,3 +112,39 @@ def test_another_prmu_setting_is_refused_by_name_and_the_stage_is_kept(first):
     for ours in (REPO / "recipes", REPO / "minitagpr"):  # torchrun's own traceback follows; none from our code
         assert f'File "{ours}' not in proc.stderr
     assert stamp(work / "prmu") == before and (work / "prmu" / "hf").is_dir()
+
+
+def test_eval_demo_yaml_rescores_the_main_jobs_checkpoints_to_the_same_rows(first):
+    """configs/eval_demo.yaml says it prints the main job's table: one process decoding every checkpoint gives the
+    rows the main job's two ranks gave (each decoding half of the checkpoints)."""
+    work, _, table_md = first
+    exports = {"Base": work / "base_demo", "SFT": work / "sft" / "hf", "Guided RL": work / "guided_rl" / "export",
+               "Exploratory RL": work / "exploratory_rl" / "export"}
+    out = work / "eval_config"
+    proc = launch_recipe("evaluate", ["--config", str(REPO / "recipes" / "configs" / "eval_demo.yaml"),
+                                      f"data_dir={work / 'world'}", f"out_dir={out}", "limit=2", "max_new_tokens=48",
+                                      "checkpoints=" + ",".join(f"{n}={p}" for n, p in exports.items())], nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = (out / "table.md").read_text()
+    model_rows = [line for line in table_md.splitlines() if line.startswith(tuple(f"| {n} |" for n in exports))]
+    assert len(model_rows) == 4 and all(row in again.splitlines() for row in model_rows)
+    for name in exports:  # and token for token the same generations
+        folder = name.replace(" ", "_")
+        for task in TASKS:
+            texts = [[json.loads(line)["text"] for line in (root / "generations" / folder / f"{task}.jsonl")
+                      .read_text().splitlines()] for root in (work / "eval", out)]
+            assert texts[0] == texts[1] and len(texts[0]) == 2, (name, task)
+
+
+def test_the_standalone_exploratory_recipe_continues_from_the_guided_export(first):
+    """Stage 3 run by hand, as recipes/exploratory_rl.py's docstring shows, from the main job's guided export."""
+    work, _, _ = first
+    out = work / "explore_by_hand"
+    proc = launch_recipe("exploratory_rl", [f"policy={work / 'guided_rl' / 'export'}", f"data_root={work / 'world'}",
+                                            "prompt_style=brief", "tasks=LaMP-1:4,LaMP-4:4", "max_steps=1",
+                                            "prompts_per_step=4", "max_new_tokens=32", f"out_dir={out}",
+                                            "save_every=0"], nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = metrics(out)
+    assert row["step"] == 1 and math.isfinite(row["gspo/loss"]) and "r_prmu_mean" not in row
+    assert (out / "export" / "config.json").is_file()

@@ -135,11 +135,14 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
     from minitagpr.data import demo_world
     work = Path(cfg.workdir)
     sft, prmu = recipe("sft"), recipe("train_prmu")
+    ranks = D.world().world_size  # both configs are checked before either stage trains
     sft_cfg = stage_config(sft.SftConfig, None, "sft_settings", cfg.sft_settings,
-                           {"demo_dir": str(work), "out_dir": str(dirs["sft"][0]), "seed": cfg.seed})
+                           {"demo_dir": str(work), "out_dir": str(dirs["sft"][0]), "seed": cfg.seed},
+                           check=lambda c: sft.accumulation_steps(c, ranks))
     prmu_cfg = stage_config(prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml", "prmu_settings",
                             cfg.prmu_settings, {"demo_world": str(work / "world"), "init": str(dirs["sft"][1]),
-                                                "new_head": True, "out_dir": str(dirs["prmu"][0]), "seed": cfg.seed})
+                                                "new_head": True, "out_dir": str(dirs["prmu"][0]), "seed": cfg.seed},
+                            check=lambda c: prmu.check_batch_split(c, ranks))
     if D.world().is_main:
         demo_world.build(work / "world")  # idempotent: its manifest records what was built
     D.barrier()
@@ -151,6 +154,7 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
         sft.RESUMABLE_KEYS - {"model", "tokenizer", "data", "export_dtype"}, {"world": builds["world"]}, sft.run,
         fresh_also=[work / f"base_{sft_cfg.demo_preset}"])  # the base model SFT starts from (the table's Base row)
 
+    prmu_cfg = replace(prmu_cfg, init=str(sft_export))  # the folder SFT exported to (dirs["sft"][1] today)
     prmu_export, builds["prmu"] = build_or_reuse(
         "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", dirs["prmu"], prmu_cfg,
         prmu.RESUMABLE_KEYS - {"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}, dict(builds),
@@ -159,9 +163,11 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
             "builds": builds}
 
 
-def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: dict):
+def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: dict, check=None):
     """An earlier demo stage's config: its defaults, `yaml_file`, the user's `key`= text ("k=v k=v", shell-quoted)
-    and the demo's own keys `demo`, which the text may not set (DEMO_OWNED). Errors name `key` and the setting."""
+    and the demo's own keys `demo`, which the text may not set (DEMO_OWNED); then `check(config)` (e.g. that the
+    batch splits over the ranks), so that a bad setting stops the job before any stage trains. Errors name `key`."""
+    assert set(demo) <= set(DEMO_OWNED[key]), f"{key}: the demo sets keys DEMO_OWNED does not list"
     user: dict[str, str] = {}
     try:
         tokens = shlex.split(text)
@@ -178,7 +184,10 @@ def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: d
             raise ConfigError(f"{key}: {name} is given twice")
         user[name] = value
     try:
-        return load_config(cls, yaml_file, {**user, **demo})
+        config = load_config(cls, yaml_file, {**user, **demo})
+        if check is not None:
+            check(config)
+        return config
     except ConfigError as err:
         raise ConfigError(f"{key}: {err}") from None
 

@@ -101,6 +101,15 @@ RESUMABLE_KEYS = {"model", "tokenizer", "data", "demo_dir", "out_dir", "micro_ba
                   "drop_long"}
 
 
+def accumulation_steps(cfg: SftConfig, world_size: int) -> int:
+    """Micro-batches per rank in one optimizer step; an error unless global_batch splits evenly over the ranks."""
+    accum, rem = divmod(cfg.global_batch, cfg.micro_batch * world_size)
+    if accum < 1 or rem:
+        raise ConfigError(f"global_batch={cfg.global_batch} must be a multiple of micro_batch * world size = "
+                          f"{cfg.micro_batch} * {world_size}")
+    return accum
+
+
 def run(cfg: SftConfig) -> Path:
     """Train, checkpoint, export; returns the HF export folder. Works inside an existing process group."""
     # ---- 1. processes -------------------------------------------------------------------------------------------
@@ -108,10 +117,7 @@ def run(cfg: SftConfig) -> Path:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    accum, rem = divmod(cfg.global_batch, cfg.micro_batch * info.world_size)
-    if accum < 1 or rem:
-        raise ConfigError(f"global_batch={cfg.global_batch} must be a multiple of micro_batch * world size = "
-                          f"{cfg.micro_batch} * {info.world_size}")
+    accum = accumulation_steps(cfg, info.world_size)
     if info.is_main:
         save_config(cfg, out_dir / "config.yaml")
     D.log(f"[sft] {info.world_size} process(es) on {info.device.type} ({info.backend}); global batch "

@@ -123,14 +123,19 @@ class EncodedPair:
     user_dependent: bool
 
 
+def check_batch_split(cfg: PrmuConfig, world_size: int) -> None:
+    """An error unless global_batch splits into micro-batches of micro_batch pairs on each of the ranks."""
+    if cfg.global_batch % (cfg.micro_batch * world_size):
+        raise ConfigError(f"global_batch={cfg.global_batch} must split into micro-batches of {cfg.micro_batch} "
+                          f"pairs on each of {world_size} ranks")
+
+
 def run(cfg: PrmuConfig) -> Path:
     """Train (or resume) and export; returns the HF folder of the trained reward model (out_dir/hf)."""
     info = D.init_distributed()
     out = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
-    if cfg.global_batch % (cfg.micro_batch * info.world_size):
-        raise SystemExit(f"global_batch={cfg.global_batch} must split into micro-batches of {cfg.micro_batch} "
-                         f"pairs on each of {info.world_size} ranks")
+    check_batch_split(cfg, info.world_size)
 
     # ------------------------------------------------------------------------------------------- 2. pairs
     if cfg.demo_world:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from minitagpr import distributed as D
 from minitagpr.cli import exit_on_user_error
-from minitagpr.config import parse_cli
+from minitagpr.config import ConfigError, parse_cli
 from minitagpr.rl.loop import RLConfig, train
 
 
@@ -31,9 +31,9 @@ class ExploratoryConfig(RLConfig):
 def main(argv: list[str]) -> None:
     cfg = parse_cli(ExploratoryConfig, argv)
     if cfg.stage != "exploratory":
-        raise SystemExit("recipes/exploratory_rl.py runs stage=exploratory; use recipes/guided_rl.py for Stage 2")
+        raise ConfigError("recipes/exploratory_rl.py runs stage=exploratory; use recipes/guided_rl.py for Stage 2")
     if not cfg.policy:
-        raise SystemExit("policy=<guided-RL export folder> is required (Stage 3 starts from the Stage 2 checkpoint)")
+        raise ConfigError("policy=<guided-RL export folder> is required (Stage 3 starts from the Stage 2 checkpoint)")
     D.init_distributed()
     try:
         train(cfg)

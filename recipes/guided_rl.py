@@ -390,19 +390,24 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
 def main(argv: list[str]) -> None:
     cfg = parse_cli(GuidedConfig, argv)
     if not cfg.demo and not any(a == "--config" or a.startswith(("config=", "--config=")) for a in argv):
-        raise SystemExit("demo=false runs need --config FILE.yaml (e.g. recipes/configs/guided_rl_qwen3_8b.yaml): "
+        raise ConfigError("demo=false runs need --config FILE.yaml (e.g. recipes/configs/guided_rl_qwen3_8b.yaml): "
                          "the built-in defaults are the demo's")
     if cfg.stage != "guided":
-        raise SystemExit("recipes/guided_rl.py runs stage=guided; use recipes/exploratory_rl.py for Stage 3")
+        raise ConfigError("recipes/guided_rl.py runs stage=guided; use recipes/exploratory_rl.py for Stage 3")
+    given = [k for k in ("policy", "prmu", "data_root") if cfg.demo and getattr(cfg, k)]
+    if given:  # the demo builds its own policy, PRMU and data: a given one would be silently left unused
+        raise ConfigError(f"{'=, '.join(given)}= given, but the demo (demo=true, the default) builds its own policy, PRMU "
+                          "and data under workdir=; to run Stage 2 on yours: demo=false --config "
+                          "recipes/configs/guided_rl_qwen3_8b.yaml (or your own YAML)")
     if cfg.rl_seed < -1 or (cfg.rl_seed != -1 and not cfg.demo):
-        raise SystemExit(f"rl_seed={cfg.rl_seed}: rl_seed reseeds the demo's RL stages (>= 0; -1 = seed); "
+        raise ConfigError(f"rl_seed={cfg.rl_seed}: rl_seed reseeds the demo's RL stages (>= 0; -1 = seed); "
                          "with demo=false set seed= instead")
     info = D.init_distributed()
     report = None
     try:
         if not cfg.demo:
             if not (cfg.policy and cfg.data_root and (cfg.prmu or not cfg.use_prmu or cfg.gamma == 0)):
-                raise SystemExit("demo=false needs policy=, data_root= and prmu= (or use_prmu=false)")
+                raise ConfigError("demo=false needs policy=, data_root= and prmu= (or use_prmu=false)")
             train(replace(cfg, out_dir=cfg.out_dir or "runs/guided_rl"))
             return
         work = Path(cfg.workdir)

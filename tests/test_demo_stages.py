@@ -247,7 +247,7 @@ def test_rl_seed_reseeds_the_rl_stages_only(demo):
 @pytest.mark.parametrize("args", [["rl_seed=-2"], ["rl_seed=1", "demo=false"]])
 def test_rl_seed_is_refused_outside_the_demo_or_below_minus_one(demo, args, tmp_path):
     (tmp_path / "x.yaml").write_text("lr: 1.0e-4\n")
-    with pytest.raises(SystemExit, match="rl_seed"):
+    with pytest.raises(ConfigError, match=r"rl_seed=(-2|1): rl_seed reseeds"):
         demo.g.main([*args, "--config", str(tmp_path / "x.yaml")])
 
 

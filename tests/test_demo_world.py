@@ -319,7 +319,7 @@ def test_a_users_usual_score_rounds_half_up():
 def test_a_manifest_that_is_not_an_object_is_named_and_the_world_is_rebuilt(tmp_path):
     built = dw.build(tmp_path / "w", seed=3, **SMALL)
     (tmp_path / "w" / "world.json").write_text("[1, 2]")
-    with pytest.raises(dw.DataError, match="world.json"):
+    with pytest.raises(dw.DataError, match=r"world.json: want a JSON object \(the world's manifest\), got list"):
         dw.DemoWorld.load(tmp_path / "w")
     assert dw.build(tmp_path / "w", seed=3, **SMALL).user_dependent_groups == built.user_dependent_groups
 

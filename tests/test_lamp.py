@@ -178,7 +178,7 @@ def test_a_lamp3_score_that_is_no_rating_from_1_to_5_names_the_item(tmp_path, sc
 def test_bad_json_names_the_file_and_position(tmp_path):
     path = tmp_path / "q.json"
     path.write_text('[{"id": "1", "input": ')
-    with pytest.raises(DataError, match=r"q.json: not valid JSON: .* line 1 column"):
+    with pytest.raises(DataError, match=r"q.json: not valid JSON: .*\(line 1 column \d+\)"):
         load_questions(path, "LaMP-7")
 
 

@@ -163,3 +163,14 @@ def test_stage_config_takes_the_users_settings_over_the_yaml_and_refuses_what_th
     with pytest.raises(guided.ConfigError, match=r"sft_settings: global_batch=3 must be a multiple of micro_batch"):
         guided.stage_config(sft.SftConfig, None, "sft_settings", "global_batch=3", {"out_dir": str(tmp_path)},
                             check=lambda c: sft.accumulation_steps(c, 2))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["policy=/my/policy", "data_root=/my/data"], r"policy=, data_root= given, but the demo \(demo=true, the default\) "
+                                                  r"builds its own"),  # were silently left unused: exit 0
+    (["demo=false"], r"demo=false runs need --config FILE.yaml"),
+    (["rl_seed=-2"], r"rl_seed=-2: rl_seed reseeds the demo's RL stages"),
+])
+def test_main_refuses_settings_the_demo_would_ignore_before_anything_runs(argv, message):
+    with pytest.raises(guided.ConfigError, match=message):
+        guided.main(argv)

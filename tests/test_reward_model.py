@@ -260,11 +260,26 @@ def test_asking_for_a_table_on_a_checkpoint_without_one_is_an_error_not_a_random
     # e.g. prmu_user_table=true in guided RL on a 'PRMU w/o UE' export: a fresh random soft token before every
     # input would silently change every reward
     save_reward_model(_tiny_prmu(use_user_table=False), tmp_path / "rm")
-    with pytest.raises(CheckpointError, match="holds no user table.*use_user_table=false"):
+    with pytest.raises(CheckpointError, match="holds no user table.*prmu_user_table unset or false.*use_user_table=False"):
         load_reward_model(tmp_path / "rm", use_user_table=True)
     assert not load_reward_model(tmp_path / "rm").use_user_table  # the default follows the checkpoint
     fresh = load_reward_model(tmp_path / "rm", use_user_table=True, users=["alice"])  # training starts a table
     assert fresh.use_user_table and fresh.users.row("alice") == 1
+
+
+def test_an_incomplete_table_or_a_multi_label_head_is_refused_not_scored_otherwise(tmp_path):
+    save_reward_model(_tiny_prmu(), tmp_path / "rm")
+    (tmp_path / "rm" / "user_vocab.json").unlink()  # half a table: must not be scored as "w/o UE"
+    with pytest.raises(CheckpointError, match=r"holds a user table \(user_embeddings.safetensors\) but not its user "
+                                              r"ids \(user_vocab.json\)"):
+        load_reward_model(tmp_path / "rm")
+    save_reward_model(_tiny_prmu(use_user_table=False), tmp_path / "rm3")
+    cfg = json.loads((tmp_path / "rm3" / "config.json").read_text())
+    for change in ({"num_labels": 3}, {"id2label": {"0": "a", "1": "b"}, "num_labels": 2}):
+        (tmp_path / "rm3" / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(CheckpointError, match=r"config.json: num_labels = (3 \(id2label: 1 labels\)|2); a reward "
+                                                  r"model gives one score"):
+            load_reward_model(tmp_path / "rm3")
 
 
 # ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------

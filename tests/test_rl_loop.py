@@ -176,6 +176,9 @@ def test_config_rejects_a_task_listed_twice_in_the_mix():
     """LaMP-1 and LaMP_1 were two seeded draws of one task: repeated prompts, and per-task metrics of one entry."""
     with pytest.raises(ValueError, match="tasks: LaMP-1 appears more than once"):
         RLConfig(tasks="LaMP-1:10,LaMP_1:20")
+    with pytest.raises(ValueError, match=r"tasks: PGraphRAG-title is not a LaMP task; RL draws its prompts from a "
+                                          r"LaMP-format data_root="):  # was found missing only when the files were read
+        RLConfig(tasks="LaMP-1:10,PGraphRAG-title:20")
 
 
 def test_config_rejects_unknown_engines_and_decode_loops():

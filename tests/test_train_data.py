@@ -52,6 +52,8 @@ def test_bad_json_names_file_and_line(tmp_path):
     ("messages", [], "field 'messages' is empty"),
     ("user", True, "field 'user' must be a string or null, got bool"),  # was kept as the user "True"
     ("messages", [{"role": "user"}], r"field 'messages\[0\]' must be an object"),
+    ("chain", " \n", "field 'chain' is empty: SFT would teach an empty chain"),  # were trained on
+    ("answer", "", "field 'answer' is empty: SFT would teach an empty answer"),
 ])
 def test_bad_field_names_file_line_id_and_field(tmp_path, field, value, message):
     rec = dict(sft_record(1), **{field: value})

@@ -763,7 +763,10 @@ class DemoWorld:
         except FileNotFoundError:
             raise DataError(f"{path}: no demo world here (run `python -m minitagpr.data.demo_world {root}`)") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}") from None
+            raise DataError(f"{path}: not valid JSON: {e.msg} (line {e.lineno})") from None
+        if not isinstance(m, dict):
+            raise DataError(f"{path}: want a JSON object (the world's manifest), got {type(m).__name__}; delete the "
+                            "folder to rebuild")
         try:
             rel = lambda p: root / p  # noqa: E731
             styles = m["reasoning_styles"]

@@ -394,7 +394,7 @@ def json_object_lines(path: Path, fail: Callable[[int, str], Exception]) -> Iter
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise fail(lineno, f"not valid JSON ({e.msg} at column {e.colno})") from None
+                raise fail(lineno, f"not valid JSON ({e.msg}; column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise fail(lineno, f"expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
@@ -409,7 +409,7 @@ def read_json(path: Path) -> Any:
     except OSError as e:  # a directory, no permission, an I/O error
         raise DataError(f"{path}: cannot read the file: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise DataError(f"{path}: not valid JSON: {e.msg} (line {e.lineno} column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text: {e}") from None
 

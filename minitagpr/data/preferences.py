@@ -605,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out-dir", required=True)
         p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if getattr(args, "max_per_set", 0) < 0:  # (--max-per-example is checked by build_pairs_from_rollouts)
+        parser.error(f"--max-per-set must be >= 0 (0 = no cap), got {args.max_per_set}")
     try:
         cut_pairs = {}
         if args.source == "from-rollouts":
@@ -629,6 +631,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {len(pairs)} pairs -> {out / (name.lower() + '.jsonl')}")
     except (PreferenceDataError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. --out-dir names a file, or a folder that cannot be written
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
 

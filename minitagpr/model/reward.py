@@ -218,6 +218,22 @@ def _has_tensor(folder: Path, name: str) -> bool:
     return single.exists() and name in _read_header(single)
 
 
+def _num_labels(config_json: Path):
+    """The label count an HF config.json states: its `num_labels`, else the size of its `id2label`; 1 when it states
+    none (a causal LM) or when the two disagree is reported as the pair. Qwen3Config.from_json checks the file."""
+    try:
+        d = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 1
+    if not isinstance(d, dict):
+        return 1
+    stated = {d["num_labels"]} if "num_labels" in d else set()
+    if isinstance(d.get("id2label"), dict):
+        stated.add(len(d["id2label"]))
+    return stated.pop() if len(stated) == 1 else (1 if not stated else f"{d.get('num_labels')} (id2label: "
+                                                                         f"{len(d['id2label'])} labels)")
+
+
 def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, device="cpu",
                       use_user_table: bool | None = None, users: Iterable[str] | None = None,
                       new_head: bool = False, seed: int = 0) -> PRMU:
@@ -233,14 +249,19 @@ def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, devic
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     saved_table = (folder / USERS_FILE).exists()
+    if (folder / USER_TABLE_FILE).exists() and not saved_table:  # an incomplete copy: never score it table-less
+        raise CheckpointError(f"{folder}: holds a user table ({USER_TABLE_FILE}) but not its user ids ({USERS_FILE}); "
+                              "copy the whole PRMU export folder")
     if saved_table and users is not None:
-        raise CheckpointError(f"{folder}: already holds a user table ({USERS_FILE}); pass users=None to use it")
+        raise CheckpointError(f"{folder}: already holds a user table ({USERS_FILE}), so it cannot start a fresh one "
+                              "(train_prmu: init= a model without a table, e.g. the SFT export with new_head=true)")
     if use_user_table is None:
         use_user_table = saved_table or users is not None
     elif use_user_table and not saved_table and users is None:  # a fresh random row would precede every input
-        raise CheckpointError(f"{folder}: holds no user table ({USERS_FILE}), so use_user_table=true has no rows to "
-                              f"read; score it with use_user_table=false (e.g. a 'PRMU w/o UE' or a Skywork "
-                              f"checkpoint), or pass users= to start a fresh table for training")
+        raise CheckpointError(f"{folder}: holds no user table ({USERS_FILE}), so a user table has no rows to "
+                              f"read; score it without one (guided RL: prmu_user_table unset or false; load_reward_model: "
+                              f"use_user_table=False), as a 'PRMU w/o UE' or a Skywork checkpoint is scored, or "
+                              f"train a table with recipes/train_prmu.py")
     elif saved_table and not use_user_table:
         warnings.warn(f"{folder}: this PRMU was trained with a user table; scoring without it feeds the model inputs "
                       f"it never saw. The paper's 'PRMU w/o UE' is a PRMU trained with use_user_table=false.",
@@ -250,6 +271,10 @@ def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, devic
     with torch.device("meta"):
         model = PRMU(cfg, vocab, use_user_table=use_user_table)
     has_head = _has_tensor(folder, "score.weight")
+    labels = _num_labels(folder / "config.json") if has_head else 1  # (a causal LM's labels mean nothing here)
+    if labels != 1:
+        raise CheckpointError(f"{folder / 'config.json'}: num_labels = {labels}; a reward model gives one score "
+                              "(num_labels 1)")
     if not has_head and not new_head:
         raise CheckpointError(f"{folder}: no 'score.weight' tensor: not a sequence-classification checkpoint "
                               f"(pass new_head=True to start a reward model from a causal LM)")

@@ -162,6 +162,9 @@ def parse_task_mix(spec: str) -> list[tuple[str, int]]:
             task = lamp.canonical_task(name.strip())
         except ValueError as e:
             raise ValueError(f"tasks: {e}") from None
+        if lamp.task_spec(task).folder is None:  # e.g. PGraphRAG: its files are not laid out as a LaMP download
+            raise ValueError(f"tasks: {task} is not a LaMP task; RL draws its prompts from a LaMP-format data_root= "
+                             f"({', '.join(t for t in lamp.TASKS if lamp.task_spec(t).folder)})")
         if not count.strip().isdigit() and count.strip():
             raise ValueError(f"tasks: cannot parse the count of {part!r}; expected 'task:count' with a count >= 0 "
                              f"(0 = all)")

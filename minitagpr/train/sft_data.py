@@ -132,6 +132,9 @@ def _record(obj, path: Path, line_no: int) -> SftRecord:
             raise DataError(f"{where}: field 'messages[{i}]' must be an object with string 'role' and 'content'")
     if obj["messages"][-1]["role"] != "user":  # the chain + answer are the assistant's reply to the last turn
         raise DataError(f"{where}: field 'messages' must end with a user turn, got {obj['messages'][-1]['role']!r}")
+    for name in ("chain", "answer"):  # the targets: an empty one teaches the model to skip it
+        if not obj[name].strip():
+            raise DataError(f"{where}: field '{name}' is empty: SFT would teach an empty {name} after this prompt")
     try:
         canonical_task(obj["task"])
     except ValueError as e:

@@ -140,8 +140,8 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
                            {"demo_dir": str(work), "out_dir": str(dirs["sft"][0]), "seed": cfg.seed},
                            check=lambda c: sft.accumulation_steps(c, ranks))
     prmu_cfg = stage_config(prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml", "prmu_settings",
-                            cfg.prmu_settings, {"demo_world": str(work / "world"), "init": str(dirs["sft"][1]),
-                                                "new_head": True, "out_dir": str(dirs["prmu"][0]), "seed": cfg.seed},
+                            cfg.prmu_settings, {"demo_world": str(work / "world"), "new_head": True,
+                                                "out_dir": str(dirs["prmu"][0]), "seed": cfg.seed},
                             check=lambda c: prmu.check_batch_split(c, ranks))
     if D.world().is_main:
         demo_world.build(work / "world")  # idempotent: its manifest records what was built
@@ -154,7 +154,7 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
         sft.RESUMABLE_KEYS - {"model", "tokenizer", "data", "export_dtype"}, {"world": builds["world"]}, sft.run,
         fresh_also=[work / f"base_{sft_cfg.demo_preset}"])  # the base model SFT starts from (the table's Base row)
 
-    prmu_cfg = replace(prmu_cfg, init=str(sft_export))  # the folder SFT exported to (dirs["sft"][1] today)
+    prmu_cfg = replace(prmu_cfg, init=str(sft_export))  # (init is DEMO_OWNED: the user's text cannot set it)
     prmu_export, builds["prmu"] = build_or_reuse(
         "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", dirs["prmu"], prmu_cfg,
         prmu.RESUMABLE_KEYS - {"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}, dict(builds),

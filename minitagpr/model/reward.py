@@ -218,20 +218,16 @@ def _has_tensor(folder: Path, name: str) -> bool:
     return single.exists() and name in _read_header(single)
 
 
-def _num_labels(config_json: Path):
-    """The label count an HF config.json states: its `num_labels`, else the size of its `id2label`; 1 when it states
-    none (a causal LM) or when the two disagree is reported as the pair. Qwen3Config.from_json checks the file."""
-    try:
-        d = json.loads(config_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 1
-    if not isinstance(d, dict):
-        return 1
-    stated = {d["num_labels"]} if "num_labels" in d else set()
-    if isinstance(d.get("id2label"), dict):
-        stated.add(len(d["id2label"]))
-    return stated.pop() if len(stated) == 1 else (1 if not stated else f"{d.get('num_labels')} (id2label: "
-                                                                         f"{len(d['id2label'])} labels)")
+def _label_count_problem(config_json: Path) -> str | None:
+    """What is wrong with the label count a sequence classifier's config.json states (its `num_labels` and the size
+    of its `id2label`), or None when it states 1 or nothing. The file was already read by Qwen3Config.from_json."""
+    d = json.loads(config_json.read_text(encoding="utf-8"))
+    num = d.get("num_labels")
+    named = len(d["id2label"]) if isinstance(d.get("id2label"), dict) else None
+    if num is not None and named is not None and num != named:
+        return f"{num} (id2label: {named} labels)"
+    stated = num if num is not None else named
+    return None if stated in (None, 1) else str(stated)
 
 
 def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, device="cpu",
@@ -271,8 +267,8 @@ def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, devic
     with torch.device("meta"):
         model = PRMU(cfg, vocab, use_user_table=use_user_table)
     has_head = _has_tensor(folder, "score.weight")
-    labels = _num_labels(folder / "config.json") if has_head else 1  # (a causal LM's labels mean nothing here)
-    if labels != 1:
+    labels = _label_count_problem(folder / "config.json") if has_head else None  # (a causal LM's mean nothing)
+    if labels is not None:
         raise CheckpointError(f"{folder / 'config.json'}: num_labels = {labels}; a reward model gives one score "
                               "(num_labels 1)")
     if not has_head and not new_head:

@@ -26,7 +26,7 @@ import torch
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
 from minitagpr.config import ConfigError, check_resumed_config, parse_cli, save_config, to_dict
-from minitagpr.data.lamp import atomic_write_json
+from minitagpr.data.lamp import atomic_write_json, not_a_file
 from minitagpr.train import optim as O
 from minitagpr.train import sft_data as S
 from minitagpr.train.loss import NonFiniteLossError, nll_forward_backward
@@ -273,7 +273,7 @@ def resolve_inputs(cfg: SftConfig, info: D.DistInfo) -> tuple[str, Path, Path]:
         model_path, tokenizer, data = D.broadcast_object(paths)
         tokenizer, data = Path(cfg.tokenizer or tokenizer), Path(data)
     if not data.is_file():
-        raise S.DataError(f"SFT data file {data} does not exist")
+        raise S.DataError(f"SFT data file {data}: {not_a_file(data)}")
     if not (tokenizer / "tokenizer.json").is_file():
         raise ConfigError(f"no tokenizer.json in {tokenizer}; set tokenizer=FOLDER")
     return model_path, tokenizer, data

@@ -127,3 +127,15 @@ def test_damaged_user_table_names_the_file(tmp_path, damage):
         expected = f"{file}: corrupt safetensors header"
     with pytest.raises(CheckpointError, match=re.escape(expected)):
         load_reward_model(tmp_path / "rm")
+
+
+def test_reward_model_given_as_a_causal_lm_is_named(tmp_path):
+    model = PRMU(tiny_config("tiny", vocab_size=96), ["a"])
+    model.init_weights(0)
+    folder = save_reward_model(model, tmp_path / "rm")  # e.g. policy= pointing at a PRMU export
+    with pytest.raises(CheckpointError, match=re.escape(f"{folder / 'config.json'}: architectures = "
+                                                        "['Qwen3ForSequenceClassification'], not Qwen3ForCausalLM")):
+        load_pretrained(folder)
+    _set_config(folder, architectures=None)  # without the label, the tensors still tell
+    with pytest.raises(CheckpointError, match="unexpected tensors: score.weight"):
+        load_pretrained(folder)

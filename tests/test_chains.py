@@ -707,7 +707,7 @@ def test_config_rejects_a_task_named_twice(tmp_path):
 
 def test_a_stage_whose_input_is_missing_names_the_stage_to_run_first(tmp_path):
     cfg = make_cfg(tmp_path)
-    with pytest.raises(ChainDataError, match=r"judged\.jsonl: not found; it is written by stage 'judge'"):
+    with pytest.raises(ChainDataError, match=r"judged\.jsonl: file not found; it is written by stage 'judge'"):
         run_stages(cfg, ["tag"], log=lambda m: None)
 
 

@@ -88,6 +88,8 @@ def test_post_init_validation_becomes_config_error():
 def test_missing_config_file_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         parse_cli(Recipe, ["--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        parse_cli(Recipe, ["--config", str(tmp_path)])
 
 
 def test_argument_without_equals_is_rejected():

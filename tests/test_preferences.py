@@ -130,6 +130,8 @@ def _good_record(i=0):
     (lambda d: d["prompt"].append({"role": "assistant", "content": "old"}),
      r"field 'prompt\[2\]\.role': the prompt must end with a user turn, got 'assistant'"),
     (lambda d: d["rejected"].update(text=d["chosen"]["text"]), r"field 'rejected\.text': identical to chosen\.text"),
+    # a forgotten key read as the unknown user, scoring every pair with row 0 of the table; null still means that
+    (lambda d: d.pop("user"), r"bad\.jsonl:2 \(record id 'p1'\): field 'user': missing \(null if there is none\)"),
 ])
 def test_malformed_pair_records_name_file_line_record_and_field(tmp_path, mutate, pattern):
     bad = _good_record(1)
@@ -148,6 +150,8 @@ def test_bad_json_line_names_file_and_line(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(PreferenceDataError, match=r"nope\.jsonl: file not found"):
         read_pairs(tmp_path / "nope.jsonl")
+    with pytest.raises(PreferenceDataError, match=r": is a folder, not a file"):
+        read_pairs(tmp_path)  # a folder given for a file is named as such, not "not found"
 
 
 def test_malformed_rollout_record_names_file_line_and_field(tmp_path):
@@ -160,6 +164,14 @@ def test_malformed_rollout_record_names_file_line_and_field(tmp_path):
     _write_lines(path, [rec])
     with pytest.raises(PreferenceDataError, match=r"field 'responses\[1\]': expected str"):
         read_rollouts(path)
+    rec["responses"] = ["ok"]
+    del rec["user"]
+    _write_lines(path, [rec])
+    with pytest.raises(PreferenceDataError, match=r"field 'user': missing \(null if there is none\)"):
+        read_rollouts(path)
+    rec["user"] = None  # null: the unknown user
+    _write_lines(path, [rec])
+    assert read_rollouts(path)[0].user is None
 
 
 def test_heldout_split_is_by_query_and_deterministic():

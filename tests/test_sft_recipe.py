@@ -180,7 +180,7 @@ def test_missing_data_file_fails_clearly(inputs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         recipe().main(common(inputs, tmp_path / "x", data=tmp_path / "missing.jsonl"))
     assert exit_.value.code == 1
-    assert f"SFT data file {tmp_path / 'missing.jsonl'} does not exist" in capsys.readouterr().err
+    assert f"SFT data file {tmp_path / 'missing.jsonl'}: file not found" in capsys.readouterr().err
 
 
 def write_data_with_a_long_record(path):

@@ -36,8 +36,10 @@ def test_records_round_trip_the_interface_format(tmp_path):
 
 
 def test_missing_data_file_is_named(tmp_path):
-    with pytest.raises(S.DataError, match=r"SFT data file .*nope.jsonl does not exist"):
+    with pytest.raises(S.DataError, match=r"SFT data file .*nope.jsonl: file not found"):
         S.read_sft_records(tmp_path / "nope.jsonl")
+    with pytest.raises(S.DataError, match=r"SFT data file .*: is a folder, not a file"):
+        S.read_sft_records(tmp_path)
 
 
 def test_bad_json_names_file_and_line(tmp_path):

@@ -378,6 +378,11 @@ def date_key(value: Any) -> tuple[int, ...] | None:
 # ----------------------------------------------------------------------------------------------------------------
 # Readers
 
+def not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a data file, for an error message: "file not found" or "is a folder, not a file"."""
+    return "is a folder, not a file" if Path(path).is_dir() else "file not found"
+
+
 def json_object_lines(path: Path, fail: Callable[[int, str], Exception]) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line of a JSONL file. Lines are decoded one by one, so a bad byte,
     bad JSON or a value that is not an object is reported on its own line: `fail(line number, what is wrong)`

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from minitagpr.data.lamp import DataError, canonical_task, gold_problem, json_object_lines
+from minitagpr.data.lamp import DataError, canonical_task, gold_problem, json_object_lines, not_a_file
 from minitagpr.tokenizer import assistant_target, check_messages
 
 SETS = ("PRP", "PQP", "style")  # "style": the demo world's hidden per-user preference (synthesize_demo_pairs)
@@ -142,7 +142,7 @@ def _iter_jsonl(path: Path):
     """(line number, dict) for every non-blank line; bad UTF-8, bad JSON or a non-object fails naming file and line."""
     path = Path(path)
     if not path.is_file():
-        raise PreferenceDataError(f"{path}: file not found")
+        raise PreferenceDataError(f"{path}: {not_a_file(path)}")
     yield from json_object_lines(path, lambda lineno, msg: PreferenceDataError(f"{path}:{lineno}: {msg}"))
 
 
@@ -157,15 +157,16 @@ class _Fields:
     def fail(self, field: str, msg: str):
         raise PreferenceDataError(f"{self.where}: field {field!r}: {msg}")
 
-    def get(self, field: str, kind, obj=None, prefix: str = "", optional: bool = False):
+    def get(self, field: str, kind, obj=None, prefix: str = "", optional: bool = False, nullable: bool = False):
+        """`optional`: absent or null gives None; `nullable`: must be present, null gives None."""
         obj = self.obj if obj is None else obj
         name = prefix + field
         if field not in obj:
             if optional:
                 return None
-            self.fail(name, "missing")
+            self.fail(name, "missing" + (" (null if there is none)" if nullable else ""))
         value = obj[field]
-        if optional and value is None:
+        if (optional or nullable) and value is None:
             return None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             kinds = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
@@ -228,7 +229,7 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
         if chosen.text == rejected.text:  # a constant log 2 in the loss, and always a miss in held-out accuracy
             f.fail("rejected.text", "identical to chosen.text: a tie carries no preference")
         pairs.append(PreferencePair(
-            id=pid, set=set_name, source=source, user=f.get("user", str, optional=True), task=f.task(),
+            id=pid, set=set_name, source=source, user=f.get("user", str, nullable=True), task=f.task(),
             example_id=f.get("example_id", str), prompt=f.messages(), chosen=chosen, rejected=rejected,
             user_dependent=bool(f.get("user_dependent", bool, optional=True)),
         ))
@@ -274,7 +275,7 @@ def read_rollouts(path: str | Path) -> list[RolloutRecord]:
         if dropped is not None and dropped < 0:
             f.fail("profile_items_dropped", f"expected a count >= 0, got {dropped}")
         records.append(RolloutRecord(
-            id=rid, user=f.get("user", str, optional=True), task=task, mode=mode, prompt=f.messages(),
+            id=rid, user=f.get("user", str, nullable=True), task=task, mode=mode, prompt=f.messages(),
             gold=gold, responses=responses, truncated=truncated, profile_items_dropped=dropped,
             origin=f"{path}:{lineno}",
         ))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minitagpr.model.qwen3 import ConfigError, Qwen3Config, Qwen3ForCausalLM
+from minitagpr.model.qwen3 import CAUSAL_LM, ConfigError, Qwen3Config, Qwen3ForCausalLM
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -227,6 +227,10 @@ def load_pretrained(path_or_hub_id, dtype: torch.dtype | None = None, device="cp
         cfg = Qwen3Config.from_json(folder / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    archs = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures")
+    if isinstance(archs, list) and archs and CAUSAL_LM not in archs:  # e.g. a PRMU export given as the policy
+        raise CheckpointError(f"{folder / 'config.json'}: architectures = {archs}, not {CAUSAL_LM}: this loads "
+                              "Qwen3 causal LMs only (reward models load with minitagpr.model.reward)")
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
     skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # tied: the head is the embedding

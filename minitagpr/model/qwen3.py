@@ -19,6 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+CAUSAL_LM = "Qwen3ForCausalLM"  # the HF architecture name of this model (config.json "architectures")
+
+
 class ConfigError(ValueError):
     """A config.json that this implementation cannot run faithfully; the message names the file and the fields."""
 
@@ -165,7 +168,7 @@ class Qwen3Config:
     def to_dict(self) -> dict:
         """HF layout: transformers' Qwen3Config loads it unchanged."""
         d = asdict(self)
-        d.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", rope_scaling=None, sliding_window=None,
+        d.update(architectures=[CAUSAL_LM], model_type="qwen3", rope_scaling=None, sliding_window=None,
                  use_sliding_window=False, use_cache=True, max_window_layers=self.num_hidden_layers)
         if d["torch_dtype"] is None:
             d.pop("torch_dtype")

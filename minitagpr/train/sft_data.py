@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from minitagpr.data.lamp import canonical_task, json_object_lines
+from minitagpr.data.lamp import canonical_task, json_object_lines, not_a_file
 
 IGNORE_INDEX = -100
 REQUIRED_FIELDS = {"id": str, "task": str, "messages": list, "chain": str, "answer": str}
@@ -97,7 +97,7 @@ def read_sft_records(path: str | Path) -> list[SftRecord]:
     """Every record of an SFT JSONL file (`{"id", "user", "task", "messages", "chain", "answer"}` per line)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"SFT data file {path} does not exist")
+        raise DataError(f"SFT data file {path}: {not_a_file(path)}")
     records: list[SftRecord] = []
     first_line: dict[str, int] = {}  # record id -> line
     for line_no, obj in json_object_lines(path, lambda n, what: DataError(f"{path}:{n}: {what}")):

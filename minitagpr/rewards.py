@@ -1,8 +1,8 @@
 """Rule-based rewards of TagPR: R_v, R_f, R_rep, R_tag and the composite and foundation mixes.
 
-Every formula is restated from docs/tagpr-method.md ("Stage 2 — Guided RL" and "Stage 3 — Exploratory RL"; the
-paper numbers them among its Eq. 5-9 and 11, which the method doc does not label one by one) and sits in the
-docstring of the function that computes it. Pure Python, no torch: rewards are computed on decoded text.
+Every formula is restated from ../shared/docs/tagpr-method.md ("Stage 2 — Guided RL" and "Stage 3 — Exploratory
+RL"; the paper numbers them among its Eq. 5-9 and 11, which the method doc does not label one by one) and sits in
+the docstring of the function that computes it. Pure Python, no torch: rewards are computed on decoded text.
 
 How a response is read. A *response* is the decoded completion (the tokens the policy generated after the prompt,
 special tokens kept), e.g. `"<think>\\n<analyze_input>...</analyze_input>...\\n</think>\\n\\n[2]<|im_end|>"`; the
@@ -276,7 +276,12 @@ def composite_reward(parts: RewardParts, alpha: float = 0.8, beta: float = 0.8, 
 
 
 def foundation_reward(parts: RewardParts) -> float:
-    """Exploratory-RL reward R_foundation = (R_v + R_rep) * R_f (no tag, no PRMU term). Range (-1, 1]."""
+    """Exploratory-RL reward R_foundation = (R_v + R_rep) * R_f (no tag, no PRMU term). Range (-1, 1].
+
+    As the paper writes it, the format gate R_f multiplies R_rep too: a response cut at max_new_tokens (R_f = 0)
+    loses its repetition penalty with everything else, so a repetition loop run to the length limit scores 0, above
+    a finished wrong answer with any repeated 4-gram (R_rep < 0). In guided RL a loop cut inside the chain still
+    costs beta * R_tag (the chain does not close); in exploratory RL nothing else prices it. Kept as written."""
     return (parts.r_v + parts.r_rep) * parts.r_f
 
 

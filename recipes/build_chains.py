@@ -74,9 +74,9 @@ def main(argv: list[str]) -> int:
     # ------------------------------------------------------------------------------------------- 1. config
     try:
         cfg = parse_cli(ChainsConfig, argv)
-    except ConfigError as err:
-        print(f"build_chains: {err}", file=sys.stderr)
-        return 2
+    except ConfigError as err:  # one line and status 1, as every recipe's bad input (minitagpr.cli)
+        print(f"build_chains: error: {err}", file=sys.stderr)
+        return 1
     out = Path(cfg.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Stage 1 -- supervised fine-tuning on tagged reasoning chains (docs/tagpr-method.md "Stage 1 -- SFT").
+"""Stage 1 -- supervised fine-tuning on tagged reasoning chains (../shared/docs/tagpr-method.md "Stage 1 -- SFT").
 
     torchrun --nproc_per_node=2 recipes/sft.py                                  # the demo (tiny Qwen3, demo chains)
     torchrun --nproc_per_node=8 recipes/sft.py --config recipes/configs/sft_qwen3_8b.yaml data=chains.jsonl

@@ -121,6 +121,7 @@ class EncodedPair:
     user_row: int
     set: str
     user_dependent: bool
+    cut: bool = False  # a side was longer than max_len and lost its oldest tokens
 
 
 def check_batch_split(cfg: PrmuConfig, world_size: int) -> None:
@@ -157,7 +158,8 @@ def run(cfg: PrmuConfig) -> Path:
         save_config(cfg, out / "config.yaml")
         counts = {s: sum(p.set == s for p in train_pairs) for s in SETS}
         D.log(f"prmu: {len(train)} training pairs {counts}, {len(held)} held out, {len(users)} users, "
-              f"user table {'on' if cfg.use_user_table else 'off'}")
+              f"user table {'on' if cfg.use_user_table else 'off'}; pairs longer than max_len={cfg.max_len} (their "
+              f"oldest tokens dropped): {sum(e.cut for e in train)} training, {sum(e.cut for e in held)} held out")
     spe = steps_per_epoch(len(train), cfg.global_batch, "training pairs", "lower global_batch or add pairs")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * spe))
 
@@ -254,7 +256,8 @@ def run(cfg: PrmuConfig) -> Path:
     else:  # a finished run, rerun (or killed during its export): its final eval row is in the log already
         final = evaluate(model, held, cfg, tokenizer.pad_id, info)
     D.save_checkpoint(ckpt_dir, total_steps, model, optimizer, state_extra, keep_last=cfg.keep_last)
-    hf_dir = D.export_hf(model, out / "hf", tokenizer_dir=tokenizer.source, save_fn=save_reward_model)
+    hf_dir = D.export_hf(model, out / "hf", tokenizer_dir=tokenizer.source, save_fn=save_reward_model,
+                         training={"max_len": cfg.max_len})  # guided RL scores with the length it was trained on
     if info.is_main:
         tmp = out / "final_eval.json.tmp"
         tmp.write_text(json.dumps(final, indent=2))
@@ -316,10 +319,11 @@ def _refuse_repeats(pairs: list[PreferencePair], files: list[str], key: str) -> 
 
 
 def encode_pair(p: PreferencePair, tokenizer, users: UserVocab, max_len: int) -> EncodedPair:
+    chosen, rejected = (encode_reward_input(tokenizer, p.prompt, r.text) for r in (p.chosen, p.rejected))
     return EncodedPair(
-        chosen=encode_reward_input(tokenizer, p.prompt, p.chosen.text, max_len),
-        rejected=encode_reward_input(tokenizer, p.prompt, p.rejected.text, max_len),
+        chosen=chosen[-max_len:], rejected=rejected[-max_len:],  # the oldest tokens go: the scored last one stays
         user_row=users.row(p.user), set=p.set, user_dependent=p.user_dependent,
+        cut=len(chosen) > max_len or len(rejected) > max_len,
     )
 
 

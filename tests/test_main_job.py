@@ -76,6 +76,10 @@ def test_every_stage_is_built_once_in_order_from_the_one_before(first):
         rows = metrics(work / folder)
         assert [r["step"] for r in rows] == list(range(1, steps + 1))
         assert all(math.isfinite(r["gspo/loss"]) for r in rows)
+        assert all(r["rollout/logp_gap_max"] < 1e-4 for r in rows)  # the fp32 sampler holds the policy's weights
+    # guided RL scores with the length the PRMU was trained on (prmu_demo.yaml: 1024), and no demo input is cut
+    assert "PRMU " + str(work / "prmu" / "hf") + ": inputs up to 1024 tokens" in out
+    assert all(r["prmu_inputs_cut"] == 0 for r in metrics(work / "guided_rl"))
 
 
 def test_the_report_prints_the_trends_the_table_and_rl_minus_sft(first):

@@ -128,6 +128,7 @@ def test_training_lowers_the_loss_and_exports_a_scorable_model(setup, two_proc_r
     held = read_pairs(two_proc_run / "pairs" / "heldout.jsonl")
     scorer = PRMUScorer.from_pretrained(two_proc_run / "hf")
     assert scorer.model.users.users == ["u0", "u1", "u2", "u3"]
+    assert scorer.max_len == 96  # scored with the max_len it was trained with (recorded in the export)
     r_pos = scorer.score([p.user for p in held], [p.prompt for p in held], [p.chosen.text for p in held])
     r_neg = scorer.score([p.user for p in held], [p.prompt for p in held], [p.rejected.text for p in held])
     acc = sum(a > b for a, b in zip(r_pos, r_neg)) / len(held)

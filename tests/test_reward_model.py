@@ -238,6 +238,30 @@ def test_scorer_gives_repeated_inputs_one_forward_and_bit_identical_rewards():
         assert abs(got[i] - alone.score(users[i:i + 1], prompts[i:i + 1], responses[i:i + 1])[0]) < 1e-6
 
 
+def test_scorer_cuts_long_inputs_as_training_does_and_counts_them(tmp_path):
+    """Inputs over max_len were cut silently; the scorer keeps their last max_len tokens (as encode_reward_input
+    does in training) and says how many it cut, and a PRMU export scores with the max_len it was trained with."""
+    model = _tiny_prmu(users=("alice",))
+    with torch.no_grad():
+        model.score.weight.normal_()
+    tok = _CharTokenizer()
+    scorer = PRMUScorer(model, tok, max_len=6)
+    prompts = [[{"role": "user", "content": c}] for c in ("q", "a long question")]
+    got = scorer.score(["alice"] * 2, prompts, ["ok", "ok"])
+    assert scorer.last_cut == 1  # "q" + "ok" + im_end + "\n" is 5 tokens; the other is 18
+    ids, lengths = collate([encode_reward_input(tok, prompts[1], "ok", max_len=6)], tok.pad_id)
+    with torch.no_grad():
+        assert got[1] == pytest.approx(torch.sigmoid(model(ids, lengths, torch.tensor([1]))).item(), abs=1e-6)
+    folder = save_reward_model(model, tmp_path / "rm")
+    assert PRMUScorer.from_pretrained(folder, tok).max_len == 4096  # records nothing: the default
+    (folder / "minitagpr.json").write_text('{"max_len": 6}')
+    assert PRMUScorer.from_pretrained(folder, tok).max_len == 6
+    assert PRMUScorer.from_pretrained(folder, tok, max_len=9).max_len == 9  # an explicit one wins
+    (folder / "minitagpr.json").write_text('{"max_len": "long"}')
+    with pytest.raises(CheckpointError, match=r"minitagpr\.json: field 'max_len': expected an integer >= 1"):
+        PRMUScorer.from_pretrained(folder, tok)
+
+
 def test_scorer_runs_without_grad():
     """Scoring inside RL must build no graph (it would keep the reward model's activations per batch); checking
     .grad after scoring could not fail, since no backward runs."""

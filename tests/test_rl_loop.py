@@ -734,3 +734,18 @@ def test_the_step_log_has_the_reward_phase_and_no_sync_after_the_last_step(small
     for row in (first, last):
         sampled = [k.split("/", 1)[1] for k in row if k.startswith("reward_mean/")]
         assert sum(row[f"responses/{t}"] for t in sampled) == cfg.prompts_per_step * cfg.group_size
+        # the built-in engine samples with an fp32 copy of the very weights the policy recomputes pi_old with
+        assert row["rollout/logp_gap_mean"] < 1e-5 and row["rollout/logp_gap_max"] < 1e-4
+
+
+def test_sampler_logp_gap_compares_the_engines_log_probs_at_the_response_targets():
+    from minitagpr.rl.loop import make_sequences, sampler_logp_gap
+    prompts = [Prompt(id="q", task="LaMP-3", user=None, ids=[5, 6, 7], gold="1", messages=[])]
+    comps = [Completion([7, 8], "", [-1.0, -2.0], "stop"), Completion([], "", [], "length"),
+             Completion([9], "", [-0.5], "stop")]
+    _, targets, mask = make_sequences(prompts, comps, 3, pad_id=0)
+    old = torch.full(mask.shape, 99.0)  # anything outside the response targets must not count
+    old[mask] = torch.tensor([-1.5, -2.0, -0.25])  # row 0's two targets, then row 2's one
+    gap = sampler_logp_gap(comps, old, mask, "cpu")
+    assert gap == {"rollout/logp_gap_mean": pytest.approx((0.5 + 0.0 + 0.25) / 3), "rollout/logp_gap_max": 0.5}
+    assert sampler_logp_gap(comps[1:2], old[1:2], mask[1:2], "cpu") == {}  # only an empty response: nothing

@@ -67,7 +67,7 @@ TASK_NAMES = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7")
 REASONING_TAGS = (
     "analyze_input", "examine_examples", "identify_patterns", "evaluate_reference", "compare_entities",
     "synthesize_findings", "make_decision", "verify_conclusion", "formulate_conclusion",
-)  # the nine tags of docs/tagpr-method.md
+)  # the nine tags of ../shared/docs/tagpr-method.md
 CHAT_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # special=True, as in Qwen3
 THINK_MARKERS = ("<think>", "</think>")                            # added, special=False, as in Qwen3
 TAG_MARKERS = tuple(m for t in REASONING_TAGS for m in (f"<{t}>", f"</{t}>"))

@@ -2,7 +2,7 @@
 
 `build_messages(example, profile_items)` returns chat messages for the tokenizer's Qwen3 template:
 - system: the instruction (our own wording) -- think inside `<think>` ... `</think>` as a sequence of tagged
-  segments using only the nine tags of docs/tagpr-method.md (each listed with a one-line meaning), then write
+  segments using only the nine tags of ../shared/docs/tagpr-method.md (each listed with a one-line meaning), then write
   only the answer after `</think>`, in the task's exact output form;
 - user: the profile items, numbered in the order given (retrievers return most relevant first), rendered per
   task, followed by the example's `input` verbatim (it holds the query and the benchmark's own question).
@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from minitagpr.data.lamp import DataError, LampExample, TaskTable, canonical_task, task_spec
 
-# The nine reasoning tags of TagPR (docs/tagpr-method.md), each with a one-line meaning in our words.
+# The nine reasoning tags of TagPR (../shared/docs/tagpr-method.md), each with a one-line meaning in our words.
 TAG_MEANINGS: dict[str, str] = {
     "analyze_input": "work out what the request asks for and what a good answer must look like",
     "examine_examples": "read the user's history items one at a time and note what each shows",

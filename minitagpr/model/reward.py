@@ -40,6 +40,7 @@ USERS_FILE = "user_vocab.json"
 USER_TABLE_FILE = "user_embeddings.safetensors"
 USER_TABLE_KEY = "user_table.weight"
 _USERS_FORMAT = "minitagpr-prmu-users/1"
+DEFAULT_MAX_LEN = 4096  # tokens per scored input for a checkpoint that records no training max_len (a hub RM)
 
 
 # ----------------------------------------------------------------------------------------------- user ids
@@ -341,21 +342,42 @@ def save_reward_model(model: PRMU, out_dir, *, state_dict: dict[str, torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------- scoring API
+def trained_max_len(folder: Path) -> int | None:
+    """The max_len (tokens per scored input) a PRMU export was trained with, from the TRAINING_FILE that
+    recipes/train_prmu.py writes into it; None when the folder records none (a hub RM, an older export)."""
+    from minitagpr.data.prompts import TRAINING_FILE
+    path = Path(folder) / TRAINING_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_len")
+    except (ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: not a JSON object ({err})") from None
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise CheckpointError(f"{path}: field 'max_len': expected an integer >= 1, got {value!r}")
+    return value
+
+
 class PRMUScorer:
     """R_PRMU for guided RL: a plain (un-sharded) module on each rank, scoring that rank's rollouts without grad.
 
     `score(user_ids, prompts, responses)` -> list of sigmoid(f) in (0, 1), in input order. Repeated inputs are
     scored once; the distinct ones are sorted by length and run in batches of `batch_size` to keep padding small."""
 
-    def __init__(self, model: PRMU, tokenizer, max_len: int = 4096, batch_size: int = 8):
+    def __init__(self, model: PRMU, tokenizer, max_len: int = DEFAULT_MAX_LEN, batch_size: int = 8):
         self.model = model.eval()
         self.tokenizer, self.max_len, self.batch_size = tokenizer, max_len, batch_size
+        self.last_cut = 0  # inputs of the last call longer than max_len: their oldest tokens were dropped
 
     @classmethod
-    def from_pretrained(cls, path, tokenizer=None, *, device="cpu", dtype=None, use_user_table=None, **kw):
+    def from_pretrained(cls, path, tokenizer=None, *, device="cpu", dtype=None, use_user_table=None, max_len=0,
+                        **kw):
+        """`max_len` 0: the max_len the PRMU was trained with (`trained_max_len`), else DEFAULT_MAX_LEN."""
         from minitagpr.tokenizer import Tokenizer
         model = load_reward_model(path, device=device, dtype=dtype, use_user_table=use_user_table)
-        return cls(model, tokenizer or Tokenizer.from_dir(resolve_checkpoint(path)), **kw)
+        folder = resolve_checkpoint(path)
+        max_len = max_len or trained_max_len(folder) or DEFAULT_MAX_LEN
+        return cls(model, tokenizer or Tokenizer.from_dir(folder), max_len=max_len, **kw)
 
     @torch.no_grad()
     def logits(self, user_ids: Sequence[str | None], prompts: Sequence[list[dict]],
@@ -363,7 +385,9 @@ class PRMUScorer:
         if not len(user_ids) == len(prompts) == len(responses):
             raise ValueError(f"score: {len(user_ids)} user ids, {len(prompts)} prompts and {len(responses)} "
                              f"responses; they must be equally many")
-        seqs = [encode_reward_input(self.tokenizer, p, r, self.max_len) for p, r in zip(prompts, responses)]
+        seqs = [encode_reward_input(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        self.last_cut = sum(len(ids) > self.max_len for ids in seqs)
+        seqs = [ids[-self.max_len:] for ids in seqs]  # as encode_reward_input cuts: the scored last token stays
         rows = self.model.users.rows(list(user_ids))
         # Each distinct (user row, tokens) input is scored once and its logit copied to every repeat: identical
         # responses of a group then get bit-identical rewards (scored in other batch positions or paddings they

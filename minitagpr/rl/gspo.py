@@ -1,6 +1,6 @@
 """GSPO math: group-standardised advantages and the clipped sequence-ratio loss. Pure tensor functions.
 
-Symbols follow docs/tagpr-method.md (Stage 2): for each prompt, G responses y_1..y_G are sampled from pi_old;
+Symbols follow ../shared/docs/tagpr-method.md (Stage 2): for each prompt, G responses y_1..y_G are sampled from pi_old;
   s_i = exp( (1/|y_i|) * sum_t [log pi_theta(y_it | ...) - log pi_old(y_it | ...)] )      (sequence ratio)
   A_i = (r_i - mean(r)) / std(r)                                                          (group advantage)
   J   = E[ (1/G) sum_i min( s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i ) ]

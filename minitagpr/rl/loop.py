@@ -1,6 +1,6 @@
 """The RL loop shared by guided RL (Stage 2, composite reward) and exploratory RL (Stage 3, foundation reward).
 
-One step, as in docs/design.md:
+One step, as in ../shared/docs/design.md:
     prompts (task mix) -> rollout G responses each -> rewards r_i -> group advantages A_i
     -> old log-probs (policy, no grad) -> GSPO mini-batches (forward -> fused log-probs -> loss -> backward -> step)
     -> weight sync to the rollout engine
@@ -97,6 +97,10 @@ class RLConfig:
     # paper's "w/o UE" row is such a checkpoint); True demands a saved table; False scores a table-trained PRMU
     # without it (inputs it never saw: a diagnostic, not a paper row)
     prmu_user_table: bool | None = None
+    # tokens per PRMU input (prompt without its system turn + response); longer ones lose their oldest tokens, counted
+    # per step as prmu_inputs_cut. 0: the max_len the PRMU was trained with (train_prmu records it in the export's
+    # minitagpr.json), 4096 for a checkpoint that records none (a hub RM)
+    prmu_max_len: int = 0
     rouge_variant: str = "rougeL"  # rouge1 | rouge2 | rougeL: R_v of the generation tasks (LaMP-4, 5, 7)
     # R_v of LaMP-1/2/3: exact match of the stripped answer, as tagpr-method.md defines it and the official evaluation
     # scores it; true = the project's per-task normalisation (answers.normalize: "4 stars" -> "4"), more lenient than
@@ -118,6 +122,7 @@ class RLConfig:
         for key in ("prompts_per_step", "micro_batch_size", "max_new_tokens", "max_prompt_tokens"):
             check_at_least(key, getattr(self, key), 1)
         check_at_least("k", self.k, 0)  # k = 0: prompts without profile items
+        check_at_least("prmu_max_len", self.prmu_max_len, 0)
         check_choice("split", self.split, lamp.SPLITS)
         check_choice("part", self.part, lamp.GOLD_PARTS)
         check_choice("retriever", self.retriever, ENCODERLESS)  # dense needs an encoder: evaluate.py only
@@ -428,6 +433,27 @@ def reduce_train_metrics(sums: dict, device) -> dict:
     return out
 
 
+def sampler_logp_gap(completions, old_logp: torch.Tensor, mask: torch.Tensor, device) -> dict:
+    """How far the engine's log-probs of the sampled tokens lie from the policy's own (`old_logp`, the ratio's
+    denominator, which the loop recomputes and never takes from the engine): mean and max |difference| over every
+    rank's response tokens. Both models hold the same weights after a sync, so this is the numerics gap between
+    sampler and trainer (vLLM's kernels and bf16 against the FSDP forward; fp32 against fp32 on the built-in CPU
+    engine, ~1e-6): the samples come from a slightly different policy than the one the loss treats as pi_old."""
+    sampler = torch.zeros_like(old_logp, device="cpu")
+    for n, c in enumerate(completions):  # a Completion holds one log-prob per token (checked when it is made)
+        if c.token_ids:  # make_sequences put this row's response targets, in order, where mask[n] is true
+            sampler[n, mask[n]] = torch.tensor(c.logprobs, dtype=sampler.dtype)
+    gap = (sampler.to(device) - old_logp).abs()[mask.to(device)].double()
+    summed = D.all_reduce_sum(torch.stack([gap.sum(), torch.tensor(float(gap.numel()), device=gap.device,
+                                                                    dtype=gap.dtype)]))
+    top = gap.max() if gap.numel() else torch.zeros((), dtype=gap.dtype, device=gap.device)
+    if D.world().world_size > 1:
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    if summed[1] == 0:  # every response of the step empty
+        return {}
+    return {"rollout/logp_gap_mean": (summed[0] / summed[1]).item(), "rollout/logp_gap_max": top.item()}
+
+
 # ----------------------------------------------------------------------------------------------- 6. weight sync
 def sync_to_engine(model, engine) -> float:
     """Collective: stream each parameter's full tensor under its HF name into the engine; returns seconds."""
@@ -627,7 +653,10 @@ def train(cfg: RLConfig) -> Path:
     if uses_prmu:
         from minitagpr.model.reward import PRMUScorer
         # prmu_user_table=true on a checkpoint without a table fails in the loader (CheckpointError, naming it)
-        prmu = PRMUScorer.from_pretrained(cfg.prmu, device=info.device, use_user_table=cfg.prmu_user_table)
+        prmu = PRMUScorer.from_pretrained(cfg.prmu, device=info.device, use_user_table=cfg.prmu_user_table,
+                                          max_len=cfg.prmu_max_len)
+        D.log(f"[{cfg.stage}] PRMU {cfg.prmu}: inputs up to {prmu.max_len} tokens"
+              f"{'' if cfg.prmu_max_len else ' (as it was trained; prmu_max_len=0)'}")
 
     # 3. resume: weights, optimizer, step; the engine then starts from the checkpoint's weights
     start = 0
@@ -647,6 +676,10 @@ def train(cfg: RLConfig) -> Path:
         D.log(f"[{cfg.stage}] note: one mini-batch and one epoch per rollout batch -> the GSPO ratio is exactly 1 "
               "and clipping never acts (the update is the plain policy gradient); raise num_minibatches or "
               "ppo_epochs for the clip range to matter")
+    gap_comparable = cfg.engine != "vllm" or cfg.temperature == 1.0  # vLLM reports log-probs at T = 1
+    if not gap_comparable:
+        D.log(f"[{cfg.stage}] note: vLLM reports log-probs at temperature 1, so at temperature={cfg.temperature} "
+              "the sampler-vs-policy gap (rollout/logp_gap_*) is not logged")
     peak, peak_note = peak_flops(info.device)
     D.log(f"[{cfg.stage}] {len(prompts)} prompts, {steps_per_epoch} steps/epoch, {total_steps} steps, "
           f"G={cfg.group_size}, {cfg.prompts_per_step} prompts/step on {info.world_size} rank(s); MFU peak: "
@@ -691,6 +724,7 @@ def train(cfg: RLConfig) -> Path:
         row = {"step": step + 1, **reward_metrics(parts, rewards, completions, cfg, info.device,
                                                   tasks=[p.task for p in mine for _ in range(cfg.group_size)]),
                **reduce_train_metrics(sums, info.device),
+               **(sampler_logp_gap(completions, old_logp, mask, info.device) if gap_comparable else {}),
                "batch_digest": batch_digest(mine, completions, cfg.group_size, info.device)}
         # every rank's tokens and FLOPs: the old-log-prob forward (1/3 of a training pass) + ppo_epochs passes
         tokens, flops = D.all_reduce_sum(torch.tensor(pass_flops(model, input_ids, mask, tokenizer.pad_id),
@@ -702,6 +736,8 @@ def train(cfg: RLConfig) -> Path:
                    # tokens through the update's ppo_epochs passes (prompt + response, every rank) per second of
                    # the train phase, which also runs the old-log-prob forward
                    train_tokens_per_s=tokens * cfg.ppo_epochs / t_train)
+        if prmu is not None:  # responses (all ranks) whose PRMU input lost its oldest tokens to prmu_max_len
+            row["prmu_inputs_cut"] = D.all_reduce_sum(torch.tensor(float(prmu.last_cut), device=info.device)).item()
         if step + 1 < total_steps:  # the last step has nothing to sync: no 0 to pull an average down
             row["sync_s"] = t_sync
         log.write(row)

@@ -20,7 +20,8 @@ Needs vLLM >= 0.8.5: level-2 sleep discards the non-weight buffers too (RoPE's c
 restores only since vLLM PR #16889 (2025-04-21); before it every step after the first decoded with garbage tables.
 
 Log-probs: vLLM's default (`raw_logprobs`) reports log-probs at temperature 1, before any processing; they equal
-the built-in engine's only at T = 1 (the paper's setting). The RL loop uses them for logging only.
+the built-in engine's only at T = 1 (the paper's setting). The RL loop only logs their gap to the policy's own
+log-probs (rollout/logp_gap_*), and only at T = 1.
 """
 from __future__ import annotations
 

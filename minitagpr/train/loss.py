@@ -1,7 +1,7 @@
 """The token-level NLL step used by SFT: forward + backward over the micro-batches of one optimizer step.
 
-Normalisation (torchtitan's, see docs/design.md "Loss normalisation"): with N the number of valid target tokens
-(targets != -100) in the *whole* optimizer step -- summed over every micro-batch on every rank, all-reduced before
+Normalisation (torchtitan's; ../shared/docs/design.md, "Known traps": loss normalisation): with N the number of
+valid target tokens (targets != -100) in the *whole* optimizer step -- summed over every micro-batch on every rank, all-reduced before
 any backward pass -- each micro-batch contributes
     L_mb = -sum_{valid t in mb} log p(y_t) / N
 and the gradients of all micro-batches and ranks are *summed* (FSDP's divide factor is set to 1 in

@@ -13,8 +13,8 @@ The pipeline, each step a plain function:
     rank_slice / micro_batches                this rank's share, split for gradient accumulation
 
 Sampling order is a pure function of (seed, step): epoch e = step // steps_per_epoch uses permutation
-randperm(num_rows, seed + e) and takes consecutive slices of global_batch rows; the incomplete tail of each epoch is
-dropped. The whole data position of a run is therefore its step counter: resuming at step s (an epoch boundary
+randperm(num_rows) seeded with seed * 1_000_003 + e and takes consecutive slices of global_batch rows; the incomplete
+tail of each epoch is dropped. The whole data position of a run is therefore its step counter: resuming at step s (an epoch boundary
 included) continues the exact sequence with nothing skipped or repeated (the verl #7401 trap).
 """
 from __future__ import annotations

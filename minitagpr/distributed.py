@@ -160,6 +160,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of `t` over all ranks (in place, also returned); the identity without a process group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def broadcast_object(obj, src: int = 0):
     """`obj` from rank `src` on every rank (small picklable objects only)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -252,10 +259,11 @@ def build_sharded_causal_lm(path: str | os.PathLike, info: DistInfo, mesh: Devic
                             activation_checkpointing: bool = False) -> nn.Module:
     """Meta-device Qwen3ForCausalLM -> FSDP2 shards -> weights of the HF checkpoint at `path` (read on rank 0)."""
     from minitagpr.model import Qwen3Config, Qwen3ForCausalLM, load_pretrained
-    from minitagpr.model.checkpoint import resolve_checkpoint
+    from minitagpr.model.checkpoint import check_causal_lm, resolve_checkpoint
 
     folder = resolve_checkpoint(path)
     config = Qwen3Config.from_json(folder / "config.json")
+    check_causal_lm(folder)  # on every rank: none waits in a broadcast for a rank 0 that refused the folder
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
     shard_model(model, mesh, mixed_precision(info.device, mp_mode), activation_checkpointing)

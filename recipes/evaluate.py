@@ -47,7 +47,7 @@ import torch
 from minitagpr.cli import exit_on_user_error, is_user_error
 from minitagpr.config import ConfigError, check_at_least, check_choice, check_fraction, check_writable_dir, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
-from minitagpr.data.lamp import DataError, LampExample
+from minitagpr.data.lamp import DataError, LampExample, not_a_file
 from minitagpr.metrics import COLUMNS, evaluate, table_columns
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def load_task_data(data: Any, task: str, *, split: str = "user", part: str = "de
         folder = Path(pgraphrag_dir) if pgraphrag_dir else SHARED / "data" / "pgraphrag"
         source = folder / f"{pgraphrag_domain}_{part}.json"
         if not source.is_file():  # say which key picks the file, not only that it is missing
-            raise DataError(f"{source}: no such file ({task} reads <pgraphrag_dir>/<pgraphrag_domain>_<part>.json; "
+            raise DataError(f"{source}: {not_a_file(source)} ({task} reads <pgraphrag_dir>/<pgraphrag_domain>_<part>.json; "
                             f"set pgraphrag_dir= to the folder that holds {source.name})")
         examples, golds = pgraphrag.make_task(source, task)
         gold_file = source

@@ -58,7 +58,9 @@ class PrmuConfig:
     demo_world: str = ""  # a demo world folder (built there if missing): synthesise pairs from it
     demo_pairs_per_set: int = 0  # cap on synthetic pairs per set (0 = all)
     tokenizer: str = ""  # default: the demo world's tokenizer, else the `init` folder
-    max_len: int = 2048  # tokens per scored sequence (longer ones lose their oldest tokens)
+    # tokens per scored sequence (longer ones lose their oldest tokens); recorded in the export, so guided RL scores
+    # with the same length (its prmu_max_len=0)
+    max_len: int = 2048
     # model
     init: str = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"  # a sequence classifier, or a causal LM with new_head
     new_head: bool = False  # start from a causal LM: drop lm_head, fresh score head (implied by init_preset)

@@ -4,6 +4,7 @@ import json
 import random
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -708,6 +709,9 @@ def test_config_rejects_a_task_named_twice(tmp_path):
 def test_a_stage_whose_input_is_missing_names_the_stage_to_run_first(tmp_path):
     cfg = make_cfg(tmp_path)
     with pytest.raises(ChainDataError, match=r"judged\.jsonl: file not found; it is written by stage 'judge'"):
+        run_stages(cfg, ["tag"], log=lambda m: None)
+    (Path(cfg.out_dir) / "judged.jsonl").mkdir(parents=True)  # a folder in its place: no "run that stage first"
+    with pytest.raises(ChainDataError, match=r"judged\.jsonl: is a folder, not a file \(stage 'judge' writes this"):
         run_stages(cfg, ["tag"], log=lambda m: None)
 
 

@@ -158,7 +158,7 @@ def test_a_missing_gold_is_reported_against_the_outputs_file(tmp_path):
 
 
 def test_a_missing_pgraphrag_file_points_to_pgraphrag_dir(tmp_path):
-    with pytest.raises(lamp.DataError, match=r"amazon_dev\.json: no such file .*set pgraphrag_dir= to the folder "
+    with pytest.raises(lamp.DataError, match=r"amazon_dev\.json: file not found .*set pgraphrag_dir= to the folder "
                                              r"that holds amazon_dev\.json"):
         ev.load_task_data("unused", "PGraphRAG-title", pgraphrag_dir=tmp_path)
 

@@ -1,5 +1,6 @@
 """Pure functions of the recipes pinned by a mutation sweep (2026-11-27): each test fails on a mutant that the
 recipe tests let through. No model is trained here; recipes are loaded as modules."""
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -53,12 +54,15 @@ def test_held_out_buckets_count_accuracy_and_loss_per_set(monkeypatch):
 
 def test_encode_pair_keeps_the_set_the_user_row_and_the_user_dependent_flag(monkeypatch):
     from minitagpr.model.reward import UserVocab
-    monkeypatch.setattr(prmu, "encode_reward_input", lambda tok, prompt, response, max_len: [ord(response)])
+    monkeypatch.setattr(prmu, "encode_reward_input", lambda tok, prompt, response: [ord(c) for c in response])
     users = UserVocab(["u0", "u1"])
     e = prmu.encode_pair(_pair(0, user_dependent=True), None, users, 64)
     f = prmu.encode_pair(_pair(1), None, users, 64)
     assert (e.set, e.user_row, e.user_dependent, e.chosen, e.rejected) == ("PQP", 2, True, [ord("c")], [ord("d")])
     assert f.user_dependent is False  # the held-out user-dependent bucket counts only flagged pairs
+    assert not e.cut
+    long = prmu.encode_pair(dataclasses.replace(_pair(0), chosen=Response("abcdef", "", "comedy")), None, users, 4)
+    assert long.chosen == [ord(c) for c in "cdef"] and long.cut  # the oldest tokens go, and the pair says so
 
 
 def test_a_held_out_file_sharing_only_a_query_with_training_is_refused(tmp_path):

@@ -70,7 +70,7 @@ from minitagpr.data.chain_client import (
 )
 from minitagpr.data.lamp import (
     GOLD_PARTS, SPLITS, TASKS as TASK_SPECS, DataError, LampExample, canonical_task, check_no_extra_golds,
-    json_object_lines, load_outputs, load_questions, not_a_file, read_json, split_files,
+    json_object_lines, load_outputs, load_questions, read_json, split_files,
 )
 from minitagpr.data.prompts import STYLES, TAG_MEANINGS, build_messages
 from minitagpr.data.retrieval import ENCODERLESS, get_retriever
@@ -253,7 +253,9 @@ def _numbered_records(path: Path, fields: Mapping[str, type | tuple], producer: 
                       id_kind: str = "record") -> Iterator[tuple[int, dict]]:
     """(line number, record) for the records of `read_jsonl`; an id on two lines is an error naming both."""
     if not path.is_file():
-        raise ChainDataError(f"{path}: {not_a_file(path)}; it is written by stage {producer!r} (run that stage first)")
+        if path.is_dir():
+            raise ChainDataError(f"{path}: is a folder, not a file (stage {producer!r} writes this file)")
+        raise ChainDataError(f"{path}: file not found; it is written by stage {producer!r} (run that stage first)")
     first_line: dict[str, int] = {}
     for line_no, record in json_object_lines(path, lambda n, msg: ChainDataError(f"{path}: line {n}: {msg}")):
         at = f"{path}: line {line_no} (id {record.get('id')!r})"

@@ -220,6 +220,15 @@ def _read_tensor(f, data_start: int, info: dict, file: Path) -> torch.Tensor:
     return t
 
 
+def check_causal_lm(folder: Path) -> None:
+    """Refuse a checkpoint whose config.json names other architectures than Qwen3ForCausalLM (e.g. a PRMU export
+    given as the policy), naming file and field; a config without the field passes (its tensors are checked)."""
+    archs = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("architectures")
+    if isinstance(archs, list) and archs and CAUSAL_LM not in archs:
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: architectures = {archs}, not {CAUSAL_LM}: this loads "
+                              "Qwen3 causal LMs only (reward models load with minitagpr.model.reward)")
+
+
 def load_pretrained(path_or_hub_id, dtype: torch.dtype | None = None, device="cpu") -> Qwen3ForCausalLM:
     """Load a HF Qwen3 causal-LM checkpoint (local folder or cached hub id). dtype=None keeps the stored dtype."""
     folder = resolve_checkpoint(path_or_hub_id)
@@ -227,10 +236,7 @@ def load_pretrained(path_or_hub_id, dtype: torch.dtype | None = None, device="cp
         cfg = Qwen3Config.from_json(folder / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    archs = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures")
-    if isinstance(archs, list) and archs and CAUSAL_LM not in archs:  # e.g. a PRMU export given as the policy
-        raise CheckpointError(f"{folder / 'config.json'}: architectures = {archs}, not {CAUSAL_LM}: this loads "
-                              "Qwen3 causal LMs only (reward models load with minitagpr.model.reward)")
+    check_causal_lm(folder)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
     skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # tied: the head is the embedding

@@ -439,16 +439,16 @@ def sampler_logp_gap(completions, old_logp: torch.Tensor, mask: torch.Tensor, de
     rank's response tokens. Both models hold the same weights after a sync, so this is the numerics gap between
     sampler and trainer (vLLM's kernels and bf16 against the FSDP forward; fp32 against fp32 on the built-in CPU
     engine, ~1e-6): the samples come from a slightly different policy than the one the loss treats as pi_old."""
-    sampler = torch.zeros_like(old_logp, device="cpu")
+    old_logp, mask = old_logp.cpu(), mask.cpu()  # (N, T) each; sequence_logprobs returns pi_old on the CPU
+    sampler = torch.zeros_like(old_logp)
     for n, c in enumerate(completions):  # a Completion holds one log-prob per token (checked when it is made)
         if c.token_ids:  # make_sequences put this row's response targets, in order, where mask[n] is true
             sampler[n, mask[n]] = torch.tensor(c.logprobs, dtype=sampler.dtype)
-    gap = (sampler.to(device) - old_logp).abs()[mask.to(device)].double()
-    summed = D.all_reduce_sum(torch.stack([gap.sum(), torch.tensor(float(gap.numel()), device=gap.device,
-                                                                    dtype=gap.dtype)]))
-    top = gap.max() if gap.numel() else torch.zeros((), dtype=gap.dtype, device=gap.device)
-    if D.world().world_size > 1:
-        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    gap = (sampler - old_logp).abs()[mask].double()
+    # the collectives run on every rank, an empty one included (the reductions' tensors live on the group's device)
+    summed = D.all_reduce_sum(torch.tensor([gap.sum().item(), gap.numel()], dtype=torch.float64, device=device))
+    top = D.all_reduce_max(torch.tensor([gap.max().item() if gap.numel() else 0.0], dtype=torch.float64,
+                                        device=device))
     if summed[1] == 0:  # every response of the step empty
         return {}
     return {"rollout/logp_gap_mean": (summed[0] / summed[1]).item(), "rollout/logp_gap_max": top.item()}
@@ -653,10 +653,12 @@ def train(cfg: RLConfig) -> Path:
     if uses_prmu:
         from minitagpr.model.reward import PRMUScorer
         # prmu_user_table=true on a checkpoint without a table fails in the loader (CheckpointError, naming it)
+        from minitagpr.model.reward import DEFAULT_MAX_LEN, trained_max_len
         prmu = PRMUScorer.from_pretrained(cfg.prmu, device=info.device, use_user_table=cfg.prmu_user_table,
                                           max_len=cfg.prmu_max_len)
-        D.log(f"[{cfg.stage}] PRMU {cfg.prmu}: inputs up to {prmu.max_len} tokens"
-              f"{'' if cfg.prmu_max_len else ' (as it was trained; prmu_max_len=0)'}")
+        source = ("prmu_max_len" if cfg.prmu_max_len else "as it was trained" if trained_max_len(
+            resolve_checkpoint(cfg.prmu)) else f"the export records no max_len: the default {DEFAULT_MAX_LEN}")
+        D.log(f"[{cfg.stage}] PRMU {cfg.prmu}: inputs up to {prmu.max_len} tokens ({source})")
 
     # 3. resume: weights, optimizer, step; the engine then starts from the checkpoint's weights
     start = 0

@@ -115,9 +115,9 @@ def style_of(task: str, messages: Sequence[Mapping[str, Any]]) -> str | None:
     return next((style for style in STYLES if system == instruction(task, style)), None)
 
 
-def recorded_style(checkpoint_dir) -> str | None:
-    """The prompt style a minitagpr export was trained with (its TRAINING_FILE), None when it does not say (a hub
-    model, an export from before the file, SFT data with mixed or hand-written prompts)."""
+def recorded(checkpoint_dir, field: str) -> Any:
+    """Field `field` of an export's TRAINING_FILE (how it was trained: SFT and RL exports record "prompt_style",
+    PRMU exports "max_len"); None when the file or the field is absent."""
     import json
     from pathlib import Path
 
@@ -125,9 +125,18 @@ def recorded_style(checkpoint_dir) -> str | None:
     if not path.is_file():
         return None
     try:
-        style = json.loads(path.read_text(encoding="utf-8")).get("prompt_style")
+        return json.loads(path.read_text(encoding="utf-8")).get(field)
     except (ValueError, AttributeError) as err:
-        raise DataError(f"{path}: not a JSON object with 'prompt_style' ({err})") from None
+        raise DataError(f"{path}: not a JSON object ({err})") from None
+
+
+def recorded_style(checkpoint_dir) -> str | None:
+    """The prompt style a minitagpr export was trained with (its TRAINING_FILE), None when it does not say (a hub
+    model, an export from before the file, SFT data with mixed or hand-written prompts)."""
+    from pathlib import Path
+
+    path = Path(checkpoint_dir) / TRAINING_FILE
+    style = recorded(checkpoint_dir, "prompt_style")
     if style is not None and style not in STYLES:
         raise DataError(f"{path}: field 'prompt_style': expected one of {', '.join(STYLES)}, got {style!r}")
     return style

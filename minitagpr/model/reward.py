@@ -345,16 +345,11 @@ def save_reward_model(model: PRMU, out_dir, *, state_dict: dict[str, torch.Tenso
 def trained_max_len(folder: Path) -> int | None:
     """The max_len (tokens per scored input) a PRMU export was trained with, from the TRAINING_FILE that
     recipes/train_prmu.py writes into it; None when the folder records none (a hub RM, an older export)."""
-    from minitagpr.data.prompts import TRAINING_FILE
-    path = Path(folder) / TRAINING_FILE
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("max_len")
-    except (ValueError, AttributeError) as err:
-        raise CheckpointError(f"{path}: not a JSON object ({err})") from None
+    from minitagpr.data.prompts import TRAINING_FILE, recorded
+    value = recorded(folder, "max_len")
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise CheckpointError(f"{path}: field 'max_len': expected an integer >= 1, got {value!r}")
+        raise CheckpointError(f"{Path(folder) / TRAINING_FILE}: field 'max_len': expected an integer >= 1, got "
+                              f"{value!r}")
     return value
 
 

@@ -82,6 +82,33 @@ def test_right_padding_does_not_change_real_tokens():
     assert (a - b).abs().max().item() <= 1e-5
 
 
+def test_expanded_kv_heads_give_what_grouped_attention_gives(monkeypatch):
+    """On CUDA, off the flash kernel's case, k/v are expanded to every query head instead of enable_gqa (which
+    would fall back to the math kernel); the CPU runs that branch here by pretending it is such a case."""
+    from minitagpr.model import qwen3
+    cfg = tiny_config("tiny")
+    assert cfg.num_attention_heads != cfg.num_key_value_heads  # grouped heads, or this tests nothing
+    model = build_model(cfg, seed=5).eval()
+    ids = torch.randint(0, 512, (2, 9))
+    pos = torch.arange(9).expand(2, 9)
+    cache_mask = torch.ones(2, 9, dtype=torch.bool)
+    cache_mask[1, :4] = False  # left padding: the explicit-mask path
+    with torch.no_grad():
+        grouped = (model(ids), model(ids, pos, kv_cache=model.new_kv_cache(2, 9), cache_mask=cache_mask))
+        asked = []
+        monkeypatch.setattr(qwen3, "native_gqa", lambda q, mask: asked.append(mask is not None) and False)
+        expanded = (model(ids), model(ids, pos, kv_cache=model.new_kv_cache(2, 9), cache_mask=cache_mask))
+    assert set(asked) == {False, True}  # both calls took the expanded branch, with and without a mask
+    for a, b in zip(grouped, expanded):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_native_gqa_is_used_only_where_a_kernel_takes_grouped_heads():
+    from minitagpr.model.qwen3 import native_gqa
+    cpu = torch.zeros(1, 2, 3, 4)
+    assert native_gqa(cpu, None) and native_gqa(cpu, torch.ones(3, 3, dtype=torch.bool))
+
+
 def test_kv_cache_decoding_equals_full_forward_with_left_padding():
     model = build_model(tiny_config("tiny"), seed=4).eval()
     prompts = [torch.randint(0, 512, (n,)) for n in (6, 3)]

@@ -749,3 +749,22 @@ def test_sampler_logp_gap_compares_the_engines_log_probs_at_the_response_targets
     gap = sampler_logp_gap(comps, old, mask, "cpu")
     assert gap == {"rollout/logp_gap_mean": pytest.approx((0.5 + 0.0 + 0.25) / 3), "rollout/logp_gap_max": 0.5}
     assert sampler_logp_gap(comps[1:2], old[1:2], mask[1:2], "cpu") == {}  # only an empty response: nothing
+
+
+def test_gather_rows_hands_the_collective_a_contiguous_tensor(monkeypatch):
+    """reward_metrics gathers a transposed (n, C) tensor; gloo copes with its strides, NCCL raises 'Tensors must
+    be contiguous' (every multi-GPU step would have died)."""
+    from types import SimpleNamespace
+    from minitagpr.rl import loop
+    seen = []
+
+    def all_gather(out, t):
+        seen.append(t.is_contiguous())
+        for o in out:
+            o.copy_(t)
+
+    monkeypatch.setattr(loop.D, "world", lambda: SimpleNamespace(world_size=2))
+    monkeypatch.setattr(loop.torch.distributed, "all_gather", all_gather)
+    values = torch.arange(6, dtype=torch.float64).view(2, 3).T  # (3, 2), not contiguous, as reward_metrics builds
+    got = loop.gather_rows(values, "cpu")
+    assert seen == [True] and torch.equal(got, torch.cat([values, values]))

@@ -311,11 +311,22 @@ class Attention(nn.Module):
             g = self.nh // self.nkv
             out = F.scaled_dot_product_attention(q.reshape(B, self.nkv, g, self.d), k, v, attn_mask=mask)
             return self.o_proj(out.reshape(B, self.nh * self.d))[:, None]  # (B, 1, H)
+        if gqa and not native_gqa(q, mask):  # expanded: head h reads kv head h // g, as enable_gqa does
+            k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))
+            gqa = False
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.d))  # (B, T, H)
+
+
+def native_gqa(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether SDPA gets the grouped k/v (enable_gqa) or k/v expanded to every query head. On CUDA only the flash
+    kernel takes grouped heads, and only in bf16/fp16 without an explicit mask; otherwise SDPA falls back to its
+    math kernel, which materialises the (B, nh, T, S) scores (an fp32 engine's prefill, the fp32 PRMU scoring
+    long inputs), so there k/v are expanded for the memory-efficient kernel. On the CPU: grouped."""
+    return not q.is_cuda or (mask is None and q.dtype in (torch.float16, torch.bfloat16))
 
 
 class MLP(nn.Module):

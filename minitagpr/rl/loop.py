@@ -480,7 +480,7 @@ def wait_for_device(device) -> None:
 # ----------------------------------------------------------------------------------------------- 7. the loop
 def gather_rows(values: torch.Tensor, device) -> torch.Tensor:
     """All ranks' (n, C) rows, rank-major (every rank holds the same n): global statistics, not means of means."""
-    values = values.to(device)
+    values = values.to(device).contiguous()  # NCCL gathers contiguous tensors only (a transposed one raises)
     if D.world().world_size == 1:
         return values.cpu()
     out = [torch.empty_like(values) for _ in range(D.world().world_size)]
@@ -756,6 +756,6 @@ def train(cfg: RLConfig) -> Path:
     D.export_hf(model, export_dir, tokenizer_dir=resolve_checkpoint(cfg.policy),  # a hub id: its cached folder
                 training={"prompt_style": cfg.prompt_style})
     D.log(f"[{cfg.stage}] exported {export_dir}")
-    del model, optimizer
+    del model, optimizer, engine, prmu  # the engine's and the PRMU's GPU memory too (vLLM may load next)
     D.release_memory()  # a caller's next stage loads in this process (the demo runs both RL stages in one)
     return export_dir

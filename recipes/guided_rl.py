@@ -193,7 +193,10 @@ def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: d
 
 
 def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Path):
-    """The demo's Table 1: checkpoints are split over the ranks (each decodes greedily on its own), then merged."""
+    """The demo's Table 1: checkpoints are split over the ranks (each decodes greedily on its own), then merged.
+    Always the built-in fp32 engine, as configs/eval_demo.yaml: the table is then the same on a CPU and a GPU (bf16
+    vLLM breaks greedy ties otherwise), and no rank builds vLLM engines that the others do not (vLLM's launcher sets
+    up groups collectively, and the ranks hold unequal numbers of checkpoints when the world size does not divide 4)."""
     evaluate = recipe("evaluate")
     info = D.world()
     mine = {name: path for i, (name, path) in enumerate(named.items()) if i % info.world_size == info.rank}
@@ -201,7 +204,7 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
     table = evaluate.evaluate_checkpoints(mine, tasks, data=world, limit=cfg.eval_examples,
                                           settings=((cfg.retriever, cfg.k),), max_prompt_tokens=cfg.max_prompt_tokens,
                                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, out_dir=out_dir,
-                                          prompt_style=cfg.prompt_style, log=lambda *a: None)
+                                          prompt_style=cfg.prompt_style, engine="builtin", log=lambda *a: None)
     tables = [table]
     if info.world_size > 1:
         tables = [None] * info.world_size

@@ -178,3 +178,23 @@ def test_stage_config_takes_the_users_settings_over_the_yaml_and_refuses_what_th
 def test_main_refuses_settings_the_demo_would_ignore_before_anything_runs(argv, message):
     with pytest.raises(guided.ConfigError, match=message):
         guided.main(argv)
+
+
+def test_the_demo_table_is_always_decoded_by_the_built_in_engine(monkeypatch, tmp_path):
+    """engine=auto would pick vLLM on a GPU box that has it: another table than the CPU's (bf16 greedy ties), and
+    vLLM engines built on some ranks only when the ranks hold unequal numbers of checkpoints."""
+    from minitagpr import distributed as D
+    guided = load_recipe("guided_rl")
+    evaluate = load_recipe("evaluate")
+    seen = {}
+
+    def fake_evaluate(mine, tasks, **kw):
+        seen.update(kw)
+        return evaluate.EvalTable()
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoints", fake_evaluate)
+    monkeypatch.setattr(guided, "recipe", lambda name: evaluate)
+    monkeypatch.setattr(guided, "add_rule_rows", lambda table, world, cfg: None)
+    monkeypatch.setattr(D, "world", lambda: SimpleNamespace(world_size=1, rank=0, is_main=False))
+    guided.evaluate_table({"SFT": tmp_path}, tmp_path, guided.GuidedConfig(), tmp_path)
+    assert seen["engine"] == "builtin"

@@ -77,11 +77,12 @@ class GuidedConfig(RLConfig):
 
 
 # Keys left out of a stage's stamp: those that never change what the stage builds (paths the demo derives from
-# workdir, plumbing, memory knobs, the demo driver's own keys). A resume may also change max_steps and the RL engine,
-# SFT's export_dtype and PRMU's new_head / input files, but those change the result: they stay in the stamp.
-RL_PLUMBING = (loop.RESUMABLE_KEYS - {"max_steps", "engine"}) | {"demo", "workdir", "rerun", "eval_examples",
-                                                           "exploratory_steps", "rl_seed",  # (seed holds it)
-                                                           "sft_settings", "prmu_settings"}  # (in SFT's, PRMU's stamps)
+# workdir, plumbing, memory knobs, the demo driver's own keys). A resume may also change max_steps, the RL engine and
+# prmu_max_len, SFT's export_dtype and PRMU's new_head / input files, but those change the result: they stay in the
+# stamp.
+RL_PLUMBING = (loop.RESUMABLE_KEYS - {"max_steps", "engine", "prmu_max_len"}) | {
+    "demo", "workdir", "rerun", "eval_examples", "exploratory_steps", "rl_seed",  # (seed holds rl_seed)
+    "sft_settings", "prmu_settings"}  # (in SFT's, PRMU's stamps)
 # The SFT and PRMU keys the demo sets itself (from workdir, its own stages and seed=): refused in sft_settings= and
 # prmu_settings=, which would otherwise train them on other data or out of the stage folders.
 DEMO_OWNED = {"sft_settings": ("model", "tokenizer", "data", "demo_dir", "out_dir", "seed"),

@@ -768,3 +768,33 @@ def test_gather_rows_hands_the_collective_a_contiguous_tensor(monkeypatch):
     values = torch.arange(6, dtype=torch.float64).view(2, 3).T  # (3, 2), not contiguous, as reward_metrics builds
     got = loop.gather_rows(values, "cpu")
     assert seen == [True] and torch.equal(got, torch.cat([values, values]))
+
+
+def test_a_resume_refuses_a_prmu_that_now_reads_another_length(small_world, tmp_path):
+    """prmu_max_len=0 resolves to the length the PRMU export records; a PRMU re-exported between a kill and the
+    resume would otherwise be scored at another length without a word."""
+    import minitagpr.rl.loop as L
+    from minitagpr.config import ConfigError
+    from minitagpr.data.prompts import TRAINING_FILE
+    from minitagpr.model import Qwen3Config
+    from minitagpr.model.reward import PRMU, save_reward_model
+    world, policy = small_world
+    rm = PRMU(Qwen3Config.from_json(policy / "config.json"), ["nobody"])
+    rm.init_weights(0)
+    tok_files = {n: policy / n for n in ("tokenizer.json", "tokenizer_config.json")}
+    prmu = save_reward_model(rm, tmp_path / "prmu", extra_files=tok_files)
+    (prmu / TRAINING_FILE).write_text('{"max_len": 512}')
+    base = dict(policy=str(policy), prmu=str(prmu), data_root=str(world), tasks="LaMP-2:0,LaMP-3:0", k=2,
+                max_prompt_tokens=700, group_size=2, prompts_per_step=4, num_minibatches=2, micro_batch_size=4,
+                max_new_tokens=8, save_every=2, lr=1e-3, out_dir=str(tmp_path / "run"))
+    try:
+        L.train(RLConfig(**base, max_steps=2))
+        assert all(r["prmu_inputs_cut"] == 0 for r in _log(tmp_path / "run"))
+        (prmu / TRAINING_FILE).write_text('{"max_len": 256}')  # re-exported with another max_len
+        with pytest.raises(ConfigError, match=r"scored R_PRMU inputs up to 512 tokens, .* now reads 256 \(as it was "
+                                              r"trained\); pass prmu_max_len=512"):
+            L.train(RLConfig(**base, max_steps=4))
+        L.train(RLConfig(**base, max_steps=4, prmu_max_len=512))  # as it started: the run goes on
+        assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3, 4]
+    finally:
+        L.D.destroy_distributed()

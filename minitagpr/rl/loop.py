@@ -584,9 +584,11 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
 
 
 # Settings a resumed run may change (plumbing); any other difference from the checkpoint's config is an error.
+# prmu_max_len may change on resume as long as the length it resolves to stays the one the run scored with (checked
+# against the checkpoint's prmu_max_len_used, not here)
 RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", "engine", "builtin_decode",
                    "vllm_gpu_memory_utilization", "micro_batch_size", "activation_checkpointing", "policy", "prmu",
-                   "data_root"}
+                   "data_root", "prmu_max_len"}
 
 
 def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
@@ -649,16 +651,15 @@ def train(cfg: RLConfig) -> Path:
                                       activation_checkpointing=cfg.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
     engine = build_engine(cfg, tokenizer, info)
-    prmu = None
+    prmu, prmu_len_source = None, ""
     if uses_prmu:
-        from minitagpr.model.reward import PRMUScorer
+        from minitagpr.model.reward import DEFAULT_MAX_LEN, PRMUScorer, trained_max_len
         # prmu_user_table=true on a checkpoint without a table fails in the loader (CheckpointError, naming it)
-        from minitagpr.model.reward import DEFAULT_MAX_LEN, trained_max_len
         prmu = PRMUScorer.from_pretrained(cfg.prmu, device=info.device, use_user_table=cfg.prmu_user_table,
                                           max_len=cfg.prmu_max_len)
-        source = ("prmu_max_len" if cfg.prmu_max_len else "as it was trained" if trained_max_len(
+        prmu_len_source = ("prmu_max_len" if cfg.prmu_max_len else "as it was trained" if trained_max_len(
             resolve_checkpoint(cfg.prmu)) else f"the export records no max_len: the default {DEFAULT_MAX_LEN}")
-        D.log(f"[{cfg.stage}] PRMU {cfg.prmu}: inputs up to {prmu.max_len} tokens ({source})")
+        D.log(f"[{cfg.stage}] PRMU {cfg.prmu}: inputs up to {prmu.max_len} tokens ({prmu_len_source})")
 
     # 3. resume: weights, optimizer, step; the engine then starts from the checkpoint's weights
     start = 0
@@ -666,6 +667,11 @@ def train(cfg: RLConfig) -> Path:
     if latest is not None:
         state = D.load_checkpoint(latest, model, optimizer)
         _check_resumed_config(state.get("config", {}), cfg, latest)
+        # checkpoints written before the length was recorded scored with the fixed DEFAULT_MAX_LEN
+        scored = (state.get("prmu_max_len_used") or DEFAULT_MAX_LEN) if prmu is not None else None
+        if prmu is not None and scored != prmu.max_len:  # e.g. a PRMU re-exported since, with another max_len
+            raise ConfigError(f"{latest}: this run scored R_PRMU inputs up to {scored} tokens, {cfg.prmu} now reads "
+                              f"{prmu.max_len} ({prmu_len_source}); pass prmu_max_len={scored} to go on as it started")
         start = state["step"]
         sync_to_engine(model, engine)
         D.log(f"[{cfg.stage}] resumed from {latest} at step {start}")
@@ -749,7 +755,9 @@ def train(cfg: RLConfig) -> Path:
         # every save_every steps, and the last step (so a kill during the export resumes straight into it; one
         # more full checkpoint write per run)
         if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == total_steps):
-            D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, {"stage": cfg.stage, "config": asdict(cfg)},
+            D.save_checkpoint(ckpt_dir, step + 1, model, optimizer,
+                              {"stage": cfg.stage, "config": asdict(cfg),
+                               "prmu_max_len_used": prmu.max_len if prmu is not None else None},
                               keep_last=cfg.keep_last)
 
     # 5. export (config, safetensors, tokenizer files) that load_pretrained, transformers and vLLM load

@@ -123,15 +123,22 @@ def test_checkpoint_tensor_names_name_a_damaged_file_or_index(tmp_path):
 # ---------------------------------------------------------------------------------------------------------- fake vLLM
 
 class FakeSamplingParams:
+    """Keeps what the adapter asks for, and refuses what vLLM's SamplingParams refuses."""
+
     def __init__(self, **kwargs):
+        if kwargs.get("temperature", 1.0) == 0 and kwargs.get("n", 1) > 1:
+            raise ValueError("n must be 1 when using greedy sampling")  # vLLM's own check
+        if kwargs.get("temperature", 1.0) > 2:
+            raise ValueError("temperature must be in [0, 2]")
         self.__dict__.update(kwargs)
 
 
 class FakeLLM:
     """Records every call the adapter makes; answers generate() with deterministic completions."""
 
-    def __init__(self):
+    def __init__(self, finish_reason=None):
         self.calls = []
+        self.finish_reason = finish_reason  # None: "stop" on a stop id, else "length"; a string: always that
         worker_model = SimpleNamespace(load_weights=self._load_weights)
         runner = SimpleNamespace(model=worker_model)
         self.llm_engine = SimpleNamespace(
@@ -166,8 +173,9 @@ class FakeLLM:
             for j in range(sp.n):
                 ids = [prompt["prompt_token_ids"][-1] + j + k for k in range(1, 4)]
                 stopped = bool(sp.stop_token_ids) and ids[-1] in sp.stop_token_ids
+                reason = self.finish_reason or ("stop" if stopped else "length")
                 completions.append(SimpleNamespace(
-                    index=j, token_ids=ids, text="vllm-text", finish_reason="stop" if stopped else "length",
+                    index=j, token_ids=ids, text="vllm-text", finish_reason=reason,
                     logprobs=[{t: SimpleNamespace(logprob=-0.5 * (k + 1))} for k, t in enumerate(ids)]))
             outputs.append(SimpleNamespace(outputs=completions[::-1]))  # vLLM need not keep sample order
         return outputs
@@ -185,9 +193,9 @@ def policy():
     return presets.build_model(presets.tiny_config("tiny"))
 
 
-def make_engine(policy, level=2, tokenizer=None):
+def make_engine(policy, level=2, tokenizer=None, llm=None):
     names = {n for n, _ in hf_named_tensors(policy)}
-    llm = FakeLLM()
+    llm = llm or FakeLLM()
     eng = VLLMEngine("unused", tokenizer, llm=llm, sampling_params_cls=FakeSamplingParams, sleep_level=level,
                      expected_names=names)
     return eng, llm
@@ -251,6 +259,42 @@ def test_vllm_outputs_become_completions_in_sample_order(policy):
     assert [c.finish_reason for c in group] == ["length", "stop"]
     assert group[1].text == "12 13"  # the stop id is not part of the text
     assert group[0].logprobs == [-0.5, -1.0, -1.5]
+
+
+def test_vllm_stops_on_our_stop_ids_only(policy):
+    """Without ignore_eos vLLM also stops on the tokenizer's EOS and generation_config's eos_token_id list,
+    which the built-in engine (and the RL loop's stop list) would not."""
+    eng, llm = make_engine(policy, level=0)
+    eng.generate([[1, 2]], stop_token_ids=[9])
+    assert llm.params[0].ignore_eos is True and llm.params[0].stop_token_ids == [9]
+
+
+def test_greedy_with_n_above_one_asks_vllm_once_and_copies_the_answer(policy):
+    eng, llm = make_engine(policy, level=0, tokenizer=DigitTokenizer())
+    group = eng.generate([[10], [20]], n=3, temperature=0.0, stop_token_ids=[13])[0]
+    assert [p.n for p in llm.params] == [1, 1]  # vLLM refuses n > 1 at temperature 0
+    assert len(group) == 3 and all(c.token_ids == [11, 12, 13] and c.finish_reason == "stop" for c in group)
+    group[0].token_ids.append(99)  # copies, not one list three times
+    assert group[1].token_ids == [11, 12, 13]
+    eng.generate([[10]], n=3, temperature=1.0)
+    assert llm.params[0].n == 3  # sampling asks for all n at once
+
+
+@pytest.mark.parametrize("temperature", [0.005, 2.5])
+def test_temperatures_vllm_would_clamp_or_refuse_are_refused_by_name(policy, temperature):
+    eng, llm = make_engine(policy, level=0)
+    with pytest.raises(RolloutError, match=rf"temperature {temperature}: the vLLM engine samples at 0 .* \[0.01, 2\]"):
+        eng.generate([[1]], temperature=temperature)
+    assert llm.calls == []
+
+
+def test_a_stop_id_at_the_length_limit_is_a_stop_and_an_aborted_request_an_error(policy):
+    eng, _ = make_engine(policy, level=0, tokenizer=DigitTokenizer(), llm=FakeLLM(finish_reason="length"))
+    done = eng.generate([[10]], stop_token_ids=[13], max_new_tokens=3)[0][0]
+    assert (done.finish_reason, done.text) == ("stop", "11 12")  # older vLLM reports "length" here
+    eng, _ = make_engine(policy, level=0, llm=FakeLLM(finish_reason="abort"))
+    with pytest.raises(RolloutError, match="prompt 0's completion with finish_reason='abort' after 3 tokens"):
+        eng.generate([[10]], stop_token_ids=[5])
 
 
 def test_vocabulary_mask_only_when_the_checkpoint_has_a_padded_tail(policy, tmp_path):

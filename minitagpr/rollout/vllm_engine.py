@@ -19,6 +19,11 @@ after level-2 sleep without a sync is refused for the same reason (the woken wei
 Needs vLLM >= 0.8.5: level-2 sleep discards the non-weight buffers too (RoPE's cos/sin tables), which wake_up
 restores only since vLLM PR #16889 (2025-04-21); before it every step after the first decoded with garbage tables.
 
+Requests mean what they mean for the built-in engine: completions stop on the given stop ids only (ignore_eos, so
+not also on the EOS ids vLLM reads from the tokenizer and generation_config.json); greedy n > 1 is one request copied
+n times (vLLM refuses it); temperatures vLLM would silently clamp (0 < T < 0.01) or refuses (T > 2) are refused here
+by name; a request vLLM aborts is an error, not a completion cut by the length limit.
+
 Log-probs: vLLM's default (`raw_logprobs`) reports log-probs at temperature 1, before any processing; they equal
 the built-in engine's only at T = 1 (the paper's setting). The RL loop only logs their gap to the policy's own
 log-probs (rollout/logp_gap_*), and only at T = 1.
@@ -90,6 +95,22 @@ def launcher_env(environ=os.environ) -> None:
         port = s.getsockname()[1]
     environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(port)})
+
+
+VLLM_MIN_TEMPERATURE = 1e-2  # vLLM clamps 0 < T < 0.01 up to 0.01 (with a log warning only)
+VLLM_MAX_TEMPERATURE = 2.0  # vLLM >= 0.11 refuses T > 2
+
+
+def _finish_reason(vllm_reason, ids: list[int], stops: list[int], prompt_index: int) -> str:
+    """Our finish reason from vLLM's: "stop" exactly when the last id is one of ours (the completion's contract),
+    "length" when vLLM ran out of max_tokens; an aborted or failed request is an error, never a short completion
+    that would be scored as cut by the length limit."""
+    if ids and ids[-1] in stops:
+        return "stop"  # also when the stop id came with the last allowed token (older vLLM then says "length")
+    if vllm_reason == "length":
+        return "length"
+    raise RolloutError(f"vLLM finished prompt {prompt_index}'s completion with finish_reason={vllm_reason!r} "
+                       f"after {len(ids)} tokens, not on a stop id nor at max_new_tokens")
 
 
 def _worker_model(llm) -> torch.nn.Module:
@@ -197,6 +218,10 @@ class VLLMEngine(RolloutEngine):
                  seed=0) -> list[list[Completion]]:
         vocab_limit = 2**31 - 1  # vLLM checks prompt ids against its own vocabulary
         stops = check_request(prompt_token_ids, n, temperature, top_p, max_new_tokens, stop_token_ids, vocab_limit)
+        if temperature != 0 and not VLLM_MIN_TEMPERATURE <= temperature <= VLLM_MAX_TEMPERATURE:
+            # vLLM raises above 2 (recent versions) and silently samples at 0.01 below it: another distribution
+            raise RolloutError(f"temperature {temperature!r}: the vLLM engine samples at 0 (greedy) or in "
+                               f"[{VLLM_MIN_TEMPERATURE:g}, {VLLM_MAX_TEMPERATURE:g}]; use engine: builtin for others")
         if not self.weights_valid:
             raise RolloutError("generate after level-2 sleep needs sync_weights first: the weights were discarded "
                                "and reloading them from disk would undo training")
@@ -207,10 +232,15 @@ class VLLMEngine(RolloutEngine):
             extra["allowed_token_ids"] = self.allowed_token_ids
         if self.tokenizer is not None:
             extra["detokenize"] = False  # we decode with our tokenizer below
+        # Greedy decoding has one answer and vLLM refuses n > 1 at temperature 0: ask once, copy it n times below.
+        n_asked = 1 if temperature == 0 else n
+        # ignore_eos: stop on `stops` only, as the built-in engine does; otherwise vLLM also stops on the tokenizer's
+        # EOS and on every eos_token_id of the checkpoint's generation_config.json.
         params = [
-            self.SamplingParams(n=n, temperature=float(temperature), top_p=float(top_p), max_tokens=max_new_tokens,
-                                stop_token_ids=stops, seed=sample_seed(*keys[i], 0) % (2**31), logprobs=0,
-                                skip_special_tokens=False, **extra)
+            self.SamplingParams(n=n_asked, temperature=float(temperature), top_p=float(top_p),
+                                max_tokens=max_new_tokens, stop_token_ids=stops, ignore_eos=True,
+                                seed=sample_seed(*keys[i], 0) % (2**31), logprobs=0, skip_special_tokens=False,
+                                **extra)
             for i in range(len(prompt_token_ids))
         ]
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
@@ -222,12 +252,16 @@ class VLLMEngine(RolloutEngine):
             for out in sorted(request.outputs, key=lambda o: o.index):
                 ids = list(out.token_ids)
                 logprobs = [float(step[t].logprob) for step, t in zip(out.logprobs, ids)]
-                reason = "stop" if out.finish_reason == "stop" else "length"
+                reason = _finish_reason(out.finish_reason, ids, stops, i)
                 if self.tokenizer is not None:
-                    text = self.tokenizer.decode(ids[:-1] if reason == "stop" and ids and ids[-1] in stops else ids)
+                    text = self.tokenizer.decode(ids[:-1] if reason == "stop" else ids)
                 else:
                     text = out.text
                 group.append(Completion(token_ids=ids, text=text, logprobs=logprobs, finish_reason=reason))
+            if n_asked == 1 and n > 1 and len(group) == 1:
+                group += [Completion(token_ids=list(group[0].token_ids), text=group[0].text,
+                                     logprobs=list(group[0].logprobs), finish_reason=group[0].finish_reason)
+                          for _ in range(n - 1)]
             if len(group) != n:
                 raise RolloutError(f"vLLM returned {len(group)} completions for prompt {i}, expected n={n}")
             groups.append(group)

@@ -104,6 +104,31 @@ def world() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
+def machine() -> dict[str, object]:
+    """What a run's numbers depend on beyond its settings: the torch build, the device, the CPU and the vector
+    instruction set torch's CPU kernels dispatch to (AVX2 and AVX-512 round differently, so a demo table is
+    reproducible bit for bit only on the same kind of machine) and the number of processes."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+    return {"torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "cpu": cpu or platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "processes": dist.get_world_size() if dist.is_initialized() else 1}
+
+
+def describe_machine(m: dict) -> str:
+    """One line for logs: 'cpu AMD EPYC (AVX2), torch 2.13.0+cpu, 2 processes'."""
+    n = m.get("processes")
+    return (f"{m.get('device')} {m.get('cpu')} ({m.get('cpu_capability')}), torch {m.get('torch')}, "
+            f"{n} process{'es' * (n != 1)}")
+
+
 def destroy_distributed() -> None:
     """Tear down the process group, but only if `init_distributed` created it.
 

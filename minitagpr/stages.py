@@ -5,7 +5,8 @@ stage afterwards. A folder holding an export says nothing about the settings or 
 each stage writes a stamp before it trains and marks it complete after its export:
 
     {"format": ..., "stage": "sft", "build": "<random id>", "complete": true, "code": "<git commit>",
-     "settings": {the stage's config minus plumbing keys}, "upstream": {"world": <fingerprint>, ...}}
+     "machine": {torch, device, cpu, cpu_capability, processes}, "settings": {the stage's config minus plumbing
+     keys}, "upstream": {"world": <fingerprint>, ...}}
 
 `upstream` holds the world's fingerprint and the build ids of the earlier stages it read, so a rebuilt earlier
 stage makes every later one stale. `plan` decides, the same on every rank (it only reads):
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from minitagpr.config import ConfigError, default_json_dict, to_json_dict
+from minitagpr.distributed import machine
 
 STAMP = "stage.json"
 FORMAT = "minitagpr-stage/1"
@@ -161,8 +163,9 @@ def begin(folder: Path, export: Path, p: Plan, stage: str, stage_settings: dict,
         for path in (folder / "checkpoints", *fresh_also):
             _remove(Path(path))
     _remove(export)
+    # "machine" is informative only: `plan` never compares it
     _write(folder, {"format": FORMAT, "stage": stage, "build": p.build, "complete": False, "code": code_version(),
-                    "settings": stage_settings, "upstream": upstream})
+                    "machine": machine(), "settings": stage_settings, "upstream": upstream})
 
 
 def finish(folder: Path) -> None:

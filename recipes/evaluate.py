@@ -48,6 +48,7 @@ from minitagpr.cli import exit_on_user_error, is_user_error
 from minitagpr.config import ConfigError, check_at_least, check_choice, check_fraction, check_writable_dir, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.lamp import DataError, LampExample, not_a_file
+from minitagpr.distributed import machine
 from minitagpr.metrics import COLUMNS, evaluate, table_columns
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,6 +388,7 @@ class EvalTable:
     examples: dict[str, int] = field(default_factory=dict)  # task -> number of scored examples
     counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # decoded rows: generation_counts
     notes: list[str] = field(default_factory=list)  # lines printed under the table (e.g. what a reference row is)
+    machine: dict[str, Any] = field(default_factory=dict)  # where the rows were decoded (distributed.machine)
 
     def add(self, row: str, task: str, metrics: Mapping[str, float], settings: Mapping[str, Any], n: int,
             counts: Mapping[str, int] | None = None) -> None:
@@ -432,7 +434,7 @@ class EvalTable:
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "settings": self.settings, "examples": self.examples, "counts": self.counts,
-                "notes": self.notes}
+                "notes": self.notes, "machine": self.machine}
 
     def write(self, out_dir: str | os.PathLike, stem: str = "table", title: str = "") -> tuple[Path, Path]:
         out_dir = Path(out_dir)
@@ -508,7 +510,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
     ready = dict(retrievers or {})
     choosers = {r: ready[r] if r in ready else make_retriever(r, seed, dense_encoder)
                 for r in dict.fromkeys(r for r, _ in settings)}
-    table = EvalTable()
+    table = EvalTable(machine=machine())
     for name, checkpoint in named_checkpoints.items():
         eng, tokenizer = make_engine(checkpoint, engine, max_model_len=max_prompt_tokens + max_new_tokens,
                                      gpu_memory_utilization=vllm_gpu_memory_utilization)
@@ -631,6 +633,7 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
         for row, results in ours.rows.items():
             for task, metrics in results.items():
                 main.add(row, task, metrics, ours.settings[row], ours.examples[task], counts=ours.counts[row][task])
+        main.machine = ours.machine
     tables = {"table": main}
     main.write(out, "table", title)
     print(main.markdown(title))

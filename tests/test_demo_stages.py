@@ -41,6 +41,17 @@ def test_a_new_stage_is_built_and_then_reused_with_its_build_id(tmp_path):
     assert json.loads((tmp_path / stages.STAMP).read_text())["complete"] is True
 
 
+def test_a_stamp_records_the_machine_and_reuse_ignores_it(tmp_path):
+    import torch
+    _built(tmp_path)
+    stamp = json.loads((tmp_path / stages.STAMP).read_text())
+    assert stamp["machine"]["torch"] == torch.__version__ and stamp["machine"]["processes"] == 1
+    assert stamp["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    stamp["machine"] = {"device": "some other box"}  # built elsewhere: the settings decide, not the machine
+    (tmp_path / stages.STAMP).write_text(json.dumps(stamp))
+    assert stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP).reuse
+
+
 def test_other_settings_are_refused_by_name_unless_rerun(tmp_path):
     built = _built(tmp_path)
     with pytest.raises(ConfigError, match=r"lr 0\.0001 -> 5e-05") as err:

@@ -268,6 +268,7 @@ def test_command_line_writes_table_and_robustness(lamp_root, checkpoints, tmp_pa
     saved = json.loads((tmp_path / "out" / "table.json").read_text())
     assert list(saved["rows"]) == ["oracle", "sft"]
     assert saved["rows"]["oracle"]["LaMP-3"]["mae"] == 0.0
+    assert saved["machine"]["device"] == "cpu" and saved["machine"]["cpu_capability"]  # where sft was decoded
     assert list(tables["robustness"].rows) == ["sft [recency k=1]", "sft [recency k=2]"]
     assert (tmp_path / "out" / "robustness.md").read_text().count("| sft [recency") == 2
 

@@ -500,7 +500,8 @@ def load_outputs(path: str | os.PathLike, task: str | None = None) -> tuple[str,
 
     Pass `task` when the file holds golds: its `task` field must then name that task, and each gold of a label task
     must be one of the task's labels, each gold of a rating task a number from 1 to 5 (the official scoring reads it
-    with float()). Predictions are read without `task`: an unreadable prediction is scored as wrong, not refused.
+    with float()). Predictions are read without `task`: every output must be a string, as the format says, but one
+    that is no label or no number is scored as wrong, not refused.
     """
     path = Path(path)
     spec = task_spec(task) if task is not None else None

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from minitagpr.data.chain_client import (  # noqa: E402
     ChatClient, ChatRequest, EndpointConfig, Endpoint, ResponseCache, request_key,
 )
-from timing import median_seconds, python_peak_mb  # noqa: E402
+from timing import median_seconds, python_peak_mb, machine_line  # noqa: E402
 
 
 def main() -> None:
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--puts", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    print(machine_line())
 
     cfg = EndpointConfig(concurrency=8)
     endpoint = Endpoint("teacher", "http://unused/v1", "teacher-model", "EMPTY")

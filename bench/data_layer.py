@@ -26,7 +26,7 @@ from minitagpr.data.lamp import LampExample, item_document, load_questions, quer
 from minitagpr.data.prompts import build_messages, fit_messages  # noqa: E402
 from minitagpr.data.retrieval import get_retriever, tokenize  # noqa: E402
 from minitagpr.metrics import evaluate  # noqa: E402
-from timing import median_seconds, python_peak_mb  # noqa: E402
+from timing import median_seconds, python_peak_mb, machine_line  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(3000)]
 
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    print(machine_line())
     rng = random.Random(0)
     examples = make_lamp4(args.questions, args.items, rng)
     n, r = len(examples), args.repeats

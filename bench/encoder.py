@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from timing import rss_growth_mb  # noqa: E402
+from timing import rss_growth_mb, machine_line  # noqa: E402
 
 PATHS = ["transformers", "ours-forward", "ours-encode"]
 SIZES = {"small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--child", default="")
     ap.add_argument("--folder", default="")
     args = ap.parse_args()
+    print(machine_line())
     import torch
     threads = int(os.environ.get("BENCH_THREADS", "2"))
     torch.set_num_threads(threads)

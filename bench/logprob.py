@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from timing import PeakMemory, median_seconds
+from timing import PeakMemory, median_seconds, machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -152,6 +152,7 @@ def main(argv=None) -> None:
     p.add_argument("--worker", type=int, nargs=3, metavar=("N", "H", "V"), help=argparse.SUPPRESS)
     p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    print(machine_line())
     cuda = torch.cuda.is_available() and not args.cpu
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     if args.worker:

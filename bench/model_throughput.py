@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from timing import PeakMemory, median_seconds
+from timing import PeakMemory, median_seconds, machine_line
 
 SHAPES = {  # name -> (preset, batch, seq_len)
     "demo": ("demo", 8, 256),
@@ -94,6 +94,7 @@ def main():
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma list (transformers is the ratio's baseline)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    print(machine_line())
     if not args.shapes:
         args.shapes = ",".join(SHAPES) if args.device.startswith("cuda") else "demo,qwen3-0.6b-2layer"
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import machine_line  # bench/ is on sys.path: run as python bench/X.py
+
 REPO = Path(__file__).resolve().parents[1]
 BUCKETS = ("PRP", "PQP", "style", "user_dependent")
 
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench_prmu")
     ap.add_argument("--seeds", default="0")
     args, extra = ap.parse_known_args()
+    print(machine_line(processes=args.nproc))
     work = Path(args.work)
     world = work / "world"
     rows = {}

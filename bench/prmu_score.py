@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from timing import rss_growth_mb
+from timing import rss_growth_mb, machine_line
 
 PATHS = ["transformers", "ours-no-table", "ours-table", "ours-one-by-one"]
 
@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--child", default="")
     ap.add_argument("--work", default="")
     args = ap.parse_args()
+    print(machine_line())
     import torch
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if args.child:

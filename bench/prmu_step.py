@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from timing import rss_growth_mb
+from timing import rss_growth_mb, machine_line
 
 PATHS = ["transformers", "ours-no-table", "ours-table"]
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +211,7 @@ def main() -> None:
     ap.add_argument("--child", default="")
     ap.add_argument("--work", default="")
     args = ap.parse_args()
+    print(machine_line())
     import torch
     threads = int(os.environ.get("BENCH_THREADS", "2"))
     torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ import torch
 from minitagpr.model.presets import tiny_config
 from minitagpr.model.reward import PRMU, bradley_terry_loss
 from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from timing import machine_line  # bench/ is on sys.path: run as python bench/X.py
 
 OPTIONS = 15  # answers per task (the demo world's LaMP-2 has 15 tags)
 
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--table-init", choices=("equal", "distinct"), default="equal",
                     help="equal: every row the same vector (PRMU.init_user_table); distinct: one draw per row")
     a = ap.parse_args()
+    print(machine_line())
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     cfg = tiny_config("demo", vocab_size=2048)

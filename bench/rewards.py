@@ -26,7 +26,7 @@ from rouge_score import rouge_scorer  # noqa: E402
 
 from minitagpr import rewards  # noqa: E402
 from minitagpr.data.answers import LABELS, is_classification  # noqa: E402
-from timing import median_seconds, python_peak_mb  # noqa: E402
+from timing import median_seconds, python_peak_mb, machine_line  # noqa: E402
 
 # Guided-RL task mix of the paper: 1,024 examples each of LaMP-1, 3, 4, 5, 7 and 3,200 of LaMP-2.
 TASK_MIX = {"LaMP-1": 1024, "LaMP-2": 3200, "LaMP-3": 1024, "LaMP-4": 1024, "LaMP-5": 1024, "LaMP-7": 1024}
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    print(machine_line())
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core, as the acceptance asks
 

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import machine_line  # bench/ is on sys.path: run as python bench/X.py
+
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ("Guided RL", "Exploratory RL")
 
@@ -87,6 +89,7 @@ def main() -> None:
                     help="run bench/rl_control.py (rewards shuffled within each group) instead of the real stages")
     ap.add_argument("--no-run", action="store_true", help="only read the tables the seeds' runs left")
     args, extra = ap.parse_known_args()
+    print(machine_line(processes=args.nproc))
     seeds = [int(s) for s in args.seeds.split(",")]
     args.workdir, args.out = str(Path(args.workdir).resolve()), str(Path(args.out).resolve())  # the runs' cwd is REPO
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import minitagpr.rl.loop as L
 from minitagpr import distributed as D
 from minitagpr.model.presets import make_tiny_checkpoint
 from minitagpr.train.optim import build_optimizer
-from timing import PeakMemory
+from timing import PeakMemory, machine_line
 
 
 def make_batch(args, vocab: int, seed: int = 0) -> dict:
@@ -81,6 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     info = D.init_distributed()  # a process group of one
+    print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_tiny_checkpoint(f"{tmp}/m", preset=args.preset, seed=0)
         model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))

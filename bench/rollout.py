@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from timing import reset_rss_peak, status_kib
+from timing import reset_rss_peak, status_kib, machine_line
 
 # our engine's rows -> its decode mode (BuiltinEngine(decode=...)); "ours-graph" needs CUDA
 OURS = {"ours": "dynamic", "ours-static": "static", "ours-graph": "graph"}
@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    print(machine_line())
     if args.child:
         print("RESULT " + json.dumps(child_memory(args)))
         return

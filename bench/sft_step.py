@@ -21,7 +21,7 @@ import torch
 from minitagpr.model import presets
 from minitagpr.train import sft_data as S
 from minitagpr.train.loss import nll_forward_backward
-from timing import median_seconds
+from timing import median_seconds, machine_line
 
 
 def make_docs(n: int, seed: int = 0) -> list[S.Document]:
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    print(machine_line())
     torch.set_num_threads(args.threads)
     model = presets.build_model(presets.tiny_config("demo", vocab_size=2048), seed=0)
     docs = make_docs(args.docs)

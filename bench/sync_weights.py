@@ -43,7 +43,7 @@ from minitagpr.model.presets import make_tiny_checkpoint
 from minitagpr.rl.loop import sync_to_engine
 from minitagpr.rollout.base import hf_name
 from minitagpr.rollout.builtin import BuiltinEngine
-from timing import PeakMemory, median_seconds
+from timing import PeakMemory, median_seconds, machine_line
 
 PRESETS = ("demo", "qwen3-0.6b-2layer")
 # one all-gather into one flat output tensor (all_gather_into_tensor is deprecated under this name since torch 2.13)
@@ -132,6 +132,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     info = D.init_distributed()
+    D.log(machine_line())  # after joining the group: it counts the processes
     load_before = load_average()
     policy, engine = build(args.preset, info)
     model_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())  # a tied head once

@@ -126,3 +126,14 @@ def rss_growth_mb(fn) -> float:
     memory.start()
     fn()
     return max(0, memory.peak()) / 2**20
+
+
+def machine_line(processes: int | None = None) -> str:
+    """'machine: cpu AMD EPYC (AVX2), torch 2.13.0+cpu, 1 process': printed above every table, since CPU timings
+    (and the last bits of results) depend on the CPU and its vector instruction set as much as on the code.
+    `processes`: what the runs a bench launches use (torchrun children), instead of this process's group."""
+    from minitagpr.distributed import describe_machine, machine
+    m = machine()
+    if processes is not None:
+        m["processes"] = processes
+    return "machine: " + describe_machine(m)

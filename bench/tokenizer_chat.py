@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 
 from minitagpr.tokenizer import Tokenizer
-from timing import median_seconds, status_kib
+from timing import median_seconds, status_kib, machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokenizer-dir", default=str(REPO.parent / "shared" / "assets" / "qwen3-tokenizer"))
     args = ap.parse_args()
+    print(machine_line())
     chats = conversations(args.n)
 
     rss0 = rss_mb()

@@ -16,7 +16,7 @@ stage makes every later one stale. `plan` decides, the same on every rank (it on
   - other settings than this run's: refuse, naming each key, so a finished result is never overwritten or reused
     for settings it was not built with
   - same settings, but not complete or the export is gone: build, resuming from the stage's checkpoints
-  - otherwise: reuse (with a note when another version of the code built it)
+  - otherwise: reuse (with a note when another version of the code, or another machine, built it)
 A build with nothing to resume is a start from scratch (`Plan.resume` False): `begin` then also clears the
 `fresh_also` folders the stage would otherwise read (the demo's base model, built by the SFT stage).
 `begin` (rank 0) clears what the build must not read and writes the new stamp; `finish` (rank 0) marks it complete.
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from minitagpr.config import ConfigError, default_json_dict, to_json_dict
-from minitagpr.distributed import machine
+from minitagpr.distributed import describe_machine, machine
 
 STAMP = "stage.json"
 FORMAT = "minitagpr-stage/1"
@@ -128,6 +128,9 @@ def plan(folder: Path, export: Path, stage_settings: dict, upstream: dict, *, re
     here = code_version()
     built_by = old.get("code", "unknown")
     note = f" (built by code {built_by}, this is {here})" if built_by != here else ""
+    built_on, this = old.get("machine"), machine()
+    if isinstance(built_on, dict) and built_on != this:  # the same settings, but other float rounding: say so
+        note += f" (built on {describe_machine(built_on)}; this is {describe_machine(this)})"
     return Plan(True, False, f"reusing {export}{note}", old["build"])
 
 

@@ -47,9 +47,11 @@ def test_a_stamp_records_the_machine_and_reuse_ignores_it(tmp_path):
     stamp = json.loads((tmp_path / stages.STAMP).read_text())
     assert stamp["machine"]["torch"] == torch.__version__ and stamp["machine"]["processes"] == 1
     assert stamp["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    stamp["machine"] = {"device": "some other box"}  # built elsewhere: the settings decide, not the machine
+    assert "built on" not in stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP).reason
+    stamp["machine"].update(cpu="Other CPU", cpu_capability="AVX512")  # built elsewhere: reused, and said
     (tmp_path / stages.STAMP).write_text(json.dumps(stamp))
-    assert stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP).reuse
+    p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+    assert p.reuse and "(built on cpu Other CPU (AVX512), torch" in p.reason
 
 
 def test_other_settings_are_refused_by_name_unless_rerun(tmp_path):

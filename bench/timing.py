@@ -129,11 +129,12 @@ def rss_growth_mb(fn) -> float:
 
 
 def machine_line(processes: int | None = None) -> str:
-    """'machine: cpu AMD EPYC (AVX2), torch 2.13.0+cpu, 1 process': printed above every table, since CPU timings
-    (and the last bits of results) depend on the CPU and its vector instruction set as much as on the code.
-    `processes`: what the runs a bench launches use (torchrun children), instead of this process's group."""
+    """'machine: AMD EPYC (AVX2), no GPU, torch 2.13.0+cpu, 1 process': printed above every table, since CPU
+    timings (and the last bits of results) depend on the CPU and its vector instruction set as much as on the code;
+    the GPU is the one visible, whichever device the bench's arguments chose (its table says which).
+    `processes`: a launcher's, what the runs it starts use (torchrun children); it then leaves CUDA alone."""
     from minitagpr.distributed import describe_machine, machine
-    m = machine()
+    m = machine(gpu_name=processes is None)
     if processes is not None:
         m["processes"] = processes
     return "machine: " + describe_machine(m)

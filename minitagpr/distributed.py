@@ -104,28 +104,32 @@ def world() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
-def machine() -> dict[str, object]:
-    """What a run's numbers depend on beyond its settings: the torch build, the device, the CPU and the vector
-    instruction set torch's CPU kernels dispatch to (AVX2 and AVX-512 round differently, so a demo table is
-    reproducible bit for bit only on the same kind of machine) and the number of processes."""
+def machine(gpu_name: bool = True) -> dict[str, object]:
+    """What a run's numbers depend on beyond its settings: the torch build, the CPU and the vector instruction set
+    torch's CPU kernels dispatch to (AVX2 and AVX-512 round differently, so a demo table is reproducible bit for bit
+    only on the same kind of machine), the GPUs visible and the number of processes.
+
+    gpu_name=False counts the visible GPUs without asking CUDA for a name (a launcher process that must not
+    initialise CUDA while its children use the cards)."""
+    import platform
     cpu = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    import platform
-    return {"torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "cpu": cpu or platform.processor() or platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name() if gpu_name else f"{torch.cuda.device_count()} GPU(s)"
+    return {"torch": torch.__version__, "cpu": cpu or platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "gpu": gpu,
             "processes": dist.get_world_size() if dist.is_initialized() else 1}
 
 
 def describe_machine(m: dict) -> str:
-    """One line for logs: 'cpu AMD EPYC (AVX2), torch 2.13.0+cpu, 2 processes'."""
+    """One line for logs: 'AMD EPYC (AVX2), no GPU, torch 2.13.0+cpu, 2 processes'."""
     n = m.get("processes")
-    return (f"{m.get('device')} {m.get('cpu')} ({m.get('cpu_capability')}), torch {m.get('torch')}, "
+    return (f"{m.get('cpu')} ({m.get('cpu_capability')}), {m.get('gpu') or 'no GPU'}, torch {m.get('torch')}, "
             f"{n} process{'es' * (n != 1)}")
 
 

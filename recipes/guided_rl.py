@@ -196,8 +196,9 @@ def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: d
 def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Path):
     """The demo's Table 1: checkpoints are split over the ranks (each decodes greedily on its own), then merged.
     Always the built-in fp32 engine, as configs/eval_demo.yaml: fp32 greedy decoding on a CPU and a GPU alike (bf16
-    vLLM breaks greedy ties otherwise; the last bits still differ between devices and CPU instruction sets), and no rank builds vLLM engines that the others do not (vLLM's launcher sets
-    up groups collectively, and the ranks hold unequal numbers of checkpoints when the world size does not divide 4)."""
+    vLLM breaks greedy ties otherwise; the last bits still differ between devices and CPU instruction sets), and no
+    rank builds vLLM engines that the others do not (vLLM's launcher sets up groups collectively, and the ranks hold
+    unequal numbers of checkpoints when the world size does not divide 4)."""
     evaluate = recipe("evaluate")
     info = D.world()
     mine = {name: path for i, (name, path) in enumerate(named.items()) if i % info.world_size == info.rank}
@@ -370,8 +371,9 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
     for line in trend_lines(trend, tasks):
         print("  " + line)
     print(f"\n[demo] evaluation ({root / 'eval' / 'table.md'}):\n{table.markdown()}")
-    print(f"Decoded on: {D.describe_machine(table.machine)}. Reruns on this kind of machine print this table again; "
-          "another CPU's vector kernels (AVX2 or AVX-512) or a GPU round differently, and the cells may differ.\n")
+    print(f"Decoded on: {D.describe_machine(table.machine)}. Reruns on this kind of machine print this table "
+          "again; another CPU's vector kernels (AVX2 or AVX-512) or a GPU round differently, and the cells may "
+          "differ.\n")
     models = [row for row in table.rows if row not in RULE_ROWS]
     distinct = distinct_answers(root / "eval", models, tasks)
     print(f"[demo] distinct answers among the {max(table.examples.values())} dev questions of each task (one answer "

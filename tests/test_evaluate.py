@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lamp_fixtures import make_examples
 from recipe_modules import load_recipe
@@ -268,7 +269,8 @@ def test_command_line_writes_table_and_robustness(lamp_root, checkpoints, tmp_pa
     saved = json.loads((tmp_path / "out" / "table.json").read_text())
     assert list(saved["rows"]) == ["oracle", "sft"]
     assert saved["rows"]["oracle"]["LaMP-3"]["mae"] == 0.0
-    assert saved["machine"]["device"] == "cpu" and saved["machine"]["cpu_capability"]  # where sft was decoded
+    assert saved["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # where sft was decoded
+    assert saved["machine"]["gpu"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     assert list(tables["robustness"].rows) == ["sft [recency k=1]", "sft [recency k=2]"]
     assert (tmp_path / "out" / "robustness.md").read_text().count("| sft [recency") == 2
 

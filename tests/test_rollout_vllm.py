@@ -291,7 +291,7 @@ def test_temperatures_vllm_would_clamp_or_refuse_are_refused_by_name(policy, tem
 def test_a_stop_id_at_the_length_limit_is_a_stop_and_an_aborted_request_an_error(policy):
     eng, _ = make_engine(policy, level=0, tokenizer=DigitTokenizer(), llm=FakeLLM(finish_reason="length"))
     done = eng.generate([[10]], stop_token_ids=[13], max_new_tokens=3)[0][0]
-    assert (done.finish_reason, done.text) == ("stop", "11 12")  # older vLLM reports "length" here
+    assert (done.finish_reason, done.text) == ("stop", "11 12")  # vLLM checks the length limit first: "length"
     eng, _ = make_engine(policy, level=0, llm=FakeLLM(finish_reason="abort"))
     with pytest.raises(RolloutError, match="prompt 0's completion with finish_reason='abort' after 3 tokens"):
         eng.generate([[10]], stop_token_ids=[5])

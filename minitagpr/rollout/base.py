@@ -38,7 +38,8 @@ class Completion:
     logprobs: one fp32 float per token: log softmax(logits / T) of the model's full output row at the sampled id,
         i.e. under the sampling temperature T, *before* top-p truncation and before the padded-vocabulary mask,
         which is exactly what `minitagpr.kernels.token_logprobs(..., temperature=T)` computes. With T == 0
-        (greedy) they are taken at T = 1; the vLLM adapter always reports them at T = 1 (vLLM's raw log-probs). The RL loop recomputes old log-probs itself and logs how far these lie
+        (greedy) they are taken at T = 1; the vLLM adapter always reports them at T = 1 (vLLM's raw
+        log-probs). The RL loop recomputes old log-probs itself and logs how far these lie
         from them (rollout/logp_gap_mean, rollout/logp_gap_max); they never enter the loss.
     finish_reason: "stop" (a stop id was sampled) or "length" (max_new_tokens reached).
     """

@@ -106,7 +106,7 @@ def _finish_reason(vllm_reason, ids: list[int], stops: list[int], prompt_index: 
     "length" when vLLM ran out of max_tokens; an aborted or failed request is an error, never a short completion
     that would be scored as cut by the length limit."""
     if ids and ids[-1] in stops:
-        return "stop"  # also when the stop id came with the last allowed token (older vLLM then says "length")
+        return "stop"  # also when the stop id is the last allowed token: vLLM checks the length first ("length")
     if vllm_reason == "length":
         return "length"
     raise RolloutError(f"vLLM finished prompt {prompt_index}'s completion with finish_reason={vllm_reason!r} "

@@ -88,7 +88,9 @@ def main(argv: list[str]) -> int:
 
     # ------------------------------------------------------------------------------------------- 3. stages
     try:
-        embed_fn = policy_embed_fn(cfg.tagging.policy_checkpoint) if cfg.tagging.embedder == "policy" else None
+        embed_fn = None  # the table is read only when the cluster stage runs (8B: ~2.5 GB; another stage needs none)
+        if cfg.tagging.embedder == "policy" and "cluster" in cfg.stage_list():
+            embed_fn = policy_embed_fn(cfg.tagging.policy_checkpoint)
         results = run_stages(cfg, embed_fn=embed_fn)
     except KeyboardInterrupt:
         print("build_chains: interrupted; every answer received is in the caches under "

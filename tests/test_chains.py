@@ -17,8 +17,8 @@ from minitagpr.data.chain_client import (
     request_key, resolve_endpoint,
 )
 from minitagpr.data.chains import (
-    ChainDataError, ChainsConfig, ReplyError, cluster_tag_names, extract_tagged_chain, parse_free_tags,
-    parse_judge_reply, run_stages, split_reasoning, tfidf_embed, word_overlap,
+    ChainDataError, ChainsConfig, ReplyError, cluster_tag_names, extract_tagged_chain, instance_digest,
+    parse_free_tags, parse_judge_reply, run_stages, split_reasoning, tfidf_embed, word_overlap,
 )
 from minitagpr.train.sft_data import read_sft_records
 
@@ -112,6 +112,15 @@ def judge_json(scores=SCORES, **extra):
 ])
 def test_judge_replies_are_read_through_prose_fences_aliases_and_trailing_commas(text):
     assert parse_judge_reply(text) == SCORES  # a stated total is ignored: the total is the sum
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps({"evaluation": {"scores": SCORES}}),                 # two levels down
+    json.dumps({"relevance": "high", "scores": SCORES}),            # a stray dimension-named key outside
+    '{"step_accuracy": 4} and then, in full: ' + judge_json(),      # a partial object before the full one
+])
+def test_the_judge_object_naming_the_most_dimensions_wins_at_any_depth(text):
+    assert parse_judge_reply(text) == SCORES
 
 
 @pytest.mark.parametrize("text,reason", [
@@ -672,6 +681,41 @@ def test_a_bad_stage_input_names_file_line_record_and_field(tmp_path):
     (cfg_out(cfg) / "teacher.jsonl").write_text(json.dumps({**chain_record(inst, 0), "sample": "0"}) + "\n")
     with pytest.raises(ChainDataError, match=r"line 1 \(id 'LaMP-3/7/0'\): field 'sample': expected int, got str"):
         run_stages(cfg, ["accuracy"], log=lambda m: None)
+
+
+def test_a_later_stage_refuses_chains_of_an_instance_that_sample_has_since_changed(tmp_path):
+    cfg = make_cfg(tmp_path)
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    run_stages(cfg, ["teacher"], transports={"teacher": lambda kw: reply("<think>Kettles score 4.</think>\n\n4")},
+               log=lambda m: None)
+    assert read_jsonl(cfg_out(cfg) / "teacher.jsonl")[0]["instance_digest"] == instance_digest(inst)
+    run_stages(cfg, ["accuracy"], log=lambda m: None)  # unchanged: fine
+    changed = {**inst, "profile": [{"id": "70", "text": "awful toaster", "score": "1"}]}  # same id, other items
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [changed])
+    with pytest.raises(ChainDataError, match=r"teacher\.jsonl: record id 'LaMP-3/7/0': field 'instance_digest': "
+                                             r"instance 'LaMP-3/7' in instances\.jsonl is not the one"):
+        run_stages(cfg, ["accuracy"], log=lambda m: None)
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [{**inst, "gold": "2"}])  # another gold: refused too
+    with pytest.raises(ChainDataError, match="field 'instance_digest'"):
+        run_stages(cfg, ["accuracy"], log=lambda m: None)
+
+
+def test_a_teacher_reply_cut_off_inside_its_reasoning_counts_as_truncated(tmp_path):
+    cfg = make_cfg(tmp_path)
+    l1 = instance("LaMP-1", "1", gold="[2]")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [l1])
+    write_jsonl(cfg_out(cfg) / "teacher.jsonl", [chain_record(l1, 0, chain=None, answer="Let me think about",
+                                                              finish_reason="length")])
+    run_stages(cfg, ["accuracy"], log=lambda m: None)
+    assert stats(cfg, "accuracy")["tasks"]["LaMP-1"]["dropped"] == {"truncated": 1}
+
+
+@pytest.mark.parametrize("key,value", [("filters.rouge_threshold", 30), ("filters.rouge_threshold", -0.1),
+                                       ("filters.min_judge_total", 150), ("filters.min_judge_total", 2)])
+def test_filter_thresholds_outside_their_scale_are_refused(tmp_path, key, value):
+    with pytest.raises(Exception, match=key.replace(".", r"\.") + " must be"):
+        make_cfg(tmp_path, **{key: value})
 
 
 def test_a_bad_stored_profile_item_names_the_instances_file_and_record(tmp_path):

@@ -157,6 +157,11 @@ def test_dates_compare_as_integer_tuples():
     ([_valid_record(profile=[{"id": "1", "text": "x", "date": "2014-01"}, {"id": "2", "text": "x", "date": None},
                              {"id": "3", "text": "x", "date": "someday"}])], "LaMP-7",
      r"field 'profile\[2\].date': cannot read date 'someday'"),
+    # "\ud83d" without its other half: no UTF-8 write or tokenizer call could take it later
+    ([_valid_record(input="x: a \ud83d b")], "LaMP-7",
+     r"record 0 \(id '600'\): field 'input': holds a lone UTF-16 surrogate \\ud83d at character 5"),
+    ([_valid_record(profile=[{"id": "1", "text": "ok \udc00"}])], "LaMP-7",
+     r"field 'profile\[0\].text': holds a lone UTF-16 surrogate \\udc00"),
     ({"id": "1"}, "LaMP-7", r"q.json: expected a JSON array of question records, got dict"),
     ([7], "LaMP-7", r"q.json: record 0: expected an object, got int"),
 ])
@@ -208,6 +213,8 @@ def test_a_folder_given_as_a_file_is_a_data_error_naming_it(tmp_path):
      r"record 0 \(id '1'\): field 'golds.output': expected str, got int"),
     ({"task": "LaMP_1", "golds": [{"id": "1", "output": "[1]"}, {"id": "1", "output": "[2]"}]},
      r"o.json: record 1 \(id '1'\): field 'golds.id': duplicate id"),
+    ({"task": "LaMP_7", "golds": [{"id": "1", "output": "\ud83d"}]},
+     r"record 0 \(id '1'\): field 'golds.output': holds a lone UTF-16 surrogate"),
 ])
 def test_malformed_outputs_raise_a_message_naming_file_record_and_field(tmp_path, obj, message):
     with pytest.raises(DataError, match=message):

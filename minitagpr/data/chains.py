@@ -156,6 +156,14 @@ class FilterConfig:
             raise ValueError(f"filters.max_per_instance must be >= 0 (0: all), got {self.max_per_instance}")
         if not 0.0 <= self.min_overlap <= 1.0:
             raise ValueError(f"filters.min_overlap must be in [0, 1], got {self.min_overlap}")
+        if not 0.0 <= self.rouge_threshold <= 1.0:  # ROUGE is a fraction: 30 (a percentage) would drop every chain
+            raise ValueError(f"filters.rouge_threshold must be in [0, 1] (ROUGE is a fraction), got "
+                             f"{self.rouge_threshold}")
+        dims = len(chain_prompts.JUDGE_DIMENSIONS)
+        low, high = dims * chain_prompts.SCORE_MIN, dims * chain_prompts.SCORE_MAX
+        if not low - 1 <= self.min_judge_total <= high:  # kept when total > this
+            raise ValueError(f"filters.min_judge_total must be from {low - 1} to {high} (a chain is kept when its "
+                             f"judge total, {low}-{high}, is above it), got {self.min_judge_total}")
 
 
 @dataclass
@@ -396,15 +404,29 @@ def load_instances(out_dir: Path) -> dict[str, dict]:
     return instances
 
 
+def instance_digest(inst: Mapping) -> str:
+    """A fingerprint of what an instance asks and expects (task, input, profile items, gold). The teacher stage
+    stores it in each record, so a later stage run after `sample` was rerun with other settings (same ids, other
+    profiles or golds) is refused instead of pairing old chains with new prompts."""
+    content = {name: inst[name] for name in ("task", "input", "profile", "gold")}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 def _instance_of(instances: Mapping[str, dict], record: dict, path: Path) -> dict:
     inst = instances.get(record["instance"])
+    rerun = "was stage 'sample' rerun with other settings? rerun the later stages too"
     if inst is None:
         raise ChainDataError(f"{path}: record id {record['id']!r}: field 'instance': {record['instance']!r} is not in "
-                             f"{FILES['sample']} (was stage 'sample' rerun with other settings? rerun the later "
-                             f"stages too)")
+                             f"{FILES['sample']} ({rerun})")
     if record["task"] != inst["task"]:
         raise ChainDataError(f"{path}: record id {record['id']!r}: field 'task': {record['task']!r}, but instance "
                              f"{inst['id']!r} in {FILES['sample']} is {inst['task']!r}")
+    stored = record.get("instance_digest")  # absent in files written before it was recorded
+    if stored is not None and stored != instance_digest(inst):
+        raise ChainDataError(f"{path}: record id {record['id']!r}: field 'instance_digest': instance "
+                             f"{inst['id']!r} in {FILES['sample']} is not the one this chain answered (its input, "
+                             f"profile or gold changed; {rerun})")
     return inst
 
 
@@ -488,8 +510,12 @@ def _json_objects(text: str) -> Iterator[dict]:
 
 
 def _find_dimensions(obj: dict) -> dict[str, Any] | None:
-    """{dimension: raw value} when `obj` (or one object nested in it, e.g. {"scores": {...}}) names any dimension."""
-    for candidate in [obj] + [v for v in obj.values() if isinstance(v, dict)]:
+    """{dimension: raw value} from `obj` or an object nested in it at any depth (e.g. {"evaluation": {"scores":
+    {...}}}): the one naming the most dimensions, the outermost on a tie; None when none names any."""
+    best: dict[str, Any] = {}
+    queue = [obj]  # breadth first: outer objects come before inner ones
+    while queue:
+        candidate = queue.pop(0)
         folded = {_key(k): v for k, v in candidate.items()}
         found = {}
         for dim, aliases in _DIMENSION_ALIASES.items():
@@ -497,9 +523,10 @@ def _find_dimensions(obj: dict) -> dict[str, Any] | None:
                 if name in folded:
                     found[dim] = folded[name]
                     break
-        if found:
-            return found
-    return None
+        if len(found) > len(best):
+            best = found
+        queue.extend(v for v in candidate.values() if isinstance(v, dict))
+    return best or None
 
 
 def _score(value: Any) -> int | None:
@@ -530,10 +557,10 @@ def parse_judge_reply(text: str | None) -> dict[str, int]:
     if THINK_CLOSE in text:  # a reasoning judge's drafts are not its answer
         text = text[text.rfind(THINK_CLOSE) + len(THINK_CLOSE):]
     found = None
-    for obj in _json_objects(text):
-        found = _find_dimensions(obj)
-        if found is not None:
-            break
+    for obj in _json_objects(text):  # the object naming the most dimensions, the first on a tie
+        candidate = _find_dimensions(obj)
+        if candidate is not None and (found is None or len(candidate) > len(found)):
+            found = candidate
     if found is None:
         raise ReplyError("judge_no_json", "no JSON object with the judge's dimensions in the reply")
     missing = [d for d in chain_prompts.JUDGE_DIMENSIONS if d not in found]
@@ -705,6 +732,7 @@ def stage_teacher(ctx: Context) -> StageCounts:
             inst = request.context
             chain, answer = split_reasoning(response)
             out.record({"id": f"{inst['id']}/{request.sample}", "instance": inst["id"], "task": inst["task"],
+                        "instance_digest": instance_digest(inst),
                         "sample": request.sample, "chain": chain, "answer": answer,
                         "finish_reason": response.get("finish_reason")})
             counts.kept(inst["task"])
@@ -724,12 +752,13 @@ def stage_accuracy(ctx: Context) -> StageCounts:
         for rec in read_jsonl(source, CHAIN_FIELDS, "teacher"):
             task, rid = rec["task"], rec["id"]
             counts.seen(task)
+            # a cut-off reply first: its reasoning block may never have closed, and the cause to report is the cut
+            if rec.get("finish_reason") == "length":  # the answer after a cut-off chain is not the teacher's answer
+                dropped.drop(task, rid, "truncated", "finish_reason 'length': cut off at teacher.max_tokens")
+                continue
             if rec["chain"] is None:
                 dropped.drop(task, rid, "no_reasoning", "the reply has no reasoning block, or one holding chat or "
                                                         "think markers")
-                continue
-            if rec.get("finish_reason") == "length":  # the answer after a cut-off chain is not the teacher's answer
-                dropped.drop(task, rid, "truncated", "finish_reason 'length': cut off at teacher.max_tokens")
                 continue
             if not rec["answer"]:
                 dropped.drop(task, rid, "no_answer", "nothing after the reasoning")

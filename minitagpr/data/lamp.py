@@ -423,6 +423,19 @@ def type_name(value: Any) -> str:
     return type(value).__name__
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def surrogate_problem(text: str) -> str | None:
+    """Why `text` cannot be written or tokenised as UTF-8 (None when it can): JSON's "\\ud83d" escape without its
+    other half decodes to a lone surrogate, which every later UTF-8 write or tokenizer call would fail on deep inside."""
+    match = _SURROGATE.search(text)
+    if match is None:
+        return None
+    return (f"holds a lone UTF-16 surrogate \\u{ord(match.group()):04x} at character {match.start()} (half of an "
+            f"escaped emoji or other character; not valid Unicode text: repair the file)")
+
+
 def _rating(value: Any) -> float | None:
     """A 1-5 rating written as a number or a numeric string (4, 4.0, "4"), or None when `value` is not one."""
     if isinstance(value, bool):
@@ -446,6 +459,8 @@ def _check_item(path: Path, index: int, rec_id: str, j: int, item: Any, spec: Ta
         numeric_ok = name in _NUMERIC_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (isinstance(value, str) or numeric_ok):
             raise DataError(f"{at(name)}: expected a string, got {type_name(value)} {value!r}")
+        if isinstance(value, str) and (why := surrogate_problem(value)):
+            raise DataError(f"{at(name)}: {why}")
     if "score" in spec.item_fields and _rating(item["score"]) is None:
         raise DataError(f"{at('score')}: expected a rating from 1 to 5, got {item['score']!r}")
     # null is an undated item, as RecencyRetriever treats it; a date that is there must be readable
@@ -475,6 +490,8 @@ def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
         if rec_id in seen:
             raise DataError(f"{where(path, index, rec_id, 'id')}: duplicate id (first at record {seen[rec_id]})")
         seen[rec_id] = index
+        if why := surrogate_problem(rec["input"]):
+            raise DataError(f"{where(path, index, rec_id, 'input')}: {why}")
         try:
             _cut_query(spec, rec["input"])  # checked here, where the error can name the file and the record
         except DataError as e:
@@ -534,6 +551,8 @@ def load_outputs(path: str | os.PathLike, task: str | None = None) -> tuple[str,
         if rec_id in outputs:
             raise DataError(f"{where(path, index, rec_id, 'golds.id')}: duplicate id")
         output = rec["output"]
+        if why := surrogate_problem(output):
+            raise DataError(f"{where(path, index, rec_id, 'golds.output')}: {why}")
         if spec is not None and (why := gold_problem(spec.name, output)):
             raise DataError(f"{where(path, index, rec_id, 'golds.output')}: {why}")
         outputs[rec_id] = output

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from minitagpr.data.lamp import (
-    DataError, LampExample, canonical_task, date_key, read_json, type_name, where, write_outputs, write_questions,
+    DataError, LampExample, canonical_task, date_key, read_json, surrogate_problem, type_name, where, write_outputs,
+    write_questions,
 )
 
 PGRAPHRAG_TASKS = ("PGraphRAG-title", "PGraphRAG-rating")
@@ -67,6 +68,8 @@ def load_users(path: str | os.PathLike) -> list[dict]:
                     raise DataError(f"{at(name)}: missing")
                 if not isinstance(review[name], str):
                     raise DataError(f"{at(name)}: expected a string, got {type_name(review[name])}")
+                if why := surrogate_problem(review[name]):
+                    raise DataError(f"{at(name)}: {why}")
             rating = review.get("rating")
             if "rating" not in review:
                 raise DataError(f"{at('rating')}: missing")

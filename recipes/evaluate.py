@@ -80,10 +80,11 @@ class EvalConfig:
     k: int = 8  # retrieved profile items per prompt (0 = none)
     sweep_k: list[int] = field(default_factory=list)  # robustness: these k with `retriever`
     sweep_retrievers: list[str] = field(default_factory=list)  # robustness: these retrievers with `k`
-    max_prompt_tokens: int = 2048  # prompt budget: the least relevant profile items are dropped to fit; a question
-    #                                that does not fit without any is refused before decoding
+    max_prompt_tokens: int = 4096  # prompt budget: the least relevant profile items are dropped to fit; a question
+    #                                that does not fit without any is refused before decoding (RL's budget)
     prompt_style: str = ""  # instruction style, "full" | "brief"; "" = the demo world's own style, else "full"
-    max_new_tokens: int = 1024  # response cap in tokens, thinking included (table.json counts the cut ones)
+    max_new_tokens: int = 2048  # response cap in tokens, thinking included (table.json counts the cut ones); RL's
+    #                             cap, so no answer the policy was trained to finish is cut here
     temperature: float = 0.0  # 0 = greedy decoding: evaluation numbers do not depend on a seed
     top_p: float = 1.0  # nucleus sampling, in (0, 1]
     seed: int = 0  # sampling (temperature > 0) and the random retriever
@@ -324,7 +325,7 @@ def make_retriever(name: str, seed: int = 0, dense_encoder: str | os.PathLike | 
 
 
 def generate_answers(engine, tokenizer, data: TaskData, *, retriever: str | retrieval.Retriever = "recency",
-                     k: int = 8, max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
+                     k: int = 8, max_prompt_tokens: int = 4096, max_new_tokens: int = 2048, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16,
                      prompt_style: str = "full") -> list[dict]:
     """One generation record per example: {id, text, finish_reason, profile_items, prompt_tokens,
@@ -484,7 +485,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                          *, data: Any = "demo", data_dir=None, pgraphrag_dir=None, split: str = "user",
                          part: str = "dev",
                          limit: int = 0, settings: Sequence[tuple[str, int]] = (("recency", 8),),
-                         max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, temperature: float = 0.0,
+                         max_prompt_tokens: int = 4096, max_new_tokens: int = 2048, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16, engine: str = "auto",
                          vllm_gpu_memory_utilization: float = 0.3,
                          normalize: bool = False, out_dir: str | os.PathLike | None = None,

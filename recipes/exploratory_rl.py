@@ -11,7 +11,7 @@ minitagpr/rl/loop.py, shared with recipes/guided_rl.py.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from minitagpr import distributed as D
 from minitagpr.cli import exit_on_user_error
@@ -28,10 +28,20 @@ class ExploratoryConfig(RLConfig):
     use_prmu: bool = False  # unused: the foundation reward has no PRMU term (no PRMU is loaded); false, as above
 
 
+# Keys of Stage 2's composite reward: the foundation reward reads none of them, so a value other than the default
+# would be silently unused
+GUIDED_ONLY = ("prmu", "alpha", "beta", "gamma", "use_tag_reward", "use_prmu", "prmu_user_table", "prmu_max_len")
+
+
 def main(argv: list[str]) -> None:
     cfg = parse_cli(ExploratoryConfig, argv)
     if cfg.stage != "exploratory":
         raise ConfigError("recipes/exploratory_rl.py runs stage=exploratory; use recipes/guided_rl.py for Stage 2")
+    defaults = {f.name: f.default for f in fields(ExploratoryConfig)}
+    unused = [f"{k}={getattr(cfg, k)}" for k in GUIDED_ONLY if getattr(cfg, k) != defaults[k]]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: Stage 3's foundation reward (R_v + R_rep)R_f has no tag or PRMU term "
+                          "and no weights; these keys belong to recipes/guided_rl.py")
     if not cfg.policy:
         raise ConfigError("policy=<guided-RL export folder> is required (Stage 3 starts from the Stage 2 checkpoint)")
     D.init_distributed()

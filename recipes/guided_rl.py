@@ -21,7 +21,7 @@ import json
 import math
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -74,6 +74,15 @@ class GuidedConfig(RLConfig):
     sft_settings: str = ""  # demo: SFT's settings other than its defaults, as "key=value key=value" (recipes/sft.py
     #                         --help; e.g. "max_steps=200"); the demo sets its inputs, out_dir and seed
     prmu_settings: str = ""  # demo: the same for PRMU, over configs/prmu_demo.yaml (recipes/train_prmu.py --help)
+    prompt_style: str = ""  # "full" | "brief"; "": the demo world's (demo: the style SFT trained on, which the RL
+    #                         stages and the table use; another is refused), "full" with demo=false
+
+    def __post_init__(self):
+        given = self.prompt_style
+        self.prompt_style = given or "full"  # RLConfig checks a concrete style
+        super().__post_init__()
+        if self.demo and not given:
+            self.prompt_style = ""  # resolved to the world's style once the world is built (main)
 
 
 # Keys left out of a stage's stamp: those that never change what the stage builds (paths the demo derives from
@@ -83,6 +92,8 @@ class GuidedConfig(RLConfig):
 RL_PLUMBING = (loop.RESUMABLE_KEYS - {"max_steps", "engine", "prmu_max_len"}) | {
     "demo", "workdir", "rerun", "eval_examples", "exploratory_steps", "rl_seed",  # (seed holds rl_seed)
     "sft_settings", "prmu_settings"}  # (in SFT's, PRMU's stamps)
+CONFIG_DEFAULTS = {f.name: f.default for f in fields(GuidedConfig)}
+DEMO_ONLY = ("workdir", "rerun", "exploratory_steps", "eval_examples", "sft_settings", "prmu_settings")  # (and rl_seed)
 # The SFT and PRMU keys the demo sets itself (from workdir, its own stages and seed=): refused in sft_settings= and
 # prmu_settings=, which would otherwise train them on other data or out of the stage folders.
 DEMO_OWNED = {"sft_settings": ("model", "tokenizer", "data", "demo_dir", "out_dir", "seed"),
@@ -152,7 +163,8 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
 
     sft_export, builds["sft"] = build_or_reuse(
         "2. SFT on the demo world's tagged chains", dirs["sft"], sft_cfg,
-        sft.RESUMABLE_KEYS - {"model", "tokenizer", "data", "export_dtype"}, {"world": builds["world"]}, sft.run,
+        sft.RESUMABLE_KEYS - {"model", "tokenizer", "data", "export_dtype", "truncate_long", "drop_long"},
+        {"world": builds["world"]}, sft.run,
         fresh_also=[work / f"base_{sft_cfg.demo_preset}"])  # the base model SFT starts from (the table's Base row)
 
     prmu_cfg = replace(prmu_cfg, init=str(sft_export))  # (init is DEMO_OWNED: the user's text cannot set it)
@@ -410,6 +422,11 @@ def main(argv: list[str]) -> None:
     if cfg.rl_seed < -1 or (cfg.rl_seed != -1 and not cfg.demo):
         raise ConfigError(f"rl_seed={cfg.rl_seed}: rl_seed reseeds the demo's RL stages (>= 0; -1 = seed); "
                          "with demo=false set seed= instead")
+    unused = [f"{k}={getattr(cfg, k)}" for k in DEMO_ONLY if not cfg.demo and getattr(cfg, k) != CONFIG_DEFAULTS[k]]
+    if unused:  # a demo=false run is Stage 2 alone: it would leave them unread
+        raise ConfigError(f"{', '.join(unused)}: only the demo (demo=true) reads {'/'.join(DEMO_ONLY)}; a demo=false "
+                          "run is Stage 2 alone (run Stage 3 with recipes/exploratory_rl.py, the table with "
+                          "recipes/evaluate.py)")
     info = D.init_distributed()
     report = None
     try:
@@ -426,10 +443,16 @@ def main(argv: list[str]) -> None:
             raise ConfigError(f"{', '.join(map(str, old))}: built without a {stages.STAMP} (an older minitagpr, or a "
                               "stage run by hand), so the settings behind them are unknown; delete those stage "
                               f"folders (or all of {work}) to rebuild them, or give this run a new workdir=")
+        from minitagpr.data.demo_world import DEFAULTS as WORLD_DEFAULTS  # the world always has its defaults
+        if cfg.prompt_style not in ("", WORLD_DEFAULTS["prompt_style"]):
+            raise ConfigError(f"prompt_style={cfg.prompt_style}: the demo's policy is SFT-trained on the demo world's "
+                              f"{WORLD_DEFAULTS['prompt_style']!r} prompts, which its RL stages and table use; leave "
+                              "prompt_style unset")
         # 1-3. earlier stages, built once
         paths = demo_stages(cfg, dirs)
+        style = paths["world"].params["prompt_style"]  # the style SFT trained on: the RL stages and table use it
         guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"]), data_root=str(work / "world"),
-                             prompt_style=paths["world"].params["prompt_style"],  # the style SFT trained on
+                             prompt_style=style,
                              out_dir=str(dirs["guided"][0]), seed=cfg.seed if cfg.rl_seed < 0 else cfg.rl_seed)
         hint = ("; or keep it and put this run's RL stages and table elsewhere with out_dir=DIR; or redo the RL "
                 "stages here with rerun=true")

@@ -94,8 +94,8 @@ class SftConfig:
 # Settings a resumed run may change (paths, logging, checkpoint cadence, memory knobs, the export); any other
 # difference from the checkpoint's config is an error (lr, schedule, batch, data shaping, seed...). truncate_long
 # and drop_long only decide whether a too-long record stops the run, is cut or is left out: where one is cut or left
-# out, the data fingerprint differs anyway, and guided_rl leaves them out of the SFT stage stamp (it takes these
-# keys as plumbing).
+# out, the data fingerprint a resume checks differs anyway. The demo's SFT stage stamp keeps both (guided_rl): a
+# finished export has no fingerprint check, and one trained on cut records is not one trained without them.
 RESUMABLE_KEYS = {"model", "tokenizer", "data", "demo_dir", "out_dir", "micro_batch", "activation_checkpointing",
                   "save_every", "keep_last", "resume", "export_dtype", "plot", "eval_max_new_tokens", "truncate_long",
                   "drop_long"}

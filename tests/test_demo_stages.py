@@ -197,7 +197,8 @@ class Fakes:
 
     def table(self, named, world, cfg, out_dir):
         self.tables.append({name: json.loads((Path(p) / "config.json").read_text()) for name, p in named.items()
-                            if name != "Base"} | {"out": str(out_dir), "eval_seed": cfg.seed})
+                            if name != "Base"} | {"out": str(out_dir), "eval_seed": cfg.seed,
+                                                  "eval_style": cfg.prompt_style})
 
     def run(self, *args):
         self.calls.clear()
@@ -238,6 +239,16 @@ def test_a_changed_rl_setting_is_refused_and_leaves_the_old_run_as_it_was(demo):
     assert t["SFT"] == demo.tables[0]["SFT"]
 
 
+def test_an_sft_stage_trained_on_cut_records_is_not_reused_for_one_that_leaves_them_out(demo):
+    # truncate_long and drop_long are plumbing for a resume (the data fingerprint guards it), not for reuse: a
+    # finished export is not fingerprinted, so the stamp keeps them
+    demo.run("sft_settings=truncate_long=true")
+    with pytest.raises(ConfigError, match=r"sft was built with other settings.*drop_long False -> True; "
+                                          r"truncate_long True -> False"):
+        demo.run("sft_settings=drop_long=true")
+    demo.run("sft_settings=truncate_long=true")  # the same settings: reused
+
+
 def test_a_changed_seed_is_refused_at_the_first_stage_it_changes(demo):
     demo.run()
     with pytest.raises(ConfigError, match=r"sft was built with other settings.*seed 0 -> 1"):
@@ -262,6 +273,23 @@ def test_rl_seed_is_refused_outside_the_demo_or_below_minus_one(demo, args, tmp_
     (tmp_path / "x.yaml").write_text("lr: 1.0e-4\n")
     with pytest.raises(ConfigError, match=r"rl_seed=(-2|1): rl_seed reseeds"):
         demo.g.main([*args, "--config", str(tmp_path / "x.yaml")])
+
+
+@pytest.mark.parametrize("arg", ["eval_examples=5", "exploratory_steps=3", "sft_settings=max_steps=2", "rerun=true",
+                                 "workdir=elsewhere"])
+def test_demo_only_keys_are_refused_in_a_stage_2_run_that_would_not_read_them(demo, arg, tmp_path):
+    (tmp_path / "x.yaml").write_text("lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=rf"{arg.split('=')[0]}=.*: only the demo \(demo=true\) reads"):
+        demo.g.main([arg, "demo=false", "--config", str(tmp_path / "x.yaml")])
+    assert demo.calls == []
+
+
+def test_a_prompt_style_other_than_the_one_sft_trained_on_is_refused_in_the_demo(demo):
+    with pytest.raises(ConfigError, match=r"prompt_style=full.*the demo world's 'brief' prompts"):
+        demo.run("prompt_style=full")  # (the fake world's style is brief, as the real one's)
+    assert demo.calls == []
+    demo.run("prompt_style=brief")  # its own style, said or not, is fine
+    assert demo.run() == [] and [t["eval_style"] for t in demo.tables] == ["brief", "brief"]  # the same stages
 
 
 def test_a_rebuilt_world_rebuilds_every_later_stage_from_scratch(demo):

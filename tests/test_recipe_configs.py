@@ -58,6 +58,27 @@ def test_stage_3_runs_otherwise_as_stage_2():
     assert differ == {"stage", "out_dir", "epochs", "use_tag_reward", "use_prmu"}
 
 
+def test_stage_3_without_a_config_file_trains_as_the_paper_config_does():
+    """exploratory_rl.py runs without --config (its defaults are RLConfig's): only where and on what hardware it runs
+    may differ from the 8B YAML, never a setting of the method (prompt and response budgets included: a response
+    cut earlier than Stage 2 cut it gets R_f = 0)."""
+    from dataclasses import fields
+
+    from minitagpr.rl.loop import RLConfig
+    cls = importlib.import_module("exploratory_rl").ExploratoryConfig
+    paper = load_config(cls, RECIPES / "configs" / "exploratory_rl_qwen3_8b.yaml")
+    differ = {f.name for f in fields(RLConfig) if getattr(cls(), f.name) != getattr(paper, f.name)}
+    assert differ <= {"out_dir", "engine", "vllm_gpu_memory_utilization", "micro_batch_size",
+                      "activation_checkpointing"}, differ
+
+
+@pytest.mark.parametrize("arg", ["gamma=0.5", "prmu=/some/rm", "use_tag_reward=true", "alpha=1"])
+def test_stage_3_refuses_the_keys_of_stage_2s_composite_reward(arg):
+    from minitagpr.config import ConfigError
+    with pytest.raises(ConfigError, match=rf"{arg.split('=')[0]}=.*: Stage 3's foundation reward"):
+        importlib.import_module("exploratory_rl").main([arg, "policy=/unused"])
+
+
 def test_demo_trend_windows_and_the_task_balanced_reward(tmp_path):
     """The demo's "did it learn" printout: window means skip steps that did not log a key, and the balanced reward
     weighs tasks equally, so a late window that merely sampled an easier task does not look like learning."""

@@ -287,6 +287,51 @@ def test_sigkill_then_resume_continues_the_exact_step_sequence(small_world, tmp_
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
 
 
+def test_a_resumed_run_restores_the_weights_optimizer_and_engine_it_trained(small_world, tmp_path, monkeypatch):
+    # The SIGKILL test above runs a random policy whose rewards are all 0, so nothing trains there: it shows the
+    # step sequence, not the state. Here rewards are a function of the sampled ids (groups have variance, every
+    # update moves the weights), so the steps after a resume sample and score what the uninterrupted run did only
+    # if the policy, AdamW's moments and the rollout engine's copy of the weights all came back from step 4.
+    from minitagpr import distributed as D
+    from minitagpr.config import parse_cli
+    from minitagpr.model import load_pretrained
+    from minitagpr.rl import loop
+
+    real_rewards, real_fault = loop.compute_rewards, D.fault_point
+
+    def id_rewards(prompts, completions, cfg, prmu=None):
+        parts, _ = real_rewards(prompts, completions, cfg, prmu)
+        return parts, torch.tensor([sum(c.token_ids) % 7 / 7 for c in completions], dtype=torch.float64)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_5(where, step):
+        if (where, step) == ("step", 5):
+            raise Killed
+        real_fault(where, step)
+
+    monkeypatch.setattr(loop, "compute_rewards", id_rewards)
+    world, policy = small_world
+    steps = dict(max_steps=6, save_every=4, stage="exploratory")
+    loop.train(parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "whole", **steps)))
+    monkeypatch.setattr(D, "fault_point", kill_at_step_5)
+    with pytest.raises(Killed):
+        loop.train(parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "cut", **steps)))
+    monkeypatch.setattr(D, "fault_point", real_fault)
+    loop.train(parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "cut", **steps)))
+    whole, cut = _log(tmp_path / "whole"), _log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
+    assert all(abs(r["gspo/loss"]) > 1e-6 for r in whole)  # every step's update moved the weights
+    for a, b in zip(whole, cut):
+        assert a["batch_digest"] == b["batch_digest"], a["step"]  # step 6 samples from step 5's update
+        for key in ("reward_mean", "gspo/loss", "gspo/ratio_mean", "gspo/grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["step"], key)
+    w_whole = load_pretrained(tmp_path / "whole" / "export").state_dict()
+    w_cut = load_pretrained(tmp_path / "cut" / "export").state_dict()
+    assert all(torch.allclose(w_whole[k], w_cut[k], rtol=1e-5, atol=1e-7) for k in w_whole)
+
+
 def test_non_finite_reward_stops_with_the_step(small_world, tmp_path, monkeypatch):
     from minitagpr.rl import loop
     world, policy = small_world

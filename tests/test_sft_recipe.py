@@ -211,9 +211,7 @@ def test_truncate_long_cuts_instead_and_is_a_plumbing_key(inputs, tmp_path, caps
     run_in_process(common(inputs, tmp_path / "x", data=data, global_batch=1, max_steps=1, plot=False,
                           truncate_long=True))
     assert "(1 truncated to seq_len by truncate_long" in capsys.readouterr().out
-    # recipes/guided_rl.py leaves sft.RESUMABLE_KEYS (minus model, tokenizer, data, export_dtype) out of the SFT
-    # stage stamp: a new key outside it would make every existing demo SFT stage "built with other settings"
-    assert "truncate_long" in sft.RESUMABLE_KEYS
+    assert "truncate_long" in sft.RESUMABLE_KEYS  # a resume may change it (the data fingerprint guards a resume)
 
 
 def test_drop_long_leaves_long_records_out_and_lists_them(inputs, tmp_path, capsys):

@@ -56,8 +56,8 @@ class RLConfig:
     retriever: str = "recency"  # recency | bm25 | random (seeded by `seed`); dense needs an encoder, which only
     #                             evaluate.py loads (dense_encoder=)
     k: int = 8  # retrieved profile items per prompt (0 = none)
-    max_prompt_tokens: int = 2048  # prompt budget: the least relevant profile items are dropped to fit; a question
-    #                                that does not fit without any is an error
+    max_prompt_tokens: int = 4096  # prompt budget: the least relevant profile items are dropped to fit; a question
+    #                                that does not fit without any is an error (the 8B YAMLs' and PRMU rollouts' value)
     prompt_style: str = "full"  # "full" | "brief" instruction (minitagpr.data.prompts); the one the policy was SFT'd on
     # rollout
     engine: str = "builtin"  # "builtin" (torch sampler) | "vllm" (GPU)
@@ -70,7 +70,8 @@ class RLConfig:
     group_size: int = 5  # G: responses sampled per prompt, standardised within the group (>= 2)
     temperature: float = 1.0  # the log-probs of the ratio use the same temperature
     top_p: float = 1.0  # must stay 1: the ratio's pi_old is the untruncated distribution
-    max_new_tokens: int = 1024  # response cap in tokens; a response cut here gets R_f = 0
+    max_new_tokens: int = 2048  # response cap in tokens; a response cut here gets R_f = 0 (as the 8B YAMLs and
+    #                             PRMU rollouts: Stage 3 without --config cuts where Stage 2 and PRMU's pairs did)
     # optimisation
     prompts_per_step: int = 128  # global batch of prompts; each yields G responses (a multiple of ranks x
     #                              num_minibatches)

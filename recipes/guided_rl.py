@@ -427,6 +427,11 @@ def main(argv: list[str]) -> None:
         raise ConfigError(f"{', '.join(unused)}: only the demo (demo=true) reads {'/'.join(DEMO_ONLY)}; a demo=false "
                           "run is Stage 2 alone (run Stage 3 with recipes/exploratory_rl.py, the table with "
                           "recipes/evaluate.py)")
+    from minitagpr.data.demo_world import DEFAULTS as WORLD_DEFAULTS  # the demo world always has its defaults
+    if cfg.demo and cfg.prompt_style not in ("", WORLD_DEFAULTS["prompt_style"]):
+        raise ConfigError(f"prompt_style={cfg.prompt_style}: the demo's policy is SFT-trained on the demo world's "
+                          f"{WORLD_DEFAULTS['prompt_style']!r} prompts, which its RL stages and table use; leave "
+                          "prompt_style unset")
     info = D.init_distributed()
     report = None
     try:
@@ -443,16 +448,10 @@ def main(argv: list[str]) -> None:
             raise ConfigError(f"{', '.join(map(str, old))}: built without a {stages.STAMP} (an older minitagpr, or a "
                               "stage run by hand), so the settings behind them are unknown; delete those stage "
                               f"folders (or all of {work}) to rebuild them, or give this run a new workdir=")
-        from minitagpr.data.demo_world import DEFAULTS as WORLD_DEFAULTS  # the world always has its defaults
-        if cfg.prompt_style not in ("", WORLD_DEFAULTS["prompt_style"]):
-            raise ConfigError(f"prompt_style={cfg.prompt_style}: the demo's policy is SFT-trained on the demo world's "
-                              f"{WORLD_DEFAULTS['prompt_style']!r} prompts, which its RL stages and table use; leave "
-                              "prompt_style unset")
         # 1-3. earlier stages, built once
         paths = demo_stages(cfg, dirs)
-        style = paths["world"].params["prompt_style"]  # the style SFT trained on: the RL stages and table use it
         guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"]), data_root=str(work / "world"),
-                             prompt_style=style,
+                             prompt_style=paths["world"].params["prompt_style"],  # the style SFT trained on
                              out_dir=str(dirs["guided"][0]), seed=cfg.seed if cfg.rl_seed < 0 else cfg.rl_seed)
         hint = ("; or keep it and put this run's RL stages and table elsewhere with out_dir=DIR; or redo the RL "
                 "stages here with rerun=true")

@@ -509,11 +509,10 @@ def _json_objects(text: str) -> Iterator[dict]:
             pos = source.find("{", end)
 
 
-def _find_dimensions(obj: dict) -> dict[str, Any] | None:
-    """{dimension: raw value} from `obj` or an object nested in it at any depth (e.g. {"evaluation": {"scores":
-    {...}}}): the one naming the most dimensions, the outermost on a tie; None when none names any."""
-    best: dict[str, Any] = {}
-    queue = [obj]  # breadth first: outer objects come before inner ones
+def _nested_dimensions(obj: dict) -> Iterator[dict[str, Any]]:
+    """{dimension: raw value} of `obj` and of every object nested in it (e.g. {"evaluation": {"scores": {...}}}),
+    outer ones first (breadth first); objects naming no dimension are skipped."""
+    queue = [obj]
     while queue:
         candidate = queue.pop(0)
         folded = {_key(k): v for k, v in candidate.items()}
@@ -523,10 +522,9 @@ def _find_dimensions(obj: dict) -> dict[str, Any] | None:
                 if name in folded:
                     found[dim] = folded[name]
                     break
-        if len(found) > len(best):
-            best = found
+        if found:
+            yield found
         queue.extend(v for v in candidate.values() if isinstance(v, dict))
-    return best or None
 
 
 def _score(value: Any) -> int | None:
@@ -556,11 +554,8 @@ def parse_judge_reply(text: str | None) -> dict[str, int]:
     text = text or ""
     if THINK_CLOSE in text:  # a reasoning judge's drafts are not its answer
         text = text[text.rfind(THINK_CLOSE) + len(THINK_CLOSE):]
-    found = None
-    for obj in _json_objects(text):  # the object naming the most dimensions, the first on a tie
-        candidate = _find_dimensions(obj)
-        if candidate is not None and (found is None or len(candidate) > len(found)):
-            found = candidate
+    # the object naming the most dimensions, at any depth; the first (outermost, earliest) on a tie
+    found = max((d for obj in _json_objects(text) for d in _nested_dimensions(obj)), key=len, default=None)
     if found is None:
         raise ReplyError("judge_no_json", "no JSON object with the judge's dimensions in the reply")
     missing = [d for d in chain_prompts.JUDGE_DIMENSIONS if d not in found]

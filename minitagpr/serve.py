@@ -6,7 +6,9 @@ then any OpenAI client with base_url="http://127.0.0.1:8000/v1" can call:
   GET  /v1/models             the one served model (its id is --model-name, default the checkpoint folder's name)
   POST /v1/chat/completions   messages (rendered with the checkpoint's tokenizer and the Qwen3 chat template),
                               n, max_tokens | max_completion_tokens, temperature, top_p, stop (string or list),
-                              seed, chat_template_kwargs.enable_thinking; usage counts in the answer.
+                              seed, chat_template_kwargs.enable_thinking; usage counts in the answer. Knobs it
+                              does not implement (top_k, min_p, penalties, logit_bias, response_format) are refused
+                              unless sent at their "off" value.
 It exists for evaluation and for testing the chain pipeline against a real `openai` client on loopback. One
 model, one generation at a time (a lock serialises requests; HTTP handling itself is threaded), no streaming.
 The `model` field of a request is echoed back, not checked, so a pipeline may give its roles different names.
@@ -83,6 +85,30 @@ def _temperature(body: dict) -> float:
     return value
 
 
+# Sampling knobs of the OpenAI (and vLLM) API that this server does not implement, with the values that mean "off".
+# A request may send them only at those values: accepting and ignoring them would decode something else than asked.
+NEUTRAL_KNOBS = {
+    "top_k": (-1, 0),
+    "min_p": (0,),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "logit_bias": ({},),
+    "response_format": ({"type": "text"},),
+    "top_logprobs": (0,),
+}
+
+
+def _refuse_unimplemented_knobs(body: dict) -> None:
+    for name, neutral in NEUTRAL_KNOBS.items():
+        value = body.get(name)
+        if value is None or (not isinstance(value, bool) and value in neutral):
+            continue
+        allowed = " or ".join(json.dumps(v) for v in neutral)
+        raise RequestError(f"'{name}' is not implemented by minitagpr.serve; send it only as {allowed} (or leave it "
+                           f"out), got {json.dumps(value)}", name)
+
+
 def parse_chat_request(body, max_position: int | None) -> dict:
     """Validate a /v1/chat/completions body; returns the generation settings or raises RequestError."""
     if not isinstance(body, dict):
@@ -93,6 +119,7 @@ def parse_chat_request(body, max_position: int | None) -> dict:
         raise RequestError("tool calling is not supported by minitagpr.serve", "tools")
     if body.get("logprobs"):
         raise RequestError("'logprobs' is not supported by minitagpr.serve", "logprobs")
+    _refuse_unimplemented_knobs(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list of {role, content} objects", "messages")

@@ -71,3 +71,17 @@ def test_request_limits_are_exact():
     assert request(temperature=2.0)["temperature"] == 2.0 and request(temperature=1e-4)["temperature"] == 1e-4
     with pytest.raises(RequestError, match="'temperature' must be in"):
         request(temperature=2.5)
+
+
+@pytest.mark.parametrize("name, neutral, active", [
+    ("top_k", -1, 5), ("top_k", 0, 50), ("min_p", 0.0, 0.1), ("presence_penalty", 0, 0.5),
+    ("frequency_penalty", 0.0, -1.0), ("repetition_penalty", 1.0, 1.2), ("logit_bias", {}, {"5": 100}),
+    ("response_format", {"type": "text"}, {"type": "json_object"}), ("top_logprobs", 0, 3),
+    ("repetition_penalty", None, True)])
+def test_unimplemented_sampling_knobs_are_refused_unless_off(name, neutral, active):
+    """The server does not implement these knobs: an 'off' value (or none) passes, any other is refused by name
+    rather than silently decoding without it."""
+    assert request(**{name: neutral})["temperature"] == 1.0
+    with pytest.raises(RequestError, match=f"'{name}' is not implemented") as err:
+        request(**{name: active})
+    assert err.value.param == name

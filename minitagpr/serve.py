@@ -14,7 +14,8 @@ model, one generation at a time (a lock serialises requests; HTTP handling itsel
 The `model` field of a request is echoed back, not checked, so a pipeline may give its roles different names.
 
 Stop strings are applied after generation: the text is cut before the earliest stop string and the token count
-is that of the shortest prefix of generated ids whose text reaches it. `<|im_end|>` and eos always stop.
+is that of the shortest prefix of generated ids whose text reaches it. `<|im_end|>`, eos and `<|endoftext|>`
+always stop (Tokenizer.stop_ids).
 Malformed requests get a 400 JSON error naming the field; the server keeps serving. With --request-log every
 request appends one JSON line {time, path, status, body_sha256, n, prompt_tokens, completion_tokens, seconds}.
 """
@@ -226,7 +227,7 @@ class ChatServer(ThreadingHTTPServer):
         with self.generate_lock:
             group = self.engine.generate([prompt], n=request["n"], temperature=request["temperature"],
                                          top_p=request["top_p"], max_new_tokens=max_tokens,
-                                         stop_token_ids=sorted({tok.im_end_id, tok.eos_id}), seed=seed)[0]
+                                         stop_token_ids=tok.stop_ids, seed=seed)[0]
         choices, completion_tokens = [], 0
         for j, c in enumerate(group):
             body_ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids  # without the stop id

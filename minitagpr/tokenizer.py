@@ -237,6 +237,7 @@ class Tokenizer:
         self.im_start_id, self.im_end_id = ids[IM_START], ids[IM_END]
         self.think_id, self.end_think_id = ids[THINK], ids[END_THINK]
         self.eos_id, self.pad_id = ids[self.eos_token], ids[self.pad_token]
+        self.endoftext_id = ids[ENDOFTEXT]
         # Ids are dense in practice; max + 1 is the bound a sampler must mask above (Qwen3: 151,669 < 151,936 rows).
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
 
@@ -274,6 +275,13 @@ class Tokenizer:
         return out
 
     # ---- text <-> ids ---------------------------------------------------------------------------------------
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a generated turn: `<|im_end|>`, the config's eos and `<|endoftext|>` (Qwen3's eos is
+        `<|im_end|>`, so `<|endoftext|>` would otherwise run on; the rewards and answer parser read it as an end of
+        turn too). Every sampler in minitagpr stops on exactly these."""
+        return sorted({self.im_end_id, self.eos_id, self.endoftext_id})
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` as spelled: no BOS/EOS added; special tokens count only where the text writes them."""

@@ -332,7 +332,7 @@ def generate_answers(engine, tokenizer, data: TaskData, *, retriever: str | retr
     completion_tokens}; `text` is the raw continuation (thinking included). `prompt_style`: the instruction the
     model was trained with (minitagpr.data.prompts; the demo world uses "brief")."""
     chooser = retrieval.get_retriever(retriever, seed=seed) if isinstance(retriever, str) else retriever
-    stops = [tokenizer.im_end_id, tokenizer.eos_id]
+    stops = tokenizer.stop_ids
     records = []
     for start in range(0, len(data.examples), batch_prompts):
         batch = data.examples[start:start + batch_prompts]

@@ -166,7 +166,7 @@ def run(cfg: RolloutConfig) -> Path:
 
     # ------------------------------------------------------------------------------------------- 4. sampling
     records = []
-    stops = [tokenizer.im_end_id, tokenizer.eos_id]
+    stops = tokenizer.stop_ids
     for start in range(0, len(requests), cfg.batch_prompts):
         batch = requests[start:start + cfg.batch_prompts]
         ids = [tokenizer.apply_chat(msgs, add_generation_prompt=True, enable_thinking=True) for _, _, msgs, _ in batch]

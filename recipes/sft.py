@@ -312,7 +312,7 @@ def evaluate_chains(export_dir: Path, heldout: list[S.SftRecord], max_new_tokens
     mine = heldout[info.rank::info.world_size]
     prompts = [tokenizer.apply_chat(r.messages, add_generation_prompt=True) for r in mine]
     groups = engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                             stop_token_ids=[tokenizer.im_end_id, tokenizer.eos_id]) if prompts else []
+                             stop_token_ids=tokenizer.stop_ids) if prompts else []
     well, match, samples = 0, 0, []
     for r, group in zip(mine, groups):
         text = group[0].text

@@ -14,8 +14,10 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 class FakeTokenizer:
-    """One letter per id; <|im_end|> = 7 and eos = 8 are different ids, as for a base model's tokenizer."""
-    im_end_id, eos_id = 7, 8
+    """One letter per id; <|im_end|> = 7, eos = 8 and <|endoftext|> = 9 are different ids, as for a base model's
+    tokenizer."""
+    im_end_id, eos_id, endoftext_id = 7, 8, 9
+    stop_ids = [7, 8, 9]
 
     def apply_chat(self, messages, add_generation_prompt=True, enable_thinking=True):
         return [1, 2, 3]
@@ -43,10 +45,10 @@ def request(**body):
     return parse_chat_request({"messages": USER, **body}, max_position=10)
 
 
-def test_generation_stops_on_im_end_and_on_eos_and_usage_counts_the_stop_id():
+def test_generation_stops_on_the_tokenizers_stop_ids_and_usage_counts_the_stop_id():
     server = fake_server(Completion([0, 1, 2, 7], "abc", [0.0] * 4, "stop"))
     answer = ChatServer.chat_completion(server, request(max_tokens=4))
-    assert server.engine.calls[0]["stop_token_ids"] == [7, 8]
+    assert server.engine.calls[0]["stop_token_ids"] == [7, 8, 9]
     assert answer["usage"]["completion_tokens"] == 4  # the stop id was generated too
     assert answer["choices"][0]["message"]["content"] == "abc"
 

@@ -68,6 +68,8 @@ def test_qwen3_ids_match_the_published_ones(qwen3):
     assert (qwen3.pad_id, qwen3.im_start_id, qwen3.im_end_id, qwen3.eos_id) == (151643, 151644, 151645, 151645)
     assert (qwen3.think_id, qwen3.end_think_id) == (151667, 151668)
     assert qwen3.vocab_size == 151669  # ids the tokenizer can decode, fewer than the 151,936 embedding rows
+    # Qwen3's eos is <|im_end|>; <|endoftext|> must stop a sampler too (the rewards read it as an end of turn)
+    assert qwen3.stop_ids == [151643, 151645]
     assert qwen3.encode("Hello") == [9707]
 
 
@@ -315,6 +317,7 @@ def test_the_assistant_target_ends_with_im_end_whatever_the_eos_token(tmp_path):
     folder = write_tiny_tokenizer(tmp_path, config={"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
     tok = Tokenizer.from_dir(folder)
     assert tok.eos_id != tok.im_end_id
+    assert tok.stop_ids == sorted({tok.im_end_id, tok.token_to_id("<|endoftext|>")})
     ids, mask = tok.encode_prompt_and_target([{"role": "user", "content": "hi"}], "c", "a")
     assert ids[-1] == tok.im_end_id and mask[-1]
 

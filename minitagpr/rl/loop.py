@@ -232,7 +232,7 @@ def rollout(engine, prompts: list[Prompt], cfg: RLConfig, tokenizer: Tokenizer, 
     not depend on the number of ranks."""
     groups = engine.generate([p.ids for p in prompts], n=cfg.group_size, temperature=cfg.temperature,
                              top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                             stop_token_ids=sorted({tokenizer.im_end_id, tokenizer.eos_id}),
+                             stop_token_ids=tokenizer.stop_ids,
                              seed=[sample_base(seed, prompt_offset + i) for i in range(len(prompts))])
     return [c for g in groups for c in g]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minitagpr.rollout import Completion, RolloutError, sample_seed, sample_tokens, sampling_probs
-from minitagpr.rollout.base import check_request
+from minitagpr.rollout.base import check_request, prompt_seed_keys
 
 # Eight decodable ids plus a padded tail of two ids the tokenizer cannot decode; the tail holds the largest logit.
 LOGITS = [1.2, -0.3, 0.8, 2.1, -1.5, 0.0, 1.9, -0.7, 5.0, 4.0]
@@ -126,6 +126,17 @@ def test_sample_seed_is_a_pure_function_of_seed_prompt_and_sample():
     (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(stop_token_ids=[50]), "stop token id 50"),
+    # pinned 2026-11-29: these raised a bare TypeError/ValueError deep inside or were silently truncated
+    (dict(temperature=None), "temperature must be a number"),
+    (dict(temperature="1.0"), "temperature must be a number"),
+    (dict(top_p=None), "top_p must be a number"),
+    (dict(top_p="0.9"), "top_p must be a number"),
+    (dict(stop_token_ids=5), "stop_token_ids must be a list"),
+    (dict(stop_token_ids="ab"), "stop_token_ids must be a list"),
+    (dict(stop_token_ids=[5.7]), "stop token id 5.7 is not an int"),
+    (dict(prompt_token_ids=[[1, 2.0]]), "prompt_token_ids[0][1] = 2.0 is not an int"),
+    (dict(n=2.0), "n must"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
 ])
 def test_bad_requests_fail_naming_the_argument(kwargs, field):
     request = dict(prompt_token_ids=[[1, 2]], n=1, temperature=1.0, top_p=1.0, max_new_tokens=4,
@@ -133,6 +144,19 @@ def test_bad_requests_fail_naming_the_argument(kwargs, field):
     request.update(kwargs)
     with pytest.raises(RolloutError, match=field.replace("[", r"\[").replace("]", r"\]")):
         check_request(**request)
+
+
+def test_numpy_integers_are_ids_and_seeds_and_bad_seeds_are_named():
+    import numpy as np
+    stops = check_request([[np.int64(1), 2]], np.int32(2), np.float32(0.5), 1.0, np.int64(4), [np.int64(3)], 10)
+    assert stops == [3] and type(stops[0]) is int
+    assert prompt_seed_keys(np.int64(7), 2) == [(7, 0), (7, 1)]
+    assert prompt_seed_keys([np.int64(4), 5], 2) == [(4, 0), (5, 0)]
+    for bad in ("x", 1.5, True):
+        with pytest.raises(RolloutError, match="seed must be an int, None or a list"):
+            prompt_seed_keys(bad, 1)
+    with pytest.raises(RolloutError, match=r"prompt_token_ids\[0\]\[0\] = 99 is not a token id"):
+        check_request([[np.int64(99)]], 1, 1.0, 1.0, 4, None, 10)
 
 
 def test_completion_rejects_an_unknown_finish_reason():

@@ -15,6 +15,7 @@ Everything here is plain data; nothing owns an optimizer or a process group.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import secrets
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
@@ -75,8 +76,19 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy integer, not a bool (True would silently mean 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def resolve_seed(seed: int | None) -> int:
     """`None` asks for fresh randomness: draw a base seed from the OS."""
+    if seed is not None and not _is_int(seed):
+        raise RolloutError(f"seed must be an int, None or a list of per-prompt ints, got {seed!r}")
     return secrets.randbits(62) if seed is None else int(seed)
 
 
@@ -90,7 +102,7 @@ def prompt_seed_keys(seed, num_prompts: int) -> list[tuple[int, int]]:
         if len(seed) != num_prompts:
             raise RolloutError(f"seed: {len(seed)} per-prompt seeds for {num_prompts} prompts")
         for i, s in enumerate(seed):
-            if isinstance(s, bool) or not isinstance(s, int):
+            if not _is_int(s):
                 raise RolloutError(f"seed[{i}] = {s!r} is not an int")
         return [(int(s), 0) for s in seed]
     base = resolve_seed(seed)
@@ -117,23 +129,33 @@ def check_request(
         if not isinstance(ids, (list, tuple)) or len(ids) == 0:
             raise RolloutError(f"prompt_token_ids[{i}] must be a non-empty list of ints")
         for j, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-                raise RolloutError(f"prompt_token_ids[{i}][{j}] = {t!r} is not a token id in [0, {vocab_size})")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            if not _is_int(t):
+                raise RolloutError(f"prompt_token_ids[{i}][{j}] = {t!r} is not an int ({type(t).__name__})")
+            if not 0 <= t < vocab_size:
+                raise RolloutError(f"prompt_token_ids[{i}][{j}] = {t} is not a token id in [0, {vocab_size})")
+    if not _is_int(n) or n < 1:
         raise RolloutError(f"n must be a positive int, got {n!r}")
+    if not _is_real(temperature):
+        raise RolloutError(f"temperature must be a number (0 means greedy), got {temperature!r}")
     if not temperature >= 0.0:  # also rejects NaN
         raise RolloutError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
     if 0.0 < temperature < MIN_TEMPERATURE:  # logits / T overflow: NaN log-probs and the last id always sampled
         raise RolloutError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise RolloutError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not _is_real(top_p) or not 0.0 < top_p <= 1.0:
+        raise RolloutError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise RolloutError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    stops = [int(s) for s in (stop_token_ids or [])]
+    if stop_token_ids is None:
+        return []
+    if isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, Iterable):
+        raise RolloutError(f"stop_token_ids must be a list of token ids or None, got {stop_token_ids!r}")
+    stops = list(stop_token_ids)
     for s in stops:
+        if not _is_int(s):
+            raise RolloutError(f"stop token id {s!r} is not an int ({type(s).__name__})")
         if not 0 <= s < vocab_size:
             raise RolloutError(f"stop token id {s} is not in [0, {vocab_size})")
-    return stops
+    return [int(s) for s in stops]
 
 
 class RolloutEngine:

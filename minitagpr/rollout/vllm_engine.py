@@ -243,7 +243,7 @@ class VLLMEngine(RolloutEngine):
                                 **extra)
             for i in range(len(prompt_token_ids))
         ]
-        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_token_ids]
+        prompts = [{"prompt_token_ids": [int(t) for t in ids]} for ids in prompt_token_ids]  # numpy ints too
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
 
         groups = []

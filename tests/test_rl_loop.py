@@ -815,6 +815,48 @@ def test_gather_rows_hands_the_collective_a_contiguous_tensor(monkeypatch):
     assert seen == [True] and torch.equal(got, torch.cat([values, values]))
 
 
+def test_a_resume_refuses_other_prompts_or_another_prmu_behind_the_same_keys(small_world, tmp_path):
+    """data_root, policy and prmu are paths a resume may change (a run may move); what they hold may not: a resume
+    whose task mix or PRMU weights differ from the checkpoint's is refused, a moved identical copy goes on."""
+    import shutil
+    import minitagpr.rl.loop as L
+    from minitagpr.config import ConfigError
+    from minitagpr.data import lamp
+    from minitagpr.model import Qwen3Config
+    from minitagpr.model.reward import PRMU, save_reward_model
+    world, policy = small_world
+    tok_files = {n: policy / n for n in ("tokenizer.json", "tokenizer_config.json")}
+
+    def write_prmu(folder, seed):
+        rm = PRMU(Qwen3Config.from_json(policy / "config.json"), ["nobody"])
+        rm.init_weights(seed)
+        return save_reward_model(rm, folder, extra_files=tok_files)
+
+    prmu = write_prmu(tmp_path / "prmu", 0)
+    moved_world = shutil.copytree(world, tmp_path / "moved_world")
+    moved_prmu = shutil.copytree(prmu, tmp_path / "moved_prmu")
+    base = dict(policy=str(policy), tasks="LaMP-2:0,LaMP-3:0", k=2, max_prompt_tokens=700, group_size=2,
+                prompts_per_step=4, num_minibatches=2, micro_batch_size=4, max_new_tokens=8, save_every=2, lr=1e-3,
+                out_dir=str(tmp_path / "run"))
+    try:
+        L.train(RLConfig(**base, prmu=str(prmu), data_root=str(world), max_steps=2))
+        write_prmu(tmp_path / "other_prmu", 1)
+        with pytest.raises(ConfigError, match=r"prmu=.*other_prmu holds other weights or users than the PRMU this "
+                                              r"run scored with"):
+            L.train(RLConfig(**base, prmu=str(tmp_path / "other_prmu"), data_root=str(world), max_steps=4))
+        gold_file = lamp.split_files(moved_world, "LaMP-3", RLConfig().split, RLConfig().part)[1]
+        outputs = json.loads(gold_file.read_text())
+        outputs["golds"][0]["output"] = "5" if outputs["golds"][0]["output"] != "5" else "4"  # one gold changed
+        changed = shutil.copytree(moved_world, tmp_path / "changed_world")
+        (changed / gold_file.relative_to(moved_world)).write_text(json.dumps(outputs))
+        with pytest.raises(ConfigError, match=r"the task mix differs from the one this run started with"):
+            L.train(RLConfig(**base, prmu=str(moved_prmu), data_root=str(changed), max_steps=4))
+        L.train(RLConfig(**base, prmu=str(moved_prmu), data_root=str(moved_world), max_steps=4))  # moved: goes on
+        assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3, 4]
+    finally:
+        L.D.destroy_distributed()
+
+
 def test_a_resume_refuses_a_prmu_that_now_reads_another_length(small_world, tmp_path):
     """prmu_max_len=0 resolves to the length the PRMU export records; a PRMU re-exported between a kill and the
     resume would otherwise be scored at another length without a word."""

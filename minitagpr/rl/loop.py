@@ -11,6 +11,7 @@ the policy is FSDP2-sharded, and losses carry their global normaliser (gradients
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import sys
@@ -205,6 +206,28 @@ def load_prompts(cfg: RLConfig, tokenizer: Tokenizer, *, part: str | None = None
             ids = tokenizer.apply_chat(messages, add_generation_prompt=True, enable_thinking=True)
             prompts.append(Prompt(ex.id, task, ex.user, messages, ids, golds[ex.id]))
     return prompts
+
+
+def prompts_digest(prompts: list[Prompt]) -> str:
+    """A fingerprint of the task mix as this run trains on it: every prompt's id, task, user, gold and token ids, in
+    order. A resume compares it with the checkpoint's, since data_root and policy (whose tokenizer renders the
+    prompts) are paths a resume may change."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(json.dumps([p.id, p.task, p.user, p.gold]).encode())
+        h.update(array("q", [len(p.ids), *p.ids]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_digest(module: torch.nn.Module, users=None, sample: int = 4096) -> str:
+    """A cheap fingerprint of a model's weights (and of its user-id map, if any): each tensor's name, shape and
+    first `sample` values. A fine-tuned or another model differs there; hashing every weight of a 0.6B PRMU would
+    cost each rank seconds at every start."""
+    h = hashlib.sha256(json.dumps(list(getattr(users, "users", []))).encode())
+    for name, t in module.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().reshape(-1)[:sample].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def task_mix_sample(examples: list, count: int, seed: int, task: str) -> list:
@@ -585,6 +608,7 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
 
 
 # Settings a resumed run may change (plumbing); any other difference from the checkpoint's config is an error.
+# policy, prmu and data_root are paths (a run may move): what they hold is checked instead (_check_resumed_inputs).
 # prmu_max_len may change on resume as long as the length it resolves to stays the one the run scored with (checked
 # against the checkpoint's prmu_max_len_used, not here)
 RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", "engine", "builtin_decode",
@@ -600,6 +624,23 @@ def _check_resumed_config(saved: dict, cfg: RLConfig, path: Path) -> None:
     # max_steps sets where the lr decay ends: with a decaying lr the resumed steps would get other lrs
     check_resumed_config(rl_only, cfg, RESUMABLE_KEYS, path, also_changed=["max_steps"] if decays else [],
                          fields_of=RLConfig)
+
+
+def _check_resumed_inputs(state: dict, path: Path, prompts_now: str, prmu_now: str | None, cfg: RLConfig) -> None:
+    """The paths a resume may change (data_root, policy, prmu) must still hold what the run started with: the same
+    prompts and the same PRMU weights, else the resumed steps would train on other data or another reward. Checkpoints
+    written before the fingerprints were recorded are not checked."""
+    saved = state.get("prompts_digest")
+    if saved is not None and saved != prompts_now:
+        raise ConfigError(f"{path}: the task mix differs from the one this run started with (prompt fingerprint "
+                          f"{prompts_now}, the checkpoint's {saved}): data_root={cfg.data_root} or the policy's "
+                          f"tokenizer ({cfg.policy}) now gives other prompts; point them at the run's own data and "
+                          f"policy, or start over with resume=false")
+    saved = state.get("prmu_digest")
+    if saved is not None and prmu_now is not None and saved != prmu_now:
+        raise ConfigError(f"{path}: prmu={cfg.prmu} holds other weights or users than the PRMU this run scored with "
+                          f"(fingerprint {prmu_now}, the checkpoint's {saved}); point prmu= at that PRMU, or start "
+                          f"over with resume=false")
 
 
 def stage_seed(cfg: RLConfig) -> int:
@@ -632,6 +673,7 @@ def train(cfg: RLConfig) -> Path:
 
     # 1. data: the same prompt list on every rank; each step takes a global batch and splits it by rank
     prompts = load_prompts(cfg, tokenizer)
+    mix_digest = prompts_digest(prompts)  # checked on resume, saved with every checkpoint
     per_rank, rem = divmod(cfg.prompts_per_step, info.world_size)
     if rem or per_rank % cfg.num_minibatches:
         unit = info.world_size * cfg.num_minibatches  # valid values are its multiples
@@ -652,7 +694,7 @@ def train(cfg: RLConfig) -> Path:
                                       activation_checkpointing=cfg.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
     engine = build_engine(cfg, tokenizer, info)
-    prmu, prmu_len_source = None, ""
+    prmu, prmu_len_source, prmu_digest = None, "", None
     if uses_prmu:
         from minitagpr.model.reward import DEFAULT_MAX_LEN, PRMUScorer, trained_max_len
         # prmu_user_table=true on a checkpoint without a table fails in the loader (CheckpointError, naming it)
@@ -661,6 +703,7 @@ def train(cfg: RLConfig) -> Path:
         prmu_len_source = ("prmu_max_len" if cfg.prmu_max_len else "as it was trained" if trained_max_len(
             resolve_checkpoint(cfg.prmu)) else f"the export records no max_len: the default {DEFAULT_MAX_LEN}")
         D.log(f"[{cfg.stage}] PRMU {cfg.prmu}: inputs up to {prmu.max_len} tokens ({prmu_len_source})")
+        prmu_digest = weights_digest(prmu.model, prmu.model.users)
 
     # 3. resume: weights, optimizer, step; the engine then starts from the checkpoint's weights
     start = 0
@@ -673,6 +716,7 @@ def train(cfg: RLConfig) -> Path:
         if prmu is not None and scored != prmu.max_len:  # e.g. a PRMU re-exported since, with another max_len
             raise ConfigError(f"{latest}: this run scored R_PRMU inputs up to {scored} tokens, {cfg.prmu} now reads "
                               f"{prmu.max_len} ({prmu_len_source}); pass prmu_max_len={scored} to go on as it started")
+        _check_resumed_inputs(state, latest, mix_digest, prmu_digest, cfg)
         start = state["step"]
         sync_to_engine(model, engine)
         D.log(f"[{cfg.stage}] resumed from {latest} at step {start}")
@@ -758,7 +802,8 @@ def train(cfg: RLConfig) -> Path:
         if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == total_steps):
             D.save_checkpoint(ckpt_dir, step + 1, model, optimizer,
                               {"stage": cfg.stage, "config": asdict(cfg),
-                               "prmu_max_len_used": prmu.max_len if prmu is not None else None},
+                               "prmu_max_len_used": prmu.max_len if prmu is not None else None,
+                               "prompts_digest": mix_digest, "prmu_digest": prmu_digest},
                               keep_last=cfg.keep_last)
 
     # 5. export (config, safetensors, tokenizer files) that load_pretrained, transformers and vLLM load

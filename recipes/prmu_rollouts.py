@@ -94,10 +94,10 @@ class RolloutConfig:
                 parse_task_mix(self.rl_tasks)
             except ValueError as e:  # its messages name RL's key, "tasks:"
                 raise ValueError(f"rl_{e}") from None
-        for key in ("n", "batch_prompts", "max_new_tokens", "max_prompt_tokens"):
+        # k >= 1: with no profile item the 'profile' prompt is the bare one and PRP pairs would be pure noise
+        for key in ("n", "batch_prompts", "max_new_tokens", "max_prompt_tokens", "k"):
             check_at_least(key, getattr(self, key), 1)
-        for key in ("k", "limit"):
-            check_at_least(key, getattr(self, key), 0)
+        check_at_least("limit", self.limit, 0)
         check_fraction("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization)
 
 

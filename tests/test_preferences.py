@@ -46,8 +46,8 @@ def test_split_response_takes_chain_inside_think_and_answer_after_it():
 
 
 def test_prp_pairs_profile_answer_over_bare_answer_scored_on_the_profile_prompt():
-    pairs, cut = build_prp(_rollouts(), max_per_example=5)
-    assert cut == 0 and pairs and {p.example_id for p in pairs} == {"q1"}  # q2 has no no_profile record
+    pairs, cut, bare = build_prp(_rollouts(), max_per_example=5)
+    assert cut == 0 and bare == 0 and pairs and {p.example_id for p in pairs} == {"q1"}  # q2 has no no_profile record
     for p in pairs:
         assert p.set == "PRP" and p.source == "rollout" and p.user == "u1" and p.task == "LaMP-2"
         assert p.prompt == PROMPT  # both sides are judged in the context the reward model sees in RL
@@ -336,8 +336,21 @@ def _cut_query():
             replace(without_p, truncated=[False, False, True])]
 
 
+def test_a_query_whose_profile_prompt_holds_no_profile_gives_no_prp_pair_and_is_counted(tmp_path):
+    """k=0, or no retrieved item fitting max_prompt_tokens, leaves the 'profile' prompt equal to the bare one: its
+    two sides are draws from one distribution, so a PRP pair of them is noise (pinned 2026-11-29)."""
+    records = [replace(r, prompt=BARE) if r.mode == "profile" and r.id == "q1" else r for r in _rollouts()]
+    pairs, cut, bare = build_prp(records, max_per_example=5)
+    assert (pairs, cut, bare) == ([], 0, 1)
+    write_rollouts(tmp_path / "r.jsonl", records)
+    built = build_pairs_from_rollouts([tmp_path / "r.jsonl"], max_per_example=5, reward_fn=_exact)
+    assert built.sets["PRP"] == [] and built.sets["PQP"]  # its profile-mode responses still make PQP pairs
+    assert ("queries whose 'profile' prompt held no profile item (k=0, or none fit max_prompt_tokens), left out "
+            "of PRP: 1 of 1") in built.summary()
+
+
 def test_prp_leaves_out_every_pair_with_a_cut_side_and_counts_them():
-    pairs, cut = build_prp(_cut_query(), max_per_example=5)
+    pairs, cut, _ = build_prp(_cut_query(), max_per_example=5)
     assert cut == 2  # (p1, b1): the profile side was cut; (p2, b2): the bare side
     assert [(p.chosen.text, p.rejected.text) for p in pairs] == [(_resp("p0", "comedy"), _resp("b0", "x"))]
 
@@ -351,7 +364,7 @@ def test_pqp_leaves_out_every_pair_with_a_cut_side_and_counts_them():
 def test_the_cap_applies_after_cut_pairs_are_left_out():
     # a query keeps up to max_per_example whole pairs however many cut candidates the shuffle put first
     for seed in range(10):
-        pairs, _ = build_prp(_cut_query(), max_per_example=1, seed=seed)
+        pairs, _, _ = build_prp(_cut_query(), max_per_example=1, seed=seed)
         assert len(pairs) == 1
 
 

@@ -99,6 +99,11 @@ def test_a_vllm_memory_share_outside_0_1_is_refused(world, tmp_path, value):
         parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl", f"vllm_gpu_memory_utilization={value}"))
 
 
+def test_k_0_is_refused_since_its_profile_prompt_would_hold_no_profile(world, tmp_path):
+    with pytest.raises(ConfigError, match=r"k must be >= 1"):
+        parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl", "k=0"))
+
+
 def test_each_record_says_how_many_profile_items_the_prompt_budget_dropped(world, tmp_path, monkeypatch, capsys):
     tok = Tokenizer.from_dir(world[0].tokenizer_dir)
     examples = _examples(world)

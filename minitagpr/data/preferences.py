@@ -293,19 +293,24 @@ def _cut(record: RolloutRecord) -> list[bool]:
 
 
 def build_prp(records: list[RolloutRecord], max_per_example: int = 2,
-              seed: int = 0) -> tuple[list[PreferencePair], int]:
+              seed: int = 0) -> tuple[list[PreferencePair], int, int]:
     """PRP: response i sampled with the profile (chosen) vs response i sampled without it (rejected).
 
     Both are scored against the profile prompt. Identical texts carry no preference and are skipped; a query
-    sampled only with the profile gives no PRP pair (its responses still make PQP pairs). The records of a query
-    are checked as `_group_by_query` says. A candidate with a side cut by the length limit is left out before the
-    cap, so a query still gives up to `max_per_example` whole pairs. Returns (pairs, candidates left out as cut)."""
+    sampled only with the profile gives no PRP pair (its responses still make PQP pairs), nor does one whose
+    profile prompt is its bare prompt (no profile item entered it: k=0, or none fit max_prompt_tokens), since its
+    two sides are draws from one distribution. The records of a query are checked as `_group_by_query` says. A
+    candidate with a side cut by the length limit is left out before the cap, so a query still gives up to
+    `max_per_example` whole pairs. Returns (pairs, candidates left out as cut, queries left out as profile-less)."""
     rng = random.Random(seed)
-    pairs, n_cut = [], 0
+    pairs, n_cut, n_bare = [], 0, 0
     for (task, rid), modes in _group_by_query(records).items():
         if "no_profile" not in modes:
             continue
         with_p, without_p = modes["profile"], modes["no_profile"]
+        if with_p.prompt == without_p.prompt:
+            n_bare += 1
+            continue
         candidates = [(a, b, ca or cb) for a, b, ca, cb in  # equal lengths (_group_by_query)
                       zip(with_p.responses, without_p.responses, _cut(with_p), _cut(without_p)) if a != b]
         n_cut += sum(cut for _, _, cut in candidates)
@@ -317,7 +322,7 @@ def build_prp(records: list[RolloutRecord], max_per_example: int = 2,
                 example_id=rid, prompt=with_p.prompt,
                 chosen=response_from_text(a), rejected=response_from_text(b),
             ))
-    return pairs, n_cut
+    return pairs, n_cut, n_bare
 
 
 def build_pqp(
@@ -370,6 +375,8 @@ class RolloutPairs:
     profile_prompts: int  # "profile" records that record `profile_items_dropped`
     short_prompts: int  # of them, prompts that dropped retrieved items to fit max_prompt_tokens
     items_dropped: int  # the items those prompts dropped, in all
+    profileless: int = 0  # queries with both modes whose profile prompt held no profile item: no PRP pair
+    paired_queries: int = 0  # queries sampled in both modes
 
     def summary(self) -> list[str]:
         """One line per thing a reader of the pair counts should know; nothing left out is left unsaid."""
@@ -385,6 +392,9 @@ class RolloutPairs:
         if self.profile_prompts:
             lines.append(f"profile prompts that dropped retrieved items to fit max_prompt_tokens: "
                          f"{self.short_prompts} of {self.profile_prompts} ({self.items_dropped} items in all)")
+        if self.profileless:
+            lines.append(f"queries whose 'profile' prompt held no profile item (k=0, or none fit "
+                         f"max_prompt_tokens), left out of PRP: {self.profileless} of {self.paired_queries}")
         return lines
 
 
@@ -393,7 +403,7 @@ def build_pairs_from_rollouts(paths: list[str | Path], max_per_example: int = 2,
     if max_per_example < 1:  # a negative cap silently dropped the last candidate ([:-1]); 0 built nothing
         raise PreferenceDataError(f"max_per_example must be >= 1, got {max_per_example}")
     records = [r for p in paths for r in read_rollouts(p)]
-    prp, prp_cut = build_prp(records, max_per_example, seed)
+    prp, prp_cut, profileless = build_prp(records, max_per_example, seed)
     pqp, pqp_cut = build_pqp(records, reward_fn, max_per_example, seed)
     budgeted = [r for r in records if r.mode == "profile" and r.profile_items_dropped is not None]
     return RolloutPairs(
@@ -403,6 +413,7 @@ def build_pairs_from_rollouts(paths: list[str | Path], max_per_example: int = 2,
         unrecorded=sum(r.truncated is None for r in records), records=len(records),
         profile_prompts=len(budgeted), short_prompts=sum(r.profile_items_dropped > 0 for r in budgeted),
         items_dropped=sum(r.profile_items_dropped for r in budgeted),
+        profileless=profileless, paired_queries=len({(r.task, r.id) for r in records if r.mode == "no_profile"}),
     )
 
 

@@ -523,6 +523,28 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     return state
 
 
+def model_record(config) -> dict:
+    """What a checkpoint records of the architecture it trained: the model config's fields as JSON values, without
+    the dtype the weights were stored in (training holds fp32 masters whatever it is)."""
+    from dataclasses import asdict
+    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "torch_dtype"}))
+
+
+def check_resumed_model(state: dict, config, path: str | os.PathLike, key: str) -> None:
+    """A resume rebuilds the model from the config at `key` (a path it may change): refuse one that differs from
+    the run's own config in any field (rope_theta, rms_norm_eps, ...), which same-shaped weights would load into
+    without a word. Checkpoints written before the config was recorded are not checked."""
+    saved = state.get("model_config")
+    if saved is None:
+        return
+    now = model_record(config)
+    diff = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(saved.keys() | now.keys())
+            if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError(f"{path}: {key}= now holds a model config other than the one this run trained "
+                          f"({'; '.join(diff)}); point {key}= at the run's own model, or start over with resume=false")
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else 'no message'}"

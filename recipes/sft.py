@@ -118,8 +118,6 @@ def run(cfg: SftConfig) -> Path:
     random.seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
     accum = accumulation_steps(cfg, info.world_size)
-    if info.is_main:
-        save_config(cfg, out_dir / "config.yaml")
     D.log(f"[sft] {info.world_size} process(es) on {info.device.type} ({info.backend}); global batch "
           f"{cfg.global_batch} rows = {info.world_size} ranks x {accum} micro-batches x {cfg.micro_batch} rows "
           f"of {cfg.seq_len} tokens")
@@ -180,8 +178,11 @@ def run(cfg: SftConfig) -> Path:
         # neither depends on it
         length = {"epochs", "max_steps"} if cfg.min_lr_ratio == 1.0 and cfg.warmup_ratio == 0 else set()
         check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
+        D.check_resumed_model(state, model.config, latest, "model")
         start_step = int(state["step"])
         D.log(f"[sft] resumed from {latest} at step {start_step}")
+    if info.is_main:  # after the resume checks: a refused resume leaves the run's own record as it was
+        save_config(cfg, out_dir / "config.yaml")
     if info.is_main and cfg.drop_long:  # every rank dropped the same records: one list (empty: none too long)
         atomic_write_json(out_dir / "dropped_long.json", [
             {"id": d.id, "where": d.where, "tokens": len(d.ids), "seq_len": cfg.seq_len} for d in dropped])
@@ -222,8 +223,8 @@ def run(cfg: SftConfig) -> Path:
         progress.update(step, loss=out["loss"], lr=lr, gnorm=grad_norm)
         done = step + 1
         if done == total_steps or (cfg.save_every > 0 and done % cfg.save_every == 0):
-            D.save_checkpoint(ckpt_dir, done, model, optimizer, {"data": data_sig, "config": to_dict(cfg)},
-                              cfg.keep_last)
+            extra = {"data": data_sig, "config": to_dict(cfg), "model_config": D.model_record(model.config)}
+            D.save_checkpoint(ckpt_dir, done, model, optimizer, extra, cfg.keep_last)
 
     # ---- 8. export: full weights gathered on rank 0 -> HF folder (config, safetensors, tokenizer) -----------------
     export_dir = D.export_hf(model, out_dir / "hf", tokenizer_dir, dtype=getattr(torch, cfg.export_dtype),

@@ -155,9 +155,6 @@ def run(cfg: PrmuConfig) -> Path:
     train = [encode_pair(p, tokenizer, users, cfg.max_len) for p in train_pairs]
     held = [encode_pair(p, tokenizer, users, cfg.max_len) for p in heldout]
     if info.is_main:
-        write_pairs(out / "pairs" / "train.jsonl", train_pairs)  # what this run trained on, for audit
-        write_pairs(out / "pairs" / "heldout.jsonl", heldout)
-        save_config(cfg, out / "config.yaml")
         counts = {s: sum(p.set == s for p in train_pairs) for s in SETS}
         D.log(f"prmu: {len(train)} training pairs {counts}, {len(held)} held out, {len(users)} users, "
               f"user table {'on' if cfg.use_user_table else 'off'}; pairs longer than max_len={cfg.max_len} (their "
@@ -205,14 +202,19 @@ def run(cfg: PrmuConfig) -> Path:
         # the run's length sets where the cosine ends: it may change only under a constant lr after warmup
         length = {"epochs", "max_steps"} if cfg.min_lr_ratio == 1.0 else set()
         check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
+        D.check_resumed_model(state, config, latest, "init_preset" if cfg.init_preset else "init")
         start_step = state["step"]
         D.log(f"prmu: resumed from {latest} at step {start_step}")
+    if info.is_main:  # after the resume checks: a refused resume leaves the run's own record as it was
+        write_pairs(out / "pairs" / "train.jsonl", train_pairs)  # what this run trained on, for audit
+        write_pairs(out / "pairs" / "heldout.jsonl", heldout)
+        save_config(cfg, out / "config.yaml")
 
     # rows carry the number of completed steps; a resumed run re-runs (and re-logs) steps after `start_step`
     log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step + 1 if latest else None)
     progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="prmu ")
     state_extra = {"num_train_pairs": len(train), "num_users": len(users), "total_steps": total_steps,
-                   "data_fingerprint": fingerprint, "config": to_dict(cfg)}
+                   "data_fingerprint": fingerprint, "config": to_dict(cfg), "model_config": D.model_record(config)}
 
     # ------------------------------------------------------------------------------------------- 6. train loop
     model.train()

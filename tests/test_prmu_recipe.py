@@ -283,11 +283,28 @@ def test_resume_refuses_other_pairs_or_users_of_the_same_counts(setup, tmp_path)
     _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=3, min_lr_ratio=1.0))  # the same data resumes
 
 
+def test_resume_refuses_an_init_whose_model_config_changed(setup, tmp_path):
+    """init= is a path a resume may change; a same-shaped model with another rms_norm_eps loaded the checkpoint's
+    weights and trained on with other maths (pinned 2026-11-29)."""
+    import shutil
+    moved = shutil.copytree(setup / "lm", tmp_path / "lm")
+    _run_in_process(_import_recipe(), _args(setup, "arch", max_steps=2, save_every=1, min_lr_ratio=1.0))
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    with pytest.raises(ConfigError, match=r"init= now holds a model config other than the one this run trained "
+                                          r"\(rms_norm_eps 1e-06 -> 1e-05\)"):
+        _run_in_process(_import_recipe(), _args(setup, "arch", max_steps=3, init=moved, min_lr_ratio=1.0))
+    _run_in_process(_import_recipe(), _args(setup, "arch", max_steps=3, min_lr_ratio=1.0))  # its own init goes on
+
+
 def test_resume_refuses_another_learning_rate_or_schedule_length(setup):
     # the checkpoint's optimizer state would silently keep the old lr/table_lr, and a longer run moves the cosine
     _run_in_process(_import_recipe(), _args(setup, "lr", max_steps=2, save_every=1))
+    records = {f: (setup / "lr" / f).read_bytes() for f in ("config.yaml", "pairs/train.jsonl", "pairs/heldout.jsonl")}
     with pytest.raises(ConfigError, match=r"table_lr 0\.01 -> 0\.2"):
         _run_in_process(_import_recipe(), _args(setup, "lr", max_steps=2, table_lr=0.2))
+    # a refused resume leaves the run's audit record alone (it was rewritten before the checks)
+    assert {f: (setup / "lr" / f).read_bytes() for f in records} == records
     with pytest.raises(ConfigError, match=r"max_steps 2 -> 3"):
         _run_in_process(_import_recipe(), _args(setup, "lr", max_steps=3))
     _run_in_process(_import_recipe(), _args(setup, "lr", max_steps=2, eval_every=1, save_every=2))  # plumbing

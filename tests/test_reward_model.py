@@ -93,6 +93,7 @@ def test_save_load_round_trip_keeps_table_users_and_scores(tmp_path):
 def test_unknown_and_missing_user_ids_read_row_zero():
     vocab = UserVocab(["b", "a"])
     assert vocab.rows(["a", "b", "stranger", None]) == [1, 2, 0, 0]
+    assert UserVocab([5, "7"]).rows([5, "5", 7]) == [1, 1, 2]  # ids are strings: user 5 is user "5"
 
 
 def test_user_row_enters_as_a_soft_token_before_the_text():

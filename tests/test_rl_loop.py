@@ -817,7 +817,8 @@ def test_gather_rows_hands_the_collective_a_contiguous_tensor(monkeypatch):
 
 def test_a_resume_refuses_other_prompts_or_another_prmu_behind_the_same_keys(small_world, tmp_path):
     """data_root, policy and prmu are paths a resume may change (a run may move); what they hold may not: a resume
-    whose task mix or PRMU weights differ from the checkpoint's is refused, a moved identical copy goes on."""
+    whose task mix, PRMU weights or policy config differ from the checkpoint's is refused, a moved identical copy
+    goes on."""
     import shutil
     import minitagpr.rl.loop as L
     from minitagpr.config import ConfigError
@@ -844,6 +845,13 @@ def test_a_resume_refuses_other_prompts_or_another_prmu_behind_the_same_keys(sma
         with pytest.raises(ConfigError, match=r"prmu=.*other_prmu holds other weights or users than the PRMU this "
                                               r"run scored with"):
             L.train(RLConfig(**base, prmu=str(tmp_path / "other_prmu"), data_root=str(world), max_steps=4))
+        other_policy = shutil.copytree(policy, tmp_path / "other_policy")  # same shapes, other rope_theta
+        config = json.loads((other_policy / "config.json").read_text())
+        (other_policy / "config.json").write_text(json.dumps({**config, "rope_theta": config["rope_theta"] / 2}))
+        with pytest.raises(ConfigError, match=r"policy= now holds a model config other than the one this run "
+                                              r"trained \(rope_theta "):
+            L.train(RLConfig(**{**base, "policy": str(other_policy)}, prmu=str(prmu), data_root=str(world),
+                             max_steps=4))
         gold_file = lamp.split_files(moved_world, "LaMP-3", RLConfig().split, RLConfig().part)[1]
         outputs = json.loads(gold_file.read_text())
         outputs["golds"][0]["output"] = "5" if outputs["golds"][0]["output"] != "5" else "4"  # one gold changed

@@ -260,11 +260,29 @@ def test_resume_refuses_another_learning_rate_or_schedule_but_not_plumbing(input
     from minitagpr.config import ConfigError
     out = tmp_path / "r"
     run_in_process(common(inputs, out, max_steps=2, save_every=1, plot=False))
+    record = (out / "config.yaml").read_bytes()
     with pytest.raises(ConfigError, match=r"resuming with settings that differ.*lr 0\.001 -> 0\.002"):
         run_in_process(common(inputs, out, max_steps=2, lr=2e-3, plot=False))
+    assert (out / "config.yaml").read_bytes() == record  # a refused resume leaves the run's record alone
     with pytest.raises(ConfigError, match=r"max_steps 2 -> 3"):  # warmup and cosine are ratios of the length
         run_in_process(common(inputs, out, max_steps=3, plot=False))
     run_in_process(common(inputs, out, max_steps=2, keep_last=1, micro_batch=2, plot=False))  # plumbing resumes
+
+
+def test_resume_refuses_a_model_whose_config_changed_under_the_same_path(inputs, tmp_path):
+    """model= is a path a resume may change; a same-shaped model with another rope_theta loaded the checkpoint's
+    weights without a word and trained on with other maths (pinned 2026-11-29)."""
+    import shutil
+    from minitagpr.config import ConfigError
+    out = tmp_path / "r"
+    moved = shutil.copytree(inputs["model"], tmp_path / "moved")
+    run_in_process(common(inputs, out, max_steps=2, save_every=1, plot=False))
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "rope_theta": config["rope_theta"] * 2}))
+    with pytest.raises(ConfigError, match=r"model= now holds a model config other than the one this run trained "
+                                          r"\(rope_theta 10000\.0 -> 20000\.0\)"):
+        run_in_process(common(inputs, out, model=moved, max_steps=2, plot=False))
+    run_in_process(common(inputs, out, model=inputs["model"], max_steps=2, plot=False))  # its own model goes on
 
 
 def test_resume_refuses_other_records_with_the_same_row_count(inputs, tmp_path):

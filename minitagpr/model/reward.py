@@ -61,7 +61,8 @@ class UserVocab:
         return isinstance(other, UserVocab) and self.users == other.users
 
     def row(self, user_id: str | None) -> int:
-        return self._rows.get(user_id, self.UNKNOWN_ROW) if user_id is not None else self.UNKNOWN_ROW
+        # str(): the vocabulary holds ids as strings, so user 5 and user "5" are one user (as in __init__)
+        return self._rows.get(str(user_id), self.UNKNOWN_ROW) if user_id is not None else self.UNKNOWN_ROW
 
     def rows(self, user_ids: Sequence[str | None]) -> list[int]:
         return [self.row(u) for u in user_ids]

@@ -717,6 +717,7 @@ def train(cfg: RLConfig) -> Path:
             raise ConfigError(f"{latest}: this run scored R_PRMU inputs up to {scored} tokens, {cfg.prmu} now reads "
                               f"{prmu.max_len} ({prmu_len_source}); pass prmu_max_len={scored} to go on as it started")
         _check_resumed_inputs(state, latest, mix_digest, prmu_digest, cfg)
+        D.check_resumed_model(state, model.config, latest, "policy")
         start = state["step"]
         sync_to_engine(model, engine)
         D.log(f"[{cfg.stage}] resumed from {latest} at step {start}")
@@ -803,7 +804,8 @@ def train(cfg: RLConfig) -> Path:
             D.save_checkpoint(ckpt_dir, step + 1, model, optimizer,
                               {"stage": cfg.stage, "config": asdict(cfg),
                                "prmu_max_len_used": prmu.max_len if prmu is not None else None,
-                               "prompts_digest": mix_digest, "prmu_digest": prmu_digest},
+                               "prompts_digest": mix_digest, "prmu_digest": prmu_digest,
+                               "model_config": D.model_record(model.config)},
                               keep_last=cfg.keep_last)
 
     # 5. export (config, safetensors, tokenizer files) that load_pretrained, transformers and vLLM load

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import math
 import os
 import sys
 import tokenize
@@ -114,6 +115,26 @@ def check_at_least(key: str, value: Any, low: int | float) -> None:
     """For a config's __post_init__: ValueError naming the key unless value >= low."""
     if not value >= low:
         raise ValueError(f"{key} must be >= {low}, got {value!r}")
+
+
+def check_optimizer(cfg, *, lrs: tuple[str, ...], grad_clip: str, warmup: str, warmup_max: float) -> None:
+    """For a config's __post_init__: the optimizer and schedule keys every recipe shares, each a finite number in
+    its range (a NaN min_lr_ratio poisoned every weight at the first decay step; a min_lr_ratio above 1 climbed past
+    the peak, a negative clip norm turned clipping off). `lrs[0]` must be > 0, any further lr (a table's) >= 0."""
+    def finite_in(key: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+        value = getattr(cfg, key)
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+              and (lo < value if lo_open else lo <= value) and value <= hi)
+        if not ok:
+            bound = f"in [{lo:g}, {hi:g}]" if hi != math.inf else f"{'>' if lo_open else '>='} {lo:g}"
+            raise ValueError(f"{key} must be a finite number {bound}, got {value!r}")
+    finite_in(lrs[0], 0.0, lo_open=True)
+    for key in lrs[1:]:
+        finite_in(key, 0.0)
+    finite_in("min_lr_ratio", 0.0, 1.0)
+    finite_in(warmup, 0.0, warmup_max)
+    finite_in(grad_clip, 0.0)
+    finite_in("weight_decay", 0.0)
 
 
 def check_fraction(key: str, value: float) -> None:

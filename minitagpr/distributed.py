@@ -545,6 +545,15 @@ def check_resumed_model(state: dict, config, path: str | os.PathLike, key: str) 
                           f"({'; '.join(diff)}); point {key}= at the run's own model, or start over with resume=false")
 
 
+def check_resume_step(step: int, total_steps: int, path: str | os.PathLike) -> None:
+    """A resumed run shortened below the checkpoint's step would train nothing and export the longer-trained weights
+    as if they were the shorter run's: refuse it."""
+    if step > total_steps:
+        raise ConfigError(f"{path}: this run already trained {step} steps but is now set to {total_steps} (epochs / "
+                          f"max_steps); resuming would export the {step}-step weights as a {total_steps}-step run. "
+                          f"Set the length back, or start over with resume=false")
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else 'no message'}"

@@ -25,7 +25,7 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import ConfigError, check_resumed_config, parse_cli, save_config, to_dict
+from minitagpr.config import ConfigError, check_optimizer, check_resumed_config, parse_cli, save_config, to_dict
 from minitagpr.data.lamp import atomic_write_json, not_a_file
 from minitagpr.train import optim as O
 from minitagpr.train import sft_data as S
@@ -78,14 +78,15 @@ class SftConfig:
         for name in ("seq_len", "global_batch", "micro_batch", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        check_optimizer(self, lrs=("lr",), grad_clip="grad_clip", warmup="warmup_ratio", warmup_max=1.0)
+        if not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.export_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"export_dtype must be float32 or bfloat16, got {self.export_dtype!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
         if len(self.betas) != 2:
-            raise ValueError(f"betas must be two numbers, got {self.betas}")
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.truncate_long and self.drop_long:
             raise ValueError("truncate_long=true cuts the records longer than seq_len and drop_long=true leaves them "
                              "out; set one")
@@ -180,6 +181,7 @@ def run(cfg: SftConfig) -> Path:
         check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
         D.check_resumed_model(state, model.config, latest, "model")
         start_step = int(state["step"])
+        D.check_resume_step(start_step, total_steps, latest)
         D.log(f"[sft] resumed from {latest} at step {start_step}")
     if info.is_main:  # after the resume checks: a refused resume leaves the run's own record as it was
         save_config(cfg, out_dir / "config.yaml")

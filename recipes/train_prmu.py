@@ -30,8 +30,8 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import (ConfigError, check_at_least, check_choice, check_resumed_config, parse_cli,
-                              save_config, to_dict)
+from minitagpr.config import (ConfigError, check_at_least, check_choice, check_optimizer, check_resumed_config,
+                              parse_cli, save_config, to_dict)
 from minitagpr.data import demo_world
 from minitagpr.data.preferences import (SETS, PreferenceDataError, PreferencePair, read_pairs, split_heldout,
                                         write_pairs)
@@ -102,6 +102,8 @@ class PrmuConfig:
             raise ValueError(f"heldout_frac must be in (0, 1) when no heldout_pairs are given, got {self.heldout_frac}")
         for key in ("global_batch", "micro_batch", "eval_batch", "log_every", "max_len"):
             check_at_least(key, getattr(self, key), 1)
+        check_optimizer(self, lrs=("lr", "table_lr"), grad_clip="max_grad_norm", warmup="warmup_steps",
+                        warmup_max=math.inf)
         check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32"))
         if self.init_preset:
             check_choice("init_preset", self.init_preset, PRESETS)
@@ -204,6 +206,7 @@ def run(cfg: PrmuConfig) -> Path:
         check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
         D.check_resumed_model(state, config, latest, "init_preset" if cfg.init_preset else "init")
         start_step = state["step"]
+        D.check_resume_step(start_step, total_steps, latest)
         D.log(f"prmu: resumed from {latest} at step {start_step}")
     if info.is_main:  # after the resume checks: a refused resume leaves the run's own record as it was
         write_pairs(out / "pairs" / "train.jsonl", train_pairs)  # what this run trained on, for audit

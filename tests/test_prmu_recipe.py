@@ -283,6 +283,16 @@ def test_resume_refuses_other_pairs_or_users_of_the_same_counts(setup, tmp_path)
     _run_in_process(_import_recipe(), _args(setup, "fp", max_steps=3, min_lr_ratio=1.0))  # the same data resumes
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("table_lr=-1", "table_lr must be a finite number >= 0"), ("lr=0", "lr must be a finite number > 0"),
+    ("max_grad_norm=inf", "max_grad_norm must be a finite number >= 0"),
+    ("min_lr_ratio=nan", r"min_lr_ratio must be a finite number in \[0, 1\]")])
+def test_optimizer_settings_outside_their_range_are_refused_by_name(setup, setting, message):
+    recipe = _import_recipe()
+    with pytest.raises(ConfigError, match=message):
+        recipe.parse_cli(recipe.PrmuConfig, _args(setup, "bad", **dict([setting.split("=")])))
+
+
 def test_resume_refuses_an_init_whose_model_config_changed(setup, tmp_path):
     """init= is a path a resume may change; a same-shaped model with another rms_norm_eps loaded the checkpoint's
     weights and trained on with other maths (pinned 2026-11-29)."""

@@ -165,6 +165,21 @@ def test_a_rank_of_only_empty_responses_packs_the_same_metric_keys():
         D.destroy_distributed()
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", 0.0, "lr must be a finite number > 0"), ("lr", float("nan"), "lr must be a finite number > 0"),
+    ("min_lr_ratio", float("nan"), r"min_lr_ratio must be a finite number in \[0, 1\]"),
+    ("min_lr_ratio", 2.0, r"min_lr_ratio must be a finite number in \[0, 1\]"),
+    ("warmup_steps", -1, "warmup_steps must be a finite number >= 0"),
+    ("grad_clip", -1.0, "grad_clip must be a finite number >= 0"),
+    ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0")])
+def test_config_rejects_optimizer_settings_outside_their_range(key, value, message):
+    """A NaN min_lr_ratio poisoned every weight at the first decay step; above 1 the lr climbed past its peak; a
+    negative clip norm turned clipping off (pinned 2026-11-29)."""
+    with pytest.raises(ValueError, match=message):
+        RLConfig(**{key: value})
+    RLConfig(min_lr_ratio=0.0, grad_clip=0.0, warmup_steps=0)  # the edges are allowed
+
+
 def test_config_rejects_uneven_minibatches_and_truncated_sampling():
     with pytest.raises(ValueError, match="not a multiple of num_minibatches"):
         RLConfig(prompts_per_step=6, num_minibatches=4)

@@ -269,6 +269,29 @@ def test_resume_refuses_another_learning_rate_or_schedule_but_not_plumbing(input
     run_in_process(common(inputs, out, max_steps=2, keep_last=1, micro_batch=2, plot=False))  # plumbing resumes
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("min_lr_ratio=nan", r"min_lr_ratio must be a finite number in \[0, 1\]"),
+    ("warmup_ratio=1.5", r"warmup_ratio must be a finite number in \[0, 1\]"),
+    ("grad_clip=-1", "grad_clip must be a finite number >= 0"), ("betas=[0.9,1.5]", r"betas must be two numbers")])
+def test_optimizer_settings_outside_their_range_are_refused_by_name(setting, message):
+    from minitagpr.config import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        recipe().parse_cli(recipe().SftConfig, [setting])
+
+
+def test_a_resume_shorter_than_the_checkpoint_is_refused(inputs, tmp_path):
+    """Under a constant schedule the length may change on resume, but not below the step already trained: the run
+    trained nothing and exported the 4-step weights as a 2-step run (pinned 2026-11-29)."""
+    from minitagpr.config import ConfigError
+    out = tmp_path / "r"
+    const = dict(warmup_ratio=0, min_lr_ratio=1.0, plot=False)
+    run_in_process(common(inputs, out, max_steps=4, save_every=2, **const))
+    with pytest.raises(ConfigError, match=r"already trained 4 steps but is now set to 2"):
+        run_in_process(common(inputs, out, max_steps=2, **const))
+    run_in_process(common(inputs, out, max_steps=5, **const))  # longer is fine under a constant lr
+    assert [s for s, _ in losses(out)][-1] == 4  # 0-based: the fifth step was trained
+
+
 def test_resume_refuses_a_model_whose_config_changed_under_the_same_path(inputs, tmp_path):
     """model= is a path a resume may change; a same-shaped model with another rope_theta loaded the checkpoint's
     weights without a word and trained on with other maths (pinned 2026-11-29)."""

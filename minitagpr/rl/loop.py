@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_resumed_config,
-                              save_config)
+from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_optimizer,
+                              check_resumed_config, save_config)
 from minitagpr.data import lamp
 from minitagpr.data.prompts import STYLES, build_messages, style_mismatch
 from minitagpr.data.retrieval import ENCODERLESS, get_retriever
@@ -125,6 +125,7 @@ class RLConfig:
             check_at_least(key, getattr(self, key), 1)
         check_at_least("k", self.k, 0)  # k = 0: prompts without profile items
         check_at_least("prmu_max_len", self.prmu_max_len, 0)
+        check_optimizer(self, lrs=("lr",), grad_clip="grad_clip", warmup="warmup_steps", warmup_max=math.inf)
         check_choice("split", self.split, lamp.SPLITS)
         check_choice("part", self.part, lamp.GOLD_PARTS)
         check_choice("retriever", self.retriever, ENCODERLESS)  # dense needs an encoder: evaluate.py only
@@ -719,6 +720,7 @@ def train(cfg: RLConfig) -> Path:
         _check_resumed_inputs(state, latest, mix_digest, prmu_digest, cfg)
         D.check_resumed_model(state, model.config, latest, "policy")
         start = state["step"]
+        D.check_resume_step(start, total_steps, latest)
         sync_to_engine(model, engine)
         D.log(f"[{cfg.stage}] resumed from {latest} at step {start}")
     if info.is_main:  # the RL settings of this run (a driver's own keys left out, so the file runs as a config)

@@ -34,7 +34,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, beta
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
     """Schedule multiplier for optimizer step `step` (0-based): linear warmup from 1/warmup to 1 over warmup_steps,
-    then cosine decay from 1 to min_lr_ratio at the last step."""
+    then cosine decay from 1 to min_lr_ratio at the last step. With a single step after warmup there is no room
+    for the decay: that step runs at the peak (1), as the first step after warmup always does."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps - 1)

@@ -345,6 +345,17 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     return list(steps.values())
 
 
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a folder, renamed to `<name>.stale` first: a kill mid-delete never leaves a half-deleted folder under
+    its own name (a checkpoint whose last files survived but not all its shards would look complete)."""
+    path = Path(path)
+    gone = path.with_name(path.name + ".stale")
+    shutil.rmtree(gone, ignore_errors=True)
+    if path.exists():
+        os.replace(path, gone)
+        shutil.rmtree(gone)
+
+
 def checkpoint_to_resume(ckpt_dir: str | os.PathLike, resume: bool, tag: str) -> Path | None:
     """Collective. resume=True: the newest complete checkpoint (or None). resume=False: None, after rank 0 deleted
     an earlier run's checkpoints -- a later crash-and-restart must not continue that run, and keep_last must not
@@ -352,9 +363,11 @@ def checkpoint_to_resume(ckpt_dir: str | os.PathLike, resume: bool, tag: str) ->
     ckpt_dir = Path(ckpt_dir)
     if resume:
         return latest_checkpoint(ckpt_dir)
-    if is_main() and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-        log(f"{tag} resume=false: removed the earlier run's checkpoints in {ckpt_dir}")
+    if is_main():
+        existed = ckpt_dir.exists()
+        remove_dir(ckpt_dir)  # also what a killed earlier removal left aside
+        if existed:
+            log(f"{tag} resume=false: removed the earlier run's checkpoints in {ckpt_dir}")
     barrier()
     return None
 
@@ -514,7 +527,13 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             e = e[0] if isinstance(e, tuple) else getattr(e, "exc", e)  # (exception, its frames)
         raise unusable(_first_line(e)) from None
     rng_file = path / f"rng_rank{world().rank:05d}.pt"
-    if state.get("world_size") == world().world_size and rng_file.is_file():
+    if state.get("world_size") == world().world_size:  # the same ranks: each restores its own RNG state
+        # every rank looks for every rank's file, so all of them refuse together (none waits in a collective);
+        # without its file a rank would go on from other random draws than the run it resumes
+        missing = [f"rng_rank{r:05d}.pt" for r in range(world().world_size)
+                   if not (path / f"rng_rank{r:05d}.pt").is_file()]
+        if missing:
+            raise unusable(f"{', '.join(missing)} missing")
         try:
             rng = torch.load(rng_file, weights_only=True)
         except Exception as e:

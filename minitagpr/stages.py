@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from minitagpr.config import ConfigError, default_json_dict, to_json_dict
-from minitagpr.distributed import describe_machine, machine
+from minitagpr.distributed import describe_machine, machine, remove_dir
 
 STAMP = "stage.json"
 FORMAT = "minitagpr-stage/1"
@@ -146,15 +145,6 @@ def _write(folder: Path, stamp: dict) -> None:
     os.replace(tmp, path)  # atomic: a reader sees the old stamp or the new one
 
 
-def _remove(path: Path) -> None:
-    """Delete a folder, renamed first: a kill never leaves a half-deleted folder that still looks complete."""
-    gone = path.with_name(path.name + ".stale")
-    shutil.rmtree(gone, ignore_errors=True)
-    if path.exists():
-        os.replace(path, gone)
-        shutil.rmtree(gone)
-
-
 def begin(folder: Path, export: Path, p: Plan, stage: str, stage_settings: dict, upstream: dict,
           fresh_also: Iterable[Path] = ()) -> None:
     """Rank 0, before the stage trains: remove what the build must not read (a start from scratch: the stage's
@@ -164,8 +154,8 @@ def begin(folder: Path, export: Path, p: Plan, stage: str, stage_settings: dict,
     folder.mkdir(parents=True, exist_ok=True)
     if not p.resume:
         for path in (folder / "checkpoints", *fresh_also):
-            _remove(Path(path))
-    _remove(export)
+            remove_dir(Path(path))
+    remove_dir(export)
     # "machine" is informative only: `plan` never compares it
     _write(folder, {"format": FORMAT, "stage": stage, "build": p.build, "complete": False, "code": code_version(),
                     "machine": machine(), "settings": stage_settings, "upstream": upstream})

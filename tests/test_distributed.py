@@ -441,3 +441,38 @@ def test_the_rng_is_restored_only_from_a_checkpoint_of_the_same_world_size(group
     torch.manual_seed(123)
     D.load_checkpoint(tmp_path / "step_000001", model, opt)
     assert torch.equal(torch.rand(1), expected)  # left alone
+
+
+def test_a_missing_rng_file_of_the_same_world_size_is_named(group, tied_checkpoint, tmp_path):
+    """At the same world size each rank restores its RNG state; without the file a rank went on from other draws
+    than the run it resumes, without a word (pinned 2026-11-29)."""
+    from minitagpr.model.checkpoint import CheckpointError
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    D.save_checkpoint(tmp_path, 1, model, opt, {})
+    (tmp_path / "step_000001" / "rng_rank00000.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"step_000001: cannot resume from this checkpoint \(rng_rank00000.pt "
+                                              r"missing\)"):
+        D.load_checkpoint(tmp_path / "step_000001", model, opt)
+
+
+def test_resume_false_killed_while_deleting_leaves_no_checkpoint_to_resume(group, tied_checkpoint, tmp_path,
+                                                                           monkeypatch):
+    """resume=false deleted the checkpoints under their own names: a kill midway left a step folder whose last
+    files survived but not all its shards, which a restart with resume=true then chose (pinned 2026-11-29)."""
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    D.save_checkpoint(tmp_path / "ckpt", 1, model, opt, {})
+
+    def rmtree(path, ignore_errors=False):  # dies after the first shard went; .metadata and state.json remain
+        if Path(path).exists():
+            next(Path(path).rglob("*.distcp")).unlink()
+            raise Killed(f"killed while deleting {path}")
+
+    with monkeypatch.context() as m:
+        m.setattr(D.shutil, "rmtree", rmtree)
+        with pytest.raises(Killed):
+            D.checkpoint_to_resume(tmp_path / "ckpt", resume=False, tag="[test]")
+    assert D.latest_checkpoint(tmp_path / "ckpt") is None
+    assert D.checkpoint_to_resume(tmp_path / "ckpt", resume=False, tag="[test]") is None  # and a rerun tidies up
+    assert not (tmp_path / "ckpt.stale").exists()

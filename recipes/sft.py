@@ -190,6 +190,9 @@ def run(cfg: SftConfig) -> Path:
             {"id": d.id, "where": d.where, "tokens": len(d.ids), "seq_len": cfg.seq_len} for d in dropped])
     elif info.is_main:  # an earlier run's list would describe data this run does not leave out
         (out_dir / "dropped_long.json").unlink(missing_ok=True)
+    if info.is_main:  # written again at the end when this run makes them; never an earlier run's left behind
+        for name in ("eval.json", "metrics.png"):
+            (out_dir / name).unlink(missing_ok=True)
 
     # ---- 7. train -------------------------------------------------------------------------------------------------
     log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)

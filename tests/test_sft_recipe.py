@@ -137,14 +137,18 @@ def test_resume_false_starts_over_without_the_earlier_runs_checkpoints(inputs, t
     # the earlier run's step_000004 outnumbers the new run's steps: were it kept, keep_last pruning would drop the
     # new checkpoints in its favour and the next default (resume=true) restart would continue the earlier run
     out = tmp_path / "restarted"
-    run_in_process(common(inputs, out, micro_batch=8, max_steps=4, save_every=2, keep_last=1, plot=False))
+    run_in_process(common(inputs, out, micro_batch=8, max_steps=4, save_every=2, keep_last=1, plot=True,
+                          eval_holdout=4, eval_max_new_tokens=4))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000004"]
+    assert (out / "eval.json").is_file() and (out / "metrics.png").is_file()
     capsys.readouterr()
     run_in_process(common(inputs, out, micro_batch=8, max_steps=2, save_every=1, keep_last=2, plot=False,
                           resume=False))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
     assert "[sft] resume=false: removed the earlier run's checkpoints" in capsys.readouterr().out
     assert [s for s, _ in losses(out)] == [0, 1]
+    # this run makes no held-out check and no plot: the earlier run's are not left to describe it
+    assert not (out / "eval.json").exists() and not (out / "metrics.png").exists()
 
 
 def test_export_loads_in_transformers_with_the_same_log_probs(runs):

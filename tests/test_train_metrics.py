@@ -44,6 +44,18 @@ def test_resuming_drops_a_line_torn_by_a_kill(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2]
 
 
+def test_a_line_that_is_not_an_object_is_named_by_the_reader_and_dropped_by_a_resume(tmp_path):
+    """A list or a non-numeric step on a line was an AttributeError/TypeError deep inside (pinned 2026-11-29)."""
+    path = tmp_path / "m.jsonl"
+    write_run(path, range(2))
+    with path.open("a") as f:
+        f.write('[1, 2]\n{"step": "x"}\n')
+    with pytest.raises(SystemExit, match=r"m\.jsonl:3: expected a JSON object, got list"):
+        plots_main([str(path), str(tmp_path / "d.png")])
+    JsonlLog(path, resume_step=2)
+    assert [r["step"] for r in read_jsonl(path)] == [0, 1]
+
+
 def test_log_is_silent_off_rank_zero(tmp_path):
     log = JsonlLog(tmp_path / "m.jsonl", enabled=False)
     log.write({"step": 0})

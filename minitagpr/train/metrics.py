@@ -46,9 +46,13 @@ def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak_per_d
 def _step_of(line: str) -> float:
     """The step of a log line; a blank or torn line (a kill mid-write) sorts after every step, so it is dropped."""
     try:
-        return json.loads(line).get("step", -1) if line.strip() else float("inf")
+        record = json.loads(line) if line.strip() else None
     except json.JSONDecodeError:
         return float("inf")
+    if not isinstance(record, dict):  # not one of our records: dropped like a torn line
+        return float("inf")
+    step = record.get("step", -1)
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else float("inf")
 
 
 class JsonlLog:
@@ -80,17 +84,12 @@ class JsonlLog:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """Every record of a metrics file; a line that is not a JSON object is named (file:line)."""
+    from minitagpr.data.lamp import json_object_lines
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file {path} does not exist")
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-    return out
+    return [record for _, record in json_object_lines(path, lambda i, what: ValueError(f"{path}:{i}: {what}"))]
 
 
 def format_duration(seconds: float) -> str:

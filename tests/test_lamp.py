@@ -162,6 +162,7 @@ def test_dates_compare_as_integer_tuples():
      r"record 0 \(id '600'\): field 'input': holds a lone UTF-16 surrogate \\ud83d at character 5"),
     ([_valid_record(profile=[{"id": "1", "text": "ok \udc00"}])], "LaMP-7",
      r"field 'profile\[0\].text': holds a lone UTF-16 surrogate \\udc00"),
+    ([_valid_record(id="1\ud800")], "LaMP-7", r"field 'id': holds a lone UTF-16 surrogate \\ud800"),
     ({"id": "1"}, "LaMP-7", r"q.json: expected a JSON array of question records, got dict"),
     ([7], "LaMP-7", r"q.json: record 0: expected an object, got int"),
 ])
@@ -215,6 +216,8 @@ def test_a_folder_given_as_a_file_is_a_data_error_naming_it(tmp_path):
      r"o.json: record 1 \(id '1'\): field 'golds.id': duplicate id"),
     ({"task": "LaMP_7", "golds": [{"id": "1", "output": "\ud83d"}]},
      r"record 0 \(id '1'\): field 'golds.output': holds a lone UTF-16 surrogate"),
+    ({"task": "LaMP_7", "golds": [{"id": "1\ud800", "output": "x"}]},
+     r"field 'golds.id': holds a lone UTF-16 surrogate"),
 ])
 def test_malformed_outputs_raise_a_message_naming_file_record_and_field(tmp_path, obj, message):
     with pytest.raises(DataError, match=message):

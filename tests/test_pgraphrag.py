@@ -76,6 +76,7 @@ def test_tasks_round_trip_through_lamp_files(tmp_path):
     ([{"profile": []}], r"record 0: field 'id': missing"),
     ([{"id": "a", "profile": [{**_review("t", 5), "text": "great \ud83d"}]}],
      r"record 0 \(id 'a'\): field 'profile\[0\].text': holds a lone UTF-16 surrogate"),
+    ([{"id": "a\ud83d", "profile": [_review("t", 5)]}], r"field 'id': holds a lone UTF-16 surrogate"),
 ])
 def test_malformed_user_files_name_file_record_and_field(tmp_path, users, message):
     with pytest.raises(DataError, match=message):

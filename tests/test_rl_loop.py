@@ -86,8 +86,8 @@ def test_cut_micro_batches_give_the_update_and_metrics_of_one_full_width_batch(t
                 monkeypatch.setattr(L, "micro_batches", lambda rows, n, m=None: whole(rows, n))
             torch.manual_seed(0)
             model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
-            cfg = RLConfig(group_size=4, num_minibatches=2, micro_batch_size=size, lr=0.0, eps_low=0.2,
-                           eps_high=0.2, prompts_per_step=4)
+            cfg = RLConfig(group_size=4, num_minibatches=2, micro_batch_size=size, eps_low=0.2, eps_high=0.2,
+                           prompts_per_step=4)
             rows = [r for chunks in L.micro_batch_plan(mask, 4, cfg) for r in chunks]
             if not full_width:
                 assert any(not mask[r].any() for r in rows)  # the all-empty micro-batch exists
@@ -96,8 +96,8 @@ def test_cut_micro_batches_give_the_update_and_metrics_of_one_full_width_batch(t
             assert torch.allclose(old, full.detach() * mask, atol=1e-6)
             old = old + 0.01 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1)) * mask
             batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
-            metrics = L.reduce_train_metrics(L.gspo_update(model, build_optimizer(model, cfg.lr), batch, cfg,
-                                                           info.device), info.device)
+            metrics = L.reduce_train_metrics(L.gspo_update(model, build_optimizer(model, 0.0), batch, cfg,
+                                                           info.device), info.device)  # lr 0 (docstring)
             grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}  # last mini-batch
             results.append((metrics, grads))
         assert L.used_columns is not cut  # the reference really ran the old way

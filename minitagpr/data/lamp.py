@@ -490,8 +490,9 @@ def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
         if rec_id in seen:
             raise DataError(f"{where(path, index, rec_id, 'id')}: duplicate id (first at record {seen[rec_id]})")
         seen[rec_id] = index
-        if why := surrogate_problem(rec["input"]):
-            raise DataError(f"{where(path, index, rec_id, 'input')}: {why}")
+        for name in ("id", "input"):  # both reach UTF-8 files later (predictions, generations)
+            if why := surrogate_problem(rec[name]):
+                raise DataError(f"{where(path, index, rec_id, name)}: {why}")
         try:
             _cut_query(spec, rec["input"])  # checked here, where the error can name the file and the record
         except DataError as e:
@@ -551,8 +552,9 @@ def load_outputs(path: str | os.PathLike, task: str | None = None) -> tuple[str,
         if rec_id in outputs:
             raise DataError(f"{where(path, index, rec_id, 'golds.id')}: duplicate id")
         output = rec["output"]
-        if why := surrogate_problem(output):
-            raise DataError(f"{where(path, index, rec_id, 'golds.output')}: {why}")
+        for name in ("id", "output"):
+            if why := surrogate_problem(rec[name]):
+                raise DataError(f"{where(path, index, rec_id, 'golds.' + name)}: {why}")
         if spec is not None and (why := gold_problem(spec.name, output)):
             raise DataError(f"{where(path, index, rec_id, 'golds.output')}: {why}")
         outputs[rec_id] = output

@@ -57,6 +57,8 @@ def load_users(path: str | os.PathLike) -> list[dict]:
         if uid in seen:
             raise DataError(f"{where(path, index, uid, 'id')}: duplicate id (first at record {seen[uid]})")
         seen[uid] = index
+        if why := surrogate_problem(uid):
+            raise DataError(f"{where(path, index, uid, 'id')}: {why}")
         if not user["profile"]:
             raise DataError(f"{where(path, index, uid, 'profile')}: empty profile")
         for j, review in enumerate(user["profile"]):

@@ -38,7 +38,7 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -101,6 +101,11 @@ class EvalConfig:
     def __post_init__(self):
         if not self.checkpoints and not self.predictions:
             raise ValueError("nothing to evaluate: give checkpoints=name=folder,... or predictions=name=file,...")
+        for f in fields(self):  # names and paths go into the UTF-8 table: refuse what it cannot hold now, not
+            value = getattr(self, f.name)  # after decoding (a path with a non-UTF-8 byte reads as a surrogate)
+            for text in (value if isinstance(value, list) else [value]):
+                if isinstance(text, str) and (why := lamp.surrogate_problem(text)):
+                    raise ValueError(f"{f.name}: {text!r} {why} (not UTF-8 text; the table could not be written)")
         for key in ("checkpoints", "predictions"):
             for entry in getattr(self, key):
                 if "=" not in entry:
@@ -328,8 +333,9 @@ def generate_answers(engine, tokenizer, data: TaskData, *, retriever: str | retr
                      k: int = 8, max_prompt_tokens: int = 4096, max_new_tokens: int = 2048, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16,
                      prompt_style: str = "full") -> list[dict]:
-    """One generation record per example: {id, text, finish_reason, profile_items, prompt_tokens,
-    completion_tokens}; `text` is the raw continuation (thinking included). `prompt_style`: the instruction the
+    """One generation record per example: {id, text, finish_reason, profile_items (in the prompt),
+    profile_items_retrieved (min(k, profile size); more than profile_items when max_prompt_tokens left some out),
+    prompt_tokens, completion_tokens}; `text` is the raw continuation (thinking included). `prompt_style`: the instruction the
     model was trained with (minitagpr.data.prompts; the demo world uses "brief")."""
     chooser = retrieval.get_retriever(retriever, seed=seed) if isinstance(retriever, str) else retriever
     stops = tokenizer.stop_ids
@@ -338,16 +344,17 @@ def generate_answers(engine, tokenizer, data: TaskData, *, retriever: str | retr
         batch = data.examples[start:start + batch_prompts]
         ids, kept = [], []
         for ex in batch:
-            messages, n_items = prompts.fit_messages(ex, chooser.select(ex, k), tokenizer, max_prompt_tokens,
-                                                     style=prompt_style)
+            items = chooser.select(ex, k)
+            messages, n_items = prompts.fit_messages(ex, items, tokenizer, max_prompt_tokens, style=prompt_style)
             ids.append(tokenizer.apply_chat(messages, add_generation_prompt=True))
-            kept.append(n_items)
+            kept.append((n_items, len(items)))
         groups = engine.generate(ids, n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                  stop_token_ids=stops, seed=seed + start)
-        for ex, prompt, n_items, group in zip(batch, ids, kept, groups):
+        for ex, prompt, (n_items, n_retrieved), group in zip(batch, ids, kept, groups):
             c = group[0]
             records.append({"id": ex.id, "text": c.text, "finish_reason": c.finish_reason, "profile_items": n_items,
-                            "prompt_tokens": len(prompt), "completion_tokens": len(c.token_ids)})
+                            "profile_items_retrieved": n_retrieved, "prompt_tokens": len(prompt),
+                            "completion_tokens": len(c.token_ids)})
     return records
 
 
@@ -361,7 +368,9 @@ def generation_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """How many generations the length limit cut (finish_reason "length") and how many left no answer (nothing after
     the last </think>, or a <think> never closed): both score as wrong, so a table says how many there were. Also how
     many pass the RL stages' format gate (R_f = 1: a well-formed chain and answer, not cut) and tag check (R_tag = 0:
-    tag syntax, only the nine tags, at least three; minitagpr.rewards), which the task metrics do not show."""
+    tag syntax, only the nine tags, at least three; minitagpr.rewards), which the task metrics do not show, and how
+    many prompts held fewer profile items than were retrieved (max_prompt_tokens left some out: a row labelled k=32
+    may have read fewer)."""
     from minitagpr import rewards
     from minitagpr.data import answers
 
@@ -370,7 +379,8 @@ def generation_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
             "no_answer": sum(not answers.extract_answer(r["text"]) for r in records),
             "format_ok": sum(r.get("finish_reason") != "length" and rewards.format_reward(r["text"]) == 1.0
                              for r in records),  # cut -> R_f = 0, as rewards.score_batch scores it
-            "tags_ok": sum(rewards.tag_reward(rewards.split_response(r["text"])[0]) == 0.0 for r in records)}
+            "tags_ok": sum(rewards.tag_reward(rewards.split_response(r["text"])[0]) == 0.0 for r in records),
+            "profile_cut": sum(r.get("profile_items", 0) < r.get("profile_items_retrieved", 0) for r in records)}
 
 
 def _fmt(value: float | None) -> str:
@@ -534,6 +544,9 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                           len(td.examples), counts=generation_counts(records))
                 _write_outputs(out, row, td, records, normalize)
                 log(f"eval {row} {td.task}: " + ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
+                if short := table.counts[row][td.task]["profile_cut"]:
+                    log(f"eval {row} {td.task}: note: {short} of {len(records)} prompts held fewer than the "
+                        f"retrieved profile items (max_prompt_tokens={max_prompt_tokens} left some out)")
         del eng
         gc.collect()  # the next checkpoint's engine needs this one's GPU memory (vLLM takes a share of the whole GPU)
         if torch.cuda.is_available():

@@ -254,6 +254,17 @@ def test_config_needs_something_to_evaluate():
         parse_cli(ev.EvalConfig, ["tasks=LaMP-3"])
 
 
+@pytest.mark.parametrize("setting, key", [("data=/tmp/D\udcff", "data"), ("predictions=r\udcff=p.json", "predictions"),
+                                          ("out_dir=/tmp/o\udcff", "out_dir")])
+def test_a_name_or_path_that_is_not_utf8_is_refused_before_decoding(setting, key):
+    """A path with a non-UTF-8 byte (read as a lone surrogate) failed in the UTF-8 write of the table, after all
+    the decoding (pinned 2026-11-29)."""
+    args = ["tasks=LaMP-3", "predictions=a=p.json", "data=/tmp/d"]
+    args = [a for a in args if not a.startswith(key + "=")] + [setting]
+    with pytest.raises(ConfigError, match=f"{key}: .* holds a lone UTF-16 surrogate"):
+        parse_cli(ev.EvalConfig, args)
+
+
 def test_a_row_name_given_to_both_checkpoints_and_predictions_is_an_error():
     with pytest.raises(ConfigError, match="row name\\(s\\) 'sft' given to both checkpoints= and predictions="):
         parse_cli(ev.EvalConfig, ["tasks=LaMP-3", "checkpoints=sft=a,base=b", "predictions=sft=p.json,gold=g.json"])

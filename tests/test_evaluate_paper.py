@@ -235,7 +235,8 @@ def test_engine_auto_records_the_builtin_fallback_and_counts_from_the_generation
         "generations": 3, "cut_by_length": sum(r["finish_reason"] == "length" for r in records),
         "no_answer": sum(answers.extract_answer(r["text"]) == "" for r in records),
         "format_ok": sum(r["finish_reason"] == "stop" and rewards.format_reward(r["text"]) == 1 for r in records),
-        "tags_ok": sum(rewards.tag_reward(rewards.split_response(r["text"])[0]) == 0 for r in records)}
+        "tags_ok": sum(rewards.tag_reward(rewards.split_response(r["text"])[0]) == 0 for r in records),
+        "profile_cut": sum(r["profile_items"] < r["profile_items_retrieved"] for r in records)}
 
 
 def test_generation_counts_by_hand():
@@ -248,8 +249,10 @@ def test_generation_counts_by_hand():
     records += [{"text": tagged + " 2", "finish_reason": "stop"},  # passes the format gate and the tag check
                 {"text": tagged + " 2 2", "finish_reason": "length"},  # well-tagged, but cut: R_f = 0
                 {"text": tagged.replace("examine_examples", "daydream") + " 2", "finish_reason": "stop"}]  # a tenth tag
+    records[0].update(profile_items=2, profile_items_retrieved=4)  # the prompt budget left 2 out
+    records[1].update(profile_items=4, profile_items_retrieved=4)
     assert ev.generation_counts(records) == {"generations": 7, "cut_by_length": 3, "no_answer": 2,
-                                             "format_ok": 3, "tags_ok": 2}  # format_ok: records 0, 4, 6
+                                             "format_ok": 3, "tags_ok": 2, "profile_cut": 1}  # format_ok: 0, 4, 6
 
 
 @pytest.mark.parametrize("yaml_name", ["eval_lamp.yaml", "eval_robustness.yaml", "eval_pgraphrag.yaml"])

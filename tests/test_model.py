@@ -215,7 +215,16 @@ def test_config_defaults_and_norm_eps_follow_transformers():
     from minitagpr.model.qwen3 import RMSNorm
     cfg = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                       num_attention_heads=8, num_key_value_heads=2)
-    assert cfg.head_dim == 64 // 8  # hidden / query heads (transformers), not / kv heads
+    # transformers' Qwen3Config: head_dim 128 and 32768 positions unless given (it was hidden // heads and 40960
+    # here: a config.json without them built another model than transformers and vLLM do; fixed 2026-11-29)
+    assert (cfg.head_dim, cfg.max_position_embeddings) == (128, 32768)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                  num_attention_heads=8, num_key_value_heads=2)
+    assert (hf.head_dim, hf.max_position_embeddings) == (cfg.head_dim, cfg.max_position_embeddings)
+    nulled = Qwen3Config.from_dict({**{k: v for k, v in cfg.to_dict().items() if k != "max_window_layers"},
+                                    "head_dim": None})
+    assert nulled.head_dim == 64 // 8  # null: hidden / query heads, not / kv heads
     assert RMSNorm(4, eps=0.1)(torch.full((1, 4), 0.1)).flatten()[0].item() == pytest.approx(0.1 / (0.01 + 0.1) ** 0.5)
 
 

@@ -22,7 +22,8 @@ PRESETS: dict[str, Qwen3Config] = {
     # the Qwen3-0.6B shape cut to 2 layers (benchmarks at a realistic width)
     "qwen3-0.6b-2layer": Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
                                      num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=8,
-                                     head_dim=128, tie_word_embeddings=True, rope_theta=1_000_000.0),
+                                     head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
+                                     rope_theta=1_000_000.0),
     # the whole Qwen3-0.6B shape (assets/qwen3-configs/Qwen3-0.6B): GPU throughput and MFU at a real model's size
     "qwen3-0.6b": Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                               num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,

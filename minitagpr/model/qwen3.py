@@ -45,8 +45,11 @@ class Qwen3Config:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int | None = None  # Qwen3 sets it explicitly (128) even where hidden/heads differs (0.6B: 1024/16 = 64)
-    max_position_embeddings: int = 40960
+    # transformers' Qwen3Config defaults (a config.json without them builds the same model there and here); the
+    # released configs set head_dim 128 even where hidden/heads differs (0.6B: 1024/16 = 64), and 40960 positions.
+    # head_dim null: hidden_size // num_attention_heads.
+    head_dim: int | None = 128
+    max_position_embeddings: int = 32768
     rope_theta: float = 10_000.0  # transformers' Qwen3Config default (a config.json without it loads alike);
     #                               the released Qwen3 configs all set 1e6
     rms_norm_eps: float = 1e-6

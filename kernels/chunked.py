@@ -278,6 +278,9 @@ class ChunkedWeightedLogprobSum(torch.autograd.Function):
         total, logp, grad_hidden, grad_weight = chunked_weighted_sum(
             hidden, weight, targets, token_weights, temperature, chunk_size, need_hidden, need_weight)
         ctx.grads = (grad_hidden, grad_weight)  # intermediates owned by this node, freed after its backward
+        # dL/d token_weights = logp (L is linear in them); kept only when asked for
+        ctx.logp = logp if ctx.needs_input_grad[3] else None
+        ctx.saved_dtype = token_weights.dtype
         ctx.mark_non_differentiable(logp)
         return total, logp
 
@@ -292,4 +295,7 @@ class ChunkedWeightedLogprobSum(torch.autograd.Function):
             grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight.mul_(grad_total.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
+        grad_token_weights = None
+        if ctx.logp is not None:
+            grad_token_weights, ctx.logp = (grad_total * ctx.logp).to(ctx.saved_dtype), None
+        return grad_hidden, grad_weight, None, grad_token_weights, None, None

@@ -13,7 +13,6 @@ Conventions every recipe relies on:
 """
 from __future__ import annotations
 
-import errno
 import gc
 import io
 import json
@@ -437,16 +436,9 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    """Make the renames inside `path` survive a power loss, not just a killed process. Filesystems that cannot
-    fsync a directory (some network and FUSE mounts) are skipped: the checkpoint is complete either way."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
+    """Make the renames inside `path` survive a power loss, not just a killed process (checkpoint.fsync_path)."""
+    from minitagpr.model.checkpoint import fsync_path
+    fsync_path(path)
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,

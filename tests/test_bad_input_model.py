@@ -93,6 +93,50 @@ def test_malformed_index_weight_map_names_index_and_entry(tmp_path, edit, expect
         load_pretrained(tmp_path / "c")
 
 
+@pytest.mark.parametrize("edit, expected", [
+    (lambda e: {**e, "dtype": "I64"}, "model.norm.weight (model.safetensors): dtype I64 (model weights must be"),
+    (lambda e: {**e, "dtype": "F8_E4M3"}, "model.norm.weight (model.safetensors): dtype F8_E4M3"),
+    (lambda e: {**e, "dtype": "F16"}, "model.norm.weight (model.safetensors): 256 bytes for shape [64] of F16 "
+                                      "(128 expected)"),
+])
+def test_a_tensor_that_cannot_be_a_weight_is_named_before_any_is_read(tmp_path, edit, expected):
+    """Another dtype or byte range in a well-formed header: a bare RuntimeError (I64) or an error naming no tensor,
+    raised after other tensors were already read (pinned 2026-11-29)."""
+    file = make_tiny_checkpoint(tmp_path / "c") / "model.safetensors"
+    _rewrite_header(file, lambda h: {**h, "model.norm.weight": edit(h["model.norm.weight"])})
+    with pytest.raises(CheckpointError, match="unreadable tensors: " + re.escape(expected)):
+        load_pretrained(tmp_path / "c")
+
+
+def test_a_tensor_in_two_shards_or_not_where_the_index_says_is_named(tmp_path):
+    """A shard holding a tensor the index puts elsewhere loaded silently, the last file read winning."""
+    folder = _sharded(tmp_path)
+    index = folder / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    home = weight_map["model.norm.weight"]
+    other = next(f for f in sorted(set(weight_map.values())) if f != home)
+    _rewrite_header(folder / other, lambda h: {**h, "model.norm.weight": h[next(
+        n for n in h if n != "__metadata__")]})  # another tensor's bytes under the name
+    with pytest.raises(CheckpointError, match=re.escape(f"model.norm.weight: in both {min(home, other)} and "
+                                                        f"{max(home, other)}")):
+        load_pretrained(folder)
+
+
+def test_a_mis_shaped_renamed_tensor_is_not_also_called_missing(tmp_path):
+    from minitagpr.model.checkpoint import load_state_into
+    from safetensors.torch import save_file
+    import torch
+    folder = tmp_path / "c"
+    folder.mkdir()
+    save_file({"enc.lin.weight": torch.zeros(3, 3)}, str(folder / "model.safetensors"))
+    with torch.device("meta"):
+        module = torch.nn.Sequential()
+        module.add_module("lin", torch.nn.Linear(2, 2, bias=False))
+    with pytest.raises(CheckpointError) as err:
+        load_state_into(module, folder, dtype=None, device="cpu", rename=lambda n: n.removeprefix("enc."))
+    assert "mis-shaped tensors: enc.lin.weight" in str(err.value) and "missing" not in str(err.value)
+
+
 def test_index_not_utf8_is_named(tmp_path):
     index = _sharded(tmp_path) / "model.safetensors.index.json"
     index.write_bytes(b'{"weight_map": {"\xff": 1}}')  # was a UnicodeDecodeError

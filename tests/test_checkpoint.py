@@ -308,3 +308,32 @@ def test_shards_match_their_index_and_its_total_size(tmp_path):
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def test_an_export_is_on_disk_before_its_rename_makes_it_the_export(tmp_path, monkeypatch):
+    """A kill could not leave a half export, but a power loss could: zero-length shards under the final name with
+    the old export already gone. Every file and the folder are fsynced before the rename, the parent after it
+    (pinned 2026-11-29)."""
+    import os
+    from minitagpr.model import save_pretrained
+    from minitagpr.model.presets import build_model, tiny_config
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = save_pretrained(build_model(tiny_config("tiny"), seed=0), tmp_path / "c", max_shard_bytes=40_000)
+    commit = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out.resolve()))
+    tmp = events[commit][1]
+    synced_before = {e[1] for e in events[:commit] if e[0] == "fsync"}
+    files = [p.name for p in out.iterdir()]
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1 and "config.json" in files
+    assert {os.path.join(tmp, f) for f in files} | {tmp} <= synced_before
+    assert ("fsync", str(tmp_path.resolve())) in events[commit + 1:]

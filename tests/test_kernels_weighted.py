@@ -95,6 +95,20 @@ def test_no_grad_and_frozen_head_and_all_ignored():
     assert torch.equal(hidden.grad, torch.zeros(9, 8, device=DEVICE))
 
 
+@pytest.mark.parametrize("impl", SMALL_IMPLS)
+def test_token_weights_that_require_grad_get_logp_as_their_gradient(impl):
+    """L is linear in the weights, so dL/dw_t = logp_t (0 for an ignored row); the torch path dropped it silently
+    (pinned 2026-11-29)."""
+    gen, _ = fresh_generator()
+    hidden, weight, targets = make_inputs(19, 16, 300, ignore_rows=(3,), gen=gen)
+    w = torch.randn(19, generator=gen).to(DEVICE).requires_grad_()
+    total, logp = weighted_logprob_sum(hidden, weight, targets, w, impl=impl, chunk_size=8)
+    (0.5 * total).backward()
+    assert w.grad is not None and w.grad.dtype == w.dtype
+    torch.testing.assert_close(w.grad, 0.5 * logp, rtol=0, atol=1e-7)
+    assert w.grad[3].item() == 0.0
+
+
 def test_second_backward_is_refused():
     # the chunked torch path frees the gradients it formed in the forward after one backward ("auto" picks it off
     # CUDA; on CUDA it picks triton, plain autograd, where a retained graph may be backpropagated again)

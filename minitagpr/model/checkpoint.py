@@ -6,7 +6,9 @@ shard, tensor by tensor: peak memory is the model plus one tensor in flight.
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import shutil
 import struct
@@ -128,6 +130,11 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 def _weight_files(folder: Path) -> list[Path]:
+    return _weight_files_and_map(folder)[0]
+
+
+def _weight_files_and_map(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The files a load reads, and the index's {tensor name: shard file name} (None for a single file)."""
     index = folder / INDEX_NAME
     if index.exists():
         weight_map = _read_index(index)
@@ -135,9 +142,9 @@ def _weight_files(folder: Path) -> list[Path]:
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index}: shards listed in the index are missing: {', '.join(missing)}")
-        return files
+        return files, weight_map
     if (folder / WEIGHTS_NAME).exists():
-        return [folder / WEIGHTS_NAME]
+        return [folder / WEIGHTS_NAME], None
     pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
     hint = f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)" if pickles else ""
     raise CheckpointError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
@@ -158,22 +165,38 @@ def load_state_into(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype
     `skip`: checkpoint names to ignore (e.g. a tied lm_head). `rename(name) -> name | None` maps checkpoint names to
     module names (None = not ours). Raises one CheckpointError naming every missing/unexpected/mis-shaped tensor."""
     expected = {n: tuple(p.shape) for n, p in module.named_parameters(remove_duplicate=True)}
-    files = _weight_files(folder)
+    files, weight_map = _weight_files_and_map(folder)
     where: dict[str, tuple[Path, dict, str]] = {}  # model name -> (file, header entry, checkpoint name)
-    unexpected, misshaped = [], []
+    unexpected, misshaped, unreadable = [], [], []
+    seen: dict[str, Path] = {}  # checkpoint name -> the file it was first found in
+    shaped = set()  # model names found, mis-shaped or not (so a mis-shaped one is not also "missing")
     for file in files:
         for ckpt_name, info in _read_header(file).items():
+            if ckpt_name in seen:  # which copy a load took would depend on the order of the files
+                unreadable.append(f"{ckpt_name}: in both {seen[ckpt_name].name} and {file.name}")
+                continue
+            seen[ckpt_name] = file
+            if weight_map is not None and weight_map.get(ckpt_name) != file.name:
+                unreadable.append(f"{ckpt_name}: in {file.name}, but the index puts it in "
+                                  f"{weight_map.get(ckpt_name) or 'no file'}")
             name = rename(ckpt_name) if rename else ckpt_name
             if ckpt_name in skip or name in skip:
                 continue
             if name is None or name not in expected:
                 unexpected.append(f"{ckpt_name} ({file.name})")
-            elif tuple(info["shape"]) != expected[name]:
+                continue
+            shaped.add(name)
+            if tuple(info["shape"]) != expected[name]:
                 misshaped.append(f"{ckpt_name}: checkpoint {tuple(info['shape'])} vs model {expected[name]} ({file.name})")
+            elif why := _parameter_problem(info):  # found now, before any weight is read
+                unreadable.append(f"{ckpt_name} ({file.name}): {why}")
             else:
                 where[name] = (file, info, ckpt_name)
-    missing = sorted(set(expected) - set(where) - {m.split(':')[0] for m in misshaped})
-    if missing or unexpected or misshaped:
+    if weight_map is not None:
+        unreadable += [f"{n}: the index puts it in {f}, which does not hold it" for n, f in weight_map.items()
+                       if n not in seen]
+    missing = sorted(set(expected) - shaped)
+    if missing or unexpected or misshaped or unreadable:
         parts = []
         if missing:
             parts.append(f"missing tensors: {', '.join(missing)}")
@@ -181,6 +204,8 @@ def load_state_into(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype
             parts.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
         if misshaped:
             parts.append(f"mis-shaped tensors: {'; '.join(sorted(misshaped))}")
+        if unreadable:
+            parts.append(f"unreadable tensors: {'; '.join(sorted(unreadable))}")
         raise CheckpointError(f"{folder}: checkpoint does not match the model: " + " | ".join(parts))
     params = dict(module.named_parameters(remove_duplicate=True))
     by_file: dict[Path, list[str]] = {}
@@ -198,6 +223,18 @@ def load_state_into(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype
                 owner, _, leaf = name.rpartition(".")
                 mod = module.get_submodule(owner) if owner else module
                 mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=params[name].requires_grad)
+
+
+def _parameter_problem(info: dict) -> str | None:
+    """Why a (well-formed) header entry cannot be read into a model parameter, a float tensor; None if it can."""
+    dtype = _ST_DTYPES.get(info["dtype"])
+    if dtype is None or not dtype.is_floating_point:
+        return f"dtype {info['dtype']} (model weights must be F32, F16, BF16 or F64)"
+    begin, end = info["data_offsets"]
+    size = math.prod(info["shape"]) * dtype.itemsize
+    if end - begin != size:
+        return f"{end - begin} bytes for shape {info['shape']} of {info['dtype']} ({size} expected)"
+    return None
 
 
 def _read_tensor(f, data_start: int, info: dict, file: Path) -> torch.Tensor:
@@ -269,6 +306,20 @@ def _siblings(out_dir: Path, kind: str) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder's entries, so a rename that commits it survives a power loss, not just a killed
+    process. Filesystems that cannot fsync a folder (some network and FUSE mounts) are skipped for folders."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if not Path(path).is_dir() or err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS,
+                                                        errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_dir(out_dir: Path):
     """A temporary sibling folder `.NAME.tmp-*`; `commit()` swaps it into place so readers never see a half-written
     folder. The folder and its files get the modes a plain mkdir/open would (0o777/0o666 less the umask), not
@@ -291,12 +342,15 @@ def atomic_dir(out_dir: Path):
         umask = _umask()
         for path in [tmp, *tmp.rglob("*")]:  # safetensors writes its files 0600 too
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        for path in sorted(tmp.rglob("*"), reverse=True) + [tmp]:  # on disk before the renames make them the export
+            fsync_path(path)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        fsync_path(out_dir.parent)  # the new name is durable before the old export goes
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -62,7 +62,7 @@ def child(impl: str, ckpt: str, batch: int, seq: int, device: str, dtype: str, s
         model.zero_grad(set_to_none=True)
 
     def sync():
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
 
     for _ in range(warmup):
@@ -133,12 +133,15 @@ def main():
                              r["tokens_per_s"] * model_flops))
     print(f"device={args.device} dtype={args.dtype} threads={args.threads} steps={args.steps} (median) "
           f"warmup={args.warmup} rounds={args.rounds} (interleaved, median of rounds)")
-    cuda = args.device == "cuda"
+    cuda = args.device.startswith("cuda") and args.dtype == "bfloat16"  # the peaks below are bf16 rates
+    if args.device.startswith("cuda") and not cuda:
+        print(f"no MFU columns: the datasheet and matmul peaks are bf16 rates, this run is {args.dtype} "
+              f"(use --dtype bfloat16)")
     if cuda:
         import torch
         from minitagpr.train.metrics import peak_flops
-        sheet, where = peak_flops(torch.device("cuda"))
-        measured = matmul_tflops("cuda")
+        sheet, where = peak_flops(torch.device(args.device))
+        measured = matmul_tflops(args.device)
         print(f"MFU peaks: datasheet {where}; measured bf16 8192^3 matmul {measured:.0f} TFLOP/s")
     head = "| shape | batch | impl | tokens/s | vs transformers | peak MiB | peak vs transformers |"
     head += " model TFLOP/s | MFU (datasheet) | MFU (measured matmul) |" if cuda else ""

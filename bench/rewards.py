@@ -68,6 +68,15 @@ def library_rouge_batch(tasks, responses, golds):
     return out
 
 
+def naive_repetition(response: str, n: int = 4) -> float:
+    """The R_rep formula written the plain way: a list of n-gram tuples built index by index, then its set."""
+    for marker in ("<think>", "</think>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        response = response.replace(marker, " ")
+    words = response.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return -(len(grams) - len(set(grams))) / (len(grams) + 1e-6) if grams else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=128)
@@ -88,6 +97,7 @@ def main() -> None:
     big_text = " ".join(random.Random(1).choices(VOCAB, k=200_000))[: 1 << 20]  # 1 MB of words
     big = f"<think>\n{segment * 3}</think>\n{big_text}"  # a short chain, then a 1 MB answer
 
+    assert all(naive_repetition(r) == rewards.repetition_reward(r) for r in responses[:50])  # the same numbers
     library_rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     big_gold = golds[tasks.index("LaMP-4")] if "LaMP-4" in tasks else "a short headline"
     big_answer = rewards.split_response(big)[1]
@@ -104,7 +114,10 @@ def main() -> None:
          lambda: [rewards.verifiable_reward(t, a, g) for t, a, g in zip(tasks, answers, golds)],
          "baseline: R_v only, rouge-score"),
         ("R_f only (format_reward)", lambda: [rewards.format_reward(r) for r in responses], None),
-        ("R_rep only (repetition_reward)", lambda: [rewards.repetition_reward(r) for r in responses], None),
+        ("baseline: R_rep, 4-gram list + set, markers stripped", lambda: [naive_repetition(r) for r in responses],
+         None),
+        ("R_rep only (repetition_reward)", lambda: [rewards.repetition_reward(r) for r in responses],
+         "baseline: R_rep, 4-gram list + set, markers stripped"),
         ("R_tag only (tag_reward)", lambda: [rewards.tag_reward(c) for c in chains], None),
         ("baseline: 1 MB answer, R_v by rouge-score",
          lambda: library_rouge.score(big_gold, big_answer)["rougeL"].fmeasure, None),

@@ -230,6 +230,8 @@ def main() -> None:
                                       env={**os.environ, "PYTHONPATH": repo})
                 line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
                 peak = f"{json.loads(line[7:])['peak_mib']:.1f}" if line else "failed"
+                if engine == "vllm" and line:  # it reserves gpu_memory_utilization of the card up front
+                    peak += " (pool reserved, not the workload's)"
                 ratio = f"{r['ratio']:.2f}x" if "transformers" in timed else "n/a"
                 print(f"| {workload} | {engine} | {r['seconds']:.3f} | {r['tokens'] / r['seconds']:,.0f} | {ratio} "
                       f"| {peak} |", flush=True)

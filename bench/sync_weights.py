@@ -152,8 +152,8 @@ def main() -> None:
     names = list(paths)
     for r in range(args.rounds):  # interleaved, so a busy neighbour slows a round's paths alike
         for p in (names if r % 2 == 0 else names[::-1]):
+            memory.start()  # before the barrier: a rank's heap trim must not be waited for inside the timed sync
             D.barrier()
-            memory.start()
             secs[p].append(median_seconds(paths[p], 1, warmup=0, sync=sync))  # one timed call
             peaks[p] = max(peaks[p], memory.peak())
     # a sync ends when its slowest rank does; memory: the worst rank

@@ -98,7 +98,7 @@ class PeakMemory:
     """Peak bytes allocated during a phase, above what was allocated when the phase began (CUDA or CPU)."""
 
     def __init__(self, device: str):
-        self.device = device
+        self.device = "cuda" if str(device).startswith("cuda") else "cpu"  # "cuda:0" too (the current device)
 
     def start(self) -> None:
         if self.device == "cuda":

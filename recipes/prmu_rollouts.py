@@ -148,7 +148,11 @@ def run(cfg: RolloutConfig) -> Path:
     requests = []  # (example, mode, messages, retrieved items left out to fit max_prompt_tokens)
     for ex in mine:
         items = retriever.select(ex, cfg.k)
-        with_profile, kept = prompts.fit_messages(ex, items, tokenizer, cfg.max_prompt_tokens, style=cfg.prompt_style)
+        try:
+            with_profile, kept = prompts.fit_messages(ex, items, tokenizer, cfg.max_prompt_tokens,
+                                                      style=cfg.prompt_style)
+        except prompts.PromptTooLongError as e:  # it names the example; the file is known here
+            raise prompts.PromptTooLongError(f"{cfg.questions}: {e}") from None
         bare = prompts.build_messages(ex, [], tokenizer, cfg.max_prompt_tokens, style=cfg.prompt_style)
         requests += [(ex, "profile", with_profile, len(items) - kept), (ex, "no_profile", bare, 0)]
 

@@ -163,6 +163,11 @@ def test_dates_compare_as_integer_tuples():
     ([_valid_record(profile=[{"id": "1", "text": "ok \udc00"}])], "LaMP-7",
      r"field 'profile\[0\].text': holds a lone UTF-16 surrogate \\udc00"),
     ([_valid_record(id="1\ud800")], "LaMP-7", r"field 'id': holds a lone UTF-16 surrogate \\ud800"),
+    # pinned 2026-11-29: both were a bare OverflowError
+    ([_valid_record(profile=[{"id": "1", "text": "x", "date": "2012-01-01 inf"}])], "LaMP-7",
+     r"q.json: record 0 \(id '600'\): field 'profile\[0\].date': cannot read date"),
+    ([_valid_record(input="review: fine", profile=[{"id": "1", "text": "x", "score": 10 ** 400}])], "LaMP-3",
+     r"q.json: record 0 \(id '600'\): field 'profile\[0\].score': expected a rating from 1 to 5"),
     ({"id": "1"}, "LaMP-7", r"q.json: expected a JSON array of question records, got dict"),
     ([7], "LaMP-7", r"q.json: record 0: expected an object, got int"),
 ])

@@ -686,6 +686,17 @@ def test_an_epoch_that_divides_evenly_gives_every_step_a_full_batch():
             assert sorted(i for s in steps for i in s) == list(range(n))  # the epoch covers each prompt once
 
 
+def test_a_prompt_over_the_budget_names_its_questions_file(small_world):
+    from minitagpr.data.prompts import PromptTooLongError
+    from minitagpr.rl.loop import load_prompts
+    from minitagpr.tokenizer import Tokenizer
+    world, policy = small_world
+    with pytest.raises(PromptTooLongError, match=r"LaMP_3/train/train_questions\.json: example '\d+' \(LaMP-3\): "
+                                                 r"the prompt is \d+ tokens without any profile item"):
+        load_prompts(RLConfig(data_root=str(world), tasks="LaMP-3:0", max_prompt_tokens=10),
+                     Tokenizer.from_dir(policy))
+
+
 def test_a_task_mix_asking_for_more_examples_than_the_file_has_says_so(small_world, capsys):
     from minitagpr.rl.loop import load_prompts, task_mix_sample
     from minitagpr.tokenizer import Tokenizer

@@ -370,7 +370,7 @@ def date_key(value: Any) -> tuple[int, ...] | None:
         key = tuple(int(p) for p in day.split("-"))
         if clock:
             key += tuple(int(float(p)) for p in clock.split(":"))  # float(): seconds may carry a fraction
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf" or "1e400" in the clock part
         return None
     return key
 
@@ -442,7 +442,7 @@ def _rating(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
         return None
     return number if 1 <= number <= 5 else None  # NaN fails both comparisons, so it is refused too
 

@@ -18,7 +18,9 @@ are the first two of those chosen for k = 4, 8, 16, 32 -- the profile-length rob
                     idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
   k1 = 1.5 and b = 0.75 (the defaults of the widely used rank_bm25 package; its BM25Okapi's idf is
   ln((N - df + 0.5) / (df + 0.5)) with a floor for negative values instead, so the two can rank items differently
-  when a term is in more than half of the profile). Equal scores keep file order.
+  when a term is in more than half of the profile). Equal scores keep file order (a reference that takes
+  `argsort(scores)[::-1]` lists tied items last-in-file first instead: with a query sharing no word with the
+  profile, every item ties and the two pick different items).
 - `random`: a seeded shuffle, deterministic per (seed, task, example id) and independent of everything else.
 - `DenseRetriever(encode_fn, similarity="dot")`: the dot product (or cosine) of the query and item embeddings
   from any encoder: `encode_fn(list[str]) -> (n, d)` array-like (numpy or lists). Contriever, the paper's dense

@@ -26,7 +26,7 @@ from minitagpr import distributed as D
 from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_optimizer,
                               check_resumed_config, save_config)
 from minitagpr.data import lamp
-from minitagpr.data.prompts import STYLES, build_messages, style_mismatch
+from minitagpr.data.prompts import STYLES, PromptTooLongError, build_messages, style_mismatch
 from minitagpr.data.retrieval import ENCODERLESS, get_retriever
 from minitagpr.model.checkpoint import resolve_checkpoint
 from minitagpr.rewards import ROUGE_VARIANTS, TERMS, reward_terms, score_batch
@@ -202,8 +202,11 @@ def load_prompts(cfg: RLConfig, tokenizer: Tokenizer, *, part: str | None = None
         for ex in examples:
             if ex.id not in golds:
                 raise lamp.DataError(f"{opath}: no gold output for question id {ex.id!r} of {qpath}")
-            messages = build_messages(ex, retriever.select(ex, cfg.k), tokenizer, cfg.max_prompt_tokens,
-                                      style=cfg.prompt_style)
+            try:
+                messages = build_messages(ex, retriever.select(ex, cfg.k), tokenizer, cfg.max_prompt_tokens,
+                                          style=cfg.prompt_style)
+            except PromptTooLongError as e:  # it names the example; the file is known here
+                raise PromptTooLongError(f"{qpath}: {e}") from None
             ids = tokenizer.apply_chat(messages, add_generation_prompt=True, enable_thinking=True)
             prompts.append(Prompt(ex.id, task, ex.user, messages, ids, golds[ex.id]))
     return prompts

@@ -5,6 +5,11 @@ questions + outputs for LaMP-1, 2, 3, 4, 5 and 7 (user split; test questions on 
 tokenizer trained on the world's training text, and `sft_chains.jsonl` (docs/interfaces.md SFT records). Everything is
 small enough for the 2-core CPU demo: 34 users, texts of 8-25 words, prompts of a few hundred tokens.
 
+One deliberate extension of the format: the demo's user-split records carry `"user_id"` (the doc allows it in the
+time split only), since a demo user asks several questions and the PRMU user table needs to know who asked. Real
+user-split LaMP has one user per question: there every question is its own user (`LampExample.user` falls back to
+the question id), so the table learns no sharing across questions that the demo shows.
+
 Planted per-user regularities (so that reading the profile matters):
 - LaMP-1: every user has a home topic (a set of invented words); most of the user's paper titles use it. The
   question's title mixes one home word with one word of another topic, and the two references come one from each

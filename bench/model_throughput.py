@@ -61,6 +61,9 @@ def child(impl: str, ckpt: str, batch: int, seq: int, device: str, dtype: str, s
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # synchronize and the memory stats act on the current device
+
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -140,6 +143,7 @@ def main():
     if cuda:
         import torch
         from minitagpr.train.metrics import peak_flops
+        torch.cuda.set_device(torch.device(args.device))  # the matmul timer synchronizes the current device
         sheet, where = peak_flops(torch.device(args.device))
         measured = matmul_tflops(args.device)
         print(f"MFU peaks: datasheet {where}; measured bf16 8192^3 matmul {measured:.0f} TFLOP/s")

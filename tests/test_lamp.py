@@ -163,6 +163,7 @@ def test_dates_compare_as_integer_tuples():
     ([_valid_record(profile=[{"id": "1", "text": "ok \udc00"}])], "LaMP-7",
      r"field 'profile\[0\].text': holds a lone UTF-16 surrogate \\udc00"),
     ([_valid_record(id="1\ud800")], "LaMP-7", r"field 'id': holds a lone UTF-16 surrogate \\ud800"),
+    ([_valid_record(user_id="u\ud83d")], "LaMP-7", r"field 'user_id': holds a lone UTF-16 surrogate"),
     # pinned 2026-11-29: both were a bare OverflowError
     ([_valid_record(profile=[{"id": "1", "text": "x", "date": "2012-01-01 inf"}])], "LaMP-7",
      r"q.json: record 0 \(id '600'\): field 'profile\[0\].date': cannot read date"),

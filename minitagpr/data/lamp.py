@@ -509,6 +509,8 @@ def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
                 raise DataError(f"{where(path, index, rec_id, 'user_id')}: expected a string, "
                                 f"got {type_name(user_id)}")
             user_id = str(user_id)  # some dumps write numeric user ids; keys are strings everywhere else
+            if why := surrogate_problem(user_id):  # it reaches the UTF-8 rollout and pair files
+                raise DataError(f"{where(path, index, rec_id, 'user_id')}: {why}")
         examples.append(LampExample(rec_id, spec.name, rec["input"], profile, user_id))
     return examples
 

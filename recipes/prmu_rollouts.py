@@ -22,20 +22,28 @@ pairs. `sample=rl` (the default) samples the questions guided RL's task mix draw
 `limit` is 0 or at least the task's RL count (a smaller `limit` covers that fraction of them);
 `sample=first` takes the file's first `limit` questions (which RL, drawing at random, mostly does not use).
 
+A killed run loses no sampling: each rank appends every finished batch to `OUT.rankNNNNN.progress` (fsynced), and
+a rerun with the same settings and processes samples only the rest, with the same seeds, so its output equals an
+uninterrupted run's; progress written for other settings is refused by name (delete it to start over).
+
 1. config   2. queries + prompts   3. policy + rollout engine   4. sampling   5. write (rank 0 merges the shards)
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import ConfigError, check_at_least, check_choice, check_fraction, check_writable_file, parse_cli
+from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_writable_file,
+                              parse_cli, to_dict)
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.preferences import RolloutRecord, read_rollouts, write_rollouts
 from minitagpr.model import load_pretrained
@@ -114,6 +122,70 @@ def draw_questions(examples: list, task: str, cfg: RolloutConfig) -> list:
     return examples[:cfg.limit] if cfg.limit else examples
 
 
+PROGRESS_FORMAT = "minitagpr-rollout-progress/1"
+
+
+def _progress_header(cfg: RolloutConfig, info, requests) -> dict:
+    """What a progress file must have been written for: every setting that changes the samples, this rank's place
+    and its requests (ids, modes and prompts)."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "vllm_gpu_memory_utilization"}
+    h = hashlib.sha256(json.dumps([settings, info.rank, info.world_size,
+                                   [(ex.id, mode, msgs) for ex, mode, msgs, _ in requests]]).encode())
+    return {"format": PROGRESS_FORMAT, "fingerprint": h.hexdigest()[:16]}
+
+
+def _read_progress(path: Path, header: dict) -> dict[int, list[RolloutRecord]]:
+    """{batch start: its records} from an earlier run's progress file ({} when there is none). A last line cut by a
+    kill is dropped (that batch is sampled again); a file written for other settings is refused by name."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    if not lines:  # none yet (or killed before its header was on disk): start it
+        _write_progress(path, header, {})
+        return {}
+    try:
+        first = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        first = None
+    if first != header:
+        raise ConfigError(f"{path}: sampling progress of an earlier run with other settings, queries or processes "
+                          f"(its header {first!r:.120}, this run {header}); rerun with those settings to finish it, "
+                          f"or delete the file to start over")
+    done = {}
+    for lineno, line in enumerate(lines[1:], start=2):
+        try:
+            entry = json.loads(line)
+            done[entry["start"]] = [RolloutRecord(**r) for r in entry["records"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if lineno == len(lines):  # the write a kill cut short: rewrite the file without it
+                _write_progress(path, header, done)
+                break
+            raise ConfigError(f"{path}:{lineno}: not a progress line ({type(e).__name__}); delete the file to "
+                              f"start over") from None
+    return done
+
+
+def _progress_line(start: int, records: list[RolloutRecord]) -> str:
+    entry = {"start": start, "records": [{k: v for k, v in asdict(r).items() if k != "origin"} for r in records]}
+    return json.dumps(entry, ensure_ascii=False) + "\n"
+
+
+def _write_progress(path: Path, header: dict, done: dict[int, list[RolloutRecord]]) -> None:
+    """The whole file, atomically: the header line, then one line per finished batch."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n" + "".join(_progress_line(s, done[s]) for s in sorted(done)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append_progress(path: Path, start: int, records: list[RolloutRecord]) -> None:
+    """One line per finished batch, on disk before the next batch starts."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(_progress_line(start, records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def run(cfg: RolloutConfig) -> Path:
     engine_kind = resolve_engine(cfg.engine)
     if engine_kind == "vllm":
@@ -155,6 +227,7 @@ def run(cfg: RolloutConfig) -> Path:
             raise prompts.PromptTooLongError(f"{cfg.questions}: {e}") from None
         bare = prompts.build_messages(ex, [], tokenizer, cfg.max_prompt_tokens, style=cfg.prompt_style)
         requests += [(ex, "profile", with_profile, len(items) - kept), (ex, "no_profile", bare, 0)]
+    order = {(ex.id, mode): i for i, (ex, mode, _, _) in enumerate(requests)}
 
     # ------------------------------------------------------------------------------------------- 3. engine
     if engine_kind == "vllm":
@@ -169,22 +242,35 @@ def run(cfg: RolloutConfig) -> Path:
                                tokenizer)
 
     # ------------------------------------------------------------------------------------------- 4. sampling
-    records = []
+    # Each finished batch is appended (and fsynced) to this rank's progress file; a rerun after a kill takes the
+    # finished batches from it and samples only the rest, with the same seeds, so nothing sampled is lost.
+    progress = out.with_name(f"{out.name}.rank{info.rank:05d}.progress")
+    done = _read_progress(progress, _progress_header(cfg, info, requests))
+    records = [r for start in sorted(done) for r in done[start]]
+    if done:
+        D.log(f"rollouts: rank {info.rank} resumes {len(done)} finished batch(es) ({len(records)} requests) from "
+              f"{progress}")
     stops = tokenizer.stop_ids
     for start in range(0, len(requests), cfg.batch_prompts):
+        if start in done:
+            continue
+        D.fault_point("batch", start)  # crash-recovery tests kill the run here
         batch = requests[start:start + cfg.batch_prompts]
         ids = [tokenizer.apply_chat(msgs, add_generation_prompt=True, enable_thinking=True) for _, _, msgs, _ in batch]
         # a distinct base seed per rank and batch; each sample's own seed derives from it (see rollout.sample_seed)
         groups = engine.generate(ids, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                  max_new_tokens=cfg.max_new_tokens, stop_token_ids=stops,
                                  seed=cfg.seed * 1_000_003 + info.rank * 100_003 + start)
-        for (ex, mode, msgs, dropped), group in zip(batch, groups):
-            records.append(RolloutRecord(id=ex.id, user=ex.user, task=task, mode=mode, prompt=msgs,
-                                         gold=golds[ex.id], responses=[c.text for c in group],
-                                         # as the RL loop's R_f: "length" = cut by max_new_tokens
-                                         truncated=[c.finish_reason == "length" for c in group],
-                                         profile_items_dropped=dropped))
+        batch_records = [RolloutRecord(id=ex.id, user=ex.user, task=task, mode=mode, prompt=msgs,
+                                       gold=golds[ex.id], responses=[c.text for c in group],
+                                       # as the RL loop's R_f: "length" = cut by max_new_tokens
+                                       truncated=[c.finish_reason == "length" for c in group],
+                                       profile_items_dropped=dropped)
+                         for (ex, mode, msgs, dropped), group in zip(batch, groups)]
+        _append_progress(progress, start, batch_records)
+        records += batch_records
         D.log(f"rollouts: {min(start + cfg.batch_prompts, len(requests))}/{len(requests)} requests on rank 0")
+    records.sort(key=lambda r: order[r.id, r.mode])  # request order, whichever batches were resumed
 
     # ------------------------------------------------------------------------------------------- 5. write
     part = out.with_name(f"{out.name}.rank{info.rank:05d}")
@@ -196,6 +282,8 @@ def run(cfg: RolloutConfig) -> Path:
         write_rollouts(out, merged)
         for p in parts:
             p.unlink()
+        for r in range(info.world_size):  # the merged file now holds every rank's finished batches
+            out.with_name(f"{out.name}.rank{r:05d}.progress").unlink(missing_ok=True)
         D.log(f"wrote {len(merged)} rollout records ({len(examples)} queries x 2 modes x n={cfg.n}) to {out}")
         cut = sum(t for r in merged for t in r.truncated)
         D.log(f"cut by max_new_tokens={cfg.max_new_tokens}: {cut} of {sum(len(r.responses) for r in merged)} "

@@ -188,6 +188,36 @@ def test_rollout_command_samples_each_query_with_and_without_the_profile(world, 
     assert f"cut by max_new_tokens=8: {sum(cut)} of 8 responses" in proc.stdout
 
 
+def test_a_killed_sampling_run_resumes_its_finished_batches_and_ends_as_an_uninterrupted_one(world, tmp_path):
+    """Hours of sampling were held in memory to the end: a kill lost them all. Each finished batch is now on disk,
+    and a rerun samples only the rest, with the same seeds (pinned 2026-11-29)."""
+    from minitagpr.distributed import FAULT_ENV
+
+    def sample(out, *extra, fault=None, check=True):
+        cmd = [sys.executable, str(REPO / "recipes" / "prmu_rollouts.py"),
+               *_args(world, out, "n=2", "limit=3", "k=2", "max_new_tokens=6", "batch_prompts=2", "engine=builtin",
+                      *extra)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **({FAULT_ENV: fault} if fault else {})}
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+        assert not check or proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    sample(tmp_path / "whole.jsonl")
+    cut = tmp_path / "cut.jsonl"
+    assert sample(cut, fault="batch:4", check=False).returncode != 0  # killed before its third batch (of 3)
+    progress = cut.with_name("cut.jsonl.rank00000.progress")
+    assert len(progress.read_text().splitlines()) == 3 and not cut.exists()  # header + 2 finished batches
+    with progress.open("a") as f:
+        f.write('{"start": 4, "recor')  # a write the kill cut short
+    refused = sample(cut, "seed=1", check=False)  # other settings: the progress is not theirs
+    assert refused.returncode != 0 and f"{progress}: sampling progress of an earlier run" in refused.stderr
+    resumed = sample(cut)
+    assert "resumes 2 finished batch(es) (4 requests)" in resumed.stdout
+    assert [vars(r) | {"origin": None} for r in read_rollouts(cut)] == \
+        [vars(r) | {"origin": None} for r in read_rollouts(tmp_path / "whole.jsonl")]
+    assert not progress.exists()
+
+
 def test_pairs_from_rollouts_that_the_length_limit_cut_are_refused_by_name(world, tmp_path, monkeypatch, capsys):
     out = _run_with_recording_vllm(monkeypatch, _args(world, tmp_path / "r.jsonl", "n=1", "limit=2"))
     capsys.readouterr()

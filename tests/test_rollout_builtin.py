@@ -157,6 +157,22 @@ def test_sync_weights_rejects_unknown_names_and_wrong_shapes(model):
         eng.sync_weights([("model.norm.weight", torch.zeros(3))])
 
 
+def test_sync_weights_rejects_a_stream_missing_a_parameter_or_sending_one_twice():
+    """A partial stream left the engine sampling from a mix of old and new weights, without a word (pinned
+    2026-11-29). A state_dict of a tied model (embedding and lm_head: one tensor) is accepted."""
+    from minitagpr.rollout import RolloutError
+    cfg = presets.tiny_config("tiny")
+    source, copy = presets.build_model(cfg, seed=1), presets.build_model(cfg, seed=2)
+    eng = BuiltinEngine(copy, DigitTokenizer())
+    partial = [(n, p) for n, p in source.named_parameters() if n != "model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(RolloutError, match=r"1 of the engine's \d+ parameters were not sent .*layers\.0\.mlp\.up_proj"):
+        eng.sync_weights(partial)
+    twice = [*source.named_parameters(), ("model.norm.weight", source.model.norm.weight)]
+    with pytest.raises(RolloutError, match="model.norm.weight was sent twice"):
+        eng.sync_weights(twice)
+    assert eng.sync_weights(source.state_dict().items()) == len(list(copy.parameters()))  # tied: both names
+
+
 def test_prompt_longer_than_the_position_range_is_refused(model):
     too_long = [[1] * (model.config.max_position_embeddings - 2)]
     with pytest.raises(RolloutError, match=r"prompt_token_ids\[0\].*max_position_embeddings"):

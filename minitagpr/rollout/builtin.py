@@ -172,24 +172,32 @@ class BuiltinEngine(RolloutEngine):
 
     @torch.no_grad()
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Copy (HF name, full tensor) pairs into the engine's model. Unknown names and shape mismatches raise;
-        a tied head arriving as `lm_head.weight` is accepted and lands in the shared embedding."""
+        """Copy (HF name, full tensor) pairs into the engine's model; returns how many parameters were written.
+        Unknown names, shape mismatches and a name sent twice raise; a tied head arriving as `lm_head.weight` is
+        accepted and lands in the shared embedding (a state_dict sends both names: one tensor). A stream that
+        leaves a parameter out raises at its end, naming it: the engine would sample from a mix of old and new
+        weights, not the policy the loss takes for pi_old."""
         params = dict(self.model.named_parameters())
         tied = getattr(self.model.config, "tie_word_embeddings", False)
-        loaded = 0
+        sent: dict[str, str] = {}  # engine parameter -> the name it arrived under
         for name, tensor in named_tensors:
-            name = hf_name(name)  # the engine's copy is unwrapped; the policy may carry checkpoint wrappers
+            name = original = hf_name(name)  # the engine's copy is unwrapped; the policy may carry checkpoint wrappers
             if name == "lm_head.weight" and name not in params and tied:
                 name = "model.embed_tokens.weight"
             if name not in params:
                 raise KeyError(f"sync_weights: the engine's model has no parameter named {name!r}")
+            if name in sent and sent[name] == original:  # the tied pair (embed + lm_head) is one tensor sent twice
+                raise RolloutError(f"sync_weights: {original} was sent twice")
             param = params[name]
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"sync_weights: {name} has shape {tuple(tensor.shape)}, "
                                  f"model expects {tuple(param.shape)}")
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
-            loaded += 1
-        return loaded
+            sent[name] = original
+        if missing := sorted(set(params) - set(sent)):
+            raise RolloutError(f"sync_weights: {len(missing)} of the engine's {len(params)} parameters were not sent "
+                               f"(e.g. {missing[:3]}); it would sample with stale weights")
+        return len(sent)
 
     def decode_mode(self) -> str:
         """The loop the next generate() runs: `decode`, with "auto" resolved for where the model is now."""

@@ -292,6 +292,27 @@ def test_score_batch_fills_every_component_and_total_by_hand():
     assert p2.r_v == pytest.approx(8 / 11) and p2.total == pytest.approx(0.8 * (8 / 11 + p2.r_rep) + 0.2)
 
 
+def test_score_batch_by_hand_with_distinct_weights_a_repeating_answer_and_the_default_rouge():
+    """Every weight distinct and every term non-zero, all values by hand: swapping alpha and beta, R_rep over
+    3-grams (or left out) and ROUGE-1 as the default R_v each change a number here (the test above had alpha = beta,
+    R_rep = 0 and a pair on which ROUGE-1 and ROUGE-L agree; pinned 2026-11-29)."""
+    tags = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
+    # words: the chain (one word: tags without spaces), then 7 answer words; 8 words -> 5 4-grams, 4 distinct
+    # (-1/5); 3-grams would give 6, 4 distinct (-1/3)
+    loop = "<think>" + tags + "</think>mat the cat mat the cat mat"
+    untagged = respond("plain", "mat the cat")  # R_f = 1 but the tag check fails
+    p_loop, p_untagged = score_batch(["LaMP-4", "LaMP-4"], [loop, untagged], ["the cat on a mat"] * 2,
+                                     prmu=[0.5, 0.25], alpha=0.5, beta=0.3, gamma=0.1)
+    # ROUGE-L of "mat the cat" vs "the cat on a mat": LCS "the cat" = 2 -> P 2/3, R 2/5, F 0.5 (ROUGE-1 0.75)
+    assert p_untagged.r_v == pytest.approx(0.5) and p_untagged.r_rep == 0.0
+    assert (p_untagged.r_f, p_untagged.r_tag) == (1.0, -1.0)
+    assert p_untagged.total == pytest.approx(0.5 * 0.5 + 0.3 * -1.0 + 0.1 * 0.25)
+    assert p_loop.r_rep == pytest.approx(-1 / (5 + 1e-6))
+    f_loop = 2 * (3 / 7) * (3 / 5) / (3 / 7 + 3 / 5)  # LCS "the cat mat" = 3 of 7 predicted, 5 gold words
+    assert p_loop.r_v == pytest.approx(f_loop) and (p_loop.r_f, p_loop.r_tag) == (1.0, 0.0)
+    assert p_loop.total == pytest.approx(0.5 * (f_loop - 1 / 5) + 0.3 * 0.0 + 0.1 * 0.5)
+
+
 def test_score_batch_foundation_ignores_prmu_and_tags():
     response = respond("no tags here", "4")
     (parts,) = score_batch(["LaMP-3"], [response], ["4"], mix="foundation")

@@ -151,6 +151,7 @@ def test_ratio_inside_the_clip_range_is_not_clipped():
     loss, grad, metrics = loss_and_grad(logp, old, adv, mask)
     assert loss.item() == pytest.approx(-(1.0002 - 0.9998) / 2, abs=1e-12)
     assert grad[0, :2].tolist() == pytest.approx([-1.0002 / 2 / 2] * 2)
+    assert grad[1, :5].tolist() == pytest.approx([0.9998 / 5 / 2] * 5)  # A < 0: the sign flips, 1/length per token
     assert metrics["clip_frac_low"] == metrics["clip_frac_high"] == 0.0
 
 
@@ -305,6 +306,16 @@ def test_a_zero_clip_range_is_allowed():
     loss, _ = gspo_loss(logp, logp, torch.ones(1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.bool),
                         eps_low=0.0, eps_high=0.0)
     assert loss.item() == -1.0
+    # off-policy (ratio e^0.1 and e^-0.1), the zero-width band acts: A > 0 above 1 and A < 0 below 1 are held at
+    # 1 (no gradient); A > 0 below 1 keeps its ratio (min picks the unclipped side)
+    logp = torch.tensor([[0.1, 0.1], [-0.1, -0.1], [-0.1, -0.1]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    loss, m = gspo_loss(logp, torch.zeros(3, 2, dtype=torch.float64), adv, torch.ones(3, 2, dtype=torch.bool),
+                        eps_low=0.0, eps_high=0.0)
+    assert loss.item() == pytest.approx(-(1.0 - 1.0 + math.exp(-0.1)) / 3, abs=1e-12)
+    loss.backward()
+    assert not logp.grad[0].any() and not logp.grad[1].any() and logp.grad[2].abs().min() > 0
+    assert m["clip_frac_high"] == pytest.approx(1 / 3) and m["clip_frac_low"] == pytest.approx(1 / 3)
 
 
 # ---- how closely the advantages follow each reward term -----------------------------------------------------------

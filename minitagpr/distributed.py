@@ -38,6 +38,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from minitagpr.config import ConfigError
+from minitagpr.model.checkpoint import fsync_path
 
 CKPT_PATTERN = re.compile(r"^step_(\d{6,})$")
 TMP_PATTERN = re.compile(r"^step_(\d{6,})\.tmp$")  # being written, or a save that died
@@ -427,18 +428,12 @@ def _tidy_checkpoints(ckpt_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
     """Write and fsync: a file that a later rename makes part of a complete checkpoint is on disk, not just cached."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames inside `path` survive a power loss, not just a killed process (checkpoint.fsync_path)."""
-    from minitagpr.model.checkpoint import fsync_path
-    fsync_path(path)
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -458,19 +453,19 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # fsyncs its files
     rng = io.BytesIO()
     torch.save(_rng_state(), rng)
-    _write_synced(tmp / f"rng_rank{info.rank:05d}.pt", rng.getvalue())
+    write_synced(tmp / f"rng_rank{info.rank:05d}.pt", rng.getvalue())
     fault_point("save", step)
     barrier()  # every rank's files are written
     if info.is_main:
         payload = dict(state, step=step, world_size=info.world_size)
-        _write_synced(tmp / "state.json", json.dumps(payload, indent=2).encode())  # last: the folder is complete
-        _fsync_dir(tmp)  # its entries too
+        write_synced(tmp / "state.json", json.dumps(payload, indent=2).encode())  # last: the folder is complete
+        fsync_path(tmp)  # its entries too
         old = None
         if final.exists():  # re-saving a step (e.g. the final save after a resume at that step)
             old = _aside(ckpt_dir, step, "old")
             os.replace(final, old)  # moved aside, not deleted, until the new folder holds the name
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)  # the new name is durable before anything older goes
+        fsync_path(ckpt_dir)  # the new name is durable before anything older goes
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if keep_last > 0:

@@ -171,10 +171,8 @@ def _progress_line(start: int, records: list[RolloutRecord]) -> str:
 def _write_progress(path: Path, header: dict, done: dict[int, list[RolloutRecord]]) -> None:
     """The whole file, atomically: the header line, then one line per finished batch."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(header) + "\n" + "".join(_progress_line(s, done[s]) for s in sorted(done)))
-        f.flush()
-        os.fsync(f.fileno())
+    D.write_synced(tmp, (json.dumps(header) + "\n" + "".join(_progress_line(s, done[s]) for s in sorted(done)))
+                   .encode("utf-8"))
     os.replace(tmp, path)
 
 
@@ -227,7 +225,6 @@ def run(cfg: RolloutConfig) -> Path:
             raise prompts.PromptTooLongError(f"{cfg.questions}: {e}") from None
         bare = prompts.build_messages(ex, [], tokenizer, cfg.max_prompt_tokens, style=cfg.prompt_style)
         requests += [(ex, "profile", with_profile, len(items) - kept), (ex, "no_profile", bare, 0)]
-    order = {(ex.id, mode): i for i, (ex, mode, _, _) in enumerate(requests)}
 
     # ------------------------------------------------------------------------------------------- 3. engine
     if engine_kind == "vllm":
@@ -246,13 +243,14 @@ def run(cfg: RolloutConfig) -> Path:
     # finished batches from it and samples only the rest, with the same seeds, so nothing sampled is lost.
     progress = out.with_name(f"{out.name}.rank{info.rank:05d}.progress")
     done = _read_progress(progress, _progress_header(cfg, info, requests))
-    records = [r for start in sorted(done) for r in done[start]]
     if done:
-        D.log(f"rollouts: rank {info.rank} resumes {len(done)} finished batch(es) ({len(records)} requests) from "
-              f"{progress}")
+        D.log(f"rollouts: rank {info.rank} resumes {len(done)} finished batch(es) "
+              f"({sum(map(len, done.values()))} requests) from {progress}")
+    records = []
     stops = tokenizer.stop_ids
     for start in range(0, len(requests), cfg.batch_prompts):
-        if start in done:
+        if start in done:  # records stay in request order, resumed or sampled
+            records += done[start]
             continue
         D.fault_point("batch", start)  # crash-recovery tests kill the run here
         batch = requests[start:start + cfg.batch_prompts]
@@ -270,7 +268,6 @@ def run(cfg: RolloutConfig) -> Path:
         _append_progress(progress, start, batch_records)
         records += batch_records
         D.log(f"rollouts: {min(start + cfg.batch_prompts, len(requests))}/{len(requests)} requests on rank 0")
-    records.sort(key=lambda r: order[r.id, r.mode])  # request order, whichever batches were resumed
 
     # ------------------------------------------------------------------------------------------- 5. write
     part = out.with_name(f"{out.name}.rank{info.rank:05d}")

@@ -239,13 +239,11 @@ def _parameter_problem(info: dict) -> str | None:
 
 def _read_tensor(f, data_start: int, info: dict, file: Path) -> torch.Tensor:
     """Plain reads into a fresh tensor: no memory map, so the page cache never counts against the process."""
-    if info["dtype"] not in _ST_DTYPES:
-        raise CheckpointError(f"{file}: unsupported tensor dtype {info['dtype']}")
-    begin, end = info["data_offsets"]
+    if why := _parameter_problem(info):  # load_state_into checked every entry already; other callers read one
+        raise CheckpointError(f"{file}: {why}")
+    begin, _ = info["data_offsets"]
     t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
     raw = t.view(-1).view(torch.uint8) if t.numel() else t.view(torch.uint8)
-    if raw.numel() != end - begin:
-        raise CheckpointError(f"{file}: tensor byte range {end - begin} does not match shape {info['shape']}")
     f.seek(data_start + begin)
     view = memoryview(raw.numpy()).cast("B")
     got = 0
@@ -340,9 +338,10 @@ def atomic_dir(out_dir: Path):
 
     def commit():
         umask = _umask()
-        for path in [tmp, *tmp.rglob("*")]:  # safetensors writes its files 0600 too
+        paths = [tmp, *tmp.rglob("*")]
+        for path in paths:  # safetensors writes its files 0600 too
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        for path in sorted(tmp.rglob("*"), reverse=True) + [tmp]:  # on disk before the renames make them the export
+        for path in reversed(paths):  # on disk (entries before their folder) before the renames make them the export
             fsync_path(path)
         old = None
         if out_dir.exists():

@@ -79,13 +79,11 @@ class SftConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_optimizer(self, lrs=("lr",), grad_clip="grad_clip", warmup="warmup_ratio", warmup_max=1.0)
-        if not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.export_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"export_dtype must be float32 or bfloat16, got {self.export_dtype!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
-        if len(self.betas) != 2:
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.truncate_long and self.drop_long:
             raise ValueError("truncate_long=true cuts the records longer than seq_len and drop_long=true leaves them "
@@ -185,13 +183,12 @@ def run(cfg: SftConfig) -> Path:
         D.log(f"[sft] resumed from {latest} at step {start_step}")
     if info.is_main:  # after the resume checks: a refused resume leaves the run's own record as it was
         save_config(cfg, out_dir / "config.yaml")
-    if info.is_main and cfg.drop_long:  # every rank dropped the same records: one list (empty: none too long)
-        atomic_write_json(out_dir / "dropped_long.json", [
-            {"id": d.id, "where": d.where, "tokens": len(d.ids), "seq_len": cfg.seq_len} for d in dropped])
-    elif info.is_main:  # an earlier run's list would describe data this run does not leave out
-        (out_dir / "dropped_long.json").unlink(missing_ok=True)
-    if info.is_main:  # written again at the end when this run makes them; never an earlier run's left behind
-        for name in ("eval.json", "metrics.png"):
+        if cfg.drop_long:  # every rank dropped the same records: one list (empty: none too long)
+            atomic_write_json(out_dir / "dropped_long.json", [
+                {"id": d.id, "where": d.where, "tokens": len(d.ids), "seq_len": cfg.seq_len} for d in dropped])
+        # an earlier run's files would describe data or a model this run does not have; eval.json and metrics.png
+        # are written again at the end when this run makes them
+        for name in ("eval.json", "metrics.png") + (() if cfg.drop_long else ("dropped_long.json",)):
             (out_dir / name).unlink(missing_ok=True)
 
     # ---- 7. train -------------------------------------------------------------------------------------------------

@@ -161,8 +161,9 @@ def assistant_target(chain: str, answer: str) -> str:
     for name, text in (("chain", chain), ("answer", answer)):
         if not isinstance(text, str):
             raise ValueError(f"{name} must be a string, got {type(text).__name__}")
-        # A marker inside the text would end the think block or the turn early and corrupt the target.
-        spelled = [tok for tok in (THINK, END_THINK, IM_START, IM_END) if tok in text]
+        # A marker inside the text would end the think block or the turn early and corrupt the target
+        # (<|endoftext|> is one of the stop ids: trained mid-target it teaches the model to stop there).
+        spelled = [tok for tok in (THINK, END_THINK, IM_START, IM_END, ENDOFTEXT) if tok in text]
         if spelled:
             raise ValueError(f"{name} contains {', '.join(spelled)}; the chat markers may not appear inside it")
     return f"{THINK}\n{chain.strip(_NL)}\n{END_THINK}\n\n{answer.lstrip(_NL)}"

@@ -130,6 +130,7 @@ def run(cfg: SftConfig) -> Path:
     records = S.read_sft_records(data_path)
     train_records, heldout = split_heldout(records, cfg.eval_holdout, cfg.seed, data_path)
     docs = S.tokenize_records(train_records, tokenizer, data_path)
+    S.tokenize_records(heldout, tokenizer, data_path)  # a bad held-out record is named now, not after training
     dropped = []
     if cfg.drop_long:  # the list is written once the run is known to go ahead (step 6)
         docs, dropped = S.drop_long(docs, cfg.seq_len)

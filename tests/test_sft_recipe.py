@@ -209,6 +209,26 @@ def test_a_record_longer_than_seq_len_stops_the_run_naming_file_record_and_lengt
     assert not (tmp_path / "x" / "checkpoints").exists()  # stopped before training
 
 
+def test_a_bad_held_out_record_is_named_before_training(inputs, tmp_path, capsys):
+    """Held-out records were only rendered by the check after training (a plain ValueError on one rank)."""
+    from train_fixtures import sft_record
+    records = [sft_record(i) for i in range(8)]
+    data = tmp_path / "bad_heldout.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    sft = recipe()
+    _, heldout = sft.split_heldout(sft.S.read_sft_records(data), 2, 0, data)  # seed=0 is the config default
+    bad = int(heldout[0].id[1:])
+    records[bad]["messages"] = [{"role": "developer", "content": "be brief"}] + records[bad]["messages"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(SystemExit) as exit_:
+        sft.main(common(inputs, tmp_path / "x", data=data, global_batch=1, max_steps=1, plot=False,
+                        eval_holdout=2, seed=0))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"{data}:{bad + 1} (record id 'r{bad}'): cannot tokenize: " in err and "'developer'" in err
+    assert not (tmp_path / "x" / "checkpoints").exists()  # stopped before training
+
+
 def test_truncate_long_cuts_instead_and_is_a_plumbing_key(inputs, tmp_path, capsys):
     sft = recipe()
     data = write_data_with_a_long_record(tmp_path / "long.jsonl")

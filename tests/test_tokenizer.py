@@ -259,7 +259,7 @@ def test_assistant_target_trims_newlines_like_the_template():
     assert assistant_target("\n\nchain\n", "\nanswer \n") == "<think>\nchain\n</think>\n\nanswer \n"
 
 
-@pytest.mark.parametrize("marker", ["<think>", "</think>", "<|im_start|>", "<|im_end|>"])
+@pytest.mark.parametrize("marker", ["<think>", "</think>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"])
 def test_assistant_target_rejects_markers_inside_the_text(marker):
     with pytest.raises(ValueError, match=rf"chain contains {marker}"):
         assistant_target(f"a {marker} b", "x")

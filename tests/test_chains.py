@@ -852,14 +852,89 @@ def test_data_per_task_must_be_positive(tmp_path):
         make_cfg(tmp_path, **{"data.per_task": 0})
 
 
-@pytest.mark.parametrize("status, retryable", [(408, True), (409, True), (429, True), (500, True), (400, False)])
-def test_retryable_statuses(status, retryable):
+@pytest.mark.parametrize("status, retryable, refused", [
+    (408, True, False), (409, True, False), (429, True, False), (500, True, False),
+    (400, False, True), (413, False, True), (422, False, True), (401, False, False), (404, False, False)])
+def test_retryable_and_refused_statuses(status, retryable, refused):
     import openai
 
     from minitagpr.data.chain_client import classify_error
     response = SimpleNamespace(status_code=status, headers={}, request=None)  # what APIStatusError reads
     err = openai.APIStatusError("busy", response=response, body=None)
-    assert classify_error(err, 30.0).retryable is retryable
+    failure = classify_error(err, 30.0)
+    assert (failure.retryable, failure.refused) == (retryable, refused)
+
+
+def status_error(status, message="refused"):
+    import openai
+    return openai.APIStatusError(message, body=None,
+                                 response=SimpleNamespace(status_code=status, headers={}, request=None))
+
+
+def test_a_request_the_endpoint_refuses_drops_its_record_in_every_stage_and_is_asked_again_on_a_rerun(tmp_path):
+    """One HTTP 400 (a content filter, a prompt over the served context) used to stop the stage for good: the same
+    request was refused again on every rerun, so the records after it were never built."""
+    cfg = make_cfg(tmp_path, **{"tagging.explore_subset": 3, "teacher.concurrency": 1})
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    asked = []
+
+    def refusing(text):  # refuses every request whose prompt holds sample 1's chain, else answers `text`
+        def transport(kwargs):
+            asked.append(kwargs)
+            if "Sample one." in json.dumps(kwargs["messages"]) or kwargs.get("seed") == refused_seed:
+                raise status_error(400, "content_filter")
+            return reply(text)
+        return transport
+
+    from minitagpr.data.chains import sample_seed
+    refused_seed = sample_seed(0, inst["id"], 1)  # the teacher's request for sample 1
+    cfg.samples = 3
+    run_stages(cfg, ["teacher", "accuracy"], transports={"teacher": refusing("<think>Four.</think>\n\n4")},
+               log=lambda m: None)
+    assert len(asked) == 3  # a refusal is not retried
+    assert [r["id"] for r in read_jsonl(cfg_out(cfg) / "accurate.jsonl")] == ["LaMP-3/7/0", "LaMP-3/7/2"]
+    assert stats(cfg, "accuracy")["tasks"]["LaMP-3"]["dropped"] == {"endpoint_refused": 1}
+    drop = read_jsonl(cfg_out(cfg) / "dropped" / "accuracy.jsonl")[0]
+    assert drop["id"] == "LaMP-3/7/1" and drop["reason"] == "endpoint_refused" and "HTTP 400" in drop["detail"]
+    assert len((tmp_path / "out" / "cache" / "teacher.jsonl").read_text().splitlines()) == 2  # refusals: not cached
+    asked.clear()
+    run_stages(cfg, ["teacher"], transports={"teacher": refusing("<think>Four.</think>\n\n4")}, log=lambda m: None)
+    assert len(asked) == 1  # the rerun asks the refused request again, the answered ones come from the cache
+
+    chains = ["Sample zero.", "Sample one.", "Sample two."]
+    write_jsonl(cfg_out(cfg) / "accurate.jsonl", [chain_record(inst, j, chain=c, accuracy=1.0)
+                                                 for j, c in enumerate(chains)])
+    run_stages(cfg, ["judge"], transports={"judge": refusing(judge_json())}, log=lambda m: None)
+    assert stats(cfg, "judge")["tasks"]["LaMP-3"] == {"in": 3, "out": 2, "dropped": {"endpoint_refused": 1}}
+
+    write_jsonl(cfg_out(cfg) / "judged.jsonl", [judged(inst, j, chain=c) for j, c in enumerate(chains)])
+    run_stages(cfg, ["explore"], transports={"tagger": refusing("<decide>y</decide>")}, log=lambda m: None)
+    assert stats(cfg, "explore")["tasks"]["LaMP-3"] == {"in": 3, "out": 2, "dropped": {"endpoint_refused": 1}}
+    run_stages(cfg, ["tag", "format"], transports={"tagger": refusing("no tags")}, log=lambda m: None)
+    assert stats(cfg, "format")["tasks"]["LaMP-3"]["dropped"] == {"endpoint_refused": 1, "no_tags": 2}
+    assert "tagger_refusal" not in json.dumps(read_jsonl(cfg_out(cfg) / "dropped" / "format.jsonl"))
+
+
+def test_refusals_in_a_row_stop_the_run_as_a_configuration_error(tmp_path):
+    """A setting every request trips (a parameter the server does not take) must not drop the whole data set."""
+    client, logs = make_client(tmp_path, lambda kw: (_ for _ in ()).throw(status_error(400, "unknown field 'seed'")),
+                               concurrency=1, max_refused_in_a_row=3)
+    seen = []
+    with pytest.raises(EndpointError, match=r"3 request\(s\) in a row were refused \(max_refused_in_a_row=3\), the "
+                                            r"last 'r2' \(sample 0\): HTTP 400: unknown field 'seed'"), client.cache:
+        for request, response in client.run(requests(6)):
+            seen.append((request.label, response["finish_reason"]))
+    assert seen == [("r0", "refused"), ("r1", "refused")] and client.refused == 3
+    assert "r3" not in "".join(logs)  # nothing started after the third refusal
+
+
+def test_a_refusal_between_answers_resets_the_count(tmp_path):
+    client, _ = make_client(tmp_path, lambda kw: (_ for _ in ()).throw(status_error(422)) if kw["seed"] % 2 else
+                            reply("ok"), concurrency=2, max_refused_in_a_row=2)
+    with client.cache:
+        got = [response["finish_reason"] for _, response in client.run(requests(6))]
+    assert got == ["stop", "refused"] * 3
 
 
 def test_backoff_is_capped_and_jittered_between_half_and_all_of_the_base(tmp_path):
@@ -877,10 +952,10 @@ def test_no_answer_is_handed_on_after_a_request_failed_for_good(tmp_path):
 
     def transport(kwargs):
         q = kwargs["messages"][0]["content"]
-        if q == "q1":  # refused outright (HTTP 400) once q2 is in flight: the run stops
+        if q == "q1":  # refused outright (HTTP 401, a configuration error) once q2 is in flight: the run stops
             q2_started.wait(5)
-            raise openai.APIStatusError("bad request", body=None,
-                                        response=SimpleNamespace(status_code=400, headers={}, request=None))
+            raise openai.APIStatusError("bad key", body=None,
+                                        response=SimpleNamespace(status_code=401, headers={}, request=None))
         if q == "q2":
             q2_started.set()
             time.sleep(0.2)  # answered (and cached) after q1 failed

@@ -117,11 +117,27 @@ def test_timeouts_are_retried_then_reported(tmp_path):
         assert len(server.bodies) == 2
 
 
-def test_a_refused_request_is_not_retried(tmp_path):
-    with FakeServer(lambda body, number: (400, {"error": {"message": "bad 'messages'"}}, {})) as server:
-        with pytest.raises(EndpointError, match=r"was refused: HTTP 400"):
+def test_a_request_refused_for_good_is_not_retried_and_stops_the_run(tmp_path):
+    with FakeServer(lambda body, number: (403, {"error": {"message": "no access to teacher-x"}}, {})) as server:
+        with pytest.raises(EndpointError, match=r"was refused: HTTP 403"):
             teacher(cfg_for(tmp_path, server.base_url))
         assert len(server.bodies) == 1
+
+
+def test_a_request_refused_as_asked_is_not_retried_and_its_record_carries_the_reason(tmp_path):
+    def reply(body, number):
+        if body["seed"] % 3 == 0:
+            return 400, {"error": {"message": "This model's maximum context length is 64 tokens"}}, {}
+        return OK
+    with FakeServer(reply) as server:
+        logs = []
+        teacher(cfg_for(tmp_path, server.base_url), logs)
+        records = [json.loads(line) for line in (tmp_path / "out" / "teacher.jsonl").read_text().splitlines()]
+        refused = [r for r in records if r["finish_reason"] == "refused"]
+        assert len(server.bodies) == 6 == len(records) and len(cache_lines(tmp_path)) == 6 - len(refused)
+        assert refused and all(r["refusal"].startswith("HTTP 400: ") and "maximum context length is 64" in r["refusal"]
+                               for r in refused)
+        assert any("was refused: HTTP 400" in line and "its record is dropped" in line for line in logs)
 
 
 def test_a_reply_that_is_no_chat_completion_is_reported_not_a_traceback(tmp_path):

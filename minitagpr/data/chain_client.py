@@ -14,9 +14,13 @@ module makes such a run survive crashes, rate limits and flaky servers without p
 - `ChatClient.run(requests)`: answers an iterable of `ChatRequest`s in their order, from the cache when it can,
   otherwise with at most `concurrency` calls in flight (threads). Rate limits (429, honouring `retry-after-ms` /
   `retry-after`), server errors (5xx, 408, 409), connection errors, timeouts and 200 replies that hold no chat
-  completion are retried with exponential backoff and jitter (other 4xx fail at once); so are replies whose message
+  completion are retried with exponential backoff and jitter; so are replies whose message
   content is neither text, a list of text parts (joined into one string) nor null (`checked_response`), and
-  such a reply is never cached (one cached by an older version is asked again). When a request still
+  such a reply is never cached (one cached by an older version is asked again). A request the server refuses as
+  asked (400, 413, 422: a content filter, a prompt over the served context length) is answered with a refusal
+  (`content` null, `finish_reason` "refused", the reason under `refusal`) that the stage drops with its record;
+  refusals are not cached (a rerun asks again) and `max_refused_in_a_row` of them in a row stop the run (a setting
+  every request trips is a configuration error, not that many bad records). Other 4xx fail at once. When a request still
   fails, no new call is started, the calls in flight finish and are cached, and `EndpointError` names the stage,
   the endpoint, the model and the request. A KeyboardInterrupt behaves the same way. Either way, rerunning the
   same command resumes where the run stopped. (A SIGKILL loses the answers in flight, at most `concurrency`.)
@@ -46,6 +50,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx: the answers a later identical request may not get
+REFUSAL_STATUS = frozenset({400, 413, 422})  # this request, as asked, will not be answered: drop its record
+REFUSED = "refused"  # the finish_reason of a refusal (module docstring)
 
 
 class EndpointError(RuntimeError):
@@ -83,12 +89,13 @@ class EndpointConfig:
     backoff_s: float = 1.0        # first retry delay; doubles every retry, times a jitter factor in [0.5, 1]
     max_backoff_s: float = 60.0   # cap on a retry delay before the jitter factor
     max_retry_after_s: float = 300.0  # cap on a server's retry-after
+    max_refused_in_a_row: int = 20  # refused requests (400/413/422) in a row that stop the run; 1: any refusal
 
     def __post_init__(self):
         if self.token_limit_param not in ("max_tokens", "max_completion_tokens"):
             raise ValueError(f"token_limit_param must be max_tokens or max_completion_tokens, "
                              f"got {self.token_limit_param!r}")
-        for name in ("concurrency", "max_tokens"):
+        for name in ("concurrency", "max_tokens", "max_refused_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
@@ -327,6 +334,12 @@ class _Failure:
     retryable: bool
     retry_after: float | None  # seconds the server asked us to wait, if it said
     description: str
+    refused: bool = False  # a per-request refusal (REFUSAL_STATUS): answered with a refusal, not retried
+
+
+def refusal(description: str) -> dict:
+    """The response that stands for a refused request (module docstring); never cached."""
+    return {"content": None, "reasoning": None, "finish_reason": REFUSED, "usage": None, "refusal": description}
 
 
 def classify_error(err: BaseException, timeout_s: float) -> _Failure | None:
@@ -342,7 +355,7 @@ def classify_error(err: BaseException, timeout_s: float) -> _Failure | None:
         status = err.status_code
         message = str(getattr(err, "message", "") or err)[:300]
         return _Failure(status in RETRY_STATUS or status >= 500, _retry_after(err.response),
-                        f"HTTP {status}: {message}")
+                        f"HTTP {status}: {message}", refused=status in REFUSAL_STATUS)
     if isinstance(err, MalformedReply):
         return _Failure(True, None, str(err))
     if isinstance(err, openai.APIError):  # e.g. a body the client cannot read at all
@@ -381,7 +394,8 @@ class ChatClient:
         self.transport = transport or openai_transport(endpoint, cfg.timeout_s)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._rng = rng or random.Random()  # jitter only; it never reaches a request
-        self.calls = self.cached = self.retries = 0  # this client's lifetime counters (for the progress lines)
+        # this client's lifetime counters (for the progress lines)
+        self.calls = self.cached = self.retries = self.refused = 0
         self._counter_lock = threading.Lock()
 
     def params(self, request: ChatRequest) -> dict[str, Any]:
@@ -404,6 +418,7 @@ class ChatClient:
         pending: deque[tuple[ChatRequest, Future | dict]] = deque()  # a dict: answered from the cache
         source = iter(requests)
         failure: EndpointError | None = None
+        refused_in_a_row = 0
         pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix=f"chains-{self.stage}")
 
         def schedule() -> None:
@@ -439,6 +454,14 @@ class ChatClient:
                     stop.set()  # start nothing new; the calls in flight finish and are cached
                     failure = failure or err
                     continue
+                refused_in_a_row = refused_in_a_row + 1 if response.get("finish_reason") == REFUSED else 0
+                if refused_in_a_row >= self.cfg.max_refused_in_a_row and failure is None:
+                    stop.set()
+                    failure = EndpointError(
+                        f"stage {self.stage!r}: endpoint {self.endpoint}: {refused_in_a_row} request(s) in a row were "
+                        f"refused (max_refused_in_a_row={self.cfg.max_refused_in_a_row}), the last "
+                        f"{request.label!r} (sample {request.sample}): {response['refusal']}; a setting every request "
+                        f"trips (a parameter the server does not take, its context length) is a configuration error")
                 if failure is None:
                     yield request, response
                 schedule()
@@ -463,6 +486,11 @@ class ChatClient:
                     raise
                 where = (f"stage {self.stage!r}: endpoint {self.endpoint}: request {request.label!r} "
                          f"(sample {request.sample})")
+                if failure.refused:  # this request only: its record is dropped by the stage
+                    with self._counter_lock:
+                        self.refused += 1
+                    self.log(f"{where} was refused: {failure.description}; its record is dropped")
+                    return refusal(failure.description)
                 if not failure.retryable or attempt + 1 == attempts:
                     stop.set()  # at once, so that no queued request starts after this one failed for good
                     if not failure.retryable:

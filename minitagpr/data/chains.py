@@ -66,7 +66,7 @@ from minitagpr.config import check_choice
 from minitagpr.data import chain_prompts
 from minitagpr.data.answers import extract_answer, normalize
 from minitagpr.data.chain_client import (
-    ChatClient, ChatRequest, EndpointConfig, ResponseCache, Transport, resolve_endpoint,
+    REFUSED, ChatClient, ChatRequest, EndpointConfig, ResponseCache, Transport, resolve_endpoint,
 )
 from minitagpr.data.lamp import (
     GOLD_PARTS, SPLITS, TASKS as TASK_SPECS, DataError, LampExample, canonical_task, check_no_extra_golds,
@@ -668,7 +668,8 @@ class Progress:
 
     def _calls(self) -> str:
         c = self.client
-        return "" if c is None else f" ({c.calls} calls, {c.cached} from the cache, {c.retries} retries)"
+        return "" if c is None else (f" ({c.calls} calls, {c.cached} from the cache, {c.retries} retries, "
+                                     f"{c.refused} refused)")
 
     def finish(self, counts: StageCounts) -> None:
         self.ctx.log(f"{self.stage}: {counts.total('in')} in, {counts.total('out')} out" + self._calls())
@@ -729,7 +730,8 @@ def stage_teacher(ctx: Context) -> StageCounts:
             out.record({"id": f"{inst['id']}/{request.sample}", "instance": inst["id"], "task": inst["task"],
                         "instance_digest": instance_digest(inst),
                         "sample": request.sample, "chain": chain, "answer": answer,
-                        "finish_reason": response.get("finish_reason")})
+                        "finish_reason": response.get("finish_reason"),
+                        **({"refusal": response["refusal"]} if response.get("finish_reason") == REFUSED else {})})
             counts.kept(inst["task"])
             progress.tick()
     progress.finish(counts)
@@ -747,6 +749,9 @@ def stage_accuracy(ctx: Context) -> StageCounts:
         for rec in read_jsonl(source, CHAIN_FIELDS, "teacher"):
             task, rid = rec["task"], rec["id"]
             counts.seen(task)
+            if rec.get("finish_reason") == REFUSED:  # the endpoint would not answer this request (chain_client)
+                dropped.drop(task, rid, "endpoint_refused", str(rec.get("refusal")))
+                continue
             # a cut-off reply first: its reasoning block may never have closed, and the cause to report is the cut
             if rec.get("finish_reason") == "length":  # the answer after a cut-off chain is not the teacher's answer
                 dropped.drop(task, rid, "truncated", "finish_reason 'length': cut off at teacher.max_tokens")
@@ -803,6 +808,9 @@ def stage_judge(ctx: Context) -> StageCounts:
             rec, task = request.context, request.context["task"]
             counts.seen(task)
             progress.tick()
+            if response.get("finish_reason") == REFUSED:
+                dropped.drop(task, rec["id"], "endpoint_refused", response["refusal"])
+                continue
             try:
                 scores = parse_judge_reply(response.get("content"))
             except ReplyError as err:
@@ -851,6 +859,9 @@ def stage_explore(ctx: Context) -> StageCounts:
         for request, response in answers:
             rec = request.context
             progress.tick()
+            if response.get("finish_reason") == REFUSED:
+                dropped.drop(rec["task"], rec["id"], "endpoint_refused", response["refusal"])
+                continue
             names = parse_free_tags(response.get("content"))
             if not names:
                 dropped.drop(rec["task"], rec["id"], "no_tags", "no segment <name> ... </name> in the reply")
@@ -980,7 +991,9 @@ def stage_tag(ctx: Context) -> StageCounts:
             counts.seen(rec["task"])
             progress.tick()
             out.record({**rec, "tagged": extract_tagged_chain(response.get("content")),
-                        "tagger_finish_reason": response.get("finish_reason")})
+                        "tagger_finish_reason": response.get("finish_reason"),
+                        **({"tagger_refusal": response["refusal"]} if response.get("finish_reason") == REFUSED
+                           else {})})
             counts.kept(rec["task"])
     progress.finish(counts)
     return counts
@@ -997,7 +1010,11 @@ def stage_format(ctx: Context) -> StageCounts:
         for rec in read_jsonl(ctx.path("tag"), {**JUDGED_FIELDS, "tagged": (str, type(None))}, "tag"):
             task, rid, tagged = rec["task"], rec["id"], rec.pop("tagged")
             counts.seen(task)
-            if rec.pop("tagger_finish_reason", None) == "length":  # the reply was cut off: its end is missing
+            finish, refused = rec.pop("tagger_finish_reason", None), rec.pop("tagger_refusal", None)
+            if finish == REFUSED:  # the endpoint would not answer this request (chain_client)
+                dropped.drop(task, rid, "endpoint_refused", str(refused))
+                continue
+            if finish == "length":  # the reply was cut off: its end is missing
                 dropped.drop(task, rid, "tagger_truncated", "finish_reason 'length': cut off at tagger.max_tokens")
                 continue
             if tagged is None:

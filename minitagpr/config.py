@@ -117,17 +117,27 @@ def check_at_least(key: str, value: Any, low: int | float) -> None:
         raise ValueError(f"{key} must be >= {low}, got {value!r}")
 
 
+def check_number(key: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+                 hi_open: bool = False) -> None:
+    """For a config's __post_init__: ValueError naming the key unless value is a finite number in the range
+    (NaN passes no `>=` test, but also no `<` one: a range written with `not` alone lets it through)."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi))
+    if not ok:
+        show = lambda x: f"{x:g}" if isinstance(x, float) else str(x)  # noqa: E731 -- an int bound stays exact
+        if hi == math.inf:
+            bound = "" if lo == -math.inf else f" {'>' if lo_open else '>='} {show(lo)}"
+        else:
+            bound = f" in {'(' if lo_open else '['}{show(lo)}, {show(hi)}{')' if hi_open else ']'}"
+        raise ValueError(f"{key} must be a finite number{bound}, got {value!r}")
+
+
 def check_optimizer(cfg, *, lrs: tuple[str, ...], grad_clip: str, warmup: str, warmup_max: float) -> None:
     """For a config's __post_init__: the optimizer and schedule keys every recipe shares, each a finite number in
     its range (a NaN min_lr_ratio poisoned every weight at the first decay step; a min_lr_ratio above 1 climbed past
     the peak, a negative clip norm turned clipping off). `lrs[0]` must be > 0, any further lr (a table's) >= 0."""
     def finite_in(key: str, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
-        value = getattr(cfg, key)
-        ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-              and (lo < value if lo_open else lo <= value) and value <= hi)
-        if not ok:
-            bound = f"in [{lo:g}, {hi:g}]" if hi != math.inf else f"{'>' if lo_open else '>='} {lo:g}"
-            raise ValueError(f"{key} must be a finite number {bound}, got {value!r}")
+        check_number(key, getattr(cfg, key), lo, hi, lo_open=lo_open)
     finite_in(lrs[0], 0.0, lo_open=True)
     for key in lrs[1:]:
         finite_in(key, 0.0)

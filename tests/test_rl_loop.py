@@ -180,6 +180,35 @@ def test_config_rejects_optimizer_settings_outside_their_range(key, value, messa
     RLConfig(min_lr_ratio=0.0, grad_clip=0.0, warmup_steps=0)  # the edges are allowed
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("eps_low", 1.5, r"eps_low must be a finite number in \[0, 1\), got 1.5"),
+    ("eps_low", float("nan"), "eps_low must be a finite number in"),
+    ("eps_high", -1.0, "eps_high must be a finite number >= 0"),
+    ("epochs", 0.0, "epochs must be a finite number > 0"),
+    ("epochs", -3.0, "epochs must be a finite number > 0"),
+    ("epochs", float("nan"), "epochs must be a finite number > 0"),
+    ("epochs", float("inf"), "epochs must be a finite number > 0"),
+    ("seed", -1, r"seed must be a finite number in \[0, 2147483648\), got -1"),
+    ("seed", 10**15, "seed must be a finite number in"),
+    ("save_every", -1, "save_every must be >= 0"),
+    ("keep_last", -2, "keep_last must be >= 0"),
+    ("max_steps", -1, "max_steps must be >= 0"),
+    ("gamma", float("nan"), "gamma must be a finite number, got nan")])
+def test_config_rejects_clip_epochs_seed_and_plumbing_outside_their_range(key, value, message):
+    """Each was accepted: a bad eps failed inside gspo_loss after the models loaded (a traceback), epochs <= 0
+    trained one step, a NaN or infinite epochs died in int(), seed -1 gave Stage 3 Stage 2's prompt order
+    (2 * -1 + 1 = -1) and a huge seed overflowed the generator at step 0."""
+    with pytest.raises(ValueError, match=message):
+        RLConfig(**{key: value})
+    RLConfig(eps_low=0.0, eps_high=0.0, epochs=0.01, seed=2**31 - 1)  # the edges are allowed
+
+
+def test_exploratory_seed_differs_from_guided_for_every_allowed_seed():
+    from minitagpr.rl.loop import stage_seed
+    for seed in (0, 1, 7, 2**31 - 1):
+        assert stage_seed(RLConfig(stage="guided", seed=seed)) != stage_seed(RLConfig(stage="exploratory", seed=seed))
+
+
 def test_config_rejects_uneven_minibatches_and_truncated_sampling():
     with pytest.raises(ValueError, match="not a multiple of num_minibatches"):
         RLConfig(prompts_per_step=6, num_minibatches=4)
@@ -671,8 +700,11 @@ def test_reward_term_columns_follow_the_stage_and_the_ablations():
     assert names == ["foundation", "tag", "prmu"]
     assert cols[0] == pytest.approx((0.8 * 0.4,) * 2) and cols[1] == (-0.8, -0.8)
     assert cols[2] == pytest.approx((0.12,) * 2)
-    _, cols = reward_term_columns(parts, RLConfig(stage="guided", use_tag_reward=False, use_prmu=False))
-    assert cols[1] == (0.0, 0.0) and cols[2] == (0.0, 0.0)  # the ablations' weights, as compute_rewards uses them
+    # an ablation's term is always 0: it is left out (its correlation with the advantages would read "no relation")
+    names, cols = reward_term_columns(parts, RLConfig(stage="guided", use_tag_reward=False, use_prmu=False))
+    assert names == ["foundation"] and cols == [pytest.approx((0.8 * 0.4,) * 2)]
+    names, cols = reward_term_columns(parts, RLConfig(stage="guided", gamma=0.0))
+    assert names == ["foundation", "tag"] and cols[1] == (-0.8, -0.8)
     names, cols = reward_term_columns(parts, RLConfig(stage="exploratory"))
     assert names == ["foundation"] and cols == [pytest.approx((0.4, 0.4))]  # R_foundation, unweighted
     assert reward_term_columns([], RLConfig(stage="guided"))[0] == ["foundation", "tag", "prmu"]  # a rank with none

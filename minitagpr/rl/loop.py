@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_optimizer,
+from minitagpr.config import (ConfigError, check_at_least, check_choice, check_number, check_fraction, check_optimizer,
                               check_resumed_config, save_config)
 from minitagpr.data import lamp
 from minitagpr.data.prompts import STYLES, PromptTooLongError, build_messages, style_mismatch
@@ -125,6 +125,16 @@ class RLConfig:
             check_at_least(key, getattr(self, key), 1)
         check_at_least("k", self.k, 0)  # k = 0: prompts without profile items
         check_at_least("prmu_max_len", self.prmu_max_len, 0)
+        for key in ("save_every", "keep_last", "max_steps"):
+            check_at_least(key, getattr(self, key), 0)
+        # the seed enters torch generators as seed * 100_003 + epoch and 2 * seed + 1 (stage_seed): a negative one
+        # gave Stage 3 Stage 2's sequence (2 * -1 + 1 = -1), a huge one overflowed at step 0 after the models loaded
+        check_number("seed", self.seed, 0, 2**31, hi_open=True)
+        check_number("epochs", self.epochs, 0.0, lo_open=True)  # 0 or less used to train one step
+        check_number("eps_low", self.eps_low, 0.0, 1.0, hi_open=True)  # the band's low side 1 - eps_low stays > 0
+        check_number("eps_high", self.eps_high, 0.0)
+        for key in ("alpha", "beta", "gamma"):
+            check_number(key, getattr(self, key))
         check_optimizer(self, lrs=("lr",), grad_clip="grad_clip", warmup="warmup_steps", warmup_max=math.inf)
         check_choice("split", self.split, lamp.SPLITS)
         check_choice("part", self.part, lamp.GOLD_PARTS)
@@ -532,10 +542,13 @@ def batch_digest(prompts: list[Prompt], completions, group_size: int, device) ->
 
 def reward_term_columns(parts, cfg: RLConfig) -> tuple[list[str], list[tuple[float, ...]]]:
     """(term names, one column per term) of rewards.reward_terms under the stage's mix: what each response's reward
-    is made of. The names come from the mix alone, so every rank sends the same columns."""
+    is made of. A term whose weight is 0 (an ablation) is left out: always 0, its correlation with the advantages
+    means nothing. The names come from the config alone, so every rank sends the same columns."""
     mix, alpha, beta, gamma = reward_mix(cfg)
+    weights = {"foundation": alpha, "tag": beta, "prmu": gamma} if mix == "composite" else {}
+    names = [n for n in TERMS[mix] if weights.get(n, 1.0) != 0]
     rows = [reward_terms(p, mix, alpha, beta, gamma) for p in parts]
-    return list(TERMS[mix]), [tuple(r[n] for r in rows) for n in TERMS[mix]]
+    return names, [tuple(r[n] for r in rows) for n in names]
 
 
 def reward_metrics(parts, rewards: torch.Tensor, completions, cfg: RLConfig, device, tasks=None) -> dict:
@@ -689,7 +702,7 @@ def train(cfg: RLConfig) -> Path:
         raise ConfigError(f"the task mix has {len(prompts)} prompts, fewer than prompts_per_step="
                           f"{cfg.prompts_per_step}")
     steps_per_epoch = len(prompts) // cfg.prompts_per_step
-    total_steps = max(1, int(cfg.epochs * steps_per_epoch))
+    total_steps = max(1, int(cfg.epochs * steps_per_epoch + 1e-9))  # 0.57 x 100 is 56.99999...: 57 steps
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps)
 

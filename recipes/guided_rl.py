@@ -166,13 +166,16 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
         sft.RESUMABLE_KEYS - {"model", "tokenizer", "data", "export_dtype", "truncate_long", "drop_long"},
         {"world": builds["world"]}, sft.run,
         fresh_also=[work / f"base_{sft_cfg.demo_preset}"])  # the base model SFT starts from (the table's Base row)
+    if D.world().is_main:  # a reused SFT whose base was deleted since: the same base again (the table's Base row)
+        sft.ensure_demo_base(sft_cfg, world)
+    D.barrier()
 
     prmu_cfg = replace(prmu_cfg, init=str(sft_export))  # (init is DEMO_OWNED: the user's text cannot set it)
     prmu_export, builds["prmu"] = build_or_reuse(
         "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", dirs["prmu"], prmu_cfg,
         prmu.RESUMABLE_KEYS - {"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}, dict(builds),
         prmu.run)
-    return {"world": world, "base": work / f"base_{sft_cfg.demo_preset}", "sft": sft_export, "prmu": prmu_export,
+    return {"world": world, "base": Path(sft_cfg.demo_dir) / f"base_{sft_cfg.demo_preset}", "sft": sft_export, "prmu": prmu_export,
             "builds": builds}
 
 

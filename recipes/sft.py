@@ -268,11 +268,7 @@ def resolve_inputs(cfg: SftConfig, info: D.DistInfo) -> tuple[str, Path, Path]:
         paths = None
         if info.is_main:
             world = ensure_demo_world(demo_dir)
-            base = demo_dir / f"base_{cfg.demo_preset}"
-            if not (base / "config.json").exists():
-                from minitagpr.model import presets
-                presets.make_tiny_checkpoint(base, preset=cfg.demo_preset, seed=cfg.seed,
-                                             tokenizer_dir=world.tokenizer_dir)
+            base = ensure_demo_base(cfg, world)
             paths = (str(base), str(world.tokenizer_dir), str(world.sft_chains))
         model_path, tokenizer, data = D.broadcast_object(paths)
         tokenizer, data = Path(cfg.tokenizer or tokenizer), Path(data)
@@ -281,6 +277,16 @@ def resolve_inputs(cfg: SftConfig, info: D.DistInfo) -> tuple[str, Path, Path]:
     if not (tokenizer / "tokenizer.json").is_file():
         raise ConfigError(f"no tokenizer.json in {tokenizer}; set tokenizer=FOLDER")
     return model_path, tokenizer, data
+
+
+def ensure_demo_base(cfg: SftConfig, world) -> Path:
+    """The demo's tiny base model, demo_dir/base_<preset> (rank 0; built when missing, deterministically from the
+    preset, `seed` and the world's tokenizer, so a rebuilt one is the one SFT started from)."""
+    base = Path(cfg.demo_dir) / f"base_{cfg.demo_preset}"
+    if not (base / "config.json").exists():
+        from minitagpr.model import presets
+        presets.make_tiny_checkpoint(base, preset=cfg.demo_preset, seed=cfg.seed, tokenizer_dir=world.tokenizer_dir)
+    return base
 
 
 def ensure_demo_world(demo_dir: Path):

@@ -164,6 +164,7 @@ class Fakes:
         self.world_fp = "w1"
         self.kill = ("", "")  # (stage, "early": before its first checkpoint | "late": after it)
         self.base_seen: list[bool] = []  # did SFT find the base model (built by the SFT stage) in place?
+        self.base_builds: list[int] = []  # seeds of the base models built (presets.make_tiny_checkpoint)
         sft, prmu = load_recipe("sft"), load_recipe("train_prmu")
         from minitagpr.data import demo_world
         monkeypatch.setattr(demo_world, "build", self.world)
@@ -172,11 +173,19 @@ class Fakes:
         monkeypatch.setattr(self.g, "train", lambda cfg: self.stage(cfg.stage, cfg, Path(cfg.out_dir) / "export"))
         monkeypatch.setattr(self.g, "evaluate_table", self.table)
         monkeypatch.setattr(self.g, "print_demo_report", lambda *a: None)
+        from minitagpr.model import presets
+        monkeypatch.setattr(presets, "make_tiny_checkpoint", self.make_base)
         self.work = tmp_path / "demo"
 
     def world(self, root, *a, **kw):
         Path(root).mkdir(parents=True, exist_ok=True)
-        return SimpleNamespace(root=Path(root), fingerprint=self.world_fp, params={"prompt_style": "brief"})
+        return SimpleNamespace(root=Path(root), fingerprint=self.world_fp, params={"prompt_style": "brief"},
+                               tokenizer_dir=Path(root) / "tokenizer")
+
+    def make_base(self, out_dir, preset, seed, tokenizer_dir):
+        self.base_builds.append(seed)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "config.json").write_text(json.dumps({"preset": preset, "seed": seed}))
 
     def stage(self, name, cfg, export):
         if self.kill == (name, "early"):
@@ -184,10 +193,9 @@ class Fakes:
         (Path(cfg.out_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
         if self.kill == (name, "late"):
             raise RuntimeError(f"killed in {name}")
-        if name == "sft":
-            base = self.work / "base_demo"
-            self.base_seen.append(base.exists())
-            base.mkdir(parents=True, exist_ok=True)
+        if name == "sft":  # the real SFT builds its base (sft.resolve_inputs); the fake one finds it or not
+            self.base_seen.append((self.work / "base_demo").exists())
+            load_recipe("sft").ensure_demo_base(cfg, self.world(self.work / "world"))
         self.calls.append((name, str(Path(cfg.out_dir).relative_to(self.work.parent)), cfg.resume))
         export.mkdir(parents=True, exist_ok=True)
         source = getattr(cfg, "policy", "") or getattr(cfg, "init", "")
@@ -196,9 +204,8 @@ class Fakes:
         return export
 
     def table(self, named, world, cfg, out_dir):
-        self.tables.append({name: json.loads((Path(p) / "config.json").read_text()) for name, p in named.items()
-                            if name != "Base"} | {"out": str(out_dir), "eval_seed": cfg.seed,
-                                                  "eval_style": cfg.prompt_style})
+        self.tables.append({name: json.loads((Path(p) / "config.json").read_text()) for name, p in named.items()}
+                           | {"out": str(out_dir), "eval_seed": cfg.seed, "eval_style": cfg.prompt_style})
 
     def run(self, *args):
         self.calls.clear()
@@ -347,6 +354,20 @@ def test_a_fresh_sft_rebuilds_the_base_model_it_starts_from(demo):
     assert demo.base_seen == [False, False]
     with pytest.raises(ConfigError, match=r"exploratory_rl was built with other settings.*exploratory_steps 8 -> 9"):
         demo.run("seed=1", "exploratory_steps=9")
+
+
+def test_a_reused_sft_whose_base_model_was_deleted_gets_the_same_base_again(demo):
+    """The base was only built by SFT itself: with SFT reused, a deleted base failed the table's Base row after both
+    RL stages had trained."""
+    demo.run()
+    assert demo.base_builds == [0]
+    import shutil
+    shutil.rmtree(demo.work / "base_demo")
+    assert demo.run(f"out_dir={demo.work.parent / 'again'}") == [("guided", "again/guided_rl"),
+                                                                ("exploratory", "again/exploratory_rl")]
+    assert demo.base_builds == [0, 0]  # rebuilt with the seed SFT started from
+    assert demo.tables[-1]["Base"] == {"preset": "demo", "seed": 0}
+    assert demo.run() == [] and demo.base_builds == [0, 0]  # in place: not built again
 
 
 def test_two_ranks_agree_on_every_build_id(tmp_path):

@@ -436,6 +436,9 @@ def main(argv: list[str]) -> None:
                           f"{WORLD_DEFAULTS['prompt_style']!r} prompts, which its RL stages and table use; leave "
                           "prompt_style unset")
     info = D.init_distributed()
+    if cfg.demo and (cfg.k, cfg.retriever) != (WORLD_DEFAULTS["k"], "recency"):  # an experiment, not an error
+        D.log(f"[demo] note: SFT's chains and PRMU's pairs show the demo world's k={WORLD_DEFAULTS['k']} most recent "
+              f"profile items; this run's RL stages and table use k={cfg.k}, retriever={cfg.retriever}")
     report = None
     try:
         if not cfg.demo:

@@ -299,6 +299,14 @@ def test_a_prompt_style_other_than_the_one_sft_trained_on_is_refused_in_the_demo
     assert demo.run() == [] and [t["eval_style"] for t in demo.tables] == ["brief", "brief"]  # the same stages
 
 
+def test_a_k_or_retriever_other_than_the_worlds_is_said_not_refused(demo, capsys):
+    demo.run()
+    assert "[demo] note:" not in capsys.readouterr().out
+    demo.run("k=8", "retriever=bm25", f"out_dir={demo.work.parent / 'k8'}")
+    assert ("note: SFT's chains and PRMU's pairs show the demo world's k=4 most recent profile items; this run's RL "
+            "stages and table use k=8, retriever=bm25") in capsys.readouterr().out
+
+
 def test_a_rebuilt_world_rebuilds_every_later_stage_from_scratch(demo):
     demo.run()
     demo.world_fp = "w2"

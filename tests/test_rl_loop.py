@@ -392,6 +392,21 @@ def test_non_finite_reward_stops_with_the_step(small_world, tmp_path, monkeypatc
         loop.train(cfg)
 
 
+def test_a_prompt_plus_max_new_tokens_past_the_policys_positions_is_refused_before_training(small_world, tmp_path):
+    """The engine refused it only at the step that drew the longest prompt, on that prompt's rank."""
+    import json
+    from minitagpr.config import ConfigError, parse_cli
+    from minitagpr.rl import loop
+    world, policy = small_world
+    positions = json.loads((Path(policy) / "config.json").read_text())["max_position_embeddings"]
+    cfg = parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "long", stage="exploratory",
+                                            max_new_tokens=positions))
+    with pytest.raises(ConfigError, match=rf"prompt '\d+' \(LaMP-[23]\) has \d+ tokens; with max_new_tokens="
+                                          rf"{positions} it exceeds the policy's max_position_embeddings={positions}"):
+        loop.train(cfg)
+    assert not (tmp_path / "long" / "checkpoints").exists()
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_names_valid_sizes(small_world, tmp_path):
     # 4 prompts on 2 ranks are 2 per rank, which 4 mini-batches cannot share: valid sizes are multiples of 8
     world, policy = small_world

@@ -29,6 +29,7 @@ from minitagpr.data import lamp
 from minitagpr.data.prompts import STYLES, PromptTooLongError, build_messages, style_mismatch
 from minitagpr.data.retrieval import ENCODERLESS, get_retriever
 from minitagpr.model.checkpoint import resolve_checkpoint
+from minitagpr.model.qwen3 import Qwen3Config
 from minitagpr.rewards import ROUGE_VARIANTS, TERMS, reward_terms, score_batch
 from minitagpr.rl.gspo import advantage_correlations, group_advantage_metrics, group_advantages, gspo_loss
 import minitagpr.rollout as engines
@@ -701,6 +702,12 @@ def train(cfg: RLConfig) -> Path:
     if len(prompts) < cfg.prompts_per_step:
         raise ConfigError(f"the task mix has {len(prompts)} prompts, fewer than prompts_per_step="
                           f"{cfg.prompts_per_step}")
+    max_position = Qwen3Config.from_json(resolve_checkpoint(cfg.policy) / "config.json").max_position_embeddings
+    longest = max(prompts, key=lambda p: len(p.ids))
+    if len(longest.ids) + cfg.max_new_tokens > max_position:  # now, not at the step that draws it (on one rank)
+        raise ConfigError(f"prompt {longest.id!r} ({longest.task}) has {len(longest.ids)} tokens; with max_new_tokens="
+                          f"{cfg.max_new_tokens} it exceeds the policy's max_position_embeddings={max_position} "
+                          f"({cfg.policy}); lower max_prompt_tokens or max_new_tokens")
     steps_per_epoch = len(prompts) // cfg.prompts_per_step
     total_steps = max(1, int(cfg.epochs * steps_per_epoch + 1e-9))  # 0.57 x 100 is 56.99999...: 57 steps
     if cfg.max_steps > 0:

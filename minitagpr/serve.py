@@ -36,7 +36,7 @@ from pathlib import Path
 from minitagpr.cli import USER_ERRORS
 from minitagpr.config import ConfigError
 from minitagpr.rollout import BuiltinEngine, RolloutError
-from minitagpr.rollout.base import MIN_TEMPERATURE
+from minitagpr.rollout.base import MIN_TEMPERATURE, DivergedError
 
 MAX_N = 64
 MAX_STOP_STRINGS = 4
@@ -303,6 +303,8 @@ class ChatHandler(BaseHTTPRequestHandler):
                           completion_tokens=payload["usage"]["completion_tokens"])
         except RequestError as err:
             status, payload = err.status, _error_body(err.status, str(err), err.param)
+        except DivergedError as err:  # the model's fault, not the request's
+            status, payload = 500, _error_body(500, str(err))
         except RolloutError as err:
             status, payload = 400, _error_body(400, str(err))
         except Exception as err:  # a bug must not take the server down: answer 500 and keep serving
@@ -363,6 +365,17 @@ def _port(text: str) -> int:
     return port
 
 
+def _positive(text: str) -> int:
+    """argparse type of --threads and --max-batch-rows: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minitagpr.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="HF-format checkpoint folder with tokenizer.json + tokenizer_config.json")
@@ -370,8 +383,8 @@ def main(argv=None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--model-name", default=None, help="the id /v1/models reports (default: folder name)")
     parser.add_argument("--request-log", default=None, help="append one JSON line per request to this file")
-    parser.add_argument("--max-batch-rows", type=int, default=64, help="most sequences decoded together")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--max-batch-rows", type=_positive, default=64, help="most sequences decoded together")
+    parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:
         import torch

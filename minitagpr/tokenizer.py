@@ -81,6 +81,14 @@ def check_messages(messages) -> None:
         if reasoning is not None and not isinstance(reasoning, str):
             raise ValueError(f"messages[{i}] (assistant): field 'reasoning_content' must be a string or None, "
                              f"got {type(reasoning).__name__}")
+        for name in ("content", "reasoning_content"):  # json.loads gives "\ud800" as a lone surrogate, which the
+            text = m.get(name)                         # tokenizer refuses with a bare TypeError
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise ValueError(f"messages[{i}] ({role}): field {name!r} is not valid Unicode (a lone surrogate "
+                                     f"at character {err.start})") from None
 
 
 def _last_query_index(messages) -> int:

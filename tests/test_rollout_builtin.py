@@ -171,6 +171,9 @@ def test_sync_weights_rejects_a_stream_missing_a_parameter_or_sending_one_twice(
     with pytest.raises(RolloutError, match="model.norm.weight was sent twice"):
         eng.sync_weights(twice)
     assert eng.sync_weights(source.state_dict().items()) == len(list(copy.parameters()))  # tied: both names
+    embed = source.model.embed_tokens.weight  # embed, lm_head, embed: the tied pair's first name twice
+    with pytest.raises(RolloutError, match="model.embed_tokens.weight was sent twice"):
+        eng.sync_weights([("model.embed_tokens.weight", embed), ("lm_head.weight", embed), *source.named_parameters()])
 
 
 def test_prompt_longer_than_the_position_range_is_refused(model):

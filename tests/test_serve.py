@@ -124,6 +124,20 @@ def test_malformed_requests_get_a_400_naming_the_field_and_the_server_keeps_serv
     assert chat(client).choices[0].message.content  # still serving
 
 
+def test_a_lone_surrogate_is_a_400_naming_the_message_and_a_diverged_model_a_500(server, monkeypatch):
+    """json.loads reads "\\ud800" as a lone surrogate: the tokenizer's bare TypeError was a 500 naming no field."""
+    body = b'{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 2}'
+    status, answer = post_raw(server, body)
+    assert status == 400 and "messages[0] (user): field 'content' is not valid Unicode" in answer["error"]["message"]
+    from minitagpr.rollout.base import DivergedError
+
+    def diverged(*a, **kw):
+        raise DivergedError("prompt_token_ids[0], sample 0: the logits for generated token 0 are not finite")
+    monkeypatch.setattr(server.engine, "generate", diverged)
+    status, answer = post_raw(server, json.dumps({"messages": MESSAGES, "max_tokens": 2}).encode())
+    assert status == 500 and answer["error"]["type"] == "server_error" and "not finite" in answer["error"]["message"]
+
+
 def test_concurrent_requests_equal_sequential_ones(client):
     seeds = [1, 2, 3, 4]
     with ThreadPoolExecutor(max_workers=4) as pool:

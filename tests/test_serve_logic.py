@@ -87,3 +87,13 @@ def test_unimplemented_sampling_knobs_are_refused_unless_off(name, neutral, acti
     with pytest.raises(RequestError, match=f"'{name}' is not implemented") as err:
         request(**{name: active})
     assert err.value.param == name
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--max-batch-rows"])
+def test_thread_and_batch_counts_below_one_are_refused_by_the_command_line(flag, capsys):
+    """--threads -1 was a traceback from torch.set_num_threads."""
+    from minitagpr.serve import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["/no/such/checkpoint", "--port", "0", flag, "-1"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be a positive integer, got '-1'" in capsys.readouterr().err

@@ -190,6 +190,10 @@ def test_random_conversations_equal_the_official_template(template, qwen3, messa
      r"messages\[0\] \(user\): unknown field\(s\) 'reasoning_content'; a user message takes content, role"),
     ([user("u"), {"role": "assistant", "content": "a", "reasoning": "r"}],
      r"messages\[1\] \(assistant\): unknown field\(s\) 'reasoning'"),
+    ([user("hi \ud800")], r"messages\[0\] \(user\): field 'content' is not valid Unicode \(a lone surrogate at "
+                          r"character 3\)"),
+    ([user("u"), {"role": "assistant", "content": "a", "reasoning_content": "\udc80"}],
+     r"messages\[1\] \(assistant\): field 'reasoning_content' is not valid Unicode"),
 ])
 def test_bad_messages_are_rejected_by_index_and_field(messages, pattern):
     with pytest.raises(ValueError, match=pattern):

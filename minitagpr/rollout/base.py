@@ -29,6 +29,10 @@ class RolloutError(ValueError):
     """A generate() request that cannot be served, with the argument (and prompt index) at fault."""
 
 
+class DivergedError(RolloutError):
+    """Non-finite logits while sampling: the model's fault (it has diverged), not the request's."""
+
+
 @dataclass
 class Completion:
     """One sampled continuation of a prompt.

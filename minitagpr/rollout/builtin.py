@@ -34,7 +34,8 @@ from typing import Iterable
 
 import torch
 
-from .base import Completion, RolloutEngine, RolloutError, check_request, hf_name, prompt_seed_keys, sample_seed
+from .base import (Completion, DivergedError, RolloutEngine, RolloutError, check_request, hf_name, prompt_seed_keys,
+                   sample_seed)
 from .static_decode import decode_static
 
 
@@ -116,7 +117,7 @@ def _check_finite(group: list[Completion], prompt_index: int) -> None:
         if math.isfinite(sum(c.logprobs)):  # the common case in one C loop (log-probs are <= 0: the sum cannot overflow)
             continue
         step = next(k for k, lp in enumerate(c.logprobs) if not math.isfinite(lp))
-        raise RolloutError(f"prompt_token_ids[{prompt_index}], sample {j}: the logits for generated token {step} are "
+        raise DivergedError(f"prompt_token_ids[{prompt_index}], sample {j}: the logits for generated token {step} are "
                            f"not finite (log-prob {c.logprobs[step]}); most likely the policy has diverged")
 
 
@@ -179,21 +180,23 @@ class BuiltinEngine(RolloutEngine):
         weights, not the policy the loss takes for pi_old."""
         params = dict(self.model.named_parameters())
         tied = getattr(self.model.config, "tie_word_embeddings", False)
-        sent: dict[str, str] = {}  # engine parameter -> the name it arrived under
+        sent: set[str] = set()  # engine parameters written
+        arrived: set[str] = set()  # the names they arrived under (the tied pair, embed + lm_head, is one parameter)
         for name, tensor in named_tensors:
             name = original = hf_name(name)  # the engine's copy is unwrapped; the policy may carry checkpoint wrappers
             if name == "lm_head.weight" and name not in params and tied:
                 name = "model.embed_tokens.weight"
             if name not in params:
                 raise KeyError(f"sync_weights: the engine's model has no parameter named {name!r}")
-            if name in sent and sent[name] == original:  # the tied pair (embed + lm_head) is one tensor sent twice
+            if original in arrived:
                 raise RolloutError(f"sync_weights: {original} was sent twice")
             param = params[name]
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"sync_weights: {name} has shape {tuple(tensor.shape)}, "
                                  f"model expects {tuple(param.shape)}")
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
-            sent[name] = original
+            sent.add(name)
+            arrived.add(original)
         if missing := sorted(set(params) - set(sent)):
             raise RolloutError(f"sync_weights: {len(missing)} of the engine's {len(params)} parameters were not sent "
                                f"(e.g. {missing[:3]}); it would sample with stale weights")

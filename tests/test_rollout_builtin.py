@@ -336,8 +336,14 @@ def test_static_decode_step_reads_nothing_back_to_the_host(model, prompts, tempe
 
 
 def test_graph_decode_is_refused_off_cuda_and_for_sharded_models(model, prompts):
-    with pytest.raises(RolloutError, match="CUDA device"):
-        engine(model, decode="graph").generate(prompts, max_new_tokens=3)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(RolloutError, match="decode='graph' \\(CUDA graphs\\) needs the model on a CUDA device"):
+            engine(model, decode="graph").generate(prompts, max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert calls == []  # refused before any prefill (it was refused after the first chunk's)
 
     class Sharded(torch.nn.Module):  # stands in for an FSDP2 module: it has unshard()
         config = model.config

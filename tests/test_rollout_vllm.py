@@ -138,7 +138,9 @@ class FakeLLM:
 
     def __init__(self, finish_reason=None):
         self.calls = []
-        self.finish_reason = finish_reason  # None: "stop" on a stop id, else "length"; a string: always that
+        # None: "stop" on a stop id, else "length" (every completion is 3 tokens: ask max_new_tokens=3); a string:
+        # always that
+        self.finish_reason = finish_reason
         worker_model = SimpleNamespace(load_weights=self._load_weights)
         runner = SimpleNamespace(model=worker_model)
         self.llm_engine = SimpleNamespace(
@@ -203,9 +205,9 @@ def make_engine(policy, level=2, tokenizer=None, llm=None):
 
 def test_rl_step_call_order_never_reloads_weights_from_disk(policy):
     eng, llm = make_engine(policy, level=2)
-    eng.generate([[1, 2, 3]], n=2)
+    eng.generate([[1, 2, 3]], n=2, max_new_tokens=3)
     eng.sync_weights(hf_named_tensors(policy))
-    eng.generate([[4, 5]], n=2)
+    eng.generate([[4, 5]], n=2, max_new_tokens=3)
     n_params = len(list(policy.parameters()))
     assert llm.calls == [
         ("generate", 1), ("sleep", 2),
@@ -216,16 +218,16 @@ def test_rl_step_call_order_never_reloads_weights_from_disk(policy):
 
 def test_generate_after_level2_sleep_without_sync_is_refused(policy):
     eng, llm = make_engine(policy, level=2)
-    eng.generate([[1, 2]])
+    eng.generate([[1, 2]], max_new_tokens=3)
     with pytest.raises(RolloutError, match="sync_weights first"):
-        eng.generate([[1, 2]])
+        eng.generate([[1, 2]], max_new_tokens=3)
     assert llm.calls == [("generate", 1), ("sleep", 2)]
 
 
 def test_level1_sleep_wakes_weights_then_cache_before_generating(policy):
     eng, llm = make_engine(policy, level=1)
-    eng.generate([[1, 2]])
-    eng.generate([[1, 2]])
+    eng.generate([[1, 2]], max_new_tokens=3)
+    eng.generate([[1, 2]], max_new_tokens=3)
     assert llm.calls == [("generate", 1), ("sleep", 1), ("wake_up", ("weights",)), ("wake_up", ("kv_cache",)),
                          ("generate", 1), ("sleep", 1)]
 
@@ -239,14 +241,14 @@ def test_sync_that_misses_tensors_is_an_error(policy):
 
 def test_sampling_params_carry_the_request_with_per_prompt_seeds(policy):
     eng, llm = make_engine(policy, tokenizer=DigitTokenizer())
-    eng.generate([[1, 2], [3, 4], [5]], n=3, temperature=0.7, top_p=0.9, max_new_tokens=17, stop_token_ids=[7],
+    eng.generate([[1, 2], [3, 4], [5]], n=3, temperature=0.7, top_p=0.9, max_new_tokens=3, stop_token_ids=[7],
                  seed=4)
     first = llm.params
     eng.sync_weights(hf_named_tensors(policy))
-    eng.generate([[1, 2], [3, 4], [5]], n=3, temperature=0.7, top_p=0.9, max_new_tokens=17, stop_token_ids=[7],
+    eng.generate([[1, 2], [3, 4], [5]], n=3, temperature=0.7, top_p=0.9, max_new_tokens=3, stop_token_ids=[7],
                  seed=4)
     sp = llm.params[0]
-    assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens, sp.stop_token_ids) == (3, 0.7, 0.9, 17, [7])
+    assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens, sp.stop_token_ids) == (3, 0.7, 0.9, 3, [7])
     assert sp.allowed_token_ids == list(range(500))  # the padded vocabulary tail is excluded
     assert len({p.seed for p in llm.params}) == 3  # one seed per prompt ...
     assert [p.seed for p in llm.params] == [p.seed for p in first]  # ... a function of (seed, prompt index)
@@ -254,7 +256,7 @@ def test_sampling_params_carry_the_request_with_per_prompt_seeds(policy):
 
 def test_vllm_outputs_become_completions_in_sample_order(policy):
     eng, _ = make_engine(policy, tokenizer=DigitTokenizer())
-    group = eng.generate([[10]], n=2, stop_token_ids=[14])[0]
+    group = eng.generate([[10]], n=2, stop_token_ids=[14], max_new_tokens=3)[0]
     assert [c.token_ids for c in group] == [[11, 12, 13], [12, 13, 14]]
     assert [c.finish_reason for c in group] == ["length", "stop"]
     assert group[1].text == "12 13"  # the stop id is not part of the text
@@ -265,18 +267,18 @@ def test_vllm_stops_on_our_stop_ids_only(policy):
     """Without ignore_eos vLLM also stops on the tokenizer's EOS and generation_config's eos_token_id list,
     which the built-in engine (and the RL loop's stop list) would not."""
     eng, llm = make_engine(policy, level=0)
-    eng.generate([[1, 2]], stop_token_ids=[9])
+    eng.generate([[1, 2]], stop_token_ids=[9], max_new_tokens=3)
     assert llm.params[0].ignore_eos is True and llm.params[0].stop_token_ids == [9]
 
 
 def test_greedy_with_n_above_one_asks_vllm_once_and_copies_the_answer(policy):
     eng, llm = make_engine(policy, level=0, tokenizer=DigitTokenizer())
-    group = eng.generate([[10], [20]], n=3, temperature=0.0, stop_token_ids=[13])[0]
+    group = eng.generate([[10], [20]], n=3, temperature=0.0, stop_token_ids=[13], max_new_tokens=3)[0]
     assert [p.n for p in llm.params] == [1, 1]  # vLLM refuses n > 1 at temperature 0
     assert len(group) == 3 and all(c.token_ids == [11, 12, 13] and c.finish_reason == "stop" for c in group)
     group[0].token_ids.append(99)  # copies, not one list three times
     assert group[1].token_ids == [11, 12, 13]
-    eng.generate([[10]], n=3, temperature=1.0)
+    eng.generate([[10]], n=3, temperature=1.0, max_new_tokens=3)
     assert llm.params[0].n == 3  # sampling asks for all n at once
 
 
@@ -284,7 +286,7 @@ def test_greedy_with_n_above_one_asks_vllm_once_and_copies_the_answer(policy):
 def test_temperatures_vllm_would_clamp_or_refuse_are_refused_by_name(policy, temperature):
     eng, llm = make_engine(policy, level=0)
     with pytest.raises(RolloutError, match=rf"temperature {temperature}: the vLLM engine samples at 0 .* \[0.01, 2\]"):
-        eng.generate([[1]], temperature=temperature)
+        eng.generate([[1]], temperature=temperature, max_new_tokens=3)
     assert llm.calls == []
 
 
@@ -294,27 +296,42 @@ def test_a_stop_id_at_the_length_limit_is_a_stop_and_an_aborted_request_an_error
     assert (done.finish_reason, done.text) == ("stop", "11 12")  # vLLM checks the length limit first: "length"
     eng, _ = make_engine(policy, level=0, llm=FakeLLM(finish_reason="abort"))
     with pytest.raises(RolloutError, match="prompt 0's completion with finish_reason='abort' after 3 tokens"):
-        eng.generate([[10]], stop_token_ids=[5])
+        eng.generate([[10]], stop_token_ids=[5], max_new_tokens=3)
+
+
+def test_a_length_finish_short_of_max_new_tokens_is_an_error_and_max_model_len_is_checked_first(policy):
+    """vLLM V1 also finishes with "length" when a sequence reaches max_model_len: that completion was taken as cut
+    by max_new_tokens (R_f = 0) although it was shorter."""
+    eng, llm = make_engine(policy, level=0, tokenizer=DigitTokenizer())
+    with pytest.raises(RolloutError, match=r"finish_reason='length' after 3 tokens, not on a stop id nor at "
+                                           r"max_new_tokens=8"):
+        eng.generate([[10]], max_new_tokens=8)
+    calls = len(llm.calls)
+    with pytest.raises(RolloutError, match=r"prompt_token_ids\[1\] has 4000 tokens; with max_new_tokens=97 it "
+                                           r"exceeds the engine's max_model_len=4096"):
+        eng.generate([[1], [1] * 4000], max_new_tokens=97)
+    assert len(llm.calls) == calls  # refused before vLLM saw it
+    eng.generate([[1] * 4093], max_new_tokens=3)  # exactly full: fine
 
 
 def test_vocabulary_mask_only_when_the_checkpoint_has_a_padded_tail(policy, tmp_path):
     (tmp_path / "config.json").write_text('{"vocab_size": 500}')  # rows == the tokenizer's 500 ids: nothing to mask
     eng = VLLMEngine(tmp_path, DigitTokenizer(), llm=FakeLLM(), sampling_params_cls=FakeSamplingParams,
                      expected_names={n for n, _ in hf_named_tensors(policy)})
-    eng.generate([[1, 2]])
+    eng.generate([[1, 2]], max_new_tokens=3)
     assert not hasattr(eng.llm.params[0], "allowed_token_ids")
     (tmp_path / "config.json").write_text('{"vocab_size": 512}')
     eng = VLLMEngine(tmp_path, DigitTokenizer(), llm=FakeLLM(), sampling_params_cls=FakeSamplingParams,
                      expected_names=set())
-    eng.generate([[1, 2], [3]])
+    eng.generate([[1, 2], [3]], max_new_tokens=3)
     assert eng.llm.params[0].allowed_token_ids is eng.llm.params[1].allowed_token_ids  # one shared list
 
 
 def test_per_prompt_seeds_reach_vllm_independent_of_the_split(policy):
     eng, llm = make_engine(policy, level=0)
-    eng.generate([[1], [2], [3]], seed=[7, 8, 9])
+    eng.generate([[1], [2], [3]], seed=[7, 8, 9], max_new_tokens=3)
     whole = [p.seed for p in llm.params]
-    eng.generate([[3]], seed=[9])
+    eng.generate([[3]], seed=[9], max_new_tokens=3)
     assert llm.params[0].seed == whole[2]
     assert len(set(whole)) == 3
 

@@ -228,13 +228,16 @@ class BuiltinEngine(RolloutEngine):
             if max_position is not None and len(ids) + max_new_tokens > max_position:
                 raise RolloutError(f"prompt_token_ids[{i}] has {len(ids)} tokens; with max_new_tokens="
                                    f"{max_new_tokens} it exceeds the model's max_position_embeddings={max_position}")
+        device = next(self.model.parameters()).device
+        if self.decode_mode() == "graph" and device.type != "cuda":  # before any prefill, not after the first chunk's
+            raise RolloutError(f"decode='graph' (CUDA graphs) needs the model on a CUDA device, not {device}")
         keys = prompt_seed_keys(seed, len(prompt_token_ids))  # (base, index) per prompt
         # Longest first, so each chunk pads little; per-row seeds make the order irrelevant to the samples.
         order = sorted(range(len(prompt_token_ids)), key=lambda i: -len(prompt_token_ids[i]))
         per_chunk = max(1, self.max_batch_rows // n)
         groups: list[list[Completion] | None] = [None] * len(prompt_token_ids)
         # On CPUs, decode with q/k/v and gate/up fused (fewer small matmuls); the copies live for this call only.
-        on_cpu = next(self.model.parameters()).device.type == "cpu"
+        on_cpu = device.type == "cpu"
         fused = getattr(self.model, "fused_projections", None)
         mode = self.decode_mode()
         with fused() if (on_cpu and fused is not None) else nullcontext():

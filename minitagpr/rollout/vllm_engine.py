@@ -101,16 +101,17 @@ VLLM_MIN_TEMPERATURE = 1e-2  # vLLM clamps 0 < T < 0.01 up to 0.01 (with a log w
 VLLM_MAX_TEMPERATURE = 2.0  # vLLM >= 0.11 refuses T > 2
 
 
-def _finish_reason(vllm_reason, ids: list[int], stops: list[int], prompt_index: int) -> str:
+def _finish_reason(vllm_reason, ids: list[int], stops: list[int], prompt_index: int, max_new_tokens: int) -> str:
     """Our finish reason from vLLM's: "stop" exactly when the last id is one of ours (the completion's contract),
     "length" when vLLM ran out of max_tokens; an aborted or failed request is an error, never a short completion
-    that would be scored as cut by the length limit."""
+    that would be scored as cut by the length limit (vLLM also says "length" when a sequence reaches max_model_len,
+    which generate() rules out up front)."""
     if ids and ids[-1] in stops:
         return "stop"  # also when the stop id is the last allowed token: vLLM checks the length first ("length")
-    if vllm_reason == "length":
+    if vllm_reason == "length" and len(ids) == max_new_tokens:
         return "length"
     raise RolloutError(f"vLLM finished prompt {prompt_index}'s completion with finish_reason={vllm_reason!r} "
-                       f"after {len(ids)} tokens, not on a stop id nor at max_new_tokens")
+                       f"after {len(ids)} tokens, not on a stop id nor at max_new_tokens={max_new_tokens}")
 
 
 def _worker_model(llm) -> torch.nn.Module:
@@ -128,7 +129,9 @@ class VLLMEngine(RolloutEngine):
     """A colocated vLLM engine behind the rollout interface.
 
     checkpoint_dir: HF checkpoint folder (config.json, safetensors, tokenizer files) vLLM starts from.
-    tokenizer: our Tokenizer for completion text (None: vLLM's detokenised text) and the sampleable vocabulary.
+    tokenizer: our Tokenizer for completion text and the sampleable vocabulary. None (throughput benches only):
+        vLLM's detokenised text, which may end in the stop id's text when that id was the last allowed token, and
+        no mask of a padded embedding tail.
     sleep_level: what happens after each generate. 1 (default) offloads weights to CPU and frees the KV cache:
         safe for inference-only use. 2 frees weights and KV cache, and the next generate needs a sync_weights
         first: the RL loop's setting (it syncs every step anyway, and saves the CPU copy). 0 never sleeps.
@@ -155,6 +158,7 @@ class VLLMEngine(RolloutEngine):
         if sampling_params_cls is None:
             raise ValueError("an injected llm needs its sampling_params_cls")
         self.llm = llm
+        self.max_model_len = max_model_len
         self.SamplingParams = sampling_params_cls
         self.tokenizer = tokenizer
         self.sleep_level = sleep_level
@@ -222,6 +226,10 @@ class VLLMEngine(RolloutEngine):
             # vLLM raises above 2 (recent versions) and silently samples at 0.01 below it: another distribution
             raise RolloutError(f"temperature {temperature!r}: the vLLM engine samples at 0 (greedy) or in "
                                f"[{VLLM_MIN_TEMPERATURE:g}, {VLLM_MAX_TEMPERATURE:g}]; use engine: builtin for others")
+        for i, ids in enumerate(prompt_token_ids):  # vLLM would cut the completion there and call it "length"
+            if len(ids) + max_new_tokens > self.max_model_len:
+                raise RolloutError(f"prompt_token_ids[{i}] has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                                   f"it exceeds the engine's max_model_len={self.max_model_len}")
         if not self.weights_valid:
             raise RolloutError("generate after level-2 sleep needs sync_weights first: the weights were discarded "
                                "and reloading them from disk would undo training")
@@ -252,7 +260,7 @@ class VLLMEngine(RolloutEngine):
             for out in sorted(request.outputs, key=lambda o: o.index):
                 ids = list(out.token_ids)
                 logprobs = [float(step[t].logprob) for step, t in zip(out.logprobs, ids)]
-                reason = _finish_reason(out.finish_reason, ids, stops, i)
+                reason = _finish_reason(out.finish_reason, ids, stops, i, max_new_tokens)
                 if self.tokenizer is not None:
                     text = self.tokenizer.decode(ids[:-1] if reason == "stop" else ids)
                 else:

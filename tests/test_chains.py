@@ -968,6 +968,34 @@ def test_no_answer_is_handed_on_after_a_request_failed_for_good(tmp_path):
     assert seen == ["r0"]  # r2 is answered but comes after the failed r1: never handed on
 
 
+def test_a_failed_cache_write_leaves_no_partial_line_for_the_next_append_to_follow(tmp_path, monkeypatch):
+    """A write cut short by a full disk left its prefix; the next answer's line followed it, and the next run called
+    the file damaged mid-way (hours of paid answers stuck until repaired by hand)."""
+    import errno
+    import os
+
+    from minitagpr.data import chain_client
+    real_write, fail = os.write, [True]
+
+    def full_disk(fd, data):
+        if fail[0]:
+            fail[0] = False
+            real_write(fd, bytes(data[:10]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+    cache = ResponseCache(tmp_path / "c.jsonl")
+    with cache:
+        cache.put("a", "teacher", "m", reply("first"))
+        monkeypatch.setattr(chain_client.os, "write", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            cache.put("b", "teacher", "m", reply("lost"))
+        cache.put("c", "teacher", "m", reply("third"))
+        monkeypatch.setattr(chain_client.os, "write", real_write)
+    with ResponseCache(tmp_path / "c.jsonl") as again:
+        assert len(again) == 2 and again.get("a")["content"] == "first" and again.get("c")["content"] == "third"
+        assert again.get("b") is None and again.torn_lines == 0
+
+
 def test_putting_an_answered_key_twice_writes_one_line(tmp_path):
     cache = ResponseCache(tmp_path / "c.jsonl")
     with cache:

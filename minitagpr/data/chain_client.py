@@ -234,11 +234,16 @@ class ResponseCache:
         with self._lock:
             if key in self._index and not replace:
                 return
-            self._file.seek(0, os.SEEK_END)
-            offset = self._file.tell()
-            self._file.write(line)  # one write of the whole line: a kill leaves a prefix, never a mix of two lines
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            fd = self._file.fileno()  # written unbuffered: a failed write leaves no bytes behind in a buffer
+            offset = os.fstat(fd).st_size
+            try:
+                rest = memoryview(line)
+                while rest:  # whole lines: a kill leaves a prefix (a torn tail), never a mix of two lines
+                    rest = rest[os.write(fd, rest):]  # O_APPEND (mode a): at the end whatever the position
+                os.fsync(fd)
+            except BaseException:  # e.g. a full disk: cut the partial line, or the next append would follow it
+                os.ftruncate(fd, offset)  # mid-file, where reopening calls it damage rather than a torn tail
+                raise
             self._index[key] = (offset, len(line))
 
     def close(self) -> None:

@@ -601,6 +601,30 @@ def test_tagger_replies_cut_off_or_left_unclosed_never_lose_the_chains_end_silen
     assert set(st["extra"]["tag_errors"]) == {"unclosed tag <tag>"}
 
 
+def test_chain_text_the_tagger_leaves_outside_its_tags_drops_the_chain_but_its_own_prose_does_not(tmp_path):
+    """Only the span from the first tag to the last closer was kept, so a decision sentence left untagged at the end
+    vanished and the overlap filter's 10% slack let the cut chain through (it kept 0.98 of the words)."""
+    cfg = make_cfg(tmp_path, **{"tagger.concurrency": 1})
+    inst = instance()
+    s = ["The user asks for a rating.", "Their past reviews of kettles score 4.", "This one is praised.",
+         "So 4 it is."]
+    long_chain = " ".join(s[:3] * 12 + [s[3]])  # long enough that the last sentence is under 2% of the words
+    body = (f"<analyze_input>{s[0]}</analyze_input>\n<examine_examples>{' '.join(s[:3] * 12)}</examine_examples>\n"
+            f"<synthesize_findings>{s[2]}</synthesize_findings>")
+    replies = [reply("Here is the tagged chain:\n" + body + f"\n<make_decision>{s[3]}</make_decision>\nDone."),
+               reply(body + f"\n{s[3]}"),  # the decision left outside every tag
+               reply(f"{s[0]}\n" + body + f"\n<make_decision>{s[3]}</make_decision>")]  # the opening left out
+    write_jsonl(cfg_out(cfg) / "judged.jsonl", [judged(inst, j, chain=long_chain) for j in range(3)])
+    order = iter(replies)
+    run_stages(cfg, ["tag", "format"], transports={"tagger": lambda kw: next(order)}, log=lambda m: None)
+    assert [r["id"] for r in read_jsonl(cfg_out(cfg) / "formatted.jsonl")] == ["LaMP-3/7/0"]
+    st = stats(cfg, "format")["tasks"]["LaMP-3"]
+    assert st["dropped"] == {"untagged_text": 2}
+    details = [d["detail"] for d in read_jsonl(cfg_out(cfg) / "dropped" / "format.jsonl")]
+    assert details == ["the reply left chain text outside its tags (e.g. 'so 4 it is')",
+                       "the reply left chain text outside its tags (e.g. 'the user asks for')"]
+
+
 _TAGGED_CHAIN = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
 
 

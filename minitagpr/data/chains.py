@@ -592,12 +592,8 @@ def parse_free_tags(text: str | None) -> list[str]:
     return [_key(m) for m in _OPEN_TAG_RE.findall(body) if _key(m) in closed and _key(m) not in ("think", "")]
 
 
-def extract_tagged_chain(text: str | None) -> str | None:
-    """The tagged chain inside a restricted-tagging reply: from its first tag to the end of its last closing tag
-    (prose before or after, code fences and think blocks dropped); None when the reply holds no tag at all.
-    A tag opened after the last closing tag keeps the rest of the reply, so the format stage sees the unclosed
-    segment (and drops it) instead of a chain whose end was cut off silently."""
-    body = _reply_body(text)
+def _tagged_span(body: str) -> tuple[int, int] | None:
+    """(start, end) of the tagged chain in a reply body (extract_tagged_chain), None when it holds no tag."""
     tokens = list(_TAG_TOKEN_RE.finditer(body))
     closers = [t for t in tokens if t.group(0).startswith("</")]
     if not tokens or not closers:
@@ -605,7 +601,36 @@ def extract_tagged_chain(text: str | None) -> str | None:
     start, end = tokens[0].start(), closers[-1].end()
     if tokens[-1].start() > closers[-1].start():  # an opening tag after the last closer: an unclosed segment
         end = len(body)
-    return body[start:end].strip() if end > start else None
+    return (start, end) if end > start else None
+
+
+def extract_tagged_chain(text: str | None) -> str | None:
+    """The tagged chain inside a restricted-tagging reply: from its first tag to the end of its last closing tag
+    (prose before or after, code fences and think blocks dropped); None when the reply holds no tag at all.
+    A tag opened after the last closing tag keeps the rest of the reply, so the format stage sees the unclosed
+    segment (and drops it) instead of a chain whose end was cut off silently."""
+    body = _reply_body(text)
+    span = _tagged_span(body)
+    return body[span[0]:span[1]].strip() if span else None
+
+
+def chain_text_left_outside(text: str | None, chain: str, n: int = 4) -> str | None:
+    """Words of `chain` that a restricted-tagging reply left outside its tagged span, or None: the first run of `n`
+    words (case-folded) that the prose before the first tag or after the last closing tag shares with the chain.
+    A tagger that leaves the chain's last sentence (its decision) untagged gives a chain cut before it, which the
+    overlap filter's slack lets through; the tagger's own prose ("Here is the tagged chain:") shares no such run."""
+    body = _reply_body(text)
+    span = _tagged_span(body)
+    if span is None:
+        return None
+    words = re.findall(r"\w+", chain.lower())
+    grams = {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    for outside in (body[:span[0]], body[span[1]:]):
+        left = re.findall(r"\w+", outside.lower())
+        for i in range(len(left) - n + 1):
+            if tuple(left[i:i + n]) in grams:
+                return " ".join(left[i:i + n])
+    return None
 
 
 def untagged(chain: str) -> str:
@@ -972,7 +997,8 @@ def clusters_markdown(result: Mapping[str, Any]) -> str:
 
 def stage_tag(ctx: Context) -> StageCounts:
     """Restricted tagging: every judged chain re-segmented with the nine tags (and their definitions). The reply
-    is stored as found (its tagged span, or null); the format stage decides whether it is usable."""
+    is stored as found (its tagged span, or null, and any chain words it left outside the span); the format stage
+    decides whether it is usable."""
     cfg = ctx.cfg
     tags = cfg.tagging.tag_definitions()
     counts = StageCounts("tag")
@@ -991,6 +1017,7 @@ def stage_tag(ctx: Context) -> StageCounts:
             counts.seen(rec["task"])
             progress.tick()
             out.record({**rec, "tagged": extract_tagged_chain(response.get("content")),
+                        "tagger_left_out": chain_text_left_outside(response.get("content"), rec["chain"]),
                         "tagger_finish_reason": response.get("finish_reason"),
                         **({"tagger_refusal": response["refusal"]} if response.get("finish_reason") == REFUSED
                            else {})})
@@ -1011,6 +1038,7 @@ def stage_format(ctx: Context) -> StageCounts:
             task, rid, tagged = rec["task"], rec["id"], rec.pop("tagged")
             counts.seen(task)
             finish, refused = rec.pop("tagger_finish_reason", None), rec.pop("tagger_refusal", None)
+            left_out = rec.pop("tagger_left_out", None)
             if finish == REFUSED:  # the endpoint would not answer this request (chain_client)
                 dropped.drop(task, rid, "endpoint_refused", str(refused))
                 continue
@@ -1019,6 +1047,10 @@ def stage_format(ctx: Context) -> StageCounts:
                 continue
             if tagged is None:
                 dropped.drop(task, rid, "no_tags", "the tagger's reply holds no tag")
+                continue
+            if left_out is not None:  # the chain's own words outside the tagged span: the chain would be cut
+                dropped.drop(task, rid, "untagged_text", f"the reply left chain text outside its tags "
+                                                         f"(e.g. {left_out!r})")
                 continue
             check = check_tags(tagged, allowed, cfg.filters.min_tags)
             if not check.ok:

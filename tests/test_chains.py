@@ -717,6 +717,11 @@ def test_a_later_stage_refuses_chains_of_an_instance_that_sample_has_since_chang
     run_stages(cfg, ["accuracy"], log=lambda m: None)  # unchanged: fine
     changed = {**inst, "profile": [{"id": "70", "text": "awful toaster", "score": "1"}]}  # same id, other items
     write_jsonl(cfg_out(cfg) / "instances.jsonl", [changed])
+    with pytest.raises(ChainDataError, match=r"teacher\.jsonl was built from another instances\.jsonl \(it changed "
+                                             r"since: stage 'sample' was rerun, or the file edited\); rerun stages "
+                                             r"teacher before 'accuracy'"):
+        run_stages(cfg, ["accuracy"], log=lambda m: None)  # the lineage in stats/teacher.json says so first
+    (cfg_out(cfg) / "stats" / "teacher.json").unlink()  # without it, each record's instance digest still does
     with pytest.raises(ChainDataError, match=r"teacher\.jsonl: record id 'LaMP-3/7/0': field 'instance_digest': "
                                              r"instance 'LaMP-3/7' in instances\.jsonl is not the one"):
         run_stages(cfg, ["accuracy"], log=lambda m: None)
@@ -927,11 +932,14 @@ def test_a_request_the_endpoint_refuses_drops_its_record_in_every_stage_and_is_a
     assert len(asked) == 1  # the rerun asks the refused request again, the answered ones come from the cache
 
     chains = ["Sample zero.", "Sample one.", "Sample two."]
+    import shutil
+    shutil.rmtree(cfg_out(cfg) / "stats")  # the files below are made by hand: no lineage to check them against
     write_jsonl(cfg_out(cfg) / "accurate.jsonl", [chain_record(inst, j, chain=c, accuracy=1.0)
                                                  for j, c in enumerate(chains)])
     run_stages(cfg, ["judge"], transports={"judge": refusing(judge_json())}, log=lambda m: None)
     assert stats(cfg, "judge")["tasks"]["LaMP-3"] == {"in": 3, "out": 2, "dropped": {"endpoint_refused": 1}}
 
+    shutil.rmtree(cfg_out(cfg) / "stats")
     write_jsonl(cfg_out(cfg) / "judged.jsonl", [judged(inst, j, chain=c) for j, c in enumerate(chains)])
     run_stages(cfg, ["explore"], transports={"tagger": refusing("<decide>y</decide>")}, log=lambda m: None)
     assert stats(cfg, "explore")["tasks"]["LaMP-3"] == {"in": 3, "out": 2, "dropped": {"endpoint_refused": 1}}

@@ -113,6 +113,39 @@ def test_scripted_model_runs_every_stage_into_valid_sft_records_and_reruns_for_f
     assert 1 <= len(clusters["clusters"]) <= 4 and clusters["segments"] > 0
 
 
+def test_a_stage_refuses_upstream_files_that_no_longer_belong_together(tmp_path, world):
+    """Rerunning the judge with another threshold and then only `sft` built SFT records from chains the new judge
+    had dropped, without a word; a hand-edited file was taken as its stage's output."""
+    golds = {}
+    for task in TASKS:
+        gold = world.golds(task, "train")
+        golds.update({ex.input: gold[ex.id] for ex in world.examples(task, "train")})
+    out = tmp_path / "out"
+    with FakeServer(ScriptedModel(golds)) as server:
+        base = config(out, world, server.base_url)
+        run_stages(load_config(ChainsConfig, overrides=base), log=lambda m: None)
+        strict = load_config(ChainsConfig, overrides={**base, "filters.min_judge_total": 18})  # every chain (18 of 20) out
+        run_stages(strict, ["judge"], log=lambda m: None)
+        assert json.loads((out / "stats" / "judge.json").read_text())["tasks"] != {}
+        with pytest.raises(ValueError, match=r"tagged\.jsonl was built from another judged\.jsonl \(it changed "
+                                             r"since: stage 'judge' was rerun, or the file edited\); rerun stages "
+                                             r"tag, format before 'sft'"):
+            run_stages(strict, ["sft"], log=lambda m: None)
+        run_stages(strict, ["tag", "format", "sft"], log=lambda m: None)  # as it says: now they belong together
+        assert (out / "formatted.jsonl").read_text() == ""
+        base_cfg = load_config(ChainsConfig, overrides=base)
+        run_stages(base_cfg, ["judge", "tag", "format"], log=lambda m: None)  # back to the first settings (cached)
+        lines = (out / "formatted.jsonl").read_text().splitlines()
+        assert lines
+        (out / "formatted.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # edited by hand
+        with pytest.raises(ValueError, match=r"formatted\.jsonl is not the file stage 'format' wrote last .*rerun "
+                                             r"stage 'format', or delete .*stats/format\.json to use the file as it is"):
+            run_stages(base_cfg, ["sft"], log=lambda m: None)
+        (out / "stats" / "format.json").unlink()
+        run_stages(base_cfg, ["sft"], log=lambda m: None)  # taken as it is
+    assert len(read_sft_records(out / "sft.jsonl")) <= len(lines) - 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Against minitagpr.serve, with kills
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,12 @@ file per stage under `cache/`: a killed or failed run, rerun with the same setti
 and the outputs do not depend on how often the run was interrupted (records keep input order; the teacher's
 per-sample seed is a hash of (data.seed, instance id, sample index)).
 
+Lineage: each stage's `stats/<stage>.json` records the sha256 of the file it wrote and of the files it read. A stage
+refuses to start when an upstream file is not the one its stage wrote last (edited by hand: delete that stage's
+stats file to take it as it is) or was built from another version of its own input (an earlier stage was rerun
+with other settings since, e.g. the judge's threshold, and the stages between were not): it names the stages to
+rerun. Folders written before lineage was recorded are not checked.
+
 Counting: for every filter stage and task, `in == out + sum(dropped)`; the teacher's `out` is `in * samples`.
 Unparsable judge replies and malformed tags are counted under their drop reason, never a crash. Every record a
 stage drops is also listed in `dropped/<stage>.jsonl`, one line `{"id", "reason", "detail"}` in record order,
@@ -82,6 +88,10 @@ FILES = {"sample": "instances.jsonl", "teacher": "teacher.jsonl", "accuracy": "a
          "judge": "judged.jsonl", "explore": "explored.jsonl", "cluster": "clusters.json", "tag": "tagged.jsonl",
          "format": "formatted.jsonl", "sft": "sft.jsonl", "report": "report.md"}
 ROLE_OF_STAGE = {"teacher": "teacher", "judge": "judge", "explore": "tagger", "tag": "tagger"}
+# the stages whose output files each stage reads (the report reads stats/ and formatted.jsonl)
+STAGE_INPUTS = {"teacher": ("sample",), "accuracy": ("teacher", "sample"), "judge": ("accuracy", "sample"),
+                "explore": ("judge",), "cluster": ("explore",), "tag": ("judge",), "format": ("tag",),
+                "sft": ("format", "sample"), "report": ("format",)}
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SPEC_CHAINS = 10_000  # tagpr-method.md, Stage 0: "about 10,000 chains"
 
@@ -364,6 +374,7 @@ class StageCounts:
         self.stage = stage
         self.tasks: dict[str, dict[str, Any]] = {}
         self.extra: dict[str, Any] = {}
+        self.lineage: dict[str, Any] = {}  # {"output": sha256, "inputs": {stage: sha256}} (module docstring)
 
     def _row(self, task: str) -> dict[str, Any]:
         return self.tasks.setdefault(task, {"in": 0, "out": 0, "dropped": Counter()})
@@ -383,7 +394,7 @@ class StageCounts:
     def to_dict(self) -> dict[str, Any]:
         tasks = {t: {"in": r["in"], "out": r["out"], "dropped": dict(sorted(r["dropped"].items()))}
                  for t, r in self.tasks.items()}
-        return {"stage": self.stage, "tasks": tasks, "extra": self.extra}
+        return {"stage": self.stage, "tasks": tasks, "extra": self.extra, "lineage": self.lineage}
 
     def save(self, out_dir: Path) -> None:
         write_text(out_dir / "stats" / f"{self.stage}.json", json.dumps(self.to_dict(), indent=1) + "\n")
@@ -1280,15 +1291,67 @@ STAGE_FUNCTIONS: dict[str, Callable[[Context], StageCounts]] = {
 }
 
 
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file's bytes (streamed), None when it does not exist."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def upstream_stages(stage: str) -> list[str]:
+    """Every stage whose output `stage` depends on, directly or not, nearest first."""
+    upstream, todo = [], list(STAGE_INPUTS.get(stage, ()))
+    while todo:
+        s = todo.pop(0)
+        if s not in upstream:
+            upstream.append(s)
+            todo += STAGE_INPUTS.get(s, ())
+    return upstream
+
+
+def check_lineage(ctx: Context, stage: str) -> None:
+    """Refuse to run `stage` on upstream files that do not belong together (module docstring, "Lineage")."""
+    upstream = upstream_stages(stage)
+    digests: dict[str, str | None] = {}
+
+    def digest(s: str) -> str | None:
+        if s not in digests:
+            digests[s] = file_sha256(ctx.path(s))
+        return digests[s]
+    for up in upstream:
+        stats = ctx.out / "stats" / f"{up}.json"
+        try:
+            lineage = json.loads(stats.read_text(encoding="utf-8")).get("lineage") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # no stats (a file made by hand) or an older layout: nothing recorded to check against
+        if lineage.get("output") and digest(up) not in (None, lineage["output"]):
+            raise ChainDataError(f"{ctx.path(up)} is not the file stage {up!r} wrote last ({stats} records another "
+                                 f"sha256): rerun stage {up!r}, or delete {stats} to use the file as it is")
+        for source, recorded in (lineage.get("inputs") or {}).items():
+            if source in FILES and digest(source) not in (None, recorded):
+                later = [x for x in STAGES if x == up or (x in upstream and up in upstream_stages(x))]
+                raise ChainDataError(f"{ctx.path(up)} was built from another {FILES[source]} (it changed since: stage "
+                                     f"{source!r} was rerun, or the file edited); rerun stages {', '.join(later)} "
+                                     f"before {stage!r}")
+
+
 def run_stages(cfg: ChainsConfig, stages: Iterable[str] | None = None, **context_kwargs) -> dict[str, StageCounts]:
-    """Run `stages` (default: the config's) in pipeline order; each writes its outputs and stats/<stage>.json."""
+    """Run `stages` (default: the config's) in pipeline order; each writes its outputs and stats/<stage>.json (with
+    its lineage), after checking that the files it builds on belong together (`check_lineage`)."""
     ctx = Context(cfg, **context_kwargs)
     ctx.out.mkdir(parents=True, exist_ok=True)
     wanted = cfg.stage_list() if stages is None else [s for s in STAGES if s in set(stages)]
     results = {}
     for stage in wanted:
+        check_lineage(ctx, stage)
         counts = STAGE_FUNCTIONS[stage](ctx)
         if stage != "report":
+            counts.lineage = {"output": file_sha256(ctx.path(stage)),
+                              "inputs": {s: file_sha256(ctx.path(s)) for s in STAGE_INPUTS.get(stage, ())}}
             counts.save(ctx.out)
         results[stage] = counts
     return results

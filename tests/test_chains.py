@@ -193,8 +193,22 @@ def test_request_key_changes_with_model_messages_params_and_sample_only():
     assert base == request_key("m", [dict(m[0])], {"temperature": 1.0}, 0)
     others = [request_key("m2", m, {"temperature": 1.0}, 0), request_key("m", m, {"temperature": 0.5}, 0),
               request_key("m", m, {"temperature": 1.0}, 1),
-              request_key("m", [{"role": "user", "content": "hi!"}], {"temperature": 1.0}, 0)]
-    assert len({base, *others}) == 5
+              request_key("m", [{"role": "user", "content": "hi!"}], {"temperature": 1.0}, 0),
+              request_key("m", m, {"temperature": 1.0}, 0, cache_tag="step-200")]
+    assert len({base, *others}) == 6
+    assert request_key("m", m, {"temperature": 1.0}, 0, cache_tag="") == base  # unset: the keys caches hold
+
+
+def test_a_cache_tag_asks_again_what_the_same_model_name_answered_before(tmp_path):
+    """A local server restarted on a retrained checkpoint answers under the same model name."""
+    calls = []
+    client, _ = make_client(tmp_path, lambda kw: calls.append(1) or reply("old weights"))
+    with client.cache:
+        list(client.run(requests(2)))
+    client, _ = make_client(tmp_path, lambda kw: calls.append(1) or reply("new weights"), cache_tag="step-200")
+    with client.cache:
+        assert [r["content"] for _, r in client.run(requests(2))] == ["new weights"] * 2
+    assert len(calls) == 4
 
 
 def test_a_torn_last_line_from_a_kill_is_cut_off_and_appends_continue_cleanly(tmp_path):

@@ -9,8 +9,11 @@ module makes such a run survive crashes, rate limits and flaky servers without p
   bad line anywhere else is an error naming the file and line (never skipped). A key on two lines (an unusable
   answer asked again) counts with its last line. An exclusive lock (flock) keeps two runs from sharing one cache
   file.
-- `request_key`: sha256 of the canonical JSON of (model, messages, sampling parameters, sample index). Endpoint URL,
-  key, concurrency and timeouts are not part of it: they do not change what was asked.
+- `request_key`: sha256 of the canonical JSON of (model, messages, sampling parameters, sample index, and
+  `cache_tag` when set). Endpoint URL, key, concurrency and timeouts are not part of it: they do not change what
+  was asked. A server that answers under one model name whatever it serves (a local vLLM or minitagpr.serve
+  restarted on a retrained checkpoint) gives the new weights the old answers: set `cache_tag` (e.g. the
+  checkpoint's step) so that they are asked again.
 - `ChatClient.run(requests)`: answers an iterable of `ChatRequest`s in their order, from the cache when it can,
   otherwise with at most `concurrency` calls in flight (threads). Rate limits (429, honouring `retry-after-ms` /
   `retry-after`), server errors (5xx, 408, 409), connection errors, timeouts and 200 replies that hold no chat
@@ -90,6 +93,7 @@ class EndpointConfig:
     max_backoff_s: float = 60.0   # cap on a retry delay before the jitter factor
     max_retry_after_s: float = 300.0  # cap on a server's retry-after
     max_refused_in_a_row: int = 20  # refused requests (400/413/422) in a row that stop the run; 1: any refusal
+    cache_tag: str = ""  # part of every cache key when set: other weights served under the same model name
 
     def __post_init__(self):
         if self.token_limit_param not in ("max_tokens", "max_completion_tokens"):
@@ -158,10 +162,12 @@ def redacted_config(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 # 2. The response cache
 # ---------------------------------------------------------------------------------------------------------------
-def request_key(model: str, messages: list[dict], params: dict[str, Any], sample: int) -> str:
+def request_key(model: str, messages: list[dict], params: dict[str, Any], sample: int, cache_tag: str = "") -> str:
     """sha256 of the canonical JSON of everything that decides an answer (module docstring)."""
-    blob = json.dumps({"model": model, "messages": messages, "params": params, "sample": sample},
-                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    fields = {"model": model, "messages": messages, "params": params, "sample": sample}
+    if cache_tag:  # absent when unset: caches written before the field existed keep their keys
+        fields["cache_tag"] = cache_tag
+    blob = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()  # (valid text: plain UTF-8)
 
 
@@ -410,7 +416,8 @@ class ChatClient:
         return params
 
     def key(self, request: ChatRequest) -> str:
-        return request_key(self.endpoint.model, request.messages, self.params(request), request.sample)
+        return request_key(self.endpoint.model, request.messages, self.params(request), request.sample,
+                           self.cfg.cache_tag)
 
     def run(self, requests: Iterable[ChatRequest]) -> Iterator[tuple[ChatRequest, dict]]:
         """Yield (request, response) in the order of `requests`; see the module docstring for failures.

@@ -670,6 +670,35 @@ def test_a_non_finite_prmu_score_makes_the_reward_non_finite():
     assert torch.isfinite(rewards[0]) and torch.isnan(rewards[1])
 
 
+def test_rewards_pair_each_response_with_its_own_prompts_gold_user_and_messages():
+    """Two prompts x G = 2 with distinct golds and users (a mutation audit found that golds interleaved across
+    prompts, or no user ids sent to the PRMU, passed every test: they used one prompt, or rewards of 0)."""
+    from minitagpr.rl.loop import compute_rewards
+
+    class EchoPRMU:  # a score per user, and a record of what it was asked
+        def __init__(self):
+            self.asked = None
+
+        def score(self, users, prompts, texts):
+            self.asked = (list(users), list(prompts), list(texts))
+            return [{"alice": 0.9, "bob": 0.1}.get(u, 0.5) for u in users]
+
+    prompts = [Prompt(id="q0", task="LaMP-3", user="alice", messages=[{"role": "user", "content": "m0"}], ids=[1],
+                      gold="4"),
+               Prompt(id="q1", task="LaMP-3", user="bob", messages=[{"role": "user", "content": "m1"}], ids=[2],
+                      gold="2")]
+    comps = [Completion([1], _TAGGED + answer, [0.0], "stop") for answer in ("4", "2", "4", "2")]
+    prmu = EchoPRMU()
+    cfg = RLConfig(tasks="LaMP-3:0", group_size=2, stage="guided", alpha=0.8, beta=0.8, gamma=0.2)
+    parts, rewards = compute_rewards(prompts, comps, cfg, prmu)
+    assert [p.r_v for p in parts] == [1.0, 0.0, 0.0, 1.0]  # each response against its own prompt's gold
+    assert prmu.asked[0] == ["alice", "alice", "bob", "bob"]
+    assert [m[0]["content"] for m in prmu.asked[1]] == ["m0", "m0", "m1", "m1"]
+    assert prmu.asked[2] == [c.text for c in comps]
+    expected = [0.8 * v + 0.2 * s for v, s in ((1, 0.9), (0, 0.9), (0, 0.1), (1, 0.1))]  # R_rep 0, R_f 1, R_tag 0
+    assert rewards.tolist() == pytest.approx(expected)
+
+
 def test_reward_metrics_pin_every_column_on_a_hand_made_batch():
     from minitagpr import distributed as D
     from minitagpr.rewards import RewardParts

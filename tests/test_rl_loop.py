@@ -407,6 +407,20 @@ def test_a_prompt_plus_max_new_tokens_past_the_policys_positions_is_refused_befo
     assert not (tmp_path / "long" / "checkpoints").exists()
 
 
+def test_at_temperature_07_the_samples_and_pi_old_are_the_policy_at_that_temperature(small_world, tmp_path):
+    """Every other run is at T = 1, where a rollout or an old-log-prob pass that drops the temperature is not seen:
+    the sampler's log-probs must equal pi_old's, and with one mini-batch the ratio must be exactly 1."""
+    from minitagpr.config import parse_cli
+    from minitagpr.rl import loop
+    world, policy = small_world
+    out = tmp_path / "t07"
+    loop.train(parse_cli(loop.RLConfig, _rl_args(world, policy, out, stage="exploratory", temperature=0.7,
+                                                 num_minibatches=1, max_steps=1, save_every=0)))
+    row = _log(out)[0]
+    assert row["rollout/logp_gap_max"] < 1e-4, row["rollout/logp_gap_max"]
+    assert row["gspo/ratio_min"] == pytest.approx(1.0, abs=1e-6) == row["gspo/ratio_max"]
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_names_valid_sizes(small_world, tmp_path):
     # 4 prompts on 2 ranks are 2 per rank, which 4 mini-batches cannot share: valid sizes are multiples of 8
     world, policy = small_world

@@ -367,6 +367,10 @@ def test_a_resumed_run_restores_the_weights_optimizer_and_engine_it_trained(smal
     whole, cut = _log(tmp_path / "whole"), _log(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
     assert all(abs(r["gspo/loss"]) > 1e-6 for r in whole)  # every step's update moved the weights
+    for r in whole:  # the loss reads the per-group advantages the step logged, sign and all (a mutation audit found
+        for stat in ("min", "max", "mean"):  # batch-wide standardisation, a flipped sign or A >= 0 unpinned)
+            assert r[f"gspo/adv_{stat}"] == pytest.approx(r[f"group/adv_{stat}"], abs=1e-6), (r["step"], stat)
+        assert r["group/adv_min"] < 0 < r["group/adv_max"]
     for a, b in zip(whole, cut):
         assert a["batch_digest"] == b["batch_digest"], a["step"]  # step 6 samples from step 5's update
         for key in ("reward_mean", "gspo/loss", "gspo/ratio_mean", "gspo/grad_norm"):

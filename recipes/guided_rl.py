@@ -175,8 +175,8 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
         "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", dirs["prmu"], prmu_cfg,
         prmu.RESUMABLE_KEYS - {"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}, dict(builds),
         prmu.run)
-    return {"world": world, "base": Path(sft_cfg.demo_dir) / f"base_{sft_cfg.demo_preset}", "sft": sft_export, "prmu": prmu_export,
-            "builds": builds}
+    return {"world": world, "base": Path(sft_cfg.demo_dir) / f"base_{sft_cfg.demo_preset}", "sft": sft_export,
+            "prmu": prmu_export, "builds": builds}
 
 
 def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: dict, check=None):

@@ -72,13 +72,18 @@ def assert_counts_add_up(out_dir: Path, samples: int) -> dict:
     return stats
 
 
-def test_scripted_model_runs_every_stage_into_valid_sft_records_and_reruns_for_free(tmp_path, world):
+def scripted_model(world) -> ScriptedModel:
+    """The fake endpoint, knowing every training question's gold (its teacher answers some right)."""
     golds = {}
     for task in TASKS:
         gold = world.golds(task, "train")
         golds.update({ex.input: gold[ex.id] for ex in world.examples(task, "train")})
+    return ScriptedModel(golds)
+
+
+def test_scripted_model_runs_every_stage_into_valid_sft_records_and_reruns_for_free(tmp_path, world):
     out = tmp_path / "out"
-    with FakeServer(ScriptedModel(golds)) as server:
+    with FakeServer(scripted_model(world)) as server:
         cfg = load_config(ChainsConfig, overrides=config(out, world, server.base_url))
         run_stages(cfg, log=lambda m: None)
         calls = len(server.bodies)
@@ -116,15 +121,12 @@ def test_scripted_model_runs_every_stage_into_valid_sft_records_and_reruns_for_f
 def test_a_stage_refuses_upstream_files_that_no_longer_belong_together(tmp_path, world):
     """Rerunning the judge with another threshold and then only `sft` built SFT records from chains the new judge
     had dropped, without a word; a hand-edited file was taken as its stage's output."""
-    golds = {}
-    for task in TASKS:
-        gold = world.golds(task, "train")
-        golds.update({ex.input: gold[ex.id] for ex in world.examples(task, "train")})
     out = tmp_path / "out"
-    with FakeServer(ScriptedModel(golds)) as server:
+    with FakeServer(scripted_model(world)) as server:
         base = config(out, world, server.base_url)
         run_stages(load_config(ChainsConfig, overrides=base), log=lambda m: None)
-        strict = load_config(ChainsConfig, overrides={**base, "filters.min_judge_total": 18})  # every chain (18 of 20) out
+        # every chain scores 18 of 20 (or is dropped already): all out
+        strict = load_config(ChainsConfig, overrides={**base, "filters.min_judge_total": 18})
         run_stages(strict, ["judge"], log=lambda m: None)
         assert json.loads((out / "stats" / "judge.json").read_text())["tasks"] != {}
         with pytest.raises(ValueError, match=r"tagged\.jsonl was built from another judged\.jsonl \(it changed "
@@ -139,7 +141,7 @@ def test_a_stage_refuses_upstream_files_that_no_longer_belong_together(tmp_path,
         assert lines
         (out / "formatted.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # edited by hand
         with pytest.raises(ValueError, match=r"formatted\.jsonl is not the file stage 'format' wrote last .*rerun "
-                                             r"stage 'format', or delete .*stats/format\.json to use the file as it is"):
+                                             r"stage 'format', or delete .*stats/format\.json to use the file"):
             run_stages(base_cfg, ["sft"], log=lambda m: None)
         (out / "stats" / "format.json").unlink()
         run_stages(base_cfg, ["sft"], log=lambda m: None)  # taken as it is

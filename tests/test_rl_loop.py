@@ -357,7 +357,7 @@ def test_a_resumed_run_restores_the_weights_optimizer_and_engine_it_trained(smal
 
     monkeypatch.setattr(loop, "compute_rewards", id_rewards)
     world, policy = small_world
-    steps = dict(max_steps=6, save_every=4, stage="exploratory")
+    steps = dict(max_steps=6, save_every=4, stage="exploratory", warmup_steps=2, min_lr_ratio=0.5)
     loop.train(parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "whole", **steps)))
     monkeypatch.setattr(D, "fault_point", kill_at_step_5)
     with pytest.raises(Killed):
@@ -366,6 +366,9 @@ def test_a_resumed_run_restores_the_weights_optimizer_and_engine_it_trained(smal
     loop.train(parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "cut", **steps)))
     whole, cut = _log(tmp_path / "whole"), _log(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
+    # the schedule the config asks for, by hand: warmup 1/2, 1; cosine from 1 to 0.5 over the remaining 4 steps
+    for run in (whole, cut):
+        assert [r["lr"] for r in run] == pytest.approx([1e-3 * m for m in (0.5, 1.0, 1.0, 0.875, 0.625, 0.5)])
     assert all(abs(r["gspo/loss"]) > 1e-6 for r in whole)  # every step's update moved the weights
     for r in whole:  # the loss reads the per-group advantages the step logged, sign and all (a mutation audit found
         for stat in ("min", "max", "mean"):  # batch-wide standardisation, a flipped sign or A >= 0 unpinned)

@@ -170,6 +170,11 @@ def test_metrics_lines_carry_the_documented_fields(runs):
     for key in ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "target_tokens"):
         assert key in rec
     assert (runs["two"] / "metrics.png").stat().st_size > 1000
+    # the schedule by hand: 6 steps, warmup round(0.2 x 6) = 1 step, cosine from lr to 0.1 lr over steps 1..5
+    import math
+    by_hand = [1.0, 1.0] + [0.1 + 0.45 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3)] + [0.1]
+    lrs = [json.loads(line)["lr"] for line in (runs["two"] / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-3 * m for m in by_hand])
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs

@@ -278,6 +278,24 @@ def _run_in_process(recipe, args: list[str]) -> Path:
         recipe.D.destroy_distributed()
 
 
+def test_the_user_table_trains_at_table_lr_and_the_rest_at_lr(setup, monkeypatch):
+    """The table's own learning rate (the paper's PRMU trains it far faster than the backbone) was unpinned: the
+    recipe passing lr for it passed every test."""
+    recipe = _import_recipe()
+    made = []
+    real = recipe.build_optimizer
+
+    def recording(*a, **kw):
+        made.append(real(*a, **kw))
+        return made[-1]
+    monkeypatch.setattr(recipe, "build_optimizer", recording)
+    _run_in_process(recipe, _args(setup, "table_lr", max_steps=1, save_every=0, eval_every=0))
+    groups = [(g.get("base_lr", g["lr"]), [tuple(p.shape) for p in g["params"]]) for g in made[0].param_groups]
+    table = [(lr, shapes) for lr, shapes in groups if shapes and shapes[0][0] == 5]  # 4 users + the unknown row
+    assert len(table) == 1 and table[0][0] == pytest.approx(1e-2) and len(table[0][1]) == 1
+    assert all(lr == pytest.approx(1e-3) for lr, shapes in groups if (lr, shapes) not in table)
+
+
 def test_resume_refuses_other_pairs_or_users_of_the_same_counts(setup, tmp_path):
     # the same number of pairs and users, but u0 and u1 swapped: every table row would now train another user
     # (a constant lr after warmup, min_lr_ratio=1, so that the run may be extended from 2 to 3 steps)

@@ -603,41 +603,36 @@ def parse_free_tags(text: str | None) -> list[str]:
     return [_key(m) for m in _OPEN_TAG_RE.findall(body) if _key(m) in closed and _key(m) not in ("think", "")]
 
 
-def _tagged_span(body: str) -> tuple[int, int] | None:
-    """(start, end) of the tagged chain in a reply body (extract_tagged_chain), None when it holds no tag."""
+def split_tagged_reply(text: str | None) -> tuple[str, str | None, str]:
+    """(prose before, tagged chain, prose after) of a restricted-tagging reply: the chain runs from its first tag
+    to the end of its last closing tag (code fences and think blocks dropped); (body, None, "") when the reply holds
+    no tag at all. A tag opened after the last closing tag keeps the rest of the reply, so the format stage sees the
+    unclosed segment (and drops it) instead of a chain whose end was cut off silently."""
+    body = _reply_body(text)
     tokens = list(_TAG_TOKEN_RE.finditer(body))
     closers = [t for t in tokens if t.group(0).startswith("</")]
     if not tokens or not closers:
-        return None
+        return body, None, ""
     start, end = tokens[0].start(), closers[-1].end()
     if tokens[-1].start() > closers[-1].start():  # an opening tag after the last closer: an unclosed segment
         end = len(body)
-    return (start, end) if end > start else None
+    return (body[:start], body[start:end].strip(), body[end:]) if end > start else (body, None, "")
 
 
 def extract_tagged_chain(text: str | None) -> str | None:
-    """The tagged chain inside a restricted-tagging reply: from its first tag to the end of its last closing tag
-    (prose before or after, code fences and think blocks dropped); None when the reply holds no tag at all.
-    A tag opened after the last closing tag keeps the rest of the reply, so the format stage sees the unclosed
-    segment (and drops it) instead of a chain whose end was cut off silently."""
-    body = _reply_body(text)
-    span = _tagged_span(body)
-    return body[span[0]:span[1]].strip() if span else None
+    """The tagged chain inside a restricted-tagging reply (split_tagged_reply), None when it holds no tag."""
+    return split_tagged_reply(text)[1]
 
 
-def chain_text_left_outside(text: str | None, chain: str, n: int = 4) -> str | None:
-    """Words of `chain` that a restricted-tagging reply left outside its tagged span, or None: the first run of `n`
-    words (case-folded) that the prose before the first tag or after the last closing tag shares with the chain.
-    A tagger that leaves the chain's last sentence (its decision) untagged gives a chain cut before it, which the
-    overlap filter's slack lets through; the tagger's own prose ("Here is the tagged chain:") shares no such run."""
-    body = _reply_body(text)
-    span = _tagged_span(body)
-    if span is None:
-        return None
+def chain_words_outside(outside: Sequence[str], chain: str, n: int = 4) -> str | None:
+    """The first run of `n` words (case-folded) that the prose around a tagged span (split_tagged_reply's first and
+    last parts) shares with `chain`, or None. A tagger that leaves the chain's last sentence (its decision)
+    untagged gives a chain cut before it, which the overlap filter's slack lets through; the tagger's own prose
+    ("Here is the tagged chain:") shares no such run."""
     words = re.findall(r"\w+", chain.lower())
     grams = {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-    for outside in (body[:span[0]], body[span[1]:]):
-        left = re.findall(r"\w+", outside.lower())
+    for piece in outside:
+        left = re.findall(r"\w+", piece.lower())
         for i in range(len(left) - n + 1):
             if tuple(left[i:i + n]) in grams:
                 return " ".join(left[i:i + n])
@@ -1027,8 +1022,9 @@ def stage_tag(ctx: Context) -> StageCounts:
             rec = request.context
             counts.seen(rec["task"])
             progress.tick()
-            out.record({**rec, "tagged": extract_tagged_chain(response.get("content")),
-                        "tagger_left_out": chain_text_left_outside(response.get("content"), rec["chain"]),
+            before, tagged, after = split_tagged_reply(response.get("content"))
+            out.record({**rec, "tagged": tagged,
+                        "tagger_left_out": chain_words_outside((before, after), rec["chain"]) if tagged else None,
                         "tagger_finish_reason": response.get("finish_reason"),
                         **({"tagger_refusal": response["refusal"]} if response.get("finish_reason") == REFUSED
                            else {})})

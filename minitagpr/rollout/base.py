@@ -124,9 +124,11 @@ def check_request(
     max_new_tokens: int,
     stop_token_ids: Iterable[int] | None,
     vocab_size: int,
+    max_len: tuple[str, int] | None = None,
 ) -> list[int]:
     """Validate a generate() call up front and return the stop ids as a list; errors name the argument and,
-    for prompts, the prompt index."""
+    for prompts, the prompt index. `max_len` = (its name, its value): the positions a prompt and its completion
+    share (the model's max_position_embeddings, vLLM's max_model_len)."""
     if not isinstance(prompt_token_ids, (list, tuple)):
         raise RolloutError(f"prompt_token_ids must be a list of token-id lists, got {type(prompt_token_ids).__name__}")
     for i, ids in enumerate(prompt_token_ids):
@@ -149,6 +151,12 @@ def check_request(
         raise RolloutError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise RolloutError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if max_len is not None:
+        name, limit = max_len
+        for i, ids in enumerate(prompt_token_ids):
+            if len(ids) + max_new_tokens > limit:
+                raise RolloutError(f"prompt_token_ids[{i}] has {len(ids)} tokens; with max_new_tokens="
+                                   f"{max_new_tokens} it exceeds {name}={limit}")
     if stop_token_ids is None:
         return []
     if isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, Iterable):

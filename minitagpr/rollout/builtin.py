@@ -221,13 +221,10 @@ class BuiltinEngine(RolloutEngine):
         stop_token_ids: Iterable[int] | None = None,
         seed: int | None = 0,
     ) -> list[list[Completion]]:
-        stops = check_request(prompt_token_ids, n, temperature, top_p, max_new_tokens, stop_token_ids,
-                              self.model_vocab_size)
         max_position = getattr(self.model.config, "max_position_embeddings", None)
-        for i, ids in enumerate(prompt_token_ids):
-            if max_position is not None and len(ids) + max_new_tokens > max_position:
-                raise RolloutError(f"prompt_token_ids[{i}] has {len(ids)} tokens; with max_new_tokens="
-                                   f"{max_new_tokens} it exceeds the model's max_position_embeddings={max_position}")
+        stops = check_request(prompt_token_ids, n, temperature, top_p, max_new_tokens, stop_token_ids,
+                              self.model_vocab_size, max_len=None if max_position is None else
+                              ("the model's max_position_embeddings", max_position))
         device = next(self.model.parameters()).device
         if self.decode_mode() == "graph" and device.type != "cuda":  # before any prefill, not after the first chunk's
             raise RolloutError(f"decode='graph' (CUDA graphs) needs the model on a CUDA device, not {device}")

@@ -221,15 +221,13 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompt_token_ids, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256, stop_token_ids=None,
                  seed=0) -> list[list[Completion]]:
         vocab_limit = 2**31 - 1  # vLLM checks prompt ids against its own vocabulary
-        stops = check_request(prompt_token_ids, n, temperature, top_p, max_new_tokens, stop_token_ids, vocab_limit)
+        # vLLM would cut a completion at max_model_len and call it "length": refused up front instead
+        stops = check_request(prompt_token_ids, n, temperature, top_p, max_new_tokens, stop_token_ids, vocab_limit,
+                              max_len=("the engine's max_model_len", self.max_model_len))
         if temperature != 0 and not VLLM_MIN_TEMPERATURE <= temperature <= VLLM_MAX_TEMPERATURE:
             # vLLM raises above 2 (recent versions) and silently samples at 0.01 below it: another distribution
             raise RolloutError(f"temperature {temperature!r}: the vLLM engine samples at 0 (greedy) or in "
                                f"[{VLLM_MIN_TEMPERATURE:g}, {VLLM_MAX_TEMPERATURE:g}]; use engine: builtin for others")
-        for i, ids in enumerate(prompt_token_ids):  # vLLM would cut the completion there and call it "length"
-            if len(ids) + max_new_tokens > self.max_model_len:
-                raise RolloutError(f"prompt_token_ids[{i}] has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
-                                   f"it exceeds the engine's max_model_len={self.max_model_len}")
         if not self.weights_valid:
             raise RolloutError("generate after level-2 sleep needs sync_weights first: the weights were discarded "
                                "and reloading them from disk would undo training")

@@ -343,3 +343,91 @@ def test_resume_refuses_another_learning_rate_or_schedule_length(setup):
     with pytest.raises(ConfigError, match=r"max_steps 2 -> 3"):
         _run_in_process(_import_recipe(), _args(setup, "lr", max_steps=3))
     _run_in_process(_import_recipe(), _args(setup, "lr", max_steps=2, eval_every=1, save_every=2))  # plumbing
+
+
+# ----------------------------------------------------------------------------------------------- user rows in a run
+def test_user_dropout_reads_row_0_for_its_share_of_pairs_whatever_the_step():
+    """user_keep_mask: ~user_dropout of the pairs lose their row (an inverted comparison drops ~1 - user_dropout),
+    a function of (seed, step) only, and all kept without the table or without dropout."""
+    recipe = _import_recipe()
+    cfg = recipe.PrmuConfig(pairs=["x"], global_batch=4000, user_dropout=0.1, seed=3)
+    masks = [recipe.user_keep_mask(step, cfg) for step in range(3)]
+    for keep in masks:
+        assert len(keep) == 4000 and 0.08 < keep.count(False) / 4000 < 0.12
+    assert masks[0] != masks[1] and masks[0] == recipe.user_keep_mask(0, cfg)
+    for off in (dataclasses.replace(cfg, user_dropout=0.0), dataclasses.replace(cfg, use_user_table=False)):
+        assert recipe.user_keep_mask(5, off) == [True] * 4000
+
+
+@pytest.fixture(scope="module")
+def split_files(setup):
+    """Training pairs of queries q0-q19 (users u0-u3); held-out pairs of q20-q23, two of them by a user ("u9") who
+    has no training pair, so no table row."""
+    pairs = _pairs()
+    train = [p for p in pairs if int(p.example_id[1:]) < 20]
+    held = [dataclasses.replace(p, user="u9") if int(p.example_id[1:]) % 2 else p
+            for p in pairs if int(p.example_id[1:]) >= 20]
+    write_pairs(setup / "split_train.jsonl", train)
+    write_pairs(setup / "split_held.jsonl", held)
+    return setup / "split_train.jsonl", setup / "split_held.jsonl"
+
+
+def _table_run(setup, split_files, name, user_dropout):
+    train, held = split_files
+    _run_in_process(_import_recipe(), _args(setup, name, pairs=train, heldout_pairs=held, user_dropout=user_dropout,
+                                            global_batch=8, micro_batch=4, max_steps=3, warmup_steps=0,
+                                            eval_every=0, save_every=0))
+    return setup / name
+
+
+def _initial_table_row(setup) -> torch.Tensor:
+    """The row every user (and the unknown row 0) starts from: the recipe's own load of `init`."""
+    fresh = load_reward_model(setup / "lm", dtype=torch.float32, users=["u0", "u1", "u2", "u3"], new_head=True)
+    return fresh.user_table.weight[0].detach()
+
+
+def test_the_unknown_row_trains_only_through_user_dropout(setup, split_files):
+    """Row 0 gets a gradient only from the pairs that user dropout sends to it (no training pair has an unknown
+    user): without dropout it keeps its initial value exactly (Adam moves nothing on a zero gradient, the table is
+    never weight-decayed); with dropout it moves. A loop that ignores the keep mask left row 0 untrained."""
+    start = _initial_table_row(setup)
+    without = load_reward_model(_table_run(setup, split_files, "no_dropout", 0.0) / "hf").user_table.weight.detach()
+    with_dropout = load_reward_model(_table_run(setup, split_files, "dropout", 0.5) / "hf").user_table.weight.detach()
+    assert torch.equal(without[0], start)
+    assert (without[1:] - start).abs().max() > 1e-3  # the users' rows trained (table_lr 1e-2, 3 steps)
+    assert (with_dropout[0] - start).abs().max() > 1e-3
+
+
+def test_held_out_users_get_no_row_and_evaluation_scores_each_pair_with_its_users_row(setup, split_files):
+    """The user vocabulary is the training pairs' users (a held-out-only user reads row 0, as at RL time), and the
+    held-out loss the run reports is that of each pair scored with its own user's row: recomputed from the export,
+    where scoring every pair with row 0 would give another number."""
+    out = setup / "no_dropout"
+    if not (out / "final_eval.json").exists():
+        _table_run(setup, split_files, "no_dropout", 0.0)
+    held = read_pairs(split_files[1])
+    assert {p.user for p in held} == {"u0", "u2", "u9"}
+    scorer = PRMUScorer.from_pretrained(out / "hf")
+    assert scorer.model.users.users == ["u0", "u1", "u2", "u3"]  # u9 has no row of its own
+
+    def mean_loss(users):
+        f_pos = torch.tensor(scorer.logits(users, [p.prompt for p in held], [p.chosen.text for p in held]))
+        f_neg = torch.tensor(scorer.logits(users, [p.prompt for p in held], [p.rejected.text for p in held]))
+        return (-torch.nn.functional.logsigmoid(f_pos - f_neg)).mean().item()
+
+    final = json.loads((out / "final_eval.json").read_text())
+    assert final["all_pairs"] == len(held) == 8
+    assert final["all_loss"] == pytest.approx(mean_loss([p.user for p in held]), rel=1e-5)
+    assert abs(mean_loss([None] * len(held)) - final["all_loss"]) > 1e-4  # the rows make a difference, 100x the tol
+
+
+def test_micro_batches_of_2_and_of_the_whole_batch_give_the_same_losses(setup, one_proc_run):
+    """The Bradley-Terry loss is divided by the global pair count in every micro-batch: normalising each micro-batch
+    by its own size multiplied the loss (and gradient) by the number of micro-batches, the same on any world size
+    (so the 1-vs-2-process test cannot see it)."""
+    _run_in_process(_import_recipe(), _args(setup, "mb8", micro_batch=8))
+    small, whole = _losses(one_proc_run), _losses(setup / "mb8")
+    assert sorted(small) == sorted(whole) == [1, 2, 3, 4]
+    for step in small:
+        assert whole[step] == pytest.approx(small[step], rel=1e-4), step  # summation order only
+    # (weights are not compared: Adam turns the summation-order noise of near-zero gradients into +-lr steps)

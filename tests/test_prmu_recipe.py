@@ -380,10 +380,14 @@ def _table_run(setup, split_files, name, user_dropout):
     return setup / name
 
 
+def _initial_model(setup):
+    """The model a run on the four users u0-u3 starts from: the recipe's own load of `init` (seed 0)."""
+    return load_reward_model(setup / "lm", dtype=torch.float32, users=["u0", "u1", "u2", "u3"], new_head=True)
+
+
 def _initial_table_row(setup) -> torch.Tensor:
-    """The row every user (and the unknown row 0) starts from: the recipe's own load of `init`."""
-    fresh = load_reward_model(setup / "lm", dtype=torch.float32, users=["u0", "u1", "u2", "u3"], new_head=True)
-    return fresh.user_table.weight[0].detach()
+    """The row every user (and the unknown row 0) starts from."""
+    return _initial_model(setup).user_table.weight[0].detach()
 
 
 def test_the_unknown_row_trains_only_through_user_dropout(setup, split_files):
@@ -431,3 +435,20 @@ def test_micro_batches_of_2_and_of_the_whole_batch_give_the_same_losses(setup, o
     for step in small:
         assert whole[step] == pytest.approx(small[step], rel=1e-4), step  # summation order only
     # (weights are not compared: Adam turns the summation-order noise of near-zero gradients into +-lr steps)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-12])
+def test_the_step_clips_the_gradient_norm_to_max_grad_norm(setup, max_grad_norm):
+    """Clipped to 1e-12, every gradient entry sits far below Adam's eps (1e-8): the first step moves no weight (nor
+    table row) by more than about 1e-4 x its lr. Unclipped, Adam's first step moves weights by about lr."""
+    out = f"clip{max_grad_norm}"
+    _run_in_process(_import_recipe(), _args(setup, out, max_grad_norm=max_grad_norm, max_steps=1, warmup_steps=0,
+                                            user_dropout=0.0, eval_every=0, save_every=0))
+    before = _initial_model(setup).state_dict()
+    after = load_reward_model(setup / out / "hf").state_dict()
+    moved = {n: (after[n] - before[n]).abs().max().item() for n in after}
+    table = moved.pop("user_table.weight")
+    if max_grad_norm:
+        assert max(moved.values()) < 2e-4 * 1e-3 and table < 2e-4 * 1e-2, (max(moved.values()), table)
+    else:
+        assert max(moved.values()) > 0.5 * 1e-3 and table > 0.5 * 1e-2, (max(moved.values()), table)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minitagpr.rl.gspo import gspo_loss
 from minitagpr.rl.loop import RLConfig, make_sequences, minibatch_index, prompts_for_step, Prompt
 from minitagpr.rollout.base import Completion
 from minitagpr.rollout.builtin import BuiltinEngine
@@ -231,6 +232,75 @@ def test_config_rejects_unknown_engines_and_decode_loops():
     with pytest.raises(ValueError, match="builtin_decode must be"):
         RLConfig(builtin_decode="cuda")
     assert RLConfig(builtin_decode="graph").builtin_decode == "graph"
+
+
+def test_the_update_clips_the_ratio_with_eps_low_below_and_eps_high_above(tmp_path):
+    """An asymmetric band (0.05 below, 0.3 above): the update's loss is gspo_loss's with the config's eps_low and
+    eps_high, not with the two swapped (every other test uses one value for both)."""
+    import minitagpr.rl.loop as L
+    from minitagpr import distributed as D
+    from minitagpr.model.presets import make_tiny_checkpoint
+    from minitagpr.train.optim import build_optimizer
+    sys.path.insert(0, str(HERE))
+    from rl_step_worker import synthetic_batch
+
+    ckpt = make_tiny_checkpoint(tmp_path / "c", seed=4)
+    input_ids, targets, mask, adv = synthetic_batch(num_prompts=4, G=4, vocab=512, seed=2)
+    info = D.init_distributed()
+    try:
+        model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
+        cfg = RLConfig(group_size=4, num_minibatches=1, ppo_epochs=1, micro_batch_size=16, eps_low=0.05,
+                       eps_high=0.3, prompts_per_step=4)
+        with torch.no_grad():
+            logp, _ = model(input_ids, targets=targets)  # (N, T) pi_theta before the (lr = 0) step
+        # pi_old off by a per-sequence shift: sequence ratios spread over about [0.6, 1.6]
+        shift = torch.linspace(-0.5, 0.5, len(adv))[torch.randperm(len(adv), generator=torch.Generator().manual_seed(0))]
+        old = (logp + shift[:, None]) * mask
+        batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
+        m = L.reduce_train_metrics(L.gspo_update(model, build_optimizer(model, 0.0), batch, cfg, info.device),
+                                   info.device)
+    finally:
+        D.destroy_distributed()
+    n = int(mask.any(dim=1).sum())
+    right, _ = gspo_loss(logp, old, adv, mask, eps_low=0.05, eps_high=0.3, num_sequences=n)
+    swapped, _ = gspo_loss(logp, old, adv, mask, eps_low=0.3, eps_high=0.05, num_sequences=n)
+    assert abs(right.item() - swapped.item()) > 1e-3  # the band's two sides matter on this batch
+    assert m["gspo/loss"] == pytest.approx(right.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-12])
+def test_the_update_clips_the_gradient_norm_to_grad_clip(tmp_path, grad_clip):
+    """A norm clipped to 1e-12 leaves each gradient entry far below Adam's eps (1e-8), so the first step moves no
+    weight by more than about 1e-4 x lr; unclipped, Adam's first step moves the weights by about lr. (An update
+    that skips the clipping moves them by lr with any grad_clip.)"""
+    import minitagpr.rl.loop as L
+    from minitagpr import distributed as D
+    from minitagpr.model.presets import make_tiny_checkpoint
+    from minitagpr.train.optim import build_optimizer
+    sys.path.insert(0, str(HERE))
+    from rl_step_worker import synthetic_batch
+
+    ckpt = make_tiny_checkpoint(tmp_path / "c", seed=4)
+    input_ids, targets, mask, adv = synthetic_batch(num_prompts=4, G=4, vocab=512, seed=2)
+    lr = 1e-3
+    info = D.init_distributed()
+    try:
+        model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
+        before = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        cfg = RLConfig(group_size=4, num_minibatches=1, ppo_epochs=1, micro_batch_size=16, grad_clip=grad_clip,
+                       prompts_per_step=4, lr=lr)
+        old = L.sequence_logprobs(model, input_ids, targets, [torch.arange(len(adv))])
+        batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
+        m = L.reduce_train_metrics(L.gspo_update(model, build_optimizer(model, lr), batch, cfg, info.device),
+                                   info.device)
+        moved = max((p.full_tensor().detach() - before[n]).abs().max().item() for n, p in model.named_parameters())
+    finally:
+        D.destroy_distributed()
+    assert m["gspo/grad_norm"] > 1e-3  # the norm before clipping is logged either way
+    if grad_clip:
+        assert moved < 2e-4 * lr, moved
+    else:
+        assert moved > 0.5 * lr, moved
 
 
 def _free_port():

@@ -178,6 +178,33 @@ def test_metrics_lines_carry_the_documented_fields(runs):
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs
+def test_held_out_records_never_train(inputs, tmp_path, capsys):
+    """The eval_holdout records are left out of the documents that are packed into training rows (tokenizing every
+    record for training, held-out ones included, passed every other test)."""
+    total = sum(1 for line in Path(inputs["data"]).read_text().splitlines() if line.strip())
+    run_in_process(common(inputs, tmp_path / "held", micro_batch=8, max_steps=1, eval_holdout=4,
+                          eval_max_new_tokens=2))
+    assert f"[sft] {total - 4} documents (4 held out) -> " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-12])
+def test_the_step_clips_the_gradient_norm_to_grad_clip(inputs, tmp_path, grad_clip):
+    """A norm clipped to 1e-12 leaves each gradient entry far below Adam's eps (1e-8): the first step moves no weight
+    by more than about 1e-4 x lr. Unclipped, Adam's first step moves weights by about lr (and so would a loop that
+    skips the clipping, whatever grad_clip says)."""
+    lr = 1e-3
+    out = tmp_path / f"clip{grad_clip}"
+    run_in_process(common(inputs, out, micro_batch=8, max_steps=1, warmup_ratio=0.0, lr=lr, grad_clip=grad_clip))
+    before = load_file(str(Path(inputs["model"]) / "model.safetensors"))
+    after = weights(out)
+    moved = max((after[n].float() - before[n].float()).abs().max().item() for n in after)
+    assert grad_norms(out)[0] > 1e-3  # the norm before clipping is logged either way
+    if grad_clip:
+        assert moved < 2e-4 * lr, moved
+    else:
+        assert moved > 0.5 * lr, moved
+
+
 def test_unknown_config_key_fails_with_a_suggestion(inputs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         recipe().main(common(inputs, tmp_path / "x") + ["global_bacth=4"])

@@ -10,8 +10,11 @@ each stage writes a stamp before it trains and marks it complete after its expor
 
 `upstream` holds the world's fingerprint and the build ids of the earlier stages it read, so a rebuilt earlier
 stage makes every later one stale. `plan` decides, the same on every rank (it only reads):
-  - no stamp and no export: build (the stage's own checkpoints, if any, resume under their own checks)
-  - no stamp but an export: refuse; the settings behind it are unknown (an older minitagpr, or a stage run by hand)
+  - no stamp, no export, no checkpoints: build
+  - no stamp but an export or checkpoints: refuse; the settings and the earlier stages behind them are unknown (an
+    older minitagpr, a stage run by hand, a deleted stamp). A build always stamps its folder before it trains, so
+    its own checkpoints never lack a stamp; a resume's own checks could not tell another SFT policy behind an RL
+    stage's checkpoints (same shapes, other weights)
   - rerun, or an earlier stage rebuilt since: build from scratch (no resume: its checkpoints are stale)
   - other settings than this run's: refuse, naming each key, so a finished result is never overwritten or reused
     for settings it was not built with
@@ -112,7 +115,11 @@ def plan(folder: Path, export: Path, stage_settings: dict, upstream: dict, *, re
             raise ConfigError(f"{export} exists but {folder / STAMP} does not, so the settings it was built with are "
                               f"unknown (an older minitagpr, or the stage run by hand): delete {folder} and the "
                               "stages after it to rebuild them here, or give this run a new workdir=")
-        return Plan(False, checkpoints, "not built yet", new_build)
+        if checkpoints:  # nothing ties them to this run's settings or earlier stages (a policy rebuilt since?)
+            raise ConfigError(f"{folder / 'checkpoints'} exists but {folder / STAMP} does not, so what they were "
+                              f"trained from is unknown (the stamp deleted, or the stage run by hand): delete "
+                              f"{folder} to rebuild the stage here, or give this run a new workdir=")
+        return Plan(False, False, "not built yet", new_build)
     if rerun:
         return Plan(False, False, "rerun=true: building it again", new_build)
     stale = sorted(k for k in set(old["upstream"]) | set(upstream) if old["upstream"].get(k) != upstream.get(k))
@@ -134,8 +141,18 @@ def plan(folder: Path, export: Path, stage_settings: dict, upstream: dict, *, re
 
 
 def unstamped(folders: Iterable[tuple[Path, Path]]) -> list[Path]:
-    """The exports among (folder, export) pairs whose folder has no stamp: built by an older minitagpr or by hand."""
-    return [Path(e) for f, e in folders if (Path(e) / "config.json").exists() and not (Path(f) / STAMP).exists()]
+    """For each (folder, export) pair whose folder has no stamp, its export, else its checkpoints folder, if present:
+    what `plan` would refuse (built by an older minitagpr, by hand, or the stamp deleted), to name them all at once."""
+    found = []
+    for folder, export in folders:
+        folder, export = Path(folder), Path(export)
+        if (folder / STAMP).exists():
+            continue
+        if (export / "config.json").exists():
+            found.append(export)
+        elif (folder / "checkpoints").is_dir():
+            found.append(folder / "checkpoints")
+    return found
 
 
 def _write(folder: Path, stamp: dict) -> None:

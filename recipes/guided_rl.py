@@ -451,9 +451,10 @@ def main(argv: list[str]) -> None:
         dirs = stage_dirs(work, root)
         old = stages.unstamped(dirs.values())
         if old:  # all named at once, before anything trains
-            raise ConfigError(f"{', '.join(map(str, old))}: built without a {stages.STAMP} (an older minitagpr, or a "
-                              "stage run by hand), so the settings behind them are unknown; delete those stage "
-                              f"folders (or all of {work}) to rebuild them, or give this run a new workdir=")
+            raise ConfigError(f"{', '.join(map(str, old))}: built without a {stages.STAMP} (an older minitagpr, a "
+                              "stage run by hand, or its stamp deleted), so what they were built from is unknown; "
+                              f"delete those stage folders (or all of {work}) to rebuild them, or give this run a new "
+                              "workdir=")
         # 1-3. earlier stages, built once
         paths = demo_stages(cfg, dirs)
         guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"]), data_root=str(work / "world"),

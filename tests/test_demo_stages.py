@@ -109,10 +109,16 @@ def test_an_export_without_a_stamp_is_refused_and_begin_removes_a_stale_export(t
     with pytest.raises(ConfigError, match="stage.json does not") as err:
         stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
     assert str(tmp_path / "hf") in str(err.value)
-    (tmp_path / "checkpoints").mkdir()  # a stamp-less folder with checkpoints only: its own resume checks decide
     (tmp_path / "hf" / "config.json").unlink()
     p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
-    assert (p.reuse, p.resume) == (False, True)
+    assert (p.reuse, p.resume) == (False, False) and p.reason == "not built yet"
+    # stamp-less checkpoints: nothing says which settings or which earlier stage (e.g. which SFT policy) they
+    # trained from, and the recipe's own resume checks cannot see another policy of the same shapes
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="checkpoints exists but .*stage.json does not") as err:
+        stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+    assert f"delete {tmp_path} to rebuild" in str(err.value)
+    p = stages.Plan(False, True, "", "b")  # as an interrupted build's resume
     _export(tmp_path)
     stages.begin(tmp_path, tmp_path / "hf", p, "sft", SETTINGS, UP, fresh_also=[tmp_path / "base"])
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.stale").exists()
@@ -468,3 +474,13 @@ def test_the_report_counts_well_formed_generations_per_row():
     assert [line.split() for line in lines] == [["SFT", "format", "119", "/", "120", "tags", "90", "/", "120"],
                                                 ["Guided", "RL", "format", "120", "/", "120", "tags", "118", "/",
                                                  "120"]]
+
+
+def test_unstamped_names_every_stamp_less_export_or_checkpoints_folder(tmp_path):
+    """The demo names all of them before anything trains (`plan` would refuse each one in turn)."""
+    pairs = [(tmp_path / s, tmp_path / s / "hf") for s in ("sft", "prmu", "guided", "exploratory")]
+    _export(pairs[0][0])  # an export of an older minitagpr
+    (pairs[1][0] / "checkpoints").mkdir(parents=True)  # checkpoints whose stamp was deleted
+    (pairs[2][0] / "checkpoints").mkdir(parents=True)
+    stages.begin(pairs[2][0], pairs[2][1], stages.Plan(False, True, "", "b"), "guided", SETTINGS, UP)  # stamped
+    assert stages.unstamped(pairs) == [pairs[0][1], pairs[1][0] / "checkpoints"]

@@ -113,6 +113,10 @@ def test_explored_tags_that_are_not_strings_name_the_line_and_position(tmp_path)
      r"stats/sample\.json: field 'extra\.histogram\.LaMP-3': expected an object of"),
     ('{"tasks": {}, "extra": {"max_per_instance": "2"}}',
      r"stats/sample\.json: field 'extra\.max_per_instance': expected a whole number"),
+    ('{"tasks": {}, "extra": {"seq_len_fit": {"seq_len": 4096.5, "tasks": {}}}}',
+     r"stats/sample\.json: field 'extra\.seq_len_fit': expected an object with a whole-number seq_len"),
+    ('{"tasks": {}, "extra": {"seq_len_fit": {"seq_len": 8, "tasks": {"LaMP-3": {"records": 2, "fit": 1}}}}}',
+     r"stats/sample\.json: field 'extra\.seq_len_fit\.tasks\.LaMP-3': expected an object of whole numbers"),
 ])
 def test_a_damaged_stats_file_is_named_with_its_field(tmp_path, text, error):
     cfg = make_cfg(tmp_path)
@@ -170,3 +174,11 @@ def test_the_chain_configs_data_keys_are_checked_when_parsed(setting, key):
     from minitagpr.data.chains import ChainsConfig
     with pytest.raises(ConfigError, match=rf"{key} must be one of"):
         parse_cli(ChainsConfig, ["data.lamp_root=x", setting])
+
+
+def test_a_missing_sft_tokenizer_is_named_before_the_sft_stage_writes(tmp_path):
+    from minitagpr.config import ConfigError
+    cfg = make_cfg(tmp_path, sft_tokenizer=str(tmp_path / "no-tokenizer"))
+    with pytest.raises(ConfigError, match=r"sft_tokenizer=.*no-tokenizer: tokenizer folder .* does not exist"):
+        _run(cfg, "sft")
+    assert not (cfg_out(cfg) / "sft.jsonl").exists()

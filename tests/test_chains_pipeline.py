@@ -116,6 +116,27 @@ def test_scripted_model_runs_every_stage_into_valid_sft_records_and_reruns_for_f
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     clusters = json.loads((out / "clusters.json").read_text())
     assert 1 <= len(clusters["clusters"]) <= 4 and clusters["segments"] > 0
+    assert "Not measured against SFT's seq_len" in report
+
+    # with the policy's tokenizer: the records that fit SFT's seq_len whole, per task, as recipes/sft.py counts
+    lengths = sorted(len(d.ids) for d in docs)
+    seq_len = lengths[len(lengths) // 2]
+    measured = load_config(ChainsConfig, overrides=config(out, world, "http://127.0.0.1:9/v1",
+                                                          sft_tokenizer=str(world.tokenizer_dir), sft_seq_len=seq_len))
+    run_stages(measured, ["sft", "report"], log=lambda m: None)  # no endpoint stage runs
+    fit = json.loads((out / "stats" / "sft.json").read_text())["extra"]["seq_len_fit"]
+    by_task = {}
+    for r, d in zip(records, docs):
+        row = by_task.setdefault(r.task, {"records": 0, "fit": 0, "longest": 0})
+        row["records"] += 1
+        row["fit"] += len(d.ids) <= seq_len
+        row["longest"] = max(row["longest"], len(d.ids))
+    assert fit == {"seq_len": seq_len, "tokenizer": str(world.tokenizer_dir), "tasks": by_task}
+    assert 0 < sum(r["fit"] for r in by_task.values()) < len(records)  # the median splits them
+    report = (out / "report.md").read_text()
+    n_fit = sum(r["fit"] for r in by_task.values())
+    assert f"fit SFT's seq_len={seq_len} whole" in report
+    assert f"| **all** | {len(records)} | {n_fit} | {100 * n_fit / len(records):.1f}% | {lengths[-1]} |" in report
 
 
 def test_a_stage_refuses_upstream_files_that_no_longer_belong_together(tmp_path, world):

@@ -68,7 +68,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from minitagpr.config import check_choice
+from minitagpr.config import ConfigError, check_choice
 from minitagpr.data import chain_prompts
 from minitagpr.data.answers import extract_answer, normalize
 from minitagpr.data.chain_client import (
@@ -238,8 +238,15 @@ class ChainsConfig:
     tagger: TaggerEndpoint = field(default_factory=TaggerEndpoint)
     filters: FilterConfig = field(default_factory=FilterConfig)
     tagging: TaggingConfig = field(default_factory=TaggingConfig)
+    # The policy's tokenizer folder: the sft stage then tokenizes its records as recipes/sft.py does (chat template,
+    # thinking on) and the report counts per task those that fit SFT's sft_seq_len whole (recipes/sft.py stops on a
+    # longer one unless drop_long/truncate_long). Empty: not measured.
+    sft_tokenizer: str = ""
+    sft_seq_len: int = 4096       # SFT's seq_len (sft_qwen3_8b.yaml: 4096)
 
     def __post_init__(self):
+        if self.sft_seq_len < 1:
+            raise ValueError(f"sft_seq_len must be >= 1, got {self.sft_seq_len}")
         unknown = [s for s in self.stages if s != "all" and s not in STAGES]
         if unknown:
             raise ValueError(f"stages: unknown {', '.join(unknown)}; choose from all, {', '.join(STAGES)}")
@@ -1084,6 +1091,7 @@ def stage_sft(ctx: Context) -> StageCounts:
     (classification answers in their canonical label form). With `max_per_instance`, the best judged chains of
     each instance are kept (ties: lower sample index). `prompt_style` picks the instruction's wording."""
     cfg = ctx.cfg
+    tokenizer = policy_tokenizer(cfg.sft_tokenizer) if cfg.sft_tokenizer else None  # a bad folder fails first
     instances = load_instances(ctx.out)
     counts = StageCounts("sft")
     source = ctx.path("format")
@@ -1115,7 +1123,33 @@ def stage_sft(ctx: Context) -> StageCounts:
                             "chain": rec["chain"], "answer": answer})
                 counts.kept(task)
     counts.extra["max_per_instance"] = cap  # for the report's final count
+    if tokenizer is not None:
+        counts.extra["seq_len_fit"] = seq_len_fit(ctx.path("sft"), tokenizer, cfg.sft_seq_len)
     return counts
+
+
+def policy_tokenizer(folder: str):
+    from minitagpr.tokenizer import Tokenizer, TokenizerError
+    try:
+        return Tokenizer.from_dir(folder)
+    except TokenizerError as err:
+        raise ConfigError(f"sft_tokenizer={folder}: {err}") from None
+
+
+def seq_len_fit(path: Path, tokenizer, seq_len: int) -> dict[str, Any]:
+    """Per task, how many SFT records of `path` fit `seq_len` tokens whole, tokenized as recipes/sft.py does:
+    {"seq_len", "tokenizer", "tasks": {task: {"records", "fit", "longest"}}}. A record the SFT reader or tokenizer
+    refuses is an error naming file and line here, not at SFT time."""
+    from minitagpr.train import sft_data
+    records = sft_data.read_sft_records(path)
+    docs = sft_data.tokenize_records(records, tokenizer, path)
+    tasks: dict[str, dict[str, int]] = {}
+    for rec, doc in zip(records, docs):
+        row = tasks.setdefault(rec.task, {"records": 0, "fit": 0, "longest": 0})
+        row["records"] += 1
+        row["fit"] += len(doc.ids) <= seq_len
+        row["longest"] = max(row["longest"], len(doc.ids))
+    return {"seq_len": seq_len, "tokenizer": str(tokenizer.source), "tasks": tasks}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1186,6 +1220,12 @@ def read_stats(path: Path) -> dict:
             raise bad(f"extra.histogram.{task}", "an object of {total: count} whole numbers")
     if not is_count(extra.get("max_per_instance", 0)):
         raise bad("extra.max_per_instance", "a whole number")
+    fit = extra.get("seq_len_fit", {"seq_len": 1, "tasks": {}})
+    if not (isinstance(fit, dict) and is_count(fit.get("seq_len")) and isinstance(fit.get("tasks"), dict)):
+        raise bad("extra.seq_len_fit", "an object with a whole-number seq_len and per-task counts")
+    for task, row in fit["tasks"].items():
+        if not (isinstance(row, dict) and all(is_count(row.get(k)) for k in ("records", "fit", "longest"))):
+            raise bad(f"extra.seq_len_fit.tasks.{task}", "an object of whole numbers records, fit, longest")
     return stats
 
 
@@ -1201,7 +1241,24 @@ def final_count_markdown(stats: Mapping[str, dict]) -> list[str]:
            f"instances = {max_per_instance * instances}" if max_per_instance else
            "filters.max_per_instance=0 keeps every chain that passed the filters")
     return lines + [f"**{n} SFT chains** in sft.jsonl; tagpr-method.md's Stage 0 has about {SPEC_CHAINS:,} "
-                    f"({100 * n / SPEC_CHAINS:.0f}% of that). {cap}.", ""]
+                    f"({100 * n / SPEC_CHAINS:.0f}% of that). {cap}.", ""] + seq_len_markdown(stats["sft"])
+
+
+def seq_len_markdown(sft_stats: Mapping[str, Any]) -> list[str]:
+    """The sft stage's records against SFT's seq_len (`seq_len_fit`), when it was measured."""
+    fit = sft_stats.get("extra", {}).get("seq_len_fit")
+    if not fit:
+        return ["Not measured against SFT's seq_len: set sft_tokenizer= (the policy's tokenizer folder) and "
+                "sft_seq_len= to count the records recipes/sft.py can train whole.", ""]
+    rows = fit["tasks"]
+    total = {k: sum(r[k] for r in rows.values()) for k in ("records", "fit")}
+    lines = [f"Records that fit SFT's seq_len={fit['seq_len']} whole (tokenizer {fit['tokenizer']}); recipes/sft.py "
+             "stops on a longer one unless drop_long=true (left out) or truncate_long=true (cut):", "",
+             "| task | records | fit | share | longest (tokens) |", "|---|---|---|---|---|"]
+    for task, r in {**rows, "**all**": {**total, "longest": max((r["longest"] for r in rows.values()), default=0)}}.items():
+        share = f"{100 * r['fit'] / r['records']:.1f}%" if r["records"] else "-"
+        lines.append(f"| {task} | {r['records']} | {r['fit']} | {share} | {r['longest']} |")
+    return lines + [""]
 
 
 def report_markdown(stats: Mapping[str, dict], histogram: Mapping[int, int], segments: Counter,

@@ -1,6 +1,7 @@
 """HF checkpoint I/O: round trips through transformers (one file and shards), and every bad input named."""
 import dataclasses
 import json
+import re
 import os
 import stat
 import struct
@@ -178,6 +179,35 @@ def test_config_missing_field_and_unsupported_settings(tmp_path):
     msg = str(e.value)
     for part in ("config.json", "missing fields hidden_size", "rope_scaling", "use_sliding_window", "fancy_key"):
         assert part in msg
+
+
+@pytest.mark.parametrize("rope, extra, message", [
+    ({"type": "yarn", "factor": 4.0, "rope_theta": 1e6}, {}, "only rope_type 'default'"),  # the older key name
+    ({"full_attention": {"rope_type": "yarn", "factor": 4.0}}, {}, "only rope_type 'default'"),  # per layer type
+    ({"rope_type": "default", "rope_theta": 5e5}, {"rope_theta": 1e6}, "differ (transformers reads the latter)"),
+    (None, {"attention_dropout": 0.1}, "attention dropout is not implemented"),
+])
+def test_a_rope_or_dropout_this_model_would_not_run_as_written_is_refused(tmp_path, rope, extra, message):
+    """transformers runs each of these configs with another RoPE (YaRN scales cos/sin at every length) or with
+    attention dropout; read as the default RoPE without dropout, every logit would differ without a word."""
+    folder = _ckpt(tmp_path)
+    cfg = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "rope_theta"}
+    if rope is not None:
+        cfg["rope_parameters"] = rope
+    (folder / "config.json").write_text(json.dumps({**cfg, **extra}))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_pretrained(folder)
+
+
+def test_rope_theta_nested_in_rope_parameters_is_read(tmp_path):
+    folder = _ckpt(tmp_path)
+    cfg = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "rope_theta"}
+    for rope in ({"rope_type": "default", "rope_theta": 5e5}, {"type": "default", "rope_theta": 5e5}):
+        (folder / "config.json").write_text(json.dumps({**cfg, "rope_parameters": rope}))
+        assert Qwen3Config.from_json(folder / "config.json").rope_theta == 5e5
+    (folder / "config.json").write_text(json.dumps({**cfg, "rope_theta": 5e5,
+                                                    "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}))
+    assert Qwen3Config.from_json(folder / "config.json").rope_theta == 5e5  # the same value twice is fine
 
 
 def test_real_qwen3_configs_parse(qwen3_configs_dir):

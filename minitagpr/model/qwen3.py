@@ -95,7 +95,8 @@ class Qwen3Config:
                       "an even integer > 0 (RoPE rotates pairs of dimensions)"),
             rope_theta=(lambda v: number(v) and v > 0, "a finite number > 0"),
             rms_norm_eps=(lambda v: number(v) and v > 0, "a finite number > 0"),
-            attention_dropout=(lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
+            attention_dropout=(lambda v: number(v) and v == 0, "0 (attention dropout is not implemented; the "
+                                                                "released Qwen3 configs have 0.0)"),
             initializer_range=(lambda v: number(v) and v >= 0, "a finite number >= 0"),
             tie_word_embeddings=(lambda v: isinstance(v, bool), "true or false"),
             attention_bias=(lambda v: isinstance(v, bool), "true or false"),
@@ -121,11 +122,16 @@ class Qwen3Config:
         if d.get("rope_scaling") not in (None, {}):
             problems.append(f"rope_scaling={d['rope_scaling']!r} (RoPE scaling is not implemented)")
         rope = d.get("rope_parameters")
-        if rope is not None:
-            if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-                problems.append(f"rope_parameters={rope!r} (only rope_type 'default' is implemented)")
-            elif "rope_theta" not in d and "rope_theta" in rope:
-                d = {**d, "rope_theta": rope["rope_theta"]}  # transformers >= 5 nests rope_theta here
+        if rope is not None:  # transformers >= 5 nests rope_theta here; "type" is the older name of rope_type
+            plain = isinstance(rope, dict) and set(rope) <= {"rope_type", "type", "rope_theta"} \
+                and rope.get("rope_type", rope.get("type", "default")) == "default"
+            if not plain:  # e.g. yarn, or parameters per layer type: another RoPE, never silently the default one
+                problems.append(f"rope_parameters={rope!r} (only rope_type 'default' with rope_theta is implemented)")
+            elif "rope_theta" in rope and "rope_theta" in d and rope["rope_theta"] != d["rope_theta"]:
+                problems.append(f"rope_theta={d['rope_theta']!r} and rope_parameters.rope_theta="
+                                f"{rope['rope_theta']!r} differ (transformers reads the latter)")
+            elif "rope_theta" in rope:
+                d = {**d, "rope_theta": rope["rope_theta"]}
         if d.get("use_sliding_window"):
             problems.append("use_sliding_window=true (sliding-window attention is not implemented)")
         layer_types = d.get("layer_types") or []

@@ -71,6 +71,21 @@ def test_save_is_atomic_and_replaces(tmp_path):
     assert not torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
+def test_a_save_into_a_folder_that_is_not_an_export_is_refused_and_leaves_it_alone(tmp_path):
+    """A save replaces its folder as a whole: pointed at a run folder, it would have deleted everything in it."""
+    model = build_model(tiny_config("tiny"), seed=1)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match=r"run: exists and is not a model export \(no config.json\)"):
+        save_pretrained(model, run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left either
+    (tmp_path / "empty").mkdir()
+    save_pretrained(model, tmp_path / "empty")  # an empty folder is fine
+    assert (tmp_path / "empty" / "config.json").is_file()
+
+
 def _text_file(path):
     path.write_text("{}")
     return path

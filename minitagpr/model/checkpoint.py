@@ -334,6 +334,9 @@ def atomic_dir(out_dir: Path):
         os.replace(olds.pop(), out_dir)  # killed between commit's renames: the previous export is back
     for debris in olds + _siblings(out_dir, "tmp"):
         shutil.rmtree(debris, ignore_errors=True)
+    if out_dir.exists() and not (out_dir / "config.json").is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(f"{out_dir}: exists and is not a model export (no config.json); a save replaces the "
+                              "whole folder, so give a new or empty folder")  # e.g. a run folder: never wiped
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
 
     def commit():
@@ -389,7 +392,8 @@ def save_pretrained(model: Qwen3ForCausalLM, out_dir, *, state_dict: dict[str, t
     """config.json + safetensors (sharded above max_shard_bytes) that transformers' Qwen3ForCausalLM loads.
 
     `state_dict` overrides the model's tensors (e.g. a full state dict gathered from FSDP shards on rank 0).
-    `extra_files` {name: source path} are copied in (tokenizer files). The folder appears atomically."""
+    `extra_files` {name: source path} are copied in (tokenizer files). The folder appears atomically and replaces
+    an earlier export there as a whole; any other non-empty folder is refused (its files would be lost)."""
     out_dir = Path(out_dir)
     sd = export_state_dict(model) if state_dict is None else dict(state_dict)
     if model.config.tie_word_embeddings:

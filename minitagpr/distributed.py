@@ -17,6 +17,7 @@ import gc
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -25,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from minitagpr.config import ConfigError
+
+T = TypeVar("T")
 from minitagpr.model.checkpoint import fsync_path
 
 CKPT_PATTERN = re.compile(r"^step_(\d{6,})$")
@@ -205,6 +208,32 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def on_main(fn: Callable[[], T]) -> T | None:
+    """Collective. `fn()` on rank 0 only; then every rank learns whether it raised, and the others raise an error of
+    the same type and message. Without this a rank 0 that stopped (a mis-shaped tensor, a full disk) left the others
+    waiting in the next collective: torchrun stops them, a launcher that does not (srun) let them hold their GPUs
+    until the process group's timeout. Returns fn's result on rank 0, None on the others (a result of None on
+    rank 0 too: `on_main(...) or default` gives the others the default)."""
+    result, failure = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 -- re-raised below, after the other ranks heard of it
+            failure = err
+    shared = None
+    if failure is not None:
+        try:  # the error itself when it survives pickling (its type and fields, e.g. an OSError's filename)
+            shared = pickle.loads(pickle.dumps(failure))
+        except Exception:  # noqa: BLE001 -- e.g. an error holding an open file: its type and message instead
+            shared = RuntimeError(f"{type(failure).__name__}: {failure}")
+    shared = broadcast_object(shared)
+    if failure is not None:
+        raise failure
+    if shared is not None:
+        raise shared
+    return result
+
+
 # ----------------------------------------------------------------------------------------------- FSDP2
 def release_memory() -> None:
     """Free what a finished stage left behind before the next one loads. An FSDP2 module and its hooks' state
@@ -297,7 +326,7 @@ def build_sharded_causal_lm(path: str | os.PathLike, info: DistInfo, mesh: Devic
         model = Qwen3ForCausalLM(config)
     shard_model(model, mesh, mixed_precision(info.device, mp_mode), activation_checkpointing)
     # fp32 master weights whatever the file stores; only rank 0 reads the file (others receive broadcasts)
-    full = load_pretrained(folder, dtype=torch.float32).state_dict() if info.is_main else {}
+    full = on_main(lambda: load_pretrained(folder, dtype=torch.float32).state_dict()) or {}
     materialize_and_load(model, full, info.device)
     del full
     return model
@@ -363,12 +392,12 @@ def checkpoint_to_resume(ckpt_dir: str | os.PathLike, resume: bool, tag: str) ->
     ckpt_dir = Path(ckpt_dir)
     if resume:
         return latest_checkpoint(ckpt_dir)
-    if is_main():
+    def remove() -> None:
         existed = ckpt_dir.exists()
         remove_dir(ckpt_dir)  # also what a killed earlier removal left aside
         if existed:
             log(f"{tag} resume=false: removed the earlier run's checkpoints in {ckpt_dir}")
-    barrier()
+    on_main(remove)
     return None
 
 
@@ -445,10 +474,10 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
     ckpt_dir = Path(ckpt_dir)
     final = checkpoint_path(ckpt_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if info.is_main:
+    def prepare() -> None:
         _tidy_checkpoints(ckpt_dir)  # debris of an earlier crash, this step's .tmp included
         tmp.mkdir(parents=True)
-    barrier()
+    on_main(prepare)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # fsyncs its files
     rng = io.BytesIO()
@@ -456,7 +485,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
     write_synced(tmp / f"rng_rank{info.rank:05d}.pt", rng.getvalue())
     fault_point("save", step)
     barrier()  # every rank's files are written
-    if info.is_main:
+
+    def commit() -> None:
         payload = dict(state, step=step, world_size=info.world_size)
         write_synced(tmp / "state.json", json.dumps(payload, indent=2).encode())  # last: the folder is complete
         fsync_path(tmp)  # its entries too
@@ -474,7 +504,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
                 doomed = _aside(ckpt_dir, s, "del")
                 os.replace(steps[s], doomed)  # a half-deleted folder never keeps a final name
                 shutil.rmtree(doomed, ignore_errors=True)
-    barrier()
+    on_main(commit)
     return final
 
 
@@ -489,8 +519,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {', '.join(missing)})")
 
     def unusable(why: str) -> CheckpointError:
-        return CheckpointError(f"{path}: cannot resume from this checkpoint ({why}); delete it or run with "
-                               f"resume=false")
+        steps, _ = _scan_checkpoints(path.parent)
+        older = [p for p in steps.values() if p.name < path.name]  # step_XXXXXX names sort by step
+        fix = (f"delete it to resume from {older[-1].name}, the newest complete checkpoint before it (resume=false "
+               f"would delete every checkpoint in {path.parent})" if older else "delete it or run with resume=false")
+        return CheckpointError(f"{path}: cannot resume from this checkpoint ({why}); {fix}")
     try:
         state = json.loads((path / "state.json").read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -581,7 +614,8 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str |
         from minitagpr.model import save_pretrained as save_fn
     sd = full_state_dict(model)
     out_dir = Path(out_dir)
-    if is_main():
+
+    def save() -> None:
         extra = {}
         if tokenizer_dir is not None:
             extra = {n: Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (Path(tokenizer_dir) / n).is_file()}
@@ -594,5 +628,5 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str |
             save_fn(model, out_dir, state_dict=sd, dtype=dtype, extra_files=extra)
         finally:
             note.unlink(missing_ok=True)
-    barrier()
+    on_main(save)  # every rank returns once the folder is in place, or raises rank 0's error
     return out_dir

@@ -101,19 +101,6 @@ DEMO_OWNED = {"sft_settings": ("model", "tokenizer", "data", "demo_dir", "out_di
                                 "out_dir", "seed")}
 
 
-def on_rank0(fn) -> None:
-    """fn() on rank 0 only; an error there is raised on every rank, so none is left waiting at a barrier."""
-    err = None
-    if D.world().is_main:
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
-            err = e
-    err = D.broadcast_object(err)
-    if err is not None:
-        raise err
-
-
 def stage_dirs(work: Path, root: Path) -> dict[str, tuple[Path, Path]]:
     """(folder, export) of each demo stage: SFT and PRMU shared under workdir, this run's RL stages under root."""
     return {"sft": (work / "sft", work / "sft" / "hf"), "prmu": (work / "prmu", work / "prmu" / "hf"),
@@ -134,9 +121,9 @@ def build_or_reuse(step: str, where: tuple[Path, Path], cfg, ignore: set[str], u
         return export, plan.build
     plan = replace(plan, build=D.broadcast_object(plan.build))  # rank 0's new build id, on every rank
     D.barrier()  # every rank has read the old stamp before rank 0 replaces it
-    on_rank0(lambda: stages.begin(folder, export, plan, step, settings, upstream, fresh_also))
+    D.on_main(lambda: stages.begin(folder, export, plan, step, settings, upstream, fresh_also))
     out = Path(run_fn(replace(cfg, resume=cfg.resume and plan.resume)))
-    on_rank0(lambda: stages.finish(folder))
+    D.on_main(lambda: stages.finish(folder))
     return out, plan.build
 
 
@@ -155,9 +142,7 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
                             cfg.prmu_settings, {"demo_world": str(work / "world"), "new_head": True,
                                                 "out_dir": str(dirs["prmu"][0]), "seed": cfg.seed},
                             check=lambda c: prmu.check_batch_split(c, ranks))
-    if D.world().is_main:
-        demo_world.build(work / "world")  # idempotent: its manifest records what was built
-    D.barrier()
+    D.on_main(lambda: demo_world.build(work / "world"))  # idempotent: its manifest records what was built
     world = demo_world.build(work / "world")  # every rank: the same paths, nothing rebuilt
     builds = {"world": world.fingerprint}
 
@@ -166,9 +151,8 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
         sft.RESUMABLE_KEYS - {"model", "tokenizer", "data", "export_dtype", "truncate_long", "drop_long"},
         {"world": builds["world"]}, sft.run,
         fresh_also=[work / f"base_{sft_cfg.demo_preset}"])  # the base model SFT starts from (the table's Base row)
-    if D.world().is_main:  # a reused SFT whose base was deleted since: the same base again (the table's Base row)
-        sft.ensure_demo_base(sft_cfg, world)
-    D.barrier()
+    # a reused SFT whose base was deleted since: the same base again (the table's Base row)
+    D.on_main(lambda: sft.ensure_demo_base(sft_cfg, world))
 
     prmu_cfg = replace(prmu_cfg, init=str(sft_export))  # (init is DEMO_OWNED: the user's text cannot set it)
     prmu_export, builds["prmu"] = build_or_reuse(

@@ -175,11 +175,11 @@ def run(cfg: PrmuConfig) -> Path:
         model = PRMU(config, users, use_user_table=cfg.use_user_table)
     D.shard_model(model, D.device_mesh(info), D.mixed_precision(info.device, cfg.mixed_precision),
                   cfg.activation_checkpointing)
-    full = {}
-    if info.is_main:  # rank 0 reads the file; the other ranks receive their shards by broadcast
-        full = load_reward_model(init, dtype=torch.float32, use_user_table=cfg.use_user_table,
-                                 users=users.users if cfg.use_user_table else None,
-                                 new_head=cfg.new_head or bool(cfg.init_preset), seed=cfg.seed).state_dict()
+    # rank 0 reads the file (the others hear if it fails); the other ranks receive their shards by broadcast
+    full = D.on_main(lambda: load_reward_model(init, dtype=torch.float32, use_user_table=cfg.use_user_table,
+                                               users=users.users if cfg.use_user_table else None,
+                                               new_head=cfg.new_head or bool(cfg.init_preset),
+                                               seed=cfg.seed).state_dict()) or {}
     D.materialize_and_load(model, full, info.device)
     del full
 

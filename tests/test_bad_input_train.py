@@ -58,6 +58,12 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
         shard.write_bytes(shard.read_bytes()[:100])  # a truncated shard: DCP's exception is a BaseException
         with pytest.raises(CheckpointError, match="cannot resume from this checkpoint"):
             D.load_checkpoint(folder, model, opt)
+        # with an older complete checkpoint beside it, the advice keeps that one (resume=false would delete both)
+        D.save_checkpoint(tmp_path / "ck", 2, model, opt, {"data": "x"}, keep_last=0)
+        with pytest.raises(CheckpointError, match=r"step_000003: cannot resume from this checkpoint \(.*\); delete "
+                                                  r"it to resume from step_000002, the newest complete checkpoint "
+                                                  r"before it \(resume=false would delete every checkpoint"):
+            D.load_checkpoint(folder, model, opt)
     finally:
         D.destroy_distributed()
 

@@ -273,6 +273,69 @@ def _run_script(text, tmp_path, nproc=2):
                           capture_output=True, text=True, env=env, timeout=120)
 
 
+_ON_MAIN_SCRIPT = """
+import json, sys, threading
+from pathlib import Path
+import torch
+from minitagpr import distributed as D
+from minitagpr.model.presets import make_tiny_checkpoint
+from safetensors.torch import load_file, save_file
+out = Path(sys.argv[1])
+info = D.init_distributed()
+seen = {}
+
+def fail():
+    raise FileNotFoundError(2, "No such file or directory", "/nonexistent/stage.json")
+
+class Unpicklable(RuntimeError):
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()  # cannot be pickled
+
+def fail_unpicklable():
+    raise Unpicklable("disk full")
+
+try:
+    D.on_main(fail)
+except FileNotFoundError as e:
+    seen["error"] = e.filename
+try:
+    D.on_main(fail_unpicklable)
+except RuntimeError as e:
+    seen["unpicklable"] = type(e).__name__ + ": " + str(e)
+seen["result"] = D.on_main(lambda: 42)
+# a checkpoint only rank 0 reads, with one tensor of the wrong shape: every rank raises the loader's error
+if info.is_main:
+    ckpt = make_tiny_checkpoint(out / "ckpt", seed=0)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    name = "model.norm.weight"
+    weights[name] = torch.ones(weights[name].numel() + 1)
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+D.barrier()
+try:
+    D.build_sharded_causal_lm(out / "ckpt", info, D.device_mesh(info))
+except Exception as e:
+    seen["load"] = type(e).__name__ + ": " + str(e)
+(out / f"rank{info.rank}.json").write_text(json.dumps(seen))
+D.destroy_distributed()
+D.end_process()  # as the recipes do after FSDP2 used the group (minitagpr.distributed.end_process)
+"""
+
+
+def test_an_error_on_rank_0_alone_is_raised_on_every_rank(tmp_path):
+    """on_main: work only rank 0 does (a stage stamp, a checkpoint read for broadcast, an export) that fails there
+    must stop the other ranks too, or they wait in the next collective until the group's timeout (under a launcher
+    that does not kill them, e.g. srun). The error keeps its type and fields when it pickles."""
+    res = _run_script(_ON_MAIN_SCRIPT, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [s["error"] for s in seen] == ["/nonexistent/stage.json"] * 2
+    assert seen[0]["unpicklable"] == "Unpicklable: disk full"
+    assert seen[1]["unpicklable"] == "RuntimeError: Unpicklable: disk full"
+    assert [s["result"] for s in seen] == [42, None]
+    assert seen[0]["load"] == seen[1]["load"] and "model.norm.weight" in seen[1]["load"], seen
+
+
 def test_two_ranks_meet_before_the_group_is_torn_down(tmp_path):
     """On a normal exit no rank tears the group down while another still works in it (the barrier in
     destroy_distributed): rank 1 leaves only after rank 0 has finished, and both exit 0."""

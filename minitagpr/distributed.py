@@ -390,8 +390,8 @@ def checkpoint_to_resume(ckpt_dir: str | os.PathLike, resume: bool, tag: str) ->
     an earlier run's checkpoints -- a later crash-and-restart must not continue that run, and keep_last must not
     prune the new run's checkpoints in their favour."""
     ckpt_dir = Path(ckpt_dir)
-    if resume:
-        return latest_checkpoint(ckpt_dir)
+    if resume:  # rank 0 chooses: ranks on several nodes may see a shared folder at different moments
+        return broadcast_object(on_main(lambda: latest_checkpoint(ckpt_dir)))
     def remove() -> None:
         existed = ckpt_dir.exists()
         remove_dir(ckpt_dir)  # also what a killed earlier removal left aside

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minitagpr.model import CheckpointError, Qwen3Config, load_pretrained, save_pretrained
+from minitagpr.model import CheckpointError, ConfigError, Qwen3Config, load_pretrained, save_pretrained
 from minitagpr.model.presets import build_model, make_tiny_checkpoint, tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -187,7 +187,8 @@ def test_config_missing_field_and_unsupported_settings(tmp_path):
     folder = _ckpt(tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
     broken = {k: v for k, v in cfg.items() if k != "hidden_size"}
-    broken.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}, use_sliding_window=True, fancy_key=1)
+    broken.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}, use_sliding_window=True, max_window_layers=0,
+                  fancy_key=1)
     (folder / "config.json").write_text(json.dumps(broken))
     with pytest.raises(CheckpointError) as e:
         load_pretrained(folder)
@@ -212,6 +213,23 @@ def test_a_rope_or_dropout_this_model_would_not_run_as_written_is_refused(tmp_pa
     (folder / "config.json").write_text(json.dumps({**cfg, **extra}))
     with pytest.raises(CheckpointError, match=re.escape(message)):
         load_pretrained(folder)
+
+
+def test_configs_transformers_runs_as_plain_qwen3_load_as_it(tmp_path):
+    """Spellings transformers reads as this very model are accepted (they were refused): a sliding window that no
+    layer uses (max_window_layers >= num_hidden_layers), "swish" (= silu), num_key_value_heads null (no GQA),
+    rope_scaling naming the default RoPE."""
+    folder = _ckpt(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    plain = Qwen3Config.from_dict(cfg)
+    n = cfg["num_hidden_layers"]
+    for change in ({"use_sliding_window": True, "max_window_layers": n, "sliding_window": 16},
+                   {"hidden_act": "swish"}, {"rope_scaling": {"rope_type": "default"}}):
+        assert Qwen3Config.from_dict({**cfg, **change}) == plain, change
+    no_gqa = Qwen3Config.from_dict({**cfg, "num_key_value_heads": None})
+    assert no_gqa.num_key_value_heads == cfg["num_attention_heads"]
+    with pytest.raises(ConfigError, match=f"max_window_layers={n - 1} < num_hidden_layers={n}"):
+        Qwen3Config.from_dict({**cfg, "use_sliding_window": True, "max_window_layers": n - 1, "sliding_window": 16})
 
 
 def test_rope_theta_nested_in_rope_parameters_is_read(tmp_path):

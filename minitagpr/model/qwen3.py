@@ -119,7 +119,7 @@ class Qwen3Config:
         problems = []
         if d.get("model_type", "qwen3") != "qwen3":
             problems.append(f"model_type={d['model_type']!r} (only 'qwen3' is supported)")
-        if d.get("rope_scaling") not in (None, {}):
+        if d.get("rope_scaling") not in (None, {}, {"rope_type": "default"}, {"type": "default"}):
             problems.append(f"rope_scaling={d['rope_scaling']!r} (RoPE scaling is not implemented)")
         rope = d.get("rope_parameters")
         if rope is not None:  # transformers >= 5 nests rope_theta here; "type" is the older name of rope_type
@@ -132,12 +132,17 @@ class Qwen3Config:
                                 f"{rope['rope_theta']!r} differ (transformers reads the latter)")
             elif "rope_theta" in rope:
                 d = {**d, "rope_theta": rope["rope_theta"]}
-        if d.get("use_sliding_window"):
-            problems.append("use_sliding_window=true (sliding-window attention is not implemented)")
         layer_types = d.get("layer_types") or []
+        # transformers slides the window in layers >= max_window_layers (default 28) unless layer_types says
+        # otherwise: with max_window_layers >= num_hidden_layers no layer slides
+        window_layers, n_layers = d.get("max_window_layers", 28), d.get("num_hidden_layers")
+        if d.get("use_sliding_window") and not layer_types and not (
+                isinstance(window_layers, int) and isinstance(n_layers, int) and window_layers >= n_layers):
+            problems.append(f"use_sliding_window=true with max_window_layers={window_layers!r} < num_hidden_layers="
+                            f"{n_layers!r} (sliding-window attention is not implemented)")
         if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
             problems.append(f"layer_types={d['layer_types']!r} (only full_attention layers are implemented)")
-        if d.get("hidden_act", "silu") != "silu":
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):  # the same function under two names
             problems.append(f"hidden_act={d['hidden_act']!r} (Qwen3 uses silu)")
         if d.get("attention_bias", False):
             problems.append("attention_bias=true (Qwen3 attention has no biases)")
@@ -152,6 +157,10 @@ class Qwen3Config:
         if problems:
             raise ConfigError(f"{source}: unsupported Qwen3 config: " + "; ".join(problems))
         kwargs = {k: d[k] for k in own if k in d}
+        if kwargs.get("hidden_act") == "swish":
+            kwargs["hidden_act"] = "silu"
+        if "num_key_value_heads" in kwargs and kwargs["num_key_value_heads"] is None:  # transformers: no GQA
+            kwargs["num_key_value_heads"] = d.get("num_attention_heads")
         if "dtype" in d and "torch_dtype" not in d:
             kwargs["torch_dtype"] = d["dtype"]
         try:

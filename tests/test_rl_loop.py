@@ -1,4 +1,5 @@
 """The RL loop's plumbing: sequences and masks, prompt order across epochs, mini-batch split, 1 vs 2 processes."""
+import contextlib
 import json
 import os
 import socket
@@ -113,14 +114,12 @@ def test_cut_micro_batches_give_the_update_and_metrics_of_one_full_width_batch(t
         D.destroy_distributed()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_on_policy_ratio_is_exactly_one_at_any_temperature(tmp_path, temperature):
-    """One mini-batch, one epoch: the update's forward must reproduce the no-grad old log-probs bit for bit, at the
-    sampling temperature on both sides (dropping it from either moves the ratio away from 1 at T != 1)."""
-    import minitagpr.rl.loop as L
+@contextlib.contextmanager
+def synthetic_policy(tmp_path):
+    """A tiny sharded policy in a one-process group and the synthetic batch of 4 prompts x G=4 (ragged, one empty
+    response in seven): yields (model, input_ids, targets, mask, advantages)."""
     from minitagpr import distributed as D
     from minitagpr.model.presets import make_tiny_checkpoint
-    from minitagpr.train.optim import build_optimizer
     sys.path.insert(0, str(HERE))
     from rl_step_worker import synthetic_batch
 
@@ -128,16 +127,32 @@ def test_on_policy_ratio_is_exactly_one_at_any_temperature(tmp_path, temperature
     input_ids, targets, mask, adv = synthetic_batch(num_prompts=4, G=4, vocab=512, seed=2)
     info = D.init_distributed()
     try:
-        model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
+        yield D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info)), input_ids, targets, mask, adv
+    finally:
+        D.destroy_distributed()
+
+
+def one_update(model, batch: dict, cfg: RLConfig, lr: float) -> dict:
+    """gspo_update with a fresh AdamW at `lr`; the reduced metrics."""
+    import minitagpr.rl.loop as L
+    from minitagpr import distributed as D
+    from minitagpr.train.optim import build_optimizer
+    device = D.world().device
+    return L.reduce_train_metrics(L.gspo_update(model, build_optimizer(model, lr), batch, cfg, device), device)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_on_policy_ratio_is_exactly_one_at_any_temperature(tmp_path, temperature):
+    """One mini-batch, one epoch: the update's forward must reproduce the no-grad old log-probs bit for bit, at the
+    sampling temperature on both sides (dropping it from either moves the ratio away from 1 at T != 1)."""
+    import minitagpr.rl.loop as L
+    with synthetic_policy(tmp_path) as (model, input_ids, targets, mask, adv):
         cfg = RLConfig(group_size=4, num_minibatches=1, ppo_epochs=1, micro_batch_size=3, lr=1e-3,
                        prompts_per_step=4, temperature=temperature)
         rows = [r for chunks in L.micro_batch_plan(mask, 4, cfg) for r in chunks]
         old = L.sequence_logprobs(model, input_ids, targets, rows, temperature)
         batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
-        m = L.reduce_train_metrics(L.gspo_update(model, build_optimizer(model, cfg.lr), batch, cfg, info.device),
-                                   info.device)
-    finally:
-        D.destroy_distributed()
+        m = one_update(model, batch, cfg, cfg.lr)
     assert m["gspo/ratio_min"] == m["gspo/ratio_max"] == 1.0 and m["gspo/approx_kl"] == 0.0
     assert m["gspo/clip_frac_low"] == m["gspo/clip_frac_high"] == 0.0 and m["gspo/grad_norm"] > 0
 
@@ -237,18 +252,7 @@ def test_config_rejects_unknown_engines_and_decode_loops():
 def test_the_update_clips_the_ratio_with_eps_low_below_and_eps_high_above(tmp_path):
     """An asymmetric band (0.05 below, 0.3 above): the update's loss is gspo_loss's with the config's eps_low and
     eps_high, not with the two swapped (every other test uses one value for both)."""
-    import minitagpr.rl.loop as L
-    from minitagpr import distributed as D
-    from minitagpr.model.presets import make_tiny_checkpoint
-    from minitagpr.train.optim import build_optimizer
-    sys.path.insert(0, str(HERE))
-    from rl_step_worker import synthetic_batch
-
-    ckpt = make_tiny_checkpoint(tmp_path / "c", seed=4)
-    input_ids, targets, mask, adv = synthetic_batch(num_prompts=4, G=4, vocab=512, seed=2)
-    info = D.init_distributed()
-    try:
-        model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
+    with synthetic_policy(tmp_path) as (model, input_ids, targets, mask, adv):
         cfg = RLConfig(group_size=4, num_minibatches=1, ppo_epochs=1, micro_batch_size=16, eps_low=0.05,
                        eps_high=0.3, prompts_per_step=4)
         with torch.no_grad():
@@ -257,10 +261,7 @@ def test_the_update_clips_the_ratio_with_eps_low_below_and_eps_high_above(tmp_pa
         shift = torch.linspace(-0.5, 0.5, len(adv))[torch.randperm(len(adv), generator=torch.Generator().manual_seed(0))]
         old = (logp + shift[:, None]) * mask
         batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
-        m = L.reduce_train_metrics(L.gspo_update(model, build_optimizer(model, 0.0), batch, cfg, info.device),
-                                   info.device)
-    finally:
-        D.destroy_distributed()
+        m = one_update(model, batch, cfg, lr=0.0)
     n = int(mask.any(dim=1).sum())
     right, _ = gspo_loss(logp, old, adv, mask, eps_low=0.05, eps_high=0.3, num_sequences=n)
     swapped, _ = gspo_loss(logp, old, adv, mask, eps_low=0.3, eps_high=0.05, num_sequences=n)
@@ -274,28 +275,15 @@ def test_the_update_clips_the_gradient_norm_to_grad_clip(tmp_path, grad_clip):
     weight by more than about 1e-4 x lr; unclipped, Adam's first step moves the weights by about lr. (An update
     that skips the clipping moves them by lr with any grad_clip.)"""
     import minitagpr.rl.loop as L
-    from minitagpr import distributed as D
-    from minitagpr.model.presets import make_tiny_checkpoint
-    from minitagpr.train.optim import build_optimizer
-    sys.path.insert(0, str(HERE))
-    from rl_step_worker import synthetic_batch
-
-    ckpt = make_tiny_checkpoint(tmp_path / "c", seed=4)
-    input_ids, targets, mask, adv = synthetic_batch(num_prompts=4, G=4, vocab=512, seed=2)
     lr = 1e-3
-    info = D.init_distributed()
-    try:
-        model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
+    with synthetic_policy(tmp_path) as (model, input_ids, targets, mask, adv):
         before = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
         cfg = RLConfig(group_size=4, num_minibatches=1, ppo_epochs=1, micro_batch_size=16, grad_clip=grad_clip,
                        prompts_per_step=4, lr=lr)
         old = L.sequence_logprobs(model, input_ids, targets, [torch.arange(len(adv))])
         batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
-        m = L.reduce_train_metrics(L.gspo_update(model, build_optimizer(model, lr), batch, cfg, info.device),
-                                   info.device)
+        m = one_update(model, batch, cfg, lr)
         moved = max((p.full_tensor().detach() - before[n]).abs().max().item() for n, p in model.named_parameters())
-    finally:
-        D.destroy_distributed()
     assert m["gspo/grad_norm"] > 1e-3  # the norm before clipping is logged either way
     if grad_clip:
         assert moved < 2e-4 * lr, moved

@@ -110,3 +110,11 @@ def test_disabled_normalisation_only_strips(task, answer):
 def test_spaces_inside_a_label_bracket_are_allowed():  # pinned by mutation, 2026-11-27
     assert normalize("LaMP-1", "[ 2 ]") == "[2]"
     assert normalize("LaMP-1", "reference [ 2 ] (not 1)") == "[2]"
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------------
+@pytest.mark.parametrize("answer", ["7 stars", "07", "9.0", "**6**"])
+def test_rating_leading_integer_outside_1_to_5_stays_unchanged(answer):
+    """Only a leading whole number 1-5 becomes a label; "7 stars" must stay as it is (the official rule then counts
+    it unparsable: the farther of 1 and 5), not be cut to "7" and scored as the number 7."""
+    assert normalize("LaMP-3", answer) == answer

@@ -278,3 +278,18 @@ def test_a_checkpoint_trained_with_another_prompt_style_is_refused_before_decodi
                                              r"prompt_style=full; pass prompt_style=brief"):
         ev.run(_cfg(lamp_root, tmp_path, "tasks=LaMP-3", f"checkpoints=a={checkpoint},b={brief}"))
     assert decoded == []
+
+
+def test_the_cut_column_sums_the_cut_generations_over_a_rows_tasks():
+    """The table's last column "cut" is the number of generations max_new_tokens stopped, summed over the row's
+    tasks (2 on LaMP-3 + 3 on LaMP-5 = 5), not the number of tasks; a row scored from prediction files has "—".
+    Pinned by mutation, 2026-11-29."""
+    table = ev.EvalTable()
+    counts = {"LaMP-3": 2, "LaMP-5": 3}
+    for task, metrics in (("LaMP-3", {"mae": 0.5, "rmse": 0.75}), ("LaMP-5", {"rouge1": 0.4, "rougeL": 0.3})):
+        table.add("decoded", task, metrics, {}, 4, counts={"cut_by_length": counts[task]})
+        table.add("file", task, metrics, {}, 4)
+    lines = table.markdown().splitlines()
+    assert lines[0] == "| method | L3 MAE | L3 RMSE | L5 R-1 | L5 R-L | cut |"
+    assert lines[2] == "| decoded | .500 | .750 | .400 | .300 | 5 |"
+    assert lines[3] == "| file | .500 | .750 | .400 | .300 | — |"

@@ -252,3 +252,45 @@ def test_paired_bootstrap_pools_examples_across_clusters_of_unequal_size():
     clusters = {i: i[0] for i in ids}
     point, low, high = paired_bootstrap(a, b, clusters, samples=4000, level=0.2, seed=1)
     assert point == pytest.approx(4 / 6) and low == pytest.approx(2 / 3) and high == pytest.approx(2 / 3)
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------------
+
+def test_parse_rating_tie_at_gold_3_reads_an_unparsable_answer_as_5():
+    """lamp-format.md: an unparsable rating becomes whichever of 1 and 5 lies farther from the gold; at gold 3 both
+    lie 2 away and the official rule (|1 - y| > |5 - y| -> 1, else 5) picks 5. MAE cannot see the tie, so pin the
+    value itself; gold 2 -> 5 and gold 4 -> 1 are the plain cases."""
+    from minitagpr.metrics import parse_rating
+    assert parse_rating("three", 3.0) == 5.0
+    assert parse_rating("", 2.0) == 5.0 and parse_rating("", 4.0) == 1.0
+    assert parse_rating("4.5", 3.0) == 4.5
+
+
+def test_paired_bootstrap_percentile_index_is_nearest_rank_over_samples_minus_one():
+    """The interval's ends are the sorted draws at k = round((1 - level) / 2 * (samples - 1)) and samples - 1 - k,
+    the nearest ranks over the draws' index range 0 .. samples - 1. With 31 draws and level 0.9: 0.05 * 30 = 1.5
+    (1.4999... in floats) -> k = 1, so draws[1] and draws[29]; indexing over `samples` instead (0.05 * 31 = 1.55
+    -> 2) gives draws[2] and draws[28]."""
+    import random
+    from minitagpr.metrics import paired_bootstrap
+    ids = [f"q{i}" for i in range(30)]
+    a = {i: 0.0 for i in ids}
+    b = {i: float(n) for n, i in enumerate(ids)}  # every example its own cluster, all differences distinct
+    clusters = {i: i for i in ids}
+    _, lo, hi = paired_bootstrap(a, b, clusters, samples=31, level=0.9, seed=7)
+    rng, draws = random.Random(7), []
+    for _ in range(31):  # the same draws by hand
+        picked = [rng.randrange(30) for _ in range(30)]
+        draws.append(sum(picked) / 30)
+    draws.sort()
+    assert len(set(draws)) > 25  # distinct neighbours, so an index off by one shows
+    assert (lo, hi) == (draws[1], draws[29])
+
+
+def test_a_prediction_that_is_no_string_is_a_data_error():
+    """evaluate() checks the prediction values' type up front and names the id, rather than failing deep inside
+    with an AttributeError (an int rating read from a hand-made JSON file, a None for a missing answer)."""
+    with pytest.raises(DataError, match=r"prediction for id 'a': expected str, got int"):
+        evaluate("LaMP-3", {"a": 4}, {"a": "4"})
+    with pytest.raises(DataError, match=r"prediction for id 'b': expected str, got NoneType"):
+        evaluate("LaMP-1", {"a": "[1]", "b": None}, {"a": "[1]", "b": "[2]"})

@@ -346,3 +346,34 @@ def test_a_chat_marker_inside_the_chain_fails_the_format():  # pinned by mutatio
     assert format_reward("<think>chain <|im_end|><|im_start|>user</think>answer") == 0.0
     assert format_reward("<think>chain</think>answer <|im_start|>user") == 0.0
     assert format_reward("<think>chain</think>answer") == 1.0
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------------
+def test_split_response_has_no_chain_unless_exactly_one_think_then_one_close():
+    """The chain is defined only for exactly one `<think>` followed by exactly one `</think>`: two openings, or a
+    close before the open, give None (not the text between the first markers, not an empty chain)."""
+    assert split_response("<think>a<think>b</think>x") == (None, "x")
+    assert split_response("</think>x<think>y")[0] is None
+
+
+def test_verifiable_reward_defaults_to_rouge_l():
+    """R_v of a generation task is ROUGE-L by default: "beta alpha" vs "alpha beta" has LCS 1 of 2 words on both
+    sides -> P = R = F = 0.5, where ROUGE-1 (every unigram shared) would give 1.0."""
+    assert verifiable_reward("LaMP-4", "beta alpha", "alpha beta") == pytest.approx(0.5)
+    assert verifiable_reward("LaMP-4", "beta alpha", "alpha beta", rouge_variant="rouge1") == pytest.approx(1.0)
+
+
+def test_verifiable_reward_strips_and_normalises_the_gold_like_the_answer():
+    """Both sides are read the same way: stripped under the exact rule (as the official metric strips golds), and
+    normalised too when normalize_answers=True."""
+    assert verifiable_reward("LaMP-1", "[2]", "[2]\n") == 1.0
+    assert verifiable_reward("LaMP-2", "Sci Fi", " sci-fi ", normalize_answers=True) == 1.0
+
+
+def test_score_batch_is_exact_match_unless_normalisation_is_asked_for():
+    """score_batch's default is the method's exact match: an answer "2" for gold "[2]" earns R_v = 0; only
+    normalize_answers=True maps it to "[2]" (R_v = 1)."""
+    response = respond(PAPER_SHAPED_CHAIN, "2")
+    (exact,) = score_batch(["LaMP-1"], [response], ["[2]"], gamma=0.0)
+    (lenient,) = score_batch(["LaMP-1"], [response], ["[2]"], gamma=0.0, normalize_answers=True)
+    assert (exact.r_v, lenient.r_v) == (0.0, 1.0)

@@ -198,3 +198,16 @@ def test_request_bounds_are_exact():
         check_request(**{**base, "stop_token_ids": [10]})
     from minitagpr.rollout.base import MIN_TEMPERATURE
     assert check_request(**{**base, "temperature": MIN_TEMPERATURE}) == [3]  # "at least 1e-4" includes it
+
+
+def test_a_huge_padded_tail_logit_does_not_distort_the_decodable_distribution():
+    """The softmax is shifted by the *decodable* maximum: a padded-tail logit 200 above it (exp(-200) underflows in
+    fp32) must not zero every weight. Decodable logits 0, 1, 2 give p = e^i / (1 + e + e^2) = .090, .245, .665; a
+    uniform of 0 picks id 0 and one of 0.2 (below .090 + .245 = .335) id 1. Pinned by mutation, 2026-11-29."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 202.0]] * 2)
+    denom = 1 + math.e + math.e ** 2
+    expected = torch.tensor([[1 / denom, math.e / denom, math.e ** 2 / denom]] * 2, dtype=torch.float64)
+    assert torch.allclose(sampling_probs(logits, 1.0, 1.0, 3), expected, atol=1e-6)
+    tokens, logp = sample_tokens(logits, torch.tensor([0.0, 0.2], dtype=torch.float64), 1.0, 1.0, 3)
+    assert tokens.tolist() == [0, 1]
+    assert logp.tolist() == pytest.approx([-202.0, -201.0], abs=1e-3)  # log softmax over all 4 rows

@@ -13,12 +13,16 @@ For every checkpoint, task and (retriever, k) setting: retrieve k profile items,
 decode (greedy by default) with a rollout engine, keep the answer after the last `</think>`, and score it with
 the official LaMP rules (`minitagpr.metrics.evaluate`; the project's answer normalisation only with
 normalize=true). Written under out_dir:
-  predictions/<row>/<LaMP_k>_predictions.json   official-format predictions (the extracted answers)
+  predictions/<row>/<LaMP_k>_predictions.json   official-format predictions (the extracted answers; an extra key
+                                                 "minitagpr" says whether they were normalised)
   generations/<row>/<task>.jsonl                 the raw generations (id, text, finish reason, token counts)
   table.md, table.json                           Table 1 style: one row per checkpoint, one column per metric; the
                                                  json also holds each row's settings (the engine that ran, its
-                                                 dtype, the token limits) and per task the generations the length
-                                                 limit cut and the answers left empty
+                                                 dtype, the token limits), per cell the files it was scored
+                                                 against ("sources": questions, golds, limit, prediction file) and
+                                                 per task the generations the length limit cut and the answers
+                                                 left empty. An out_dir with an earlier table is refused unless
+                                                 overwrite=true
   robustness.md, robustness.json                 the k and retriever sweeps, when sweep_k / sweep_retrievers
                                                  (the main table's setting is not decoded twice: its rows are
                                                  copied in, and its files are the main table's)
@@ -37,7 +41,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -97,6 +100,9 @@ class EvalConfig:
     vllm_gpu_memory_utilization: float = 0.3
     normalize: bool = False  # the project's per-task answer normalisation (off = official rules)
     out_dir: str = "runs/eval"  # predictions/, generations/, table.md/.json, robustness.md/.json (see the top)
+    # an out_dir holding an earlier evaluation's table.json or robustness.json is refused unless overwrite=true,
+    # which removes those tables first (the prediction and generation files of the rows decoded again are rewritten)
+    overwrite: bool = False
 
     def __post_init__(self):
         if not self.checkpoints and not self.predictions:
@@ -205,6 +211,8 @@ def load_task_data(data: Any, task: str, *, split: str = "user", part: str = "de
         _, golds = lamp.load_outputs(outputs, task)  # checks the file's task and that every gold is an answer
         examples = lamp.load_questions(questions, task)
         source, gold_file = questions, outputs
+    if not examples:  # e.g. a PGraphRAG file in which no user has two reviews
+        raise DataError(f"{source}: no {task} examples")
     lamp.check_no_extra_golds(golds, examples, gold_file)  # the whole file, before `limit` picks a subset
     if limit:
         examples = examples[:limit]
@@ -400,12 +408,16 @@ class EvalTable:
     counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # decoded rows: generation_counts
     notes: list[str] = field(default_factory=list)  # lines printed under the table (e.g. what a reference row is)
     machine: dict[str, Any] = field(default_factory=dict)  # where the rows were decoded (distributed.machine)
+    # row -> task -> the files behind that cell: questions, golds, limit, and for a prediction file its path and
+    # how its answers were written (its "minitagpr" note)
+    sources: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def add(self, row: str, task: str, metrics: Mapping[str, float], settings: Mapping[str, Any], n: int,
-            counts: Mapping[str, int] | None = None) -> None:
+            counts: Mapping[str, int] | None = None, source: Mapping[str, Any] | None = None) -> None:
         if task in self.rows.get(row, {}):  # e.g. two prediction files of one row for one task: which one counts?
-            raise DataError(f"row {row!r} already has {task} results (from {self.settings[row]}); give each task "
-                            f"of a row one file or checkpoint")
+            raise DataError(f"row {row!r} already has {task} results (from "
+                            f"{self.sources.get(row, {}).get(task) or self.settings[row]}); give each task of a row "
+                            f"one file or checkpoint")
         slug_clash = [r for r in self.rows if r != row and _slug(r) == _slug(row)]
         if slug_clash:  # both rows would write to the same predictions/ and generations/ folder
             raise DataError(f"rows {slug_clash[0]!r} and {row!r} share the output folder name {_slug(row)!r}; "
@@ -415,6 +427,8 @@ class EvalTable:
         self.examples[task] = n
         if counts is not None:
             self.counts.setdefault(row, {})[task] = dict(counts)
+        if source is not None:
+            self.sources.setdefault(row, {})[task] = dict(source)
 
     def tasks(self) -> list[str]:
         seen = {t for r in self.rows.values() for t in r}
@@ -444,27 +458,20 @@ class EvalTable:
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
-        return {"rows": self.rows, "settings": self.settings, "examples": self.examples, "counts": self.counts,
-                "notes": self.notes, "machine": self.machine}
+        return {"rows": self.rows, "settings": self.settings, "sources": self.sources, "examples": self.examples,
+                "counts": self.counts, "notes": self.notes, "machine": self.machine}
 
     def write(self, out_dir: str | os.PathLike, stem: str = "table", title: str = "") -> tuple[Path, Path]:
         out_dir = Path(out_dir)
-        md = _atomic_write_text(out_dir / f"{stem}.md", self.markdown(title))
-        js = _atomic_write_text(out_dir / f"{stem}.json", json.dumps(self.to_json(), indent=2) + "\n")
+        md = lamp.atomic_write_text(out_dir / f"{stem}.md", self.markdown(title))
+        js = lamp.atomic_write_text(out_dir / f"{stem}.json", json.dumps(self.to_json(), indent=2) + "\n")
         return md, js
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def task_source(td: TaskData) -> dict[str, Any]:
+    """The files a task's cell was scored against (table.json `sources`): they name the data, split, part or
+    PGraphRAG domain."""
+    return {"questions": td.source, "golds": td.gold_file, "limit": td.limit, "examples": len(td.examples)}
 
 
 def _slug(name: str) -> str:
@@ -486,15 +493,16 @@ def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list
     from minitagpr.data import answers
 
     preds = {r["id"]: answers.normalize(data.task, answers.extract_answer(r["text"]), normalize) for r in records}
-    lamp.write_outputs(predictions_file(out_dir, row, data.task), data.task, preds)
+    lamp.write_outputs(predictions_file(out_dir, row, data.task), data.task, preds,
+                       note={"normalize": normalize, "extract_answers": True})  # re-scored later, it says so
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    _atomic_write_text(out_dir / "generations" / _slug(row) / f"{data.task}.jsonl", lines)
+    lamp.atomic_write_text(out_dir / "generations" / _slug(row) / f"{data.task}.jsonl", lines)
 
 
 def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tasks: Sequence[str] | Sequence[TaskData],
-                         *, data: Any = "demo", data_dir=None, pgraphrag_dir=None, split: str = "user",
-                         part: str = "dev",
-                         limit: int = 0, settings: Sequence[tuple[str, int]] = (("recency", 8),),
+                         *, data: Any = "demo", data_dir=None, pgraphrag_dir=None, pgraphrag_domain: str = "amazon",
+                         split: str = "user", part: str = "dev", limit: int = 0,
+                         settings: Sequence[tuple[str, int]] = (("recency", 8),),
                          max_prompt_tokens: int = 4096, max_new_tokens: int = 2048, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16, engine: str = "auto",
                          vllm_gpu_memory_utilization: float = 0.3,
@@ -510,7 +518,8 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
     names (loaded from `data`) or ready TaskData. `retrievers`: ready ones by name (else built here). Every
     checkpoint and question is checked first (`input_problems`) unless the caller did (`checked`)."""
     task_data = [t if isinstance(t, TaskData) else load_task_data(data, t, split=split, part=part, limit=limit,
-                                                                   data_dir=data_dir, pgraphrag_dir=pgraphrag_dir)
+                                                                   data_dir=data_dir, pgraphrag_dir=pgraphrag_dir,
+                                                                   pgraphrag_domain=pgraphrag_domain)
                  for t in tasks]
     if not checked:  # a bad last checkpoint or one over-long question must not cost the decoding before it
         problems = input_problems(named_checkpoints, task_data, max_prompt_tokens=max_prompt_tokens,
@@ -541,7 +550,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                            "prompt_style": prompt_style, "max_prompt_tokens": max_prompt_tokens,
                            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                            "normalize": normalize},
-                          len(td.examples), counts=generation_counts(records))
+                          len(td.examples), counts=generation_counts(records), source=task_source(td))
                 _write_outputs(out, row, td, records, normalize)
                 log(f"eval {row} {td.task}: " + ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
                 if short := table.counts[row][td.task]["profile_cut"]:
@@ -566,9 +575,14 @@ def evaluate_prediction_files(named_files: Mapping[str, Sequence[str | os.PathLi
         for path in files:
             try:
                 task, metrics = _score_prediction_file(path, by_task, normalize=normalize, extract=extract)
-                table.add(name, task, metrics,
-                          {"predictions": str(path), "normalize": normalize, "extract_answers": extract},
-                          len(by_task[task].examples))
+                written = lamp.outputs_note(path)  # e.g. answers normalised when a decoded row wrote the file
+                table.add(name, task, metrics, {"normalize": normalize, "extract_answers": extract},
+                          len(by_task[task].examples),
+                          source={"predictions": str(path), **task_source(by_task[task]),
+                                  **({"written_with": written} if written else {})})
+                if written.get("normalize") and not normalize:
+                    table.notes.append(f"{name} {task}: {path} holds answers normalised when they were written "
+                                       f"(normalize=true), scored here as given")
             except DataError as err:  # every bad file in one message, not one per run
                 problems.append(str(err))
     if problems:
@@ -606,6 +620,11 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
         from minitagpr.rollout import require_vllm
         require_vllm()
     check_writable_dir(out, "out_dir")  # now, not after the first generations, which would then be lost
+    earlier = [out / f"{stem}.{ext}" for stem in ("table", "robustness") for ext in ("json", "md")
+               if (out / f"{stem}.{ext}").exists()]
+    if earlier and not cfg.overwrite:  # a quick limit=50 rerun must not replace Table 1 under the same title
+        raise ConfigError(f"out_dir={out} holds an earlier evaluation ({', '.join(p.name for p in earlier)}); give "
+                          f"another out_dir= or overwrite=true")
     data_dir = cfg.data_dir or (out / "demo-world" if cfg.data == "demo" else None)
     tasks = [load_task_data(cfg.data, t, split=cfg.split, part=cfg.part, limit=cfg.limit, data_dir=data_dir,
                             pgraphrag_dir=cfg.pgraphrag_dir or None, pgraphrag_domain=cfg.pgraphrag_domain)
@@ -636,17 +655,21 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
             problems.append(f"retriever {r}: {err}")
     if problems:
         raise DataError(" | ".join(problems))
+    for path in earlier:  # overwrite=true: no earlier table is left beside (or instead of) this run's
+        path.unlink()
     common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_prompts=cfg.batch_prompts,
                   engine=cfg.engine, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                   normalize=cfg.normalize, out_dir=out, prompt_style=prompt_style, retrievers=retrievers,
                   checked=True)
-    title = f"{cfg.data} {cfg.part}, {cfg.retriever} k={cfg.k}"
+    scope = f"{cfg.data} {cfg.part}, {cfg.split} split" + (f", first {cfg.limit} per task" if cfg.limit else "")
+    title = f"{scope}, {cfg.retriever} k={cfg.k}"
     if checkpoints:
         ours = evaluate_checkpoints(checkpoints, tasks, settings=[(cfg.retriever, cfg.k)], **common)
         for row, results in ours.rows.items():
             for task, metrics in results.items():
-                main.add(row, task, metrics, ours.settings[row], ours.examples[task], counts=ours.counts[row][task])
+                main.add(row, task, metrics, ours.settings[row], ours.examples[task], counts=ours.counts[row][task],
+                         source=ours.sources[row][task])
         main.machine = ours.machine
     tables = {"table": main}
     main.write(out, "table", title)
@@ -664,8 +687,8 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
                 src, src_row = (ours, name) if (retriever, k) == (cfg.retriever, cfg.k) else (swept, row)
                 for task, metrics in src.rows[src_row].items():
                     robust.add(row, task, metrics, src.settings[src_row], src.examples[task],
-                               counts=src.counts[src_row][task])
-        robust.write(out, "robustness", f"robustness: {cfg.data} {cfg.part}")
+                               counts=src.counts[src_row][task], source=src.sources[src_row][task])
+        robust.write(out, "robustness", f"robustness: {scope}")
         print(robust.markdown("robustness"))
         tables["robustness"] = robust
     print(f"wrote {out / 'table.md'} and {out / 'table.json'}")

@@ -134,6 +134,10 @@ def test_pgraphrag_only_runs_never_read_the_demo_world(pgraphrag_dir, tmp_path, 
     tables = ev.run(cfg)
     assert set(tables["table"].rows["m"]) == {"PGraphRAG-title", "PGraphRAG-rating"}
     assert styles == ["full", "full"]
+    # the library call reads the domain it is given (it read amazon whatever it was told)
+    hotel = ev.evaluate_checkpoints({"m": "unused"}, ["PGraphRAG-rating"], pgraphrag_dir=pgraphrag_dir,
+                                    pgraphrag_domain="hotel", limit=2, checked=True, log=lambda *_: None)
+    assert hotel.sources["m"]["PGraphRAG-rating"]["golds"] == str(Path(pgraphrag_dir) / "hotel_dev.json")
 
 
 def test_two_files_for_one_row_and_task_are_an_error(lamp_root, tmp_path):
@@ -284,6 +288,62 @@ def test_command_line_writes_table_and_robustness(lamp_root, checkpoints, tmp_pa
     assert saved["machine"]["gpu"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     assert list(tables["robustness"].rows) == ["sft [recency k=1]", "sft [recency k=2]"]
     assert (tmp_path / "out" / "robustness.md").read_text().count("| sft [recency") == 2
+
+    # the same out_dir again: an earlier evaluation is never replaced unasked (a quick limit=1 check would have
+    # overwritten the full table under the same title), and with overwrite=true no earlier table is left beside it
+    first = td.examples[0].id
+    gold_file = lamp.write_outputs(tmp_path / "gold1.json", "LaMP-3", {first: td.golds[first]})
+    quick = [f"data={lamp_root}", "tasks=LaMP-3", f"predictions=oracle={gold_file}", "limit=1",
+             f"out_dir={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError, match=r"holds an earlier evaluation \(table.json, table.md, robustness.json, "
+                                          r"robustness.md\); give another out_dir= or overwrite=true"):
+        ev.run(parse_cli(ev.EvalConfig, quick))
+    assert json.loads((tmp_path / "out" / "table.json").read_text()) == saved
+    ev.run(parse_cli(ev.EvalConfig, quick + ["overwrite=true"]))
+    assert not (tmp_path / "out" / "robustness.md").exists() and not (tmp_path / "out" / "robustness.json").exists()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table.startswith(f"### {lamp_root} dev, user split, first 1 per task, recency k=8")
+    again = json.loads((tmp_path / "out" / "table.json").read_text())
+    questions, outputs = lamp.split_files(lamp_root, "LaMP-3", "user", "dev")
+    assert again["sources"] == {"oracle": {"LaMP-3": {"predictions": str(gold_file), "questions": str(questions),
+                                                      "golds": str(outputs), "limit": 1, "examples": 1}}}
+
+
+def test_table_files_get_the_umasks_modes(two_rows, tmp_path):
+    import os
+    table, _ = two_rows
+    old = os.umask(0o022)
+    try:
+        md, js = table.write(tmp_path)
+    finally:
+        os.umask(old)
+    assert {md.stat().st_mode & 0o777, js.stat().st_mode & 0o777} == {0o644}  # mkstemp's files were 0600
+
+
+def test_each_cell_records_its_own_file_and_a_normalised_file_says_so(lamp_root, tmp_path):
+    """A row scored from two files keeps both paths (the first only was kept), and a predictions file that a
+    normalize=true evaluation wrote is marked so when it is scored again under the official rules."""
+    td3, td2 = ev.load_task_data(lamp_root, "LaMP-3"), ev.load_task_data(lamp_root, "LaMP-2")
+    records = [{"id": ex.id, "text": "<think>c</think> **4** stars"} for ex in td3.examples]
+    ev._write_outputs(tmp_path, "norm", td3, records, normalize=True)
+    written = ev.predictions_file(tmp_path, "norm", "LaMP-3")
+    assert json.loads(written.read_text())["minitagpr"] == {"normalize": True, "extract_answers": True}
+    l2 = lamp.write_outputs(tmp_path / "l2.json", "LaMP-2", td2.golds)
+    table = ev.evaluate_prediction_files({"gemini": [written, l2]}, [td3, td2])
+    assert table.sources["gemini"]["LaMP-3"]["predictions"] == str(written)
+    assert table.sources["gemini"]["LaMP-3"]["written_with"] == {"normalize": True, "extract_answers": True}
+    assert table.sources["gemini"]["LaMP-2"]["predictions"] == str(l2)
+    assert "written_with" not in table.sources["gemini"]["LaMP-2"]  # an official file carries no note
+    assert any(f"{written} holds answers normalised when they were written" in n for n in table.notes)
+    assert f"{written} holds answers normalised" in table.markdown()
+
+
+def test_an_empty_questions_file_is_named_before_anything_is_decoded(tmp_path):
+    questions, outputs = lamp.split_files(tmp_path, "LaMP-3", "user", "dev")
+    lamp.write_questions(questions, [])
+    lamp.write_outputs(outputs, "LaMP-3", {})
+    with pytest.raises(ev.DataError, match=f"{questions}: no question records"):
+        ev.load_task_data(tmp_path, "LaMP-3")
 
 
 def test_demo_world_tasks_evaluate_end_to_end(tmp_path):

@@ -209,7 +209,7 @@ def test_bm25_term_in_every_item_still_scores_above_zero():
 # ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
 
 def test_one_dense_retriever_keeps_each_tasks_ranking_apart_when_ids_repeat():
-    """The ranking cache is keyed by (task, id): LaMP ids repeat across tasks."""
+    """The ranking cache is keyed by (task, id, texts): LaMP ids repeat across tasks, and across parts."""
     a = _tweets(["music", "robot", "graph"])  # id "9", LaMP-7: ranking [0, 1, 2]
     b = LampExample("9", "LaMP-4", "Generate a headline for the following article: music",
                     [{"id": "x1", "title": "city", "text": "city"}, {"id": "x2", "title": "music", "text": "music"}])
@@ -217,6 +217,10 @@ def test_one_dense_retriever_keeps_each_tasks_ranking_apart_when_ids_repeat():
     first = [it["id"] for it in retriever.select(a, 3)]
     assert [it["id"] for it in retriever.select(b, 2)] == ["x2", "x1"]  # not a's cached [0, 1]
     assert [it["id"] for it in retriever.select(a, 3)] == first
+    # the same task and id with another profile (another split or part of the data): ranked afresh
+    c = LampExample("9", "LaMP-4", b.input, [{"id": "y1", "title": "music", "text": "music"},
+                                             {"id": "y2", "title": "city", "text": "city"}])
+    assert [it["id"] for it in retriever.select(c, 2)] == ["y1", "y2"]  # not b's cached [1, 0]
 
 
 def test_the_random_retriever_draws_per_task_as_well_as_per_id():

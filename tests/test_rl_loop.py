@@ -258,7 +258,8 @@ def test_the_update_clips_the_ratio_with_eps_low_below_and_eps_high_above(tmp_pa
         with torch.no_grad():
             logp, _ = model(input_ids, targets=targets)  # (N, T) pi_theta before the (lr = 0) step
         # pi_old off by a per-sequence shift: sequence ratios spread over about [0.6, 1.6]
-        shift = torch.linspace(-0.5, 0.5, len(adv))[torch.randperm(len(adv), generator=torch.Generator().manual_seed(0))]
+        order = torch.randperm(len(adv), generator=torch.Generator().manual_seed(0))
+        shift = torch.linspace(-0.5, 0.5, len(adv))[order]
         old = (logp + shift[:, None]) * mask
         batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
         m = one_update(model, batch, cfg, lr=0.0)

@@ -1255,7 +1255,8 @@ def seq_len_markdown(sft_stats: Mapping[str, Any]) -> list[str]:
     lines = [f"Records that fit SFT's seq_len={fit['seq_len']} whole (tokenizer {fit['tokenizer']}); recipes/sft.py "
              "stops on a longer one unless drop_long=true (left out) or truncate_long=true (cut):", "",
              "| task | records | fit | share | longest (tokens) |", "|---|---|---|---|---|"]
-    for task, r in {**rows, "**all**": {**total, "longest": max((r["longest"] for r in rows.values()), default=0)}}.items():
+    longest = max((r["longest"] for r in rows.values()), default=0)
+    for task, r in {**rows, "**all**": {**total, "longest": longest}}.items():
         share = f"{100 * r['fit'] / r['records']:.1f}%" if r["records"] else "-"
         lines.append(f"| {task} | {r['records']} | {r['fit']} | {share} | {r['longest']} |")
     return lines + [""]

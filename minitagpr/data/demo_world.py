@@ -55,7 +55,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from datetime import date, timedelta
 from collections import Counter
@@ -64,8 +63,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from minitagpr.data.lamp import (
-    LAMP2_TAGS, TASKS, DataError, LampExample, atomic_write_json, canonical_task, load_outputs, load_questions,
-    query_text, split_files, write_outputs, write_questions,
+    LAMP2_TAGS, TASKS, DataError, LampExample, atomic_write_json, atomic_write_text, canonical_task, load_outputs,
+    load_questions, query_text, split_files, write_outputs, write_questions,
 )
 
 TASK_NAMES = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7")
@@ -802,20 +801,6 @@ def _prompt_fingerprint(style: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def _reasoning_styles(users: Mapping[str, Sequence[_User]], seed: int) -> dict[str, str]:
     """user id -> reasoning style: per split, a seeded shuffle of the users, the first half "concise" (one more
@@ -989,8 +974,8 @@ def train_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike, vocab_size
         config["chat_template_note"] = (f"no chat_template: {QWEN3_TOKENIZER_CONFIG} was not readable when this "
                                         f"tokenizer was built; minitagpr.tokenizer renders the Qwen3 template itself")
     out = Path(out_dir)
-    _atomic_write_text(out / "tokenizer.json", tok.to_str())
-    _atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+    atomic_write_text(out / "tokenizer.json", tok.to_str())
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
     return out
 
 
@@ -1055,7 +1040,7 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULT
                 write_outputs(op, task, golds[task][split])
                 o_paths[task][split] = str(op.relative_to(root))
     sft = root / "sft_chains.jsonl"
-    _atomic_write_text(sft, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(sft, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     stats = {
         "questions": {t: {s: len(e) for s, e in sp.items()} for t, sp in questions.items()},
         "sft_records": len(records), "user_dependent_groups": len(groups), "vocab_size": tokenizer.vocab_size,

@@ -512,6 +512,8 @@ def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
             if why := surrogate_problem(user_id):  # it reaches the UTF-8 rollout and pair files
                 raise DataError(f"{where(path, index, rec_id, 'user_id')}: {why}")
         examples.append(LampExample(rec_id, spec.name, rec["input"], profile, user_id))
+    if not examples:  # refused here, naming the file, not at scoring time after other tasks were decoded
+        raise DataError(f"{path}: no question records (an empty array)")
     return examples
 
 
@@ -616,14 +618,15 @@ def split_files(root: str | os.PathLike, task: str, split: str = "user", part: s
 # ----------------------------------------------------------------------------------------------------------------
 # Writers (fixtures, the demo world, prediction files)
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON to a temporary file beside `path`, then rename it over `path` (readers never see half a file)."""
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`: readers never see half a
+    file, a power loss never leaves an empty one, and the file gets the umask's modes (mkstemp's would be 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: rename is atomic
     try:
         with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -631,6 +634,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """`obj` as JSON, written with `atomic_write_text`."""
+    return atomic_write_text(path, json.dumps(obj, ensure_ascii=False))
 
 
 def write_questions(path: str | os.PathLike, examples: Iterable[LampExample]) -> Path:
@@ -644,8 +652,23 @@ def write_questions(path: str | os.PathLike, examples: Iterable[LampExample]) ->
     return atomic_write_json(path, records)
 
 
-def write_outputs(path: str | os.PathLike, task: str, outputs: Mapping[str, str]) -> Path:
-    """Write {id: output} as a LaMP outputs/predictions file, task spelled the benchmark's way ('LaMP_k')."""
+NOTE_KEY = "minitagpr"  # an extra top-level key of a predictions file: how its answers were written (readers of the
+#                        LaMP format ignore it)
+
+
+def write_outputs(path: str | os.PathLike, task: str, outputs: Mapping[str, str],
+                  note: Mapping[str, Any] | None = None) -> Path:
+    """Write {id: output} as a LaMP outputs/predictions file, task spelled the benchmark's way ('LaMP_k'); `note`
+    (e.g. {"normalize": true}) goes under NOTE_KEY."""
     spec = task_spec(task)
     golds = [{"id": str(i), "output": str(o)} for i, o in outputs.items()]
-    return atomic_write_json(path, {"task": spec.file_name, "golds": golds})
+    return atomic_write_json(path, {"task": spec.file_name, "golds": golds, **({NOTE_KEY: dict(note)} if note else {})})
+
+
+def outputs_note(path: str | os.PathLike) -> dict[str, Any]:
+    """The NOTE_KEY object of an outputs/predictions file ({} when it has none, as official files)."""
+    data = read_json(Path(path))
+    note = data.get(NOTE_KEY, {}) if isinstance(data, dict) else {}
+    if not isinstance(note, dict):
+        raise DataError(f"{where(Path(path), field=NOTE_KEY)}: expected an object, got {type_name(note)}")
+    return note

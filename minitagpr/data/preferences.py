@@ -37,13 +37,13 @@ import json
 import os
 import random
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from minitagpr.data.lamp import DataError, canonical_task, gold_problem, json_object_lines, not_a_file
+from minitagpr.data.lamp import (DataError, atomic_write_text, canonical_task, gold_problem, json_object_lines,
+                                 not_a_file)
 from minitagpr.tokenizer import assistant_target, check_messages
 
 SETS = ("PRP", "PQP", "style")  # "style": the demo world's hidden per-user preference (synthesize_demo_pairs)
@@ -125,17 +125,8 @@ def response_from_text(text: str) -> Response:
 # 2. Reading and writing JSONL with errors that name file, line, record and field
 # ---------------------------------------------------------------------------------------------------------------
 def _write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Readers see the old file or the whole new one, never half of it (lamp.atomic_write_text)."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _iter_jsonl(path: Path):

@@ -157,10 +157,15 @@ class DenseRetriever(RankingRetriever):
             raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
         self.encode_fn = encode_fn
         self.similarity = similarity
-        self._ranks: dict[tuple[str, str], list[int]] = {}  # (task, example id) -> ranking
+        self._ranks: dict[tuple[str, str, int], list[int]] = {}  # (task, example id, hash of its texts) -> ranking
+
+    @staticmethod
+    def texts(example: LampExample) -> list[str]:
+        """The query, then each profile item's document: what is embedded."""
+        return [query_text(example)] + [item_document(example.task, item) for item in example.profile]
 
     def scores(self, example: LampExample) -> list[float]:
-        texts = [query_text(example)] + [item_document(example.task, item) for item in example.profile]
+        texts = self.texts(example)
         emb = np.asarray(self.encode_fn(texts), dtype=np.float64)  # (1 + n, d)
         if emb.ndim != 2 or emb.shape[0] != len(texts):
             raise ValueError(f"encode_fn returned shape {emb.shape} for {len(texts)} texts; expected (n, d)")
@@ -169,8 +174,10 @@ class DenseRetriever(RankingRetriever):
         return (emb[1:] @ emb[0]).tolist()  # (n,) similarities to the query
 
     def rank(self, example: LampExample) -> list[int]:
-        key = (example.task, example.id)
-        if key not in self._ranks:  # encoding is the expensive part: once per example
+        # encoding is the expensive part: once per example. The texts join the key: one id in another split or part
+        # (another profile) must not reuse this ranking
+        key = (example.task, example.id, hash(tuple(self.texts(example))))
+        if key not in self._ranks:
             scores = self.scores(example)
             self._ranks[key] = sorted(range(len(scores)), key=lambda j: -scores[j])
         return self._ranks[key]

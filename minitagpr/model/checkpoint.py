@@ -334,7 +334,8 @@ def atomic_dir(out_dir: Path):
         os.replace(olds.pop(), out_dir)  # killed between commit's renames: the previous export is back
     for debris in olds + _siblings(out_dir, "tmp"):
         shutil.rmtree(debris, ignore_errors=True)
-    if out_dir.exists() and not (out_dir / "config.json").is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    not_an_export = out_dir.exists() and not (out_dir / "config.json").is_file()
+    if not_an_export and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CheckpointError(f"{out_dir}: exists and is not a model export (no config.json); a save replaces the "
                               "whole folder, so give a new or empty folder")  # e.g. a run folder: never wiped
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

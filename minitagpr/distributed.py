@@ -39,9 +39,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from minitagpr.config import ConfigError
+from minitagpr.model.checkpoint import fsync_path
 
 T = TypeVar("T")
-from minitagpr.model.checkpoint import fsync_path
 
 CKPT_PATTERN = re.compile(r"^step_(\d{6,})$")
 TMP_PATTERN = re.compile(r"^step_(\d{6,})\.tmp$")  # being written, or a save that died
@@ -392,6 +392,7 @@ def checkpoint_to_resume(ckpt_dir: str | os.PathLike, resume: bool, tag: str) ->
     ckpt_dir = Path(ckpt_dir)
     if resume:  # rank 0 chooses: ranks on several nodes may see a shared folder at different moments
         return broadcast_object(on_main(lambda: latest_checkpoint(ckpt_dir)))
+
     def remove() -> None:
         existed = ckpt_dir.exists()
         remove_dir(ckpt_dir)  # also what a killed earlier removal left aside
@@ -474,6 +475,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
     ckpt_dir = Path(ckpt_dir)
     final = checkpoint_path(ckpt_dir, step)
     tmp = final.with_name(final.name + ".tmp")
+
     def prepare() -> None:
         _tidy_checkpoints(ckpt_dir)  # debris of an earlier crash, this step's .tmp included
         tmp.mkdir(parents=True)
@@ -520,7 +522,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 
     def unusable(why: str) -> CheckpointError:
         steps, _ = _scan_checkpoints(path.parent)
-        older = [p for p in steps.values() if p.name < path.name]  # step_XXXXXX names sort by step
+        named = CKPT_PATTERN.match(path.name)
+        older = [p for s, p in steps.items() if named and s < int(named.group(1))]  # in step order
         fix = (f"delete it to resume from {older[-1].name}, the newest complete checkpoint before it (resume=false "
                f"would delete every checkpoint in {path.parent})" if older else "delete it or run with resume=false")
         return CheckpointError(f"{path}: cannot resume from this checkpoint ({why}); {fix}")

@@ -112,7 +112,7 @@ def test_spaces_inside_a_label_bracket_are_allowed():  # pinned by mutation, 202
     assert normalize("LaMP-1", "reference [ 2 ] (not 1)") == "[2]"
 
 
-# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------------
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -----------------------------------
 @pytest.mark.parametrize("answer", ["7 stars", "07", "9.0", "**6**"])
 def test_rating_leading_integer_outside_1_to_5_stays_unchanged(answer):
     """Only a leading whole number 1-5 becomes a label; "7 stars" must stay as it is (the official rule then counts

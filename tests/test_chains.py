@@ -1048,3 +1048,61 @@ def test_putting_an_answered_key_twice_writes_one_line(tmp_path):
         cache.put("k", "teacher", "m", reply("a"))
         cache.put("k", "teacher", "m", reply("b"))
     assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 1
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------
+
+ONES = {k: 1 for k in SCORES}
+
+
+def test_the_judge_reply_is_read_after_its_last_think_block():
+    """A reasoning judge may write several think blocks; a complete draft scoring in any of them is not its
+    answer, only the JSON after the last `</think>` is."""
+    text = "<think>first thoughts</think><think>draft " + judge_json(ONES) + "</think>\n" + judge_json()
+    assert parse_judge_reply(text) == SCORES
+
+
+def test_of_two_complete_judge_objects_the_shallower_one_wins_breadth_first():
+    """Nested objects are searched breadth first (outer ones first), so on a tie in dimensions named the object
+    nearer the top wins, whatever order the keys come in."""
+    assert parse_judge_reply(json.dumps({"final": SCORES, "notes": {"draft": ONES}})) == SCORES
+    assert parse_judge_reply(json.dumps({"notes": {"draft": ONES}, "final": SCORES})) == SCORES
+
+
+def test_a_think_segment_in_another_case_is_no_free_tag_name():
+    """`think` is never a segment name, whatever its case (`<Think>` is not stripped as a think block, since only
+    the model's own lowercase `</think>` closes one, but it folds to `think`)."""
+    assert parse_free_tags("<Think>draft</Think><Look at History>a</Look at History>") == ["look_at_history"]
+
+
+def test_accuracy_follows_the_configured_normalisation_and_rouge_variant(tmp_path):
+    """normalize_answers=false is the official strict rule: "2" for gold "[2]" is wrong, "[2]" is right.
+    rouge_variant=rouge1: "vote delays council" vs gold "council delays vote" shares every unigram (ROUGE-1 = 1.0,
+    kept at threshold 0.5) while its ROUGE-L is 1/3 (LCS of one word in three), which would drop it."""
+    cfg = make_cfg(tmp_path, **{"filters.normalize_answers": False, "filters.rouge_variant": "rouge1",
+                                "filters.rouge_threshold": 0.5})
+    l1, l4 = instance("LaMP-1", "1", gold="[2]"), instance("LaMP-4", "2", gold="council delays vote")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [l1, l4])
+    write_jsonl(cfg_out(cfg) / "teacher.jsonl", [chain_record(l1, 0, answer="2"), chain_record(l1, 1, answer="[2]"),
+                                                 chain_record(l4, 0, answer="vote delays council")])
+    run_stages(cfg, ["accuracy"], log=lambda m: None)
+    kept = read_jsonl(cfg_out(cfg) / "accurate.jsonl")
+    assert [(r["id"], r["accuracy"]) for r in kept] == [("LaMP-1/1/1", 1.0), ("LaMP-4/2/0", pytest.approx(1.0))]
+    assert stats(cfg, "accuracy")["tasks"]["LaMP-1"] == {"in": 2, "out": 1, "dropped": {"wrong_answer": 1}}
+
+
+def test_sft_answers_are_written_as_given_when_normalisation_is_off(tmp_path):
+    """filters.normalize_answers=false also leaves the SFT records' classification answers as written (stripped):
+    " 2" stays "2", where normalisation would make it "[2]"."""
+    cfg = make_cfg(tmp_path, **{"filters.normalize_answers": False})
+    inst = instance("LaMP-1", "9", gold="[2]")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    write_jsonl(cfg_out(cfg) / "formatted.jsonl", [{**judged(inst, 0, chain=_TAGGED_CHAIN, total=17), "answer": " 2"}])
+    run_stages(cfg, ["sft"], log=lambda m: None)
+    assert [r.answer for r in read_sft_records(cfg_out(cfg) / "sft.jsonl")] == ["2"]
+
+
+def test_a_tagged_chain_with_no_words_overlaps_nothing():
+    """Either side without words shares none: overlap 0.0, so a reply of bare tags cannot pass min_overlap."""
+    assert word_overlap(CHAIN, "<analyze_input> </analyze_input><make_decision></make_decision>") == 0.0
+    assert word_overlap("", "<analyze_input>So 4 it is.</analyze_input>") == 0.0

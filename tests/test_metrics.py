@@ -254,7 +254,7 @@ def test_paired_bootstrap_pools_examples_across_clusters_of_unequal_size():
     assert point == pytest.approx(4 / 6) and low == pytest.approx(2 / 3) and high == pytest.approx(2 / 3)
 
 
-# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------------
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -----------------------------------
 
 def test_parse_rating_tie_at_gold_3_reads_an_unparsable_answer_as_5():
     """lamp-format.md: an unparsable rating becomes whichever of 1 and 5 lies farther from the gold; at gold 3 both

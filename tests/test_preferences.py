@@ -418,3 +418,28 @@ def test_rollouts_from_before_truncation_was_recorded_are_kept_and_said_once(tmp
     out = capsys.readouterr().out
     assert out.count("have no 'truncated' field") == 1
     assert "3 of 3 rollout records have no 'truncated' field" in out and "cut by the length limit: " not in out
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------
+
+def test_a_think_opening_after_the_last_close_does_not_start_the_chain():
+    """The chain starts at a `<think>` only when it comes before the last `</think>`; one after it is answer text,
+    and the chain then runs from the start of the response (as for a response without `<think>`), not empty."""
+    assert split_response("step one</think> answer <think>") == ("step one", "answer <think>")
+
+
+def test_a_zero_heldout_fraction_holds_out_nothing():
+    """heldout_frac = 0 means no held-out set: the "at least one query" rule is only for a positive fraction."""
+    pairs = [_pair(i) for i in range(4)]
+    assert split_heldout(pairs, 0.0) == (pairs, [])
+
+
+def test_the_summary_counts_only_profile_prompts_that_dropped_items(tmp_path):
+    """`short_prompts` counts the profile prompts with profile_items_dropped > 0: of two recorded prompts, one
+    dropped 2 items and one dropped none -> "1 of 2 (2 items in all)"."""
+    counts = {("q1", "profile"): 2, ("q1", "no_profile"): 0, ("q2", "profile"): 0}
+    write_rollouts(tmp_path / "r.jsonl", [replace(r, profile_items_dropped=counts[r.id, r.mode]) for r in _rollouts()])
+    built = build_pairs_from_rollouts([tmp_path / "r.jsonl"], max_per_example=5, reward_fn=_exact)
+    assert (built.profile_prompts, built.short_prompts, built.items_dropped) == (2, 1, 2)
+    assert ("profile prompts that dropped retrieved items to fit max_prompt_tokens: 1 of 2 (2 items in all)"
+            in built.summary())

@@ -105,3 +105,36 @@ def test_style_pairs_refuse_a_world_without_a_users_style(world, tmp_path):
     (broken / dw.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=rf"world.json: field 'reasoning_styles': user '{user}'.*has style None"):
         synthesize_demo_pairs(broken)
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------
+
+def test_every_classification_question_has_a_quality_pair_even_when_the_blind_answer_is_right(world, sets):
+    """PQP/<id>: wrong = the blind answer, or another label when the blind answer is right; a classification task
+    always has another label, so every classification question gets its quality pair, and its rejected answer is
+    the blind one exactly when that one is wrong."""
+    from minitagpr.data.answers import LABELS
+    quality = {p.id: p for p in sets["PQP"]}
+    blind_right = 0
+    for task in (t for t in world.tasks if t in LABELS):
+        golds = world.golds(task, "train")
+        for ex in world.examples(task, "train"):
+            gold, blind = golds[ex.id], next(iter(dw.blind_answers(ex).values()))
+            rejected = quality[f"PQP/{ex.id}"].rejected.answer
+            if blind == gold:
+                blind_right += 1
+                assert rejected != gold and rejected in LABELS[task]
+            else:
+                assert rejected == blind
+    assert blind_right > 0  # the world holds questions whose blind answer is right (the case pinned here)
+
+
+def test_the_prp_rejected_chain_is_written_over_no_profile_items(sets):
+    """PRP's rejected side is `make_chain(no items, blind)`: its evidence segment says there is no history, and it
+    has no `examine_examples` segment (which only a chain over items can have); the chosen side reads the items."""
+    import re
+    no_history = re.compile(r"<identify_patterns>(No past [a-z ]+s are given|There is no history)[^<]*"
+                            r"</identify_patterns>")
+    for p in sets["PRP"]:
+        assert no_history.search(p.rejected.chain) and "<examine_examples>" not in p.rejected.chain
+        assert not no_history.search(p.chosen.chain)

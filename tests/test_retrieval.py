@@ -228,3 +228,32 @@ def test_the_random_retriever_draws_per_task_as_well_as_per_id():
     orders = {task: RandomRetriever(seed=3).rank(LampExample("7", task, "x: y", profile))
               for task in ("LaMP-7", "LaMP-3")}
     assert orders["LaMP-7"] != orders["LaMP-3"]
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------
+
+def test_bm25_matches_a_capitalised_query_word_exactly_when_case_sensitive():
+    """Case-sensitive means neither side is folded: query "Storm" matches item "Storm warning". By hand: N = 2,
+    df = 1, idf = ln(1 + 1.5/1.5) = ln 2; |d| = avgdl = 2, so the norm is k1 = 1.5 and the score is
+    ln 2 * 1 * 2.5 / (1 + 1.5) = ln 2."""
+    import math
+    ex = _tweets(["Storm warning", "sunny day"])
+    ex.input = "Paraphrase: Storm"
+    assert BM25Retriever().scores(ex) == pytest.approx([math.log(2), 0.0])
+
+
+def test_bm25_with_k1_zero_scores_the_idf_of_the_matched_terms():
+    """k1 = 0 turns term-frequency saturation off: each matched query token adds idf(t) * tf * 1 / tf = idf(t),
+    and an item without the term adds nothing (no 0/0). N = 2, df(a) = 1: idf = ln 2."""
+    import math
+    from minitagpr.data.retrieval import bm25_scores
+    assert bm25_scores(["a"], [["a", "a", "b"], ["c"]], k1=0.0) == pytest.approx([math.log(2), 0.0])
+
+
+def test_get_retriever_passes_its_seed_to_the_random_retriever():
+    """get_retriever("random", seed=s) is RandomRetriever(seed=s): another seed draws another order."""
+    profile = [{"id": str(j), "text": f"w{j}"} for j in range(12)]
+    ex = LampExample("7", "LaMP-7", "x: y", profile)
+    for seed in (1, 5):
+        assert get_retriever("random", seed=seed).rank(ex) == RandomRetriever(seed=seed).rank(ex)
+    assert get_retriever("random", seed=1).rank(ex) != get_retriever("random", seed=5).rank(ex)

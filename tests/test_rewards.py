@@ -348,7 +348,7 @@ def test_a_chat_marker_inside_the_chain_fails_the_format():  # pinned by mutatio
     assert format_reward("<think>chain</think>answer") == 1.0
 
 
-# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------------
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -----------------------------------
 def test_split_response_has_no_chain_unless_exactly_one_think_then_one_close():
     """The chain is defined only for exactly one `<think>` followed by exactly one `</think>`: two openings, or a
     close before the open, give None (not the text between the first markers, not an empty chain)."""

@@ -244,3 +244,45 @@ def test_row_flops_charge_each_document_its_own_attention_length():
     cost = lambda n: 100.0 + n  # noqa: E731  (a per-token cost that grows with the attended length)
     documents = lambda lengths: sum(n * cost(n) for n in lengths.tolist())  # noqa: E731  (as a model's)
     assert S.row_flops(rows, documents) == [3 * cost(3) + 2 * cost(2), 4 * cost(4)]
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -------------------------------
+
+def test_the_default_shuffle_seed_zero_shuffles_in_the_seeded_order():
+    """shuffle_seed=0 (the default) is a seed like any other, not "no shuffle": documents are visited in the order
+    random.Random(seed).shuffle gives; only None keeps file order. pack=False makes the visit order the row order."""
+    docs = [S.Document(ids=[10 + i, 50 + i], mask=[False, True], id=f"d{i}") for i in range(8)]
+    for seed in (0, 3):
+        order = list(range(8))
+        random.Random(seed).shuffle(order)
+        assert order != list(range(8))
+        rows = S.pack_documents(docs, seq_len=2, pad_id=0, pack=False, shuffle_seed=seed)
+        assert rows.input_ids[:, 0].tolist() == [10 + i for i in order]
+    assert S.pack_documents(docs, seq_len=2, pad_id=0, pack=False, shuffle_seed=None).input_ids[:, 0].tolist() == \
+        [10 + i for i in range(8)]
+
+
+def test_a_seq_len_below_two_is_refused_before_any_document_is_looked_at():
+    """A row of one token has no next token to predict: seq_len=1 is refused as such, not reported as a document
+    that is too long or has no targets."""
+    docs = [S.Document(ids=[1, 2, 3], mask=[False, True, True], id="a")]
+    for truncate_long in (False, True):
+        with pytest.raises(ValueError, match="seq_len must be >= 2, got 1"):
+            S.pack_documents(docs, seq_len=1, pad_id=0, truncate_long=truncate_long)
+
+
+def test_the_fingerprint_tells_rows_of_another_seq_len_apart():
+    """Two 4-token documents packed into one row of 8 or into two rows of 4 hold the same bytes (ids, positions
+    0 1 2 3 0 1 2 3, targets): only the shape differs, and a resumed run with another seq_len must not match."""
+    docs = [S.Document(ids=[1, 2, 3, 4], mask=[False, True, True, True], id=f"d{i}") for i in range(2)]
+    one = S.pack_documents(docs, seq_len=8, pad_id=0, shuffle_seed=None)
+    two = S.pack_documents(docs, seq_len=4, pad_id=0, shuffle_seed=None)
+    assert (one.num_rows, two.num_rows) == (1, 2)
+    assert one.input_ids.flatten().tolist() == two.input_ids.flatten().tolist()
+    assert one.position_ids.flatten().tolist() == two.position_ids.flatten().tolist() == [0, 1, 2, 3] * 2
+    assert one.fingerprint() != two.fingerprint()
+
+
+def test_micro_batches_of_one_row_keep_every_row():
+    """micro_batch=1 gives one micro-batch per row, the last one included."""
+    assert S.micro_batches([4, 5, 6], 1) == [[4], [5], [6]]

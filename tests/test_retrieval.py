@@ -257,3 +257,11 @@ def test_get_retriever_passes_its_seed_to_the_random_retriever():
     for seed in (1, 5):
         assert get_retriever("random", seed=seed).rank(ex) == RandomRetriever(seed=seed).rank(ex)
     assert get_retriever("random", seed=1).rank(ex) != get_retriever("random", seed=5).rank(ex)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"k1": -0.5}, "k1 must be a finite number >= 0"),
+                                             ({"k1": float("nan")}, "k1 must be a finite number >= 0"),
+                                             ({"b": 1.5}, r"b must be in \[0, 1\]")])
+def test_bm25_parameters_outside_their_range_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_retriever("bm25", **kwargs)

@@ -117,6 +117,10 @@ class BM25Retriever(RankingRetriever):
     name = "bm25"
 
     def __init__(self, k1: float = 1.5, b: float = 0.75, lowercase: bool = False):
+        if not (math.isfinite(k1) and k1 >= 0):  # k1 < 0 can make a denominator 0 or flip scores' signs
+            raise ValueError(f"bm25 k1 must be a finite number >= 0, got {k1!r}")
+        if not 0.0 <= b <= 1.0:  # b mixes 1 and |d| / avgdl
+            raise ValueError(f"bm25 b must be in [0, 1], got {b!r}")
         self.k1, self.b, self.lowercase = k1, b, lowercase
 
     def scores(self, example: LampExample) -> list[float]:

@@ -214,12 +214,14 @@ def run(cfg: SftConfig) -> Path:
                                      "optimizer step")
         optimizer.step()
         dt = time.perf_counter() - t0
-        tokens = out["tokens"]  # input tokens of the step over all ranks (after trimming trailing padding)
+        # real tokens of the step's rows over all ranks (a micro-batch also pads its shorter rows: token_slots)
+        tokens = int(rows.lengths[global_rows].sum())
         # every rank's rows of the step (the global batch), each document at its own attention length; the
         # fused log-prob kernel runs the head on target tokens only
         step_flops = sum(body_flops[r] for r in global_rows) + out["valid_tokens"] * model.head_flops_per_token()
         record = {"step": step, "epoch": step // spe, "loss": out["loss"], "lr": lr, "grad_norm": grad_norm,
-                  "target_tokens": out["valid_tokens"], "tokens": tokens, "tokens_per_s": tokens / dt,
+                  "target_tokens": out["valid_tokens"], "tokens": tokens, "token_slots": out["tokens"],
+                  "tokens_per_s": tokens / dt,
                   "mfu": mfu(tokens / dt, step_flops / tokens, info.world_size, peak), "step_time_s": dt,
                   "elapsed_s": time.perf_counter() - t_start}
         log.write(record)

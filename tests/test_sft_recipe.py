@@ -177,6 +177,23 @@ def test_metrics_lines_carry_the_documented_fields(runs):
     assert lrs == pytest.approx([1e-3 * m for m in by_hand])
 
 
+def test_tokens_per_s_counts_real_tokens_not_the_padding_of_a_micro_batch(inputs, tmp_path):
+    """pack=false and one micro-batch of 8 rows of unequal length: the micro-batch pads its shorter rows to the
+    longest, and those slots are no tokens (tokens_per_s counted them; RL and PRMU count real tokens only)."""
+    sft = recipe()
+    from minitagpr.tokenizer import Tokenizer
+    out = tmp_path / "unpacked"
+    run_in_process(common(inputs, out, pack=False, micro_batch=8, max_steps=1))
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    docs = sft.S.tokenize_records(sft.S.read_sft_records(inputs["data"]), Tokenizer.from_dir(inputs["tokenizer"]))
+    rows = sft.S.pack_documents(docs, 128, 0, pack=False, shuffle_seed=0)
+    step_rows = sft.S.rows_for_step(0, rows.num_rows, 8, 0)
+    lengths = [int(rows.lengths[r]) for r in step_rows]
+    assert len(set(lengths)) > 1  # unequal rows: some padding in the micro-batch
+    assert rec["tokens"] == sum(lengths) < rec["token_slots"] == 8 * max(lengths)
+    assert rec["tokens_per_s"] == pytest.approx(rec["tokens"] / rec["step_time_s"])
+
+
 # ----------------------------------------------------------------------------------------------- bad inputs
 def test_held_out_records_never_train(inputs, tmp_path, capsys):
     """The eval_holdout records are left out of the documents that are packed into training rows (tokenizing every

@@ -23,8 +23,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def count_tokens(micro_batches: list[dict[str, torch.Tensor]], device) -> tuple[torch.Tensor, int]:
-    """(N, tokens): valid target tokens (a 0-d float64 tensor) and input tokens of this step, summed over all
-    micro-batches and ranks (one all-reduce)."""
+    """(N, slots): valid target tokens (a 0-d float64 tensor) and input token slots of this step (padding of the
+    shorter rows of a micro-batch included), summed over all micro-batches and ranks (one all-reduce)."""
     valid = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
     tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
     counts = all_reduce_sum(torch.tensor([valid, tokens], dtype=torch.float64, device=device))  # (2,)
@@ -34,7 +34,7 @@ def count_tokens(micro_batches: list[dict[str, torch.Tensor]], device) -> tuple[
 def nll_forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], device,
                          step: int) -> dict[str, float]:
     """Accumulate the gradient of mean NLL (see module docstring); returns the step's loss and its global token
-    counts (valid_tokens = N, tokens = input tokens processed).
+    counts (valid_tokens = N, tokens = input token slots processed, padding included).
 
     Raises NonFiniteLossError naming the step when the global loss is not finite (the same on every rank)."""
     n_valid, tokens = count_tokens(micro_batches, device)  # the same on every rank

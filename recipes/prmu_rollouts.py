@@ -42,14 +42,15 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_writable_file,
-                              parse_cli, to_dict)
+from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_number,
+                              check_writable_file, parse_cli, to_dict)
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.preferences import RolloutRecord, read_rollouts, write_rollouts
 from minitagpr.model import load_pretrained
-from minitagpr.model.checkpoint import resolve_checkpoint
+from minitagpr.model.checkpoint import files_digest, resolve_checkpoint
 from minitagpr.rl.loop import RLConfig, parse_task_mix, task_mix_sample
 from minitagpr.rollout import require_vllm, resolve_engine
+from minitagpr.rollout.base import MIN_TEMPERATURE
 from minitagpr.tokenizer import Tokenizer
 
 
@@ -107,6 +108,9 @@ class RolloutConfig:
             check_at_least(key, getattr(self, key), 1)
         check_at_least("limit", self.limit, 0)
         check_fraction("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization)
+        # checked now, not at the first generate() after the policy loaded; n samples at T -> 0 would all be alike
+        check_number("temperature", self.temperature, MIN_TEMPERATURE)
+        check_number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
 
 
 def draw_questions(examples: list, task: str, cfg: RolloutConfig) -> list:
@@ -125,11 +129,12 @@ def draw_questions(examples: list, task: str, cfg: RolloutConfig) -> list:
 PROGRESS_FORMAT = "minitagpr-rollout-progress/1"
 
 
-def _progress_header(cfg: RolloutConfig, info, requests) -> dict:
-    """What a progress file must have been written for: every setting that changes the samples, this rank's place
-    and its requests (ids, modes and prompts)."""
+def _progress_header(cfg: RolloutConfig, info, requests, policy_digest: str, engine_kind: str) -> dict:
+    """What a progress file must have been written for: every setting that changes the samples, the policy's
+    weights and tokenizer (`files_digest`: policy= names a path, and a re-export into it is another policy), the
+    engine that samples, this rank's place and its requests (ids, modes and prompts)."""
     settings = {k: v for k, v in to_dict(cfg).items() if k != "vllm_gpu_memory_utilization"}
-    h = hashlib.sha256(json.dumps([settings, info.rank, info.world_size,
+    h = hashlib.sha256(json.dumps([settings, policy_digest, engine_kind, info.rank, info.world_size,
                                    [(ex.id, mode, msgs) for ex, mode, msgs, _ in requests]]).encode())
     return {"format": PROGRESS_FORMAT, "fingerprint": h.hexdigest()[:16]}
 
@@ -242,7 +247,8 @@ def run(cfg: RolloutConfig) -> Path:
     # Each finished batch is appended (and fsynced) to this rank's progress file; a rerun after a kill takes the
     # finished batches from it and samples only the rest, with the same seeds, so nothing sampled is lost.
     progress = out.with_name(f"{out.name}.rank{info.rank:05d}.progress")
-    done = _read_progress(progress, _progress_header(cfg, info, requests))
+    header = _progress_header(cfg, info, requests, files_digest(resolve_checkpoint(cfg.policy)), engine_kind)
+    done = _read_progress(progress, header)
     if done:
         D.log(f"rollouts: rank {info.rank} resumes {len(done)} finished batch(es) "
               f"({sum(map(len, done.values()))} requests) from {progress}")

@@ -99,6 +99,35 @@ def test_a_vllm_memory_share_outside_0_1_is_refused(world, tmp_path, value):
         parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl", f"vllm_gpu_memory_utilization={value}"))
 
 
+@pytest.mark.parametrize("setting, message", [("temperature=0", "temperature must be a finite number >= 0.0001"),
+                                              ("temperature=nan", "temperature must be a finite number"),
+                                              ("top_p=0", r"top_p must be a finite number in \(0, 1\]")])
+def test_sampling_settings_outside_their_range_are_refused_before_the_policy_loads(world, tmp_path, setting,
+                                                                                   message):
+    """temperature 0 with n = 4 gave four identical greedy samples per mode (no quality pair, repeated PRP pairs);
+    it was refused only at the first generate(), after the policy or vLLM had loaded."""
+    with pytest.raises(ConfigError, match=message):
+        parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl", setting))
+
+
+def test_the_progress_header_changes_with_the_policys_files_and_the_engine(world, tmp_path):
+    """policy= names a folder: a re-export into it is another policy, and a resume must not merge its samples with
+    the old one's; nor samples of another engine."""
+    import shutil
+    from types import SimpleNamespace
+    from minitagpr.model.checkpoint import files_digest
+    from minitagpr.model.presets import make_tiny_checkpoint
+    policy = shutil.copytree(world[1], tmp_path / "policy")
+    cfg = parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl"))
+    info = SimpleNamespace(rank=0, world_size=1)
+    before = recipe._progress_header(cfg, info, [], files_digest(policy), "builtin")
+    assert recipe._progress_header(cfg, info, [], files_digest(policy), "builtin") == before
+    assert recipe._progress_header(cfg, info, [], files_digest(policy), "vllm") != before
+    make_tiny_checkpoint(tmp_path / "other", seed=9, tokenizer_dir=policy)  # same shapes, other weights
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", policy / "model.safetensors")
+    assert recipe._progress_header(cfg, info, [], files_digest(policy), "builtin") != before
+
+
 def test_k_0_is_refused_since_its_profile_prompt_would_hold_no_profile(world, tmp_path):
     with pytest.raises(ConfigError, match=r"k must be >= 1"):
         parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl", "k=0"))

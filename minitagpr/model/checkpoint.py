@@ -7,6 +7,7 @@ shard, tensor by tensor: peak memory is the model plus one tensor in flight.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -302,6 +303,25 @@ def _siblings(out_dir: Path, kind: str) -> list[Path]:
         return []
     found = [p for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.{kind}-")]
     return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def files_digest(folder: str | os.PathLike, edge_bytes: int = 1 << 20) -> str:
+    """16 hex digits identifying a checkpoint folder's weights and tokenizer without reading every weight: each
+    safetensors file's name, size, first and last `edge_bytes` (its header and tensors at both ends), and every
+    other small file (config, tokenizer, user files) whole. A re-export or a fine-tune into the same folder gives
+    another digest (a resume must not mix samples of two policies)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}:".encode())
+        with open(path, "rb") as f:
+            if path.suffix == ".safetensors" and size > 2 * edge_bytes:
+                h.update(f.read(edge_bytes))
+                f.seek(size - edge_bytes)
+                h.update(f.read(edge_bytes))
+            elif path.suffix == ".safetensors" or size <= 16 * edge_bytes:
+                h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def fsync_path(path: Path) -> None:

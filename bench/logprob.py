@@ -73,8 +73,8 @@ def run_worker(args) -> list[dict]:
                 # one timed call per round (wall, process CPU); print_table takes the medians over rounds
                 seconds, cpu = median_seconds(lambda: fn(impl), 1, warmup=0, cpu=True, sync=sync)
                 rec = records[impl]
-                rec[phase + "_peak"] = max(rec[phase + "_peak"], memory.peak())
-                if round_ >= args.warmup:
+                if round_ >= args.warmup:  # warm-up rounds hold one-time allocations (workspaces, first buffers)
+                    rec[phase + "_peak"] = max(rec[phase + "_peak"], memory.peak())
                     rec[phase + "_s"].append(seconds)
                     rec[phase + "_cpu"].append(cpu)
                 print(f"#   round {round_} {phase} {impl}: {seconds:.3f} s wall, {cpu:.3f} s CPU", file=sys.stderr,

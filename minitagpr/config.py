@@ -51,7 +51,7 @@ def parse_cli(cls: type, argv: list[str]) -> Any:
         if arg == "--config":
             if i + 1 >= len(argv):
                 raise ConfigError("--config needs a path to a YAML file")
-            config_file, i = argv[i + 1], i + 2
+            config_file, i = _one_config(config_file, argv[i + 1]), i + 2
             continue
         key, sep, value = arg.lstrip("-").partition("=")
         if not sep:
@@ -60,11 +60,18 @@ def parse_cli(cls: type, argv: list[str]) -> Any:
                                   "--key value (or --config FILE)")
             value, i = argv[i + 1], i + 1  # `--key value`
         if key == "config":
-            config_file = value
+            config_file = _one_config(config_file, value)
         else:
             overrides.append((key, value))
         i += 1
     return load_config(cls, config_file, overrides)
+
+
+def _one_config(earlier: str | None, path: str) -> str:
+    """A second --config would silently replace the first (its keys lost): refused."""
+    if earlier is not None:
+        raise ConfigError(f"--config given twice ({earlier}, {path}); give one file and override keys with key=value")
+    return path
 
 
 def load_config(cls: type, path: str | os.PathLike | None = None,
@@ -295,6 +302,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, but a key given twice in one mapping is an error instead of silently keeping the last value."""
 
     def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # YAML merge keys (`<<: *anchor`) first, as SafeLoader itself does
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -457,8 +466,23 @@ def _split_list(value: str, key: str, source: str) -> list[str]:
                           f"write a,b or [a,b]")
     if text.startswith("["):
         text = text[1:-1].strip()
+    raw, buf, quote = [], "", None  # split at commas outside quotes: ['a', 'b,c'] is two items
+    for ch in text:
+        if quote is None and ch == ",":
+            raw.append(buf)
+            buf = ""
+            continue
+        if quote is None and ch in "'\"" and not buf.strip():  # a quote opens only at an item's start
+            quote = ch
+        elif ch == quote:
+            quote = None
+        buf += ch
+    if quote is not None:
+        raise ConfigError(f"config key '{key}' (from {source}): unbalanced quote {quote} in the list {value!r}")
+    if text:
+        raw.append(buf)
     items = []
-    for item in (text.split(",") if text else []):
+    for item in raw:
         item = item.strip()
         if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
             item = item[1:-1]

@@ -47,6 +47,29 @@ def test_cli_lists_may_be_written_as_yaml_writes_them():
         parse_cli(Recipe, ["optim.betas=[0.8,0.9"])
 
 
+def test_a_quoted_list_item_may_hold_a_comma_and_a_stray_quote_is_refused():
+    """As YAML reads them: ['a', 'b,c'] is two items (it was split into three, two with a stray quote)."""
+    from minitagpr.config import _split_list
+    assert _split_list("[a, 'b,c']", "files", "command line") == ["a", "b,c"]
+    assert _split_list('x,"y, z",w', "files", "command line") == ["x", "y, z", "w"]
+    assert _split_list("it's,fine", "files", "command line") == ["it's", "fine"]  # an apostrophe inside a word
+    with pytest.raises(ConfigError, match=r"config key 'files' \(from command line\): unbalanced quote '"):
+        _split_list("[a, 'b,c]", "files", "command line")
+
+
+def test_yaml_merge_keys_work_and_a_second_config_file_is_refused(tmp_path):
+    """`<<: *anchor` was "not valid YAML" (the duplicate-key check ran before SafeLoader merged); a second --config
+    silently replaced the first."""
+    merged = tmp_path / "m.yaml"
+    merged.write_text("optim:\n  <<: &shared {lr: 0.25}\n  betas: [0.5, 0.6]\n")
+    cfg = load_config(Recipe, merged)
+    assert (cfg.optim.lr, cfg.optim.betas) == (0.25, (0.5, 0.6))
+    other = tmp_path / "o.yaml"
+    other.write_text("steps: 3\n")
+    with pytest.raises(ConfigError, match="--config given twice"):
+        parse_cli(Recipe, ["--config", str(other), f"config={merged}"])
+
+
 def test_yaml_file_then_cli_override_wins(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("steps: 5\nmodel: big\noptim:\n  lr: 0.001\n")

@@ -122,7 +122,9 @@ def test_plot_command_names_a_missing_file(tmp_path):
 # ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-                                        ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
+                                        ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA H20", 148e12), ("NVIDIA B200", 2250e12),
+                                        ("NVIDIA GB200", 2500e12), ("AMD Instinct MI300X", 1307e12)])
 def test_gpu_peaks_match_the_most_specific_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda", 0))[0] == peak
@@ -143,3 +145,17 @@ def test_plots_use_the_logged_step_and_skip_flags_and_times(tmp_path, monkeypatc
     log.write_text("".join(f'{{"step": {s}, "loss": 1.0, "ok": true, "elapsed_s": 3.0}}\n' for s in (11, 12, 13)))
     plot_metrics(log, tmp_path / "m.png")
     assert drawn == [[11, 12, 13]]  # one panel (loss), at the logged steps
+
+
+def test_an_unknown_gpu_says_what_it_assumed_and_the_environment_overrides_the_table(monkeypatch):
+    """A card the table lacks was measured against an A100 with only a note (a B200's MFU read ~7x too high):
+    the note names MINITAGPR_PEAK_TFLOPS, which sets any device's peak."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Future GPU X1")
+    peak, note = peak_flops(torch.device("cuda", 0))
+    assert peak == 312e12 and "unknown GPU" in note and "MINITAGPR_PEAK_TFLOPS" in note
+    monkeypatch.setenv("MINITAGPR_PEAK_TFLOPS", "1500")
+    assert peak_flops(torch.device("cuda", 0)) == (1500e12, "MINITAGPR_PEAK_TFLOPS: 1500 TFLOP/s per device")
+    assert peak_flops(torch.device("cpu"))[0] == 1500e12
+    monkeypatch.setenv("MINITAGPR_PEAK_TFLOPS", "fast")
+    with pytest.raises(ValueError, match="MINITAGPR_PEAK_TFLOPS='fast': expected a number of TFLOP/s > 0"):
+        peak_flops(torch.device("cpu"))

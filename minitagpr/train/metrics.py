@@ -14,12 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-# Dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name() (first match wins).
+# Dense bf16 peak FLOP/s per device (datasheet, without sparsity), by a substring of torch.cuda.get_device_name()
+# (first match wins: "H200" before "H20", "GB200" before "B200"). MINITAGPR_PEAK_TFLOPS overrides the table.
 GPU_PEAK_FLOPS = [
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),
-    ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12),
-    ("V100", 125e12),
+    ("GB200", 2500e12), ("B200", 2250e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12),
+    ("H100", 989e12), ("H800", 989e12), ("H20", 148e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+    ("L40", 181e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12), ("V100", 125e12), ("MI300X", 1307e12),
+    ("MI325X", 1307e12), ("MI250X", 383e12),
 ]
+PEAK_ENV = "MINITAGPR_PEAK_TFLOPS"  # one device's dense bf16 peak in TFLOP/s, for a card the table lacks
 # CPU assumption (order of magnitude only): one core with AVX2/AVX-512 FMA at ~2.5 GHz sustains ~50 GFLOP/s fp32.
 CPU_PEAK_FLOPS_PER_THREAD = 50e9
 
@@ -27,12 +30,21 @@ CPU_PEAK_FLOPS_PER_THREAD = 50e9
 def peak_flops(device: torch.device) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number comes from)."""
     import torch  # here, so the plot command starts without importing torch
+    if os.environ.get(PEAK_ENV):
+        try:
+            flops = float(os.environ[PEAK_ENV]) * 1e12
+        except ValueError:
+            flops = float("nan")
+        if not (flops > 0 and flops != float("inf")):
+            raise ValueError(f"{PEAK_ENV}={os.environ[PEAK_ENV]!r}: expected a number of TFLOP/s > 0")
+        return flops, f"{PEAK_ENV}: {flops / 1e12:g} TFLOP/s per device"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_FLOPS:
             if key in name:
                 return flops, f"{name}: {flops / 1e12:.0f} TFLOP/s dense bf16"
-        return 312e12, f"{name}: unknown GPU, assuming A100's 312 TFLOP/s"
+        return 312e12, (f"{name}: unknown GPU, assuming A100's 312 TFLOP/s (set {PEAK_ENV} to its dense bf16 "
+                        f"peak for a true MFU)")
     threads = torch.get_num_threads()
     return threads * CPU_PEAK_FLOPS_PER_THREAD, (f"CPU: assumed {CPU_PEAK_FLOPS_PER_THREAD / 1e9:.0f} GFLOP/s per "
                                                  f"thread x {threads} thread(s)")

@@ -193,7 +193,9 @@ def run(cfg: RolloutConfig) -> Path:
     engine_kind = resolve_engine(cfg.engine)
     if engine_kind == "vllm":
         require_vllm()
-    info = D.init_distributed()
+    # the ranks sample their shares with no collective in between, then meet to merge: the fastest may wait long
+    # for the slowest (hours of 2,048-token samples per rank), past the default 30-minute collective timeout
+    info = D.init_distributed(timeout_s=12 * 3600)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     check_writable_file(out, "out")  # before any sampling, so no rollout is lost at the end

@@ -234,6 +234,13 @@ def on_main(fn: Callable[[], T]) -> T | None:
     return result
 
 
+def wait_for_device(device) -> None:
+    """Block until the device's queued work is done: CUDA runs kernels and collectives asynchronously, so a phase
+    timed on the host alone would leave its tail to whichever phase syncs next."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------------------------- FSDP2
 def release_memory() -> None:
     """Free what a finished stage left behind before the next one loads. An FSDP2 module and its hooks' state

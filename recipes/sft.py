@@ -213,6 +213,7 @@ def run(cfg: SftConfig) -> Path:
             raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step}; stopping before the "
                                      "optimizer step")
         optimizer.step()
+        D.wait_for_device(info.device)  # the step's queued GPU work is timed in this step, not the next
         dt = time.perf_counter() - t0
         # real tokens of the step's rows over all ranks (a micro-batch also pads its shorter rows: token_slots)
         tokens = int(rows.lengths[global_rows].sum())

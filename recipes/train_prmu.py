@@ -244,6 +244,7 @@ def run(cfg: PrmuConfig) -> Path:
                                      f"optimizer step (lower lr/table_lr or check the pairs)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        D.wait_for_device(info.device)  # the step's queued GPU work is timed in this step, not the next
         dt = time.perf_counter() - t0
         done = step + 1
         if info.is_main and (done % cfg.log_every == 0 or done == total_steps):

@@ -505,15 +505,8 @@ def sync_to_engine(model, engine) -> float:
             t = p.full_tensor() if hasattr(p, "full_tensor") else p  # all-gather of the FSDP2 shards
             yield name, t.detach()
     engine.sync_weights(full_tensors())
-    wait_for_device(next(model.parameters()).device)
+    D.wait_for_device(next(model.parameters()).device)
     return time.perf_counter() - t0
-
-
-def wait_for_device(device) -> None:
-    """Block until the device's queued work is done: CUDA runs kernels and collectives asynchronously, so a phase
-    timed on the host alone would leave its tail to whichever phase syncs next."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------- 7. the loop
@@ -796,7 +789,7 @@ def train(cfg: RLConfig) -> Path:
             sums = gspo_update(model, optimizer, batch, cfg, info.device)
         except NonFiniteError as e:
             raise NonFiniteError(f"[{cfg.stage}] step {step}: {e}; stopping (last checkpoint kept)") from None
-        wait_for_device(info.device)  # the last optimizer step is still queued on a GPU
+        D.wait_for_device(info.device)  # the last optimizer step is still queued on a GPU
         t_train = time.perf_counter() - t1
         t_sync = sync_to_engine(model, engine) if step + 1 < total_steps else 0.0
 

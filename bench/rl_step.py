@@ -57,12 +57,13 @@ def full_width():
         L.used_columns, L.micro_batches = used, chunks
 
 
-def train_phase(model, optimizer, batch: dict, cfg) -> None:
+def train_phase(model, optimizer, batch: dict, cfg, device) -> None:
     rows = [r for chunks in L.micro_batch_plan(batch["mask"], len(batch["advantages"]) // cfg.group_size, cfg)
             for r in chunks]
-    old = L.sequence_logprobs(model, batch["input_ids"], batch["targets"], rows)  # (N, T)
+    old = L.sequence_logprobs(model, batch["input_ids"].to(device), batch["targets"].to(device), rows)  # (N, T)
     L.gspo_update(model, optimizer, {k: batch[k] for k in ("input_ids", "targets", "mask", "advantages")}
-                  | {"old_logp": old}, cfg, torch.device("cpu"))
+                  | {"old_logp": old}, cfg, device)
+    D.wait_for_device(device)  # on a GPU the phase's queued work belongs to this phase's time
 
 
 def main() -> None:
@@ -94,16 +95,16 @@ def main() -> None:
     ways = {"full width": full_width, "cut": nullcontext}
     times = {w: [] for w in ways}
     peaks = {w: 0 for w in ways}
-    memory = PeakMemory("cpu")
+    memory = PeakMemory(info.device.type)
     for w, ctx in ways.items():  # warm-up
         with ctx():
-            train_phase(model, optimizer, batch, cfg)
+            train_phase(model, optimizer, batch, cfg, info.device)
     for _ in range(args.rounds):  # interleaved, so a busy neighbour slows both alike
         for w, ctx in ways.items():
             with ctx():
                 memory.start()
                 t0 = time.perf_counter()
-                train_phase(model, optimizer, batch, cfg)
+                train_phase(model, optimizer, batch, cfg, info.device)
                 times[w].append(time.perf_counter() - t0)
                 peaks[w] = max(peaks[w], memory.peak())
     print(f"RL train phase: preset {args.preset}, {N} rows ({args.prompts} prompts x G={args.group}), width {T}, "

@@ -432,7 +432,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         if isinstance(value, str):
             try:
-                return int(value.strip().replace("_", ""))
+                return int(value.strip())  # Python's own rule: 1_000 is fine, 1__000 or 5_ is refused
             except ValueError:
                 raise bad() from None
         raise bad()

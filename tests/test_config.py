@@ -279,3 +279,57 @@ def test_help_of_a_class_defined_in_a_function_reads_its_comments():
 whose second line starts at column 0 (the class's source slice then does not parse on its own)."""
         n: int = 3  # n's help
     assert "  n: int = 3  # n's help" in describe(Local)
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -----------------------------------
+
+@pytest.mark.parametrize("text", ["false", "no", "off", "0", " FALSE "])
+def test_every_false_spelling_reads_as_false(text):
+    assert parse_cli(Recipe, ["bf16=true", f"bf16={text}"]).bf16 is False
+
+
+@pytest.mark.parametrize("text", ["None", "NULL", "~"])
+def test_none_spellings_are_case_insensitive_for_optional_fields(text):
+    assert parse_cli(Recipe, ["data=x", f"data={text}"]).data is None
+
+
+def test_a_bool_for_a_float_field_is_refused_and_a_yaml_int_becomes_a_float(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optim:\n  lr: true\n")
+    with pytest.raises(ConfigError, match=r"config key 'optim.lr' \(from config file .*\): expected float, got True"):
+        load_config(Recipe, path)
+    path.write_text("optim:\n  lr: 1\n")
+    assert type(load_config(Recipe, path).optim.lr) is float
+
+
+def test_a_quoted_empty_list_item_is_the_empty_string():
+    @dataclass
+    class Tags:
+        tags: list[str] = field(default_factory=list)
+    assert parse_cli(Tags, ["tags=[a, '', \"\"]"]).tags == ["a", "", ""]
+
+
+@pytest.mark.parametrize("arg, key", [("optim=3", "optim"), ("steps.x=1", "steps.x")])
+def test_a_nested_config_given_a_value_or_a_value_given_a_subkey_is_an_unknown_key(arg, key):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        parse_cli(Recipe, [arg])
+
+
+def test_range_checks_refuse_bools_and_zero_fractions_and_allow_a_zero_table_lr():
+    import math
+    from types import SimpleNamespace
+
+    from minitagpr.config import check_fraction, check_number, check_optimizer
+    with pytest.raises(ValueError, match="x must be a finite number >= 0, got True"):
+        check_number("x", True, 0.0)
+    with pytest.raises(ValueError, match=r"f must be in \(0, 1\], got 0"):
+        check_fraction("f", 0)
+    cfg = SimpleNamespace(lr=1e-3, table_lr=0.0, min_lr_ratio=0.1, warmup_steps=0, grad_clip=1.0, weight_decay=0.0)
+    check_optimizer(cfg, lrs=("lr", "table_lr"), grad_clip="grad_clip", warmup="warmup_steps", warmup_max=math.inf)
+
+
+def test_integers_follow_pythons_underscore_rule():
+    assert parse_cli(Recipe, ["steps=1_000"]).steps == 1000
+    for text in ("1__000", "5_", "_5"):
+        with pytest.raises(ConfigError, match=f"config key 'steps' \\(from command line\\): expected int, got '{text}'"):
+            parse_cli(Recipe, [f"steps={text}"])

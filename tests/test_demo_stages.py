@@ -460,3 +460,34 @@ def test_unstamped_names_every_stamp_less_export_or_checkpoints_folder(tmp_path)
     (pairs[2][0] / "checkpoints").mkdir(parents=True)
     stages.begin(pairs[2][0], pairs[2][1], stages.Plan(False, True, "", "b"), "guided", SETTINGS, UP)  # stamped
     assert stages.unstamped(pairs) == [pairs[0][1], pairs[1][0] / "checkpoints"]
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -----------------------------------
+
+def test_a_default_key_this_run_does_not_set_is_no_change(tmp_path):
+    """A key the defaults hold but neither the stamp nor this run's settings do is not a difference."""
+    built = _built(tmp_path)
+    again = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP, default_settings={**SETTINGS, "other": 1})
+    assert again.reuse and again.build == built.build
+
+
+def test_an_input_the_stage_no_longer_reads_makes_it_stale(tmp_path):
+    """upstream compares both ways: a build that read the PRMU is not this run's, which reads none."""
+    _built(tmp_path, upstream={"world": "w1", "prmu": "p1"})
+    p = stages.plan(tmp_path, tmp_path / "hf", SETTINGS, {"world": "w1"})
+    assert (p.reuse, p.resume) == (False, False) and "prmu" in p.reason
+
+
+def test_a_stamp_whose_complete_field_is_not_a_bool_is_refused(tmp_path):
+    _built(tmp_path)
+    stamp = json.loads((tmp_path / stages.STAMP).read_text())
+    (tmp_path / stages.STAMP).write_text(json.dumps({**stamp, "complete": "yes"}))
+    with pytest.raises(ConfigError, match="field 'complete': expected bool"):
+        stages.plan(tmp_path, tmp_path / "hf", SETTINGS, UP)
+
+
+def test_unstamped_names_the_export_only_when_checkpoints_sit_beside_it(tmp_path):
+    """One entry per stage: its export, else its checkpoints folder."""
+    _export(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    assert stages.unstamped([(tmp_path, tmp_path / "hf")]) == [tmp_path / "hf"]

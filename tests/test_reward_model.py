@@ -325,3 +325,40 @@ def test_a_user_vocabulary_out_of_order_or_repeated_is_refused(tmp_path, users):
     path.write_text(json.dumps({**saved, "users": users}))  # rows would no longer match the saved table
     with pytest.raises(CheckpointError, match="must be sorted and free of duplicates"):
         load_reward_model(tmp_path / "rm")
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -----------------------------------
+
+def test_collate_right_pads_with_the_pad_id_and_counts_real_tokens():
+    ids, lengths = collate([[5, 6, 7], [8]], pad_id=9)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and lengths.tolist() == [3, 1]
+
+
+def test_an_input_of_exactly_max_len_tokens_is_neither_cut_nor_counted_as_cut():
+    """`max_len` tokens fit: only longer inputs lose their oldest tokens (training and scoring alike)."""
+    tok = _CharTokenizer()
+    prompt = [{"role": "user", "content": "q"}]  # "q" + "ok" + im_end + "\n": 5 tokens
+    full = encode_reward_input(tok, prompt, "ok")
+    assert len(full) == 5 and encode_reward_input(tok, prompt, "ok", max_len=5) == full
+    assert encode_reward_input(tok, prompt, "ok", max_len=4) == full[1:]
+    scorer = PRMUScorer(_tiny_prmu(users=("alice",)), tok, max_len=5)
+    scorer.score(["alice"], [prompt], ["ok"])
+    assert scorer.last_cut == 0
+
+
+@pytest.mark.parametrize("value", ["true", "0"])
+def test_a_recorded_max_len_of_true_or_zero_is_refused(tmp_path, value):
+    """max_len must be an integer >= 1: JSON true is no length (Python would read it as 1), 0 is no length."""
+    from minitagpr.model.reward import trained_max_len
+    (tmp_path / "minitagpr.json").write_text(f'{{"max_len": {value}}}')
+    with pytest.raises(CheckpointError, match="field 'max_len': expected an integer >= 1"):
+        trained_max_len(tmp_path)
+
+
+def test_scores_keep_float64_resolution_near_one(monkeypatch):
+    """sigmoid(20) = 1 - 2.06e-9 rounds to exactly 1.0 in float32; the scorer works in float64, so a confident
+    reward stays below 1 and apart from a more confident one."""
+    scorer = PRMUScorer(_tiny_prmu(), _CharTokenizer())
+    monkeypatch.setattr(scorer, "logits", lambda *args: [20.0, 25.0])
+    got = scorer.score(["alice"] * 2, [[{"role": "user", "content": "q"}]] * 2, ["a", "b"])
+    assert got[0] == pytest.approx(1 - 2.0611536e-9, abs=1e-15) and got[0] < got[1] < 1.0

@@ -327,3 +327,12 @@ def test_tiny_checkpoints_round_the_qwen3_vocabulary_up_to_64_rows(qwen3_tokeniz
     folder = make_tiny_checkpoint(tmp_path / "m", preset="tiny", seed=0, tokenizer_dir=qwen3_tokenizer_dir)
     rows = json.loads((folder / "config.json").read_text())["vocab_size"]
     assert rows == 151_680 and rows % 64 == 0 and rows >= Tokenizer.from_dir(qwen3_tokenizer_dir).vocab_size
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -----------------------------------
+
+def test_thinking_off_rejects_a_chain_of_newlines_too(tiny):
+    """With thinking off the prompt already holds the empty think block, so `chain` must be empty: a chain of
+    only newlines is not empty and is refused, not silently dropped."""
+    with pytest.raises(ValueError, match="chain must be empty, got 1 characters"):
+        tiny.encode_prompt_and_target(PROMPT, "\n", "hello", enable_thinking=False)

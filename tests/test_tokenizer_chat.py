@@ -209,3 +209,11 @@ def test_empty_tool_calls_are_accepted_like_the_template_does(template):
 def test_non_bool_flags_are_rejected(flags):
     with pytest.raises(ValueError, match="add_generation_prompt and enable_thinking must be bools"):
         render_qwen3_chat([user("u")], **flags)
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -----------------------------------
+
+def test_an_empty_tool_calls_list_is_accepted_like_none(template):
+    """The template's `{%- if message.tool_calls %}` reads [] as "no tool calls", as it reads None."""
+    messages = [user("u"), {"role": "assistant", "content": "a", "tool_calls": []}]
+    assert render_qwen3_chat(messages) == official(template, messages, False, True)

@@ -166,3 +166,32 @@ def test_input_tokens_count_every_position_and_targets_only_the_valid_ones():
         assert valid.item() == 6 and tokens == 16
     finally:
         D.destroy_distributed()
+
+
+# ---- pinned by mutation (each fails on a mutant the suite let through, 2026-11-29) -----------------------------------
+
+@pytest.mark.parametrize("step, total, warmup", [(3, 4, 3), (0, 1, 0)])
+def test_a_single_step_after_warmup_runs_at_the_peak(step, total, warmup):
+    """No room for the cosine: the one step after warmup runs at 1 (the docstring's rule), no division by zero."""
+    assert O.lr_at(step, total_steps=total, warmup_steps=warmup) == 1.0
+
+
+def test_set_lr_scales_the_base_lr_not_the_last_one_and_reports_the_first_group():
+    """The schedule sets lr = base_lr * multiplier every step; it must not compound over calls."""
+    model = tiny_model()
+    table = torch.nn.Parameter(torch.zeros(3, 4))
+    opt = O.build_optimizer(model, lr=1e-3, extra_groups=[{"params": [table], "lr": 1e-1}])
+    O.set_lr(opt, 0.5)
+    assert O.set_lr(opt, 0.5) == pytest.approx(5e-4)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 5e-4, 5e-2])
+
+
+def test_frozen_parameters_stay_out_of_the_optimizer_and_betas_default_to_0_9_0_95():
+    """RL and PRMU training build AdamW with the default betas, the same (0.9, 0.95) SFT's config defaults to."""
+    model = tiny_model()
+    frozen = next(p for p in model.parameters() if p.ndim == 2)
+    frozen.requires_grad_(False)
+    opt = O.build_optimizer(model, lr=1e-3)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(frozen) not in held and len(held) == len(list(model.parameters())) - 1
+    assert opt.defaults["betas"] == (0.9, 0.95)

@@ -205,20 +205,30 @@ def test_paired_bootstrap_point_interval_and_determinism():
         paired_bootstrap(a, {"q0": 1.0}, clusters)
 
 
+def _bootstrap_by_hand(samples: int, level: float, seed: int):
+    """paired_bootstrap's interval on 30 examples, each its own cluster with a distinct difference 0..29, and the
+    sorted bootstrap means drawn by hand with the same generator: ((lo, hi), sorted draws)."""
+    import random
+    from minitagpr.metrics import paired_bootstrap
+    ids = [f"q{i}" for i in range(30)]
+    a = {i: 0.0 for i in ids}
+    b = {i: float(n) for n, i in enumerate(ids)}
+    _, lo, hi = paired_bootstrap(a, b, {i: i for i in ids}, samples=samples, level=level, seed=seed)
+    rng, draws = random.Random(seed), []
+    for _ in range(samples):
+        picked = [rng.randrange(30) for _ in range(30)]
+        draws.append(sum(picked) / 30)
+    return (lo, hi), sorted(draws)
+
+
 def test_paired_bootstrap_interval_is_the_symmetric_percentile_range():
     from minitagpr.metrics import paired_bootstrap
     ids = [f"q{i}" for i in range(30)]
     a = {i: 0.0 for i in ids}
-    b = {i: float(n) for n, i in enumerate(ids)}  # every example its own cluster, all differences distinct
+    b = {i: float(n) for n, i in enumerate(ids)}
     clusters = {i: i for i in ids}
-    _, lo, hi = paired_bootstrap(a, b, clusters, samples=101, level=0.9, seed=3)
-    import random
-    rng, draws = random.Random(3), []
-    for _ in range(101):  # the same draws by hand: 5 of the 101 sorted means lie below, 5 above
-        picked = [rng.randrange(30) for _ in range(30)]
-        draws.append(sum(picked) / 30)
-    draws.sort()
-    assert (lo, hi) == (draws[5], draws[95])
+    interval, draws = _bootstrap_by_hand(samples=101, level=0.9, seed=3)
+    assert interval == (draws[5], draws[95])  # 5 of the 101 sorted means lie below, 5 above
     with pytest.raises(ValueError, match="level"):
         paired_bootstrap(a, b, clusters, level=1.0)
 
@@ -271,20 +281,9 @@ def test_paired_bootstrap_percentile_index_is_nearest_rank_over_samples_minus_on
     the nearest ranks over the draws' index range 0 .. samples - 1. With 31 draws and level 0.9: 0.05 * 30 = 1.5
     (1.4999... in floats) -> k = 1, so draws[1] and draws[29]; indexing over `samples` instead (0.05 * 31 = 1.55
     -> 2) gives draws[2] and draws[28]."""
-    import random
-    from minitagpr.metrics import paired_bootstrap
-    ids = [f"q{i}" for i in range(30)]
-    a = {i: 0.0 for i in ids}
-    b = {i: float(n) for n, i in enumerate(ids)}  # every example its own cluster, all differences distinct
-    clusters = {i: i for i in ids}
-    _, lo, hi = paired_bootstrap(a, b, clusters, samples=31, level=0.9, seed=7)
-    rng, draws = random.Random(7), []
-    for _ in range(31):  # the same draws by hand
-        picked = [rng.randrange(30) for _ in range(30)]
-        draws.append(sum(picked) / 30)
-    draws.sort()
+    interval, draws = _bootstrap_by_hand(samples=31, level=0.9, seed=7)
     assert len(set(draws)) > 25  # distinct neighbours, so an index off by one shows
-    assert (lo, hi) == (draws[1], draws[29])
+    assert interval == (draws[1], draws[29])
 
 
 def test_a_prediction_that_is_no_string_is_a_data_error():

@@ -216,7 +216,8 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
             if name in t.rows:
                 for task, metrics in t.rows[name].items():
                     merged.add(name, task, metrics, t.settings[name], t.examples[task],
-                               counts=t.counts.get(name, {}).get(task))  # how many the length limit cut
+                               counts=t.counts.get(name, {}).get(task),  # how many the length limit cut
+                               source=t.sources.get(name, {}).get(task))  # the questions and golds it read
     add_rule_rows(merged, world, cfg)
     if info.is_main:
         merged.write(out_dir, title="Demo world, dev split (greedy decoding)")

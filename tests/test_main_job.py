@@ -96,6 +96,10 @@ def test_the_report_prints_the_trends_the_table_and_rl_minus_sft(first):
     assert list(table["rows"]) == MODEL_ROWS + ["Rule: no profile", "Rule: profile"]
     assert all(sorted(table["rows"][row]) == TASKS for row in table["rows"])
     assert table["examples"] == {t: 2 for t in TASKS}
+    for row in MODEL_ROWS:  # each decoded cell names the questions it read, cut to eval_examples
+        assert sorted(table["sources"][row]) == TASKS
+        assert all(s["limit"] == 2 and s["questions"].endswith("questions.json")
+                   for s in table["sources"][row].values())
     diffs = json.loads((work / "eval" / "rl_vs_sft.json").read_text())
     assert sorted(diffs) == TASKS and all(len(d["Guided RL"]) == 3 for d in diffs.values())
     for task in TASKS:

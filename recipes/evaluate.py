@@ -574,8 +574,8 @@ def evaluate_prediction_files(named_files: Mapping[str, Sequence[str | os.PathLi
     for name, files in named_files.items():
         for path in files:
             try:
-                task, metrics = _score_prediction_file(path, by_task, normalize=normalize, extract=extract)
-                written = lamp.outputs_note(path)  # e.g. answers normalised when a decoded row wrote the file
+                # written: the file's "minitagpr" note, e.g. answers normalised when a decoded row wrote it
+                task, metrics, written = _score_prediction_file(path, by_task, normalize=normalize, extract=extract)
                 table.add(name, task, metrics, {"normalize": normalize, "extract_answers": extract},
                           len(by_task[task].examples),
                           source={"predictions": str(path), **task_source(by_task[task]),
@@ -591,15 +591,15 @@ def evaluate_prediction_files(named_files: Mapping[str, Sequence[str | os.PathLi
 
 
 def _score_prediction_file(path, by_task: Mapping[str, TaskData], *, normalize: bool,
-                           extract: bool) -> tuple[str, dict]:
-    file_task, preds = lamp.load_outputs(path)
+                           extract: bool) -> tuple[str, dict, dict]:
+    file_task, preds, note = lamp.read_outputs(path)
     task = lamp.canonical_task(file_task)
     if task not in by_task:
         raise DataError(f"{path}: predictions for {task}, which is not among the evaluated tasks "
                         f"({', '.join(by_task)})")
     td = by_task[task]
     try:
-        return task, score(td, preds, extract=extract, normalize=normalize)
+        return task, score(td, preds, extract=extract, normalize=normalize), note
     except DataError as err:  # ids that do not match the golds: name both files, and the limit that cut them
         cut = f"; limit={td.limit} keeps only the first {td.limit} question(s)" if td.limit else ""
         raise DataError(f"{path}: {str(err).removeprefix('evaluate: ')} "

@@ -518,7 +518,14 @@ def load_questions(path: str | os.PathLike, task: str) -> list[LampExample]:
 
 
 def load_outputs(path: str | os.PathLike, task: str | None = None) -> tuple[str, dict[str, str]]:
-    """Read and validate an outputs (or predictions) file -> (canonical task name, {id: output}).
+    """Read and validate an outputs (or predictions) file -> (canonical task name, {id: output}) (`read_outputs`)."""
+    file_task, outputs, _ = read_outputs(path, task)
+    return file_task, outputs
+
+
+def read_outputs(path: str | os.PathLike, task: str | None = None) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """Read and validate an outputs (or predictions) file -> (canonical task name, {id: output}, its NOTE_KEY object
+    ({} when it has none, as official files)).
 
     Pass `task` when the file holds golds: its `task` field must then name that task, and each gold of a label task
     must be one of the task's labels, each gold of a rating task a number from 1 to 5 (the official scoring reads it
@@ -562,7 +569,10 @@ def load_outputs(path: str | os.PathLike, task: str | None = None) -> tuple[str,
         if spec is not None and (why := gold_problem(spec.name, output)):
             raise DataError(f"{where(path, index, rec_id, 'golds.output')}: {why}")
         outputs[rec_id] = output
-    return file_task, outputs
+    note = data.get(NOTE_KEY, {})
+    if not isinstance(note, dict):
+        raise DataError(f"{where(path, field=NOTE_KEY)}: expected an object, got {type_name(note)}")
+    return file_task, outputs, note
 
 
 def check_no_extra_golds(golds: Mapping[str, str], examples: Sequence[LampExample], outputs_path,
@@ -664,11 +674,3 @@ def write_outputs(path: str | os.PathLike, task: str, outputs: Mapping[str, str]
     golds = [{"id": str(i), "output": str(o)} for i, o in outputs.items()]
     return atomic_write_json(path, {"task": spec.file_name, "golds": golds, **({NOTE_KEY: dict(note)} if note else {})})
 
-
-def outputs_note(path: str | os.PathLike) -> dict[str, Any]:
-    """The NOTE_KEY object of an outputs/predictions file ({} when it has none, as official files)."""
-    data = read_json(Path(path))
-    note = data.get(NOTE_KEY, {}) if isinstance(data, dict) else {}
-    if not isinstance(note, dict):
-        raise DataError(f"{where(Path(path), field=NOTE_KEY)}: expected an object, got {type_name(note)}")
-    return note

@@ -169,7 +169,9 @@ class DenseRetriever(RankingRetriever):
         return [query_text(example)] + [item_document(example.task, item) for item in example.profile]
 
     def scores(self, example: LampExample) -> list[float]:
-        texts = self.texts(example)
+        return self._similarities(self.texts(example))
+
+    def _similarities(self, texts: list[str]) -> list[float]:
         emb = np.asarray(self.encode_fn(texts), dtype=np.float64)  # (1 + n, d)
         if emb.ndim != 2 or emb.shape[0] != len(texts):
             raise ValueError(f"encode_fn returned shape {emb.shape} for {len(texts)} texts; expected (n, d)")
@@ -180,9 +182,10 @@ class DenseRetriever(RankingRetriever):
     def rank(self, example: LampExample) -> list[int]:
         # encoding is the expensive part: once per example. The texts join the key: one id in another split or part
         # (another profile) must not reuse this ranking
-        key = (example.task, example.id, hash(tuple(self.texts(example))))
+        texts = self.texts(example)
+        key = (example.task, example.id, hash(tuple(texts)))
         if key not in self._ranks:
-            scores = self.scores(example)
+            scores = self._similarities(texts)
             self._ranks[key] = sorted(range(len(scores)), key=lambda j: -scores[j])
         return self._ranks[key]
 

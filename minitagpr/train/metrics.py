@@ -9,6 +9,7 @@ from the table below (dense bf16 tensor-core numbers for GPUs).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -34,8 +35,8 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
         try:
             flops = float(os.environ[PEAK_ENV]) * 1e12
         except ValueError:
-            flops = float("nan")
-        if not (flops > 0 and flops != float("inf")):
+            flops = math.nan
+        if not (math.isfinite(flops) and flops > 0):
             raise ValueError(f"{PEAK_ENV}={os.environ[PEAK_ENV]!r}: expected a number of TFLOP/s > 0")
         return flops, f"{PEAK_ENV}: {flops / 1e12:g} TFLOP/s per device"
     if device.type == "cuda":

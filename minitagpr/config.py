@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from minitagpr.atomic import atomic_write_text
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _NONE = {"none", "null", "~"}
@@ -208,12 +210,8 @@ def _saved_value(saved: dict, was: dict, key: str) -> str:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the full config as YAML, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the full config as YAML, atomically (atomic_write_text)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type, prefix: str = "") -> str:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from minitagpr.atomic import atomic_write_text
 from minitagpr.config import ConfigError, default_json_dict, to_json_dict
 from minitagpr.distributed import describe_machine, machine, remove_dir
 
@@ -156,10 +156,7 @@ def unstamped(folders: Iterable[tuple[Path, Path]]) -> list[Path]:
 
 
 def _write(folder: Path, stamp: dict) -> None:
-    path = folder / STAMP
-    tmp = path.with_name(STAMP + ".tmp")
-    tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a reader sees the old stamp or the new one
+    atomic_write_text(folder / STAMP, json.dumps(stamp, indent=1, sort_keys=True))  # a reader sees old or new
 
 
 def begin(folder: Path, export: Path, p: Plan, stage: str, stage_settings: dict, upstream: dict,

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import tokenizers
 
+from minitagpr.atomic import atomic_write_bytes
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -268,19 +270,10 @@ class Tokenizer:
         return cls(_read_bytes(folder / TOKENIZER_FILE), _read_bytes(folder / CONFIG_FILE), source=folder)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write the two files, byte for byte as loaded, into `out_dir` (each via a temp file + rename)."""
+        """Write the two files, byte for byte as loaded, into `out_dir` (each with atomic_write_bytes)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         for name, data in self._files.items():
-            tmp = out / f".{name}.tmp-{os.getpid()}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, out / name)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write_bytes(out / name, data)
         return out
 
     # ---- text <-> ids ---------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from minitagpr.atomic import atomic_write_text
 from minitagpr.cli import exit_on_user_error, is_user_error
 from minitagpr.config import ConfigError, check_at_least, check_choice, check_fraction, check_writable_dir, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
@@ -463,8 +464,8 @@ class EvalTable:
 
     def write(self, out_dir: str | os.PathLike, stem: str = "table", title: str = "") -> tuple[Path, Path]:
         out_dir = Path(out_dir)
-        md = lamp.atomic_write_text(out_dir / f"{stem}.md", self.markdown(title))
-        js = lamp.atomic_write_text(out_dir / f"{stem}.json", json.dumps(self.to_json(), indent=2) + "\n")
+        md = atomic_write_text(out_dir / f"{stem}.md", self.markdown(title))
+        js = atomic_write_text(out_dir / f"{stem}.json", json.dumps(self.to_json(), indent=2) + "\n")
         return md, js
 
 
@@ -496,7 +497,7 @@ def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list
     lamp.write_outputs(predictions_file(out_dir, row, data.task), data.task, preds,
                        note={"normalize": normalize, "extract_answers": True})  # re-scored later, it says so
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    lamp.atomic_write_text(out_dir / "generations" / _slug(row) / f"{data.task}.jsonl", lines)
+    atomic_write_text(out_dir / "generations" / _slug(row) / f"{data.task}.jsonl", lines)
 
 
 def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tasks: Sequence[str] | Sequence[TaskData],

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
+from minitagpr.atomic import atomic_write_json
 from minitagpr import stages
 from minitagpr.cli import exit_on_user_error
 from minitagpr.config import ConfigError, load_config, parse_cli
@@ -255,7 +256,7 @@ def distinct_answers(eval_dir: Path, rows, tasks: list[str]) -> dict[str, dict[s
     evaluate = recipe("evaluate")
     out = {row: {task: len(set(lamp.load_outputs(evaluate.predictions_file(eval_dir, row, task))[1].values()))
                  for task in tasks} for row in rows}
-    lamp.atomic_write_json(eval_dir / "distinct_answers.json", out)
+    atomic_write_json(eval_dir / "distinct_answers.json", out)
     return out
 
 
@@ -297,7 +298,7 @@ def rl_vs_sft(world, tasks: list[str], eval_dir: Path, limit: int, rows=RL_ROWS,
         out[task] = {"metric": key, "higher_is_better": higher, "users": len(set(users.values()))}
         for row in rows:
             out[task][row] = paired_bootstrap(ref, scores(row), users, samples=samples)
-    lamp.atomic_write_json(eval_dir / "rl_vs_sft.json", out)
+    atomic_write_json(eval_dir / "rl_vs_sft.json", out)
     return out
 
 

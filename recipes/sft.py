@@ -18,7 +18,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +26,8 @@ import torch
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
 from minitagpr.config import ConfigError, check_optimizer, check_resumed_config, parse_cli, save_config, to_dict
-from minitagpr.data.lamp import atomic_write_json, not_a_file
+from minitagpr.atomic import atomic_write_json
+from minitagpr.data.lamp import not_a_file
 from minitagpr.train import optim as O
 from minitagpr.train import sft_data as S
 from minitagpr.train.loss import NonFiniteLossError, nll_forward_backward

@@ -17,9 +17,7 @@ world size and accumulation gives the gradient of one big batch.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import sys
 import time
 from array import array
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
+from minitagpr.atomic import atomic_write_json
 from minitagpr.cli import run_recipe
 from minitagpr.config import (ConfigError, check_at_least, check_choice, check_optimizer, check_resumed_config,
                               parse_cli, save_config, to_dict)
@@ -267,9 +266,7 @@ def run(cfg: PrmuConfig) -> Path:
     hf_dir = D.export_hf(model, out / "hf", tokenizer_dir=tokenizer.source, save_fn=save_reward_model,
                          training={"max_len": cfg.max_len})  # guided RL scores with the length it was trained on
     if info.is_main:
-        tmp = out / "final_eval.json.tmp"
-        tmp.write_text(json.dumps(final, indent=2))
-        os.replace(tmp, out / "final_eval.json")  # atomic: a reader sees the whole file or none
+        atomic_write_json(out / "final_eval.json", final, indent=2)  # a reader sees the whole file or none
     D.barrier()
     del model, optimizer
     D.release_memory()  # a caller's next stage loads in this process (the demo runs them all in one)

@@ -5,7 +5,6 @@ Used by tests/test_rl_loop.py: the same global batch must give the same update w
 The optional third argument overrides RLConfig keys (JSON), so a new loss variant gets this test by passing its key."""
 import json
 import sys
-from pathlib import Path
 
 import torch
 

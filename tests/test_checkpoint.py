@@ -4,7 +4,6 @@ import json
 import re
 import os
 import stat
-import struct
 import subprocess
 import sys
 from pathlib import Path

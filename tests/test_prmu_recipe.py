@@ -69,7 +69,7 @@ def _pairs(n_queries=24):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("prmu_recipe")
     tok_dir = _write_tokenizer(root / "tok")
-    lm = make_tiny_checkpoint(root / "lm", tokenizer_dir=tok_dir, seed=1)
+    make_tiny_checkpoint(root / "lm", tokenizer_dir=tok_dir, seed=1)
     write_pairs(root / "pairs.jsonl", _pairs())
     return root
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from minitagpr.model import presets, save_pretrained

@@ -62,8 +62,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from minitagpr.atomic import atomic_write_json, atomic_write_text
 from minitagpr.data.lamp import (
-    LAMP2_TAGS, TASKS, DataError, LampExample, atomic_write_json, atomic_write_text, canonical_task, load_outputs,
+    LAMP2_TAGS, TASKS, DataError, LampExample, canonical_task, load_outputs,
     load_questions, query_text, split_files, write_outputs, write_questions,
 )
 

@@ -32,11 +32,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from minitagpr.atomic import atomic_write_json
 
 
 class DataError(ValueError):
@@ -627,29 +628,6 @@ def split_files(root: str | os.PathLike, task: str, split: str = "user", part: s
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writers (fixtures, the demo world, prediction files)
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`: readers never see half a
-    file, a power loss never leaves an empty one, and the file gets the umask's modes (mkstemp's would be 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # same folder: rename is atomic
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """`obj` as JSON, written with `atomic_write_text`."""
-    return atomic_write_text(path, json.dumps(obj, ensure_ascii=False))
-
 
 def write_questions(path: str | os.PathLike, examples: Iterable[LampExample]) -> Path:
     """Write examples as a LaMP questions file (`user_id` only where set)."""

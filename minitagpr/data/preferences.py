@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from collections import defaultdict
@@ -42,8 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from minitagpr.data.lamp import (DataError, atomic_write_text, canonical_task, gold_problem, json_object_lines,
-                                 not_a_file)
+from minitagpr.atomic import atomic_write_text
+from minitagpr.data.lamp import DataError, canonical_task, gold_problem, json_object_lines, not_a_file
 from minitagpr.tokenizer import assistant_target, check_messages
 
 SETS = ("PRP", "PQP", "style")  # "style": the demo world's hidden per-user preference (synthesize_demo_pairs)
@@ -125,7 +124,7 @@ def response_from_text(text: str) -> Response:
 # 2. Reading and writing JSONL with errors that name file, line, record and field
 # ---------------------------------------------------------------------------------------------------------------
 def _write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
-    """Readers see the old file or the whole new one, never half of it (lamp.atomic_write_text)."""
+    """Readers see the old file or the whole new one, never half of it (atomic_write_text)."""
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 

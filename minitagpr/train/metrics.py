@@ -14,6 +14,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from minitagpr.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 # Dense bf16 peak FLOP/s per device (datasheet, without sparsity), by a substring of torch.cuda.get_device_name()
 # (first match wins: "H200" before "H20", "GB200" before "B200"). MINITAGPR_PEAK_TFLOPS overrides the table.
@@ -85,9 +91,7 @@ class JsonlLog:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) < resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a kill here keeps the old log
         self.path.touch()
 
     def write(self, record: dict) -> None:

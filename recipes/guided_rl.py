@@ -11,8 +11,8 @@ under `workdir`; the RL stages and the table under `out_dir` when given, sharing
 Stages 2-5 are built once and reused afterwards, each only for the settings and earlier stages it was built from
 (minitagpr/stages.py: `stage.json` in each stage folder): other settings are refused by name, a rebuilt earlier stage
 rebuilds every later one, an interrupted stage resumes. `rerun=true` redoes both RL stages; the table is always redone.
-With demo=false it runs only Stage 2 from `policy`, `prmu` and `data_root`. The RL loop itself is
-minitagpr/rl/loop.py (shared with Stage 3).
+With demo=false it runs only Stage 2 from `policy`, `prmu` and `data_root`, and every key left unset takes RLConfig's
+default (the paper's), not the demo's. The RL loop itself is minitagpr/rl/loop.py (shared with Stage 3).
 """
 from __future__ import annotations
 
@@ -84,6 +84,28 @@ class GuidedConfig(RLConfig):
         super().__post_init__()
         if self.demo and not given:
             self.prompt_style = ""  # resolved to the world's style once the world is built (main)
+        if self.exploratory_steps < 1:  # here, not after the world, SFT, PRMU and guided RL have run
+            raise ConfigError(f"exploratory_steps={self.exploratory_steps}: Stage 3's RL steps must be >= 1")
+        if self.eval_examples < 0:
+            raise ConfigError(f"eval_examples={self.eval_examples}: examples per task must be >= 0 (0 = all)")
+
+
+@dataclass
+class GuidedStageConfig(GuidedConfig):
+    """demo=false: Stage 2 alone. The keys the demo changes above take RLConfig's defaults (the paper's) back, so a
+    YAML that leaves one out trains with the paper's value, never silently with the tiny demo's."""
+    tasks: str = RLConfig.tasks
+    k: int = RLConfig.k
+    max_prompt_tokens: int = RLConfig.max_prompt_tokens
+    max_new_tokens: int = RLConfig.max_new_tokens
+    prompts_per_step: int = RLConfig.prompts_per_step
+    num_minibatches: int = RLConfig.num_minibatches
+    micro_batch_size: int = RLConfig.micro_batch_size
+    epochs: float = RLConfig.epochs
+    max_steps: int = RLConfig.max_steps
+    lr: float = RLConfig.lr
+    warmup_steps: int = RLConfig.warmup_steps
+    save_every: int = RLConfig.save_every
 
 
 # Keys left out of a stage's stamp: those that never change what the stage builds (paths the demo derives from
@@ -398,9 +420,8 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
 
 def main(argv: list[str]) -> None:
     cfg = parse_cli(GuidedConfig, argv)
-    if not cfg.demo and not any(a == "--config" or a.startswith(("config=", "--config=")) for a in argv):
-        raise ConfigError("demo=false runs need --config FILE.yaml (e.g. recipes/configs/guided_rl_qwen3_8b.yaml): "
-                         "the built-in defaults are the demo's")
+    if not cfg.demo:  # the same arguments over the paper's defaults
+        cfg = parse_cli(GuidedStageConfig, argv)
     if cfg.stage != "guided":
         raise ConfigError("recipes/guided_rl.py runs stage=guided; use recipes/exploratory_rl.py for Stage 3")
     given = [k for k in ("policy", "prmu", "data_root") if cfg.demo and getattr(cfg, k)]
@@ -456,7 +477,7 @@ def main(argv: list[str]) -> None:
         # 5. exploratory RL (Stage 3): foundation reward from the guided checkpoint
         explore_cfg = replace(guided_cfg, stage="exploratory", policy=str(guided_export), prmu="", use_prmu=False,
                               use_tag_reward=False, out_dir=str(dirs["exploratory"][0]),
-                              max_steps=cfg.exploratory_steps, save_every=0)
+                              max_steps=cfg.exploratory_steps)  # save_every as Stage 2: a kill resumes
         explore_export, _ = build_or_reuse(
             "5. exploratory RL (GSPO, foundation reward)", dirs["exploratory"], explore_cfg,
             RL_PLUMBING - {"exploratory_steps"} | {"max_steps"},  # the key the user sets, named

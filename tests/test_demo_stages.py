@@ -2,6 +2,7 @@
 settings and earlier stages it was built from. The orchestration tests run guided_rl.main in this process with
 every heavy stage replaced by a fake that writes its export, so they check which stage trains, resumes or is
 reused, and which exports the table reads."""
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import pytest
 from recipe_modules import load_recipe
 from minitagpr import stages
 from minitagpr.config import ConfigError
+from minitagpr.rl.loop import RLConfig
 
 SETTINGS = {"lr": 1e-4, "seed": 0}
 UP = {"world": "w1"}
@@ -237,6 +239,13 @@ def test_the_demo_builds_each_stage_once_and_reuses_it(demo):
     assert first["out"] == str(demo.work / "eval")
 
 
+def test_both_rl_stages_checkpoint_every_save_every_steps_so_a_kill_resumes(demo, monkeypatch):
+    seen, fake = [], demo.g.train
+    monkeypatch.setattr(demo.g, "train", lambda cfg: (seen.append((cfg.stage, cfg.save_every)), fake(cfg))[1])
+    demo.run("save_every=3")
+    assert seen == [("guided", 3), ("exploratory", 3)]  # Stage 3 ran with 0 (no checkpoints) and restarted
+
+
 def test_a_changed_rl_setting_is_refused_and_leaves_the_old_run_as_it_was(demo):
     demo.run()
     stamp = (demo.work / "guided_rl" / stages.STAMP).read_text()
@@ -286,6 +295,19 @@ def test_rl_seed_is_refused_outside_the_demo_or_below_minus_one(demo, args, tmp_
     (tmp_path / "x.yaml").write_text("lr: 1.0e-4\n")
     with pytest.raises(ConfigError, match=r"rl_seed=(-2|1): rl_seed reseeds"):
         demo.g.main([*args, "--config", str(tmp_path / "x.yaml")])
+
+
+def test_a_stage_2_run_takes_the_papers_defaults_for_every_key_its_yaml_leaves_out(demo, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(demo.g, "train", seen.append)
+    (tmp_path / "x.yaml").write_text("demo: false\npolicy: /p\nprmu: /r\ndata_root: /d\nlr: 3.0e-6\n")
+    demo.g.main(["--config", str(tmp_path / "x.yaml"), "k=16"])
+    cfg, paper = seen[0], {f.name: f.default for f in dataclasses.fields(RLConfig)}
+    assert (cfg.lr, cfg.k, cfg.out_dir, cfg.prompt_style) == (3e-6, 16, "runs/guided_rl", "full")
+    demo_keys = {k for k, v in demo.g.CONFIG_DEFAULTS.items() if k in paper and v != paper[k]}
+    assert {"lr", "max_new_tokens", "max_steps", "tasks"} <= demo_keys  # the tiny demo's own values
+    for key in demo_keys - {"lr", "k", "out_dir", "prompt_style"}:  # every other one: the paper's, not the demo's
+        assert getattr(cfg, key) == paper[key], key
 
 
 @pytest.mark.parametrize("arg", ["eval_examples=5", "exploratory_steps=3", "sft_settings=max_steps=2", "rerun=true",

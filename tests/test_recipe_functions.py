@@ -172,7 +172,8 @@ def test_stage_config_takes_the_users_settings_over_the_yaml_and_refuses_what_th
 @pytest.mark.parametrize("argv, message", [
     (["policy=/my/policy", "data_root=/my/data"], r"policy=, data_root= given, but the demo \(demo=true, the default\) "
                                                   r"builds its own"),  # were silently left unused: exit 0
-    (["demo=false"], r"demo=false runs need --config FILE.yaml"),
+    (["exploratory_steps=0"], r"exploratory_steps=0: Stage 3's RL steps must be >= 1"),  # was: after guided RL
+    (["eval_examples=-5"], r"eval_examples=-5: examples per task must be >= 0"),  # was: 55 of 60 scored
     (["rl_seed=-2"], r"rl_seed=-2: rl_seed reseeds the demo's RL stages"),
 ])
 def test_main_refuses_settings_the_demo_would_ignore_before_anything_runs(argv, message):

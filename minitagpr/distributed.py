@@ -208,6 +208,16 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_to_main(obj) -> list | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None on the others (picklable objects; the whole list is held
+    in rank 0's memory). Without a process group: [obj]."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    box = [None] * dist.get_world_size() if is_main() else None
+    dist.gather_object(obj, box, dst=0)
+    return box
+
+
 def on_main(fn: Callable[[], T]) -> T | None:
     """Collective. `fn()` on rank 0 only; then every rank learns whether it raised, and the others raise an error of
     the same type and message. Without this a rank 0 that stopped (a mis-shaped tensor, a full disk) left the others
@@ -220,18 +230,45 @@ def on_main(fn: Callable[[], T]) -> T | None:
             result = fn()
         except Exception as err:  # noqa: BLE001 -- re-raised below, after the other ranks heard of it
             failure = err
-    shared = None
-    if failure is not None:
-        try:  # the error itself when it survives pickling (its type and fields, e.g. an OSError's filename)
-            shared = pickle.loads(pickle.dumps(failure))
-        except Exception:  # noqa: BLE001 -- e.g. an error holding an open file: its type and message instead
-            shared = RuntimeError(f"{type(failure).__name__}: {failure}")
-    shared = broadcast_object(shared)
+    shared = broadcast_object(_portable(failure))
     if failure is not None:
         raise failure
     if shared is not None:
         raise shared
     return result
+
+
+def on_every_rank(fn: Callable[[], T]) -> T:
+    """Collective. `fn()` on every rank; then every rank learns whether any raised: a rank that failed raises its own
+    error, the others the lowest failing rank's (its type and message). For work whose failure only some ranks meet
+    (a bad record in one rank's share, a full disk under one rank's files): the others would otherwise go on to the
+    next collective and wait there. Each rank's result is its own."""
+    result, failure = None, None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 -- re-raised below, after the other ranks heard of it
+        failure = err
+    failures = [_portable(failure)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, _portable(failure))
+    if failure is not None:
+        raise failure
+    first = next((f for f in failures if f is not None), None)
+    if first is not None:
+        raise first
+    return result
+
+
+def _portable(failure: Exception | None) -> Exception | None:
+    """An error that can travel to the other ranks: itself when it survives pickling (its type and fields, e.g. an
+    OSError's filename), else a RuntimeError with its type and message (e.g. an error holding an open file)."""
+    if failure is None:
+        return None
+    try:
+        return pickle.loads(pickle.dumps(failure))
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(failure).__name__}: {failure}")
 
 
 def wait_for_device(device) -> None:

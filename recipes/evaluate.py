@@ -54,6 +54,7 @@ from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.lamp import DataError, LampExample, not_a_file
 from minitagpr.distributed import machine
 from minitagpr.metrics import COLUMNS, evaluate, table_columns
+from minitagpr.rollout.base import sample_base
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINITAGPR_SHARED", REPO.parent / "shared"))  # the shared assets beside the checkout
@@ -358,7 +359,8 @@ def generate_answers(engine, tokenizer, data: TaskData, *, retriever: str | retr
             ids.append(tokenizer.apply_chat(messages, add_generation_prompt=True))
             kept.append((n_items, len(items)))
         groups = engine.generate(ids, n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                 stop_token_ids=stops, seed=seed + start)
+                                 stop_token_ids=stops,  # each example seeded by its place in the file, not the batch
+                                 seed=[sample_base(seed, start + i) for i in range(len(batch))])
         for ex, prompt, (n_items, n_retrieved), group in zip(batch, ids, kept, groups):
             c = group[0]
             records.append({"id": ex.id, "text": c.text, "finish_reason": c.finish_reason, "profile_items": n_items,

@@ -225,10 +225,10 @@ def evaluate_table(named: dict[str, Path], world, cfg: GuidedConfig, out_dir: Pa
     info = D.world()
     mine = {name: path for i, (name, path) in enumerate(named.items()) if i % info.world_size == info.rank}
     tasks = [t for t, _ in parse_task_mix(cfg.tasks)]
-    table = evaluate.evaluate_checkpoints(mine, tasks, data=world, limit=cfg.eval_examples,
-                                          settings=((cfg.retriever, cfg.k),), max_prompt_tokens=cfg.max_prompt_tokens,
-                                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, out_dir=out_dir,
-                                          prompt_style=cfg.prompt_style, engine="builtin", log=lambda *a: None)
+    table = D.on_every_rank(lambda: evaluate.evaluate_checkpoints(  # one rank's failure stops all, not at the gather
+        mine, tasks, data=world, limit=cfg.eval_examples, settings=((cfg.retriever, cfg.k),),
+        max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, out_dir=out_dir,
+        prompt_style=cfg.prompt_style, engine="builtin", log=lambda *a: None))
     tables = [table]
     if info.world_size > 1:
         tables = [None] * info.world_size

@@ -22,11 +22,16 @@ pairs. `sample=rl` (the default) samples the questions guided RL's task mix draw
 `limit` is 0 or at least the task's RL count (a smaller `limit` covers that fraction of them);
 `sample=first` takes the file's first `limit` questions (which RL, drawing at random, mostly does not use).
 
-A killed run loses no sampling: each rank appends every finished batch to `OUT.rankNNNNN.progress` (fsynced), and
-a rerun with the same settings and processes samples only the rest, with the same seeds, so its output equals an
-uninterrupted run's; progress written for other settings is refused by name (delete it to start over).
+Each request's samples are seeded by `seed` and its position in the whole query list (`rollout.sample_base`), and
+the output lists the queries in that order: the file does not depend on `batch_prompts` or the number of processes
+(up to the float rounding a batch's other prompts bring into the logits). An existing `out` is refused unless
+`overwrite=true`. A killed run loses no sampling: each rank appends every finished batch to `OUT.rankNNNNN.progress`
+(fsynced), and a rerun with the same settings and processes samples only the rest, so its output equals an
+uninterrupted run's; progress written for other settings is refused by name (delete it to start over). An error that
+one rank meets (a prompt too long in its share, progress of other settings) stops every rank
+(`distributed.on_every_rank`); the ranks' records meet on rank 0 in a collective, not through the filesystem.
 
-1. config   2. queries + prompts   3. policy + rollout engine   4. sampling   5. write (rank 0 merges the shards)
+1. config   2. queries + prompts   3. policy + rollout engine   4. sampling   5. write (rank 0 merges the shares)
 """
 from __future__ import annotations
 
@@ -45,12 +50,12 @@ from minitagpr.cli import run_recipe
 from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_number,
                               check_writable_file, parse_cli, to_dict)
 from minitagpr.data import lamp, prompts, retrieval
-from minitagpr.data.preferences import RolloutRecord, read_rollouts, write_rollouts
+from minitagpr.data.preferences import RolloutRecord, write_rollouts
 from minitagpr.model import load_pretrained
 from minitagpr.model.checkpoint import files_digest, resolve_checkpoint
 from minitagpr.rl.loop import RLConfig, parse_task_mix, task_mix_sample
 from minitagpr.rollout import require_vllm, resolve_engine
-from minitagpr.rollout.base import MIN_TEMPERATURE
+from minitagpr.rollout.base import MIN_TEMPERATURE, sample_base
 from minitagpr.tokenizer import Tokenizer
 
 
@@ -62,6 +67,7 @@ class RolloutConfig:
     outputs: str = ""  # the matching *_outputs.json (golds for PQP)
     task: str = ""  # default: the task named in the outputs file
     out: str = ""  # rollout JSONL to write
+    overwrite: bool = False  # true: replace an existing `out` (refused otherwise: it holds hours of sampling)
     tokenizer: str = ""  # default: the policy folder
     n: int = 4  # samples per query and mode
     # prompts and lengths as guided RL's (guided_rl_qwen3_8b.yaml): the reward model scores RL's prompts
@@ -126,16 +132,16 @@ def draw_questions(examples: list, task: str, cfg: RolloutConfig) -> list:
     return examples[:cfg.limit] if cfg.limit else examples
 
 
-PROGRESS_FORMAT = "minitagpr-rollout-progress/1"
+PROGRESS_FORMAT = "minitagpr-rollout-progress/2"  # /1 seeded by rank and batch: not resumable with /2
 
 
 def _progress_header(cfg: RolloutConfig, info, requests, policy_digest: str, engine_kind: str) -> dict:
     """What a progress file must have been written for: every setting that changes the samples, the policy's
     weights and tokenizer (`files_digest`: policy= names a path, and a re-export into it is another policy), the
     engine that samples, this rank's place and its requests (ids, modes and prompts)."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "vllm_gpu_memory_utilization"}
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("vllm_gpu_memory_utilization", "overwrite")}
     h = hashlib.sha256(json.dumps([settings, policy_digest, engine_kind, info.rank, info.world_size,
-                                   [(ex.id, mode, msgs) for ex, mode, msgs, _ in requests]]).encode())
+                                   [(ex.id, mode, msgs) for ex, mode, msgs, _, _ in requests]]).encode())
     return {"format": PROGRESS_FORMAT, "fingerprint": h.hexdigest()[:16]}
 
 
@@ -198,7 +204,7 @@ def run(cfg: RolloutConfig) -> Path:
     info = D.init_distributed(timeout_s=12 * 3600)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    check_writable_file(out, "out")  # before any sampling, so no rollout is lost at the end
+    D.on_main(lambda: check_out(out, cfg.overwrite))  # before any sampling, so no rollout is lost at the end
 
     # ------------------------------------------------------------------------------------------- 2. queries
     task = lamp.canonical_task(cfg.task or lamp.load_outputs(cfg.outputs)[0])  # default: the file's own task
@@ -217,13 +223,42 @@ def run(cfg: RolloutConfig) -> Path:
     if missing:
         raise lamp.DataError(f"{cfg.outputs}: no gold output for question ids {', '.join(missing[:10])}"
                          f"{' ...' if len(missing) > 10 else ''} of {cfg.questions}")
-    mine = examples[info.rank::info.world_size]  # each rank samples its own share
     tokenizer = Tokenizer.from_dir(cfg.tokenizer or resolve_checkpoint(cfg.policy))
     if mismatch := prompts.style_mismatch(resolve_checkpoint(cfg.policy), cfg.prompt_style):
         raise ConfigError(f"policy {cfg.policy}: {mismatch}")  # the PRMU would learn from prompts RL never shows
+    # each rank its own share (query g on rank g % world size), and its progress: an error met in one share stops all
+    progress = out.with_name(f"{out.name}.rank{info.rank:05d}.progress")
+    requests, done = D.on_every_rank(lambda: share_requests(examples, cfg, tokenizer, info, engine_kind, progress))
+    if done:
+        D.log(f"rollouts: rank {info.rank} resumes {len(done)} finished batch(es) "
+              f"({sum(map(len, done.values()))} requests) from {progress}")
+
+    # ------------------------------------------------------------------------------------------- 3-4. engine, sampling
+    # a rank that fails (out of memory, a full disk) stops the others at the merge below; every finished batch stays
+    # in the progress files for the rerun
+    records = D.on_every_rank(lambda: sample_share(requests, done, cfg, tokenizer, golds, task, engine_kind,
+                                                   progress))
+
+    # ------------------------------------------------------------------------------------------- 5. write
+    shares = D.gather_to_main(records)
+    D.on_main(lambda: write_merged(out, shares, examples, cfg, info.world_size))
+    return out
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    check_writable_file(out, "out")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"out={out} exists (a finished run's rollouts); give another out= or overwrite=true")
+
+
+def share_requests(examples: list, cfg: RolloutConfig, tokenizer: Tokenizer, info, engine_kind: str,
+                   progress: Path) -> tuple[list, dict]:
+    """This rank's requests (example, mode, messages, retrieved items left out, global request index) and the
+    batches an earlier run of the same settings finished ({batch start: records}, from its progress file)."""
     retriever = retrieval.get_retriever(cfg.retriever, seed=cfg.seed)
-    requests = []  # (example, mode, messages, retrieved items left out to fit max_prompt_tokens)
-    for ex in mine:
+    requests = []
+    for g in range(info.rank, len(examples), info.world_size):
+        ex = examples[g]
         items = retriever.select(ex, cfg.k)
         try:
             with_profile, kept = prompts.fit_messages(ex, items, tokenizer, cfg.max_prompt_tokens,
@@ -231,73 +266,74 @@ def run(cfg: RolloutConfig) -> Path:
         except prompts.PromptTooLongError as e:  # it names the example; the file is known here
             raise prompts.PromptTooLongError(f"{cfg.questions}: {e}") from None
         bare = prompts.build_messages(ex, [], tokenizer, cfg.max_prompt_tokens, style=cfg.prompt_style)
-        requests += [(ex, "profile", with_profile, len(items) - kept), (ex, "no_profile", bare, 0)]
-
-    # ------------------------------------------------------------------------------------------- 3. engine
-    if engine_kind == "vllm":
-        from minitagpr.rollout import VLLMEngine
-        # sleep_level=0: the weights never change here, so sleeping after every batch would only reload them
-        engine = VLLMEngine(resolve_checkpoint(cfg.policy), tokenizer, sleep_level=0, seed=cfg.seed,
-                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                            max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
-    else:
-        from minitagpr.rollout import BuiltinEngine
-        engine = BuiltinEngine(load_pretrained(cfg.policy, dtype=torch.float32, device=info.device).eval(),
-                               tokenizer)
-
-    # ------------------------------------------------------------------------------------------- 4. sampling
-    # Each finished batch is appended (and fsynced) to this rank's progress file; a rerun after a kill takes the
-    # finished batches from it and samples only the rest, with the same seeds, so nothing sampled is lost.
-    progress = out.with_name(f"{out.name}.rank{info.rank:05d}.progress")
+        requests += [(ex, "profile", with_profile, len(items) - kept, 2 * g),
+                     (ex, "no_profile", bare, 0, 2 * g + 1)]
     header = _progress_header(cfg, info, requests, files_digest(resolve_checkpoint(cfg.policy)), engine_kind)
-    done = _read_progress(progress, header)
-    if done:
-        D.log(f"rollouts: rank {info.rank} resumes {len(done)} finished batch(es) "
-              f"({sum(map(len, done.values()))} requests) from {progress}")
-    records = []
-    stops = tokenizer.stop_ids
+    return requests, _read_progress(progress, header)
+
+
+def sample_share(requests: list, done: dict, cfg: RolloutConfig, tokenizer: Tokenizer, golds: dict, task: str,
+                 engine_kind: str, progress: Path) -> list[RolloutRecord]:
+    """Sample this rank's requests batch by batch (the engine built only when a batch is left), appending each
+    finished batch (fsynced) to `progress`; batches in `done` are taken as they are. Records in request order."""
+    engine, records, stops = None, [], tokenizer.stop_ids
     for start in range(0, len(requests), cfg.batch_prompts):
         if start in done:  # records stay in request order, resumed or sampled
             records += done[start]
             continue
+        engine = engine or build_engine(cfg, tokenizer, engine_kind)
         D.fault_point("batch", start)  # crash-recovery tests kill the run here
         batch = requests[start:start + cfg.batch_prompts]
-        ids = [tokenizer.apply_chat(msgs, add_generation_prompt=True, enable_thinking=True) for _, _, msgs, _ in batch]
-        # a distinct base seed per rank and batch; each sample's own seed derives from it (see rollout.sample_seed)
+        ids = [tokenizer.apply_chat(msgs, add_generation_prompt=True, enable_thinking=True) for _, _, msgs, _, _ in
+               batch]
         groups = engine.generate(ids, n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                  max_new_tokens=cfg.max_new_tokens, stop_token_ids=stops,
-                                 seed=cfg.seed * 1_000_003 + info.rank * 100_003 + start)
+                                 seed=[sample_base(cfg.seed, g) for *_, g in batch])  # its place in the whole run
         batch_records = [RolloutRecord(id=ex.id, user=ex.user, task=task, mode=mode, prompt=msgs,
                                        gold=golds[ex.id], responses=[c.text for c in group],
                                        # as the RL loop's R_f: "length" = cut by max_new_tokens
                                        truncated=[c.finish_reason == "length" for c in group],
                                        profile_items_dropped=dropped)
-                         for (ex, mode, msgs, dropped), group in zip(batch, groups)]
+                         for (ex, mode, msgs, dropped, _), group in zip(batch, groups)]
         _append_progress(progress, start, batch_records)
         records += batch_records
         D.log(f"rollouts: {min(start + cfg.batch_prompts, len(requests))}/{len(requests)} requests on rank 0")
+    return records
 
-    # ------------------------------------------------------------------------------------------- 5. write
-    part = out.with_name(f"{out.name}.rank{info.rank:05d}")
-    write_rollouts(part, records)
-    D.barrier()
-    if info.is_main:
-        parts = [out.with_name(f"{out.name}.rank{r:05d}") for r in range(info.world_size)]
-        merged = [r for p in parts if p.stat().st_size for r in read_rollouts(p)]  # a rank may have had no queries
-        write_rollouts(out, merged)
-        for p in parts:
-            p.unlink()
-        for r in range(info.world_size):  # the merged file now holds every rank's finished batches
-            out.with_name(f"{out.name}.rank{r:05d}.progress").unlink(missing_ok=True)
-        D.log(f"wrote {len(merged)} rollout records ({len(examples)} queries x 2 modes x n={cfg.n}) to {out}")
-        cut = sum(t for r in merged for t in r.truncated)
-        D.log(f"cut by max_new_tokens={cfg.max_new_tokens}: {cut} of {sum(len(r.responses) for r in merged)} "
-              f"responses (they make no PRP/PQP pair)")
-        short = [r.profile_items_dropped for r in merged if r.mode == "profile" and r.profile_items_dropped]
-        D.log(f"profile prompts that dropped retrieved items to fit max_prompt_tokens={cfg.max_prompt_tokens}: "
-              f"{len(short)} of {len(examples)} ({sum(short)} items in all)")
-    D.barrier()
-    return out
+
+def build_engine(cfg: RolloutConfig, tokenizer: Tokenizer, engine_kind: str):
+    if engine_kind == "vllm":
+        from minitagpr.rollout import VLLMEngine
+        # sleep_level=0: the weights never change here, so sleeping after every batch would only reload them
+        return VLLMEngine(resolve_checkpoint(cfg.policy), tokenizer, sleep_level=0, seed=cfg.seed,
+                          gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                          max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
+    from minitagpr.rollout import BuiltinEngine
+    return BuiltinEngine(load_pretrained(cfg.policy, dtype=torch.float32, device=D.world().device).eval(), tokenizer)
+
+
+def merge_shares(shares: list[list], num_queries: int) -> list:
+    """The ranks' records in query order. Rank r holds its queries r, r + W, r + 2W, ... (W = len(shares)) in
+    order, two records each (profile, no_profile)."""
+    w = len(shares)
+    return [rec for g in range(num_queries) for rec in shares[g % w][2 * (g // w):2 * (g // w) + 2]]
+
+
+def write_merged(out: Path, shares: list[list[RolloutRecord]], examples: list, cfg: RolloutConfig,
+                 world_size: int) -> None:
+    """Rank 0: every rank's records in query order (query g was rank g % world_size's), written atomically, then
+    the progress files removed (a kill in between leaves them: a rerun with overwrite=true resumes from them)."""
+    merged = merge_shares(shares, len(examples))
+    write_rollouts(out, merged)
+    for r in range(world_size):  # the merged file now holds every rank's finished batches
+        out.with_name(f"{out.name}.rank{r:05d}.progress").unlink(missing_ok=True)
+    D.log(f"wrote {len(merged)} rollout records ({len(examples)} queries x 2 modes x n={cfg.n}) to {out}")
+    cut = sum(t for r in merged for t in r.truncated)
+    D.log(f"cut by max_new_tokens={cfg.max_new_tokens}: {cut} of {sum(len(r.responses) for r in merged)} "
+          f"responses (they make no PRP/PQP pair)")
+    short = [r.profile_items_dropped for r in merged if r.mode == "profile" and r.profile_items_dropped]
+    D.log(f"profile prompts that dropped retrieved items to fit max_prompt_tokens={cfg.max_prompt_tokens}: "
+          f"{len(short)} of {len(examples)} ({sum(short)} items in all)")
 
 
 if __name__ == "__main__":

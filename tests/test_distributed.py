@@ -304,6 +304,20 @@ try:
 except RuntimeError as e:
     seen["unpicklable"] = type(e).__name__ + ": " + str(e)
 seen["result"] = D.on_main(lambda: 42)
+# on_every_rank: an error only rank 1 meets stops rank 0 too; each rank keeps its own result and its own error
+def fail_on_rank_1():
+    if info.rank == 1:
+        raise ValueError("shard.jsonl, record 7, field 'id': missing")
+    return "fine"
+try:
+    D.on_every_rank(fail_on_rank_1)
+except ValueError as e:
+    seen["every"] = str(e)
+seen["every_result"] = D.on_every_rank(lambda: info.rank * 10)
+try:
+    D.on_every_rank(lambda: (_ for _ in ()).throw(KeyError(f"rank {info.rank}")))
+except KeyError as e:
+    seen["own"] = str(e)
 # a checkpoint only rank 0 reads, with one tensor of the wrong shape: every rank raises the loader's error
 if info.is_main:
     ckpt = make_tiny_checkpoint(out / "ckpt", seed=0)
@@ -333,6 +347,9 @@ def test_an_error_on_rank_0_alone_is_raised_on_every_rank(tmp_path):
     assert seen[0]["unpicklable"] == "Unpicklable: disk full"
     assert seen[1]["unpicklable"] == "RuntimeError: Unpicklable: disk full"
     assert [s["result"] for s in seen] == [42, None]
+    assert [s["every"] for s in seen] == ["shard.jsonl, record 7, field 'id': missing"] * 2
+    assert [s["every_result"] for s in seen] == [0, 10]
+    assert [s["own"] for s in seen] == ["'rank 0'", "'rank 1'"]  # a failing rank raises its own error
     assert seen[0]["load"] == seen[1]["load"] and "model.norm.weight" in seen[1]["load"], seen
 
 

@@ -17,6 +17,7 @@ from minitagpr.config import ConfigError, parse_cli
 from minitagpr.data import answers, lamp, prompts
 from minitagpr.model import presets
 from minitagpr.rollout import Completion
+from minitagpr.rollout import base as rollout_base
 from minitagpr.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,3 +294,22 @@ def test_the_cut_column_sums_the_cut_generations_over_a_rows_tasks():
     assert lines[0] == "| method | L3 MAE | L3 RMSE | L5 R-1 | L5 R-L | cut |"
     assert lines[2] == "| decoded | .500 | .750 | .400 | .300 | 5 |"
     assert lines[3] == "| file | .500 | .750 | .400 | .300 | — |"
+
+
+def test_each_example_is_seeded_by_its_place_in_the_file_whatever_the_batch(lamp_root, checkpoint):
+    """The seed was seed + batch start for a whole call: sampled answers (temperature > 0) changed with
+    batch_prompts, and seed=0's second batch replayed seed=16's first."""
+    data = ev.load_task_data(lamp_root, "LaMP-3")
+    tok = Tokenizer.from_dir(checkpoint)
+
+    class Recording:
+        def generate(self, ids, n, temperature, top_p, max_new_tokens, stop_token_ids, seed):
+            seen.extend(seed)
+            return [[Completion([1], "<think>c</think>3", [0.0], "stop")] for _ in ids]
+
+    by_batch = {}
+    for batch in (1, 2):
+        seen = []
+        ev.generate_answers(Recording(), tok, data, k=1, temperature=1.0, seed=7, batch_prompts=batch)
+        by_batch[batch] = seen
+    assert by_batch[1] == by_batch[2] == [rollout_base.sample_base(7, i) for i in range(len(data.examples))]

@@ -52,11 +52,13 @@ class RecordingVLLM:
     PRP pair."""
 
     built: dict = {}
+    seeds: list = []  # the seed argument of every generate() call
 
     def __init__(self, checkpoint_dir, tokenizer=None, **kwargs):
         RecordingVLLM.built = kwargs
 
-    def generate(self, prompt_token_ids, n=1, max_new_tokens=256, **_):
+    def generate(self, prompt_token_ids, n=1, max_new_tokens=256, seed=None, **_):
+        RecordingVLLM.seeds.append(seed)
         def sample(ids, j):
             if j == 0:
                 return Completion([1] * max_new_tokens, f"<think>{len(ids)} and then", [0.0] * max_new_tokens,
@@ -83,6 +85,41 @@ def test_each_record_says_which_responses_the_length_limit_cut(world, tmp_path, 
     for r in records:  # the engine's finish_reason "length" is what the RL loop zeroes R_f for
         assert r.truncated == [True, False, False]
     assert "cut by max_new_tokens=2048: 4 of 12 responses" in capsys.readouterr().out
+
+
+def test_each_requests_seed_is_its_place_in_the_run_whatever_the_batch(world, tmp_path, monkeypatch):
+    """Seeds were seed * 1,000,003 + rank * 100,003 + batch start: another batch_prompts or process count sampled
+    other responses for the same query (and two runs' seeds could meet)."""
+    seeds = {}
+    for bp in (1, 3):
+        RecordingVLLM.seeds = []
+        out = _run_with_recording_vllm(monkeypatch, _args(world, tmp_path / f"r{bp}.jsonl", "n=2", "limit=3",
+                                                          "seed=5", f"batch_prompts={bp}"))
+        assert all(isinstance(s, list) for s in RecordingVLLM.seeds)  # per-prompt seeds, not one per call
+        seeds[bp] = [s for call in RecordingVLLM.seeds for s in call]
+        assert [(r.id, r.mode) for r in read_rollouts(out)] == [
+            (ex.id, m) for ex in recipe.draw_questions(_examples(world), "LaMP-2", parse_cli(
+                recipe.RolloutConfig, _args(world, out, "limit=3", "seed=5"))) for m in ("profile", "no_profile")]
+    assert seeds[1] == seeds[3] == [recipe.sample_base(5, i) for i in range(6)]
+
+
+def test_rank_shares_merge_in_query_order():
+    """Query g is sampled by rank g % world size; the file lists the queries in order whatever the process count."""
+    recs = {g: [f"q{g}-profile", f"q{g}-bare"] for g in range(5)}
+    shares = [recs[0] + recs[2] + recs[4], recs[1] + recs[3]]  # two ranks' records, in each one's request order
+    assert recipe.merge_shares(shares, 5) == [x for g in range(5) for x in recs[g]]
+    assert recipe.merge_shares([recs[0] + recs[1]], 2) == recs[0] + recs[1]  # one process: its own order
+    assert recipe.merge_shares([recs[0], recs[1], []], 2) == recs[0] + recs[1]  # a rank with no query
+
+
+def test_an_existing_output_is_refused_unless_overwrite(world, tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    out.write_text("hours of sampling\n")
+    with pytest.raises(ConfigError, match=rf"out={out} exists .*overwrite=true"):
+        _run_with_recording_vllm(monkeypatch, _args(world, out, "n=1", "limit=1"))
+    assert out.read_text() == "hours of sampling\n"
+    _run_with_recording_vllm(monkeypatch, _args(world, out, "n=1", "limit=1", "overwrite=true"))
+    assert len(read_rollouts(out)) == 2
 
 
 def test_the_vllm_engine_gets_the_configured_memory_share_and_never_sleeps(world, tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ from minitagpr.model.qwen3 import Qwen3Config
 from minitagpr.rewards import ROUGE_VARIANTS, TERMS, reward_terms, score_batch
 from minitagpr.rl.gspo import advantage_correlations, group_advantage_metrics, group_advantages, gspo_loss
 import minitagpr.rollout as engines
+from minitagpr.rollout.base import sample_base
 from minitagpr.rollout.builtin import BuiltinEngine
 from minitagpr.tokenizer import Tokenizer
 from minitagpr.train.metrics import JsonlLog, Progress, peak_flops
@@ -273,10 +274,6 @@ def rollout(engine, prompts: list[Prompt], cfg: RLConfig, tokenizer: Tokenizer, 
                              stop_token_ids=tokenizer.stop_ids,
                              seed=[sample_base(seed, prompt_offset + i) for i in range(len(prompts))])
     return [c for g in groups for c in g]
-
-
-def sample_base(seed: int, global_index: int) -> int:
-    return (seed * 65_537 + global_index) & (2**62 - 1)
 
 
 # ----------------------------------------------------------------------------------------------- 3. rewards

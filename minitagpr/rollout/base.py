@@ -80,6 +80,14 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def sample_base(seed: int, global_index: int) -> int:
+    """The per-prompt seed (generate's list form) of the prompt at `global_index` of a whole run (an RL step, an
+    evaluation, a sampling job): its samples then depend on the run seed and that position only, not on how the run
+    is cut into generate() calls or ranks. Distinct positions under one seed get distinct seeds; seeds s and s + 1
+    meet only 65,537 positions apart."""
+    return (seed * 65_537 + global_index) & (2**62 - 1)
+
+
 def _is_int(value) -> bool:
     """A Python or numpy integer, not a bool (True would silently mean 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

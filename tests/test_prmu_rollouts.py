@@ -284,6 +284,25 @@ def test_a_killed_sampling_run_resumes_its_finished_batches_and_ends_as_an_unint
     assert not progress.exists()
 
 
+def test_two_processes_write_the_file_one_process_writes(world, tmp_path):
+    """Shares meet on rank 0 through a collective and merge in query order; each request is seeded by its place in
+    the run: the process count and batch_prompts change nothing (here not even a float: fp32 on one machine)."""
+    def sample(out, procs, batch):
+        launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                        f"--nproc_per_node={procs}"]
+        cmd = [*launcher, str(REPO / "recipes" / "prmu_rollouts.py"),
+               *_args(world, out, "n=2", "limit=5", "k=2", "max_new_tokens=6", "engine=builtin",
+                      f"batch_prompts={batch}")]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return [vars(r) | {"origin": None} for r in read_rollouts(out)]
+
+    one = sample(tmp_path / "one.jsonl", 1, 4)
+    assert len(one) == 10 and one == sample(tmp_path / "two.jsonl", 2, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]  # no part or progress files
+
+
 def test_pairs_from_rollouts_that_the_length_limit_cut_are_refused_by_name(world, tmp_path, monkeypatch, capsys):
     out = _run_with_recording_vllm(monkeypatch, _args(world, tmp_path / "r.jsonl", "n=1", "limit=2"))
     capsys.readouterr()

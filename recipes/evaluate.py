@@ -22,10 +22,12 @@ normalize=true). Written under out_dir:
                                                  against ("sources": questions, golds, limit, prediction file) and
                                                  per task the generations the length limit cut and the answers
                                                  left empty. An out_dir with an earlier table is refused unless
-                                                 overwrite=true
+                                                 overwrite=true. Rewritten after each checkpoint, titled "partial"
+                                                 until the last: a crash keeps the finished rows
   robustness.md, robustness.json                 the k and retriever sweeps, when sweep_k / sweep_retrievers
-                                                 (the main table's setting is not decoded twice: its rows are
-                                                 copied in, and its files are the main table's)
+                                                 (one engine per checkpoint decodes the main setting and the
+                                                 sweep's; the main setting once: its rows are copied in, and its
+                                                 files are the main table's)
 Every checkpoint, prediction file and question is checked before anything is decoded. One process (not torchrun):
 for one GPU per checkpoint, run one process each (CUDA_VISIBLE_DEVICES=i python recipes/evaluate.py
 checkpoints=name=folder out_dir=runs/eval/name ...), then put the rows side by side by scoring the prediction files
@@ -36,6 +38,7 @@ Library use (the demo pipeline): `evaluate_checkpoints({"base": dir0, "sft": dir
 """
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -152,6 +155,10 @@ class EvalConfig:
         check_choice("retriever", self.retriever, retrieval.RETRIEVERS)
         for name in self.sweep_retrievers:
             check_choice("sweep_retrievers", name, retrieval.RETRIEVERS)
+        if (self.sweep_k or self.sweep_retrievers) and not self.checkpoints:  # prediction files have one setting
+            raise ValueError("sweep_k / sweep_retrievers decode checkpoints again under other settings: give "
+                             "checkpoints= (prediction files are scored as they are, under the setting they were "
+                             "made with)")
         if "dense" in (self.retriever, *self.sweep_retrievers) and not self.dense_encoder:
             raise ValueError("retriever dense needs dense_encoder=<encoder folder or hub id> (e.g. Contriever in "
                              "safetensors: minitagpr.model.encoder)")
@@ -513,13 +520,16 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                          log=print, prompt_style: str = "full", label_settings: bool | None = None,
                          dense_encoder: str | os.PathLike | None = None,
                          retrievers: Mapping[str, retrieval.Retriever] | None = None,
-                         checked: bool = False) -> EvalTable:
+                         checked: bool = False, bare_setting: tuple[str, int] | None = None,
+                         after_checkpoint=None) -> EvalTable:
     """Run every checkpoint on every task under every (retriever, k) in `settings`; returns the table (and writes
     predictions + generations under out_dir when given). Rows are named after the checkpoints, with
     " [retriever k=K]" appended when `label_settings` (default: when there is more than one setting; a sweep
-    passes True, so that even a one-setting sweep never writes over the main table's files). `tasks` are task
-    names (loaded from `data`) or ready TaskData. `retrievers`: ready ones by name (else built here). Every
-    checkpoint and question is checked first (`input_problems`) unless the caller did (`checked`)."""
+    passes True, so that even a one-setting sweep never writes over the main table's files); `bare_setting`'s rows
+    keep the bare name even so (run(): the main table's setting, decoded with the sweep's by the same engine).
+    `tasks` are task names (loaded from `data`) or ready TaskData. `retrievers`: ready ones by name (else built
+    here). Every checkpoint and question is checked first (`input_problems`) unless the caller did (`checked`).
+    `after_checkpoint(table)`, when given, sees the table so far after each checkpoint (run() writes it)."""
     task_data = [t if isinstance(t, TaskData) else load_task_data(data, t, split=split, part=part, limit=limit,
                                                                    data_dir=data_dir, pgraphrag_dir=pgraphrag_dir,
                                                                    pgraphrag_domain=pgraphrag_domain)
@@ -540,7 +550,8 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
         used = engine_settings(eng)  # engine=auto may have fallen back to the fp32 built-in engine: say which ran
         log(f"eval {name}: {used['engine']} engine, {used['dtype']}")
         for retriever, k in settings:
-            labelled = len(settings) > 1 if label_settings is None else label_settings
+            labelled = (len(settings) > 1 if label_settings is None else label_settings) and \
+                (retriever, k) != bare_setting
             row = f"{name} [{retriever} k={k}]" if labelled else name
             for td in task_data:
                 records = generate_answers(eng, tokenizer, td, retriever=choosers[retriever], k=k,
@@ -563,6 +574,8 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
         gc.collect()  # the next checkpoint's engine needs this one's GPU memory (vLLM takes a share of the whole GPU)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if after_checkpoint is not None:
+            after_checkpoint(table)
     return table
 
 
@@ -639,10 +652,10 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
     # Every input before any decoding, every bad one in one line: a typo in the last checkpoint, a broken prediction
     # file or one over-long question must not cost the decoding of everything before it
     problems = input_problems(checkpoints, tasks, max_prompt_tokens=cfg.max_prompt_tokens, prompt_style=prompt_style)
-    main = EvalTable()
+    scored = EvalTable()  # the prediction files' rows
     if cfg.predictions:
         try:
-            main = evaluate_prediction_files(named_entries(cfg.predictions), tasks, normalize=cfg.normalize,
+            scored = evaluate_prediction_files(named_entries(cfg.predictions), tasks, normalize=cfg.normalize,
                                              extract=cfg.extract_answers)
         except DataError as err:
             problems.append(str(err))
@@ -667,30 +680,43 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
                   checked=True)
     scope = f"{cfg.data} {cfg.part}, {cfg.split} split" + (f", first {cfg.limit} per task" if cfg.limit else "")
     title = f"{scope}, {cfg.retriever} k={cfg.k}"
-    if checkpoints:
-        ours = evaluate_checkpoints(checkpoints, tasks, settings=[(cfg.retriever, cfg.k)], **common)
-        for row, results in ours.rows.items():
-            for task, metrics in results.items():
-                main.add(row, task, metrics, ours.settings[row], ours.examples[task], counts=ours.counts[row][task],
-                         source=ours.sources[row][task])
-        main.machine = ours.machine
+    main_setting = (cfg.retriever, cfg.k)
+    settings = list(dict.fromkeys([main_setting, *sweep]))  # the main table's setting (recency k=8 in both sweeps
+    #                                                         of the paper) is decoded once, first
+
+    def main_rows(ours: EvalTable) -> EvalTable:
+        """The prediction-file rows and the main setting's decoded rows (bare checkpoint names), in order."""
+        table = copy.deepcopy(scored)  # a fresh copy each time: partial tables grow, `scored` stays as scored
+        table.machine = ours.machine
+        for name in (n for n in checkpoints if n in ours.rows):
+            for task, metrics in ours.rows[name].items():
+                table.add(name, task, metrics, ours.settings[name], ours.examples[task], counts=ours.counts[name][task],
+                          source=ours.sources[name][task])
+        return table
+
+    def partial(ours: EvalTable) -> None:  # a crash at checkpoint 3 keeps the rows of checkpoints 1-2 on disk
+        done = sum(n in ours.rows for n in checkpoints)
+        if done < len(checkpoints):
+            main_rows(ours).write(out, "table", f"{title} (partial: {done} of {len(checkpoints)} checkpoints)")
+
+    ours = EvalTable()
+    if checkpoints:  # one engine per checkpoint decodes the main setting and every sweep setting
+        ours = evaluate_checkpoints(checkpoints, tasks, settings=settings if sweep else [main_setting],
+                                    label_settings=bool(sweep), bare_setting=main_setting, after_checkpoint=partial,
+                                    **common)
+    main = main_rows(ours) if checkpoints else scored
     tables = {"table": main}
     main.write(out, "table", title)
     print(main.markdown(title))
     if sweep and checkpoints:
-        # the main table's setting (recency k=8 in both sweeps of the paper) is decoded once, not again here
-        settings = list(dict.fromkeys(sweep))
-        rest = [s for s in settings if s != (cfg.retriever, cfg.k)]
-        swept = evaluate_checkpoints(checkpoints, tasks, settings=rest, label_settings=True, **common) if rest \
-            else EvalTable()
-        robust = EvalTable()
+        robust = EvalTable(machine=ours.machine)
         for name in checkpoints:  # rows in sweep order, the main table's where its setting falls
-            for retriever, k in settings:
+            for retriever, k in dict.fromkeys(sweep):
                 row = f"{name} [{retriever} k={k}]"
-                src, src_row = (ours, name) if (retriever, k) == (cfg.retriever, cfg.k) else (swept, row)
-                for task, metrics in src.rows[src_row].items():
-                    robust.add(row, task, metrics, src.settings[src_row], src.examples[task],
-                               counts=src.counts[src_row][task], source=src.sources[src_row][task])
+                src_row = name if (retriever, k) == main_setting else row
+                for task, metrics in ours.rows[src_row].items():
+                    robust.add(row, task, metrics, ours.settings[src_row], ours.examples[task],
+                               counts=ours.counts[src_row][task], source=ours.sources[src_row][task])
         robust.write(out, "robustness", f"robustness: {scope}")
         print(robust.markdown("robustness"))
         tables["robustness"] = robust

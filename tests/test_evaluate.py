@@ -1,5 +1,6 @@
 """recipes/evaluate.py: checkpoints and prediction files side by side on LaMP-format fixtures, official-format
 outputs, robustness sweeps, and the command line."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -117,6 +118,39 @@ def test_the_sweep_reuses_the_main_tables_setting_instead_of_decoding_it_again(l
     assert list(robust.rows) == ["sft [recency k=2]", "sft [recency k=8]", "sft [recency k=4]"]  # sweep order
     assert robust.rows["sft [recency k=8]"] == tables["table"].rows["sft"]
     assert robust.counts["sft [recency k=8]"] == tables["table"].counts["sft"]
+
+
+def test_one_engine_per_checkpoint_decodes_the_main_setting_and_the_sweep(lamp_root, tmp_path, monkeypatch):
+    """The main table and the sweep each built every checkpoint's engine (2N vLLM engines in one process, whose
+    memory a deleted engine keeps); a crash at checkpoint 2 keeps checkpoint 1's rows on disk."""
+    _fake_generation(monkeypatch, lambda k: str(min(k, 5)))
+    built = []
+    monkeypatch.setattr(ev, "make_engine", lambda ckpt, *a, load=True, **kw: load and built.append(ckpt) or (None, None))
+    out = tmp_path / "out"
+    cfg = parse_cli(ev.EvalConfig, [f"data={lamp_root}", "tasks=LaMP-3", "checkpoints=a=A,b=B", "sweep_k=2,4",
+                                    f"out_dir={out}", "prompt_style=full"])
+    tables = ev.run(cfg)
+    assert built == ["A", "B"]
+    assert list(tables["table"].rows) == ["a", "b"]
+    assert list(tables["robustness"].rows) == [f"{c} [recency k={k}]" for c in "ab" for k in (2, 4)]
+    assert "partial" not in (out / "table.md").read_text()
+
+    def crash_on_b(ckpt, *a, load=True, **kw):
+        if ckpt == "B" and load:
+            raise RuntimeError("out of memory")
+        return None, None
+    monkeypatch.setattr(ev, "make_engine", crash_on_b)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ev.run(dataclasses.replace(cfg, out_dir=str(tmp_path / "crash")))
+    kept = json.loads((tmp_path / "crash" / "table.json").read_text())
+    assert "(partial: 1 of 2 checkpoints)" in (tmp_path / "crash" / "table.md").read_text()
+    assert list(kept["rows"]) == ["a"]
+
+
+def test_a_sweep_without_checkpoints_is_refused():
+    """Only prediction files: the sweep was dropped without a word and the title named a setting they never had."""
+    with pytest.raises(ConfigError, match=r"sweep_k / sweep_retrievers decode checkpoints again"):
+        parse_cli(ev.EvalConfig, ["data=demo", "tasks=LaMP-3", "predictions=a=p.json", "sweep_k=2"])
 
 
 def test_pgraphrag_only_runs_never_read_the_demo_world(pgraphrag_dir, tmp_path, monkeypatch):

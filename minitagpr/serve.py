@@ -100,7 +100,18 @@ NEUTRAL_KNOBS = {
 }
 
 
+# Every request field this server reads (or refuses by value above and below); "user" is the client's end-user id,
+# metadata that changes nothing. Any other field (min_tokens, ignore_eos, best_of, guided_json, ...) is refused by
+# name: each would change what is decoded.
+KNOWN_FIELDS = {"messages", "model", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
+                "seed", "stream", "tools", "tool_choice", "logprobs", "chat_template_kwargs", "user", *NEUTRAL_KNOBS}
+
+
 def _refuse_unimplemented_knobs(body: dict) -> None:
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        raise RequestError(f"{', '.join(repr(k) for k in unknown)}: not a request field minitagpr.serve implements "
+                           f"(it reads {', '.join(sorted(KNOWN_FIELDS))})", unknown[0])
     for name, neutral in NEUTRAL_KNOBS.items():
         value = body.get(name)
         if value is None or (not isinstance(value, bool) and value in neutral):
@@ -142,6 +153,10 @@ def parse_chat_request(body, max_position: int | None) -> dict:
     if not isinstance(enable_thinking, bool):
         raise RequestError("'chat_template_kwargs.enable_thinking' must be true or false", "chat_template_kwargs")
     max_tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if None not in (body.get("max_tokens"), body.get("max_completion_tokens")) and \
+            body["max_tokens"] != body["max_completion_tokens"]:  # which one was meant cannot be told
+        raise RequestError(f"'max_tokens' ({json.dumps(body['max_tokens'])}) and 'max_completion_tokens' "
+                           f"({json.dumps(body['max_completion_tokens'])}) differ; send one", "max_completion_tokens")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(f"'seed' must be an integer, got {json.dumps(seed)}", "seed")

@@ -69,7 +69,10 @@ def test_request_limits_are_exact():
     assert len(request(stop=["a", "b", "c", "d"])["stop"]) == 4
     with pytest.raises(RequestError, match="stop"):
         request(stop=["a", "b", "c", "d", "e"])
-    assert request(max_tokens=5, max_completion_tokens=7)["max_tokens"] == 7  # the newer field wins
+    assert request(max_completion_tokens=7)["max_tokens"] == 7 and request(max_tokens=5)["max_tokens"] == 5
+    assert request(max_tokens=7, max_completion_tokens=7)["max_tokens"] == 7
+    with pytest.raises(RequestError, match=r"'max_tokens' \(5\) and 'max_completion_tokens' \(7\) differ"):
+        request(max_tokens=5, max_completion_tokens=7)  # one of them silently won
     assert request(temperature=2.0)["temperature"] == 2.0 and request(temperature=1e-4)["temperature"] == 1e-4
     with pytest.raises(RequestError, match="'temperature' must be in"):
         request(temperature=2.5)
@@ -87,6 +90,16 @@ def test_unimplemented_sampling_knobs_are_refused_unless_off(name, neutral, acti
     with pytest.raises(RequestError, match=f"'{name}' is not implemented") as err:
         request(**{name: active})
     assert err.value.param == name
+
+
+@pytest.mark.parametrize("name, value", [("min_tokens", 5), ("ignore_eos", True), ("best_of", 3),
+                                         ("guided_json", {}), ("use_beam_search", True)])
+def test_request_fields_the_server_does_not_implement_are_refused_by_name(name, value):
+    """They were accepted and ignored: a client asking for 5 tokens at least, or no stop at eos, got neither."""
+    with pytest.raises(RequestError, match=rf"'{name}': not a request field minitagpr.serve implements") as err:
+        request(**{name: value})
+    assert err.value.param == name
+    assert request(user="u-17")["n"] == 1  # the end-user id is metadata
 
 
 @pytest.mark.parametrize("flag", ["--threads", "--max-batch-rows"])

@@ -9,6 +9,7 @@ Under torchrun every rank that hits the error prints it, tagged with its rank (a
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from contextlib import contextmanager
@@ -34,8 +35,13 @@ USER_ERRORS = (ConfigError, ModelConfigError, DataError, SftDataError, Preferenc
                FileNotFoundError, IsADirectoryError)
 
 
+# A full disk or quota met by a write() carries no path, but is the user's to fix all the same.
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
 def is_user_error(err: BaseException) -> bool:
-    return isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.filename is not None)
+    return isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and (err.filename is not None
+                                                                          or err.errno in FULL_DISK))
 
 
 @contextmanager

@@ -23,8 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 # ----------------------------------------------------------------------------------------------- how recipes end
 @pytest.mark.parametrize("err", [PermissionError(13, "Permission denied", "/ro/out"),
                                  NotADirectoryError(20, "Not a directory", "/a/file/sub"),
-                                 OSError(30, "Read-only file system", "/rofs/out")])
-def test_an_os_error_that_names_a_path_ends_in_one_line(err, capsys):
+                                 OSError(30, "Read-only file system", "/rofs/out"),
+                                 OSError(28, "No space left on device"),  # a write() names no path
+                                 OSError(122, "Disk quota exceeded")])
+def test_an_os_error_that_names_a_path_or_a_full_disk_ends_in_one_line(err, capsys):
     with pytest.raises(SystemExit) as stop, cli.exit_on_user_error("sft"):
         raise err
     assert stop.value.code == 1 and capsys.readouterr().err.startswith(f"[sft] error: {err}")

@@ -83,7 +83,7 @@ class EvalConfig:
     split: str = "user"  # LaMP split: user | time (the demo world has user only; PGraphRAG ignores it)
     part: str = "dev"  # the part scored: dev | train (LaMP's test has no golds); PGraphRAG: dev | test
     limit: int = 0  # first `limit` questions per task (0 = all)
-    retriever: str = "recency"  # recency | bm25 | random (seeded by `seed`) | dense (needs dense_encoder)
+    retriever: str = "recency"  # recency | bm25 | bm25okapi | random (seeded by `seed`) | dense (needs dense_encoder)
     dense_encoder: str = ""  # retriever dense: a BERT-style encoder folder or hub id (safetensors), e.g. Contriever
     k: int = 8  # retrieved profile items per prompt (0 = none)
     sweep_k: list[int] = field(default_factory=list)  # robustness: these k with `retriever`

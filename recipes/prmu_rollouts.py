@@ -72,8 +72,8 @@ class RolloutConfig:
     n: int = 4  # samples per query and mode
     # prompts and lengths as guided RL's (guided_rl_qwen3_8b.yaml): the reward model scores RL's prompts
     k: int = 8  # retrieved profile items in "profile" mode
-    retriever: str = "recency"  # recency | bm25 | random (seeded by `seed`), as RL; dense needs an encoder, which
-    #                             only evaluate.py loads (dense_encoder=)
+    retriever: str = "recency"  # recency | bm25 | bm25okapi | random (seeded by `seed`), as RL; dense needs an
+    #                             encoder, which only evaluate.py loads (dense_encoder=)
     prompt_style: str = "full"  # full | brief: the instruction the policy was SFT'd on and RL uses (data.prompts)
     max_prompt_tokens: int = 4096  # prompt budget: the least relevant profile items are dropped to fit (counted)
     max_new_tokens: int = 2048  # a response cut here is recorded as truncated and makes no pair

@@ -8,7 +8,7 @@ import pytest
 from lamp_fixtures import LAMP_TASKS, WORDS, make_examples
 from minitagpr.data.lamp import DataError, LampExample, item_document, query_text
 from minitagpr.data.retrieval import (
-    BM25Retriever, DenseRetriever, RandomRetriever, RecencyRetriever, Retriever, get_retriever,
+    BM25Retriever, DenseRetriever, RandomRetriever, RecencyRetriever, Retriever, bm25_scores, get_retriever,
 )
 
 
@@ -146,7 +146,8 @@ def test_negative_k_is_rejected():
 
 
 def test_unknown_retriever_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown retriever 'tfidf'; expected one of recency, bm25, random, dense"):
+    with pytest.raises(ValueError, match="unknown retriever 'tfidf'; expected one of recency, bm25, bm25okapi, random, "
+                                         "dense"):
         get_retriever("tfidf")
 
 
@@ -265,3 +266,31 @@ def test_get_retriever_passes_its_seed_to_the_random_retriever():
 def test_bm25_parameters_outside_their_range_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_retriever("bm25", **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- bm25okapi
+@pytest.mark.parametrize("seed", range(6))
+def test_bm25okapi_scores_equal_rank_bm25s_bm25okapi(seed):
+    """Words drawn from a small vocabulary, so some query terms are in more than half of the items (negative
+    idf, floored) and some in none; a query may repeat a word."""
+    rank_bm25 = pytest.importorskip("rank_bm25", reason="rank-bm25 is bm25okapi's reference oracle (test extra)")
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(8)]
+    docs = [[rng.choice(vocab[:3] if rng.random() < 0.5 else vocab) for _ in range(rng.randint(1, 9))]
+            for _ in range(rng.randint(2, 12))]
+    query = [rng.choice(vocab + ["unseen"]) for _ in range(rng.randint(1, 6))]
+    ours = bm25_scores(query, docs, idf_form="okapi_floor")
+    assert ours == pytest.approx(rank_bm25.BM25Okapi(docs).get_scores(query).tolist(), rel=1e-12, abs=1e-12)
+
+
+def test_bm25okapi_differs_from_bm25_only_through_a_term_in_most_items():
+    docs = [["common", "x"], ["common", "y"], ["common"], ["rare", "z"]]
+    lucene, okapi = (bm25_scores(["common", "rare"], docs, idf_form=f) for f in ("lucene", "okapi_floor"))
+    assert lucene[0] > 0 and okapi[0] != lucene[0]  # "common": 3 of 4 items, a negative raw idf floored
+    assert bm25_scores(["rare"], docs, idf_form="okapi_floor")[3] > 0
+
+
+def test_the_bm25okapi_retriever_is_built_by_name_and_an_unknown_idf_form_is_refused():
+    assert get_retriever("bm25okapi").idf_form == "okapi_floor" and get_retriever("bm25").idf_form == "lucene"
+    with pytest.raises(ValueError, match="bm25 idf_form must be one of lucene, okapi_floor, got 'atire'"):
+        get_retriever("bm25", idf_form="atire")

@@ -110,7 +110,7 @@ class DataConfig:
     split: str = "user"           # user | time
     part: str = "train"           # the part sampled: train | dev (LaMP's test has no golds)
     per_task: int = 1000          # questions sampled per task (seeded; all when the task has fewer)
-    retriever: str = "recency"    # recency | bm25 | random (seeded by data.seed)
+    retriever: str = "recency"    # recency | bm25 | bm25okapi | random (seeded by data.seed)
     k: int = 8                    # retrieved profile items shown per prompt (0 = none)
     seed: int = 0                 # sampling, subset and per-request seeds
 

@@ -16,11 +16,14 @@ are the first two of those chosen for k = 4, 8, 16, 32 -- the profile-length rob
       idf(t)      = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))          (always > 0; no negative-idf floor needed)
       score(q, d) = sum over query tokens t (repeats count again) of
                     idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
-  k1 = 1.5 and b = 0.75 (the defaults of the widely used rank_bm25 package; its BM25Okapi's idf is
-  ln((N - df + 0.5) / (df + 0.5)) with a floor for negative values instead, so the two can rank items differently
-  when a term is in more than half of the profile). Equal scores keep file order (a reference that takes
-  `argsort(scores)[::-1]` lists tied items last-in-file first instead: with a query sharing no word with the
-  profile, every item ties and the two pick different items).
+  k1 = 1.5 and b = 0.75 (the defaults of the widely used rank_bm25 package). Equal scores keep file order (a
+  reference that takes `argsort(scores)[::-1]` lists tied items last-in-file first instead: with a query sharing no
+  word with the profile, every item ties and the two pick different items).
+- `bm25okapi`: the same with rank_bm25's `BM25Okapi` idf, which LaMP's reference retrieval code uses:
+      idf(t) = ln((N - df(t) + 0.5) / (df(t) + 0.5)), and where that is negative (t in more than half the profile)
+      eps * (the mean of that idf over every distinct word of the profile), eps = 0.25
+  It ranks like `bm25` unless a query term is in more than half of the profile (tests/test_retrieval.py checks
+  its scores against rank_bm25 itself).
 - `random`: a seeded shuffle, deterministic per (seed, task, example id) and independent of everything else.
 - `DenseRetriever(encode_fn, similarity="dot")`: the dot product (or cosine) of the query and item embeddings
   from any encoder: `encode_fn(list[str]) -> (n, d)` array-like (numpy or lists). Contriever, the paper's dense
@@ -94,8 +97,13 @@ def tokenize(text: str, lowercase: bool = False) -> list[str]:
     return (text.lower() if lowercase else text).split()
 
 
-def bm25_scores(query: Sequence[str], docs: Sequence[Sequence[str]], k1: float = 1.5, b: float = 0.75) -> list[float]:
-    """Okapi BM25 score of every tokenised document for the tokenised query (formula in the module docstring)."""
+IDF_FORMS = ("lucene", "okapi_floor")
+
+
+def bm25_scores(query: Sequence[str], docs: Sequence[Sequence[str]], k1: float = 1.5, b: float = 0.75,
+                idf_form: str = "lucene") -> list[float]:
+    """Okapi BM25 score of every tokenised document for the tokenised query (formulas in the module docstring):
+    idf_form "lucene" (retriever bm25) or "okapi_floor" (bm25okapi, rank_bm25's BM25Okapi)."""
     n_docs = len(docs)
     if n_docs == 0:
         return []
@@ -103,7 +111,12 @@ def bm25_scores(query: Sequence[str], docs: Sequence[Sequence[str]], k1: float =
     # Only query terms matter: count just those per document.
     tfs = [Counter(t for t in doc if t in terms) for doc in docs]
     df = Counter(t for tf in tfs for t in tf)
-    idf = {t: math.log(1.0 + (n_docs - df[t] + 0.5) / (df[t] + 0.5)) for t in terms}
+    if idf_form == "lucene":
+        idf = {t: math.log(1.0 + (n_docs - df[t] + 0.5) / (df[t] + 0.5)) for t in terms}
+    elif idf_form == "okapi_floor":
+        idf = _okapi_floor_idf(terms, df, docs)
+    else:
+        raise ValueError(f"bm25 idf_form must be one of {', '.join(IDF_FORMS)}, got {idf_form!r}")
     avgdl = sum(len(doc) for doc in docs) / n_docs
     scores = []
     for doc, tf in zip(docs, tfs):
@@ -113,20 +126,39 @@ def bm25_scores(query: Sequence[str], docs: Sequence[Sequence[str]], k1: float =
     return scores
 
 
+def _okapi_floor_idf(terms: set[str], df: Counter, docs: Sequence[Sequence[str]]) -> dict[str, float]:
+    """rank_bm25's BM25Okapi idf of the query `terms`: ln((N - df + 0.5) / (df + 0.5)), a negative one replaced by
+    0.25 x the mean of that idf over every distinct word of the profile (so this, unlike the Lucene form, reads the
+    whole profile's vocabulary). A term in no item gets 0, as there."""
+    n_docs = len(docs)
+
+    def raw(d: int) -> float:
+        return math.log(n_docs - d + 0.5) - math.log(d + 0.5)
+
+    all_df = Counter(t for doc in docs for t in set(doc))
+    if not all_df:  # every item empty: no term matches anything
+        return {t: 0.0 for t in terms}
+    floor = 0.25 * sum(raw(d) for d in all_df.values()) / len(all_df)
+    return {t: (raw(df[t]) if raw(df[t]) >= 0 else floor) if df[t] else 0.0 for t in terms}
+
+
 class BM25Retriever(RankingRetriever):
     name = "bm25"
 
-    def __init__(self, k1: float = 1.5, b: float = 0.75, lowercase: bool = False):
+    def __init__(self, k1: float = 1.5, b: float = 0.75, lowercase: bool = False, idf_form: str = "lucene"):
         if not (math.isfinite(k1) and k1 >= 0):  # k1 < 0 can make a denominator 0 or flip scores' signs
             raise ValueError(f"bm25 k1 must be a finite number >= 0, got {k1!r}")
         if not 0.0 <= b <= 1.0:  # b mixes 1 and |d| / avgdl
             raise ValueError(f"bm25 b must be in [0, 1], got {b!r}")
-        self.k1, self.b, self.lowercase = k1, b, lowercase
+        if idf_form not in IDF_FORMS:
+            raise ValueError(f"bm25 idf_form must be one of {', '.join(IDF_FORMS)}, got {idf_form!r}")
+        self.k1, self.b, self.lowercase, self.idf_form = k1, b, lowercase, idf_form
+        self.name = "bm25" if idf_form == "lucene" else "bm25okapi"
 
     def scores(self, example: LampExample) -> list[float]:
         query = tokenize(query_text(example), self.lowercase)
         docs = [tokenize(item_document(example.task, item), self.lowercase) for item in example.profile]
-        return bm25_scores(query, docs, self.k1, self.b)
+        return bm25_scores(query, docs, self.k1, self.b, self.idf_form)
 
     def rank(self, example: LampExample) -> list[int]:
         scores = self.scores(example)
@@ -190,16 +222,19 @@ class DenseRetriever(RankingRetriever):
         return self._ranks[key]
 
 
-RETRIEVERS = ("recency", "bm25", "random", "dense")
-ENCODERLESS = ("recency", "bm25", "random")  # the ones a recipe without an encoder key can build
+RETRIEVERS = ("recency", "bm25", "bm25okapi", "random", "dense")
+ENCODERLESS = ("recency", "bm25", "bm25okapi", "random")  # the ones a recipe without an encoder key can build
 
 
 def get_retriever(name: str, seed: int = 0, **kwargs) -> RankingRetriever:
-    """'recency' | 'bm25' (k1=, b=, lowercase=) | 'random' (seed) | 'dense' (encode_fn=, similarity=)."""
+    """'recency' | 'bm25' / 'bm25okapi' (k1=, b=, lowercase=) | 'random' (seed) | 'dense' (encode_fn=,
+    similarity=)."""
     if name == "recency":
         return RecencyRetriever(**kwargs)
     if name == "bm25":
         return BM25Retriever(**kwargs)
+    if name == "bm25okapi":
+        return BM25Retriever(idf_form="okapi_floor", **kwargs)
     if name == "random":
         return RandomRetriever(seed=seed, **kwargs)
     if name == "dense":

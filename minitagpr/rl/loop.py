@@ -56,8 +56,8 @@ class RLConfig:
     split: str = "user"  # LaMP split: user | time
     part: str = "train"  # the part whose questions are the prompts: train | dev
     tasks: str = "LaMP-1:1024,LaMP-2:3200,LaMP-3:1024,LaMP-4:1024,LaMP-5:1024,LaMP-7:1024"  # drawn with `seed`
-    retriever: str = "recency"  # recency | bm25 | random (seeded by `seed`); dense needs an encoder, which only
-    #                             evaluate.py loads (dense_encoder=)
+    retriever: str = "recency"  # recency | bm25 | bm25okapi | random (seeded by `seed`); dense needs an encoder,
+    #                             which only evaluate.py loads (dense_encoder=)
     k: int = 8  # retrieved profile items per prompt (0 = none)
     max_prompt_tokens: int = 4096  # prompt budget: the least relevant profile items are dropped to fit; a question
     #                                that does not fit without any is an error (the 8B YAMLs' and PRMU rollouts' value)

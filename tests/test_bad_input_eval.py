@@ -243,5 +243,6 @@ def test_rl_and_prmu_rollouts_check_retriever_split_and_part_when_parsed(setting
         parse_cli(RLConfig, ["policy=p", "data_root=d", setting])
     if key == "retriever":
         rollouts = load_recipe("prmu_rollouts")
-        with pytest.raises(ConfigError, match=r"retriever must be one of 'recency', 'bm25', 'bm25okapi', 'random', got 'dense'"):
+        with pytest.raises(ConfigError, match=r"retriever must be one of 'recency', 'bm25', 'bm25okapi', 'random', "
+                                              r"got 'dense'"):
             parse_cli(rollouts.RolloutConfig, ["policy=p", "questions=q", "outputs=o", "out=x", setting])

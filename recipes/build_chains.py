@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from minitagpr.cli import is_user_error
 from minitagpr.config import ConfigError, parse_cli
-from minitagpr.data.chain_client import CacheError, EndpointError, redacted_config
+from minitagpr.data.chain_client import redacted_config
 from minitagpr.data.chains import SPEC_CHAINS, ChainsConfig, run_stages, write_text
 from minitagpr.data.lamp import DataError
-from minitagpr.tokenizer import TokenizerError
 
 
 # ----------------------------------------------------------------------------------------------- 2. policy embeddings
@@ -96,9 +96,9 @@ def main(argv: list[str]) -> int:
         print("build_chains: interrupted; every answer received is in the caches under "
               f"{out / 'cache'}; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (EndpointError, CacheError, DataError, TokenizerError, OSError) as err:
-        if isinstance(err, OSError) and err.filename is None:
-            raise  # not a path the user can fix: a bug
+    except Exception as err:  # a user error (minitagpr.cli: bad settings, data, endpoint, a path, a full disk)
+        if not is_user_error(err):
+            raise  # a bug: keep its traceback
         print(f"build_chains: error: {err}", file=sys.stderr)
         return 1
     for stage, counts in results.items():

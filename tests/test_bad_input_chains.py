@@ -152,6 +152,14 @@ def test_a_truncated_policy_checkpoint_ends_in_one_line_naming_the_file(tmp_path
     assert err.count("\n") == 1
 
 
+def test_a_bad_sft_tokenizer_folder_ends_in_one_line(tmp_path, capsys):
+    """A ConfigError raised by a stage (not at parse) ended in a traceback: only a fixed list of types was caught."""
+    argv = ["stages=sft", f"sft_tokenizer={tmp_path / 'nonexistent'}", f"out_dir={tmp_path / 'out'}"]
+    assert _build_chains().main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("build_chains: error: ") and "nonexistent" in err and err.count("\n") == 1
+
+
 def test_the_sample_stage_refuses_golds_for_ids_no_question_has(tmp_path):
     # an outputs file out of step with its questions (e.g. copied from another split) was sampled from silently
     world = demo_world.build(tmp_path / "world", num_users=4, dev_users=2, per_user=2, shared_per_user=1)

@@ -25,8 +25,9 @@ import torch
 
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
-from minitagpr.config import ConfigError, check_optimizer, check_resumed_config, parse_cli, save_config, to_dict
 from minitagpr.atomic import atomic_write_json
+from minitagpr.config import (ConfigError, check_at_least, check_number, check_optimizer, check_resumed_config,
+                              parse_cli, save_config, to_dict)
 from minitagpr.data.lamp import not_a_file
 from minitagpr.train import optim as O
 from minitagpr.train import sft_data as S
@@ -79,6 +80,8 @@ class SftConfig:
         for name in ("seq_len", "global_batch", "micro_batch", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least("max_steps", self.max_steps, 0)  # 0 = epochs decide; a negative value read as 0
+        check_number("seed", self.seed, 0, 2**31, hi_open=True)  # seed x 1,000,003 + epoch must fit a torch seed
         check_optimizer(self, lrs=("lr",), grad_clip="grad_clip", warmup="warmup_ratio", warmup_max=1.0)
         if self.export_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"export_dtype must be float32 or bfloat16, got {self.export_dtype!r}")

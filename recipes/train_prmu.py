@@ -29,8 +29,8 @@ import torch
 from minitagpr import distributed as D
 from minitagpr.atomic import atomic_write_json
 from minitagpr.cli import run_recipe
-from minitagpr.config import (ConfigError, check_at_least, check_choice, check_optimizer, check_resumed_config,
-                              parse_cli, save_config, to_dict)
+from minitagpr.config import (ConfigError, check_at_least, check_choice, check_number, check_optimizer,
+                              check_resumed_config, parse_cli, save_config, to_dict)
 from minitagpr.data import demo_world
 from minitagpr.data.preferences import (SETS, PreferenceDataError, PreferencePair, read_pairs, split_heldout,
                                         write_pairs)
@@ -101,6 +101,9 @@ class PrmuConfig:
             raise ValueError(f"heldout_frac must be in (0, 1) when no heldout_pairs are given, got {self.heldout_frac}")
         for key in ("global_batch", "micro_batch", "eval_batch", "log_every", "max_len"):
             check_at_least(key, getattr(self, key), 1)
+        check_number("epochs", self.epochs, 0.0, lo_open=True)  # 0 or less trained one step without a word
+        check_at_least("max_steps", self.max_steps, 0)  # 0 = epochs decide; a negative value read as 0
+        check_number("seed", self.seed, 0, 2**31, hi_open=True)  # seed x 1,000,003 + step must fit a torch seed
         check_optimizer(self, lrs=("lr", "table_lr"), grad_clip="max_grad_norm", warmup="warmup_steps",
                         warmup_max=math.inf)
         check_choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32"))

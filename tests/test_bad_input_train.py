@@ -101,11 +101,24 @@ def _prmu_setup(tmp_path):
                                        ("eval_batch=0", "eval_batch must be >= 1"),
                                        ("log_every=0", "log_every must be >= 1"),
                                        ("mixed_precision=fp16", "mixed_precision must be one of"),
-                                       ("init_preset=huge", "init_preset must be one of")])
+                                       ("init_preset=huge", "init_preset must be one of"),
+                                       ("epochs=0", r"epochs must be a finite number > 0"),  # trained one step
+                                       ("max_steps=-3", "max_steps must be >= 0"),  # read as 0
+                                       ("seed=-1", r"seed must be a finite number in \[0, 2147483648\)"),
+                                       ("seed=35184372088832", "seed must be")])  # 2**45: torch seed overflow
 def test_prmu_config_values_are_checked_before_any_work(tmp_path, bad, match):
     prmu = load_recipe("train_prmu")
     with pytest.raises(ConfigError, match=f"{match}.*\\(settings from command line\\)"):
         parse_cli(prmu.PrmuConfig, [*_prmu_setup(tmp_path), bad])
+
+
+@pytest.mark.parametrize("bad,match", [("max_steps=-3", "max_steps must be >= 0"),
+                                       ("seed=-1", r"seed must be a finite number in \[0, 2147483648\)"),
+                                       ("seed=35184372088832", "seed must be")])  # a traceback at step 0
+def test_sft_step_count_and_seed_are_checked_when_parsed(bad, match):
+    sft = load_recipe("sft")
+    with pytest.raises(ConfigError, match=match):
+        parse_cli(sft.SftConfig, [bad])
 
 
 def test_prmu_pairs_given_twice_or_held_out_pairs_seen_in_training_are_refused(tmp_path):

@@ -13,7 +13,6 @@ tokens masked; the token sum is divided by the global count of target tokens of 
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -186,7 +185,7 @@ def run(cfg: SftConfig) -> Path:
         start_step = int(state["step"])
         D.check_resume_step(start_step, total_steps, latest)
         D.log(f"[sft] resumed from {latest} at step {start_step}")
-    if info.is_main:  # after the resume checks: a refused resume leaves the run's own record as it was
+    def record_run() -> None:  # after the resume checks: a refused resume leaves the run's own record as it was
         save_config(cfg, out_dir / "config.yaml")
         if cfg.drop_long:  # every rank dropped the same records: one list (empty: none too long)
             atomic_write_json(out_dir / "dropped_long.json", [
@@ -195,6 +194,7 @@ def run(cfg: SftConfig) -> Path:
         # are written again at the end when this run makes them
         for name in ("eval.json", "metrics.png") + (() if cfg.drop_long else ("dropped_long.json",)):
             (out_dir / name).unlink(missing_ok=True)
+    D.on_main(record_run)  # its error (a full disk) stops every rank, not rank 0 alone
 
     # ---- 7. train -------------------------------------------------------------------------------------------------
     log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)
@@ -239,10 +239,10 @@ def run(cfg: SftConfig) -> Path:
     # ---- 8. export: full weights gathered on rank 0 -> HF folder (config, safetensors, tokenizer) -----------------
     export_dir = D.export_hf(model, out_dir / "hf", tokenizer_dir, dtype=getattr(torch, cfg.export_dtype),
                              training=trained_style(records))
-    if cfg.plot and info.is_main and (out_dir / "metrics.jsonl").exists():
+    if cfg.plot and (out_dir / "metrics.jsonl").exists():
         from minitagpr.train.plots import plot_metrics
-        plot_metrics(out_dir / "metrics.jsonl", out_dir / "metrics.png",
-                     keys=["loss", "lr", "grad_norm", "tokens_per_s", "mfu"])
+        D.on_main(lambda: plot_metrics(out_dir / "metrics.jsonl", out_dir / "metrics.png",
+                                       keys=["loss", "lr", "grad_norm", "tokens_per_s", "mfu"]))
     D.log(f"[sft] exported {export_dir}")
     del model, optimizer
     D.release_memory()  # before the held-out check loads the export (and a caller's next stage)
@@ -250,10 +250,7 @@ def run(cfg: SftConfig) -> Path:
     # ---- 9. demo check: greedy chains of the exported model on held-out prompts ----------------------------------
     if heldout:
         result = evaluate_chains(export_dir, heldout, cfg.eval_max_new_tokens, info)
-        if info.is_main:
-            tmp = out_dir / "eval.json.tmp"
-            tmp.write_text(json.dumps(result, indent=2))
-            tmp.replace(out_dir / "eval.json")
+        D.on_main(lambda: atomic_write_json(out_dir / "eval.json", result, indent=2))
         D.log(f"[sft] held-out prompts: {result['well_formed']}/{result['n']} well-formed tagged chains "
               f"({result['well_formed_share']:.0%}); answer matches gold {result['answer_match_share']:.0%}")
     D.barrier()
@@ -272,12 +269,12 @@ def resolve_inputs(cfg: SftConfig, info: D.DistInfo) -> tuple[str, Path, Path]:
         tokenizer = Path(cfg.tokenizer) if cfg.tokenizer else resolve_checkpoint(cfg.model)
     else:
         demo_dir = Path(cfg.demo_dir)
-        paths = None
-        if info.is_main:
+
+        def build() -> tuple[str, str, str]:
             world = ensure_demo_world(demo_dir)
             base = ensure_demo_base(cfg, world)
-            paths = (str(base), str(world.tokenizer_dir), str(world.sft_chains))
-        model_path, tokenizer, data = D.broadcast_object(paths)
+            return str(base), str(world.tokenizer_dir), str(world.sft_chains)
+        model_path, tokenizer, data = D.broadcast_object(D.on_main(build))  # a failed build stops every rank
         tokenizer, data = Path(cfg.tokenizer or tokenizer), Path(data)
     if not data.is_file():
         raise S.DataError(f"SFT data file {data}: {not_a_file(data)}")
@@ -318,15 +315,25 @@ def split_heldout(records: list[S.SftRecord], n: int, seed: int, path) -> tuple[
 def evaluate_chains(export_dir: Path, heldout: list[S.SftRecord], max_new_tokens: int, info: D.DistInfo) -> dict:
     """Greedy-decode each held-out prompt with the exported model (prompts split over ranks) and count responses
     that pass the format and tag checks of minitagpr.rewards (R_f = 1 and R_tag = 0), plus exact answer matches."""
+    mine = heldout[info.rank::info.world_size]
+    # a rank that fails to load or decode stops the others here, not in the sum below
+    well, match, samples = D.on_every_rank(lambda: _score_share(export_dir, mine, max_new_tokens, info.device))
+    counts = D.all_reduce_sum(torch.tensor([well, match, len(mine)], dtype=torch.float64, device=info.device))
+    well_all, match_all, n = (int(x) for x in counts.tolist())
+    return {"n": n, "well_formed": well_all, "well_formed_share": well_all / max(n, 1),
+            "answer_match_share": match_all / max(n, 1), "samples_rank0": samples}
+
+
+def _score_share(export_dir: Path, mine: list[S.SftRecord], max_new_tokens: int, device) -> tuple[int, int, list]:
+    """(well-formed responses, exact answer matches, up to 3 samples) of this rank's held-out prompts."""
     from minitagpr.model import load_pretrained
     from minitagpr.rewards import format_reward, tag_reward
     from minitagpr.rollout.builtin import BuiltinEngine
     from minitagpr.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(export_dir)
-    model = load_pretrained(export_dir, dtype=torch.float32, device=info.device).eval()
+    model = load_pretrained(export_dir, dtype=torch.float32, device=device).eval()
     engine = BuiltinEngine(model, tokenizer)
-    mine = heldout[info.rank::info.world_size]
     prompts = [tokenizer.apply_chat(r.messages, add_generation_prompt=True) for r in mine]
     groups = engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens,
                              stop_token_ids=tokenizer.stop_ids) if prompts else []
@@ -340,10 +347,7 @@ def evaluate_chains(export_dir: Path, heldout: list[S.SftRecord], max_new_tokens
         match += int(answer == r.answer.strip())
         if len(samples) < 3:
             samples.append({"id": r.id, "task": r.task, "well_formed": ok, "response": text})
-    counts = D.all_reduce_sum(torch.tensor([well, match, len(mine)], dtype=torch.float64, device=info.device))
-    well_all, match_all, n = (int(x) for x in counts.tolist())
-    return {"n": n, "well_formed": well_all, "well_formed_share": well_all / max(n, 1),
-            "answer_match_share": match_all / max(n, 1), "samples_rank0": samples}
+    return well, match, samples
 
 
 def trained_style(records) -> dict | None:

@@ -145,13 +145,12 @@ def run(cfg: PrmuConfig) -> Path:
     check_batch_split(cfg, info.world_size)
 
     # ------------------------------------------------------------------------------------------- 2. pairs
+    # rank 0 builds; its error stops every rank (distributed.on_main), and the others wait for the files
     if cfg.demo_world:
-        if info.is_main:
-            demo_world.build(cfg.demo_world)  # reuses a complete world; builds one otherwise
-        D.barrier()
-    if cfg.init_preset and info.is_main:  # a seeded random causal LM saved where `init` would be read from
-        make_tiny_checkpoint(out / "init", preset=cfg.init_preset, seed=cfg.seed, tokenizer_dir=tokenizer_dir(cfg))
-    D.barrier()
+        D.on_main(lambda: demo_world.build(cfg.demo_world))  # reuses a complete world; builds one otherwise
+    if cfg.init_preset:  # a seeded random causal LM saved where `init` would be read from
+        D.on_main(lambda: make_tiny_checkpoint(out / "init", preset=cfg.init_preset, seed=cfg.seed,
+                                               tokenizer_dir=tokenizer_dir(cfg)))
     init = str(out / "init") if cfg.init_preset else cfg.init
     train_pairs, heldout = load_pair_sets(cfg)
     users = UserVocab(p.user for p in train_pairs)  # the table's rows: users seen in training
@@ -210,10 +209,11 @@ def run(cfg: PrmuConfig) -> Path:
         start_step = state["step"]
         D.check_resume_step(start_step, total_steps, latest)
         D.log(f"prmu: resumed from {latest} at step {start_step}")
-    if info.is_main:  # after the resume checks: a refused resume leaves the run's own record as it was
+    def record_run() -> None:  # after the resume checks: a refused resume leaves the run's own record as it was
         write_pairs(out / "pairs" / "train.jsonl", train_pairs)  # what this run trained on, for audit
         write_pairs(out / "pairs" / "heldout.jsonl", heldout)
         save_config(cfg, out / "config.yaml")
+    D.on_main(record_run)
 
     # rows carry the number of completed steps; a resumed run re-runs (and re-logs) steps after `start_step`
     log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step + 1 if latest else None)
@@ -268,9 +268,7 @@ def run(cfg: PrmuConfig) -> Path:
     D.save_checkpoint(ckpt_dir, total_steps, model, optimizer, state_extra, keep_last=cfg.keep_last)
     hf_dir = D.export_hf(model, out / "hf", tokenizer_dir=tokenizer.source, save_fn=save_reward_model,
                          training={"max_len": cfg.max_len})  # guided RL scores with the length it was trained on
-    if info.is_main:
-        atomic_write_json(out / "final_eval.json", final, indent=2)  # a reader sees the whole file or none
-    D.barrier()
+    D.on_main(lambda: atomic_write_json(out / "final_eval.json", final, indent=2))  # whole or none, for every reader
     del model, optimizer
     D.release_memory()  # a caller's next stage loads in this process (the demo runs them all in one)
     return hf_dir

@@ -736,8 +736,10 @@ def train(cfg: RLConfig) -> Path:
         D.check_resume_step(start, total_steps, latest)
         sync_to_engine(model, engine)
         D.log(f"[{cfg.stage}] resumed from {latest} at step {start}")
-    if info.is_main:  # the RL settings of this run (a driver's own keys left out, so the file runs as a config)
-        save_config(RLConfig(**{f.name: getattr(cfg, f.name) for f in fields(RLConfig)}), out / "config.yaml")
+    # the RL settings of this run (a driver's own keys left out, so the file runs as a config); on_main: a failed
+    # write stops every rank
+    D.on_main(lambda: save_config(RLConfig(**{f.name: getattr(cfg, f.name) for f in fields(RLConfig)}),
+                                  out / "config.yaml"))
     log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start + 1 if start else None)
     progress = Progress(total_steps, start, enabled=info.is_main, stream=sys.stdout, every_s=0.0,
                         prefix=f"[{cfg.stage}] ")

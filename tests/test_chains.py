@@ -1106,3 +1106,76 @@ def test_a_tagged_chain_with_no_words_overlaps_nothing():
     """Either side without words shares none: overlap 0.0, so a reply of bare tags cannot pass min_overlap."""
     assert word_overlap(CHAIN, "<analyze_input> </analyze_input><make_decision></make_decision>") == 0.0
     assert word_overlap("", "<analyze_input>So 4 it is.</analyze_input>") == 0.0
+
+
+# ---- pinned by mutation (2026-11-29) ---------------------------------------------------------------------------------
+
+def _lamp_download(tmp_path, task="LaMP-3", n=12, golds_left_out=()):
+    """A user-split LaMP training part of `n` questions under tmp_path/lamp (the layout the sample stage reads)."""
+    from lamp_fixtures import make_examples
+    from minitagpr.data.lamp import split_files, write_outputs, write_questions
+    examples, golds = make_examples(task, n=n)
+    q_path, o_path = split_files(tmp_path / "lamp", task, "user", "train")
+    write_questions(q_path, examples)
+    write_outputs(o_path, task, {i: g for i, g in golds.items() if i not in golds_left_out})
+    return [ex.id for ex in examples]
+
+
+def _sample(tmp_path, per_task):
+    cfg = make_cfg(tmp_path, **{"data.lamp_root": str(tmp_path / "lamp"), "data.tasks": "LaMP-3",
+                                "data.per_task": per_task})
+    run_stages(cfg, ["sample"], log=lambda m: None)
+    return cfg, read_jsonl(cfg_out(cfg) / "instances.jsonl")
+
+
+def test_sampled_questions_keep_their_file_order(tmp_path):
+    ids = _lamp_download(tmp_path)
+    _, instances = _sample(tmp_path, per_task=6)
+    picked = [inst["example_id"] for inst in instances]
+    assert len(picked) == 6 and picked == [i for i in ids if i in picked]
+
+
+def test_a_task_with_fewer_questions_than_per_task_is_sampled_whole(tmp_path):
+    ids = _lamp_download(tmp_path, n=4)
+    cfg, instances = _sample(tmp_path, per_task=50)
+    assert [inst["example_id"] for inst in instances] == ids
+    assert stats(cfg, "sample")["tasks"]["LaMP-3"]["out"] == 4
+
+
+def test_a_user_split_instance_names_its_question_as_the_user(tmp_path):
+    """User split: one user per question (LampExample.user), so the SFT records and PRMU rows have a user key."""
+    _lamp_download(tmp_path, n=3)
+    _, instances = _sample(tmp_path, per_task=3)
+    assert [inst["user"] for inst in instances] == [inst["example_id"] for inst in instances]
+
+
+def test_a_sampled_question_without_a_gold_is_an_error_naming_the_outputs_file_and_the_id(tmp_path):
+    _lamp_download(tmp_path, n=3, golds_left_out={"101"})
+    with pytest.raises(ChainDataError, match=r"train_outputs.json: no gold output for question id '101' \(record 1 "
+                                             r"of .*train_questions.json\)"):
+        _sample(tmp_path, per_task=3)
+
+
+def test_stages_named_out_of_order_run_in_pipeline_order(tmp_path):
+    cfg = make_cfg(tmp_path, stages="report,sft")
+    assert cfg.stage_list() == ["sft", "report"]
+    inst = instance("LaMP-1", "9", gold="[2]")
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    write_jsonl(cfg_out(cfg) / "formatted.jsonl", [{**judged(inst, 0, chain=_TAGGED_CHAIN), "answer": "[2]"}])
+    assert list(run_stages(cfg, ["report", "sft"], log=lambda m: None)) == ["sft", "report"]
+    assert "**1 SFT chains** in sft.jsonl" in (cfg_out(cfg) / "report.md").read_text()  # the report came after
+
+
+def test_the_report_counts_judge_totals_up_to_20_and_each_tagged_chain_once_per_tag(tmp_path):
+    cfg = make_cfg(tmp_path)
+    inst = instance("LaMP-1", "9", gold="[2]")
+    repeated = "<analyze_input>a</analyze_input><analyze_input>b</analyze_input><make_decision>c</make_decision>"
+    write_jsonl(cfg_out(cfg) / "formatted.jsonl", [{**judged(inst, 0, chain=repeated, total=20), "answer": "[2]"}])
+    (cfg_out(cfg) / "stats").mkdir()
+    (cfg_out(cfg) / "stats" / "judge.json").write_text(json.dumps(
+        {"stage": "judge", "tasks": {"LaMP-1": {"in": 1, "out": 1, "dropped": {}}},
+         "extra": {"histogram": {"LaMP-1": {"20": 1}}}}))
+    run_stages(cfg, ["report"], log=lambda m: None)
+    report = (cfg_out(cfg) / "report.md").read_text()
+    assert "| 20 | 1 |" in report  # four dimensions of 5: the top total
+    assert "| analyze_input | 2 | 66.7% | 1 (100%) |" in report  # two segments, one chain

@@ -406,3 +406,118 @@ def test_the_tokenizer_and_the_sft_records_see_training_questions_only(world):
     assert len(signatures) == 30 and not [w for w in signatures if w in corpus]
     assert all(any(w in corpus for w in (u.desk.lower(), u.system.lower(), u.hashtag)) for u in users["train"])
     assert {r["id"] for r in records} == {ex.id for task in dw.TASK_NAMES for ex in questions[task]["train"]}
+
+
+# ---- pinned by mutation (2026-11-29) ---------------------------------------------------------------------------------
+
+def test_the_majority_tag_breaks_a_tie_toward_the_item_listed_first():
+    """Retrievers list the most relevant item first, so a tie goes to the tag seen first."""
+    profile = [{"id": f"q{j}", "description": "x", "tag": t} for j, t in enumerate(["romance", "comedy", "comedy",
+                                                                                    "romance"])]
+    ex = LampExample("q", "LaMP-2", "Which tag? description: Full of dragon and wizard.", profile)
+    assert dw.aware_answer(ex, profile) == "romance"
+    assert dw.aware_answer(ex, profile[1:]) == "comedy"
+
+
+def test_signature_words_leave_out_the_words_of_the_query():
+    ex = LampExample("q", "LaMP-4", "Generate a headline for the following article: Zorp officials met.", [])
+    items = [{"id": "q0", "title": "Zorp to fund blik"}, {"id": "q1", "title": "Zorp votes, blik says"}]
+    assert dw.signature_words("LaMP-4", ex, items) == ["blik"]
+
+
+@pytest.mark.parametrize("task,text,blind", [
+    ("LaMP-7", "Paraphrase the following tweet without any explanation before or after it: Just finished a walk",
+     {"copy the tweet": "Just finished a walk"}),
+    ("LaMP-3", "What is the score? review: The Zorp kettle is easy to clean.", {"3 + cue shift": "3"}),  # no cue
+    ("LaMP-3", "What is the score? review: The Zorp kettle; worse than I hoped.", {"3 + cue shift": "2"}),
+])
+def test_profile_blind_answers_read_the_query_alone(task, text, blind):
+    assert dw.blind_answers(LampExample("q", task, text, [])) == blind
+
+
+def test_a_margin_row_is_ok_only_when_the_profile_helps():
+    row = dw.MarginRow("LaMP-4", "dev", "rouge1", aware=0.2, blind=0.3, blind_name="query keywords", margin=-0.1,
+                       required=None)
+    assert not row.ok
+    assert dataclasses.replace(row, aware=0.4, margin=0.1).ok
+    assert not dataclasses.replace(row, task="LaMP-3", margin=0.2, required=0.3).ok
+
+
+def test_the_best_profile_blind_answer_has_the_lowest_mae_of_the_candidates(world):
+    """For MAE lower is better: the reference must be the best blind candidate, not the worst."""
+    from minitagpr.metrics import evaluate
+    _, name, _ = dw.rule_predictions(world, "LaMP-3", "dev")
+    examples, golds = world.examples("LaMP-3", "dev"), world.golds("LaMP-3", "dev")
+    candidates = {"3 + cue shift": {e.id: dw.blind_answers(e)["3 + cue shift"] for e in examples}}
+    candidates.update({f"always {label}": {e.id: label for e in examples} for label in "12345"})
+    mae = {n: evaluate("LaMP-3", preds, golds)["mae"] for n, preds in candidates.items()}
+    assert mae[name] == min(mae.values()) < max(mae.values())
+
+
+@pytest.mark.parametrize("task", dw.TASK_NAMES)
+def test_a_three_segment_chain_holds_the_input_the_tasks_evidence_and_the_decision(world, task):
+    evidence = {"LaMP-1": "compare_entities", "LaMP-3": "synthesize_findings"}.get(task, "identify_patterns")
+    ex = world.examples(task, "train")[0]
+    items = get_retriever("recency").select(ex, 4)
+    for profile, key in ((items, evidence), ([], "identify_patterns")):
+        chain = dw.make_chain(task, ex, profile, "x", random.Random(0), segments=3)
+        assert set(re.findall(r"<(\w+)>", chain)) == {"analyze_input", key, "make_decision"}, (task, chain)
+
+
+def test_profile_item_ids_extend_the_question_id(world):
+    """lamp-format.md: question "600" has items "6000", "6001", ..."""
+    for task in dw.TASK_NAMES:
+        for ex in world.examples(task, "dev"):
+            assert all(re.fullmatch(re.escape(ex.id) + r"\d+", item["id"]) for item in ex.profile), ex.id
+
+
+def test_a_shared_review_gets_a_cue_under_which_the_users_scores_differ():
+    """Users of usual score 4 and 5 agree on a 'better than usual' review (both 5): that cue must not be drawn."""
+    lex = dw._make_lexicon(0, 10)
+    u = dw._make_users(lex, 0, {"train": 10})["train"][0]
+    pair = [dataclasses.replace(u, usual=4), dataclasses.replace(u, id="u999", usual=5)]
+    for seed in range(30):
+        _, golds = dw._lamp3_question(lex, random.Random(seed), pair)
+        assert golds[0] != golds[1], seed
+
+
+def test_neighbours_who_agree_on_a_tasks_preference_share_no_question():
+    """Six dev users: the wrap-around pair (the 6th and the 1st) was dealt the same usual LaMP-3 score."""
+    params = dict(dw.DEFAULTS, seed=0, num_users=30, dev_users=6)
+    dev = dw._lexicon_and_users(params)[1]["dev"]
+    assert dev[0].usual == dev[-1].usual
+    questions, _, _ = dw._generate(params)
+    by_input = {}
+    for ex in questions["LaMP-3"]["dev"]:
+        by_input.setdefault(ex.input, set()).add(ex.user_id)
+    shared = [users for users in by_input.values() if len(users) > 1]
+    assert shared and {dev[0].id, dev[-1].id} not in shared
+
+
+@pytest.fixture(scope="module")
+def trimmed(world):
+    """The LaMP-2 SFT records of the default world fitted to a budget that half of their prompts exceed:
+    (records, their token counts, the budget, their counts before trimming)."""
+    questions, golds, _ = dw._generate(world.params)
+    records, _ = dw._draft_records(questions, golds, world.params)
+    records = [r for r in records if r["task"] == "LaMP-2"]
+    tok = Tokenizer.from_dir(world.tokenizer_dir)
+    before = [len(tok.apply_chat(r["messages"], add_generation_prompt=True)) for r in records]
+    budget = sorted(before)[len(before) // 2]
+    lengths = dw._fit_records(records, tok, {**world.params, "max_prompt_tokens": budget})
+    return records, lengths, budget, before
+
+
+def test_sft_prompts_over_the_budget_are_trimmed_to_fit_it(trimmed):
+    records, lengths, budget, before = trimmed
+    assert sum(n > budget for n in before) >= 5
+    assert max(lengths) <= budget
+
+
+def test_a_trimmed_sft_prompts_chain_argues_from_the_items_it_still_shows(trimmed):
+    """LaMP-2 chains always state '(n of N)' over the N items the prompt shows."""
+    records, _, _, _ = trimmed
+    for r in records:
+        shown = re.search(r"\((\d+), most relevant first\)", r["messages"][1]["content"])
+        if shown:
+            assert re.search(rf" of {shown.group(1)}\)", r["chain"]), (r["id"], r["chain"])

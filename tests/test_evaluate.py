@@ -125,7 +125,8 @@ def test_one_engine_per_checkpoint_decodes_the_main_setting_and_the_sweep(lamp_r
     memory a deleted engine keeps); a crash at checkpoint 2 keeps checkpoint 1's rows on disk."""
     _fake_generation(monkeypatch, lambda k: str(min(k, 5)))
     built = []
-    monkeypatch.setattr(ev, "make_engine", lambda ckpt, *a, load=True, **kw: load and built.append(ckpt) or (None, None))
+    monkeypatch.setattr(ev, "make_engine",  # load=False: input_problems reading the tokenizer only
+                        lambda ckpt, *a, load=True, **kw: load and built.append(ckpt) or (None, None))
     out = tmp_path / "out"
     cfg = parse_cli(ev.EvalConfig, [f"data={lamp_root}", "tasks=LaMP-3", "checkpoints=a=A,b=B", "sweep_k=2,4",
                                     f"out_dir={out}", "prompt_style=full"])

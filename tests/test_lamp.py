@@ -171,6 +171,7 @@ def test_dates_compare_as_integer_tuples():
      r"q.json: record 0 \(id '600'\): field 'profile\[0\].score': expected a rating from 1 to 5"),
     ({"id": "1"}, "LaMP-7", r"q.json: expected a JSON array of question records, got dict"),
     ([7], "LaMP-7", r"q.json: record 0: expected an object, got int"),
+    ([], "LaMP-7", r"q.json: no question records \(an empty array\)"),
 ])
 def test_malformed_questions_raise_a_message_naming_file_record_and_field(tmp_path, records, task, message):
     path = _write_raw(tmp_path / "q.json", records)
@@ -224,6 +225,8 @@ def test_a_folder_given_as_a_file_is_a_data_error_naming_it(tmp_path):
      r"record 0 \(id '1'\): field 'golds.output': holds a lone UTF-16 surrogate"),
     ({"task": "LaMP_7", "golds": [{"id": "1\ud800", "output": "x"}]},
      r"field 'golds.id': holds a lone UTF-16 surrogate"),
+    ({"task": "LaMP_7", "golds": [], "minitagpr": ["normalize"]}, r"o.json: field 'minitagpr': expected an object, "
+                                                                   r"got list"),
 ])
 def test_malformed_outputs_raise_a_message_naming_file_record_and_field(tmp_path, obj, message):
     with pytest.raises(DataError, match=message):
@@ -317,3 +320,40 @@ def test_lamp2_folders_for_both_download_layouts(tmp_path):
     assert split_files(tmp_path, "LaMP-2", "time", "dev")[0] == tmp_path / "time/LaMP_2/dev/dev_questions.json"
     (tmp_path / "time/LaMP_2/new/dev").mkdir(parents=True)
     assert split_files(tmp_path, "LaMP-2", "time", "dev")[0] == tmp_path / "time/LaMP_2/new/dev/dev_questions.json"
+
+
+# ---- pinned by mutation (2026-11-29) ---------------------------------------------------------------------------------
+
+def test_a_single_gold_with_no_question_is_refused():
+    """The ids must match one to one: one extra gold is as wrong as ten."""
+    from minitagpr.data.lamp import check_no_extra_golds
+    examples, golds = make_examples("LaMP-3", n=2)
+    check_no_extra_golds(golds, examples, "o.json")  # one to one: fine
+    with pytest.raises(DataError, match=r"o.json: gold output\(s\) for id\(s\) with no question: '999'"):
+        check_no_extra_golds({**golds, "999": "3"}, examples, "o.json")
+
+
+def test_user_split_records_are_written_without_a_user_id_key(tmp_path):
+    examples, _ = make_examples("LaMP-7", n=2, split="user")
+    records = json.loads(write_questions(tmp_path / "q.json", examples).read_text())
+    assert all(set(rec) == {"id", "input", "profile"} for rec in records)
+    examples, _ = make_examples("LaMP-7", n=2, split="time")
+    records = json.loads(write_questions(tmp_path / "q.json", examples).read_text())
+    assert [rec["user_id"] for rec in records] == ["u0", "u1"]
+
+
+def test_an_examples_user_is_its_user_id_and_else_its_question_id():
+    assert LampExample("600", "LaMP-7", "x: y", [], user_id="u7").user == "u7"
+    assert LampExample("600", "LaMP-7", "x: y", []).user == "600"  # user split: one user per question
+
+
+def test_lamp2_labels_are_the_15_tags_in_the_benchmarks_order():
+    """lamp-format.md lists the tags in the fixed order LaMP-2 inputs use."""
+    assert TASKS["LaMP-2"].labels == (
+        "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
+        "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story")
+
+
+def test_label_and_rating_tasks_are_classification_and_generation_tasks_are_not():
+    assert {name for name, spec in TASKS.items() if spec.is_classification} == {
+        "LaMP-1", "LaMP-2", "LaMP-3", "PGraphRAG-rating"}

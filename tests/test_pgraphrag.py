@@ -55,6 +55,19 @@ def test_min_reviews_raises_the_bar(tmp_path):
     assert make_task(_write(tmp_path, USERS), "PGraphRAG-title", min_reviews=4) == ([], {})
 
 
+def test_min_reviews_below_two_is_refused(tmp_path):
+    """One review is held out, so a profile needs a second one."""
+    with pytest.raises(ValueError, match="min_reviews must be at least 2"):
+        make_task(_write(tmp_path, USERS), "PGraphRAG-title", min_reviews=1)
+
+
+def test_a_dated_review_keeps_its_date_in_the_profile_item(tmp_path):
+    users = [{"id": "cy", "profile": [{**_review("Old kettle", 2), "date": "2019-03-04"}, _review("New kettle", 5)]}]
+    examples, _ = make_task(_write(tmp_path, users), "PGraphRAG-rating")
+    assert examples[0].profile == [{"id": "cy-0", "title": "Old kettle", "text": "Old kettle text", "score": "2",
+                                    "pid": "P1", "date": "2019-03-04"}]
+
+
 def test_tasks_round_trip_through_lamp_files(tmp_path):
     for task in PGRAPHRAG_TASKS:
         examples, _ = make_task(_write(tmp_path, USERS), task)
@@ -77,6 +90,7 @@ def test_tasks_round_trip_through_lamp_files(tmp_path):
     ([{"id": "a", "profile": [{**_review("t", 5), "text": "great \ud83d"}]}],
      r"record 0 \(id 'a'\): field 'profile\[0\].text': holds a lone UTF-16 surrogate"),
     ([{"id": "a\ud83d", "profile": [_review("t", 5)]}], r"field 'id': holds a lone UTF-16 surrogate"),
+    ([], r"amazon_dev.json: no users \(an empty array\)"),
 ])
 def test_malformed_user_files_name_file_record_and_field(tmp_path, users, message):
     with pytest.raises(DataError, match=message):

@@ -201,3 +201,28 @@ def test_an_exports_recorded_style_is_read_and_a_bad_record_is_named(tmp_path):
     (tmp_path / TRAINING_FILE).write_text('[1')
     with pytest.raises(DataError, match=r"minitagpr.json: not a JSON object"):
         recorded_style(tmp_path)
+
+
+# ---- pinned by mutation (2026-11-29) ---------------------------------------------------------------------------------
+
+def test_a_training_file_holding_json_that_is_no_object_is_named(tmp_path):
+    from minitagpr.data.prompts import TRAINING_FILE, recorded_style
+    (tmp_path / TRAINING_FILE).write_text('["brief"]')  # valid JSON, but no object
+    with pytest.raises(DataError, match=r"minitagpr.json: not a JSON object"):
+        recorded_style(tmp_path)
+
+
+def test_a_style_other_than_the_recorded_one_is_a_mismatch_naming_both(tmp_path):
+    from minitagpr.data.prompts import TRAINING_FILE, style_mismatch
+    assert style_mismatch(tmp_path, "full") is None  # nothing recorded: any style
+    (tmp_path / TRAINING_FILE).write_text('{"prompt_style": "brief"}')
+    assert style_mismatch(tmp_path, "brief") is None
+    assert style_mismatch(tmp_path, "full", use="evaluated") == (
+        f"trained with prompt_style=brief ({TRAINING_FILE}), evaluated with prompt_style=full; pass "
+        f"prompt_style=brief")
+
+
+def test_item_fields_are_shown_without_surrounding_whitespace():
+    """A trailing newline in a field would break the one 'label: value' line per field layout."""
+    item = {"id": "1", "text": "  The council met.\n", "title": "Council meets\n"}
+    assert render_item("LaMP-4", item) == "article: The council met.\n    headline: Council meets"

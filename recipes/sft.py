@@ -13,6 +13,7 @@ tokens masked; the token sum is divided by the global count of target tokens of 
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -71,8 +72,8 @@ class SftConfig:
     export_dtype: str = "float32"  # dtype of the exported HF weights: float32 or bfloat16
     plot: bool = True  # write metrics.png next to metrics.jsonl
     # demo check of the exported model: greedy chains on held-out prompts
-    eval_holdout: int = 32  # records held out of training (seeded choice) whose prompts are decoded after export;
-    #                         0 = no check
+    eval_holdout: int = 32  # prompts held out of training (seeded choice; every chain of each) and decoded after
+    #                         export; 0 = no check
     eval_max_new_tokens: int = 320  # token cap on each held-out greedy response
 
     def __post_init__(self):
@@ -300,15 +301,23 @@ def ensure_demo_world(demo_dir: Path):
 
 
 def split_heldout(records: list[S.SftRecord], n: int, seed: int, path) -> tuple[list, list]:
-    """Hold out `n` records (a seeded choice) for the post-training check; the rest train."""
+    """Hold out `n` prompts (a seeded choice) for the post-training check: one record each is decoded, and no record
+    with a held-out prompt trains (stage 0 keeps up to max_per_instance chains of one prompt: held out one by one,
+    its twin trained and the check scored a seen prompt). The rest train, in file order."""
     if n <= 0:
         return records, []
-    if n >= len(records):
-        raise ConfigError(f"eval_holdout={n} leaves no training records of the {len(records)} in {path}")
-    order = list(range(len(records)))
+    groups: dict[str, list[int]] = {}  # prompt -> its records, in file order
+    for i, r in enumerate(records):
+        groups.setdefault(json.dumps(r.messages, sort_keys=True), []).append(i)
+    prompts = list(groups.values())
+    if n >= len(prompts):
+        raise ConfigError(f"eval_holdout={n} leaves no training records of the {len(records)} in {path} "
+                          f"({len(prompts)} distinct prompts)")
+    order = list(range(len(prompts)))
     random.Random(seed + 17).shuffle(order)
-    held = set(order[:n])
-    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+    held = sorted(order[:n])
+    left_out = {i for g in held for i in prompts[g]}
+    return [r for i, r in enumerate(records) if i not in left_out], [records[prompts[g][0]] for g in held]
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -198,10 +199,14 @@ def test_tokens_per_s_counts_real_tokens_not_the_padding_of_a_micro_batch(inputs
 def test_held_out_records_never_train(inputs, tmp_path, capsys):
     """The eval_holdout records are left out of the documents that are packed into training rows (tokenizing every
     record for training, held-out ones included, passed every other test)."""
-    total = sum(1 for line in Path(inputs["data"]).read_text().splitlines() if line.strip())
+    sft = recipe()
+    records = sft.S.read_sft_records(Path(inputs["data"]))
+    held_prompts = {json.dumps(r.messages) for r in sft.split_heldout(records, 4, 0, inputs["data"])[1]}
+    trained = [r for r in records if json.dumps(r.messages) not in held_prompts]  # twins of held-out prompts too
+    assert len(trained) < len(records) - 4  # the fixture repeats prompts
     run_in_process(common(inputs, tmp_path / "held", micro_batch=8, max_steps=1, eval_holdout=4,
-                          eval_max_new_tokens=2))
-    assert f"[sft] {total - 4} documents (4 held out) -> " in capsys.readouterr().out
+                          eval_max_new_tokens=2))  # seed=0, the default
+    assert f"[sft] {len(trained)} documents (4 held out) -> " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 1e-12])
@@ -276,6 +281,31 @@ def test_a_bad_held_out_record_is_named_before_training(inputs, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"{data}:{bad + 1} (record id 'r{bad}'): cannot tokenize: " in err and "'developer'" in err
     assert not (tmp_path / "x" / "checkpoints").exists()  # stopped before training
+
+
+def test_held_out_prompts_never_train_through_a_second_chain_of_the_same_prompt():
+    """Stage 0 keeps up to max_per_instance chains per prompt; records were held out one by one, so a held-out
+    prompt's twin trained and the check scored a prompt the model had seen."""
+    sft = recipe()
+    S = sft.S
+
+    def rec(i, prompt):
+        return S.SftRecord(id=f"r{i}", user=None, task="LaMP-3", line=i + 1, chain=f"c{i}", answer="3",
+                           messages=[{"role": "user", "content": f"prompt {prompt}"}])
+    records = [rec(i, i // 2) for i in range(12)]  # six prompts, two chains each
+    for seed in range(5):
+        train, held = sft.split_heldout(records, 2, seed, "x.jsonl")
+        held_prompts = {r.messages[0]["content"] for r in held}
+        assert len(held) == 2 and len(held_prompts) == 2  # n counts prompts, each decoded once
+        assert not held_prompts & {r.messages[0]["content"] for r in train}
+        assert len(train) == 8 and [r.line for r in train] == sorted(r.line for r in train)  # file order
+    with pytest.raises(sft.ConfigError, match=r"eval_holdout=6 leaves no training records .*\(6 distinct prompts\)"):
+        sft.split_heldout(records, 6, 0, "x.jsonl")
+    # distinct prompts (the demo's): the same records as the record-wise seeded choice
+    single = [rec(i, i) for i in range(10)]
+    order = list(range(10))
+    random.Random(3 + 17).shuffle(order)
+    assert [r.id for r in sft.split_heldout(single, 3, 3, "x.jsonl")[1]] == [f"r{i}" for i in sorted(order[:3])]
 
 
 def test_truncate_long_cuts_instead_and_is_a_plumbing_key(inputs, tmp_path, capsys):

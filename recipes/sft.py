@@ -286,11 +286,20 @@ def resolve_inputs(cfg: SftConfig, info: D.DistInfo) -> tuple[str, Path, Path]:
 
 def ensure_demo_base(cfg: SftConfig, world) -> Path:
     """The demo's tiny base model, demo_dir/base_<preset> (rank 0; built when missing, deterministically from the
-    preset, `seed` and the world's tokenizer, so a rebuilt one is the one SFT started from)."""
+    preset, `seed` and the world's tokenizer, so a rebuilt one is the one SFT started from). `demo_base.json`
+    records the seed it was built with: a base of another seed is refused, never silently trained from (a base
+    from before that record is taken as it is)."""
     base = Path(cfg.demo_dir) / f"base_{cfg.demo_preset}"
-    if not (base / "config.json").exists():
-        from minitagpr.model import presets
-        presets.make_tiny_checkpoint(base, preset=cfg.demo_preset, seed=cfg.seed, tokenizer_dir=world.tokenizer_dir)
+    record = base / "demo_base.json"
+    if (base / "config.json").exists():
+        built = json.loads(record.read_text()).get("seed") if record.exists() else cfg.seed
+        if built != cfg.seed:
+            raise ConfigError(f"{base} is the demo base model of seed {built}, this run has seed={cfg.seed}: give "
+                              f"another demo_dir= (or delete {base} to rebuild it with seed {cfg.seed})")
+        return base
+    from minitagpr.model import presets
+    presets.make_tiny_checkpoint(base, preset=cfg.demo_preset, seed=cfg.seed, tokenizer_dir=world.tokenizer_dir)
+    atomic_write_json(record, {"preset": cfg.demo_preset, "seed": cfg.seed})
     return base
 
 

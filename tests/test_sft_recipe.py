@@ -308,6 +308,20 @@ def test_held_out_prompts_never_train_through_a_second_chain_of_the_same_prompt(
     assert [r.id for r in sft.split_heldout(single, 3, 3, "x.jsonl")[1]] == [f"r{i}" for i in sorted(order[:3])]
 
 
+def test_a_demo_base_of_another_seed_is_refused_not_trained_from(tmp_path):
+    """seed= is the demo base's random init, but an existing base was reused whatever seed built it."""
+    from types import SimpleNamespace
+    from train_fixtures import write_tokenizer
+    sft = recipe()
+    world = SimpleNamespace(tokenizer_dir=write_tokenizer(tmp_path / "tok"))
+    cfg = sft.SftConfig(demo_dir=str(tmp_path / "demo"), seed=0)
+    base = sft.ensure_demo_base(cfg, world)
+    assert json.loads((base / "demo_base.json").read_text()) == {"preset": cfg.demo_preset, "seed": 0}
+    assert sft.ensure_demo_base(cfg, world) == base  # the same seed: reused
+    with pytest.raises(sft.ConfigError, match=rf"{base} is the demo base model of seed 0, this run has seed=1"):
+        sft.ensure_demo_base(sft.SftConfig(demo_dir=str(tmp_path / "demo"), seed=1), world)
+
+
 def test_truncate_long_cuts_instead_and_is_a_plumbing_key(inputs, tmp_path, capsys):
     sft = recipe()
     data = write_data_with_a_long_record(tmp_path / "long.jsonl")

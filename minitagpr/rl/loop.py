@@ -618,7 +618,9 @@ def build_engine(cfg: RLConfig, tokenizer: Tokenizer, info):
 # Settings a resumed run may change (plumbing); any other difference from the checkpoint's config is an error.
 # policy, prmu and data_root are paths (a run may move): what they hold is checked instead (_check_resumed_inputs).
 # prmu_max_len may change on resume as long as the length it resolves to stays the one the run scored with (checked
-# against the checkpoint's prmu_max_len_used, not here)
+# against the checkpoint's prmu_max_len_used, not here). engine and builtin_decode may change so that a run can
+# finish on another machine (no vLLM there), but the steps after the switch sample other tokens for the same seeds:
+# exact resume holds only for an unchanged engine (the step log's batch_digest shows where they part)
 RESUMABLE_KEYS = {"out_dir", "resume", "save_every", "keep_last", "max_steps", "engine", "builtin_decode",
                    "vllm_gpu_memory_utilization", "micro_batch_size", "activation_checkpointing", "policy", "prmu",
                    "data_root", "prmu_max_len"}

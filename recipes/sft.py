@@ -198,7 +198,8 @@ def run(cfg: SftConfig) -> Path:
     D.on_main(record_run)  # its error (a full disk) stops every rank, not rank 0 alone
 
     # ---- 7. train -------------------------------------------------------------------------------------------------
-    log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step if latest else None)
+    # rows carry completed steps (1-based: the step_XXXXXX checkpoint written after them), as PRMU's and RL's do
+    log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step + 1 if latest else None)
     progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="[sft] ")
     peak, peak_note = peak_flops(info.device)
     body_flops = S.row_flops(rows, model.document_flops)  # (R,) per row, no head
@@ -212,11 +213,11 @@ def run(cfg: SftConfig) -> Path:
         mbs = [rows.batch(mb, info.device) for mb in
                S.micro_batches(S.rank_slice(global_rows, info.rank, info.world_size), cfg.micro_batch)]
         optimizer.zero_grad(set_to_none=True)
-        out = nll_forward_backward(model, mbs, info.device, step)
+        out = nll_forward_backward(model, mbs, info.device, step + 1)  # 1-based in messages
         grad_norm = O.clip_grad_norm(model, cfg.grad_clip)
         if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step}; stopping before the "
-                                     "optimizer step")
+            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step + 1}; stopping before "
+                                     "its optimizer step")  # 1-based, as metrics.jsonl and checkpoints
         optimizer.step()
         D.wait_for_device(info.device)  # the step's queued GPU work is timed in this step, not the next
         dt = time.perf_counter() - t0
@@ -225,7 +226,7 @@ def run(cfg: SftConfig) -> Path:
         # every rank's rows of the step (the global batch), each document at its own attention length; the
         # fused log-prob kernel runs the head on target tokens only
         step_flops = sum(body_flops[r] for r in global_rows) + out["valid_tokens"] * model.head_flops_per_token()
-        record = {"step": step, "epoch": step // spe, "loss": out["loss"], "lr": lr, "grad_norm": grad_norm,
+        record = {"step": step + 1, "epoch": step // spe, "loss": out["loss"], "lr": lr, "grad_norm": grad_norm,
                   "target_tokens": out["valid_tokens"], "tokens": tokens, "token_slots": out["tokens"],
                   "tokens_per_s": tokens / dt,
                   "mfu": mfu(tokens / dt, step_flops / tokens, info.world_size, peak), "step_time_s": dt,

@@ -238,11 +238,11 @@ def run(cfg: PrmuConfig) -> Path:
         stats = D.all_reduce_sum(stats.to(info.device)).cpu()  # (3,) step totals over all ranks
         step_loss = stats[0].item()
         if not math.isfinite(step_loss):
-            raise NonFiniteLossError(f"non-finite Bradley-Terry loss ({step_loss}) at step {step}; stopping before "
+            raise NonFiniteLossError(f"non-finite Bradley-Terry loss ({step_loss}) at step {step + 1}; stopping before "
                                      f"the optimizer step (lower lr/table_lr or check the pairs)")
         grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
         if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step}; stopping before the "
+            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step + 1}; stopping before the "
                                      f"optimizer step (lower lr/table_lr or check the pairs)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -204,7 +204,7 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step(setup, monkeypatc
 
     monkeypatch.setattr(recipe, "bradley_terry_loss", loss_with_a_nan_gradient_after_step_0)
     out = setup / "nan_grad"
-    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm \(nan\) at step 1; stopping before the "
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm \(nan\) at step 2; stopping before the "
                                                  r"optimizer step"):
         _run_in_process(recipe, _args(setup, "nan_grad", max_steps=3, global_batch=2, save_every=1))
     assert sorted(_losses(out)) == [1]

@@ -454,7 +454,7 @@ def test_non_finite_reward_stops_with_the_step(small_world, tmp_path, monkeypatc
     monkeypatch.setattr(loop, "score_batch", poisoned)
     from minitagpr.config import parse_cli
     cfg = parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "nan", stage="exploratory"))
-    with pytest.raises(loop.NonFiniteError, match=r"step 0: 1 non-finite reward\(s\), responses \[1\]"):
+    with pytest.raises(loop.NonFiniteError, match=r"\[exploratory\] step 1: 1 non-finite reward\(s\), responses \[1\]"):
         loop.train(cfg)
 
 

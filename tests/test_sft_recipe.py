@@ -61,7 +61,7 @@ def weights(out_dir):
 
 
 def assert_losses_close(a, b, rel):
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(6))
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
     for (s, x), (_, y) in zip(a, b):
         assert x == pytest.approx(y, rel=rel), f"step {s}: {x} vs {y}"
 
@@ -122,7 +122,7 @@ def test_sigkill_during_a_save_then_resume_continues_exactly(runs, inputs, tmp_p
     # steps 3-5 ran after that checkpoint, so they are lost and must be redone exactly once.
     killed = launch(args, nproc=2, env={"MINITAGPR_FAULT": "save:6"})
     assert killed.returncode != 0
-    assert [s for s, _ in losses(out)] == list(range(6))
+    assert [s for s, _ in losses(out)] == list(range(1, 7))
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step_000003", "step_000006.tmp"]  # the half-written save never got its final name
     assert latest_checkpoint(out / "checkpoints").name == "step_000003"
@@ -147,7 +147,7 @@ def test_resume_false_starts_over_without_the_earlier_runs_checkpoints(inputs, t
                           resume=False))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
     assert "[sft] resume=false: removed the earlier run's checkpoints" in capsys.readouterr().out
-    assert [s for s, _ in losses(out)] == [0, 1]
+    assert [s for s, _ in losses(out)] == [1, 2]
     # this run makes no held-out check and no plot: the earlier run's are not left to describe it
     assert not (out / "eval.json").exists() and not (out / "metrics.png").exists()
 
@@ -170,6 +170,8 @@ def test_metrics_lines_carry_the_documented_fields(runs):
     rec = json.loads((runs["two"] / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "target_tokens"):
         assert key in rec
+    steps = [json.loads(line)["step"] for line in (runs["two"] / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6] and rec["epoch"] == 0  # completed steps, as PRMU and RL log them
     assert (runs["two"] / "metrics.png").stat().st_size > 1000
     # the schedule by hand: 6 steps, warmup round(0.2 x 6) = 1 step, cosine from lr to 0.1 lr over steps 1..5
     import math
@@ -369,8 +371,8 @@ def test_non_finite_loss_stops_with_the_step(inputs, tmp_path, capsys):
                              micro_batch=8, plot=False))
     assert exit_.value.code == 1
     err = capsys.readouterr().err
-    assert "[sft] error: non-finite" in err and "at step 1; stopping before the optimizer step" in err
-    assert [s for s, _ in losses(tmp_path / "x")] == [0]
+    assert "[sft] error: non-finite" in err and "at step 2; stopping before its optimizer step" in err
+    assert [s for s, _ in losses(tmp_path / "x")] == [1]
 
 
 def test_resume_refuses_another_learning_rate_or_schedule_but_not_plumbing(inputs, tmp_path):
@@ -406,7 +408,7 @@ def test_a_resume_shorter_than_the_checkpoint_is_refused(inputs, tmp_path):
     with pytest.raises(ConfigError, match=r"already trained 4 steps but is now set to 2"):
         run_in_process(common(inputs, out, max_steps=2, **const))
     run_in_process(common(inputs, out, max_steps=5, **const))  # longer is fine under a constant lr
-    assert [s for s, _ in losses(out)][-1] == 4  # 0-based: the fifth step was trained
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5]  # the fifth step was trained, each step logged once
 
 
 def test_resume_refuses_a_model_whose_config_changed_under_the_same_path(inputs, tmp_path):

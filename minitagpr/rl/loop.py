@@ -773,7 +773,7 @@ def train(cfg: RLConfig) -> Path:
         t_rollout = time.perf_counter() - t0
 
         parts, rewards = compute_rewards(mine, completions, cfg, prmu)  # (B*G,) r_i
-        check_finite(rewards, mine, cfg.group_size, step, cfg.stage, info.device)
+        check_finite(rewards, mine, cfg.group_size, step + 1, cfg.stage, info.device)  # 1-based, as the log
         advantages = group_advantages(rewards, cfg.group_size)  # (B*G,)
 
         input_ids, targets, mask = make_sequences(mine, completions, cfg.group_size, tokenizer.pad_id)
@@ -789,7 +789,7 @@ def train(cfg: RLConfig) -> Path:
         try:
             sums = gspo_update(model, optimizer, batch, cfg, info.device)
         except NonFiniteError as e:
-            raise NonFiniteError(f"[{cfg.stage}] step {step}: {e}; stopping (last checkpoint kept)") from None
+            raise NonFiniteError(f"[{cfg.stage}] step {step + 1}: {e}; stopping (last checkpoint kept)") from None
         D.wait_for_device(info.device)  # the last optimizer step is still queued on a GPU
         t_train = time.perf_counter() - t1
         t_sync = sync_to_engine(model, engine) if step + 1 < total_steps else 0.0

@@ -36,7 +36,8 @@ def nll_forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, t
     """Accumulate the gradient of mean NLL (see module docstring); returns the step's loss and its global token
     counts (valid_tokens = N, tokens = input token slots processed, padding included).
 
-    Raises NonFiniteLossError naming the step when the global loss is not finite (the same on every rank)."""
+    Raises NonFiniteLossError naming `step` (the 1-based step number the metrics and checkpoints use) when the global
+    loss is not finite (the same on every rank)."""
     n_valid, tokens = count_tokens(micro_batches, device)  # the same on every rank
     if n_valid.item() == 0:
         raise ValueError(f"step {step}: the global batch holds no target tokens")

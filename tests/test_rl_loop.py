@@ -1,6 +1,7 @@
 """The RL loop's plumbing: sequences and masks, prompt order across epochs, mini-batch split, 1 vs 2 processes."""
 import contextlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -1075,3 +1076,115 @@ def test_a_resume_refuses_a_prmu_that_now_reads_another_length(small_world, tmp_
         assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2, 3, 4]
     finally:
         L.D.destroy_distributed()
+
+
+# ----------------------------------------------------------------------------------------------- pinned by mutation
+# A second sweep (rl/loop.py, rl/gspo.py, rollout/): each test below fails on a mutant that the suite let through.
+
+def test_every_step_and_every_prompt_of_a_step_sample_with_their_own_seed():
+    """rollout_seed moves with the step and sample_base with the prompt's global position (prompt_offset + i):
+    a seed shared by the steps would replay a batch position's random draws at every step, one shared by a step's
+    prompts would give all of them the same draws."""
+    from types import SimpleNamespace
+
+    from minitagpr.rl.loop import rollout, rollout_seed
+    from minitagpr.rollout.base import sample_base
+
+    class Recording:
+        def generate(self, prompt_token_ids, n, seed, **kwargs):
+            self.seed = seed
+            return [[Completion([1], "", [0.0], "stop")] * n for _ in prompt_token_ids]
+
+    engine, seeds = Recording(), []
+    for step in range(3):
+        flat = rollout(engine, [_prompt([1, 2]), _prompt([3])], RLConfig(group_size=2), SimpleNamespace(stop_ids=[0]),
+                       seed=rollout_seed(5, step), prompt_offset=2)
+        assert len(flat) == 4
+        seeds.append(engine.seed)
+    assert seeds[0] == [sample_base(rollout_seed(5, 0), 2), sample_base(rollout_seed(5, 0), 3)]  # global positions
+    assert len({s for step in seeds for s in step}) == 6  # every (step, prompt) its own
+
+
+def test_the_logged_advantage_std_is_pooled_around_the_steps_mean():
+    """gspo/adv_std is the std of every non-empty sequence's advantage in the step, from the pooled moments:
+    sqrt(E[A^2] - E[A]^2), not sqrt(E[A^2]) (equal only when the advantages average to 0) nor a mean of the
+    micro-batches' stds (0.5 and 1.5 here)."""
+    from minitagpr import distributed as D
+    from minitagpr.rl.loop import _accumulate, reduce_train_metrics
+
+    logp, mask, sums = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), {}
+    for adv in ([1.0, 2.0], [3.0, 6.0]):  # two micro-batches
+        _accumulate(sums, gspo_loss(logp, logp, torch.tensor(adv), mask)[1])
+    D.init_distributed()
+    try:
+        out = reduce_train_metrics(sums, torch.device("cpu"))
+    finally:
+        D.destroy_distributed()
+    assert out["gspo/adv_mean"] == pytest.approx(3.0)
+    assert out["gspo/adv_std"] == pytest.approx(math.sqrt(3.5))  # population std of 1, 2, 3, 6
+
+
+def test_a_non_finite_gradient_norm_stops_the_update_before_the_optimizer_steps(tmp_path, monkeypatch):
+    """A finite loss can come with an overflowed gradient; stepping on it would write NaN into every weight."""
+    import minitagpr.rl.loop as L
+    monkeypatch.setattr(L, "clip_grad_norm", lambda model, max_norm: math.inf)
+    with synthetic_policy(tmp_path) as (model, input_ids, targets, mask, adv):
+        before = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        cfg = RLConfig(group_size=4, num_minibatches=1, micro_batch_size=16, prompts_per_step=4, lr=1e-3)
+        old = L.sequence_logprobs(model, input_ids, targets, [torch.arange(len(adv))])
+        batch = {"input_ids": input_ids, "targets": targets, "mask": mask, "old_logp": old, "advantages": adv}
+        with pytest.raises(L.NonFiniteError, match=r"non-finite GSPO loss \(.*\) or gradient norm \(inf\)"):
+            one_update(model, batch, cfg, cfg.lr)
+        assert all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
+
+
+def test_a_non_finite_reward_on_another_rank_stops_this_rank_too(monkeypatch):
+    """Every rank stops at once on the all-reduced count: a rank whose own rewards are finite raising nothing would
+    wait forever in the next collective."""
+    from minitagpr.rl import loop
+    monkeypatch.setattr(loop.D, "all_reduce_sum", lambda t: t + 1)  # the other rank counted one
+    with pytest.raises(loop.NonFiniteError, match=r"\[guided\] step 3: 1 non-finite reward\(s\), another rank"):
+        loop.check_finite(torch.zeros(4, dtype=torch.float64), [_prompt([1])] * 2, 2, 3, "guided", "cpu")
+
+
+def test_fractional_epochs_give_the_step_count_as_written(small_world, tmp_path, monkeypatch):
+    """epochs=0.57 of 100 steps per epoch is 57 steps, though 0.57 * 100 is 56.99999999999999 in floats."""
+    from minitagpr.config import parse_cli
+    from minitagpr.rl import loop
+
+    class Planned(Exception):
+        pass
+
+    def progress(total_steps, *args, **kwargs):
+        raise Planned(total_steps)
+
+    real_load = loop.load_prompts
+    monkeypatch.setattr(loop, "load_prompts", lambda cfg, tok: (real_load(cfg, tok) * 7)[:100])
+    monkeypatch.setattr(loop, "Progress", progress)
+    world, policy = small_world
+    cfg = parse_cli(loop.RLConfig, _rl_args(world, policy, tmp_path / "e", stage="exploratory", epochs=0.57,
+                                            max_steps=0, prompts_per_step=1, num_minibatches=1))
+    try:
+        with pytest.raises(Planned) as planned:
+            loop.train(cfg)
+    finally:
+        loop.D.destroy_distributed()
+    assert planned.value.args[0] == 57
+
+
+def test_the_mfu_counts_the_old_log_prob_forward_and_every_ppo_epoch(small_world, tmp_path):
+    """A step's FLOPs are one training pass per PPO epoch plus the no-grad old-log-prob forward (1/3 of a pass).
+    The first steps of two runs that differ in ppo_epochs only train on one batch: FLOPs in the ratio
+    (1/3 + 2) / (1/3 + 1) (mfu x train_s is FLOPs / (ranks x peak), the peak the same in one process)."""
+    from minitagpr.config import parse_cli
+    from minitagpr.rl import loop
+    world, policy = small_world
+    rows = {}
+    for epochs in (1, 2):
+        out = tmp_path / f"e{epochs}"
+        loop.train(parse_cli(loop.RLConfig, _rl_args(world, policy, out, stage="exploratory", ppo_epochs=epochs,
+                                                     max_steps=1, save_every=0)))
+        rows[epochs] = _log(out)[0]
+    assert rows[1]["batch_digest"] == rows[2]["batch_digest"]
+    flops = {e: r["mfu"] * r["train_s"] for e, r in rows.items()}
+    assert flops[2] / flops[1] == pytest.approx((1 / 3 + 2) / (1 / 3 + 1), rel=1e-9)

@@ -256,6 +256,38 @@ def test_static_decode_stops_early_once_every_row_has_stopped(model, prompts):
     assert [s for s in calls if s[1] == 1 and s[0] == 2 * len(prompts)] == []  # no decode step ran
 
 
+def test_dynamic_decode_runs_no_forward_once_every_row_has_stopped(model, prompts):
+    """Pinned by mutation: without the early exit the loop ran max_new_tokens forwards of an empty batch."""
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        groups = engine(model, decode="dynamic").generate(prompts, n=2, max_new_tokens=40,
+                                                           stop_token_ids=list(range(VOCAB)), seed=1)
+    finally:
+        hook.remove()
+    assert all(len(c.token_ids) == 1 and c.finish_reason == "stop" for g in groups for c in g)
+    assert calls == [(1, len(p)) for p in sorted(prompts, key=len, reverse=True)]  # the prefills, nothing more
+
+
+def test_static_decode_stops_once_every_row_has_stopped_each_at_its_own_step(model, prompts):
+    """A row that stopped keeps decoding (its later ids are cut off): the loop must remember that it stopped, not
+    wait for a step where every row samples a stop id at once. Pinned by mutation."""
+    T, stop = 12, 7
+    cache, logits = _prefilled(model, prompts[0], T)
+    cache.reorder(torch.tensor([0, 0]))  # two rows sharing the prompt
+    script = [[stop, 1], [1, 1], [1, stop]] + [[1, 1]] * (T - 3)  # row 0 stops at token 0, row 1 at token 2
+    calls = []
+
+    def scripted(z, u):
+        calls.append(1)
+        return torch.tensor(script[len(calls) - 1]), torch.zeros(2)
+
+    ids, _, finish = decode_static(model, cache, logits.repeat(2, 1), torch.zeros(2, T, dtype=torch.float64),
+                                   torch.tensor([len(prompts[0])] * 2), T, [stop], scripted, check_every=1)
+    assert ids == [[stop], [1, 1, stop]] and finish == ["stop", "stop"]
+    assert len(calls) == 3  # nothing sampled after the last row's stop
+
+
 def _prefilled(model, prompt, free_slots):
     cache = model.new_kv_cache(1, len(prompt) + free_slots)
     with torch.no_grad():

@@ -164,6 +164,17 @@ def test_completion_rejects_an_unknown_finish_reason():
         Completion(token_ids=[1], text="a", logprobs=[-0.1], finish_reason="eos")
 
 
+def test_completion_needs_one_log_prob_per_token():
+    """The RL loop's sampler_logp_gap lays each completion's log-probs over its response targets, trusting this."""
+    with pytest.raises(ValueError, match="2 token ids but 1 logprobs"):
+        Completion(token_ids=[1, 2], text="a", logprobs=[-0.1], finish_reason="stop")
+
+
+def test_per_prompt_seeds_must_number_the_prompts_exactly():
+    with pytest.raises(RolloutError, match="3 per-prompt seeds for 2 prompts"):  # pinned by mutation (more seeds)
+        prompt_seed_keys([1, 2, 3], 2)
+
+
 def test_draws_equal_the_inverse_cdf_of_a_float64_softmax():
     # fp32 exponentials with float64 sums pick the same ids as a float64 softmax's CDF walk (a draw can differ
     # only when its uniform lands within ~1e-7 of a CDF step; none does here), and report the same log-probs
@@ -198,6 +209,13 @@ def test_request_bounds_are_exact():
         check_request(**{**base, "stop_token_ids": [10]})
     from minitagpr.rollout.base import MIN_TEMPERATURE
     assert check_request(**{**base, "temperature": MIN_TEMPERATURE}) == [3]  # "at least 1e-4" includes it
+    with pytest.raises(RolloutError, match="at least 0.0001"):  # and just below it is refused
+        check_request(**{**base, "temperature": MIN_TEMPERATURE * 0.99})
+    # prompt + completion must fit max_len: 2 + 4 tokens fit 6 positions, not 5
+    assert check_request(**base, max_len=("max_position_embeddings", 6)) == [3]
+    with pytest.raises(RolloutError, match=r"prompt_token_ids\[0\] has 2 tokens; with max_new_tokens=4 it exceeds "
+                                           r"max_position_embeddings=5"):
+        check_request(**base, max_len=("max_position_embeddings", 5))
 
 
 def test_a_huge_padded_tail_logit_does_not_distort_the_decodable_distribution():

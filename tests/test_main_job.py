@@ -71,7 +71,7 @@ def test_every_stage_is_built_once_in_order_from_the_one_before(first):
     e_cfg = (work / "exploratory_rl" / "config.yaml").read_text()
     assert f"policy: {work / 'sft' / 'hf'}" in g_cfg and f"prmu: {work / 'prmu' / 'hf'}" in g_cfg
     assert f"policy: {work / 'guided_rl' / 'export'}" in e_cfg and "stage: exploratory" in e_cfg
-    assert [r["step"] for r in metrics(work / "sft") if "loss" in r] == [0, 1, 2, 3]  # SFT counts from 0
+    assert [r["step"] for r in metrics(work / "sft") if "loss" in r] == [1, 2, 3, 4]  # completed steps, as RL
     for folder, steps in (("guided_rl", 2), ("exploratory_rl", 1)):
         rows = metrics(work / folder)
         assert [r["step"] for r in rows] == list(range(1, steps + 1))

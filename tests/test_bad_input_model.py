@@ -84,6 +84,8 @@ def test_malformed_safetensors_header_names_file_and_tensor(tmp_path, edit, expe
 @pytest.mark.parametrize("edit, expected", [
     (lambda m: list(m.values()), "field 'weight_map': expected an object"),  # was an AttributeError
     (lambda m: {**m, "model.norm.weight": 1}, "weight_map['model.norm.weight']"),  # was a TypeError from Path / int
+    (lambda m: {**m, "model.norm.weight": "../" + m["model.norm.weight"]},  # a file outside the checkpoint folder
+     "weight_map['model.norm.weight']: expected the name of a .safetensors file in this folder"),
 ])
 def test_malformed_index_weight_map_names_index_and_entry(tmp_path, edit, expected):
     index = _sharded(tmp_path) / "model.safetensors.index.json"
@@ -120,6 +122,37 @@ def test_a_tensor_in_two_shards_or_not_where_the_index_says_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=re.escape(f"model.norm.weight: in both {min(home, other)} and "
                                                         f"{max(home, other)}")):
         load_pretrained(folder)
+
+
+@pytest.mark.parametrize("entry", ["moved", "phantom"])
+def test_an_index_that_disagrees_with_its_shards_is_named(tmp_path, entry):
+    """The index is the map a load trusts: a tensor it puts in another shard than the one holding it, or in a shard
+    that does not hold it at all, is a damaged checkpoint, named, not loaded from wherever it happens to be."""
+    folder = _sharded(tmp_path)
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shards = list(data["weight_map"].values())
+    name, home = next((n, f) for n, f in data["weight_map"].items() if shards.count(f) > 1)  # still read when moved
+    other = next(f for f in sorted(set(shards)) if f != home)
+    if entry == "moved":
+        data["weight_map"][name] = other
+        expected = f"{name}: in {home}, but the index puts it in {other}"
+    else:
+        data["weight_map"]["model.phantom.weight"] = home
+        expected = f"model.phantom.weight: the index puts it in {home}, which does not hold it"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="unreadable tensors: .*" + re.escape(expected)):
+        load_pretrained(folder)
+
+
+def test_an_empty_tensor_is_a_well_formed_header_entry(tmp_path):
+    """safetensors stores a zero-element tensor as begin == end: a valid entry, not a corrupt header."""
+    from minitagpr.model.checkpoint import tensor_names
+    file = make_tiny_checkpoint(tmp_path / "c") / "model.safetensors"
+    end = json.loads(file.read_bytes()[8:8 + struct.unpack("<Q", file.read_bytes()[:8])[0]])
+    end = max(e["data_offsets"][1] for n, e in end.items() if n != "__metadata__")
+    _rewrite_header(file, lambda h: {**h, "empty": {"dtype": "F32", "shape": [0], "data_offsets": [end, end]}})
+    assert "empty" in tensor_names(tmp_path / "c")
 
 
 def test_a_mis_shaped_renamed_tensor_is_not_also_called_missing(tmp_path):

@@ -182,6 +182,17 @@ def test_truncated_file_is_named(tmp_path):
         load_pretrained(folder)
 
 
+def test_a_file_cut_inside_its_last_tensor_is_named_before_any_weight_is_read(tmp_path):
+    """tensor_names (evaluate's check of every checkpoint before decoding) reads headers only: the header's byte
+    ranges, counted from after the 8-byte length and the header, must reach past the end of a file cut short."""
+    from minitagpr.model.checkpoint import tensor_names
+    folder = _ckpt(tmp_path)
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated safetensors file"):
+        tensor_names(folder)
+
+
 def test_config_missing_field_and_unsupported_settings(tmp_path):
     folder = _ckpt(tmp_path)
     cfg = json.loads((folder / "config.json").read_text())
@@ -278,6 +289,24 @@ def test_hub_id_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch)
         load_pretrained("Qwen/Qwen3-0.6B")
 
 
+def test_hub_offline_set_to_true_is_offline_too(tmp_path, monkeypatch):
+    """huggingface_hub reads HF_HUB_OFFLINE=true (or yes) as offline: the error says so rather than calling the hub."""
+    import huggingface_hub.constants as c
+    monkeypatch.setenv("HF_HUB_OFFLINE", "true")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set, so it cannot be downloaded"):
+        load_pretrained("Qwen/Qwen3-0.6B")
+
+
+def test_a_missing_folder_name_without_a_slash_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match=r"sft_typo: no such checkpoint folder \(and not a hub id"):
+        load_pretrained("sft_typo")
+
+
 def test_hub_id_resolves_from_cache(tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     repo = hub / "models--acme--tiny-qwen3"
@@ -370,6 +399,43 @@ def test_shards_match_their_index_and_its_total_size(tmp_path):
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def test_tensors_of_exactly_max_shard_bytes_stay_one_file(tmp_path):
+    """Shards are cut when the tensors are *over* max_shard_bytes."""
+    from minitagpr.model.checkpoint import save_safetensors_shards
+    save_safetensors_shards({"a": torch.zeros(2), "b": torch.zeros(2)}, tmp_path, max_shard_bytes=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_an_empty_architectures_list_loads_like_a_config_without_one(tmp_path):
+    folder = _ckpt(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": []}))
+    assert load_pretrained(folder).config.vocab_size == cfg["vocab_size"]
+
+
+def _digest_folder(folder):
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(bytes(range(40)))
+    (folder / "tokenizer.json").write_bytes(bytes(range(100, 140)))
+    return folder
+
+
+@pytest.mark.parametrize("change", ["safetensors_tail", "middle_of_another_file", "a_file_renamed"])
+def test_files_digest_changes_with_what_it_promises_to_read(tmp_path, change):
+    """files_digest reads each safetensors file's first and last edge_bytes (here 4 of 40), every other small file
+    whole, and every file's name."""
+    from minitagpr.model.checkpoint import files_digest
+    folder = _digest_folder(tmp_path / "c")
+    before = files_digest(folder, edge_bytes=4)
+    if change == "safetensors_tail":
+        (folder / "model.safetensors").write_bytes(bytes(range(39)) + b"\xff")
+    elif change == "middle_of_another_file":
+        (folder / "tokenizer.json").write_bytes(bytes(range(100, 119)) + b"\xff" + bytes(range(120, 140)))
+    else:
+        (folder / "tokenizer.json").rename(folder / "vocab.json")
+    assert files_digest(folder, edge_bytes=4) != before
 
 
 def test_an_export_is_on_disk_before_its_rename_makes_it_the_export(tmp_path, monkeypatch):

@@ -107,6 +107,19 @@ def test_a_one_setting_sweep_keeps_its_own_rows_and_files(lamp_root, tmp_path, m
     assert set(main_preds.values()) == {"5"} and set(sweep_preds.values()) == {"1"}
 
 
+def test_a_decoded_row_under_normalize_is_scored_normalised_like_its_predictions_file(lamp_root, tmp_path,
+                                                                                     monkeypatch):
+    """normalize=true: the table scores the normalised answers, the ones its predictions file holds."""
+    _fake_generation(monkeypatch, lambda k: " **4** stars")
+    out = tmp_path / "out"
+    cfg = parse_cli(ev.EvalConfig, [f"data={lamp_root}", "tasks=LaMP-3", "checkpoints=sft=unused", "normalize=true",
+                                    f"out_dir={out}", "prompt_style=full"])
+    table = ev.run(cfg)["table"]
+    _, preds = lamp.load_outputs(ev.predictions_file(out, "sft", "LaMP-3"))
+    assert set(preds.values()) == {"4"}
+    assert table.rows["sft"]["LaMP-3"] == evaluate("LaMP-3", preds, ev.load_task_data(lamp_root, "LaMP-3").golds)
+
+
 def test_the_sweep_reuses_the_main_tables_setting_instead_of_decoding_it_again(lamp_root, tmp_path, monkeypatch):
     decoded = []
     _fake_generation(monkeypatch, lambda k: decoded.append(k) or str(min(k, 5)))

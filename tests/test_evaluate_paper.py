@@ -313,3 +313,22 @@ def test_each_example_is_seeded_by_its_place_in_the_file_whatever_the_batch(lamp
         ev.generate_answers(Recording(), tok, data, k=1, temperature=1.0, seed=7, batch_prompts=batch)
         by_batch[batch] = seen
     assert by_batch[1] == by_batch[2] == [rollout_base.sample_base(7, i) for i in range(len(data.examples))]
+
+
+def test_each_record_says_how_many_retrieved_items_the_prompt_budget_left_out(lamp_root, checkpoint):
+    """profile_items_retrieved written as the kept count made the table's profile_cut always 0 (a mutant)."""
+    data = ev.load_task_data(lamp_root, "LaMP-3")
+    data = ev.TaskData(data.task, data.examples[:1], data.golds, data.source)
+    ex, tok = data.examples[0], Tokenizer.from_dir(checkpoint)
+    items = ex.profile[:4]
+    size = {n: len(tok.apply_chat(prompts.build_messages(ex, items[:n], style="full"), add_generation_prompt=True))
+            for n in (1, 4)}
+    budget = (size[1] + size[4]) // 2  # room for some of the 4 retrieved items, not all of them
+
+    class Recording:
+        def generate(self, ids, n, temperature, top_p, max_new_tokens, stop_token_ids, seed):
+            return [[Completion([1], "<think>c</think>3", [0.0], "stop")] for _ in ids]
+
+    [record] = ev.generate_answers(Recording(), tok, data, k=4, max_prompt_tokens=budget, prompt_style="full")
+    assert record["profile_items_retrieved"] == 4 and 1 <= record["profile_items"] < 4
+    assert record["prompt_tokens"] <= budget

@@ -181,3 +181,19 @@ def test_the_server_decodes_on_the_gpu_when_there_is_one(checkpoint, pretend_cud
 
     make_server(checkpoint, port=0).server_close()
     assert pretend_cuda == [(torch.float32, "cuda")]
+
+
+def test_a_body_too_long_to_read_closes_the_connection(server):
+    """The unread body must not be parsed as the next request on a kept-alive connection."""
+    import socket
+    host, port = server.server_address[:2]
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n" + smuggled)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except socket.timeout:  # still open: the server waits for another request
+            pass
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1

@@ -110,3 +110,60 @@ def test_thread_and_batch_counts_below_one_are_refused_by_the_command_line(flag,
         main(["/no/such/checkpoint", "--port", "0", flag, "-1"])
     assert exit_.value.code == 2
     assert f"argument {flag}: must be a positive integer, got '-1'" in capsys.readouterr().err
+
+
+def test_n_may_be_max_n_but_no_more():
+    from minitagpr.serve import MAX_N
+    assert request(n=MAX_N)["n"] == MAX_N
+    with pytest.raises(RequestError, match=rf"'n' must be in \[1, {MAX_N}\]"):
+        request(n=MAX_N + 1)
+
+
+def test_top_p_0_is_refused():
+    """top_p is in (0, 1]: 0 keeps no token."""
+    assert request(top_p=1.0)["top_p"] == 1.0
+    with pytest.raises(RequestError, match=r"'top_p' must be in \(0.0, 1.0\], got 0") as err:
+        request(top_p=0)
+    assert err.value.param == "top_p"
+
+
+def test_an_empty_stop_string_is_refused():
+    """"" occurs in every text: it would cut every completion to nothing."""
+    with pytest.raises(RequestError, match="'stop' must be a non-empty string") as err:
+        request(stop=["</answer>", ""])
+    assert err.value.param == "stop"
+
+
+def test_a_boolean_seed_is_refused():
+    """true is an int to Python, so it would silently seed 1."""
+    assert request(seed=7)["seed"] == 7
+    with pytest.raises(RequestError, match="'seed' must be an integer, got true") as err:
+        request(seed=True)
+    assert err.value.param == "seed"
+
+
+def test_a_prompt_that_fills_the_context_is_refused():
+    """No room for even one generated token."""
+    server = fake_server(Completion([0], "a", [0.0], "length"), max_position=3)  # the fake prompt has 3 tokens
+    with pytest.raises(RequestError, match="the prompt has 3 tokens, the model's limit is 3") as err:
+        ChatServer.chat_completion(server, request())
+    assert err.value.param == "messages" and not server.engine.calls
+
+
+def test_without_max_tokens_the_answer_gets_the_room_the_prompt_leaves():
+    server = fake_server(Completion([0], "a", [0.0], "length"), max_position=10)
+    ChatServer.chat_completion(server, request())
+    assert server.engine.calls[0]["max_new_tokens"] == 7  # 10 - 3 prompt tokens, under DEFAULT_MAX_TOKENS
+
+
+def test_the_requests_model_name_is_echoed_back():
+    """A pipeline may give its roles their own names; without one, the served model's id."""
+    server = fake_server(Completion([0], "a", [0.0], "length"))
+    assert ChatServer.chat_completion(server, request(model="planner", max_tokens=1))["model"] == "planner"
+    assert ChatServer.chat_completion(server, request(max_tokens=1))["model"] == "fake"
+
+
+def test_tool_choice_none_is_accepted_as_no_tools():
+    assert request(tool_choice="none")["n"] == 1
+    with pytest.raises(RequestError, match="tool calling is not supported"):
+        request(tool_choice="auto")

@@ -417,7 +417,7 @@ def save_pretrained(model: Qwen3ForCausalLM, out_dir, *, state_dict: dict[str, t
     an earlier export there as a whole; any other non-empty folder is refused (its files would be lost)."""
     out_dir = Path(out_dir)
     sd = export_state_dict(model) if state_dict is None else dict(state_dict)
-    if model.config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:  # a given state_dict (gathered from FSDP shards) still holds the tied head
         sd.pop("lm_head.weight", None)
     cfg = model.config.to_dict()
     if dtype is not None or sd:

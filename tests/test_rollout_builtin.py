@@ -244,28 +244,27 @@ def test_static_decode_gives_the_dynamic_loops_ids_logprobs_and_finish_reasons(m
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
-def test_static_decode_stops_early_once_every_row_has_stopped(model, prompts):
+def _decode_stopping_at_once(model, prompts, decode):
+    """Every id is a stop id: each row stops at its first token. Returns (groups, input shapes of every forward)."""
     calls = []
-    hook = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    hook = model.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
     try:
-        groups = engine(model, decode="static").generate(prompts, n=2, max_new_tokens=40,
-                                                          stop_token_ids=list(range(VOCAB)), seed=1)
+        groups = engine(model, decode=decode).generate(prompts, n=2, max_new_tokens=40,
+                                                        stop_token_ids=list(range(VOCAB)), seed=1)
     finally:
         hook.remove()
     assert all(len(c.token_ids) == 1 and c.finish_reason == "stop" for g in groups for c in g)
+    return groups, calls
+
+
+def test_static_decode_stops_early_once_every_row_has_stopped(model, prompts):
+    _, calls = _decode_stopping_at_once(model, prompts, "static")
     assert [s for s in calls if s[1] == 1 and s[0] == 2 * len(prompts)] == []  # no decode step ran
 
 
 def test_dynamic_decode_runs_no_forward_once_every_row_has_stopped(model, prompts):
     """Pinned by mutation: without the early exit the loop ran max_new_tokens forwards of an empty batch."""
-    calls = []
-    hook = model.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
-    try:
-        groups = engine(model, decode="dynamic").generate(prompts, n=2, max_new_tokens=40,
-                                                           stop_token_ids=list(range(VOCAB)), seed=1)
-    finally:
-        hook.remove()
-    assert all(len(c.token_ids) == 1 and c.finish_reason == "stop" for g in groups for c in g)
+    _, calls = _decode_stopping_at_once(model, prompts, "dynamic")
     assert calls == [(1, len(p)) for p in sorted(prompts, key=len, reverse=True)]  # the prefills, nothing more
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from minitagpr import distributed as D
-from minitagpr.atomic import atomic_write_json
 from minitagpr import stages
+from minitagpr.atomic import atomic_write_json
 from minitagpr.cli import exit_on_user_error
 from minitagpr.config import ConfigError, load_config, parse_cli
 from minitagpr.rewards import TERMS

@@ -293,7 +293,11 @@ def ensure_demo_base(cfg: SftConfig, world) -> Path:
     base = Path(cfg.demo_dir) / f"base_{cfg.demo_preset}"
     record = base / "demo_base.json"
     if (base / "config.json").exists():
-        built = json.loads(record.read_text()).get("seed") if record.exists() else cfg.seed
+        try:
+            built = json.loads(record.read_text()).get("seed") if record.exists() else cfg.seed
+        except (OSError, ValueError, AttributeError) as err:  # unreadable, not JSON, or not an object
+            raise ConfigError(f"{record}: unreadable record of the demo base's seed ({err}); delete {base} to rebuild "
+                              "it") from None
         if built != cfg.seed:
             raise ConfigError(f"{base} is the demo base model of seed {built}, this run has seed={cfg.seed}: give "
                               f"another demo_dir= (or delete {base} to rebuild it with seed {cfg.seed})")

@@ -322,6 +322,9 @@ def test_a_demo_base_of_another_seed_is_refused_not_trained_from(tmp_path):
     assert sft.ensure_demo_base(cfg, world) == base  # the same seed: reused
     with pytest.raises(sft.ConfigError, match=rf"{base} is the demo base model of seed 0, this run has seed=1"):
         sft.ensure_demo_base(sft.SftConfig(demo_dir=str(tmp_path / "demo"), seed=1), world)
+    (base / "demo_base.json").write_text("[0]")
+    with pytest.raises(sft.ConfigError, match=r"demo_base.json: unreadable record of the demo base's seed"):
+        sft.ensure_demo_base(cfg, world)
 
 
 def test_truncate_long_cuts_instead_and_is_a_plumbing_key(inputs, tmp_path, capsys):

@@ -241,7 +241,7 @@ def run(cfg: RolloutConfig) -> Path:
 
     # ------------------------------------------------------------------------------------------- 5. write
     shares = D.gather_to_main(records)
-    D.on_main(lambda: write_merged(out, shares, examples, cfg, info.world_size))
+    D.on_main(lambda: write_merged(out, shares, len(examples), cfg))
     return out
 
 
@@ -319,21 +319,20 @@ def merge_shares(shares: list[list], num_queries: int) -> list:
     return [rec for g in range(num_queries) for rec in shares[g % w][2 * (g // w):2 * (g // w) + 2]]
 
 
-def write_merged(out: Path, shares: list[list[RolloutRecord]], examples: list, cfg: RolloutConfig,
-                 world_size: int) -> None:
-    """Rank 0: every rank's records in query order (query g was rank g % world_size's), written atomically, then
-    the progress files removed (a kill in between leaves them: a rerun with overwrite=true resumes from them)."""
-    merged = merge_shares(shares, len(examples))
+def write_merged(out: Path, shares: list[list[RolloutRecord]], num_queries: int, cfg: RolloutConfig) -> None:
+    """Rank 0: every rank's records (`shares`, one list per rank) in query order, written atomically, then the
+    progress files removed (a kill in between leaves them: a rerun with overwrite=true resumes from them)."""
+    merged = merge_shares(shares, num_queries)
     write_rollouts(out, merged)
-    for r in range(world_size):  # the merged file now holds every rank's finished batches
+    for r in range(len(shares)):  # the merged file now holds every rank's finished batches
         out.with_name(f"{out.name}.rank{r:05d}.progress").unlink(missing_ok=True)
-    D.log(f"wrote {len(merged)} rollout records ({len(examples)} queries x 2 modes x n={cfg.n}) to {out}")
+    D.log(f"wrote {len(merged)} rollout records ({num_queries} queries x 2 modes x n={cfg.n}) to {out}")
     cut = sum(t for r in merged for t in r.truncated)
     D.log(f"cut by max_new_tokens={cfg.max_new_tokens}: {cut} of {sum(len(r.responses) for r in merged)} "
           f"responses (they make no PRP/PQP pair)")
     short = [r.profile_items_dropped for r in merged if r.mode == "profile" and r.profile_items_dropped]
     D.log(f"profile prompts that dropped retrieved items to fit max_prompt_tokens={cfg.max_prompt_tokens}: "
-          f"{len(short)} of {len(examples)} ({sum(short)} items in all)")
+          f"{len(short)} of {num_queries} ({sum(short)} items in all)")
 
 
 if __name__ == "__main__":

@@ -100,10 +100,16 @@ def tokenize(text: str, lowercase: bool = False) -> list[str]:
 IDF_FORMS = ("lucene", "okapi_floor")
 
 
+def _check_idf_form(idf_form: str) -> None:
+    if idf_form not in IDF_FORMS:
+        raise ValueError(f"bm25 idf_form must be one of {', '.join(IDF_FORMS)}, got {idf_form!r}")
+
+
 def bm25_scores(query: Sequence[str], docs: Sequence[Sequence[str]], k1: float = 1.5, b: float = 0.75,
                 idf_form: str = "lucene") -> list[float]:
     """Okapi BM25 score of every tokenised document for the tokenised query (formulas in the module docstring):
     idf_form "lucene" (retriever bm25) or "okapi_floor" (bm25okapi, rank_bm25's BM25Okapi)."""
+    _check_idf_form(idf_form)
     n_docs = len(docs)
     if n_docs == 0:
         return []
@@ -113,10 +119,8 @@ def bm25_scores(query: Sequence[str], docs: Sequence[Sequence[str]], k1: float =
     df = Counter(t for tf in tfs for t in tf)
     if idf_form == "lucene":
         idf = {t: math.log(1.0 + (n_docs - df[t] + 0.5) / (df[t] + 0.5)) for t in terms}
-    elif idf_form == "okapi_floor":
+    else:  # "okapi_floor"
         idf = _okapi_floor_idf(terms, df, docs)
-    else:
-        raise ValueError(f"bm25 idf_form must be one of {', '.join(IDF_FORMS)}, got {idf_form!r}")
     avgdl = sum(len(doc) for doc in docs) / n_docs
     scores = []
     for doc, tf in zip(docs, tfs):
@@ -150,8 +154,7 @@ class BM25Retriever(RankingRetriever):
             raise ValueError(f"bm25 k1 must be a finite number >= 0, got {k1!r}")
         if not 0.0 <= b <= 1.0:  # b mixes 1 and |d| / avgdl
             raise ValueError(f"bm25 b must be in [0, 1], got {b!r}")
-        if idf_form not in IDF_FORMS:
-            raise ValueError(f"bm25 idf_form must be one of {', '.join(IDF_FORMS)}, got {idf_form!r}")
+        _check_idf_form(idf_form)  # at construction, not at the first ranking
         self.k1, self.b, self.lowercase, self.idf_form = k1, b, lowercase, idf_form
         self.name = "bm25" if idf_form == "lucene" else "bm25okapi"
 

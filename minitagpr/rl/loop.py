@@ -266,18 +266,14 @@ def prompts_for_step(step: int, num_prompts: int, per_step: int, seed: int) -> l
 
 
 # ----------------------------------------------------------------------------------------------- 2. rollout
-def rollout(engine, prompts: list[Prompt], cfg: RLConfig, tokenizer: Tokenizer, seed: int, prompt_offset: int = 0,
-            sleep_after: bool = False):
+def rollout(engine, prompts: list[Prompt], cfg: RLConfig, tokenizer: Tokenizer, seed: int, prompt_offset: int = 0):
     """G completions per prompt, flattened prompt-major: response j of prompt i sits at i*G + j. Sample j of
     local prompt i is seeded from (seed, prompt_offset + i, j): its global position in the step, so the samples do
-    not depend on the number of ranks. `sleep_after`: then put the engine to sleep (vLLM frees its GPU memory for
-    training; sync_to_engine wakes the weights; a no-op for the built-in engine)."""
+    not depend on the number of ranks."""
     groups = engine.generate([p.ids for p in prompts], n=cfg.group_size, temperature=cfg.temperature,
                              top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                              stop_token_ids=tokenizer.stop_ids,
                              seed=[sample_base(seed, prompt_offset + i) for i in range(len(prompts))])
-    if sleep_after:
-        engine.sleep()
     return [c for g in groups for c in g]
 
 
@@ -774,8 +770,9 @@ def train(cfg: RLConfig) -> Path:
         # on_every_rank: the phase ends with the slowest rank's samples (reward_s is then rewards only, on every
         # rank), and a rank that fails here (out of memory, a bad request) stops the others instead of leaving them
         # in the next collective
-        completions = D.on_every_rank(functools.partial(rollout, engine, mine, cfg, tokenizer, sleep_after=True,
+        completions = D.on_every_rank(functools.partial(rollout, engine, mine, cfg, tokenizer,
                                                         seed=rollout_seed(stage_seed(cfg), step), prompt_offset=offset))
+        engine.sleep()  # vLLM frees its GPU memory for training; sync_to_engine wakes the weights (no-op: built-in)
         t_rollout = time.perf_counter() - t0
 
         parts, rewards = D.on_every_rank(functools.partial(compute_rewards, mine, completions, cfg, prmu))  # (B*G,)

@@ -87,6 +87,17 @@ def test_pqp_uses_rouge_for_generation_tasks_by_default():
     assert pair.chosen.answer == "local team wins final"
 
 
+def test_pqp_reads_answers_as_the_rl_reward_does():
+    """A finished response whose think block never closed has answer "" (answers.extract_answer, R_v's reading):
+    its chain's words are no answer. Reading its whole text as the answer ranked it above a real answer by ROUGE."""
+    gold = "local team wins the final"
+    unclosed = "<think>\nlocal team wins the final, as the profile suggests"
+    rec = RolloutRecord("g1", "u9", "LaMP-4", "profile", PROMPT, gold, [unclosed, _resp("a", "team wins")])
+    (pair,), _ = build_pqp([rec])
+    assert pair.chosen.answer == "team wins" and pair.rejected.text == unclosed and pair.rejected.answer == ""
+    assert split_response("<think>x</think>\n\n[2]<|im_end|>") == ("x", "[2]")  # an end marker is no answer text
+
+
 def test_pairs_round_trip_through_jsonl(tmp_path):
     pairs = [_pair(0), _pair(1, set="PQP", user=None, user_dependent=True)]
     write_pairs(tmp_path / "pairs.jsonl", pairs)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from minitagpr.atomic import atomic_write_text
+from minitagpr.data.answers import extract_answer
 from minitagpr.data.lamp import DataError, canonical_task, gold_problem, json_object_lines, not_a_file
 from minitagpr.tokenizer import assistant_target, check_messages
 
@@ -103,16 +104,19 @@ def format_response(chain: str, answer: str) -> str:
 
 
 def split_response(text: str) -> tuple[str, str]:
-    """(chain, answer) of a raw response: chain between the first <think> and the last </think>, answer after it.
+    """(chain, answer) of a raw response: chain between the first <think> and the last </think>; the answer is
+    `answers.extract_answer(text)`, the reading RL's R_v uses, so a PQP pair is ordered as the reward would order it.
 
-    A response without </think> has no chain; its whole text counts as the answer (the format reward, not this
-    module, judges it)."""
+    A response without </think> has no chain. Its answer is its whole text when it has no <think> either, and ""
+    when it opened <think> and never closed it (its chain's words are not an answer; the format reward, not this
+    module, judges the layout)."""
+    answer = extract_answer(text)
     end = text.rfind("</think>")
     if end < 0:
-        return "", text.strip()
+        return "", answer
     start = text.find("<think>")
     start = start + len("<think>") if 0 <= start < end else 0
-    return text[start:end].strip(), text[end + len("</think>"):].strip()
+    return text[start:end].strip(), answer
 
 
 def response_from_text(text: str) -> Response:

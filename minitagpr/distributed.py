@@ -554,10 +554,15 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    check: Callable[[dict], None] | None = None) -> dict:
     """Collective. Restore model (+ optimizer) shards and this rank's RNG state from a checkpoint folder; returns
     the saved `state` dict (with `step`). The world size may differ from the saving run's (DCP reshards); RNG
-    states are then left as they are."""
+    states are then left as they are.
+
+    `check(state)` runs on the saved state before any tensor loads: a recipe's resume checks (its config, data and
+    model) go there, so a run whose model= or user set changed shape is told what changed, not that the checkpoint
+    is damaged (which a shape mismatch in the load would report, with advice to delete good checkpoints)."""
     from minitagpr.model.checkpoint import CheckpointError
 
     path = Path(path)
@@ -578,6 +583,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     step = state.get("step") if isinstance(state, dict) else None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise unusable(f"state.json needs an object with an integer 'step' >= 0, got step {step!r}")
+    if check is not None:  # every rank reads the same state.json, so every rank refuses together
+        check(state)
     try:  # a damaged shard, a garbage .metadata, or a model of another shape than the one saved
         if optimizer is None:
             model_sd = get_model_state_dict(model)

@@ -172,19 +172,19 @@ def run(cfg: SftConfig) -> Path:
     start_step = 0
     latest = D.checkpoint_to_resume(ckpt_dir, cfg.resume, "[sft]")
     if latest is not None:
-        state = D.load_checkpoint(latest, model, optimizer)
-        saved = dict(state.get("data") or {})
-        saved.setdefault("fingerprint", data_sig["fingerprint"])  # checkpoints from before the fingerprint
-        if saved != data_sig:
-            raise ConfigError(f"checkpoint {latest} was written for data {state.get('data')} but this run has "
-                              f"{data_sig}; use a fresh out_dir or resume=false")
-        # the run's length sets the warmup (a ratio of it) and where the cosine ends: it may change only when
-        # neither depends on it
-        length = {"epochs", "max_steps"} if cfg.min_lr_ratio == 1.0 and cfg.warmup_ratio == 0 else set()
-        check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
-        D.check_resumed_model(state, model.config, latest, "model")
-        start_step = int(state["step"])
-        D.check_resume_step(start_step, total_steps, latest)
+        def check(state: dict) -> None:  # before any tensor loads (D.load_checkpoint)
+            saved = dict(state.get("data") or {})
+            saved.setdefault("fingerprint", data_sig["fingerprint"])  # checkpoints from before the fingerprint
+            if saved != data_sig:
+                raise ConfigError(f"checkpoint {latest} was written for data {state.get('data')} but this run has "
+                                  f"{data_sig}; use a fresh out_dir or resume=false")
+            # the run's length sets the warmup (a ratio of it) and where the cosine ends: it may change only when
+            # neither depends on it
+            length = {"epochs", "max_steps"} if cfg.min_lr_ratio == 1.0 and cfg.warmup_ratio == 0 else set()
+            check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
+            D.check_resumed_model(state, model.config, latest, "model")
+            D.check_resume_step(int(state["step"]), total_steps, latest)
+        start_step = int(D.load_checkpoint(latest, model, optimizer, check=check)["step"])
         D.log(f"[sft] resumed from {latest} at step {start_step}")
     def record_run() -> None:  # after the resume checks: a refused resume leaves the run's own record as it was
         save_config(cfg, out_dir / "config.yaml")

@@ -195,19 +195,21 @@ def run(cfg: PrmuConfig) -> Path:
     latest = D.checkpoint_to_resume(ckpt_dir, cfg.resume, "prmu:")
     fingerprint = data_fingerprint(train, users)
     if latest is not None:
-        state = D.load_checkpoint(latest, model, optimizer)
-        if state.get("num_train_pairs") != len(train) or state.get("num_users") != len(users):
-            raise ConfigError(f"{latest}: saved for {state.get('num_train_pairs')} pairs / {state.get('num_users')} "
-                             f"users, but this run has {len(train)} / {len(users)}; use a new out_dir or resume=false")
-        if state.get("data_fingerprint", fingerprint) != fingerprint:  # same counts, other pairs or user rows
-            raise ConfigError(f"{latest}: saved for other training pairs or users (data fingerprint "
-                             f"{state['data_fingerprint']}, this run {fingerprint}); use a new out_dir or resume=false")
-        # the run's length sets where the cosine ends: it may change only under a constant lr after warmup
-        length = {"epochs", "max_steps"} if cfg.min_lr_ratio == 1.0 else set()
-        check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
-        D.check_resumed_model(state, config, latest, "init_preset" if cfg.init_preset else "init")
-        start_step = state["step"]
-        D.check_resume_step(start_step, total_steps, latest)
+        def check(state: dict) -> None:  # before any tensor loads (D.load_checkpoint)
+            if state.get("num_train_pairs") != len(train) or state.get("num_users") != len(users):
+                raise ConfigError(f"{latest}: saved for {state.get('num_train_pairs')} pairs / "
+                                  f"{state.get('num_users')} users, but this run has {len(train)} / {len(users)}; "
+                                  f"use a new out_dir or resume=false")
+            if state.get("data_fingerprint", fingerprint) != fingerprint:  # same counts, other pairs or user rows
+                raise ConfigError(f"{latest}: saved for other training pairs or users (data fingerprint "
+                                  f"{state['data_fingerprint']}, this run {fingerprint}); use a new out_dir or "
+                                  f"resume=false")
+            # the run's length sets where the cosine ends: it may change only under a constant lr after warmup
+            length = {"epochs", "max_steps"} if cfg.min_lr_ratio == 1.0 else set()
+            check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
+            D.check_resumed_model(state, config, latest, "init_preset" if cfg.init_preset else "init")
+            D.check_resume_step(state["step"], total_steps, latest)
+        start_step = D.load_checkpoint(latest, model, optimizer, check=check)["step"]
         D.log(f"prmu: resumed from {latest} at step {start_step}")
     def record_run() -> None:  # after the resume checks: a refused resume leaves the run's own record as it was
         write_pairs(out / "pairs" / "train.jsonl", train_pairs)  # what this run trained on, for audit

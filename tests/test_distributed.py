@@ -556,3 +556,28 @@ def test_resume_false_killed_while_deleting_leaves_no_checkpoint_to_resume(group
     assert D.latest_checkpoint(tmp_path / "ckpt") is None
     assert D.checkpoint_to_resume(tmp_path / "ckpt", resume=False, tag="[test]") is None  # and a rerun tidies up
     assert not (tmp_path / "ckpt.stale").exists()
+
+
+def test_the_resume_check_runs_on_the_saved_state_before_any_tensor_loads(group, tied_checkpoint, tmp_path):
+    """load_checkpoint(check=...) sees the state before DCP reads a shard: a model of another shape is refused by the
+    caller's check (what changed), not by the load (a shape mismatch reported as a damaged checkpoint to delete)."""
+    from minitagpr.config import ConfigError
+    from minitagpr.model.checkpoint import CheckpointError
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, 1e-3)
+    folder = D.save_checkpoint(tmp_path / "ck", 1, model, opt, {"model_config": D.model_record(model.config)})
+    wider = presets.make_tiny_checkpoint(tmp_path / "wider", preset="tiny", seed=1, vocab_size=128)
+    other = sharded(wider, group)
+    other_opt = O.build_optimizer(other, 1e-3)
+    with pytest.raises(CheckpointError, match=r"cannot resume from this checkpoint \(.*[Ss]ize"):
+        D.load_checkpoint(folder, other, other_opt)  # no check: the load itself fails on the shapes
+    seen = []
+
+    def check(state):
+        seen.append(state["step"])
+        D.check_resumed_model(state, other.config, folder, "model")
+    with pytest.raises(ConfigError, match=r"model= now holds a model config other than the one this run trained "
+                                          r"\(vocab_size 96 -> 128\)"):
+        D.load_checkpoint(folder, other, other_opt, check=check)
+    assert seen == [1]
+    assert D.load_checkpoint(folder, model, opt, check=lambda s: seen.append(s["step"]))["step"] == 1 and seen == [1, 1]

@@ -427,6 +427,14 @@ def test_resume_refuses_a_model_whose_config_changed_under_the_same_path(inputs,
     with pytest.raises(ConfigError, match=r"model= now holds a model config other than the one this run trained "
                                           r"\(rope_theta 10000\.0 -> 20000\.0\)"):
         run_in_process(common(inputs, out, model=moved, max_steps=2, plot=False))
+    # another shape (a third layer): the resume checks run before the weights load, so the run is told what changed,
+    # not that the checkpoint is damaged and should be deleted (a shape mismatch in the load said that)
+    from minitagpr.model import presets
+    deeper = presets.make_tiny_checkpoint(tmp_path / "deeper", preset="tiny", seed=0, tokenizer_dir=inputs["tokenizer"],
+                                          num_hidden_layers=3)
+    with pytest.raises(ConfigError, match=r"model= now holds a model config other than the one this run trained "
+                                          r"\(num_hidden_layers 2 -> 3\)"):
+        run_in_process(common(inputs, out, model=deeper, max_steps=2, plot=False))
     run_in_process(common(inputs, out, model=inputs["model"], max_steps=2, plot=False))  # its own model goes on
 
 

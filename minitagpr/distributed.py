@@ -510,6 +510,14 @@ def write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _dcp_failure(err: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (`err` itself when it is not one)."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))
+        err = err[0] if isinstance(err, tuple) else getattr(err, "exc", err)  # (exception, its frames)
+    return err
+
+
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, keep_last: int = 2) -> Path:
     """Collective. Sharded DCP save of model + optimizer, per-rank RNG states, and `state` (a JSON-able dict: step,
@@ -525,7 +533,13 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
         tmp.mkdir(parents=True)
     on_main(prepare)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # fsyncs its files
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # fsyncs its files
+    except CheckpointException as e:  # a BaseException wrapping each rank's failure: a full disk is the user's
+        first = _dcp_failure(e)
+        if isinstance(first, OSError):
+            raise first from None
+        raise
     rng = io.BytesIO()
     torch.save(_rng_state(), rng)
     write_synced(tmp / f"rng_rank{info.rank:05d}.pt", rng.getvalue())
@@ -596,10 +610,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             dcp.load(sd, checkpoint_id=str(path))
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     except (Exception, CheckpointException) as e:  # DCP's exception (a BaseException) wraps each rank's failure
-        if isinstance(e, CheckpointException) and e.failures:
-            e = next(iter(e.failures.values()))
-            e = e[0] if isinstance(e, tuple) else getattr(e, "exc", e)  # (exception, its frames)
-        raise unusable(_first_line(e)) from None
+        raise unusable(_first_line(_dcp_failure(e))) from None
     rng_file = path / f"rng_rank{world().rank:05d}.pt"
     if state.get("world_size") == world().world_size:  # the same ranks: each restores its own RNG state
         # every rank looks for every rank's file, so all of them refuse together (none waits in a collective);

@@ -235,3 +235,30 @@ def test_a_misplaced_nested_key_suggests_the_key_it_meant(tmp_path):
     (tmp_path / "c.yaml").write_text("optim:\n  lr: 0.1\n")
     with pytest.raises(ConfigError, match="unknown config key 'optim.lr' .*did you mean 'lr'\\?"):
         parse_cli(RLConfig, ["--config", str(tmp_path / "c.yaml")])
+
+
+def test_a_full_disk_during_a_checkpoint_save_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """DCP wraps a rank's ENOSPC in its CheckpointException, a BaseException the recipes' one-line handler let
+    through as a traceback; the save raises the OSError itself, and the killed save leaves only its .tmp folder."""
+    import errno
+    import os
+
+    from minitagpr import distributed as D
+    from minitagpr.model.presets import make_tiny_checkpoint
+    from minitagpr.train.optim import build_optimizer
+
+    ckpt = make_tiny_checkpoint(tmp_path / "m", seed=0)
+    info = D.init_distributed()
+    try:
+        model = D.build_sharded_causal_lm(ckpt, info, D.device_mesh(info))
+        opt = build_optimizer(model, 1e-3)
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(SystemExit) as stop, cli.exit_on_user_error("sft"):
+            D.save_checkpoint(tmp_path / "ck", 1, model, opt, {})
+        assert stop.value.code == 1 and "[sft] error: [Errno 28] No space left on device" in capsys.readouterr().err
+        assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step_000001.tmp"]
+    finally:
+        D.destroy_distributed()

@@ -329,10 +329,20 @@ def enable_activation_checkpointing(blocks: nn.ModuleList) -> None:
         block.forward = checkpointed
 
 
+# FSDP2's setters for a plain sum over ranks (pytorch PR #155915, mid-2025); the oldest release checked to have them
+# is MIN_TORCH (the project runs on 2.11 and 2.13; pyproject's floor says the same)
+FSDP2_SUM_METHODS = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms")
+MIN_TORCH = "2.9"
+
+
 def shard_model(model: nn.Module, mesh: DeviceMesh, mp: MixedPrecisionPolicy | None = None,
                 activation_checkpointing: bool = False) -> nn.Module:
     """FSDP2: `fully_shard` each decoder block, then the root (embedding, final norm, head -- a tied head is the
     embedding parameter, so it lives once in the root group). Works on a model built on the meta device."""
+    missing = [m for m in FSDP2_SUM_METHODS if not hasattr(FSDPModule, m)]
+    if missing:  # an older torch: say so here, not as an AttributeError after the model is half sharded
+        raise ConfigError(f"this torch ({torch.__version__}) has no FSDPModule.{', '.join(missing)}: minitagpr sums "
+                          f"gradients over ranks with them and needs torch >= {MIN_TORCH}")
     blocks = decoder_blocks(model)
     if activation_checkpointing:
         enable_activation_checkpointing(blocks)

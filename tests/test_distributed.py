@@ -581,3 +581,14 @@ def test_the_resume_check_runs_on_the_saved_state_before_any_tensor_loads(group,
         D.load_checkpoint(folder, other, other_opt, check=check)
     assert seen == [1]
     assert D.load_checkpoint(folder, model, opt, check=lambda s: seen.append(s["step"]))["step"] == 1 and seen == [1, 1]
+
+
+def test_a_torch_without_the_fsdp2_sum_setters_is_named_before_sharding(group, tied_checkpoint, monkeypatch):
+    """torch 2.6-2.8 (pyproject allowed >= 2.6) has no set_force_sum_reduction_for_comms: an AttributeError from
+    inside shard_model after the blocks were sharded. Now one ConfigError names the method and the torch needed."""
+    from minitagpr.config import ConfigError
+    from torch.distributed.fsdp import FSDPModule
+    monkeypatch.delattr(FSDPModule, "set_force_sum_reduction_for_comms")
+    with pytest.raises(ConfigError, match=rf"has no FSDPModule\.set_force_sum_reduction_for_comms: .*needs torch >= "
+                                          rf"{D.MIN_TORCH}"):
+        sharded(tied_checkpoint, group)

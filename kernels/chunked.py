@@ -11,8 +11,9 @@ Gradient with upstream g_t = dL/dlogp_t and gH_t = dL/dH_t:
     dL/dh_t = sum_j dL/dz_tj w_j / tau,   dL/dw_j = sum_t dL/dz_tj h_t / tau.
 
 Tokens are processed `chunk_size` rows at a time, so the largest temporary is (chunk_size, V) fp32. The forward
-saves only the inputs and lse (N,); the backward recomputes each chunk's logits (one extra matmul, the price of
-never keeping N x V). Every target here is a valid id: ignore_index rows are removed by the dispatcher.
+saves only the inputs, lse (N,) and, when asked for, the entropy (N,); the backward recomputes each chunk's logits
+(one extra matmul, the price of never keeping N x V). Every target here is a valid id: ignore_index rows are removed
+by the dispatcher.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Atomic file writes: a reader (or a run resumed after a kill or a power loss) sees the old file or the whole new
-one, never half of one. Folders (checkpoints, exports) have their own swap in model/checkpoint.py (`atomic_dir`)."""
+one, never half of one. Folders have their own swaps: exports `model/checkpoint.py`'s `atomic_dir`, training
+checkpoints `distributed.save_checkpoint` (a .tmp folder renamed once every rank has written)."""
 
 from __future__ import annotations
 

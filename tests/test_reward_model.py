@@ -181,6 +181,9 @@ def test_reward_input_is_the_template_rendering_of_the_finished_chat_without_sys
     assert encode_reward_input(tok, prompt, response) == tok.apply_chat(chat)
     assert encode_reward_input(tok, prompt, response + "<|im_end|>") == tok.apply_chat(chat)
     assert encode_reward_input(tok, prompt, response, max_len=5) == tok.apply_chat(chat)[-5:]
+    # a response without the template's spacing goes in as the policy wrote it (the template would re-space it)
+    squeezed = tok.decode(encode_reward_input(tok, prompt, "<think>x</think>y"))
+    assert squeezed.endswith("<|im_start|>assistant\n<think>x</think>y<|im_end|>\n")
 
 
 class _CharTokenizer:

@@ -11,9 +11,11 @@
   (the paper's "PRMU w/o UE"); then the model is exactly the HF sequence classifier.
 - Checkpoint folder: `config.json` + `model.safetensors` (HF names, what transformers reads) and beside them
   `user_vocab.json` (user id -> row) and `user_embeddings.safetensors` (E), which transformers ignores.
-- The text the model reads is the Qwen3 chat rendering of the prompt's user turn(s) followed by the response and
-  its closing `<|im_end|>\\n` (`encode_reward_input`; system messages are left out), exactly the template's
-  rendering of that finished conversation.
+- The text the model reads is the Qwen3 chat rendering of the prompt's user turn(s), then the response exactly as
+  generated inside the assistant turn's markers, closed by `<|im_end|>\\n` (`encode_reward_input`; system messages
+  are left out). That equals the template's rendering of the finished conversation when the response has the
+  template's whitespace (`<think>\\n...\\n</think>\\n\\n`); otherwise the scorer sees what the policy wrote, which
+  the template would re-space.
 
 `bradley_terry_loss` is the training objective; `PRMUScorer.score` is the batched, no-grad reward used by guided RL.
 """
@@ -179,7 +181,8 @@ def pairwise_accuracy(f_chosen: torch.Tensor, f_rejected: torch.Tensor) -> torch
 
 # ----------------------------------------------------------------------------------------------- inputs
 def encode_reward_input(tokenizer, prompt: list[dict], response: str, max_len: int | None = None) -> list[int]:
-    """Token ids of the conversation the reward model judges, as the Qwen3 template renders a finished chat:
+    """Token ids of the conversation the reward model judges, laid out as the Qwen3 template renders a finished chat
+    (the response itself goes in as generated, not re-spaced around its think block as the template would):
 
         <|im_start|>user\n{profile + query}<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>\n
 
@@ -257,9 +260,9 @@ def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, devic
         use_user_table = saved_table or users is not None
     elif use_user_table and not saved_table and users is None:  # a fresh random row would precede every input
         raise CheckpointError(f"{folder}: holds no user table ({USERS_FILE}), so a user table has no rows to "
-                              f"read; score it without one (guided RL: prmu_user_table unset or false; load_reward_model: "
-                              f"use_user_table=False), as a 'PRMU w/o UE' or a Skywork checkpoint is scored, or "
-                              f"train a table with recipes/train_prmu.py")
+                              f"read; score it without one (guided RL: prmu_user_table unset or false; "
+                              f"load_reward_model: use_user_table=False), as a 'PRMU w/o UE' or a Skywork checkpoint "
+                              f"is scored, or train a table with recipes/train_prmu.py")
     elif saved_table and not use_user_table:
         warnings.warn(f"{folder}: this PRMU was trained with a user table; scoring without it feeds the model inputs "
                       f"it never saw. The paper's 'PRMU w/o UE' is a PRMU trained with use_user_table=false.",
@@ -322,7 +325,8 @@ def save_reward_model(model: PRMU, out_dir, *, state_dict: dict[str, torch.Tenso
     sd = {n: p.detach() for n, p in model.named_parameters()} if state_dict is None else dict(state_dict)
     table = sd.pop(USER_TABLE_KEY, None)
     if model.use_user_table and table is None:
-        raise CheckpointError(f"save_reward_model: the model has a user table but the state dict lacks {USER_TABLE_KEY}")
+        raise CheckpointError(f"save_reward_model: the model has a user table but the state dict lacks "
+                              f"{USER_TABLE_KEY}")
     cfg = model.hf_config()
     cfg["torch_dtype"] = str(dtype or next(iter(sd.values())).dtype).removeprefix("torch.")
     tmp, commit = atomic_dir(Path(out_dir))

@@ -5,7 +5,7 @@ world, seed, pairs and held-out split; the table prints their held-out pairwise 
 "style" pairs that only the user's row can decide, the user-dependent PQP pairs whose profile shows the winner) and
 the wall time, with the with-table variant's gain over the no-table baseline on the two user-decided buckets.
 
-    python bench/prmu_demo.py [--nproc 2] [--work runs/bench_prmu] [--seeds 0,1] [key=value ...]
+    python bench/prmu_demo.py [--nproc 2] [--work runs/bench_prmu] [--seeds 0] [key=value ...]
 
 Extra key=value arguments go to both runs (e.g. init=runs/demo/sft/hf new_head=true to start from the SFT model
 instead of a random "demo" preset).

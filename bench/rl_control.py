@@ -69,7 +69,7 @@ def stamped(real):
 
 
 def main(argv: list[str]) -> None:
-    if not any(a.startswith("out_dir=") for a in argv):
+    if not any(a.startswith("out_dir=") or a in ("-h", "--help") for a in argv):  # --help: guided_rl's keys
         raise SystemExit("bench/rl_control.py: give out_dir=DIR (its RL stages must not land in the main run's folder)")
     loop.compute_rewards = shuffled_rewards(loop.compute_rewards)
     stages.settings = stamped(stages.settings)

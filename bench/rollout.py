@@ -16,7 +16,8 @@ rollout/static_decode.py).
 Workloads (16 or 40 sequences): "batch16" = 16 distinct ragged prompts x 1 sample; "group16" = 4 prompts x 4 samples
 and "rl-demo" = 8 prompts x 5 samples, the shape of an RL rollout (we prefill each prompt once and share its cache
 across the samples; transformers expands the prompts before its prefill). Defaults mirror the demo's RL rollouts:
-prompts of 400-640 tokens (the demo world's rendered prompts are ~500-700), 160 new tokens, T = 1, top-p = 1.
+prompts of 400-640 tokens (the v1 demo world's shape, kept so the dated tables compare; today's demo prompts are
+192-371 tokens), 160 new tokens, T = 1, top-p = 1.
 
     python bench/rollout.py                                    # CPU fp32, demo model, 1 thread
     python bench/rollout.py --device cuda --dtype bfloat16 --preset qwen3-0.6b-2layer --max-new-tokens 256

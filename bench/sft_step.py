@@ -1,5 +1,6 @@
 """SFT step cost by row layout: tokens/s of one forward + backward of the NLL (minitagpr.train.loss) on rows built
-from documents with demo-world lengths (prompt ~460 tokens + target ~85), one process, the `demo` model preset.
+from documents with v1-demo-world lengths (prompt 400-570 tokens + target 40-145; today's demo records are 251-476
+tokens), one process, the `demo` model preset.
 
     python bench/sft_step.py [--docs 32] [--repeats 5]
 

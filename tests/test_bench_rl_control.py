@@ -79,3 +79,12 @@ def test_its_rl_stamps_differ_from_a_normal_runs(control, tmp_path):
 def test_it_refuses_to_run_without_its_own_out_dir(control):
     with pytest.raises(SystemExit, match="out_dir"):
         control.main(["rl_seed=1"])
+
+
+def test_its_help_is_guided_rls(control, capsys, monkeypatch):
+    """`--help` printed "give out_dir=DIR" and exited 1, while the docstring says its arguments are guided_rl.py's."""
+    monkeypatch.setattr(loop, "compute_rewards", loop.compute_rewards)  # main() wraps both; undone after the test
+    monkeypatch.setattr(stages, "settings", stages.settings)
+    with pytest.raises(SystemExit) as stop:
+        control.main(["--help"])
+    assert stop.value.code in (0, None) and "GuidedConfig keys" in capsys.readouterr().out

@@ -72,7 +72,10 @@ def test_our_checkpoint_without_table_loads_in_transformers(tmp_path):
 def test_our_checkpoint_with_table_still_loads_in_transformers(tmp_path):
     save_reward_model(_tiny_prmu(), tmp_path / "rm")
     assert (tmp_path / "rm" / USERS_FILE).exists() and (tmp_path / "rm" / USER_TABLE_FILE).exists()
-    transformers.Qwen3ForSequenceClassification.from_pretrained(tmp_path / "rm")  # extra files are ignored
+    # extra files are ignored, and every HF tensor is ours (a head saved under another name would load as a silent
+    # random init)
+    _, info = transformers.Qwen3ForSequenceClassification.from_pretrained(tmp_path / "rm", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
 
 
 def test_save_load_round_trip_keeps_table_users_and_scores(tmp_path):

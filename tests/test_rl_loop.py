@@ -351,9 +351,9 @@ def _rl_args(world, policy, out, **extra):
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def _torchrun_recipe(args, env_extra=None, check=True):
+def _torchrun_recipe(args, env_extra=None, check=True, script=HERE.parent / "recipes" / "exploratory_rl.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(HERE.parent / "recipes" / "exploratory_rl.py"), *args]
+           str(script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if check:
@@ -540,17 +540,29 @@ def test_the_fixed_shape_decode_loop_runs_the_same_rl_steps_as_the_dynamic_one(s
 
 
 def test_one_and_two_processes_sample_and_score_the_same_first_step(small_world, tmp_path):
+    # rewards from the sampled ids (tests/rl_id_rewards.py): a random policy's real rewards are all 0, which made
+    # rewards, advantages and loss 0 = 0 on both sides and hid any 2-rank bug in gathering or reducing them
+    from safetensors.torch import load_file
     world, policy = small_world
-    _torchrun_recipe(_rl_args(world, policy, tmp_path / "two", max_steps=1))
+    script = HERE / "rl_id_rewards.py"
+    _torchrun_recipe(_rl_args(world, policy, tmp_path / "two", max_steps=1), script=script)
     cmd_args = _rl_args(world, policy, tmp_path / "one", max_steps=1)
-    res = subprocess.run([sys.executable, str(HERE.parent / "recipes" / "exploratory_rl.py"), *cmd_args],
+    res = subprocess.run([sys.executable, str(script), *cmd_args],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     one, two = _log(tmp_path / "one")[0], _log(tmp_path / "two")[0]
-    assert one["batch_digest"] == two["batch_digest"]  # the same prompts and sampled ids (rewards are all 0 here)
-    for key in ("reward_mean", "response_len_mean", "format_pass_rate", "group/adv_std", "gspo/num_tokens"):
+    assert one["batch_digest"] == two["batch_digest"]  # the same prompts and sampled ids
+    assert one["group/adv_std"] > 0 and one["reward_mean"] > 0  # the step had something to learn from
+    for key in ("reward_mean", "response_len_mean", "format_pass_rate", "group/adv_std", "gspo/num_tokens",
+                "group/zero_variance_share", "group/adv_max"):
         assert one[key] == pytest.approx(two[key], rel=1e-9), key
+    assert abs(one["gspo/loss"]) > 1e-6
     assert one["gspo/loss"] == pytest.approx(two["gspo/loss"], rel=1e-4, abs=1e-7)
+    w1, w2, w0 = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "one" / "export",
+                                                                    tmp_path / "two" / "export", Path(policy)))
+    assert any(not torch.equal(w1[k], w0[k]) for k in w0)  # the update moved the weights ...
+    for k in w1:  # ... and 1 and 2 processes moved them alike
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
     # the FLOPs behind mfu are the whole global batch's, whatever the number of ranks (mfu x ranks x train_s)
     assert one["mfu"] * one["train_s"] == pytest.approx(two["mfu"] * 2 * two["train_s"], rel=1e-9)
 

@@ -96,6 +96,8 @@ def test_max_tokens_bounds_the_completion(client, checkpoint):
 def test_same_seed_same_answer(client):
     first, again = chat(client, seed=42, n=2), chat(client, seed=42, n=2)
     assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    other = chat(client, seed=43, n=2)  # the seed reaches the sampler (a server sampling with one fixed seed passed)
+    assert [c.message.content for c in other.choices] != [c.message.content for c in first.choices]
 
 
 def test_stop_string_cuts_the_content(client):
@@ -144,6 +146,7 @@ def test_concurrent_requests_equal_sequential_ones(client):
         parallel = list(pool.map(lambda s: chat(client, seed=s).choices[0].message.content, seeds))
     sequential = [chat(client, seed=s).choices[0].message.content for s in seeds]
     assert parallel == sequential
+    assert len(set(sequential)) > 1  # each request kept its own seed (one shared seed makes the equality trivial)
 
 
 def test_request_log_has_one_line_per_request_with_the_body_hash(server):

@@ -137,6 +137,9 @@ def test_an_empty_stop_string_is_refused():
 def test_a_boolean_seed_is_refused():
     """true is an int to Python, so it would silently seed 1."""
     assert request(seed=7)["seed"] == 7
+    server = fake_server(Completion([0], "a", [0.0], "length"))
+    ChatServer.chat_completion(server, request(seed=7, max_tokens=1))
+    assert server.engine.calls[0]["seed"] == 7  # the parsed seed is the one the engine samples with
     with pytest.raises(RequestError, match="'seed' must be an integer, got true") as err:
         request(seed=True)
     assert err.value.param == "seed"

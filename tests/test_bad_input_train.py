@@ -37,6 +37,23 @@ def test_an_os_error_without_a_path_is_a_bug_and_keeps_its_traceback():
         raise OSError("something internal")
 
 
+def test_a_recipe_tears_the_process_group_down_whatever_happens(monkeypatch, capsys):
+    """run_recipe: a user error (one line, exit 1), a bug (its traceback) and a normal end all tear the group down."""
+    calls = []
+    monkeypatch.setattr(cli.D, "destroy_distributed", lambda: calls.append("destroyed"))
+
+    def user_error():
+        raise ConfigError("config key 'lr' (from command line): expected a float, got 'fast'")
+
+    with pytest.raises(SystemExit) as stop:
+        cli.run_recipe("sft", user_error)
+    assert stop.value.code == 1 and capsys.readouterr().err.startswith("[sft] error: config key 'lr'")
+    with pytest.raises(KeyError):
+        cli.run_recipe("sft", lambda: {}["missing"])
+    cli.run_recipe("sft", lambda: None)
+    assert calls == ["destroyed"] * 3
+
+
 # ----------------------------------------------------------------------------------------------- resume
 def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
     from minitagpr import distributed as D

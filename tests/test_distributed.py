@@ -318,6 +318,11 @@ try:
     D.on_every_rank(lambda: (_ for _ in ()).throw(KeyError(f"rank {info.rank}")))
 except KeyError as e:
     seen["own"] = str(e)
+# the rank helpers across two ranks
+seen["sum"] = D.all_reduce_sum(torch.tensor([info.rank + 1.0])).tolist()
+seen["max"] = D.all_reduce_max(torch.tensor([info.rank + 1.0, 5.0 - info.rank])).tolist()
+seen["gather"] = D.gather_to_main({"rank": info.rank})
+seen["broadcast"] = D.broadcast_object(f"from rank {info.rank}")
 # a checkpoint only rank 0 reads, with one tensor of the wrong shape: every rank raises the loader's error
 if info.is_main:
     ckpt = make_tiny_checkpoint(out / "ckpt", seed=0)
@@ -351,6 +356,11 @@ def test_an_error_on_rank_0_alone_is_raised_on_every_rank(tmp_path):
     assert [s["every_result"] for s in seen] == [0, 10]
     assert [s["own"] for s in seen] == ["'rank 0'", "'rank 1'"]  # a failing rank raises its own error
     assert seen[0]["load"] == seen[1]["load"] and "model.norm.weight" in seen[1]["load"], seen
+    # the rank helpers (pinned by mutation 2026-11-29): sum and elementwise max on every rank, gather on rank 0 only
+    assert [s["sum"] for s in seen] == [[3.0], [3.0]]
+    assert [s["max"] for s in seen] == [[2.0, 5.0], [2.0, 5.0]]
+    assert [s["gather"] for s in seen] == [[{"rank": 0}, {"rank": 1}], None]
+    assert [s["broadcast"] for s in seen] == ["from rank 0"] * 2
 
 
 def test_two_ranks_meet_before_the_group_is_torn_down(tmp_path):
@@ -592,3 +602,78 @@ def test_a_torch_without_the_fsdp2_sum_setters_is_named_before_sharding(group, t
     with pytest.raises(ConfigError, match=rf"has no FSDPModule\.set_force_sum_reduction_for_comms: .*needs torch >= "
                                           rf"{D.MIN_TORCH}"):
         sharded(tied_checkpoint, group)
+
+
+# ---- pinned by mutation (2026-11-29) ------------------------------------------------------------------------------
+
+def test_the_rank_helpers_in_a_group_of_one():
+    D.init_distributed()
+    assert D.gather_to_main({"rank": 0}) == [{"rank": 0}]  # a list of one, as with peers on rank 0
+    t = torch.tensor([2.0, -1.0])
+    assert D.all_reduce_sum(t) is t and D.all_reduce_max(t) is t and t.tolist() == [2.0, -1.0]
+    assert D.broadcast_object("x") == "x"
+
+
+def test_on_every_rank_raises_the_lowest_failing_ranks_error_on_a_rank_that_succeeded(monkeypatch):
+    """Rank 0 succeeded; ranks 1 and 2 failed: rank 0 raises rank 1's error (a fake group of three)."""
+    from types import SimpleNamespace
+
+    def all_gather_object(out, obj):
+        assert obj is None  # this rank's own result: no error
+        out[:] = [None, ValueError("rank 1: record 7"), KeyError("rank 2")]
+
+    monkeypatch.setattr(D, "dist", SimpleNamespace(is_initialized=lambda: True, get_world_size=lambda: 3,
+                                                   all_gather_object=all_gather_object))
+    with pytest.raises(ValueError, match="rank 1: record 7"):
+        D.on_every_rank(lambda: "fine")
+
+
+def test_a_checkpoint_of_step_0_loads(group, tied_checkpoint, tmp_path):
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    D.save_checkpoint(tmp_path, 0, model, opt, {})
+    assert D.load_checkpoint(tmp_path / "step_000000", model, opt)["step"] == 0
+
+
+def test_a_damaged_checkpoint_names_the_newest_complete_one_before_it(group, tied_checkpoint, tmp_path):
+    from minitagpr.model.checkpoint import CheckpointError
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    for step in (1, 2, 3):
+        D.save_checkpoint(tmp_path, step, model, opt, {}, keep_last=0)
+    (tmp_path / "step_000003" / "state.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"delete it to resume from step_000002, the newest complete"):
+        D.load_checkpoint(tmp_path / "step_000003", model, opt)
+
+
+def test_loading_a_checkpoint_restores_the_torch_and_python_random_streams(group, tied_checkpoint, tmp_path):
+    import random
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    D.save_checkpoint(tmp_path, 1, model, opt, {})
+    expected = (torch.rand(3), random.random())  # the draws the saved run makes next
+    torch.manual_seed(7)
+    random.seed(7)
+    D.load_checkpoint(tmp_path / "step_000001", model, opt)
+    after = (torch.rand(3), random.random())
+    assert torch.equal(after[0], expected[0]) and after[1] == expected[1]
+
+
+def test_a_new_checkpoint_name_is_made_durable_before_an_older_folder_is_deleted(group, tied_checkpoint, tmp_path,
+                                                                                  monkeypatch):
+    """The protocol above save_checkpoint: the rename to step_XXXXXX is fsynced (its directory) before the folder it
+    replaces (.old) or a pruned one (.del) is deleted, so a power cut never leaves neither."""
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    for step in (1, 2):
+        D.save_checkpoint(tmp_path, step, model, opt, {}, keep_last=2)
+    events = []
+    real_fsync_path, real_rmtree = D.fsync_path, D.shutil.rmtree
+    monkeypatch.setattr(D, "fsync_path", lambda p: events.append(("fsync", Path(p))) or real_fsync_path(p))
+    monkeypatch.setattr(D.shutil, "rmtree", lambda p, ignore_errors=False: events.append(("rmtree", Path(p)))
+                        or real_rmtree(p, ignore_errors=ignore_errors))
+    D.save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=1)  # re-saves step 2 (.old) and prunes step 1 (.del)
+    deleted = [i for i, (what, p) in enumerate(events) if what == "rmtree" and p.name.startswith(".step_")]
+    assert {events[i][1].name for i in deleted} == {".step_000002.old", ".step_000001.del"}
+    assert ("fsync", tmp_path) in events[:min(deleted)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002"]

@@ -159,3 +159,64 @@ def test_an_unknown_gpu_says_what_it_assumed_and_the_environment_overrides_the_t
     monkeypatch.setenv("MINITAGPR_PEAK_TFLOPS", "fast")
     with pytest.raises(ValueError, match="MINITAGPR_PEAK_TFLOPS='fast': expected a number of TFLOP/s > 0"):
         peak_flops(torch.device("cpu"))
+
+
+# ---- pinned by mutation (2026-11-29) -----------------------------------------------------------------------
+
+def test_resuming_drops_a_line_whose_step_is_not_a_number(tmp_path):
+    path = tmp_path / "m.jsonl"
+    write_run(path, range(2))
+    with path.open("a") as f:
+        f.write('{"step": true, "loss": 1.0}\n')  # JSON's true is no step (Python would read it as 1)
+    JsonlLog(path, resume_step=2)
+    assert [r["step"] for r in read_jsonl(path)] == [0, 1]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_a_peak_that_is_not_a_positive_number_is_refused(monkeypatch, value):
+    monkeypatch.setenv("MINITAGPR_PEAK_TFLOPS", value)
+    with pytest.raises(ValueError, match="expected a number of TFLOP/s > 0"):
+        peak_flops(torch.device("cpu"))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_progress_times_the_steps_of_this_run_and_estimates_the_rest(monkeypatch):
+    """A resumed run (start_step=4 of 10) that took 20 s for steps 5 and 6: 10 s/step, 4 steps (40 s) to go."""
+    clock = FakeClock()
+    monkeypatch.setattr("minitagpr.train.metrics.time", clock)
+    out = io.StringIO()
+    bar = Progress(total_steps=10, start_step=4, stream=out, every_s=0.0)
+    clock.now = 20.0
+    bar.update(5, loss=1.0)
+    assert out.getvalue() == "step 6/10 | loss 1 | 10.00 s/step | elapsed 0m20s | ETA 0m40s\n"
+
+
+def test_progress_in_a_file_prints_every_every_s_and_always_the_last_step(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr("minitagpr.train.metrics.time", clock)
+    out = io.StringIO()
+    bar = Progress(total_steps=3, stream=out, every_s=60.0)
+    for step in range(3):
+        clock.now += 1.0
+        bar.update(step, loss=1.0)
+    assert [line.split(" |")[0] for line in out.getvalue().splitlines()] == ["step 1/3", "step 3/3"]
+
+
+def test_progress_on_a_terminal_redraws_one_line_and_ends_it_at_the_last_step():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    bar = Progress(total_steps=2, stream=out, every_s=60.0)
+    bar.update(0, loss=1.0)
+    assert out.getvalue().startswith("\rstep 1/2 |") and "\n" not in out.getvalue()
+    bar.update(1, loss=1.0)
+    assert out.getvalue().count("\r") == 2 and out.getvalue().endswith("\n") and out.getvalue().count("\n") == 1

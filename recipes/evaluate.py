@@ -16,6 +16,9 @@ normalize=true). Written under out_dir:
   predictions/<row>/<LaMP_k>_predictions.json   official-format predictions (the extracted answers; an extra key
                                                  "minitagpr" says whether they were normalised)
   generations/<row>/<task>.jsonl                 the raw generations (id, text, finish reason, token counts)
+  generations/<row>/<task>.stamp.json            what they were decoded from (checkpoint files, questions, every
+                                                 decoding setting) and the .jsonl's sha256, written last: resume=true
+                                                 reuses a cell whose stamp matches this run instead of decoding it
   table.md, table.json                           Table 1 style: one row per checkpoint, one column per metric; the
                                                  json also holds each row's settings (the engine that ran, its
                                                  dtype, the token limits), per cell the files it was scored
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import json
 import os
 import re
@@ -50,7 +54,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from minitagpr.atomic import atomic_write_text
+from minitagpr.atomic import atomic_write_bytes, atomic_write_text
 from minitagpr.cli import exit_on_user_error, is_user_error
 from minitagpr.config import ConfigError, check_at_least, check_choice, check_fraction, check_writable_dir, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
@@ -108,6 +112,10 @@ class EvalConfig:
     # an out_dir holding an earlier evaluation's table.json or robustness.json is refused unless overwrite=true,
     # which removes those tables first (the prediction and generation files of the rows decoded again are rewritten)
     overwrite: bool = False
+    # reuse each (checkpoint, setting, task) cell an earlier run in out_dir decoded from the same checkpoint files
+    # and questions with the same decoding settings (its stamp says so), decode the rest, rebuild the tables (so it
+    # also replaces them, as overwrite=true): a killed evaluation goes on where it stopped
+    resume: bool = False
 
     def __post_init__(self):
         if not self.checkpoints and not self.predictions:
@@ -494,10 +502,11 @@ def predictions_file(out_dir: str | os.PathLike, row: str, task: str) -> Path:
 
 
 def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list[dict],
-                   normalize: bool = False) -> None:
+                   normalize: bool = False, stamp: Mapping[str, Any] | None = None) -> None:
     """Official-format predictions and the raw generations of one row and task. The predictions are the answers as
     scored (extracted, and normalised when the table was), so re-scoring the file under the official rules gives
-    the table's numbers."""
+    the table's numbers. `stamp` (a freshly decoded cell): what the generations came from, written after them with
+    their sha256 (`reusable_generations`); without it (a reused cell) the generations are on disk already."""
     if out_dir is None:
         return
     from minitagpr.data import answers
@@ -505,8 +514,57 @@ def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list
     preds = {r["id"]: answers.normalize(data.task, answers.extract_answer(r["text"]), normalize) for r in records}
     lamp.write_outputs(predictions_file(out_dir, row, data.task), data.task, preds,
                        note={"normalize": normalize, "extract_answers": True})  # re-scored later, it says so
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(out_dir / "generations" / _slug(row) / f"{data.task}.jsonl", lines)
+    if stamp is None:
+        return
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    folder = out_dir / "generations" / _slug(row)
+    atomic_write_bytes(folder / f"{data.task}.jsonl", lines)
+    # last: a kill between the two leaves an older stamp whose sha256 does not match the new file (not reused)
+    atomic_write_text(folder / f"{data.task}.stamp.json",
+                      json.dumps({**stamp, "sha256": hashlib.sha256(lines).hexdigest()}, indent=1) + "\n")
+
+
+STAMP_FORMAT = "minitagpr-eval-cell/1"
+
+
+def checkpoint_fingerprint(checkpoint: str | os.PathLike) -> list | str:
+    """What identifies a checkpoint folder's contents for resume: each file's name, size and modification time (a
+    re-export under the same path changes them; no weight is read). A hub id is kept as given."""
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        return str(checkpoint)
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder.iterdir() if f.is_file())
+
+
+def examples_digest(data: TaskData) -> str:
+    """sha256 of the questions a cell decodes (ids, inputs and profiles, in order): another file, limit or part
+    gives another digest."""
+    h = hashlib.sha256()
+    for ex in data.examples:
+        h.update(json.dumps([ex.id, ex.input, ex.profile], sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
+
+
+def reusable_generations(out_dir: Path | None, row: str, data: TaskData,
+                         key: Mapping[str, Any]) -> tuple[list[dict], dict] | None:
+    """(records, engine settings) of a cell an earlier run decoded under exactly `key` (checkpoint files, questions,
+    retriever, k, every decoding setting), when its stamp says so and the generations file is the one stamped;
+    None otherwise (missing, other settings, or a file changed since: decoded again)."""
+    if out_dir is None:
+        return None
+    folder = out_dir / "generations" / _slug(row)
+    try:
+        stamp = json.loads((folder / f"{data.task}.stamp.json").read_text(encoding="utf-8"))
+        raw = (folder / f"{data.task}.jsonl").read_bytes()
+    except (OSError, ValueError):  # absent or unreadable: decode again
+        return None
+    if not isinstance(stamp, dict) or stamp.get("key") != json.loads(json.dumps(key)) or \
+            stamp.get("sha256") != hashlib.sha256(raw).hexdigest():
+        return None
+    records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+    if [r.get("id") for r in records] != [ex.id for ex in data.examples]:  # the digest makes this a safeguard
+        return None
+    return records, dict(stamp.get("used") or {})
 
 
 def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tasks: Sequence[str] | Sequence[TaskData],
@@ -521,7 +579,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                          dense_encoder: str | os.PathLike | None = None,
                          retrievers: Mapping[str, retrieval.Retriever] | None = None,
                          checked: bool = False, bare_setting: tuple[str, int] | None = None,
-                         after_checkpoint=None) -> EvalTable:
+                         after_checkpoint=None, resume: bool = False) -> EvalTable:
     """Run every checkpoint on every task under every (retriever, k) in `settings`; returns the table (and writes
     predictions + generations under out_dir when given). Rows are named after the checkpoints, with
     " [retriever k=K]" appended when `label_settings` (default: when there is more than one setting; a sweep
@@ -529,7 +587,9 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
     keep the bare name even so (run(): the main table's setting, decoded with the sweep's by the same engine).
     `tasks` are task names (loaded from `data`) or ready TaskData. `retrievers`: ready ones by name (else built
     here). Every checkpoint and question is checked first (`input_problems`) unless the caller did (`checked`).
-    `after_checkpoint(table)`, when given, sees the table so far after each checkpoint (run() writes it)."""
+    `after_checkpoint(table)`, when given, sees the table so far after each checkpoint (run() writes it).
+    `resume`: a cell whose generations an earlier run stamped under this run's settings is read back, not decoded
+    (`reusable_generations`); a checkpoint whose cells are all reused is never loaded."""
     task_data = [t if isinstance(t, TaskData) else load_task_data(data, t, split=split, part=part, limit=limit,
                                                                    data_dir=data_dir, pgraphrag_dir=pgraphrag_dir,
                                                                    pgraphrag_domain=pgraphrag_domain)
@@ -543,29 +603,51 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
     ready = dict(retrievers or {})
     choosers = {r: ready[r] if r in ready else make_retriever(r, seed, dense_encoder)
                 for r in dict.fromkeys(r for r, _ in settings)}
+    from minitagpr.rollout import resolve_engine
     table = EvalTable(machine=machine())
+    digests = {td.task: examples_digest(td) for td in task_data} if out is not None else {}
     for name, checkpoint in named_checkpoints.items():
-        eng, tokenizer = make_engine(checkpoint, engine, max_model_len=max_prompt_tokens + max_new_tokens,
-                                     gpu_memory_utilization=vllm_gpu_memory_utilization)
-        used = engine_settings(eng)  # engine=auto may have fallen back to the fp32 built-in engine: say which ran
-        log(f"eval {name}: {used['engine']} engine, {used['dtype']}")
+        eng = tokenizer = used = None
+        loaded = False  # the engine is built at this checkpoint's first cell that is not reused
+        files = checkpoint_fingerprint(checkpoint) if out is not None else None
         for retriever, k in settings:
             labelled = (len(settings) > 1 if label_settings is None else label_settings) and \
                 (retriever, k) != bare_setting
             row = f"{name} [{retriever} k={k}]" if labelled else name
             for td in task_data:
-                records = generate_answers(eng, tokenizer, td, retriever=choosers[retriever], k=k,
-                                           max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                                           temperature=temperature, top_p=top_p, seed=seed,
-                                           batch_prompts=batch_prompts, prompt_style=prompt_style)
+                # everything the generations depend on (batch_prompts does not: each example is seeded by its place)
+                key = {"format": STAMP_FORMAT, "checkpoint": str(checkpoint), "checkpoint_files": files,
+                       "engine": resolve_engine(engine), "task": td.task, "examples": digests.get(td.task),
+                       "retriever": retriever, "k": k,
+                       "dense_encoder": str(dense_encoder) if retriever == "dense" else None,
+                       "prompt_style": prompt_style, "max_prompt_tokens": max_prompt_tokens,
+                       "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+                found = reusable_generations(out, row, td, key) if resume else None
+                if found is not None:
+                    records, cell_used = found
+                    log(f"eval {row} {td.task}: reusing the stamped generations (resume=true)")
+                else:
+                    if not loaded:
+                        loaded = True
+                        eng, tokenizer = make_engine(checkpoint, engine,
+                                                     max_model_len=max_prompt_tokens + max_new_tokens,
+                                                     gpu_memory_utilization=vllm_gpu_memory_utilization)
+                        used = engine_settings(eng)  # engine=auto may have fallen back to the fp32 built-in engine
+                        log(f"eval {name}: {used['engine']} engine, {used['dtype']}")
+                    records = generate_answers(eng, tokenizer, td, retriever=choosers[retriever], k=k,
+                                               max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                                               temperature=temperature, top_p=top_p, seed=seed,
+                                               batch_prompts=batch_prompts, prompt_style=prompt_style)
+                    cell_used = used
                 metrics = score(td, {r["id"]: r["text"] for r in records}, normalize=normalize)
                 table.add(row, td.task, metrics,
-                          {"checkpoint": str(checkpoint), **used, "retriever": retriever, "k": k,
+                          {"checkpoint": str(checkpoint), **cell_used, "retriever": retriever, "k": k,
                            "prompt_style": prompt_style, "max_prompt_tokens": max_prompt_tokens,
                            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                            "normalize": normalize},
                           len(td.examples), counts=generation_counts(records), source=task_source(td))
-                _write_outputs(out, row, td, records, normalize)
+                _write_outputs(out, row, td, records, normalize,
+                               stamp=None if found is not None else {"key": key, "used": cell_used})
                 log(f"eval {row} {td.task}: " + ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
                 if short := table.counts[row][td.task]["profile_cut"]:
                     log(f"eval {row} {td.task}: note: {short} of {len(records)} prompts held fewer than the "
@@ -638,9 +720,10 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
     check_writable_dir(out, "out_dir")  # now, not after the first generations, which would then be lost
     earlier = [out / f"{stem}.{ext}" for stem in ("table", "robustness") for ext in ("json", "md")
                if (out / f"{stem}.{ext}").exists()]
-    if earlier and not cfg.overwrite:  # a quick limit=50 rerun must not replace Table 1 under the same title
+    if earlier and not (cfg.overwrite or cfg.resume):  # a quick limit=50 rerun must not replace Table 1 unasked
         raise ConfigError(f"out_dir={out} holds an earlier evaluation ({', '.join(p.name for p in earlier)}); give "
-                          f"another out_dir= or overwrite=true")
+                          f"another out_dir=, overwrite=true, or resume=true (reuses what it decoded under the same "
+                          f"settings)")
     data_dir = cfg.data_dir or (out / "demo-world" if cfg.data == "demo" else None)
     tasks = [load_task_data(cfg.data, t, split=cfg.split, part=cfg.part, limit=cfg.limit, data_dir=data_dir,
                             pgraphrag_dir=cfg.pgraphrag_dir or None, pgraphrag_domain=cfg.pgraphrag_domain)
@@ -671,13 +754,13 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
             problems.append(f"retriever {r}: {err}")
     if problems:
         raise DataError(" | ".join(problems))
-    for path in earlier:  # overwrite=true: no earlier table is left beside (or instead of) this run's
+    for path in earlier:  # overwrite/resume=true: no earlier table is left beside (or instead of) this run's
         path.unlink()
     common = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_prompts=cfg.batch_prompts,
                   engine=cfg.engine, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                   normalize=cfg.normalize, out_dir=out, prompt_style=prompt_style, retrievers=retrievers,
-                  checked=True)
+                  checked=True, resume=cfg.resume, dense_encoder=cfg.dense_encoder or None)  # the stamp names it
     scope = f"{cfg.data} {cfg.part}, {cfg.split} split" + (f", first {cfg.limit} per task" if cfg.limit else "")
     title = f"{scope}, {cfg.retriever} k={cfg.k}"
     main_setting = (cfg.retriever, cfg.k)

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny ma
 
 
 ev = load_recipe("evaluate", "recipe_evaluate")
+_REAL_MAKE_ENGINE = ev.make_engine
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +345,8 @@ def test_command_line_writes_table_and_robustness(lamp_root, checkpoints, tmp_pa
     quick = [f"data={lamp_root}", "tasks=LaMP-3", f"predictions=oracle={gold_file}", "limit=1",
              f"out_dir={tmp_path / 'out'}"]
     with pytest.raises(ConfigError, match=r"holds an earlier evaluation \(table.json, table.md, robustness.json, "
-                                          r"robustness.md\); give another out_dir= or overwrite=true"):
+                                          r"robustness.md\); give another out_dir=, overwrite=true, or "
+                                          r"resume=true"):
         ev.run(parse_cli(ev.EvalConfig, quick))
     assert json.loads((tmp_path / "out" / "table.json").read_text()) == saved
     ev.run(parse_cli(ev.EvalConfig, quick + ["overwrite=true"]))
@@ -430,3 +432,87 @@ def test_evaluation_gives_vllm_room_for_a_whole_prompt_and_answer(checkpoints, l
         ev.evaluate_checkpoints({"base": checkpoints["base"]}, ["LaMP-3"], data=lamp_root, engine="vllm",
                                 max_prompt_tokens=4096, max_new_tokens=2048, limit=1)
     assert seen["max_model_len"] == 6144
+
+
+# ---- resume=true: a killed evaluation goes on where it stopped --------------------------------------------------
+
+def _counting_engines(monkeypatch, crash_on=None):
+    """make_engine that records every checkpoint it loads (and raises on `crash_on`, as a kill there would)."""
+    real, loaded = _REAL_MAKE_ENGINE, []
+
+    def make(checkpoint, *a, load=True, **kw):
+        if load:
+            loaded.append(Path(checkpoint).name)
+            if Path(checkpoint).name == crash_on:
+                raise RuntimeError("killed")
+        return real(checkpoint, *a, load=load, **kw)
+    monkeypatch.setattr(ev, "make_engine", make)
+    return loaded
+
+
+def test_resume_decodes_only_what_a_killed_run_did_not_finish(lamp_root, checkpoints, tmp_path, monkeypatch):
+    args = [f"data={lamp_root}", "tasks=LaMP-3,LaMP-5", f"checkpoints=base={checkpoints['base']},"
+            f"sft={checkpoints['sft']}", "max_new_tokens=4", "engine=builtin", "prompt_style=full"]
+    whole = json.loads(json.dumps(ev.run(parse_cli(ev.EvalConfig, args + [f"out_dir={tmp_path / 'whole'}"]))
+                                  ["table"].to_json()))
+    cut = args + [f"out_dir={tmp_path / 'cut'}"]
+    loaded = _counting_engines(monkeypatch, crash_on="sft")
+    with pytest.raises(RuntimeError, match="killed"):
+        ev.run(parse_cli(ev.EvalConfig, cut))
+    assert loaded == ["base", "sft"]
+    loaded = _counting_engines(monkeypatch)
+    with pytest.raises(ConfigError, match="resume=true"):  # the partial table is an earlier evaluation
+        ev.run(parse_cli(ev.EvalConfig, cut))
+    resumed = json.loads(json.dumps(ev.run(parse_cli(ev.EvalConfig, cut + ["resume=true"]))["table"].to_json()))
+    assert loaded == ["sft"]  # base's cells were read back: its weights never loaded
+    for key in ("rows", "counts", "settings", "sources"):  # the engine that decoded base comes from its stamps
+        assert resumed[key] == whole[key], key
+    for task in ("LaMP-3", "LaMP-5"):
+        for row in ("base", "sft"):
+            rel = Path("generations") / row / f"{task}.jsonl"
+            assert (tmp_path / "cut" / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes()
+    assert "partial" not in (tmp_path / "cut" / "table.md").read_text()
+    loaded.clear()
+    ev.run(parse_cli(ev.EvalConfig, cut + ["resume=true"]))
+    assert loaded == []  # everything stamped: nothing loads
+    ev.run(parse_cli(ev.EvalConfig, cut + ["resume=true", "max_new_tokens=3"]))
+    assert loaded == ["base", "sft"]  # another decoding setting: nothing is reused
+
+
+def test_resume_decodes_a_cell_again_when_its_inputs_or_file_changed(lamp_root, tmp_path, monkeypatch):
+    import shutil
+    decoded = []
+    _fake_generation(monkeypatch, lambda k: decoded.append(k) or "4")
+    lamp_root = shutil.copytree(lamp_root, tmp_path / "lamp")  # its questions are edited below
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"v1")
+    out = tmp_path / "out"
+    args = [f"data={lamp_root}", "tasks=LaMP-3", f"checkpoints=sft={ckpt}", f"out_dir={out}", "prompt_style=full",
+            "resume=true"]
+    ev.run(parse_cli(ev.EvalConfig, args))
+    assert len(decoded) == 3
+    stamp = json.loads((out / "generations" / "sft" / "LaMP-3.stamp.json").read_text())
+    assert stamp["key"]["k"] == 8 and stamp["key"]["max_new_tokens"] == 2048 and len(stamp["sha256"]) == 64
+    ev.run(parse_cli(ev.EvalConfig, args))
+    assert len(decoded) == 3  # reused
+    gen = out / "generations" / "sft" / "LaMP-3.jsonl"
+    gen.write_text(gen.read_text().replace("</think>4", "</think>5"))  # edited after it was stamped
+    ev.run(parse_cli(ev.EvalConfig, args))
+    assert len(decoded) == 6
+    (ckpt / "model.safetensors").write_bytes(b"v2, re-exported")  # the same path, other weights
+    ev.run(parse_cli(ev.EvalConfig, args))
+    assert len(decoded) == 9
+    ev.run(parse_cli(ev.EvalConfig, args + ["limit=2"]))  # other questions
+    assert len(decoded) == 11
+    ev.run(parse_cli(ev.EvalConfig, args + ["k=2"]))  # another setting
+    assert len(decoded) == 14
+    ev.run(parse_cli(ev.EvalConfig, args))  # k=8 again (k=2 stamped the row's cells in its place)
+    ev.run(parse_cli(ev.EvalConfig, args))
+    assert len(decoded) == 17
+    questions = lamp.split_files(lamp_root, "LaMP-3", "user", "dev")[0]
+    records = json.loads(questions.read_text())
+    records[0]["input"] += " (edited)"  # the same ids, another question
+    questions.write_text(json.dumps(records))
+    ev.run(parse_cli(ev.EvalConfig, args))
+    assert len(decoded) == 20

@@ -40,10 +40,12 @@ def test_the_bytes_are_synced_before_the_rename(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "y.json").read_text()) == [1]
 
 
-def test_the_file_gets_the_umasks_modes(tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask022", "umask027"])
+def test_the_file_gets_the_umasks_modes(tmp_path, umask, mode):
+    # two umasks: a fixed chmod 0644 after the write would pass the first one alone
+    old = os.umask(umask)
     try:
         path = atomic.atomic_write_text(tmp_path / "m.txt", "x")
     finally:
         os.umask(old)
-    assert path.stat().st_mode & 0o777 == 0o644  # mkstemp's files would be 0600
+    assert path.stat().st_mode & 0o777 == mode  # mkstemp's files would be 0600

@@ -182,7 +182,8 @@ def test_an_unusable_answer_cached_by_an_older_version_is_asked_again_once(tmp_p
     with FakeServer(lambda body, number: (200, completion(42), {})) as server:  # cached unchecked, as before the fix
         with monkeypatch.context() as m:
             m.setattr(chain_client, "checked_response", lambda response: response)
-            with pytest.raises(Exception):  # the old crash (a number is no text for the reply parser)
+            # the old crash: the number 42 reached the reply parser as if it were text (answers.extract_answer)
+            with pytest.raises(AttributeError, match=r"'int' object has no attribute"):
                 teacher(cfg_for(tmp_path, server.base_url))
     unusable = len(cache_lines(tmp_path))
     assert unusable >= 1

@@ -349,7 +349,7 @@ def test_rerun_redoes_both_rl_stages_and_a_killed_rerun_is_finished_not_mixed(de
     assert [c[2] for c in demo.calls] == [False, False]
     # a rerun killed in exploratory RL: the next plain run keeps the new guided model and redoes exploratory
     demo.kill = ("exploratory", "late")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"^killed in exploratory$"):  # the fake's kill, not another failure
         demo.run("rerun=true")
     assert not (demo.work / "exploratory_rl" / "export").exists()  # the old export is gone, not left to reuse
     demo.kill = ("", "")
@@ -357,14 +357,14 @@ def test_rerun_redoes_both_rl_stages_and_a_killed_rerun_is_finished_not_mixed(de
     assert demo.tables[-1]["Exploratory RL"]["n"] != old_explore["n"]
     # a rerun killed in guided RL: guided resumes, exploratory is rebuilt from the new guided model
     demo.kill = ("guided", "late")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"^killed in guided$"):
         demo.run("rerun=true")
     demo.kill = ("", "")
     assert demo.run() == ALL[2:]
     assert [c[2] for c in demo.calls] == [True, False]  # guided resumes the rerun's own checkpoints
     # a rerun killed before its first checkpoint: the old build's checkpoints were cleared, nothing is resumed
     demo.kill = ("guided", "early")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"^killed in guided before its first checkpoint$"):
         demo.run("rerun=true")
     demo.kill = ("", "")
     assert demo.run() == ALL[2:]

@@ -292,7 +292,8 @@ def test_gold_ids_without_a_question_are_an_error_not_a_silent_skip(tmp_path):
 
 
 def test_missing_task_files_name_the_path(tmp_path):
-    with pytest.raises((lamp.DataError, FileNotFoundError), match="LaMP_3"):
+    # a DataError naming the file (the gold outputs are read first), never a bare FileNotFoundError traceback
+    with pytest.raises(lamp.DataError, match=r"LaMP_3/dev/dev_outputs\.json: file not found"):
         ev.load_task_data(tmp_path, "LaMP-3")
 
 
@@ -359,15 +360,17 @@ def test_command_line_writes_table_and_robustness(lamp_root, checkpoints, tmp_pa
                                                       "golds": str(outputs), "limit": 1, "examples": 1}}}
 
 
-def test_table_files_get_the_umasks_modes(two_rows, tmp_path):
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask022", "umask027"])
+def test_table_files_get_the_umasks_modes(two_rows, tmp_path, umask, mode):
     import os
+    # two umasks: a fixed chmod 0644 after the write would pass the first one alone
     table, _ = two_rows
-    old = os.umask(0o022)
+    old = os.umask(umask)
     try:
         md, js = table.write(tmp_path)
     finally:
         os.umask(old)
-    assert {md.stat().st_mode & 0o777, js.stat().st_mode & 0o777} == {0o644}  # mkstemp's files were 0600
+    assert {md.stat().st_mode & 0o777, js.stat().st_mode & 0o777} == {mode}  # mkstemp's files were 0600
 
 
 def test_each_cell_records_its_own_file_and_a_normalised_file_says_so(lamp_root, tmp_path):

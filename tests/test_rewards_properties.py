@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minitagpr.data.answers import TASKS, extract_answer, normalize
+from minitagpr.data.answers import TASKS, extract_answer, is_classification, normalize
 from minitagpr.rewards import (
-    TAGS, check_tags, format_reward, repetition_reward, score_batch, split_response, tag_reward, verifiable_reward,
+    MIN_TAGS, TAGS, check_tags, format_reward, repetition_reward, score_batch, split_response, tag_reward,
+    verifiable_reward,
 )
 
 ALPHA, BETA, GAMMA = 0.8, 0.8, 0.2
@@ -21,7 +22,30 @@ FRAGMENTS = [f"<{t}>" for t in TAGS[:4]] + [f"</{t}>" for t in TAGS[:4]] + [
     "[2]", "[", "]", "4", "4.5", " ", "\n", "the", "cat", "ünï", "😀", "\x00",
 ]
 tag_soup = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=8)), max_size=60).map("".join)
-any_text = st.one_of(st.text(max_size=300), tag_soup)
+
+# Well-formed responses, which the two strategies above practically never produce (0 of 1000 draws had R_f = 1 or a
+# passing tag check), so without these the composite's range check only ever saw R_f = 0 and R_tag = -1.
+# Plain text: no `<` or `>` (so no tag token, think or chat marker), plus a few `<`/`>` pieces that no tag token can
+# form from (a space or `=`/`|` follows `<`, a space precedes `>`); never blank, as a segment and an answer must not be.
+PLAIN_PIECES = ["< 3", "a > b", "4 <= 5", "<|"]
+plain = st.lists(st.one_of(st.text(st.characters(exclude_characters="<>"), min_size=1, max_size=12),
+                           st.sampled_from(PLAIN_PIECES)), min_size=1, max_size=4).map("".join).filter(str.strip)
+segment = st.tuples(st.sampled_from(TAGS), plain).map(lambda s: f"<{s[0]}>{s[1]}</{s[0]}>")
+gap = st.sampled_from(["", " ", "\n", "\n\n", "\t"])  # whitespace only: text between segments fails the check
+
+
+def segment_chain(min_size: int) -> st.SearchStrategy[str]:
+    return st.tuples(gap, st.lists(st.tuples(segment, gap), min_size=min_size, max_size=9)).map(
+        lambda c: c[0] + "".join(seg + after for seg, after in c[1]))
+
+
+well_formed_chain = segment_chain(MIN_TAGS)
+END_OF_TURN = ["", "<|im_end|>", "\n<|im_end|>", "<|endoftext|>", " <|im_end|>\n", "<|im_end|><|endoftext|>"]
+well_formed = st.builds(lambda before, chain, answer, end: f"{before}<think>{chain}</think>{answer}{end}",
+                        st.sampled_from(["", " ", "\n"]), well_formed_chain,
+                        st.one_of(plain, st.sampled_from(["[2]", "4", "comedy", "\n\n[1]", " the cat sat"])),
+                        st.sampled_from(END_OF_TURN))
+any_text = st.one_of(st.text(max_size=300), tag_soup, well_formed)
 
 
 def nested(depth: int, name: str = "analyze_input") -> str:
@@ -38,11 +62,40 @@ def assert_parts_in_range(parts, mix):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(response=any_text, gold=any_text, task=st.sampled_from(TASKS), prmu=st.floats(0.0, 1.0))
+@given(response=any_text, gold=st.one_of(any_text, st.none()), task=st.sampled_from(TASKS), prmu=st.floats(0.0, 1.0))
 def test_every_component_is_finite_and_in_range_on_any_text(response, gold, task, prmu):
+    if gold is None:  # the response's own answer: R_v = 1 on a well-formed response, the top of the range
+        gold = extract_answer(response)
     for mix in ("composite", "foundation"):
         (parts,) = score_batch([task], [response], [gold], [prmu], mix=mix, alpha=ALPHA, beta=BETA, gamma=GAMMA)
         assert_parts_in_range(parts, mix)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(response=well_formed, task=st.sampled_from(TASKS), prmu=st.floats(0.0, 1.0), gold_is_answer=st.booleans(),
+       other_gold=any_text)
+def test_a_well_formed_response_passes_format_and_tags_and_its_composite_is_in_range(response, task, prmu,
+                                                                                     gold_is_answer, other_gold):
+    """The strategy's responses obey every rule of format_reward's and check_tags' docstrings, so R_f = 1 and
+    R_tag = 0; the composite is then alpha * (R_v + R_rep) + gamma * R_PRMU, inside [-(alpha + beta), alpha + gamma]
+    (composite_reward's docstring), and above 0 whenever R_v = 1 (R_rep > -1)."""
+    gold = extract_answer(response) if gold_is_answer else other_gold
+    (parts,) = score_batch([task], [response], [gold], [prmu], alpha=ALPHA, beta=BETA, gamma=GAMMA)
+    assert parts.r_f == 1.0 and format_reward(response) == 1.0, response
+    assert parts.r_tag == 0.0 and parts.tag_error is None, (response, parts.tag_error)
+    assert_parts_in_range(parts, "composite")
+    assert parts.total == pytest.approx(ALPHA * (parts.r_v + parts.r_rep) + GAMMA * prmu, rel=1e-12, abs=1e-12)
+    if gold_is_answer and (is_classification(task) or any(c.isascii() and c.isalnum() for c in gold)):
+        # exact match for labels; ROUGE 1 for text with a token (rouge-score keeps only [a-z0-9] runs)
+        assert parts.r_v == 1.0 and parts.total > 0.0, (response, parts)
+
+
+def test_the_composite_reaches_its_documented_upper_bound():
+    """alpha + gamma: a well-formed response whose answer is the gold, no repeated 4-gram, R_PRMU = 1."""
+    response = "<think>" + "".join(f"<{t}>step {i}</{t}>" for i, t in enumerate(TAGS[:3])) + "</think>a b c d"
+    (parts,) = score_batch(["LaMP-4"], [response], ["a b c d"], [1.0], alpha=ALPHA, beta=BETA, gamma=GAMMA)
+    assert (parts.r_v, parts.r_f, parts.r_rep, parts.r_tag) == (1.0, 1.0, 0.0, 0.0)
+    assert parts.total == pytest.approx(ALPHA + GAMMA, rel=1e-12)
 
 
 @settings(max_examples=150, deadline=None)
@@ -61,11 +114,20 @@ def test_normalisation_and_extraction_never_raise_and_return_strings(text):
 
 
 @settings(max_examples=100, deadline=None)
-@given(chain=any_text)
-def test_tag_reward_agrees_with_the_check_and_format_is_binary(chain):
+@given(chain=st.one_of(any_text, segment_chain(0)))
+def test_a_passing_tag_check_means_enough_allowed_segments_spanning_the_chain(chain):
+    # Properties the checker does not compute this way: a pass needs >= MIN_TAGS segments, all named in TAGS,
+    # the chain (whitespace aside) opening with the first one and closing with the last one. segment_chain(0) also
+    # draws chains of valid segments that are too few, which a checker that forgot the count would let pass.
     check = check_tags(chain)
-    assert tag_reward(chain) == (0.0 if check.ok else -1.0)
-    assert set(check.segments) <= set(TAGS)
+    assert tag_reward(chain) in (0.0, -1.0) and set(check.segments) <= set(TAGS)
+    if check.ok:
+        assert tag_reward(chain) == 0.0 and len(check.segments) >= MIN_TAGS
+        body = chain.strip()
+        assert body.startswith(f"<{check.segments[0]}>") and body.endswith(f"</{check.segments[-1]}>"), chain
+        assert all(f"<{name}>" in chain and f"</{name}>" in chain for name in check.segments)
+    else:
+        assert tag_reward(chain) == -1.0 and check.error
     assert format_reward(chain) in (0.0, 1.0)
 
 
@@ -129,4 +191,7 @@ def test_verifiable_reward_of_a_long_answer_against_a_long_gold_is_exact_and_fas
     gold = " ".join(f"w{i % 991}" for i in range(2000))
     start = time.process_time()
     value = verifiable_reward("LaMP-5", answer, gold)
-    assert 0.0 < value < 1.0 and time.process_time() - start < 1.0
+    assert time.process_time() - start < 1.0
+    # The gold (w0..w990 twice, then w0..w17) is a subsequence of the answer (w0..w996 five times, plus a tail), so
+    # LCS = 2000: P = 2000/5000 = 0.4, R = 1, F = 2 * 0.4 / 1.4 = 4/7 (rouge-score says 0.5714285714285715 too).
+    assert value == pytest.approx(4 / 7, rel=1e-12)

@@ -874,7 +874,7 @@ def test_a_task_mix_asking_for_more_examples_than_the_file_has_says_so(small_wor
     prompts = load_prompts(cfg, Tokenizer.from_dir(policy))
     out = capsys.readouterr().out
     n2 = sum(p.task == "LaMP-2" for p in prompts)
-    assert f"asks for 1000 LaMP-2 examples but" in out and f"has {n2}; using all {n2}" in out
+    assert "asks for 1000 LaMP-2 examples but" in out and f"has {n2}; using all {n2}" in out
     assert "LaMP-3" not in out  # 0 = all of them, as asked: nothing to say
     # the seeded draw other recipes reuse: the same examples for a seed, another set for another seed
     items = list(range(50))

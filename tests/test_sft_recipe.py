@@ -101,11 +101,40 @@ def test_gradient_accumulation_1_and_4_give_the_same_losses_and_weights(runs):
     assert grad_norms(runs["accum"]) == pytest.approx(grad_norms(runs["two"]), rel=1e-4)
 
 
+def step_target_counts(inputs, world_size, micro_batch):
+    """Per optimizer step, the valid-target counts [rank][micro-batch] of the `runs` fixture's run with this layout,
+    found as recipes/sft.py finds its rows (held-out split, tokenize, pack, rows_for_step, rank_slice,
+    micro_batches), without launching it."""
+    from minitagpr.tokenizer import Tokenizer
+    from minitagpr.train import sft_data as S
+
+    sft = recipe()
+    cfg = sft.parse_cli(sft.SftConfig, common(inputs, "unused", micro_batch=micro_batch))
+    tokenizer = Tokenizer.from_dir(cfg.tokenizer)
+    records, _ = sft.split_heldout(S.read_sft_records(cfg.data), cfg.eval_holdout, cfg.seed, cfg.data)
+    rows = S.pack_documents(S.tokenize_records(records, tokenizer, cfg.data), cfg.seq_len, tokenizer.pad_id,
+                            pack=cfg.pack, shuffle_seed=cfg.seed, truncate_long=cfg.truncate_long)
+    valid = (rows.targets != S.IGNORE_INDEX).sum(dim=1).tolist()  # (R,) targets per packed row
+    steps = cfg.epochs * S.steps_per_epoch(rows.num_rows, cfg.global_batch)
+    assert steps == 6  # the runs' length (assert_losses_close)
+    out = []
+    for step in range(steps):
+        batch = S.rows_for_step(step, rows.num_rows, cfg.global_batch, cfg.seed)
+        out.append([[sum(valid[r] for r in mb) for mb in S.micro_batches(S.rank_slice(batch, rank, world_size),
+                                                                           micro_batch)]
+                    for rank in range(world_size)])
+    return out
+
+
 def test_ranks_and_micro_batches_hold_unequal_target_counts(inputs):
     # otherwise a per-rank or per-micro-batch mean would equal the global one and the two tests above could not
-    # tell them apart
-    records = [json.loads(line) for line in Path(inputs["data"]).read_text().splitlines()]
-    assert len({len(r["chain"].split()) for r in records}) >= 4
+    # tell them apart: at every step the "two" run's 2 ranks, and the "accum" run's micro-batches, hold unequal
+    # target counts (varied words per record are not enough: equal token counts per row would make them equal)
+    for step, (rank0, rank1) in enumerate(step_target_counts(inputs, world_size=2, micro_batch=4)):
+        assert sum(rank0) != sum(rank1), f"step {step + 1}: both ranks hold {sum(rank0)} targets"
+    for step, ranks in enumerate(step_target_counts(inputs, world_size=2, micro_batch=1)):
+        assert [len(rank) for rank in ranks] == [4, 4]
+        assert all(len(set(rank)) > 1 for rank in ranks), f"step {step + 1}: micro-batches {ranks}"
 
 
 def test_only_the_last_k_checkpoints_are_kept(runs):

@@ -88,10 +88,25 @@ def test_mfu_is_achieved_over_peak_flops():
     assert peak > 0 and "CPU: assumed" in note
 
 
-def test_plot_writes_a_png_with_one_panel_per_key(tmp_path):
+def test_plot_writes_a_png_with_one_panel_per_key(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    # PNG bytes alone would pass with swapped axes or one key's values in every panel: record what each panel drew
+    drawn = []
+    real_plot = Axes.plot
+
+    def recording_plot(ax, x, y, *args, **kwargs):
+        drawn.append((ax, list(x), list(y)))
+        return real_plot(ax, x, y, *args, **kwargs)
+    monkeypatch.setattr(Axes, "plot", recording_plot)
     write_run(tmp_path / "m.jsonl", range(6))
     out = plot_metrics(tmp_path / "m.jsonl", tmp_path / "plots" / "m.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    panels = {ax.get_title(): (x, y) for ax, x, y in drawn}  # a panel's title is its key
+    assert len(drawn) == len(panels) == 2  # loss and lr; not the string "note", not "step"
+    steps = list(range(6))
+    assert panels["loss"] == (steps, [5.0 / (s + 1) for s in steps])  # write_run's values, against the steps
+    assert panels["lr"] == (steps, [1e-3] * 6)
 
 
 def test_plot_draws_keys_that_first_appear_after_the_first_step():

@@ -108,7 +108,7 @@ def print_table(rows: list[dict]) -> None:
     """Medians with their ratio to naive at the same (N, H); CPU-time columns only for CPU runs."""
     mib = 2**20
     cpu_run = rows[0]["device"] == "cpu"
-    head = f"| N | H | impl | fwd s | x naive |" + (" fwd CPU s | x naive |" if cpu_run else "")
+    head = "| N | H | impl | fwd s | x naive |" + (" fwd CPU s | x naive |" if cpu_run else "")
     head += " fwd+bwd s | x naive |" + (" f+b CPU s | x naive |" if cpu_run else "")
     head += " fwd peak MiB | x naive | f+b peak MiB | x naive | f+b TFLOP/s, 8NHV | useful TFLOP/s, 6NHV |"
     print(head)

@@ -172,6 +172,8 @@ def run(cfg: SftConfig) -> Path:
     start_step = 0
     latest = D.checkpoint_to_resume(ckpt_dir, cfg.resume, "[sft]")
     if latest is not None:
+        model_config = model.config
+
         def check(state: dict) -> None:  # before any tensor loads (D.load_checkpoint)
             saved = dict(state.get("data") or {})
             saved.setdefault("fingerprint", data_sig["fingerprint"])  # checkpoints from before the fingerprint
@@ -182,7 +184,7 @@ def run(cfg: SftConfig) -> Path:
             # neither depends on it
             length = {"epochs", "max_steps"} if cfg.min_lr_ratio == 1.0 and cfg.warmup_ratio == 0 else set()
             check_resumed_config(state.get("config", {}), cfg, RESUMABLE_KEYS | length, latest)
-            D.check_resumed_model(state, model.config, latest, "model")
+            D.check_resumed_model(state, model_config, latest, "model")
             D.check_resume_step(int(state["step"]), total_steps, latest)
         start_step = int(D.load_checkpoint(latest, model, optimizer, check=check)["step"])
         D.log(f"[sft] resumed from {latest} at step {start_step}")

@@ -726,16 +726,19 @@ def train(cfg: RLConfig) -> Path:
     start = 0
     latest = D.checkpoint_to_resume(ckpt_dir, cfg.resume, f"[{cfg.stage}]")
     if latest is not None:
+        reads = prmu.max_len if prmu is not None else None  # plain values: the closure reads nothing deleted later
+        policy_config = model.config
+
         def check(state: dict) -> None:  # before any tensor loads (D.load_checkpoint)
             _check_resumed_config(state.get("config", {}), cfg, latest)
             # checkpoints written before the length was recorded scored with the fixed DEFAULT_MAX_LEN
-            scored = (state.get("prmu_max_len_used") or DEFAULT_MAX_LEN) if prmu is not None else None
-            if prmu is not None and scored != prmu.max_len:  # e.g. a PRMU re-exported since, with another max_len
+            scored = (state.get("prmu_max_len_used") or DEFAULT_MAX_LEN) if reads is not None else None
+            if reads is not None and scored != reads:  # e.g. a PRMU re-exported since, with another max_len
                 raise ConfigError(f"{latest}: this run scored R_PRMU inputs up to {scored} tokens, {cfg.prmu} now "
-                                  f"reads {prmu.max_len} ({prmu_len_source}); pass prmu_max_len={scored} to go on "
+                                  f"reads {reads} ({prmu_len_source}); pass prmu_max_len={scored} to go on "
                                   f"as it started")
             _check_resumed_inputs(state, latest, mix_digest, prmu_digest, cfg)
-            D.check_resumed_model(state, model.config, latest, "policy")
+            D.check_resumed_model(state, policy_config, latest, "policy")
             D.check_resume_step(state["step"], total_steps, latest)
         state = D.load_checkpoint(latest, model, optimizer, check=check)
         start = state["step"]

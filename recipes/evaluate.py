@@ -25,8 +25,8 @@ normalize=true). Written under out_dir:
                                                  against ("sources": questions, golds, limit, prediction file) and
                                                  per task the generations the length limit cut and the answers
                                                  left empty. An out_dir with an earlier table is refused unless
-                                                 overwrite=true. Rewritten after each checkpoint, titled "partial"
-                                                 until the last: a crash keeps the finished rows
+                                                 overwrite=true or resume=true. Rewritten after each checkpoint,
+                                                 titled "partial" until the last: a crash keeps the finished rows
   robustness.md, robustness.json                 the k and retriever sweeps, when sweep_k / sweep_retrievers
                                                  (one engine per checkpoint decodes the main setting and the
                                                  sweep's; the main setting once: its rows are copied in, and its
@@ -59,7 +59,7 @@ from minitagpr.cli import exit_on_user_error, is_user_error
 from minitagpr.config import ConfigError, check_at_least, check_choice, check_fraction, check_writable_dir, parse_cli
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.lamp import DataError, LampExample, not_a_file
-from minitagpr.distributed import machine
+from minitagpr.distributed import describe_machine, machine
 from minitagpr.metrics import COLUMNS, evaluate, table_columns
 from minitagpr.rollout.base import sample_base
 
@@ -492,6 +492,11 @@ def task_source(td: TaskData) -> dict[str, Any]:
     return {"questions": td.source, "golds": td.gold_file, "limit": td.limit, "examples": len(td.examples)}
 
 
+def cell_notes(table: EvalTable, row: str, task: str) -> list[str]:
+    """The notes `evaluate_checkpoints` wrote about one cell (they start "<row> <task>: ")."""
+    return [n for n in table.notes if n.startswith(f"{row} {task}: ")]
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "row"
 
@@ -527,13 +532,17 @@ def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list
 STAMP_FORMAT = "minitagpr-eval-cell/1"
 
 
-def checkpoint_fingerprint(checkpoint: str | os.PathLike) -> list | str:
-    """What identifies a checkpoint folder's contents for resume: each file's name, size and modification time (a
-    re-export under the same path changes them; no weight is read). A hub id is kept as given."""
-    folder = Path(checkpoint)
-    if not folder.is_dir():
-        return str(checkpoint)
-    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder.iterdir() if f.is_file())
+def checkpoint_fingerprint(checkpoint: str | os.PathLike) -> dict:
+    """What identifies a checkpoint's contents for resume: the folder it resolves to (`~` expanded; a hub id's cached
+    snapshot, whose path holds the revision) and each file's name, size and modification time there (a re-export
+    under the same path changes them; no weight is read)."""
+    from minitagpr.model.checkpoint import CheckpointError, resolve_checkpoint
+    try:
+        folder = resolve_checkpoint(checkpoint)
+    except CheckpointError:  # not a folder or a hub id: an engine injected by a test (a real one fails to load)
+        return {"id": str(checkpoint)}
+    return {"folder": str(folder.resolve()),
+            "files": sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder.iterdir() if f.is_file())}
 
 
 def examples_digest(data: TaskData) -> str:
@@ -547,9 +556,10 @@ def examples_digest(data: TaskData) -> str:
 
 def reusable_generations(out_dir: Path | None, row: str, data: TaskData,
                          key: Mapping[str, Any]) -> tuple[list[dict], dict] | None:
-    """(records, engine settings) of a cell an earlier run decoded under exactly `key` (checkpoint files, questions,
-    retriever, k, every decoding setting), when its stamp says so and the generations file is the one stamped;
-    None otherwise (missing, other settings, or a file changed since: decoded again)."""
+    """(records, stamp) of a cell an earlier run decoded under exactly `key` (checkpoint files, questions, retriever,
+    k, every decoding setting), when its stamp says so and the generations file is the one stamped; None otherwise
+    (missing, other settings, or a file changed since: decoded again). The stamp's "used" is the engine that ran,
+    its "machine" where."""
     if out_dir is None:
         return None
     folder = out_dir / "generations" / _slug(row)
@@ -564,7 +574,7 @@ def reusable_generations(out_dir: Path | None, row: str, data: TaskData,
     records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
     if [r.get("id") for r in records] != [ex.id for ex in data.examples]:  # the digest makes this a safeguard
         return None
-    return records, dict(stamp.get("used") or {})
+    return records, stamp
 
 
 def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tasks: Sequence[str] | Sequence[TaskData],
@@ -606,6 +616,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
     from minitagpr.rollout import resolve_engine
     table = EvalTable(machine=machine())
     digests = {td.task: examples_digest(td) for td in task_data} if out is not None else {}
+    encoder = checkpoint_fingerprint(dense_encoder) if dense_encoder and out is not None else None
     for name, checkpoint in named_checkpoints.items():
         eng = tokenizer = used = None
         loaded = False  # the engine is built at this checkpoint's first cell that is not reused
@@ -619,13 +630,19 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                 key = {"format": STAMP_FORMAT, "checkpoint": str(checkpoint), "checkpoint_files": files,
                        "engine": resolve_engine(engine), "task": td.task, "examples": digests.get(td.task),
                        "retriever": retriever, "k": k,
-                       "dense_encoder": str(dense_encoder) if retriever == "dense" else None,
+                       "dense_encoder": encoder if retriever == "dense" else None,
                        "prompt_style": prompt_style, "max_prompt_tokens": max_prompt_tokens,
-                       "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+                       "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                       # the seed reaches only sampling and the random retriever: greedy cells ignore it
+                       "seed": seed if temperature > 0 or retriever == "random" else None}
                 found = reusable_generations(out, row, td, key) if resume else None
                 if found is not None:
-                    records, cell_used = found
+                    records, stamp = found
+                    cell_used = dict(stamp.get("used") or {})
                     log(f"eval {row} {td.task}: reusing the stamped generations (resume=true)")
+                    if stamp.get("machine") != table.machine:  # the table's machine is this run's: say so
+                        table.notes.append(f"{row} {td.task}: generations decoded by an earlier run on "
+                                           f"{describe_machine(stamp.get('machine') or {})} (resume=true)")
                 else:
                     if not loaded:
                         loaded = True
@@ -646,8 +663,8 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                            "normalize": normalize},
                           len(td.examples), counts=generation_counts(records), source=task_source(td))
-                _write_outputs(out, row, td, records, normalize,
-                               stamp=None if found is not None else {"key": key, "used": cell_used})
+                _write_outputs(out, row, td, records, normalize, stamp=None if found is not None else
+                               {"key": key, "used": cell_used, "machine": table.machine})
                 log(f"eval {row} {td.task}: " + ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
                 if short := table.counts[row][td.task]["profile_cut"]:
                     log(f"eval {row} {td.task}: note: {short} of {len(records)} prompts held fewer than the "
@@ -775,6 +792,7 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
             for task, metrics in ours.rows[name].items():
                 table.add(name, task, metrics, ours.settings[name], ours.examples[task], counts=ours.counts[name][task],
                           source=ours.sources[name][task])
+                table.notes += cell_notes(ours, name, task)
         return table
 
     def partial(ours: EvalTable) -> None:  # a crash at checkpoint 3 keeps the rows of checkpoints 1-2 on disk
@@ -800,6 +818,7 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
                 for task, metrics in ours.rows[src_row].items():
                     robust.add(row, task, metrics, ours.settings[src_row], ours.examples[task],
                                counts=ours.counts[src_row][task], source=ours.sources[src_row][task])
+                    robust.notes += [n.replace(src_row, row, 1) for n in cell_notes(ours, src_row, task)]
         robust.write(out, "robustness", f"robustness: {scope}")
         print(robust.markdown("robustness"))
         tables["robustness"] = robust

@@ -491,14 +491,23 @@ def test_resume_decodes_a_cell_again_when_its_inputs_or_file_changed(lamp_root, 
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes(b"v1")
     out = tmp_path / "out"
-    args = [f"data={lamp_root}", "tasks=LaMP-3", f"checkpoints=sft={ckpt}", f"out_dir={out}", "prompt_style=full",
+    monkeypatch.setenv("HOME", str(tmp_path))  # checkpoints=sft=~/ckpt: the shell leaves a ~ after "=" as it is
+    args = [f"data={lamp_root}", "tasks=LaMP-3", "checkpoints=sft=~/ckpt", f"out_dir={out}", "prompt_style=full",
             "resume=true"]
     ev.run(parse_cli(ev.EvalConfig, args))
     assert len(decoded) == 3
-    stamp = json.loads((out / "generations" / "sft" / "LaMP-3.stamp.json").read_text())
+    stamp_file = out / "generations" / "sft" / "LaMP-3.stamp.json"
+    stamp = json.loads(stamp_file.read_text())
     assert stamp["key"]["k"] == 8 and stamp["key"]["max_new_tokens"] == 2048 and len(stamp["sha256"]) == 64
-    ev.run(parse_cli(ev.EvalConfig, args))
-    assert len(decoded) == 3  # reused
+    assert stamp["key"]["checkpoint_files"]["files"][0][0] == "model.safetensors"  # the folder ~ resolves to
+    ev.run(parse_cli(ev.EvalConfig, args + ["seed=5"]))
+    assert len(decoded) == 3  # reused (greedy decoding and a recency retriever never read the seed)
+    stamp["machine"] = {**stamp["machine"], "cpu": "another CPU"}  # decoded elsewhere before a rescheduled resume
+    stamp_file.write_text(json.dumps(stamp))
+    notes = ev.run(parse_cli(ev.EvalConfig, args))["table"].notes
+    assert len(decoded) == 3 and notes == ["sft LaMP-3: generations decoded by an earlier run on another CPU ("
+                                           f"{stamp['machine']['cpu_capability']}), no GPU, torch "
+                                           f"{stamp['machine']['torch']}, 1 process (resume=true)"]
     gen = out / "generations" / "sft" / "LaMP-3.jsonl"
     gen.write_text(gen.read_text().replace("</think>4", "</think>5"))  # edited after it was stamped
     ev.run(parse_cli(ev.EvalConfig, args))

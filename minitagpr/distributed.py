@@ -329,10 +329,11 @@ def enable_activation_checkpointing(blocks: nn.ModuleList) -> None:
         block.forward = checkpointed
 
 
-# FSDP2's setters for a plain sum over ranks (pytorch PR #155915, mid-2025); the oldest release checked to have them
-# is MIN_TORCH (the project runs on 2.11 and 2.13; pyproject's floor says the same)
+# FSDP2's setters for a plain sum over ranks (pytorch PR #155915, mid-2025; the kernels' CUDA matmuls with out_dtype
+# are as new). MIN_TORCH is the oldest release the project has run on (GPU checks in bench/RESULTS.md: 2.11.0+cu130;
+# CPU: 2.13.0); pyproject's floor says the same
 FSDP2_SUM_METHODS = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms")
-MIN_TORCH = "2.9"
+MIN_TORCH = "2.11"
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, mp: MixedPrecisionPolicy | None = None,

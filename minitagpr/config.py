@@ -315,8 +315,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
+    raw = path.read_bytes()
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         what = f"{err.problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(err)

@@ -61,7 +61,7 @@ from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.lamp import DataError, LampExample, not_a_file
 from minitagpr.distributed import describe_machine, machine
 from minitagpr.metrics import COLUMNS, evaluate, table_columns
-from minitagpr.rollout.base import sample_base
+from minitagpr.rollout.base import DivergedError, sample_base
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINITAGPR_SHARED", REPO.parent / "shared"))  # the shared assets beside the checkout
@@ -137,6 +137,9 @@ class EvalConfig:
             raise ValueError(f"row name(s) {', '.join(map(repr, clash))} given to both checkpoints= and predictions=; "
                              f"give each row its own name")
         self.tasks = [lamp.canonical_task(t) for t in self.tasks]
+        if not self.tasks:  # an empty table written with exit status 0
+            raise ValueError(f"tasks= is empty; give some of {', '.join(LAMP_TASKS)}, PGraphRAG-title, "
+                             f"PGraphRAG-rating")
         repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
         if repeated:  # checked now: the second pass would be decoded in full and then refused by the table
             raise ValueError(f"tasks: {', '.join(repeated)} listed more than once")
@@ -554,26 +557,40 @@ def examples_digest(data: TaskData) -> str:
     return h.hexdigest()
 
 
-def reusable_generations(out_dir: Path | None, row: str, data: TaskData,
-                         key: Mapping[str, Any]) -> tuple[list[dict], dict] | None:
+def reusable_generations(out_dir: Path | None, row: str, data: TaskData, key: Mapping[str, Any],
+                         log=None) -> tuple[list[dict], dict] | None:
     """(records, stamp) of a cell an earlier run decoded under exactly `key` (checkpoint files, questions, retriever,
     k, every decoding setting), when its stamp says so and the generations file is the one stamped; None otherwise
-    (missing, other settings, or a file changed since: decoded again). The stamp's "used" is the engine that ran,
-    its "machine" where."""
+    (missing, other settings, or a file changed since: decoded again; `log` is told why, when there was a stamp).
+    The stamp's "used" is the engine that ran, its "machine" where."""
     if out_dir is None:
         return None
     folder = out_dir / "generations" / _slug(row)
+    stamp_file, gen_file = folder / f"{data.task}.stamp.json", folder / f"{data.task}.jsonl"
+    if not stamp_file.exists():
+        return None  # never finished here: nothing to say
+
+    def no(why: str) -> None:
+        if log is not None:
+            log(f"eval {row} {data.task}: not reused ({why}); decoding it again")
     try:
-        stamp = json.loads((folder / f"{data.task}.stamp.json").read_text(encoding="utf-8"))
-        raw = (folder / f"{data.task}.jsonl").read_bytes()
-    except (OSError, ValueError):  # absent or unreadable: decode again
-        return None
-    if not isinstance(stamp, dict) or stamp.get("key") != json.loads(json.dumps(key)) or \
-            stamp.get("sha256") != hashlib.sha256(raw).hexdigest():
-        return None
+        stamp = json.loads(stamp_file.read_text(encoding="utf-8"))
+        raw = gen_file.read_bytes()
+    except (OSError, ValueError) as err:
+        return no(f"{type(err).__name__} reading {stamp_file.name} or {gen_file.name}")
+    want = json.loads(json.dumps(key))
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("key"), dict):
+        return no(f"{stamp_file} is not a stamp")
+    if stamp["key"] != want:
+        changed = [f"{k} {stamp['key'].get(k)!r} -> {want.get(k)!r}" if k not in ("checkpoint_files", "examples",
+                                                                                  "dense_encoder") else f"{k} changed"
+                   for k in sorted(want.keys() | stamp["key"].keys()) if stamp["key"].get(k) != want.get(k)]
+        return no("; ".join(changed))
+    if stamp.get("sha256") != hashlib.sha256(raw).hexdigest():
+        return no(f"{gen_file} changed since it was stamped")
     records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
     if [r.get("id") for r in records] != [ex.id for ex in data.examples]:  # the digest makes this a safeguard
-        return None
+        return no(f"{gen_file} holds other question ids")
     return records, stamp
 
 
@@ -635,7 +652,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                        # the seed reaches only sampling and the random retriever: greedy cells ignore it
                        "seed": seed if temperature > 0 or retriever == "random" else None}
-                found = reusable_generations(out, row, td, key) if resume else None
+                found = reusable_generations(out, row, td, key, log) if resume else None
                 if found is not None:
                     records, stamp = found
                     cell_used = dict(stamp.get("used") or {})
@@ -651,10 +668,15 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                                                      gpu_memory_utilization=vllm_gpu_memory_utilization)
                         used = engine_settings(eng)  # engine=auto may have fallen back to the fp32 built-in engine
                         log(f"eval {name}: {used['engine']} engine, {used['dtype']}")
-                    records = generate_answers(eng, tokenizer, td, retriever=choosers[retriever], k=k,
-                                               max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                                               temperature=temperature, top_p=top_p, seed=seed,
-                                               batch_prompts=batch_prompts, prompt_style=prompt_style)
+                    try:
+                        records = generate_answers(eng, tokenizer, td, retriever=choosers[retriever], k=k,
+                                                   max_prompt_tokens=max_prompt_tokens,
+                                                   max_new_tokens=max_new_tokens, temperature=temperature,
+                                                   top_p=top_p, seed=seed, batch_prompts=batch_prompts,
+                                                   prompt_style=prompt_style)
+                    except DivergedError as err:  # non-finite logits: name the model and task, not a batch index
+                        raise DivergedError(f"checkpoints={name} ({checkpoint}), {td.task}: {err} (do its weights "
+                                            f"hold NaN or Inf?)") from None
                     cell_used = used
                 metrics = score(td, {r["id"]: r["text"] for r in records}, normalize=normalize)
                 table.add(row, td.task, metrics,

@@ -81,6 +81,9 @@ class SftConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_at_least("max_steps", self.max_steps, 0)  # 0 = epochs decide; a negative value read as 0
+        for key in ("save_every", "keep_last"):  # 0 has a meaning; a negative value was read as 0 without a word
+            check_at_least(key, getattr(self, key), 0)
+        check_at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)  # was refused only after the export
         check_number("seed", self.seed, 0, 2**31, hi_open=True)  # seed x 1,000,003 + epoch must fit a torch seed
         check_optimizer(self, lrs=("lr",), grad_clip="grad_clip", warmup="warmup_ratio", warmup_max=1.0)
         if self.export_dtype not in ("float32", "bfloat16"):

@@ -103,6 +103,8 @@ class PrmuConfig:
             check_at_least(key, getattr(self, key), 1)
         check_number("epochs", self.epochs, 0.0, lo_open=True)  # 0 or less trained one step without a word
         check_at_least("max_steps", self.max_steps, 0)  # 0 = epochs decide; a negative value read as 0
+        for key in ("eval_every", "save_every", "keep_last"):  # 0 has a meaning; a negative value was read as 0
+            check_at_least(key, getattr(self, key), 0)
         check_number("seed", self.seed, 0, 2**31, hi_open=True)  # seed x 1,000,003 + step must fit a torch seed
         check_optimizer(self, lrs=("lr", "table_lr"), grad_clip="max_grad_norm", warmup="warmup_steps",
                         warmup_max=math.inf)

@@ -122,7 +122,10 @@ def _prmu_setup(tmp_path):
                                        ("epochs=0", r"epochs must be a finite number > 0"),  # trained one step
                                        ("max_steps=-3", "max_steps must be >= 0"),  # read as 0
                                        ("seed=-1", r"seed must be a finite number in \[0, 2147483648\)"),
-                                       ("seed=35184372088832", "seed must be")])  # 2**45: torch seed overflow
+                                       ("seed=35184372088832", "seed must be"),  # 2**45: torch seed overflow
+                                       ("keep_last=-1", "keep_last must be >= 0"),  # these three were read as 0
+                                       ("save_every=-1", "save_every must be >= 0"),
+                                       ("eval_every=-1", "eval_every must be >= 0")])
 def test_prmu_config_values_are_checked_before_any_work(tmp_path, bad, match):
     prmu = load_recipe("train_prmu")
     with pytest.raises(ConfigError, match=f"{match}.*\\(settings from command line\\)"):
@@ -131,7 +134,10 @@ def test_prmu_config_values_are_checked_before_any_work(tmp_path, bad, match):
 
 @pytest.mark.parametrize("bad,match", [("max_steps=-3", "max_steps must be >= 0"),
                                        ("seed=-1", r"seed must be a finite number in \[0, 2147483648\)"),
-                                       ("seed=35184372088832", "seed must be")])  # a traceback at step 0
+                                       ("seed=35184372088832", "seed must be"),  # a traceback at step 0
+                                       ("keep_last=-1", "keep_last must be >= 0"),  # read as 0 (keep all)
+                                       ("save_every=-5", "save_every must be >= 0"),  # read as 0
+                                       ("eval_max_new_tokens=0", "eval_max_new_tokens must be >= 1")])  # after export
 def test_sft_step_count_and_seed_are_checked_when_parsed(bad, match):
     sft = load_recipe("sft")
     with pytest.raises(ConfigError, match=match):

@@ -113,6 +113,9 @@ def test_missing_config_file_fails_clearly(tmp_path):
         parse_cli(Recipe, ["--config", str(tmp_path / "nope.yaml")])
     with pytest.raises(ConfigError, match="is a folder, not a file"):
         parse_cli(Recipe, ["--config", str(tmp_path)])
+    (tmp_path / "latin1.yaml").write_bytes(b"steps: 4\nname: caf\xe9\n")  # a UnicodeDecodeError traceback before
+    with pytest.raises(ConfigError, match=r"latin1\.yaml is not UTF-8 text \(byte 0xe9 on line 2\)"):
+        parse_cli(Recipe, ["--config", str(tmp_path / "latin1.yaml")])
 
 
 def test_argument_without_equals_is_rejected():

@@ -482,7 +482,7 @@ def test_resume_decodes_only_what_a_killed_run_did_not_finish(lamp_root, checkpo
     assert loaded == ["base", "sft"]  # another decoding setting: nothing is reused
 
 
-def test_resume_decodes_a_cell_again_when_its_inputs_or_file_changed(lamp_root, tmp_path, monkeypatch):
+def test_resume_decodes_a_cell_again_when_its_inputs_or_file_changed(lamp_root, tmp_path, monkeypatch, capsys):
     import shutil
     decoded = []
     _fake_generation(monkeypatch, lambda k: decoded.append(k) or "4")
@@ -517,8 +517,10 @@ def test_resume_decodes_a_cell_again_when_its_inputs_or_file_changed(lamp_root, 
     assert len(decoded) == 9
     ev.run(parse_cli(ev.EvalConfig, args + ["limit=2"]))  # other questions
     assert len(decoded) == 11
+    capsys.readouterr()
     ev.run(parse_cli(ev.EvalConfig, args + ["k=2"]))  # another setting
     assert len(decoded) == 14
+    assert "eval sft LaMP-3: not reused (examples changed; k 8 -> 2); decoding it again" in capsys.readouterr().out
     ev.run(parse_cli(ev.EvalConfig, args))  # k=8 again (k=2 stamped the row's cells in its place)
     ev.run(parse_cli(ev.EvalConfig, args))
     assert len(decoded) == 17
@@ -528,3 +530,23 @@ def test_resume_decodes_a_cell_again_when_its_inputs_or_file_changed(lamp_root, 
     questions.write_text(json.dumps(records))
     ev.run(parse_cli(ev.EvalConfig, args))
     assert len(decoded) == 20
+
+
+def test_an_empty_task_list_is_refused():
+    """tasks= wrote a table with no column and exited 0."""
+    with pytest.raises(ConfigError, match="tasks= is empty"):
+        parse_cli(ev.EvalConfig, ["tasks=", "checkpoints=a=A"])
+
+
+def test_a_diverged_checkpoint_is_named_with_its_task(lamp_root, checkpoints, tmp_path):
+    """Non-finite logits named a batch index only ("prompt_token_ids[0], sample 0: ..."), not the checkpoint."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from minitagpr.rollout.base import DivergedError
+    bad = shutil.copytree(checkpoints["sft"], tmp_path / "nan")
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["model.embed_tokens.weight"][:] = float("nan")
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DivergedError, match=rf"checkpoints=bad \({bad}\), LaMP-3: .*not finite.*NaN or Inf"):
+        ev.evaluate_checkpoints({"bad": bad}, ["LaMP-3"], data=lamp_root, max_new_tokens=2, engine="builtin",
+                                log=lambda *_: None)

@@ -50,7 +50,7 @@ from minitagpr.cli import run_recipe
 from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_number,
                               check_writable_file, parse_cli, to_dict)
 from minitagpr.data import lamp, prompts, retrieval
-from minitagpr.data.preferences import RolloutRecord, write_rollouts
+from minitagpr.data.preferences import PreferenceDataError, RolloutRecord, rollout_record, write_rollouts
 from minitagpr.model import load_pretrained
 from minitagpr.model.checkpoint import files_digest, resolve_checkpoint
 from minitagpr.rl.loop import RLConfig, parse_task_mix, task_mix_sample
@@ -148,13 +148,13 @@ def _progress_header(cfg: RolloutConfig, info, requests, policy_digest: str, eng
 def _read_progress(path: Path, header: dict) -> dict[int, list[RolloutRecord]]:
     """{batch start: its records} from an earlier run's progress file ({} when there is none). A last line cut by a
     kill is dropped (that batch is sampled again); a file written for other settings is refused by name."""
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    lines = path.read_bytes().splitlines() if path.exists() else []  # bytes: a kill can cut a character in two
     if not lines:  # none yet (or killed before its header was on disk): start it
         _write_progress(path, header, {})
         return {}
     try:
         first = json.loads(lines[0]) if lines else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         first = None
     if first != header:
         raise ConfigError(f"{path}: sampling progress of an earlier run with other settings, queries or processes "
@@ -163,14 +163,19 @@ def _read_progress(path: Path, header: dict) -> dict[int, list[RolloutRecord]]:
     done = {}
     for lineno, line in enumerate(lines[1:], start=2):
         try:
-            entry = json.loads(line)
-            done[entry["start"]] = [RolloutRecord(**r) for r in entry["records"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            entry = json.loads(line.decode("utf-8"))
+            start = entry["start"]
+            if isinstance(start, bool) or not isinstance(start, int) or not isinstance(entry["records"], list):
+                raise TypeError("'start' must be an int and 'records' a list")
+            # each record checked as the rollout file's reader checks it: a bad one must not reach `out`
+            done[start] = [rollout_record(path, lineno, r) for r in entry["records"]]
+        except (ValueError, KeyError, TypeError) as e:  # JSON, UTF-8 and a record's field (PreferenceDataError)
             if lineno == len(lines):  # the write a kill cut short: rewrite the file without it
                 _write_progress(path, header, done)
                 break
-            raise ConfigError(f"{path}:{lineno}: not a progress line ({type(e).__name__}); delete the file to "
-                              f"start over") from None
+            why = str(e) if isinstance(e, PreferenceDataError) else f"not a progress line ({type(e).__name__})"
+            raise ConfigError(f"{why if why.startswith(str(path)) else f'{path}:{lineno}: {why}'}; delete the file "
+                              f"to start over") from None
     return done
 
 

@@ -4,6 +4,7 @@ its settings against guided RL's.
 The sampling tests run the recipe in-process with a recording stand-in for vLLM (the engine's own tests cover
 generation); one test runs the command itself on a tiny model with the built-in engine.
 """
+import json
 import os
 import subprocess
 import sys
@@ -341,3 +342,39 @@ def test_dev_or_test_question_files_are_refused_unless_allowed(tmp_path, questio
 
 def test_train_question_files_pass_the_held_out_check(world, tmp_path):
     parse_cli(recipe.RolloutConfig, _args(world, tmp_path / "r.jsonl"))
+
+
+def _progress_file(tmp_path, *lines: bytes):
+    from minitagpr.data.preferences import RolloutRecord
+    header = {"format": recipe.PROGRESS_FORMAT, "run": "x"}
+    rec = RolloutRecord(id="q1", user="u1", task="LaMP-2", mode="profile", prompt=[{"role": "user", "content": "q"}],
+                        gold="comedy", responses=["ça été « comédie »"], truncated=[False], profile_items_dropped=0)
+    good = recipe._progress_line(0, [rec]).encode("utf-8")
+    path = tmp_path / "r.jsonl.rank00000.progress"
+    path.write_bytes((json.dumps(header) + "\n").encode() + good + b"".join(lines))
+    return path, header, good
+
+
+def test_a_kill_that_cut_a_character_in_two_loses_only_that_batch(tmp_path):
+    """Progress lines hold the policy's text as UTF-8; a tail cut inside a character was a UnicodeDecodeError."""
+    line = _progress_file(tmp_path)[2]
+    torn = line[:line.index("ç".encode()) + 1]  # the first byte of a two-byte character
+    path, header, _ = _progress_file(tmp_path, torn)
+    done = recipe._read_progress(path, header)
+    assert list(done) == [0] and done[0][0].responses == ["ça été « comédie »"]
+    assert path.read_bytes() == (json.dumps(header) + "\n").encode() + line  # rewritten without the torn tail
+
+
+_FIVE = (b'{"start": 4, "records": [{"id": "q2", "user": "u1", "task": "LaMP-2", "mode": "profile", "prompt": '
+         b'[{"role": "user", "content": "q"}], "gold": "comedy", "responses": 5}]}\n')
+
+
+@pytest.mark.parametrize("bad,match", [(_FIVE, r"r\.jsonl\.rank00000\.progress:3 \(record id 'q2'\): field "
+                                               r"'responses': expected list, got int"),
+                                       (b'{"start": 4, "records": 7}\n', r"progress:3: not a progress line"),
+                                       (b'\xff\n', r"progress:3: not a progress line \(UnicodeDecodeError\)")])
+def test_a_damaged_progress_line_before_the_last_is_named_before_anything_is_written(tmp_path, bad, match):
+    """A record with "responses": 5 was accepted, written to `out`, then crashed the run (and `out` was kept)."""
+    path, header, line = _progress_file(tmp_path, bad, b'{"start": 8, "records": []}\n')
+    with pytest.raises(ConfigError, match=match + r".*delete the file to start over"):
+        recipe._read_progress(path, header)

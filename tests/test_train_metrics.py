@@ -35,13 +35,25 @@ def test_resuming_drops_steps_logged_after_the_checkpoint(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == list(range(8))
 
 
-def test_resuming_drops_a_line_torn_by_a_kill(tmp_path):
+def test_resuming_drops_a_line_torn_by_a_kill(tmp_path, capsys):
     path = tmp_path / "m.jsonl"
     write_run(path, range(3))
     with path.open("a") as f:
         f.write('{"step": 3, "lo')  # the process died in the middle of this write
     JsonlLog(path, resume_step=3)
     assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2]
+    assert "m.jsonl: dropped 1 line(s) that are not log records" in capsys.readouterr().err  # said, not silent
+
+
+def test_resuming_drops_a_damaged_line_instead_of_failing_on_its_bytes(tmp_path, capsys):
+    """A non-UTF-8 byte in the log was a UnicodeDecodeError traceback at every resume of SFT, PRMU and RL."""
+    path = tmp_path / "m.jsonl"
+    write_run(path, range(3))
+    with path.open("ab") as f:
+        f.write(b'{"step": 3, "loss": \xff}\n')
+    JsonlLog(path, resume_step=5)
+    assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2]
+    assert "dropped 1 line(s)" in capsys.readouterr().err
 
 
 def test_a_line_that_is_not_an_object_is_named_by_the_reader_and_dropped_by_a_resume(tmp_path):

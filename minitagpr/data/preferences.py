@@ -242,40 +242,48 @@ def read_rollouts(path: str | Path) -> list[RolloutRecord]:
     path = Path(path)
     records, seen = [], {}
     for lineno, obj in _iter_jsonl(path):
-        f = _Fields(path, lineno, obj)
-        rid, task, mode = f.get("id", str), f.task(), f.get("mode", str)
-        if mode not in MODES:
-            f.fail("mode", f"unknown mode {mode!r} (known: {', '.join(MODES)})")
-        if (task, rid, mode) in seen:
-            f.fail("id", f"duplicate (task, id, mode) (first on line {seen[task, rid, mode]})")
-        seen[task, rid, mode] = lineno
-        responses = f.get("responses", list)
-        if not responses:
-            f.fail("responses", "empty response list (a query is sampled n >= 1 times in each mode)")
-        for i, r in enumerate(responses):
-            if not isinstance(r, str):
-                f.fail(f"responses[{i}]", f"expected str, got {type(r).__name__}")
-        gold = f.get("gold", str)
-        if why := gold_problem(task, gold):  # a gold no answer can match would only show as "no PQP pairs"
-            f.fail("gold", why)
-        truncated = f.get("truncated", list, optional=True)  # absent in files written before it was recorded
-        if truncated is not None:
-            if len(truncated) != len(responses):
-                f.fail("truncated", f"{len(truncated)} flags for {len(responses)} responses")
-            for i, t in enumerate(truncated):
-                if not isinstance(t, bool):
-                    f.fail(f"truncated[{i}]", f"expected bool, got {type(t).__name__}")
-        dropped = f.get("profile_items_dropped", int, optional=True)
-        if dropped is not None and dropped < 0:
-            f.fail("profile_items_dropped", f"expected a count >= 0, got {dropped}")
-        records.append(RolloutRecord(
-            id=rid, user=f.get("user", str, nullable=True), task=task, mode=mode, prompt=f.messages(),
-            gold=gold, responses=responses, truncated=truncated, profile_items_dropped=dropped,
-            origin=f"{path}:{lineno}",
-        ))
+        record = rollout_record(path, lineno, obj)
+        key = (record.task, record.id, record.mode)
+        if key in seen:
+            _Fields(path, lineno, obj).fail("id", f"duplicate (task, id, mode) (first on line {seen[key]})")
+        seen[key] = lineno
+        records.append(record)
     if not records:
         raise PreferenceDataError(f"{path}: empty rollout file (no records)")
     return records
+
+
+def rollout_record(path: Path, lineno: int, obj) -> RolloutRecord:
+    """One rollout record (a JSON object read from `path`:`lineno`), every field checked: PreferenceDataError
+    naming file, line, record and field otherwise."""
+    f = _Fields(path, lineno, obj)
+    rid, task, mode = f.get("id", str), f.task(), f.get("mode", str)
+    if mode not in MODES:
+        f.fail("mode", f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    responses = f.get("responses", list)
+    if not responses:
+        f.fail("responses", "empty response list (a query is sampled n >= 1 times in each mode)")
+    for i, r in enumerate(responses):
+        if not isinstance(r, str):
+            f.fail(f"responses[{i}]", f"expected str, got {type(r).__name__}")
+    gold = f.get("gold", str)
+    if why := gold_problem(task, gold):  # a gold no answer can match would only show as "no PQP pairs"
+        f.fail("gold", why)
+    truncated = f.get("truncated", list, optional=True)  # absent in files written before it was recorded
+    if truncated is not None:
+        if len(truncated) != len(responses):
+            f.fail("truncated", f"{len(truncated)} flags for {len(responses)} responses")
+        for i, t in enumerate(truncated):
+            if not isinstance(t, bool):
+                f.fail(f"truncated[{i}]", f"expected bool, got {type(t).__name__}")
+    dropped = f.get("profile_items_dropped", int, optional=True)
+    if dropped is not None and dropped < 0:
+        f.fail("profile_items_dropped", f"expected a count >= 0, got {dropped}")
+    return RolloutRecord(
+        id=rid, user=f.get("user", str, nullable=True), task=task, mode=mode, prompt=f.messages(),
+        gold=gold, responses=responses, truncated=truncated, profile_items_dropped=dropped,
+        origin=f"{path}:{lineno}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

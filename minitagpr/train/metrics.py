@@ -90,7 +90,13 @@ class JsonlLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) < resume_step]
+            # decoded line by line: a bad byte (our lines are ASCII JSON) makes that line unreadable, not the log
+            lines = [raw.decode("utf-8", errors="replace") for raw in self.path.read_bytes().splitlines()]
+            steps = [_step_of(line) for line in lines]
+            kept = [line for line, step in zip(lines, steps) if step < resume_step]
+            if torn := sum(step == float("inf") and line.strip() != "" for line, step in zip(lines, steps)):
+                print(f"{self.path}: dropped {torn} line(s) that are not log records (torn or damaged writes)",
+                      file=sys.stderr, flush=True)
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # a kill here keeps the old log
         self.path.touch()
 

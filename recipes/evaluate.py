@@ -77,7 +77,8 @@ class EvalConfig:
     #                                as given, the official rules)
     data: str = "demo"  # LaMP tasks: "demo" (the seeded demo world) or the root folder of a LaMP download ("":
     #                     refused, as the paper configs leave it, so that a forgotten data= never scores the demo)
-    data_dir: str = ""  # demo: where the world is built (default out_dir/demo-world)
+    data_dir: str = ""  # demo: a world already there is evaluated as built; else one is built there (default
+    #                     out_dir/demo-world, ours: rebuilt when its parameters are out of date)
     pgraphrag_dir: str = ""  # PGraphRAG tasks: folder of amazon_dev.json, ... (default ../shared/data/pgraphrag;
     #                          $MINITAGPR_SHARED/data/pgraphrag when that variable is set)
     pgraphrag_domain: str = "amazon"  # amazon (the paper's AmazonReviewTitle) or hotel: reads
@@ -764,7 +765,15 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
                           f"another out_dir=, overwrite=true, or resume=true (reuses what it decoded under the same "
                           f"settings)")
     data_dir = cfg.data_dir or (out / "demo-world" if cfg.data == "demo" else None)
-    tasks = [load_task_data(cfg.data, t, split=cfg.split, part=cfg.part, limit=cfg.limit, data_dir=data_dir,
+    data: Any = cfg.data
+    if cfg.data == "demo" and cfg.data_dir and (Path(cfg.data_dir) / "world.json").exists():
+        # a world the user points at is evaluated as it is: building with the default parameters would replace one
+        # built with others (the default out_dir/demo-world is ours, rebuilt when its parameters are out of date)
+        from minitagpr.data import demo_world
+        data = demo_world.DemoWorld.load(cfg.data_dir)
+        print(f"evaluate: the demo world in {cfg.data_dir} as it was built ({data.params.get('num_users')} users, "
+              f"seed {data.params.get('seed')})", flush=True)
+    tasks = [load_task_data(data, t, split=cfg.split, part=cfg.part, limit=cfg.limit, data_dir=data_dir,
                             pgraphrag_dir=cfg.pgraphrag_dir or None, pgraphrag_domain=cfg.pgraphrag_domain)
              for t in cfg.tasks]
     prompt_style = cfg.prompt_style or _world_style(cfg.data, data_dir, cfg.tasks)

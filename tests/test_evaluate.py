@@ -550,3 +550,17 @@ def test_a_diverged_checkpoint_is_named_with_its_task(lamp_root, checkpoints, tm
     with pytest.raises(DivergedError, match=rf"checkpoints=bad \({bad}\), LaMP-3: .*not finite.*NaN or Inf"):
         ev.evaluate_checkpoints({"bad": bad}, ["LaMP-3"], data=lamp_root, max_new_tokens=2, engine="builtin",
                                 log=lambda *_: None)
+
+
+def test_a_demo_world_the_user_points_at_is_evaluated_as_it_was_built(tmp_path, monkeypatch):
+    """data=demo data_dir=<a world built with other parameters> rebuilt it with the defaults over the user's files
+    (34 users instead of 8) and scored that, without a word."""
+    from minitagpr.data import demo_world
+    world = demo_world.build(tmp_path / "world", num_users=8, dev_users=2, test_users=0, per_user=2,
+                             shared_per_user=1)
+    manifest = (tmp_path / "world" / "world.json").read_bytes()
+    _fake_generation(monkeypatch, lambda k: "4")
+    table = ev.run(parse_cli(ev.EvalConfig, ["data=demo", f"data_dir={world.root}", "tasks=LaMP-3",
+                                             "checkpoints=a=A", f"out_dir={tmp_path / 'out'}"]))["table"]
+    assert (tmp_path / "world" / "world.json").read_bytes() == manifest  # not rebuilt
+    assert table.examples == {"LaMP-3": 2 * 2}  # its 2 dev users x 2 questions

@@ -295,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             _, golds = load_outputs(gold_path, task)  # every gold must be an answer of the task (no "nan", no "7")
             if task in results:
                 raise DataError(f"{gold_path}: task {task} given twice")
-            results[task] = evaluate(task, preds, golds, extract=args.extract, normalize=args.normalize)
+            try:
+                results[task] = evaluate(task, preds, golds, extract=args.extract, normalize=args.normalize)
+            except DataError as e:  # ids that do not match: name both files
+                raise DataError(f"{pred_path} against {gold_path}: {str(e).removeprefix('evaluate: ')}") from None
             print(f"{task}: n={len(golds)} " + " ".join(f"{k}={v:.4f}" for k, v in results[task].items()),
                   file=sys.stderr)
     except DataError as e:

@@ -1,6 +1,7 @@
 """The chain pipeline, stage by stage, on crafted inputs with fake transports (no network): reply parsing, the
 response cache, ordering and retries of the client, each filter's drop reasons and counts, SFT records."""
 import json
+import re
 import random
 import threading
 import time
@@ -328,6 +329,16 @@ def test_endpoint_settings_fall_back_to_the_environment_and_missing_ones_are_nam
         resolve_endpoint(EndpointConfig(model="m"), "teacher", env={})
     with pytest.raises(EndpointError, match=r"\$MY_KEY"):
         resolve_endpoint(EndpointConfig(base_url="http://x", model="m", api_key_env="MY_KEY"), "teacher", env={})
+
+
+
+@pytest.mark.parametrize("url,why", [("127.0.0.1:8000", "needs http:// or https://"),
+                                     ("http://127.0.0.1:99999/v1", "Port out of range"),
+                                     ("http:///v1", "names no host")])
+def test_an_endpoint_url_no_retry_can_reach_is_refused_at_once(url, why):
+    """Each of these was retried six times per request (~40 s) before the stage failed."""
+    with pytest.raises(EndpointError, match=f"teacher: base_url '{re.escape(url)}': {why}"):
+        resolve_endpoint(EndpointConfig(base_url=url, model="m"), "teacher", env={})
 
 
 # ---------------------------------------------------------------------------------------------------------------

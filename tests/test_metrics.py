@@ -133,7 +133,8 @@ def test_cli_reports_mismatched_ids_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "minitagpr.metrics", str(tmp_path / "p.json"),
                            str(tmp_path / "g.json")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: evaluate: prediction ids must match") and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {tmp_path / 'p.json'} against {tmp_path / 'g.json'}: prediction ids must "
+                                  f"match") and "Traceback" not in proc.stderr  # both files named
 
 
 def test_cli_rejects_a_prediction_file_of_another_task(tmp_path, capsys):

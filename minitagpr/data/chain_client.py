@@ -46,6 +46,7 @@ import re
 import sys
 import threading
 import time
+import urllib.parse
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -138,6 +139,15 @@ def resolve_endpoint(cfg: EndpointConfig, role: str, env: dict[str, str] | None 
                             f"$OPENAI_BASE_URL")
     if not model:
         raise EndpointError(f"{role}: no model name; set {role}.model=... or ${prefix}MODEL")
+    url = urllib.parse.urlsplit(base_url)  # checked now: six retries of each request could never fix these
+    try:
+        url.port  # raises on a port out of range or not a number
+        why = ("needs http:// or https://" if url.scheme not in ("http", "https")
+               else "names no host" if not url.hostname else "")
+    except ValueError as err:
+        why = str(err)
+    if why:
+        raise EndpointError(f"{role}: base_url {base_url!r}: {why} (e.g. http://127.0.0.1:8000/v1)")
     if cfg.api_key_env:
         key = env.get(cfg.api_key_env, "")
         if not key and not cfg.api_key:

@@ -1,8 +1,8 @@
 """The chain pipeline, stage by stage, on crafted inputs with fake transports (no network): reply parsing, the
 response cache, ordering and retries of the client, each filter's drop reasons and counts, SFT records."""
 import json
-import re
 import random
+import re
 import threading
 import time
 from pathlib import Path

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import logging
 import os
 import pickle
 import random
@@ -521,6 +522,18 @@ def write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+class _DropRecords(logging.Filter):
+    """Drops log records emitted from files under `where` whose message holds one of `phrases`."""
+
+    def __init__(self, where: str, phrases: tuple[str, ...]):
+        super().__init__()
+        self.where, self.phrases = where, phrases
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.where in record.pathname.replace(os.sep, "/")
+                    and any(p in record.getMessage() for p in self.phrases))
+
+
 def _dcp_failure(err: BaseException) -> BaseException:
     """The first rank's own exception inside DCP's CheckpointException (`err` itself when it is not one)."""
     if isinstance(err, CheckpointException) and err.failures:
@@ -610,6 +623,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         raise unusable(f"state.json needs an object with an integer 'step' >= 0, got step {step!r}")
     if check is not None:  # every rank reads the same state.json, so every rank refuses together
         check(state)
+    # DCP logs a damaged .metadata twice on the root logger, each with a traceback, before it raises; the error
+    # below says it in one line
+    quiet = _DropRecords("torch/distributed/checkpoint", ("metadata is not found",))
+    logging.getLogger().addFilter(quiet)
     try:  # a damaged shard, a garbage .metadata, or a model of another shape than the one saved
         if optimizer is None:
             model_sd = get_model_state_dict(model)
@@ -622,6 +639,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     except (Exception, CheckpointException) as e:  # DCP's exception (a BaseException) wraps each rank's failure
         raise unusable(_first_line(_dcp_failure(e))) from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
     rng_file = path / f"rng_rank{world().rank:05d}.pt"
     if state.get("world_size") == world().world_size:  # the same ranks: each restores its own RNG state
         # every rank looks for every rank's file, so all of them refuse together (none waits in a collective);

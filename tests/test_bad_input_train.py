@@ -55,7 +55,7 @@ def test_a_recipe_tears_the_process_group_down_whatever_happens(monkeypatch, cap
 
 
 # ----------------------------------------------------------------------------------------------- resume
-def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path, capfd):
     from minitagpr import distributed as D
     from minitagpr.model.presets import make_tiny_checkpoint
     from minitagpr.train.optim import build_optimizer
@@ -73,6 +73,13 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
                                                       f".*resume=false"):
                 D.load_checkpoint(folder, model, opt)
         (folder / "state.json").write_text(state)
+        metadata = (folder / ".metadata").read_bytes()
+        (folder / ".metadata").write_bytes(metadata[:200])  # DCP logged two tracebacks before it raised
+        capfd.readouterr()
+        with pytest.raises(CheckpointError, match="cannot resume from this checkpoint .*pickle data was truncated"):
+            D.load_checkpoint(folder, model, opt)
+        assert "Traceback" not in capfd.readouterr().err
+        (folder / ".metadata").write_bytes(metadata)
         shard = next(folder.glob("*.distcp"))
         shard.write_bytes(shard.read_bytes()[:100])  # a truncated shard: DCP's exception is a BaseException
         with pytest.raises(CheckpointError, match="cannot resume from this checkpoint"):

@@ -372,6 +372,8 @@ _FIVE = (b'{"start": 4, "records": [{"id": "q2", "user": "u1", "task": "LaMP-2",
 @pytest.mark.parametrize("bad,match", [(_FIVE, r"r\.jsonl\.rank00000\.progress:3 \(record id 'q2'\): field "
                                                r"'responses': expected list, got int"),
                                        (b'{"start": 4, "records": 7}\n', r"progress:3: not a progress line"),
+                                       (b'{"start": 4, "records": [7]}\n', r"progress:3: a rollout record must be "
+                                                                            r"a JSON object, got int"),
                                        (b'\xff\n', r"progress:3: not a progress line \(UnicodeDecodeError\)")])
 def test_a_damaged_progress_line_before_the_last_is_named_before_anything_is_written(tmp_path, bad, match):
     """A record with "responses": 5 was accepted, written to `out`, then crashed the run (and `out` was kept)."""

@@ -256,6 +256,8 @@ def read_rollouts(path: str | Path) -> list[RolloutRecord]:
 def rollout_record(path: Path, lineno: int, obj) -> RolloutRecord:
     """One rollout record (a JSON object read from `path`:`lineno`), every field checked: PreferenceDataError
     naming file, line, record and field otherwise."""
+    if not isinstance(obj, dict):
+        raise PreferenceDataError(f"{path}:{lineno}: a rollout record must be a JSON object, got {type(obj).__name__}")
     f = _Fields(path, lineno, obj)
     rid, task, mode = f.get("id", str), f.task(), f.get("mode", str)
     if mode not in MODES:

@@ -11,8 +11,9 @@ pairs where nothing but the user decides the winner:
 Evaluation is *mirrored*: the rejected answer is another user's favourite for the same task, so a user-blind scorer
 cannot just learn which answers are favourites. The rejected answer is drawn from the other users' favourites with
 repeats, so a popular answer still wins a little more often than it loses: a scorer that ranks answers by popularity
-gets 0.513-0.520 (seeds 0-2); read ~0.52 as chance. Only a model that reads the user's row scores clearly above it. With --tasks T every user has T independent preferences (the demo world has
-six: LaMP-1 topic, LaMP-2 tag, LaMP-3 usual score, LaMP-4/5/7 styles and signature words).
+gets 0.513-0.520 (seeds 0-2); read ~0.52 as chance. Only a model that reads the user's row scores clearly above it.
+With --tasks T every user has T independent preferences (the demo world has six: LaMP-1 topic, LaMP-2 tag, LaMP-3
+usual score, LaMP-4/5/7 styles and signature words).
 
     python bench/prmu_table_probe.py --tasks 1 --steps 200 --table-lr 0.1      # one CPU thread, ~2-7 minutes
 """

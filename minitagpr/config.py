@@ -320,7 +320,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line})") from None
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line "
+                          f"{line})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:

@@ -348,7 +348,8 @@ def _progress_file(tmp_path, *lines: bytes):
     from minitagpr.data.preferences import RolloutRecord
     header = {"format": recipe.PROGRESS_FORMAT, "run": "x"}
     rec = RolloutRecord(id="q1", user="u1", task="LaMP-2", mode="profile", prompt=[{"role": "user", "content": "q"}],
-                        gold="comedy", responses=["ça été « comédie »"], truncated=[False], profile_items_dropped=0)
+                        gold="comedy", responses=["ça été « comédie »"], truncated=[False],
+                        profile_items_dropped=0)
     good = recipe._progress_line(0, [rec]).encode("utf-8")
     path = tmp_path / "r.jsonl.rank00000.progress"
     path.write_bytes((json.dumps(header) + "\n").encode() + good + b"".join(lines))

@@ -538,15 +538,14 @@ STAMP_FORMAT = "minitagpr-eval-cell/1"
 
 def checkpoint_fingerprint(checkpoint: str | os.PathLike) -> dict:
     """What identifies a checkpoint's contents for resume: the folder it resolves to (`~` expanded; a hub id's cached
-    snapshot, whose path holds the revision) and each file's name, size and modification time there (a re-export
-    under the same path changes them; no weight is read)."""
-    from minitagpr.model.checkpoint import CheckpointError, resolve_checkpoint
+    snapshot, whose path holds the revision) and `files_digest` of its files (a re-export under the same path
+    changes it; the weights are read only at their edges)."""
+    from minitagpr.model.checkpoint import CheckpointError, files_digest, resolve_checkpoint
     try:
         folder = resolve_checkpoint(checkpoint)
     except CheckpointError:  # not a folder or a hub id: an engine injected by a test (a real one fails to load)
         return {"id": str(checkpoint)}
-    return {"folder": str(folder.resolve()),
-            "files": sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder.iterdir() if f.is_file())}
+    return {"folder": str(folder.resolve()), "digest": files_digest(folder)}
 
 
 def examples_digest(data: TaskData) -> str:

@@ -173,9 +173,10 @@ def _read_progress(path: Path, header: dict) -> dict[int, list[RolloutRecord]]:
             if lineno == len(lines):  # the write a kill cut short: rewrite the file without it
                 _write_progress(path, header, done)
                 break
-            why = str(e) if isinstance(e, PreferenceDataError) else f"not a progress line ({type(e).__name__})"
-            raise ConfigError(f"{why if why.startswith(str(path)) else f'{path}:{lineno}: {why}'}; delete the file "
-                              f"to start over") from None
+            # a record's own error already names path:line, record and field
+            where = str(e) if isinstance(e, PreferenceDataError) else \
+                f"{path}:{lineno}: not a progress line ({type(e).__name__})"
+            raise ConfigError(f"{where}; delete the file to start over") from None
     return done
 
 

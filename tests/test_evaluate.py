@@ -499,7 +499,7 @@ def test_resume_decodes_a_cell_again_when_its_inputs_or_file_changed(lamp_root, 
     stamp_file = out / "generations" / "sft" / "LaMP-3.stamp.json"
     stamp = json.loads(stamp_file.read_text())
     assert stamp["key"]["k"] == 8 and stamp["key"]["max_new_tokens"] == 2048 and len(stamp["sha256"]) == 64
-    assert stamp["key"]["checkpoint_files"]["files"][0][0] == "model.safetensors"  # the folder ~ resolves to
+    assert stamp["key"]["checkpoint_files"]["folder"] == str(ckpt.resolve())  # the folder ~ resolves to
     ev.run(parse_cli(ev.EvalConfig, args + ["seed=5"]))
     assert len(decoded) == 3  # reused (greedy decoding and a recency retriever never read the seed)
     stamp["machine"] = {**stamp["machine"], "cpu": "another CPU"}  # decoded elsewhere before a rescheduled resume

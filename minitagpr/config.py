@@ -172,7 +172,10 @@ def check_writable_dir(folder: Path, key: str, shown: Path | None = None) -> Non
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe.", suffix=".tmp"):
             pass
     except OSError as e:
-        raise ConfigError(f"{key}={shown or folder}: cannot write there ({e.strerror or e})") from None
+        in_the_way = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), None)
+        why = f"{in_the_way} is a file, not a folder" if in_the_way is not None and not in_the_way.is_dir() else \
+            e.strerror or e
+        raise ConfigError(f"{key}={shown or folder}: cannot write there ({why})") from None
 
 
 def check_writable_file(path: Path, key: str) -> None:

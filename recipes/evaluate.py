@@ -50,7 +50,7 @@ import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -533,6 +533,32 @@ def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list
                       json.dumps({**stamp, "sha256": hashlib.sha256(lines).hexdigest()}, indent=1) + "\n")
 
 
+def _row_name(name: str, retriever: str, k: int, settings: Sequence[tuple[str, int]], label_settings: bool | None,
+              bare_setting: tuple[str, int] | None) -> str:
+    """A table row's name: the checkpoint's, with " [retriever k=K]" when settings are labelled (evaluate_checkpoints)."""
+    labelled = (len(settings) > 1 if label_settings is None else label_settings) and (retriever, k) != bare_setting
+    return f"{name} [{retriever} k={k}]" if labelled else name
+
+
+def check_cell_outputs(out_dir: Path, rows: Iterable[str], tasks: Sequence[str]) -> None:
+    """ConfigError naming every file a cell will write (predictions, generations, stamp) that a folder occupies
+    or whose folder cannot be written: found before decoding, not after it. Creates the row folders."""
+    problems = []
+    for row in dict.fromkeys(rows):
+        for task in tasks:
+            for path in (predictions_file(out_dir, row, task), out_dir / "generations" / _slug(row) / f"{task}.jsonl",
+                         out_dir / "generations" / _slug(row) / f"{task}.stamp.json"):
+                try:
+                    if path.is_dir():
+                        raise ConfigError(f"out_dir={out_dir}: {path} is a folder where a file goes (move it, or "
+                                          f"give another out_dir=)")
+                    check_writable_dir(path.parent, "out_dir", shown=path)
+                except ConfigError as err:
+                    problems.append(str(err))
+    if problems:
+        raise ConfigError(" | ".join(dict.fromkeys(problems)))
+
+
 STAMP_FORMAT = "minitagpr-eval-cell/1"
 
 
@@ -627,6 +653,10 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
         if problems:
             raise DataError(" | ".join(problems))
     out = Path(out_dir) if out_dir is not None else None
+    rows = {(name, r, k): _row_name(name, r, k, settings, label_settings, bare_setting)
+            for name in named_checkpoints for r, k in settings}
+    if out is not None:  # a folder (or file) in the way of a cell's files must not cost the decoding before it
+        check_cell_outputs(out, rows.values(), [td.task for td in task_data])
     ready = dict(retrievers or {})
     choosers = {r: ready[r] if r in ready else make_retriever(r, seed, dense_encoder)
                 for r in dict.fromkeys(r for r, _ in settings)}
@@ -639,9 +669,7 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
         loaded = False  # the engine is built at this checkpoint's first cell that is not reused
         files = checkpoint_fingerprint(checkpoint) if out is not None else None
         for retriever, k in settings:
-            labelled = (len(settings) > 1 if label_settings is None else label_settings) and \
-                (retriever, k) != bare_setting
-            row = f"{name} [{retriever} k={k}]" if labelled else name
+            row = rows[name, retriever, k]
             for td in task_data:
                 # everything the generations depend on (batch_prompts does not: each example is seeded by its place)
                 key = {"format": STAMP_FORMAT, "checkpoint": str(checkpoint), "checkpoint_files": files,

@@ -92,7 +92,8 @@ def test_an_unwritable_out_dir_is_found_before_any_generation(lamp_root, tmp_pat
     monkeypatch.setattr(ev, "make_engine", no_generation)
     cfg = parse_cli(ev.EvalConfig, [f"data={lamp_root}", "tasks=LaMP-3", "checkpoints=t=ckpt", "engine=builtin",
                                     f"out_dir={a_file / 'sub'}"])
-    with pytest.raises(ConfigError, match=rf"out_dir={a_file / 'sub'}: cannot write there \(Not a directory\)"):
+    with pytest.raises(ConfigError, match=rf"out_dir={a_file / 'sub'}: cannot write there \({a_file} is a file, "
+                                          rf"not a folder\)"):
         ev.run(cfg)
 
 
@@ -246,3 +247,25 @@ def test_rl_and_prmu_rollouts_check_retriever_split_and_part_when_parsed(setting
         with pytest.raises(ConfigError, match=r"retriever must be one of 'recency', 'bm25', 'bm25okapi', 'random', "
                                               r"got 'dense'"):
             parse_cli(rollouts.RolloutConfig, ["policy=p", "questions=q", "outputs=o", "out=x", setting])
+
+
+def test_a_folder_in_the_way_of_a_cell_file_is_found_before_any_generation(lamp_root, checkpoint, tmp_path, monkeypatch):
+    """A folder where a cell's stamp goes, and a file where a later row's generations folder goes, are both named
+    before the first cell decodes (they were OS errors after decoding that cell)."""
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generation started although a cell's files cannot be written")
+
+    monkeypatch.setattr(ev, "generate_answers", no_generation)
+    out = tmp_path / "out"
+    (out / "generations" / "t").mkdir(parents=True)
+    (out / "generations" / "t" / "LaMP-3.stamp.json").mkdir()
+    (out / "generations" / "u").write_text("")
+    cfg = parse_cli(ev.EvalConfig, [f"data={lamp_root}", "tasks=LaMP-3", "engine=builtin", f"out_dir={out}",
+                                    f"checkpoints=t={checkpoint},u={checkpoint}"])
+    with pytest.raises(ConfigError) as err:
+        ev.run(cfg)
+    msg = str(err.value)
+    assert f"{out / 'generations' / 't' / 'LaMP-3.stamp.json'} is a folder where a file goes" in msg
+    assert (f"out_dir={out / 'generations' / 'u' / 'LaMP-3.jsonl'}: cannot write there "
+            f"({out / 'generations' / 'u'} is a file, not a folder)") in msg
+    assert msg.count(" | ") == 2 and not (out / "table.json").exists()  # u's three files, t's stamp; one line

@@ -146,6 +146,25 @@ def test_plot_command_names_a_missing_file(tmp_path):
         plots_main([str(tmp_path / "none.jsonl"), str(tmp_path / "d.png")])
 
 
+def test_plot_command_names_folders_given_as_files_and_writes_any_suffix(tmp_path):
+    """A folder as the metrics file or as the output is named as a folder (it read "does not exist", and the output
+    "Format 'tmp' is not supported"); a name without a suffix gets a PNG, a PDF suffix a PDF, an unknown one a
+    one-line error; nothing is left beside the output."""
+    write_run(tmp_path / "m.jsonl", range(3))
+    (tmp_path / "a_dir").mkdir()
+    with pytest.raises(SystemExit, match=f"metrics file {tmp_path / 'a_dir'} is a folder, not a file"):
+        plots_main([str(tmp_path / "a_dir"), str(tmp_path / "d.png")])
+    with pytest.raises(SystemExit, match=f"output {tmp_path / 'a_dir'} is a folder; give a file path"):
+        plots_main([str(tmp_path / "m.jsonl"), str(tmp_path / "a_dir")])
+    plots_main([str(tmp_path / "m.jsonl"), str(tmp_path / "curves")])
+    assert (tmp_path / "curves").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plots_main([str(tmp_path / "m.jsonl"), str(tmp_path / "curves.PDF")])
+    assert (tmp_path / "curves.PDF").read_bytes()[:5] == b"%PDF-"
+    with pytest.raises(SystemExit, match="error: Format 'xyz' is not supported"):
+        plots_main([str(tmp_path / "m.jsonl"), str(tmp_path / "c.xyz")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "curves", "curves.PDF", "m.jsonl"]
+
+
 # ---- pinned by mutation (2026-11-27) ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),

@@ -4,11 +4,12 @@ One panel per numeric key against `step` (default: every numeric key except book
 from __future__ import annotations
 
 import argparse
+import io
 import math
-import os
 import sys
 from pathlib import Path
 
+from minitagpr.atomic import atomic_write_bytes
 from minitagpr.train.metrics import read_jsonl
 
 SKIP_KEYS = {"step", "epoch", "time", "elapsed_s"}
@@ -26,6 +27,9 @@ def plot_metrics(jsonl_path: str | Path, out_path: str | Path, keys: list[str] |
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
+    out_path = Path(out_path)
+    if out_path.is_dir():  # before the drawing: it would fail at the write
+        raise ValueError(f"output {out_path} is a folder; give a file path, e.g. {out_path / 'curves.png'}")
     records = read_jsonl(jsonl_path)
     if not records:
         raise ValueError(f"{jsonl_path} holds no metrics records")
@@ -48,24 +52,23 @@ def plot_metrics(jsonl_path: str | Path, out_path: str | Path, keys: list[str] |
         ax.axis("off")
     fig.suptitle(Path(jsonl_path).name, fontsize=11)
     fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.stem + ".tmp" + out_path.suffix)  # keep the suffix: it picks the format
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    buf = io.BytesIO()
+    try:  # the suffix picks the format; a name without one gets a PNG
+        fig.savefig(buf, dpi=110, format=out_path.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(out_path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("jsonl", help="a run's per-step metrics (metrics.jsonl)")
-    ap.add_argument("out", help="PNG file to write")
+    ap.add_argument("out", help="image file to write (its suffix picks the format: .png, .pdf, .svg, ...; none: PNG)")
     ap.add_argument("--keys", default=None, help="comma-separated metric names (default: all numeric)")
     args = ap.parse_args(argv)
     try:
         out = plot_metrics(args.jsonl, args.out, args.keys.split(",") if args.keys else None)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError) as err:  # OSError: the out path cannot be written
         sys.exit(f"error: {err}")
     print(out)
 

@@ -233,7 +233,9 @@ def test_cli_names_an_out_dir_it_cannot_write_and_refuses_a_negative_cap(tmp_pat
     write_rollouts(tmp_path / "r.jsonl", _rollouts())
     (tmp_path / "a_file").write_text("")
     assert main(["from-rollouts", str(tmp_path / "r.jsonl"), "--out-dir", str(tmp_path / "a_file")]) == 1
-    assert capsys.readouterr().err.strip().endswith(f"error: {tmp_path / 'a_file'}: File exists")  # no traceback
+    out = capsys.readouterr()
+    assert out.err.strip() == (f"error: --out-dir={tmp_path / 'a_file'}: cannot write there ({tmp_path / 'a_file'} "
+                               f"is a file, not a folder)")  # no traceback
     with pytest.raises(SystemExit):  # was taken as 0, no cap
         main(["demo", str(tmp_path / "world"), "--out-dir", str(tmp_path / "p"), "--max-per-set", "-5"])
     assert "--max-per-set must be >= 0 (0 = no cap), got -5" in capsys.readouterr().err

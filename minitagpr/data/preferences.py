@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from minitagpr.atomic import atomic_write_text
+from minitagpr.config import ConfigError, check_writable_dir
 from minitagpr.data.answers import extract_answer
 from minitagpr.data.lamp import DataError, canonical_task, gold_problem, json_object_lines, not_a_file
 from minitagpr.tokenizer import assistant_target, check_messages
@@ -642,13 +643,14 @@ def main(argv: list[str] | None = None) -> int:
                                           f"'no_profile' records of a query; PQP needs responses of unequal R_v)"
                                           f"{cut}")
         out = Path(args.out_dir)
+        check_writable_dir(out, "--out-dir")  # a file in its way is named as one (created only for pairs to write)
         for name, pairs in sets.items():
             write_pairs(out / f"{name.lower()}.jsonl", pairs)
             print(f"{name}: {len(pairs)} pairs -> {out / (name.lower() + '.jsonl')}")
-    except (PreferenceDataError, DataError) as e:
+    except (PreferenceDataError, DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # e.g. --out-dir names a file, or a folder that cannot be written
+    except OSError as e:  # e.g. a disk that fills up while writing
         if e.filename is None:
             raise
         print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)

@@ -535,7 +535,8 @@ def _write_outputs(out_dir: Path | None, row: str, data: TaskData, records: list
 
 def _row_name(name: str, retriever: str, k: int, settings: Sequence[tuple[str, int]], label_settings: bool | None,
               bare_setting: tuple[str, int] | None) -> str:
-    """A table row's name: the checkpoint's, with " [retriever k=K]" when settings are labelled (evaluate_checkpoints)."""
+    """A table row's name: the checkpoint's, with " [retriever k=K]" when settings are labelled
+    (evaluate_checkpoints)."""
     labelled = (len(settings) > 1 if label_settings is None else label_settings) and (retriever, k) != bare_setting
     return f"{name} [{retriever} k={k}]" if labelled else name
 

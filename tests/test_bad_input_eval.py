@@ -249,7 +249,7 @@ def test_rl_and_prmu_rollouts_check_retriever_split_and_part_when_parsed(setting
             parse_cli(rollouts.RolloutConfig, ["policy=p", "questions=q", "outputs=o", "out=x", setting])
 
 
-def test_a_folder_in_the_way_of_a_cell_file_is_found_before_any_generation(lamp_root, checkpoint, tmp_path, monkeypatch):
+def test_a_folder_in_the_way_of_a_cell_file_is_found_before_decoding(lamp_root, checkpoint, tmp_path, monkeypatch):
     """A folder where a cell's stamp goes, and a file where a later row's generations folder goes, are both named
     before the first cell decodes (they were OS errors after decoding that cell)."""
     def no_generation(*args, **kwargs):
@@ -268,4 +268,4 @@ def test_a_folder_in_the_way_of_a_cell_file_is_found_before_any_generation(lamp_
     assert f"{out / 'generations' / 't' / 'LaMP-3.stamp.json'} is a folder where a file goes" in msg
     assert (f"out_dir={out / 'generations' / 'u' / 'LaMP-3.jsonl'}: cannot write there "
             f"({out / 'generations' / 'u'} is a file, not a folder)") in msg
-    assert msg.count(" | ") == 2 and not (out / "table.json").exists()  # u's three files, t's stamp; one line
+    assert msg.count(" | ") == 2 and not (out / "table.json").exists()  # u's two generations files, t's stamp

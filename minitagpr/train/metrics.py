@@ -111,7 +111,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     from minitagpr.data.lamp import json_object_lines
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"metrics file {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
+        why = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"metrics file {path} {why}")
     return [record for _, record in json_object_lines(path, lambda i, what: ValueError(f"{path}:{i}: {what}"))]
 
 

@@ -18,7 +18,8 @@ Prints, per task's main metric: SFT, each seed's guided and exploratory cell, th
 the seeds, how many seeds are at or above SFT and how many are below or above it beyond the dev-user noise (the 95%
 interval of recipes/guided_rl.py's rl_vs_sft excludes zero); how many dev generations pass the format gate and the
 tag check; then each seed's guided-RL trend (first vs last 20% of steps), the sampled R_v per task pooled over the
-seeds, and how closely each stage's advantages follow R_tag and R_v (group/adv_corr/<term>; nan in older logs).
+seeds, and how closely each stage's advantages follow R_tag and R_v (group/adv_corr/<term>; "not logged" for a term
+that is off or an older log).
 A benchmark that reports, not a test.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -158,7 +160,8 @@ def main() -> None:
         for s, log in zip(seeds, logs[stage]):
             keys = [f"group/adv_corr/{term}" for term in terms]
             whole, ends = g.first_last_share(log, keys, share=1.0), g.first_last_share(log, keys)
-            cells = [f"{term} {whole[k][0]:.2f} ({ends[k][0]:.2f} -> {ends[k][1]:.2f})" for term, k in zip(terms, keys)]
+            cells = [f"{term} {whole[k][0]:.2f} ({ends[k][0]:.2f} -> {ends[k][1]:.2f})" if not math.isnan(whole[k][0])
+                     else f"{term} not logged (the term is off, or an older log)" for term, k in zip(terms, keys)]
             print(f"  {stage:14s} seed {s}: " + "; ".join(cells))
 
 

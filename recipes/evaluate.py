@@ -56,7 +56,8 @@ import torch
 
 from minitagpr.atomic import atomic_write_bytes, atomic_write_text
 from minitagpr.cli import exit_on_user_error, is_user_error
-from minitagpr.config import ConfigError, check_at_least, check_choice, check_fraction, check_writable_dir, parse_cli
+from minitagpr.config import (ConfigError, check_at_least, check_choice, check_fraction, check_writable_dir,
+                              check_writable_file, parse_cli)
 from minitagpr.data import lamp, prompts, retrieval
 from minitagpr.data.lamp import DataError, LampExample, not_a_file
 from minitagpr.distributed import describe_machine, machine
@@ -550,10 +551,7 @@ def check_cell_outputs(out_dir: Path, rows: Iterable[str], tasks: Sequence[str])
             for path in (predictions_file(out_dir, row, task), out_dir / "generations" / _slug(row) / f"{task}.jsonl",
                          out_dir / "generations" / _slug(row) / f"{task}.stamp.json"):
                 try:
-                    if path.is_dir():
-                        raise ConfigError(f"out_dir={out_dir}: {path} is a folder where a file goes (move it, or "
-                                          f"give another out_dir=)")
-                    check_writable_dir(path.parent, "out_dir", shown=path)
+                    check_writable_file(path, "out_dir")
                 except ConfigError as err:
                     problems.append(str(err))
     if problems:

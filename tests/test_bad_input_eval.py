@@ -265,7 +265,7 @@ def test_a_folder_in_the_way_of_a_cell_file_is_found_before_decoding(lamp_root, 
     with pytest.raises(ConfigError) as err:
         ev.run(cfg)
     msg = str(err.value)
-    assert f"{out / 'generations' / 't' / 'LaMP-3.stamp.json'} is a folder where a file goes" in msg
+    assert f"out_dir={out / 'generations' / 't' / 'LaMP-3.stamp.json'} is a folder; give a file path" in msg
     assert (f"out_dir={out / 'generations' / 'u' / 'LaMP-3.jsonl'}: cannot write there "
             f"({out / 'generations' / 'u'} is a file, not a folder)") in msg
     assert msg.count(" | ") == 2 and not (out / "table.json").exists()  # u's two generations files, t's stamp

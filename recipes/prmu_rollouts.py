@@ -176,7 +176,9 @@ def _read_progress(path: Path, header: dict) -> dict[int, list[RolloutRecord]]:
             # a record's own error already names path:line, record and field
             where = str(e) if isinstance(e, PreferenceDataError) else \
                 f"{path}:{lineno}: not a progress line ({type(e).__name__})"
-            raise ConfigError(f"{where}; delete the file to start over") from None
+            raise ConfigError(f"{where}; remove line {lineno} of {path} to sample only that batch again (each "
+                              "request is seeded by its place in the run: the rollouts come out the same), or delete "
+                              "the file to start over") from None
     return done
 
 

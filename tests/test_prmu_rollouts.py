@@ -274,12 +274,14 @@ def test_a_killed_sampling_run_resumes_its_finished_batches_and_ends_as_an_unint
     assert sample(cut, fault="batch:4", check=False).returncode != 0  # killed before its third batch (of 3)
     progress = cut.with_name("cut.jsonl.rank00000.progress")
     assert len(progress.read_text().splitlines()) == 3 and not cut.exists()  # header + 2 finished batches
-    with progress.open("a") as f:
-        f.write('{"start": 4, "recor')  # a write the kill cut short
+    header, first, second = progress.read_text().splitlines(keepends=True)
+    # the first batch's line removed (as a damaged line's error advises): that batch is sampled again, in the middle
+    # of the run, and comes out as it did
+    progress.write_text(header + second + '{"start": 4, "recor')  # and a write the kill cut short
     refused = sample(cut, "seed=1", check=False)  # other settings: the progress is not theirs
     assert refused.returncode != 0 and f"{progress}: sampling progress of an earlier run" in refused.stderr
     resumed = sample(cut)
-    assert "resumes 2 finished batch(es) (4 requests)" in resumed.stdout
+    assert "resumes 1 finished batch(es) (2 requests)" in resumed.stdout
     assert [vars(r) | {"origin": None} for r in read_rollouts(cut)] == \
         [vars(r) | {"origin": None} for r in read_rollouts(tmp_path / "whole.jsonl")]
     assert not progress.exists()
@@ -379,5 +381,10 @@ _FIVE = (b'{"start": 4, "records": [{"id": "q2", "user": "u1", "task": "LaMP-2",
 def test_a_damaged_progress_line_before_the_last_is_named_before_anything_is_written(tmp_path, bad, match):
     """A record with "responses": 5 was accepted, written to `out`, then crashed the run (and `out` was kept)."""
     path, header, line = _progress_file(tmp_path, bad, b'{"start": 8, "records": []}\n')
-    with pytest.raises(ConfigError, match=match + r".*delete the file to start over"):
+    with pytest.raises(ConfigError, match=match + r".*remove line 3 of .*progress to sample only that batch again.*"
+                                                  r"or delete the file to start over"):
         recipe._read_progress(path, header)
+    # the advice holds: without that line the file resumes, the good batches kept and the removed one left to sample
+    kept = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(kept[:2] + kept[3:]))
+    assert sorted(recipe._read_progress(path, header)) == [0, 8]

@@ -163,9 +163,10 @@ def evaluate(task: str, predictions: Mapping[str, str], golds: Mapping[str, str]
     """Score {id: text} predictions against {id: gold} under the official LaMP rules (see the module docstring)."""
     task = canonical_task(task)
     _check_ids(predictions, golds)
-    for i, text in predictions.items():
-        if not isinstance(text, str):
-            raise DataError(f"evaluate: prediction for id {i!r}: expected str, got {type(text).__name__}")
+    for what, texts in (("prediction", predictions), ("gold", golds)):
+        for i, text in texts.items():
+            if not isinstance(text, str):
+                raise DataError(f"evaluate: {what} for id {i!r}: expected str, got {type(text).__name__}")
     if extract or normalize:
         from minitagpr.data import answers  # owned by the rewards module; imported only when asked for
         predictions = {i: answers.extract_answer(t) if extract else t for i, t in predictions.items()}

@@ -294,3 +294,8 @@ def test_a_prediction_that_is_no_string_is_a_data_error():
         evaluate("LaMP-3", {"a": 4}, {"a": "4"})
     with pytest.raises(DataError, match=r"prediction for id 'b': expected str, got NoneType"):
         evaluate("LaMP-1", {"a": "[1]", "b": None}, {"a": "[1]", "b": "[2]"})
+    # golds too (a caller of the API with golds of its own; load_outputs checks a file's): was an AttributeError
+    with pytest.raises(DataError, match=r"gold for id 'a': expected str, got int"):
+        evaluate("LaMP-1", {"a": "[1]"}, {"a": 1})
+    with pytest.raises(DataError, match=r"gold for id 'b': expected str, got NoneType"):
+        evaluate("LaMP-4", {"a": "x", "b": "y"}, {"a": "x", "b": None})

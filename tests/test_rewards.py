@@ -377,3 +377,19 @@ def test_score_batch_is_exact_match_unless_normalisation_is_asked_for():
     (exact,) = score_batch(["LaMP-1"], [response], ["[2]"], gamma=0.0)
     (lenient,) = score_batch(["LaMP-1"], [response], ["[2]"], gamma=0.0, normalize_answers=True)
     assert (exact.r_v, lenient.r_v) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("score", [7.3, -0.5, float("nan"), float("inf")])
+def test_a_prmu_score_outside_0_1_is_refused_by_response(score):
+    """R_PRMU = sigmoid(f): a raw logit passed by mistake pushed the total past alpha + gamma unnoticed (7.3 gave
+    2.26; reported by a review, 2026-11-29)."""
+    with pytest.raises(ValueError, match=r"PRMU score of response 1 is .*lies in \[0, 1\]"):
+        score_batch(["LaMP-3"] * 2, [respond("a", "4")] * 2, ["4"] * 2, prmu=[0.5, score])
+
+
+@pytest.mark.parametrize("response,gold,kinds", [(None, "4", "NoneType and str"),
+                                                 ("<think>a</think>4", 4, "str and int")])
+def test_a_response_or_gold_that_is_no_string_is_named_by_its_index(response, gold, kinds):
+    """Was an AttributeError inside the answer parser or rouge_score."""
+    with pytest.raises(TypeError, match=f"response 1 and its gold must be strings, got {kinds}"):
+        score_batch(["LaMP-3"] * 2, ["<think>a</think>4", response], ["4", gold], mix="foundation")

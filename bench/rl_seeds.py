@@ -18,8 +18,8 @@ Prints, per task's main metric: SFT, each seed's guided and exploratory cell, th
 the seeds, how many seeds are at or above SFT and how many are below or above it beyond the dev-user noise (the 95%
 interval of recipes/guided_rl.py's rl_vs_sft excludes zero); how many dev generations pass the format gate and the
 tag check; then each seed's guided-RL trend (first vs last 20% of steps), the sampled R_v per task pooled over the
-seeds, and how closely each stage's advantages follow R_tag and R_v (group/adv_corr/<term>; "not logged" for a term
-that is off or an older log).
+seeds, and how closely each stage's advantages follow each reward term and R_v alone (group/adv_corr/<term>:
+foundation, tag, prmu, r_v; "not logged" for a term that is off or an older log).
 A benchmark that reports, not a test.
 """
 from __future__ import annotations
@@ -156,7 +156,8 @@ def main() -> None:
         print(f"  {task:7s} {first:.3f} -> {last:.3f}  ({n_first} / {n_last} responses)")
     print("\nadvantages' within-group correlation with a reward term (group/adv_corr/<term>): mean over the stage's "
           "steps (first -> last 20%):")
-    for stage, terms in (("guided_rl", ("tag", "r_v")), ("exploratory_rl", ("r_v",))):
+    for stage, terms in (("guided_rl", ("foundation", "tag", "prmu", "r_v")),
+                         ("exploratory_rl", ("foundation", "r_v"))):
         for s, log in zip(seeds, logs[stage]):
             keys = [f"group/adv_corr/{term}" for term in terms]
             whole, ends = g.first_last_share(log, keys, share=1.0), g.first_last_share(log, keys)

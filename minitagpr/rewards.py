@@ -335,6 +335,8 @@ def score_batch(tasks: Sequence[str], responses: Sequence[str], golds: Sequence[
             raise TypeError(f"score_batch: response {i} and its gold must be strings, got "
                             f"{type(response).__name__} and {type(gold).__name__}")
         r_prmu = None if prmu is None else float(prmu[i])
+        if r_prmu is not None and not math.isfinite(r_prmu):
+            raise ValueError(f"score_batch: PRMU score of response {i} is {r_prmu}")
         if r_prmu is not None and not 0.0 <= r_prmu <= 1.0:  # a raw logit f would push R past alpha + gamma
             raise ValueError(f"score_batch: PRMU score of response {i} is {r_prmu}; R_PRMU = sigmoid(f) lies in "
                              "[0, 1] (pass the reward model's sigmoid scores, not its logits)")

@@ -19,6 +19,7 @@ normalize=true). Written under out_dir:
   generations/<row>/<task>.stamp.json            what they were decoded from (checkpoint files, questions, every
                                                  decoding setting) and the .jsonl's sha256, written last: resume=true
                                                  reuses a cell whose stamp matches this run instead of decoding it
+                                                 (another row's folder too: a renamed checkpoint row)
   table.md, table.json                           Table 1 style: one row per checkpoint, one column per metric; the
                                                  json also holds each row's settings (the engine that ran, its
                                                  dtype, the token limits), per cell the files it was scored
@@ -115,8 +116,8 @@ class EvalConfig:
     # which removes those tables first (the prediction and generation files of the rows decoded again are rewritten)
     overwrite: bool = False
     # reuse each (checkpoint, setting, task) cell an earlier run in out_dir decoded from the same checkpoint files
-    # and questions with the same decoding settings (its stamp says so), decode the rest, rebuild the tables (so it
-    # also replaces them, as overwrite=true): a killed evaluation goes on where it stopped
+    # and questions with the same decoding settings (its stamp says so; under any row name), decode the rest, rebuild
+    # the tables (so it also replaces them, as overwrite=true): a killed evaluation goes on where it stopped
     resume: bool = False
 
     def __post_init__(self):
@@ -619,6 +620,26 @@ def reusable_generations(out_dir: Path | None, row: str, data: TaskData, key: Ma
     return records, stamp
 
 
+def reusable_elsewhere(out_dir: Path | None, row: str, data: TaskData, key: Mapping[str, Any]):
+    """(records, stamp, folder) of a cell stamped under exactly `key` in another row's folder: the same checkpoint
+    files and settings under another row name (checkpoints=A=dir renamed to B=dir). Only a stamp whose key matches
+    has its generations read and checked (`reusable_generations`); None when no row holds one."""
+    root = out_dir / "generations" if out_dir is not None else None
+    if root is None or not root.is_dir():
+        return None
+    want = json.loads(json.dumps(key))
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != _slug(row)):
+        try:
+            stamp = json.loads((folder / f"{data.task}.stamp.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none there, or unreadable: that folder holds nothing to reuse
+            continue
+        if isinstance(stamp, dict) and stamp.get("key") == want:
+            found = reusable_generations(out_dir, folder.name, data, key)  # folder names are slugs already
+            if found is not None:
+                return (*found, folder.name)
+    return None
+
+
 def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tasks: Sequence[str] | Sequence[TaskData],
                          *, data: Any = "demo", data_dir=None, pgraphrag_dir=None, pgraphrag_domain: str = "amazon",
                          split: str = "user", part: str = "dev", limit: int = 0,
@@ -641,7 +662,8 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
     here). Every checkpoint and question is checked first (`input_problems`) unless the caller did (`checked`).
     `after_checkpoint(table)`, when given, sees the table so far after each checkpoint (run() writes it).
     `resume`: a cell whose generations an earlier run stamped under this run's settings is read back, not decoded
-    (`reusable_generations`); a checkpoint whose cells are all reused is never loaded."""
+    (`reusable_generations`; under another row name too, `reusable_elsewhere`); a checkpoint whose cells are all
+    reused is never loaded."""
     task_data = [t if isinstance(t, TaskData) else load_task_data(data, t, split=split, part=part, limit=limit,
                                                                    data_dir=data_dir, pgraphrag_dir=pgraphrag_dir,
                                                                    pgraphrag_domain=pgraphrag_domain)
@@ -680,10 +702,17 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                        # the seed reaches only sampling and the random retriever: greedy cells ignore it
                        "seed": seed if temperature > 0 or retriever == "random" else None}
                 found = reusable_generations(out, row, td, key, log) if resume else None
+                origin = None  # another row's folder the cell is reused from
+                if found is None and resume:
+                    elsewhere = reusable_elsewhere(out, row, td, key)
+                    if elsewhere is not None:
+                        *found, origin = elsewhere
                 if found is not None:
                     records, stamp = found
                     cell_used = dict(stamp.get("used") or {})
-                    log(f"eval {row} {td.task}: reusing the stamped generations (resume=true)")
+                    log(f"eval {row} {td.task}: reusing the stamped generations"
+                        + (f" of generations/{origin}/ (the same checkpoint files and settings)" if origin else "")
+                        + " (resume=true)")
                     if stamp.get("machine") != table.machine:  # the table's machine is this run's: say so
                         table.notes.append(f"{row} {td.task}: generations decoded by an earlier run on "
                                            f"{describe_machine(stamp.get('machine') or {})} (resume=true)")
@@ -712,8 +741,10 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                            "normalize": normalize},
                           len(td.examples), counts=generation_counts(records), source=task_source(td))
-                _write_outputs(out, row, td, records, normalize, stamp=None if found is not None else
-                               {"key": key, "used": cell_used, "machine": table.machine})
+                # a fresh cell, or one reused from another row's folder, gets its generations and stamp in this row's
+                _write_outputs(out, row, td, records, normalize, stamp=None if found is not None and not origin else
+                               {"key": key, "used": cell_used,
+                                "machine": stamp.get("machine") if origin else table.machine})
                 log(f"eval {row} {td.task}: " + ", ".join(f"{m}={v:.4f}" for m, v in metrics.items()))
                 if short := table.counts[row][td.task]["profile_cut"]:
                     log(f"eval {row} {td.task}: note: {short} of {len(records)} prompts held fewer than the "

@@ -532,6 +532,33 @@ def test_resume_decodes_a_cell_again_when_its_inputs_or_file_changed(lamp_root, 
     assert len(decoded) == 20
 
 
+def test_resume_reuses_a_cell_stamped_under_another_row_name(lamp_root, tmp_path, monkeypatch, capsys):
+    """checkpoints=sft=DIR renamed to checkpoints=tuned=DIR decoded every cell again: the stamps were looked up only
+    under the row's own name. A cell stamped under exactly this run's key in another row's folder is reused, and
+    copied (generations and stamp) into the new row's folder."""
+    decoded = []
+    _fake_generation(monkeypatch, lambda k: decoded.append(k) or "4")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"v1")
+    out = tmp_path / "out"
+    args = [f"data={lamp_root}", "tasks=LaMP-3", f"out_dir={out}", "prompt_style=full", "resume=true"]
+    ev.run(parse_cli(ev.EvalConfig, args + [f"checkpoints=sft={ckpt}"]))
+    assert len(decoded) == 3
+    capsys.readouterr()
+    renamed = ev.run(parse_cli(ev.EvalConfig, args + [f"checkpoints=tuned={ckpt}"]))["table"]
+    assert len(decoded) == 3 and list(renamed.rows) == ["tuned"]
+    assert "eval tuned LaMP-3: reusing the stamped generations of generations/sft/" in capsys.readouterr().out
+    old, new = out / "generations" / "sft", out / "generations" / "tuned"
+    assert (new / "LaMP-3.jsonl").read_bytes() == (old / "LaMP-3.jsonl").read_bytes()
+    assert json.loads((new / "LaMP-3.stamp.json").read_text()) == json.loads((old / "LaMP-3.stamp.json").read_text())
+    (ckpt / "model.safetensors").write_bytes(b"v2")  # other weights: neither row's stamp matches any more
+    ev.run(parse_cli(ev.EvalConfig, args + [f"checkpoints=again={ckpt}"]))
+    assert len(decoded) == 6
+    ev.run(parse_cli(ev.EvalConfig, args + [f"checkpoints=again={ckpt}", "k=2"]))  # another setting: not reused
+    assert len(decoded) == 9
+
+
 def test_an_empty_task_list_is_refused():
     """tasks= wrote a table with no column and exited 0."""
     with pytest.raises(ConfigError, match="tasks= is empty"):

@@ -701,12 +701,15 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                        "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                        # the seed reaches only sampling and the random retriever: greedy cells ignore it
                        "seed": seed if temperature > 0 or retriever == "random" else None}
-                found = reusable_generations(out, row, td, key, log) if resume else None
+                why_not: list[str] = []  # why the row's own stamp does not match: said only if no other row's does
+                found = reusable_generations(out, row, td, key, why_not.append) if resume else None
                 origin = None  # another row's folder the cell is reused from
                 if found is None and resume:
                     elsewhere = reusable_elsewhere(out, row, td, key)
                     if elsewhere is not None:
                         *found, origin = elsewhere
+                    for line in why_not if elsewhere is None else ():
+                        log(line)
                 if found is not None:
                     records, stamp = found
                     cell_used = dict(stamp.get("used") or {})

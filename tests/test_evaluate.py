@@ -557,6 +557,14 @@ def test_resume_reuses_a_cell_stamped_under_another_row_name(lamp_root, tmp_path
     assert len(decoded) == 6
     ev.run(parse_cli(ev.EvalConfig, args + [f"checkpoints=again={ckpt}", "k=2"]))  # another setting: not reused
     assert len(decoded) == 9
+    capsys.readouterr()
+    ev.run(parse_cli(ev.EvalConfig, args + [f"checkpoints=again={ckpt}", "k=3"]))  # nowhere: the own row's reason
+    said = capsys.readouterr().out
+    assert len(decoded) == 12 and "eval again LaMP-3: not reused (k 2 -> 3); decoding it again" in said
+    (ckpt / "model.safetensors").write_bytes(b"v1")  # back to sft's weights: its cell, not again's reason
+    ev.run(parse_cli(ev.EvalConfig, args + [f"checkpoints=again={ckpt}"]))
+    said = capsys.readouterr().out
+    assert len(decoded) == 12 and "not reused" not in said and "of generations/sft/" in said
 
 
 def test_an_empty_task_list_is_refused():

@@ -601,17 +601,20 @@ def reusable_generations(out_dir: Path | None, row: str, data: TaskData, key: Ma
             log(f"eval {row} {data.task}: not reused ({why}); decoding it again")
     try:
         stamp = json.loads(stamp_file.read_text(encoding="utf-8"))
-        raw = gen_file.read_bytes()
     except (OSError, ValueError) as err:
-        return no(f"{type(err).__name__} reading {stamp_file.name} or {gen_file.name}")
+        return no(f"{type(err).__name__} reading {stamp_file.name}")
     want = json.loads(json.dumps(key))
     if not isinstance(stamp, dict) or not isinstance(stamp.get("key"), dict):
         return no(f"{stamp_file} is not a stamp")
-    if stamp["key"] != want:
+    if stamp["key"] != want:  # checked before the generations are read: a resume looks at every row's stamps
         changed = [f"{k} {stamp['key'].get(k)!r} -> {want.get(k)!r}" if k not in ("checkpoint_files", "examples",
                                                                                   "dense_encoder") else f"{k} changed"
                    for k in sorted(want.keys() | stamp["key"].keys()) if stamp["key"].get(k) != want.get(k)]
         return no("; ".join(changed))
+    try:
+        raw = gen_file.read_bytes()
+    except OSError as err:
+        return no(f"{type(err).__name__} reading {gen_file.name}")
     if stamp.get("sha256") != hashlib.sha256(raw).hexdigest():
         return no(f"{gen_file} changed since it was stamped")
     records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
@@ -621,23 +624,16 @@ def reusable_generations(out_dir: Path | None, row: str, data: TaskData, key: Ma
 
 
 def reusable_elsewhere(out_dir: Path | None, row: str, data: TaskData, key: Mapping[str, Any]):
-    """(records, stamp, folder) of a cell stamped under exactly `key` in another row's folder: the same checkpoint
-    files and settings under another row name (checkpoints=A=dir renamed to B=dir). Only a stamp whose key matches
-    has its generations read and checked (`reusable_generations`); None when no row holds one."""
+    """(folder, (records, stamp)) of a cell stamped under exactly `key` in another row's folder: the same checkpoint
+    files and settings under another row name (checkpoints=A=dir renamed to B=dir); (None, None) when no row holds
+    one. `reusable_generations` reads a folder's generations only when its stamp's key matches."""
     root = out_dir / "generations" if out_dir is not None else None
-    if root is None or not root.is_dir():
-        return None
-    want = json.loads(json.dumps(key))
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != _slug(row)):
-        try:
-            stamp = json.loads((folder / f"{data.task}.stamp.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # none there, or unreadable: that folder holds nothing to reuse
-            continue
-        if isinstance(stamp, dict) and stamp.get("key") == want:
-            found = reusable_generations(out_dir, folder.name, data, key)  # folder names are slugs already
-            if found is not None:
-                return (*found, folder.name)
-    return None
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root is not None and root.is_dir() else []
+    for folder in folders:
+        found = reusable_generations(out_dir, folder, data, key) if folder != _slug(row) else None  # slugs already
+        if found is not None:
+            return folder, found
+    return None, None
 
 
 def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tasks: Sequence[str] | Sequence[TaskData],
@@ -705,10 +701,8 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                 found = reusable_generations(out, row, td, key, why_not.append) if resume else None
                 origin = None  # another row's folder the cell is reused from
                 if found is None and resume:
-                    elsewhere = reusable_elsewhere(out, row, td, key)
-                    if elsewhere is not None:
-                        *found, origin = elsewhere
-                    for line in why_not if elsewhere is None else ():
+                    origin, found = reusable_elsewhere(out, row, td, key)
+                    for line in why_not if found is None else ():
                         log(line)
                 if found is not None:
                     records, stamp = found

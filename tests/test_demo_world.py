@@ -264,13 +264,14 @@ def test_chain_states_the_evidence_the_prompt_shows():
 
 
 # ------------------------------------------------------------------------------------------------------- tokenizer
-def test_the_demo_policy_has_no_padded_vocabulary_tail(world):
-    """The base model takes the tokenizer's size rounded up to 64 rows (presets.make_tiny_checkpoint); the default
-    world's tokenizer fills 2048 ids, so every row is sampleable and GSPO's all-row pi equals the sampled one
+def test_the_demo_policy_has_no_padded_vocabulary_tail(world, tmp_path):
+    """The demo's base model, built as the SFT stage builds it (its rows: the tokenizer's size rounded up to 64), has
+    exactly the default world's tokenizer ids: every row is sampleable, so GSPO's all-row pi is the sampled one
     (README, "GSPO notes": tau = 0 in the demo)."""
-    from minitagpr.model.presets import _tokenizer_size
-    n = _tokenizer_size(world.tokenizer_dir / "tokenizer.json")
-    assert n == Tokenizer.from_dir(world.tokenizer_dir).vocab_size == 2048 and n % 64 == 0
+    from minitagpr.model.presets import make_tiny_checkpoint
+    base = make_tiny_checkpoint(tmp_path / "base", preset="demo", tokenizer_dir=world.tokenizer_dir)
+    rows = json.loads((base / "config.json").read_text())["vocab_size"]
+    assert rows == Tokenizer.from_dir(world.tokenizer_dir).vocab_size == 2048
 
 
 def test_tokenizer_loads_with_qwen3_markers(world):

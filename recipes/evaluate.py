@@ -617,7 +617,12 @@ def reusable_generations(out_dir: Path | None, row: str, data: TaskData, key: Ma
         return no(f"{type(err).__name__} reading {gen_file.name}")
     if stamp.get("sha256") != hashlib.sha256(raw).hexdigest():
         return no(f"{gen_file} changed since it was stamped")
-    records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+    try:  # split on "\n" alone: a generation may hold U+2028, U+0085 ..., which str.splitlines also breaks at
+        records = [json.loads(line) for line in raw.decode("utf-8").split("\n") if line.strip()]
+    except ValueError as err:
+        return no(f"{gen_file} is not JSONL ({err})")
+    if not all(isinstance(r, dict) for r in records):
+        return no(f"{gen_file} holds a line that is no JSON object")
     if [r.get("id") for r in records] != [ex.id for ex in data.examples]:  # the digest makes this a safeguard
         return no(f"{gen_file} holds other question ids")
     return records, stamp

@@ -1,6 +1,7 @@
 """recipes/evaluate.py: checkpoints and prediction files side by side on LaMP-format fixtures, official-format
 outputs, robustness sweeps, and the command line."""
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -530,6 +531,26 @@ def test_resume_decodes_a_cell_again_when_its_inputs_or_file_changed(lamp_root, 
     questions.write_text(json.dumps(records))
     ev.run(parse_cli(ev.EvalConfig, args))
     assert len(decoded) == 20
+
+
+def test_resume_reuses_generations_that_hold_unicode_line_breaks(lamp_root, tmp_path, monkeypatch, capsys):
+    # JSONL lines end at "\n" alone: U+2028, U+2029 and U+0085 (a cp1252 "..." read as Latin-1) stay unescaped
+    # inside a record, and a reader that splits where str.splitlines does crashed the resume with a JSONDecodeError
+    decoded = []
+    _fake_generation(monkeypatch, lambda k: decoded.append(k) or "4\u2028\u2029\x85\r")
+    args = [f"data={lamp_root}", "tasks=LaMP-3", "checkpoints=sft=unused", f"out_dir={tmp_path / 'out'}",
+            "prompt_style=full", "resume=true"]
+    first = ev.run(parse_cli(ev.EvalConfig, args))["table"]
+    gen = tmp_path / "out" / "generations" / "sft" / "LaMP-3.jsonl"
+    assert "\u2028" in gen.read_text(encoding="utf-8") and len(decoded) == 3
+    again = ev.run(parse_cli(ev.EvalConfig, args))["table"]
+    assert len(decoded) == 3 and again.rows == first.rows and "not reused" not in capsys.readouterr().out
+    stamp_file = gen.with_name("LaMP-3.stamp.json")  # a stamped file that is no JSONL is decoded again, with why
+    gen.write_bytes(b"[1, 2\n")
+    stamp = json.loads(stamp_file.read_text())
+    stamp_file.write_text(json.dumps({**stamp, "sha256": hashlib.sha256(b"[1, 2\n").hexdigest()}))
+    ev.run(parse_cli(ev.EvalConfig, args))
+    assert len(decoded) == 6 and f"not reused ({gen} is not JSONL (" in capsys.readouterr().out
 
 
 def test_resume_reuses_a_cell_stamped_under_another_row_name(lamp_root, tmp_path, monkeypatch, capsys):

@@ -244,7 +244,7 @@ def test_a_gold_file_of_another_task_is_refused_naming_both_tasks(tmp_path):
 
 @pytest.mark.parametrize("task,gold,message", [
     ("LaMP-1", "1", r"'1' is not a LaMP-1 label \(expected one of '\[1\]', '\[2\]'\)"),
-    ("LaMP-1", " [1]", r"' \[1\]' is not a LaMP-1 label"),
+    ("LaMP-1", " [ 1]", r"' \[ 1\]' is not a LaMP-1 label"),
     ("LaMP-2", "horror", r"'horror' is not a LaMP-2 label \(expected one of 'sci-fi', 'based on a book'"),
     ("LaMP-3", "three", r"expected a rating from 1 to 5, got 'three'"),
     ("LaMP-3", "nan", r"expected a rating from 1 to 5, got 'nan'"),
@@ -259,9 +259,11 @@ def test_a_gold_that_is_no_answer_of_its_task_names_file_record_and_field(tmp_pa
         load_outputs(path, task)
 
 
-def test_generation_golds_and_numeric_rating_golds_are_accepted(tmp_path):
+def test_generation_golds_numeric_rating_golds_and_padded_labels_are_accepted(tmp_path):
     golds = {"1": "4", "2": "4.0", "3": " 1"}  # the official scoring reads rating golds with float()
     assert load_outputs(write_outputs(tmp_path / "o3.json", "LaMP-3", golds), "LaMP-3")[1] == golds
+    golds = {"1": "[1]\n", "2": " [2]"}  # and a label gold with white space around it (stripped by the official
+    assert load_outputs(write_outputs(tmp_path / "o1.json", "LaMP-1", golds), "LaMP-1")[1] == golds  # scoring too)
     golds = {"1": "", "2": "a headline"}
     assert load_outputs(write_outputs(tmp_path / "o4.json", "LaMP-4", golds), "LaMP-4")[1] == golds
 

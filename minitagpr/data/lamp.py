@@ -592,9 +592,10 @@ def check_no_extra_golds(golds: Mapping[str, str], examples: Sequence[LampExampl
 
 def gold_problem(task: str, output: str) -> str | None:
     """Why `output` cannot be a gold answer of `task` (None when it can): a label task's gold must be one of its
-    labels, a rating task's a number from 1 to 5 (the official scoring reads it as one)."""
+    labels once stripped, a rating task's a number from 1 to 5 (the official scoring strips a label gold and reads a
+    rating gold with float(), which skips surrounding white space too; so do `metrics` and `rewards`)."""
     spec = task_spec(task)
-    if spec.kind == "label" and output not in spec.labels:
+    if spec.kind == "label" and output.strip() not in spec.labels:
         return f"{output!r} is not a {spec.name} label (expected one of {', '.join(map(repr, spec.labels))})"
     if spec.kind == "rating" and _rating(output) is None:
         return f"expected a rating from 1 to 5, got {output!r}"

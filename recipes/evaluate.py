@@ -813,9 +813,10 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
                           f"scoring the prediction files they wrote: python recipes/evaluate.py ... "
                           f"predictions=sft=runs/eval/sft/predictions/sft/LaMP_1_predictions.json,sft=...")
     out = Path(cfg.out_dir)
-    if cfg.engine == "vllm" and cfg.checkpoints:
-        from minitagpr.rollout import require_vllm
-        require_vllm()
+    if cfg.checkpoints:
+        from minitagpr.rollout import require_vllm, resolve_engine
+        if resolve_engine(cfg.engine) == "vllm":  # engine=auto too: it is vllm whenever vllm and a GPU are here
+            require_vllm(cfg.temperature)
     check_writable_dir(out, "out_dir")  # now, not after the first generations, which would then be lost
     earlier = [out / f"{stem}.{ext}" for stem in ("table", "robustness") for ext in ("json", "md")
                if (out / f"{stem}.{ext}").exists()]

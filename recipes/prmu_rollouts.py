@@ -206,7 +206,7 @@ def _append_progress(path: Path, start: int, records: list[RolloutRecord]) -> No
 def run(cfg: RolloutConfig) -> Path:
     engine_kind = resolve_engine(cfg.engine)
     if engine_kind == "vllm":
-        require_vllm()
+        require_vllm(cfg.temperature)
     # the ranks sample their shares with no collective in between, then meet to merge: the fastest may wait long
     # for the slowest (hours of 2,048-token samples per rank), past the default 30-minute collective timeout
     info = D.init_distributed(timeout_s=12 * 3600)

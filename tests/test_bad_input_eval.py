@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from lamp_fixtures import make_examples
 from recipe_modules import load_recipe
@@ -80,6 +81,18 @@ def test_evaluate_engine_vllm_without_vllm_fails_before_any_work(monkeypatch, tm
     with pytest.raises(R.RolloutError, match="engine=vllm needs the vllm package"):
         ev.run(parse_cli(ev.EvalConfig, ["checkpoints=t=ckpt", "tasks=LaMP-3", "engine=vllm",
                                          f"out_dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize("engine", ["vllm", "auto"])
+def test_evaluate_at_a_temperature_vllm_cannot_sample_at_fails_before_any_work(monkeypatch, tmp_path, engine):
+    import minitagpr.rollout as R
+
+    monkeypatch.setattr(R, "vllm_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # engine=auto picks vllm where both are here
+    monkeypatch.setattr(ev, "load_task_data", lambda *a, **kw: pytest.fail("data loaded before the engine check"))
+    with pytest.raises(R.RolloutError, match=r"temperature 2.5: the vLLM engine samples at 0 \(greedy\) or in "):
+        ev.run(parse_cli(ev.EvalConfig, ["checkpoints=t=ckpt", "tasks=LaMP-3", f"engine={engine}",
+                                         "temperature=2.5", f"out_dir={tmp_path}"]))
 
 
 def test_an_unwritable_out_dir_is_found_before_any_generation(lamp_root, tmp_path, monkeypatch):  # W2

@@ -212,6 +212,19 @@ def test_engine_vllm_without_vllm_fails_when_the_run_starts_not_when_the_config_
         loop.train(cfg)
 
 
+@pytest.mark.parametrize("temperature", ["2.5", "0.005"])
+def test_a_temperature_vllm_cannot_sample_at_fails_when_the_run_starts(monkeypatch, temperature):
+    # not at the first generate, after the policy was sharded and vLLM had loaded its own copy
+    from minitagpr import rollout
+    from minitagpr.rl import loop
+    monkeypatch.setattr(rollout, "vllm_available", lambda: True)
+    monkeypatch.setattr(loop.D, "init_distributed", lambda *a, **kw: pytest.fail("the run started"))
+    args = ["policy=p", "data_root=d", "prompts_per_step=4", "num_minibatches=1", f"temperature={temperature}"]
+    with pytest.raises(rollout.RolloutError, match=rf"temperature {temperature}: the vLLM engine samples at 0 "):
+        loop.train(parse_cli(RLConfig, args + ["engine=vllm"]))
+    assert parse_cli(RLConfig, args + ["engine=builtin"]).temperature == float(temperature)  # the built-in one can
+
+
 def _lamp_root(tmp_path, task="LaMP-3", part="train", extra_gold=False):
     examples, golds = make_examples(task, n=3, n_items=4, seed=1)
     if extra_gold:

@@ -365,3 +365,23 @@ def test_a_plain_python_process_gets_the_launcher_variables_vllm_reads_and_torch
     under_torchrun = {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
     launcher_env(env := dict(under_torchrun))
     assert env == under_torchrun
+
+
+def test_a_hub_id_is_read_from_its_cached_folder_and_a_bad_one_fails_before_vllm_starts(tmp_path, monkeypatch):
+    # the paper's "w/o SFT" row gives RL the base model's hub id: RL hands it to the engine as given
+    import huggingface_hub.constants as hub_constants
+    from minitagpr.model.checkpoint import CheckpointError
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-policy"
+    policy = presets.build_model(presets.tiny_config("tiny"))  # tied head, 512 rows
+    save_pretrained(policy, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name, value in (("HF_HUB_CACHE", str(tmp_path / "hub")), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setenv(name, str(value))
+        monkeypatch.setattr(hub_constants, name, value)
+    eng = VLLMEngine("acme/tiny-policy", DigitTokenizer(), llm=FakeLLM(), sampling_params_cls=FakeSamplingParams)
+    assert eng.expected_names == {n for n, _ in hf_named_tensors(policy)} and eng.tied
+    assert len(eng.allowed_token_ids) == 500  # the folder's 512 rows were read: 12 padded rows are masked
+    with pytest.raises(CheckpointError, match=r"acme/no-such-model: not a local folder and not in the Hugging Face"):
+        VLLMEngine("acme/no-such-model", DigitTokenizer())  # no vllm here: raised before it is imported

@@ -670,7 +670,7 @@ def rollout_seed(seed: int, step: int) -> int:
 def train(cfg: RLConfig) -> Path:
     """Run (or resume) one RL stage; returns the HF export folder `<out_dir>/export`."""
     if cfg.engine == "vllm":
-        engines.require_vllm()
+        engines.require_vllm(cfg.temperature)
     info = D.init_distributed()
     out = Path(cfg.out_dir)
     export_dir, ckpt_dir = out / "export", out / "checkpoints"

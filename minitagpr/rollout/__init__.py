@@ -9,6 +9,7 @@ import importlib.util
 from .base import Completion, RolloutEngine, RolloutError, sample_seed
 from .builtin import BuiltinEngine, sample_tokens, sampling_probs
 from .vllm_engine import VLLMEngine, checkpoint_tensor_names, hf_named_tensors
+from .vllm_engine import temperature_problem as vllm_temperature_problem
 
 
 def vllm_available() -> bool:
@@ -24,12 +25,15 @@ def resolve_engine(kind: str) -> str:
     return "vllm" if vllm_available() and torch.cuda.is_available() else "builtin"
 
 
-def require_vllm() -> None:
+def require_vllm(temperature: float | None = None) -> None:
     """Called where a run starts (not where its config is parsed, so that GPU configs still load on CPU boxes):
-    engine=vllm without the package fails before any work, in one line."""
+    engine=vllm without the package, or with a `temperature` vLLM would clamp or refuse, fails before any work, in
+    one line (not at the first generate, after the policy and vLLM have loaded)."""
     if not vllm_available():
         raise RolloutError("engine=vllm needs the vllm package, which is not installed (install the gpu extra, or "
                            "use engine=builtin)")
+    if temperature is not None and (why := vllm_temperature_problem(temperature)):
+        raise RolloutError(why)
 
 
 __all__ = [

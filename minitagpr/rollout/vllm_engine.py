@@ -37,6 +37,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from minitagpr.model.checkpoint import resolve_checkpoint
+
 from .base import Completion, RolloutEngine, RolloutError, check_request, hf_name, prompt_seed_keys, sample_seed
 
 
@@ -101,6 +103,15 @@ VLLM_MIN_TEMPERATURE = 1e-2  # vLLM clamps 0 < T < 0.01 up to 0.01 (with a log w
 VLLM_MAX_TEMPERATURE = 2.0  # vLLM >= 0.11 refuses T > 2
 
 
+def temperature_problem(temperature: float) -> str | None:
+    """Why the vLLM engine cannot sample at `temperature` (None when it can): vLLM raises above 2 (recent versions)
+    and silently samples at 0.01 below it, another distribution than the one asked for."""
+    if temperature != 0 and not VLLM_MIN_TEMPERATURE <= temperature <= VLLM_MAX_TEMPERATURE:
+        return (f"temperature {temperature!r}: the vLLM engine samples at 0 (greedy) or in "
+                f"[{VLLM_MIN_TEMPERATURE:g}, {VLLM_MAX_TEMPERATURE:g}]; use engine: builtin for others")
+    return None
+
+
 def _finish_reason(vllm_reason, ids: list[int], stops: list[int], prompt_index: int, max_new_tokens: int) -> str:
     """Our finish reason from vLLM's: "stop" exactly when the last id is one of ours (the completion's contract),
     "length" when vLLM ran out of max_tokens; an aborted or failed request is an error, never a short completion
@@ -144,6 +155,18 @@ class VLLMEngine(RolloutEngine):
                  expected_names: set[str] | None = None, llm=None, sampling_params_cls=None, **llm_kwargs):
         if sleep_level not in (0, 1, 2):
             raise ValueError(f"sleep_level must be 0, 1 or 2, got {sleep_level}")
+        # a hub id ("Qwen/Qwen3-8B", the paper's "w/o SFT" policy) names the cached folder our own loader reads; the
+        # checkpoint's names and sizes are read before vLLM starts, so a bad folder fails in seconds, not minutes
+        if llm is None or expected_names is None:  # (an injected llm with its names, as in tests, reads no folder)
+            checkpoint_dir = resolve_checkpoint(checkpoint_dir)
+        self.expected_names = expected_names if expected_names is not None else checkpoint_tensor_names(checkpoint_dir)
+        # a tied head arrives as the embedding; an untied model's head must be streamed like every other tensor
+        self.tied = _config_field(checkpoint_dir, "tie_word_embeddings") is True
+        # Never sample ids the tokenizer cannot decode (Qwen3's padded embedding tail, vLLM #13175). One list,
+        # built once and shared by every request's SamplingParams (151,669 ids for Qwen3).
+        rows = _config_vocab_size(checkpoint_dir)
+        self.allowed_token_ids = (list(range(tokenizer.vocab_size))
+                                  if tokenizer is not None and (rows is None or tokenizer.vocab_size < rows) else None)
         if llm is None:
             # The engine core must live in this process so sync_weights can reach the worker's model.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -162,14 +185,6 @@ class VLLMEngine(RolloutEngine):
         self.SamplingParams = sampling_params_cls
         self.tokenizer = tokenizer
         self.sleep_level = sleep_level
-        self.expected_names = expected_names if expected_names is not None else checkpoint_tensor_names(checkpoint_dir)
-        # a tied head arrives as the embedding; an untied model's head must be streamed like every other tensor
-        self.tied = _config_field(checkpoint_dir, "tie_word_embeddings") is True
-        # Never sample ids the tokenizer cannot decode (Qwen3's padded embedding tail, vLLM #13175). One list,
-        # built once and shared by every request's SamplingParams (151,669 ids for Qwen3).
-        rows = _config_vocab_size(checkpoint_dir)
-        self.allowed_token_ids = (list(range(tokenizer.vocab_size))
-                                  if tokenizer is not None and (rows is None or tokenizer.vocab_size < rows) else None)
         self.asleep: set[str] = set()  # which of {"weights", "kv_cache"} vLLM has released
         self.weights_valid = True  # False after level-2 sleep until a full sync
 
@@ -224,10 +239,8 @@ class VLLMEngine(RolloutEngine):
         # vLLM would cut a completion at max_model_len and call it "length": refused up front instead
         stops = check_request(prompt_token_ids, n, temperature, top_p, max_new_tokens, stop_token_ids, vocab_limit,
                               max_len=("the engine's max_model_len", self.max_model_len))
-        if temperature != 0 and not VLLM_MIN_TEMPERATURE <= temperature <= VLLM_MAX_TEMPERATURE:
-            # vLLM raises above 2 (recent versions) and silently samples at 0.01 below it: another distribution
-            raise RolloutError(f"temperature {temperature!r}: the vLLM engine samples at 0 (greedy) or in "
-                               f"[{VLLM_MIN_TEMPERATURE:g}, {VLLM_MAX_TEMPERATURE:g}]; use engine: builtin for others")
+        if why := temperature_problem(temperature):
+            raise RolloutError(why)
         if not self.weights_valid:
             raise RolloutError("generate after level-2 sleep needs sync_weights first: the weights were discarded "
                                "and reloading them from disk would undo training")

@@ -26,9 +26,10 @@ import torch
 from minitagpr import distributed as D
 from minitagpr.cli import run_recipe
 from minitagpr.atomic import atomic_write_json
-from minitagpr.config import (ConfigError, check_at_least, check_number, check_optimizer, check_resumed_config,
-                              parse_cli, save_config, to_dict)
+from minitagpr.config import (ConfigError, check_at_least, check_choice, check_number, check_optimizer,
+                              check_resumed_config, parse_cli, save_config, to_dict)
 from minitagpr.data.lamp import not_a_file
+from minitagpr.model.presets import PRESETS
 from minitagpr.train import optim as O
 from minitagpr.train import sft_data as S
 from minitagpr.train.loss import NonFiniteLossError, nll_forward_backward
@@ -77,9 +78,12 @@ class SftConfig:
     eval_max_new_tokens: int = 320  # token cap on each held-out greedy response
 
     def __post_init__(self):
-        for name in ("seq_len", "global_batch", "micro_batch", "epochs"):
+        for name in ("global_batch", "micro_batch", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least("seq_len", self.seq_len, 2)  # a row predicts its tokens 2..seq_len from the ones before
+        check_at_least("eval_holdout", self.eval_holdout, 0)  # 0 = no check; a negative value read as 0
+        check_choice("demo_preset", self.demo_preset, PRESETS)  # was a KeyError after the demo world was built
         check_at_least("max_steps", self.max_steps, 0)  # 0 = epochs decide; a negative value read as 0
         for key in ("save_every", "keep_last"):  # 0 has a meaning; a negative value was read as 0 without a word
             check_at_least(key, getattr(self, key), 0)
@@ -120,6 +124,7 @@ def run(cfg: SftConfig) -> Path:
     """Train, checkpoint, export; returns the HF export folder. Works inside an existing process group."""
     # ---- 1. processes -------------------------------------------------------------------------------------------
     info = D.init_distributed()
+    peak, peak_note = peak_flops(info.device)  # a bad MINITAGPR_PEAK_TFLOPS is named before anything loads
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
@@ -206,7 +211,6 @@ def run(cfg: SftConfig) -> Path:
     # rows carry completed steps (1-based: the step_XXXXXX checkpoint written after them), as PRMU's and RL's do
     log = JsonlLog(out_dir / "metrics.jsonl", enabled=info.is_main, resume_step=start_step + 1 if latest else None)
     progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="[sft] ")
-    peak, peak_note = peak_flops(info.device)
     body_flops = S.row_flops(rows, model.document_flops)  # (R,) per row, no head
     D.log(f"[sft] MFU peak: {peak_note}")
     t_start = time.perf_counter()

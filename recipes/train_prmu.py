@@ -42,7 +42,7 @@ from minitagpr.model.reward import (PRMU, UserVocab, bradley_terry_loss, collate
 from minitagpr.tokenizer import Tokenizer
 from minitagpr.train.loss import NonFiniteLossError
 from minitagpr.train.metrics import JsonlLog, Progress
-from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr, warmup_note
 from minitagpr.train.sft_data import micro_batches, rank_slice, rows_for_step, steps_per_epoch
 
 
@@ -165,7 +165,10 @@ def run(cfg: PrmuConfig) -> Path:
               f"user table {'on' if cfg.use_user_table else 'off'}; pairs longer than max_len={cfg.max_len} (their "
               f"oldest tokens dropped): {sum(e.cut for e in train)} training, {sum(e.cut for e in held)} held out")
     spe = steps_per_epoch(len(train), cfg.global_batch, "training pairs", "lower global_batch or add pairs")
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * spe))
+    # 1.1 x 50 is 55.00000000000001: 55 steps, not 56 (RL's int() has the mirror guard)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * spe - 1e-9))
+    if note := warmup_note(cfg.warmup_steps, total_steps):
+        D.log(f"prmu: note: {note}")
 
     # ------------------------------------------------------------------------------------------- 3. model
     config = Qwen3Config.from_json(resolve_checkpoint(init) / "config.json")

@@ -144,7 +144,10 @@ def test_prmu_config_values_are_checked_before_any_work(tmp_path, bad, match):
                                        ("seed=35184372088832", "seed must be"),  # a traceback at step 0
                                        ("keep_last=-1", "keep_last must be >= 0"),  # read as 0 (keep all)
                                        ("save_every=-5", "save_every must be >= 0"),  # read as 0
-                                       ("eval_max_new_tokens=0", "eval_max_new_tokens must be >= 1")])  # after export
+                                       ("eval_max_new_tokens=0", "eval_max_new_tokens must be >= 1"),  # after export
+                                       ("seq_len=1", "seq_len must be >= 2"),  # a traceback from the packer
+                                       ("eval_holdout=-3", "eval_holdout must be >= 0"),  # read as 0
+                                       ("demo_preset=huge", "demo_preset must be one of")])  # a KeyError, late
 def test_sft_step_count_and_seed_are_checked_when_parsed(bad, match):
     sft = load_recipe("sft")
     with pytest.raises(ConfigError, match=match):
@@ -223,6 +226,22 @@ def test_a_temperature_vllm_cannot_sample_at_fails_when_the_run_starts(monkeypat
     with pytest.raises(rollout.RolloutError, match=rf"temperature {temperature}: the vLLM engine samples at 0 "):
         loop.train(parse_cli(RLConfig, args + ["engine=vllm"]))
     assert parse_cli(RLConfig, args + ["engine=builtin"]).temperature == float(temperature)  # the built-in one can
+
+
+def test_a_bad_peak_tflops_variable_is_named_before_any_model_loads(monkeypatch, tmp_path):
+    from minitagpr.rl import loop
+    monkeypatch.setenv("MINITAGPR_PEAK_TFLOPS", "abc")
+    monkeypatch.setattr(loop.D, "build_sharded_causal_lm", lambda *a, **kw: pytest.fail("a model was loaded"))
+    sft = load_recipe("sft")
+    runs = [lambda: loop.train(parse_cli(RLConfig, ["policy=p", "data_root=d", "prompts_per_step=4",
+                                                     "num_minibatches=1"])),
+            lambda: sft.run(parse_cli(sft.SftConfig, ["model=m", "data=d.jsonl", f"out_dir={tmp_path}"]))]
+    for run in runs:  # RL's policy and SFT's model and data do not exist: the variable is read first
+        try:
+            with pytest.raises(ConfigError, match=r"MINITAGPR_PEAK_TFLOPS='abc': expected a number of TFLOP/s > 0"):
+                run()
+        finally:
+            loop.D.destroy_distributed()
 
 
 def _lamp_root(tmp_path, task="LaMP-3", part="train", extra_gold=False):

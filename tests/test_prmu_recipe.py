@@ -452,3 +452,21 @@ def test_the_step_clips_the_gradient_norm_to_max_grad_norm(setup, max_grad_norm)
         assert max(moved.values()) < 2e-4 * 1e-3 and table < 2e-4 * 1e-2, (max(moved.values()), table)
     else:
         assert max(moved.values()) > 0.5 * 1e-3 and table > 0.5 * 1e-2, (max(moved.values()), table)
+
+
+def test_fractional_epochs_give_the_step_count_as_written_and_a_long_warmup_is_noted(setup, monkeypatch, capsys):
+    """epochs=1.1 of 50 steps per epoch is 55 steps, though 1.1 * 50 is 55.00000000000001 in floats."""
+    recipe = _import_recipe()
+
+    class Planned(Exception):
+        pass
+
+    def progress(total_steps, *args, **kwargs):
+        raise Planned(total_steps)
+    monkeypatch.setattr(recipe, "steps_per_epoch", lambda *args: 50)
+    monkeypatch.setattr(recipe, "Progress", progress)
+    with pytest.raises(Planned) as planned:
+        _run_in_process(recipe, _args(setup, "fractional", epochs=1.1, warmup_steps=60, save_every=0))
+    assert planned.value.args[0] == 55
+    assert ("prmu: note: warmup_steps=60 is not below the run's 55 steps: the learning rate rises to 92% of lr at "
+            "the last step and never decays") in capsys.readouterr().out

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from minitagpr.config import ConfigError
 from minitagpr.train.metrics import JsonlLog, Progress, format_duration, mfu, peak_flops, read_jsonl
 from minitagpr.train.plots import main as plots_main
 from minitagpr.train.plots import numeric_keys, plot_metrics
@@ -203,7 +204,7 @@ def test_an_unknown_gpu_says_what_it_assumed_and_the_environment_overrides_the_t
     assert peak_flops(torch.device("cuda", 0)) == (1500e12, "MINITAGPR_PEAK_TFLOPS: 1500 TFLOP/s per device")
     assert peak_flops(torch.device("cpu"))[0] == 1500e12
     monkeypatch.setenv("MINITAGPR_PEAK_TFLOPS", "fast")
-    with pytest.raises(ValueError, match="MINITAGPR_PEAK_TFLOPS='fast': expected a number of TFLOP/s > 0"):
+    with pytest.raises(ConfigError, match="MINITAGPR_PEAK_TFLOPS='fast': expected a number of TFLOP/s > 0"):
         peak_flops(torch.device("cpu"))
 
 

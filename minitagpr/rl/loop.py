@@ -38,7 +38,7 @@ from minitagpr.rollout.base import sample_base
 from minitagpr.rollout.builtin import BuiltinEngine
 from minitagpr.tokenizer import Tokenizer
 from minitagpr.train.metrics import JsonlLog, Progress, peak_flops
-from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr, warmup_note
 
 
 class NonFiniteError(RuntimeError):
@@ -672,6 +672,7 @@ def train(cfg: RLConfig) -> Path:
     if cfg.engine == "vllm":
         engines.require_vllm(cfg.temperature)
     info = D.init_distributed()
+    peak, peak_note = peak_flops(info.device)  # a bad MINITAGPR_PEAK_TFLOPS is named before anything loads
     out = Path(cfg.out_dir)
     export_dir, ckpt_dir = out / "export", out / "checkpoints"
     torch.manual_seed(cfg.seed)
@@ -705,6 +706,8 @@ def train(cfg: RLConfig) -> Path:
     total_steps = max(1, int(cfg.epochs * steps_per_epoch + 1e-9))  # 0.57 x 100 is 56.99999...: 57 steps
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps)
+    if note := warmup_note(cfg.warmup_steps, total_steps):
+        D.log(f"[{cfg.stage}] note: {note}")
 
     # 2. policy (FSDP2), optimizer, rollout engine, reward model
     model = D.build_sharded_causal_lm(cfg.policy, info, D.device_mesh(info), mp_mode=cfg.mixed_precision,
@@ -759,7 +762,6 @@ def train(cfg: RLConfig) -> Path:
     if not gap_comparable:
         D.log(f"[{cfg.stage}] note: vLLM reports log-probs at temperature 1, so at temperature={cfg.temperature} "
               "the sampler-vs-policy gap (rollout/logp_gap_*) is not logged")
-    peak, peak_note = peak_flops(info.device)
     D.log(f"[{cfg.stage}] {len(prompts)} prompts, {steps_per_epoch} steps/epoch, {total_steps} steps, "
           f"G={cfg.group_size}, {cfg.prompts_per_step} prompts/step on {info.world_size} rank(s); MFU peak: "
           f"{peak_note}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minitagpr.atomic import atomic_write_text
+from minitagpr.config import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +44,7 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
         except ValueError:
             flops = math.nan
         if not (math.isfinite(flops) and flops > 0):
-            raise ValueError(f"{PEAK_ENV}={os.environ[PEAK_ENV]!r}: expected a number of TFLOP/s > 0")
+            raise ConfigError(f"{PEAK_ENV}={os.environ[PEAK_ENV]!r}: expected a number of TFLOP/s > 0")
         return flops, f"{PEAK_ENV}: {flops / 1e12:g} TFLOP/s per device"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

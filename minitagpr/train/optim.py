@@ -43,6 +43,15 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float = 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_note(warmup_steps: int, total_steps: int) -> str | None:
+    """A line for the log when a warmup counted in steps does not end before the run does (a short debugging run of
+    a config whose warmup fits its full length): the schedule then never reaches the peak, or never decays."""
+    if warmup_steps < total_steps:
+        return None
+    return (f"warmup_steps={warmup_steps} is not below the run's {total_steps} steps: the learning rate rises to "
+            f"{total_steps / warmup_steps:.0%} of lr at the last step and never decays")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
     """Set every group's lr to base_lr * multiplier; returns the first group's lr (for logging)."""
     for g in optimizer.param_groups:

@@ -216,3 +216,20 @@ def test_reward_model_given_as_a_causal_lm_is_named(tmp_path):
     _set_config(folder, architectures=None)  # without the label, the tensors still tell
     with pytest.raises(CheckpointError, match="unexpected tensors: score.weight"):
         load_pretrained(folder)
+
+
+def test_position_ids_targets_and_weights_of_another_shape_are_named():
+    # 1-D position_ids once broadcast RoPE over the heads (silently wrong when T equals the head counts)
+    import torch
+    model = build_model(tiny_config("tiny", num_key_value_heads=4))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match=re.escape("position_ids must be (1, 4) or (1, 4), got (4,)")):
+        model(ids, torch.arange(4), kv_cache=model.new_kv_cache(1, 8))
+    with pytest.raises(ValueError, match=re.escape("position_ids must be (1, 4) or (1, 4), got (1, 3)")):
+        model(ids, torch.arange(3)[None])
+    with pytest.raises(ValueError, match=re.escape("targets must be (B, T) = (1, 4) like the input, got (4,)")):
+        model(ids, targets=ids[0])
+    with pytest.raises(ValueError, match=re.escape("token_weights must be (B, T) = (1, 4) like the input, got (1, 3)")):
+        model(ids, targets=ids, token_weights=torch.ones(1, 3))
+    logp, _ = model(ids.expand(2, 4), torch.arange(4)[None], targets=ids.expand(2, 4))  # (1, T) positions: every row
+    assert logp.shape == (2, 4)

@@ -465,3 +465,24 @@ def test_an_export_is_on_disk_before_its_rename_makes_it_the_export(tmp_path, mo
     assert len([f for f in files if f.endswith(".safetensors")]) > 1 and "config.json" in files
     assert {os.path.join(tmp, f) for f in files} | {tmp} <= synced_before
     assert ("fsync", str(tmp_path.resolve())) in events[commit + 1:]
+
+
+def test_a_checkpoint_that_mixes_dtypes_loads_in_one_dtype_with_dtype_none(tmp_path):
+    # bf16 matrices beside fp32 norms: kept as stored, the first matmul of a norm's output failed on a dtype mismatch
+    from safetensors.torch import load_file, save_file
+    folder = make_tiny_checkpoint(tmp_path / "mixed", seed=3)
+    sd = load_file(folder / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) if v.ndim == 2 else v for k, v in sd.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    raw = (folder / "model.safetensors").read_bytes()  # the header's first tensor decides when config.json names none
+    first = next(k for k in json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]) if k != "__metadata__")
+    config = json.loads((folder / "config.json").read_text())
+    for named, want in (("bfloat16", torch.bfloat16), ("float32", torch.float32),
+                        (None, torch.bfloat16 if sd[first].ndim == 2 else torch.float32)):
+        (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": named}))
+        model = load_pretrained(folder)
+        assert {p.dtype for p in model.parameters()} == {want}, named
+        assert model(torch.tensor([[1, 2, 3]])).dtype == want
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})  # one stored dtype: kept as it is
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    assert {p.dtype for p in load_pretrained(folder).parameters()} == {torch.float32}

@@ -84,6 +84,27 @@ def test_a_checkpoint_with_other_heads_or_pickles_or_another_model_type_fails_na
         TextEncoder.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("edit,message", [
+    ({"is_decoder": True}, r"field 'is_decoder' is True: only a bidirectional BERT encoder"),  # causal attention
+    ({"add_cross_attention": True}, r"field 'add_cross_attention' is True"),
+    ({"num_attention_heads": 0}, r"field 'num_attention_heads': expected an integer >= 1, got 0"),
+    ({"vocab_size": -5}, r"field 'vocab_size': expected an integer >= 1, got -5"),
+    ({"type_vocab_size": 0}, r"field 'type_vocab_size': expected an integer >= 1, got 0"),
+    ({"pad_token_id": -1}, r"field 'pad_token_id': expected an integer >= 0, got -1"),
+    ({"layer_norm_eps": True}, r"field 'layer_norm_eps': expected a finite number > 0, got True"),
+    ({"hidden_size": 2.5}, r"field 'hidden_size': expected an integer >= 1, got 2.5"),
+    (["a list"], r"expected a JSON object, got list"),
+])
+def test_an_encoder_config_the_model_cannot_follow_is_refused_naming_file_and_field(bert, tmp_path, edit, message):
+    import json
+    import shutil
+    folder = shutil.copytree(bert[0], tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **edit} if isinstance(edit, dict) else edit))
+    with pytest.raises(CheckpointError, match=r"ckpt/config.json: " + message):  # not a ZeroDivisionError, no silence
+        TextEncoder.from_pretrained(folder)
+
+
 def test_the_dense_retriever_ranks_profile_items_by_the_encoders_dot_product(bert):
     folder, model, tok = bert
     ev = load_recipe("evaluate", "recipe_evaluate")

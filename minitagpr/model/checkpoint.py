@@ -160,11 +160,14 @@ def tensor_names(folder: Path) -> set[str]:
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_state_into(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype | None, device,
-                    skip: set[str] = frozenset(), rename=None) -> None:
+                    skip: set[str] = frozenset(), rename=None, mixed_dtype: torch.dtype | None = None) -> None:
     """Check every tensor of a checkpoint folder against `module` (on the meta device) and materialise it in place.
 
-    `skip`: checkpoint names to ignore (e.g. a tied lm_head). `rename(name) -> name | None` maps checkpoint names to
-    module names (None = not ours). Raises one CheckpointError naming every missing/unexpected/mis-shaped tensor."""
+    `dtype`: what every tensor is cast to; None keeps the stored dtype when all tensors share one, and otherwise
+    casts all to `mixed_dtype` (the config's torch_dtype), else to the first tensor's dtype, as transformers'
+    dtype="auto" does (a bf16 matrix meeting an fp32 one fails at the first matmul). `skip`: checkpoint names to
+    ignore (e.g. a tied lm_head). `rename(name) -> name | None` maps checkpoint names to module names (None = not
+    ours). Raises one CheckpointError naming every missing/unexpected/mis-shaped tensor."""
     expected = {n: tuple(p.shape) for n, p in module.named_parameters(remove_duplicate=True)}
     files, weight_map = _weight_files_and_map(folder)
     where: dict[str, tuple[Path, dict, str]] = {}  # model name -> (file, header entry, checkpoint name)
@@ -208,6 +211,8 @@ def load_state_into(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype
         if unreadable:
             parts.append(f"unreadable tensors: {'; '.join(sorted(unreadable))}")
         raise CheckpointError(f"{folder}: checkpoint does not match the model: " + " | ".join(parts))
+    if dtype is None and len({info["dtype"] for _, info, _ in where.values()}) > 1:
+        dtype = mixed_dtype or _ST_DTYPES[next(iter(where.values()))[1]["dtype"]]
     params = dict(module.named_parameters(remove_duplicate=True))
     by_file: dict[Path, list[str]] = {}
     for name, (file, _, _) in where.items():
@@ -265,8 +270,15 @@ def check_causal_lm(folder: Path) -> None:
                               "Qwen3 causal LMs only (reward models load with minitagpr.model.reward)")
 
 
+def config_dtype(cfg: Qwen3Config) -> torch.dtype | None:
+    """The float dtype config.json's torch_dtype names ("bfloat16"), or None."""
+    named = getattr(torch, cfg.torch_dtype or "", None)
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else None
+
+
 def load_pretrained(path_or_hub_id, dtype: torch.dtype | None = None, device="cpu") -> Qwen3ForCausalLM:
-    """Load a HF Qwen3 causal-LM checkpoint (local folder or cached hub id). dtype=None keeps the stored dtype."""
+    """Load a HF Qwen3 causal-LM checkpoint (local folder or cached hub id). dtype=None keeps the stored dtype (one
+    for all tensors: a checkpoint that mixes dtypes loads in its config's torch_dtype, see `load_state_into`)."""
     folder = resolve_checkpoint(path_or_hub_id)
     try:
         cfg = Qwen3Config.from_json(folder / "config.json")
@@ -276,7 +288,7 @@ def load_pretrained(path_or_hub_id, dtype: torch.dtype | None = None, device="cp
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
     skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # tied: the head is the embedding
-    load_state_into(model, folder, dtype=dtype, device=device, skip=skip)
+    load_state_into(model, folder, dtype=dtype, device=device, skip=skip, mixed_dtype=config_dtype(cfg))
     model.tie_weights()
     return model
 

@@ -13,6 +13,7 @@ dense -> LayerNorm(x + .), intermediate dense -> GELU (erf) -> dense -> LayerNor
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,18 +43,26 @@ class EncoderConfig:
             raw = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{path}: cannot read the encoder config: {err}") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         if raw.get("model_type", "bert") != "bert":
             raise CheckpointError(f"{path}: model_type {raw.get('model_type')!r} is not a BERT encoder")
         if raw.get("hidden_act", "gelu") != "gelu" or raw.get("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(f"{path}: only hidden_act 'gelu' with absolute positions is supported, got "
                                   f"{raw.get('hidden_act')!r} / {raw.get('position_embedding_type')!r}")
+        for name in ("is_decoder", "add_cross_attention"):  # causal attention / cross-attention layers: not ours
+            if raw.get(name):
+                raise CheckpointError(f"{path}: field {name!r} is {raw[name]!r}: only a bidirectional BERT encoder "
+                                      f"without cross-attention is supported")
         values = {}
         for name, kind in cls.__annotations__.items():
             if name in raw:
-                value = raw[name]
-                if (kind == "int" and (not isinstance(value, int) or isinstance(value, bool))) or \
-                        (kind == "float" and not isinstance(value, (int, float))):
-                    raise CheckpointError(f"{path}: field {name!r}: expected {kind}, got {value!r}")
+                value, low = raw[name], 0 if name == "pad_token_id" else 1  # every size is at least 1
+                if (kind == "int" and not (isinstance(value, int) and not isinstance(value, bool) and value >= low)) \
+                        or (kind == "float" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                     and 0 < value < math.inf)):
+                    expected = f"an integer >= {low}" if kind == "int" else "a finite number > 0"
+                    raise CheckpointError(f"{path}: field {name!r}: expected {expected}, got {value!r}")
                 values[name] = value
         if "vocab_size" not in values:
             raise CheckpointError(f"{path}: field 'vocab_size' is missing")

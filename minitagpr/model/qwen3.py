@@ -61,7 +61,8 @@ class Qwen3Config:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    torch_dtype: str | None = None  # the dtype the weights were saved in; a hint for load_pretrained(dtype=None)
+    torch_dtype: str | None = None  # the dtype the weights were saved in; load_pretrained(dtype=None) casts a
+    #                                 checkpoint that mixes dtypes to it
 
     def __post_init__(self):
         if problems := self._field_problems():
@@ -390,6 +391,9 @@ class Qwen3Model(nn.Module):
                 cache_mask=None):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         B, T, _ = x.shape
+        if position_ids is not None and not (position_ids.dim() == 2 and position_ids.shape[0] in (1, B)
+                                             and position_ids.shape[1] == T):  # a 1-D one broadcast RoPE over heads
+            raise ValueError(f"position_ids must be ({B}, {T}) or (1, {T}), got {tuple(position_ids.shape)}")
         if kv_cache is not None and kv_cache.slot is not None:
             if T != 1 or position_ids is None:
                 raise ValueError("a fixed-shape KV cache (slot set) decodes one token per row with explicit position_ids")
@@ -460,6 +464,9 @@ class Qwen3ForCausalLM(nn.Module):
         # log-probs inside forward: under FSDP2 the head weight is unsharded only during the root module's forward
         from minitagpr.kernels import token_logprobs, weighted_logprob_sum
         B, T, H = hidden.shape
+        for name, t in (("targets", targets), ("token_weights", token_weights)):
+            if t is not None and tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} must be (B, T) = ({B}, {T}) like the input, got {tuple(t.shape)}")
         if token_weights is not None:
             total, logp = weighted_logprob_sum(hidden.reshape(B * T, H), self.lm_head_weight, targets.reshape(B * T),
                                                token_weights.reshape(B * T), temperature=temperature)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from minitagpr.model.checkpoint import (INDEX_NAME, WEIGHTS_NAME, CheckpointError, _read_header, _read_index,
-                                        _read_tensor, atomic_dir, load_state_into, resolve_checkpoint,
+                                        _read_tensor, atomic_dir, config_dtype, load_state_into, resolve_checkpoint,
                                         save_safetensors_shards)
 from minitagpr.model.qwen3 import ConfigError, Qwen3Config, Qwen3Model
 
@@ -285,7 +285,7 @@ def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, devic
     backbone.model = model.model
     if has_head:
         backbone.score = model.score
-    load_state_into(backbone, folder, dtype=dtype, device=device, skip=skip)
+    load_state_into(backbone, folder, dtype=dtype, device=device, skip=skip, mixed_dtype=config_dtype(cfg))
     if not has_head:
         model.score.to_empty(device=device)
         model.score.to(dtype or model.model.embed_tokens.weight.dtype)

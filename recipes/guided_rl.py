@@ -88,6 +88,11 @@ class GuidedConfig(RLConfig):
             raise ConfigError(f"exploratory_steps={self.exploratory_steps}: Stage 3's RL steps must be >= 1")
         if self.eval_examples < 0:
             raise ConfigError(f"eval_examples={self.eval_examples}: examples per task must be >= 0 (0 = all)")
+        if self.demo and not self.workdir.strip():  # Path("") is the current folder: six stage folders in it
+            raise ConfigError("workdir= is empty: give the demo a folder for its stages (default runs/demo)")
+        if self.demo and self.part != "train":  # the table scores the dev questions: RL would train on them
+            raise ConfigError(f"part={self.part}: the demo's table scores the dev questions, so its RL stages draw "
+                              "their prompts from part=train")
 
 
 @dataclass
@@ -132,9 +137,9 @@ def stage_dirs(work: Path, root: Path) -> dict[str, tuple[Path, Path]]:
 
 
 def build_or_reuse(step: str, where: tuple[Path, Path], cfg, ignore: set[str], upstream: dict, run_fn,
-                   rerun: bool = False, rerun_hint: str = "", fresh_also=()) -> tuple[Path, str]:
-    """One demo stage in `where` = (folder, export): reuse its export when `stages.plan` allows, else run
-    `run_fn(cfg with resume)`, stamped before and after. Returns (export folder, build id)."""
+                   rerun: bool = False, rerun_hint: str = "", fresh_also=(), check=None) -> tuple[Path, str]:
+    """One demo stage in `where` = (folder, export): reuse its export when `stages.plan` allows, else `check()`
+    and run `run_fn(cfg with resume)`, stamped before and after. Returns (export folder, build id)."""
     folder, export = where
     settings = stages.settings(cfg, ignore)
     plan = stages.plan(folder, export, settings, upstream, rerun=rerun, rerun_hint=rerun_hint,
@@ -142,6 +147,8 @@ def build_or_reuse(step: str, where: tuple[Path, Path], cfg, ignore: set[str], u
     D.log(f"[demo] {step}: {plan.reason}")
     if plan.reuse:
         return export, plan.build
+    if check is not None:  # every rank: all stop together
+        check()
     plan = replace(plan, build=D.broadcast_object(plan.build))  # rank 0's new build id, on every rank
     D.barrier()  # every rank has read the old stamp before rank 0 replaces it
     D.on_main(lambda: stages.begin(folder, export, plan, step, settings, upstream, fresh_also))
@@ -157,14 +164,17 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
     from minitagpr.data import demo_world
     work = Path(cfg.workdir)
     sft, prmu = recipe("sft"), recipe("train_prmu")
-    ranks = D.world().world_size  # both configs are checked before either stage trains
+    uses_prmu = cfg.use_prmu and cfg.gamma != 0  # the ablations without R_PRMU neither build nor read one
     sft_cfg = stage_config(sft.SftConfig, None, "sft_settings", cfg.sft_settings,
-                           {"demo_dir": str(work), "out_dir": str(dirs["sft"][0]), "seed": cfg.seed},
-                           check=lambda c: sft.accumulation_steps(c, ranks))
-    prmu_cfg = stage_config(prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml", "prmu_settings",
-                            cfg.prmu_settings, {"demo_world": str(work / "world"), "new_head": True,
-                                                "out_dir": str(dirs["prmu"][0]), "seed": cfg.seed},
-                            check=lambda c: prmu.check_batch_split(c, ranks))
+                           {"demo_dir": str(work), "out_dir": str(dirs["sft"][0]), "seed": cfg.seed})
+    prmu_cfg = None if not uses_prmu else stage_config(
+        prmu.PrmuConfig, RECIPES / "configs" / "prmu_demo.yaml", "prmu_settings", cfg.prmu_settings,
+        {"demo_world": str(work / "world"), "new_head": True, "out_dir": str(dirs["prmu"][0]), "seed": cfg.seed})
+    # Whether a batch splits over this run's ranks matters only to a stage that trains: checked when one will (a
+    # finished workdir is reused by any number of processes), both before SFT trains, as PRMU then rebuilds too
+    ranks = D.world().world_size
+    sft_split = named_check("sft_settings", lambda: sft.accumulation_steps(sft_cfg, ranks))
+    prmu_split = named_check("prmu_settings", lambda: prmu.check_batch_split(prmu_cfg, ranks) if uses_prmu else None)
     D.on_main(lambda: demo_world.build(work / "world"))  # idempotent: its manifest records what was built
     world = demo_world.build(work / "world")  # every rank: the same paths, nothing rebuilt
     builds = {"world": world.fingerprint}
@@ -173,17 +183,32 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
         "2. SFT on the demo world's tagged chains", dirs["sft"], sft_cfg,
         sft.RESUMABLE_KEYS - {"model", "tokenizer", "data", "export_dtype", "truncate_long", "drop_long"},
         {"world": builds["world"]}, sft.run,
-        fresh_also=[work / f"base_{sft_cfg.demo_preset}"])  # the base model SFT starts from (the table's Base row)
+        fresh_also=[work / f"base_{sft_cfg.demo_preset}"],  # the base model SFT starts from (the table's Base row)
+        check=lambda: (sft_split(), prmu_split()))
     # a reused SFT whose base was deleted since: the same base again (the table's Base row)
     D.on_main(lambda: sft.ensure_demo_base(sft_cfg, world))
 
-    prmu_cfg = replace(prmu_cfg, init=str(sft_export))  # (init is DEMO_OWNED: the user's text cannot set it)
-    prmu_export, builds["prmu"] = build_or_reuse(
-        "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", dirs["prmu"], prmu_cfg,
-        prmu.RESUMABLE_KEYS - {"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}, dict(builds),
-        prmu.run)
+    prmu_export = None
+    if uses_prmu:
+        prmu_cfg = replace(prmu_cfg, init=str(sft_export))  # (init is DEMO_OWNED: the user's text cannot set it)
+        prmu_export, builds["prmu"] = build_or_reuse(
+            "3. PRMU on the demo world's preference pairs (from the SFT model, new head)", dirs["prmu"], prmu_cfg,
+            prmu.RESUMABLE_KEYS - {"pairs", "heldout_pairs", "tokenizer", "new_head", "init_preset"}, dict(builds),
+            prmu.run, check=prmu_split)
+    else:
+        D.log(f"[demo] 3. PRMU: not needed (use_prmu={cfg.use_prmu}, gamma={cfg.gamma:g}: guided RL reads none)")
     return {"world": world, "base": Path(sft_cfg.demo_dir) / f"base_{sft_cfg.demo_preset}", "sft": sft_export,
             "prmu": prmu_export, "builds": builds}
+
+
+def named_check(key: str, check):
+    """`check` with its ConfigError prefixed by `key` (the setting the user changes to fix it)."""
+    def run():
+        try:
+            check()
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    return run
 
 
 def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: dict, check=None):
@@ -418,10 +443,26 @@ def print_demo_report(cfg: GuidedConfig, guided_cfg: GuidedConfig, paths: dict, 
         print(f"  {task:7s} {d['metric']:8s} {cells}   ({sense})")
 
 
+def parse_config(argv: list[str]) -> GuidedConfig:
+    """The arguments over the defaults they run with: the demo's (GuidedConfig) or, with demo=false, the paper's
+    (GuidedStageConfig), so that each is checked against those (num_minibatches=32 is fine beside the paper's 128
+    prompts per step, not beside the demo's 16)."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        return parse_cli(GuidedConfig, argv)  # prints the demo's defaults and exits
+    try:
+        stage, stage_error = parse_cli(GuidedStageConfig, argv), None
+    except ConfigError as err:
+        stage, stage_error = None, err
+    if stage is not None and not stage.demo:
+        return stage
+    cfg = parse_cli(GuidedConfig, argv)  # a demo run: its error, if any
+    if not cfg.demo:  # valid over the demo's defaults, not over the paper's it runs with
+        raise stage_error
+    return cfg
+
+
 def main(argv: list[str]) -> None:
-    cfg = parse_cli(GuidedConfig, argv)
-    if not cfg.demo:  # the same arguments over the paper's defaults
-        cfg = parse_cli(GuidedStageConfig, argv)
+    cfg = parse_config(argv)
     if cfg.stage != "guided":
         raise ConfigError("recipes/guided_rl.py runs stage=guided; use recipes/exploratory_rl.py for Stage 3")
     given = [k for k in ("policy", "prmu", "data_root") if cfg.demo and getattr(cfg, k)]
@@ -464,15 +505,15 @@ def main(argv: list[str]) -> None:
                               "workdir=")
         # 1-3. earlier stages, built once
         paths = demo_stages(cfg, dirs)
-        guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"]), data_root=str(work / "world"),
+        guided_cfg = replace(cfg, policy=str(paths["sft"]), prmu=str(paths["prmu"] or ""),
+                             data_root=str(work / "world"),
                              prompt_style=paths["world"].params["prompt_style"],  # the style SFT trained on
                              out_dir=str(dirs["guided"][0]), seed=cfg.seed if cfg.rl_seed < 0 else cfg.rl_seed)
         hint = ("; or keep it and put this run's RL stages and table elsewhere with out_dir=DIR; or redo the RL "
                 "stages here with rerun=true")
-        # 4. guided RL (Stage 2); a PRMU it does not read (use_prmu=false, gamma=0) is not one of its inputs
-        inputs = {k: v for k, v in paths["builds"].items() if k != "prmu" or (cfg.use_prmu and cfg.gamma != 0)}
+        # 4. guided RL (Stage 2); a PRMU it does not read (use_prmu=false, gamma=0) was not built: not an input
         guided_export, guided_build = build_or_reuse(
-            "4. guided RL (GSPO, composite reward)", dirs["guided"], guided_cfg, RL_PLUMBING, inputs, train,
+            "4. guided RL (GSPO, composite reward)", dirs["guided"], guided_cfg, RL_PLUMBING, paths["builds"], train,
             rerun=cfg.rerun, rerun_hint=hint)
         # 5. exploratory RL (Stage 3): foundation reward from the guided checkpoint
         explore_cfg = replace(guided_cfg, stage="exploratory", policy=str(guided_export), prmu="", use_prmu=False,

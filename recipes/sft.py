@@ -116,7 +116,8 @@ def accumulation_steps(cfg: SftConfig, world_size: int) -> int:
     accum, rem = divmod(cfg.global_batch, cfg.micro_batch * world_size)
     if accum < 1 or rem:
         raise ConfigError(f"global_batch={cfg.global_batch} must be a multiple of micro_batch * world size = "
-                          f"{cfg.micro_batch} * {world_size}")
+                          f"{cfg.micro_batch} * {world_size}: "
+                          f"{S.batch_split_hint(cfg.global_batch, cfg.micro_batch, world_size)}")
     return accum
 
 

@@ -43,7 +43,7 @@ from minitagpr.tokenizer import Tokenizer
 from minitagpr.train.loss import NonFiniteLossError
 from minitagpr.train.metrics import JsonlLog, Progress
 from minitagpr.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr, warmup_note
-from minitagpr.train.sft_data import micro_batches, rank_slice, rows_for_step, steps_per_epoch
+from minitagpr.train.sft_data import batch_split_hint, micro_batches, rank_slice, rows_for_step, steps_per_epoch
 
 
 # ----------------------------------------------------------------------------------------------- 1. config
@@ -136,7 +136,8 @@ def check_batch_split(cfg: PrmuConfig, world_size: int) -> None:
     """An error unless global_batch splits into micro-batches of micro_batch pairs on each of the ranks."""
     if cfg.global_batch % (cfg.micro_batch * world_size):
         raise ConfigError(f"global_batch={cfg.global_batch} must split into micro-batches of {cfg.micro_batch} "
-                          f"pairs on each of {world_size} ranks")
+                          f"pairs on each of {world_size} ranks: "
+                          f"{batch_split_hint(cfg.global_batch, cfg.micro_batch, world_size)}")
 
 
 def run(cfg: PrmuConfig) -> Path:

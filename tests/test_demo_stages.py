@@ -462,6 +462,28 @@ def test_a_rebuilt_prmu_rebuilds_guided_rl_only_when_guided_rl_reads_it(demo):
     assert demo.run("gamma=0", f"out_dir={demo.work.parent / 'g0'}") == []  # no R_PRMU: the old run still holds
 
 
+def test_the_ablations_without_r_prmu_neither_build_nor_check_a_prmu(demo):
+    # the PRMU took a third of the demo's time, and its settings could refuse a run that never reads it
+    ablation = [("sft", "demo/sft"), ("guided", "demo/guided_rl"), ("exploratory", "demo/exploratory_rl")]
+    assert demo.run("use_prmu=false", "prmu_settings=global_batch=3") == ablation
+    assert not (demo.work / "prmu").exists() and demo.tables[-1]["Guided RL"]["from"] == str(demo.work / "sft" / "hf")
+    assert demo.run("gamma=0", f"out_dir={demo.work.parent / 'g0'}") == [("guided", "g0/guided_rl"),
+                                                                        ("exploratory", "g0/exploratory_rl")]
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_stops_only_a_stage_that_trains(demo, monkeypatch):
+    # a finished workdir is reused by any number of processes; a stage that would train is checked before SFT trains
+    assert demo.run() == ALL
+    monkeypatch.setattr(demo.g.D, "world", lambda: SimpleNamespace(world_size=4, rank=0, is_main=True))
+    assert demo.run() == []  # PRMU's 8 pairs in micro-batches of 4 do not split over 4 ranks: no matter, reused
+    demo.work = demo.work.parent / "fresh"
+    with pytest.raises(ConfigError, match=r"prmu_settings: global_batch=8 must split into micro-batches of 4 pairs "
+                                          r"on each of 4 ranks: micro_batch=2 fits \(it changes memory use only"):
+        demo.run()
+    assert demo.calls == []  # before SFT trained
+    assert demo.run("prmu_settings=micro_batch=2") == [(n, p.replace("demo/", "fresh/")) for n, p in ALL]
+
+
 def test_the_report_counts_well_formed_generations_per_row():
     g = load_recipe("guided_rl")
     counts = {"SFT": {"LaMP-1": {"generations": 60, "format_ok": 60, "tags_ok": 50},

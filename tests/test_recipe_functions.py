@@ -175,10 +175,23 @@ def test_stage_config_takes_the_users_settings_over_the_yaml_and_refuses_what_th
     (["exploratory_steps=0"], r"exploratory_steps=0: Stage 3's RL steps must be >= 1"),  # was: after guided RL
     (["eval_examples=-5"], r"eval_examples=-5: examples per task must be >= 0"),  # was: 55 of 60 scored
     (["rl_seed=-2"], r"rl_seed=-2: rl_seed reseeds the demo's RL stages"),
+    (["part=dev"], r"part=dev: the demo's table scores the dev questions"),  # RL trained on the table's questions
+    (["workdir="], r"workdir= is empty"),  # six stage folders in the current one
 ])
 def test_main_refuses_settings_the_demo_would_ignore_before_anything_runs(argv, message):
     with pytest.raises(guided.ConfigError, match=message):
         guided.main(argv)
+
+
+def test_arguments_are_checked_against_the_defaults_they_run_with():
+    # demo=false runs over the paper's defaults (128 prompts per step): 32 mini-batches split them; the demo's 16 not
+    cfg = guided.parse_config(["demo=false", "num_minibatches=32", "policy=/p", "data_root=/d", "prmu=/r"])
+    assert (type(cfg).__name__, cfg.num_minibatches, cfg.prompts_per_step) == ("GuidedStageConfig", 32, 128)
+    with pytest.raises(guided.ConfigError, match=r"prompts_per_step=16 is not a multiple of num_minibatches=32"):
+        guided.parse_config(["num_minibatches=32"])
+    with pytest.raises(guided.ConfigError, match=r"prompts_per_step=96 is not a multiple of num_minibatches=64"):
+        guided.parse_config(["demo=false", "prompts_per_step=96", "num_minibatches=64"])  # refused over both
+    assert type(guided.parse_config(["k=2"])).__name__ == "GuidedConfig"
 
 
 def test_the_demo_table_is_always_decoded_by_the_built_in_engine(monkeypatch, tmp_path):

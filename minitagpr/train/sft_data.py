@@ -20,6 +20,7 @@ included) continues the exact sequence with nothing skipped or repeated (the ver
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,15 @@ def steps_per_epoch(num_rows: int, global_batch: int, what: str = "packed rows",
     if num_rows < global_batch:
         raise DataError(f"only {num_rows} {what} but global_batch={global_batch}: {fix}")
     return num_rows // global_batch
+
+
+def batch_split_hint(global_batch: int, micro_batch: int, world_size: int) -> str:
+    """How to make global_batch split into micro-batches of micro_batch on each of world_size ranks, for an error
+    message: a micro_batch that fits (it changes memory use only, not the result), or why none does."""
+    per_rank, rem = divmod(global_batch, world_size)
+    if rem or not per_rank:
+        return f"global_batch must be a multiple of the {world_size} ranks (a new value changes the result)"
+    return f"micro_batch={math.gcd(micro_batch, per_rank)} fits (it changes memory use only, not the result)"
 
 
 def row_flops(rows: PackedRows, document_flops) -> list[float]:

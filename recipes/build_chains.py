@@ -106,6 +106,11 @@ def main(argv: list[str]) -> int:
     if "sft" in results:
         print(f"{results['sft'].total('out')} SFT chains (tagpr-method.md: about {SPEC_CHAINS:,})")
     print(f"outputs in {out} (sft.jsonl, report.md, report.png, clusters.md, dropped/)")
+    if "sft" in results and not results["sft"].total("out"):  # SFT would refuse the file: say where they went
+        emptied = next((s for s, c in results.items() if c.total("in") and not c.total("out")), "sft")
+        print(f"build_chains: error: 0 SFT chains: the {emptied} stage kept none of its {results[emptied].total('in')} "
+              f"records (the reasons: {out / 'dropped'}, {out / 'report.md'})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -46,7 +46,7 @@ class FakeServer:
                     fake.bodies.append(body)
                     number = len(fake.bodies)
                 status, payload, headers = fake.reply(body, number)
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()  # bytes: sent raw
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")

@@ -119,6 +119,8 @@ def test_judge_replies_are_read_through_prose_fences_aliases_and_trailing_commas
     json.dumps({"evaluation": {"scores": SCORES}}),                 # two levels down
     json.dumps({"relevance": "high", "scores": SCORES}),            # a stray dimension-named key outside
     '{"step_accuracy": 4} and then, in full: ' + judge_json(),      # a partial object before the full one
+    json.dumps({"reasoning": {k: "short reason" for k in SCORES}, "scores": SCORES}),  # reasons first
+    json.dumps({"scores": SCORES, "reasoning": {k: "short reason" for k in SCORES}}),
 ])
 def test_the_judge_object_naming_the_most_dimensions_wins_at_any_depth(text):
     assert parse_judge_reply(text) == SCORES
@@ -142,6 +144,8 @@ def test_the_judge_object_naming_the_most_dimensions_wins_at_any_depth(text):
      "judge_bad_score"),
     (judge_json({**SCORES, "step_accuracy": "high"}), "judge_bad_score"),
     (json.dumps({**SCORES, "relevance": {"reason": "no score given"}}), "judge_bad_score"),
+    # a reasoning judge cut off inside its think block: its draft is no verdict
+    ("<think>\nFirst impression: " + judge_json() + " But wait, step 2 is", "judge_unfinished"),
 ])
 def test_unusable_judge_replies_raise_with_their_drop_reason(text, reason):
     with pytest.raises(ReplyError) as err:
@@ -405,8 +409,9 @@ def test_judge_keeps_totals_above_15_and_counts_every_unusable_reply(tmp_path):
                judge_json({**SCORES, "step_accuracy": 1}),          # 15: not > 15
                "I refuse.",                                          # no JSON
                judge_json({k: v for k, v in SCORES.items() if k != "step_accuracy"}),  # missing field
-               judge_json({**SCORES, "relevance": 9})]               # out of range
-    write_jsonl(cfg_out(cfg) / "accurate.jsonl", [chain_record(inst, j, accuracy=1.0) for j in range(5)])
+               judge_json({**SCORES, "relevance": 9}),               # out of range
+               judge_json()]                                         # cut off at max_tokens (below)
+    write_jsonl(cfg_out(cfg) / "accurate.jsonl", [chain_record(inst, j, accuracy=1.0) for j in range(6)])
     by_chain = {}
 
     def judge(kwargs):
@@ -414,15 +419,15 @@ def test_judge_keeps_totals_above_15_and_counts_every_unusable_reply(tmp_path):
         assert CHAIN in user and "Final answer given: 4" in user and kwargs["temperature"] == 0.0
         by_chain.setdefault("n", 0)
         by_chain["n"] += 1
-        return reply(replies[by_chain["n"] - 1])
+        return reply(replies[by_chain["n"] - 1], finish="length" if by_chain["n"] == 6 else "stop")
 
     cfg.judge.concurrency = 1  # replies are handed out in call order
     run_stages(cfg, ["judge"], transports={"judge": judge}, log=lambda m: None)
     kept = read_jsonl(cfg_out(cfg) / "judged.jsonl")
     assert [r["id"] for r in kept] == ["LaMP-3/7/0"] and kept[0]["judge"] == {"scores": SCORES, "total": 18}
     s = stats(cfg, "judge")
-    assert s["tasks"]["LaMP-3"] == {"in": 5, "out": 1, "dropped": {
-        "judge_bad_score": 1, "judge_missing_field": 1, "judge_no_json": 1, "low_score": 1}}
+    assert s["tasks"]["LaMP-3"] == {"in": 6, "out": 1, "dropped": {
+        "judge_bad_score": 1, "judge_missing_field": 1, "judge_no_json": 1, "low_score": 1, "judge_truncated": 1}}
     assert s["extra"]["histogram"] == {"LaMP-3": {"15": 1, "18": 1}}
 
 
@@ -633,21 +638,27 @@ def test_chain_text_the_tagger_leaves_outside_its_tags_drops_the_chain_but_its_o
     inst = instance()
     s = ["The user asks for a rating.", "Their past reviews of kettles score 4.", "This one is praised.",
          "So 4 it is."]
-    long_chain = " ".join(s[:3] * 12 + [s[3]])  # long enough that the last sentence is under 2% of the words
-    body = (f"<analyze_input>{s[0]}</analyze_input>\n<examine_examples>{' '.join(s[:3] * 12)}</examine_examples>\n"
+    middle = " ".join(s[1:3] * 12)
+    long_chain = f"{s[0]} {middle} {s[3]}"  # long enough that the last sentence is under 3% of the words
+    body = (f"<analyze_input>{s[0]}</analyze_input>\n<examine_examples>{middle}</examine_examples>\n"
             f"<synthesize_findings>{s[2]}</synthesize_findings>")
-    replies = [reply("Here is the tagged chain:\n" + body + f"\n<make_decision>{s[3]}</make_decision>\nDone."),
+    decision = f"\n<make_decision>{s[3]}</make_decision>"
+    replies = [reply("Here is the tagged chain:\n" + body + decision + "\nDone."),
                reply(body + f"\n{s[3]}"),  # the decision left outside every tag
-               reply(f"{s[0]}\n" + body + f"\n<make_decision>{s[3]}</make_decision>")]  # the opening left out
-    write_jsonl(cfg_out(cfg) / "judged.jsonl", [judged(inst, j, chain=long_chain) for j in range(3)])
+               reply(f"{s[0]}\n" + body.replace(f"<analyze_input>{s[0]}</analyze_input>\n", "") + decision),
+               # the tagger's own words share a run with the chain ("their past reviews of"), which its span holds
+               reply("Tagged by what their past reviews of kettles show:\n" + body + decision),
+               reply(body)]  # the decision dropped altogether: 4 of 100 words, within the overlap's slack
+    write_jsonl(cfg_out(cfg) / "judged.jsonl", [judged(inst, j, chain=long_chain) for j in range(len(replies))])
     order = iter(replies)
     run_stages(cfg, ["tag", "format"], transports={"tagger": lambda kw: next(order)}, log=lambda m: None)
-    assert [r["id"] for r in read_jsonl(cfg_out(cfg) / "formatted.jsonl")] == ["LaMP-3/7/0"]
+    assert [r["id"] for r in read_jsonl(cfg_out(cfg) / "formatted.jsonl")] == ["LaMP-3/7/0", "LaMP-3/7/3"]
     st = stats(cfg, "format")["tasks"]["LaMP-3"]
-    assert st["dropped"] == {"untagged_text": 2}
+    assert st["dropped"] == {"untagged_text": 2, "ending_lost": 1}
     details = [d["detail"] for d in read_jsonl(cfg_out(cfg) / "dropped" / "format.jsonl")]
     assert details == ["the reply left chain text outside its tags (e.g. 'so 4 it is')",
-                       "the reply left chain text outside its tags (e.g. 'the user asks for')"]
+                       "the reply left chain text outside its tags (e.g. 'the user asks for')",
+                       "the tagged chain does not end with the teacher's last words 'so 4 it is'"]
 
 
 _TAGGED_CHAIN = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"

@@ -169,6 +169,19 @@ def test_content_that_is_no_text_is_retried_and_never_cached(tmp_path, content):
     assert all(isinstance(json.loads(line)["response"]["content"], str) for line in cache_lines(tmp_path))
 
 
+def test_a_body_that_is_no_json_is_retried_then_reported_with_stage_and_request(tmp_path):
+    # the openai client raises a bare JSONDecodeError for a cut 200 body: it crashed the build with a traceback
+    cut = json.dumps(completion("<think>Reason.</think>\n\n4")).encode()[:40]
+    with FakeServer(lambda body, number: (200, cut, {}) if number == 1 else OK) as server:
+        counts = teacher(cfg_for(tmp_path, server.base_url))
+        assert counts["teacher"].total("out") == 6 and len(server.bodies) == 7  # asked again, then answered
+    (tmp_path / "again").mkdir()
+    with FakeServer(lambda body, number: (200, cut, {})) as server:
+        with pytest.raises(EndpointError, match=r"stage 'teacher'.*after 3 attempt\(s\): the reply's body is not "
+                                                r"valid JSON \("):
+            teacher(cfg_for(tmp_path / "again", server.base_url))
+
+
 def test_content_that_stays_no_text_is_reported_not_a_traceback(tmp_path):
     with FakeServer(lambda body, number: (200, completion(42), {})) as server:
         with pytest.raises(EndpointError, match=r"stage 'teacher'.*after 3 attempt\(s\): the reply's message content "

@@ -379,6 +379,8 @@ def classify_error(err: BaseException, timeout_s: float) -> _Failure | None:
                         f"HTTP {status}: {message}", refused=status in REFUSAL_STATUS)
     if isinstance(err, MalformedReply):
         return _Failure(True, None, str(err))
+    if isinstance(err, json.JSONDecodeError):  # a 200 whose body is cut or not JSON (the openai client's own error)
+        return _Failure(True, None, f"the reply's body is not valid JSON ({err.msg} at character {err.pos})")
     if isinstance(err, openai.APIError):  # e.g. a body the client cannot read at all
         return _Failure(False, None, f"{type(err).__name__}: {str(err)[:300]}")
     return None

@@ -572,8 +572,12 @@ def parse_judge_reply(text: str | None) -> dict[str, int]:
     text = text or ""
     if THINK_CLOSE in text:  # a reasoning judge's drafts are not its answer
         text = text[text.rfind(THINK_CLOSE) + len(THINK_CLOSE):]
-    # the object naming the most dimensions, at any depth; the first (outermost, earliest) on a tie
-    found = max((d for obj in _json_objects(text) for d in _nested_dimensions(obj)), key=len, default=None)
+    if THINK_OPEN in text:  # a think block never closed: the reply holds drafts only, cut before any verdict
+        raise ReplyError("judge_unfinished", "a think block that never closes: no verdict after it")
+    # the object naming the most dimensions, at any depth, then the one whose values are most often scores (a
+    # {"reasoning": {dim: text}} beside {"scores": {dim: n}}, in either order); the first on a tie
+    found = max((d for obj in _json_objects(text) for d in _nested_dimensions(obj)),
+                key=lambda d: (len(d), sum(_score(v) is not None for v in d.values())), default=None)
     if found is None:
         raise ReplyError("judge_no_json", "no JSON object with the judge's dimensions in the reply")
     missing = [d for d in chain_prompts.JUDGE_DIMENSIONS if d not in found]
@@ -631,19 +635,31 @@ def extract_tagged_chain(text: str | None) -> str | None:
     return split_tagged_reply(text)[1]
 
 
-def chain_words_outside(outside: Sequence[str], chain: str, n: int = 4) -> str | None:
+def chain_words_outside(outside: Sequence[str], chain: str, tagged: str, n: int = 4) -> str | None:
     """The first run of `n` words (case-folded) that the prose around a tagged span (split_tagged_reply's first and
-    last parts) shares with `chain`, or None. A tagger that leaves the chain's last sentence (its decision)
-    untagged gives a chain cut before it, which the overlap filter's slack lets through; the tagger's own prose
-    ("Here is the tagged chain:") shares no such run."""
-    words = re.findall(r"\w+", chain.lower())
-    grams = {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    last parts) shares with `chain` and that the tagged span lacks, or None. A tagger that leaves the chain's last
+    sentence (its decision) untagged gives a chain cut before it, which the overlap filter's slack lets through;
+    the tagger's own prose ("Here is the tagged chain:", or "... tagged by its role in the user's history") holds
+    no run of the chain that the span lacks."""
+    def grams_of(text: str) -> set[tuple[str, ...]]:
+        words = re.findall(r"\w+", text.lower())
+        return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    grams = grams_of(chain) - grams_of(untagged(tagged))
     for piece in outside:
         left = re.findall(r"\w+", piece.lower())
         for i in range(len(left) - n + 1):
             if tuple(left[i:i + n]) in grams:
                 return " ".join(left[i:i + n])
     return None
+
+
+def lost_ending(chain: str, tagged: str, n: int = 4) -> str | None:
+    """The last `n` words of `chain` (case-folded, punctuation aside) when the tagged chain without its tags does
+    not end with them, else None: a tagger that drops the chain's closing sentence (its decision) stays within
+    the overlap filter's slack, and SFT would train a chain that never commits to its answer."""
+    want = re.findall(r"\w+", chain.lower())[-n:]
+    got = re.findall(r"\w+", untagged(tagged).lower())[-n:]
+    return " ".join(want) if want != got else None
 
 
 def untagged(chain: str) -> str:
@@ -849,6 +865,9 @@ def stage_judge(ctx: Context) -> StageCounts:
             if response.get("finish_reason") == REFUSED:
                 dropped.drop(task, rec["id"], "endpoint_refused", response["refusal"])
                 continue
+            if response.get("finish_reason") == "length":  # a verdict cut off (or a draft read as one)
+                dropped.drop(task, rec["id"], "judge_truncated", "finish_reason 'length': cut off at judge.max_tokens")
+                continue
             try:
                 scores = parse_judge_reply(response.get("content"))
             except ReplyError as err:
@@ -1031,7 +1050,8 @@ def stage_tag(ctx: Context) -> StageCounts:
             progress.tick()
             before, tagged, after = split_tagged_reply(response.get("content"))
             out.record({**rec, "tagged": tagged,
-                        "tagger_left_out": chain_words_outside((before, after), rec["chain"]) if tagged else None,
+                        "tagger_left_out": chain_words_outside((before, after), rec["chain"], tagged) if tagged
+                        else None,
                         "tagger_finish_reason": response.get("finish_reason"),
                         **({"tagger_refusal": response["refusal"]} if response.get("finish_reason") == REFUSED
                            else {})})
@@ -1078,6 +1098,10 @@ def stage_format(ctx: Context) -> StageCounts:
             if overlap < cfg.filters.min_overlap:
                 dropped.drop(task, rid, "rewritten", f"word overlap {overlap:.4f} < min_overlap "
                                                      f"{cfg.filters.min_overlap}")
+                continue
+            if ending := lost_ending(rec["chain"], tagged):  # within the overlap's slack, but the decision is gone
+                dropped.drop(task, rid, "ending_lost", f"the tagged chain does not end with the teacher's last words "
+                                                       f"{ending!r}")
                 continue
             out.record({**rec, "untagged_chain": rec["chain"], "chain": tagged})
             counts.kept(task)

@@ -566,8 +566,9 @@ def parse_judge_reply(text: str | None) -> dict[str, int]:
 
     Tolerant: prose, code fences or a think block around the JSON; key spellings (case, spaces, known aliases);
     scores as numbers, numeric strings ("4", "4/5") or {"score": n} objects. Strict: all four dimensions present
-    and each a whole number 1-5 (reasons "judge_no_json", "judge_missing_field", "judge_bad_score"). A "total" in
-    the reply is not trusted: the total is the sum of the four scores.
+    and each a whole number 1-5 (reasons "judge_no_json", "judge_missing_field", "judge_bad_score"; a think block
+    that never closes holds drafts only: "judge_unfinished"). A "total" in the reply is not trusted: the total is
+    the sum of the four scores.
     """
     text = text or ""
     if THINK_CLOSE in text:  # a reasoning judge's drafts are not its answer

@@ -108,9 +108,10 @@ def print_table(rows: list[dict]) -> None:
     """Medians with their ratio to naive at the same (N, H); CPU-time columns only for CPU runs."""
     mib = 2**20
     cpu_run = rows[0]["device"] == "cpu"
-    head = "| N | H | impl | fwd s | x naive |" + (" fwd CPU s | x naive |" if cpu_run else "")
-    head += " fwd+bwd s | x naive |" + (" f+b CPU s | x naive |" if cpu_run else "")
-    head += " fwd peak MiB | x naive | f+b peak MiB | x naive | f+b TFLOP/s, 8NHV | useful TFLOP/s, 6NHV |"
+    head = "| N | H | impl | fwd s | ÷ naive |" + (" fwd CPU s | ÷ naive |" if cpu_run else "")
+    head += " fwd+bwd s | ÷ naive |" + (" f+b CPU s | ÷ naive |" if cpu_run else "")
+    head += " fwd peak MiB | ÷ naive | f+b peak MiB | ÷ naive | f+b TFLOP/s, 8NHV | useful TFLOP/s, 6NHV |"
+    print("(÷ naive: this row's value over naive's at the same N and H; below 1 is faster or smaller)")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for row in rows:

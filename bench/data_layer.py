@@ -2,10 +2,11 @@
 
     python bench/data_layer.py [--questions 200] [--items 100] [--repeats 5]
 
-Baselines measured in the same run: plain `json.load` for the reader (what validation costs on top, and the peak
-Python memory of both), a whole-document Counter BM25 (the obvious implementation) for our query-term-only BM25,
-and dropping one item at a time for the budgeted prompt (Qwen3 tokenizer from ../shared when present; every
-tokenizer call tokenises a whole prompt, which dominates the cost).
+Baselines measured in the same run: plain `json.load` for the reader (what validation costs on top), a
+whole-document Counter BM25 (the obvious implementation) for our query-term-only BM25, dropping one item at a time
+for the budgeted prompt (Qwen3 tokenizer from ../shared when present; every tokenizer call tokenises a whole
+prompt, which dominates the cost), and the official metrics' libraries (`rouge_score`, scikit-learn; test extras,
+rows left out without them) for `minitagpr.metrics`. Peak Python memory (tracemalloc) of one call per row.
 """
 from __future__ import annotations
 
@@ -101,16 +102,18 @@ def main() -> None:
 
     k = 8
     print(f"\nretrieval: k={k}, {args.items}-item profiles, {n} examples, median of {r}")
-    print("| retriever | ms | us/example | speed vs baseline | |")
+    print("| retriever | ms | us/example | speed vs baseline | peak Python MB |")
     print("|---|---|---|---|---|")
-    t_base = median_seconds(lambda: [bm25_whole_counter(ex, k) for ex in examples], r)
+    base_fn = lambda: [bm25_whole_counter(ex, k) for ex in examples]  # noqa: E731
+    t_base = median_seconds(base_fn, r)
     bm25 = get_retriever("bm25")
     assert all([it["id"] for it in bm25.select(ex, k)] == [it["id"] for it in bm25_whole_counter(ex, k)]
                for ex in examples[:20])
-    print(row("bm25, whole-document Counter", t_base, n))
+    print(row("bm25, whole-document Counter", t_base, n, extra=f"{python_peak_mb(base_fn):.1f}"))
     for name in ("bm25", "recency", "random"):
         ret = get_retriever(name)
-        line = row(f"{name} (ours)", median_seconds(lambda: [ret.select(ex, k) for ex in examples], r), n, t_base)
+        fn = lambda: [ret.select(ex, k) for ex in examples]  # noqa: E731
+        line = row(f"{name} (ours)", median_seconds(fn, r), n, t_base, f"{python_peak_mb(fn):.1f}")
         if name != "bm25":  # they score nothing: a ratio to a BM25 baseline would be no speed-up of anything
             line = line.replace(line.split(" | ")[3], "- (no scoring: not comparable)")
         print(line)
@@ -142,14 +145,50 @@ def main() -> None:
 
     golds = {ex.id: " ".join(rng.choice(WORDS[:50]) for _ in range(10)) for ex in examples}
     preds = {i: " ".join(rng.choice(WORDS[:50]) for _ in range(10)) for i in golds}
+    labels = {i: rng.choice(["[1]", "[2]"]) for i in golds}
+    guesses = {i: rng.choice(["[1]", "[2]"]) for i in golds}
     print(f"\nmetrics: {n} examples, median of {r}")
-    print("| task | ms | us/example | | |")
-    print("|---|---|---|---|---|")
-    print(row("LaMP-4 rouge1 + rougeL", median_seconds(lambda: evaluate("LaMP-4", preds, golds), r), n).replace(
-        "1.00x (baseline)", ""))
-    lab = {i: rng.choice(["[1]", "[2]"]) for i in golds}
-    print(row("LaMP-1 acc + F1", median_seconds(lambda: evaluate("LaMP-1", lab, lab), r), n).replace(
-        "1.00x (baseline)", ""))
+    print("| metric | path | ms | us/example | speed vs baseline | peak Python MB |")
+    print("|---|---|---|---|---|---|")
+    for metric, ours, baseline in (
+            ("LaMP-4 rouge1 + rougeL", lambda: evaluate("LaMP-4", preds, golds), official_rouge(preds, golds)),
+            ("LaMP-1 acc + F1 + macro-F1", lambda: evaluate("LaMP-1", guesses, labels),
+             official_labels(guesses, labels))):
+        t_base = None
+        if baseline is not None:
+            t_base = median_seconds(baseline[1], r)
+            print(f"| {metric} " + row(baseline[0], t_base, n, extra=f"{python_peak_mb(baseline[1]):.1f}"))
+        print(f"| {metric} " + row("minitagpr.metrics.evaluate", median_seconds(ours, r), n, t_base,
+                                   f"{python_peak_mb(ours):.1f}"))
+
+
+def official_rouge(preds: dict, golds: dict):
+    """(name, fn) of ROUGE-1 + ROUGE-L F by `rouge_score` (the official script's library), or None without it."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        return None
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"])
+
+    def run():
+        scores = [scorer.score(golds[i].strip(), preds[i].strip()) for i in golds]
+        return [statistics.fmean(s[k].fmeasure for s in scores) for k in ("rouge1", "rougeL")]
+    return "rouge_score (baseline)", run
+
+
+def official_labels(preds: dict, golds: dict):
+    """(name, fn) of accuracy, positive-class F1 and macro-F1 by scikit-learn, or None without it."""
+    try:
+        from sklearn.metrics import accuracy_score, f1_score
+    except ImportError:
+        return None
+    ids = list(golds)
+
+    def run():
+        y, p = [golds[i].strip() for i in ids], [preds[i].strip() for i in ids]
+        return (accuracy_score(y, p), f1_score(y, p, pos_label="[1]", average="binary"),
+                f1_score(y, p, labels=["[1]", "[2]"], average="macro"))
+    return "scikit-learn (baseline)", run
 
 
 if __name__ == "__main__":

@@ -2,24 +2,46 @@
 
 Workload: LaMP-like conversations (system + a user turn holding 8 profile items), rendered with the generation
 prompt (thinking on) and tokenized with the Qwen3 tokenizer. Times are medians over repeats after one warm-up.
-Memory: resident-set growth while loading each tokenizer (ours is loaded before transformers is imported).
+Memory: the peak resident-set growth while loading each tokenizer, each in a fresh process after its imports (in
+one process the second load reuses what the first freed); and each row's peak Python allocations during one call
+(tracemalloc: the lists of ids and strings; the Rust library's own buffers are not seen, and the resident set does
+not grow over a call once the warm-up has sized the heap).
 
     python bench/tokenizer_chat.py [--n 256] [--repeats 5] [--tokenizer-dir ../shared/assets/qwen3-tokenizer]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from minitagpr.tokenizer import Tokenizer
-from timing import median_seconds, status_kib, machine_line
+from timing import machine_line, median_seconds, python_peak_mb, reset_rss_peak, status_kib
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def rss_mb() -> float:
-    return status_kib("VmRSS") / 1024
+def load_peak_child(kind: str, tokenizer_dir: str) -> None:
+    """In a fresh process: print the peak resident-set growth (MiB) of loading one tokenizer, imports excluded."""
+    if kind == "transformers":
+        import transformers
+        load = lambda: transformers.AutoTokenizer.from_pretrained(tokenizer_dir)  # noqa: E731
+    else:
+        load = lambda: Tokenizer.from_dir(tokenizer_dir)  # noqa: E731
+    base = reset_rss_peak()
+    tokenizer = load()
+    print((status_kib("VmHWM") - base) / 1024, tokenizer is not None)
+
+
+def load_peak_mb(kind: str, tokenizer_dir: str) -> float:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "bench"), os.environ.get("PYTHONPATH",
+                                                                                                       "")]))
+    out = subprocess.run([sys.executable, __file__, "--load-child", kind, "--tokenizer-dir", tokenizer_dir],
+                         capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.split()[0])
 
 
 def conversations(n: int, seed: int = 0) -> list[list[dict]]:
@@ -38,17 +60,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokenizer-dir", default=str(REPO.parent / "shared" / "assets" / "qwen3-tokenizer"))
+    ap.add_argument("--load-child", choices=("ours", "transformers"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.load_child:
+        return load_peak_child(args.load_child, args.tokenizer_dir)
     print(machine_line())
     chats = conversations(args.n)
+    ours_load_mb, ref_load_mb = (load_peak_mb(kind, args.tokenizer_dir) for kind in ("ours", "transformers"))
+    import transformers
 
-    rss0 = rss_mb()
     ours = Tokenizer.from_dir(args.tokenizer_dir)
-    ours_load_mb = rss_mb() - rss0
-    import transformers  # imported late so its own footprint is not charged to our tokenizer
-    rss0 = rss_mb()
     ref = transformers.AutoTokenizer.from_pretrained(args.tokenizer_dir)
-    ref_load_mb = rss_mb() - rss0
 
     def hf_loop():
         return [list(ref.apply_chat_template(c, tokenize=True, add_generation_prompt=True)["input_ids"])
@@ -72,14 +94,15 @@ def main() -> None:
             ("ours render_chat + encode_batch", ours_batch, ours_load_mb),
             ("ours encode_prompt_and_target", ours_sft, ours_load_mb)]
     print(f"{args.n} conversations, {n_tokens} prompt tokens, median of {args.repeats}")
-    print("| path | ms | conv/s | tokens/s | vs transformers | tokenizer load RSS (MB) |")
-    print("|---|---|---|---|---|---|")
+    print("| path | ms | conv/s | tokens/s | vs transformers | call peak Python MiB | tokenizer load peak RSS "
+          "growth (MiB, own process) |")
+    print("|---|---|---|---|---|---|---|")
     base = None
     for name, fn, load_mb in rows:
         sec = median_seconds(fn, args.repeats)
         base = base or sec
         print(f"| {name} | {sec * 1e3:.1f} | {args.n / sec:,.0f} | {n_tokens / sec:,.0f} | {base / sec:.2f}x | "
-              f"{load_mb:.0f} |")
+              f"{python_peak_mb(fn):.1f} | {load_mb:.0f} |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minitagpr.model.checkpoint import CheckpointError, load_state_into, resolve_checkpoint
+from minitagpr.model.qwen3 import embedding
 
 
 @dataclass
@@ -99,9 +100,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         h = cfg.hidden_size
-        self.word = nn.Embedding(cfg.vocab_size, h)
-        self.position = nn.Embedding(cfg.max_position_embeddings, h)
-        self.token_type = nn.Embedding(cfg.type_vocab_size, h)
+        self.word = embedding(cfg.vocab_size, h)
+        self.position = embedding(cfg.max_position_embeddings, h)
+        self.token_type = embedding(cfg.type_vocab_size, h)
         self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.tokenizer = None  # set by from_pretrained

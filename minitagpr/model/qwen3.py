@@ -377,13 +377,23 @@ class DecoderLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- model
+def embedding(rows: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, left uninitialised when built on the meta device (every checkpoint load, which then fills it):
+    its default normal_ init there runs through torch's reference implementations, whose first use in a process
+    imports torch's tracing stack (sympy, dynamo: ~1.5 s, most of a small model's load). On a real device it keeps
+    the default init."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+    return nn.Embedding(rows, dim)
+
+
 class Qwen3Model(nn.Module):
     """Embedding -> decoder layers -> final norm. Returns hidden states (B, T, H)."""
 
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

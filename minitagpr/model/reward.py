@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from minitagpr.model.checkpoint import (INDEX_NAME, WEIGHTS_NAME, CheckpointError, _read_header, _read_index,
                                         _read_tensor, atomic_dir, config_dtype, load_state_into, resolve_checkpoint,
                                         save_safetensors_shards)
-from minitagpr.model.qwen3 import ConfigError, Qwen3Config, Qwen3Model
+from minitagpr.model.qwen3 import ConfigError, Qwen3Config, Qwen3Model, embedding
 
 ARCHITECTURE = "Qwen3ForSequenceClassification"
 USERS_FILE = "user_vocab.json"
@@ -100,7 +100,7 @@ class PRMU(nn.Module):
         self.model = Qwen3Model(config)
         self.score = nn.Linear(config.hidden_size, 1, bias=False)
         # E: row 0 = unknown user, rows 1..N = the training users
-        self.user_table = nn.Embedding(len(self.users) + 1, config.hidden_size) if use_user_table else None
+        self.user_table = embedding(len(self.users) + 1, config.hidden_size) if use_user_table else None
 
     @property
     def use_user_table(self) -> bool:
@@ -287,17 +287,23 @@ def load_reward_model(path_or_hub_id, *, dtype: torch.dtype | None = None, devic
         backbone.score = model.score
     load_state_into(backbone, folder, dtype=dtype, device=device, skip=skip, mixed_dtype=config_dtype(cfg))
     if not has_head:
-        model.score.to_empty(device=device)
-        model.score.to(dtype or model.model.embed_tokens.weight.dtype)
+        _materialize(model.score, device, dtype or model.model.embed_tokens.weight.dtype)
         model.init_head(seed)
     if model.user_table is not None:
-        model.user_table.to_empty(device=device)
-        model.user_table.to(dtype or model.model.embed_tokens.weight.dtype)
+        _materialize(model.user_table, device, dtype or model.model.embed_tokens.weight.dtype)
         if saved_table:
             _load_user_table(model, folder)
         else:
             model.init_user_table(seed)
     return model
+
+
+def _materialize(module: nn.Module, device, dtype: torch.dtype) -> None:
+    """Replace a meta-device module's own parameters with empty ones on `device` (what to_empty does, without its
+    empty_like from meta, whose first use in a process imports torch's symbolic-shape stack: ~1 s)."""
+    for name, p in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype),
+                                           requires_grad=p.requires_grad))
 
 
 def _load_user_table(model: PRMU, folder: Path) -> None:

@@ -71,7 +71,7 @@ class RecordingVLLM:
 
 def _run_with_recording_vllm(monkeypatch, args):
     monkeypatch.setattr(rollout_pkg, "VLLMEngine", RecordingVLLM)
-    monkeypatch.setattr(recipe, "require_vllm", lambda temperature=None: None)  # vllm itself is not needed by the stand-in
+    monkeypatch.setattr(recipe, "require_vllm", lambda temperature=None: None)  # the stand-in needs no vllm
     try:
         return recipe.run(parse_cli(recipe.RolloutConfig, [*args, "engine=vllm"]))
     finally:

@@ -431,6 +431,25 @@ def test_judge_keeps_totals_above_15_and_counts_every_unusable_reply(tmp_path):
     assert s["extra"]["histogram"] == {"LaMP-3": {"15": 1, "18": 1}}
 
 
+@pytest.mark.parametrize("limit", [3, 0])
+def test_a_judge_that_gives_no_verdict_again_and_again_stops_the_run(tmp_path, limit):
+    # a judge answering "yes" to every chain ran through the whole set: 0 chains, exit 0 (the budget spent)
+    cfg = make_cfg(tmp_path, **{"judge.max_unusable_in_a_row": limit, "judge.concurrency": 1})
+    inst = instance()
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [inst])
+    write_jsonl(cfg_out(cfg) / "accurate.jsonl", [chain_record(inst, j, accuracy=1.0) for j in range(6)])
+    replies = iter(["yes", "yes", judge_json(), "yes", "yes", "yes"])  # a verdict resets the count
+    judge = lambda kwargs: reply(next(replies))  # noqa: E731
+    if limit:
+        with pytest.raises(ChainDataError, match=r"judge: 3 replies in a row gave no verdict, the last 'LaMP-3/7/5': "
+                                                 r"judge_no_json: .*\(reply: 'yes'\); check judge.model"):
+            run_stages(cfg, ["judge"], transports={"judge": judge}, log=lambda m: None)
+        assert len((cfg_out(cfg) / "cache" / "judge.jsonl").read_text().splitlines()) == 6  # every answer kept
+    else:
+        run_stages(cfg, ["judge"], transports={"judge": judge}, log=lambda m: None)
+        assert stats(cfg, "judge")["tasks"]["LaMP-3"]["dropped"] == {"judge_no_json": 5}
+
+
 def test_every_record_a_filter_drops_is_listed_with_its_reason_and_detail(tmp_path):
     cfg = make_cfg(tmp_path, **{"filters.rouge_threshold": 0.5})
     l1, l4 = instance("LaMP-1", "1", gold="[2]"), instance("LaMP-4", "2", gold="city council delays the vote")

@@ -137,6 +137,14 @@ class TeacherEndpoint(EndpointConfig):
 class JudgeEndpoint(EndpointConfig):
     temperature: float = 0.0
     max_tokens: int = 1024
+    max_unusable_in_a_row: int = 20  # judge replies in a row that give no verdict (cut off, no JSON, a missing or
+    #                                  bad score) that stop the run: a judge model or prompt that cannot answer the
+    #                                  format would otherwise spend the whole judge budget; 0: never stop
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_unusable_in_a_row < 0:
+            raise ValueError(f"max_unusable_in_a_row must be >= 0 (0: never stop), got {self.max_unusable_in_a_row}")
 
 
 @dataclass
@@ -856,6 +864,16 @@ def stage_judge(ctx: Context) -> StageCounts:
             yield ChatRequest(rec["id"], messages, seed=sample_seed(cfg.data.seed, rec["id"], 0), context=rec)
 
     progress = Progress(ctx, "judge", client)
+    unusable = 0  # replies in a row without a verdict (cfg.judge.max_unusable_in_a_row)
+
+    def no_verdict(task: str, rid: str, reason: str, detail: str) -> None:
+        nonlocal unusable
+        dropped.drop(task, rid, reason, detail)
+        unusable += 1
+        if unusable == cfg.judge.max_unusable_in_a_row:  # every answer so far stays in the cache
+            raise ChainDataError(f"judge: {unusable} replies in a row gave no verdict, the last {rid!r}: {reason}: "
+                                 f"{detail}; check judge.model and judge.max_tokens (a rerun with another judge.model "
+                                 f"or judge.cache_tag asks again; judge.max_unusable_in_a_row=0 never stops)")
     # closing(): on any exception the answers in flight are cached before the cache file closes
     with client.cache, AtomicWriter(ctx.path("judge")) as out, DropLog(ctx.out, "judge", counts) as dropped, \
             closing(client.run(requests())) as answers:
@@ -867,14 +885,15 @@ def stage_judge(ctx: Context) -> StageCounts:
                 dropped.drop(task, rec["id"], "endpoint_refused", response["refusal"])
                 continue
             if response.get("finish_reason") == "length":  # a verdict cut off (or a draft read as one)
-                dropped.drop(task, rec["id"], "judge_truncated", "finish_reason 'length': cut off at judge.max_tokens")
+                no_verdict(task, rec["id"], "judge_truncated", "finish_reason 'length': cut off at judge.max_tokens")
                 continue
             try:
                 scores = parse_judge_reply(response.get("content"))
             except ReplyError as err:
                 content = response.get("content") or ""
-                dropped.drop(task, rec["id"], err.reason, f"{err} (reply: {content[:200]!r})")
+                no_verdict(task, rec["id"], err.reason, f"{err} (reply: {content[:200]!r})")
                 continue
+            unusable = 0
             total = sum(scores.values())
             histogram.setdefault(task, Counter())[total] += 1
             if total <= cfg.filters.min_judge_total:

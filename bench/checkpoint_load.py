@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from timing import machine_line, reset_rss_peak, status_kib  # noqa: E402
+from timing import PeakMemory, machine_line  # noqa: E402
 
 PATHS = ["safetensors", "transformers", "ours"]
 
@@ -50,17 +50,19 @@ def child(path: str, folder: Path) -> dict:
     else:
         from minitagpr.model import load_pretrained
         load = lambda: load_pretrained(folder, dtype=torch.float32)  # noqa: E731
+
     def touch(loaded) -> float:  # one float of every 4 KiB page of every tensor
         tensors = (loaded.parameters() if isinstance(loaded, torch.nn.Module)
                    else (t for shard in loaded for t in shard.values()))
         return sum(float(t.detach().reshape(-1)[::1024].sum()) for t in tensors)
 
-    base = reset_rss_peak()
+    memory = PeakMemory("cpu")
+    memory.start()
     t0 = time.perf_counter()
     loaded = load()
     touch(loaded)
     seconds = time.perf_counter() - t0
-    peak = (status_kib("VmHWM") - base) / 1024
+    peak = memory.peak() / 2**20
     del loaded
     return {"s": seconds, "peak_mb": peak}
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from minitagpr.tokenizer import Tokenizer
-from timing import machine_line, median_seconds, python_peak_mb, reset_rss_peak, status_kib
+from timing import PeakMemory, machine_line, median_seconds, python_peak_mb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,9 +31,10 @@ def load_peak_child(kind: str, tokenizer_dir: str) -> None:
         load = lambda: transformers.AutoTokenizer.from_pretrained(tokenizer_dir)  # noqa: E731
     else:
         load = lambda: Tokenizer.from_dir(tokenizer_dir)  # noqa: E731
-    base = reset_rss_peak()
+    memory = PeakMemory("cpu")
+    memory.start()
     tokenizer = load()
-    print((status_kib("VmHWM") - base) / 1024, tokenizer is not None)
+    print(memory.peak() / 2**20, tokenizer is not None)
 
 
 def load_peak_mb(kind: str, tokenizer_dir: str) -> float:

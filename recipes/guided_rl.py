@@ -211,10 +211,10 @@ def named_check(key: str, check):
     return run
 
 
-def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: dict, check=None):
+def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: dict):
     """An earlier demo stage's config: its defaults, `yaml_file`, the user's `key`= text ("k=v k=v", shell-quoted)
-    and the demo's own keys `demo`, which the text may not set (DEMO_OWNED); then `check(config)` (e.g. that the
-    batch splits over the ranks), so that a bad setting stops the job before any stage trains. Errors name `key`."""
+    and the demo's own keys `demo`, which the text may not set (DEMO_OWNED). Errors name `key` (as `named_check`'s
+    do for the checks a stage that will train gets, e.g. that its batch splits over the ranks)."""
     assert set(demo) <= set(DEMO_OWNED[key]), f"{key}: the demo sets keys DEMO_OWNED does not list"
     user: dict[str, str] = {}
     try:
@@ -232,10 +232,7 @@ def stage_config(cls: type, yaml_file: Path | None, key: str, text: str, demo: d
             raise ConfigError(f"{key}: {name} is given twice")
         user[name] = value
     try:
-        config = load_config(cls, yaml_file, {**user, **demo})
-        if check is not None:
-            check(config)
-        return config
+        return load_config(cls, yaml_file, {**user, **demo})
     except ConfigError as err:
         raise ConfigError(f"{key}: {err}") from None
 

@@ -159,14 +159,14 @@ def test_stage_config_takes_the_users_settings_over_the_yaml_and_refuses_what_th
         for owned in guided.DEMO_OWNED[key]:
             with pytest.raises(guided.ConfigError, match=rf"{key}: {owned} is set by the demo itself"):
                 guided.stage_config(cls, yaml, key, f"{owned}=x", {"out_dir": str(tmp_path)})
-    # a batch that does not split over the ranks stops the job here, before SFT trains, not when its stage starts
+    # a batch that does not split over the ranks is named by the setting to change (checked before a stage trains)
+    cfg = guided.stage_config(prmu.PrmuConfig, yaml_file, "prmu_settings", "micro_batch=8", demo)
     with pytest.raises(guided.ConfigError, match=r"prmu_settings: global_batch=8 must split into micro-batches of 8 "
                                                  r"pairs on each of 2 ranks"):
-        guided.stage_config(prmu.PrmuConfig, yaml_file, "prmu_settings", "micro_batch=8", demo,
-                            check=lambda c: prmu.check_batch_split(c, 2))
+        guided.named_check("prmu_settings", lambda: prmu.check_batch_split(cfg, 2))()
+    cfg = guided.stage_config(sft.SftConfig, None, "sft_settings", "global_batch=3", {"out_dir": str(tmp_path)})
     with pytest.raises(guided.ConfigError, match=r"sft_settings: global_batch=3 must be a multiple of micro_batch"):
-        guided.stage_config(sft.SftConfig, None, "sft_settings", "global_batch=3", {"out_dir": str(tmp_path)},
-                            check=lambda c: sft.accumulation_steps(c, 2))
+        guided.named_check("sft_settings", lambda: sft.accumulation_steps(cfg, 2))()
 
 
 @pytest.mark.parametrize("argv, message", [

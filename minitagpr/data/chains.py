@@ -644,6 +644,11 @@ def extract_tagged_chain(text: str | None) -> str | None:
     return split_tagged_reply(text)[1]
 
 
+def _words(text: str) -> list[str]:
+    """The case-folded words of `text` (punctuation and white space aside): what the tagger checks compare."""
+    return re.findall(r"\w+", text.lower())
+
+
 def chain_words_outside(outside: Sequence[str], chain: str, tagged: str, n: int = 4) -> str | None:
     """The first run of `n` words (case-folded) that the prose around a tagged span (split_tagged_reply's first and
     last parts) shares with `chain` and that the tagged span lacks, or None. A tagger that leaves the chain's last
@@ -651,11 +656,11 @@ def chain_words_outside(outside: Sequence[str], chain: str, tagged: str, n: int 
     the tagger's own prose ("Here is the tagged chain:", or "... tagged by its role in the user's history") holds
     no run of the chain that the span lacks."""
     def grams_of(text: str) -> set[tuple[str, ...]]:
-        words = re.findall(r"\w+", text.lower())
+        words = _words(text)
         return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
     grams = grams_of(chain) - grams_of(untagged(tagged))
     for piece in outside:
-        left = re.findall(r"\w+", piece.lower())
+        left = _words(piece)
         for i in range(len(left) - n + 1):
             if tuple(left[i:i + n]) in grams:
                 return " ".join(left[i:i + n])
@@ -666,8 +671,8 @@ def lost_ending(chain: str, tagged: str, n: int = 4) -> str | None:
     """The last `n` words of `chain` (case-folded, punctuation aside) when the tagged chain without its tags does
     not end with them, else None: a tagger that drops the chain's closing sentence (its decision) stays within
     the overlap filter's slack, and SFT would train a chain that never commits to its answer."""
-    want = re.findall(r"\w+", chain.lower())[-n:]
-    got = re.findall(r"\w+", untagged(tagged).lower())[-n:]
+    want = _words(chain)[-n:]
+    got = _words(untagged(tagged))[-n:]
     return " ".join(want) if want != got else None
 
 
@@ -680,8 +685,8 @@ def word_overlap(original: str, tagged: str) -> float:
     """In-order word overlap of the tagged chain (tags removed) with the original chain: words matched in order
     (difflib's matching blocks, case-folded) over the longer word count. 1.0 when the tagger only inserted tags;
     lower when it dropped, added, reworded or reordered text (moving the decision to the front costs its words)."""
-    a = re.findall(r"\w+", original.lower())
-    b = re.findall(r"\w+", untagged(tagged).lower())
+    a = _words(original)
+    b = _words(untagged(tagged))
     if not a or not b:
         return 0.0
     matched = sum(block.size for block in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks())

@@ -32,9 +32,16 @@ def test_prp_rejects_the_chain_written_without_the_profile_on_the_same_profile_p
     for p in sets["PRP"]:
         ex = examples[p.example_id]
         assert p.chosen.answer == world.golds(p.task, "train")[ex.id] and p.user == ex.user
-        assert p.prompt == build_messages(ex, retriever.select(ex, world.params["k"]))  # the profile prompt
+        style = world.params["prompt_style"]  # the world's, as its SFT records, guided RL and the table render it
+        assert p.prompt == build_messages(ex, retriever.select(ex, world.params["k"]), style=style)
         assert p.rejected.answer == next(iter(dw.blind_answers(ex).values()))
         assert p.chosen.chain != p.rejected.chain
+
+
+def test_every_pair_prompt_is_rendered_in_the_world_prompt_style_that_guided_rl_scores_with(world, sets):
+    from minitagpr.data.prompts import style_of
+    assert world.params["prompt_style"] == "brief"  # the demo's default, not build_messages' "full"
+    assert {style_of(p.task, p.prompt) for s in sets.values() for p in s} == {"brief"}
 
 
 def test_pqp_prefers_the_gold_answer_by_verifiable_reward_with_no_ties(world, sets):
@@ -84,7 +91,8 @@ def test_style_pairs_argue_the_gold_alike_and_the_users_hidden_style_decides(wor
         gold = world.golds(p.task, "train")[ex.id]
         assert (p.id, p.set, p.user, p.user_dependent) == (f"style/{ex.id}", "style", ex.user, False)
         assert p.chosen.answer == p.rejected.answer == gold  # the answer does not decide
-        assert p.prompt == build_messages(ex, [])  # no profile items: the text does not name the user
+        # no profile items (the text does not name the user), in the world's prompt style
+        assert p.prompt == build_messages(ex, [], style=world.params["prompt_style"])
         short, long_ = sorted((p.chosen.chain, p.rejected.chain), key=n_segments)
         assert n_segments(short) == 3 and n_segments(long_) in (5, 6)
         concise = n_segments(p.chosen.chain) == 3

@@ -467,7 +467,8 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
                           seed: int = 0, reward_fn=None) -> dict[str, list[PreferencePair]]:
     """PRP, PQP and style pairs built from a demo world's questions, golds and chain program, all `source="synthetic"`.
 
-    For every question of `split` (prompt = the k most recent profile items, as in the world's SFT records):
+    For every question of `split` (prompt = the k most recent profile items in the world's prompt style, as its SFT
+    records, guided RL and the table render them: the PRMU scores RL's responses under the prompts it learnt on):
     - PRP: chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(no items, blind)` + blind, where blind
       is the world's profile-blind answer (what a response that never saw the profile would say).
     - PQP, quality (`PQP/<id>`): chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(items, wrong)`
@@ -496,7 +497,7 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
         from minitagpr.rewards import verifiable_reward as reward_fn
 
     world = dw.DemoWorld.load(world_dir)
-    k = world.params["k"]
+    k, style = world.params["k"], world.params["prompt_style"]
     retriever = get_retriever("recency")
     other_golds: dict[str, list[str]] = {}  # question id -> golds of the other users who got the same input
     for task in world.tasks:
@@ -516,7 +517,7 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
         for ex in examples:
             gold, rng = golds[ex.id], random.Random(f"{seed}|prmu|{ex.id}")
             items = retriever.select(ex, k)
-            prompt = build_messages(ex, items)
+            prompt = build_messages(ex, items, style=style)
             chosen = _synthetic_response(dw.make_chain(task, ex, items, gold, rng), gold)
             blind = next(iter(dw.blind_answers(ex).values()))
             common = dict(source="synthetic", user=ex.user, task=task, example_id=ex.id, prompt=prompt)
@@ -543,7 +544,7 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
             disliked = next(name for name in by_style if name != liked)
             sets["style"].append(PreferencePair(
                 id=f"style/{ex.id}", set="style", chosen=by_style[liked], rejected=by_style[disliked],
-                **{**common, "prompt": build_messages(ex, [])}))
+                **{**common, "prompt": build_messages(ex, [], style=style)}))
             # (b) whose answer: the user's gold vs the answer another user would give to this very query -- that
             # user's actual gold in the world's user-dependent groups, else the profile-aware heuristic over
             # another user's history. One chain that does not restate the profile, worded alike for both, so the

@@ -121,14 +121,48 @@ def test_missing_manifest_or_file_means_rebuild(tmp_path):
     assert dw.build(tmp_path, seed=5, **SMALL).params["seed"] == 5
 
 
+def test_a_rebuild_killed_halfway_is_not_taken_for_the_world_it_replaced(tmp_path, monkeypatch):
+    """A rebuild with other parameters overwrites files one by one: the old world.json must not survive it, or a
+    later build with the old parameters reuses a mixture of two worlds."""
+    dw.build(tmp_path / "w", seed=0, **SMALL)
+    calls, write_outputs = [], dw.write_outputs
+
+    def killed_at_the_fourth(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return write_outputs(*args, **kwargs)
+
+    monkeypatch.setattr(dw, "write_outputs", killed_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        dw.build(tmp_path / "w", seed=1, **SMALL)
+    monkeypatch.setattr(dw, "write_outputs", write_outputs)
+    again, fresh = dw.build(tmp_path / "w", seed=0, **SMALL), dw.build(tmp_path / "fresh", seed=0, **SMALL)
+    for path in fresh.paths():
+        assert (again.root / path.relative_to(fresh.root)).read_bytes() == path.read_bytes(), path.name
+
+
+def test_the_fingerprint_follows_every_tasks_prompt_layout(monkeypatch):
+    """SFT records embed every task's rendered prompts: a changed heading or item layout of any task is a new world."""
+    from minitagpr.data import lamp
+    before = dw._prompt_fingerprint("brief")
+    for task, change in [("LaMP-1", dict(history_name="other papers")), ("LaMP-5", dict(item_layout=(
+            ("title", "title", True),)))]:
+        with monkeypatch.context() as m:
+            m.setitem(lamp.TASKS, task, dataclasses.replace(lamp.TASKS[task], **change))
+            assert dw._prompt_fingerprint("brief") != before, task
+    assert dw._prompt_fingerprint("brief") == before  # and nothing else moves it
+
+
 @pytest.mark.parametrize("bad, message", [
+    (dict(num_users=10, test_users=-1), r"test_users >= 0"),
     (dict(num_users=4, dev_users=3), r"at least 2 train and 2 dev users"),
     (dict(per_user=0), r"1 <= per_user <= 99"),
     (dict(shared_per_user=5, per_user=3), r"shared_per_user <= per_user"),
     (dict(profile_size=(8, 4)), r"profile_size\[0\] <= profile_size\[1\]"),
 ])
 def test_bad_sizes_fail_with_a_message_naming_them(tmp_path, bad, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(dw.DataError, match=message):
         dw.build(tmp_path, **{**SMALL, **bad})
     assert not (tmp_path / dw.MANIFEST).exists()
 
@@ -367,6 +401,9 @@ def test_the_cli_says_when_it_rebuilt_and_ends_bad_paths_in_one_line(tmp_path, c
     assert "rebuilt" not in capsys.readouterr().out
     dw.main(args + ["--seed", "1"])
     assert f"rebuilt {tmp_path / 'w'}: its parameters differed (seed)" in capsys.readouterr().out
+    res = subprocess.run([sys.executable, "-m", "minitagpr.data.demo_world", str(tmp_path / "v"), "--test-users",
+                          "-1"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "test_users >= 0" in res.stderr
     (tmp_path / "file").write_text("x")
     res = subprocess.run([sys.executable, "-m", "minitagpr.data.demo_world", str(tmp_path / "file" / "w")],
                          capture_output=True, text=True, timeout=120)

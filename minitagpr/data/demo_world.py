@@ -3,7 +3,7 @@
 `build(out_dir, seed=0)` writes, in the exact LaMP download layout (../shared/docs/lamp-format.md), train and dev
 questions + outputs for LaMP-1, 2, 3, 4, 5 and 7 (user split; test questions on request), a byte-level BPE
 tokenizer trained on the world's training text, and `sft_chains.jsonl` (docs/interfaces.md SFT records). Everything is
-small enough for the 2-core CPU demo: 34 users, texts of 8-25 words, prompts of a few hundred tokens.
+small enough for the 2-core CPU demo: 34 users, profile texts of 4-18 words, prompts of a few hundred tokens.
 
 One deliberate extension of the format: the demo's user-split records carry `"user_id"` (the doc allows it in the
 time split only), since a demo user asks several questions and the PRMU user table needs to know who asked. Real
@@ -65,7 +65,7 @@ from typing import Any, Mapping, Sequence
 from minitagpr.atomic import atomic_write_json, atomic_write_text
 from minitagpr.data.lamp import (
     LAMP2_TAGS, TASKS, DataError, LampExample, canonical_task, load_outputs,
-    load_questions, query_text, split_files, write_outputs, write_questions,
+    load_questions, query_text, split_files, task_spec, write_outputs, write_questions,
 )
 
 TASK_NAMES = ("LaMP-1", "LaMP-2", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7")
@@ -794,11 +794,16 @@ class DemoWorld:
 
 
 def _prompt_fingerprint(style: str) -> str:
-    """A hash of the prompt text the SFT records embed: a changed prompt module means a stale world."""
+    """A hash of the prompt text the SFT records embed: a changed prompt module means a stale world. Every task's
+    prompt is rendered, with no items and with two whose every shown field is longer than the word cut (the
+    instruction, the history heading, each item's layout, numbering and cut all enter the hash)."""
     from minitagpr.data import prompts
-    probe = LampExample("0", "LaMP-3", "review: x", [{"id": "00", "text": "x", "score": "3"}])
-    text = "".join(prompts.instruction(t, style) for t in TASK_NAMES)
-    text += json.dumps(prompts.build_messages(probe, probe.profile, style=style))
+    long = " ".join(["w"] * (prompts.DEFAULT_MAX_ITEM_WORDS + 1))
+    text = ""
+    for task in TASK_NAMES:
+        items = [{"id": f"0{i}", **{f: long for _, f, _ in task_spec(task).item_layout}} for i in range(2)]
+        probe = LampExample("0", task, "x", items)
+        text += json.dumps([prompts.build_messages(probe, shown, style=style) for shown in ([], items)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -820,8 +825,9 @@ def _lexicon_and_users(params: dict) -> tuple[_Lexicon, dict[str, list[_User]]]:
     sizes = {"train": params["num_users"] - n_dev - n_test, "dev": n_dev}
     if n_test:
         sizes["test"] = n_test
-    if sizes["train"] < 2 or n_dev < 2 or params["num_users"] > 999:  # question ids hold 3 user digits
-        raise ValueError(f"demo world: need at least 2 train and 2 dev users and at most 999 in all, got {sizes}")
+    if sizes["train"] < 2 or n_dev < 2 or n_test < 0 or params["num_users"] > 999:  # ids hold 3 user digits
+        raise DataError(f"demo world: need at least 2 train and 2 dev users, test_users >= 0 and at most 999 users "
+                        f"in all, got {sizes} (test_users={n_test})")
     lex = _make_lexicon(params["seed"], params["num_users"])
     return lex, _make_users(lex, params["seed"], sizes)
 
@@ -1003,10 +1009,10 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULT
     """
     from minitagpr.tokenizer import Tokenizer
     if not 1 <= per_user <= 99 or not 0 <= shared_per_user <= per_user:
-        raise ValueError(f"demo world: need 1 <= per_user <= 99 and 0 <= shared_per_user <= per_user, "
+        raise DataError(f"demo world: need 1 <= per_user <= 99 and 0 <= shared_per_user <= per_user, "
                          f"got per_user={per_user}, shared_per_user={shared_per_user}")
     if not 1 <= profile_size[0] <= profile_size[1] or history < 1 or k < 0:
-        raise ValueError(f"demo world: need 1 <= profile_size[0] <= profile_size[1], history >= 1 and k >= 0, "
+        raise DataError(f"demo world: need 1 <= profile_size[0] <= profile_size[1], history >= 1 and k >= 0, "
                          f"got profile_size={profile_size}, history={history}, k={k}")
     root = Path(out_dir)
     params = dict(format=FORMAT_VERSION, seed=seed, num_users=num_users, dev_users=dev_users, test_users=test_users,
@@ -1025,6 +1031,9 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULT
     styles = _reasoning_styles(_lexicon_and_users(params)[1], seed)
     tok_dir = root / "tokenizer"
     records, texts = _draft_records(questions, golds, params)
+    # the old manifest goes before the first file is rewritten: a rebuild killed halfway must not leave a world.json
+    # that a later build with the old parameters takes for the (now half overwritten) world it describes
+    (root / MANIFEST).unlink(missing_ok=True)
     train_tokenizer(texts, tok_dir, vocab_size)
     tokenizer = Tokenizer.from_dir(tok_dir)
     lengths = _fit_records(records, tokenizer, params)

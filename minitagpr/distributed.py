@@ -542,6 +542,12 @@ def _dcp_failure(err: BaseException) -> BaseException:
     return err
 
 
+def _files_at_fault(err: BaseException) -> bool:
+    """Whether a rank's failure inside DCP's load can be the checkpoint files' (missing, damaged, of another shape):
+    not when that rank ran out of memory, lost a peer or got Ctrl-C, and the checkpoint may be fine."""
+    return isinstance(err, Exception) and not isinstance(err, (torch.OutOfMemoryError, MemoryError, dist.DistError))
+
+
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, keep_last: int = 2) -> Path:
     """Collective. Sharded DCP save of model + optimizer, per-rank RNG states, and `state` (a JSON-able dict: step,
@@ -566,7 +572,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: nn.Module, op
         raise
     rng = io.BytesIO()
     torch.save(_rng_state(), rng)
-    write_synced(tmp / f"rng_rank{info.rank:05d}.pt", rng.getvalue())
+    # a rank whose write fails (its disk full) stops the others too, which would wait in the barrier below
+    on_every_rank(lambda: write_synced(tmp / f"rng_rank{info.rank:05d}.pt", rng.getvalue()))
     fault_point("save", step)
     barrier()  # every rank's files are written
 
@@ -600,7 +607,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 
     `check(state)` runs on the saved state before any tensor loads: a recipe's resume checks (its config, data and
     model) go there, so a run whose model= or user set changed shape is told what changed, not that the checkpoint
-    is damaged (which a shape mismatch in the load would report, with advice to delete good checkpoints)."""
+    is damaged (which a shape mismatch in the load would report, with advice to delete good checkpoints).
+
+    Only a failure of the files (missing, damaged, of another shape) is a CheckpointError advising to delete the
+    checkpoint; running out of memory, a lost peer (a gloo/NCCL error) or a bug before or after the read raises its
+    own error."""
     from minitagpr.model.checkpoint import CheckpointError
 
     path = Path(path)
@@ -623,24 +634,32 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         raise unusable(f"state.json needs an object with an integer 'step' >= 0, got step {step!r}")
     if check is not None:  # every rank reads the same state.json, so every rank refuses together
         check(state)
+    # outside the try below, as is set_state_dict: their failures (out of memory, a bug) say nothing of the files
+    if optimizer is None:
+        sd = {"model": get_model_state_dict(model)}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)  # allocates the optimizer's state
+        sd = {"model": model_sd, "optim": optim_sd}
     # DCP logs a damaged .metadata twice on the root logger, each with a traceback, before it raises; the error
     # below says it in one line
     quiet = _DropRecords("torch/distributed/checkpoint", ("metadata is not found",))
     logging.getLogger().addFilter(quiet)
-    try:  # a damaged shard, a garbage .metadata, or a model of another shape than the one saved
-        if optimizer is None:
-            model_sd = get_model_state_dict(model)
-            dcp.load({"model": model_sd}, checkpoint_id=str(path))
-            set_model_state_dict(model, model_sd)
-        else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            sd = {"model": model_sd, "optim": optim_sd}
-            dcp.load(sd, checkpoint_id=str(path))
-            set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    except (Exception, CheckpointException) as e:  # DCP's exception (a BaseException) wraps each rank's failure
-        raise unusable(_first_line(_dcp_failure(e))) from None
+    # DCP raises a CheckpointException (a BaseException) holding each rank's failure to plan or read (a damaged
+    # shard, a garbage .metadata, a model of another shape than the one saved); an error of its collectives (a lost
+    # peer: a DistError, under gloo a plain RuntimeError) is not caught and goes up as it is
+    try:
+        dcp.load(sd, checkpoint_id=str(path))
+    except CheckpointException as e:
+        first = _dcp_failure(e)
+        if _files_at_fault(first):
+            raise unusable(_first_line(first)) from None
+        raise first from e  # its own type, for a caller that handles it (e.g. out of memory); e names its rank
     finally:
         logging.getLogger().removeFilter(quiet)
+    if optimizer is None:
+        set_model_state_dict(model, sd["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rng_file = path / f"rng_rank{world().rank:05d}.pt"
     if state.get("world_size") == world().world_size:  # the same ranks: each restores its own RNG state
         # every rank looks for every rank's file, so all of them refuse together (none waits in a collective);
@@ -649,11 +668,14 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                    if not (path / f"rng_rank{r:05d}.pt").is_file()]
         if missing:
             raise unusable(f"{', '.join(missing)} missing")
-        try:
-            rng = torch.load(rng_file, weights_only=True)
-        except Exception as e:
-            raise unusable(f"{rng_file.name} is not a saved RNG state: {type(e).__name__}") from None
-        _set_rng_state(rng)
+
+        def restore() -> None:
+            try:
+                rng = torch.load(rng_file, weights_only=True)
+            except Exception as e:
+                raise unusable(f"{rng_file.name} is not a saved RNG state: {type(e).__name__}") from None
+            _set_rng_state(rng)
+        on_every_rank(restore)  # a file only one rank cannot read stops every rank, not that one alone
     return state
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -677,3 +678,107 @@ def test_a_new_checkpoint_name_is_made_durable_before_an_older_folder_is_deleted
     assert {events[i][1].name for i in deleted} == {".step_000002.old", ".step_000001.del"}
     assert ("fsync", tmp_path) in events[:min(deleted)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002"]
+
+
+# ---- failures a checkpoint's files are not to blame for; one rank's RNG file (review 2026-11-30) ------------------
+
+def _raise(err):
+    def fail(*args, **kwargs):
+        raise err
+    return fail
+
+
+@pytest.mark.parametrize("err", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    MemoryError(),
+    torch.distributed.DistBackendError("NCCL error: remote process exited or there was a network error"),
+    RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:63666: Connection reset by peer"),
+    D.CheckpointException("read_data", {0: (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                            None)}),  # (rank 0's error, its frames)
+], ids=["out-of-memory", "host-memory", "peer-gone", "peer-gone-gloo", "out-of-memory-inside-dcp"])
+def test_a_load_that_runs_out_of_memory_or_loses_a_peer_raises_that_error_not_delete_advice(
+        group, tied_checkpoint, tmp_path, monkeypatch, err):
+    """The checkpoint may be fine: a CheckpointError advising to delete it would cost the user a good checkpoint.
+    DCP's collectives raise as they are (gloo's lost peer is a plain RuntimeError); a rank's own error comes inside
+    DCP's CheckpointException and is raised with its own type."""
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    folder = D.save_checkpoint(tmp_path, 1, model, opt, {})
+    monkeypatch.setattr(D.dcp, "load", _raise(err))
+    inner = D._dcp_failure(err)
+    with pytest.raises(type(inner)) as caught:
+        D.load_checkpoint(folder, model, opt)
+    assert caught.value is inner
+
+
+@pytest.mark.parametrize("where,err", [
+    ("get_state_dict", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")),
+    ("set_state_dict", TypeError("a bug")),
+], ids=["optimizer-state-out-of-memory", "bug-after-the-read"])
+def test_failures_before_and_after_the_read_of_the_files_are_raised_as_they_are(group, tied_checkpoint, tmp_path,
+                                                                                 monkeypatch, where, err):
+    """Allocating the optimizer state and copying the read tensors into the model touch no file."""
+    model = sharded(tied_checkpoint, group)
+    opt = O.build_optimizer(model, lr=1e-3)
+    folder = D.save_checkpoint(tmp_path, 1, model, opt, {})
+    monkeypatch.setattr(D, where, _raise(err))
+    with pytest.raises(type(err)) as caught:
+        D.load_checkpoint(folder, model, opt)
+    assert caught.value is err
+
+
+_RNG_FILE_SCRIPT = """
+import sys
+from pathlib import Path
+from minitagpr import distributed as D
+from minitagpr.model.presets import make_tiny_checkpoint
+from minitagpr.train.optim import build_optimizer
+out = Path(sys.argv[1])
+where = (out / "where").read_text()
+info = D.init_distributed(timeout_s=60)  # a rank left waiting fails within a minute, not the default half hour
+if info.is_main:
+    make_tiny_checkpoint(out / "m", preset="tiny", seed=1, vocab_size=96)
+D.barrier()
+model = D.build_sharded_causal_lm(out / "m", info, D.device_mesh(info))
+opt = build_optimizer(model, 1e-3)
+real_write_synced = D.write_synced
+
+def write_synced(path, data):  # rank 1's disk is full when it writes its RNG file
+    if info.rank == 1 and path.name.startswith("rng_rank"):
+        raise OSError(28, "No space left on device", str(path))
+    real_write_synced(path, data)
+
+try:
+    if where == "save":
+        D.write_synced = write_synced
+        D.save_checkpoint(out / "ck", 1, model, opt, {})
+    else:
+        folder = D.save_checkpoint(out / "ck", 1, model, opt, {})
+        if info.rank == 1:
+            (folder / "rng_rank00001.pt").write_bytes(b"not a torch file")
+        D.barrier()
+        D.load_checkpoint(folder, model, opt)
+    seen = "no error"
+except Exception as e:
+    seen = f"{type(e).__name__}: {e}"
+(out / f"rank{info.rank}.txt").write_text(seen)
+D.end_process()  # no teardown barrier: a rank that went on must not be released by a peer that stopped
+"""
+
+
+@pytest.mark.parametrize("where", ["save", "load"])
+def test_an_rng_file_only_rank_1_cannot_write_or_read_stops_both_ranks(tmp_path, where):
+    """Each rank writes and reads its own RNG file: a failure there on rank 1 alone (a full disk, a damaged file)
+    is raised on rank 0 too, at once, instead of rank 0 going on to wait in the next collective until the group's
+    timeout (or, on load, resuming while rank 1 stopped)."""
+    import time
+    (tmp_path / "where").write_text(where)
+    start = time.monotonic()
+    res = _run_script(_RNG_FILE_SCRIPT, tmp_path)
+    assert time.monotonic() - start < 60, "a rank waited for the group's timeout"
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    expected = {"save": r"OSError: \[Errno 28\] No space left on device: '.*/rng_rank00001.pt'",
+                "load": r"CheckpointError: .*cannot resume from this checkpoint \(rng_rank00001.pt is not a saved RNG "
+                        r"state"}[where]
+    assert seen[0] == seen[1] and re.match(expected, seen[0]), seen

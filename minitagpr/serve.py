@@ -3,30 +3,40 @@
     python -m minitagpr.serve CHECKPOINT --port 8000 [--host 127.0.0.1] [--request-log requests.jsonl]
 
 then any OpenAI client with base_url="http://127.0.0.1:8000/v1" can call:
-  GET  /v1/models             the one served model (its id is --model-name, default the checkpoint folder's name)
+  GET  /v1/models             the one served model (its id is --model-name, default the CHECKPOINT argument: a
+                              local folder's own name, or a hub id as given)
+  GET  /health                {"status": "ok"}
   POST /v1/chat/completions   messages (rendered with the checkpoint's tokenizer and the Qwen3 chat template),
                               n, max_tokens | max_completion_tokens, temperature, top_p, stop (string or list),
                               seed, chat_template_kwargs.enable_thinking; usage counts in the answer. Knobs it
                               does not implement (top_k, min_p, penalties, logit_bias, response_format) are refused
                               unless sent at their "off" value.
+Unlike OpenAI's API, a request without max_tokens gets DEFAULT_MAX_TOKENS (1024) new tokens at most, fewer where
+the prompt leaves less room in the context, not all the room the context leaves.
 It exists for evaluation and for testing the chain pipeline against a real `openai` client on loopback. One
 model, one generation at a time (a lock serialises requests; HTTP handling itself is threaded), no streaming.
 The `model` field of a request is echoed back, not checked, so a pipeline may give its roles different names.
+The port is bound before the checkpoint loads, so a busy port or an unknown host fails at once; an IPv6 literal
+host (::1) is served over IPv6.
 
 Stop strings are applied after generation: the text is cut before the earliest stop string and the token count
 is that of the shortest prefix of generated ids whose text reaches it. `<|im_end|>`, eos and `<|endoftext|>`
 always stop (Tokenizer.stop_ids).
-Malformed requests get a 400 JSON error naming the field; the server keeps serving. With --request-log every
-request appends one JSON line {time, path, status, body_sha256, n, prompt_tokens, completion_tokens, seconds}.
+Malformed requests get a 400 JSON error naming the field; the server keeps serving. With --request-log every GET
+and POST appends one JSON line {time, method, path, status, seconds} before its answer is sent; a POST's line adds
+body_sha256, and n, prompt_tokens and completion_tokens when answered. Status 499: the client hung up while its
+request waited for the generation lock, so nothing was generated or sent. A client that hangs up while its answer
+is being sent keeps the line with the status meant for it, and a note goes to stderr. Other methods (PUT,
+DELETE, ...) get http.server's 501 and no line.
 """
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import ipaddress
 import json
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -50,6 +60,10 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
         self.param, self.status = param, status
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request waited for the generation lock."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -152,11 +166,13 @@ def parse_chat_request(body, max_position: int | None) -> dict:
     enable_thinking = kwargs.get("enable_thinking", True)
     if not isinstance(enable_thinking, bool):
         raise RequestError("'chat_template_kwargs.enable_thinking' must be true or false", "chat_template_kwargs")
-    max_tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    if None not in (body.get("max_tokens"), body.get("max_completion_tokens")) and \
-            body["max_tokens"] != body["max_completion_tokens"]:  # which one was meant cannot be told
-        raise RequestError(f"'max_tokens' ({json.dumps(body['max_tokens'])}) and 'max_completion_tokens' "
-                           f"({json.dumps(body['max_completion_tokens'])}) differ; send one", "max_completion_tokens")
+    # each checked on its own before they are compared: true == 1 would let max_tokens: true pass
+    max_tokens = _int_field(body, "max_tokens", None, 1, max_position)
+    max_completion_tokens = _int_field(body, "max_completion_tokens", None, 1, max_position)
+    if None not in (max_tokens, max_completion_tokens) and max_tokens != max_completion_tokens:
+        raise RequestError(f"'max_tokens' ({max_tokens}) and 'max_completion_tokens' ({max_completion_tokens}) "
+                           f"differ; send one", "max_completion_tokens")  # which one was meant cannot be told
+    max_tokens_field = "max_tokens" if max_completion_tokens is None else "max_completion_tokens"
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(f"'seed' must be an integer, got {json.dumps(seed)}", "seed")
@@ -164,7 +180,8 @@ def parse_chat_request(body, max_position: int | None) -> dict:
         "messages": messages,
         "model": model,
         "n": _int_field(body, "n", 1, 1, MAX_N),
-        "max_tokens": _int_field(body, max_tokens_name, None, 1, max_position),
+        "max_tokens": max_tokens if max_completion_tokens is None else max_completion_tokens,
+        "max_tokens_field": max_tokens_field,  # the name the client sent, for errors about its value
         "temperature": _temperature(body),
         "top_p": _float_field(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         "stop": stop,
@@ -180,10 +197,18 @@ def apply_stop_strings(tokenizer, token_ids: list[int], text: str, stops: list[s
     if not cuts:
         return text, None
     cut = min(cuts)
-    # the completion "used" the shortest prefix of ids whose text reaches past the cut
-    used = next((k for k in range(1, len(token_ids) + 1) if len(tokenizer.decode(token_ids[:k])) > cut),
-                len(token_ids))
-    return text[:cut], used
+    # The completion "used" the shortest prefix of ids whose text reaches past the cut. A prefix's text never gets
+    # shorter as ids are added (a split UTF-8 character decodes to one U+FFFD, then to itself), so bisect instead of
+    # decoding every prefix (quadratic). Invariant: ids[:lo] stops short of the cut, ids[:hi] reaches past it (or
+    # is all of them), so the answer hi has been checked against its predecessor lo = hi - 1.
+    lo, hi = 0, len(token_ids)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(token_ids[:mid])) > cut:
+            hi = mid
+        else:
+            lo = mid
+    return text[:cut], hi
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -195,19 +220,28 @@ class ChatServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address, engine: BuiltinEngine, tokenizer, model_name: str, request_log: Path | None = None):
-        super().__init__(address, ChatHandler)
-        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+    def __init__(self, address, engine: BuiltinEngine | None, tokenizer, model_name: str,
+                 request_log: Path | None = None, bind_and_activate: bool = True):
+        # http.server listens on IPv4 only; an IPv6 literal such as ::1 needs an IPv6 socket
+        self.address_family = socket.AF_INET6 if _is_ipv6(address[0]) else socket.AF_INET
+        super().__init__(address, ChatHandler, bind_and_activate)
+        self.model_name = model_name
         self.request_log = Path(request_log) if request_log else None
         self.generate_lock = threading.Lock()  # one generation at a time: the engine is not thread-safe
         self.log_lock = threading.Lock()
         self.created = int(time.time())
+        self.engine = self.tokenizer = self.max_position = None
+        if engine is not None:
+            self.attach(engine, tokenizer)
+
+    def attach(self, engine: BuiltinEngine, tokenizer) -> None:
+        """Serve `engine`; make_server binds the port first and attaches the engine once the checkpoint loaded."""
+        self.engine, self.tokenizer = engine, tokenizer
         self.max_position = getattr(engine.model.config, "max_position_embeddings", None)
 
     @property
     def base_url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{_host_port(*self.server_address[:2])}/v1"
 
     def log_request_line(self, record: dict) -> None:
         if self.request_log is None:
@@ -221,7 +255,9 @@ class ChatServer(ThreadingHTTPServer):
             print(f"minitagpr.serve: cannot append to the request log {self.request_log}: {err.strerror or err}",
                   file=sys.stderr, flush=True)
 
-    def chat_completion(self, request: dict) -> dict:
+    def chat_completion(self, request: dict, client_gone=None) -> dict:
+        """The answer to a parsed request. `client_gone()` is asked once the generation lock is held: True raises
+        ClientGone instead of generating for a client that is no longer there."""
         tok = self.tokenizer
         try:
             prompt = tok.apply_chat(request["messages"], add_generation_prompt=True,
@@ -236,10 +272,13 @@ class ChatServer(ThreadingHTTPServer):
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_TOKENS if room is None else min(DEFAULT_MAX_TOKENS, room)
         elif room is not None and max_tokens > room:
-            raise RequestError(f"max_tokens={max_tokens} plus the prompt's {len(prompt)} tokens exceeds the model's "
-                               f"limit of {self.max_position}", "max_tokens")
+            field = request["max_tokens_field"]
+            raise RequestError(f"{field}={max_tokens} plus the prompt's {len(prompt)} tokens exceeds the model's "
+                               f"limit of {self.max_position}", field)
         seed = request["seed"] if request["seed"] is not None else secrets.randbits(62)
         with self.generate_lock:
+            if client_gone is not None and client_gone():  # it hung up while queued: generate for nobody
+                raise ClientGone()
             group = self.engine.generate([prompt], n=request["n"], temperature=request["temperature"],
                                          top_p=request["top_p"], max_new_tokens=max_tokens,
                                          stop_token_ids=tok.stop_ids, seed=seed)[0]
@@ -271,14 +310,46 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client left: a note, not socketserver's traceback
+            self.close_connection = True
+            print(f"minitagpr.serve: the client of {self.command} {self.path} hung up before its {status} answer "
+                  f"was sent", file=sys.stderr, flush=True)
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end: a peek that does not block reads end-of-file, or a reset. (A client
+        that half-closes and still waits for its answer reads as gone too; HTTP clients do not do that.)"""
+        conn = self.connection
+        timeout = conn.gettimeout()
+        conn.settimeout(0)  # non-blocking for this peek; unlike select(), no limit on the descriptor's number
+        try:
+            return conn.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:  # nothing to read: still connected
+            return False
+        except OSError:  # reset by the peer
+            return True
+        finally:
+            conn.settimeout(timeout)
+
+    def _discard_body(self) -> None:
+        """Read away a GET's body, which means nothing here: left unread it would be parsed as the next request."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if self.headers.get("Transfer-Encoding") or not 0 <= length <= MAX_BODY_BYTES:
+            self.close_connection = True  # a body of no usable length: end the connection after this answer
+        elif length:
+            self.rfile.read(length)
 
     def do_GET(self):
         started = time.time()
+        self._discard_body()
         if self.path.rstrip("/") == "/v1/models":
             status, payload = 200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
                                                                 "created": self.server.created,
@@ -286,8 +357,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         elif self.path.rstrip("/") == "/health":
             status, payload = 200, {"status": "ok"}
         else:
-            status, payload = 404, _error_body(404, f"no route GET {self.path}; this server has GET /v1/models and "
-                                                    f"POST /v1/chat/completions")
+            status, payload = 404, _error_body(404, f"no route GET {self.path}; this server has GET /v1/models, "
+                                                    f"GET /health and POST /v1/chat/completions")
         self.server.log_request_line({"time": started, "path": self.path, "method": "GET", "status": status,
                                       "seconds": round(time.time() - started, 4)})
         self._send(status, payload)
@@ -310,12 +381,16 @@ class ChatHandler(BaseHTTPRequestHandler):
                 raise RequestError(f"no route POST {self.path}; this server has POST /v1/chat/completions", status=404)
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            except RecursionError:  # the decoder recurses once per level of nesting
+                raise RequestError("the request body is not valid JSON: it is nested too deeply") from None
+            except ValueError as err:  # bad syntax, bad UTF-8, or an integer past Python's limit on digits
                 raise RequestError(f"the request body is not valid JSON: {err}") from None
             request = parse_chat_request(body, self.server.max_position)
-            status, payload = 200, self.server.chat_completion(request)
+            status, payload = 200, self.server.chat_completion(request, client_gone=self._client_gone)
             record.update(n=request["n"], prompt_tokens=payload["usage"]["prompt_tokens"],
                           completion_tokens=payload["usage"]["completion_tokens"])
+        except ClientGone:
+            status, payload = 499, None  # nginx's "client closed request": nothing generated, nothing sent
         except RequestError as err:
             status, payload = err.status, _error_body(err.status, str(err), err.param)
         except DivergedError as err:  # the model's fault, not the request's
@@ -327,7 +402,21 @@ class ChatHandler(BaseHTTPRequestHandler):
         record.update(status=status, body_sha256=hashlib.sha256(raw).hexdigest(),
                       seconds=round(time.time() - started, 4))
         self.server.log_request_line(record)  # logged before answering: a client that got its answer sees the line
-        self._send(status, payload)
+        if payload is None:
+            self.close_connection = True
+        else:
+            self._send(status, payload)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:  # a host name (or "" for every interface): IPv4
+        return False
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if _is_ipv6(host) else f"{host}:{port}"
 
 
 def _error_body(status: int, message: str, param: str | None = None) -> dict:
@@ -341,21 +430,37 @@ def _error_body(status: int, message: str, param: str | None = None) -> dict:
 
 def make_server(checkpoint, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None,
                 request_log=None, max_batch_rows: int = 64) -> ChatServer:
-    """Load CHECKPOINT (weights + tokenizer files) and bind a ChatServer; port 0 picks a free port."""
-    import torch
-
-    from minitagpr.model import load_pretrained
-    from minitagpr.model.checkpoint import resolve_checkpoint
-    from minitagpr.tokenizer import Tokenizer
-
+    """Bind HOST:PORT, then load CHECKPOINT (weights + tokenizer files) into a ChatServer; port 0 picks a free port.
+    Binding first finds a busy port or an unknown host before the model loads."""
     if request_log:
         check_request_log(Path(request_log))  # now, not as a failure of every request
-    checkpoint = resolve_checkpoint(checkpoint)  # a missing folder is named as a checkpoint, not a tokenizer folder
-    tokenizer = Tokenizer.from_dir(checkpoint)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_pretrained(checkpoint, dtype=torch.float32, device=device).eval()
-    engine = BuiltinEngine(model, tokenizer, max_batch_rows=max_batch_rows)
-    return ChatServer((host, port), engine, tokenizer, model_name or checkpoint.name, request_log)
+    local = Path(checkpoint).expanduser()
+    # the id clients see: a folder's own name (also for "."), a hub id as given rather than its snapshot's hash
+    default_name = (local.resolve().name or str(checkpoint)) if local.is_dir() else str(checkpoint)
+    server = ChatServer((host, port), None, None, model_name or default_name, request_log, bind_and_activate=False)
+    try:
+        server.server_bind()
+        server.server_activate()
+    except OSError as err:  # a busy port, an unknown host, an address not on this machine
+        server.server_close()
+        raise ConfigError(f"--host/--port {_host_port(host, port)}: cannot listen there "
+                          f"({err.strerror or err})") from None
+    try:
+        import torch
+
+        from minitagpr.model import load_pretrained
+        from minitagpr.model.checkpoint import resolve_checkpoint
+        from minitagpr.tokenizer import Tokenizer
+
+        checkpoint = resolve_checkpoint(checkpoint)  # a missing folder is named as a checkpoint, not a tokenizer's
+        tokenizer = Tokenizer.from_dir(checkpoint)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_pretrained(checkpoint, dtype=torch.float32, device=device).eval()
+        server.attach(BuiltinEngine(model, tokenizer, max_batch_rows=max_batch_rows), tokenizer)
+    except BaseException:
+        server.server_close()  # free the port: the caller gets the loading error, not a leaked socket
+        raise
+    return server
 
 
 def check_request_log(path: Path) -> None:
@@ -396,7 +501,8 @@ def main(argv=None) -> None:
     parser.add_argument("checkpoint", help="HF-format checkpoint folder with tokenizer.json + tokenizer_config.json")
     parser.add_argument("--port", type=_port, required=True, help="TCP port (0: pick a free one)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    parser.add_argument("--model-name", default=None, help="the id /v1/models reports (default: folder name)")
+    parser.add_argument("--model-name", default=None,
+                        help="the id /v1/models reports (default: the checkpoint folder's name, or the hub id)")
     parser.add_argument("--request-log", default=None, help="append one JSON line per request to this file")
     parser.add_argument("--max-batch-rows", type=_positive, default=64, help="most sequences decoded together")
     parser.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
@@ -415,8 +521,7 @@ def main(argv=None) -> None:
         server = make_server(args.checkpoint, args.host, args.port, args.model_name, args.request_log,
                              args.max_batch_rows)
     except (*USER_ERRORS, OSError, ValueError) as err:  # a bad checkpoint, tokenizer, log path, busy port...
-        where = f" on {args.host}:{args.port}" if getattr(err, "errno", None) == errno.EADDRINUSE else ""
-        sys.exit(f"minitagpr.serve: cannot start{where}: {err}")
+        sys.exit(f"minitagpr.serve: cannot start: {err}")
     print(f"serving {server.model_name} at {server.base_url}", flush=True)  # parents read the port from this line
     try:
         server.serve_forever()

@@ -200,3 +200,28 @@ def test_a_body_too_long_to_read_closes_the_connection(server):
         except socket.timeout:  # still open: the server waits for another request
             pass
     assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+    (b'{"messages": [], "seed": ' + b"1" * 5000 + b"}", "Exceeds the limit (4300 digits)")])
+def test_a_body_nested_too_deeply_or_with_a_huge_integer_is_a_400_naming_why(server, body, reason):
+    """json.loads raises RecursionError and a ValueError that is not a JSONDecodeError for these: they were 500s."""
+    status, answer = post_raw(server, body)
+    assert status == 400 and "the request body is not valid JSON" in answer["error"]["message"]
+    assert reason in answer["error"]["message"]
+
+
+def test_the_default_model_id_is_the_checkpoint_argument_not_its_resolved_folder(checkpoint, monkeypatch):
+    """"." was served as "" and a hub id as its snapshot's hash, the folder resolve_checkpoint returns."""
+    import minitagpr.model.checkpoint as C
+
+    monkeypatch.chdir(checkpoint)
+    server = make_server(".", port=0)
+    server.server_close()
+    assert server.model_name == "tiny-chat"
+    monkeypatch.chdir(checkpoint.parent)
+    monkeypatch.setattr(C, "resolve_checkpoint", lambda name: checkpoint)  # as if from the hub cache
+    server = make_server("org/tiny-chat-instruct", port=0)
+    server.server_close()
+    assert server.model_name == "org/tiny-chat-instruct"

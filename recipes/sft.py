@@ -386,9 +386,9 @@ def _score_share(export_dir: Path, mine: list[S.SftRecord], max_new_tokens: int,
 def trained_style(records) -> dict | None:
     """What the export records about its prompts: the one instruction style every record's system message was
     rendered in (RL and evaluation then refuse another); None when they differ or are hand-written."""
-    from minitagpr.data.prompts import shared_style
-    style = shared_style((r.task, r.messages) for r in records)
-    return None if style is None else {"prompt_style": style}
+    from minitagpr.data.prompts import style_of
+    styles = {style_of(r.task, r.messages) for r in records}
+    return {"prompt_style": styles.pop()} if len(styles) == 1 and None not in styles else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,6 @@ from minitagpr.config import (ConfigError, check_at_least, check_choice, check_n
 from minitagpr.data import demo_world
 from minitagpr.data.preferences import (SETS, PreferenceDataError, PreferencePair, read_pairs, split_heldout,
                                         write_pairs)
-from minitagpr.data.prompts import shared_style
 from minitagpr.model.checkpoint import resolve_checkpoint
 from minitagpr.model.presets import PRESETS, make_tiny_checkpoint
 from minitagpr.model.qwen3 import Qwen3Config
@@ -276,7 +275,7 @@ def run(cfg: PrmuConfig) -> Path:
         final = evaluate(model, held, cfg, tokenizer.pad_id, info)
     D.save_checkpoint(ckpt_dir, total_steps, model, optimizer, state_extra, keep_last=cfg.keep_last)
     hf_dir = D.export_hf(model, out / "hf", tokenizer_dir=tokenizer.source, save_fn=save_reward_model,
-                         training=trained_on(train_pairs, cfg))
+                         training={"max_len": cfg.max_len})  # guided RL scores with the length it was trained on
     D.on_main(lambda: atomic_write_json(out / "final_eval.json", final, indent=2))  # whole or none, for every reader
     del model, optimizer
     D.release_memory()  # a caller's next stage loads in this process (the demo runs them all in one)
@@ -331,14 +330,6 @@ def _refuse_repeats(pairs: list[PreferencePair], files: list[str], key: str) -> 
     if repeated:
         raise PreferenceDataError(f"{key}={','.join(map(str, files))}: pair id {repeated[0]!r} appears in more than "
                                   f"one file ({len(repeated)} repeated ids); give each pair once")
-
-
-def trained_on(pairs: list[PreferencePair], cfg: PrmuConfig) -> dict:
-    """What guided RL must score like (the export's TRAINING_FILE): the input length the PRMU was trained on and, when
-    every training prompt shares one instruction style, that style (RL then refuses a policy prompted otherwise:
-    the PRMU would score responses under prompts it never saw)."""
-    style = shared_style((p.task, p.prompt) for p in pairs)
-    return {"max_len": cfg.max_len, **({} if style is None else {"prompt_style": style})}
 
 
 def encode_pair(p: PreferencePair, tokenizer, users: UserVocab, max_len: int) -> EncodedPair:

@@ -38,10 +38,19 @@ def test_prp_rejects_the_chain_written_without_the_profile_on_the_same_profile_p
         assert p.chosen.chain != p.rejected.chain
 
 
-def test_every_pair_prompt_is_rendered_in_the_world_prompt_style_that_guided_rl_scores_with(world, sets):
+def test_every_pair_prompt_is_rendered_in_the_world_prompt_style_and_the_prmu_input_ignores_it(world, sets):
+    """The pair files show the prompts guided RL renders; the PRMU's input leaves the system instruction out, so a
+    PRMU trained on pairs of either style scores RL's responses alike."""
     from minitagpr.data.prompts import style_of
+    from minitagpr.model.reward import encode_reward_input
+    from minitagpr.tokenizer import Tokenizer
     assert world.params["prompt_style"] == "brief"  # the demo's default, not build_messages' "full"
     assert {style_of(p.task, p.prompt) for s in sets.values() for p in s} == {"brief"}
+    tok, p = Tokenizer.from_dir(world.tokenizer_dir), sets["PRP"][0]
+    ex = next(e for e in world.examples(p.task, "train") if e.id == p.example_id)
+    full = build_messages(ex, get_retriever("recency").select(ex, world.params["k"]), style="full")
+    assert full != p.prompt
+    assert encode_reward_input(tok, full, "x") == encode_reward_input(tok, p.prompt, "x")
 
 
 def test_pqp_prefers_the_gold_answer_by_verifiable_reward_with_no_ties(world, sets):

@@ -65,19 +65,6 @@ def test_encode_pair_keeps_the_set_the_user_row_and_the_user_dependent_flag(monk
     assert long.chosen == [ord(c) for c in "cdef"] and long.cut  # the oldest tokens go, and the pair says so
 
 
-def test_the_prmu_export_records_the_one_prompt_style_its_training_pairs_share():
-    """Guided RL refuses a PRMU trained under another instruction: the export must say which one it learnt on."""
-    from minitagpr.data.lamp import LampExample
-    from minitagpr.data.prompts import build_messages
-    ex = LampExample("1", "LaMP-2", "description: x", [])
-    cfg = SimpleNamespace(max_len=77)
-    rendered = {s: dataclasses.replace(_pair(0), prompt=build_messages(ex, [], style=s)) for s in ("brief", "full")}
-    assert prmu.trained_on([rendered["brief"]] * 2, cfg) == {"max_len": 77, "prompt_style": "brief"}
-    assert prmu.trained_on([rendered["full"]], cfg) == {"max_len": 77, "prompt_style": "full"}
-    assert prmu.trained_on([rendered["brief"], rendered["full"]], cfg) == {"max_len": 77}  # mixed: none to hold
-    assert prmu.trained_on([_pair(0)], cfg) == {"max_len": 77}  # a hand-written prompt has no style
-
-
 def test_a_held_out_file_sharing_only_a_query_with_training_is_refused(tmp_path):
     write_pairs(tmp_path / "train.jsonl", [_pair(0), _pair(1)])
     write_pairs(tmp_path / "held.jsonl", [_pair(9, example_id="q1")])  # a new id, but training's query q1

@@ -942,26 +942,6 @@ def test_a_policy_trained_with_another_prompt_style_is_refused_before_it_loads(s
         L.D.destroy_distributed()
 
 
-def test_a_prmu_trained_under_another_prompt_style_is_refused_before_the_policy_loads(small_world, tmp_path,
-                                                                                       monkeypatch):
-    """R_PRMU must score responses under the instruction its pairs were rendered with (its export records it)."""
-    import minitagpr.rl.loop as L
-    from minitagpr.config import ConfigError
-    from minitagpr.data.prompts import TRAINING_FILE
-    world, policy = small_world
-    prmu = tmp_path / "prmu"
-    prmu.mkdir()
-    (prmu / TRAINING_FILE).write_text('{"max_len": 512, "prompt_style": "brief"}')
-    monkeypatch.setattr(L.D, "build_sharded_causal_lm", lambda *a, **kw: pytest.fail("the policy was loaded"))
-    cfg = RLConfig(policy=str(policy), prmu=str(prmu), data_root=str(world), tasks="LaMP-2:0", k=2,
-                   max_prompt_tokens=700, prompts_per_step=4, num_minibatches=2, out_dir=str(tmp_path / "o"))
-    try:
-        with pytest.raises(ConfigError, match=r"prmu .*prompt_style=brief .* prompts with prompt_style=full"):
-            L.train(cfg)
-    finally:
-        L.D.destroy_distributed()
-
-
 def test_pass_flops_count_each_sequences_own_attention_and_the_head_on_response_tokens():
     """The MFU used rank 0's padded width for every token's attention (3-5% too many FLOPs in the demo)."""
     from minitagpr.model.presets import build_model, tiny_config

@@ -467,8 +467,9 @@ def synthesize_demo_pairs(world_dir: str | Path, *, split: str = "train", max_pe
                           seed: int = 0, reward_fn=None) -> dict[str, list[PreferencePair]]:
     """PRP, PQP and style pairs built from a demo world's questions, golds and chain program, all `source="synthetic"`.
 
-    For every question of `split` (prompt = the k most recent profile items in the world's prompt style, as its SFT
-    records, guided RL and the table render them: the PRMU scores RL's responses under the prompts it learnt on):
+    For every question of `split` (prompt = the k most recent profile items, in the world's prompt style as its SFT
+    records, guided RL and the table render theirs; the PRMU reads no system message, `encode_reward_input`, so
+    the style shows in the pair files and changes no score):
     - PRP: chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(no items, blind)` + blind, where blind
       is the world's profile-blind answer (what a response that never saw the profile would say).
     - PQP, quality (`PQP/<id>`): chosen = `make_chain(items, gold)` + gold; rejected = `make_chain(items, wrong)`

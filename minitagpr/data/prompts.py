@@ -19,7 +19,7 @@ cut: if the prompt without any profile item is still too long, `PromptTooLongErr
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from minitagpr.data.lamp import DataError, LampExample, TaskTable, canonical_task, task_spec
 
@@ -113,13 +113,6 @@ def style_of(task: str, messages: Sequence[Mapping[str, Any]]) -> str | None:
     """The style whose instruction is `messages`' system message (SFT records carry rendered prompts), else None."""
     system = messages[0].get("content") if messages and messages[0].get("role") == "system" else None
     return next((style for style in STYLES if system == instruction(task, style)), None)
-
-
-def shared_style(prompts: Iterable[tuple[str, Sequence[Mapping[str, Any]]]]) -> str | None:
-    """The one style every (task, messages) prompt was rendered in, None when they differ or one is hand-written:
-    what an export records (TRAINING_FILE "prompt_style") so that later stages refuse to prompt it otherwise."""
-    styles = {style_of(task, messages) for task, messages in prompts}
-    return styles.pop() if len(styles) == 1 and None not in styles else None
 
 
 def recorded(checkpoint_dir, field: str) -> Any:

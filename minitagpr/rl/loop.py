@@ -27,8 +27,7 @@ from minitagpr import distributed as D
 from minitagpr.config import (ConfigError, check_at_least, check_choice, check_number, check_fraction, check_optimizer,
                               check_resumed_config, save_config)
 from minitagpr.data import lamp
-from minitagpr.data.prompts import (STYLES, TRAINING_FILE, PromptTooLongError, build_messages, recorded_style,
-                                    style_mismatch)
+from minitagpr.data.prompts import STYLES, PromptTooLongError, build_messages, style_mismatch
 from minitagpr.data.retrieval import ENCODERLESS, get_retriever
 from minitagpr.model.checkpoint import resolve_checkpoint
 from minitagpr.model.qwen3 import Qwen3Config
@@ -681,13 +680,8 @@ def train(cfg: RLConfig) -> Path:
     if mismatch := style_mismatch(resolve_checkpoint(cfg.policy), cfg.prompt_style):
         raise ConfigError(f"policy {cfg.policy}: {mismatch}")
     uses_prmu = cfg.stage == "guided" and cfg.use_prmu and cfg.gamma != 0.0
-    if uses_prmu:  # a wrong path or a PRMU trained under another instruction fails now, not after 8B weights load
-        scored = recorded_style(resolve_checkpoint(cfg.prmu))
-        if scored not in (None, cfg.prompt_style):
-            raise ConfigError(f"prmu {cfg.prmu}: trained on pairs prompted with prompt_style={scored} ({TRAINING_FILE})"
-                              f", but this run prompts with prompt_style={cfg.prompt_style}: R_PRMU would score every "
-                              f"response under an instruction it never saw; train a PRMU on pairs rendered with "
-                              f"prompt_style={cfg.prompt_style} (recipes/prmu_rollouts.py prompt_style=...)")
+    if uses_prmu:
+        resolve_checkpoint(cfg.prmu)  # a wrong path fails now, not after an 8B policy has loaded
 
     # 1. data: the same prompt list on every rank; each step takes a global batch and splits it by rank
     prompts = load_prompts(cfg, tokenizer)

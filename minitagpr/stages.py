@@ -5,7 +5,7 @@ stage afterwards. A folder holding an export says nothing about the settings or 
 each stage writes a stamp before it trains and marks it complete after its export:
 
     {"format": ..., "stage": "sft", "build": "<random id>", "complete": true, "code": "<git commit>",
-     "machine": {torch, device, cpu, cpu_capability, processes}, "settings": {the stage's config minus plumbing
+     "machine": {torch, cpu, cpu_capability, gpu, processes}, "settings": {the stage's config minus plumbing
      keys}, "upstream": {"world": <fingerprint>, ...}}
 
 `upstream` holds the world's fingerprint and the build ids of the earlier stages it read, so a rebuilt earlier

@@ -742,7 +742,9 @@ def evaluate_checkpoints(named_checkpoints: Mapping[str, str | os.PathLike], tas
                            "prompt_style": prompt_style, "max_prompt_tokens": max_prompt_tokens,
                            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                            "normalize": normalize},
-                          len(td.examples), counts=generation_counts(records), source=task_source(td))
+                          len(td.examples), counts=generation_counts(records), source={**task_source(td), **(
+                              {} if out is None else  # relative to table.json's folder: the run may move
+                              {"predictions": str(predictions_file(out, row, td.task).relative_to(out))})})
                 # a fresh cell, or one reused from another row's folder, gets its generations and stamp in this row's
                 _write_outputs(out, row, td, records, normalize, stamp=None if found is not None and not origin else
                                {"key": key, "used": cell_used,

@@ -2,7 +2,8 @@
 the demo, the demo world's "style" pairs: a hidden per-user preference, see data/preferences.py).
 
     torchrun --nproc_per_node=8 recipes/train_prmu.py --config recipes/configs/prmu_qwen3_0.6b.yaml
-    torchrun --nproc_per_node=2 recipes/train_prmu.py --config recipes/configs/prmu_demo.yaml [key=value ...]
+    torchrun --nproc_per_node=2 recipes/train_prmu.py --config recipes/configs/prmu_demo.yaml \
+        demo_world=runs/demo/world init_preset=demo out_dir=runs/prmu_demo [key=value ...]
     from recipes.train_prmu import PrmuConfig, run; run(cfg) -> Path of the exported reward model
 
 Objective (theta_r = backbone + head, E = user table, optimised jointly; E may have its own learning rate):

@@ -471,6 +471,11 @@ def test_resume_decodes_only_what_a_killed_run_did_not_finish(lamp_root, checkpo
     assert loaded == ["sft"]  # base's cells were read back: its weights never loaded
     for key in ("rows", "counts", "settings", "sources"):  # the engine that decoded base comes from its stamps
         assert resumed[key] == whole[key], key
+    for row in ("base", "sft"):  # each decoded cell names its prediction file, beside table.json
+        for task in ("LaMP-3", "LaMP-5"):
+            predictions = whole["sources"][row][task]["predictions"]
+            assert predictions == str(ev.predictions_file(".", row, task))  # predictions/<row>/LaMP_k_...
+            assert (tmp_path / "whole" / predictions).is_file()
     for task in ("LaMP-3", "LaMP-5"):
         for row in ("base", "sft"):
             rel = Path("generations") / row / f"{task}.jsonl"

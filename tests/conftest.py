@@ -1,4 +1,5 @@
-"""Shared fixtures: where ../shared is, tiny random checkpoints, and small torch thread counts for 2-core CI."""
+"""Shared fixtures: where ../shared is, a tiny tokenizer that needs no shared assets, and small torch thread counts
+for 2-core CI."""
 import os
 from pathlib import Path
 
@@ -22,6 +23,27 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def qwen3_tokenizer_dir() -> Path:
     return shared_path("assets", "qwen3-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE (~620 ids) with Qwen3's chat markers, built like the demo world's tokenizer
+    (`demo_world.train_tokenizer`: Qwen3's pre-tokenizer split, <|im_start|> etc. special, <think> added) over the
+    words of the LaMP fixtures. For tests that need *a* chat tokenizer, not Qwen3's vocabulary: a tiny checkpoint
+    built with it serves and evaluates like one built with Qwen3's, with no ../shared (CI) and a 640-row embedding.
+    Its marker ids are not Qwen3's, so a hard-coded Qwen3 id fails with it."""
+    from lamp_fixtures import LAMP_TASKS, make_examples
+    from minitagpr.data import demo_world
+
+    texts = []
+    for task in LAMP_TASKS:
+        examples, golds = make_examples(task, n=4, n_items=6)
+        texts += [ex.input for ex in examples] + list(golds.values())
+        texts += [" ".join(f"{key}: {value}" for key, value in item.items()) for ex in examples for item in ex.profile]
+    # U+FFFD, what decoding a lone byte of a multi-byte character gives, is one id as in Qwen3's vocabulary: the text
+    # of n random ids then re-encodes to about n ids, not 3 per stray byte
+    texts += ["\ufffd"] * 2
+    return demo_world.train_tokenizer(texts, tmp_path_factory.mktemp("tiny_tokenizer"), vocab_size=1024)
 
 
 @pytest.fixture(scope="session")

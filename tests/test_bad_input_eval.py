@@ -148,9 +148,9 @@ def test_metrics_cli_refuses_a_gold_that_is_no_answer_of_its_task(task, gold, tm
 
 # ----------------------------------------------------------------------------------------------- serve
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, qwen3_tokenizer_dir):
+def checkpoint(tmp_path_factory, tiny_tokenizer_dir):
     return presets.make_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", preset="tiny",
-                                        tokenizer_dir=qwen3_tokenizer_dir)
+                                        tokenizer_dir=tiny_tokenizer_dir)
 
 
 def test_serve_ends_a_checkpoint_error_in_one_line(checkpoint, tmp_path):  # B2
@@ -168,9 +168,10 @@ def test_serve_ends_a_checkpoint_error_in_one_line(checkpoint, tmp_path):  # B2
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])
-def test_serve_refuses_a_port_outside_0_to_65535(port, checkpoint, capsys):  # B2
+def test_serve_refuses_a_port_outside_0_to_65535(port, tmp_path, capsys):  # B2
+    """The command line refuses the port when parsed, before it looks at the checkpoint (here none)."""
     with pytest.raises(SystemExit) as stop:
-        serve.main([str(checkpoint), "--port", port])
+        serve.main([str(tmp_path / "no_checkpoint"), "--port", port])
     assert stop.value.code == 2
     assert f"argument --port: must be an integer from 0 to 65535 (0: pick a free one), got '{port}'" \
            in capsys.readouterr().err

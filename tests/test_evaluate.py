@@ -38,9 +38,9 @@ def lamp_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, qwen3_tokenizer_dir):
+def checkpoints(tmp_path_factory, tiny_tokenizer_dir):
     base = tmp_path_factory.mktemp("ckpt")
-    return {name: presets.make_tiny_checkpoint(base / name, seed=seed, tokenizer_dir=qwen3_tokenizer_dir,
+    return {name: presets.make_tiny_checkpoint(base / name, seed=seed, tokenizer_dir=tiny_tokenizer_dir,
                                                tie_word_embeddings=False, initializer_range=0.3)
             for name, seed in (("base", 0), ("sft", 1))}
 

@@ -45,9 +45,9 @@ def lamp_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, qwen3_tokenizer_dir):
+def checkpoint(tmp_path_factory, tiny_tokenizer_dir):
     return presets.make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0,
-                                        tokenizer_dir=qwen3_tokenizer_dir)
+                                        tokenizer_dir=tiny_tokenizer_dir)
 
 
 def _record_decoding(monkeypatch) -> list:

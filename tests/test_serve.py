@@ -1,5 +1,5 @@
-"""minitagpr.serve spoken to by the real `openai` client on 127.0.0.1, over a tiny random Qwen3 with the real
-Qwen3 tokenizer (the checkpoint folder carries the tokenizer files)."""
+"""minitagpr.serve spoken to by the real `openai` client on 127.0.0.1, over a tiny random Qwen3 with a tiny BPE that
+has Qwen3's chat markers (conftest.py's tiny_tokenizer_dir; the checkpoint folder carries the tokenizer files)."""
 import hashlib
 import json
 import re
@@ -25,10 +25,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: tiny ma
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, qwen3_tokenizer_dir):
+def checkpoint(tmp_path_factory, tiny_tokenizer_dir):
     # Untied with a wide init, so the random model's continuations vary instead of repeating one token.
     return presets.make_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-chat", preset="tiny",
-                                        tokenizer_dir=qwen3_tokenizer_dir, tie_word_embeddings=False,
+                                        tokenizer_dir=tiny_tokenizer_dir, tie_word_embeddings=False,
                                         initializer_range=0.3)
 
 

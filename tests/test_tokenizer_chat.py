@@ -3,7 +3,8 @@
 The oracle is the `chat_template` of ../shared/assets/qwen3-tokenizer rendered with jinja2 in the environment
 transformers builds for chat templates (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, raise_exception,
 a tojson without HTML escaping); jinja2 is imported by these tests only. One test also goes through
-transformers' own `apply_chat_template`.
+transformers' own `apply_chat_template`. Those tests need the shared assets; the layout is also pinned as literal text
+(PINNED), which runs anywhere and is checked against the official template wherever ../shared is.
 """
 import json
 
@@ -130,18 +131,91 @@ def test_enable_thinking_true_equals_leaving_it_undefined(template):
     assert render_qwen3_chat(messages, add_generation_prompt=True, enable_thinking=True) == undefined
 
 
-def test_generation_prompt_layout(qwen3):
-    assert qwen3.render_chat([user("hi")], add_generation_prompt=True) == (
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
-    assert qwen3.render_chat([user("hi")], add_generation_prompt=True, enable_thinking=False).endswith(
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+# ---- the layout, pinned as literal text (runs without ../shared) ---------------------------------------------
+# Each string below was written from the official template's rules and is checked against the template itself by
+# test_the_pinned_texts_are_what_the_official_template_renders whenever ../shared is there.
+
+IS, IE = "<|im_start|>", "<|im_end|>"
+PINNED = {
+    # system first, then the user; the generation prompt opens an assistant turn and leaves thinking to the model
+    "system_user_generation_prompt": (
+        [sys("You tag movies."), user("Which tag fits Alien?")], dict(add_generation_prompt=True),
+        f"{IS}system\nYou tag movies.{IE}\n{IS}user\nWhich tag fits Alien?{IE}\n{IS}assistant\n"),
+    # enable_thinking=False: the generation prompt carries an empty think block (Qwen3's no-thinking switch)
+    "no_thinking_generation_prompt": (
+        [sys("You tag movies."), user("Which tag fits Alien?")],
+        dict(add_generation_prompt=True, enable_thinking=False),
+        f"{IS}system\nYou tag movies.{IE}\n{IS}user\nWhich tag fits Alien?{IE}\n"
+        f"{IS}assistant\n<think>\n\n</think>\n\n"),
+    # ... and changes nothing without a generation prompt
+    "no_thinking_without_generation_prompt": (
+        [user("hi")], dict(enable_thinking=False), f"{IS}user\nhi{IE}\n"),
+    "user_only_generation_prompt": (
+        [user("hi")], dict(add_generation_prompt=True), f"{IS}user\nhi{IE}\n{IS}assistant\n"),
+    # an answered turn: the final assistant message gets its think block, newlines around the parts trimmed
+    "final_turn_with_reasoning": (
+        [user("q"), asst("\n\n[2]", reasoning="\n\nthe profile says so\n\n")], {},
+        f"{IS}user\nq{IE}\n{IS}assistant\n<think>\nthe profile says so\n</think>\n\n[2]{IE}\n"),
+    # ... an empty one when it has no reasoning (the training target of an answer without thinking)
+    "final_turn_without_reasoning": (
+        [sys("Be brief."), user("Tag this movie."), asst("comedy")], {},
+        f"{IS}system\nBe brief.{IE}\n{IS}user\nTag this movie.{IE}\n"
+        f"{IS}assistant\n<think>\n\n</think>\n\ncomedy{IE}\n"),
+    # multi-turn: an earlier round's reasoning is dropped, the last round's kept
+    "multi_turn_reasoning_content": (
+        [user("u1"), asst("a1", reasoning="r1"), user("u2"), asst("a2", reasoning="r2")], {},
+        f"{IS}user\nu1{IE}\n{IS}assistant\na1{IE}\n{IS}user\nu2{IE}\n"
+        f"{IS}assistant\n<think>\nr2\n</think>\n\na2{IE}\n"),
+    # ... and with a new user query after it, no round keeps its reasoning
+    "multi_turn_then_a_new_query": (
+        [user("u1"), asst("a1", reasoning="r1"), user("u2"), asst("a2", reasoning="r2"), user("u3")],
+        dict(add_generation_prompt=True),
+        f"{IS}user\nu1{IE}\n{IS}assistant\na1{IE}\n{IS}user\nu2{IE}\n{IS}assistant\na2{IE}\n"
+        f"{IS}user\nu3{IE}\n{IS}assistant\n"),
+    # reasoning spelled inside the content: split at </think>, and dropped from the earlier round
+    "multi_turn_think_in_content": (
+        [user("first"), asst("<think>old reasoning</think>\n\nold answer"),
+         user("second"), asst("<think>\nnew reasoning\n</think>\n\nnew answer")], {},
+        f"{IS}user\nfirst{IE}\n{IS}assistant\nold answer{IE}\n{IS}user\nsecond{IE}\n"
+        f"{IS}assistant\n<think>\nnew reasoning\n</think>\n\nnew answer{IE}\n"),
+    # after the last query, a non-final turn shows a think block only if it has reasoning
+    "two_assistant_turns_after_the_query": (
+        [user("u"), asst("step"), asst("plan", reasoning="why"), asst("final")], {},
+        f"{IS}user\nu{IE}\n{IS}assistant\nstep{IE}\n{IS}assistant\n<think>\nwhy\n</think>\n\nplan{IE}\n"
+        f"{IS}assistant\n<think>\n\n</think>\n\nfinal{IE}\n"),
+    # a user message that only wraps a tool result is not a query: the turns around it keep their reasoning
+    "tool_response_in_a_user_message": (
+        [user("q"), asst("a", reasoning="r1"), user("<tool_response>42</tool_response>"),
+         asst("b", reasoning="r2")], {},
+        f"{IS}user\nq{IE}\n{IS}assistant\n<think>\nr1\n</think>\n\na{IE}\n"
+        f"{IS}user\n<tool_response>42</tool_response>{IE}\n{IS}assistant\n<think>\nr2\n</think>\n\nb{IE}\n"),
+    # ... but one that only starts like a tool result is a query
+    "tool_response_prefix_only_is_a_query": (
+        [user("q"), asst("a", reasoning="r1"), user("<tool_response>42 and more"), asst("b", reasoning="r2")], {},
+        f"{IS}user\nq{IE}\n{IS}assistant\na{IE}\n{IS}user\n<tool_response>42 and more{IE}\n"
+        f"{IS}assistant\n<think>\nr2\n</think>\n\nb{IE}\n"),
+    # with no user query at all, the last message is the "query": a final assistant turn shows no think block
+    "no_user_query": (
+        [sys("s"), asst("a", reasoning="r")], {}, f"{IS}system\ns{IE}\n{IS}assistant\na{IE}\n"),
+    # a system message after the first turn is rendered in place like any turn
+    "system_in_the_middle": (
+        [user("u1"), asst("a1"), sys("new instructions"), user("u2")], dict(add_generation_prompt=True),
+        f"{IS}user\nu1{IE}\n{IS}assistant\na1{IE}\n{IS}system\nnew instructions{IE}\n{IS}user\nu2{IE}\n"
+        f"{IS}assistant\n"),
+}
+# Tool use itself (role "tool", tool_calls) is refused, not rendered: test_bad_messages_are_rejected_by_index_and_field.
 
 
-def test_only_turns_after_the_last_user_query_keep_their_reasoning(qwen3):
-    messages = [user("u1"), asst("a1", reasoning="r1"), user("u2"), asst("a2", reasoning="r2")]
-    text = qwen3.render_chat(messages)
-    assert "r1" not in text and "<think>\nr2\n</think>\n\na2" in text
-    assert "r2" not in qwen3.render_chat(messages + [user("u3")])
+@pytest.mark.parametrize("name", PINNED)
+def test_the_chat_text_is_pinned_literally(name):
+    messages, flags, expected = PINNED[name]
+    assert render_qwen3_chat(messages, **flags) == expected
+
+
+@pytest.mark.parametrize("name", PINNED)
+def test_the_pinned_texts_are_what_the_official_template_renders(template, name):
+    messages, flags, expected = PINNED[name]
+    assert template.render(messages=messages, tools=None, **flags) == expected
 
 
 def test_ids_equal_transformers_apply_chat_template(qwen3, qwen3_tokenizer_dir):

@@ -201,10 +201,33 @@ def serve(world, tmp_path_factory):
     proc.wait(30)
 
 
-def logged(log: Path, since: float = 0.0) -> list[dict]:
-    """The server's log lines of answered chat requests received at or after `since` (its clock is ours)."""
-    lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return [r for r in lines if r["path"].endswith("/chat/completions") and r["status"] == 200 and r["time"] >= since]
+def logged(log: Path, start: int = 0, end: int | None = None) -> list[dict]:
+    """The answered chat requests among the server's complete log lines [start, end) (positions count every line)."""
+    lines = log.read_bytes().split(b"\n")[:-1] if log.exists() else []  # a line being appended is not complete yet
+    records = [json.loads(line) for line in lines[start:end]]
+    return [r for r in records if r["path"].endswith("/chat/completions") and r["status"] == 200]
+
+
+def log_length(log: Path) -> int:
+    """Complete lines in the server's request log."""
+    return log.read_bytes().count(b"\n") if log.exists() else 0
+
+
+def settled_log_length(log: Path, quiet_s: float = 1.0, deadline_s: float = 120.0) -> int:
+    """The log's line count once no line has come for quiet_s, or for twice the slowest answer logged so far if that
+    is longer: the server logs a request when it has answered it, so a stopped run's requests still in flight are
+    logged by then (the server answers one at a time, and asks whether a queued request's client is still there)."""
+    slowest = max((r["seconds"] for r in logged(log)), default=0.0)
+    quiet_s = max(quiet_s, 2 * slowest)
+    deadline = time.monotonic() + deadline_s
+    count, changed = log_length(log), time.monotonic()
+    while time.monotonic() - changed < quiet_s:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the request log {log} kept growing for {deadline_s:.0f} s after the run stopped")
+        time.sleep(0.05)
+        if (now := log_length(log)) != count:
+            count, changed = now, time.monotonic()
+    return count
 
 
 def cached_answers(out_dir: Path) -> int:
@@ -244,25 +267,24 @@ def test_killed_and_interrupted_runs_resume_without_repeating_answered_requests(
 
     # An uninterrupted reference run (in this process): one request per answer.
     ref_dir = tmp_path / "reference"
-    t_ref = time.time()
+    at_ref = log_length(log)
     run_stages(load_config(ChainsConfig, overrides=config(ref_dir, world, base_url, **settings)), log=lambda m: None)
     reference = output_files(ref_dir)
-    assert len(logged(log, t_ref)) == cached_answers(ref_dir) >= 2 * 2 * len(TASKS)
+    assert len(logged(log, at_ref)) == cached_answers(ref_dir) >= 2 * 2 * len(TASKS)
     assert_counts_add_up(ref_dir, samples=2)
 
     out = tmp_path / "resumed"
     overrides = config(out, world, base_url, **settings)
-    t_start = time.time()
+    at_start = log_length(log)
     killed = start_and_stop_when(overrides, out, at_least=3, sig=signal.SIGKILL)  # 1. SIGKILL mid-run
     assert killed.returncode == -signal.SIGKILL and not (out / "sft.jsonl").exists()
-    # The server stamps a request when its handler thread starts. On a quiet machine the killed run's last request
-    # is stamped 20-160 ms before the kill and the next run's first one 0.9-1.1 s after it (measured); on a loaded
-    # machine the former can slip past the kill (a CI failure). So the boundary between the two runs is 0.5 s
-    # after the kill.
-    t_kill, cached_at_kill = time.time() + 0.5, cached_answers(out)
+    # The runs are told apart by position in the log, not by clock (a wall-clock boundary after the kill failed on a
+    # loaded machine): the server logs the requests the killed run left in flight after the kill, so the next run
+    # starts only once the log has stopped growing, and its length then is the boundary.
+    at_kill, cached_at_kill = settled_log_length(log), cached_answers(out)
     interrupted = start_and_stop_when(overrides, out, at_least=cached_at_kill + 2, sig=signal.SIGINT)  # 2. Ctrl-C
     assert interrupted.returncode == 130, interrupted.stdout.read().decode()[-2000:]
-    t_int, cached_at_int = time.time(), cached_answers(out)
+    at_int, cached_at_int = settled_log_length(log), cached_answers(out)
     finished = subprocess.run(build_command(overrides), capture_output=True, text=True, env=env(), cwd=REPO,
                               timeout=300)  # 3. rerun to the end
     # teacher.max_tokens=48 cuts every chain (the teacher's requests are the ones under test): no SFT chain, which
@@ -270,19 +292,20 @@ def test_killed_and_interrupted_runs_resume_without_repeating_answered_requests(
     assert finished.returncode == 1, finished.stderr[-2000:]
     assert "0 SFT chains: the accuracy stage kept none of its 12 records" in finished.stderr
 
-    records = logged(log, t_start)  # now complete: the server logs what the killed run left in flight, too
-    run_of = lambda r: "killed" if r["time"] < t_kill else "interrupted" if r["time"] < t_int else "final"  # noqa
-    sent = Counter(run_of(r) for r in records)
+    runs = {"killed": logged(log, at_start, at_kill), "interrupted": logged(log, at_kill, at_int),
+            "final": logged(log, at_int)}
+    sent = Counter({run: len(records) for run, records in runs.items()})
     # Ctrl-C lets the calls in flight finish into the cache: every answer that run was sent is kept.
     assert sent["interrupted"] == cached_at_int - cached_at_kill
     # SIGKILL loses at most the answers in flight (teacher.concurrency = 2); only those are ever asked again.
     lost = sent["killed"] - cached_at_kill
     first_run: dict[str, str] = {}
     repeated = []
-    for r in records:
-        if r["body_sha256"] in first_run:
-            repeated.append(first_run[r["body_sha256"]])
-        first_run.setdefault(r["body_sha256"], run_of(r))
+    for run, records in runs.items():  # in log order
+        for r in records:
+            if r["body_sha256"] in first_run:
+                repeated.append(first_run[r["body_sha256"]])
+            first_run.setdefault(r["body_sha256"], run)
     assert 0 <= lost <= 2 and repeated == ["killed"] * lost
     assert len(first_run) == cached_answers(out) == cached_answers(ref_dir)
     assert output_files(out) == reference  # the same files as the uninterrupted run

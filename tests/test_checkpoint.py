@@ -22,9 +22,20 @@ def logits_of(model, ids):
         return model.logits(model(ids))
 
 
+def randomise_norms(model, seed):
+    """Every *norm.weight drawn from U(0.5, 1.5): at init they are all 1, so a loader that dropped them would pass."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+        for p in norms:
+            p.uniform_(0.5, 1.5, generator=gen)
+    assert norms  # the names this relies on are the HF ones both models use
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_our_save_loads_in_transformers_with_same_logits(tmp_path, tied):
     model = build_model(tiny_config("tiny", tie_word_embeddings=tied), seed=11).eval()
+    randomise_norms(model, seed=12)
     save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=40_000)  # forces several shards
     assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
     hf = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
@@ -40,6 +51,7 @@ def test_transformers_save_loads_in_ours_with_same_logits(tmp_path, shard):
                                    num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                                    tie_word_embeddings=False)
     hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    randomise_norms(hf, seed=13)
     kwargs = {"max_shard_size": shard} if shard else {}
     hf.save_pretrained(tmp_path / "hf", **kwargs)
     if shard:

@@ -20,7 +20,9 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not 
 # every path incl. the naive baseline; tests using these stay at interpreter sizes (N <= 64, V <= 1000)
 SMALL_IMPLS = ["torch", "naive", pytest.param("triton", marks=needs_triton)]
 FP32_TOL = 1e-5
-BF16_TOL = 2e-2
+# bf16 inputs: logp and entropy still come from fp32 logits of the exact products (measured <= 2.4e-7 over 40 seeds),
+# so they keep FP32_TOL; the gradients are returned in bf16 (measured <= 2.3e-3, the bf16 rounding of each entry)
+BF16_GRAD_TOL = 1e-2
 
 
 def fresh_generator() -> tuple[torch.Generator, int]:
@@ -57,8 +59,10 @@ def rel_err(got, ref) -> float:
     return float((got.detach().double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def check_against_reference(impl, hidden, weight, targets, tol, seed, temperature=1.0, chunk_size=None):
-    """logp, entropy and both gradients (of a random mix of logp and entropy) within tol of float64."""
+def check_against_reference(impl, hidden, weight, targets, tol, seed, temperature=1.0, chunk_size=None, grad_tol=None):
+    """logp and entropy within tol of float64, both gradients (of a random mix of logp and entropy) within grad_tol
+    (default: tol)."""
+    grad_tol = tol if grad_tol is None else grad_tol
     logp, entropy = token_logprobs(hidden, weight, targets, temperature=temperature, with_entropy=True, impl=impl,
                                    chunk_size=chunk_size)
     h64, w64, logp64, entropy64 = reference(hidden, weight, targets, temperature)
@@ -69,8 +73,9 @@ def check_against_reference(impl, hidden, weight, targets, tol, seed, temperatur
     g_h = torch.randn_like(logp64)
     ((logp * g.float()).sum() + (entropy * g_h.float()).sum()).backward()
     ((logp64 * g).sum() + (entropy64 * g_h).sum()).backward()
-    assert rel_err(hidden.grad, h64.grad) <= tol, f"d hidden rel err {rel_err(hidden.grad, h64.grad):.2e} (seed {seed})"
-    assert rel_err(weight.grad, w64.grad) <= tol, f"d weight rel err {rel_err(weight.grad, w64.grad):.2e} (seed {seed})"
+    d_hidden, d_weight = rel_err(hidden.grad, h64.grad), rel_err(weight.grad, w64.grad)
+    assert d_hidden <= grad_tol, f"d hidden rel err {d_hidden:.2e} (seed {seed})"
+    assert d_weight <= grad_tol, f"d weight rel err {d_weight:.2e} (seed {seed})"
 
 
 # ---- agreement with float64 ---------------------------------------------------------------------------------------
@@ -107,19 +112,19 @@ def test_all_negative_logits_are_exact_and_finite(impl):
     check_against_reference(impl, hidden, weight, targets, FP32_TOL, seed, chunk_size=8)
 
 
-# not "naive": it rounds the logits and their gradient to bf16 (as most stacks do) and sits right at 2e-2
+# not "naive": it rounds the logits and their gradient to bf16 (as most stacks do): logp ~1e-3, entropy ~1e-2 off
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_bf16_inputs_match_float64_of_the_upcast_inputs(impl):
     gen, seed = fresh_generator()
     hidden, weight, targets = make_inputs(33, 32, 1000, dtype=torch.bfloat16, gen=gen)
-    check_against_reference(impl, hidden, weight, targets, BF16_TOL, seed, chunk_size=16)
+    check_against_reference(impl, hidden, weight, targets, FP32_TOL, seed, chunk_size=16, grad_tol=BF16_GRAD_TOL)
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
 
 
 def test_bf16_at_qwen3_vocab():
     gen, seed = fresh_generator()
     hidden, weight, targets = make_inputs(5, 8, 151936, dtype=torch.bfloat16, gen=gen)
-    check_against_reference("torch", hidden, weight, targets, BF16_TOL, seed, chunk_size=2)
+    check_against_reference("torch", hidden, weight, targets, FP32_TOL, seed, chunk_size=2, grad_tol=BF16_GRAD_TOL)
 
 
 # ---- ignore_index ---------------------------------------------------------------------------------------------------

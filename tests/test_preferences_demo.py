@@ -75,10 +75,20 @@ def test_user_dependent_pairs_flip_between_the_users_who_share_a_query(world, se
 
 
 def test_user_dependent_responses_differ_only_in_the_answer(sets):
+    """Both chains come from one make_chain wording over no profile items: every segment (one per line) is the same
+    but those that state the answer, and at least one of those differs."""
     import re
-    tags = lambda chain: re.findall(r"<([a-z_]+)>", chain)  # noqa: E731
-    for p in (p for p in sets["PQP"] if p.user_dependent):
-        assert tags(p.chosen.chain) == tags(p.rejected.chain)  # one wording, two answers
+    decision = {"make_decision", "verify_conclusion", "formulate_conclusion"}  # demo_world._decision_segments
+    tag = lambda line: re.fullmatch(r"<([a-z_]+)>.*</\1>", line).group(1)  # noqa: E731
+    dependent = [p for p in sets["PQP"] if p.user_dependent]
+    assert dependent
+    for p in dependent:
+        chosen, rejected = p.chosen.chain.splitlines(), p.rejected.chain.splitlines()
+        assert len(chosen) == len(rejected), p.id
+        assert [tag(line) for line in chosen] == [tag(line) for line in rejected], p.id  # one wording, two answers
+        outside = [(a, b) for a, b in zip(chosen, rejected) if tag(a) not in decision]
+        assert all(a == b for a, b in outside), (p.id, outside)
+        assert any(a != b for a, b in zip(chosen, rejected) if tag(a) in decision), p.id  # the answer is argued
         assert p.chosen.answer != p.rejected.answer
 
 

@@ -20,6 +20,16 @@ def _hf_config():
         max_position_embeddings=256, rope_theta=10_000.0)
 
 
+def randomise_norms(model, seed):
+    """Every *norm.weight drawn from U(0.5, 1.5): at init they are all 1, so a loader that dropped them would pass."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+        for p in norms:
+            p.uniform_(0.5, 1.5, generator=gen)
+    assert norms  # the names this relies on are the HF ones both models use
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny random Qwen3ForSequenceClassification saved by transformers."""
@@ -27,6 +37,7 @@ def hf_dir(tmp_path_factory):
     model = transformers.Qwen3ForSequenceClassification(_hf_config()).eval()
     with torch.no_grad():  # HF inits the score head tiny; make it matter for the comparison
         model.score.weight.normal_(0, 1.0)
+    randomise_norms(model, seed=1)
     out = tmp_path_factory.mktemp("hf_rm")
     model.save_pretrained(out)
     return out
@@ -59,6 +70,7 @@ def test_transformers_checkpoint_loads_and_scores_like_transformers(hf_dir):
 
 def test_our_checkpoint_without_table_loads_in_transformers(tmp_path):
     ours = _tiny_prmu(use_user_table=False)
+    randomise_norms(ours, seed=2)
     save_reward_model(ours, tmp_path / "rm")
     cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3ForSequenceClassification"] and cfg["num_labels"] == 1
@@ -82,6 +94,7 @@ def test_save_load_round_trip_keeps_table_users_and_scores(tmp_path):
     model = _tiny_prmu(users=("u3", "u1", "u2"))
     with torch.no_grad():
         model.user_table.weight.normal_()  # distinct rows, so a row mix-up would show
+    randomise_norms(model, seed=3)
     save_reward_model(model, tmp_path / "rm")
     back = load_reward_model(tmp_path / "rm").eval()
     assert back.users == model.users and back.users.users == ["u1", "u2", "u3"]

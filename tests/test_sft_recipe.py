@@ -378,8 +378,11 @@ def test_drop_long_leaves_long_records_out_and_lists_them(inputs, tmp_path, caps
     assert listed[0]["tokens"] > 128
     assert "drop_long" in sft.RESUMABLE_KEYS  # plumbing, like truncate_long (the data fingerprint guards a resume)
     # a rerun that stops (here: the long record without drop_long) leaves the trained run's list in place
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         sft.main(common(inputs, tmp_path / "x", data=data, global_batch=1, max_steps=1, plot=False))
+    assert exit_.value.code == 1
+    long_record = f"1 of 3 documents are longer than seq_len=128 tokens; the first: {data}:2 (record id 'long-one'): "
+    assert long_record in capsys.readouterr().err  # the long record stopped it, not another check of the rerun
     assert json.loads((tmp_path / "x" / "dropped_long.json").read_text()) == listed
 
 

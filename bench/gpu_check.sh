@@ -44,15 +44,17 @@ section setup
   if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && echo "wheels: $(ls .whl)"
   fi
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . && echo "minitagpr installed (editable)"
 } >"$out/setup.log" 2>&1
 export PYTHONPATH=/tmp/site
+# before the editable install below, which would re-point a CPU box's environment at this checkout
+if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  cat "$out/setup.log"; echo "no CUDA device visible to torch here: this script is for a GPU machine"; exit 1
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$out/setup.log" 2>&1 \
+  && echo "minitagpr installed (editable)" >>"$out/setup.log"
 if ! python3 -c "import minitagpr.kernels" 2>/dev/null; then  # no editable install: a copy laid out as installed
   mkdir -p /tmp/src && cp -r minitagpr /tmp/src/ && cp -r kernels /tmp/src/minitagpr/kernels
   export PYTHONPATH=/tmp/src:/tmp/site && echo "editable install failed: using the copy in /tmp/src" >>"$out/setup.log"
-fi
-if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-  cat "$out/setup.log"; echo "no CUDA device visible to torch here: this script is for a GPU machine"; exit 1
 fi
 python3 - >>"$out/setup.log" 2>&1 <<'EOF'
 import torch, triton, transformers, minitagpr.kernels

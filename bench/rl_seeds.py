@@ -112,8 +112,10 @@ def main() -> None:
     sft = {json.dumps(tables[s]["rows"]["SFT"], sort_keys=True) for s in seeds}
     if len(sft) != 1:
         raise SystemExit("rl_seeds: the seeds' tables have different SFT rows: they were not run over the same SFT")
-    print(f"\nRL rows over RL seeds {args.seeds} (one SFT, one PRMU: {args.workdir}); cells are the dev split's main "
-          "metric, greedy decoding")
+    what = "CONTROL: rewards shuffled within each group (bench/rl_control.py); " if args.control else ""
+    settings = f"; settings: {' '.join(extra)}" if extra else ""  # an ablation's key=value arguments
+    print(f"\n{what}RL rows over RL seeds {args.seeds} (one SFT, one PRMU: {args.workdir}{settings}); cells are the "
+          "dev split's main metric, greedy decoding")
     print("below / above: seeds whose 95% dev-user interval of RL - SFT lies wholly on the worse / better side of "
           "zero\n")
     print("| task | metric | SFT | row | " + " | ".join(f"seed {s}" for s in seeds)

@@ -683,6 +683,17 @@ def test_chain_text_the_tagger_leaves_outside_its_tags_drops_the_chain_but_its_o
 _TAGGED_CHAIN = "<analyze_input>a</analyze_input><examine_examples>b</examine_examples><make_decision>c</make_decision>"
 
 
+def test_an_sft_stage_that_keeps_no_chain_ends_without_measuring_them_against_seq_len(tmp_path, tiny_tokenizer_dir):
+    """With sft_tokenizer set, an empty sft.jsonl was read for the seq_len count and refused ("holds no records"),
+    hiding build_chains' line naming the stage that kept none."""
+    cfg = make_cfg(tmp_path, sft_tokenizer=str(tiny_tokenizer_dir))
+    write_jsonl(cfg_out(cfg) / "instances.jsonl", [instance("LaMP-1", "9", gold="[2]")])
+    write_jsonl(cfg_out(cfg) / "formatted.jsonl", [])
+    run_stages(cfg, ["sft"], log=lambda m: None)
+    assert (cfg_out(cfg) / "sft.jsonl").read_text() == ""
+    assert stats(cfg, "sft")["extra"].get("seq_len_fit") is None
+
+
 def _run_sft_stage(tmp_path, answers_by_total: dict[int, str]):
     """The sft stage (max 1 chain per instance) over formatted chains of one LaMP-1 instance, one per judge total."""
     cfg = make_cfg(tmp_path, **{"filters.max_per_instance": 1})

@@ -1172,7 +1172,7 @@ def stage_sft(ctx: Context) -> StageCounts:
                             "chain": rec["chain"], "answer": answer})
                 counts.kept(task)
     counts.extra["max_per_instance"] = cap  # for the report's final count
-    if tokenizer is not None:
+    if tokenizer is not None and counts.total("out"):  # none kept: build_chains names the stage that emptied it
         counts.extra["seq_len_fit"] = seq_len_fit(ctx.path("sft"), tokenizer, cfg.sft_seq_len)
     return counts
 

@@ -871,8 +871,13 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
                   engine=cfg.engine, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                   normalize=cfg.normalize, out_dir=out, prompt_style=prompt_style, retrievers=retrievers,
                   checked=True, resume=cfg.resume, dense_encoder=cfg.dense_encoder or None)  # the stamp names it
-    scope = f"{cfg.data} {cfg.part}, {cfg.split} split" + (f", first {cfg.limit} per task" if cfg.limit else "")
-    title = f"{scope}, {cfg.retriever} k={cfg.k}"
+    # what the tasks read: LaMP tasks the data= folder (or demo) in its split, PGraphRAG tasks their domain's file
+    lamp_tasks = [t for t in cfg.tasks if not t.startswith("PGraphRAG")]
+    sources = ([f"{cfg.data} {cfg.part}, {cfg.split} split"] if lamp_tasks else []) + \
+        ([f"PGraphRAG {cfg.pgraphrag_domain} {cfg.part}"] if len(lamp_tasks) < len(cfg.tasks) else [])
+    scope = " + ".join(sources) + (f", first {cfg.limit} per task" if cfg.limit else "")
+    # prediction files were decoded elsewhere: the retrieval setting names only what this run decodes
+    title = f"{scope}, {cfg.retriever} k={cfg.k}" if checkpoints else scope
     main_setting = (cfg.retriever, cfg.k)
     settings = list(dict.fromkeys([main_setting, *sweep]))  # the main table's setting (recency k=8 in both sweeps
     #                                                         of the paper) is decoded once, first
@@ -915,7 +920,8 @@ def run(cfg: EvalConfig) -> dict[str, EvalTable]:
         robust.write(out, "robustness", f"robustness: {scope}")
         print(robust.markdown("robustness"))
         tables["robustness"] = robust
-    print(f"wrote {out / 'table.md'} and {out / 'table.json'}")
+    print(f"wrote {out / 'table.md'} and {out / 'table.json'}"
+          + (f", {out / 'robustness.md'} and {out / 'robustness.json'}" if "robustness" in tables else ""))
     return tables
 
 

@@ -184,6 +184,9 @@ def test_pgraphrag_only_runs_never_read_the_demo_world(pgraphrag_dir, tmp_path, 
     tables = ev.run(cfg)
     assert set(tables["table"].rows["m"]) == {"PGraphRAG-title", "PGraphRAG-rating"}
     assert styles == ["full", "full"]
+    # the title names the PGraphRAG file read, not data='s default "demo"
+    assert (tmp_path / "out" / "table.md").read_text().startswith("### PGraphRAG amazon dev, first 3 per task, "
+                                                                  "recency k=8\n")
     # the library call reads the domain it is given (it read amazon whatever it was told)
     hotel = ev.evaluate_checkpoints({"m": "unused"}, ["PGraphRAG-rating"], pgraphrag_dir=pgraphrag_dir,
                                     pgraphrag_domain="hotel", limit=2, checked=True, log=lambda *_: None)
@@ -354,7 +357,8 @@ def test_command_line_writes_table_and_robustness(lamp_root, checkpoints, tmp_pa
     ev.run(parse_cli(ev.EvalConfig, quick + ["overwrite=true"]))
     assert not (tmp_path / "out" / "robustness.md").exists() and not (tmp_path / "out" / "robustness.json").exists()
     table = (tmp_path / "out" / "table.md").read_text()
-    assert table.startswith(f"### {lamp_root} dev, user split, first 1 per task, recency k=8")
+    # prediction files only: the title names no retrieval setting (they were decoded elsewhere, under their own)
+    assert table.startswith(f"### {lamp_root} dev, user split, first 1 per task\n")
     again = json.loads((tmp_path / "out" / "table.json").read_text())
     questions, outputs = lamp.split_files(lamp_root, "LaMP-3", "user", "dev")
     assert again["sources"] == {"oracle": {"LaMP-3": {"predictions": str(gold_file), "questions": str(questions),

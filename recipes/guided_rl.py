@@ -175,8 +175,12 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
     ranks = D.world().world_size
     sft_split = named_check("sft_settings", lambda: sft.accumulation_steps(sft_cfg, ranks))
     prmu_split = named_check("prmu_settings", lambda: prmu.check_batch_split(prmu_cfg, ranks) if uses_prmu else None)
+    manifest = work / "world" / demo_world.MANIFEST
+    stamp = manifest.stat().st_mtime_ns if manifest.exists() else None  # rewritten (atomically) only by a build
     D.on_main(lambda: demo_world.build(work / "world"))  # idempotent: its manifest records what was built
     world = demo_world.build(work / "world")  # every rank: the same paths, nothing rebuilt
+    D.log(f"[demo] 1. demo world {world.root}: {'reused' if manifest.stat().st_mtime_ns == stamp else 'built'} "
+          f"(fingerprint {world.fingerprint}; {world.stats['sft_records']} SFT records)")
     builds = {"world": world.fingerprint}
 
     sft_export, builds["sft"] = build_or_reuse(

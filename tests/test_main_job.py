@@ -54,6 +54,7 @@ def test_every_stage_is_built_once_in_order_from_the_one_before(first):
     work, out, _ = first
     built = [line for line in out.splitlines() if line.startswith("[demo] ") and line.endswith(": not built yet")]
     assert [line.split()[1] for line in built] == ["2.", "3.", "4.", "5."]
+    assert f"[demo] 1. demo world {work / 'world'}: built (fingerprint " in out
     sft, prmu, guided, explore = (stamp(work / d) for d in ("sft", "prmu", "guided_rl", "exploratory_rl"))
     assert all(s["complete"] for s in (sft, prmu, guided, explore))
     world = sft["upstream"]["world"]
@@ -111,6 +112,7 @@ def test_a_second_run_reuses_every_stage_and_prints_the_same_table(first):
     before = {d: stamp(work / d)["build"] for d in ("sft", "prmu", "guided_rl", "exploratory_rl")}
     out = ok(run_main_job(work))
     assert sum(": reusing " in line for line in out.splitlines()) == 4 and "not built yet" not in out
+    assert f"[demo] 1. demo world {work / 'world'}: reused (fingerprint " in out
     assert {d: stamp(work / d)["build"] for d in before} == before
     assert (work / "eval" / "table.md").read_text() == table_md  # greedy decoding of the same exports
 

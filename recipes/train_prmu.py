@@ -163,14 +163,14 @@ def run(cfg: PrmuConfig) -> Path:
     held = [encode_pair(p, tokenizer, users, cfg.max_len) for p in heldout]
     if info.is_main:
         counts = {s: sum(p.set == s for p in train_pairs) for s in SETS}
-        D.log(f"prmu: {len(train)} training pairs {counts}, {len(held)} held out, {len(users)} users, "
+        D.log(f"[prmu] {len(train)} training pairs {counts}, {len(held)} held out, {len(users)} users, "
               f"user table {'on' if cfg.use_user_table else 'off'}; pairs longer than max_len={cfg.max_len} (their "
               f"oldest tokens dropped): {sum(e.cut for e in train)} training, {sum(e.cut for e in held)} held out")
     spe = steps_per_epoch(len(train), cfg.global_batch, "training pairs", "lower global_batch or add pairs")
     # 1.1 x 50 is 55.00000000000001: 55 steps, not 56 (RL's int() has the mirror guard)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * spe - 1e-9))
     if note := warmup_note(cfg.warmup_steps, total_steps):
-        D.log(f"prmu: note: {note}")
+        D.log(f"[prmu] note: {note}")
 
     # ------------------------------------------------------------------------------------------- 3. model
     config = Qwen3Config.from_json(resolve_checkpoint(init) / "config.json")
@@ -199,7 +199,7 @@ def run(cfg: PrmuConfig) -> Path:
 
     start_step = 0
     ckpt_dir = out / "checkpoints"
-    latest = D.checkpoint_to_resume(ckpt_dir, cfg.resume, "prmu:")
+    latest = D.checkpoint_to_resume(ckpt_dir, cfg.resume, "[prmu]")
     fingerprint = data_fingerprint(train, users)
     if latest is not None:
         def check(state: dict) -> None:  # before any tensor loads (D.load_checkpoint)
@@ -217,7 +217,7 @@ def run(cfg: PrmuConfig) -> Path:
             D.check_resumed_model(state, config, latest, "init_preset" if cfg.init_preset else "init")
             D.check_resume_step(state["step"], total_steps, latest)
         start_step = D.load_checkpoint(latest, model, optimizer, check=check)["step"]
-        D.log(f"prmu: resumed from {latest} at step {start_step}")
+        D.log(f"[prmu] resumed from {latest} at step {start_step}")
     def record_run() -> None:  # after the resume checks: a refused resume leaves the run's own record as it was
         write_pairs(out / "pairs" / "train.jsonl", train_pairs)  # what this run trained on, for audit
         write_pairs(out / "pairs" / "heldout.jsonl", heldout)
@@ -226,7 +226,7 @@ def run(cfg: PrmuConfig) -> Path:
 
     # rows carry the number of completed steps; a resumed run re-runs (and re-logs) steps after `start_step`
     log = JsonlLog(out / "metrics.jsonl", enabled=info.is_main, resume_step=start_step + 1 if latest else None)
-    progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="prmu ")
+    progress = Progress(total_steps, start_step, enabled=info.is_main, prefix="[prmu] ")
     state_extra = {"num_train_pairs": len(train), "num_users": len(users), "total_steps": total_steps,
                    "data_fingerprint": fingerprint, "config": to_dict(cfg), "model_config": D.model_record(config)}
 
@@ -423,7 +423,7 @@ def log_eval(model, held, step, cfg, pad_id, info, log) -> dict[str, float]:
         log.write({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
         shown = " ".join(f"{b} {result[b + '_acc']:.3f} (n={int(result[b + '_pairs'])})"
                          for b in BUCKETS if b + "_acc" in result)
-        D.log(f"prmu eval @ step {step}: held-out pairwise accuracy {shown}")
+        D.log(f"[prmu] eval @ step {step}: held-out pairwise accuracy {shown}")
     return result
 
 

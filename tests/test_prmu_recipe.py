@@ -164,7 +164,7 @@ def test_resume_false_starts_over_without_the_earlier_runs_checkpoints(setup, ca
     _run_in_process(_import_recipe(), _args(setup, "restarted", max_steps=2, save_every=1, keep_last=2,
                                             resume="false"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
-    assert "prmu: resume=false: removed the earlier run's checkpoints" in capsys.readouterr().out
+    assert "[prmu] resume=false: removed the earlier run's checkpoints" in capsys.readouterr().out
     assert sorted(_losses(out)) == [1, 2]
 
 
@@ -468,5 +468,5 @@ def test_fractional_epochs_give_the_step_count_as_written_and_a_long_warmup_is_n
     with pytest.raises(Planned) as planned:
         _run_in_process(recipe, _args(setup, "fractional", epochs=1.1, warmup_steps=60, save_every=0))
     assert planned.value.args[0] == 55
-    assert ("prmu: note: warmup_steps=60 is not below the run's 55 steps: the learning rate rises to 92% of lr at "
+    assert ("[prmu] note: warmup_steps=60 is not below the run's 55 steps: the learning rate rises to 92% of lr at "
             "the last step and never decays") in capsys.readouterr().out

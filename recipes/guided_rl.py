@@ -392,18 +392,20 @@ def trend_lines(trend: dict[str, tuple[float, float]], tasks: list[str]) -> list
     """The report's lines for the guided stage's first_last_share trends: each overall key, the task-balanced
     reward, and the advantages' correlation with each reward term (`group/adv_corr/<term>`; the line is left out
     when the log predates it)."""
-    lines = [f"{key:18s} {first:.3f} -> {last:.3f}" for key, (first, last) in trend.items()
+    def value(x: float) -> str:  # NaN: no step of the window logged it (a short run that never sampled the task)
+        return "n/a" if math.isnan(x) else f"{x:.3f}"
+    lines = [f"{key:18s} {value(first)} -> {value(last)}" for key, (first, last) in trend.items()
              if not key.startswith(("reward_mean/", "group/"))]
     balanced = balanced_reward_trend(trend, tasks)
-    lines.append(f"{'reward, balanced':18s} {balanced[0]:.3f} -> {balanced[1]:.3f}  (each task weighs the same; "
+    lines.append(f"{'reward, balanced':18s} {value(balanced[0])} -> {value(balanced[1])}  (each task weighs the same; "
                  "reward_mean above also moves with the tasks a step sampled)")
     corrs = {k.rsplit("/", 1)[1]: v for k, v in trend.items()
              if k.startswith("group/") and not any(math.isnan(x) for x in v)}
     if corrs:
         lines.append("advantage vs term  " + "; ".join(f"{term} {first:.2f} -> {last:.2f}"
                                                        for term, (first, last) in corrs.items()))
-    lines.append("(r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1; the table below decodes "
-                 "greedily." + (" advantage vs term: the within-group correlation of the advantages with each term "
+    lines.append("(r_v_mean/<task>: the task's verifiable reward of sampled responses, T = 1, n/a where a window never "
+                 "sampled the task; the table below decodes greedily." + (" advantage vs term: the within-group correlation of the advantages with each term "
                  "of R, foundation = alpha (R_v + R_rep) R_f, tag = beta R_tag, prmu = gamma R_PRMU, and with R_v "
                  "alone)" if corrs else ")"))
     return lines

@@ -134,6 +134,14 @@ def test_the_demo_reports_trend_lines_with_and_without_the_correlation_log(tmp_p
     # a log from before the correlations were logged: no such line, and no explanation of it
     old = guided.trend_lines(guided.first_last_share(log, keys[:2], 0.2), ["LaMP-1"])
     assert len(old) == 3 and not any("advantage vs term" in line or "correlation" in line for line in old)
+    # a task the last window never sampled (a short run) reads n/a, not nan
+    rows[0]["r_v_mean/LaMP-1"] = 0.2
+    rows[-1] = {k: v for k, v in rows[-1].items() if not k.endswith("LaMP-1")} | {"r_v_mean/LaMP-2": 0.3}
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    short = guided.trend_lines(guided.first_last_share(log, ["r_v_mean/LaMP-1", "reward_mean/LaMP-1"], 0.2),
+                               ["LaMP-1"])
+    assert short[0] == f"{'r_v_mean/LaMP-1':18s} 0.200 -> n/a"
+    assert short[1].startswith(f"{'reward, balanced':18s} n/a -> n/a")  # no task has both windows
 
 
 def test_stage_config_takes_the_users_settings_over_the_yaml_and_refuses_what_the_demo_sets(tmp_path):

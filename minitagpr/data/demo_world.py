@@ -1144,16 +1144,20 @@ def format_margins(rows: Sequence[MarginRow]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minitagpr.data.demo_world",
-                                 description="Build the demo world and print profile-aware vs profile-blind margins.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-users", type=int, default=DEFAULTS["num_users"])
-    ap.add_argument("--dev-users", type=int, default=DEFAULTS["dev_users"])
-    ap.add_argument("--test-users", type=int, default=DEFAULTS["test_users"])
-    ap.add_argument("--per-user", type=int, default=DEFAULTS["per_user"])
-    ap.add_argument("--k", type=int, default=DEFAULTS["k"])
-    ap.add_argument("--vocab-size", type=int, default=DEFAULTS["vocab_size"])
-    ap.add_argument("--prompt-style", choices=("full", "brief"), default=DEFAULTS["prompt_style"])
+                                 description="Build the demo world (or reuse the one in OUT_DIR when its world.json "
+                                             "has the same parameters) and print profile-aware vs profile-blind "
+                                             "margins. The main job builds it with every default.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("out_dir", help="folder for the LaMP-format files, tokenizer, SFT chains and world.json")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every random draw of the world")
+    ap.add_argument("--num-users", type=int, default=DEFAULTS["num_users"], help="users in all splits")
+    ap.add_argument("--dev-users", type=int, default=DEFAULTS["dev_users"], help="users held out for dev")
+    ap.add_argument("--test-users", type=int, default=DEFAULTS["test_users"], help="users held out for test")
+    ap.add_argument("--per-user", type=int, default=DEFAULTS["per_user"], help="questions per user and task")
+    ap.add_argument("--k", type=int, default=DEFAULTS["k"], help="profile items a prompt shows")
+    ap.add_argument("--vocab-size", type=int, default=DEFAULTS["vocab_size"], help="size of the trained tokenizer")
+    ap.add_argument("--prompt-style", choices=("full", "brief"), default=DEFAULTS["prompt_style"],
+                    help="instruction style of the SFT chains' prompts (minitagpr.data.prompts)")
     ap.add_argument("--force", action="store_true", help="rebuild even if world.json matches")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

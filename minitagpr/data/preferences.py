@@ -614,15 +614,18 @@ def main(argv: list[str] | None = None) -> int:
     from a demo world."""
     parser = argparse.ArgumentParser(prog="python -m minitagpr.data.preferences", description=main.__doc__)
     sub = parser.add_subparsers(dest="source", required=True)
-    roll = sub.add_parser("from-rollouts", help="PRP/PQP pairs from rollout JSONL (recipes/prmu_rollouts.py)")
-    roll.add_argument("rollouts", nargs="+")
-    roll.add_argument("--max-per-example", type=int, default=2)
-    demo = sub.add_parser("demo", help="synthetic PRP/PQP/style pairs from a demo world folder (no policy)")
-    demo.add_argument("world")
-    demo.add_argument("--max-per-set", type=int, default=0)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    roll = sub.add_parser("from-rollouts", help="PRP/PQP pairs from rollout JSONL (recipes/prmu_rollouts.py)",
+                          formatter_class=defaults)
+    roll.add_argument("rollouts", nargs="+", help="rollout JSONL files written by recipes/prmu_rollouts.py")
+    roll.add_argument("--max-per-example", type=int, default=2, help="most pairs of each set per question")
+    demo = sub.add_parser("demo", help="synthetic PRP/PQP/style pairs from a demo world folder (no policy)",
+                          formatter_class=defaults)
+    demo.add_argument("world", help="a demo world folder (python -m minitagpr.data.demo_world)")
+    demo.add_argument("--max-per-set", type=int, default=0, help="keep a seeded random subset per set (0: all)")
     for p in (roll, demo):
-        p.add_argument("--out-dir", required=True)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out-dir", required=True, default=argparse.SUPPRESS, help="where prp.jsonl, pqp.jsonl (and style.jsonl) go")
+        p.add_argument("--seed", type=int, default=0, help="seed of the pair choices and subsets")
     args = parser.parse_args(argv)
     if getattr(args, "max_per_set", 0) < 0:  # (--max-per-example is checked by build_pairs_from_rollouts)
         parser.error(f"--max-per-set must be >= 0 (0 = no cap), got {args.max_per_set}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import ipaddress
+import os
 import json
 import secrets
 import socket
@@ -336,12 +337,16 @@ class ChatHandler(BaseHTTPRequestHandler):
         finally:
             conn.settimeout(timeout)
 
+    def _content_length(self) -> int:
+        """The request's Content-Length: 0 when absent, -1 when it is no integer."""
+        try:
+            return int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return -1
+
     def _discard_body(self) -> None:
         """Read away a GET's body, which means nothing here: left unread it would be parsed as the next request."""
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
+        length = self._content_length()
         if self.headers.get("Transfer-Encoding") or not 0 <= length <= MAX_BODY_BYTES:
             self.close_connection = True  # a body of no usable length: end the connection after this answer
         elif length:
@@ -368,10 +373,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         record = {"time": started, "path": self.path, "method": "POST"}
         raw = b""
         try:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
+            length = self._content_length()
             if not 0 < length <= MAX_BODY_BYTES:
                 self.close_connection = True  # the unread body would otherwise be parsed as the next request
                 raise RequestError(f"the request needs a JSON body of 1 to {MAX_BODY_BYTES} bytes with a "
@@ -436,7 +438,8 @@ def make_server(checkpoint, host: str = "127.0.0.1", port: int = 0, model_name: 
         check_request_log(Path(request_log))  # now, not as a failure of every request
     local = Path(checkpoint).expanduser()
     # the id clients see: a folder's own name (also for "."), a hub id as given rather than its snapshot's hash
-    default_name = (local.resolve().name or str(checkpoint)) if local.is_dir() else str(checkpoint)
+    # (abspath, not resolve: a symlinked folder such as latest -> step_000100 keeps its own name)
+    default_name = (Path(os.path.abspath(local)).name or str(checkpoint)) if local.is_dir() else str(checkpoint)
     server = ChatServer((host, port), None, None, model_name or default_name, request_log, bind_and_activate=False)
     try:
         server.server_bind()

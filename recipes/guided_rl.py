@@ -176,10 +176,11 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
     sft_split = named_check("sft_settings", lambda: sft.accumulation_steps(sft_cfg, ranks))
     prmu_split = named_check("prmu_settings", lambda: prmu.check_batch_split(prmu_cfg, ranks) if uses_prmu else None)
     manifest = work / "world" / demo_world.MANIFEST
-    stamp = manifest.stat().st_mtime_ns if manifest.exists() else None  # rewritten (atomically) only by a build
+    mtime = lambda: manifest.stat().st_mtime_ns if manifest.exists() else None  # noqa: E731  (only a build writes it)
+    before = mtime() if D.world().is_main else None  # rank 0 builds, and logs
     D.on_main(lambda: demo_world.build(work / "world"))  # idempotent: its manifest records what was built
     world = demo_world.build(work / "world")  # every rank: the same paths, nothing rebuilt
-    D.log(f"[demo] 1. demo world {world.root}: {'reused' if manifest.stat().st_mtime_ns == stamp else 'built'} "
+    D.log(f"[demo] 1. demo world {world.root}: {'reused' if D.world().is_main and mtime() == before else 'built'} "
           f"(fingerprint {world.fingerprint}; {world.stats['sft_records']} SFT records)")
     builds = {"world": world.fingerprint}
 

@@ -13,6 +13,7 @@ import torch
 
 from minitagpr.model import CheckpointError, ConfigError, Qwen3Config, load_pretrained, save_pretrained
 from minitagpr.model.presets import build_model, make_tiny_checkpoint, tiny_config
+from train_fixtures import randomise_norms
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,16 +21,6 @@ transformers = pytest.importorskip("transformers")
 def logits_of(model, ids):
     with torch.no_grad():
         return model.logits(model(ids))
-
-
-def randomise_norms(model, seed):
-    """Every *norm.weight drawn from U(0.5, 1.5): at init they are all 1, so a loader that dropped them would pass."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
-        for p in norms:
-            p.uniform_(0.5, 1.5, generator=gen)
-    assert norms  # the names this relies on are the HF ones both models use
 
 
 @pytest.mark.parametrize("tied", [True, False])

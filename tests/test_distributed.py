@@ -770,12 +770,10 @@ D.end_process()  # no teardown barrier: a rank that went on must not be released
 def test_an_rng_file_only_rank_1_cannot_write_or_read_stops_both_ranks(tmp_path, where):
     """Each rank writes and reads its own RNG file: a failure there on rank 1 alone (a full disk, a damaged file)
     is raised on rank 0 too, at once, instead of rank 0 going on to wait in the next collective until the group's
-    timeout (or, on load, resuming while rank 1 stopped)."""
-    import time
+    timeout (or, on load, resuming while rank 1 stopped). A rank that waited would record the group's timeout (60 s in
+    the script) or a lost peer, not the same error as the other: no wall-clock limit needed on a loaded machine."""
     (tmp_path / "where").write_text(where)
-    start = time.monotonic()
     res = _run_script(_RNG_FILE_SCRIPT, tmp_path)
-    assert time.monotonic() - start < 60, "a rank waited for the group's timeout"
     assert res.returncode == 0, res.stderr[-3000:]
     seen = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     expected = {"save": r"OSError: \[Errno 28\] No space left on device: '.*/rng_rank00001.pt'",

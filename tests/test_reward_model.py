@@ -6,6 +6,7 @@ import torch
 
 from minitagpr.model.checkpoint import CheckpointError
 from minitagpr.model.presets import make_tiny_checkpoint, tiny_config
+from train_fixtures import randomise_norms
 from minitagpr.model.reward import (PRMU, USER_TABLE_FILE, USER_TABLE_KEY, USERS_FILE, PRMUScorer, UserVocab,
                                     bradley_terry_loss, collate, encode_reward_input, load_reward_model,
                                     save_reward_model)
@@ -18,16 +19,6 @@ def _hf_config():
         vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_labels=1, pad_token_id=0, tie_word_embeddings=True,
         max_position_embeddings=256, rope_theta=10_000.0)
-
-
-def randomise_norms(model, seed):
-    """Every *norm.weight drawn from U(0.5, 1.5): at init they are all 1, so a loader that dropped them would pass."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
-        for p in norms:
-            p.uniform_(0.5, 1.5, generator=gen)
-    assert norms  # the names this relies on are the HF ones both models use
 
 
 @pytest.fixture(scope="module")

@@ -212,7 +212,7 @@ def test_a_body_nested_too_deeply_or_with_a_huge_integer_is_a_400_naming_why(ser
     assert reason in answer["error"]["message"]
 
 
-def test_the_default_model_id_is_the_checkpoint_argument_not_its_resolved_folder(checkpoint, monkeypatch):
+def test_the_default_model_id_is_the_checkpoint_argument_not_its_resolved_folder(checkpoint, monkeypatch, tmp_path):
     """"." was served as "" and a hub id as its snapshot's hash, the folder resolve_checkpoint returns."""
     import minitagpr.model.checkpoint as C
 
@@ -220,6 +220,11 @@ def test_the_default_model_id_is_the_checkpoint_argument_not_its_resolved_folder
     server = make_server(".", port=0)
     server.server_close()
     assert server.model_name == "tiny-chat"
+    link = tmp_path / "latest"  # a symlinked folder keeps its own name, not its target's
+    link.symlink_to(checkpoint, target_is_directory=True)
+    server = make_server(str(link), port=0)
+    server.server_close()
+    assert server.model_name == "latest"
     monkeypatch.chdir(checkpoint.parent)
     monkeypatch.setattr(C, "resolve_checkpoint", lambda name: checkpoint)  # as if from the hub cache
     server = make_server("org/tiny-chat-instruct", port=0)

@@ -138,6 +138,18 @@ def _run_sequence(argv: list[str]) -> None:
     D.destroy_distributed()
 
 
+def randomise_norms(model, seed):
+    """Every *norm.weight drawn from U(0.5, 1.5): at init they are all 1, so a loader that dropped them would pass."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norms = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+        for p in norms:
+            p.uniform_(0.5, 1.5, generator=gen)
+    assert norms  # the names this relies on are the HF ones both models use
+
+
 if __name__ == "__main__":
     from minitagpr import distributed as D
     _run_sequence(sys.argv[1:])

@@ -1004,8 +1004,9 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULT
     Users: `num_users` in all, the last `dev_users` (then `test_users`) held out (user split). Every user answers
     `per_user` questions per task, `shared_per_user` of them shared with a neighbouring user of different taste.
     A question's profile is 6-12 (`profile_size`) of the user's `history` dated items; prompts show the `k` most
-    recent within `max_prompt_tokens`. Files are written atomically and world.json last, so an interrupted build
-    is simply redone; concurrent builders (torchrun ranks) write identical bytes.
+    recent within `max_prompt_tokens`. Files are written atomically and world.json last (a rebuild deletes the old one
+    first), so an interrupted build is simply redone. One process builds at a time: the recipes build on rank 0 and
+    the other ranks then reuse (a second builder could delete the manifest the first one just wrote).
     """
     from minitagpr.tokenizer import Tokenizer
     if not 1 <= per_user <= 99 or not 0 <= shared_per_user <= per_user:

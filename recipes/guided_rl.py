@@ -181,7 +181,7 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
     D.on_main(lambda: demo_world.build(work / "world"))  # idempotent: its manifest records what was built
     world = demo_world.build(work / "world")  # every rank: the same paths, nothing rebuilt
     D.log(f"[demo] 1. demo world {world.root}: {'reused' if D.world().is_main and mtime() == before else 'built'} "
-          f"(fingerprint {world.fingerprint}; {world.stats['sft_records']} SFT records)")
+          f"(fingerprint {world.fingerprint})")
     builds = {"world": world.fingerprint}
 
     sft_export, builds["sft"] = build_or_reuse(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from timing import PeakMemory, machine_line  # noqa: E402
+from timing import PeakMemory, child_output, machine_line  # noqa: E402
 
 PATHS = ["safetensors", "transformers", "ours"]
 
@@ -87,9 +86,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {p: [] for p in PATHS}
         for _ in range(args.repeats + 1):  # the first round warms the page cache and the imports' own caches
             for path in PATHS:
-                out = subprocess.run([sys.executable, __file__, "--child", path, "--folder", str(folder)],
-                                     capture_output=True, text=True, check=True)
-                runs[path].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs[path].append(json.loads(child_output([__file__, "--child", path, "--folder", str(folder)])))
     runs = {p: r[1:] for p, r in runs.items()}
     base = statistics.median(r["s"] for r in runs["transformers"])
     print(f"{args.preset} checkpoint ({size_mb:,.0f} MiB of fp32 safetensors, vocab {config['vocab_size']:,}, "

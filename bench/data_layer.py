@@ -163,7 +163,8 @@ def main() -> None:
 
 
 def official_rouge(preds: dict, golds: dict):
-    """(name, fn) of ROUGE-1 + ROUGE-L F by `rouge_score` (the official script's library), or None without it."""
+    """(name, fn) of ROUGE-1 + ROUGE-L F by `rouge_score` (the official script's library), or None without it.
+    minitagpr.metrics calls the same library, so this ratio shows only the overhead of its wrapper."""
     try:
         from rouge_score import rouge_scorer
     except ImportError:

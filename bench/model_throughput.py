@@ -15,11 +15,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 
-from timing import PeakMemory, median_seconds, machine_line
+from timing import PeakMemory, child_output, median_seconds, machine_line
 
 SHAPES = {  # name -> (preset, batch, seq_len)
     "demo": ("demo", 8, 256),
@@ -119,11 +117,7 @@ def main():
                 for impl in impls:
                     spec = dict(impl=impl, ckpt=str(ckpt), batch=batch, seq=seq, device=args.device,
                                 dtype=args.dtype, steps=args.steps, warmup=args.warmup)
-                    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                                         capture_output=True, text=True)
-                    if out.returncode:
-                        raise SystemExit(f"{impl} on {shape} failed:\n{out.stderr[-3000:]}")
-                    runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    runs[impl].append(json.loads(child_output([__file__, "--child", json.dumps(spec)], env)))
             results = {impl: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                               "peak_bytes": statistics.median(r["peak_bytes"] for r in rs)}
                        for impl, rs in runs.items()}

@@ -29,6 +29,8 @@ Memory: different numbers, not interchangeable
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
 
@@ -126,6 +128,15 @@ def rss_growth_mb(fn) -> float:
     memory.start()
     fn()
     return max(0, memory.peak()) / 2**20
+
+
+def child_output(argv: list[str], env: dict | None = None) -> str:
+    """The last stdout line of `python *argv` run in a fresh process (a measurement that must not see this process's
+    imports, caches or heap); a failure stops the bench with the child's stderr tail."""
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(argv[:3])} ... failed:\n{out.stderr[-3000:]}")
+    return out.stdout.strip().splitlines()[-1]
 
 
 def machine_line(processes: int | None = None) -> str:

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 from minitagpr.tokenizer import Tokenizer
-from timing import PeakMemory, machine_line, median_seconds, python_peak_mb
+from timing import PeakMemory, child_output, machine_line, median_seconds, python_peak_mb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,11 +36,8 @@ def load_peak_child(kind: str, tokenizer_dir: str) -> None:
 
 
 def load_peak_mb(kind: str, tokenizer_dir: str) -> float:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "bench"), os.environ.get("PYTHONPATH",
-                                                                                                       "")]))
-    out = subprocess.run([sys.executable, __file__, "--load-child", kind, "--tokenizer-dir", tokenizer_dir],
-                         capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.split()[0])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return float(child_output([__file__, "--load-child", kind, "--tokenizer-dir", tokenizer_dir], env).split()[0])
 
 
 def conversations(n: int, seed: int = 0) -> list[list[dict]]:

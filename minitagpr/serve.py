@@ -222,10 +222,10 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address, engine: BuiltinEngine | None, tokenizer, model_name: str,
-                 request_log: Path | None = None, bind_and_activate: bool = True):
+                 request_log: Path | None = None):
         # http.server listens on IPv4 only; an IPv6 literal such as ::1 needs an IPv6 socket
         self.address_family = socket.AF_INET6 if _is_ipv6(address[0]) else socket.AF_INET
-        super().__init__(address, ChatHandler, bind_and_activate)
+        super().__init__(address, ChatHandler)  # binds and listens (closing the socket if that fails)
         self.model_name = model_name
         self.request_log = Path(request_log) if request_log else None
         self.generate_lock = threading.Lock()  # one generation at a time: the engine is not thread-safe
@@ -440,12 +440,9 @@ def make_server(checkpoint, host: str = "127.0.0.1", port: int = 0, model_name: 
     # the id clients see: a folder's own name (also for "."), a hub id as given rather than its snapshot's hash
     # (abspath, not resolve: a symlinked folder such as latest -> step_000100 keeps its own name)
     default_name = (Path(os.path.abspath(local)).name or str(checkpoint)) if local.is_dir() else str(checkpoint)
-    server = ChatServer((host, port), None, None, model_name or default_name, request_log, bind_and_activate=False)
-    try:
-        server.server_bind()
-        server.server_activate()
+    try:  # the engine is attached once the checkpoint has loaded
+        server = ChatServer((host, port), None, None, model_name or default_name, request_log)
     except OSError as err:  # a busy port, an unknown host, an address not on this machine
-        server.server_close()
         raise ConfigError(f"--host/--port {_host_port(host, port)}: cannot listen there "
                           f"({err.strerror or err})") from None
     try:

@@ -164,7 +164,7 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
     from minitagpr.data import demo_world
     work = Path(cfg.workdir)
     sft, prmu = recipe("sft"), recipe("train_prmu")
-    uses_prmu = cfg.use_prmu and cfg.gamma != 0  # the ablations without R_PRMU neither build nor read one
+    uses_prmu = cfg.uses_prmu  # the ablations without R_PRMU neither build nor read one
     sft_cfg = stage_config(sft.SftConfig, None, "sft_settings", cfg.sft_settings,
                            {"demo_dir": str(work), "out_dir": str(dirs["sft"][0]), "seed": cfg.seed})
     prmu_cfg = None if not uses_prmu else stage_config(
@@ -175,13 +175,11 @@ def demo_stages(cfg: GuidedConfig, dirs: dict[str, tuple[Path, Path]]) -> dict:
     ranks = D.world().world_size
     sft_split = named_check("sft_settings", lambda: sft.accumulation_steps(sft_cfg, ranks))
     prmu_split = named_check("prmu_settings", lambda: prmu.check_batch_split(prmu_cfg, ranks) if uses_prmu else None)
-    manifest = work / "world" / demo_world.MANIFEST
-    mtime = lambda: manifest.stat().st_mtime_ns if manifest.exists() else None  # noqa: E731  (only a build writes it)
-    before = mtime() if D.world().is_main else None  # rank 0 builds, and logs
-    D.on_main(lambda: demo_world.build(work / "world"))  # idempotent: its manifest records what was built
+    built = D.on_main(lambda: demo_world.build(work / "world"))  # idempotent: its manifest records what was built
     world = demo_world.build(work / "world")  # every rank: the same paths, nothing rebuilt
-    D.log(f"[demo] 1. demo world {world.root}: {'reused' if D.world().is_main and mtime() == before else 'built'} "
-          f"(fingerprint {world.fingerprint})")
+    if built is not None:  # rank 0, which built it or found it up to date
+        D.log(f"[demo] 1. demo world {world.root}: {'reused' if built.reused else 'built'} (fingerprint "
+              f"{world.fingerprint})")
     builds = {"world": world.fingerprint}
 
     sft_export, builds["sft"] = build_or_reuse(

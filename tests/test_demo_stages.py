@@ -188,7 +188,7 @@ class Fakes:
     def world(self, root, *a, **kw):
         Path(root).mkdir(parents=True, exist_ok=True)
         return SimpleNamespace(root=Path(root), fingerprint=self.world_fp, params={"prompt_style": "brief"},
-                               tokenizer_dir=Path(root) / "tokenizer")
+                               tokenizer_dir=Path(root) / "tokenizer", reused=False)
 
     def make_base(self, out_dir, preset, seed, tokenizer_dir):
         self.base_builds.append(seed)

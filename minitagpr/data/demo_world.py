@@ -730,6 +730,7 @@ class DemoWorld:
     user_dependent_groups: list[list[str]]   # question ids sharing one input, with different golds per user
     reasoning_styles: dict[str, str]         # user id -> "concise" | "thorough" (REASONING_STYLES), every split
     stats: dict = field(default_factory=dict)
+    reused: bool = field(default=False, compare=False)  # set by `build`: an up-to-date world it did not rewrite
 
     @property
     def user_dependent_ids(self) -> list[str]:
@@ -1024,6 +1025,7 @@ def build(out_dir: str | os.PathLike, seed: int = 0, *, num_users: int = DEFAULT
         try:
             world = DemoWorld.load(root)
             if world.params == params and all(p.exists() for p in world.paths()):
+                world.reused = True
                 return world
         except DataError:
             pass  # unreadable manifest: rebuild below

@@ -121,6 +121,11 @@ class RLConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, slower
     mixed_precision: str = "auto"  # auto | bf16 | fp32; auto: bf16 compute + fp32 reduce on GPU, fp32 on CPU
 
+    @property
+    def uses_prmu(self) -> bool:
+        """Whether this run reads a PRMU: guided RL with R_PRMU on (the ablations without it load none)."""
+        return self.stage == "guided" and self.use_prmu and self.gamma != 0.0
+
     def __post_init__(self):
         if self.stage not in ("guided", "exploratory"):
             raise ValueError(f"stage must be 'guided' or 'exploratory', got {self.stage!r}")
@@ -293,7 +298,7 @@ def compute_rewards(prompts: list[Prompt], completions, cfg: RLConfig, prmu=None
     golds = [p.gold for p in prompts for _ in range(G)]
     texts = [c.text for c in completions]
     prmu_scores = None
-    if cfg.stage == "guided" and cfg.use_prmu and cfg.gamma != 0.0:
+    if cfg.uses_prmu:
         prmu_scores = prmu.score([p.user for p in prompts for _ in range(G)],
                                  [p.messages for p in prompts for _ in range(G)], texts)
     mix, alpha, beta, gamma = reward_mix(cfg)
@@ -679,8 +684,7 @@ def train(cfg: RLConfig) -> Path:
     tokenizer = Tokenizer.from_dir(resolve_checkpoint(cfg.policy))  # a missing policy is named as a checkpoint
     if mismatch := style_mismatch(resolve_checkpoint(cfg.policy), cfg.prompt_style):
         raise ConfigError(f"policy {cfg.policy}: {mismatch}")
-    uses_prmu = cfg.stage == "guided" and cfg.use_prmu and cfg.gamma != 0.0
-    if uses_prmu:
+    if cfg.uses_prmu:
         resolve_checkpoint(cfg.prmu)  # a wrong path fails now, not after an 8B policy has loaded
 
     # 1. data: the same prompt list on every rank; each step takes a global batch and splits it by rank
@@ -715,7 +719,7 @@ def train(cfg: RLConfig) -> Path:
     optimizer = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
     engine = build_engine(cfg, tokenizer, info)
     prmu, prmu_len_source, prmu_digest = None, "", None
-    if uses_prmu:
+    if cfg.uses_prmu:
         from minitagpr.model.reward import DEFAULT_MAX_LEN, PRMUScorer, trained_max_len
         # prmu_user_table=true on a checkpoint without a table fails in the loader (CheckpointError, naming it)
         prmu = PRMUScorer.from_pretrained(cfg.prmu, device=info.device, use_user_table=cfg.prmu_user_table,

@@ -213,7 +213,7 @@ def log_length(log: Path) -> int:
     return log.read_bytes().count(b"\n") if log.exists() else 0
 
 
-def settled_log_length(log: Path, quiet_s: float = 1.0, deadline_s: float = 120.0) -> int:
+def settled_log_length(log: Path, quiet_s: float = 3.0, deadline_s: float = 120.0) -> int:
     """The log's line count once no line has come for quiet_s, or for twice the slowest answer logged so far if that
     is longer: the server logs a request when it has answered it, so a stopped run's requests still in flight are
     logged by then (the server answers one at a time, and asks whether a queued request's client is still there)."""

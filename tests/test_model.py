@@ -6,6 +6,7 @@ import torch
 
 from minitagpr.model import Qwen3Config, Qwen3ForCausalLM
 from minitagpr.model.presets import build_model, tiny_config
+from train_fixtures import randomise_norms
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,15 +36,11 @@ def hf_twin(model: Qwen3ForCausalLM):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["tied-gqa1", "untied-gqa2", "untied-gqa4"])
 def test_logits_equal_transformers(cfg):
     seed = random.SystemRandom().randrange(1000)  # fresh weights each run, named in the message to replay a failure
-    gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # both constructors draw a default init (overwritten) from the global RNG
         model = build_model(Qwen3Config(**cfg), seed=seed).eval()
-        with torch.no_grad():  # trained norms: with weights of 1 (init) q/k-norm before or after RoPE agree
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.uniform_(0.5, 1.5, generator=gen)
+        randomise_norms(model, seed)  # trained norms: with weights of 1 (init) q/k-norm before or after RoPE agree
         hf = hf_twin(model)
-    ids = torch.randint(0, cfg["vocab_size"], (2, 37), generator=gen)
+    ids = torch.randint(0, cfg["vocab_size"], (2, 37), generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         ours = model.logits(model(ids))
         ref = hf(input_ids=ids).logits.float()

@@ -158,7 +158,7 @@ PINNED = {
         f"{IS}user\nq{IE}\n{IS}assistant\n<think>\nthe profile says so\n</think>\n\n[2]{IE}\n"),
     # ... an empty one when it has no reasoning (the training target of an answer without thinking)
     "final_turn_without_reasoning": (
-        [sys("Be brief."), user("Tag this movie."), asst("comedy")], {},
+        CONVERSATIONS["answered_plain"], {},
         f"{IS}system\nBe brief.{IE}\n{IS}user\nTag this movie.{IE}\n"
         f"{IS}assistant\n<think>\n\n</think>\n\ncomedy{IE}\n"),
     # multi-turn: an earlier round's reasoning is dropped, the last round's kept
@@ -174,8 +174,7 @@ PINNED = {
         f"{IS}user\nu3{IE}\n{IS}assistant\n"),
     # reasoning spelled inside the content: split at </think>, and dropped from the earlier round
     "multi_turn_think_in_content": (
-        [user("first"), asst("<think>old reasoning</think>\n\nold answer"),
-         user("second"), asst("<think>\nnew reasoning\n</think>\n\nnew answer")], {},
+        CONVERSATIONS["multi_turn_earlier_think_dropped"], {},
         f"{IS}user\nfirst{IE}\n{IS}assistant\nold answer{IE}\n{IS}user\nsecond{IE}\n"
         f"{IS}assistant\n<think>\nnew reasoning\n</think>\n\nnew answer{IE}\n"),
     # after the last query, a non-final turn shows a think block only if it has reasoning
@@ -196,10 +195,10 @@ PINNED = {
         f"{IS}assistant\n<think>\nr2\n</think>\n\nb{IE}\n"),
     # with no user query at all, the last message is the "query": a final assistant turn shows no think block
     "no_user_query": (
-        [sys("s"), asst("a", reasoning="r")], {}, f"{IS}system\ns{IE}\n{IS}assistant\na{IE}\n"),
+        CONVERSATIONS["no_user_message"], {}, f"{IS}system\ns{IE}\n{IS}assistant\na{IE}\n"),
     # a system message after the first turn is rendered in place like any turn
     "system_in_the_middle": (
-        [user("u1"), asst("a1"), sys("new instructions"), user("u2")], dict(add_generation_prompt=True),
+        CONVERSATIONS["system_in_the_middle"], dict(add_generation_prompt=True),
         f"{IS}user\nu1{IE}\n{IS}assistant\na1{IE}\n{IS}system\nnew instructions{IE}\n{IS}user\nu2{IE}\n"
         f"{IS}assistant\n"),
 }
